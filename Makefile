@@ -1,0 +1,42 @@
+# callbridge: every target that needs Python makes .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast run bench lint typecheck standin clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## The main job: stand-in switch + daemon + SQLite, one real call placed through the HTTP API.
+demo: venv
+	$(PY) -m scripts.demo
+
+## The whole suite (lint, types, unit, integration, fault tests).
+test: venv
+	$(PY) -m ruff check daemon webapi freeswitch scripts tests
+	$(PY) -m mypy daemon webapi freeswitch
+	$(PY) -m pytest -q -p no:cacheprovider
+
+## Run the service for production (config file: CALLBRIDGE_CONFIG or /etc/callbridge/callbridge.toml).
+run: venv
+	$(PY) -m daemon run $(if $(CONFIG),--config $(CONFIG),)
+
+## The FreeSWITCH stand-in on its own, at real speed.
+standin: venv
+	$(PY) -m freeswitch.standin --host 127.0.0.1 --port 8021 --password ClueCon --time-scale 1.0
+
+bench: venv
+	$(PY) -m bench
+
+lint: venv
+	$(PY) -m ruff check daemon webapi freeswitch scripts tests bench
+
+clean:
+	rm -rf $(VENV) .state build *.egg-info

@@ -1,0 +1,258 @@
+"""Settings: one TOML file, overridden by ``CALLBRIDGE_*`` environment variables, validated at start.
+
+Every setting has a default that is safe on a single host (FreeSWITCH and callbridge side by side,
+everything on loopback). ``python -m daemon check-config`` prints the effective values with secrets
+masked. The README lists every setting; keep that table and ``FIELDS`` in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+LANGUAGES = ("en-GB", "en-US", "fr-FR", "de-DE", "it-IT", "pt-BR", "ru-RU", "es-ES", "es-US")
+
+# eSpeak NG voice per msg_lang; an operator may override any of them ([tts] voices in the file).
+DEFAULT_VOICES = {
+    "en-GB": "en-gb",
+    "en-US": "en-us",
+    "fr-FR": "fr-fr",
+    "de-DE": "de",
+    "it-IT": "it",
+    "pt-BR": "pt-br",
+    "ru-RU": "ru",
+    "es-ES": "es",
+    "es-US": "es-419",
+}
+
+SECRET_FIELDS = {"esl_password"}
+
+
+class ConfigError(ValueError):
+    """A setting has a wrong value; the message names the setting and the rule."""
+
+
+@dataclass
+class Settings:
+    # FreeSWITCH Event Socket
+    esl_host: str = "127.0.0.1"
+    esl_port: int = 8021
+    esl_password: str = "ClueCon"
+    esl_command_timeout: float = 5.0
+    esl_heartbeat_timeout: float = 45.0  # FreeSWITCH sends HEARTBEAT every 20 s by default
+    esl_reconnect_max_delay: float = 30.0
+    # Store and files
+    state_dir: str = ""  # default: $STATE_DIRECTORY (systemd) or ./state
+    database_url: str = ""  # default: sqlite:///<state_dir>/callbridge.db
+    # HTTP API
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    trust_proxy: bool = False  # take the client address from X-Forwarded-For (behind a local proxy)
+    auth_failures_per_minute: int = 20  # per client address, then 429
+    # Calls
+    originate_timeout: int = 45  # seconds each leg may ring
+    max_in_flight: int = 200  # calls in progress across all endpoints
+    calls_per_second: float = 20.0  # new originates per second, under FreeSWITCH's sps (30 default)
+    schedule_grace: int = 300  # seconds a missed scheduled call may still start late
+    schedule_max_days: int = 366  # how far ahead call_date may be
+    past_grace: int = 120  # seconds call_date may lie in the past and still be taken as "now"
+    shutdown_grace: float = 10.0
+    # Media
+    media_mode: str = "local"  # local: FreeSWITCH reads our files; http: it fetches from media_base_url
+    media_base_url: str = ""
+    sample_rate: int = 8000
+    media_max_bytes: int = 50 * 1024 * 1024
+    media_max_play_seconds: int = 600
+    media_max_dialtone_seconds: int = 120
+    media_connect_timeout: float = 5.0
+    media_read_timeout: float = 15.0
+    media_max_redirects: int = 3
+    media_allow_private: list[str] = field(default_factory=list)  # hosts or CIDRs allowed although private
+    media_cache_bytes: int = 2 * 1024 * 1024 * 1024
+    msg_max_chars: int = 500
+    tts_voices: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_VOICES))
+    # Recordings
+    recordings_retention_days: int = 90
+    # Webhooks
+    webhook_timeout: float = 5.0
+    webhook_retry_for: int = 24 * 3600
+    # Logs
+    log_format: str = "kv"  # kv or json
+    log_level: str = "INFO"
+
+    # Derived paths --------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def media_dir(self) -> Path:
+        return self.state_path / "media"
+
+    @property
+    def recordings_dir(self) -> Path:
+        return self.state_path / "recordings"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings with secrets masked, for ``check-config`` and logs."""
+        out = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            out[name] = "****" if out[name] else ""
+        if "@" in out["database_url"] and ":" in out["database_url"].split("@")[0]:
+            head, tail = out["database_url"].rsplit("@", 1)
+            out["database_url"] = head.rsplit(":", 1)[0] + ":****@" + tail
+        return out
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+# TOML sections map onto flat names: [esl] host -> esl_host, [http] port -> http_port ...
+SECTION_PREFIX = {"esl": "esl_", "http": "http_", "media": "media_", "webhook": "webhook_", "log": "log_"}
+
+
+def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "tts" and isinstance(value, dict):
+            if "voices" in value:
+                flat["tts_voices"] = value["voices"]
+            continue
+        if isinstance(value, dict):
+            prefix = SECTION_PREFIX.get(key, key + "_")
+            for sub, subvalue in value.items():
+                name = sub if sub in FIELDS else prefix + sub
+                flat[name] = subvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = FIELDS[name].type
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if kind == "list[str]":
+            if isinstance(raw, str):
+                return [part.strip() for part in raw.split(",") if part.strip()]
+            if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+                return raw
+            raise ValueError
+        if kind == "dict[str, str]":
+            if isinstance(raw, str):
+                pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
+                raw = {k.strip(): v.strip() for k, v in pairs}
+            if isinstance(raw, dict):
+                merged = dict(DEFAULT_VOICES)
+                merged.update({str(k): str(v) for k, v in raw.items()})
+                return merged
+            raise ValueError
+        if not isinstance(raw, str | int | float):
+            raise ValueError
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+
+
+def _validate(s: Settings) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(1 <= s.esl_port <= 65535, f"esl_port: must be 1..65535, got {s.esl_port}")
+    need(0 <= s.http_port <= 65535, f"http_port: must be 0..65535, got {s.http_port}")
+    need(bool(s.esl_host), "esl_host: must not be empty")
+    need(bool(s.esl_password) and not any(c in s.esl_password for c in "\r\n "),
+         "esl_password: must be non-empty with no spaces or line breaks")
+    for name in ("esl_command_timeout", "esl_heartbeat_timeout", "calls_per_second", "webhook_timeout",
+                 "media_connect_timeout", "media_read_timeout"):
+        need(getattr(s, name) > 0, f"{name}: must be greater than 0")
+    for name in ("originate_timeout", "max_in_flight", "schedule_max_days", "sample_rate", "msg_max_chars",
+                 "media_max_bytes", "media_max_play_seconds", "media_max_dialtone_seconds"):
+        need(getattr(s, name) >= 1, f"{name}: must be at least 1")
+    for name in ("schedule_grace", "past_grace", "media_max_redirects", "recordings_retention_days",
+                 "auth_failures_per_minute"):
+        need(getattr(s, name) >= 0, f"{name}: must be 0 or more")
+    need(s.sample_rate in (8000, 16000, 32000, 48000), "sample_rate: must be 8000, 16000, 32000 or 48000")
+    need(s.media_mode in ("local", "http"), f"media_mode: must be 'local' or 'http', got {s.media_mode!r}")
+    need(s.media_mode != "http" or s.media_base_url.startswith(("http://", "https://")),
+         "media_base_url: must be an http(s) URL when media_mode is 'http'")
+    need(s.log_format in ("kv", "json"), f"log_format: must be 'kv' or 'json', got {s.log_format!r}")
+    need(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+         "log_level: must be DEBUG, INFO, WARNING or ERROR")
+    unknown = set(s.tts_voices) - set(LANGUAGES)
+    need(not unknown, f"tts_voices: unknown language(s) {sorted(unknown)}; use {', '.join(LANGUAGES)}")
+    for entry in s.media_allow_private:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            need(all(part.isalnum() or part == "-" for part in entry.replace(".", "-").split("-")) and entry != "",
+                 f"media_allow_private: {entry!r} is neither a host name nor an address range")
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  environ: Mapping[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    """Read the file (if any), then ``CALLBRIDGE_*`` variables, then keyword overrides; validate."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = path or env.get("CALLBRIDGE_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        for name, raw in _flatten(data).items():
+            if name not in FIELDS:
+                raise ConfigError(f"config file {path}: unknown setting {name!r}")
+            values[name] = _coerce(name, raw)
+    for name in FIELDS:
+        key = "CALLBRIDGE_" + name.upper()
+        if key in env:
+            values[name] = _coerce(name, env[key])
+    for name, raw in overrides.items():
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = raw
+    settings = Settings(**values)
+    settings.log_level = settings.log_level.upper()
+    if not settings.state_dir:
+        settings.state_dir = env.get("STATE_DIRECTORY", "").split(":")[0] or "state"
+    settings.state_dir = str(Path(settings.state_dir).absolute())
+    if not settings.database_url:
+        settings.database_url = f"sqlite:///{settings.state_path / 'callbridge.db'}"
+    _validate(settings)
+    return settings
+
+
+def zone(name: str) -> ZoneInfo:
+    """The named IANA zone, or ConfigError naming it."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"timezone: unknown zone {name!r}") from None

@@ -1,0 +1,164 @@
+"""Endpoints and their tokens: create, list, disable, rotate, and authenticate a presented token.
+
+A token is 192 random bits (``secrets.token_urlsafe``) shown once at creation or rotation. The store
+keeps only its SHA-256: tokens are random, not passwords, so an unsalted fast hash is enough and a
+lookup is one indexed equality on the hash, whose cost does not depend on how much of a guess is
+right. The final comparison uses ``hmac.compare_digest`` all the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.config import ConfigError, zone
+from daemon.fscommands import DialStringError, check_dial_template
+from daemon.store import Endpoint, utcnow
+
+TOKEN_PREFIX = "cb_"
+
+
+class EndpointError(ValueError):
+    """An operator gave a wrong value; the message names the option and the rule."""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(24)
+
+
+def token_hint(token: str) -> str:
+    """What lists and logs show of a token: enough to tell two apart, useless to an attacker."""
+    return token[: len(TOKEN_PREFIX) + 4] + "…"
+
+
+CALLER_ID_NUMBER = re.compile(r"^\+?[0-9]{1,20}$")
+CALLER_ID_NAME = re.compile(r"^[A-Za-z0-9 .'_-]{0,40}$")
+PREFIXES = re.compile(r"^(\+?[0-9]+)(,\+?[0-9]+)*$")
+
+
+@dataclass
+class EndpointOptions:
+    name: str
+    caller_id_number: str
+    dial_string: str
+    caller_id_name: str = ""
+    record: bool = False
+    timezone: str = "UTC"
+    max_in_flight: int = 10
+    calls_per_second: float = 5.0
+    max_duration: int = 3600
+    daily_cap: int = 1000
+    allowed_prefixes: str = ""
+    extension_pattern: str = ""
+    webhook_url: str = ""
+    ring_tone: str = "%(2000,4000,440,480)"
+
+    def check(self) -> None:
+        if not self.name or len(self.name) > 100:
+            raise EndpointError("name: required, at most 100 characters")
+        if not CALLER_ID_NUMBER.match(self.caller_id_number):
+            raise EndpointError("caller-id: digits with an optional leading +, at most 20")
+        if not CALLER_ID_NAME.match(self.caller_id_name):
+            raise EndpointError("caller-id-name: at most 40 of letters, digits, space and . ' _ -")
+        try:
+            check_dial_template(self.dial_string)
+        except DialStringError as exc:
+            raise EndpointError(f"dial-string: {exc}") from None
+        try:
+            zone(self.timezone)
+        except ConfigError as exc:
+            raise EndpointError(str(exc)) from None
+        if self.max_in_flight < 1 or self.daily_cap < 1 or self.max_duration < 10 or self.calls_per_second <= 0:
+            raise EndpointError("limits: max-in-flight, daily-cap >= 1, max-duration >= 10 s, calls-per-second > 0")
+        if self.allowed_prefixes and not PREFIXES.match(self.allowed_prefixes):
+            raise EndpointError("allowed-prefixes: comma-separated digit prefixes, e.g. 1555,1212")
+        if self.extension_pattern:
+            try:
+                re.compile(self.extension_pattern)
+            except re.error as exc:
+                raise EndpointError(f"extension-pattern: not a regular expression ({exc})") from None
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise EndpointError("webhook-url: must be an http or https URL")
+        if not re.match(r"^(%\([0-9,]+\)|tone_stream://[%()0-9,;.a-z=]+)$", self.ring_tone):
+            raise EndpointError("ring-tone: a TGML tone such as %(2000,4000,440,480)")
+
+
+def create_endpoint(options: EndpointOptions) -> tuple[Endpoint, str]:
+    """Store a new endpoint; return it and its token (the only time the token exists in clear)."""
+    options.check()
+    if Endpoint.select().where(Endpoint.name == options.name).exists():
+        raise EndpointError(f"name: an endpoint named {options.name!r} already exists")
+    token = new_token()
+    fields: dict[str, Any] = vars(options).copy()
+    endpoint = Endpoint.create(token_hash=hash_token(token), token_hint=token_hint(token),
+                               webhook_secret=secrets.token_urlsafe(32) if options.webhook_url else "",
+                               **fields)
+    return endpoint, token
+
+
+def find_endpoint(name_or_id: str) -> Endpoint:
+    query = Endpoint.select().where(Endpoint.name == name_or_id)
+    if name_or_id.isdigit():
+        query = Endpoint.select().where((Endpoint.name == name_or_id) | (Endpoint.id == int(name_or_id)))
+    endpoint = query.first()
+    if endpoint is None:
+        raise EndpointError(f"endpoint {name_or_id!r}: no such endpoint")
+    return endpoint
+
+
+def rotate_token(endpoint: Endpoint) -> str:
+    """Give the endpoint a new token; the old one stops working at once."""
+    token = new_token()
+    endpoint.token_hash = hash_token(token)
+    endpoint.token_hint = token_hint(token)
+    endpoint.save()
+    return token
+
+
+def disable_endpoint(endpoint: Endpoint) -> None:
+    endpoint.enabled = False
+    endpoint.disabled_at = utcnow()
+    endpoint.save()
+
+
+def authenticate(token: str | None) -> Endpoint | None:
+    """The enabled endpoint that owns ``token``, or None."""
+    if not token or len(token) > 200:
+        return None
+    wanted = hash_token(token)
+    endpoint = Endpoint.get_or_none(Endpoint.token_hash == wanted)
+    if endpoint is None or not hmac.compare_digest(endpoint.token_hash, wanted) or not endpoint.enabled:
+        return None
+    return endpoint
+
+
+def describe(endpoint: Endpoint) -> dict[str, Any]:
+    """An endpoint as the CLI prints it (never the token or its hash)."""
+    return {
+        "id": endpoint.id,
+        "name": endpoint.name,
+        "token_hint": endpoint.token_hint,
+        "caller_id_number": endpoint.caller_id_number,
+        "caller_id_name": endpoint.caller_id_name,
+        "dial_string": endpoint.dial_string,
+        "record": endpoint.record,
+        "timezone": endpoint.timezone,
+        "ring_tone": endpoint.ring_tone,
+        "max_in_flight": endpoint.max_in_flight,
+        "calls_per_second": endpoint.calls_per_second,
+        "max_duration": endpoint.max_duration,
+        "daily_cap": endpoint.daily_cap,
+        "allowed_prefixes": endpoint.allowed_prefixes,
+        "extension_pattern": endpoint.extension_pattern,
+        "webhook_url": endpoint.webhook_url,
+        "enabled": endpoint.enabled,
+        "created_at": endpoint.created_at.isoformat() + "Z",
+    }

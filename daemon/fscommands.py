@@ -1,0 +1,236 @@
+"""The one place where text bound for FreeSWITCH is composed.
+
+Everything callbridge sends over the Event Socket (originate lines, variable blocks, dial strings,
+application arguments, file paths, ``sendmsg`` messages, ``uuid_*`` commands) is built here, from
+values that are checked against whitelists first. The rules:
+
+* CR, LF and NUL never pass: on the Event Socket they end a command and start another.
+* Values inside ``{...}`` / ``[...]`` variable blocks come from whitelists (digits, UUIDs, a bounded
+  set of characters for caller ID names); commas, braces, brackets, quotes, ``^^`` and ``$`` are
+  refused, so a value can neither end the block nor expand a variable.
+* ``${`` never reaches an application argument, and the A leg is originated with
+  ``app_disable_expand_variables=true`` as a second wall.
+* Application arguments travel in a ``sendmsg`` body (``content-length``), never in a header.
+* FreeSWITCH plays only files the daemon made (paths under its media folder, or its own media URL),
+  never a client-chosen scheme such as ``shell_stream://`` or a client path.
+
+Anything that fails a rule raises ``UnsafeValue``; callers treat it as a bug or a bad request, never
+as something to send anyway.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+CALLID_VAR = "cb_callid"
+
+
+class UnsafeValue(ValueError):
+    """A value would break out of the FreeSWITCH command or variable it is meant for."""
+
+
+class DialStringError(ValueError):
+    """An endpoint's dial string template is unusable."""
+
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+NUMBER_RE = re.compile(r"^\+?[0-9]{1,20}$")
+CALLID_RE = re.compile(r"^[0-9a-z]{8,40}$")
+VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Bare values allowed in a variable block: no separators, quotes, braces or expansion characters.
+BARE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:/@+%()=;#-]{0,200}$")
+CALLER_NAME_RE = re.compile(r"^[A-Za-z0-9 ._-]{0,40}$")
+DIAL_TEMPLATE_RE = re.compile(r"^[A-Za-z0-9_./@:+=-]*\{number\}[A-Za-z0-9_./@:+=-]*$")
+FILE_RE = re.compile(r"^/[A-Za-z0-9_./-]{1,400}$")
+MEDIA_URL_RE = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9_./-]*)?$")
+TONE_RE = re.compile(r"^(%\([0-9,]{1,60}\)|tone_stream://[%()0-9,;.a-z=]{1,120})$")
+CAUSE_RE = re.compile(r"^[A-Z_]{3,40}$")
+FORBIDDEN = ("\r", "\n", "\0")
+
+
+def _plain(value: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise UnsafeValue(f"{what}: not text")
+    if any(ch in value for ch in FORBIDDEN):
+        raise UnsafeValue(f"{what}: contains a line break or NUL")
+    if "${" in value or "$${" in value:
+        raise UnsafeValue(f"{what}: contains a variable expansion")
+    return value
+
+
+def uuid(value: str) -> str:
+    if not UUID_RE.match(_plain(value, "uuid")):
+        raise UnsafeValue(f"uuid: {value!r} is not a lowercase UUID")
+    return value
+
+
+def number(value: str) -> str:
+    if not NUMBER_RE.match(_plain(value, "number")):
+        raise UnsafeValue(f"number: {value!r} is not digits with an optional leading +")
+    return value
+
+
+def cause(value: str) -> str:
+    if not CAUSE_RE.match(_plain(value, "cause")):
+        raise UnsafeValue(f"cause: {value!r} is not a hangup cause name")
+    return value
+
+
+def check_dial_template(template: str) -> str:
+    """Accept a template such as ``sofia/gateway/carrier/{number}``; raise DialStringError otherwise."""
+    if any(ch in template for ch in FORBIDDEN) or not DIAL_TEMPLATE_RE.match(template):
+        raise DialStringError("must hold {number} once and otherwise only letters, digits and _ . / @ : + = -")
+    if template.count("{number}") != 1:
+        raise DialStringError("must hold {number} exactly once")
+    return template
+
+
+def dial_string(template: str, phone: str) -> str:
+    return check_dial_template(template).replace("{number}", number(phone))
+
+
+def _var_value(name: str, value: str | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    _plain(value, name)
+    if name.endswith("caller_id_name"):
+        if not CALLER_NAME_RE.match(value):
+            raise UnsafeValue(f"{name}: {value!r} has characters outside letters, digits, space . _ -")
+        # FreeSWITCH splits originate arguments on spaces; single quotes keep a name whole.
+        return f"'{value}'" if " " in value else value
+    if not BARE_VALUE_RE.match(value):
+        raise UnsafeValue(f"{name}: {value!r} has characters that could end the variable block")
+    return value
+
+
+def var_block(variables: Mapping[str, str | int | bool], brackets: str = "{}") -> str:
+    """``{name=value,...}`` from checked names and values, in the given order."""
+    parts = []
+    for name, value in variables.items():
+        if not VAR_NAME_RE.match(name):
+            raise UnsafeValue(f"variable name {name!r} is not allowed")
+        parts.append(f"{name}={_var_value(name, value)}")
+    return brackets[0] + ",".join(parts) + brackets[1]
+
+
+def leg_variables(*, leg_uuid: str, callid: str, caller_id_number: str, caller_id_name: str,
+                  originate_timeout: int) -> dict[str, str | int | bool]:
+    """The variables every leg we originate carries."""
+    if not CALLID_RE.match(_plain(callid, "callid")):
+        raise UnsafeValue(f"callid: {callid!r} is not ours")
+    variables: dict[str, str | int | bool] = {
+        "origination_uuid": uuid(leg_uuid),
+        "origination_caller_id_number": number(caller_id_number),
+    }
+    if caller_id_name:
+        variables["origination_caller_id_name"] = caller_id_name
+    variables.update({
+        "ignore_early_media": True,
+        "originate_timeout": int(originate_timeout),
+        CALLID_VAR: callid,
+    })
+    return variables
+
+
+def originate_a(*, template: str, phone: str, variables: Mapping[str, str | int | bool]) -> str:
+    """The ``originate`` line for leg A, parked on answer; expansion is switched off on the channel."""
+    block = dict(variables)
+    block["app_disable_expand_variables"] = True
+    return f"originate {var_block(block)}{dial_string(template, phone)} &park()"
+
+
+def bridge_target(*, template: str, phone: str, variables: Mapping[str, str | int | bool]) -> str:
+    """The ``bridge`` application's argument that dials B."""
+    return f"{var_block(variables)}{dial_string(template, phone)}"
+
+
+def media_path(path: str, *, media_root: str | None = None) -> str:
+    """A file the daemon made, safe as an app argument: absolute, plain characters, under its folder."""
+    _plain(path, "file")
+    if MEDIA_URL_RE.match(path):
+        return path
+    if not FILE_RE.match(path) or "/../" in path or path.endswith("/.."):
+        raise UnsafeValue(f"file: {path!r} is not a plain absolute path")
+    if media_root is not None and not path.startswith(media_root.rstrip("/") + "/"):
+        raise UnsafeValue(f"file: {path!r} is not under {media_root}")
+    return path
+
+
+def http_cache_url(url: str) -> str:
+    """Our own media URL wrapped for FreeSWITCH's mod_http_cache."""
+    if not MEDIA_URL_RE.match(_plain(url, "media url")):
+        raise UnsafeValue(f"media url: {url!r} is not a plain http(s) URL")
+    return "http_cache://" + url
+
+
+def ring_tone(tone: str) -> str:
+    if not TONE_RE.match(_plain(tone, "ring tone")):
+        raise UnsafeValue(f"ring tone: {tone!r} is not a TGML tone")
+    return tone
+
+
+def set_arg(name: str, value: str | int | bool) -> str:
+    """Argument of the ``set`` application: ``name=value``."""
+    if not VAR_NAME_RE.match(name):
+        raise UnsafeValue(f"variable name {name!r} is not allowed")
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    value = _plain(str(value), name)
+    if not (BARE_VALUE_RE.match(value) or FILE_RE.match(value) or MEDIA_URL_RE.match(value)
+            or value.startswith("http_cache://") and MEDIA_URL_RE.match(value[len("http_cache://"):])):
+        raise UnsafeValue(f"{name}: {value!r} is not a plain value")
+    return f"{name}={value}"
+
+
+def sendmsg_execute(channel: str, app: str, arg: str, *, event_uuid: str, lock: bool = True) -> str:
+    """A ``sendmsg`` that queues ``app arg`` on a channel; the argument goes in the body.
+
+    Returns the whole ESL message including the blank line and body; send it as is.
+    """
+    if not re.match(r"^[a-z_]{2,40}$", app):
+        raise UnsafeValue(f"application {app!r} is not allowed")
+    _plain(arg, app)
+    body = arg.encode("utf-8")
+    headers = [
+        f"sendmsg {uuid(channel)}",
+        "call-command: execute",
+        f"execute-app-name: {app}",
+        f"Event-UUID: {uuid(event_uuid)}",
+    ]
+    if lock:
+        headers.append("event-lock: true")
+    if body:
+        headers += ["content-type: text/plain", f"content-length: {len(body)}"]
+    return "\n".join(headers) + "\n\n" + arg
+
+
+def sendmsg_hangup(channel: str, hangup_cause: str = "NORMAL_CLEARING") -> str:
+    return f"sendmsg {uuid(channel)}\ncall-command: hangup\nhangup-cause: {cause(hangup_cause)}\n\n"
+
+
+def uuid_kill(channel: str, hangup_cause: str = "NORMAL_CLEARING") -> str:
+    return f"uuid_kill {uuid(channel)} {cause(hangup_cause)}"
+
+
+def uuid_exists(channel: str) -> str:
+    return f"uuid_exists {uuid(channel)}"
+
+
+def uuid_getvar(channel: str, name: str) -> str:
+    if not VAR_NAME_RE.match(name):
+        raise UnsafeValue(f"variable name {name!r} is not allowed")
+    return f"uuid_getvar {uuid(channel)} {name}"
+
+
+def uuid_record_start(channel: str, path: str, *, media_root: str) -> str:
+    return f"uuid_record {uuid(channel)} start {media_path(path, media_root=media_root)}"
+
+
+def event_subscription(names: Iterable[str]) -> str:
+    for name in names:
+        if not re.match(r"^[A-Z_]+$", name):
+            raise UnsafeValue(f"event name {name!r} is not allowed")
+    return "event plain " + " ".join(names)

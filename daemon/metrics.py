@@ -1,0 +1,43 @@
+"""Prometheus metrics, one registry per daemon (tests build their own, so figures never leak between them)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ANSWER_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60)
+LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    """Everything callbridge counts. ``render()`` gives the text exposition for ``GET /metrics``."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.api_latency = Histogram("callbridge_api_request_seconds", "HTTP API request latency",
+                                     ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.calls_created = Counter("callbridge_calls_created_total", "Calls accepted by the API",
+                                     ["kind"], registry=r)
+        self.calls_final = Counter("callbridge_calls_finished_total", "Calls by final status and cause",
+                                   ["status", "cause"], registry=r)
+        self.calls_in_flight = Gauge("callbridge_calls_in_flight", "Calls in progress by phase",
+                                     ["phase"], registry=r)
+        self.originate_to_answer = Histogram("callbridge_originate_to_answer_seconds",
+                                             "Time from dialing a leg to its answer", ["leg"],
+                                             buckets=ANSWER_BUCKETS, registry=r)
+        self.scheduler_lateness = Histogram("callbridge_scheduler_lateness_seconds",
+                                            "Start time minus due time of each call",
+                                            buckets=LATENESS_BUCKETS, registry=r)
+        self.esl_connected = Gauge("callbridge_esl_connected", "1 when the Event Socket is up", registry=r)
+        self.esl_reconnects = Counter("callbridge_esl_reconnects_total", "Event Socket reconnections",
+                                      registry=r)
+        self.media_cache = Counter("callbridge_media_cache_total", "Media cache look-ups", ["result"],
+                                   registry=r)
+        self.webhooks = Counter("callbridge_webhook_deliveries_total", "Webhook delivery attempts",
+                                ["result"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,239 @@
+"""The store: peewee models for endpoints, calls and each call's timeline, and the schema migrations.
+
+SQLite is the default (``sqlite:///path``), in WAL mode with ``synchronous=FULL`` so that a committed
+claim ("this call is being dialed") survives a power cut. Any ``database_url`` that peewee's db_url
+understands works, so PostgreSQL can replace SQLite without code changes.
+
+The daemon is one gevent process: it keeps one shared connection (``thread_safe=False``: with
+gevent's monkey-patching a thread-local connection would become one connection per greenlet) and
+never yields inside a transaction: no network I/O between ``atomic()`` and its commit. SQLite's busy
+wait blocks the whole process, hence the short busy timeout.
+
+Times are naive UTC datetimes everywhere in the store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peewee import (
+    BooleanField,
+    CharField,
+    Database,
+    DatabaseProxy,
+    DateTimeField,
+    FloatField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+from playhouse.db_url import connect
+
+database = DatabaseProxy()
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "full",
+    "foreign_keys": 1,
+    "busy_timeout": 2000,  # ms; blocks the whole gevent process while waiting, so keep it short
+}
+
+
+def utcnow() -> dt.datetime:
+    """Now, as the store keeps times: naive UTC."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class CallStatus(enum.StrEnum):
+    """Every state a call can be in. Final states are words a person understands."""
+
+    SCHEDULED = "scheduled"  # waiting for call_date
+    QUEUED = "queued"  # due, waiting for a free slot under the limits
+    DIALING_A = "dialing_a"  # claimed; originate to A sent (or about to be)
+    A_ANSWERED = "a_answered"  # A picked up, hearing the prompts
+    DIALING_B = "dialing_b"  # bridge to B started, A hears the dialtone
+    BRIDGED = "bridged"  # A and B talking
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    MISSED = "missed"  # its time passed while the daemon could not start it
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.CANCELED, CallStatus.MISSED})
+PENDING_STATUSES = (CallStatus.SCHEDULED, CallStatus.QUEUED)
+IN_FLIGHT_STATUSES = (CallStatus.DIALING_A, CallStatus.A_ANSWERED, CallStatus.DIALING_B, CallStatus.BRIDGED)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+
+
+class Endpoint(BaseModel):
+    """An API client: its token (hashed), caller ID, route to the carrier, limits and options."""
+
+    name = CharField(max_length=100, unique=True)
+    token_hash = CharField(max_length=64, unique=True)  # sha256 hex of the token
+    token_hint = CharField(max_length=16)  # the token's first characters, for lists and logs
+    caller_id_number = CharField(max_length=32)
+    caller_id_name = CharField(max_length=64, default="")
+    dial_string = CharField(max_length=255)  # e.g. sofia/gateway/carrier/{number}
+    record = BooleanField(default=False)
+    timezone = CharField(max_length=64, default="UTC")
+    ring_tone = CharField(max_length=128, default="%(2000,4000,440,480)")
+    max_in_flight = IntegerField(default=10)
+    calls_per_second = FloatField(default=5.0)
+    max_duration = IntegerField(default=3600)  # seconds from A's answer
+    daily_cap = IntegerField(default=1000)  # calls started per UTC day
+    allowed_prefixes = TextField(default="")  # comma-separated digit prefixes; empty: any
+    extension_pattern = CharField(max_length=128, default="")  # regex for short internal numbers
+    webhook_url = CharField(max_length=500, default="")
+    webhook_secret = CharField(max_length=128, default="")
+    enabled = BooleanField(default=True)
+    created_at = DateTimeField(default=utcnow)
+    disabled_at = DateTimeField(null=True)
+
+
+class Call(BaseModel):
+    """One requested call bridge, from request to final status."""
+
+    callid = CharField(max_length=40, unique=True)
+    endpoint = ForeignKeyField(Endpoint, backref="calls", on_delete="RESTRICT")
+    phone_a = CharField(max_length=20)
+    phone_b = CharField(max_length=20)
+    play_url = TextField(default="")
+    msg = TextField(default="")
+    msg_lang = CharField(max_length=8, default="")
+    dialtone_url = TextField(default="")
+    # Normalised media made when the request arrived (paths under the media cache).
+    play_file = TextField(default="")
+    msg_file = TextField(default="")
+    dialtone_file = TextField(default="")
+    idempotency_key = CharField(max_length=200, null=True)
+    requested_at = DateTimeField(default=utcnow)
+    due_at = DateTimeField()
+    scheduled = BooleanField(default=False)
+    status = CharField(max_length=16)
+    # Filled in as the call goes.
+    a_uuid = CharField(max_length=36, null=True)
+    b_uuid = CharField(max_length=36, null=True)
+    started_at = DateTimeField(null=True)
+    lateness_ms = IntegerField(null=True)
+    a_answered_at = DateTimeField(null=True)
+    b_dialed_at = DateTimeField(null=True)
+    bridged_at = DateTimeField(null=True)
+    ended_at = DateTimeField(null=True)
+    failed_leg = CharField(max_length=1, default="")  # "a" or "b"
+    a_cause = CharField(max_length=40, default="")
+    b_cause = CharField(max_length=40, default="")
+    reason = CharField(max_length=200, default="")
+    ring_seconds = FloatField(null=True)
+    talk_seconds = FloatField(null=True)
+    recording_path = TextField(default="")
+    recording_seconds = FloatField(null=True)
+    recording_bytes = IntegerField(null=True)
+    canceled_at = DateTimeField(null=True)
+    canceled_by = CharField(max_length=100, default="")
+
+    class Meta:
+        indexes = (
+            (("endpoint", "id"), False),  # list a token's calls, newest first
+            (("endpoint", "status", "due_at"), False),  # list a token's scheduled calls
+            (("status", "due_at"), False),  # the dispatcher: next due, calls in flight
+            (("endpoint", "idempotency_key"), True),
+        )
+
+    @property
+    def status_enum(self) -> CallStatus:
+        return CallStatus(self.status)
+
+
+class CallEvent(BaseModel):
+    """One step of a call's timeline."""
+
+    call = ForeignKeyField(Call, backref="events", on_delete="CASCADE")
+    at = DateTimeField(default=utcnow)
+    kind = CharField(max_length=40)
+    detail = TextField(default="")  # JSON object
+
+    class Meta:
+        indexes = ((("call", "id"), False),)
+
+    @property
+    def detail_dict(self) -> dict[str, Any]:
+        return json.loads(self.detail) if self.detail else {}
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField()
+    applied_at = DateTimeField(default=utcnow)
+
+
+MODELS: list[type[Model]] = [SchemaVersion, Endpoint, Call, CallEvent]
+
+
+def _v1_initial(db: Database) -> None:
+    db.create_tables([Endpoint, Call, CallEvent], safe=True)
+
+
+# Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
+MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial]
+
+
+def schema_version(db: Database) -> int:
+    row = SchemaVersion.select(SchemaVersion.version).order_by(SchemaVersion.version.desc()).first()
+    return row.version if row else 0
+
+
+def migrate(db: Database) -> int:
+    """Create or upgrade the schema to the newest version, keeping every row. Returns the version."""
+    db.create_tables([SchemaVersion], safe=True)
+    current = schema_version(db)
+    for number, step in enumerate(MIGRATIONS, start=1):
+        if number <= current:
+            continue
+        with db.atomic():
+            step(db)
+            SchemaVersion.create(version=number)
+        current = number
+    return current
+
+
+def open_database(url: str) -> Database:
+    """Connect to ``url``, bind the models to it and bring the schema up to date."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = connect(url, pragmas=SQLITE_PRAGMAS, thread_safe=False, check_same_thread=False)
+    else:
+        db = connect(url)
+    database.initialize(db)
+    db.connect(reuse_if_open=True)
+    migrate(db)
+    return db
+
+
+def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **detail: Any) -> CallEvent:
+    """Append one step to a call's timeline."""
+    clean = {k: v for k, v in detail.items() if v not in (None, "")}
+    return CallEvent.create(call=call, kind=kind, at=at or utcnow(),
+                            detail=json.dumps(clean, sort_keys=True) if clean else "")
+
+
+def database_file(url: str) -> str | None:
+    """The SQLite file behind ``url``, or None for other databases."""
+    if url.startswith("sqlite:///"):
+        return os.path.abspath(url[len("sqlite:///"):])
+    return None

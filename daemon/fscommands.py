@@ -179,7 +179,7 @@ def set_arg(name: str, value: str | int | bool) -> str:
     if isinstance(value, bool):
         value = "true" if value else "false"
     value = _plain(str(value), name)
-    if not (BARE_VALUE_RE.match(value) or FILE_RE.match(value) or MEDIA_URL_RE.match(value)
+    if not (BARE_VALUE_RE.match(value) or FILE_RE.match(value) or MEDIA_URL_RE.match(value) or TONE_RE.match(value)
             or value.startswith("http_cache://") and MEDIA_URL_RE.match(value[len("http_cache://"):])):
         raise UnsafeValue(f"{name}: {value!r} is not a plain value")
     return f"{name}={value}"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from peewee import (
+    AutoField,
     BooleanField,
     CharField,
     Database,
@@ -76,6 +77,8 @@ IN_FLIGHT_STATUSES = (CallStatus.DIALING_A, CallStatus.A_ANSWERED, CallStatus.DI
 
 
 class BaseModel(Model):
+    id = AutoField()  # declared so type checkers know it
+
     class Meta:
         database = database
 
@@ -180,15 +183,39 @@ class SchemaVersion(BaseModel):
     applied_at = DateTimeField(default=utcnow)
 
 
-MODELS: list[type[Model]] = [SchemaVersion, Endpoint, Call, CallEvent]
+class WebhookDelivery(BaseModel):
+    """One status webhook to deliver: the outbox row is the queue (see daemon/webhooks.py)."""
+
+    event_id = CharField(max_length=36, unique=True)  # uuid4, sent as X-Callbridge-Event-Id
+    endpoint = ForeignKeyField(Endpoint, backref="webhook_deliveries", on_delete="CASCADE")
+    callid = CharField(max_length=40)
+    status = CharField(max_length=16)  # the call status this event reports
+    payload = TextField()  # the exact JSON body, frozen at creation so every retry sends the same bytes
+    created_at = DateTimeField(default=utcnow)
+    state = CharField(max_length=10, default="pending")  # pending, delivered, failed
+    next_attempt_at = DateTimeField(default=utcnow)
+    attempts = IntegerField(default=0)
+    last_status_code = IntegerField(null=True)
+    last_error = CharField(max_length=200, default="")
+    finished_at = DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("state", "next_attempt_at"), False),)  # the sender: next due pending rows
+
+
+MODELS: list[type[Model]] = [SchemaVersion, Endpoint, Call, CallEvent, WebhookDelivery]
 
 
 def _v1_initial(db: Database) -> None:
     db.create_tables([Endpoint, Call, CallEvent], safe=True)
 
 
+def _v2_webhook_outbox(db: Database) -> None:
+    db.create_tables([WebhookDelivery], safe=True)
+
+
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
-MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial]
+MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox]
 
 
 def schema_version(db: Database) -> int:

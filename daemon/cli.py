@@ -1,0 +1,169 @@
+"""Command line: ``python -m daemon run|check-config|endpoint ...|calls ...``.
+
+Operator commands work on the same database as the service (``--config`` / ``CALLBRIDGE_*``), so
+they run beside a live daemon; ``calls hangup`` talks to FreeSWITCH directly by the leg UUID the
+daemon stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from daemon.config import ConfigError, Settings, load_settings
+from daemon.endpoints import (
+    EndpointError,
+    EndpointOptions,
+    create_endpoint,
+    describe,
+    disable_endpoint,
+    find_endpoint,
+    rotate_token,
+)
+from daemon.store import IN_FLIGHT_STATUSES, Call, CallEvent, Endpoint, open_database
+
+
+def _print(obj: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str, ensure_ascii=False))
+    elif isinstance(obj, list):
+        for row in obj:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+    else:
+        for key, value in obj.items():
+            print(f"{key}: {value}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m daemon", description="callbridge: phone call bridge daemon")
+    p.add_argument("--config", help="TOML settings file (default: $CALLBRIDGE_CONFIG)")
+    p.add_argument("--check-config", action="store_true", help="print the effective settings and exit")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the service")
+    sub.add_parser("check-config", help="print the effective settings (secrets masked) and exit")
+
+    ep = sub.add_parser("endpoint", help="manage endpoints and their tokens").add_subparsers(dest="action",
+                                                                                             required=True)
+    add = ep.add_parser("add", help="create an endpoint; prints its token once")
+    add.add_argument("--name", required=True)
+    add.add_argument("--caller-id", required=True, help="caller ID number shown to A and B")
+    add.add_argument("--caller-id-name", default="")
+    add.add_argument("--dial-string", required=True, help="FreeSWITCH dial string with {number}")
+    add.add_argument("--record", action="store_true", help="record bridged calls")
+    add.add_argument("--timezone", default="UTC", help="IANA zone of call_date (e.g. America/New_York)")
+    add.add_argument("--max-in-flight", type=int, default=10)
+    add.add_argument("--calls-per-second", type=float, default=5.0)
+    add.add_argument("--max-duration", type=int, default=3600, help="seconds from A's answer")
+    add.add_argument("--daily-cap", type=int, default=1000)
+    add.add_argument("--allowed-prefixes", default="", help="comma-separated digit prefixes; empty: any")
+    add.add_argument("--extension-pattern", default="", help="regex for short internal numbers")
+    add.add_argument("--webhook-url", default="")
+    add.add_argument("--ring-tone", default="%(2000,4000,440,480)")
+    for name in ("list", "disable", "rotate"):
+        action = ep.add_parser(name)
+        if name != "list":
+            action.add_argument("endpoint", help="name or id")
+    for action in ep.choices.values():
+        action.add_argument("--json", action="store_true", help="print JSON")
+
+    calls = sub.add_parser("calls", help="look at and act on calls").add_subparsers(dest="action", required=True)
+    calls.add_parser("in-flight", help="calls in progress with their phase").add_argument("--json", action="store_true")
+    show = calls.add_parser("show", help="one call with its timeline")
+    show.add_argument("callid")
+    show.add_argument("--json", action="store_true")
+    hang = calls.add_parser("hangup", help="hang up a call in progress")
+    hang.add_argument("callid")
+    hang.add_argument("--json", action="store_true")
+    return p
+
+
+def _endpoint_command(args: argparse.Namespace) -> Any:
+    if args.action == "add":
+        endpoint, token = create_endpoint(EndpointOptions(
+            name=args.name, caller_id_number=args.caller_id, caller_id_name=args.caller_id_name,
+            dial_string=args.dial_string, record=args.record, timezone=args.timezone,
+            max_in_flight=args.max_in_flight, calls_per_second=args.calls_per_second,
+            max_duration=args.max_duration, daily_cap=args.daily_cap, allowed_prefixes=args.allowed_prefixes,
+            extension_pattern=args.extension_pattern, webhook_url=args.webhook_url, ring_tone=args.ring_tone))
+        out = describe(endpoint)
+        out["token"] = token
+        if endpoint.webhook_secret:
+            out["webhook_secret"] = endpoint.webhook_secret
+        return out
+    if args.action == "list":
+        return [describe(e) for e in Endpoint.select().order_by(Endpoint.id)]
+    endpoint = find_endpoint(args.endpoint)
+    if args.action == "disable":
+        disable_endpoint(endpoint)
+        return describe(endpoint)
+    token = rotate_token(endpoint)
+    return {**describe(endpoint), "token": token}
+
+
+def _call_summary(call: Call) -> dict[str, Any]:
+    return {"callid": call.callid, "status": call.status, "phone_a": call.phone_a, "phone_b": call.phone_b,
+            "due_at": call.due_at, "started_at": call.started_at, "failed_leg": call.failed_leg,
+            "a_cause": call.a_cause, "b_cause": call.b_cause, "reason": call.reason}
+
+
+def _calls_command(args: argparse.Namespace, settings: Settings) -> Any:
+    if args.action == "in-flight":
+        rows = Call.select().where(Call.status.in_([s.value for s in IN_FLIGHT_STATUSES])).order_by(Call.started_at)
+        return [{"callid": c.callid, "phase": c.status, "phone_a": c.phone_a, "phone_b": c.phone_b,
+                 "started_at": c.started_at} for c in rows]
+    call = Call.get_or_none(Call.callid == args.callid)
+    if call is None:
+        raise EndpointError(f"callid {args.callid!r}: no such call")
+    if args.action == "show":
+        timeline = [{"at": e.at, "kind": e.kind, **e.detail_dict}
+                    for e in CallEvent.select().where(CallEvent.call == call).order_by(CallEvent.id)]
+        return {**_call_summary(call), "timeline": timeline}
+    return _hangup(call, settings)
+
+
+def _hangup(call: Call, settings: Settings) -> dict[str, Any]:
+    from daemon import fscommands as fs
+    from daemon.esl import EslConnection, EslError
+
+    if call.status not in {s.value for s in IN_FLIGHT_STATUSES} or not call.a_uuid:
+        raise EndpointError(f"callid {call.callid}: not in progress (status {call.status})")
+    conn = EslConnection(settings.esl_host, settings.esl_port, settings.esl_password,
+                         connect_timeout=settings.esl_command_timeout, command_timeout=settings.esl_command_timeout)
+    try:
+        conn.connect()
+        reply = conn.api(fs.uuid_kill(call.a_uuid, "NORMAL_CLEARING")).strip()
+    except EslError as exc:
+        raise EndpointError(f"FreeSWITCH at {settings.esl_host}:{settings.esl_port}: {exc}") from None
+    finally:
+        conn.close()
+    return {"callid": call.callid, "freeswitch": reply}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"callbridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config or args.command == "check-config":
+        _print(settings.masked(), as_json=False)
+        return 0
+    if args.command in (None, "run"):
+        from daemon.logs import configure
+        from daemon.service import Service
+
+        configure(settings.log_format, settings.log_level)
+        Service(settings).run_forever()
+        return 0
+    open_database(settings.database_url)
+    try:
+        result = _endpoint_command(args) if args.command == "endpoint" else _calls_command(args, settings)
+    except EndpointError as exc:
+        print(f"callbridge: {exc}", file=sys.stderr)
+        return 2
+    _print(result, args.json)
+    return 0

@@ -1,0 +1,177 @@
+"""The dispatcher: starts each pending call when it is due, within the limits, exactly once.
+
+The loop takes ``now`` from an injected clock and sleeps on an Event until the next call is due (or
+at most one second, so calls inserted by another process are noticed within a second). The API and
+the engine ``wake()`` it when a call is committed, canceled or ends. Each wake-up is two indexed
+queries: the due calls in order, and the next due time.
+
+Claiming is one conditional UPDATE committed before any command goes to FreeSWITCH (see
+``Journal.claim``): a cancel racing a start leaves exactly one outcome, and a crash after the claim
+leaves a call that the engine reconciles at the next start instead of dialing it again.
+
+Limits: calls in flight (global and per endpoint), new calls per second (global and per endpoint,
+token buckets; FreeSWITCH's own sessions-per-second defaults to 30), and a daily cap per endpoint
+against toll fraud. Calls held back by a limit stay ``queued`` in due order and go as soon as a
+slot frees.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import gevent.event
+from peewee import fn
+
+from daemon.config import Settings
+from daemon.engine import Engine
+from daemon.journal import Journal
+from daemon.logs import log_event
+from daemon.store import PENDING_STATUSES, Call, CallStatus, Endpoint, utcnow
+
+log = logging.getLogger("callbridge.dispatcher")
+
+BATCH = 500
+MAX_SLEEP = 1.0
+
+
+@dataclass
+class TokenBucket:
+    """``rate`` starts per second with a burst of ``max(1, rate)``."""
+
+    rate: float
+    tokens: float = 0.0
+    updated: float | None = None
+
+    def take(self, now: float) -> bool:
+        burst = max(1.0, self.rate)
+        if self.updated is None:
+            self.tokens = burst
+        else:
+            self.tokens = min(burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait_time(self) -> float:
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+class Dispatcher:
+    """Claims due calls and hands them to the engine."""
+
+    def __init__(self, settings: Settings, engine: Engine, journal: Journal,
+                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.journal = journal
+        self.clock = clock
+        self._wake = gevent.event.Event()
+        self._running = False
+        self._greenlet: gevent.Greenlet | None = None
+        self.global_rate = TokenBucket(settings.calls_per_second)
+        self.endpoint_rates: dict[int, TokenBucket] = {}
+        self.started_today: dict[int, int] = {}
+        self._day: dt.date | None = None
+
+    # -- control ----------------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Something changed (a call committed, canceled or ended): look again now."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._running = True
+        self.recover(self.clock())
+        self._greenlet = gevent.spawn(self._loop)
+
+    def stop(self) -> None:
+        self._running = False
+        self._wake.set()
+        if self._greenlet is not None:
+            self._greenlet.join(timeout=5)
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def recover(self, now: dt.datetime) -> int:
+        """Calls whose time passed while the daemon was down: late within the grace, else missed."""
+        limit = now - dt.timedelta(seconds=self.settings.schedule_grace)
+        missed = 0
+        for call in (Call.select().where(Call.status.in_([s.value for s in PENDING_STATUSES]) & (Call.due_at < limit))
+                     .order_by(Call.due_at)):
+            late = int((now - call.due_at).total_seconds())
+            self.journal.finish(call, CallStatus.MISSED, reason=f"due at {call.due_at.isoformat()}Z, "
+                                f"{late} s before the daemon could start it (grace {self.settings.schedule_grace} s)")
+            missed += 1
+        return missed
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self._running:
+            self._wake.clear()
+            try:
+                delay = self.tick(self.clock(), gevent.get_hub().loop.now())
+            except Exception:
+                log.exception("dispatcher tick failed")
+                delay = MAX_SLEEP
+            self._wake.wait(timeout=max(0.0, min(delay, MAX_SLEEP)))
+
+    def tick(self, now: dt.datetime, mono: float) -> float:
+        """Start what is due at ``now`` within the limits; return seconds until worth looking again."""
+        if not self.engine.ready:
+            return MAX_SLEEP
+        self._roll_day(now)
+        pending = [s.value for s in PENDING_STATUSES]
+        held_back: float | None = None
+        due = list(Call.select(Call, Endpoint).join(Endpoint)
+                   .where(Call.status.in_(pending) & (Call.due_at <= now))
+                   .order_by(Call.due_at, Call.id).limit(BATCH))
+        for call in due:
+            if not self.engine.ready:
+                return MAX_SLEEP
+            if self.engine.in_flight() >= self.settings.max_in_flight:
+                return MAX_SLEEP  # a call ending wakes us
+            endpoint = call.endpoint
+            if self.engine.in_flight_by_endpoint[endpoint.id] >= endpoint.max_in_flight:
+                continue
+            if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
+                self.journal.finish(call, CallStatus.FAILED, reason=f"daily cap of {endpoint.daily_cap} calls reached")
+                continue
+            bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
+            if bucket.rate != endpoint.calls_per_second:
+                bucket.rate = endpoint.calls_per_second
+            if not self.global_rate.take(mono):
+                return self.global_rate.wait_time()
+            if not bucket.take(mono):
+                self.global_rate.tokens += 1  # not used after all
+                wait = bucket.wait_time()
+                held_back = wait if held_back is None else min(held_back, wait)
+                continue
+            self._start(call, endpoint, now)
+        if len(due) == BATCH:
+            return 0.0
+        nxt = (Call.select(Call.due_at).where(Call.status.in_(pending) & (Call.due_at > now))
+               .order_by(Call.due_at).limit(1).scalar())
+        delay = MAX_SLEEP if nxt is None else (nxt - now).total_seconds()
+        return min(delay, held_back) if held_back is not None else delay
+
+    def _start(self, call: Call, endpoint: Endpoint, now: dt.datetime) -> None:
+        a_uuid, b_uuid = self.engine.new_leg_uuids()
+        if not self.journal.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=now):
+            return  # canceled (or claimed elsewhere) in the meantime
+        self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
+        self.engine.launch(call, endpoint)
+
+    def _roll_day(self, now: dt.datetime) -> None:
+        if self._day == now.date():
+            return
+        self._day = now.date()
+        start = dt.datetime.combine(self._day, dt.time())
+        counts: Any = (Call.select(Call.endpoint, fn.COUNT(Call.id)).where(Call.started_at >= start)
+                  .group_by(Call.endpoint).tuples())
+        self.started_today = {int(endpoint_id): int(n) for endpoint_id, n in counts}
+        log_event(log, "dispatcher.day", day=str(self._day), endpoints=len(self.started_today))

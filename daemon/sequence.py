@@ -1,0 +1,465 @@
+"""One call's life, from the claim to its final status, as one readable sequence.
+
+The shape (run on a real FreeSWITCH 1.10.12, see shared/esl-traces/16*):
+
+1. ``bgapi originate {origination_uuid=<A>,...,app_disable_expand_variables=true}<A> &park()``.
+2. On A's CHANNEL_ANSWER, queue on A with ``sendmsg`` + ``event-lock`` (arguments in the body):
+   ``sched_hangup +<max> ALLOTTED_TIMEOUT`` (a dead daemon never leaves a call up forever),
+   ``set hangup_after_bridge=true``, ``set continue_on_fail=true``, the prompts (``playback``),
+   ``set ringback=<dialtone>``, ``set transfer_ringback=<dialtone>``, ``set instant_ringback=true``,
+   ``bridge {origination_uuid=<B>,ignore_early_media=true,...}<B>``, and, for when B fails, a short
+   busy tone and ``hangup``.
+   FreeSWITCH then plays the ringback itself with no gap from the moment B is dialed, never passes
+   B's early media, cancels B (ORIGINATOR_CANCEL) when A hangs up, hangs A up when B hangs up, and
+   keeps a bridged call going if this daemon restarts. The daemon follows both legs by the UUIDs it
+   chose and committed before dialing.
+3. The bridge's outcome is read from its CHANNEL_EXECUTE_COMPLETE (``originate_disposition``), the
+   legs' causes from their CHANNEL_HANGUP_COMPLETE; the call ends when A is gone and B is gone or was
+   never created.
+
+The sequence runs in its own greenlet and reads its events from an inbox that the engine fills by
+channel UUID, so the ESL reader never waits on call logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import logging
+import os
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import gevent
+import gevent.queue
+
+from daemon import fscommands as fs
+from daemon.esl import EslError, EslEvent
+from daemon.journal import Journal
+from daemon.store import Call, CallStatus, Endpoint
+
+log = logging.getLogger("callbridge.call")
+
+# A short busy tone A hears when B could not be reached, before we hang up.
+FAILURE_NOTICE = "tone_stream://%(500,500,480,620);loops=3"
+# Dispositions of the bridge that mean "B was never connected because of B".
+CALLER_GONE = {"ORIGINATOR_CANCEL", "LOSE_RACE", "PICKED_OFF"}
+
+
+class Switch(Protocol):
+    """What a sequence needs from the engine's Event Socket connection."""
+
+    def api(self, command: str) -> str: ...
+    def bgapi(self, command: str, job_uuid: str) -> str: ...
+    def send_message(self, message: str) -> Any: ...
+    def route(self, key: str, sequence: CallSequence) -> None: ...
+    def unroute(self, key: str) -> None: ...
+
+
+class Reconnected:
+    """Inbox marker: the Event Socket came back; ``restarted`` when FreeSWITCH's Core-UUID changed."""
+
+    def __init__(self, restarted: bool) -> None:
+        self.restarted = restarted
+
+
+class Stop:
+    """Inbox marker: the daemon is shutting down; leave the call to FreeSWITCH."""
+
+
+class Phase(enum.Enum):
+    DIALING_A = "dialing_a"
+    PROMPTS = "prompts"
+    DIALING_B = "dialing_b"
+    BRIDGED = "bridged"
+    ENDING = "ending"
+
+
+@dataclass
+class CallOptions:
+    """Settings a sequence needs, resolved once by the engine."""
+
+    originate_timeout: int
+    media_root: str
+    recordings_dir: str
+    idle_check: float  # seconds without news before asking FreeSWITCH whether A still exists
+    playable: Callable[[str], str] = lambda path: path
+
+
+@dataclass
+class LegState:
+    uuid: str
+    created: bool = False
+    answered_at: dt.datetime | None = None
+    gone: bool = False
+    cause: str = ""
+    ringing_logged: bool = False
+
+
+@dataclass
+class AppStep:
+    app: str
+    arg: str
+    event_uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+
+
+class CallSequence:
+    """Drives one call on FreeSWITCH and writes down what happens to it."""
+
+    def __init__(self, call: Call, endpoint: Endpoint, switch: Switch, journal: Journal,
+                 options: CallOptions, *, adopted: bool = False,
+                 on_end: Callable[[CallSequence], None] | None = None) -> None:
+        self.call = call
+        self.endpoint = endpoint
+        self.switch = switch
+        self.journal = journal
+        self.options = options
+        self.adopted = adopted
+        self.on_end = on_end
+        self.inbox: gevent.queue.Queue = gevent.queue.Queue()
+        self.a = LegState(str(call.a_uuid))
+        self.b = LegState(str(call.b_uuid))
+        self.job_uuid = str(uuidlib.uuid4())
+        self.phase = Phase(call.status) if call.status in {p.value for p in Phase} else Phase.DIALING_A
+        if call.status == CallStatus.A_ANSWERED.value:
+            self.phase = Phase.PROMPTS
+        self.steps: dict[str, AppStep] = {}
+        self.bridge_step: AppStep | None = None
+        self.bridge_disposition = ""
+        self.apps_queued = False
+        self.recording = False
+        self.connection_lost = False
+        self.done = False
+        self.greenlet: gevent.Greenlet | None = None
+
+    # -- life -------------------------------------------------------------------------------------
+    @property
+    def callid(self) -> str:
+        return str(self.call.callid)
+
+    def start(self) -> None:
+        for key in (self.a.uuid, self.b.uuid, self.job_uuid):
+            self.switch.route(key, self)
+        self.greenlet = gevent.spawn(self._run)
+
+    def deliver(self, item: EslEvent | Reconnected | Stop) -> None:
+        self.inbox.put(item)
+
+    def _run(self) -> None:
+        try:
+            if not self.adopted:
+                self._dial_a()
+            while not self.done:
+                try:
+                    item = self.inbox.get(timeout=self.options.idle_check)
+                except gevent.queue.Empty:
+                    self._check_alive()
+                    continue
+                if isinstance(item, Stop):
+                    self.journal.step(self.call, "daemon_stopped", phase=self.phase.value,
+                                      note="call left to FreeSWITCH; reconciled at next start")
+                    return
+                if isinstance(item, Reconnected):
+                    self._reconcile(item.restarted)
+                else:
+                    self._on_event(item)
+        except Exception as exc:  # never leave a call without a final status
+            log.exception("call sequence crashed", extra={"callid": self.callid})
+            self._kill_legs()
+            self._finish(CallStatus.FAILED, reason=f"internal error: {type(exc).__name__}")
+        finally:
+            for key in (self.a.uuid, self.b.uuid, self.job_uuid):
+                self.switch.unroute(key)
+            if self.on_end:
+                self.on_end(self)
+
+    # -- commands ---------------------------------------------------------------------------------
+    def _leg_vars(self, leg_uuid: str) -> dict[str, str | int | bool]:
+        return fs.leg_variables(leg_uuid=leg_uuid, callid=self.callid,
+                                caller_id_number=self.endpoint.caller_id_number,
+                                caller_id_name=self.endpoint.caller_id_name,
+                                originate_timeout=self.options.originate_timeout)
+
+    def _dial_a(self) -> None:
+        command = fs.originate_a(template=self.endpoint.dial_string, phone=self.call.phone_a,
+                                 variables=self._leg_vars(self.a.uuid))
+        self.journal.step(self.call, "dialing_a", phone=self.call.phone_a, a_uuid=self.a.uuid)
+        try:
+            reply = self.switch.bgapi(command, self.job_uuid)
+        except EslError as exc:
+            # The originate may or may not have reached FreeSWITCH: never send it again; find out.
+            self.connection_lost = True
+            self.journal.step(self.call, "connection_lost", phase="dialing_a", error=str(exc))
+            return
+        if not reply.startswith("+OK"):
+            self._finish(CallStatus.FAILED, failed_leg="a", a_cause="", reason=f"originate refused: {reply}")
+
+    def _queue_apps(self) -> None:
+        """After A answers: everything A hears, and the bridge to B, queued on A in order."""
+        call, endpoint, _opts = self.call, self.endpoint, self.options
+        steps = [
+            AppStep("set", fs.set_arg("cb_stage", "queued")),
+            AppStep("sched_hangup", f"+{int(endpoint.max_duration)} ALLOTTED_TIMEOUT"),
+            AppStep("set", fs.set_arg("hangup_after_bridge", True)),
+            AppStep("set", fs.set_arg("continue_on_fail", True)),
+        ]
+        for prompt in (call.play_file, call.msg_file):
+            if prompt:
+                steps.append(AppStep("playback", self._playable(prompt)))
+        ringback = self._playable(call.dialtone_file) if call.dialtone_file else fs.ring_tone(endpoint.ring_tone)
+        steps += [
+            AppStep("set", fs.set_arg("ringback", ringback)),
+            AppStep("set", fs.set_arg("transfer_ringback", ringback)),
+            AppStep("set", fs.set_arg("instant_ringback", True)),
+        ]
+        if endpoint.record:
+            steps.append(AppStep("set", fs.set_arg("RECORD_STEREO", True)))
+        self.bridge_step = AppStep("bridge", fs.bridge_target(template=endpoint.dial_string, phone=call.phone_b,
+                                                              variables=self._leg_vars(self.b.uuid)))
+        steps.append(self.bridge_step)
+        # Only reached when the bridge failed (continue_on_fail): a short notice, then hang up.
+        steps += [AppStep("playback", FAILURE_NOTICE), AppStep("hangup", "NORMAL_CLEARING")]
+        for step in steps:
+            self.steps[step.event_uuid] = step
+            self.switch.send_message(fs.sendmsg_execute(self.a.uuid, step.app, step.arg,
+                                                        event_uuid=step.event_uuid))
+        self.apps_queued = True
+
+    def _playable(self, path: str) -> str:
+        return fs.media_path(self.options.playable(fs.media_path(path, media_root=self.options.media_root)))
+
+    def _start_recording(self) -> None:
+        path = os.path.join(self.options.recordings_dir, f"{self.callid}.wav")
+        try:
+            reply = self.switch.api(fs.uuid_record_start(self.a.uuid, path, media_root=self.options.recordings_dir))
+        except EslError as exc:
+            self.journal.step(self.call, "recording_failed", error=str(exc))
+            return
+        if reply.startswith("+OK"):
+            self.recording = True
+            Call.update(recording_path=path).where(Call.id == self.call.id).execute()
+            self.call.recording_path = path
+            self.journal.step(self.call, "recording_started", path=path)
+        else:
+            self.journal.step(self.call, "recording_failed", error=reply.strip())
+
+    def _kill_legs(self) -> None:
+        for leg in (self.a, self.b):
+            if leg.gone:
+                continue
+            with contextlib.suppress(EslError):
+                self.switch.api(fs.uuid_kill(leg.uuid, "NORMAL_CLEARING"))
+
+    # -- events -----------------------------------------------------------------------------------
+    def _on_event(self, event: EslEvent) -> None:
+        name = event.name
+        if name == "BACKGROUND_JOB":
+            self._on_originate_result(event.body.strip())
+            return
+        leg = self.a if event.uuid == self.a.uuid else self.b if event.uuid == self.b.uuid else None
+        if leg is None:
+            return
+        tag = "a" if leg is self.a else "b"
+        if name == "CHANNEL_CREATE":
+            leg.created = True
+        elif name in ("CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA"):
+            if not leg.ringing_logged:
+                leg.ringing_logged = True
+                self.journal.step(self.call, f"{tag}_ringing",
+                                  early_media=name == "CHANNEL_PROGRESS_MEDIA" or None)
+        elif name == "CHANNEL_ANSWER":
+            leg.created = True
+            self._on_answer(leg, tag)
+        elif name == "CHANNEL_EXECUTE":
+            self._on_execute(event)
+        elif name == "CHANNEL_EXECUTE_COMPLETE":
+            self._on_execute_complete(event)
+        elif name == "CHANNEL_BRIDGE" and leg is self.a:
+            self._on_bridged()
+        elif name == "CHANNEL_HANGUP_COMPLETE":
+            self._on_leg_gone(leg, tag, event.get("Hangup-Cause") or "")
+
+    def _on_originate_result(self, body: str) -> None:
+        if body.startswith("-ERR"):
+            cause = body[4:].strip().split()[0] if body[4:].strip() else "UNKNOWN"
+            self.a.gone = True
+            self.a.cause = self.a.cause or cause
+            self._conclude()
+
+    def _on_answer(self, leg: LegState, tag: str) -> None:
+        if leg.answered_at is not None:
+            return
+        now = self.journal.clock()
+        leg.answered_at = now
+        if leg is self.a:
+            dialing = (now - self.call.started_at).total_seconds() if self.call.started_at else None
+            if dialing is not None:
+                self.journal.metrics.originate_to_answer.labels("a").observe(dialing)
+            self.phase = Phase.PROMPTS
+            self.journal.status(self.call, CallStatus.A_ANSWERED, a_answered_at=now)
+            if not self.apps_queued:
+                self._queue_apps()
+        else:
+            if self.call.b_dialed_at:
+                self.journal.metrics.originate_to_answer.labels("b").observe(
+                    (now - self.call.b_dialed_at).total_seconds())
+            self.journal.step(self.call, "b_answered", at=now)
+
+    def _on_execute(self, event: EslEvent) -> None:
+        step = self.steps.get(event.get("Application-UUID") or "")
+        if step is None:
+            return
+        if step is self.bridge_step:
+            self.phase = Phase.DIALING_B
+            self.journal.status(self.call, CallStatus.DIALING_B, b_dialed_at=self.journal.clock(),
+                                phone=self.call.phone_b, b_uuid=self.b.uuid)
+        elif step.app == "playback" and step.arg != FAILURE_NOTICE:
+            self.journal.step(self.call, "prompt_started", file=os.path.basename(step.arg))
+
+    def _on_execute_complete(self, event: EslEvent) -> None:
+        step = self.steps.get(event.get("Application-UUID") or "")
+        # An adopted call did not queue its apps in this run: it knows its bridge by name only.
+        is_bridge = step is self.bridge_step if step is not None else event.get("Application") == "bridge"
+        if step is None and not is_bridge:
+            return
+        if is_bridge:
+            self.bridge_disposition = event.get("variable_originate_disposition") or ""
+            self.journal.step(self.call, "bridge_ended", disposition=self.bridge_disposition,
+                              dialstatus=event.get("variable_DIALSTATUS"),
+                              cause=event.get("variable_last_bridge_hangup_cause"))
+        elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE:
+            self.journal.step(self.call, "prompt_finished", file=os.path.basename(step.arg),
+                              result=event.get("Application-Response"))
+
+    def _on_bridged(self) -> None:
+        if self.phase == Phase.BRIDGED:
+            return
+        now = self.journal.clock()
+        self.phase = Phase.BRIDGED
+        self.b.created = True
+        if self.b.answered_at is None:
+            self.b.answered_at = now
+        ring = (now - self.call.b_dialed_at).total_seconds() if self.call.b_dialed_at else None
+        self.journal.status(self.call, CallStatus.BRIDGED, bridged_at=now, ring_seconds=ring)
+        if self.endpoint.record:
+            self._start_recording()
+
+    def _on_leg_gone(self, leg: LegState, tag: str, cause: str) -> None:
+        if leg.gone:
+            return
+        leg.gone = True
+        leg.cause = cause or leg.cause
+        self.journal.step(self.call, f"{tag}_hangup", cause=leg.cause)
+        self._conclude()
+
+    # -- endings ----------------------------------------------------------------------------------
+    def _conclude(self) -> None:
+        """End the call once A is gone and B is gone or was never created."""
+        if not self.a.gone or (self.b.created and not self.b.gone):
+            return
+        if self.call.bridged_at or self.phase == Phase.BRIDGED:
+            self._finish(CallStatus.COMPLETED)
+        elif self.a.answered_at is None:
+            self._finish(CallStatus.FAILED, failed_leg="a", reason="A was not reached")
+        elif self.bridge_disposition and self.bridge_disposition not in CALLER_GONE | {"SUCCESS"}:
+            self.b.cause = self.b.cause or self.bridge_disposition
+            self._finish(CallStatus.FAILED, failed_leg="b", b_cause=self.b.cause or self.bridge_disposition,
+                         reason="B was not reached")
+        elif self.phase == Phase.DIALING_B:
+            self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up while B was ringing")
+        else:
+            self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up during the prompts")
+
+    def _finish(self, status: CallStatus, **fields: Any) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.phase = Phase.ENDING
+        now = self.journal.clock()
+        fields.setdefault("a_cause", self.a.cause)
+        fields.setdefault("b_cause", self.b.cause)
+        if self.call.bridged_at:
+            fields.setdefault("talk_seconds", round((now - self.call.bridged_at).total_seconds(), 3))
+        elif self.call.b_dialed_at:
+            fields.setdefault("ring_seconds", round((now - self.call.b_dialed_at).total_seconds(), 3))
+        if self.recording and self.call.recording_path and os.path.exists(self.call.recording_path):
+            fields["recording_bytes"] = os.path.getsize(self.call.recording_path)
+            fields["recording_seconds"] = _wav_seconds(self.call.recording_path)
+        self.journal.finish(self.call, status, ended_at=now, **fields)
+
+    # -- when the connection was lost or nothing is heard -----------------------------------------
+    def _exists(self, leg_uuid: str) -> bool:
+        return self.switch.api(fs.uuid_exists(leg_uuid)).strip() == "true"
+
+    def _getvar(self, leg_uuid: str, name: str) -> str:
+        value = self.switch.api(fs.uuid_getvar(leg_uuid, name)).strip()
+        return "" if value in ("_undef_", "") or value.startswith("-ERR") else value
+
+    def _reconcile(self, restarted: bool) -> None:
+        """Find out from FreeSWITCH what became of this call while we could not hear it."""
+        self.connection_lost = False
+        if restarted:
+            self.journal.step(self.call, "switch_restarted")
+            self.a.gone = self.b.gone = True
+            self._finish(CallStatus.COMPLETED if self.call.bridged_at else CallStatus.FAILED,
+                         failed_leg="" if self.call.bridged_at else "a",
+                         reason="FreeSWITCH restarted during the call")
+            return
+        try:
+            a_alive = self._exists(self.a.uuid)
+            b_alive = self._exists(self.b.uuid)
+            if not a_alive:
+                if b_alive:
+                    self.switch.api(fs.uuid_kill(self.b.uuid, "NORMAL_CLEARING"))
+                self.a.gone = self.b.gone = True
+                self.journal.step(self.call, "reconciled", a="gone", b="gone")
+                if self.call.bridged_at:
+                    self._finish(CallStatus.COMPLETED, reason="ended while the switch connection was down")
+                else:
+                    self._finish(CallStatus.FAILED, failed_leg="a", reason="interrupted")
+                return
+            self.journal.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")
+            a_answered = self._getvar(self.a.uuid, "answer_epoch") not in ("", "0")
+            if a_answered and self.a.answered_at is None:
+                self._on_answer(self.a, "a")
+            elif a_answered and not self.apps_queued and not self._getvar(self.a.uuid, "cb_stage"):
+                self._queue_apps()
+            elif self._getvar(self.a.uuid, "cb_stage"):
+                self.apps_queued = True
+            if b_alive:
+                self.b.created = True
+                if self.phase in (Phase.PROMPTS, Phase.DIALING_A):
+                    self.phase = Phase.DIALING_B
+                    self.journal.status(self.call, CallStatus.DIALING_B, b_dialed_at=self.journal.clock())
+                if self._getvar(self.b.uuid, "answer_epoch") not in ("", "0"):
+                    self._on_bridged()
+            elif self.phase in (Phase.DIALING_B, Phase.BRIDGED) or self.b.created:
+                # B came and went while we were away: its cause is lost.
+                self.b.created = self.b.gone = True
+        except EslError:
+            self.connection_lost = True
+
+    def _check_alive(self) -> None:
+        """Nothing heard for a while: make sure A still exists, or end the call with what we know."""
+        if self.connection_lost:
+            return
+        try:
+            a_alive = self._exists(self.a.uuid)
+        except EslError:
+            return
+        if not a_alive:
+            self.journal.step(self.call, "lost_track", note="A is gone but its hangup was not heard")
+            self._reconcile(False)
+
+
+def _wav_seconds(path: str) -> float | None:
+    try:
+        import soundfile
+
+        info = soundfile.info(path)
+        return round(info.frames / info.samplerate, 3)
+    except Exception:
+        return None

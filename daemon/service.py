@@ -1,0 +1,89 @@
+"""The daemon process: wires the store, media, engine, dispatcher and HTTP API together and runs them.
+
+Order at start: database (migrated) → engine (connects to FreeSWITCH in the background, adopts the
+calls a previous run left in flight) → dispatcher (marks calls missed while down, then starts due
+ones) → HTTP server → ``READY=1`` to systemd. On SIGTERM: stop taking calls, leave calls in progress
+to FreeSWITCH (they are adopted at the next start), stop the server, exit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import signal
+from collections.abc import Callable
+
+import gevent
+import gevent.event
+from gevent.pywsgi import WSGIServer
+
+from daemon.config import Settings
+from daemon.dispatcher import Dispatcher
+from daemon.engine import Engine
+from daemon.journal import Journal
+from daemon.logs import log_event
+from daemon.media import MediaLibrary
+from daemon.metrics import Metrics
+from daemon.store import open_database, utcnow
+from daemon.systemd import notify, watchdog_interval
+from webapi.app import create_app
+
+log = logging.getLogger("callbridge.service")
+
+
+class Service:
+    """Everything one callbridge process runs."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self.settings = settings
+        self.database = open_database(settings.database_url)
+        settings.media_dir.mkdir(parents=True, exist_ok=True)
+        settings.recordings_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics()
+        self.journal = Journal(self.metrics, clock)
+        self.media = MediaLibrary(settings)
+        self.engine = Engine(settings, self.journal, playable=self.media.playable,
+                             on_call_end=lambda _sequence: self.dispatcher.wake())
+        self.dispatcher = Dispatcher(settings, self.engine, self.journal, clock)
+        self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
+                              readiness=self.readiness, clock=clock)
+        self.server = WSGIServer((settings.http_host, settings.http_port), self.app, log=None,
+                                 error_log=logging.getLogger("callbridge.http"))
+        self.stopping = gevent.event.Event()
+
+    def readiness(self) -> dict[str, bool]:
+        return {"esl": self.engine.ready}
+
+    @property
+    def http_port(self) -> int:
+        return int(self.server.server_port)
+
+    def start(self) -> None:
+        self.engine.start()
+        adopted = self.engine.adopt_in_flight()
+        self.dispatcher.start()
+        self.server.start()
+        log_event(log, "service.started", http=f"{self.settings.http_host}:{self.http_port}",
+                  esl=f"{self.settings.esl_host}:{self.settings.esl_port}", adopted=adopted)
+        notify(f"READY=1\nSTATUS=serving on {self.settings.http_host}:{self.http_port}")
+
+    def stop(self) -> None:
+        notify("STOPPING=1")
+        log_event(log, "service.stopping", in_flight=self.engine.in_flight())
+        self.dispatcher.stop()
+        self.server.stop(timeout=self.settings.shutdown_grace)
+        self.engine.stop()
+        self.database.close()
+        log_event(log, "service.stopped")
+
+    def run_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, pinging systemd's watchdog from this loop."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(sig, self.stopping.set)
+        self.start()
+        interval = watchdog_interval()
+        while not self.stopping.wait(timeout=interval or 60):
+            if interval:
+                notify("WATCHDOG=1")
+        self.stop()
+

@@ -1,0 +1,70 @@
+"""Settings: file, environment over file, clear errors naming the setting, secrets masked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "callbridge.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_loopback_and_sqlite_in_the_state_folder(tmp_path: Path) -> None:
+    s = load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path)})
+    assert (s.esl_host, s.esl_port, s.esl_password) == ("127.0.0.1", 8021, "ClueCon")
+    assert s.http_host == "127.0.0.1"
+    assert s.database_url == f"sqlite:///{tmp_path}/callbridge.db"
+    assert s.media_dir == tmp_path / "media"
+
+
+def test_systemd_state_directory_is_the_default_state_dir(tmp_path: Path) -> None:
+    s = load_settings(environ={"STATE_DIRECTORY": str(tmp_path)})
+    assert s.state_dir == str(tmp_path)
+
+
+def test_file_sections_then_environment_override(tmp_path: Path) -> None:
+    path = write(tmp_path, '[esl]\nhost = "10.0.0.5"\nport = 8022\npassword = "s3cret"\n'
+                           '[http]\nport = 9000\n[media]\nallow_private = ["10.0.0.0/8", "media.lan"]\n'
+                           '[tts.voices]\n"en-US" = "en-us+f3"\n')
+    s = load_settings(path, environ={"CALLBRIDGE_ESL_PORT": "8023", "CALLBRIDGE_STATE_DIR": str(tmp_path)})
+    assert (s.esl_host, s.esl_port, s.esl_password, s.http_port) == ("10.0.0.5", 8023, "s3cret", 9000)
+    assert s.media_allow_private == ["10.0.0.0/8", "media.lan"]
+    assert s.tts_voices["en-US"] == "en-us+f3" and s.tts_voices["fr-FR"] == "fr-fr"
+    assert s.masked()["esl_password"] == "****"
+
+
+@pytest.mark.parametrize(("text", "env", "message"), [
+    ("", {"CALLBRIDGE_ESL_PORT": "eighty"}, "esl_port: expected int"),
+    ("", {"CALLBRIDGE_ESL_PORT": "70000"}, "esl_port: must be 1..65535"),
+    ("[esl]\nport = true\n", {}, "esl_port: expected int"),
+    ("nonsense = 1\n", {}, "unknown setting 'nonsense'"),
+    ("[media]\nmode = \"ftp\"\n", {}, "media_mode: must be 'local' or 'http'"),
+    ("", {"CALLBRIDGE_MEDIA_MODE": "http"}, "media_base_url: must be an http(s) URL"),
+    ("", {"CALLBRIDGE_CALLS_PER_SECOND": "0"}, "calls_per_second: must be greater than 0"),
+    ("", {"CALLBRIDGE_LOG_FORMAT": "xml"}, "log_format: must be 'kv' or 'json'"),
+    ("", {"CALLBRIDGE_ESL_PASSWORD": "a b"}, "esl_password: must be non-empty"),
+    ("[tts.voices]\n\"xx-XX\" = \"en\"\n", {}, "tts_voices: unknown language"),
+    ("[esl\n", {}, "config file"),
+])
+def test_wrong_values_name_the_setting_and_the_rule(tmp_path: Path, text: str, env: dict[str, str],
+                                                    message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(path, environ={"CALLBRIDGE_STATE_DIR": str(tmp_path), **env})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_database_password_is_masked() -> None:
+    s = load_settings(environ={"CALLBRIDGE_DATABASE_URL": "postgresql://cb:hunter2@db.local/cb",
+                               "CALLBRIDGE_STATE_DIR": "/tmp"})
+    assert "hunter2" not in str(s.masked())

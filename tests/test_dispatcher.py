@@ -1,0 +1,171 @@
+"""The dispatcher with a controllable clock: due order, limits, exactly-once claims, missed calls."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from daemon.config import Settings
+from daemon.dispatcher import Dispatcher, TokenBucket
+from daemon.journal import Journal
+from daemon.metrics import Metrics
+from daemon.store import Call, CallStatus, Endpoint
+
+T0 = dt.datetime(2026, 3, 1, 9, 0, 0)
+
+
+class FakeEngine:
+    """Records launches; calls stay in flight until ``end`` is called."""
+
+    def __init__(self) -> None:
+        self.ready = True
+        self.launched: list[Call] = []
+        self.in_flight_by_endpoint: Counter[int] = Counter()
+
+    def in_flight(self) -> int:
+        return sum(self.in_flight_by_endpoint.values())
+
+    def new_leg_uuids(self) -> tuple[str, str]:
+        import uuid
+
+        return str(uuid.uuid4()), str(uuid.uuid4())
+
+    def launch(self, call: Call, endpoint: Endpoint, **_: Any) -> None:
+        self.launched.append(call)
+        self.in_flight_by_endpoint[endpoint.id] += 1
+
+    def end(self, call: Call) -> None:
+        self.in_flight_by_endpoint[call.endpoint_id] -= 1
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def dispatcher(settings: Settings, db: Any, fake_engine: FakeEngine) -> Dispatcher:
+    settings.calls_per_second = 1000
+    settings.max_in_flight = 1000
+    return Dispatcher(settings, fake_engine, Journal(Metrics(), clock=lambda: T0), clock=lambda: T0)  # type: ignore[arg-type]
+
+
+def add(endpoint: Endpoint, due: dt.datetime, status: CallStatus = CallStatus.SCHEDULED) -> Call:
+    return Call.create(callid=secrets.token_hex(14), endpoint=endpoint, phone_a="15550000001",
+                       phone_b="15550000002", due_at=due, scheduled=True, status=status.value)
+
+
+def test_starts_due_calls_in_due_order_and_says_when_to_look_again(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    late = add(endpoint, T0 - dt.timedelta(seconds=2))
+    early = add(endpoint, T0 - dt.timedelta(seconds=5))
+    later = add(endpoint, T0 + dt.timedelta(seconds=42))
+    wait = dispatcher.tick(T0, 0.0)
+    assert [c.id for c in fake_engine.launched] == [early.id, late.id]
+    assert wait == pytest.approx(42.0)
+    claimed = Call.get_by_id(early.id)
+    assert claimed.status == "dialing_a" and claimed.a_uuid and claimed.b_uuid
+    assert claimed.lateness_ms == 5000
+    assert Call.get_by_id(later.id).status == "scheduled"
+
+
+def test_per_endpoint_in_flight_limit_holds_calls_in_order(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
+    busy, _ = make_endpoint(max_in_flight=2, calls_per_second=1000)
+    other, _ = make_endpoint(max_in_flight=5, calls_per_second=1000)
+    mine = [add(busy, T0 - dt.timedelta(seconds=10 - i)) for i in range(5)]
+    theirs = add(other, T0)
+    dispatcher.tick(T0, 0.0)
+    assert [c.id for c in fake_engine.launched] == [mine[0].id, mine[1].id, theirs.id]
+    fake_engine.end(fake_engine.launched[0])
+    dispatcher.tick(T0, 1.0)
+    assert fake_engine.launched[-1].id == mine[2].id
+
+
+def test_calls_per_second_is_a_token_bucket(dispatcher: Dispatcher, fake_engine: FakeEngine,
+                                            make_endpoint: Callable[..., Any]) -> None:
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=2)
+    for _ in range(6):
+        add(endpoint, T0)
+    dispatcher.tick(T0, 0.0)
+    assert len(fake_engine.launched) == 2  # burst of max(1, rate)
+    wait = dispatcher.tick(T0, 0.1)
+    assert len(fake_engine.launched) == 2 and 0 < wait <= 0.5
+    dispatcher.tick(T0, 0.5)
+    assert len(fake_engine.launched) == 3
+
+
+def test_global_limit_on_calls_in_flight(dispatcher: Dispatcher, fake_engine: FakeEngine,
+                                         make_endpoint: Callable[..., Any]) -> None:
+    dispatcher.settings.max_in_flight = 3
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    for _ in range(5):
+        add(endpoint, T0)
+    dispatcher.tick(T0, 0.0)
+    assert len(fake_engine.launched) == 3
+
+
+def test_a_canceled_call_is_never_started(dispatcher: Dispatcher, fake_engine: FakeEngine,
+                                          make_endpoint: Callable[..., Any]) -> None:
+    endpoint, _ = make_endpoint()
+    call = add(endpoint, T0)
+    # The API's cancel is the mirror conditional update; whichever commits first wins.
+    Call.update(status="canceled").where((Call.id == call.id) & Call.status.in_(["scheduled", "queued"])).execute()
+    dispatcher.tick(T0, 0.0)
+    assert fake_engine.launched == []
+    assert dispatcher.journal.claim(call, a_uuid="x", b_uuid="y", now=T0) is False
+
+
+def test_claim_then_cancel_leaves_the_claim(dispatcher: Dispatcher, make_endpoint: Callable[..., Any]) -> None:
+    endpoint, _ = make_endpoint()
+    call = add(endpoint, T0)
+    assert dispatcher.journal.claim(call, a_uuid="a", b_uuid="b", now=T0)
+    canceled = (Call.update(status="canceled")
+                .where((Call.id == call.id) & Call.status.in_(["scheduled", "queued"])).execute())
+    assert canceled == 0
+    assert Call.get_by_id(call.id).status == "dialing_a"
+
+
+def test_recovery_marks_calls_missed_beyond_the_grace_and_keeps_the_rest(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
+    endpoint, _ = make_endpoint()
+    dispatcher.settings.schedule_grace = 300
+    stale = add(endpoint, T0 - dt.timedelta(hours=3))
+    recent = add(endpoint, T0 - dt.timedelta(seconds=200))
+    assert dispatcher.recover(T0) == 1
+    missed = Call.get_by_id(stale.id)
+    assert missed.status == "missed" and "grace 300 s" in missed.reason and missed.ended_at == T0
+    dispatcher.tick(T0, 0.0)
+    assert [c.id for c in fake_engine.launched] == [recent.id]
+
+
+def test_daily_cap_refuses_beyond_the_cap(dispatcher: Dispatcher, fake_engine: FakeEngine,
+                                          make_endpoint: Callable[..., Any]) -> None:
+    endpoint, _ = make_endpoint(daily_cap=2, max_in_flight=100, calls_per_second=1000)
+    calls = [add(endpoint, T0) for _ in range(3)]
+    dispatcher.tick(T0, 0.0)
+    assert len(fake_engine.launched) == 2
+    refused = Call.get_by_id(calls[2].id)
+    assert refused.status == "failed" and "daily cap" in refused.reason
+
+
+def test_nothing_starts_while_freeswitch_is_unreachable(dispatcher: Dispatcher, fake_engine: FakeEngine,
+                                                        make_endpoint: Callable[..., Any]) -> None:
+    endpoint, _ = make_endpoint()
+    add(endpoint, T0)
+    fake_engine.ready = False
+    dispatcher.tick(T0, 0.0)
+    assert fake_engine.launched == []
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    bucket = TokenBucket(rate=10)
+    assert sum(bucket.take(0.0) for _ in range(20)) == 10
+    assert not bucket.take(0.05)
+    assert bucket.take(0.1)

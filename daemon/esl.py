@@ -1,0 +1,460 @@
+"""The Event Socket (ESL) client: one authenticated TCP connection to FreeSWITCH.
+
+``EslConnection`` subclasses greenswitch's ``InboundESL`` (the library the project is fixed on) and
+keeps its shape: a connection object with ``connect``/``send``/``stop`` and an event handler
+registry (``register_handle(name, handler)``). Every part of greenswitch 0.0.19 that misbehaves is
+replaced here:
+
+* **One object, one TCP connection.** Reconnecting means building a new ``EslConnection``; a second
+  ``connect()`` on a used object raises :class:`EslError` (greenswitch hangs when reused).
+* **Everything is bounded.** The TCP connect, the wait for ``auth/request`` and the ``auth`` reply
+  are each bounded by ``connect_timeout``; every command by ``command_timeout`` (or its own
+  ``timeout``). A command that times out closes the connection, because a reply that comes later
+  would answer the next command.
+* **One command in flight.** Sends are serialised by a lock; the reply to a command is the next
+  ``command/reply`` or ``api/response``. A reply arriving while nothing waits is logged and dropped,
+  so it can never shift the replies of later commands.
+* **Disconnects fail fast.** On EOF, a socket error, a ``text/disconnect-notice`` (other than
+  ``linger``), a ``text/rude-rejection`` or ``close()``, the reader stops, the pending command and
+  every queued one raise :class:`EslDisconnected`, and ``on_disconnect`` is called exactly once.
+* **Parsing is by bytes, header by header** (see :mod:`daemon.esl_protocol`): no forged headers, no
+  body glued to a header, no crash on bad UTF-8, no busy loop at EOF.
+
+Events are delivered in the reader greenlet, in wire order: first to ``on_event``, then to the
+handlers registered for the event's name (``Event-Subclass`` for ``CUSTOM``, ``log`` for
+``log/data``), then to those registered for ``"*"``. Handlers must not block (enqueue and return):
+while one runs, no reply can be read either. An exception in a handler is logged and the reader
+goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+import gevent
+import gevent.lock
+import gevent.socket
+from gevent.event import AsyncResult, Event
+from greenswitch.esl import InboundESL
+
+from daemon.esl_protocol import (
+    API_RESPONSE,
+    AUTH_REQUEST,
+    COMMAND_REPLY,
+    DISCONNECT_NOTICE,
+    LOG_DATA,
+    RUDE_REJECTION,
+    EslError,
+    EslEvent,
+    EslFramer,
+    EslProtocolError,
+    parse_event_headers,
+)
+
+__all__ = [
+    "EslAuthError",
+    "EslConnection",
+    "EslDisconnected",
+    "EslError",
+    "EslEvent",
+    "EslFramer",
+    "EslProtocolError",
+    "EslTimeout",
+    "parse_event_headers",
+]
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 64 * 1024
+
+EventHandler = Callable[[EslEvent], None]
+DisconnectHandler = Callable[[BaseException | None], None]
+
+
+class EslDisconnected(EslError):
+    """The connection is gone (or was never made); the command's outcome is unknown."""
+
+
+class EslTimeout(EslError):
+    """Connecting or a command took longer than allowed."""
+
+
+class EslAuthError(EslError):
+    """FreeSWITCH refused us: wrong password (``-ERR invalid``) or an ACL (``text/rude-rejection``)."""
+
+
+def _check_line(what: str, value: str) -> None:
+    # A line break would end the command and start another one on the socket (ESL injection).
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"{what} must not contain CR or LF: {value[:80]!r}")
+
+
+class EslConnection(InboundESL):
+    """An inbound Event Socket connection to FreeSWITCH; use a new object for each connection.
+
+    ``on_event(event)`` and ``on_disconnect(reason)`` run in the reader greenlet (``on_disconnect``
+    may instead run in the greenlet that called :meth:`close` or whose command timed out) and must
+    not block. ``reason`` is None after :meth:`close`, else the exception that ended the connection.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        password: str,
+        *,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 5.0,
+        on_event: EventHandler | None = None,
+        on_disconnect: DisconnectHandler | None = None,
+    ) -> None:
+        # greenswitch's __init__ is not called on purpose: it builds the FIFO reply list, the event
+        # queue and the plain ``connected`` attribute that this class replaces. The attributes its
+        # remaining helpers (register_handle/unregister_handle) and callers use are set here.
+        _check_line("password", password)
+        self.host = host
+        self.port = port
+        self.password = password
+        self.timeout = connect_timeout
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.on_event = on_event
+        self.on_disconnect = on_disconnect
+        self.event_handlers: dict[str, list[EventHandler]] = {}
+        #: ``time.monotonic()`` of the last byte received (for HEARTBEAT / idle watchdogs).
+        self.last_received: float = time.monotonic()
+        #: True once FreeSWITCH sent a ``linger`` disconnect-notice (the socket stays open).
+        self.lingering = False
+        self._sock: socket.socket | None = None
+        self._framer = EslFramer()
+        self._send_lock = gevent.lock.Semaphore()
+        self._pending: AsyncResult | None = None
+        self._auth_requested = Event()
+        self._reader: gevent.Greenlet | None = None
+        self._used = False
+        self._authenticated = False
+        self._closed = False
+        self._close_reason: BaseException | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while the TCP connection is up and authenticated."""
+        return self._authenticated and not self._closed
+
+    @property
+    def close_reason(self) -> BaseException | None:
+        """Why the connection ended (None while open or after a plain :meth:`close`)."""
+        return self._close_reason
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for messages."""
+        return f"{self.host}:{self.port}"
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the TCP connection, wait for ``auth/request`` and authenticate.
+
+        Each step is bounded by ``connect_timeout``. Raises :class:`EslTimeout`,
+        :class:`EslAuthError` (wrong password, ACL refusal) or :class:`EslDisconnected`; on any
+        failure the connection is closed. An ``EslConnection`` connects once only.
+        """
+        if self._used:
+            raise EslError("an EslConnection is single-use: build a new one to reconnect")
+        self._used = True
+        limit = self.connect_timeout
+        try:
+            sock = gevent.socket.create_connection((self.host, self.port), timeout=limit)
+        except TimeoutError as exc:
+            raise self._fail(EslTimeout(f"TCP connect to {self.address} took over {limit}s")) from exc
+        except OSError as exc:
+            raise self._fail(EslDisconnected(f"cannot connect to {self.address}: {exc}")) from exc
+        if self._closed:  # close() was called while we were connecting
+            sock.close()
+            raise self._closed_error()
+        sock.settimeout(None)  # the reader waits for events indefinitely; commands use gevent.Timeout
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._sock = sock
+        self.last_received = time.monotonic()
+        self._reader = gevent.spawn(self.receive_events)
+        self._reader.name = f"esl-reader-{self.address}"
+
+        try:
+            if not self._auth_requested.wait(limit):
+                raise self._fail(EslTimeout(f"no auth/request from {self.address} within {limit}s"))
+            if self._closed:
+                raise self._closed_error()
+            self.authenticate()
+        except BaseException as exc:
+            # Also an outer gevent.Timeout or a kill: never leave a half-open socket behind.
+            self._shutdown(EslDisconnected(f"connect to {self.address} interrupted: {exc!r}"))
+            raise
+        log.info("ESL connected and authenticated to %s", self.address)
+
+    def authenticate(self) -> None:
+        """Send ``auth``; raise :class:`EslAuthError` (and close) unless FreeSWITCH accepts it."""
+        reply = self._transact(
+            f"auth {self.password}\n\n".encode(), self.connect_timeout, label="auth", need_auth=False
+        )
+        text = reply.get("Reply-Text") or ""
+        if not text.startswith("+OK"):
+            raise self._fail(EslAuthError(f"{self.address} refused the password: {text or reply.body!r}"))
+        self._authenticated = True
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def api(self, command: str, timeout: float | None = None) -> str:
+        """Run ``api <command>`` and return the api/response body (e.g. ``"+OK <uuid>\\n"``).
+
+        If FreeSWITCH answers with a command/reply instead (it does so for ``-ERR command not
+        found``), its Reply-Text is returned. A synchronous api that runs long (``originate``)
+        needs a ``timeout`` longer than its own run time, or the connection is closed.
+        """
+        _check_line("api command", command)
+        return self._text_of(self._transact(f"api {command}\n\n".encode(), timeout, label="api"))
+
+    def bgapi(self, command: str, job_uuid: str, timeout: float | None = None) -> str:
+        """Run ``bgapi <command>`` under our ``Job-UUID``; return the Reply-Text (``+OK Job-UUID: …``).
+
+        The result arrives later as a ``BACKGROUND_JOB`` event carrying the same ``Job-UUID``.
+        """
+        _check_line("bgapi command", command)
+        _check_line("job uuid", job_uuid)
+        payload = f"bgapi {command}\nJob-UUID: {job_uuid}\n\n".encode()
+        return self._text_of(self._transact(payload, timeout, label="bgapi"))
+
+    def command(self, line: str, timeout: float | None = None) -> str:
+        """Send one command/reply command (``event plain …``, ``filter …``, ``noevents``…); return Reply-Text."""
+        _check_line("command", line)
+        return self._text_of(self._transact(f"{line}\n\n".encode(), timeout, label=line.split(" ", 1)[0]))
+
+    def send_message(self, message: str, timeout: float | None = None) -> EslEvent:
+        """Send a whole pre-built message (e.g. ``sendmsg <uuid>`` + headers + body) and return the reply.
+
+        A message without a body gets its terminating blank line added when missing. A message with
+        a body must declare it with a matching ``content-length`` header, or FreeSWITCH would read
+        the body as further commands; a mismatch raises ValueError before anything is sent.
+        """
+        if "\n\n" not in message:
+            message += "\n" if message.endswith("\n") else "\n\n"
+        head, _, body = message.partition("\n\n")
+        payload = message.encode()
+        declared = None
+        for line in head.split("\n"):
+            name, sep, value = line.partition(":")
+            if sep and name.strip().lower() == "content-length":
+                declared = value.strip()
+        body_bytes = len(body.encode())
+        if body_bytes and (declared is None or not declared.isdigit() or int(declared) != body_bytes):
+            raise ValueError(f"message body is {body_bytes} bytes but content-length is {declared!r}")
+        return self._transact(payload, timeout, label=head.split(" ", 1)[0].split("\n", 1)[0])
+
+    def send(self, data: str, timeout: float | None = None) -> EslEvent:
+        """greenswitch's name for :meth:`send_message`."""
+        return self.send_message(data, timeout)
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (idempotent): pending commands raise EslDisconnected."""
+        self._shutdown(None)
+
+    def stop(self) -> None:
+        """greenswitch's name for :meth:`close`."""
+        self.close()
+
+    def __enter__(self) -> EslConnection:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the reader ----------------------------------------------------------------------------
+
+    def receive_events(self) -> None:
+        """The reader greenlet: socket → framer → :meth:`handle_event`, until EOF or error."""
+        sock = self._sock
+        assert sock is not None
+        reason: BaseException = EslDisconnected(f"ESL reader for {self.address} stopped")
+        try:
+            while not self._closed:
+                try:
+                    data = sock.recv(READ_SIZE)
+                except OSError as exc:
+                    reason = EslDisconnected(f"socket error on {self.address}: {exc}")
+                    break
+                if not data:
+                    reason = EslDisconnected(f"{self.address} closed the connection")
+                    if self._framer.buffered:
+                        log.warning("ESL EOF with %d bytes of a partial message", self._framer.buffered)
+                    break
+                self.last_received = time.monotonic()
+                try:
+                    messages = self._framer.feed(data)
+                except EslProtocolError as exc:
+                    reason = exc
+                    break
+                for message in messages:
+                    try:
+                        self.handle_event(message)
+                    except Exception:
+                        log.exception("ESL message handling failed: %r", message)
+        finally:
+            self._shutdown(reason)
+
+    def handle_event(self, message: EslEvent) -> None:
+        """Route one framed message by its Content-Type (called in the reader greenlet)."""
+        kind = message.content_type
+        if kind in (COMMAND_REPLY, API_RESPONSE):
+            waiter, self._pending = self._pending, None
+            if waiter is None or waiter.ready():
+                log.warning(
+                    "dropped a %s nobody was waiting for: %r",
+                    kind,
+                    (message.get("Reply-Text") or message.body)[:200],
+                )
+                return
+            waiter.set(message)
+        elif message.is_event:
+            self._dispatch(message)
+        elif kind == AUTH_REQUEST:
+            self._auth_requested.set()
+        elif kind == DISCONNECT_NOTICE:
+            self._run_handler(self.event_handlers.get("DISCONNECT", ()), message)
+            if message.get("Content-Disposition") == "linger":
+                log.info("ESL %s: session ended, socket lingering (%s)", self.address, message.headers)
+                self.lingering = True
+            else:
+                self._shutdown(EslDisconnected(f"{self.address} said: {message.body.strip()!r}"))
+        elif kind == RUDE_REJECTION:
+            self._shutdown(EslAuthError(f"{self.address} rejected the connection: {message.body.strip()!r}"))
+        else:
+            log.warning("ignored ESL message with Content-Type %r", kind)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _dispatch(self, event: EslEvent) -> None:
+        if self.on_event is not None:
+            self._run_handler((self.on_event,), event)
+        if event.content_type == LOG_DATA:
+            key = "log"
+        elif event.name == "CUSTOM":
+            key = event.get("Event-Subclass") or "CUSTOM"
+        else:
+            key = event.name or ""
+        self._run_handler(self.event_handlers.get(key, ()), event)
+        self._run_handler(self.event_handlers.get("*", ()), event)
+
+    @staticmethod
+    def _run_handler(handlers: tuple[EventHandler, ...] | list[EventHandler], event: EslEvent) -> None:
+        for handler in list(handlers):
+            try:
+                handler(event)
+            except Exception:
+                log.exception("ESL event handler %r failed on %r", handler, event)
+
+    @staticmethod
+    def _text_of(reply: EslEvent) -> str:
+        if reply.content_type == API_RESPONSE:
+            return reply.body
+        return reply.get("Reply-Text") or ""
+
+    def _transact(
+        self, payload: bytes, timeout: float | None, *, label: str, need_auth: bool = True
+    ) -> EslEvent:
+        """Send one command and wait for its reply, with the whole exchange under the send lock."""
+        limit = self.command_timeout if timeout is None else timeout
+        if self._reader is not None and gevent.getcurrent() is self._reader:
+            # The reply could only be read by this very greenlet: it would wait out the timeout.
+            raise EslError(f"{label}: commands cannot be sent from an event handler (reader greenlet)")
+        self._check_usable(need_auth)
+        # Waiting for our turn sends nothing, so running out of time here leaves the stream intact.
+        if not self._send_lock.acquire(timeout=limit):
+            raise EslTimeout(f"{label}: no turn to send within {limit}s (another command is in flight)")
+        try:
+            sock = self._check_usable(need_auth)
+            waiter: AsyncResult = AsyncResult()
+            # Registered before sending: the reply may be read before sendall() returns.
+            self._pending = waiter
+            timer = gevent.Timeout(limit)
+            timer.start()
+            try:
+                sock.sendall(payload)
+                reply: EslEvent = waiter.get()
+                return reply
+            except gevent.Timeout as exc:
+                if exc is not timer:
+                    raise
+                raise self._fail(
+                    EslTimeout(f"{label}: no reply from {self.address} within {limit}s; connection closed")
+                ) from None
+            except OSError as exc:
+                raise self._fail(EslDisconnected(f"{label}: send to {self.address} failed: {exc}")) from exc
+            finally:
+                timer.close()
+                if self._pending is waiter:
+                    self._pending = None
+        finally:
+            self._send_lock.release()
+
+    def _check_usable(self, need_auth: bool) -> socket.socket:
+        if self._closed:
+            raise self._closed_error()
+        if self._sock is None or (need_auth and not self._authenticated):
+            raise EslDisconnected(f"not connected to {self.address}: call connect() first")
+        return self._sock
+
+    def _closed_error(self) -> EslError:
+        reason = self._close_reason
+        if isinstance(reason, EslAuthError):
+            return EslAuthError(str(reason))
+        if reason is None:
+            return EslDisconnected(f"connection to {self.address} was closed")
+        return EslDisconnected(f"connection to {self.address} is gone: {reason}")
+
+    def _fail(self, error: EslError) -> EslError:
+        """Close because of ``error`` and return it for the caller to raise."""
+        self._shutdown(error)
+        return error
+
+    def _shutdown(self, reason: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._close_reason = reason
+        self._authenticated = False
+        if reason is not None:
+            log.warning("ESL connection to %s closed: %s", self.address, reason)
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            # Wakes the reader if it waits in recv() (gevent raises EBADF there).
+            sock.close()
+        waiter, self._pending = self._pending, None
+        if waiter is not None and not waiter.ready():
+            waiter.set_exception(self._closed_error())
+        self._auth_requested.set()
+        if self.on_disconnect is not None:
+            try:
+                self.on_disconnect(reason)
+            except Exception:
+                log.exception("ESL on_disconnect handler failed")
+
+    # greenswitch internals this class replaces; they must not run on an EslConnection.
+    def start_event_handlers(self) -> None:
+        """Not used: :meth:`connect` starts the single reader greenlet."""
+        raise NotImplementedError("EslConnection delivers events from its reader greenlet")
+
+    def process_events(self) -> None:
+        """Not used: events are delivered by the reader greenlet, without an unbounded queue."""
+        raise NotImplementedError("EslConnection delivers events from its reader greenlet")
+
+    def _read_socket(self, *args: object) -> None:
+        raise NotImplementedError("EslConnection reads through EslFramer")

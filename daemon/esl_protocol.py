@@ -1,0 +1,265 @@
+"""FreeSWITCH Event Socket framing and parsing, without sockets.
+
+The wire format (mod_event_socket, FreeSWITCH 1.10): every message is a block of ``Name: value``
+lines ended by a blank line, followed by exactly ``Content-Length`` bytes of body when that header is
+present. Outer (envelope) headers are written verbatim by FreeSWITCH; only the headers *inside* an
+event are URL-encoded.
+
+``text/event-plain`` bodies are themselves a header block, a blank line and, when the event carries
+its own ``Content-Length`` (``BACKGROUND_JOB``, ``CUSTOM`` events with a body), that many bytes of
+inner body. ``text/event-json`` bodies are one JSON object whose ``_body`` key holds the inner body.
+
+Everything here works on bytes and decodes each piece on its own, so that:
+
+* a URL-encoded ``%0A`` inside a value stays inside that value (the lines are split before any
+  decoding, so it can never forge a header);
+* an event's body never merges into its last header;
+* an invalid UTF-8 byte becomes U+FFFD in that one value instead of raising.
+
+``EslFramer`` is incremental: feed it whatever the socket returned (one byte, or many messages at
+once) and it hands back the messages completed so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+log = logging.getLogger(__name__)
+
+EVENT_PLAIN = "text/event-plain"
+EVENT_JSON = "text/event-json"
+EVENT_XML = "text/event-xml"
+LOG_DATA = "log/data"
+COMMAND_REPLY = "command/reply"
+API_RESPONSE = "api/response"
+AUTH_REQUEST = "auth/request"
+DISCONNECT_NOTICE = "text/disconnect-notice"
+RUDE_REJECTION = "text/rude-rejection"
+
+#: Content types delivered to event handlers.
+EVENT_CONTENT_TYPES = frozenset({EVENT_PLAIN, EVENT_JSON, EVENT_XML, LOG_DATA})
+
+# Limits against a peer that is not FreeSWITCH (or a corrupted stream): the largest real header
+# block is a few hundred bytes; the largest real bodies (``show channels`` on a busy switch, events
+# with long SDP) are in the megabytes.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class EslError(Exception):
+    """Base class of every error raised by the ESL modules."""
+
+
+class EslProtocolError(EslError):
+    """The byte stream is not valid Event Socket framing; the connection cannot be trusted."""
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _split_header_line(line: bytes) -> tuple[bytes, bytes] | None:
+    if line.endswith(b"\r"):
+        # FreeSWITCH writes bare LF; a raw CR inside a value would have been encoded as %0D.
+        line = line[:-1]
+    if not line:
+        return None
+    name, sep, value = line.partition(b": ")
+    if sep:
+        return name, value
+    if line.endswith(b":"):
+        return line[:-1], b""
+    log.warning("ESL header line without ': ' ignored: %r", line[:200])
+    return None
+
+
+def _parse_header_block(block: bytes, *, url_decoded: bool) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in block.split(b"\n"):
+        pair = _split_header_line(line)
+        if pair is None:
+            continue
+        name, value = pair
+        headers[_text(name)] = _text(unquote_to_bytes(value)) if url_decoded else _text(value)
+    return headers
+
+
+def parse_event_headers(block: bytes) -> dict[str, str]:
+    """Parse the URL-encoded header block of an event into a dict.
+
+    The block is split into lines first, each line at its first ``": "``, and only then is each
+    value URL-decoded and decoded as UTF-8 (invalid bytes become U+FFFD). A decoded value may
+    contain newlines or ``": "``; it stays one value. Names are not URL-decoded (FreeSWITCH never
+    encodes them). A repeated name keeps its last value.
+    """
+    return _parse_header_block(block, url_decoded=True)
+
+
+def parse_envelope_headers(block: bytes) -> dict[str, str]:
+    """Parse an outer (envelope) header block, which FreeSWITCH writes verbatim (no URL-encoding)."""
+    return _parse_header_block(block, url_decoded=False)
+
+
+class EslEvent:
+    """One Event Socket message: an event, a command/reply, an api/response or a notice.
+
+    For events, ``headers`` are the event's own headers and ``body`` its inner body (e.g. the
+    ``+OK <uuid>\\n`` of a ``BACKGROUND_JOB``); ``envelope`` keeps the outer headers
+    (``Content-Type``, ``Content-Length``). For every other message ``headers`` and ``envelope``
+    are the same outer headers and ``body`` is the message body (e.g. an api/response's result).
+    """
+
+    __slots__ = ("body", "content_type", "envelope", "headers")
+
+    def __init__(
+        self,
+        headers: dict[str, str],
+        body: str = "",
+        content_type: str = "",
+        envelope: dict[str, str] | None = None,
+    ) -> None:
+        self.headers = headers
+        self.body = body
+        self.content_type = content_type
+        self.envelope = headers if envelope is None else envelope
+
+    @property
+    def name(self) -> str | None:
+        """The ``Event-Name`` header, or None for non-events."""
+        return self.headers.get("Event-Name")
+
+    @property
+    def uuid(self) -> str | None:
+        """The ``Unique-ID`` header (the channel the event is about), if any."""
+        return self.headers.get("Unique-ID")
+
+    @property
+    def is_event(self) -> bool:
+        """True for messages that go to event handlers rather than answer a command."""
+        return self.content_type in EVENT_CONTENT_TYPES
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        """Return header ``key``, or ``default`` when absent."""
+        return self.headers.get(key, default)
+
+    def __repr__(self) -> str:
+        return (
+            f"EslEvent(content_type={self.content_type!r}, name={self.name!r}, uuid={self.uuid!r}, "
+            f"headers={len(self.headers)}, body={len(self.body)} chars)"
+        )
+
+
+def _content_length(headers: dict[str, str], limit: int) -> int:
+    raw = headers.get("Content-Length")
+    if raw is None:
+        return 0
+    try:
+        length = int(raw.strip())
+    except ValueError:
+        raise EslProtocolError(f"bad Content-Length {raw[:40]!r}") from None
+    if length < 0 or length > limit:
+        raise EslProtocolError(f"Content-Length {length} out of range (limit {limit})")
+    return length
+
+
+def _parse_plain_event_body(body: bytes) -> tuple[dict[str, str], str]:
+    block, sep, rest = body.partition(b"\n\n")
+    headers = parse_event_headers(block)
+    if not sep:
+        return headers, ""
+    inner = headers.get("Content-Length")
+    if inner is not None:
+        try:
+            rest = rest[: max(0, int(inner))]
+        except ValueError:
+            log.warning("event %s has a bad inner Content-Length %r", headers.get("Event-Name"), inner)
+    return headers, _text(rest)
+
+
+def _json_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _parse_json_event_body(body: bytes) -> tuple[dict[str, str], str]:
+    try:
+        data = json.loads(_text(body))
+    except ValueError:
+        log.warning("unparseable text/event-json body (%d bytes) kept as the body", len(body))
+        return {}, _text(body)
+    if not isinstance(data, dict):
+        log.warning("text/event-json body is not an object; kept as the body")
+        return {}, _text(body)
+    inner = data.pop("_body", "")
+    return {str(k): _json_value(v) for k, v in data.items()}, _json_value(inner)
+
+
+def build_message(envelope: dict[str, str], body: bytes) -> EslEvent:
+    """Turn one framed message (outer headers + raw body) into an :class:`EslEvent`."""
+    content_type = envelope.get("Content-Type", "")
+    if content_type == EVENT_PLAIN:
+        headers, text = _parse_plain_event_body(body)
+        return EslEvent(headers, text, content_type, envelope)
+    if content_type == EVENT_JSON:
+        headers, text = _parse_json_event_body(body)
+        return EslEvent(headers, text, content_type, envelope)
+    return EslEvent(envelope, _text(body), content_type, envelope)
+
+
+class EslFramer:
+    """Incremental Event Socket framer: bytes in, whole messages out.
+
+    Keeps at most one partial message buffered. Raises :class:`EslProtocolError` when a header
+    block or a declared body exceeds its limit or a ``Content-Length`` is not a number; after
+    that the framer (and the stream) must be abandoned.
+    """
+
+    def __init__(
+        self,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        self._buf = bytearray()
+        self._scan_from = 0
+        self._envelope: dict[str, str] | None = None
+        self._body_length = 0
+        self._max_header_bytes = max_header_bytes
+        self._max_body_bytes = max_body_bytes
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a completed message."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[EslEvent]:
+        """Add ``data`` to the stream; return the messages it completed, in order."""
+        self._buf += data
+        messages: list[EslEvent] = []
+        while True:
+            if self._envelope is None:
+                end = self._buf.find(b"\n\n", self._scan_from)
+                if end < 0:
+                    if len(self._buf) > self._max_header_bytes:
+                        raise EslProtocolError(f"header block longer than {self._max_header_bytes} bytes")
+                    # The terminator may straddle the next chunk: rescan the last byte only.
+                    self._scan_from = max(0, len(self._buf) - 1)
+                    return messages
+                if end > self._max_header_bytes:
+                    raise EslProtocolError(f"header block longer than {self._max_header_bytes} bytes")
+                block = bytes(self._buf[:end])
+                del self._buf[: end + 2]
+                self._scan_from = 0
+                envelope = parse_envelope_headers(block)
+                if not envelope:
+                    continue  # stray blank lines between messages
+                self._body_length = _content_length(envelope, self._max_body_bytes)
+                self._envelope = envelope
+            if len(self._buf) < self._body_length:
+                return messages
+            body = bytes(self._buf[: self._body_length])
+            del self._buf[: self._body_length]
+            messages.append(build_message(self._envelope, body))
+            self._envelope = None
+            self._body_length = 0

@@ -1,0 +1,559 @@
+"""EslConnection against a scripted fake FreeSWITCH over real loopback TCP.
+
+One test per greenswitch 0.0.19 flaw named in the engine issue, plus the handshake recorded from a
+real FreeSWITCH 1.10.12. Every wait is an event with a timeout; no test sleeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import gevent
+import gevent.socket
+import pytest
+from gevent.event import Event
+from gevent.queue import Queue
+
+from daemon.esl import (
+    EslAuthError,
+    EslConnection,
+    EslDisconnected,
+    EslError,
+    EslEvent,
+    EslTimeout,
+)
+from tests.fake_esl_server import (
+    AUTH_REQUEST,
+    FakeEslServer,
+    FakeSession,
+    api_response,
+    disconnect_notice,
+    event_plain,
+    reply,
+    trace_chunks,
+)
+
+pytestmark = pytest.mark.timeout(20)
+
+UUID_A = "4dd3ce45-9b4f-4b58-88d8-09f6d131f2d2"
+UUID_OTHER = "006211d9-8203-47e7-b187-4c95d21edc40"
+
+
+class Recorder:
+    """Collects events and disconnect reasons from a connection's callbacks."""
+
+    def __init__(self) -> None:
+        self.events: Queue[EslEvent] = Queue()
+        self.disconnects: list[BaseException | None] = []
+        self.disconnected = Event()
+
+    def on_event(self, event: EslEvent) -> None:
+        self.events.put(event)
+
+    def on_disconnect(self, reason: BaseException | None) -> None:
+        self.disconnects.append(reason)
+        self.disconnected.set()
+
+    def next_event(self, timeout: float = 5.0) -> EslEvent:
+        return self.events.get(timeout=timeout)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[FakeSession], None]], FakeEslServer]]:
+    servers: list[FakeEslServer] = []
+
+    def start(script: Callable[[FakeSession], None]) -> FakeEslServer:
+        server = FakeEslServer(script).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+        assert not server.errors, server.errors
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_conn(recorder: Recorder) -> Iterator[Callable[..., EslConnection]]:
+    conns: list[EslConnection] = []
+
+    def make(port: int, password: str = "ClueCon", **kwargs: float) -> EslConnection:
+        conn = EslConnection(
+            "127.0.0.1",
+            port,
+            password,
+            on_event=recorder.on_event,
+            on_disconnect=recorder.on_disconnect,
+            **kwargs,
+        )
+        conns.append(conn)
+        return conn
+
+    yield make
+    for conn in conns:
+        conn.close()
+
+
+def hold_open(session: FakeSession) -> None:
+    """Keep the connection up until the client closes it."""
+    session.wait_client_close(timeout=15)
+
+
+def test_handshake_api_and_exit_replay_real_trace(serve, make_conn, recorder) -> None:
+    server_chunks = trace_chunks("01_auth_ok")
+    client_chunks = trace_chunks("01_auth_ok", "C->S")
+
+    def script(session: FakeSession) -> None:
+        session.send(server_chunks[0])
+        assert session.read_command() == client_chunks[0]  # b"auth ClueCon\n\n"
+        session.send(server_chunks[1])
+        assert session.read_command() == client_chunks[1]  # b"api status\n\n"
+        session.send(server_chunks[2])
+        assert session.read_command() == client_chunks[2]  # b"exit\n\n"
+        session.send(server_chunks[3] + server_chunks[4])
+        session.close()
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    assert conn.connected
+    status = conn.api("status")
+    assert status.startswith("UP 0 years") and status.endswith("Current Stack Size/Max 240K/8192K\n")
+    assert len(status.encode()) == 339
+    assert conn.command("exit") == "+OK bye"
+    assert recorder.disconnected.wait(5)
+    assert not conn.connected
+    assert len(recorder.disconnects) == 1 and isinstance(recorder.disconnects[0], EslDisconnected)
+    assert conn._reader is not None and conn._reader.join(5) is None and conn._reader.dead
+
+
+def test_wrong_password_replay_real_trace(serve, make_conn, recorder) -> None:
+    server_chunks = trace_chunks("02_auth_fail")
+
+    def script(session: FakeSession) -> None:
+        session.send(server_chunks[0])
+        assert session.read_command() == b"auth WrongPassword\n\n"
+        session.send(server_chunks[1])
+        session.send(server_chunks[2])
+        session.close()
+
+    conn = make_conn(serve(script).port, password="WrongPassword")
+    with pytest.raises(EslAuthError, match="-ERR invalid"):
+        conn.connect()
+    assert not conn.connected
+    assert recorder.disconnected.wait(5) and len(recorder.disconnects) == 1
+    with pytest.raises(EslDisconnected):
+        conn.api("status")
+
+
+def test_rude_rejection_is_an_auth_error(serve, make_conn) -> None:
+    body = b"Access Denied, go away.\n"
+
+    def script(session: FakeSession) -> None:
+        session.send(b"Content-Type: text/rude-rejection\nContent-Length: %d\n\n" % len(body) + body)
+        session.close()
+
+    conn = make_conn(serve(script).port)
+    with pytest.raises(EslAuthError, match="Access Denied"):
+        conn.connect()
+
+
+def test_connect_times_out_without_auth_request(serve, make_conn) -> None:
+    server = serve(hold_open)
+    conn = make_conn(server.port, connect_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(EslTimeout, match="auth/request"):
+        conn.connect()
+    assert time.monotonic() - started < 2
+    assert server.session_done.wait(5)
+    assert server.sessions[0].closed_by_client.is_set()
+
+
+def test_connect_refused_is_disconnected(make_conn) -> None:
+    probe = gevent.socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    with pytest.raises(EslDisconnected, match="cannot connect"):
+        make_conn(port).connect()
+
+
+def test_auth_reply_timeout(serve, make_conn) -> None:
+    def script(session: FakeSession) -> None:
+        session.send(AUTH_REQUEST)
+        session.read_command()
+        session.wait_client_close()
+
+    conn = make_conn(serve(script).port, connect_timeout=0.3)
+    with pytest.raises(EslTimeout):
+        conn.connect()
+    assert not conn.connected
+
+
+def test_connection_object_is_single_use(serve, make_conn) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.close()
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    with pytest.raises(EslError, match="single-use"):
+        conn.connect()
+
+
+def test_command_timeout_closes_connection_and_fails_queued(serve, make_conn, recorder) -> None:
+    server_closed = Event()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.read_command()  # never answered
+        if session.wait_client_close():
+            server_closed.set()
+
+    conn = make_conn(serve(script).port, command_timeout=0.3)
+    conn.connect()
+    first = gevent.spawn(conn.api, "status")
+    queued = gevent.spawn(conn.api, "version", timeout=5)
+    gevent.joinall([first, queued], timeout=5)
+    assert isinstance(first.exception, EslTimeout)
+    assert isinstance(queued.exception, EslDisconnected)
+    assert not conn.connected
+    assert server_closed.wait(5)
+    assert len(recorder.disconnects) == 1 and isinstance(recorder.disconnects[0], EslTimeout)
+
+
+def test_pending_command_fails_when_server_closes(serve, make_conn, recorder) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.read_command()
+        session.close()  # mid-command
+
+    conn = make_conn(serve(script).port, command_timeout=10)
+    conn.connect()
+    started = time.monotonic()
+    with pytest.raises(EslDisconnected):
+        conn.api("status")
+    assert time.monotonic() - started < 2
+    assert recorder.disconnected.wait(5)
+    assert len(recorder.disconnects) == 1
+
+
+def test_close_fails_pending_command_and_notifies_once(serve, make_conn, recorder) -> None:
+    command_read = Event()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.read_command()
+        command_read.set()
+        session.wait_client_close()
+
+    conn = make_conn(serve(script).port, command_timeout=10)
+    conn.connect()
+    pending = gevent.spawn(conn.api, "status")
+    assert command_read.wait(5)
+    conn.close()
+    conn.close()
+    pending.join(5)
+    assert isinstance(pending.exception, EslDisconnected)
+    assert recorder.disconnects == [None]
+
+
+def test_waiting_for_a_turn_times_out_without_closing(serve, make_conn) -> None:
+    first_read, release = Event(), Event()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.read_command()
+        first_read.set()
+        assert release.wait(5)
+        session.send(api_response("first\n"))
+        assert session.read_command() == b"api third\n\n"
+        session.send(api_response("third\n"))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    first = gevent.spawn(conn.api, "first")
+    assert first_read.wait(5)
+    with pytest.raises(EslTimeout, match="no turn"):
+        conn.api("second", timeout=0.05)
+    assert conn.connected
+    release.set()
+    assert first.get(timeout=5) == "first\n"
+    assert conn.api("third") == "third\n"
+
+
+def test_command_from_event_handler_fails_fast(serve, make_conn) -> None:
+    errors: Queue[BaseException] = Queue()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.send(event_plain({"Event-Name": "HEARTBEAT"}))
+        hold_open(session)
+
+    def handler(event: EslEvent) -> None:
+        try:
+            conn.api("status")
+        except EslError as exc:
+            errors.put(exc)
+
+    conn = make_conn(serve(script).port)
+    conn.register_handle("HEARTBEAT", handler)
+    conn.connect()
+    assert "event handler" in str(errors.get(timeout=5))
+    assert conn.connected
+
+
+def test_stray_replies_do_not_shift_later_replies(serve, make_conn, recorder) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.send(reply("+OK stray") + api_response("stray body\n"))
+        session.send(event_plain({"Event-Name": "HEARTBEAT"}))
+        assert session.read_command() == b"api version\n\n"
+        session.send(api_response("FreeSWITCH Version 1.10.12-release\n"))
+        assert session.read_command() == b"noevents\n\n"
+        session.send(reply("+OK no longer listening for events"))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    assert recorder.next_event().name == "HEARTBEAT"  # the strays were read before it
+    assert conn.api("version") == "FreeSWITCH Version 1.10.12-release\n"
+    assert conn.command("noevents") == "+OK no longer listening for events"
+
+
+def test_concurrent_commands_are_serialised(serve, make_conn) -> None:
+    overlapped: list[bytes] = []
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        for _ in range(5):
+            command = session.read_command()
+            gevent.sleep(0.01)  # give an unserialised client the chance to send its next command early
+            if session.has_unread():
+                overlapped.append(command)
+            session.send(api_response(command.decode().strip()))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    jobs = [gevent.spawn(conn.api, f"echo {i}") for i in range(5)]
+    gevent.joinall(jobs, timeout=5, raise_error=True)
+    assert [job.value for job in jobs] == [f"api echo {i}" for i in range(5)]
+    assert overlapped == []
+
+
+def test_bgapi_sends_job_uuid_header(serve, make_conn) -> None:
+    job = "d673fbac-777b-4fc7-a16e-08c3e584e32f"
+    received: list[bytes] = []
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        received.append(session.read_command())
+        session.send(reply(f"+OK Job-UUID: {job}", Job_UUID=job))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    assert conn.bgapi("originate x &park()", job) == f"+OK Job-UUID: {job}"
+    assert received == [f"bgapi originate x &park()\nJob-UUID: {job}\n\n".encode()]
+
+
+def test_send_message_sends_body_as_is(serve, make_conn) -> None:
+    received: list[bytes] = []
+    arg = "{origination_uuid=x}sofia/gateway/carrier/15550001161"
+    message = (
+        f"sendmsg {UUID_A}\ncall-command: execute\nexecute-app-name: bridge\nevent-lock: true\n"
+        f"content-type: text/plain\ncontent-length: {len(arg)}\n\n{arg}"
+    )
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        received.append(session.read_command())
+        session.send(reply("+OK"))
+        received.append(session.read_command())
+        session.send(reply("+OK"))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    assert conn.send_message(message).get("Reply-Text") == "+OK"
+    assert conn.send_message(f"sendmsg {UUID_A}\ncall-command: hangup").get("Reply-Text") == "+OK"
+    assert received == [message.encode(), f"sendmsg {UUID_A}\ncall-command: hangup\n\n".encode()]
+    with pytest.raises(ValueError, match="content-length"):
+        conn.send_message(f"sendmsg {UUID_A}\ncontent-length: 3\n\nplayback x")
+
+
+def test_line_breaks_in_commands_are_refused(serve, make_conn) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    for bad in ("status\n\napi hupall", "status\rx"):
+        with pytest.raises(ValueError):
+            conn.api(bad)
+        with pytest.raises(ValueError):
+            conn.command(bad)
+    with pytest.raises(ValueError):
+        conn.bgapi("status", "x\nevent plain ALL")
+    assert conn.connected
+
+
+def test_forged_header_via_encoded_newline(serve, make_conn, recorder) -> None:
+    forged = f"Hello%0AUnique-ID%3A%20{UUID_OTHER}".encode()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.send(event_plain({"Event-Name": "CHANNEL_ANSWER", "Unique-ID": UUID_A, "variable_x": forged}))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    event = recorder.next_event()
+    assert event.uuid == UUID_A
+    assert event.headers["variable_x"] == f"Hello\nUnique-ID: {UUID_OTHER}"
+    assert list(event.headers) == ["Event-Name", "Unique-ID", "variable_x"]
+
+
+def test_background_job_body_kept_apart_real_trace(serve, make_conn, recorder) -> None:
+    chunk = next(c for c in trace_chunks("09_full_call_plain_filtered") if b"Event-Name: BACKGROUND_JOB" in c)
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.send(chunk)
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    event = recorder.next_event()
+    assert event.name == "BACKGROUND_JOB"
+    assert event.body == f"+OK {UUID_A}\n"
+    assert event.headers["Job-UUID"] == "d673fbac-777b-4fc7-a16e-08c3e584e32f"
+    assert event.headers["Job-Command-Arg"].endswith("sofia/gateway/carrier/15550001001 &park()")
+    assert event.headers["Content-Length"] == "41"
+    assert event.content_type == "text/event-plain"
+
+
+def test_eof_ends_reader_without_spinning(serve, make_conn, recorder) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.send(b"Content-Type: api/resp")  # a partial message, then EOF
+        session.close()
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    assert recorder.disconnected.wait(5)
+    assert conn._reader is not None
+    conn._reader.join(2)
+    assert conn._reader.dead
+    assert not conn.connected and len(recorder.disconnects) == 1
+    with pytest.raises(EslDisconnected):
+        conn.api("status")
+
+
+def test_bad_utf8_and_failing_handler_do_not_kill_reader(serve, make_conn, recorder) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.send(event_plain({"Event-Name": "CUSTOM", "Unique-ID": UUID_A, "variable_x": b"caf\xe9%FF!"}))
+        session.send(event_plain({"Event-Name": "CHANNEL_HANGUP", "Unique-ID": UUID_A}, b"\xff\xfe body"))
+        session.send(event_plain({"Event-Name": "CHANNEL_DESTROY", "Unique-ID": UUID_A}))
+        assert session.read_command() == b"api status\n\n"
+        session.send(api_response(b"UP \xff\n"))
+        hold_open(session)
+
+    seen: list[str] = []
+
+    def explode(event: EslEvent) -> None:
+        seen.append(event.name or "")
+        raise RuntimeError("handler bug")
+
+    conn = make_conn(serve(script).port)
+    conn.register_handle("*", explode)
+    conn.connect()
+    first, second, third = (recorder.next_event() for _ in range(3))
+    assert first.headers["variable_x"] == "caf\ufffd\ufffd!"
+    assert second.body == "\ufffd\ufffd body"
+    assert third.name == "CHANNEL_DESTROY"
+    assert seen == ["CUSTOM", "CHANNEL_HANGUP", "CHANNEL_DESTROY"]
+    assert conn.api("status") == "UP \ufffd\n"
+    assert conn.connected
+
+
+def test_named_handlers_from_the_registry(serve, make_conn, recorder) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.send(event_plain({"Event-Name": "CUSTOM", "Event-Subclass": "callbridge::test"}))
+        session.send(event_plain({"Event-Name": "CHANNEL_ANSWER", "Unique-ID": UUID_A}))
+        hold_open(session)
+
+    got: Queue[str] = Queue()
+    conn = make_conn(serve(script).port)
+    conn.register_handle("callbridge::test", lambda e: got.put("custom"))
+    conn.register_handle("CHANNEL_ANSWER", lambda e: got.put(f"answer {e.uuid}"))
+    conn.connect()
+    assert [got.get(timeout=5), got.get(timeout=5)] == ["custom", f"answer {UUID_A}"]
+
+
+def test_linger_notice_keeps_connection(serve, make_conn, recorder) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.send(disconnect_notice(linger=True))
+        session.send(event_plain({"Event-Name": "HEARTBEAT"}))
+        assert session.read_command() == b"exit\n\n"
+        session.send(reply("+OK bye") + disconnect_notice())
+        session.close()
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    assert recorder.next_event().name == "HEARTBEAT"
+    assert conn.lingering and conn.connected
+    assert conn.command("exit") == "+OK bye"
+    assert recorder.disconnected.wait(5)
+    assert not conn.connected
+
+
+def test_new_connection_after_a_drop(serve, make_conn, recorder) -> None:
+    count = []
+
+    def script(session: FakeSession) -> None:
+        count.append(1)
+        session.handshake()
+        if len(count) == 1:
+            session.close()  # the first connection drops
+            return
+        assert session.read_command() == b"api status\n\n"
+        session.send(api_response("UP\n"))
+        hold_open(session)
+
+    port = serve(script).port
+    first = make_conn(port)
+    first.connect()
+    assert recorder.disconnected.wait(5)
+    with pytest.raises(EslError):
+        first.connect()
+    second = make_conn(port)
+    second.connect()
+    assert second.api("status") == "UP\n"
+    assert not first.connected and second.connected
+
+
+def test_last_received_tracks_incoming_bytes(serve, make_conn, recorder) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        assert session.read_command() == b"api status\n\n"
+        session.send(event_plain({"Event-Name": "HEARTBEAT"}) + api_response("UP\n"))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    before = conn.last_received
+    assert conn.api("status") == "UP\n"
+    assert conn.last_received > before
+    assert recorder.next_event().name == "HEARTBEAT"

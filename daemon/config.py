@@ -73,11 +73,13 @@ class Settings:
     media_max_dialtone_seconds: int = 120
     media_connect_timeout: float = 5.0
     media_read_timeout: float = 15.0
+    media_total_timeout: float = 60.0  # one whole fetch, redirects included
     media_max_redirects: int = 3
     media_allow_private: list[str] = field(default_factory=list)  # hosts or CIDRs allowed although private
     media_cache_bytes: int = 2 * 1024 * 1024 * 1024
     msg_max_chars: int = 500
     tts_voices: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_VOICES))
+    tts_timeout: float = 30.0  # one espeak-ng run
     # Recordings
     recordings_retention_days: int = 90
     # Webhooks
@@ -187,7 +189,7 @@ def _validate(s: Settings) -> None:
     need(bool(s.esl_password) and not any(c in s.esl_password for c in "\r\n "),
          "esl_password: must be non-empty with no spaces or line breaks")
     for name in ("esl_command_timeout", "esl_heartbeat_timeout", "calls_per_second", "webhook_timeout",
-                 "media_connect_timeout", "media_read_timeout"):
+                 "media_connect_timeout", "media_read_timeout", "media_total_timeout", "tts_timeout"):
         need(getattr(s, name) > 0, f"{name}: must be greater than 0")
     for name in ("originate_timeout", "max_in_flight", "schedule_max_days", "sample_rate", "msg_max_chars",
                  "media_max_bytes", "media_max_play_seconds", "media_max_dialtone_seconds"):

@@ -1,0 +1,152 @@
+"""Shared fixtures: settings in tmp_path, a fresh SQLite store per test, endpoints with tokens, the API
+app with fakes, and the same app over real HTTP (gevent's WSGI server on 127.0.0.1, port 0)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from peewee import Database
+
+from daemon.config import Settings, load_settings
+from daemon.endpoints import EndpointOptions, create_endpoint
+from daemon.store import Endpoint, open_database
+from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
+
+NOW = dt.datetime(2026, 6, 15, 12, 0, 0)  # naive UTC, the fixed "now" of API tests
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings whose state and database live in this test's tmp_path."""
+    return load_settings(environ={}, state_dir=str(tmp_path / "state"),
+                         database_url=f"sqlite:///{tmp_path / 'state' / 'callbridge.db'}")
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Database]:
+    """A fresh, migrated SQLite store bound to the models."""
+    database = open_database(settings.database_url)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def make_endpoint(db: Database) -> Callable[..., tuple[Endpoint, str]]:
+    """Factory: ``make_endpoint(name=..., **options)`` → (endpoint, token)."""
+    counter = iter(range(1, 10_000))
+
+    def make(name: str | None = None, **options: Any) -> tuple[Endpoint, str]:
+        opts = EndpointOptions(name=name or f"ep{next(counter)}", caller_id_number="15550000000",
+                               dial_string="sofia/gateway/carrier/{number}", **options)
+        return create_endpoint(opts)
+
+    return make
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock(NOW)
+
+
+@pytest.fixture
+def media(tmp_path: Path) -> FakeMedia:
+    return FakeMedia(tmp_path / "media")
+
+
+@pytest.fixture
+def dispatcher() -> FakeDispatcher:
+    return FakeDispatcher()
+
+
+@pytest.fixture
+def readiness_checks() -> dict[str, bool]:
+    """Mutable checks the app's readiness callable reports."""
+    return {"esl": True}
+
+
+@pytest.fixture
+def app(settings: Settings, db: Database, media: FakeMedia, dispatcher: FakeDispatcher, clock: FixedClock,
+        readiness_checks: dict[str, bool]) -> Flask:
+    from webapi.app import create_app
+
+    return create_app(settings, media=media, dispatcher=dispatcher, readiness=lambda: dict(readiness_checks),
+                      clock=clock)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@dataclass
+class LiveServer:
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@pytest.fixture
+def live_server(app: Flask) -> Iterator[LiveServer]:
+    """The app under gevent's WSGI server in its own thread (its own gevent hub), on 127.0.0.1:0."""
+    import gevent
+    import gevent.event
+    from gevent.pywsgi import WSGIServer
+
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        server = WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None)
+        server.start()
+        stop = gevent.get_hub().loop.async_()
+        done = gevent.event.Event()
+        stop.start(done.set)
+        holder.update(port=server.server_port, stop=stop)
+        started.set()
+        done.wait()
+        server.stop(timeout=2)
+        stop.close()
+
+    thread = threading.Thread(target=serve, name="live-api", daemon=True)
+    thread.start()
+    assert started.wait(10), "server did not start"
+    yield LiveServer("127.0.0.1", holder["port"])
+    holder["stop"].send()
+    thread.join(10)
+
+
+def data_of(response: Any) -> dict[str, Any]:
+    """The ``data`` object of an envelope, checking the envelope itself on the way."""
+    assert response.mimetype == "application/json", response.get_data(as_text=True)[:200]
+    body = response.get_json()
+    assert set(body) == {"data"}
+    inner: dict[str, Any] = body["data"]
+    assert inner["code"] == response.status_code
+    assert isinstance(inner["code_desc"], str)
+    assert (inner["code_desc"] == "") == (response.status_code == 200)
+    return inner
+
+
+def create(client: FlaskClient, token: str | None, *, json: bool = False,
+           headers: dict[str, str] | None = None, **fields: Any) -> Any:
+    """POST /v1/calls with the token as a field (form by default, JSON with ``json=True``)."""
+    body = dict(fields)
+    if token is not None:
+        body["token"] = token
+    body.setdefault("phone_a", "15550001001")
+    body.setdefault("phone_b", "15550002002")
+    body = {k: v for k, v in body.items() if v is not None}  # None: leave the field out
+    if json:
+        return client.post("/v1/calls", json=body, headers=headers or {})
+    return client.post("/v1/calls", data=body, headers=headers or {})

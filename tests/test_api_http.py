@@ -1,0 +1,167 @@
+"""The real app over real HTTP: gevent's WSGI server on 127.0.0.1 (port 0), keep-alive, concurrency."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import urllib.parse
+from typing import Any
+
+import pytest
+
+from daemon.store import Call
+from tests.conftest import LiveServer
+from tests.fakes import FakeMedia
+
+
+def request(conn: http.client.HTTPConnection, method: str, path: str, body: Any = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], http.client.HTTPResponse]:
+    """One request on ``conn``; returns (status, data of the envelope, response)."""
+    send_headers = dict(headers or {})
+    payload: bytes | None = None
+    if isinstance(body, dict):
+        payload = urllib.parse.urlencode(body).encode()
+        send_headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+    elif isinstance(body, bytes):
+        payload = body
+    conn.request(method, path, body=payload, headers=send_headers)
+    response = conn.getresponse()
+    raw = response.read()
+    assert response.getheader("Content-Type", "").startswith("application/json"), raw[:200]
+    data = json.loads(raw)["data"]
+    assert data["code"] == response.status
+    return response.status, data, response
+
+
+def test_keep_alive_session_of_mixed_requests(live_server: LiveServer, make_endpoint: Any) -> None:
+    _, token = make_endpoint()
+    conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=10)
+    status, created, _ = request(conn, "POST", "/v1/calls",
+                                 {"token": token, "phone_a": "15550001001", "phone_b": "15550002002",
+                                  "msg": "hello", "msg_lang": "en-US", "call_date": "2026-06-16 09:00"})
+    assert status == 200 and created["status"] == "scheduled"
+    sock = conn.sock
+    assert sock is not None
+    bearer = {"Authorization": f"Bearer {token}"}
+    status, listed, _ = request(conn, "GET", "/v1/calls", headers=bearer)
+    assert status == 200 and [c["callid"] for c in listed["calls"]] == [created["callid"]]
+    status, one, _ = request(conn, "GET", f"/v1/calls/{created['callid']}?token={urllib.parse.quote(token)}")
+    assert status == 200 and one["timeline"][0]["kind"] == "requested"
+    status, data, _ = request(conn, "GET", "/nowhere")
+    assert status == 404
+    status, data, response = request(conn, "PUT", "/v1/calls", b"", {"Content-Length": "0"})
+    assert status == 405 and "POST" in (response.getheader("Allow") or "")
+    status, data, _ = request(conn, "POST", "/v1/calls", json.dumps({"phone_a": "1"}).encode(),
+                              {"Content-Type": "application/json", **bearer})
+    assert status == 400 and data["code_desc"].startswith("phone_a: ")
+    status, data, _ = request(conn, "DELETE", f"/v1/scheduled/{created['callid']}", headers=bearer)
+    assert status == 200 and data["status"] == "canceled"
+    assert conn.sock is sock  # every answer kept the connection open
+    conn.close()
+
+
+def test_oversized_body_is_413_over_the_wire(live_server: LiveServer, make_endpoint: Any) -> None:
+    _, token = make_endpoint()
+    conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=10)
+    status, data, _ = request(conn, "POST", "/v1/calls", {"token": token, "msg": "x" * 80_000})
+    assert status == 413 and data["code_desc"] == "body: larger than 65536 bytes"
+    conn.close()
+
+
+def test_concurrent_creates_with_one_idempotency_key_make_one_call(live_server: LiveServer,
+                                                                   make_endpoint: Any,
+                                                                   media: FakeMedia) -> None:
+    """Both requests pass the look-up before either inserts (they meet inside the media fetch); the
+    unique index lets one insert win and the other answers with the winner's call."""
+    _, token = make_endpoint()
+    arrivals: dict[str, Any] = {"count": 0, "event": None}
+
+    def meet(seed: str) -> None:
+        import gevent.event
+
+        if arrivals["event"] is None:
+            arrivals["event"] = gevent.event.Event()
+        arrivals["count"] += 1
+        if arrivals["count"] >= 2:
+            arrivals["event"].set()
+        else:
+            assert arrivals["event"].wait(timeout=10)
+
+    media.before_fetch = meet
+    results: list[tuple[int, dict[str, Any]]] = []
+    start = threading.Barrier(2)
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=20)
+        start.wait(10)
+        status, data, _ = request(conn, "POST", "/v1/calls",
+                                  {"token": token, "phone_a": "15550001001", "phone_b": "15550002002",
+                                   "play_url": "http://example.com/a.wav"},
+                                  {"Idempotency-Key": "same-key"})
+        results.append((status, data))
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert arrivals["count"] == 2, "the two requests did not overlap"
+    assert [s for s, _ in results] == [200, 200]
+    assert results[0][1]["callid"] == results[1][1]["callid"]
+    assert Call.select().count() == 1
+
+
+@pytest.mark.parametrize("n", [20])
+def test_many_parallel_clients(live_server: LiveServer, make_endpoint: Any, n: int) -> None:
+    _, token = make_endpoint()
+    statuses: list[int] = []
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=20)
+        for j in range(5):
+            status, _, _ = request(conn, "POST", "/v1/calls",
+                                   {"token": token, "phone_a": f"1555000{i:02d}{j:02d}",
+                                    "phone_b": "15550002002"})
+            statuses.append(status)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert statuses == [200] * (n * 5)
+    assert Call.select().count() == n * 5
+
+
+def test_logs_never_hold_the_whole_token(live_server: LiveServer, make_endpoint: Any,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    endpoint, token = make_endpoint()
+    caplog.set_level("DEBUG")
+    conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=10)
+    request(conn, "POST", "/v1/calls", {"token": token, "phone_a": "15550001001", "phone_b": "15550002002"})
+    request(conn, "GET", "/v1/calls?token=" + urllib.parse.quote(token + "x"))
+    conn.close()
+    everything = caplog.text + " ".join(str(vars(record)) for record in caplog.records)
+    assert endpoint.token_hint in everything
+    assert token not in everything
+
+
+def test_chunked_bodies_are_read_and_bounded(live_server: LiveServer, make_endpoint: Any) -> None:
+    _, token = make_endpoint()
+    conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=10)
+    body = json.dumps({"token": token, "phone_a": "15550001001", "phone_b": "15550002002"}).encode()
+    conn.request("POST", "/v1/calls", body=iter([body[:10], body[10:]]), encode_chunked=True,
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and json.loads(response.read())["data"]["status"] == "queued"
+    conn.close()
+    conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=10)
+    big = b'{"token": "' + b"x" * 100_000 + b'"}'
+    conn.request("POST", "/v1/calls", body=iter([big[i:i + 8192] for i in range(0, len(big), 8192)]),
+                 encode_chunked=True, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 413 and json.loads(response.read())["data"]["code"] == 413
+    conn.close()

@@ -1,0 +1,308 @@
+"""The envelope on every error (404, 405, 413, 415, 429, 500), health, readiness, metrics, media, OpenAPI."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sqlite3
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from daemon.config import Settings
+from daemon.metrics import Metrics
+from daemon.store import database_file
+from tests.conftest import create, data_of
+from tests.fakes import FakeMedia
+from webapi.app import create_app, route_rules
+from webapi.openapi import openapi_document
+from webapi.ratelimit import AuthFailureLimiter
+
+
+@pytest.mark.parametrize(("method", "path", "status", "desc"), [
+    ("GET", "/", 404, "path: no such route"),
+    ("GET", "/v2/calls", 404, "path: no such route"),
+    ("GET", "/v1//calls", 404, "path: no such route"),
+    ("GET", "/media/abc.mp3", 404, "path: no such route"),
+    ("PUT", "/v1/calls", 405, "method: PUT not allowed here; use "),
+    ("DELETE", "/v1/calls", 405, "method: DELETE not allowed here; use "),
+    ("PATCH", "/v1/scheduled/abc", 405, "method: PATCH not allowed here; use DELETE"),
+    ("GET", "/v1/scheduled/abc/cancel", 405, "method: GET not allowed here; use POST"),
+    ("POST", "/healthz", 405, "method: POST not allowed here; use "),
+    ("OPTIONS", "/v1/calls", 405, "method: OPTIONS not allowed here; use "),
+])
+def test_routing_errors_in_the_envelope(client: FlaskClient, method: str, path: str, status: int,
+                                        desc: str) -> None:
+    response = client.open(path, method=method)
+    assert response.status_code == status
+    assert data_of(response)["code_desc"].startswith(desc)
+    if status == 405:
+        assert "Allow" in response.headers
+
+
+def test_trailing_slash_needs_no_redirect(client: FlaskClient, make_endpoint: Any) -> None:
+    _, token = make_endpoint()
+    for path in ("/v1/calls/", "/v1/scheduled/", "/healthz/"):
+        response = client.get(path, query_string={"token": token})
+        assert response.status_code == 200, path
+
+
+def test_unsupported_content_type_is_415(client: FlaskClient, make_endpoint: Any) -> None:
+    _, token = make_endpoint()
+    for ctype in ("text/plain", "multipart/form-data; boundary=x", "application/xml"):
+        response = client.post("/v1/calls", data=b"token=" + token.encode(), content_type=ctype)
+        assert response.status_code == 415, ctype
+        assert data_of(response)["code_desc"].startswith("Content-Type: ")
+    response = client.post("/v1/calls", data=b"phone_a=1", headers={"Content-Type": ""})
+    assert response.status_code == 415
+
+
+@pytest.mark.parametrize(("body", "desc"), [
+    (b"{", "body: not valid JSON"),
+    (b"[1, 2]", "body: must be a JSON object"),
+    (b'"token"', "body: must be a JSON object"),
+    (b"\xff\xfe\x00", "body: not valid JSON"),
+    (b"[" * 100_00 + b"]" * 100_00, "body: not valid JSON"),
+])
+def test_bad_json_is_400(client: FlaskClient, body: bytes, desc: str) -> None:
+    response = client.post("/v1/calls", data=body[:60_000], content_type="application/json")
+    assert response.status_code == 400
+    assert data_of(response)["code_desc"] == desc
+
+
+def test_large_body_is_413(client: FlaskClient, make_endpoint: Any) -> None:
+    _, token = make_endpoint()
+    response = client.post("/v1/calls", data={"token": token, "phone_a": "1" * 70_000})
+    assert response.status_code == 413
+    assert data_of(response)["code_desc"] == "body: larger than 65536 bytes"
+    response = client.post("/v1/calls", json={"token": token, "msg": "x" * 70_000})
+    assert response.status_code == 413
+
+
+def test_auth_failures_per_address_answer_429(client: FlaskClient, make_endpoint: Any,
+                                              settings: Settings) -> None:
+    _, token = make_endpoint()
+    here = {"REMOTE_ADDR": "192.0.2.7"}
+    for _ in range(settings.auth_failures_per_minute):
+        response = client.get("/v1/calls", query_string={"token": "cb_guess"}, environ_base=here)
+        assert response.status_code == 401
+    for response in (client.get("/v1/calls", query_string={"token": "cb_guess"}, environ_base=here),
+                     client.get("/v1/calls", query_string={"token": token}, environ_base=here),
+                     client.post("/v1/calls", data={"token": token}, environ_base=here)):
+        assert response.status_code == 429
+        assert data_of(response)["code_desc"].startswith("token: too many failed attempts")
+        assert 1 <= int(response.headers["Retry-After"]) <= 60
+    # Another address is not affected; the health routes need no token and are not limited.
+    assert client.get("/v1/calls", query_string={"token": token},
+                      environ_base={"REMOTE_ADDR": "192.0.2.8"}).status_code == 200
+    assert client.get("/healthz", environ_base=here).status_code == 200
+
+
+def test_limiter_window_slides() -> None:
+    now = [1000.0]
+    limiter = AuthFailureLimiter(3, 60, clock=lambda: now[0], max_addresses=2)
+    for _ in range(3):
+        assert limiter.retry_after("a") is None
+        limiter.fail("a")
+        now[0] += 10
+    assert limiter.retry_after("a") == 30  # the first failure (t=1000) ages out at t=1060; now 1030
+    now[0] = 1060.5
+    assert limiter.retry_after("a") is None
+    limiter.fail("b")
+    limiter.fail("c")  # "a" is the oldest address and is forgotten beyond two
+    assert "a" not in limiter._failures
+    assert AuthFailureLimiter(0).retry_after("x") is None
+
+
+def test_unexpected_exception_is_500_in_the_envelope_without_details(
+        settings: Settings, db: Any, media: FakeMedia, caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(settings, media=media)
+
+    def boom() -> str:
+        raise RuntimeError("secret detail")
+
+    app.add_url_rule("/boom", view_func=boom)
+    response = app.test_client().get("/boom")
+    assert response.status_code == 500
+    data = data_of(response)
+    assert "secret" not in response.get_data(as_text=True) and "Traceback" not in data["code_desc"]
+    assert "secret detail" in caplog.text
+
+
+def test_healthz(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200 and data_of(response)["status"] == "ok"
+
+
+def test_readyz(client: FlaskClient, readiness_checks: dict[str, bool]) -> None:
+    data = data_of(client.get("/readyz"))
+    assert data["ready"] is True and data["checks"] == {"esl": True, "database": True}
+    readiness_checks["esl"] = False
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    data = data_of(response)
+    assert data["ready"] is False and data["code_desc"] == "not ready: esl"
+
+
+def test_readyz_fails_when_the_database_is_locked(client: FlaskClient, settings: Settings) -> None:
+    path = database_file(settings.database_url)
+    assert path is not None
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA busy_timeout = 0")
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        from daemon.store import database
+
+        database.execute_sql("PRAGMA busy_timeout = 10")  # keep the test quick
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert data_of(response)["checks"]["database"] is False
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_when_the_readiness_callable_raises(settings: Settings, db: Any, media: FakeMedia) -> None:
+    def broken() -> dict[str, bool]:
+        raise RuntimeError("nope")
+
+    response = create_app(settings, media=media, readiness=broken).test_client().get("/readyz")
+    assert response.status_code == 503 and data_of(response)["checks"]["readiness"] is False
+
+
+def test_metrics_record_latency_per_route_template(settings: Settings, db: Any, media: FakeMedia,
+                                                   make_endpoint: Any) -> None:
+    metrics = Metrics()
+    client = create_app(settings, media=media, metrics=metrics).test_client()
+    _, token = make_endpoint()
+    callid = data_of(create(client, token))["callid"]
+    client.get(f"/v1/calls/{callid}", query_string={"token": token})
+    client.get("/nowhere")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    text = response.get_data(as_text=True)
+    count = 'callbridge_api_request_seconds_count{method="GET",route="/v1/calls/<callid>",status="200"} 1.0'
+    assert count in text
+    assert 'route="/v1/calls",status="200"' in text
+    assert 'route="unmatched",status="404"' in text
+    assert 'callbridge_calls_created_total{kind="immediate"} 1.0' in text
+    assert callid not in text
+
+
+def test_media_route_serves_prompts_by_hash(client: FlaskClient, media: FakeMedia) -> None:
+    made = media.from_url("http://example.com/a.wav", kind="play")
+    response = client.get(f"/media/{made.sha256}.wav")
+    assert response.status_code == 200 and response.mimetype == "audio/wav"
+    assert hashlib.sha256(response.data).hexdigest() == made.sha256
+    assert "immutable" in response.headers["Cache-Control"]
+    for name in ("0" * 64, "A" * 64, "..%2F..%2Fetc%2Fpasswd", made.sha256[:-1]):
+        response = client.get(f"/media/{name}.wav")
+        assert response.status_code == 404
+        assert data_of(response)["code_desc"] in ("media: no such file", "path: no such route")
+
+
+def test_no_route_ever_answers_html(client: FlaskClient) -> None:
+    for method, path in (("GET", "/x"), ("POST", "/v1/calls"), ("DELETE", "/v1/scheduled/x"), ("TRACE", "/")):
+        response = client.open(path, method=method)
+        assert response.mimetype == "application/json"
+        assert "<html" not in response.get_data(as_text=True).lower()
+
+
+# OpenAPI ------------------------------------------------------------------------------------------
+
+def _openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[a-z]+:)?([a-z_0-9]+)>", r"{\1}", rule)
+
+
+def test_openapi_served_and_covers_every_route(app: Flask, client: FlaskClient, settings: Settings) -> None:
+    response = client.get("/v1/openapi.json")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    doc = response.get_json()
+    assert doc == openapi_document(settings)
+    assert doc["openapi"].startswith("3.")
+    served: dict[str, set[str]] = {}
+    for rule, methods in route_rules(app):
+        served.setdefault(_openapi_path(rule), set()).update(methods)
+    assert set(served) == set(doc["paths"])
+    for path, methods in served.items():
+        assert methods == {m.upper() for m in doc["paths"][path]}, path
+
+
+def test_openapi_references_resolve_and_statuses_are_documented(settings: Settings) -> None:
+    doc = openapi_document(settings)
+    schemas = doc["components"]["schemas"]
+
+    def refs(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["$ref"]] if "$ref" in node else []
+            return found + [r for v in node.values() for r in refs(v)]
+        if isinstance(node, list):
+            return [r for v in node for r in refs(v)]
+        return []
+
+    for ref in refs(doc):
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref
+    create_op = doc["paths"]["/v1/calls"]["post"]
+    assert {"200", "400", "401", "413", "415", "429"} <= set(create_op["responses"])
+    assert set(create_op["requestBody"]["content"]) == {"application/x-www-form-urlencoded",
+                                                        "application/json"}
+    cancel = doc["paths"]["/v1/scheduled/{callid}"]["delete"]
+    assert {"200", "401", "404", "409", "429"} <= set(cancel["responses"])
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert op["responses"], (path, method)
+            assert op.get("operationId"), (path, method)
+            for param in op.get("parameters", []):
+                if param["in"] == "path":
+                    assert "{" + param["name"] + "}" in path
+    assert "spring-forward" in schemas["CreateJson"]["properties"]["call_date"]["description"]
+    assert "spring-forward" in doc["info"]["description"]
+    languages = schemas["CreateForm"]["properties"]["msg_lang"]["enum"]
+    assert "en-GB" in languages and len(languages) == 10
+
+
+def test_answers_match_the_documented_required_fields(client: FlaskClient, make_endpoint: Any,
+                                                      settings: Settings) -> None:
+    """A light check of responses against the document (full validation is the property-based suite's)."""
+    schemas = openapi_document(settings)["components"]["schemas"]
+    summary_fields = set(schemas["CallSummary"]["required"])
+    _, token = make_endpoint()
+    created = data_of(create(client, token, call_date="2026-06-20 10:00"))
+    assert summary_fields | {"token", "code", "code_desc"} == set(created)
+    listed = data_of(client.get("/v1/calls", query_string={"token": token}))["calls"][0]
+    assert set(listed) == summary_fields
+    detail = data_of(client.get(f"/v1/calls/{created['callid']}", query_string={"token": token}))
+    assert set(detail) == summary_fields | {"timeline", "code", "code_desc"}
+    for name, value in listed.items():
+        spec = schemas["CallSummary"]["properties"][name]
+        if "$ref" in spec:
+            continue
+        if value is None:
+            assert spec.get("nullable"), name
+        else:
+            kinds: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float),
+                                                  "boolean": (bool,)}
+            assert isinstance(value, kinds[spec["type"]]), name
+
+
+def test_a_busy_database_is_503_not_500(client: FlaskClient, make_endpoint: Any, settings: Settings) -> None:
+    _, token = make_endpoint()
+    path = database_file(settings.database_url)
+    assert path is not None
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        from daemon.store import database
+
+        database.execute_sql("PRAGMA busy_timeout = 10")
+        response = create(client, token)
+        assert response.status_code == 503
+        assert data_of(response)["code_desc"] == "database: unavailable or busy; retry later"
+        assert response.headers["Retry-After"] == "1"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert create(client, token).status_code == 200

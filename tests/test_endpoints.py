@@ -1,0 +1,92 @@
+"""Endpoints and tokens: only a hash at rest, constant-cost look-up, disable and rotate act at once."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peewee import Database
+
+from daemon.config import Settings
+from daemon.endpoints import (
+    EndpointError,
+    EndpointOptions,
+    authenticate,
+    create_endpoint,
+    describe,
+    disable_endpoint,
+    rotate_token,
+    token_hint,
+)
+from daemon.store import Endpoint, database_file
+
+
+def test_token_is_random_and_only_its_hash_is_stored(make_endpoint: Any, settings: Settings,
+                                                     db: Database) -> None:
+    endpoint, token = make_endpoint()
+    _, other = make_endpoint()
+    assert token != other and len(token) >= 3 + 22  # "cb_" + at least 128 bits of urlsafe base64
+    assert endpoint.token_hash == hashlib.sha256(token.encode()).hexdigest()
+    row = db.execute_sql("SELECT * FROM endpoint WHERE id = ?", (endpoint.get_id(),)).fetchone()
+    assert token not in [str(v) for v in row]
+    db.execute_sql("PRAGMA wal_checkpoint(FULL)")
+    path = database_file(settings.database_url)
+    assert path is not None
+    for file in Path(path).parent.glob("callbridge.db*"):
+        assert token.encode() not in file.read_bytes()
+    assert endpoint.token_hint == token_hint(token) and len(endpoint.token_hint) < len(token) // 2
+
+
+def test_authenticate(make_endpoint: Any) -> None:
+    endpoint, token = make_endpoint()
+    found = authenticate(token)
+    assert found is not None and found.get_id() == endpoint.get_id()
+    for wrong in (None, "", token + "x", token[:-1], token.upper(), "x" * 201, "\ud800"):
+        assert authenticate(wrong) is None
+
+
+def test_disabled_token_stops(make_endpoint: Any) -> None:
+    endpoint, token = make_endpoint()
+    disable_endpoint(endpoint)
+    assert authenticate(token) is None
+    assert Endpoint.get_by_id(endpoint.get_id()).disabled_at is not None
+
+
+def test_rotation_replaces_the_token_at_once(make_endpoint: Any) -> None:
+    endpoint, old = make_endpoint()
+    new = rotate_token(endpoint)
+    assert new != old
+    assert authenticate(old) is None
+    found = authenticate(new)
+    assert found is not None and found.get_id() == endpoint.get_id()
+    assert Endpoint.get_by_id(endpoint.get_id()).token_hint == token_hint(new)
+
+
+def test_describe_never_shows_the_token_or_its_hash(make_endpoint: Any) -> None:
+    endpoint, token = make_endpoint()
+    shown = describe(endpoint)
+    assert token not in str(shown) and endpoint.token_hash not in str(shown)
+    assert shown["token_hint"] == endpoint.token_hint
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"timezone": "Mars/Olympus"}, "timezone: unknown zone"),
+    ({"allowed_prefixes": "1555,abc"}, "allowed-prefixes:"),
+    ({"extension_pattern": "("}, "extension-pattern:"),
+    ({"caller_id_number": "call me"}, "caller-id:"),
+    ({"dial_string": "sofia/gateway/carrier/"}, "dial-string:"),
+])
+def test_endpoint_options_are_checked(db: Database, options: dict[str, Any], message: str) -> None:
+    base: dict[str, Any] = {"name": "x", "caller_id_number": "15550000000",
+                            "dial_string": "sofia/gateway/carrier/{number}"}
+    base.update(options)
+    with pytest.raises(EndpointError, match=message.replace("(", r"\(")):
+        create_endpoint(EndpointOptions(**base))
+
+
+def test_duplicate_name(make_endpoint: Any) -> None:
+    make_endpoint(name="same")
+    with pytest.raises(EndpointError, match="already exists"):
+        make_endpoint(name="same")

@@ -1,0 +1,118 @@
+"""The Flask app factory: ``create_app(settings, media=..., ...)`` wires the routes to what they need.
+
+Everything that varies is injected (media fetcher, dispatcher, metrics, readiness checks, clock), so
+tests build a fresh app per test with fakes and a fixed clock. The daemon serves the app with
+gevent's WSGI server in its own process; the store is whatever ``daemon.store.open_database`` bound.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flask import Flask, Response, g, request
+from peewee import OperationalError
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from daemon.config import Settings
+from daemon.metrics import Metrics
+from daemon.store import utcnow
+from webapi.envelope import ApiError, envelope, error_response
+from webapi.ratelimit import AuthFailureLimiter
+from webapi.validation import ValidationError
+from webapi.views import ApiContext, DispatcherLike, MediaLike, bp
+
+log = logging.getLogger("callbridge.api")
+
+MAX_BODY = 64 * 1024
+
+HTTP_REASONS = {
+    400: "body: malformed request",
+    404: "path: no such route",
+    413: f"body: larger than {MAX_BODY} bytes",
+}
+
+
+def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLike | None = None,
+               metrics: Metrics | None = None, readiness: Callable[[], Mapping[str, bool]] | None = None,
+               clock: Callable[[], dt.datetime] = utcnow) -> Flask:
+    """Build the API app.
+
+    ``media`` fetches and normalises prompts (``from_url``, ``speak``, ``path_for_sha``); ``dispatcher``
+    (``wake()``) is told after a call row is committed; ``readiness`` returns named checks for
+    ``/readyz``; ``clock`` returns naive-UTC now.
+    """
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_BODY
+    # One URL per route, no redirects (a redirect would be an HTML page outside the envelope).
+    app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False
+    if settings.trust_proxy:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)  # type: ignore[method-assign]
+    app.extensions["callbridge"] = ApiContext(
+        settings=settings, media=media, dispatcher=dispatcher, metrics=metrics or Metrics(),
+        readiness=readiness, clock=clock, limiter=AuthFailureLimiter(settings.auth_failures_per_minute))
+    app.register_blueprint(bp)
+
+    @app.before_request
+    def start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def record_latency(response: Response) -> Response:
+        started = g.get("started")
+        if started is not None:
+            route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            context: ApiContext = app.extensions["callbridge"]
+            context.metrics.api_latency.labels(method=request.method, route=route,
+                                               status=str(response.status_code)).observe(
+                time.perf_counter() - started)
+        return response
+
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(ValidationError)
+    def validation_error(error: ValidationError) -> Response:
+        return envelope(None, 400, str(error))
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+        if status == 405:
+            allowed = headers.get("Allow", "")
+            desc = f"method: {request.method} not allowed here; use {allowed}"
+        else:
+            desc = HTTP_REASONS.get(status, f"{status}: {error.name.lower()}")
+        return envelope(None, status, desc, headers)
+
+    @app.errorhandler(OperationalError)
+    def store_unavailable(error: OperationalError) -> Response:
+        # SQLite busy beyond its timeout, disk full, PostgreSQL gone: the client may simply retry.
+        log.warning("store unavailable on %s %s: %s", request.method, request.path, error)
+        return envelope(None, 503, "database: unavailable or busy; retry later", {"Retry-After": "1"})
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return envelope(None, 500, "internal error; the operator's log has the details")
+
+    return app
+
+
+def route_rules(app: Flask) -> list[tuple[str, set[str]]]:
+    """Every (rule, methods) the app serves, without Flask's static route; for docs and tests."""
+    out: list[tuple[str, set[str]]] = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        methods: Any = rule.methods or set()
+        out.append((rule.rule, {m for m in methods if m not in ("HEAD", "OPTIONS")}))
+    return out

@@ -1,0 +1,515 @@
+"""The HTTP routes: create, list, read and cancel calls, plus health, readiness, metrics and media.
+
+Each route reads its inputs through :mod:`webapi.validation`, authenticates first (so a request
+without a valid token learns nothing about field rules), then checks fields, then touches the store.
+The store is never written while network I/O is pending: media are fetched before the insert's
+transaction opens. Every answer goes through :func:`webapi.envelope.envelope`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from flask import Blueprint, Response, current_app, request, send_file
+from peewee import IntegrityError, SqliteDatabase, Tuple
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from daemon.config import Settings
+from daemon.endpoints import authenticate
+from daemon.logs import log_event
+from daemon.metrics import Metrics
+from daemon.store import (
+    FINAL_STATUSES,
+    PENDING_STATUSES,
+    Call,
+    CallEvent,
+    CallStatus,
+    Endpoint,
+    add_event,
+    database,
+)
+from webapi.envelope import ApiError, envelope
+from webapi.ratelimit import AuthFailureLimiter
+from webapi.validation import (
+    ListQuery,
+    ValidationError,
+    decode_due_cursor,
+    decode_id_cursor,
+    encode_due_cursor,
+    encode_id_cursor,
+    endpoint_zone,
+    parse_callid,
+    parse_create,
+    parse_idempotency_key,
+    parse_list_query,
+    utc_to_local_text,
+)
+
+log = logging.getLogger("callbridge.api")
+
+bp = Blueprint("api", __name__)
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+FORM = "application/x-www-form-urlencoded"
+
+
+class MediaFileLike(Protocol):
+    path: str
+    sha256: str
+    seconds: float
+    bytes: int
+
+
+class MediaLike(Protocol):
+    """What the API needs of daemon.media: fetch/normalise a URL, speak a text, find a file by hash."""
+
+    def from_url(self, url: str, *, kind: str) -> Any: ...
+
+    def speak(self, text: str, lang: str) -> Any: ...
+
+    def path_for_sha(self, sha: str) -> str | None: ...
+
+
+class DispatcherLike(Protocol):
+    def wake(self) -> None: ...
+
+
+@dataclass
+class ApiContext:
+    """What the routes depend on, injected by :func:`webapi.app.create_app`."""
+
+    settings: Settings
+    media: MediaLike
+    dispatcher: DispatcherLike | None
+    metrics: Metrics
+    readiness: Callable[[], Mapping[str, bool]] | None
+    clock: Callable[[], dt.datetime]
+    limiter: AuthFailureLimiter
+
+
+def ctx() -> ApiContext:
+    """The running app's :class:`ApiContext`."""
+    context: ApiContext = current_app.extensions["callbridge"]
+    return context
+
+
+# Request reading ---------------------------------------------------------------------------------
+
+def body_values() -> dict[str, Any]:
+    """The request body as a dict: form-urlencoded or a JSON object; no body is ``{}``; else 415."""
+    mimetype = request.mimetype
+    data = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: RequestEntityTooLarge, answered 413
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # A chunked body is cut at the limit without an error; a body that reached it is too large.
+        raise RequestEntityTooLarge()
+    if not mimetype:
+        if data:
+            raise ApiError(415, f"Content-Type: required; use {FORM} or application/json")
+        return {}
+    if mimetype == "application/json" or mimetype.endswith("+json"):
+        if not data.strip():
+            return {}
+        try:
+            parsed = json.loads(data)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "body: not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise ApiError(400, "body: must be a JSON object")
+        return parsed
+    if mimetype == FORM:
+        return request.form.to_dict(flat=True)
+    raise ApiError(415, f"Content-Type: {mimetype} not supported; use {FORM} or application/json")
+
+
+def presented_token(values: Mapping[str, Any]) -> Any:
+    """``Authorization: Bearer`` first, then the ``token`` field of the body, then the query string."""
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    token = values.get("token")
+    if token not in (None, ""):
+        return token
+    return request.args.get("token") or None
+
+
+def require_endpoint(values: Mapping[str, Any]) -> tuple[Endpoint, str]:
+    """The enabled endpoint owning the presented token, or 429 (address over its failure limit) / 401."""
+    c = ctx()
+    address = request.remote_addr or "unknown"
+    wait = c.limiter.retry_after(address)
+    if wait is not None:
+        raise ApiError(429, "token: too many failed attempts from this address; retry later",
+                       {"Retry-After": str(wait)})
+    token = presented_token(values)
+    if token is None:
+        raise ApiError(401, "token: missing", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
+    endpoint = authenticate(token) if isinstance(token, str) else None
+    if endpoint is None:
+        c.limiter.fail(address)
+        log_event(log, "api.auth_failed", logging.WARNING, address=address)
+        raise ApiError(401, "token: invalid or disabled", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
+    return endpoint, token
+
+
+def query_values() -> dict[str, Any]:
+    """Query-string parameters (first value of each)."""
+    return request.args.to_dict(flat=True)
+
+
+# Shapes ------------------------------------------------------------------------------------------
+
+def iso(when: dt.datetime | None) -> str | None:
+    """Naive UTC as ISO 8601 with ``Z``; None stays None."""
+    if when is None:
+        return None
+    return when.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+
+
+def call_summary(call: Call, endpoint: Endpoint) -> dict[str, Any]:
+    """A call as lists, reads and the create answer show it (never the token)."""
+    tz = endpoint_zone(endpoint.timezone)
+    recording = None
+    if call.recording_path:
+        recording = {"seconds": call.recording_seconds, "bytes": call.recording_bytes,
+                     "url": f"/v1/calls/{call.callid}/recording"}
+    return {
+        "callid": call.callid,
+        "status": call.status,
+        "phone_a": call.phone_a,
+        "phone_b": call.phone_b,
+        "play_url": call.play_url,
+        "msg": call.msg,
+        "msg_lang": call.msg_lang,
+        "dialtone_url": call.dialtone_url,
+        "scheduled": bool(call.scheduled),
+        "call_date": utc_to_local_text(call.due_at, tz) if call.scheduled else None,
+        "timezone": endpoint.timezone,
+        "due_at": iso(call.due_at),
+        "requested_at": iso(call.requested_at),
+        "started_at": iso(call.started_at),
+        "a_answered_at": iso(call.a_answered_at),
+        "bridged_at": iso(call.bridged_at),
+        "ended_at": iso(call.ended_at),
+        "canceled_at": iso(call.canceled_at),
+        "canceled_by": call.canceled_by,
+        "lateness_ms": call.lateness_ms,
+        "failed_leg": call.failed_leg,
+        "a_cause": call.a_cause,
+        "b_cause": call.b_cause,
+        "reason": call.reason,
+        "ring_seconds": call.ring_seconds,
+        "talk_seconds": call.talk_seconds,
+        "recording": recording,
+        "token_hint": endpoint.token_hint,
+    }
+
+
+def timeline(call: Call) -> list[dict[str, Any]]:
+    """The call's events, oldest first."""
+    events = CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)
+    return [{"at": iso(e.at), "kind": e.kind, "detail": e.detail_dict} for e in events]
+
+
+def own_call(endpoint: Endpoint, raw_callid: str) -> Call:
+    """The endpoint's call by callid; 404 whether it does not exist or belongs to someone else."""
+    callid = parse_callid(raw_callid)
+    call = None
+    if callid is not None:
+        call = Call.get_or_none((Call.callid == callid) & (Call.endpoint == endpoint.id))
+    if call is None:
+        raise ApiError(404, "callid: no such call for this token")
+    return call
+
+
+def wake_dispatcher() -> None:
+    """Tell the engine a call row changed; the row is committed, so a failure here only logs."""
+    dispatcher = ctx().dispatcher
+    if dispatcher is None:
+        return
+    try:
+        dispatcher.wake()
+    except Exception:
+        log.exception("dispatcher wake failed")
+
+
+# Calls -------------------------------------------------------------------------------------------
+
+def _media(field: str, fetch: Callable[[], Any]) -> Any:
+    try:
+        return fetch()
+    except ValueError as exc:  # daemon.media.MediaError is a ValueError; its text is for the client
+        raise ApiError(400, f"{field}: {exc}") from None
+    except OSError:
+        log.exception("media store failed field=%s", field)
+        raise ApiError(503, f"{field}: the media store is unavailable; retry later",
+                       {"Retry-After": "5"}) from None
+
+
+def _create_answer(call: Call, endpoint: Endpoint, token: str) -> Response:
+    data = call_summary(call, endpoint)
+    data["token"] = token  # the seed echoes the token in the create answer, and only there
+    return envelope(data)
+
+
+@bp.route("/v1/calls", methods=["POST"], provide_automatic_options=False)
+def create_call() -> Response:
+    """Request a call bridge (immediate, or scheduled with ``call_date``)."""
+    c = ctx()
+    values = body_values()
+    endpoint, token = require_endpoint(values)
+    key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
+    now = c.clock()
+    req = parse_create(values, extension_pattern=endpoint.extension_pattern,
+                       allowed_prefixes=endpoint.allowed_prefixes, tz=endpoint_zone(endpoint.timezone),
+                       now=now, settings=c.settings)
+    if key is not None:
+        earlier = Call.get_or_none((Call.endpoint == endpoint.id) & (Call.idempotency_key == key))
+        if earlier is not None:
+            return _create_answer(earlier, endpoint, token)
+    play = _media("play_url", lambda: c.media.from_url(req.play_url, kind="play")) if req.play_url else None
+    spoken = _media("msg", lambda: c.media.speak(req.msg, req.msg_lang)) if req.msg else None
+    tone = (_media("dialtone_url", lambda: c.media.from_url(req.dialtone_url, kind="dialtone"))
+            if req.dialtone_url else None)
+    now = c.clock()  # media may have taken a while
+    due = max(req.due_at, now) if not req.scheduled else req.due_at
+    status = CallStatus.SCHEDULED if due > now + dt.timedelta(seconds=1) else CallStatus.QUEUED
+    try:
+        with database.atomic():
+            call = Call.create(
+                callid=secrets.token_hex(14), endpoint=endpoint.id, phone_a=req.phone_a, phone_b=req.phone_b,
+                play_url=req.play_url, msg=req.msg, msg_lang=req.msg_lang, dialtone_url=req.dialtone_url,
+                play_file=play.path if play else "", msg_file=spoken.path if spoken else "",
+                dialtone_file=tone.path if tone else "", idempotency_key=key, requested_at=now,
+                due_at=due, scheduled=req.scheduled, status=status.value)
+            add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=req.scheduled or None)
+    except IntegrityError:
+        # The same Idempotency-Key committed by a concurrent request between our look-up and insert.
+        earlier = None
+        if key is not None:
+            earlier = Call.get_or_none((Call.endpoint == endpoint.id) & (Call.idempotency_key == key))
+        if earlier is None:
+            raise
+        return _create_answer(earlier, endpoint, token)
+    c.metrics.calls_created.labels(kind="scheduled" if req.scheduled else "immediate").inc()
+    log_event(log, "api.call_requested", callid=call.callid, endpoint=endpoint.name,
+              token=endpoint.token_hint, status=status.value, due_at=iso(due))
+    wake_dispatcher()
+    return _create_answer(call, endpoint, token)
+
+
+def calls_page_query(endpoint_id: int, q: ListQuery) -> Any:
+    """The query behind one page of ``GET /v1/calls``: an (endpoint, id) index walk, newest first.
+
+    Keyset pagination (``id < cursor``) with ``LIMIT n+1``: no OFFSET, no COUNT, so a page costs the
+    same at a million calls as at ten.
+    """
+    query = Call.select().where(Call.endpoint == endpoint_id)
+    if q.cursor is not None:
+        query = query.where(Call.id < decode_id_cursor(q.cursor))
+    if q.statuses:
+        query = query.where(Call.status.in_(q.statuses))
+    if q.since is not None:
+        query = query.where(Call.requested_at >= q.since)
+    if q.until is not None:
+        query = query.where(Call.requested_at < q.until)
+    return query.order_by(Call.id.desc()).limit(q.limit + 1)
+
+
+@bp.route("/v1/calls", methods=["GET"], provide_automatic_options=False)
+def list_calls() -> Response:
+    """The token's calls, newest first, keyset-paginated and filterable by status and request date."""
+    args = query_values()
+    endpoint, _ = require_endpoint(args)
+    q = parse_list_query(args, endpoint_zone(endpoint.timezone))
+    rows = list(calls_page_query(endpoint.id, q))
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    return envelope({"calls": [call_summary(r, endpoint) for r in rows],
+                     "next_cursor": encode_id_cursor(rows[-1].id) if more else None})
+
+
+@bp.route("/v1/calls/<callid>", methods=["GET"], provide_automatic_options=False)
+def read_call(callid: str) -> Response:
+    """One of the token's calls with its timeline."""
+    endpoint, _ = require_endpoint(query_values())
+    call = own_call(endpoint, callid)
+    data = call_summary(call, endpoint)
+    data["timeline"] = timeline(call)
+    return envelope(data)
+
+
+@bp.route("/v1/calls/<callid>/recording", methods=["GET"], provide_automatic_options=False)
+def read_recording(callid: str) -> Response:
+    """The call's recording (audio), when the endpoint records and the file is still kept."""
+    endpoint, _ = require_endpoint(query_values())
+    call = own_call(endpoint, callid)
+    path = call.recording_path
+    if not path or not os.path.isabs(path) or not os.path.isfile(path):
+        raise ApiError(404, "recording: none for this call")
+    return send_file(path, mimetype="audio/wav" if path.endswith(".wav") else None, conditional=True)
+
+
+# Scheduled ---------------------------------------------------------------------------------------
+
+def scheduled_page_rows(endpoint_id: int, q: ListQuery) -> list[Call]:
+    """Up to ``limit + 1`` pending scheduled calls after the cursor, by (due_at, id).
+
+    One query per pending status, each an ordered walk of the (endpoint, status, due_at) index (no
+    sort of all pending calls), merged here.
+    """
+    after = decode_due_cursor(q.cursor) if q.cursor is not None else None
+    rows: list[Call] = []
+    for status in PENDING_STATUSES:
+        query = Call.select().where((Call.endpoint == endpoint_id) & (Call.status == status.value)
+                                    & (Call.scheduled == True))  # noqa: E712 (peewee expression)
+        if after is not None:
+            query = query.where(Tuple(Call.due_at, Call.id) > Tuple(*after))
+        rows.extend(query.order_by(Call.due_at, Call.id).limit(q.limit + 1))
+    rows.sort(key=lambda r: (r.due_at, r.id))
+    return rows[: q.limit + 1]
+
+
+@bp.route("/v1/scheduled", methods=["GET"], provide_automatic_options=False)
+def list_scheduled() -> Response:
+    """The token's scheduled calls that have not started yet, soonest first."""
+    args = query_values()
+    endpoint, _ = require_endpoint(args)
+    q = parse_list_query(args, endpoint_zone(endpoint.timezone))
+    rows = scheduled_page_rows(endpoint.id, q)
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    return envelope({"calls": [call_summary(r, endpoint) for r in rows],
+                     "next_cursor": encode_due_cursor(rows[-1].due_at, rows[-1].id) if more else None})
+
+
+def _cancel(callid: str, values: Mapping[str, Any]) -> Response:
+    c = ctx()
+    endpoint, _ = require_endpoint(values)
+    call = own_call(endpoint, callid)
+    now = c.clock()
+    with database.atomic():
+        # The mirror of the dispatcher's claim: whichever conditional UPDATE commits first wins.
+        changed = (Call.update(status=CallStatus.CANCELED.value, canceled_at=now, canceled_by=endpoint.name,
+                               reason="canceled through the API")
+                   .where((Call.id == call.id) & (Call.endpoint == endpoint.id)
+                          & (Call.status.in_([s.value for s in PENDING_STATUSES])))
+                   .execute())
+        if changed == 1:
+            add_event(call.id, "canceled", at=now, by=endpoint.name)
+    fresh = Call.get_by_id(call.id)
+    if changed != 1:
+        status = CallStatus(fresh.status)
+        if status in FINAL_STATUSES:
+            desc = f"callid: the call is already final (status {status.value})"
+        else:
+            desc = f"callid: the call already started (status {status.value})"
+        raise ApiError(409, desc, extra={"callid": fresh.callid, "status": status.value})
+    c.metrics.calls_final.labels(CallStatus.CANCELED.value, "").inc()
+    log_event(log, "api.call_canceled", callid=fresh.callid, endpoint=endpoint.name,
+              token=endpoint.token_hint)
+    wake_dispatcher()
+    return envelope(call_summary(fresh, endpoint))
+
+
+@bp.route("/v1/scheduled/<callid>", methods=["DELETE"], provide_automatic_options=False)
+def cancel_scheduled(callid: str) -> Response:
+    """Cancel a call that has not started (the row stays, status ``canceled``)."""
+    values = dict(query_values())
+    values.update(body_values())
+    return _cancel(callid, values)
+
+
+@bp.route("/v1/scheduled/<callid>/cancel", methods=["POST"], provide_automatic_options=False)
+def cancel_scheduled_post(callid: str) -> Response:
+    """The same as DELETE, for clients that can only POST."""
+    values = dict(query_values())
+    values.update(body_values())
+    return _cancel(callid, values)
+
+
+# Service -----------------------------------------------------------------------------------------
+
+@bp.route("/healthz", methods=["GET"], provide_automatic_options=False)
+def healthz() -> Response:
+    """200 while the process serves."""
+    return envelope({"status": "ok"})
+
+
+def database_ready() -> bool:
+    """True when the store answers and can take its write lock right now."""
+    try:
+        db = database.obj
+        if isinstance(db, SqliteDatabase):
+            if db.in_transaction():
+                return True  # a request in this process holds it: the store is clearly working
+            db.execute_sql("BEGIN IMMEDIATE")
+            db.execute_sql("ROLLBACK")
+        else:
+            database.execute_sql("SELECT 1")
+        return True
+    except Exception:
+        log.warning("readiness: database check failed", exc_info=True)
+        return False
+
+
+@bp.route("/readyz", methods=["GET"], provide_automatic_options=False)
+def readyz() -> Response:
+    """200 when every check (the injected ones and the database) passes, else 503; JSON either way."""
+    checks: dict[str, bool] = {}
+    readiness = ctx().readiness
+    if readiness is not None:
+        try:
+            checks.update({str(k): bool(v) for k, v in readiness().items()})
+        except Exception:
+            log.exception("readiness callable failed")
+            checks["readiness"] = False
+    checks["database"] = checks.get("database", True) and database_ready()
+    failing = sorted(name for name, ok in checks.items() if not ok)
+    status = 503 if failing else 200
+    return envelope({"ready": not failing, "checks": checks}, status,
+                    f"not ready: {', '.join(failing)}" if failing else "")
+
+
+@bp.route("/metrics", methods=["GET"], provide_automatic_options=False)
+def metrics() -> Response:
+    """Prometheus text exposition (not in the envelope: scrapers expect the raw format)."""
+    m = ctx().metrics
+    return Response(m.render(), status=200, content_type=m.content_type)
+
+
+@bp.route("/media/<sha256>.wav", methods=["GET"], provide_automatic_options=False)
+def media_file(sha256: str) -> Response:
+    """A prompt by its content hash, for a FreeSWITCH on another host (no token: the hash is the secret)."""
+    if not SHA256_RE.fullmatch(sha256):
+        raise ApiError(404, "media: no such file")
+    path = ctx().media.path_for_sha(sha256)
+    if not path or not os.path.isfile(path):
+        raise ApiError(404, "media: no such file")
+    response = send_file(path, mimetype="audio/wav", conditional=True, max_age=86400)
+    response.headers["Cache-Control"] = "public, max-age=86400, immutable"
+    return response
+
+
+@bp.route("/v1/openapi.json", methods=["GET"], provide_automatic_options=False)
+def openapi() -> Response:
+    """The OpenAPI document (the raw document, not in the envelope, so tools can read it)."""
+    from webapi.openapi import openapi_document
+
+    document = openapi_document(ctx().settings)
+    return Response(json.dumps(document, indent=1) + "\n", mimetype="application/json")
+
+
+# Errors raised by validation helpers -------------------------------------------------------------
+
+def validation_error_response(error: ValidationError) -> Response:
+    """400 naming the field and the rule."""
+    return envelope(None, 400, str(error))

@@ -26,10 +26,10 @@ import gevent.lock
 
 from daemon import fscommands as fs
 from daemon.config import Settings
-from daemon.esl import EslConnection, EslDisconnected, EslError, EslEvent
+from daemon.esl import EslConnection, EslError, EslEvent
 from daemon.journal import Journal
 from daemon.logs import log_event
-from daemon.sequence import CallOptions, CallSequence, Reconnected, Stop
+from daemon.sequence import CallOptions, CallSequence, NotSent, Reconnected, Stop
 from daemon.store import IN_FLIGHT_STATUSES, Call, Endpoint
 
 log = logging.getLogger("callbridge.engine")
@@ -148,7 +148,7 @@ class Engine:
     def _conn(self) -> EslConnection:
         conn = self.conn
         if conn is None or not conn.connected:
-            raise EslDisconnected("not connected to FreeSWITCH")
+            raise NotSent("not connected to FreeSWITCH")
         return conn
 
     def api(self, command: str) -> str:

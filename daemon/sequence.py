@@ -37,7 +37,7 @@ import gevent
 import gevent.queue
 
 from daemon import fscommands as fs
-from daemon.esl import EslError, EslEvent
+from daemon.esl import EslDisconnected, EslError, EslEvent
 from daemon.journal import Journal
 from daemon.store import Call, CallStatus, Endpoint
 
@@ -52,11 +52,16 @@ CALLER_GONE = {"ORIGINATOR_CANCEL", "LOSE_RACE", "PICKED_OFF"}
 class Switch(Protocol):
     """What a sequence needs from the engine's Event Socket connection."""
 
-    def api(self, command: str) -> str: ...
+    def api(self, command: str) -> str: ...  # raises NotSent when there is no connection
     def bgapi(self, command: str, job_uuid: str) -> str: ...
     def send_message(self, message: str) -> Any: ...
     def route(self, key: str, sequence: CallSequence) -> None: ...
     def unroute(self, key: str) -> None: ...
+
+
+class NotSent(EslDisconnected):
+    """The command was not sent: there was no connection. Unlike a command lost in flight, it is safe
+    to send again once connected."""
 
 
 class Reconnected:
@@ -132,6 +137,7 @@ class CallSequence:
         self.apps_queued = False
         self.recording = False
         self.connection_lost = False
+        self.dial_pending = False
         self.done = False
         self.greenlet: gevent.Greenlet | None = None
 
@@ -162,7 +168,9 @@ class CallSequence:
                     self.journal.step(self.call, "daemon_stopped", phase=self.phase.value,
                                       note="call left to FreeSWITCH; reconciled at next start")
                     return
-                if isinstance(item, Reconnected):
+                if isinstance(item, Reconnected) and self.dial_pending:
+                    self._dial_a()
+                elif isinstance(item, Reconnected):
                     self._reconcile(item.restarted)
                 else:
                     self._on_event(item)
@@ -186,9 +194,14 @@ class CallSequence:
     def _dial_a(self) -> None:
         command = fs.originate_a(template=self.endpoint.dial_string, phone=self.call.phone_a,
                                  variables=self._leg_vars(self.a.uuid))
+        self.dial_pending = False
         self.journal.step(self.call, "dialing_a", phone=self.call.phone_a, a_uuid=self.a.uuid)
         try:
             reply = self.switch.bgapi(command, self.job_uuid)
+        except NotSent:
+            self.dial_pending = True  # never reached FreeSWITCH: dial once connected
+            self.journal.step(self.call, "waiting_for_switch", phase="dialing_a")
+            return
         except EslError as exc:
             # The originate may or may not have reached FreeSWITCH: never send it again; find out.
             self.connection_lost = True
@@ -370,8 +383,10 @@ class CallSequence:
                          reason="B was not reached")
         elif self.phase == Phase.DIALING_B:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up while B was ringing")
-        else:
+        elif self.call.play_file or self.call.msg_file:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up during the prompts")
+        else:
+            self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up before B was dialed")
 
     def _finish(self, status: CallStatus, **fields: Any) -> None:
         if self.done:
@@ -404,9 +419,8 @@ class CallSequence:
         if restarted:
             self.journal.step(self.call, "switch_restarted")
             self.a.gone = self.b.gone = True
-            self._finish(CallStatus.COMPLETED if self.call.bridged_at else CallStatus.FAILED,
-                         failed_leg="" if self.call.bridged_at else "a",
-                         reason="FreeSWITCH restarted during the call")
+            # No leg failed: the switch did. Both legs vanished with it, causes unknown.
+            self._finish(CallStatus.FAILED, reason="FreeSWITCH restarted during the call")
             return
         try:
             a_alive = self._exists(self.a.uuid)

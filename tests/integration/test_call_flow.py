@@ -1,0 +1,183 @@
+"""What a call does and what each person hears, through the daemon and the switch over TCP."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+import gevent
+import pytest
+
+from daemon.store import Call
+from tests.integration.conftest import SCALE, Harness, needs_standin, wait_for
+
+
+def segments(switch: Any, leg_uuid: str) -> list[dict[str, Any]]:
+    return [dict(s) for s in switch.heard(leg_uuid)]
+
+
+@needs_standin()
+def test_a_hears_the_prompts_in_order_then_the_dialtone_only_while_b_rings_then_b(harness: Harness) -> None:
+    call = harness.wait_final(harness.place(harness.endpoint(), "15550000401", "15550001401"), timeout=30)
+    assert call.status == "completed", harness.timeline(call)
+    heard = segments(harness.switch, call.a_uuid)
+    kinds = [(s["kind"], s["source"]) for s in heard]
+    files = [k for k in kinds if k[0] == "file"]
+    assert files[:2] == [("file", harness.prompt), ("file", harness.message)], kinds
+    ringback = [s for s in heard if s["kind"] == "ringback"]
+    assert len(ringback) == 1 and ringback[0]["source"] == harness.dialtone, kinds
+    bridge = [s for s in heard if s["kind"] == "bridge"]
+    assert len(bridge) == 1 and bridge[0]["source"] == call.b_uuid, kinds
+    message = next(s for s in heard if s["kind"] == "file" and s["source"] == harness.message)
+    # No gap, no overlap: the ringback starts when the prompts end and stops when B is heard.
+    assert ringback[0]["start"] >= message["end"] - 0.05
+    assert ringback[0]["end"] == pytest.approx(bridge[0]["start"], abs=0.25)
+    assert ringback[0]["end"] - ringback[0]["start"] == pytest.approx(2.0, abs=0.5)  # B rings 2 s
+    b = harness.switch.channel(call.b_uuid)
+    assert b.variables.get("cb_callid") == call.callid
+    assert b.variables.get("origination_caller_id_number") == "15551230000"
+
+
+@needs_standin()
+def test_without_a_dialtone_a_hears_the_endpoints_ring_tone_and_never_b_early_media(harness: Harness) -> None:
+    endpoint = harness.endpoint(ring_tone="%(1000,3000,425)")
+    call = harness.wait_final(harness.place(endpoint, "15550000402", "15550007402", dialtone=False), timeout=30)
+    assert call.status == "completed", harness.timeline(call)
+    heard = segments(harness.switch, call.a_uuid)
+    kinds = [s["kind"] for s in heard]
+    assert "early_media" not in kinds
+    ringback = [s for s in heard if s["kind"] == "ringback"]
+    assert ringback and ringback[0]["source"] == "%(1000,3000,425)", heard
+
+
+@needs_standin()
+def test_a_hangs_up_during_the_prompts(harness: Harness) -> None:
+    call = harness.place(harness.endpoint(), "15550000403", "15550001403")
+    harness.wait_status(call, "a_answered")
+    fresh = Call.get_by_id(call.id)
+    harness.switch.far_end_hangup(fresh.a_uuid)
+    done = harness.wait_final(call)
+    assert (done.status, done.failed_leg, done.reason) == ("failed", "a", "A hung up during the prompts")
+    assert done.a_cause == "NORMAL_CLEARING"
+    assert harness.switch.channel(done.b_uuid) is None  # B was never dialed
+
+
+@needs_standin()
+def test_a_hangs_up_while_b_rings_and_b_is_cancelled(harness: Harness) -> None:
+    call = harness.place(harness.endpoint(), "15550000404", "15550004404")  # B never answers
+    harness.wait_status(call, "dialing_b")
+    fresh = Call.get_by_id(call.id)
+    assert wait_for(lambda: harness.switch.channel(fresh.b_uuid) is not None, 5)
+    harness.switch.far_end_hangup(fresh.a_uuid)
+    done = harness.wait_final(call)
+    assert (done.status, done.failed_leg) == ("failed", "a"), harness.timeline(done)
+    assert done.reason == "A hung up while B was ringing"
+    assert done.b_cause == "ORIGINATOR_CANCEL"
+    assert harness.switch.channel(done.b_uuid).hangup_cause == "ORIGINATOR_CANCEL"
+
+
+def test_b_hangs_up_first_and_a_is_hung_up(harness: Harness) -> None:
+    call = harness.wait_final(harness.place(harness.endpoint(), "15550000405", "15550006405"), timeout=30)
+    assert call.status == "completed"
+    assert call.b_cause == "NORMAL_CLEARING" and call.a_cause == "NORMAL_CLEARING"
+    assert call.talk_seconds is not None and call.talk_seconds > 0
+    assert call.ring_seconds is not None
+
+
+def test_recording_of_the_bridged_call(harness: Harness) -> None:
+    endpoint = harness.endpoint(record=True)
+    call = harness.wait_final(harness.place(endpoint, "15550000406", "15550006406"), timeout=30)
+    assert call.status == "completed"
+    assert call.recording_path.startswith(str(harness.settings.recordings_dir))
+    assert os.path.exists(call.recording_path)
+    assert call.recording_bytes and call.recording_bytes > 44
+    assert "recording_started" in harness.timeline(call)
+
+
+def test_maximum_duration_is_enforced_inside_freeswitch(harness: Harness) -> None:
+    endpoint = harness.endpoint(max_duration=10)  # both ends would stay up for 300 s
+    call = harness.wait_final(harness.place(endpoint, "15550000407", "15550000407", prompts=False), timeout=30)
+    assert call.status == "completed"
+    assert call.a_cause == "ALLOTTED_TIMEOUT"
+    assert call.talk_seconds is not None and call.talk_seconds < 300 * SCALE
+
+
+@needs_standin()
+def test_connection_dropped_before_the_originate_was_sent_dials_once_reconnected(harness: Harness) -> None:
+    call = harness.place(harness.endpoint(), "15550001408", "15550006408")
+    harness.wait_status(call, "dialing_a")
+    harness.switch.drop_connections()
+    done = harness.wait_final(call, timeout=30)
+    assert done.status == "completed", harness.timeline(done)
+    originates = [c for c in harness.switch.commands if c.text.startswith("bgapi originate") and done.a_uuid in c.text]
+    assert len(originates) == 1
+
+
+@needs_standin()
+def test_connection_dropped_with_the_originate_in_flight_is_reconciled_not_redialed(harness: Harness) -> None:
+    harness.switch.slow_replies(0.5)
+    call = harness.place(harness.endpoint(), "15550001414", "15550006414")
+    harness.wait_status(call, "dialing_a")
+    fresh = Call.get_by_id(call.id)
+    assert wait_for(lambda: any(c.text.startswith("bgapi originate") for c in harness.switch.commands), 5)
+    harness.switch.drop_connections()
+    harness.switch.slow_replies(0)
+    done = harness.wait_final(call, timeout=30)
+    timeline = harness.timeline(done)
+    assert "connection_lost" in timeline and "reconciled" in timeline, timeline
+    # The outcome is what the switch really did with the one originate it got, never a second dial.
+    if harness.switch.channel(fresh.a_uuid) is None:
+        assert (done.status, done.failed_leg, done.reason) == ("failed", "a", "interrupted")
+    else:
+        assert done.status == "completed", timeline
+    originates = [c for c in harness.switch.commands if c.text.startswith("bgapi originate") and fresh.a_uuid in c.text]
+    assert len(originates) == 1
+
+
+@needs_standin()
+def test_connection_dropped_while_bridged_keeps_the_call(harness: Harness) -> None:
+    call = harness.place(harness.endpoint(), "15550000409", "15550001409")  # B talks 60 s
+    harness.wait_status(call, "bridged")
+    harness.switch.drop_connections()
+    assert wait_for(lambda: harness.service.metrics.esl_reconnects._value.get() >= 1, 5)
+    done = harness.wait_final(call, timeout=30)
+    assert done.status == "completed", harness.timeline(done)
+    assert done.b_cause == "NORMAL_CLEARING"
+
+
+@needs_standin()
+def test_switch_restart_mid_call_fails_the_call_with_that_reason(harness: Harness) -> None:
+    call = harness.place(harness.endpoint(), "15550000410", "15550001410")
+    harness.wait_status(call, "bridged")
+    harness.switch.restart()
+    done = harness.wait_final(call, timeout=30)
+    assert (done.status, done.reason) == ("failed", "FreeSWITCH restarted during the call")
+
+
+def test_per_endpoint_limit_is_never_exceeded(harness: Harness) -> None:
+    endpoint = harness.endpoint(max_in_flight=10)
+    peak = 0
+
+    def watch(*_: Any) -> None:
+        nonlocal peak
+        peak = max(peak, harness.service.engine.in_flight_by_endpoint[endpoint.id])
+
+    harness.service.journal.listeners.append(watch)
+    calls = [harness.place(endpoint, "15550000411", "15550006412", prompts=False) for _ in range(200)]
+    for call in calls:
+        harness.wait_final(call, timeout=60)
+    assert peak == 10
+    outcomes = Counter((c.status, c.reason) for c in Call.select())
+    assert outcomes == {("completed", ""): 200}
+
+
+def test_nothing_is_dialed_twice_under_load(harness: Harness) -> None:
+    endpoint = harness.endpoint(max_in_flight=50)
+    calls = [harness.place(endpoint, "15550000413", "15550006413", prompts=False) for _ in range(60)]
+    gevent.joinall([gevent.spawn(harness.wait_final, c, 60) for c in calls], raise_error=True)
+    if hasattr(harness.switch, "commands"):
+        originates = [c.text for c in harness.switch.commands if c.text.startswith("bgapi originate")]
+        a_uuids = [Call.get_by_id(c.id).a_uuid for c in calls]
+        assert all(sum(u in text for text in originates) == 1 for u in a_uuids)
+    assert {Call.get_by_id(c.id).status for c in calls} == {"completed"}

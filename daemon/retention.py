@@ -1,0 +1,132 @@
+"""Recording retention: delete recordings older than ``recordings_retention_days``, hourly.
+
+Two passes, both bounded and both safe to repeat:
+
+1. Calls whose recording is older than the cutoff (by the call's end, else its start or request):
+   the file is deleted and the call's ``recording_path`` is cleared (its length and size stay, and a
+   ``recording_expired`` step goes on the timeline), so ``GET /v1/calls/<callid>/recording`` answers
+   404 from then on.
+2. Files under ``recordings_dir`` last written before the cutoff that no kept call points at (left by
+   a crash, or by a call row deleted by hand) are deleted too.
+
+Only files inside ``recordings_dir`` are ever deleted, whatever a row says. ``recordings_retention_days
+= 0`` keeps recordings forever. The sweep takes ``now`` as a parameter, so tests drive it without a clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import gevent
+import gevent.event
+from peewee import fn
+
+from daemon.config import Settings
+from daemon.logs import log_event
+from daemon.store import Call, add_event, utcnow
+
+log = logging.getLogger("callbridge.retention")
+
+INTERVAL = 3600.0  # seconds between sweeps
+BATCH = 500
+
+
+class Retention:
+    """Deletes expired recordings; ``start()`` runs :meth:`sweep` now and then every ``interval`` seconds."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], dt.datetime] = utcnow,
+                 interval: float = INTERVAL) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.interval = interval
+        self._stop = gevent.event.Event()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._greenlet = gevent.spawn(self._loop)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._greenlet is not None:
+            self._greenlet.join(timeout=5)
+            self._greenlet = None
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.sweep(self.clock())
+            except Exception:
+                log.exception("recording retention sweep failed")
+            if self._stop.wait(timeout=self.interval):  # the interruptible sleep
+                return
+
+    def _inside(self, path: str) -> Path | None:
+        """``path`` resolved, when it lies inside recordings_dir; None otherwise."""
+        root = self.settings.recordings_dir.resolve()
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError):
+            return None
+        return resolved if resolved.is_relative_to(root) and resolved != root else None
+
+    def sweep(self, now: dt.datetime) -> int:
+        """Delete what expired at ``now``; returns how many recordings (files or call references) went."""
+        days = self.settings.recordings_retention_days
+        if days <= 0:
+            return 0
+        cutoff = now - dt.timedelta(days=days)
+        removed = self._expire_calls(cutoff, now)
+        removed += self._remove_orphans(cutoff)
+        if removed:
+            log_event(log, "recordings.expired", count=removed, older_than_days=days)
+        return removed
+
+    def _expire_calls(self, cutoff: dt.datetime, now: dt.datetime) -> int:
+        age = fn.COALESCE(Call.ended_at, Call.started_at, Call.requested_at)
+        removed = 0
+        while True:
+            batch = list(Call.select(Call.id, Call.callid, Call.recording_path)
+                         .where((Call.recording_path != "") & (age < cutoff))
+                         .order_by(Call.id).limit(BATCH))
+            for call in batch:
+                inside = self._inside(call.recording_path)
+                if inside is not None:
+                    try:
+                        inside.unlink(missing_ok=True)
+                    except OSError as exc:
+                        log_event(log, "recording.delete_failed", logging.WARNING, callid=call.callid,
+                                  error=str(exc))
+                Call.update(recording_path="").where(Call.id == call.id).execute()
+                add_event(call.id, "recording_expired", at=now, retention_days=self.settings.recordings_retention_days)
+                removed += 1
+            if len(batch) < BATCH:
+                return removed
+
+    def _remove_orphans(self, cutoff: dt.datetime) -> int:
+        root = self.settings.recordings_dir
+        if not root.is_dir():
+            return 0
+        limit = cutoff.replace(tzinfo=dt.UTC).timestamp()
+        removed = 0
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                path = Path(dirpath) / name
+                try:
+                    if path.is_symlink() or path.stat().st_mtime >= limit:
+                        continue
+                except OSError:
+                    continue
+                if Call.select().where(Call.recording_path == str(path)).exists():
+                    continue  # a kept call still points at it (its row is newer than the file)
+                try:
+                    path.unlink()
+                except OSError as exc:
+                    log_event(log, "recording.delete_failed", logging.WARNING, path=str(path), error=str(exc))
+                    continue
+                removed += 1
+        return removed

@@ -1,0 +1,352 @@
+"""Status webhooks: an outbox in the database and a sender greenlet that delivers it.
+
+When a call changes status, :meth:`Webhooks.on_status` (a :class:`daemon.journal.Journal` listener)
+inserts one :class:`daemon.store.WebhookDelivery` row for the call's endpoint if the endpoint has a
+``webhook_url``, and wakes the sender. That is one short insert: the call never waits on a receiver.
+
+The rows are the queue. The sender picks the pending rows that are due, POSTs each one's frozen JSON
+body, and marks it ``delivered`` on a 2xx answer. Anything else (another status, a refused connection,
+no answer within ``webhook_timeout``) is retried with exponential backoff and jitter until
+``webhook_retry_for`` seconds after the row was created; then the row is marked ``failed``. A row is
+only marked after the attempt, so a crash or restart sends it again: delivery is at least once, and
+receivers de-duplicate on the event id.
+
+Each request carries::
+
+    X-Callbridge-Event-Id: <uuid4, the same on every retry>
+    X-Callbridge-Timestamp: <unix seconds of this attempt>
+    X-Callbridge-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>" under the endpoint's secret>
+
+Receivers check them with :func:`verify_signature`. A receiver that never answers cannot stall the
+others: requests run in a bounded gevent pool, each endpoint has at most ``per_endpoint`` requests in
+flight, and every request has a timeout.
+
+The API process writes a cancel itself; it reports the status with :func:`enqueue_status` (inside its
+transaction). The sender also looks at the outbox at least once a second, so rows written without a
+``wake()`` (another process, the API) go out within a second.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.socket
+import gevent.ssl
+from peewee import fn
+
+from daemon.config import Settings
+from daemon.logs import log_event
+from daemon.metrics import Metrics
+from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, utcnow
+
+log = logging.getLogger("callbridge.webhooks")
+
+# Every status a client hears about. ``scheduled`` is the answer to the request itself, so it is not sent.
+WEBHOOK_STATUSES = frozenset(set(CallStatus) - {CallStatus.SCHEDULED})
+
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+MAX_SLEEP = 1.0  # look at the outbox at least this often (rows written by the API or another process)
+KEEP_FINISHED = dt.timedelta(days=7)  # delivered and failed rows are kept this long, for inspection
+PRUNE_EVERY = dt.timedelta(hours=1)
+USER_AGENT = "callbridge-webhooks/1"
+
+# (url, body, headers, timeout) -> HTTP status code; raises OSError (or any Exception) when no answer.
+Transport = Callable[[str, bytes, Mapping[str, str], float], int]
+Clock = Callable[[], dt.datetime]
+
+
+def sign(secret: str, timestamp: int | str, body: bytes) -> str:
+    """The ``X-Callbridge-Signature`` value for ``body`` sent at ``timestamp``."""
+    message = str(timestamp).encode("ascii") + b"." + body
+    return "sha256=" + hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: str, timestamp: str | int, body: bytes | str, header: str,
+                     tolerance: int = 300, now: float | None = None) -> bool:
+    """For receivers: True when ``header`` signs ``body`` at ``timestamp`` and the timestamp is fresh.
+
+    ``timestamp`` is the ``X-Callbridge-Timestamp`` header, ``header`` the ``X-Callbridge-Signature``
+    header, ``body`` the raw request body (bytes as received, not re-serialised JSON). A timestamp
+    more than ``tolerance`` seconds away from ``now`` (default: the current time) is refused, so a
+    captured request cannot be replayed later; de-duplicate on ``X-Callbridge-Event-Id`` as well.
+    """
+    try:
+        ts = int(str(timestamp).strip())
+    except ValueError:
+        return False
+    current = time.time() if now is None else now
+    if abs(current - ts) > tolerance:
+        return False
+    raw = body.encode("utf-8") if isinstance(body, str) else body
+    return hmac.compare_digest(sign(secret, ts, raw), header.strip())
+
+
+def _iso(when: dt.datetime | None) -> str | None:
+    return None if when is None else when.isoformat(timespec="milliseconds") + "Z"
+
+
+def _unix(when: dt.datetime) -> int:
+    return int(when.replace(tzinfo=dt.UTC).timestamp())
+
+
+def event_payload(call: Call, status: CallStatus, event_id: str, created_at: dt.datetime,
+                  detail: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON object one webhook carries: the event, then the call as it stands after the change."""
+    recording = None
+    if call.recording_path:
+        recording = {"seconds": call.recording_seconds, "bytes": call.recording_bytes,
+                     "url": f"/v1/calls/{call.callid}/recording"}
+    return {
+        "event_id": event_id,
+        "type": "call.status",
+        "created_at": _iso(created_at),
+        "callid": call.callid,
+        "status": status.value,
+        "final": status.final,
+        "phone_a": call.phone_a,
+        "phone_b": call.phone_b,
+        "scheduled": bool(call.scheduled),
+        "due_at": _iso(call.due_at),
+        "requested_at": _iso(call.requested_at),
+        "started_at": _iso(call.started_at),
+        "a_answered_at": _iso(call.a_answered_at),
+        "bridged_at": _iso(call.bridged_at),
+        "ended_at": _iso(call.ended_at),
+        "canceled_at": _iso(call.canceled_at),
+        "failed_leg": call.failed_leg,
+        "a_cause": call.a_cause,
+        "b_cause": call.b_cause,
+        "reason": call.reason,
+        "ring_seconds": call.ring_seconds,
+        "talk_seconds": call.talk_seconds,
+        "recording": recording,
+        "detail": {k: v for k, v in (detail or {}).items() if isinstance(v, str | int | float | bool)},
+    }
+
+
+def enqueue_status(call: Call, status: CallStatus, detail: Mapping[str, Any] | None = None,
+                   now: dt.datetime | None = None) -> WebhookDelivery | None:
+    """Put one event for this status change in the outbox; None when the endpoint has no webhook.
+
+    One indexed read and one insert, no network: safe inside the caller's transaction (the API's
+    cancel calls it there, so the event commits with the cancel or not at all).
+    """
+    status = CallStatus(status)
+    if status not in WEBHOOK_STATUSES:
+        return None
+    endpoint_id = call.endpoint_id  # type: ignore[attr-defined]  # peewee's FK column attribute
+    url = (Endpoint.select(Endpoint.webhook_url).where(Endpoint.id == endpoint_id)  # type: ignore[attr-defined]
+           .scalar())
+    if not url:
+        return None
+    created = now or utcnow()
+    event_id = str(uuid.uuid4())
+    body = json.dumps(event_payload(call, status, event_id, created, detail), separators=(",", ":"),
+                      sort_keys=True)
+    return WebhookDelivery.create(event_id=event_id, endpoint=endpoint_id, callid=call.callid,
+                                  status=status.value, payload=body, created_at=created,
+                                  next_attempt_at=created)
+
+
+def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
+    """POST with gevent sockets (cooperative with or without monkey patching); returns the status code.
+
+    ``timeout`` bounds the connection and each read; the whole exchange is also bounded by a
+    gevent.Timeout of twice that, so a receiver trickling bytes cannot hold a pool slot forever.
+    """
+    parts = urlsplit(url)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout,
+                                           context=gevent.ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    conn._create_connection = gevent.socket.create_connection  # type: ignore[attr-defined]
+    try:
+        with gevent.Timeout(timeout * 2, TimeoutError(f"no complete answer within {timeout * 2:g} s")):
+            conn.request("POST", target, body=body, headers=dict(headers))
+            response = conn.getresponse()
+            response.read(64 * 1024)  # drain a little so keep-alive servers see a clean close
+            return int(response.status)
+    finally:
+        conn.close()
+
+
+class Webhooks:
+    """The outbox's writer (a Journal listener) and its sender greenlet."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, clock: Clock = utcnow, *,
+                 transport: Transport = http_post, pool_size: int = 20, per_endpoint: int = 2,
+                 backoff_base: float = 5.0, backoff_max: float = 3600.0,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.transport = transport
+        self.per_endpoint = per_endpoint
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.wall_clock = wall_clock
+        self.pool = gevent.pool.Pool(pool_size)
+        self._wake = gevent.event.Event()
+        self._running = False
+        self._greenlet: gevent.Greenlet | None = None
+        self._in_flight: dict[int, int] = {}  # row id -> endpoint id
+        self._random = random.Random()
+        self._pruned_at: dt.datetime | None = None
+
+    # -- the listener -------------------------------------------------------------------------------
+    def on_status(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> None:
+        """Journal listener: one outbox row for this change (if the endpoint has a webhook), then wake."""
+        if enqueue_status(call, status, detail, now=self.clock()) is not None:
+            self.wake()
+
+    # -- control ------------------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Rows were added: look at the outbox now."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start sending; pending rows left by a previous run go first (they are already due)."""
+        if self._running:
+            return
+        self._running = True
+        self._greenlet = gevent.spawn(self._loop)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop sending. Requests still running after ``grace`` are dropped; their rows stay pending."""
+        self._running = False
+        self._wake.set()
+        if self._greenlet is not None:
+            self._greenlet.join(timeout=5)
+            self._greenlet = None
+        self.pool.join(timeout=grace)
+        self.pool.kill(block=True, timeout=2)
+        self._in_flight.clear()
+
+    # -- the sender ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self._running:
+            self._wake.clear()
+            try:
+                delay = self.tick(self.clock())
+            except Exception:
+                log.exception("webhook tick failed")
+                delay = MAX_SLEEP
+            self._wake.wait(timeout=max(0.0, min(delay, MAX_SLEEP)))
+
+    def tick(self, now: dt.datetime) -> float:
+        """Hand the due pending rows to the pool (within its limits); return seconds until the next is due."""
+        if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY:
+            self.prune(now)
+        busy: dict[int, int] = {}
+        for endpoint_id in self._in_flight.values():
+            busy[endpoint_id] = busy.get(endpoint_id, 0) + 1
+        is_due = (WebhookDelivery.state == PENDING) & (WebhookDelivery.next_attempt_at <= now)
+        # Endpoint by endpoint, oldest due first, so a backlog for one receiver cannot hide the others'.
+        endpoints = (WebhookDelivery.select(WebhookDelivery.endpoint).where(is_due)
+                     .group_by(WebhookDelivery.endpoint).order_by(fn.MIN(WebhookDelivery.next_attempt_at)))
+        for endpoint_id in [int(e.endpoint_id) for e in endpoints]:  # type: ignore[attr-defined]
+            room = self.per_endpoint - busy.get(endpoint_id, 0)
+            if room <= 0:
+                continue
+            rows = (WebhookDelivery.select(WebhookDelivery.id)
+                    .where(is_due & (WebhookDelivery.endpoint == endpoint_id)
+                           & WebhookDelivery.id.not_in(list(self._in_flight) or [0]))
+                    .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id).limit(room))
+            for row in list(rows):
+                if self.pool.free_count() == 0:
+                    return MAX_SLEEP  # woken again as soon as a request finishes
+                self._in_flight[int(row.id)] = endpoint_id
+                self.pool.spawn(self._attempt, int(row.id))
+        following = (WebhookDelivery.select(WebhookDelivery.next_attempt_at)
+                     .where((WebhookDelivery.state == PENDING) & (WebhookDelivery.next_attempt_at > now))
+                     .order_by(WebhookDelivery.next_attempt_at).limit(1).scalar())
+        if following is None:
+            return MAX_SLEEP
+        return max(0.0, (following - now).total_seconds())
+
+    def prune(self, now: dt.datetime) -> int:
+        """Delete delivered and failed rows finished more than KEEP_FINISHED ago; pending rows stay."""
+        self._pruned_at = now
+        return int(WebhookDelivery.delete()
+                   .where((WebhookDelivery.state != PENDING) & (WebhookDelivery.finished_at < now - KEEP_FINISHED))
+                   .execute())
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before retry number ``attempts`` + 1: doubling from ``backoff_base``, capped, jittered."""
+        delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1))
+        return delay * self._random.uniform(0.5, 1.0)  # jitter: receivers coming back are not stampeded
+
+    def _attempt(self, row_id: int) -> None:
+        try:
+            self.deliver(row_id)
+        except Exception:
+            log.exception("webhook delivery failed", extra={"row": row_id})
+        finally:
+            self._in_flight.pop(row_id, None)
+            self._wake.set()  # a slot is free
+
+    def deliver(self, row_id: int) -> str:
+        """One attempt at one row; returns its state afterwards."""
+        row = WebhookDelivery.get_or_none(WebhookDelivery.id == row_id)
+        if row is None or row.state != PENDING:
+            return row.state if row is not None else FAILED
+        endpoint = Endpoint.get_by_id(row.endpoint_id)  # type: ignore[attr-defined]
+        code: int | None = None
+        error = ""
+        if not endpoint.webhook_url:
+            error = "the endpoint has no webhook_url any more"
+        else:
+            body = row.payload.encode("utf-8")
+            timestamp = int(self.wall_clock())
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+                "X-Callbridge-Event-Id": row.event_id,
+                "X-Callbridge-Timestamp": str(timestamp),
+                "X-Callbridge-Signature": sign(endpoint.webhook_secret, timestamp, body),
+            }
+            try:
+                code = self.transport(endpoint.webhook_url, body, headers, self.settings.webhook_timeout)
+                if not 200 <= code < 300:
+                    error = f"HTTP {code}"
+            except Exception as exc:  # refused, reset, timed out, bad URL: all retried the same way
+                error = f"{type(exc).__name__}: {exc}"[:200]
+        now = self.clock()
+        attempts = row.attempts + 1
+        fields: dict[str, Any] = {"attempts": attempts, "last_status_code": code, "last_error": error}
+        deadline = row.created_at + dt.timedelta(seconds=self.settings.webhook_retry_for)
+        if not error:
+            fields.update(state=DELIVERED, finished_at=now)
+            result = DELIVERED
+        elif now >= deadline or not endpoint.webhook_url:
+            fields.update(state=FAILED, finished_at=now)
+            result = FAILED
+        else:
+            retry_at = min(now + dt.timedelta(seconds=self.backoff(attempts)), deadline)
+            fields.update(next_attempt_at=retry_at)
+            result = "retry"
+        WebhookDelivery.update(**fields).where(WebhookDelivery.id == row_id).execute()
+        self.metrics.webhooks.labels(result=result).inc()
+        log_event(log, f"webhook.{result}", logging.INFO if result == DELIVERED else logging.WARNING,
+                  callid=row.callid, event_id=row.event_id, status=row.status, attempts=attempts,
+                  http_status=code, error=error or None)
+        return PENDING if result == "retry" else result

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Install callbridge as a systemd service from this checkout. Run as root; safe to run again
+# (upgrades the code and the venv, never touches an existing /etc/callbridge/callbridge.toml).
+#
+#   sudo scripts/install.sh [--prefix DIR] [--python PYTHON] [--no-enable] [--dry-run]
+#
+# What it does:
+#   1. system user and group "callbridge" (no login, no home)
+#   2. copies the project to PREFIX (default /opt/callbridge), makes PREFIX/.venv, pip install .
+#   3. /var/lib/callbridge/{media,recordings} (the unit's StateDirectory) and /etc/callbridge
+#   4. /etc/callbridge/callbridge.toml from scripts/callbridge.toml.example, mode 0640, if absent
+#   5. adds the "freeswitch" user (if any) to the callbridge group, so FreeSWITCH reads media and
+#      writes recordings in /var/lib/callbridge
+#   6. the unit to /etc/systemd/system, daemon-reload, enable (start it yourself)
+set -euo pipefail
+
+PREFIX=/opt/callbridge
+PYTHON=python3
+DRY_RUN=0
+ENABLE=1
+NAME=callbridge
+CONF_DIR=/etc/callbridge
+CONF_FILE=$CONF_DIR/callbridge.toml
+STATE_DIR=/var/lib/callbridge
+UNIT_DIR=/etc/systemd/system
+FS_CONF=/etc/freeswitch/autoload_configs/event_socket.conf.xml
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() {
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) PREFIX=${2:?--prefix needs a directory}; shift 2 ;;
+        --prefix=*) PREFIX=${1#*=}; shift ;;
+        --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
+        --python=*) PYTHON=${1#*=}; shift ;;
+        --no-enable) ENABLE=0; shift ;;
+        --dry-run|-n) DRY_RUN=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+case "$PREFIX" in
+    /*) PREFIX=${PREFIX%/} ;;
+    *) echo "install.sh: --prefix must be an absolute path, got $PREFIX" >&2; exit 2 ;;
+esac
+
+say() { printf '==> %s\n' "$*"; }
+# Run a command, or only show it with --dry-run.
+run() {
+    if [ "$DRY_RUN" = 1 ]; then
+        printf '    would run:'
+        printf ' %q' "$@"
+        printf '\n'
+    else
+        "$@"
+    fi
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+    say "dry run: nothing is changed"
+elif [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: run as root (sudo $0), or use --dry-run to see what it would do" >&2
+    exit 1
+fi
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "install.sh: $PYTHON is missing or older than Python 3.11 (use --python)" >&2
+    exit 1
+fi
+umask 022
+
+say "1. user and group $NAME"
+if getent group "$NAME" >/dev/null; then
+    echo "    group $NAME exists"
+else
+    run groupadd --system "$NAME"
+fi
+if getent passwd "$NAME" >/dev/null; then
+    echo "    user $NAME exists"
+else
+    run useradd --system --gid "$NAME" --home-dir "$STATE_DIR" --no-create-home \
+        --shell /usr/sbin/nologin --comment "callbridge daemon" "$NAME"
+fi
+
+say "2. code in $PREFIX, venv in $PREFIX/.venv"
+run install -d -m 0755 "$PREFIX"
+if [ "$SRC" != "$PREFIX" ]; then
+    # Replace the packages whole, so modules deleted upstream do not linger.
+    for dir in daemon webapi freeswitch scripts; do
+        run rm -rf "${PREFIX:?}/$dir"
+    done
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "    would copy $SRC to $PREFIX (without .git, .venv, state, caches)"
+    else
+        tar -C "$SRC" --exclude=./.git --exclude=./.venv --exclude=./state --exclude=./.state \
+            --exclude='*.egg-info' --exclude=__pycache__ --exclude=./build --exclude=./.pytest_cache \
+            --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.hypothesis -cf - . \
+            | tar -C "$PREFIX" --no-same-owner -xf -
+    fi
+fi
+if [ -x "$PREFIX/.venv/bin/python" ]; then
+    echo "    venv exists"
+else
+    run "$PYTHON" -m venv "$PREFIX/.venv"
+fi
+run "$PREFIX/.venv/bin/python" -m pip install --quiet --upgrade pip
+run "$PREFIX/.venv/bin/python" -m pip install --quiet "$PREFIX"
+# The service runs from PREFIX on a read-only file system: compile now, or Python recompiles every start.
+run "$PREFIX/.venv/bin/python" -m compileall -q "$PREFIX/daemon" "$PREFIX/webapi" "$PREFIX/freeswitch"
+if ! command -v espeak-ng >/dev/null 2>&1; then
+    echo "    note: espeak-ng is not installed; spoken messages (msg) need it: apt-get install espeak-ng"
+fi
+
+say "3. folders: $STATE_DIR (state), $CONF_DIR (config)"
+# 0750: the callbridge group (FreeSWITCH) may enter and read media. recordings is 2770: FreeSWITCH
+# writes the recordings there, and setgid keeps them in the callbridge group so the API can serve them.
+run install -d -o "$NAME" -g "$NAME" -m 0750 "$STATE_DIR" "$STATE_DIR/media"
+run install -d -o "$NAME" -g "$NAME" -m 2770 "$STATE_DIR/recordings"
+run install -d -o root -g "$NAME" -m 0750 "$CONF_DIR"
+
+say "4. config $CONF_FILE"
+if [ -e "$CONF_FILE" ]; then
+    echo "    $CONF_FILE exists: kept as it is (compare with $PREFIX/scripts/callbridge.toml.example)"
+else
+    password=""
+    if [ -r "$FS_CONF" ]; then
+        # Take the Event Socket password from FreeSWITCH's own config, so the two agree from the start.
+        password=$(sed -n 's/.*name="password"[[:space:]]*value="\([^"]*\)".*/\1/p' "$FS_CONF" | head -n 1)
+    fi
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "    would write $CONF_FILE from callbridge.toml.example (root:$NAME, mode 0640)"
+        if [ -n "$password" ]; then
+            echo "    with the Event Socket password found in $FS_CONF"
+        fi
+    else
+        tmp=$(mktemp)
+        trap 'rm -f "$tmp"' EXIT
+        if [ -n "$password" ] && [[ "$password" =~ ^[A-Za-z0-9._~+-]+$ ]]; then
+            sed "s/^password = \"ClueCon\"$/password = \"$password\"/" \
+                "$SRC/scripts/callbridge.toml.example" >"$tmp"
+        else
+            cp "$SRC/scripts/callbridge.toml.example" "$tmp"
+            echo "    note: set [esl] password in $CONF_FILE to FreeSWITCH's event_socket password"
+        fi
+        install -o root -g "$NAME" -m 0640 "$tmp" "$CONF_FILE"
+    fi
+fi
+
+say "5. FreeSWITCH access to media and recordings"
+if getent passwd freeswitch >/dev/null; then
+    if id -nG freeswitch | tr ' ' '\n' | grep -qx "$NAME"; then
+        echo "    freeswitch is in group $NAME"
+    else
+        run usermod -a -G "$NAME" freeswitch
+        echo "    restart FreeSWITCH so it gets the new group: systemctl restart freeswitch"
+    fi
+else
+    echo "    no freeswitch user here (FreeSWITCH on another host: use media_mode = \"http\")"
+fi
+
+say "6. systemd unit $UNIT_DIR/$NAME.service"
+if [ "$DRY_RUN" = 1 ]; then
+    echo "    would install scripts/callbridge.service with /opt/callbridge replaced by $PREFIX (mode 0644)"
+else
+    sed "s#/opt/callbridge#$PREFIX#g" "$SRC/scripts/callbridge.service" >"$UNIT_DIR/$NAME.service.tmp"
+    chmod 0644 "$UNIT_DIR/$NAME.service.tmp"
+    mv -f "$UNIT_DIR/$NAME.service.tmp" "$UNIT_DIR/$NAME.service"
+fi
+if command -v systemctl >/dev/null 2>&1; then
+    run systemctl daemon-reload
+    if [ "$ENABLE" = 1 ]; then
+        run systemctl enable "$NAME"
+    fi
+else
+    echo "    systemctl not found: run 'systemctl daemon-reload && systemctl enable $NAME' on the target"
+fi
+
+say "done. Next: edit $CONF_FILE, then: systemctl start $NAME; journalctl -u $NAME -f"
+echo "    add an endpoint: sudo -u $NAME $PREFIX/.venv/bin/python -m daemon --config $CONF_FILE endpoint add ..."

@@ -1,0 +1,80 @@
+"""Recording retention: old recordings go (file and reference), recent ones and outside files stay."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from peewee import Database
+
+from daemon.config import Settings
+from daemon.retention import Retention
+from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
+
+NOW = dt.datetime(2026, 6, 15, 12, 0, 0)
+
+
+def recorded_call(endpoint: Endpoint, settings: Settings, ended: dt.datetime, path: Path | None = None) -> Call:
+    callid = secrets.token_hex(14)
+    path = path or settings.recordings_dir / f"{callid}.wav"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"RIFF....WAVE")
+    stamp = ended.replace(tzinfo=dt.UTC).timestamp()
+    os.utime(path, (stamp, stamp))
+    return Call.create(callid=callid, endpoint=endpoint, phone_a="15550001001", phone_b="15550002002",
+                       due_at=ended, started_at=ended, ended_at=ended, status=CallStatus.COMPLETED.value,
+                       recording_path=str(path), recording_seconds=1.5, recording_bytes=12)
+
+
+def test_sweep_deletes_expired_recordings_and_clears_their_calls(db: Database, settings: Settings,
+                                                                make_endpoint: Any) -> None:
+    endpoint, _ = make_endpoint()
+    old = recorded_call(endpoint, settings, NOW - dt.timedelta(days=91))
+    recent = recorded_call(endpoint, settings, NOW - dt.timedelta(days=89))
+    assert Retention(settings).sweep(NOW) == 1
+    old, recent = Call.get_by_id(old.id), Call.get_by_id(recent.id)
+    assert old.recording_path == "" and old.recording_bytes == 12  # length and size stay on the call
+    assert not (settings.recordings_dir / f"{old.callid}.wav").exists()
+    assert recent.recording_path and Path(recent.recording_path).exists()
+    kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == old.id)]
+    assert kinds == ["recording_expired"]
+    assert Retention(settings).sweep(NOW) == 0  # repeating it changes nothing
+
+
+def test_orphan_files_go_but_files_outside_the_folder_never(db: Database, settings: Settings, tmp_path: Path,
+                                                           make_endpoint: Any) -> None:
+    endpoint, _ = make_endpoint()
+    settings.recordings_dir.mkdir(parents=True, exist_ok=True)
+    orphan = settings.recordings_dir / "left-by-a-crash.wav"
+    orphan.write_bytes(b"x")
+    fresh_orphan = settings.recordings_dir / "being-written.wav"
+    fresh_orphan.write_bytes(b"x")
+    long_ago = (NOW - dt.timedelta(days=200)).replace(tzinfo=dt.UTC).timestamp()
+    os.utime(orphan, (long_ago, long_ago))
+    outside = tmp_path / "elsewhere" / "keep.wav"
+    call = recorded_call(endpoint, settings, NOW - dt.timedelta(days=200), path=outside)
+    assert Retention(settings).sweep(NOW) == 2  # the orphan, and the outside call's reference
+    assert not orphan.exists() and fresh_orphan.exists()
+    assert outside.exists(), "a path outside recordings_dir is never deleted"
+    assert Call.get_by_id(call.id).recording_path == ""
+
+
+def test_zero_days_keeps_everything(db: Database, settings: Settings, make_endpoint: Any) -> None:
+    endpoint, _ = make_endpoint()
+    call = recorded_call(endpoint, settings, NOW - dt.timedelta(days=3650))
+    assert Retention(dataclasses.replace(settings, recordings_retention_days=0)).sweep(NOW) == 0
+    assert Path(Call.get_by_id(call.id).recording_path).exists()
+
+
+def test_the_greenlet_sweeps_at_start_and_stops_promptly(db: Database, settings: Settings,
+                                                         make_endpoint: Any) -> None:
+    endpoint, _ = make_endpoint()
+    call = recorded_call(endpoint, settings, utcnow() - dt.timedelta(days=100))
+    retention = Retention(settings, interval=3600)
+    retention.start()
+    retention.stop()  # the first sweep runs at start; stop interrupts the hourly wait at once
+    assert Call.get_by_id(call.id).recording_path == ""

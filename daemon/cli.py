@@ -42,8 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML settings file (default: $CALLBRIDGE_CONFIG)")
     p.add_argument("--check-config", action="store_true", help="print the effective settings and exit")
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the service")
-    sub.add_parser("check-config", help="print the effective settings (secrets masked) and exit")
+    for name, text in (("run", "run the service"),
+                       ("check-config", "print the effective settings (secrets masked) and exit")):
+        # --config is accepted after the subcommand too: `python -m daemon run --config PATH`.
+        sub.add_parser(name, help=text).add_argument("--config", default=argparse.SUPPRESS)
 
     ep = sub.add_parser("endpoint", help="manage endpoints and their tokens").add_subparsers(dest="action",
                                                                                              required=True)

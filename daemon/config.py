@@ -116,16 +116,13 @@ class Settings:
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 # TOML sections map onto flat names: [esl] host -> esl_host, [http] port -> http_port ...
-SECTION_PREFIX = {"esl": "esl_", "http": "http_", "media": "media_", "webhook": "webhook_", "log": "log_"}
+SECTION_PREFIX = {"esl": "esl_", "http": "http_", "media": "media_", "webhook": "webhook_", "log": "log_",
+                  "tts": "tts_"}
 
 
 def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "tts" and isinstance(value, dict):
-            if "voices" in value:
-                flat["tts_voices"] = value["voices"]
-            continue
         if isinstance(value, dict):
             prefix = SECTION_PREFIX.get(key, key + "_")
             for sub, subvalue in value.items():

@@ -83,6 +83,10 @@ class Journal:
         fields.setdefault("ended_at", self.clock())
         self.status(call, status, reason=reason, **fields)
 
+    def announce(self, call: Call, status: CallStatus) -> None:
+        """Tell the listeners of a status someone else wrote (the API's queued, scheduled, canceled)."""
+        self._notify(call, status, {})
+
     def _notify(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> None:
         for listener in self.listeners:
             try:

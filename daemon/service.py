@@ -24,8 +24,10 @@ from daemon.journal import Journal
 from daemon.logs import log_event
 from daemon.media import MediaLibrary
 from daemon.metrics import Metrics
-from daemon.store import open_database, utcnow
+from daemon.retention import Retention
+from daemon.store import IN_FLIGHT_STATUSES, PENDING_STATUSES, Call, open_database, utcnow
 from daemon.systemd import notify, watchdog_interval
+from daemon.webhooks import Webhooks
 from webapi.app import create_app
 
 log = logging.getLogger("callbridge.service")
@@ -41,15 +43,19 @@ class Service:
         settings.recordings_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
         self.journal = Journal(self.metrics, clock)
+        self.webhooks = Webhooks(settings, self.metrics, clock)
+        self.journal.listeners.append(self.webhooks.on_status)
+        self.retention = Retention(settings, clock)
         self.media = MediaLibrary(settings)
         self.engine = Engine(settings, self.journal, playable=self.media.playable,
                              on_call_end=lambda _sequence: self.dispatcher.wake())
         self.dispatcher = Dispatcher(settings, self.engine, self.journal, clock)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
-                              readiness=self.readiness, clock=clock)
+                              readiness=self.readiness, clock=clock, on_status=self.journal.announce)
         self.server = WSGIServer((settings.http_host, settings.http_port), self.app, log=None,
                                  error_log=logging.getLogger("callbridge.http"))
         self.stopping = gevent.event.Event()
+        self._housekeeping: gevent.Greenlet | None = None
 
     def readiness(self) -> dict[str, bool]:
         return {"esl": self.engine.ready}
@@ -61,7 +67,10 @@ class Service:
     def start(self) -> None:
         self.engine.start()
         adopted = self.engine.adopt_in_flight()
+        self.webhooks.start()
+        self.retention.start()
         self.dispatcher.start()
+        self._housekeeping = gevent.spawn(self._evict_media_hourly)
         self.server.start()
         log_event(log, "service.started", http=f"{self.settings.http_host}:{self.http_port}",
                   esl=f"{self.settings.esl_host}:{self.settings.esl_port}", adopted=adopted)
@@ -73,8 +82,26 @@ class Service:
         self.dispatcher.stop()
         self.server.stop(timeout=self.settings.shutdown_grace)
         self.engine.stop()
+        if self._housekeeping is not None:
+            self._housekeeping.kill()
+        self.retention.stop()
+        self.webhooks.stop()
         self.database.close()
         log_event(log, "service.stopped")
+
+    def _evict_media_hourly(self) -> None:
+        """Keep the media cache under its bound, never evicting what a pending call will play."""
+        while True:
+            gevent.sleep(3600)
+            try:
+                keep: set[str] = set()
+                for call in Call.select(Call.play_file, Call.msg_file, Call.dialtone_file).where(
+                        Call.status.in_([s.value for s in PENDING_STATUSES + IN_FLIGHT_STATUSES])):
+                    keep.update(p for p in (call.play_file, call.msg_file, call.dialtone_file) if p)
+                freed = self.media.evict(keep)
+                log_event(log, "media.evicted", bytes=freed, kept=len(keep))
+            except Exception:
+                log.exception("media eviction failed")
 
     def run_forever(self) -> None:
         """Run until SIGTERM or SIGINT, pinging systemd's watchdog from this loop."""

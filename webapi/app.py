@@ -20,7 +20,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from daemon.config import Settings
 from daemon.metrics import Metrics
-from daemon.store import utcnow
+from daemon.store import Call, CallStatus, utcnow
 from webapi.envelope import ApiError, envelope, error_response
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.validation import ValidationError
@@ -39,12 +39,14 @@ HTTP_REASONS = {
 
 def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLike | None = None,
                metrics: Metrics | None = None, readiness: Callable[[], Mapping[str, bool]] | None = None,
-               clock: Callable[[], dt.datetime] = utcnow) -> Flask:
+               clock: Callable[[], dt.datetime] = utcnow,
+               on_status: Callable[[Call, CallStatus], None] | None = None) -> Flask:
     """Build the API app.
 
     ``media`` fetches and normalises prompts (``from_url``, ``speak``, ``path_for_sha``); ``dispatcher``
     (``wake()``) is told after a call row is committed; ``readiness`` returns named checks for
-    ``/readyz``; ``clock`` returns naive-UTC now.
+    ``/readyz``; ``clock`` returns naive-UTC now; ``on_status(call, status)`` is told, inside the
+    transaction, of the statuses the API sets itself (queued, scheduled, canceled).
     """
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -56,7 +58,8 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)  # type: ignore[method-assign]
     app.extensions["callbridge"] = ApiContext(
         settings=settings, media=media, dispatcher=dispatcher, metrics=metrics or Metrics(),
-        readiness=readiness, clock=clock, limiter=AuthFailureLimiter(settings.auth_failures_per_minute))
+        readiness=readiness, clock=clock, limiter=AuthFailureLimiter(settings.auth_failures_per_minute),
+        on_status=on_status)
     app.register_blueprint(bp)
 
     @app.before_request

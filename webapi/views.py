@@ -93,6 +93,9 @@ class ApiContext:
     readiness: Callable[[], Mapping[str, bool]] | None
     clock: Callable[[], dt.datetime]
     limiter: AuthFailureLimiter
+    # Told of each status the API itself sets (queued/scheduled, canceled), inside the same transaction,
+    # so status webhooks for them are queued atomically with the change.
+    on_status: Callable[[Call, CallStatus], None] | None = None
 
 
 def ctx() -> ApiContext:
@@ -291,6 +294,8 @@ def create_call() -> Response:
                 dialtone_file=tone.path if tone else "", idempotency_key=key, requested_at=now,
                 due_at=due, scheduled=req.scheduled, status=status.value)
             add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=req.scheduled or None)
+            if c.on_status:
+                c.on_status(call, status)
     except IntegrityError:
         # The same Idempotency-Key committed by a concurrent request between our look-up and insert.
         earlier = None
@@ -405,6 +410,8 @@ def _cancel(callid: str, values: Mapping[str, Any]) -> Response:
                    .execute())
         if changed == 1:
             add_event(call.id, "canceled", at=now, by=endpoint.name)
+            if c.on_status:
+                c.on_status(Call.get_by_id(call.id), CallStatus.CANCELED)
     fresh = Call.get_by_id(call.id)
     if changed != 1:
         status = CallStatus(fresh.status)

@@ -355,7 +355,7 @@ class CallSequence:
         self.b.created = True
         if self.b.answered_at is None:
             self.b.answered_at = now
-        ring = (now - self.call.b_dialed_at).total_seconds() if self.call.b_dialed_at else None
+        ring = round((now - self.call.b_dialed_at).total_seconds(), 3) if self.call.b_dialed_at else None
         self.journal.status(self.call, CallStatus.BRIDGED, bridged_at=now, ring_seconds=ring)
         if self.endpoint.record:
             self._start_recording()

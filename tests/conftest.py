@@ -3,6 +3,12 @@ app with fakes, and the same app over real HTTP (gevent's WSGI server on 127.0.0
 
 from __future__ import annotations
 
+# The daemon is a gevent process; its tests run the same way, so a blocking client call in a test
+# (urllib, sqlite3 from another "process") yields to the in-process server and stand-in.
+from gevent import monkey
+
+monkey.patch_all()
+
 import datetime as dt
 import threading
 from collections.abc import Callable, Iterator

@@ -114,3 +114,35 @@ def test_sigkill_mid_call_then_restart_reconciles_every_call(tmp_path: Path) -> 
     finally:
         daemon.stop()
         switch.stop()
+
+
+@needs_standin()
+def test_sigterm_leaves_bridged_calls_to_freeswitch_and_the_next_start_follows_them(tmp_path: Path) -> None:
+    from freeswitch.standin import StandIn
+
+    switch = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=0.05)
+    switch.start()
+    daemon = Daemon(tmp_path / "state", switch.port)
+    try:
+        token = daemon.cli("endpoint", "add", "--name", "t", "--caller-id", "15551230000", "--dial-string",
+                           "sofia/gateway/carrier/{number}")["token"]
+        daemon.start()
+        status, answer = daemon.request("POST", "/v1/calls", {"token": token, "phone_a": "15550000601",
+                                                              "phone_b": "15550001601"})  # B talks 60 s (3 s)
+        assert status == 200
+        callid = answer["data"]["callid"]
+        query = f"/v1/calls/{callid}?token={urllib.parse.quote(token)}"
+        assert wait_for(lambda: daemon.get(query)[1]["data"]["status"] == "bridged", 20)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: daemon.proc is not None and daemon.proc.poll() is not None, 15)
+        assert daemon.proc.returncode == 0
+        assert len(switch.channels_live()) == 2, "the bridged call must go on inside FreeSWITCH"
+        daemon.start()
+        assert wait_for(lambda: daemon.get(query)[1]["data"]["status"] == "completed", 30)
+        kinds = [step["kind"] for step in daemon.get(query)[1]["data"]["timeline"]]
+        assert "daemon_stopped" in kinds and "adopted" in kinds
+        assert sum(c.text.startswith("bgapi originate") for c in switch.commands) == 1
+    finally:
+        daemon.stop()
+        switch.stop()

@@ -55,7 +55,7 @@ class Engine:
                                    media_root=str(settings.media_dir),
                                    recordings_dir=str(settings.recordings_dir),
                                    idle_check=max(settings.esl_heartbeat_timeout, 1.0),
-                                   playable=playable)
+                                   playable=playable, media_base_url=settings.media_base_url)
         self.conn: EslConnection | None = None
         self.core_uuid: str | None = None
         self.connected = gevent.event.Event()

@@ -147,14 +147,12 @@ def bridge_target(*, template: str, phone: str, variables: Mapping[str, str | in
     return f"{var_block(variables)}{dial_string(template, phone)}"
 
 
-def media_path(path: str, *, media_root: str | None = None) -> str:
-    """A file the daemon made, safe as an app argument: absolute, plain characters, under its folder."""
+def media_path(path: str, *, media_root: str) -> str:
+    """A file the daemon made: absolute, plain characters, inside its media folder."""
     _plain(path, "file")
-    if MEDIA_URL_RE.match(path):
-        return path
     if not FILE_RE.match(path) or "/../" in path or path.endswith("/.."):
         raise UnsafeValue(f"file: {path!r} is not a plain absolute path")
-    if media_root is not None and not path.startswith(media_root.rstrip("/") + "/"):
+    if not path.startswith(media_root.rstrip("/") + "/"):
         raise UnsafeValue(f"file: {path!r} is not under {media_root}")
     return path
 
@@ -164,6 +162,18 @@ def http_cache_url(url: str) -> str:
     if not MEDIA_URL_RE.match(_plain(url, "media url")):
         raise UnsafeValue(f"media url: {url!r} is not a plain http(s) URL")
     return "http_cache://" + url
+
+
+def media_target(target: str, *, media_root: str, media_base_url: str) -> str:
+    """What FreeSWITCH is told to play: one of our files, or our own media route through http_cache."""
+    _plain(target, "media")
+    if target.startswith("/"):
+        return media_path(target, media_root=media_root)
+    prefix = "http_cache://" + media_base_url.rstrip("/") + "/media/"
+    name = target[len(prefix):] if media_base_url and target.startswith(prefix) else ""
+    if not re.fullmatch(r"[0-9a-f]{64}\.wav", name) or not MEDIA_URL_RE.match(target[len("http_cache://"):]):
+        raise UnsafeValue(f"media: {target!r} is neither our file nor our media URL")
+    return target
 
 
 def ring_tone(tone: str) -> str:
@@ -179,7 +189,7 @@ def set_arg(name: str, value: str | int | bool) -> str:
     if isinstance(value, bool):
         value = "true" if value else "false"
     value = _plain(str(value), name)
-    if not (BARE_VALUE_RE.match(value) or FILE_RE.match(value) or MEDIA_URL_RE.match(value) or TONE_RE.match(value)
+    if not (BARE_VALUE_RE.match(value) or FILE_RE.match(value) or TONE_RE.match(value)
             or value.startswith("http_cache://") and MEDIA_URL_RE.match(value[len("http_cache://"):])):
         raise UnsafeValue(f"{name}: {value!r} is not a plain value")
     return f"{name}={value}"
@@ -225,8 +235,8 @@ def uuid_getvar(channel: str, name: str) -> str:
     return f"uuid_getvar {uuid(channel)} {name}"
 
 
-def uuid_record_start(channel: str, path: str, *, media_root: str) -> str:
-    return f"uuid_record {uuid(channel)} start {media_path(path, media_root=media_root)}"
+def uuid_record_start(channel: str, path: str, *, recordings_dir: str) -> str:
+    return f"uuid_record {uuid(channel)} start {media_path(path, media_root=recordings_dir)}"
 
 
 def event_subscription(names: Iterable[str]) -> str:

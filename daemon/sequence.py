@@ -91,6 +91,7 @@ class CallOptions:
     media_root: str
     recordings_dir: str
     idle_check: float  # seconds without news before asking FreeSWITCH whether A still exists
+    media_base_url: str = ""
     playable: Callable[[str], str] = lambda path: path
 
 
@@ -242,12 +243,14 @@ class CallSequence:
         self.apps_queued = True
 
     def _playable(self, path: str) -> str:
-        return fs.media_path(self.options.playable(fs.media_path(path, media_root=self.options.media_root)))
+        local = fs.media_path(path, media_root=self.options.media_root)
+        return fs.media_target(self.options.playable(local), media_root=self.options.media_root,
+                               media_base_url=self.options.media_base_url)
 
     def _start_recording(self) -> None:
         path = os.path.join(self.options.recordings_dir, f"{self.callid}.wav")
         try:
-            reply = self.switch.api(fs.uuid_record_start(self.a.uuid, path, media_root=self.options.recordings_dir))
+            reply = self.switch.api(fs.uuid_record_start(self.a.uuid, path, recordings_dir=self.options.recordings_dir))
         except EslError as exc:
             self.journal.step(self.call, "recording_failed", error=str(exc))
             return

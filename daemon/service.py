@@ -20,6 +20,7 @@ from gevent.pywsgi import WSGIServer
 from daemon.config import Settings
 from daemon.dispatcher import Dispatcher
 from daemon.engine import Engine
+from daemon.fscommands import http_cache_url
 from daemon.journal import Journal
 from daemon.logs import log_event
 from daemon.media import MediaLibrary
@@ -47,7 +48,7 @@ class Service:
         self.journal.listeners.append(self.webhooks.on_status)
         self.retention = Retention(settings, clock)
         self.media = MediaLibrary(settings)
-        self.engine = Engine(settings, self.journal, playable=self.media.playable,
+        self.engine = Engine(settings, self.journal, playable=self._playable,
                              on_call_end=lambda _sequence: self.dispatcher.wake())
         self.dispatcher = Dispatcher(settings, self.engine, self.journal, clock)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
@@ -56,6 +57,11 @@ class Service:
                                  error_log=logging.getLogger("callbridge.http"))
         self.stopping = gevent.event.Event()
         self._housekeeping: gevent.Greenlet | None = None
+
+    def _playable(self, path: str) -> str:
+        """Our file as FreeSWITCH reaches it: the path itself, or our media route through mod_http_cache."""
+        target = self.media.playable(path)
+        return http_cache_url(target) if self.settings.media_mode == "http" else target
 
     def readiness(self) -> dict[str, bool]:
         return {"esl": self.engine.ready}

@@ -103,8 +103,17 @@ def test_only_our_own_files_are_played(path: str) -> None:
 
 
 def test_our_files_and_our_media_urls_are_played() -> None:
-    assert fs.media_path("/srv/media/" + "a" * 64 + ".wav", media_root="/srv/media").endswith(".wav")
-    assert fs.media_path("http://127.0.0.1:8080/media/abc.wav").startswith("http://")
+    ours = "/srv/media/" + "a" * 64 + ".wav"
+    assert fs.media_path(ours, media_root="/srv/media") == ours
+    url = "http_cache://http://10.0.0.2:8080/media/" + "b" * 64 + ".wav"
+    assert fs.media_target(url, media_root="/srv/media", media_base_url="http://10.0.0.2:8080") == url
+    assert fs.media_target(ours, media_root="/srv/media", media_base_url="") == ours
+    for foreign in ("http_cache://http://evil.example/media/" + "b" * 64 + ".wav",
+                    "http://10.0.0.2:8080/media/" + "b" * 64 + ".wav",
+                    "http_cache://http://10.0.0.2:8080/media/../x.wav",
+                    "shell_stream://ls"):
+        with pytest.raises(fs.UnsafeValue):
+            fs.media_target(foreign, media_root="/srv/media", media_base_url="http://10.0.0.2:8080")
 
 
 def test_sendmsg_puts_the_argument_in_the_body() -> None:

@@ -171,3 +171,21 @@ def test_nothing_is_dialed_twice_under_load(harness: Harness) -> None:
         a_uuids = [Call.get_by_id(c.id).a_uuid for c in calls]
         assert all(sum(u in text for text in originates) == 1 for u in a_uuids)
     assert {Call.get_by_id(c.id).status for c in calls} == {"completed"}
+
+
+def test_metrics_after_calls_parse_with_the_prometheus_parser(harness: Harness) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    endpoint = harness.endpoint()
+    done = harness.wait_final(harness.place(endpoint, "15550003420", "15550006420"))
+    assert done.status == "failed"
+    with urllib.request.urlopen(f"http://127.0.0.1:{harness.service.http_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("callbridge_calls_finished_total", (("cause", "USER_BUSY"), ("status", "failed")))] == 1
+    assert samples[("callbridge_esl_connected", ())] == 1
+    assert samples[("callbridge_scheduler_lateness_seconds_count", ())] == 1
+    assert samples[("callbridge_calls_in_flight", (("phase", "dialing_a"),))] == 0

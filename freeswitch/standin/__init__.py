@@ -1,0 +1,52 @@
+"""A FreeSWITCH Event Socket stand-in that follows the callbridge test number plan.
+
+It speaks mod_event_socket's inbound protocol byte for byte as FreeSWITCH 1.10.12 does in the
+recordings under ``shared/esl-traces`` (auth, api/bgapi, event plain|json|xml, filters, myevents,
+sendmsg) and simulates the far ends of ``sofia/gateway/carrier/<number>`` with the number plan
+(the 8th digit of ``1555000Dxxx``; anything else is a 404). Every plan duration, file length and
+timeout is multiplied by ``time_scale``.
+
+Embedded (tests)::
+
+    sw = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=0.01).start()
+    sw.port, sw.core_uuid, sw.commands, sw.channel(uuid), sw.channels_live(), sw.heard(uuid)
+    sw.wait_for(predicate, timeout), sw.far_end_hangup(uuid), sw.send_dtmf(uuid, "12#")
+    sw.drop_connections(); sw.hang(seconds); sw.restart(); sw.refuse_connections(True)
+    sw.slow_replies(seconds); sw.stop()
+
+Standalone: ``python -m freeswitch.standin --host 127.0.0.1 --port 8021 --password ClueCon
+--time-scale 1.0`` prints ``freeswitch stand-in listening on HOST:PORT (time scale X)``.
+
+Over the socket, ``api standin heard <uuid>`` / ``channel <uuid>`` / ``channels`` / ``commands`` return
+JSON, and ``api standin far_end_hangup <uuid>`` / ``dtmf <uuid> <digits>`` act as the far end.
+
+What a leg heard (``sw.heard(uuid)``): what the *person on that leg* heard, oldest first, as
+``{"start", "end", "kind", "source"}`` with times in plan seconds since the leg was created
+(``end`` is None while it lasts). Kinds:
+
+* ``ringing``   their phone is ringing (not answered yet); nothing is sent to them
+* ``silence``   answered, nothing played (parked, or between applications)
+* ``file``      a played file or URL; source = its path
+* ``tone``      a ``tone_stream://`` playback; source = the spec (``silence_stream://`` is heard as ``silence``)
+* ``ringback``  ringback played while a bridge rings the other party; source = the ``ringback`` /
+  ``transfer_ringback`` value (file looped, or tone)
+* ``early_media`` the other party's early media passed through during a bridge (only without
+  ``ignore_early_media``); source = that leg's uuid
+* ``bridge``    connected to another leg and hearing its person; source = that leg's uuid
+
+So the engine's call reads: A ``ringing`` → ``file`` prompt → ``ringback`` dialtone file from
+when B was dialled until B answered → ``bridge`` B. Silent gaps under 2 ms are not recorded.
+``Channel.sent`` is the other direction, what the far-end person sends (``silence``, ``tone``
+such as plan 1's 440 Hz, ``early_media`` such as plan 7's 523 Hz).
+
+Recordings (``record_session``, ``uuid_record``) are real 8 kHz WAV files rebuilt from those two
+timelines (files read from disk, tones synthesised); mono mixes both directions, stereo
+(``RECORD_STEREO=true``) puts the far end left and what was played to the leg right.
+
+Not simulated: inbound calls, CHANNEL_STATE/CALLSTATE/CODEC/API/MEDIA_BUG events, SDP/RTP
+variables, dialplans (an extension target just parks), simultaneous (``,``) dialling.
+"""
+
+from .server import ReceivedCommand, StandIn
+
+__all__ = ["ReceivedCommand", "StandIn"]

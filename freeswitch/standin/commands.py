@@ -1,0 +1,534 @@
+"""The ``api`` commands (mod_commands, mod_sofia status) with FreeSWITCH's reply texts."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+
+from .apps import Session, schedule_hangup, transfer_target
+from .causes import parse_cause
+from .channel import Channel, QueuedApp
+from .core import Switch
+from .originate import originate, split_args
+from .plan import far_end_hangup, send_dtmf
+
+VERSION = "FreeSWITCH Version 1.10.12-release~64bit ( 64bit)\n"
+NO_CHANNEL = "-ERR No such channel!\n"
+ORIGINATE_USAGE = (
+    "-USAGE: <call url> <exten>|&<application_name>(<app_args>) [<dialplan>] [<context>] [<cid_name>] "
+    "[<cid_num>] [<timeout_sec>]\n"
+)
+SHOW_USAGE = (
+    "-USAGE: codec|endpoint|application|api|dialplan|file|timer|calls [count]|channels [count|like <match string>]"
+    "|calls|detailed_calls|bridged_calls|detailed_bridged_calls|aliases|complete|chat|management|modules|nat_map"
+    "|say|interfaces|interface_types|tasks|limits|status\n"
+)
+SHOW_COLUMNS = [
+    "uuid", "direction", "created", "created_epoch", "name", "state", "cid_name", "cid_num", "ip_addr",
+    "dest", "application", "application_data", "dialplan", "context", "read_codec", "read_rate",
+    "read_bit_rate", "write_codec", "write_rate", "write_bit_rate", "secure", "hostname", "presence_id",
+    "presence_data", "accountcode", "callstate", "callee_name", "callee_num", "callee_direction",
+    "call_uuid", "sent_callee_name", "sent_callee_num", "initial_cid_name", "initial_cid_num",
+    "initial_ip_addr", "initial_dest", "initial_dialplan", "initial_context",
+]
+
+CALL_COLUMNS = [
+    "uuid", "direction", "created", "created_epoch", "name", "state", "cid_name", "cid_num", "ip_addr",
+    "dest", "presence_id", "presence_data", "accountcode", "callstate", "callee_name", "callee_num",
+    "callee_direction", "call_uuid", "hostname", "sent_callee_name", "sent_callee_num",
+]
+B_COLUMNS = [c for c in CALL_COLUMNS if c not in ("call_uuid", "hostname")]
+
+# Rows appear in `show channels` this long (plan seconds) after CHANNEL_CREATE: the core db is async.
+SHOW_DB_DELAY = 1.0
+
+Handler = Callable[["Api", str], str]
+
+
+class Api:
+    """Executes api command lines against a switch."""
+
+    handlers: dict[str, Handler] = {}
+
+    def __init__(self, sw: Switch, introspect: Callable[[str], str] | None = None) -> None:
+        self.sw = sw
+        self.introspect = introspect
+
+    @classmethod
+    def command(cls, *names: str) -> Callable[[Handler], Handler]:
+        """Register an api command handler under one or more names."""
+        def register(fn: Handler) -> Handler:
+            for name in names:
+                cls.handlers[name] = fn
+            return fn
+
+        return register
+
+    def execute(self, line: str) -> str:
+        """Run ``cmd args``; unknown commands answer ``-ERR <cmd> Command not found!``."""
+        cmd, _, args = line.strip().partition(" ")
+        fn = self.handlers.get(cmd)
+        if fn is None:
+            return f"-ERR {cmd} Command not found!\n"
+        return fn(self, args.strip())
+
+    def chan(self, uuid: str) -> Channel | None:
+        """A live channel by uuid."""
+        return self.sw.locate(uuid)
+
+
+cmd = Api.command
+
+
+@cmd("status")
+def _status(api: Api, args: str) -> str:
+    up = api.sw.uptime()
+    secs = int(up)
+    ms = int((up - secs) * 1000)
+    us = int((up - secs) * 1_000_000) % 1000
+    d, rem = divmod(secs, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    y, d = divmod(d, 365)
+    live = len(api.sw.channels)
+    return (
+        f"UP {y} years, {d} days, {h} hours, {m} minutes, {s} seconds, {ms} milliseconds, {us} microseconds\n"
+        "FreeSWITCH (Version 1.10.12-release  64bit) is ready\n"
+        f"{api.sw.sessions_since_start} session(s) since startup\n"
+        f"{live} session(s) - peak {api.sw.peak}, last 5min {api.sw.peak} \n"
+        "0 session(s) per Sec out of max 30, peak 8, last 5min 2 \n"
+        "1000 session(s) max\nmin idle cpu 0.00/98.70\nCurrent Stack Size/Max 240K/8192K\n"
+    )
+
+
+@cmd("version")
+def _version(api: Api, args: str) -> str:
+    return VERSION
+
+
+@cmd("create_uuid")
+def _create_uuid(api: Api, args: str) -> str:
+    return api.sw.new_uuid()
+
+
+@cmd("global_getvar")
+def _global_getvar(api: Api, args: str) -> str:
+    if not args:
+        return "".join(f"{k}={v}\n" for k, v in api.sw.globals.items())
+    return api.sw.globals.get(args, "")
+
+
+@cmd("global_setvar")
+def _global_setvar(api: Api, args: str) -> str:
+    name, _, value = args.partition("=")
+    api.sw.globals[name.strip()] = value.strip()
+    return "+OK"
+
+
+@cmd("eval")
+def _eval(api: Api, args: str) -> str:
+    import re
+
+    return re.sub(r"\$\{([^${}]+)\}", lambda m: api.sw.globals.get(m.group(1), ""), args)
+
+
+@cmd("hostname")
+def _hostname(api: Api, args: str) -> str:
+    return api.sw.events.hostname
+
+
+@cmd("uptime")
+def _uptime(api: Api, args: str) -> str:
+    return str(int(api.sw.uptime()))
+
+
+@cmd("uuid_exists")
+def _uuid_exists(api: Api, args: str) -> str:
+    return "true" if api.chan(args.split(" ")[0]) else "false"
+
+
+@cmd("uuid_kill")
+def _uuid_kill(api: Api, args: str) -> str:
+    parts = args.split()
+    ch = api.chan(parts[0]) if parts else None
+    if ch is None:
+        return NO_CHANNEL
+    ch.hangup(parse_cause(parts[1] if len(parts) > 1 else None))
+    return "+OK\n"
+
+
+@cmd("uuid_getvar")
+def _uuid_getvar(api: Api, args: str) -> str:
+    parts = args.split()
+    if len(parts) < 2:
+        return "-USAGE: <uuid> <var>\n"
+    ch = api.chan(parts[0])
+    if ch is None:
+        return NO_CHANNEL
+    return ch.var(parts[1], "_undef_") or "_undef_"
+
+
+@cmd("uuid_setvar")
+def _uuid_setvar(api: Api, args: str) -> str:
+    parts = args.split(" ", 2)
+    if len(parts) < 2:
+        return "-USAGE: <uuid> <var> [value]\n"
+    ch = api.chan(parts[0])
+    if ch is None:
+        return NO_CHANNEL
+    value = parts[2] if len(parts) > 2 else None
+    ch.set_var(parts[1], value if value not in ("", "undef") else None)
+    return "+OK\n"
+
+
+@cmd("uuid_setvar_multi")
+def _uuid_setvar_multi(api: Api, args: str) -> str:
+    uuid, _, rest = args.partition(" ")
+    ch = api.chan(uuid)
+    if ch is None:
+        return NO_CHANNEL
+    for pair in rest.split(";"):
+        name, _, value = pair.partition("=")
+        if name.strip():
+            ch.set_var(name.strip(), value if value != "" else None)
+    return "+OK\n"
+
+
+@cmd("uuid_answer")
+def _uuid_answer(api: Api, args: str) -> str:
+    ch = api.chan(args.split(" ")[0])
+    if ch is None:
+        return "-ERROR\n"
+    ch.mark_answered()
+    return "+OK\n"
+
+
+@cmd("uuid_break")
+def _uuid_break(api: Api, args: str) -> str:
+    parts = args.split()
+    ch = api.chan(parts[0]) if parts else None
+    if ch is None:
+        return NO_CHANNEL
+    if len(parts) > 1 and parts[1] == "all":
+        ch.queue.clear()
+    ch.broken.set()
+    return "+OK\n"
+
+
+def _queue_app(ch: Channel, target: str) -> None:
+    if "::" in target and not target.startswith(("tone_stream", "http")):
+        name, _, arg = target.partition("::")
+    else:
+        name, arg = "playback", target
+    ch.queue.append(QueuedApp(name=name, arg=arg))
+    ch.queue_ready.set()
+
+
+@cmd("uuid_broadcast")
+def _uuid_broadcast(api: Api, args: str) -> str:
+    parts = args.split()
+    if len(parts) < 2:
+        return "-USAGE: <uuid> <path> [aleg|bleg|holdb|both]\n"
+    ch = api.chan(parts[0])
+    if ch is None:
+        return "-ERR invalid uuid\n"
+    leg = parts[2] if len(parts) > 2 else "aleg"
+    if leg in ("aleg", "both"):
+        _queue_app(ch, parts[1])
+    if leg in ("bleg", "both") and ch.bridged_to is not None:
+        _queue_app(ch.bridged_to, parts[1])
+    return "+OK Message sent\n"
+
+
+@cmd("uuid_record")
+def _uuid_record(api: Api, args: str) -> str:
+    parts = args.split()
+    if len(parts) < 3:
+        return "-USAGE: <uuid> [start|stop|mask|unmask] <path> [<limit>] [<recording_vars>]\n"
+    ch = api.chan(parts[0])
+    if ch is None:
+        return "-ERR Cannot locate session!\n"
+    action, path = parts[1], parts[2]
+    if action == "start":
+        api.sw.start_recording(ch, path)
+    elif action == "stop" and not api.sw.stop_recordings(ch, path):
+        return "-ERR Cannot stop record session!\n"
+    return "+OK Success\n"
+
+
+@cmd("uuid_transfer")
+def _uuid_transfer(api: Api, args: str) -> str:
+    parts = args.split()
+    if len(parts) < 2:
+        return "-USAGE: <uuid> [-bleg|-both] <dest-exten> [<dialplan>] [<context>]\n"
+    ch = api.chan(parts[0])
+    if ch is None:
+        return NO_CHANNEL
+    rest = [p for p in parts[1:] if p not in ("-bleg", "-both")]
+    ch.transfer_apps = transfer_target(" ".join(rest))
+    ch.pending_transfer = ("bl_xfer", rest[0])
+    ch.broken.set()
+    ch.queue_ready.set()
+    return "+OK\n"
+
+
+@cmd("uuid_bridge")
+def _uuid_bridge(api: Api, args: str) -> str:
+    parts = args.split()
+    if len(parts) < 2:
+        return "-USAGE: <uuid> <other_uuid>\n"
+    a, b = api.chan(parts[0]), api.chan(parts[1])
+    if a is None or b is None:
+        return "-ERR Invalid uuid\n"
+    # Both legs leave what they run (EXECUTE_COMPLETE) before A's session announces the bridge.
+    a.other, a.other_type = b, "originatee"
+    b.other, b.other_type = a, "originator"
+    a.set_var("signal_bond", b.uuid)
+    b.set_var("signal_bond", a.uuid)
+    a.pending_transfer = ("uuid_br", b.uuid)
+    b.pending_transfer = ("uuid_br_peer", a.uuid)
+    a.transfer_apps = [("__uuid_bridge", b.uuid)]
+    b.transfer_apps = [("__wait_hangup", "")]
+    for ch in (a, b):
+        ch.broken.set()
+        ch.queue_ready.set()
+    return f"+OK {b.uuid}\n"
+
+
+@cmd("uuid_send_dtmf")
+def _uuid_send_dtmf(api: Api, args: str) -> str:
+    parts = args.split()
+    if len(parts) < 2:
+        return "-USAGE: <uuid> <dtmf_data>\n"
+    if api.chan(parts[0]) is None:
+        return "-ERR no such channel\n"
+    return f"+OK {parts[0]} sent DTMF {parts[1]}.\n"
+
+
+@cmd("hupall")
+def _hupall(api: Api, args: str) -> str:
+    parts = args.split()
+    cause = parse_cause(parts[0] if parts else None, "MANAGER_REQUEST")
+    var = parts[1] if len(parts) > 2 else None
+    val = parts[2] if len(parts) > 2 else None
+    for ch in list(api.sw.channels.values()):
+        if var is None or ch.var(var) == val:
+            ch.hangup(cause)
+    return f"+OK hangup all channels with cause {cause}\n"
+
+
+@cmd("sched_hangup", "uuid_sched_hangup")
+def _sched_hangup(api: Api, args: str) -> str:
+    parts = args.split()
+    if len(parts) < 2:
+        return "-USAGE: [+]<time> <uuid> [<cause>]\n"
+    ch = api.chan(parts[1])
+    if ch is None:
+        return "-ERR No such channel!\n"
+    schedule_hangup(api.sw, ch, " ".join([parts[0], *parts[2:]]))
+    return "+OK\n"
+
+
+@cmd("sched_api")
+def _sched_api(api: Api, args: str) -> str:
+    parts = args.split(" ", 2)
+    if len(parts) < 3 or not parts[0].startswith("+"):
+        return "-ERR Invalid syntax\n"
+    try:
+        secs = float(parts[0][1:])
+    except ValueError:
+        return "-ERR Invalid syntax\n"
+    line = parts[2]  # parts[1] is the task group (or "none"): groups are not tracked
+    api.sw.task_seq += 1
+    api.sw.later(secs, api.execute, line)
+    return f"+OK Added: {api.sw.task_seq}\n"
+
+
+@cmd("originate")
+def _originate(api: Api, args: str) -> str:
+    parts = split_args(args)
+    if len(parts) < 2:
+        return ORIGINATE_USAGE
+    dial, target = parts[0], parts[1]
+    timeout = None
+    if len(parts) > 6:
+        try:
+            timeout = float(parts[6])
+        except ValueError:
+            timeout = None
+    ch, cause = originate(api.sw, dial, timeout=timeout)
+    if cause or ch is None:
+        return f"-ERR {cause or 'NORMAL_TEMPORARY_FAILURE'}\n"
+    start_session(api.sw, ch, target)
+    return f"+OK {ch.uuid}\n"
+
+
+def parse_target(target: str) -> list[tuple[str, str]]:
+    """``&app(args)`` → [(app, args)]; an extension (no dialplan here) parks."""
+    if target.startswith("&"):
+        body = target[1:]
+        if "(" in body and body.endswith(")"):
+            name, _, arg = body[:-1].partition("(")
+        else:
+            name, _, arg = body.partition(" ")
+        return [(name, arg)]
+    return [("park", "")]
+
+
+def start_session(sw: Switch, ch: Channel, target: str) -> None:
+    """Start the leg's executor with the originate's application (after the reply is out)."""
+    session = Session(sw, ch)
+    ch.has_session = True
+    g = gevent.spawn(session.run, parse_target(target))
+    ch.greenlets.append(g)
+
+
+def _visible(api: Api, like: str | None = None) -> list[Channel]:
+    now = time.monotonic()
+    out = []
+    for ch in list(api.sw.channels.values()):
+        if now - ch.created_at < api.sw.real(SHOW_DB_DELAY):
+            continue
+        if like and like not in ch.uuid and like not in ch.name and like not in ch.number:
+            continue
+        out.append(ch)
+    return out
+
+
+def _channel_row(api: Api, ch: Channel) -> dict[str, str]:
+    created = time.localtime(ch.created_us / 1e6)
+    row = dict.fromkeys(SHOW_COLUMNS, "")
+    row.update({
+        "uuid": ch.uuid, "direction": ch.direction, "created": time.strftime("%Y-%m-%d %H:%M:%S", created),
+        "created_epoch": str(ch.created_us // 1_000_000), "name": ch.name, "state": ch.state,
+        "cid_name": ch.number if ch.cid_flipped else ch.caller_id_name,
+        "cid_num": ch.number if ch.cid_flipped else ch.caller_id_number,
+        "dest": ch.number, "application": ch.current_app or "", "application_data": ch.current_app_data,
+        "context": "default", "read_codec": "PCMU", "read_rate": "8000", "read_bit_rate": "64000",
+        "write_codec": "PCMU", "write_rate": "8000", "write_bit_rate": "64000",
+        "hostname": api.sw.events.hostname, "callstate": ch.callstate,
+        "callee_num": ch.caller_id_number if ch.cid_flipped else "",
+        "callee_direction": "RECV" if ch.cid_flipped else "",
+        "call_uuid": ch.call_uuid, "initial_cid_num": ch.caller_id_number, "initial_dest": ch.number,
+        "initial_context": "default",
+    })
+    return row
+
+
+def _show_rows(api: Api, like: str | None = None) -> list[dict[str, str]]:
+    return [_channel_row(api, ch) for ch in _visible(api, like)]
+
+
+def _call_rows(api: Api, like: str | None = None) -> list[dict[str, str]]:
+    """One row per call: a bridged pair shares a row (B in the b_* columns)."""
+    rows = []
+    for ch in _visible(api, like):
+        if ch.bridged_to is not None and ch.other_type == "originator":
+            continue
+        full = _channel_row(api, ch)
+        row = {c: full[c] for c in CALL_COLUMNS}
+        peer = _channel_row(api, ch.bridged_to) if ch.bridged_to is not None else dict.fromkeys(SHOW_COLUMNS, "")
+        row.update({f"b_{c}": peer[c] for c in B_COLUMNS})
+        row["call_created_epoch"] = str(ch.bridged_us // 1_000_000) if ch.bridged_to is not None else ""
+        rows.append(row)
+    return rows
+
+
+@cmd("show")
+def _show(api: Api, args: str) -> str:
+    parts = args.split()
+    as_json = len(parts) >= 2 and parts[-2] == "as" and parts[-1] == "json"
+    if as_json:
+        parts = parts[:-2]
+    if not parts or parts[0] not in ("channels", "calls", "detailed_calls", "bridged_calls"):
+        return SHOW_USAGE
+    like = parts[2] if len(parts) >= 3 and parts[1] == "like" else None
+    rows = _show_rows(api, like) if parts[0] == "channels" else _call_rows(api, like)
+    if len(parts) >= 2 and parts[1] == "count":
+        if as_json:
+            return json.dumps({"row_count": len(rows)}) + "\n"
+        return f"\n{len(rows)} total.\n"
+    if as_json:
+        if not rows:
+            return '{"row_count": 0}\n'
+        return json.dumps({"row_count": len(rows), "rows": rows}, separators=(",", ":")) + "\n"
+    if not rows:
+        return "\n0 total.\n"
+    columns = list(rows[0])
+    lines = [",".join(columns)] + [",".join(r[c] for c in columns) for r in rows]
+    return "\n".join(lines) + f"\n\n{len(rows)} total.\n"
+
+
+SOFIA_STATUS = (
+    "                     Name\t   Type\t                                      Data\tState\n"
+    "=================================================================================================\n"
+    "                  gateway\tprofile\t              sip:mod_sofia@127.0.0.1:5080\tRUNNING (0)\n"
+    "         gateway::carrier\tgateway\t             sip:FreeSWITCH@127.0.0.1:5090\tNOREG\n"
+    "                  carrier\tprofile\t              sip:mod_sofia@127.0.0.1:5090\tRUNNING (0)\n"
+    "=================================================================================================\n"
+    "2 profiles 0 aliases\n"
+)
+
+
+@cmd("sofia")
+def _sofia(api: Api, args: str) -> str:
+    parts = args.split()
+    if parts[:1] != ["status"]:
+        return "-ERR Usage: sofia status|...\n"
+    if len(parts) == 1:
+        return SOFIA_STATUS
+    if parts[1] == "gateway" and len(parts) >= 3:
+        if parts[2] != "carrier":
+            return "Invalid Gateway!\n"
+        rows = [
+            ("Name", "carrier"), ("Profile", "gateway"), ("Scheme", "Digest"), ("Realm", "127.0.0.1:5090"),
+            ("Username", "FreeSWITCH"), ("Password", "no"), ("From", "<sip:FreeSWITCH@127.0.0.1:5090>"),
+            ("Contact", "<sip:gw+carrier@127.0.0.1:5080;transport=udp;gw=carrier>"), ("Exten", "FreeSWITCH"),
+            ("To", "sip:FreeSWITCH@127.0.0.1:5090"), ("Proxy", "sip:127.0.0.1:5090"), ("Context", "public"),
+            ("Expires", "3600"), ("Freq", "3600"), ("Ping", "0"), ("PingFreq", "0"), ("PingTime", "0.00"),
+            ("PingState", "0/0/0"), ("State", "NOREG"), ("Status", "UP"), ("Uptime", f"{int(api.sw.uptime())}s"),
+            ("CallsIN", "0"), ("CallsOUT", str(api.sw.sessions_since_start)), ("FailedCallsIN", "0"),
+            ("FailedCallsOUT", "0"),
+        ]
+        bar = "=" * 97 + "\n"
+        return bar + "".join(f"{k:<8}\t{v}\n" for k, v in rows) + bar
+    return "Invalid Profile!\n"
+
+
+@cmd("standin")
+def _standin(api: Api, args: str) -> str:
+    """The stand-in's own introspection: heard <uuid>, channel <uuid>, channels, commands, hangup/dtmf."""
+    parts = args.split()
+    if not parts:
+        return "-USAGE: heard <uuid>|channel <uuid>|channels|commands|far_end_hangup <uuid>|dtmf <uuid> <digits>\n"
+    sub = parts[0]
+    ch = api.sw.all_channels.get(parts[1]) if len(parts) > 1 else None
+    if sub == "heard":
+        return json.dumps(ch.heard_list() if ch else None) + "\n"
+    if sub == "channel":
+        return json.dumps(describe(ch) if ch else None) + "\n"
+    if sub == "channels":
+        return json.dumps([describe(c) for c in api.sw.channels.values()]) + "\n"
+    if sub == "far_end_hangup" and ch is not None:
+        return "+OK\n" if far_end_hangup(ch) else "-ERR already hung up\n"
+    if sub == "dtmf" and ch is not None and len(parts) > 2:
+        for d in parts[2]:
+            send_dtmf(ch, d)
+        return "+OK\n"
+    if api.introspect is not None:
+        return api.introspect(args)
+    return "-ERR unknown standin command\n"
+
+
+def describe(ch: Channel) -> dict[str, Any]:
+    """A JSON-able summary of a channel for introspection."""
+    return {
+        "uuid": ch.uuid, "number": ch.number, "name": ch.name, "state": ch.state,
+        "answer_state": ch.answer_state, "hangup_cause": ch.hangup_cause, "live": ch.live,
+        "variables": dict(ch.variables), "heard": ch.heard_list(), "sent": [s.as_dict() for s in ch.sent],
+        "recordings": [{"path": r.path, "seconds": r.plan_seconds, "written": r.written} for r in ch.recordings],
+    }

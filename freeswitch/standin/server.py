@@ -1,0 +1,220 @@
+"""The stand-in as a whole: the listening socket, its connections, and the faults tests inject."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from gevent import socket
+from gevent.event import Event as GEvent
+
+from .channel import Channel
+from .commands import Api
+from .connection import Connection
+from .core import Switch
+from .plan import far_end_hangup
+
+HEARTBEAT_INTERVAL = 20.0  # plan seconds
+
+
+@dataclass(frozen=True)
+class ReceivedCommand:
+    """One message received on an ESL connection."""
+
+    conn_id: int
+    at: float
+    text: str
+
+
+class StandIn:
+    """A FreeSWITCH Event Socket stand-in following the test number plan."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8021, password: str = "ClueCon",
+                 time_scale: float = 1.0) -> None:
+        self.host = host
+        self.port = port
+        self.password = password
+        self.time_scale = time_scale
+        self.switch = Switch(time_scale)
+        self.api = Api(self.switch, self._introspect)
+        self.commands: list[ReceivedCommand] = []
+        self.connections: set[Connection] = set()
+        self.gate = GEvent()
+        self.gate.set()
+        self.reply_delay = 0.0
+        self._listener: socket.socket | None = None
+        self._accepter: gevent.Greenlet | None = None
+        self._heartbeat: gevent.Greenlet | None = None
+        self._conn_seq = 0
+        self._refusing = False
+        self._history: dict[str, Channel] = {}
+
+    # ----- lifecycle -------------------------------------------------------------------------
+    @property
+    def core_uuid(self) -> str:
+        """Core-UUID of the current switch (changes on restart())."""
+        return self.switch.core_uuid
+
+    def start(self) -> StandIn:
+        """Bind and listen; returns once connections are accepted (self.port is the bound port)."""
+        self._listen()
+        self._heartbeat = gevent.spawn(self._heartbeat_loop)
+        return self
+
+    def _listen(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(1024)
+        self.port = sock.getsockname()[1]
+        self._listener = sock
+        self._accepter = gevent.spawn(self._accept_loop, sock)
+
+    def _accept_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._conn_seq += 1
+            conn = Connection(self, client, self._conn_seq)
+            self.connections.add(conn)
+            gevent.spawn(conn.run)
+
+    def _unlisten(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._accepter is not None:
+            self._accepter.kill(block=False)
+            self._accepter = None
+
+    def stop(self) -> None:
+        """Stop listening, drop every connection and end every channel silently."""
+        self._unlisten()
+        if self._heartbeat is not None:
+            self._heartbeat.kill(block=False)
+        self.drop_connections()
+        self.switch.vanish()
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            gevent.sleep(self.switch.real(HEARTBEAT_INTERVAL))
+            self.gate.wait()
+            sw = self.switch
+            ev = sw.events.new("HEARTBEAT", ("switch_core.c", "send_heartbeat", 95))
+            up = sw.uptime()
+            ev.add("Event-Info", "System Ready")
+            ev.add("Up-Time", self.api.execute("status").splitlines()[0][3:])
+            ev.add("FreeSWITCH-Version", "1.10.12-release~64bit")
+            ev.add("Uptime-msec", int(up * 1000))
+            ev.add("Session-Count", len(sw.channels))
+            ev.add("Max-Sessions", 1000)
+            ev.add("Session-Per-Sec", 30)
+            ev.add("Session-Per-Sec-Last", 0)
+            ev.add("Session-Per-Sec-Max", 0)
+            ev.add("Session-Per-Sec-FiveMin", 0)
+            ev.add("Session-Since-Startup", sw.sessions_since_start)
+            ev.add("Session-Peak-Max", sw.peak)
+            ev.add("Session-Peak-FiveMin", sw.peak)
+            ev.add("Idle-CPU", "98.000000")
+            sw.fire(ev)
+
+    # ----- connection bookkeeping ---------------------------------------------------------------
+    def subscribe(self, conn: Connection) -> None:
+        """An authenticated connection starts receiving events it subscribes to."""
+        self.switch.sinks.add(conn)
+
+    def forget(self, conn: Connection) -> None:
+        """A connection went away."""
+        self.connections.discard(conn)
+        self.switch.sinks.discard(conn)
+
+    def record_command(self, conn_id: int, text: str) -> None:
+        """Log one received message (StandIn.commands)."""
+        self.commands.append(ReceivedCommand(conn_id, time.monotonic(), text))
+
+    # ----- introspection ---------------------------------------------------------------------
+    def channel(self, uuid: str) -> Channel | None:
+        """The channel with that uuid, live or ended (across restarts), or None."""
+        return self.switch.all_channels.get(uuid) or self._history.get(uuid)
+
+    def channels_live(self) -> list[Channel]:
+        """Channels that still exist."""
+        return list(self.switch.channels.values())
+
+    def heard(self, uuid: str) -> list[dict[str, Any]]:
+        """What the person on that leg heard: [{start, end, kind, source}], plan seconds."""
+        ch = self.channel(uuid)
+        return ch.heard_list() if ch else []
+
+    @staticmethod
+    def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.002) -> bool:
+        """Wait (cooperatively) until predicate() is true; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            gevent.sleep(interval)
+
+    def far_end_hangup(self, uuid: str) -> bool:
+        """The far-end phone of that leg hangs up (BYE: NORMAL_CLEARING, recv_bye)."""
+        ch = self.switch.locate(uuid)
+        return far_end_hangup(ch) if ch else False
+
+    def send_dtmf(self, uuid: str, digits: str) -> bool:
+        """The far end of that leg presses digits (DTMF events; feeds play_and_get_digits)."""
+        from .plan import send_dtmf
+
+        ch = self.switch.locate(uuid)
+        if ch is None:
+            return False
+        for d in digits:
+            send_dtmf(ch, d)
+        return True
+
+    def _introspect(self, args: str) -> str:
+        parts = args.split()
+        if parts[:1] == ["commands"]:
+            return json.dumps([{"conn_id": c.conn_id, "at": c.at, "text": c.text} for c in self.commands]) + "\n"
+        return "-ERR unknown standin command\n"
+
+    # ----- faults ----------------------------------------------------------------------------
+    def drop_connections(self) -> None:
+        """Close every ESL connection abruptly (channels stay up)."""
+        for conn in list(self.connections):
+            conn.abort()
+        self.connections.clear()
+
+    def hang(self, seconds: float) -> None:
+        """Stop reading and writing for that many real seconds (sockets stay open)."""
+        self.gate.clear()
+        gevent.spawn_later(seconds, self.gate.set)
+
+    def restart(self) -> None:
+        """All channels vanish without events, connections drop, a new Core-UUID; keep listening."""
+        self.drop_connections()
+        self._history.update(self.switch.all_channels)
+        self.switch.vanish()
+        self.switch = Switch(self.time_scale)
+        self.api = Api(self.switch, self._introspect)
+
+    def refuse_connections(self, flag: bool) -> None:
+        """While True, connection attempts are refused (the port is closed)."""
+        if flag and not self._refusing:
+            self._refusing = True
+            self._unlisten()
+        elif not flag and self._refusing:
+            self._refusing = False
+            self._listen()
+
+    def slow_replies(self, seconds: float) -> None:
+        """Delay every command reply by that many real seconds (0 to stop)."""
+        self.reply_delay = max(0.0, seconds)

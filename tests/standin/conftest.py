@@ -1,0 +1,79 @@
+"""Fixtures for the stand-in tests: a fresh stand-in per test (time scale 0.01) and a client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from freeswitch.standin import StandIn
+
+from .esl_client import EslClient
+
+SCALE = 0.01
+
+# Local stand-ins for the prompts the traces played (same lengths as the real files).
+MEDIA = {
+    "sounds/hello_8k.wav": (5.655, 8000),
+    "sounds/tone_700hz_20s.wav": (20.0, 8000),
+    "sounds/beep_1k_1s.wav": (1.0, 8000),
+    "sounds/hello_16k.wav": (5.655, 16000),
+}
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder laid out like the traces' /srv/fs-test (sounds/, rec/)."""
+    root = tmp_path_factory.mktemp("fs-test")
+    (root / "rec").mkdir()
+    (root / "sounds").mkdir()
+    for rel, (secs, rate) in MEDIA.items():
+        sf.write(root / rel, np.zeros(int(secs * rate), dtype=np.int16), rate)
+    sf.write(root / "sounds/hello.mp3", np.zeros(int(5.655 * 8000), dtype=np.int16), 8000, format="MP3")
+    return root
+
+
+@pytest.fixture(scope="session")
+def media_server(media_dir: Path) -> Iterator[str]:
+    """An HTTP server for media_dir/sounds (what the recording host ran on 127.0.0.1:8765)."""
+    from gevent.pywsgi import WSGIServer
+
+    def app(environ: dict, start_response):  # type: ignore[no-untyped-def]
+        path = media_dir / "sounds" / environ["PATH_INFO"].lstrip("/")
+        if path.is_file():
+            start_response("200 OK", [("Content-Type", "audio/wav")])
+            return [path.read_bytes()]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found"]
+
+    server = WSGIServer(("127.0.0.1", 0), app, log=None)
+    server.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def standin() -> Iterator[StandIn]:
+    sw = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=SCALE)
+    sw.start()
+    try:
+        yield sw
+    finally:
+        sw.stop()
+
+
+@pytest.fixture
+def client(standin: StandIn) -> Iterator[EslClient]:
+    """An authenticated client listening to every event in plain format."""
+    c = EslClient(standin.port)
+    assert c.auth().h("Reply-Text") == "+OK accepted"
+    assert c.cmd("event plain ALL").h("Reply-Text") == "+OK event listener enabled plain"
+    try:
+        yield c
+    finally:
+        c.close()

@@ -214,8 +214,13 @@ def _v2_webhook_outbox(db: Database) -> None:
     db.create_tables([WebhookDelivery], safe=True)
 
 
+def _v3_status_index(db: Database) -> None:
+    # GET /v1/calls?status=... walks one endpoint's calls of one status, newest first.
+    db.execute_sql("CREATE INDEX IF NOT EXISTS call_endpoint_status_id ON call (endpoint_id, status, id)")
+
+
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
-MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox]
+MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index]
 
 
 def schema_version(db: Database) -> int:

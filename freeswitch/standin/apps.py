@@ -52,6 +52,7 @@ class Session:
     def __init__(self, sw: Switch, ch: Channel) -> None:
         self.sw = sw
         self.ch = ch
+        self.depth = 0  # nesting of applications (queued apps run inside park)
 
     def run(self, apps: list[tuple[str, str]], flip_cid: bool = True) -> None:
         """Run an extension (list of apps), then the queue; hang up when it ends, then finish."""
@@ -123,7 +124,11 @@ class Session:
         ch.fire("CHANNEL_EXECUTE", ("switch_core_session.c", "switch_core_session_exec", 2944),
                 post=[*info, ("Application-UUID", app_uuid)])
         ch.app_response = None
-        response = fn(self, arg)
+        self.depth += 1
+        try:
+            response = fn(self, arg)
+        finally:
+            self.depth -= 1
         if response is not None:
             ch.app_response = response
         # A parked leg reports the response its last nested application left behind (FreeSWITCH
@@ -132,7 +137,8 @@ class Session:
         ch.set_var("last_app", name)
         if arg:
             ch.set_var("last_arg", arg)
-        transfer = ch.pending_transfer if ch.is_up else None
+        # A transfer ends the extension's own application (park), not the nested ones.
+        transfer = ch.pending_transfer if ch.is_up and self.depth == 0 else None
         if transfer:
             self._transfer_profile(*transfer)
         ch.fire("CHANNEL_EXECUTE_COMPLETE", ("switch_core_session.c", "switch_core_session_exec", 2974),

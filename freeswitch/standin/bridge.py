@@ -43,7 +43,7 @@ def run_bridge(sw: Switch, a: Channel, dial: str) -> None:
         a.set_var("originated_legs", f"{b.uuid};{b.name};{b.number}")
     if cause or b is None or not a.is_up:
         if b is not None and b.is_up and not cause:
-            b.hangup("ORIGINATOR_CANCEL", disposition="send_cancel")
+            b.hangup("ORIGINATOR_CANCEL")
             cause = "ORIGINATOR_CANCEL"
         if not a.is_up:
             cause = "ORIGINATOR_CANCEL"

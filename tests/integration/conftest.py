@@ -121,6 +121,8 @@ class Harness:
         return call
 
     def wait_final(self, call: Call, timeout: float = 30.0) -> Call:
+        if REAL_ESL:  # real time: the longest plan row keeps a leg up for 300 s
+            timeout = max(timeout, 400.0)
         result = self.finals.setdefault(call.callid, gevent.event.AsyncResult())
         try:
             result.get(timeout=timeout)

@@ -48,6 +48,7 @@ import gevent.socket
 import gevent.ssl
 from peewee import fn
 
+from daemon.callview import call_view, iso
 from daemon.config import Settings
 from daemon.logs import log_event
 from daemon.metrics import Metrics
@@ -95,10 +96,6 @@ def verify_signature(secret: str, timestamp: str | int, body: bytes | str, heade
     return hmac.compare_digest(sign(secret, ts, raw), header.strip())
 
 
-def _iso(when: dt.datetime | None) -> str | None:
-    return None if when is None else when.isoformat(timespec="milliseconds") + "Z"
-
-
 def _unix(when: dt.datetime) -> int:
     return int(when.replace(tzinfo=dt.UTC).timestamp())
 
@@ -106,34 +103,13 @@ def _unix(when: dt.datetime) -> int:
 def event_payload(call: Call, status: CallStatus, event_id: str, created_at: dt.datetime,
                   detail: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The JSON object one webhook carries: the event, then the call as it stands after the change."""
-    recording = None
-    if call.recording_path:
-        recording = {"seconds": call.recording_seconds, "bytes": call.recording_bytes,
-                     "url": f"/v1/calls/{call.callid}/recording"}
     return {
         "event_id": event_id,
         "type": "call.status",
-        "created_at": _iso(created_at),
-        "callid": call.callid,
+        "created_at": iso(created_at),
+        **call_view(call, call.endpoint),
         "status": status.value,
         "final": status.final,
-        "phone_a": call.phone_a,
-        "phone_b": call.phone_b,
-        "scheduled": bool(call.scheduled),
-        "due_at": _iso(call.due_at),
-        "requested_at": _iso(call.requested_at),
-        "started_at": _iso(call.started_at),
-        "a_answered_at": _iso(call.a_answered_at),
-        "bridged_at": _iso(call.bridged_at),
-        "ended_at": _iso(call.ended_at),
-        "canceled_at": _iso(call.canceled_at),
-        "failed_leg": call.failed_leg,
-        "a_cause": call.a_cause,
-        "b_cause": call.b_cause,
-        "reason": call.reason,
-        "ring_seconds": call.ring_seconds,
-        "talk_seconds": call.talk_seconds,
-        "recording": recording,
         "detail": {k: v for k, v in (detail or {}).items() if isinstance(v, str | int | float | bool)},
     }
 

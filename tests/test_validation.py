@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from daemon.callview import utc_to_local_text
 from daemon.config import LANGUAGES, Settings, load_settings
 from webapi.validation import (
     ValidationError,
@@ -29,7 +30,6 @@ from webapi.validation import (
     parse_msg,
     parse_phone,
     parse_url,
-    utc_to_local_text,
 )
 
 NOW = dt.datetime(2026, 6, 15, 12, 0)

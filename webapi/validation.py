@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from daemon.config import LANGUAGES, ConfigError, Settings, zone
+from daemon.config import LANGUAGES, Settings
 from daemon.store import CallStatus
 
 PHONE_RE = re.compile(r"^\+?[0-9]{7,15}$")
@@ -107,11 +107,6 @@ def local_to_utc(local: dt.datetime, tz: ZoneInfo) -> dt.datetime:
     """
     aware = local.replace(tzinfo=tz, fold=0)
     return aware.astimezone(UTC).replace(tzinfo=None)
-
-
-def utc_to_local_text(when: dt.datetime, tz: ZoneInfo) -> str:
-    """Naive UTC as ``YYYY-MM-DD HH:MM`` wall-clock time in ``tz``."""
-    return when.replace(tzinfo=UTC).astimezone(tz).strftime("%Y-%m-%d %H:%M")
 
 
 def parse_instant(value: str, field: str, tz: ZoneInfo, *, days: bool = False,
@@ -200,14 +195,6 @@ def parse_lang(value: str, msg: str) -> str:
     if value not in LANGUAGES:
         raise ValidationError("msg_lang", f"must be one of {', '.join(LANGUAGES)}")
     return value
-
-
-def endpoint_zone(name: str) -> ZoneInfo:
-    """The endpoint's zone; UTC if the stored name is unusable (the CLI checks it, so it should not be)."""
-    try:
-        return zone(name)
-    except ConfigError:
-        return ZoneInfo("UTC")
 
 
 @dataclass

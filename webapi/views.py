@@ -22,6 +22,7 @@ from flask import Blueprint, Response, current_app, request, send_file
 from peewee import IntegrityError, SqliteDatabase, Tuple
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from daemon.callview import call_view, endpoint_zone, iso
 from daemon.config import Settings
 from daemon.endpoints import authenticate
 from daemon.logs import log_event
@@ -45,12 +46,10 @@ from webapi.validation import (
     decode_id_cursor,
     encode_due_cursor,
     encode_id_cursor,
-    endpoint_zone,
     parse_callid,
     parse_create,
     parse_idempotency_key,
     parse_list_query,
-    utc_to_local_text,
 )
 
 log = logging.getLogger("callbridge.api")
@@ -170,50 +169,9 @@ def query_values() -> dict[str, Any]:
 
 # Shapes ------------------------------------------------------------------------------------------
 
-def iso(when: dt.datetime | None) -> str | None:
-    """Naive UTC as ISO 8601 with ``Z``; None stays None."""
-    if when is None:
-        return None
-    return when.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
-
-
 def call_summary(call: Call, endpoint: Endpoint) -> dict[str, Any]:
     """A call as lists, reads and the create answer show it (never the token)."""
-    tz = endpoint_zone(endpoint.timezone)
-    recording = None
-    if call.recording_path:
-        recording = {"seconds": call.recording_seconds, "bytes": call.recording_bytes,
-                     "url": f"/v1/calls/{call.callid}/recording"}
-    return {
-        "callid": call.callid,
-        "status": call.status,
-        "phone_a": call.phone_a,
-        "phone_b": call.phone_b,
-        "play_url": call.play_url,
-        "msg": call.msg,
-        "msg_lang": call.msg_lang,
-        "dialtone_url": call.dialtone_url,
-        "scheduled": bool(call.scheduled),
-        "call_date": utc_to_local_text(call.due_at, tz) if call.scheduled else None,
-        "timezone": endpoint.timezone,
-        "due_at": iso(call.due_at),
-        "requested_at": iso(call.requested_at),
-        "started_at": iso(call.started_at),
-        "a_answered_at": iso(call.a_answered_at),
-        "bridged_at": iso(call.bridged_at),
-        "ended_at": iso(call.ended_at),
-        "canceled_at": iso(call.canceled_at),
-        "canceled_by": call.canceled_by,
-        "lateness_ms": call.lateness_ms,
-        "failed_leg": call.failed_leg,
-        "a_cause": call.a_cause,
-        "b_cause": call.b_cause,
-        "reason": call.reason,
-        "ring_seconds": call.ring_seconds,
-        "talk_seconds": call.talk_seconds,
-        "recording": recording,
-        "token_hint": endpoint.token_hint,
-    }
+    return call_view(call, endpoint)
 
 
 def timeline(call: Call) -> list[dict[str, Any]]:

@@ -136,6 +136,8 @@ class CallSequence:
         self.bridge_step: AppStep | None = None
         self.bridge_disposition = ""
         self.apps_queued = False
+        self.queue_incomplete = False
+        self.abort_reason = ""
         self.recording = False
         self.connection_lost = False
         self.dial_pending = False
@@ -317,7 +319,14 @@ class CallSequence:
             self.phase = Phase.PROMPTS
             self.journal.status(self.call, CallStatus.A_ANSWERED, a_answered_at=now)
             if not self.apps_queued:
-                self._queue_apps()
+                try:
+                    self._queue_apps()
+                except EslError as exc:
+                    # Some steps may be queued on A, some not: which one was in flight is unknowable, and
+                    # resending could dial B twice. Once reconnected, end the call unless B is up.
+                    self.connection_lost = True
+                    self.queue_incomplete = True
+                    self.journal.step(self.call, "connection_lost", phase="queuing", error=str(exc))
         else:
             if self.call.b_dialed_at:
                 self.journal.metrics.originate_to_answer.labels("b").observe(
@@ -343,6 +352,9 @@ class CallSequence:
             return
         if is_bridge:
             self.bridge_disposition = event.get("variable_originate_disposition") or ""
+            if self.queue_incomplete and self.bridge_disposition != "SUCCESS" and not self.a.gone:
+                with contextlib.suppress(EslError):  # the notice and hangup after it may never have been queued
+                    self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
             self.journal.step(self.call, "bridge_ended", disposition=self.bridge_disposition,
                               dialstatus=event.get("variable_DIALSTATUS"),
                               cause=event.get("variable_last_bridge_hangup_cause"))
@@ -378,6 +390,8 @@ class CallSequence:
             return
         if self.call.bridged_at or self.phase == Phase.BRIDGED:
             self._finish(CallStatus.COMPLETED)
+        elif self.abort_reason:
+            self._finish(CallStatus.FAILED, failed_leg="a", reason=self.abort_reason)
         elif self.a.answered_at is None:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A was not reached")
         elif self.bridge_disposition and self.bridge_disposition not in CALLER_GONE | {"SUCCESS"}:
@@ -439,6 +453,10 @@ class CallSequence:
                     self._finish(CallStatus.FAILED, failed_leg="a", reason="interrupted")
                 return
             self.journal.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")
+            if self.queue_incomplete and not b_alive:
+                self.abort_reason = "connection to FreeSWITCH lost while setting up the call"
+                self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
+                return
             a_answered = self._getvar(self.a.uuid, "answer_epoch") not in ("", "0")
             if a_answered and self.a.answered_at is None:
                 self._on_answer(self.a, "a")

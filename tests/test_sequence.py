@@ -24,6 +24,7 @@ class ScriptedSwitch:
         self.fail_next: list[BaseException] = []
         self.answers: dict[str, str] = {}
         self.routes: dict[str, CallSequence] = {}
+        self.fail_message_at: int | None = None
 
     def bgapi(self, command: str, job_uuid: str) -> str:
         if self.fail_next:
@@ -36,6 +37,10 @@ class ScriptedSwitch:
         return next((v for k, v in self.answers.items() if command.startswith(k)), "+OK\n")
 
     def send_message(self, message: str) -> Any:
+        if self.fail_message_at is not None and len([m for m in self.sent if m.startswith("sendmsg")]) == \
+                self.fail_message_at:
+            self.fail_message_at = None
+            raise EslDisconnected("closed mid-command")
         self.sent.append(message)
         return None
 
@@ -124,3 +129,23 @@ def test_a_forged_event_for_another_uuid_is_ignored(run_call: Callable[..., Any]
     sequence.deliver(event("CHANNEL_ANSWER", str(uuid.uuid4())))
     gevent.sleep(0)
     assert Call.get_by_id(sequence.call.id).status == "dialing_a"
+
+
+def test_connection_lost_while_queuing_ends_the_call_rather_than_risk_dialing_b_twice(
+        run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    switch.fail_message_at = 3
+    sequence.start()
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    switch.answers = {f"uuid_exists {sequence.a.uuid}": "true", f"uuid_exists {sequence.b.uuid}": "false",
+                      "uuid_getvar": "_undef_"}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    assert f"api uuid_kill {sequence.a.uuid} NORMAL_CLEARING" in switch.sent
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{"Hangup-Cause": "NORMAL_CLEARING"}))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.failed_leg) == ("failed", "a")
+    assert call.reason == "connection to FreeSWITCH lost while setting up the call"
+    assert not any("execute-app-name: bridge" in m for m in switch.sent)

@@ -43,8 +43,9 @@ Recordings (``record_session``, ``uuid_record``) are real 8 kHz WAV files rebuil
 timelines (files read from disk, tones synthesised); mono mixes both directions, stereo
 (``RECORD_STEREO=true``) puts the far end left and what was played to the leg right.
 
-Not simulated: inbound calls, CHANNEL_STATE/CALLSTATE/CODEC/API/MEDIA_BUG events, SDP/RTP
-variables, dialplans (an extension target just parks), simultaneous (``,``) dialling.
+Not simulated: inbound calls; the PRIVATE_COMMAND/COMMAND events of uuid_broadcast; SDP/RTP
+variables; dialplans (an extension target just parks); simultaneous (``,``) dialling (``|``
+failover works). ``event plain ALL`` otherwise matches the recording split_08 event for event.
 """
 
 from .server import ReceivedCommand, StandIn

@@ -60,11 +60,9 @@ class Session:
         ch.has_session = True
         try:
             if flip_cid:
-                ch.cid_flipped = True
-                ch.variables.setdefault("pre_transfer_caller_id_number", ch.caller_id_number)
-                ch.variables["channel_cid_flipped"] = "yes"
-            ch.state, ch.state_number = "CS_EXECUTE", 4
+                ch.flip_cid()
             ch.hit_dialplan = True
+            ch.enter("CS_EXECUTE")
             todo = list(apps)
             while ch.is_up:
                 if not todo:
@@ -93,9 +91,9 @@ class Session:
             for _ in range(max(1, item.loops)):
                 if not ch.is_up:
                     break
-                self.execute(item.name, item.arg, item.event_uuid)
+                self.execute(item.name, item.arg, item.event_uuid, item.event_lock)
 
-    def execute(self, name: str, arg: str, app_uuid: str | None = None) -> None:
+    def execute(self, name: str, arg: str, app_uuid: str | None = None, event_lock: bool = False) -> None:
         """Run one application with CHANNEL_EXECUTE / CHANNEL_EXECUTE_COMPLETE around it."""
         ch = self.ch
         if name in INTERNAL:
@@ -116,8 +114,7 @@ class Session:
             ch.set_var("current_application_data", arg)
         ch.set_var("current_application", name)
         if ch.is_up:
-            ch.state, ch.state_number = "CS_EXECUTE", 4
-            ch.callstate = "ACTIVE" if ch.answered_us else ch.callstate
+            ch.enter("CS_EXECUTE")
         info = [("Application", name)]
         if arg:
             info.append(("Application-Data", arg))
@@ -125,10 +122,12 @@ class Session:
                 post=[*info, ("Application-UUID", app_uuid)])
         ch.app_response = None
         self.depth += 1
+        ch.event_locked += event_lock
         try:
             response = fn(self, arg)
         finally:
             self.depth -= 1
+            ch.event_locked -= event_lock
         if response is not None:
             ch.app_response = response
         # A parked leg reports the response its last nested application left behind (FreeSWITCH
@@ -139,20 +138,30 @@ class Session:
             ch.set_var("last_arg", arg)
         # A transfer ends the extension's own application (park), not the nested ones.
         transfer = ch.pending_transfer if ch.is_up and self.depth == 0 else None
-        if transfer:
-            self._transfer_profile(*transfer)
+        if transfer and not ch.transfer_profiled:
+            self.transfer_profile()
         ch.fire("CHANNEL_EXECUTE_COMPLETE", ("switch_core_session.c", "switch_core_session_exec", 2974),
                 post=[*info, ("Application-Response", response or "_none_"), ("Application-UUID", app_uuid)])
         if transfer:
             ch.pending_transfer = None
+            ch.transfer_profiled = False
             ch.dest_override = ch.rdnis = None
-            ch.state_number = 4
+            if transfer[0].startswith("uuid_br"):
+                # The leg leaves its thread to the bridge: hibernate, reset, then soft-execute.
+                ch.enter("CS_HIBERNATE")
+                ch.enter("CS_RESET")
+            else:
+                ch.enter("CS_ROUTING")
         if prev[0] is not None:
             ch.current_app, ch.current_app_data = prev
 
-    def _transfer_profile(self, kind: str, target: str) -> None:
-        """The caller profile a transfer creates, as seen on the interrupted app's EXECUTE_COMPLETE."""
+    def transfer_profile(self) -> None:
+        """The caller profile a pending transfer creates (seen from the interrupted app's end on)."""
         ch = self.ch
+        if ch.pending_transfer is None:
+            return
+        kind, target = ch.pending_transfer
+        ch.transfer_profiled = True
         ch.inbound_logical = True
         if kind == "bl_xfer":
             ch.new_transfer_profile(kind, f"{target}/default/inline", dialplan="inline")
@@ -184,6 +193,17 @@ class Session:
             ch.broken.clear()
             return "break"
         return "done"
+
+    def bridged_wait(self, other: Channel) -> None:
+        """While bridged to other: queued apps still run here (the bridge pauses for them) unless an
+        event-locked application (the bridge itself, when sent with event-lock) holds the queue."""
+        ch = self.ch
+        while ch.is_up and other.is_up:
+            if ch.queue and not ch.event_locked:
+                self.run_queue()
+                continue
+            ch.queue_ready.clear()
+            gevent.wait([ch.hungup, other.hungup, ch.queue_ready], count=1)
 
     def idle(self) -> None:
         """The park loop: run queued apps as they arrive until hangup or transfer."""
@@ -232,6 +252,8 @@ def _park(s: Session, arg: str) -> str | None:
     s.ch.fire("CHANNEL_PARK", ("switch_ivr.c", "switch_ivr_park", 1003))
     s.ch.hear_idle()
     s.idle()
+    if s.depth == 1 and s.ch.is_up and s.ch.pending_transfer:
+        s.transfer_profile()
     s.ch.fire("CHANNEL_UNPARK", ("switch_ivr.c", "switch_ivr_park", 1249))
     return None
 
@@ -346,9 +368,10 @@ def schedule_hangup(sw: Switch, ch: Channel, arg: str) -> bool:
 
 @app("record_session")
 def _record_session(s: Session, arg: str) -> str | None:
-    path = arg.split()[0] if arg.split() else ""
-    if path:
-        s.sw.start_recording(s.ch, path)
+    parts = arg.split()
+    if parts:
+        limit = parts[1].lstrip("+") if len(parts) > 1 else ""
+        s.sw.start_recording(s.ch, parts[0], float(limit) if limit.replace(".", "", 1).isdigit() else None)
     return None
 
 
@@ -424,17 +447,20 @@ def _play_and_get_digits(s: Session, arg: str) -> str | None:
 
 @app("bridge")
 def _bridge(s: Session, arg: str) -> str | None:
-    run_bridge(s.sw, s.ch, arg)
+    run_bridge(s, arg)
     return None
 
 
 def _wait_hangup(s: Session, arg: str) -> None:
-    """The peer side of uuid_bridge: nothing runs until the leg hangs up."""
+    """The peer side of uuid_bridge: only queued apps (uuid_broadcast) run until the leg hangs up."""
+    other = s.sw.locate(arg)
+    if other is not None:
+        s.bridged_wait(other)
     gevent.wait([s.ch.hungup])
 
 
 def _uuid_bridge(s: Session, other_uuid: str) -> None:
-    uuid_bridge_run(s.sw, s.ch, other_uuid)
+    uuid_bridge_run(s, other_uuid)
 
 
 INTERNAL: dict[str, Callable[[Session, str], None]] = {"__wait_hangup": _wait_hangup, "__uuid_bridge": _uuid_bridge}

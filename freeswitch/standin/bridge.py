@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import gevent
 
 from .causes import DIALSTATUS, NO_HANGUP_ON_FAIL, q850
 from .channel import Channel
-from .core import Switch
 from .originate import originate
+
+if TYPE_CHECKING:
+    from .apps import Session
 
 
 def _ringback_source(a: Channel) -> str | None:
@@ -18,8 +21,9 @@ def _ringback_source(a: Channel) -> str | None:
     return a.var("ringback")
 
 
-def run_bridge(sw: Switch, a: Channel, dial: str) -> None:
+def run_bridge(s: Session, dial: str) -> None:
     """The bridge application: originate B with A as originator, then bridge or report failure."""
+    sw, a = s.sw, s.ch
     # switch_ivr_originate presets these and overwrites them with the outcome.
     a.set_var("originate_disposition", "failure")
     a.set_var("DIALSTATUS", "INVALIDARGS")
@@ -29,7 +33,7 @@ def run_bridge(sw: Switch, a: Channel, dial: str) -> None:
 
     def on_ring(b: Channel) -> None:
         a.callee = b.number
-        a.callstate = "RING_WAIT"
+        a.set_callstate("RING_WAIT")
         if ringback and a.is_up:
             a.hear("ringback", ringback)
 
@@ -49,12 +53,12 @@ def run_bridge(sw: Switch, a: Channel, dial: str) -> None:
             cause = "ORIGINATOR_CANCEL"
         _bridge_failed(a, b, cause)
         return
-    _bridged(a, b)
+    _bridged(s, a, b)
 
 
 def _bridge_failed(a: Channel, b: Channel | None, cause: str) -> None:
     if a.callstate == "RING_WAIT" and a.is_up:
-        a.callstate = "ACTIVE"
+        a.set_callstate("ACTIVE")
     if b is not None:
         for var in ("sip_invite_failure_status", "sip_invite_failure_phrase"):
             if b.var(var) is not None:
@@ -77,14 +81,16 @@ def _bridge_failed(a: Channel, b: Channel | None, cause: str) -> None:
         a.hangup(cause)
 
 
-def _bridged(a: Channel, b: Channel) -> None:
+def _bridged(s: Session, a: Channel, b: Channel) -> None:
     a.set_var("originate_disposition", "SUCCESS")
     a.set_var("DIALSTATUS", "SUCCESS")
     a.set_var("originate_causes", f"{b.uuid};NONE")
     link(a, b)
     a.fire("CHANNEL_BRIDGE", ("switch_ivr_bridge.c", "switch_ivr_multi_threaded_bridge", 1681),
            pre=[("Bridge-A-Unique-ID", a.uuid), ("Bridge-B-Unique-ID", b.uuid)])
-    gevent.wait([a.hungup, b.hungup], count=1)
+    b.enter("CS_EXCHANGE_MEDIA")
+    announce_bridged(a, b)
+    s.bridged_wait(b)
     a_first = not a.is_up
     if a_first:
         b.set_var("last_bridge_hangup_cause", a.hangup_cause or "NORMAL_CLEARING")
@@ -101,6 +107,15 @@ def _bridged(a: Channel, b: Channel) -> None:
         a.hangup(b.hangup_cause or "NORMAL_CLEARING")
 
 
+def announce_bridged(a: Channel, b: Channel) -> None:
+    """sofia tells each far end who it is now talking to (CALL_UPDATE, B first)."""
+    shown = {b: b.cid_override or a.number, a: a.caller_id_number}
+    for x, y in ((b, a), (a, b)):
+        x.fire("CALL_UPDATE", ("mod_sofia.c", "sofia_receive_message", 2100),
+               pre=[("Direction", "SEND"), ("Sent-Callee-ID-Name", shown[x]), ("Sent-Callee-ID-Number", shown[x]),
+                    ("Bridged-To", y.uuid)])
+
+
 def link(a: Channel, b: Channel) -> None:
     """Mark two answered legs as bridged (variables, Other-Leg headers, heard timelines)."""
     now = int(time.time() * 1_000_000)
@@ -109,7 +124,7 @@ def link(a: Channel, b: Channel) -> None:
     b.other, b.other_type = a, "originator"
     a.bridged_to, b.bridged_to = b, a
     a.callee = b.number
-    a.callstate = "ACTIVE"
+    a.set_callstate("ACTIVE")
     for x, y in ((a, b), (b, a)):
         x.set_var("last_bridge_to", y.uuid)
         x.set_var("bridge_channel", y.name)
@@ -118,7 +133,6 @@ def link(a: Channel, b: Channel) -> None:
         x.hear("bridge", y.uuid)
     a.set_var("last_bridge_role", "originator")
     b.set_var("last_bridge_role", "originatee")
-    b.state, b.state_number = "CS_EXCHANGE_MEDIA", 5
 
 
 def unlink(a: Channel, b: Channel) -> None:
@@ -128,8 +142,9 @@ def unlink(a: Channel, b: Channel) -> None:
     b.hear_idle()
 
 
-def uuid_bridge_run(sw: Switch, a: Channel, other_uuid: str) -> None:
+def uuid_bridge_run(s: Session, other_uuid: str) -> None:
     """The first leg of uuid_bridge drives the bridge until either side hangs up."""
+    sw, a = s.sw, s.ch
     b = sw.locate(other_uuid)
     if b is None:
         return
@@ -140,12 +155,20 @@ def uuid_bridge_run(sw: Switch, a: Channel, other_uuid: str) -> None:
     if not (a.is_up and b.is_up):
         (a if a.is_up else b).hangup("NORMAL_CLEARING")
         return
+    for x in (a, b):
+        x.enter("CS_SOFT_EXECUTE")
+    for x, y in ((a, b), (b, a)):
+        x.fire("CHANNEL_EXECUTE", ("switch_ivr_bridge.c", "uuid_bridge_on_soft_execute", 1236),
+               post=[("Application", "uuid_bridge"), ("Application-Data", y.uuid)])
+    b.enter("CS_CONSUME_MEDIA")
+    b.call_uuid = a.uuid
     link(a, b)
     a.callee = None  # unlike the bridge app, uuid_bridge leaves the callee id alone
-    a.state, a.state_number = "CS_SOFT_EXECUTE", 3
     a.fire("CHANNEL_BRIDGE", ("switch_ivr_bridge.c", "switch_ivr_multi_threaded_bridge", 1681),
            pre=[("Bridge-A-Unique-ID", a.uuid), ("Bridge-B-Unique-ID", b.uuid)])
-    gevent.wait([a.hungup, b.hungup], count=1)
+    b.enter("CS_EXCHANGE_MEDIA")
+    announce_bridged(a, b)
+    s.bridged_wait(b)
     first, survivor = (a, b) if not a.is_up else (b, a)
     cause = first.hangup_cause or "NORMAL_CLEARING"
     a.set_var("bridge_hangup_cause", cause)

@@ -20,6 +20,10 @@ from .events import Event
 if TYPE_CHECKING:
     from .core import Switch
 
+CALLSTATE_NUMBERS = {
+    "DOWN": 0, "DIALING": 1, "RINGING": 2, "EARLY": 3, "ACTIVE": 4, "HELD": 5, "RING_WAIT": 6, "HANGUP": 7,
+    "UNHELD": 8,
+}
 STATE_NUMBERS = {
     "CS_NEW": 0, "CS_INIT": 1, "CS_ROUTING": 2, "CS_SOFT_EXECUTE": 3, "CS_EXECUTE": 4,
     "CS_EXCHANGE_MEDIA": 5, "CS_PARK": 6, "CS_CONSUME_MEDIA": 7, "CS_HIBERNATE": 8, "CS_RESET": 9,
@@ -35,6 +39,7 @@ class QueuedApp:
     arg: str
     event_uuid: str | None = None
     loops: int = 1
+    event_lock: bool = False  # sendmsg event-lock: nothing else queued runs until this app is done
 
 
 @dataclass
@@ -44,6 +49,9 @@ class Recording:
     path: str
     started_at: float
     stereo: bool = False
+    limit: float | None = None  # plan seconds after which recording stops by itself
+    read: bool = True  # what the far end sends (RECORD_WRITE_ONLY turns it off)
+    write: bool = True  # what is played to the leg (RECORD_READ_ONLY turns it off)
     stopped_at: float | None = None
     plan_seconds: float = 0.0
     written: bool = False
@@ -118,6 +126,7 @@ class Channel:
         self.current_app: str | None = None
         self.current_app_data = ""
         self.app_response: str | None = None
+        self.event_locked = 0  # event-locked applications running (CF_EVENT_LOCK)
         self.callee: str | None = None  # after a bridge: the other party's number (Callee-ID)
         self.call_uuid = self.uuid  # Channel-Call-UUID: the originator's uuid on bridge B legs
         # Caller-profile changes made by transfers (uuid_transfer, uuid_bridge):
@@ -130,6 +139,7 @@ class Channel:
         self.inbound_logical = False
         self.cid_override: str | None = None
         self.pending_transfer: tuple[str, str] | None = None  # (kind, target) until the old app completes
+        self.transfer_profiled = False
         self.heard.append(Segment(start=0.0, kind="ringing"))
 
     def __repr__(self) -> str:
@@ -219,7 +229,7 @@ class Channel:
     # ----- events ---------------------------------------------------------------------------
     def event(self, name: str, calling: tuple[str, str, int], pre: list[tuple[str, str]] | None = None,
               post: list[tuple[str, str]] | None = None, mid: list[tuple[str, str]] | None = None,
-              body: str | None = None) -> Event:
+              body: str | None = None, with_vars: bool = True) -> Event:
         """Build a channel event with FreeSWITCH's header order."""
         ev = self.switch.events.new(name, calling)
         h = ev.headers
@@ -249,8 +259,8 @@ class Channel:
             self.other._profile_headers(h, "Other-Leg-", full=False, originator=self.other_type == "originator")
         if mid:
             h.extend(mid)
-        for key, value in self.variables.items():
-            h.append((f"variable_{key}", value))
+        if with_vars:
+            h.extend((f"variable_{key}", value) for key, value in self.variables.items())
         if post:
             h.extend(post)
         ev.body = body
@@ -313,6 +323,23 @@ class Channel:
         h.append((f"{prefix}Privacy-Hide-Name", "false"))
         h.append((f"{prefix}Privacy-Hide-Number", "false"))
 
+    def enter(self, state: str, number: int | None = None) -> None:
+        """A new running state; FreeSWITCH announces it with a (variable-less) CHANNEL_STATE."""
+        changed = state != self.state
+        self.state = state
+        self.state_number = STATE_NUMBERS[state] if number is None else number
+        if changed:
+            self.fire_light("CHANNEL_STATE", ("switch_channel.c", "switch_channel_perform_set_running_state", 2408))
+
+    def set_callstate(self, callstate: str) -> None:
+        """A new call state, announced with a (variable-less) CHANNEL_CALLSTATE."""
+        old, self.callstate = self.callstate, callstate
+        if old != callstate:
+            pre = [("Original-Channel-Call-State", old),
+                   ("Channel-Call-State-Number", str(CALLSTATE_NUMBERS.get(callstate, 0)))]
+            self.fire_light("CHANNEL_CALLSTATE", ("switch_channel.c", "switch_channel_perform_set_callstate", 301),
+                            pre=pre)
+
     def fire(self, name: str, calling: tuple[str, str, int], **kw: Any) -> None:
         """Build and dispatch a channel event (not even built when nobody listens)."""
         if self.switch.anyone_wants(name, self.uuid):
@@ -352,16 +379,38 @@ class Channel:
                            ("rtp_use_codec_ptime", "20"), ("read_codec", "PCMU"), ("read_rate", "8000"),
                            ("write_codec", "PCMU"), ("write_rate", "8000"), ("dtmf_type", "rfc2833")):
             v[key] = value
+        # The codecs being set are announced (variable-less, with FreeSWITCH's odd header spellings).
+        self.fire_light("CODEC", ("switch_core_codec.c", "switch_core_session_set_real_read_codec", 168),
+                        post=[("channel-read-codec-name", "PCMU"), ("channel-read-codec-rate", "8000"),
+                              ("channel-read-codec-bit-rate", "64000")])
+        self.fire_light("CODEC", ("switch_core_codec.c", "switch_core_session_set_write_codec", 450),
+                        post=[("Channel-Write-Codec-Name", "PCMU"), ("Channel-Write-Codec-Rate", "8000"),
+                              ("Channel-Write-codec-bit-rate", "64000")])
+
+    def fire_light(self, name: str, calling: tuple[str, str, int], **kw: Any) -> None:
+        """A channel event without the channel variables (as FreeSWITCH fires state/codec events)."""
+        if self.switch.anyone_wants(name, self.uuid):
+            self.switch.fire(self.event(name, calling, with_vars=False, **kw))
+
+    def flip_cid(self) -> None:
+        """The originated leg starts its application: caller and callee ids swap (CALL_UPDATE)."""
+        if self.cid_flipped:
+            return
+        self.cid_flipped = True
+        self.hit_dialplan = True
+        self.variables.setdefault("pre_transfer_caller_id_number", self.caller_id_number)
+        self.variables["channel_cid_flipped"] = "yes"
+        self.fire("CALL_UPDATE", ("switch_channel.c", "switch_channel_flip_cid", 3277), pre=[("Direction", "RECV")])
 
     def mark_ring_ready(self) -> None:
         """The far end sent 180 Ringing."""
         if not self.is_up or self.ring_ready.is_set():
             return
         self.progress_us = int(time.time() * 1_000_000)
-        self.state, self.state_number = "CS_CONSUME_MEDIA", 7
+        self.enter("CS_CONSUME_MEDIA")
         self._sip_answer_vars()
         self.fire("CHANNEL_PROGRESS", ("switch_channel.c", "switch_channel_perform_mark_ring_ready_value", 1140))
-        self.callstate = "RINGING"
+        self.set_callstate("RINGING")
         self.ring_ready.set()
 
     def mark_pre_answered(self) -> None:
@@ -369,12 +418,13 @@ class Channel:
         if not self.is_up or self.early_media.is_set():
             return
         self.progress_media_us = int(time.time() * 1_000_000)
-        self.state, self.state_number = "CS_CONSUME_MEDIA", 7
+        self.enter("CS_CONSUME_MEDIA")
         self.answer_state = "early"
         self._sip_answer_vars()
         self.variables.setdefault("endpoint_disposition", "EARLY MEDIA")
         self.fire("CHANNEL_PROGRESS_MEDIA", ("switch_channel.c", "switch_channel_perform_mark_pre_answered", 3667))
-        self.callstate = "EARLY"
+        self.set_callstate("EARLY")
+        self._media_up()
         self.early_media.set()
 
     def mark_answered(self) -> None:
@@ -383,13 +433,14 @@ class Channel:
             return
         self.answered_us = int(time.time() * 1_000_000)
         self.answered_at = time.monotonic()
-        self.state, self.state_number = "CS_CONSUME_MEDIA", 7
-        self.answer_state = "answered"
+        if self.state != "CS_EXECUTE":
+            self.enter("CS_CONSUME_MEDIA")
         self._sip_answer_vars()
         self._media_up()
+        self.answer_state = "answered"
         self.fire("CHANNEL_ANSWER", ("switch_channel.c", "switch_channel_perform_mark_answered", 3846))
         self.variables["endpoint_disposition"] = "ANSWER"
-        self.callstate = "ACTIVE"
+        self.set_callstate("ACTIVE")
         self.hear_idle()
         self.answered.set()
 
@@ -442,7 +493,9 @@ class Channel:
         self.destroyed.set()
         self.switch.stop_recordings(self)
         self._final_vars()
-        self.state, self.state_number, self.callstate = "CS_REPORTING", 11, "HANGUP"
+        self.enter("CS_HANGUP")
+        self.set_callstate("HANGUP")
+        self.enter("CS_REPORTING")
         cause = self.hangup_cause or "NORMAL_CLEARING"
         self.fire("CHANNEL_HANGUP_COMPLETE", ("switch_core_state_machine.c", "switch_core_session_reporting_state", 943),
                   pre=[("Hangup-Cause", cause)])
@@ -453,6 +506,7 @@ class Channel:
         self.call_uuid = self.uuid
         self.variables["call_uuid"] = self.uuid
         self.fire("CHANNEL_DESTROY", ("switch_core_session.c", "switch_core_session_perform_destroy", 1584))
+        self.enter("CS_DESTROY")
         for g in self.greenlets:
             if g is not gevent.getcurrent():
                 g.kill(block=False)

@@ -44,7 +44,9 @@ CALL_COLUMNS = [
 B_COLUMNS = [c for c in CALL_COLUMNS if c not in ("call_uuid", "hostname")]
 
 # Rows appear in `show channels` this long (plan seconds) after CHANNEL_CREATE: the core db is async.
+# The lag is never under SHOW_DB_MIN_LAG real seconds, so a quick look right after originate is empty.
 SHOW_DB_DELAY = 1.0
+SHOW_DB_MIN_LAG = 0.1
 
 Handler = Callable[["Api", str], str]
 
@@ -54,9 +56,11 @@ class Api:
 
     handlers: dict[str, Handler] = {}
 
-    def __init__(self, sw: Switch, introspect: Callable[[str], str] | None = None) -> None:
+    def __init__(self, sw: Switch, introspect: Callable[[str], str] | None = None,
+                 find: Callable[[str], Channel | None] | None = None) -> None:
         self.sw = sw
         self.introspect = introspect
+        self.find = find or sw.all_channels.get  # any channel ever seen, for introspection
 
     @classmethod
     def command(cls, *names: str) -> Callable[[Handler], Handler]:
@@ -74,7 +78,15 @@ class Api:
         fn = self.handlers.get(cmd)
         if fn is None:
             return f"-ERR {cmd} Command not found!\n"
-        return fn(self, args.strip())
+        result = fn(self, args.strip())
+        if cmd != "standin" and self.sw.anyone_wants("API", None):
+            # switch_api_execute announces every command it ran.
+            ev = self.sw.events.new("API", ("switch_loadable_module.c", "switch_api_execute", 2954))
+            ev.add("API-Command", cmd)
+            if args.strip():
+                ev.add("API-Command-Argument", args.strip())
+            self.sw.fire(ev)
+        return result
 
     def chan(self, uuid: str) -> Channel | None:
         """A live channel by uuid."""
@@ -84,9 +96,9 @@ class Api:
 cmd = Api.command
 
 
-@cmd("status")
-def _status(api: Api, args: str) -> str:
-    up = api.sw.uptime()
+def uptime_text(sw: Switch) -> str:
+    """FreeSWITCH's uptime wording ("0 years, 0 days, 0 hours, ... microseconds")."""
+    up = sw.uptime()
     secs = int(up)
     ms = int((up - secs) * 1000)
     us = int((up - secs) * 1_000_000) % 1000
@@ -94,9 +106,14 @@ def _status(api: Api, args: str) -> str:
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
     y, d = divmod(d, 365)
+    return f"{y} years, {d} days, {h} hours, {m} minutes, {s} seconds, {ms} milliseconds, {us} microseconds"
+
+
+@cmd("status")
+def _status(api: Api, args: str) -> str:
     live = len(api.sw.channels)
     return (
-        f"UP {y} years, {d} days, {h} hours, {m} minutes, {s} seconds, {ms} milliseconds, {us} microseconds\n"
+        f"UP {uptime_text(api.sw)}\n"
         "FreeSWITCH (Version 1.10.12-release  64bit) is ready\n"
         f"{api.sw.sessions_since_start} session(s) since startup\n"
         f"{live} session(s) - peak {api.sw.peak}, last 5min {api.sw.peak} \n"
@@ -224,7 +241,7 @@ def _queue_app(ch: Channel, target: str) -> None:
         name, _, arg = target.partition("::")
     else:
         name, arg = "playback", target
-    ch.queue.append(QueuedApp(name=name, arg=arg))
+    ch.queue.append(QueuedApp(name=name, arg=arg, event_lock=True))
     ch.queue_ready.set()
 
 
@@ -254,7 +271,11 @@ def _uuid_record(api: Api, args: str) -> str:
         return "-ERR Cannot locate session!\n"
     action, path = parts[1], parts[2]
     if action == "start":
-        api.sw.start_recording(ch, path)
+        try:
+            limit = float(parts[3]) if len(parts) > 3 else None
+        except ValueError:
+            limit = None
+        api.sw.start_recording(ch, path, limit)
     elif action == "stop" and not api.sw.stop_recordings(ch, path):
         return "-ERR Cannot stop record session!\n"
     return "+OK Success\n"
@@ -292,7 +313,7 @@ def _uuid_bridge(api: Api, args: str) -> str:
     a.pending_transfer = ("uuid_br", b.uuid)
     b.pending_transfer = ("uuid_br_peer", a.uuid)
     a.transfer_apps = [("__uuid_bridge", b.uuid)]
-    b.transfer_apps = [("__wait_hangup", "")]
+    b.transfer_apps = [("__wait_hangup", a.uuid)]
     for ch in (a, b):
         ch.broken.set()
         ch.queue_ready.set()
@@ -383,6 +404,7 @@ def start_session(sw: Switch, ch: Channel, target: str) -> None:
     """Start the leg's executor with the originate's application (after the reply is out)."""
     session = Session(sw, ch)
     ch.has_session = True
+    ch.flip_cid()  # before originate's result goes out, as in FreeSWITCH
     g = gevent.spawn(session.run, parse_target(target))
     ch.greenlets.append(g)
 
@@ -391,7 +413,7 @@ def _visible(api: Api, like: str | None = None) -> list[Channel]:
     now = time.monotonic()
     out = []
     for ch in list(api.sw.channels.values()):
-        if now - ch.created_at < api.sw.real(SHOW_DB_DELAY):
+        if now - ch.created_at < max(SHOW_DB_MIN_LAG, api.sw.real(SHOW_DB_DELAY)):
             continue
         if like and like not in ch.uuid and like not in ch.name and like not in ch.number:
             continue
@@ -506,7 +528,7 @@ def _standin(api: Api, args: str) -> str:
     if not parts:
         return "-USAGE: heard <uuid>|channel <uuid>|channels|commands|far_end_hangup <uuid>|dtmf <uuid> <digits>\n"
     sub = parts[0]
-    ch = api.sw.all_channels.get(parts[1]) if len(parts) > 1 else None
+    ch = api.find(parts[1]) if len(parts) > 1 else None
     if sub == "heard":
         return json.dumps(ch.heard_list() if ch else None) + "\n"
     if sub == "channel":

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 
     from .server import StandIn
 
+# The event types `myevents` subscribes to (mod_event_socket), for the one channel only.
+MYEVENTS = frozenset({
+    "CHANNEL_ANSWER", "CHANNEL_APPLICATION", "CHANNEL_BRIDGE", "CHANNEL_CREATE", "CHANNEL_DATA", "CHANNEL_DESTROY",
+    "CHANNEL_EXECUTE", "CHANNEL_EXECUTE_COMPLETE", "CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_ORIGINATE",
+    "CHANNEL_UUID", "CHANNEL_OUTGOING", "CHANNEL_PARK", "CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA",
+    "CHANNEL_STATE", "CHANNEL_UNBRIDGE", "CHANNEL_UNPARK", "DETECTED_SPEECH", "DTMF", "NOTALK", "TALK",
+})
 LOG_LEVELS = {"console": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
 _CLOSE = b""
 
@@ -48,6 +55,7 @@ class Connection:
         self.log_level: int | None = None
         self.myevents: str | None = None
         self.myevents_done = False
+        self.controls_session = False
         self.linger = False
         self.closed = False
         self.outq: Queue[bytes] = Queue()
@@ -135,7 +143,7 @@ class Connection:
         if self.closed or not self.authed:
             return False
         if self.myevents is not None:
-            return uuid == self.myevents and not self.myevents_done
+            return uuid == self.myevents and not self.myevents_done and name in MYEVENTS
         return self.listening and (self.all_events or name in self.events or name == "CUSTOM")
 
     def deliver(self, event: Event) -> None:
@@ -143,7 +151,7 @@ class Connection:
         if self.closed or not self.authed:
             return
         if self.myevents is not None:
-            if event.get("Unique-ID") != self.myevents or self.myevents_done:
+            if event.get("Unique-ID") != self.myevents or self.myevents_done or event.name not in MYEVENTS:
                 return
             self._queue(event.frame("plain"))
             if event.name == "CHANNEL_HANGUP_COMPLETE":
@@ -227,7 +235,9 @@ class Connection:
         """exit: +OK bye, the disconnect notice, then close."""
         self.reply(command_reply("+OK bye"))
         self.held = []  # nothing follows the goodbye
-        self.outq.put(disconnect_notice())
+        # A connection that controls a session (myevents) says goodbye naming that session.
+        controlled = self.myevents if self.controls_session else None
+        self.outq.put(disconnect_notice() if controlled is None else linger_notice(controlled, "", False))
         self.close()
 
     def cmd_api(self, args: str, msg: Message) -> None:
@@ -382,6 +392,7 @@ class Connection:
             return
         # 1.10.12 ignores the format argument: events stay text/event-plain.
         self.myevents = words[0]
+        self.controls_session = ch is not None
         self.reply(command_reply("+OK Events Enabled"))
 
     def cmd_sendmsg(self, args: str, msg: Message) -> None:
@@ -401,7 +412,9 @@ class Connection:
                 loops = int(msg.header("loops") or "1")
             except ValueError:
                 loops = 1
-            ch.queue.append(QueuedApp(name=name, arg=arg, event_uuid=msg.header("Event-UUID"), loops=loops))
+            lock = (msg.header("event-lock") or "").lower() == "true"
+            ch.queue.append(QueuedApp(name=name, arg=arg, event_uuid=msg.header("Event-UUID"), loops=loops,
+                                      event_lock=lock))
             ch.queue_ready.set()
         elif command == "hangup":
             ch.hangup(parse_cause(msg.header("hangup-cause")))

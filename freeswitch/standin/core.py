@@ -44,9 +44,15 @@ class Switch:
         self.peak = 0
         self.globals: dict[str, str] = {
             "hostname": self.events.hostname, "local_ip_v4": "127.0.0.1", "switch_serial": "standin",
-            "core_uuid": self.core_uuid,
+            "core_uuid": self.core_uuid, "domain": "127.0.0.1", "hold_music": "local_stream://moh",
+            # the ring tones of FreeSWITCH's default vars.xml
+            "us-ring": "%(2000,4000,440,480)", "uk-ring": "%(400,200,400,450);%(400,2000,400,450)",
+            "fr-ring": "%(1500,3500,440)", "de-ring": "%(1000,4000,425)", "rs-ring": "%(1000,4000,425)",
+            "it-ring": "%(1000,4000,425)", "pt-ring": "%(1000,5000,400)", "bong-ring":
+            "v=-7;%(100,0,941.0,1477.0);v=-7;>=2;+=.1;%(1400,0,350,440)",
         }
         self.tasks: list[gevent.Greenlet] = []
+        self._prune_at = 1000
         self.task_seq = 0
 
     # ----- time --------------------------------------------------------------------------
@@ -62,8 +68,9 @@ class Switch:
         """Run fn after a plan delay; the greenlet is killed by restart()."""
         g = gevent.spawn_later(self.real(plan_seconds), fn, *args)
         self.tasks.append(g)
-        if len(self.tasks) > 1000:
+        if len(self.tasks) > self._prune_at:
             self.tasks = [t for t in self.tasks if not t.dead]
+            self._prune_at = max(1000, 2 * len(self.tasks))  # amortised: never a scan per call
         return g
 
     # ----- ids & events ---------------------------------------------------------------------
@@ -107,12 +114,17 @@ class Switch:
             self.all_channels.pop(self.ended.popleft(), None)
 
     # ----- recordings ------------------------------------------------------------------------
-    def start_recording(self, ch: Channel, path: str) -> Recording:
-        """Start recording a leg; RECORD_START fires."""
-        rec = Recording(path=path, started_at=time.monotonic(), stereo=ch.true_var("RECORD_STEREO"))
+    def start_recording(self, ch: Channel, path: str, limit: float | None = None) -> Recording:
+        """Start recording a leg (for at most limit plan seconds); RECORD_START fires."""
+        rec = Recording(path=path, started_at=time.monotonic(), stereo=ch.true_var("RECORD_STEREO"), limit=limit,
+                        read=not ch.true_var("RECORD_WRITE_ONLY"), write=not ch.true_var("RECORD_READ_ONLY"))
         ch.recordings.append(rec)
         ch.fire("RECORD_START", ("switch_ivr_async.c", "record_callback", 1413),
                 post=[("Record-File-Path", path)])
+        ch.fire("MEDIA_BUG_START", ("switch_core_media_bug.c", "switch_core_media_bug_add", 1014),
+                pre=[("Media-Bug-Function", "session_record"), ("Media-Bug-Target", path)])
+        if limit and limit > 0:
+            ch.greenlets.append(self.later(limit, self.stop_recording, ch, rec))
         return rec
 
     def stop_recording(self, ch: Channel, rec: Recording, cause: str = "success-maxtime") -> None:
@@ -121,6 +133,8 @@ class Switch:
             return
         rec.stopped_at = time.monotonic()
         rec.plan_seconds = (rec.stopped_at - rec.started_at) / self.time_scale
+        if rec.limit:
+            rec.plan_seconds = min(rec.plan_seconds, rec.limit)
         ch.set_var("record_seconds", str(int(rec.plan_seconds)))
         ch.set_var("record_ms", str(int(rec.plan_seconds * 1000)))
         ch.set_var("record_samples", str(int(rec.plan_seconds * 8000)))
@@ -131,6 +145,8 @@ class Switch:
             rec.written = False
         ch.fire("RECORD_STOP", ("switch_ivr_async.c", "send_record_stop_event", 1216),
                 post=[("Record-File-Path", rec.path), ("Record-Completion-Cause", cause)])
+        ch.fire("MEDIA_BUG_STOP", ("switch_core_media_bug.c", "switch_core_media_bug_destroy", 84),
+                pre=[("Media-Bug-Function", "session_record"), ("Media-Bug-Target", rec.path)])
 
     def stop_recordings(self, ch: Channel, path: str | None = None) -> int:
         """Stop the leg's recordings (all, or the one at path); returns how many stopped."""

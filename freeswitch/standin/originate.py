@@ -217,8 +217,14 @@ def _new_channel(sw: Switch, leg: Leg, gvars: dict[str, str], originator: Channe
     v["sofia_profile_name"] = leg.profile
     v["recovery_profile_name"] = leg.profile
     v["sofia_profile_url"] = "sip:mod_sofia@127.0.0.1:5080"
+    ch.state, ch.state_number = "CS_NONE", 1
+    ch.fire_light("CHANNEL_OUTGOING", ("switch_core_session.c", "switch_core_session_outgoing_channel", 768))
+    ch.enter("CS_INIT", 1)
+    ch.state_number = 2
     ch.fire("CHANNEL_CREATE", ("switch_core_state_machine.c", "switch_core_session_run", 626))
-    ch.state, ch.state_number = "CS_CONSUME_MEDIA", 7  # originate parks new legs there until they answer
+    ch.fire("CHANNEL_ORIGINATE", ("switch_core_state_machine.c", "switch_core_session_run", 632))
+    ch.enter("CS_ROUTING")
+    ch.enter("CS_CONSUME_MEDIA")  # originate holds new legs there until they answer
     far = far_end_for(leg.number)
     g = gevent.spawn(run_far_end, sw, ch, far)
     ch.greenlets.append(g)

@@ -14,6 +14,7 @@ from functools import lru_cache
 _URL_UNSAFE = re.compile(r'[\x00-\x20\x7f-\U0010ffff"#%&+:;<=>?@\[\\\]^`{|}]')
 
 AUTH_REQUEST = b"Content-Type: auth/request\n\n"
+RUDE_REJECTION = b"Content-Type: text/rude-rejection\nContent-Length: 24\n\nAccess Denied, go away.\n"
 DISCONNECT_TEXT = "Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
 
 

@@ -113,7 +113,8 @@ def render(ch: Channel, rec: Recording) -> np.ndarray:
     scale = ch.switch.time_scale
     start = rec.started_at / scale
     count = max(0, int(round(rec.plan_seconds * RATE)))
-    read = track(ch, "sent", start, count)
-    write = track(ch, "heard", start, count)
+    silent = np.zeros(count, dtype=np.float32)
+    read = track(ch, "sent", start, count) if rec.read else silent
+    write = track(ch, "heard", start, count) if rec.write else silent
     data = np.stack([read, write], axis=1) if rec.stereo else read + write
     return (np.clip(data, -1.0, 1.0) * 32767).astype(np.int16)

@@ -13,10 +13,11 @@ from gevent import socket
 from gevent.event import Event as GEvent
 
 from .channel import Channel
-from .commands import Api
+from .commands import Api, uptime_text
 from .connection import Connection
 from .core import Switch
 from .plan import far_end_hangup
+from .protocol import RUDE_REJECTION
 
 HEARTBEAT_INTERVAL = 20.0  # plan seconds
 
@@ -40,17 +41,19 @@ class StandIn:
         self.password = password
         self.time_scale = time_scale
         self.switch = Switch(time_scale)
-        self.api = Api(self.switch, self._introspect)
+        self.api = Api(self.switch, self._introspect, self.channel)
         self.commands: list[ReceivedCommand] = []
         self.connections: set[Connection] = set()
         self.gate = GEvent()
         self.gate.set()
         self.reply_delay = 0.0
+        self._hang_until = 0.0
         self._listener: socket.socket | None = None
         self._accepter: gevent.Greenlet | None = None
         self._heartbeat: gevent.Greenlet | None = None
         self._conn_seq = 0
         self._refusing = False
+        self._rude = False
         self._history: dict[str, Channel] = {}
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -81,10 +84,22 @@ class StandIn:
             except OSError:
                 return
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._rude:
+                gevent.spawn(self._reject, client)
+                continue
             self._conn_seq += 1
             conn = Connection(self, client, self._conn_seq)
             self.connections.add(conn)
             gevent.spawn(conn.run)
+
+    @staticmethod
+    def _reject(client: socket.socket) -> None:
+        try:
+            client.sendall(RUDE_REJECTION)
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     def _unlisten(self) -> None:
         if self._listener is not None:
@@ -110,7 +125,7 @@ class StandIn:
             ev = sw.events.new("HEARTBEAT", ("switch_core.c", "send_heartbeat", 95))
             up = sw.uptime()
             ev.add("Event-Info", "System Ready")
-            ev.add("Up-Time", self.api.execute("status").splitlines()[0][3:])
+            ev.add("Up-Time", uptime_text(sw))
             ev.add("FreeSWITCH-Version", "1.10.12-release~64bit")
             ev.add("Uptime-msec", int(up * 1000))
             ev.add("Session-Count", len(sw.channels))
@@ -124,6 +139,13 @@ class StandIn:
             ev.add("Session-Peak-FiveMin", sw.peak)
             ev.add("Idle-CPU", "98.000000")
             sw.fire(ev)
+            # The core scheduler re-arms the heartbeat task and says so.
+            again = sw.events.new("RE_SCHEDULE", ("switch_scheduler.c", "switch_scheduler_execute", 73))
+            again.add("Task-ID", 1)
+            again.add("Task-Desc", "heartbeat")
+            again.add("Task-Group", "core")
+            again.add("Task-Runtime", int(time.time() + sw.real(HEARTBEAT_INTERVAL)))
+            sw.fire(again)
 
     # ----- connection bookkeeping ---------------------------------------------------------------
     def subscribe(self, conn: Connection) -> None:
@@ -195,8 +217,14 @@ class StandIn:
 
     def hang(self, seconds: float) -> None:
         """Stop reading and writing for that many real seconds (sockets stay open)."""
+        until = time.monotonic() + seconds
+        self._hang_until = max(self._hang_until, until)
         self.gate.clear()
-        gevent.spawn_later(seconds, self.gate.set)
+        gevent.spawn_later(seconds, self._unhang)
+
+    def _unhang(self) -> None:
+        if time.monotonic() >= self._hang_until - 0.001:
+            self.gate.set()
 
     def restart(self) -> None:
         """All channels vanish without events, connections drop, a new Core-UUID; keep listening."""
@@ -204,14 +232,16 @@ class StandIn:
         self._history.update(self.switch.all_channels)
         self.switch.vanish()
         self.switch = Switch(self.time_scale)
-        self.api = Api(self.switch, self._introspect)
+        self.api = Api(self.switch, self._introspect, self.channel)
 
-    def refuse_connections(self, flag: bool) -> None:
-        """While True, connection attempts are refused (the port is closed)."""
-        if flag and not self._refusing:
+    def refuse_connections(self, flag: bool, rude: bool = False) -> None:
+        """While True, connection attempts are refused: the port is closed (switch down), or with
+        rude=True accepted and answered ``text/rude-rejection`` as FreeSWITCH's ACL does."""
+        self._rude = flag and rude
+        if flag and not rude and not self._refusing:
             self._refusing = True
             self._unlisten()
-        elif not flag and self._refusing:
+        elif (not flag or rude) and self._refusing:
             self._refusing = False
             self._listen()
 

@@ -62,3 +62,13 @@ def kinds(heard: list[dict]) -> list[tuple[str, str]]:
 def audible(heard: list[dict]) -> list[tuple[str, str]]:
     """kinds() without silence (gaps between applications are not interesting)."""
     return [k for k in kinds(heard) if k[0] != "silence"]
+
+
+# Timers never fire early, but a loaded machine may fire them late: at time scale 0.01 every real
+# millisecond of lateness is 0.1 plan second. Durations are checked against [expected, expected + SLACK].
+SLACK = 4.0
+
+
+def plan_duration_ok(actual: float, expected: float, slack: float = SLACK) -> bool:
+    """actual (plan seconds) is expected, or late by at most slack."""
+    return expected - 0.05 <= actual <= expected + slack

@@ -73,6 +73,18 @@ def test_refuse_connections(standin: StandIn) -> None:
     c.close()
 
 
+def test_rude_rejection(standin: StandIn) -> None:
+    standin.refuse_connections(True, rude=True)
+    c = EslClient(standin.port)
+    msg = c.read()
+    assert msg.content_type == "text/rude-rejection"
+    assert msg.body == b"Access Denied, go away.\n"
+    c.pump(0.2)
+    assert c.closed
+    standin.refuse_connections(False)
+    connect(standin).close()
+
+
 def test_slow_replies(client: EslClient, standin: StandIn) -> None:
     standin.slow_replies(0.3)
     t0 = time.monotonic()

@@ -71,3 +71,13 @@ def test_mono_uuid_record_hears_the_far_end(client: EslClient, standin: StandIn,
     data, _ = sf.read(str(rec), dtype="float32")
     assert data.ndim == 1
     assert dominant(data) == pytest.approx(440, abs=10)
+
+
+def test_uuid_record_limit_stops_by_itself(client: EslClient, standin: StandIn, tmp_path: Path) -> None:
+    a, job = bg_originate(client, "15550000603")
+    job_result(client, job)
+    rec = tmp_path / "limited.wav"
+    assert client.api(f"uuid_record {a} start {rec} 2") == "+OK Success\n"
+    client.wait_event(lambda m: m.name == "RECORD_STOP")
+    assert sf.info(str(rec)).duration == pytest.approx(2.0, abs=0.3)  # the limit, not the clock
+    assert client.api(f"uuid_exists {a}") == "true"

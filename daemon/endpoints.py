@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.config import ConfigError, zone
-from daemon.fscommands import DialStringError, check_dial_template
+from daemon.fscommands import CALLER_NAME_RE, DialStringError, check_dial_template
 from daemon.store import Endpoint, utcnow
 
 TOKEN_PREFIX = "cb_"
@@ -40,7 +40,6 @@ def token_hint(token: str) -> str:
 
 
 CALLER_ID_NUMBER = re.compile(r"^\+?[0-9]{1,20}$")
-CALLER_ID_NAME = re.compile(r"^[A-Za-z0-9 .'_-]{0,40}$")
 PREFIXES = re.compile(r"^(\+?[0-9]+)(,\+?[0-9]+)*$")
 
 
@@ -66,8 +65,8 @@ class EndpointOptions:
             raise EndpointError("name: required, at most 100 characters")
         if not CALLER_ID_NUMBER.match(self.caller_id_number):
             raise EndpointError("caller-id: digits with an optional leading +, at most 20")
-        if not CALLER_ID_NAME.match(self.caller_id_name):
-            raise EndpointError("caller-id-name: at most 40 of letters, digits, space and . ' _ -")
+        if not CALLER_NAME_RE.match(self.caller_id_name):  # the rule the originate line is built with
+            raise EndpointError("caller-id-name: at most 40 of letters, digits, space and . _ -")
         try:
             check_dial_template(self.dial_string)
         except DialStringError as exc:

@@ -26,10 +26,10 @@ import gevent.lock
 
 from daemon import fscommands as fs
 from daemon.config import Settings
-from daemon.esl import EslConnection, EslError, EslEvent
+from daemon.esl import EslConnection, EslError, EslEvent, EslNotSent
 from daemon.journal import Journal
 from daemon.logs import log_event
-from daemon.sequence import CallOptions, CallSequence, NotSent, Reconnected, Stop
+from daemon.sequence import CallOptions, CallSequence, Reconnected, Stop
 from daemon.store import IN_FLIGHT_STATUSES, Call, Endpoint
 
 log = logging.getLogger("callbridge.engine")
@@ -148,7 +148,7 @@ class Engine:
     def _conn(self) -> EslConnection:
         conn = self.conn
         if conn is None or not conn.connected:
-            raise NotSent("not connected to FreeSWITCH")
+            raise EslNotSent("not connected to FreeSWITCH")
         return conn
 
     def api(self, command: str) -> str:
@@ -219,6 +219,8 @@ class Engine:
             sequence.deliver(Stop())
         greenlets = [s.greenlet for s in self.active.values() if s.greenlet is not None]
         gevent.joinall(greenlets, timeout=timeout)
+        # A sequence stuck on a command must not outlive the engine (and write to the next store).
+        gevent.killall([g for g in greenlets if not g.dead], block=True, timeout=timeout)
         if self.conn is not None:
             self.conn.close()
         if self._supervisor is not None:

@@ -61,6 +61,7 @@ __all__ = [
     "EslError",
     "EslEvent",
     "EslFramer",
+    "EslNotSent",
     "EslProtocolError",
     "EslTimeout",
     "parse_event_headers",
@@ -76,6 +77,11 @@ DisconnectHandler = Callable[[BaseException | None], None]
 
 class EslDisconnected(EslError):
     """The connection is gone (or was never made); the command's outcome is unknown."""
+
+
+class EslNotSent(EslDisconnected):
+    """The command never left: no connection, or no turn to send in time. Unlike a command lost in
+    flight, it is safe to send again."""
 
 
 class EslTimeout(EslError):
@@ -375,12 +381,12 @@ class EslConnection(InboundESL):
         if self._reader is not None and gevent.getcurrent() is self._reader:
             # The reply could only be read by this very greenlet: it would wait out the timeout.
             raise EslError(f"{label}: commands cannot be sent from an event handler (reader greenlet)")
-        self._check_usable(need_auth)
+        self._usable_or_not_sent(need_auth)
         # Waiting for our turn sends nothing, so running out of time here leaves the stream intact.
         if not self._send_lock.acquire(timeout=limit):
-            raise EslTimeout(f"{label}: no turn to send within {limit}s (another command is in flight)")
+            raise EslNotSent(f"{label}: no turn to send within {limit}s (another command is in flight)")
         try:
-            sock = self._check_usable(need_auth)
+            sock = self._usable_or_not_sent(need_auth)
             waiter: AsyncResult = AsyncResult()
             # Registered before sending: the reply may be read before sendall() returns.
             self._pending = waiter
@@ -404,6 +410,12 @@ class EslConnection(InboundESL):
                     self._pending = None
         finally:
             self._send_lock.release()
+
+    def _usable_or_not_sent(self, need_auth: bool) -> socket.socket:
+        try:
+            return self._check_usable(need_auth)
+        except EslDisconnected as exc:
+            raise EslNotSent(str(exc)) from None
 
     def _check_usable(self, need_auth: bool) -> socket.socket:
         if self._closed:

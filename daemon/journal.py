@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import gevent
+from peewee import OperationalError
 
 from daemon.logs import log_event
 from daemon.metrics import Metrics
@@ -18,6 +22,7 @@ from daemon.store import PENDING_STATUSES, Call, CallStatus, add_event, utcnow
 
 log = logging.getLogger("callbridge.call")
 
+T = TypeVar("T")
 StatusListener = Callable[[Call, CallStatus, dict[str, Any]], None]
 
 
@@ -25,14 +30,17 @@ class Journal:
     """Writes a call's steps and status changes; the only code that changes ``Call.status`` after creation
     (besides the API's cancel, which is a single conditional update)."""
 
-    def __init__(self, metrics: Metrics, clock: Callable[[], dt.datetime] = utcnow) -> None:
+    def __init__(self, metrics: Metrics, clock: Callable[[], dt.datetime] = utcnow, *,
+                 retry_for: float = 60.0) -> None:
         self.metrics = metrics
         self.clock = clock
+        self.retry_for = retry_for
         self.listeners: list[StatusListener] = []
 
     def step(self, call: Call, kind: str, at: dt.datetime | None = None, **detail: Any) -> None:
         """Add one step to the call's timeline (no status change)."""
-        add_event(call.id, kind, at=at or self.clock(), **detail)
+        when = at or self.clock()
+        self._write(lambda: add_event(call.id, kind, at=when, **detail))
         log_event(log, kind, callid=call.callid, **detail)
 
     def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:
@@ -42,10 +50,10 @@ class Journal:
         the call is found by them and reconciled, never redialed.
         """
         lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
-        updated = (Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid, b_uuid=b_uuid,
-                               started_at=now, lateness_ms=lateness)
-                   .where((Call.id == call.id) & (Call.status.in_([s.value for s in PENDING_STATUSES])))
-                   .execute())
+        updated = self._write(lambda: Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid,
+                                                  b_uuid=b_uuid, started_at=now, lateness_ms=lateness)
+                              .where((Call.id == call.id) & (Call.status.in_([s.value for s in PENDING_STATUSES])))
+                              .execute())
         if updated != 1:
             return False
         call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
@@ -67,7 +75,7 @@ class Journal:
         for name, value in row.items():
             setattr(call, name, value)
         call.status = status.value
-        Call.update(status=status.value, **row).where(Call.id == call.id).execute()
+        self._write(lambda: Call.update(status=status.value, **row).where(Call.id == call.id).execute())
         if old not in PENDING_STATUSES:
             self.metrics.calls_in_flight.labels(old.value).dec()
         if status.final:
@@ -82,6 +90,24 @@ class Journal:
         """End the call with a final status; stamps ``ended_at`` unless given."""
         fields.setdefault("ended_at", self.clock())
         self.status(call, status, reason=reason, **fields)
+
+    def _write(self, statement: Callable[[], T]) -> T:
+        """Run one short write, waiting out a locked or full database instead of failing the call.
+
+        SQLite's own busy wait blocks the whole process, so it is kept short (store.SQLITE_PRAGMAS) and
+        the longer wait happens here, where other greenlets (the ESL reader, other calls) keep running.
+        """
+        delay = 0.05
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                return statement()
+            except OperationalError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log_event(log, "store.retry", logging.WARNING, error=str(exc), retry_in=delay)
+                gevent.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def announce(self, call: Call, status: CallStatus) -> None:
         """Tell the listeners of a status someone else wrote (the API's queued, scheduled, canceled)."""

@@ -35,9 +35,10 @@ from typing import Any, Protocol
 
 import gevent
 import gevent.queue
+from peewee import DatabaseError
 
 from daemon import fscommands as fs
-from daemon.esl import EslDisconnected, EslError, EslEvent
+from daemon.esl import EslError, EslEvent, EslNotSent
 from daemon.journal import Journal
 from daemon.store import Call, CallStatus, Endpoint
 
@@ -52,16 +53,11 @@ CALLER_GONE = {"ORIGINATOR_CANCEL", "LOSE_RACE", "PICKED_OFF"}
 class Switch(Protocol):
     """What a sequence needs from the engine's Event Socket connection."""
 
-    def api(self, command: str) -> str: ...  # raises NotSent when there is no connection
+    def api(self, command: str) -> str: ...  # raises EslNotSent when there is no connection
     def bgapi(self, command: str, job_uuid: str) -> str: ...
     def send_message(self, message: str) -> Any: ...
     def route(self, key: str, sequence: CallSequence) -> None: ...
     def unroute(self, key: str) -> None: ...
-
-
-class NotSent(EslDisconnected):
-    """The command was not sent: there was no connection. Unlike a command lost in flight, it is safe
-    to send again once connected."""
 
 
 class Reconnected:
@@ -73,6 +69,10 @@ class Reconnected:
 
 class Stop:
     """Inbox marker: the daemon is shutting down; leave the call to FreeSWITCH."""
+
+
+class RetryDial:
+    """Inbox marker: try again an originate that was never sent."""
 
 
 class Phase(enum.Enum):
@@ -126,8 +126,9 @@ class CallSequence:
         self.adopted = adopted
         self.on_end = on_end
         self.inbox: gevent.queue.Queue = gevent.queue.Queue()
-        self.a = LegState(str(call.a_uuid))
-        self.b = LegState(str(call.b_uuid))
+        # An adopted call resumes from what the store says happened before the restart.
+        self.a = LegState(str(call.a_uuid), created=call.a_answered_at is not None, answered_at=call.a_answered_at)
+        self.b = LegState(str(call.b_uuid), answered_at=call.bridged_at)
         self.job_uuid = str(uuidlib.uuid4())
         self.phase = Phase(call.status) if call.status in {p.value for p in Phase} else Phase.DIALING_A
         if call.status == CallStatus.A_ANSWERED.value:
@@ -136,8 +137,10 @@ class CallSequence:
         self.bridge_step: AppStep | None = None
         self.bridge_disposition = ""
         self.apps_queued = False
-        self.queue_incomplete = False
-        self.abort_reason = ""
+        self.unsent: list[AppStep] = []  # built but not yet acknowledged by FreeSWITCH
+        self.uncertain: AppStep | None = None  # in flight when the connection was lost
+        self.marker: AppStep | None = None
+        self.waiting_for_marker: list[AppStep] = []
         self.recording = False
         self.connection_lost = False
         self.dial_pending = False
@@ -154,7 +157,7 @@ class CallSequence:
             self.switch.route(key, self)
         self.greenlet = gevent.spawn(self._run)
 
-    def deliver(self, item: EslEvent | Reconnected | Stop) -> None:
+    def deliver(self, item: EslEvent | Reconnected | Stop | RetryDial) -> None:
         self.inbox.put(item)
 
     def _run(self) -> None:
@@ -171,12 +174,19 @@ class CallSequence:
                     self.journal.step(self.call, "daemon_stopped", phase=self.phase.value,
                                       note="call left to FreeSWITCH; reconciled at next start")
                     return
-                if isinstance(item, Reconnected) and self.dial_pending:
+                if isinstance(item, RetryDial):
+                    if self.dial_pending:
+                        self._dial_a()
+                elif isinstance(item, Reconnected) and self.dial_pending:
                     self._dial_a()
                 elif isinstance(item, Reconnected):
                     self._reconcile(item.restarted)
                 else:
                     self._on_event(item)
+        except DatabaseError:
+            # The store stayed unwritable past the journal's retries: leave the call to FreeSWITCH
+            # (hanging up a healthy call would be worse); the next start reconciles it.
+            log.exception("store unavailable; call left to FreeSWITCH", extra={"callid": self.callid})
         except Exception as exc:  # never leave a call without a final status
             log.exception("call sequence crashed", extra={"callid": self.callid})
             self._kill_legs()
@@ -197,13 +207,19 @@ class CallSequence:
     def _dial_a(self) -> None:
         command = fs.originate_a(template=self.endpoint.dial_string, phone=self.call.phone_a,
                                  variables=self._leg_vars(self.a.uuid))
+        retry = self.dial_pending
         self.dial_pending = False
-        self.journal.step(self.call, "dialing_a", phone=self.call.phone_a, a_uuid=self.a.uuid)
+        if not retry:
+            self.journal.step(self.call, "dialing_a", phone=self.call.phone_a, a_uuid=self.a.uuid)
         try:
             reply = self.switch.bgapi(command, self.job_uuid)
-        except NotSent:
-            self.dial_pending = True  # never reached FreeSWITCH: dial once connected
-            self.journal.step(self.call, "waiting_for_switch", phase="dialing_a")
+        except EslNotSent:
+            # Never reached FreeSWITCH: dial when reconnected, or in a moment if the connection was
+            # only busy.
+            if not retry:
+                self.journal.step(self.call, "waiting_for_switch", phase="dialing_a")
+            self.dial_pending = True
+            gevent.spawn_later(1.0, self.deliver, RetryDial())
             return
         except EslError as exc:
             # The originate may or may not have reached FreeSWITCH: never send it again; find out.
@@ -240,9 +256,52 @@ class CallSequence:
         steps += [AppStep("playback", FAILURE_NOTICE), AppStep("hangup", "NORMAL_CLEARING")]
         for step in steps:
             self.steps[step.event_uuid] = step
-            self.switch.send_message(fs.sendmsg_execute(self.a.uuid, step.app, step.arg,
-                                                        event_uuid=step.event_uuid))
+        self.unsent = steps
         self.apps_queued = True
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        """Queue the steps not yet acknowledged, in order. On a lost connection the step in flight is kept
+        as ``uncertain``: FreeSWITCH may or may not have it, and ``_resume_queue`` decides."""
+        while self.unsent:
+            step = self.unsent[0]
+            try:
+                self.switch.send_message(fs.sendmsg_execute(self.a.uuid, step.app, step.arg,
+                                                            event_uuid=step.event_uuid))
+            except EslNotSent:
+                raise
+            except EslError:
+                self.uncertain = self.unsent.pop(0)
+                raise
+            self.unsent.pop(0)
+
+    def _resume_queue(self) -> None:
+        """Reconnected with steps not (surely) queued on A: finish queueing without ever dialing B twice.
+
+        Resending a ``set`` or ``playback`` that may already be queued is harmless; resending the bridge is
+        not. When the bridge itself was in flight, a marker app is queued behind it: if B appears, the
+        bridge was queued; if the marker runs first, it was not, and the bridge is sent then.
+        """
+        uncertain, self.uncertain = self.uncertain, None
+        if uncertain is not None and uncertain is self.bridge_step:
+            if self._exists(self.b.uuid):
+                self._send_unsent()
+                return
+            self.marker = AppStep("set", fs.set_arg("cb_resume", "marker"))
+            self.steps[self.marker.event_uuid] = self.marker
+            self.waiting_for_marker = [uncertain, *self.unsent]
+            self.unsent = [self.marker]
+        elif uncertain is not None:
+            self.unsent.insert(0, uncertain)
+        self._send_unsent()
+
+    def _guarded(self, action: Callable[[], None], phase: str) -> None:
+        """Run a sending action; a lost connection is noted and handled once reconnected."""
+        try:
+            action()
+        except EslError as exc:
+            self.connection_lost = True
+            self.journal.step(self.call, "connection_lost", phase=phase, error=str(exc))
 
     def _playable(self, path: str) -> str:
         local = fs.media_path(path, media_root=self.options.media_root)
@@ -283,6 +342,8 @@ class CallSequence:
         tag = "a" if leg is self.a else "b"
         if name == "CHANNEL_CREATE":
             leg.created = True
+            if leg is self.b:
+                self._on_b_created()
         elif name in ("CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA"):
             if not leg.ringing_logged:
                 leg.ringing_logged = True
@@ -299,6 +360,13 @@ class CallSequence:
             self._on_bridged()
         elif name == "CHANNEL_HANGUP_COMPLETE":
             self._on_leg_gone(leg, tag, event.get("Hangup-Cause") or "")
+
+    def _on_b_created(self) -> None:
+        self._b_dialing()
+        if self.waiting_for_marker:
+            # B exists, so the bridge in flight at the drop was queued: queue what follows it.
+            self.marker, self.unsent, self.waiting_for_marker = None, self.waiting_for_marker[1:], []
+            self._guarded(self._send_unsent, "queuing")
 
     def _on_originate_result(self, body: str) -> None:
         if body.startswith("-ERR"):
@@ -319,14 +387,7 @@ class CallSequence:
             self.phase = Phase.PROMPTS
             self.journal.status(self.call, CallStatus.A_ANSWERED, a_answered_at=now)
             if not self.apps_queued:
-                try:
-                    self._queue_apps()
-                except EslError as exc:
-                    # Some steps may be queued on A, some not: which one was in flight is unknowable, and
-                    # resending could dial B twice. Once reconnected, end the call unless B is up.
-                    self.connection_lost = True
-                    self.queue_incomplete = True
-                    self.journal.step(self.call, "connection_lost", phase="queuing", error=str(exc))
+                self._guarded(self._queue_apps, "queuing")
         else:
             if self.call.b_dialed_at:
                 self.journal.metrics.originate_to_answer.labels("b").observe(
@@ -335,14 +396,20 @@ class CallSequence:
 
     def _on_execute(self, event: EslEvent) -> None:
         step = self.steps.get(event.get("Application-UUID") or "")
-        if step is None:
-            return
-        if step is self.bridge_step:
+        if step is not None and step is self.marker:
+            # The marker ran before any bridge: the bridge in flight at the drop never arrived.
+            self.marker, self.unsent, self.waiting_for_marker = None, self.waiting_for_marker, []
+            self._guarded(self._send_unsent, "queuing")
+        elif step is self.bridge_step if step is not None else event.get("Application") == "bridge":
+            self._b_dialing()
+        elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE:
+            self.journal.step(self.call, "prompt_started", file=os.path.basename(step.arg))
+
+    def _b_dialing(self) -> None:
+        if self.phase in (Phase.DIALING_A, Phase.PROMPTS):
             self.phase = Phase.DIALING_B
             self.journal.status(self.call, CallStatus.DIALING_B, b_dialed_at=self.journal.clock(),
                                 phone=self.call.phone_b, b_uuid=self.b.uuid)
-        elif step.app == "playback" and step.arg != FAILURE_NOTICE:
-            self.journal.step(self.call, "prompt_started", file=os.path.basename(step.arg))
 
     def _on_execute_complete(self, event: EslEvent) -> None:
         step = self.steps.get(event.get("Application-UUID") or "")
@@ -352,7 +419,9 @@ class CallSequence:
             return
         if is_bridge:
             self.bridge_disposition = event.get("variable_originate_disposition") or ""
-            if self.queue_incomplete and self.bridge_disposition != "SUCCESS" and not self.a.gone:
+            if self.bridge_disposition == "SUCCESS" and self.phase != Phase.BRIDGED:
+                self._on_bridged(late=True)  # the bridge happened while we could not hear it
+            if (self.unsent or self.uncertain) and self.bridge_disposition != "SUCCESS" and not self.a.gone:
                 with contextlib.suppress(EslError):  # the notice and hangup after it may never have been queued
                     self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
             self.journal.step(self.call, "bridge_ended", disposition=self.bridge_disposition,
@@ -362,7 +431,7 @@ class CallSequence:
             self.journal.step(self.call, "prompt_finished", file=os.path.basename(step.arg),
                               result=event.get("Application-Response"))
 
-    def _on_bridged(self) -> None:
+    def _on_bridged(self, late: bool = False) -> None:
         if self.phase == Phase.BRIDGED:
             return
         now = self.journal.clock()
@@ -372,7 +441,7 @@ class CallSequence:
             self.b.answered_at = now
         ring = round((now - self.call.b_dialed_at).total_seconds(), 3) if self.call.b_dialed_at else None
         self.journal.status(self.call, CallStatus.BRIDGED, bridged_at=now, ring_seconds=ring)
-        if self.endpoint.record:
+        if self.endpoint.record and not late:
             self._start_recording()
 
     def _on_leg_gone(self, leg: LegState, tag: str, cause: str) -> None:
@@ -390,8 +459,6 @@ class CallSequence:
             return
         if self.call.bridged_at or self.phase == Phase.BRIDGED:
             self._finish(CallStatus.COMPLETED)
-        elif self.abort_reason:
-            self._finish(CallStatus.FAILED, failed_leg="a", reason=self.abort_reason)
         elif self.a.answered_at is None:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A was not reached")
         elif self.bridge_disposition and self.bridge_disposition not in CALLER_GONE | {"SUCCESS"}:
@@ -430,6 +497,10 @@ class CallSequence:
         value = self.switch.api(fs.uuid_getvar(leg_uuid, name)).strip()
         return "" if value in ("_undef_", "") or value.startswith("-ERR") else value
 
+    def _answered(self, leg_uuid: str) -> bool:
+        # FreeSWITCH sets endpoint_disposition=ANSWER when a leg answers (answer_epoch only at hangup).
+        return self._getvar(leg_uuid, "endpoint_disposition") == "ANSWER"
+
     def _reconcile(self, restarted: bool) -> None:
         """Find out from FreeSWITCH what became of this call while we could not hear it."""
         self.connection_lost = False
@@ -450,27 +521,31 @@ class CallSequence:
                 if self.call.bridged_at:
                     self._finish(CallStatus.COMPLETED, reason="ended while the switch connection was down")
                 else:
-                    self._finish(CallStatus.FAILED, failed_leg="a", reason="interrupted")
+                    # Both legs ended unheard: which one failed, and why, is not known.
+                    self._finish(CallStatus.FAILED, reason="interrupted")
                 return
             self.journal.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")
-            if self.queue_incomplete and not b_alive:
-                self.abort_reason = "connection to FreeSWITCH lost while setting up the call"
-                self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
-                return
-            a_answered = self._getvar(self.a.uuid, "answer_epoch") not in ("", "0")
-            if a_answered and self.a.answered_at is None:
-                self._on_answer(self.a, "a")
-            elif a_answered and not self.apps_queued and not self._getvar(self.a.uuid, "cb_stage"):
-                self._queue_apps()
-            elif self._getvar(self.a.uuid, "cb_stage"):
-                self.apps_queued = True
+            if self.unsent or self.uncertain:
+                self._resume_queue()
+            if self._answered(self.a.uuid):
+                self.apps_queued = self.apps_queued or bool(self._getvar(self.a.uuid, "cb_stage"))
+                if self.a.answered_at is None:
+                    self._on_answer(self.a, "a")  # queues the apps unless they already are
+                elif not self.apps_queued:
+                    self._queue_apps()
             if b_alive:
                 self.b.created = True
-                if self.phase in (Phase.PROMPTS, Phase.DIALING_A):
-                    self.phase = Phase.DIALING_B
-                    self.journal.status(self.call, CallStatus.DIALING_B, b_dialed_at=self.journal.clock())
-                if self._getvar(self.b.uuid, "answer_epoch") not in ("", "0"):
+                self._on_b_created()
+                if self._answered(self.b.uuid):
                     self._on_bridged()
+                return
+            disposition = self._getvar(self.a.uuid, "originate_disposition")
+            if disposition and disposition != "SUCCESS" and self.phase != Phase.BRIDGED:
+                # The bridge failed unheard; A's queued notice and hangup follow.
+                self.bridge_disposition = disposition
+                self.b.cause = self.b.cause or disposition
+                self.b.created = self.b.gone = True
+                self.journal.step(self.call, "bridge_ended", disposition=disposition)
             elif self.phase in (Phase.DIALING_B, Phase.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
                 self.b.created = self.b.gone = True

@@ -43,7 +43,9 @@ SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "full",
     "foreign_keys": 1,
-    "busy_timeout": 2000,  # ms; blocks the whole gevent process while waiting, so keep it short
+    # ms; SQLite's wait blocks the whole gevent process, so it is short: the journal retries a locked
+    # write with gevent sleeps in between, and the API answers 503.
+    "busy_timeout": 250,
 }
 
 

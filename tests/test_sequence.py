@@ -9,10 +9,10 @@ from typing import Any
 import gevent
 import pytest
 
-from daemon.esl import EslDisconnected, EslEvent
+from daemon.esl import EslDisconnected, EslEvent, EslNotSent
 from daemon.journal import Journal
 from daemon.metrics import Metrics
-from daemon.sequence import CallOptions, CallSequence, NotSent, Reconnected
+from daemon.sequence import CallOptions, CallSequence, Reconnected
 from daemon.store import Call, CallStatus, Endpoint, utcnow
 
 
@@ -77,7 +77,7 @@ def originates(switch: ScriptedSwitch) -> list[str]:
 
 def test_an_originate_that_was_never_sent_is_sent_once_reconnected(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
-    switch.fail_next.append(NotSent("not connected"))
+    switch.fail_next.append(EslNotSent("not connected"))
     sequence.start()
     gevent.sleep(0)
     assert originates(switch) == []
@@ -100,7 +100,7 @@ def test_an_originate_lost_in_flight_is_reconciled_never_resent(run_call: Callab
     assert originates(switch) == []
     assert any(c.startswith("api uuid_exists " + sequence.a.uuid) for c in switch.sent)
     call = Call.get_by_id(sequence.call.id)
-    assert (call.status, call.failed_leg, call.reason) == ("failed", "a", "interrupted")
+    assert (call.status, call.failed_leg, call.reason) == ("failed", "", "interrupted")
 
 
 def test_after_answer_the_apps_are_queued_on_a_in_order_with_the_bridge_last_but_the_notice(
@@ -131,10 +131,53 @@ def test_a_forged_event_for_another_uuid_is_ignored(run_call: Callable[..., Any]
     assert Call.get_by_id(sequence.call.id).status == "dialing_a"
 
 
-def test_connection_lost_while_queuing_ends_the_call_rather_than_risk_dialing_b_twice(
-        run_call: Callable[..., Any]) -> None:
+def apps_sent(switch: ScriptedSwitch) -> list[str]:
+    return [m.split("execute-app-name: ")[1].split("\n")[0] + " " + m.split("\n\n", 1)[1]
+            for m in switch.sent if m.startswith("sendmsg")]
+
+
+def test_a_step_lost_in_flight_is_resent_and_the_rest_follows(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
-    switch.fail_message_at = 3
+    switch.fail_message_at = 3  # the fourth sendmsg is in flight when the connection drops
+    sequence.start()
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    assert len(apps_sent(switch)) == 3
+    switch.answers = {f"uuid_exists {sequence.a.uuid}": "true", f"uuid_exists {sequence.b.uuid}": "false",
+                      "uuid_getvar": "_undef_"}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    apps = apps_sent(switch)
+    assert apps[3] == "set continue_on_fail=true"  # resent: harmless if it had arrived
+    assert sum(a.startswith("bridge ") for a in apps) == 1
+    assert apps[-1] == "hangup NORMAL_CLEARING"
+
+
+def test_a_bridge_lost_in_flight_is_resolved_by_a_marker_never_sent_twice(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    switch.fail_message_at = 7  # cb_stage, sched_hangup, 2 sets, 3 ringback sets, then the bridge
+    sequence.start()
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    assert sequence.uncertain is sequence.bridge_step
+    switch.answers = {f"uuid_exists {sequence.a.uuid}": "true", f"uuid_exists {sequence.b.uuid}": "false",
+                      "uuid_getvar": "_undef_"}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    assert apps_sent(switch)[-1] == "set cb_resume=marker"
+    assert not any(a.startswith("bridge ") for a in apps_sent(switch))
+    # The marker runs before any B appears: the bridge never arrived, so it is sent now, once.
+    marker = sequence.marker
+    assert marker is not None
+    sequence.deliver(event("CHANNEL_EXECUTE", sequence.a.uuid, **{"Application-UUID": marker.event_uuid}))
+    gevent.sleep(0)
+    apps = apps_sent(switch)
+    assert sum(a.startswith("bridge ") for a in apps) == 1 and apps[-1] == "hangup NORMAL_CLEARING"
+
+
+def test_a_bridge_lost_in_flight_that_did_arrive_is_not_resent(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    switch.fail_message_at = 7
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
@@ -142,10 +185,9 @@ def test_connection_lost_while_queuing_ends_the_call_rather_than_risk_dialing_b_
                       "uuid_getvar": "_undef_"}
     sequence.deliver(Reconnected(False))
     gevent.sleep(0)
-    assert f"api uuid_kill {sequence.a.uuid} NORMAL_CLEARING" in switch.sent
-    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{"Hangup-Cause": "NORMAL_CLEARING"}))
-    sequence.greenlet.join(timeout=5)
-    call = Call.get_by_id(sequence.call.id)
-    assert (call.status, call.failed_leg) == ("failed", "a")
-    assert call.reason == "connection to FreeSWITCH lost while setting up the call"
-    assert not any("execute-app-name: bridge" in m for m in switch.sent)
+    sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))  # B appears: the bridge was queued
+    gevent.sleep(0)
+    apps = apps_sent(switch)
+    assert not any(a.startswith("bridge ") for a in apps)
+    assert apps[-2:] == ["playback tone_stream://%(500,500,480,620);loops=3", "hangup NORMAL_CLEARING"]
+    assert Call.get_by_id(sequence.call.id).status == "dialing_b"

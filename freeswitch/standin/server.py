@@ -223,7 +223,12 @@ class StandIn:
         gevent.spawn_later(seconds, self._unhang)
 
     def _unhang(self) -> None:
-        if time.monotonic() >= self._hang_until - 0.001:
+        # gevent's timers run on its cached loop time, which can lag the monotonic clock: re-arm for
+        # whatever is left rather than stay hung for good.
+        left = self._hang_until - time.monotonic()
+        if left > 0.001:
+            gevent.spawn_later(left, self._unhang)
+        else:
             self.gate.set()
 
     def restart(self) -> None:

@@ -1,0 +1,1 @@
+"""callbridge benchmarks: see bench/README.md; run with ``python -m bench``."""

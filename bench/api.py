@@ -1,0 +1,181 @@
+"""API: ``POST /v1/calls`` per second and latency, against the floor of the stack, in the same run.
+
+For 10 and 50 concurrent keep-alive clients, form-encoded and JSON bodies:
+* floor: ``bench.floor`` (bare Flask under gevent.pywsgi, same parsing and envelope, no database);
+* scheduled: ``call_date`` tomorrow, so the request is the API and the store only;
+* immediate: no ``call_date``, so the engine dials each call while the API takes more (a fresh daemon
+  per run, so one run's backlog never slows the next; the stand-in hangs up what is left after it).
+
+Then, as evidence for a suggested fix, the floor and the scheduled case at 10 clients again with
+TCP_NODELAY on the server's sockets (``bench.nodelay``): no target, the ratio is to the plain floor.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.common import PY, Daemon, LoadResult, Switch, free_port, load, request_bytes, spawn, stop, workdir
+from bench.report import Report
+
+SCALE = 0.05
+
+
+def _body(token: str, fmt: str, scheduled: bool) -> tuple[bytes, str]:
+    fields = {"token": token, "phone_a": "15550000123", "phone_b": "15550006123"}
+    if scheduled:
+        tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+        fields["call_date"] = tomorrow.strftime("%Y-%m-%d 12:00")
+    if fmt == "json":
+        return json.dumps(fields).encode(), "application/json"
+    return urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded"
+
+
+def _post(port: int, body: bytes, content_type: str) -> Callable[[int], bytes]:
+    raw = request_bytes("POST", "/v1/calls", body=body, content_type=content_type, host=f"127.0.0.1:{port}")
+    return lambda _n: raw
+
+
+def _ok(status: int, body: bytes) -> bool:
+    return status == 200 and b'"code": 200' in body
+
+
+def run(report: Report, full: bool) -> None:
+    seconds = 10.0 if full else 4.0
+    with workdir("api") as folder:
+        switch = Switch(SCALE, folder / "standin.log")
+        floor_port, floor = _floor(folder, nodelay=False)
+        scheduled_daemon = Daemon(folder / "scheduled", switch.port)
+        (folder / "scheduled").mkdir()
+        token = scheduled_daemon.add_endpoint()["token"]
+        scheduled_daemon.start()
+        floors: dict[str, LoadResult] = {}
+        try:
+            for clients in (10, 50):
+                for fmt in ("form", "json"):
+                    size = f"{clients} clients, {fmt}, {seconds:g} s"
+                    body, ctype = _body("floor-token", fmt, scheduled=False)
+                    base = load(
+                        floor_port,
+                        _post(floor_port, body, ctype),
+                        clients=clients,
+                        seconds=seconds,
+                        check=_ok,
+                    )
+                    _add(
+                        report, f"floor (bare Flask+gevent) POST, {fmt}, {clients} clients", base, None, size
+                    )
+                    floors[f"{fmt}-{clients}"] = base
+
+                    body, ctype = _body(token, fmt, scheduled=True)
+                    port = scheduled_daemon.http_port
+                    ours = load(port, _post(port, body, ctype), clients=clients, seconds=seconds, check=_ok)
+                    _add(report, f"POST scheduled (API+store), {fmt}, {clients} clients", ours, base, size)
+
+                    ours = _immediate(folder / f"immediate-{clients}-{fmt}", switch, fmt, clients, seconds)
+                    _add(report, f"POST immediate (API+engine), {fmt}, {clients} clients", ours, base, size)
+                    switch.api("hupall NORMAL_CLEARING")
+        finally:
+            scheduled_daemon.stop()
+            stop(floor)
+        _nodelay(report, folder, switch, seconds, floors)
+        switch.stop()
+
+
+def _floor(folder: Path, nodelay: bool) -> tuple[int, subprocess.Popen[bytes]]:
+    port = free_port()
+    module = [PY, "-m", "bench.nodelay", "bench.floor"] if nodelay else [PY, "-m", "bench.floor"]
+    proc = spawn([*module, "--port", str(port)], stdout_pipe=True, log=folder / "floor.log")
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    return port, proc
+
+
+def _nodelay(
+    report: Report, folder: Path, switch: Switch, seconds: float, floors: dict[str, LoadResult]
+) -> None:
+    """The 10-client scheduled case with TCP_NODELAY on the server side (floor and daemon alike)."""
+    floor_port, floor = _floor(folder, nodelay=True)
+    (folder / "nodelay").mkdir()
+    daemon = Daemon(folder / "nodelay", switch.port, nodelay=True)
+    token = daemon.add_endpoint()["token"]
+    daemon.start()
+    try:
+        for fmt in ("form", "json"):
+            size = f"10 clients, {fmt}, {seconds:g} s, TCP_NODELAY"
+            plain = floors[f"{fmt}-10"]
+            body, ctype = _body("floor-token", fmt, scheduled=False)
+            base = load(floor_port, _post(floor_port, body, ctype), clients=10, seconds=seconds, check=_ok)
+            report.add(
+                "api",
+                f"evidence: floor with TCP_NODELAY, {fmt}, 10 clients: rate",
+                base.rate,
+                "req/s",
+                reference=plain.rate,
+                reference_name="floor",
+                size=f"{size}; p50 {base.p50:.1f} ms, p99 {base.p99:.1f} ms",
+            )
+            body, ctype = _body(token, fmt, scheduled=True)
+            ours = load(
+                daemon.http_port, _post(daemon.http_port, body, ctype), clients=10, seconds=seconds, check=_ok
+            )
+            report.add(
+                "api",
+                f"evidence: POST scheduled with TCP_NODELAY, {fmt}, 10 clients: rate",
+                ours.rate,
+                "req/s",
+                reference=base.rate,
+                reference_name="floor+NODELAY",
+                size=f"{size}; p50 {ours.p50:.1f} ms, p99 {ours.p99:.1f} ms",
+            )
+    finally:
+        daemon.stop()
+        stop(floor)
+
+
+def _immediate(folder: Path, switch: Switch, fmt: str, clients: int, seconds: float) -> LoadResult:
+    folder.mkdir()
+    daemon = Daemon(folder, switch.port)
+    token = daemon.add_endpoint()["token"]
+    daemon.start()
+    try:
+        body, ctype = _body(token, fmt, scheduled=False)
+        port = daemon.http_port
+        return load(port, _post(port, body, ctype), clients=clients, seconds=seconds, check=_ok)
+    finally:
+        daemon.stop()
+
+
+def _add(report: Report, name: str, result: LoadResult, floor: LoadResult | None, size: str) -> None:
+    errors = f", {result.errors} errors ({result.first_error[:80]})" if result.errors else ""
+    if floor is None:
+        report.add("api", f"{name}: rate", result.rate, "req/s", size=size + errors)
+        report.add("api", f"{name}: p50 / p99", result.p50, "ms", size=f"p99 {result.p99:.1f} ms")
+        return
+    gated = result.clients == 10
+    report.add(
+        "api",
+        f"{name}: rate",
+        result.rate,
+        "req/s",
+        reference=floor.rate,
+        reference_name="floor",
+        target=">= 0.50 x floor" if gated else "",
+        ok=(result.rate >= 0.5 * floor.rate) if gated else None,
+        size=size + errors,
+    )
+    report.add(
+        "api",
+        f"{name}: p99",
+        result.p99,
+        "ms",
+        reference=floor.p99,
+        reference_name="floor p99",
+        target="<= 25 ms" if gated else "",
+        ok=(result.p99 <= 25.0) if gated else None,
+        size=f"p50 {result.p50:.1f} ms (floor {floor.p50:.1f} ms)",
+    )

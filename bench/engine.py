@@ -1,0 +1,237 @@
+"""Engine throughput against the pipe limit and a naive click-to-call, all through one stand-in.
+
+* pipe limit: one bare ``greenswitch.InboundESL`` client keeps ``window`` originates outstanding:
+  ``bgapi originate {origination_uuid=U}sofia/gateway/carrier/<n> &park()`` and waits for U's
+  CHANNEL_ANSWER, nothing else. Answered originates per second.
+* naive baseline: what people commonly write: per call a new greenswitch connection, a blocking
+  ``api originate`` for A, then for B, then ``api uuid_bridge A B`` (``workers`` calls at a time).
+  The connection is closed without waiting on greenswitch's own 1 s event-loop timeout in ``stop()``.
+* engine: ``n`` calls (A answers, a 1 s prompt, dialtone, B answers, bridge, B hangs up, A follows)
+  written as ``queued`` rows before ``python -m daemon run`` starts with the per-second cap lifted and
+  the production ``max_in_flight``; completed calls per second between 10 % and 90 % of them, counted
+  from ``GET /metrics`` (``callbridge_calls_finished_total``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.event
+from greenswitch import InboundESL
+
+from bench.common import DIAL, HOST, Daemon, Switch, cpu_seconds, insert_calls, tone_file, wait_until, workdir
+from bench.report import Report
+
+SCALE = 0.05  # plan seconds -> real: A (15550000xxx) stays up 15 s, B (15550006xxx) 0.1 s after answer
+
+
+def _dial(number: str) -> str:
+    return DIAL.replace("{number}", number)
+
+
+def _close(esl: InboundESL) -> None:
+    """Close a greenswitch connection at once (its stop() waits up to 1 s on its event loop)."""
+    esl._run = False
+    esl.connected = False
+    with contextlib.suppress(Exception):
+        esl.sock.close()
+    for g in (esl._receive_events_greenlet, esl._process_events_greenlet):
+        if g is not None:
+            g.kill(block=False)
+
+
+def pipe_limit(port: int, n: int, window: int) -> tuple[float, int]:
+    """Answered ``bgapi originate`` per second with ``window`` outstanding; (rate, answered)."""
+    esl = InboundESL(HOST, port, "ClueCon")
+    esl.connect()
+    waiting: dict[str, gevent.event.Event] = {}
+
+    def on_answer(event: Any) -> None:
+        done = waiting.pop(event.headers.get("Unique-ID", ""), None)
+        if done is not None:
+            done.set()
+
+    esl.register_handle("CHANNEL_ANSWER", on_answer)
+    reply = esl.send("event plain CHANNEL_ANSWER")
+    if not str(reply.headers.get("Reply-Text", "")).startswith("+OK"):
+        raise RuntimeError(f"event subscription refused: {reply.headers}")
+    issued = [0]
+    answered = [0]
+
+    def worker() -> None:
+        while issued[0] < n:
+            i = issued[0]
+            issued[0] += 1
+            leg = str(uuidlib.uuid4())
+            done = waiting[leg] = gevent.event.Event()
+            reply = esl.send(
+                f"bgapi originate {{origination_uuid={leg}}}{_dial(f'15550006{i % 1000:03d}')} &park()"
+            )
+            if not str(reply.data).startswith("+OK"):
+                waiting.pop(leg, None)
+                continue
+            if done.wait(timeout=30):
+                answered[0] += 1
+
+    started = time.perf_counter()
+    gevent.joinall([gevent.spawn(worker) for _ in range(window)], raise_error=True)
+    elapsed = time.perf_counter() - started
+    _close(esl)
+    return answered[0] / elapsed, answered[0]
+
+
+def naive_baseline(port: int, n: int, workers: int) -> tuple[float, int]:
+    """Calls per second done the common way; (rate, bridged)."""
+    issued = [0]
+    bridged = [0]
+
+    def one(i: int) -> bool:
+        esl = InboundESL(HOST, port, "ClueCon")
+        esl.connect()
+        try:
+            a, b = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+            number = f"{i % 1000:03d}"
+            r = esl.send(f"api originate {{origination_uuid={a}}}{_dial('15550006' + number)} &park()")
+            if not str(r.data).startswith("+OK"):
+                return False
+            r = esl.send(f"api originate {{origination_uuid={b}}}{_dial('15550006' + number)} &park()")
+            if not str(r.data).startswith("+OK"):
+                return False
+            r = esl.send(f"api uuid_bridge {a} {b}")
+            return str(r.data).startswith("+OK")
+        finally:
+            with contextlib.suppress(Exception):
+                esl.sock.sendall(b"exit\n\n")
+            _close(esl)
+
+    def worker() -> None:
+        while issued[0] < n:
+            i = issued[0]
+            issued[0] += 1
+            if one(i):
+                bridged[0] += 1
+
+    started = time.perf_counter()
+    gevent.joinall([gevent.spawn(worker) for _ in range(workers)], raise_error=True)
+    elapsed = time.perf_counter() - started
+    return bridged[0] / elapsed, bridged[0]
+
+
+def engine_throughput(
+    folder: Path, switch: Switch, n: int, max_in_flight: int
+) -> tuple[float, dict[str, float]]:
+    """Completed call sequences per second (10 %..90 % of ``n``), and the final metrics."""
+    daemon = Daemon(folder, switch.port, max_in_flight=max_in_flight)
+    endpoint = daemon.add_endpoint()
+    media = folder / "state" / "media"
+    prompt = tone_file(media, 1.0, 523.0)
+    dialtone = tone_file(media, 1.5, 700.0)
+    insert_calls(
+        daemon.database,
+        endpoint["id"],
+        [
+            {
+                "phone_a": f"15550000{i % 1000:03d}",
+                "phone_b": f"15550006{i % 1000:03d}",
+                "play_file": prompt,
+                "dialtone_file": dialtone,
+            }
+            for i in range(n)
+        ],
+    )
+    marks: list[tuple[float, float]] = []
+    daemon.start()
+    cpu0, wall0 = cpu_seconds(daemon.pid), time.perf_counter()
+    try:
+
+        def finished() -> bool:
+            value = daemon.metrics().get("callbridge_calls_finished_total", 0.0)
+            marks.append((time.perf_counter(), value))
+            return value >= n
+
+        wait_until(finished, timeout=max(120.0, n / 5), interval=0.1)
+        final = daemon.metrics()
+        final["bench_cpu_share"] = (cpu_seconds(daemon.pid) - cpu0) / (time.perf_counter() - wall0)
+    finally:
+        daemon.stop()
+    return _rate_between(marks, 0.1 * n, 0.9 * n), final
+
+
+def _rate_between(marks: list[tuple[float, float]], low: float, high: float) -> float:
+    """Completions per second between the moments the count crossed ``low`` and ``high`` (interpolated)."""
+
+    def crossing(level: float) -> float | None:
+        for (t0, v0), (t1, v1) in zip(marks, marks[1:], strict=False):
+            if v0 < level <= v1:
+                return t0 + (t1 - t0) * (level - v0) / (v1 - v0)
+        return None
+
+    t_low, t_high = crossing(low), crossing(high)
+    if t_low is None or t_high is None or t_high <= t_low:
+        return float("nan")
+    return (high - low) / (t_high - t_low)
+
+
+def run(report: Report, full: bool) -> None:
+    n_engine = 3000 if full else 1500
+    n_pipe = 6000 if full else 3000
+    n_naive = 1000 if full else 500
+    max_in_flight = 200
+    with workdir("engine") as folder:
+        switch = Switch(SCALE, folder / "standin.log")
+        try:
+            limit, answered = pipe_limit(switch.port, n_pipe, window=200)
+            report.add(
+                "engine",
+                "pipe limit: bgapi originate + CHANNEL_ANSWER",
+                limit,
+                "calls/s",
+                size=f"{answered} originates, 200 outstanding, 1 greenswitch connection",
+            )
+            naive, bridged = naive_baseline(switch.port, n_naive, workers=10)
+            report.add(
+                "engine",
+                "naive baseline: new conn + api originate A, B + uuid_bridge",
+                naive,
+                "calls/s",
+                size=f"{bridged} calls, 10 at a time",
+            )
+            gevent.sleep(20 * SCALE * 2)  # let the baseline's legs hang up before the engine runs
+            rate, final = engine_throughput(folder, switch, n_engine, max_in_flight)
+            completed = final.get(
+                'callbridge_calls_finished_total{cause="NORMAL_CLEARING",status="completed"}', 0
+            )
+            size = (
+                f"{n_engine} calls, max_in_flight {max_in_flight}, cps cap lifted, "
+                f"{completed:.0f} completed / "
+                f"{final.get('callbridge_calls_finished_total', 0):.0f} finished, "
+                f"daemon CPU {100 * final['bench_cpu_share']:.0f}% of a core"
+            )
+            report.add(
+                "engine",
+                "engine: complete call sequences vs pipe limit",
+                rate,
+                "calls/s",
+                reference=limit,
+                reference_name="pipe limit",
+                target=">= 0.70 x pipe limit",
+                ok=bool(rate >= 0.7 * limit > 0),
+                size=size,
+            )
+            report.add(
+                "engine",
+                "engine vs naive baseline",
+                rate,
+                "calls/s",
+                reference=naive,
+                reference_name="naive",
+                target=">= 10 x naive",
+                ok=bool(rate >= 10 * naive > 0),
+            )
+        finally:
+            switch.stop()

@@ -1,0 +1,35 @@
+"""Run a module with TCP_NODELAY on the sockets gevent's WSGI server accepts: ``-m bench.nodelay daemon run``.
+
+Evidence for a suggested fix, not part of the product: gevent.pywsgi sends a response's headers and its
+body in two ``sendall`` calls; with Nagle's algorithm on, the body waits for the client's ACK of the
+headers, which a keep-alive client delays by up to 40 ms. The bench runs the floor and the daemon both
+ways to show what that costs.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import runpy  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+from gevent import pywsgi  # noqa: E402
+
+_handle = pywsgi.WSGIServer.handle
+
+
+def _handle_nodelay(self: pywsgi.WSGIServer, sock: Any, address: Any) -> Any:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return _handle(self, sock, address)
+
+
+pywsgi.WSGIServer.handle = _handle_nodelay  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    module = sys.argv[1]
+    sys.argv = [module, *sys.argv[2:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -1,0 +1,178 @@
+"""Scale: 2,000 calls bridged at once in one daemon process.
+
+The calls (A and B both 15550000xxx: answer at once, stay up 300 plan seconds) are written as
+``scheduled`` rows due from a few seconds after the daemon starts, ``RAMP_PER_SECOND`` a second (a
+rate the engine sustains; all in the same second, most fail with EslTimeout, see the scheduler
+section), so its idle RSS is read first. Then:
+* RSS with N bridged (VmRSS) and the peak (VmHWM) of the daemon process, RSS per call in flight =
+  (RSS with N in flight - RSS idle) / N;
+* event reaction: the stand-in answers A (``Channel.answered_at``, just before CHANNEL_ANSWER is queued
+  to the daemon) until the daemon's first ``sendmsg`` for A reaches the stand-in (``bench.switch`` tap).
+  Figures for probe calls placed through the API (10 a second) while the N calls are bridged, and, for
+  information, over the ramp in which the N calls were set up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import urllib.parse
+
+import gevent
+
+from bench.common import (
+    Daemon,
+    Switch,
+    cpu_seconds,
+    http_json,
+    insert_calls,
+    percentile,
+    rss_kib,
+    wait_until,
+    workdir,
+)
+from bench.report import Report
+
+SCALE = 0.5  # 300 plan seconds up = 150 s real: time to set 2,000 calls up and measure them bridged
+RAMP_PER_SECOND = 30.0
+
+
+def run(report: Report, full: bool) -> None:
+    n = 2000
+    probes = 100
+    with workdir("scale") as folder:
+        switch = Switch(SCALE, folder / "standin.log")
+        daemon = Daemon(folder, switch.port, max_in_flight=n + probes + 100)
+        try:
+            endpoint = daemon.add_endpoint()
+            due = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=8)
+            insert_calls(
+                daemon.database,
+                endpoint["id"],
+                [
+                    {
+                        "phone_a": f"15550000{i % 1000:03d}",
+                        "phone_b": f"15550000{(i + 500) % 1000:03d}",
+                        "status": "scheduled",
+                        "scheduled": True,
+                        "due_at": due + dt.timedelta(seconds=i / RAMP_PER_SECOND),
+                    }
+                    for i in range(n)
+                ],
+            )
+            daemon.start()
+            token = urllib.parse.quote(endpoint["token"])
+            for _ in range(20):  # warm the API and the store a little, as a serving daemon is
+                http_json(daemon.http_port, "GET", f"/v1/calls?token={token}&limit=5")
+            gevent.sleep(1.0)
+            idle_rss, _ = rss_kib(daemon.pid)
+
+            ramp_started = time.monotonic()
+            cpu_started = cpu_seconds(daemon.pid)
+            bridged = [0.0]
+
+            def all_bridged() -> bool:
+                bridged[0] = daemon.metrics().get('callbridge_calls_in_flight{phase="bridged"}', 0.0)
+                return bridged[0] >= n
+
+            ramp_due = 8 + n / RAMP_PER_SECOND
+            wait_until(all_bridged, timeout=min(300 * SCALE * 0.7, ramp_due + 20), interval=0.5)
+            ramp_seconds = time.monotonic() - ramp_started
+            ramp_cpu = cpu_seconds(daemon.pid) - cpu_started
+            held = int(bridged[0])
+            metrics = daemon.metrics()
+            in_flight = int(metrics.get("callbridge_calls_in_flight", 0.0))
+            failed = int(metrics.get('callbridge_calls_finished_total{cause="",status="failed"}', 0.0))
+            rss, _ = rss_kib(daemon.pid)
+            ramp_tap = switch.tap()["a"]
+
+            probe_start = time.monotonic()
+            for i in range(probes):
+                body = urllib.parse.urlencode(
+                    {
+                        "token": endpoint["token"],
+                        "phone_a": f"15550000{i:03d}",
+                        "phone_b": f"15550000{999 - i:03d}",
+                    }
+                ).encode()
+                http_json(
+                    daemon.http_port,
+                    "POST",
+                    "/v1/calls",
+                    body=body,
+                    content_type="application/x-www-form-urlencoded",
+                )
+                gevent.sleep(max(0.0, probe_start + (i + 1) * 0.1 - time.monotonic()))
+            wait_until(
+                lambda: (
+                    daemon.metrics().get('callbridge_calls_in_flight{phase="bridged"}', 0.0) >= held + probes
+                ),
+                timeout=20,
+                interval=0.5,
+            )
+            rss_after, hwm = rss_kib(daemon.pid)
+            tap = switch.tap()["a"]
+        finally:
+            daemon.stop()
+            switch.stop()
+
+    size = (
+        f"{held} bridged, {in_flight} in flight of {n}, {failed} failed; due {RAMP_PER_SECOND:g}/s, "
+        f"set up in {ramp_seconds:.0f} s, daemon CPU {100 * ramp_cpu / ramp_seconds:.0f}% of a core"
+    )
+    report.add("scale", "calls bridged at once", held, "calls", target=f">= {n}", ok=held >= n, size=size)
+    report.add("scale", "daemon RSS idle", idle_rss / 1024, "MiB")
+    report.add(
+        "scale",
+        f"daemon RSS with {in_flight} in flight",
+        rss / 1024,
+        "MiB",
+        size=f"peak (VmHWM) {hwm / 1024:.1f} MiB after {probes} more; VmRSS then {rss_after / 1024:.1f} MiB",
+    )
+    per_call = (rss - idle_rss) / max(1, in_flight)
+    report.add(
+        "scale",
+        "RSS per call in flight",
+        per_call,
+        "KiB",
+        target="<= 50 KiB",
+        ok=per_call <= 50,
+        size=f"({rss / 1024:.1f} - {idle_rss / 1024:.1f} MiB) / {in_flight}",
+    )
+
+    def reactions(legs: dict[str, dict[str, float | None]], since: float | None) -> list[float]:
+        out = []
+        for leg in legs.values():
+            answered, first = leg.get("answered"), leg.get("first_sendmsg")
+            if answered is None or first is None:
+                continue
+            if since is not None and answered < since:
+                continue
+            out.append((first - answered) * 1000)
+        return out
+
+    probe = reactions(tap, probe_start)
+    ramp = reactions(ramp_tap, None)
+    report.add(
+        "scale",
+        f"event reaction p50, probes while {held} bridged",
+        percentile(probe, 50),
+        "ms",
+        size=f"{len(probe)} probe calls at 10/s",
+    )
+    report.add(
+        "scale",
+        f"event reaction p99, probes while {held} bridged",
+        percentile(probe, 99),
+        "ms",
+        target="<= 5 ms",
+        ok=percentile(probe, 99) <= 5.0,
+        size=f"max {max(probe, default=float('nan')):.1f} ms",
+    )
+    report.add(
+        "scale",
+        f"event reaction p50 / p99 over the ramp ({RAMP_PER_SECOND:g} new calls/s)",
+        percentile(ramp, 50),
+        "ms",
+        size=f"p99 {percentile(ramp, 99):.1f} ms over {len(ramp)} calls",
+    )

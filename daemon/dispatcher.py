@@ -127,41 +127,58 @@ class Dispatcher:
         self._roll_day(now)
         pending = [s.value for s in PENDING_STATUSES]
         held_back: float | None = None
-        due = list(Call.select(Call, Endpoint).join(Endpoint)
-                   .where(Call.status.in_(pending) & (Call.due_at <= now))
-                   .order_by(Call.due_at, Call.id).limit(BATCH))
-        for call in due:
-            if not self.engine.ready:
-                return MAX_SLEEP
-            if self.engine.in_flight() >= self.settings.max_in_flight:
+        skip: set[int] = set()  # endpoints at their limit this tick: their calls wait, others go
+        after: tuple[dt.datetime, int] | None = None
+        while True:
+            free = self.settings.max_in_flight - self.engine.in_flight()
+            if free <= 0:
                 return MAX_SLEEP  # a call ending wakes us
-            endpoint = call.endpoint
-            if self.engine.in_flight_by_endpoint[endpoint.id] >= endpoint.max_in_flight:
-                continue
-            if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
-                self.journal.finish(call, CallStatus.FAILED, reason=f"daily cap of {endpoint.daily_cap} calls reached")
-                continue
-            bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
-            if bucket.rate != endpoint.calls_per_second:
+            query = (Call.select(Call, Endpoint).join(Endpoint)
+                     .where(Call.status.in_(pending) & (Call.due_at <= now)))
+            if skip:
+                query = query.where(Call.endpoint.not_in(sorted(skip)))
+            if after is not None:
+                query = query.where((Call.due_at > after[0]) | ((Call.due_at == after[0]) & (Call.id > after[1])))
+            limit = min(BATCH, 2 * free + 10)
+            page = list(query.order_by(Call.due_at, Call.id).limit(limit))
+            for call in page:
+                if not self.engine.ready:
+                    return MAX_SLEEP
+                if self.engine.in_flight() >= self.settings.max_in_flight:
+                    return MAX_SLEEP
+                endpoint = call.endpoint
+                if endpoint.id in skip:
+                    continue
+                if self.engine.in_flight_by_endpoint[endpoint.id] >= endpoint.max_in_flight:
+                    skip.add(endpoint.id)
+                    continue
+                if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
+                    self.journal.finish(call, CallStatus.FAILED,
+                                        reason=f"daily cap of {endpoint.daily_cap} calls reached")
+                    continue
+                bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
                 bucket.rate = endpoint.calls_per_second
-            if not self.global_rate.take(mono):
-                return self.global_rate.wait_time()
-            if not bucket.take(mono):
-                self.global_rate.tokens += 1  # not used after all
-                wait = bucket.wait_time()
-                held_back = wait if held_back is None else min(held_back, wait)
-                continue
-            self._start(call, endpoint, now)
-        if len(due) == BATCH:
-            return 0.0
+                if not self.global_rate.take(mono):
+                    return self.global_rate.wait_time()
+                if not bucket.take(mono):
+                    self.global_rate.tokens += 1  # not used after all
+                    wait = bucket.wait_time()
+                    held_back = wait if held_back is None else min(held_back, wait)
+                    skip.add(endpoint.id)
+                    continue
+                self._start(call, endpoint)
+            if len(page) < limit:
+                break
+            after = (page[-1].due_at, page[-1].id)
         nxt = (Call.select(Call.due_at).where(Call.status.in_(pending) & (Call.due_at > now))
                .order_by(Call.due_at).limit(1).scalar())
         delay = MAX_SLEEP if nxt is None else (nxt - now).total_seconds()
         return min(delay, held_back) if held_back is not None else delay
 
-    def _start(self, call: Call, endpoint: Endpoint, now: dt.datetime) -> None:
+    def _start(self, call: Call, endpoint: Endpoint) -> None:
         a_uuid, b_uuid = self.engine.new_leg_uuids()
-        if not self.journal.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=now):
+        # Lateness is stamped at this call's own claim, not at the start of the tick.
+        if not self.journal.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock()):
             return  # canceled (or claimed elsewhere) in the meantime
         self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
         self.engine.launch(call, endpoint)

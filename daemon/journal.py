@@ -18,7 +18,7 @@ from peewee import OperationalError
 
 from daemon.logs import log_event
 from daemon.metrics import Metrics
-from daemon.store import PENDING_STATUSES, Call, CallStatus, add_event, utcnow
+from daemon.store import PENDING_STATUSES, Call, CallStatus, add_event, relaxed_durability, utcnow
 
 log = logging.getLogger("callbridge.call")
 
@@ -40,7 +40,7 @@ class Journal:
     def step(self, call: Call, kind: str, at: dt.datetime | None = None, **detail: Any) -> None:
         """Add one step to the call's timeline (no status change)."""
         when = at or self.clock()
-        self._write(lambda: add_event(call.id, kind, at=when, **detail))
+        self._write(lambda: add_event(call.id, kind, at=when, **detail), durable=False)
         log_event(log, kind, callid=call.callid, **detail)
 
     def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:
@@ -75,7 +75,8 @@ class Journal:
         for name, value in row.items():
             setattr(call, name, value)
         call.status = status.value
-        self._write(lambda: Call.update(status=status.value, **row).where(Call.id == call.id).execute())
+        self._write(lambda: Call.update(status=status.value, **row).where(Call.id == call.id).execute(),
+                    durable=False)
         if old not in PENDING_STATUSES:
             self.metrics.calls_in_flight.labels(old.value).dec()
         if status.final:
@@ -91,7 +92,7 @@ class Journal:
         fields.setdefault("ended_at", self.clock())
         self.status(call, status, reason=reason, **fields)
 
-    def _write(self, statement: Callable[[], T]) -> T:
+    def _write(self, statement: Callable[[], T], durable: bool = True) -> T:
         """Run one short write, waiting out a locked or full database instead of failing the call.
 
         SQLite's own busy wait blocks the whole process, so it is kept short (store.SQLITE_PRAGMAS) and
@@ -101,7 +102,10 @@ class Journal:
         deadline = time.monotonic() + self.retry_for
         while True:
             try:
-                return statement()
+                if durable:
+                    return statement()
+                with relaxed_durability():
+                    return statement()
             except OperationalError as exc:
                 if time.monotonic() + delay > deadline:
                     raise

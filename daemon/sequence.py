@@ -183,6 +183,7 @@ class CallSequence:
                     self._reconcile(item.restarted)
                 else:
                     self._on_event(item)
+                del item  # don't keep the last event (kilobytes of headers) alive while waiting
         except DatabaseError:
             # The store stayed unwritable past the journal's retries: leave the call to FreeSWITCH
             # (hanging up a healthy call would be worse); the next start reconciles it.
@@ -540,7 +541,10 @@ class CallSequence:
                     self._on_bridged()
                 return
             disposition = self._getvar(self.a.uuid, "originate_disposition")
-            if disposition and disposition != "SUCCESS" and self.phase != Phase.BRIDGED:
+            # FreeSWITCH sets "failure" when a bridge starts and the real outcome when it ends.
+            if disposition == "failure" and not self.b.created:
+                self._b_dialing()  # the bridge is dialing B right now
+            elif disposition and disposition not in ("SUCCESS", "failure") and self.phase != Phase.BRIDGED:
                 # The bridge failed unheard; A's queued notice and hangup follow.
                 self.bridge_disposition = disposition
                 self.b.cause = self.b.cause or disposition

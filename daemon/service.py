@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import signal
+import socket
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 import gevent.event
@@ -34,6 +36,15 @@ from webapi.app import create_app
 log = logging.getLogger("callbridge.service")
 
 
+class NoDelayWSGIServer(WSGIServer):
+    """gevent's WSGI server with Nagle off: pywsgi writes a response's headers and body in two sends, and
+    with Nagle on the body waits for the client's delayed ACK (40 ms on a keep-alive connection)."""
+
+    def handle(self, sock: socket.socket, address: Any) -> Any:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return super().handle(sock, address)
+
+
 class Service:
     """Everything one callbridge process runs."""
 
@@ -53,7 +64,7 @@ class Service:
         self.dispatcher = Dispatcher(settings, self.engine, self.journal, clock)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
                               readiness=self.readiness, clock=clock, on_status=self.journal.announce)
-        self.server = WSGIServer((settings.http_host, settings.http_port), self.app, log=None,
+        self.server = NoDelayWSGIServer((settings.http_host, settings.http_port), self.app, log=None,
                                  error_log=logging.getLogger("callbridge.http"))
         self.stopping = gevent.event.Event()
         self._housekeeping: gevent.Greenlet | None = None

@@ -14,11 +14,12 @@ Times are naive UTC datetimes everywhere in the store.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from peewee import (
     ForeignKeyField,
     IntegerField,
     Model,
+    SqliteDatabase,
     TextField,
 )
 from playhouse.db_url import connect
@@ -257,6 +259,25 @@ def open_database(url: str) -> Database:
     db.connect(reuse_if_open=True)
     migrate(db)
     return db
+
+
+@contextlib.contextmanager
+def relaxed_durability() -> Iterator[None]:
+    """Commit without waiting for the disk: for the timeline and status steps of calls in progress.
+
+    WAL with ``synchronous=NORMAL`` keeps the file consistent; a power cut may lose the last steps, and
+    the next start reconciles those calls with FreeSWITCH. Claims and the API's writes stay at FULL
+    (an accepted request and a committed claim must survive power loss). No yield may happen inside.
+    """
+    db = database.obj
+    if not isinstance(db, SqliteDatabase):
+        yield
+        return
+    db.execute_sql("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        db.execute_sql("PRAGMA synchronous=FULL")
 
 
 def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **detail: Any) -> CallEvent:

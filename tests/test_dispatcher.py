@@ -169,3 +169,17 @@ def test_token_bucket_refills_at_its_rate() -> None:
     assert sum(bucket.take(0.0) for _ in range(20)) == 10
     assert not bucket.take(0.05)
     assert bucket.take(0.1)
+
+
+def test_a_saturated_endpoint_with_a_long_queue_neither_starves_others_nor_spins(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
+    busy, _ = make_endpoint(max_in_flight=2, calls_per_second=1000)
+    other, _ = make_endpoint(max_in_flight=5, calls_per_second=1000)
+    Call.insert_many([{"callid": secrets.token_hex(14), "endpoint": busy.id, "phone_a": "15550000001",
+                       "phone_b": "15550000002", "due_at": T0 - dt.timedelta(seconds=60), "scheduled": True,
+                       "status": "scheduled"} for _ in range(700)]).execute()
+    theirs = add(other, T0)
+    wait = dispatcher.tick(T0, 0.0)
+    assert [c.endpoint_id for c in fake_engine.launched].count(busy.id) == 2
+    assert fake_engine.launched[-1].id == theirs.id
+    assert wait > 0  # nothing more can start now: sleep until woken, do not spin

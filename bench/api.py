@@ -6,8 +6,8 @@ For 10 and 50 concurrent keep-alive clients, form-encoded and JSON bodies:
 * immediate: no ``call_date``, so the engine dials each call while the API takes more (a fresh daemon
   per run, so one run's backlog never slows the next; the stand-in hangs up what is left after it).
 
-Then, as evidence for a suggested fix, the floor and the scheduled case at 10 clients again with
-TCP_NODELAY on the server's sockets (``bench.nodelay``): no target, the ratio is to the plain floor.
+The floor runs with Nagle off (``bench.nodelay``), as the daemon's own server does: gevent.pywsgi writes
+headers and body in two sends, which otherwise cost every keep-alive answer a 40 ms delayed ACK.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def run(report: Report, full: bool) -> None:
     seconds = 10.0 if full else 4.0
     with workdir("api") as folder:
         switch = Switch(SCALE, folder / "standin.log")
-        floor_port, floor = _floor(folder, nodelay=False)
+        floor_port, floor = _floor(folder)
         scheduled_daemon = Daemon(folder / "scheduled", switch.port)
         (folder / "scheduled").mkdir()
         token = scheduled_daemon.add_endpoint()["token"]
@@ -82,59 +82,17 @@ def run(report: Report, full: bool) -> None:
         finally:
             scheduled_daemon.stop()
             stop(floor)
-        _nodelay(report, folder, switch, seconds, floors)
         switch.stop()
 
 
-def _floor(folder: Path, nodelay: bool) -> tuple[int, subprocess.Popen[bytes]]:
+def _floor(folder: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    # The floor gets Nagle off too, like the daemon's own server (daemon/service.py NoDelayWSGIServer).
     port = free_port()
-    module = [PY, "-m", "bench.nodelay", "bench.floor"] if nodelay else [PY, "-m", "bench.floor"]
-    proc = spawn([*module, "--port", str(port)], stdout_pipe=True, log=folder / "floor.log")
+    proc = spawn([PY, "-m", "bench.nodelay", "bench.floor", "--port", str(port)], stdout_pipe=True,
+                 log=folder / "floor.log")
     assert proc.stdout is not None
     proc.stdout.readline()
     return port, proc
-
-
-def _nodelay(
-    report: Report, folder: Path, switch: Switch, seconds: float, floors: dict[str, LoadResult]
-) -> None:
-    """The 10-client scheduled case with TCP_NODELAY on the server side (floor and daemon alike)."""
-    floor_port, floor = _floor(folder, nodelay=True)
-    (folder / "nodelay").mkdir()
-    daemon = Daemon(folder / "nodelay", switch.port, nodelay=True)
-    token = daemon.add_endpoint()["token"]
-    daemon.start()
-    try:
-        for fmt in ("form", "json"):
-            size = f"10 clients, {fmt}, {seconds:g} s, TCP_NODELAY"
-            plain = floors[f"{fmt}-10"]
-            body, ctype = _body("floor-token", fmt, scheduled=False)
-            base = load(floor_port, _post(floor_port, body, ctype), clients=10, seconds=seconds, check=_ok)
-            report.add(
-                "api",
-                f"evidence: floor with TCP_NODELAY, {fmt}, 10 clients: rate",
-                base.rate,
-                "req/s",
-                reference=plain.rate,
-                reference_name="floor",
-                size=f"{size}; p50 {base.p50:.1f} ms, p99 {base.p99:.1f} ms",
-            )
-            body, ctype = _body(token, fmt, scheduled=True)
-            ours = load(
-                daemon.http_port, _post(daemon.http_port, body, ctype), clients=10, seconds=seconds, check=_ok
-            )
-            report.add(
-                "api",
-                f"evidence: POST scheduled with TCP_NODELAY, {fmt}, 10 clients: rate",
-                ours.rate,
-                "req/s",
-                reference=base.rate,
-                reference_name="floor+NODELAY",
-                size=f"{size}; p50 {ours.p50:.1f} ms, p99 {ours.p99:.1f} ms",
-            )
-    finally:
-        daemon.stop()
-        stop(floor)
 
 
 def _immediate(folder: Path, switch: Switch, fmt: str, clients: int, seconds: float) -> LoadResult:

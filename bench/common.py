@@ -366,11 +366,9 @@ def esl_api(port: int, command: str, password: str = "ClueCon", timeout: float =
 class Daemon:
     """``python -m daemon run`` as production runs it, with its own state folder and ports."""
 
-    def __init__(self, folder: Path, esl_port: int, *, nodelay: bool = False, **settings: Any) -> None:
+    def __init__(self, folder: Path, esl_port: int, **settings: Any) -> None:
         self.folder = folder
-        self.command = (
-            [PY, "-m", "bench.nodelay", "daemon", "run"] if nodelay else [PY, "-m", "daemon", "run"]
-        )
+        self.command = [PY, "-m", "daemon", "run"]
         self.http_port = free_port()
         self.env = dict(
             os.environ,

@@ -1,9 +1,8 @@
 """Run a module with TCP_NODELAY on the sockets gevent's WSGI server accepts: ``-m bench.nodelay daemon run``.
 
-Evidence for a suggested fix, not part of the product: gevent.pywsgi sends a response's headers and its
-body in two ``sendall`` calls; with Nagle's algorithm on, the body waits for the client's ACK of the
-headers, which a keep-alive client delays by up to 40 ms. The bench runs the floor and the daemon both
-ways to show what that costs.
+The floor runs this way so it compares fairly with the daemon, whose server sets TCP_NODELAY itself
+(daemon/service.py): gevent.pywsgi sends a response's headers and its body in two ``sendall`` calls; with
+Nagle's algorithm on, the body waits for the client's delayed ACK of the headers (up to 40 ms).
 """
 
 from __future__ import annotations

@@ -10,11 +10,13 @@ the fault lands.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +48,519 @@ FAST = {"esl_command_timeout": 0.5, "esl_heartbeat_timeout": 1.0, "originate_tim
 MIX = [("1", "6"), ("2", "3"), ("7", "4"), ("9", "5"), ("0", "8"), ("3", "1"), ("4", "2"), ("5", "7"),
        ("8", "9"), ("x", "0"), ("2", "0"), ("9", "6"), ("6", "1"), ("0", "2"), ("1", "9"), ("7", "1")]
 FINAL = ("completed", "failed", "canceled", "missed")
+
+IN_FLIGHT = ("dialing_a", "a_answered", "dialing_b", "bridged")
+RESTARTED = "FreeSWITCH restarted during the call"
+
+# ----- calls, phases and faults ------------------------------------------------------------------------
+
+
+def number(digit: str, n: int) -> str:
+    """A number of the plan's row ``digit`` ("1555000{digit}{nnn}"); "x": one outside the plan (unallocated)."""
+    return plan_number(digit, n) if digit != "x" else f"1555123{n % 10000:04d}"
+
+
+def place(harness: Harness, endpoint: Endpoint, pairs: list[tuple[str, str]], *,
+          prompts: bool = True) -> list[Call]:
+    """One call per (A digit, B digit), all due now."""
+    return [harness.place(endpoint, number(a, i), number(b, i), prompts=prompts)
+            for i, (a, b) in enumerate(pairs)]
+
+
+def fresh(call: Call) -> Call:
+    """The call's row as stored now."""
+    return Call.get_by_id(call.id)
+
+
+def all_in(calls: list[Call], *statuses: str) -> Callable[[], bool]:
+    return lambda: all(fresh(c).status in statuses for c in calls)
+
+
+def leg_ringing(harness: Harness, leg_uuid: str | None) -> bool:
+    """The leg exists in FreeSWITCH, rings and has neither answered nor ended."""
+    ch = harness.switch.channel(leg_uuid) if leg_uuid else None
+    return ch is not None and ch.progress_us > 0 and ch.answered_us == 0 and ch.hangup_cause is None
+
+
+def _answered(harness: Harness, leg_uuid: str | None) -> bool:
+    ch = harness.switch.channel(leg_uuid) if leg_uuid else None
+    return ch is not None and ch.answered_us > 0
+
+
+def _ended(harness: Harness, leg_uuid: str | None) -> bool:
+    ch = harness.switch.channel(leg_uuid) if leg_uuid else None
+    return ch is not None and ch.hangup_cause is not None
+
+
+def _apps_queued(harness: Harness, call: Call) -> bool:
+    """Every app is queued on A: its last one, ``hangup``, was sent."""
+    return any(s.verb == "sendmsg" and s.app == "hangup" and str(call.a_uuid) in s.line
+               for s in sent_commands(harness.switch))
+
+
+def reconnects(harness: Harness) -> float:
+    return float(harness.service.metrics.esl_reconnects._value.get())
+
+
+def fault(name: str) -> None:
+    FIGURES["faults injected"] += 1
+    FIGURES[f"fault: {name}"] += 1
+
+
+def settle(harness: Harness, calls: list[Call], *, timeout: float = 30.0, **options: Any) -> Audit:
+    """Wait until every call is final and no leg of theirs is left up, then audit them against the switch:
+    none lost, none dialed twice, every status true (helpers.audit_calls)."""
+    for call in calls:
+        harness.wait_final(call, timeout)  # fails with the call's timeline
+    rows = [fresh(c) for c in calls]
+    left_up = wait_for(lambda: not live_channels_of(harness.switch, rows), 10)
+    audit = audit_calls(harness.switch, rows, **options)
+    FIGURES["calls audited after faults"] += audit.checked
+    wrong = audit.all_problems + ([] if left_up else [f"legs left up: {live_channels_of(harness.switch, rows)}"])
+    if wrong:
+        timelines = [f"{c.callid}: {harness.timeline(c)}" for c in rows if any(c.callid in w for w in wrong)]
+        raise AssertionError("\n".join(wrong + ["timelines:"] + timelines))
+    return audit
+
+
+# ----- the Event Socket connection dropped -------------------------------------------------------------
+
+PhaseCheck = Callable[[Harness, Call], bool]
+PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck]] = {
+    # phase: (A digit, B digit, "every call is in that phase now", "what happens while the connection is down")
+    # A rings 2 s; it answers while the connection is down.
+    "dialing_a": ("1", "6", lambda h, c: leg_ringing(h, fresh(c).a_uuid), lambda h, c: _answered(h, fresh(c).a_uuid)),
+    # A hears the prompts, its apps all queued; B is dialed while the connection is down (and stays up: a
+    # call that begins and ends entirely unheard cannot be known to have completed).
+    "prompts": ("0", "0", lambda h, c: fresh(c).status == "a_answered" and _apps_queued(h, fresh(c)),
+                lambda h, c: h.switch.channel(fresh(c).b_uuid) is not None),
+    # B rings 2 s; it answers (and so is bridged) while the connection is down.
+    "dialing_b": ("0", "1", lambda h, c: fresh(c).status == "dialing_b" and leg_ringing(h, fresh(c).b_uuid),
+                  lambda h, c: _answered(h, fresh(c).b_uuid)),
+    # A and B talk; nothing changes while the connection is down.
+    "bridged": ("0", "2", lambda h, c: fresh(c).status == "bridged", lambda h, c: False),
+}
+
+
+@pytest.mark.parametrize("phase", ["dialing_a", "prompts", "dialing_b", "bridged"])
+def test_connection_dropped_at_each_phase_of_a_call(make_harness: Callable[..., Harness], phase: str) -> None:
+    """Down (refused) until the next step of every call has happened inside FreeSWITCH, then back."""
+    harness = make_harness(**FAST)
+    a, b, in_phase, next_step = PHASES[phase]
+    calls = place(harness, harness.endpoint(), [(a, b)] * 6)
+    assert wait_for(lambda: all(in_phase(harness, c) for c in calls), 10), f"never saw every call in {phase}"
+    harness.switch.refuse_connections(True)
+    harness.switch.drop_connections()
+    fault(f"ESL down while {phase}")
+    wait_for(lambda: all(next_step(harness, c) for c in calls), 0.5)
+    harness.switch.refuse_connections(False)
+    assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect"
+    if phase == "prompts":
+        # B is up and bridged: the far end on A hangs up once the daemon has seen the bridge again.
+        assert wait_for(all_in(calls, "bridged"), 10), [fresh(c).status for c in calls]
+        for call in calls:
+            harness.switch.far_end_hangup(str(fresh(call).a_uuid))
+    audit = settle(harness, calls)
+    assert audit.statuses == {"completed": 6}
+    assert all("reconciled" in harness.timeline(c) for c in calls), [harness.timeline(c) for c in calls]
+
+
+@pytest.mark.time_scale(0.1)
+@pytest.mark.parametrize("b", ["3", "4", "5", "8", "x"])
+def test_b_fails_while_the_connection_is_down(make_harness: Callable[..., Harness], b: str) -> None:
+    """A answered and hears the prompts (its apps all queued) when the connection goes; B is dialed and
+    refused (busy, rejected, unallocated) or never answers while it is down; it comes back while A hears
+    the failure notice. The daemon reads B's failure from A's ``originate_disposition``: failed, leg b,
+    B's cause, as if it had heard it."""
+    harness = make_harness(**{**FAST, "esl_reconnect_max_delay": 0.05})
+    calls = place(harness, harness.endpoint(), [("0", b)] * 4)
+    assert wait_for(lambda: all(fresh(c).status == "a_answered" and _apps_queued(harness, fresh(c))
+                                for c in calls), 10), [fresh(c).status for c in calls]
+    harness.switch.refuse_connections(True)
+    harness.switch.drop_connections()
+    fault("ESL down while B fails")
+    assert wait_for(lambda: all(_ended(harness, fresh(c).b_uuid) for c in calls), 10), "B never failed"
+    assert all(harness.switch.channel(str(fresh(c).a_uuid)).hangup_cause is None for c in calls)
+    harness.switch.refuse_connections(False)
+    audit = settle(harness, calls)
+    assert audit.statuses == {"failed": 4}
+    cause = {"3": "USER_BUSY", "4": "NO_ANSWER", "5": "UNALLOCATED_NUMBER", "8": "CALL_REJECTED",
+             "x": "UNALLOCATED_NUMBER"}[b]
+    for call in map(fresh, calls):
+        assert (call.failed_leg, call.b_cause, call.reason) == ("b", cause, "B was not reached"), \
+            (call.failed_leg, call.b_cause, call.reason, harness.timeline(call))
+        assert "reconciled" in harness.timeline(call)
+
+
+def test_originates_waiting_to_be_sent_when_the_connection_drops_are_dialed_later(
+        make_harness: Callable[..., Harness]) -> None:
+    """One originate in flight (its answer lost), the others still waiting for their turn: the one in flight
+    is found, never sent again; the waiting ones are sent once reconnected. Each A dialed exactly once."""
+    harness = make_harness(**FAST)
+    harness.switch.slow_replies(0.1)  # each reply takes 100 ms: the originates queue up behind the first
+    calls = place(harness, harness.endpoint(), MIX)
+    assert wait_for(lambda: len(originate_lines(harness.switch)) >= 2, 10)
+    harness.switch.drop_connections()
+    harness.switch.slow_replies(0)
+    fault("ESL dropped with originates queued")
+    assert len(originate_lines(harness.switch)) < len(calls)  # some had not been sent
+    settle(harness, calls)
+    assert len(originate_lines(harness.switch)) == len(calls)
+
+
+def test_connection_dropped_while_the_apps_are_being_queued_on_a(make_harness: Callable[..., Harness]) -> None:
+    """The connection drops with A's apps half queued (one in flight): the rest are queued once
+    reconnected, the one in flight resent only if harmless, B dialed once."""
+    harness = make_harness(**FAST)
+    calls = place(harness, harness.endpoint(), [("0", "6")] * 3)
+    assert wait_for(all_in(calls, "dialing_a", "a_answered"), 10)
+    harness.switch.slow_replies(0.1)  # twelve sendmsg per call, 100 ms each
+    assert wait_for(lambda: any(s.verb == "sendmsg" for s in sent_commands(harness.switch)), 10)
+    harness.switch.drop_connections()
+    harness.switch.slow_replies(0)
+    fault("ESL dropped while queueing apps")
+    assert not all(_apps_queued(harness, fresh(c)) for c in calls), "the apps were all queued already"
+    audit = settle(harness, calls)
+    assert audit.statuses == {"completed": 3}
+
+
+# ----- FreeSWITCH hung or restarted --------------------------------------------------------------------
+
+
+def test_switch_hung_longer_than_the_command_timeout(make_harness: Callable[..., Harness]) -> None:
+    """FreeSWITCH stops answering for 2 s (socket open, no replies, no events), four times the command
+    timeout, with every kind of call in flight: the engine notices, drops the connection, reconnects once
+    the switch answers again, and every call ends with a true status."""
+    harness = make_harness(**FAST)
+    calls = place(harness, harness.endpoint(), MIX)
+    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 10)
+    harness.switch.hang(2)
+    fault("switch hung 2 s")
+    assert wait_for(lambda: not harness.service.engine.ready, 5), "the hang was never noticed"
+    assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect after the hang"
+    settle(harness, calls)
+
+
+def test_calls_that_end_entirely_while_the_switch_is_hung(make_harness: Callable[..., Harness]) -> None:
+    """Hung for 3 s while some calls are bridged (B hangs up 1.5 s later) and others ring B, which never
+    answers: both kinds end inside FreeSWITCH unheard. A call seen bridged is completed; one that ended
+    unseen before any bridge failed 'interrupted', no leg blamed (which leg failed, and why, is unknown)."""
+    harness = make_harness(**FAST)
+    talking = place(harness, harness.endpoint(), [("0", "2")] * 4)
+    ringing = place(harness, harness.endpoint(), [("0", "4")] * 4)
+    assert wait_for(lambda: all(fresh(c).status == "bridged" for c in talking)
+                    and all(fresh(c).status == "dialing_b" and leg_ringing(harness, fresh(c).b_uuid)
+                            for c in ringing), 10), [fresh(c).status for c in talking + ringing]
+    harness.switch.hang(3)
+    fault("switch hung 3 s")
+    assert wait_for(lambda: not live_channels_of(harness.switch, [fresh(c) for c in talking + ringing]), 5)
+    assert not harness.service.engine.ready, "the calls ended while the switch was hung"
+    audit = settle(harness, talking + ringing)
+    assert audit.statuses == {"completed": 4, "failed": 4}
+    for call in map(fresh, talking):
+        assert (call.status, call.reason) == ("completed", "ended while the switch connection was down")
+    for call in map(fresh, ringing):
+        assert (call.status, call.reason, call.failed_leg) == ("failed", "interrupted", ""), harness.timeline(call)
+
+
+def test_switch_restarted_mid_call(make_harness: Callable[..., Harness]) -> None:
+    """FreeSWITCH restarts (every channel gone without an event, a new Core-UUID): the calls in flight fail
+    'FreeSWITCH restarted during the call', no leg blamed; none is dialed again; calls still queued are
+    dialed on the new switch as usual."""
+    harness = make_harness(**{**FAST, "max_in_flight": 10})
+    calls = place(harness, harness.endpoint(), MIX)
+    assert wait_for(lambda: sum(fresh(c).status in IN_FLIGHT[1:] for c in calls) >= 4, 10)
+    in_flight = {c.callid for c in map(fresh, calls) if c.status in IN_FLIGHT}
+    harness.switch.restart()
+    fault("switch restarted")
+    assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect after the restart"
+    settle(harness, calls, restarted=True)
+    ended_by_restart = {c.callid for c in map(fresh, calls) if c.reason == RESTARTED}
+    assert ended_by_restart and ended_by_restart <= in_flight, (ended_by_restart, in_flight)
+    for call in map(fresh, calls):
+        if call.reason == RESTARTED:
+            assert (call.status, call.failed_leg) == ("failed", ""), call.callid
+            assert "switch_restarted" in harness.timeline(call)
+    later = [c for c in calls if c.callid not in in_flight]
+    assert later, "every call was in flight at the restart: none shows the new switch dialing"
+    assert all(fresh(c).reason != RESTARTED for c in later)
+
+
+# ----- the store locked or full ------------------------------------------------------------------------
+
+HOLDER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+"""
+
+
+def _hold_lock(path: str | None, seconds: float) -> gevent.subprocess.Popen:
+    """Another process takes the database's write lock (``BEGIN EXCLUSIVE``) and keeps it ``seconds``;
+    returns once it holds it."""
+    assert path is not None, "not an SQLite store"
+    holder = gevent.subprocess.Popen([sys.executable, "-c", HOLDER, path, str(seconds)],
+                                     stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    with gevent.Timeout(15, AssertionError("the other process never got the lock")):
+        assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str = "4m") -> Iterator[Path]:
+    """A small file system of its own at ``folder`` (a tmpfs: needs root), unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for the disk-full fault: {done.stderr.strip() or done.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Take every free byte of the file system holding ``folder``; returns the file to delete to free them."""
+    path = folder / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        size = 1 << 20
+        while size:
+            try:
+                os.write(fd, b"\0" * size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                size //= 2
+    finally:
+        os.close(fd)
+    assert os.statvfs(folder).f_bavail == 0
+    return path
+
+
+@dataclass
+class Client:
+    """The HTTP API of a harness, with one endpoint's token."""
+
+    harness: Harness
+    token: str
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.harness.service.http_port}"
+
+    def post_call(self, key: str, n: int) -> Answer:
+        """A call for the day after tomorrow (so nothing is dialed): the API alone is used."""
+        when = time.strftime("%Y-%m-%d 12:00", time.gmtime(time.time() + 2 * 86400))
+        return request(self.base, "POST", "/v1/calls", headers={"Idempotency-Key": key},
+                       form={"token": self.token, "phone_a": number("0", n), "phone_b": number("2", n),
+                             "call_date": when})
+
+    def list_calls(self) -> Answer:
+        return request(self.base, "GET", "/v1/calls", query={"token": self.token, "limit": "100"})
+
+    def read_call(self, callid: str) -> Answer:
+        return request(self.base, "GET", f"/v1/calls/{callid}", query={"token": self.token})
+
+    def cancel(self, callid: str) -> Answer:
+        return request(self.base, "POST", f"/v1/scheduled/{callid}/cancel", form={"token": self.token})
+
+
+def api_client(harness: Harness) -> Client:
+    _, token = create_endpoint(EndpointOptions(name="api", caller_id_number="15551230000",
+                                               dial_string="sofia/gateway/carrier/{number}", max_in_flight=50,
+                                               calls_per_second=1000.0))
+    return Client(harness, token)
+
+
+def check_unavailable(answer: Answer, what: str) -> None:
+    """While the store is unusable: 200 (it needed no write) or 503 with Retry-After, never 500."""
+    assert answer.status in (200, 503), (what, answer.status, answer.body[:300])
+    data = answer.data()
+    if answer.status == 503:
+        assert int(answer.headers["retry-after"]) >= 1, (what, answer.headers)
+        assert data["code_desc"].startswith("database:"), (what, data)
+
+
+def use_api_while(client: Client, go_on: Callable[[int], bool], kept: dict[str, str]) -> list[str]:
+    """Create, list, read and cancel through the API while ``go_on(round)``, the store unusable: every answer
+    200 or 503. Adds the creates accepted to ``kept`` (key -> callid); returns the keys of those refused (to
+    be sent again)."""
+    refused: list[str] = []
+    some = next(iter(kept.values()))
+    rounds = 0
+    while go_on(rounds):
+        n = len(kept) + len(refused)
+        key = f"key-{n}"
+        answer = client.post_call(key, n)
+        check_unavailable(answer, "POST /v1/calls")
+        if answer.status == 200:
+            kept[key] = answer.data()["callid"]
+        else:
+            refused.append(key)
+        for what, got in (("GET /v1/calls", client.list_calls()), ("GET /v1/calls/<id>", client.read_call(some)),
+                          ("cancel", client.cancel(some))):
+            check_unavailable(got, what)
+        FIGURES["API requests while the store was unusable"] += 4
+        rounds += 1
+    return refused
+
+
+def check_nothing_lost(client: Client, kept: dict[str, str], refused: list[str]) -> None:
+    """The refused creates, sent again with their keys, succeed; every accepted call is there once."""
+    for key in refused:
+        answer = client.post_call(key, int(key.split("-")[1]))
+        assert answer.status == 200, (key, answer.status, answer.body[:300])
+        kept[key] = answer.data()["callid"]
+    for key in list(kept)[:3]:  # the same key again: the same call, not a second one
+        assert client.post_call(key, int(key.split("-")[1])).data()["callid"] == kept[key]
+    listed = client.list_calls().data()["calls"]
+    assert sorted(c["callid"] for c in listed) == sorted(kept.values())
+    endpoint_id = Endpoint.get(Endpoint.name == "api").id
+    assert Call.select().where(Call.endpoint == endpoint_id).count() == len(kept)
+    answer = client.cancel(kept["key-0"])
+    assert answer.status in (200, 409) and answer.data()["code"] == answer.status
+
+
+def settle_after_store_fault(harness: Harness, calls: list[Call]) -> Audit:
+    """``settle`` for calls that ran while the store could not be written.
+
+    A call's greenlet waits for its write before its next step (journal._write), so while the store is
+    unusable its control waits too: here 3 s, 60 plan seconds, longer than any far end of the plan stays
+    up. An A that answered then hangs up in silence before the prompts, and the number plan's outcome no
+    longer holds; so the calls are checked against what the switch did, not the plan: every status
+    agrees with the legs, and a call said to have ended by A hanging up ended so inside FreeSWITCH.
+    """
+    audit = settle(harness, calls, expect_plan=False)
+    for call in map(fresh, calls):
+        if call.status == "failed" and call.failed_leg == "a" and call.a_answered_at is not None:
+            a = harness.switch.channel(str(call.a_uuid))
+            assert a is not None and a.answered_us and a.var("sip_hangup_disposition") == "recv_bye", \
+                (call.callid, call.reason, a and a.variables.get("sip_hangup_disposition"), harness.timeline(call))
+            FIGURES["calls whose A hung up while the store was unusable"] += 1
+    return audit
+
+
+def test_database_locked_by_another_process_while_the_api_is_used(make_harness: Callable[..., Harness]) -> None:
+    """Another process holds the write lock for 3 s: creates and cancels answer 503 with Retry-After (reads
+    still answer, SQLite's WAL lets them), never 500; afterwards the same requests succeed, nothing lost."""
+    harness = make_harness(**FAST)
+    client = api_client(harness)
+    kept: dict[str, str] = {}
+    assert client.post_call("key-0", 0).status == 200
+    kept["key-0"] = client.list_calls().data()["calls"][0]["callid"]
+    holder = _hold_lock(database_file(harness.settings.database_url), 3.0)
+    fault("database locked 3 s (API only)")
+    refused = use_api_while(client, lambda rounds: rounds == 0 or holder.poll() is None, kept)
+    holder.wait()
+    assert refused, "no create was refused while the database was locked"
+    check_nothing_lost(client, kept, refused)
+
+
+def test_database_locked_by_another_process_while_calls_run(make_harness: Callable[..., Harness]) -> None:
+    """Another process holds the write lock for 3 s while calls of every kind run: the journal waits it out
+    (the calls go on inside FreeSWITCH meanwhile) and every call ends with a true status."""
+    harness = make_harness(**FAST)
+    calls = place(harness, harness.endpoint(), MIX)
+    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 10)
+    path = database_file(harness.settings.database_url)
+    holder = _hold_lock(path, 3.0)
+    fault("database locked 3 s (calls running)")
+    holder.wait()
+    settle_after_store_fault(harness, calls)
+
+
+def test_disk_full_while_the_api_is_used(make_harness: Callable[..., Harness], tmp_path: Path) -> None:
+    """The file system holding the state directory is full: creates answer 503 with Retry-After, never 500;
+    once space is freed the same requests succeed, nothing lost."""
+    with small_tmpfs(tmp_path / "small") as state:
+        harness = make_harness(**{**FAST, "state_dir": str(state)})
+        client = api_client(harness)
+        kept: dict[str, str] = {}
+        assert client.post_call("key-0", 0).status == 200
+        kept["key-0"] = client.list_calls().data()["calls"][0]["callid"]
+        filler = fill(state)
+        fault("disk full (API only)")
+        refused = use_api_while(client, lambda rounds: rounds < 5, kept)
+        os.unlink(filler)
+        assert refused, "no create was refused on a full disk"
+        check_nothing_lost(client, kept, refused)
+
+
+def store_retries(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(r.getMessage() == "store.retry" for r in caplog.records)
+
+
+def test_disk_full_while_calls_run(make_harness: Callable[..., Harness], tmp_path: Path,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The state directory's file system fills up while calls of every kind run: the journal's writes fail
+    and are retried (the calls go on inside FreeSWITCH); once space is freed every call is written down with
+    a true status, none lost."""
+    with small_tmpfs(tmp_path / "small") as state:
+        harness = make_harness(**{**FAST, "state_dir": str(state)})
+        calls = place(harness, harness.endpoint(), MIX)
+        assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 10)
+        filler = fill(state)
+        fault("disk full (calls running)")
+        # Full until the journal has been refused a good many times.
+        assert wait_for(lambda: store_retries(caplog) >= 20, 10), "no write was refused on a full disk"
+        os.unlink(filler)
+        settle_after_store_fault(harness, calls)
+
+
+# ----- a webhook receiver that never answers -------------------------------------------------------------
+
+
+class SilentReceiver:
+    """Accepts connections on 127.0.0.1, reads what it is sent and never answers."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/hooks/callbridge"
+
+    def _handle(self, sock: Any, address: Any) -> None:
+        self.connections += 1
+        while sock.recv(65536):
+            pass
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
+
+
+def test_webhook_receiver_that_never_answers(make_harness: Callable[..., Harness]) -> None:
+    """The endpoint's webhook receiver accepts connections and never answers: its calls complete exactly as
+    fast as the same calls of an endpoint without webhooks; the deliveries stay pending, retried later."""
+    receiver = SilentReceiver()
+    try:
+        harness = make_harness(**{**FAST, "webhook_timeout": 0.5})
+        hooked, plain = harness.endpoint(webhook_url=receiver.url), harness.endpoint()
+        calls = place(harness, hooked, MIX)
+        control = place(harness, plain, MIX)
+        fault("webhook receiver never answers")
+        settle(harness, calls + control)
+        assert wait_for(lambda: WebhookDelivery.select().where(WebhookDelivery.attempts > 0).exists(), 10)
+        for call, twin in zip(map(fresh, calls), map(fresh, control), strict=True):
+            assert call.status == twin.status and call.reason == twin.reason, (call.callid, twin.callid)
+            took, twin_took = (c.ended_at - c.started_at for c in (call, twin))
+            assert abs((took - twin_took).total_seconds()) < 0.5, (call.phone_a, call.phone_b, took, twin_took)
+        rows = list(WebhookDelivery.select())
+        assert {r.callid for r in rows} == {c.callid for c in calls}  # only the hooked endpoint's calls
+        assert len(rows) >= 2 * len(calls)  # at least dialing_a and the final status of each
+        assert all(r.state == "pending" for r in rows), {r.state for r in rows}
+        tried = [r for r in rows if r.attempts > 0]
+        assert tried and all(r.last_status_code is None and r.last_error for r in tried), \
+            [(r.last_status_code, r.last_error) for r in tried]
+        assert receiver.connections >= 1
+        FIGURES["webhook deliveries left pending by a silent receiver"] += len(rows)
+    finally:
+        receiver.stop()

@@ -43,14 +43,18 @@ class RealSwitch:
 
 
 @pytest.fixture
-def switch() -> Iterator[Any]:
+def switch(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The stand-in at the test's time scale (``@pytest.mark.time_scale(x)``, default SCALE), or a real
+    FreeSWITCH when CALLBRIDGE_TEST_ESL is set."""
     if REAL_ESL:
         host, port, password = REAL_ESL.rsplit(":", 2)
         yield RealSwitch(host, int(port), password)
         return
     from freeswitch.standin import StandIn
 
-    sw = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=SCALE)
+    marker = request.node.get_closest_marker("time_scale")
+    sw = StandIn(host="127.0.0.1", port=0, password="ClueCon",
+                 time_scale=float(marker.args[0]) if marker else SCALE)
     sw.start()
     try:
         yield sw

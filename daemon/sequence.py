@@ -558,6 +558,9 @@ class CallSequence:
 
     def _check_alive(self) -> None:
         """Nothing heard for a while: make sure A still exists, or end the call with what we know."""
+        if self.dial_pending:  # A was never originated: there is nothing to look for yet
+            self._dial_a()
+            return
         if self.connection_lost:
             return
         try:

@@ -191,3 +191,22 @@ def test_a_bridge_lost_in_flight_that_did_arrive_is_not_resent(run_call: Callabl
     assert not any(a.startswith("bridge ") for a in apps)
     assert apps[-2:] == ["playback tone_stream://%(500,500,480,620);loops=3", "hangup NORMAL_CLEARING"]
     assert Call.get_by_id(sequence.call.id).status == "dialing_b"
+
+
+def test_an_idle_check_while_the_dial_is_pending_dials_instead_of_giving_up(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    sequence.options.idle_check = 0.01  # the idle check comes before the 1 s retry
+    switch.fail_next.append(EslNotSent("no turn to send"))
+    switch.answers = {"uuid_exists": "false"}
+    sequence.start()
+    assert wait_until(lambda: len(originates(switch)) == 1)
+    assert Call.get_by_id(sequence.call.id).status == "dialing_a"
+    assert not any(c.startswith("api uuid_exists") for c in switch.sent)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+    with gevent.Timeout(timeout, False):
+        while not predicate():
+            gevent.sleep(0.005)
+        return True
+    return False

@@ -113,10 +113,11 @@ def settle(harness: Harness, calls: list[Call], *, timeout: float = 30.0, **opti
     for call in calls:
         harness.wait_final(call, timeout)  # fails with the call's timeline
     rows = [fresh(c) for c in calls]
-    left_up = wait_for(lambda: not live_channels_of(harness.switch, rows), 10)
+    all_down = wait_for(lambda: not live_channels_of(harness.switch, rows), 10)
     audit = audit_calls(harness.switch, rows, **options)
     FIGURES["calls audited after faults"] += audit.checked
-    wrong = audit.all_problems + ([] if left_up else [f"legs left up: {live_channels_of(harness.switch, rows)}"])
+    wrong = [f"call {r.callid}: status {r.status} is not final" for r in rows if r.status not in FINAL]
+    wrong += audit.all_problems + ([] if all_down else [f"legs left up: {live_channels_of(harness.switch, rows)}"])
     if wrong:
         timelines = [f"{c.callid}: {harness.timeline(c)}" for c in rows if any(c.callid in w for w in wrong)]
         raise AssertionError("\n".join(wrong + ["timelines:"] + timelines))
@@ -537,6 +538,12 @@ class SilentReceiver:
         self.server.stop(timeout=1)
 
 
+def duration(call: Call) -> float:
+    """Seconds from the claim to the final status."""
+    assert call.started_at is not None and call.ended_at is not None, call.callid
+    return float((call.ended_at - call.started_at).total_seconds())
+
+
 def test_webhook_receiver_that_never_answers(make_harness: Callable[..., Harness]) -> None:
     """The endpoint's webhook receiver accepts connections and never answers: its calls complete exactly as
     fast as the same calls of an endpoint without webhooks; the deliveries stay pending, retried later."""
@@ -547,12 +554,12 @@ def test_webhook_receiver_that_never_answers(make_harness: Callable[..., Harness
         calls = place(harness, hooked, MIX)
         control = place(harness, plain, MIX)
         fault("webhook receiver never answers")
-        settle(harness, calls + control)
+        settle(harness, calls + control, timeout=10)
         assert wait_for(lambda: WebhookDelivery.select().where(WebhookDelivery.attempts > 0).exists(), 10)
         for call, twin in zip(map(fresh, calls), map(fresh, control), strict=True):
             assert call.status == twin.status and call.reason == twin.reason, (call.callid, twin.callid)
-            took, twin_took = (c.ended_at - c.started_at for c in (call, twin))
-            assert abs((took - twin_took).total_seconds()) < 0.5, (call.phone_a, call.phone_b, took, twin_took)
+            took, twin_took = duration(call), duration(twin)
+            assert abs(took - twin_took) < 0.5, (call.phone_a, call.phone_b, took, twin_took)
         rows = list(WebhookDelivery.select())
         assert {r.callid for r in rows} == {c.callid for c in calls}  # only the hooked endpoint's calls
         assert len(rows) >= 2 * len(calls)  # at least dialing_a and the final status of each

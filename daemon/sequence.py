@@ -360,6 +360,8 @@ class CallSequence:
         elif name == "CHANNEL_BRIDGE" and leg is self.a:
             self._on_bridged()
         elif name == "CHANNEL_HANGUP_COMPLETE":
+            if leg is self.a:
+                self._learn_bridge_outcome(event)
             self._on_leg_gone(leg, tag, event.get("Hangup-Cause") or "")
 
     def _on_b_created(self) -> None:
@@ -444,6 +446,22 @@ class CallSequence:
         self.journal.status(self.call, CallStatus.BRIDGED, bridged_at=now, ring_seconds=ring)
         if self.endpoint.record and not late:
             self._start_recording()
+
+    def _learn_bridge_outcome(self, hangup: EslEvent) -> None:
+        """A's last event carries all its variables: a bridge that ended while we could not hear it (a
+        restart, a lost connection) still tells its outcome here."""
+        disposition = hangup.get("variable_originate_disposition") or ""
+        if self.bridge_disposition or disposition in ("", "failure"):
+            return
+        self.bridge_disposition = disposition
+        if disposition == "SUCCESS":
+            self._on_bridged(late=True)
+        else:
+            if not self.b.created:  # B came and went unseen
+                self.b.created = self.b.gone = True
+            self.b.cause = self.b.cause or disposition
+            self.journal.step(self.call, "bridge_ended", disposition=disposition,
+                              dialstatus=hangup.get("variable_DIALSTATUS"), source="A's hangup")
 
     def _on_leg_gone(self, leg: LegState, tag: str, cause: str) -> None:
         if leg.gone:

@@ -210,3 +210,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
             gevent.sleep(0.005)
         return True
     return False
+
+
+def test_a_bridge_that_failed_unheard_is_learned_from_a_hangup(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    sequence.start()
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{
+        "Hangup-Cause": "NORMAL_CLEARING", "variable_originate_disposition": "NO_ANSWER",
+        "variable_DIALSTATUS": "NOANSWER"}))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.failed_leg, call.b_cause, call.reason) == ("failed", "b", "NO_ANSWER",
+                                                                          "B was not reached")

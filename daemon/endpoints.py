@@ -63,9 +63,9 @@ class EndpointOptions:
     def check(self) -> None:
         if not self.name or len(self.name) > 100:
             raise EndpointError("name: required, at most 100 characters")
-        if not CALLER_ID_NUMBER.match(self.caller_id_number):
+        if not CALLER_ID_NUMBER.fullmatch(self.caller_id_number):
             raise EndpointError("caller-id: digits with an optional leading +, at most 20")
-        if not CALLER_NAME_RE.match(self.caller_id_name):  # the rule the originate line is built with
+        if not CALLER_NAME_RE.fullmatch(self.caller_id_name):  # the rule the originate line is built with
             raise EndpointError("caller-id-name: at most 40 of letters, digits, space and . _ -")
         try:
             check_dial_template(self.dial_string)
@@ -77,7 +77,7 @@ class EndpointOptions:
             raise EndpointError(str(exc)) from None
         if self.max_in_flight < 1 or self.daily_cap < 1 or self.max_duration < 10 or self.calls_per_second <= 0:
             raise EndpointError("limits: max-in-flight, daily-cap >= 1, max-duration >= 10 s, calls-per-second > 0")
-        if self.allowed_prefixes and not PREFIXES.match(self.allowed_prefixes):
+        if self.allowed_prefixes and not PREFIXES.fullmatch(self.allowed_prefixes):
             raise EndpointError("allowed-prefixes: comma-separated digit prefixes, e.g. 1555,1212")
         if self.extension_pattern:
             try:
@@ -86,7 +86,7 @@ class EndpointOptions:
                 raise EndpointError(f"extension-pattern: not a regular expression ({exc})") from None
         if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
             raise EndpointError("webhook-url: must be an http or https URL")
-        if not re.match(r"^(%\([0-9,]+\)|tone_stream://[%()0-9,;.a-z=]+)$", self.ring_tone):
+        if not re.fullmatch(r"^(%\([0-9,]+\)|tone_stream://[%()0-9,;.a-z=]+)$", self.ring_tone):
             raise EndpointError("ring-tone: a TGML tone such as %(2000,4000,440,480)")
 
 

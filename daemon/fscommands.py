@@ -60,26 +60,26 @@ def _plain(value: str, what: str) -> str:
 
 
 def uuid(value: str) -> str:
-    if not UUID_RE.match(_plain(value, "uuid")):
+    if not UUID_RE.fullmatch(_plain(value, "uuid")):
         raise UnsafeValue(f"uuid: {value!r} is not a lowercase UUID")
     return value
 
 
 def number(value: str) -> str:
-    if not NUMBER_RE.match(_plain(value, "number")):
+    if not NUMBER_RE.fullmatch(_plain(value, "number")):
         raise UnsafeValue(f"number: {value!r} is not digits with an optional leading +")
     return value
 
 
 def cause(value: str) -> str:
-    if not CAUSE_RE.match(_plain(value, "cause")):
+    if not CAUSE_RE.fullmatch(_plain(value, "cause")):
         raise UnsafeValue(f"cause: {value!r} is not a hangup cause name")
     return value
 
 
 def check_dial_template(template: str) -> str:
     """Accept a template such as ``sofia/gateway/carrier/{number}``; raise DialStringError otherwise."""
-    if any(ch in template for ch in FORBIDDEN) or not DIAL_TEMPLATE_RE.match(template):
+    if any(ch in template for ch in FORBIDDEN) or not DIAL_TEMPLATE_RE.fullmatch(template):
         raise DialStringError("must hold {number} once and otherwise only letters, digits and _ . / @ : + = -")
     if template.count("{number}") != 1:
         raise DialStringError("must hold {number} exactly once")
@@ -97,11 +97,11 @@ def _var_value(name: str, value: str | int | bool) -> str:
         return str(value)
     _plain(value, name)
     if name.endswith("caller_id_name"):
-        if not CALLER_NAME_RE.match(value):
+        if not CALLER_NAME_RE.fullmatch(value):
             raise UnsafeValue(f"{name}: {value!r} has characters outside letters, digits, space . _ -")
         # FreeSWITCH splits originate arguments on spaces; single quotes keep a name whole.
         return f"'{value}'" if " " in value else value
-    if not BARE_VALUE_RE.match(value):
+    if not BARE_VALUE_RE.fullmatch(value):
         raise UnsafeValue(f"{name}: {value!r} has characters that could end the variable block")
     return value
 
@@ -110,7 +110,7 @@ def var_block(variables: Mapping[str, str | int | bool], brackets: str = "{}") -
     """``{name=value,...}`` from checked names and values, in the given order."""
     parts = []
     for name, value in variables.items():
-        if not VAR_NAME_RE.match(name):
+        if not VAR_NAME_RE.fullmatch(name):
             raise UnsafeValue(f"variable name {name!r} is not allowed")
         parts.append(f"{name}={_var_value(name, value)}")
     return brackets[0] + ",".join(parts) + brackets[1]
@@ -119,7 +119,7 @@ def var_block(variables: Mapping[str, str | int | bool], brackets: str = "{}") -
 def leg_variables(*, leg_uuid: str, callid: str, caller_id_number: str, caller_id_name: str,
                   originate_timeout: int) -> dict[str, str | int | bool]:
     """The variables every leg we originate carries."""
-    if not CALLID_RE.match(_plain(callid, "callid")):
+    if not CALLID_RE.fullmatch(_plain(callid, "callid")):
         raise UnsafeValue(f"callid: {callid!r} is not ours")
     variables: dict[str, str | int | bool] = {
         "origination_uuid": uuid(leg_uuid),
@@ -150,7 +150,7 @@ def bridge_target(*, template: str, phone: str, variables: Mapping[str, str | in
 def media_path(path: str, *, media_root: str) -> str:
     """A file the daemon made: absolute, plain characters, inside its media folder."""
     _plain(path, "file")
-    if not FILE_RE.match(path) or "/../" in path or path.endswith("/.."):
+    if not FILE_RE.fullmatch(path) or "/../" in path or path.endswith("/.."):
         raise UnsafeValue(f"file: {path!r} is not a plain absolute path")
     if not path.startswith(media_root.rstrip("/") + "/"):
         raise UnsafeValue(f"file: {path!r} is not under {media_root}")
@@ -159,7 +159,7 @@ def media_path(path: str, *, media_root: str) -> str:
 
 def http_cache_url(url: str) -> str:
     """Our own media URL wrapped for FreeSWITCH's mod_http_cache."""
-    if not MEDIA_URL_RE.match(_plain(url, "media url")):
+    if not MEDIA_URL_RE.fullmatch(_plain(url, "media url")):
         raise UnsafeValue(f"media url: {url!r} is not a plain http(s) URL")
     return "http_cache://" + url
 
@@ -171,26 +171,26 @@ def media_target(target: str, *, media_root: str, media_base_url: str) -> str:
         return media_path(target, media_root=media_root)
     prefix = "http_cache://" + media_base_url.rstrip("/") + "/media/"
     name = target[len(prefix):] if media_base_url and target.startswith(prefix) else ""
-    if not re.fullmatch(r"[0-9a-f]{64}\.wav", name) or not MEDIA_URL_RE.match(target[len("http_cache://"):]):
+    if not re.fullmatch(r"[0-9a-f]{64}\.wav", name) or not MEDIA_URL_RE.fullmatch(target[len("http_cache://"):]):
         raise UnsafeValue(f"media: {target!r} is neither our file nor our media URL")
     return target
 
 
 def ring_tone(tone: str) -> str:
-    if not TONE_RE.match(_plain(tone, "ring tone")):
+    if not TONE_RE.fullmatch(_plain(tone, "ring tone")):
         raise UnsafeValue(f"ring tone: {tone!r} is not a TGML tone")
     return tone
 
 
 def set_arg(name: str, value: str | int | bool) -> str:
     """Argument of the ``set`` application: ``name=value``."""
-    if not VAR_NAME_RE.match(name):
+    if not VAR_NAME_RE.fullmatch(name):
         raise UnsafeValue(f"variable name {name!r} is not allowed")
     if isinstance(value, bool):
         value = "true" if value else "false"
     value = _plain(str(value), name)
-    if not (BARE_VALUE_RE.match(value) or FILE_RE.match(value) or TONE_RE.match(value)
-            or value.startswith("http_cache://") and MEDIA_URL_RE.match(value[len("http_cache://"):])):
+    if not (BARE_VALUE_RE.fullmatch(value) or FILE_RE.fullmatch(value) or TONE_RE.fullmatch(value)
+            or value.startswith("http_cache://") and MEDIA_URL_RE.fullmatch(value[len("http_cache://"):])):
         raise UnsafeValue(f"{name}: {value!r} is not a plain value")
     return f"{name}={value}"
 
@@ -200,7 +200,7 @@ def sendmsg_execute(channel: str, app: str, arg: str, *, event_uuid: str, lock: 
 
     Returns the whole ESL message including the blank line and body; send it as is.
     """
-    if not re.match(r"^[a-z_]{2,40}$", app):
+    if not re.fullmatch(r"^[a-z_]{2,40}$", app):
         raise UnsafeValue(f"application {app!r} is not allowed")
     _plain(arg, app)
     body = arg.encode("utf-8")
@@ -230,7 +230,7 @@ def uuid_exists(channel: str) -> str:
 
 
 def uuid_getvar(channel: str, name: str) -> str:
-    if not VAR_NAME_RE.match(name):
+    if not VAR_NAME_RE.fullmatch(name):
         raise UnsafeValue(f"variable name {name!r} is not allowed")
     return f"uuid_getvar {uuid(channel)} {name}"
 
@@ -241,6 +241,6 @@ def uuid_record_start(channel: str, path: str, *, recordings_dir: str) -> str:
 
 def event_subscription(names: Iterable[str]) -> str:
     for name in names:
-        if not re.match(r"^[A-Z_]+$", name):
+        if not re.fullmatch(r"^[A-Z_]+$", name):
             raise UnsafeValue(f"event name {name!r} is not allowed")
     return "event plain " + " ".join(names)

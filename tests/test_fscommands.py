@@ -144,3 +144,20 @@ def test_set_and_uuid_commands_refuse_breakouts() -> None:
     with pytest.raises(fs.UnsafeValue):
         fs.uuid_kill(A, "NORMAL_CLEARING\napi hupall")
     assert fs.uuid_kill(A, "USER_BUSY") == f"uuid_kill {A} USER_BUSY"
+
+
+@pytest.mark.parametrize("field", ["caller_id_number", "caller_id_name", "allowed_prefixes"])
+def test_a_trailing_line_break_never_passes_a_rule(field: str) -> None:
+    """``$`` matches before a final newline; every rule must hold for the whole value."""
+    from daemon.endpoints import EndpointError, EndpointOptions
+
+    values = {"caller_id_number": "15551230000", "caller_id_name": "Acme", "allowed_prefixes": "1555"}
+    values[field] += "\n"
+    options = EndpointOptions(name="n", dial_string="sofia/gateway/carrier/{number}", **values)
+    with pytest.raises(EndpointError):
+        options.check()
+    for check in (fs.uuid, fs.number, fs.cause, fs.ring_tone):
+        with pytest.raises(fs.UnsafeValue):
+            check({fs.uuid: A, fs.number: "1555", fs.cause: "USER_BUSY", fs.ring_tone: "%(1,2,3)"}[check] + "\n")
+    with pytest.raises(fs.UnsafeValue):
+        fs.var_block({"name\n": "x"})

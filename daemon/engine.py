@@ -65,7 +65,6 @@ class Engine:
         self._running = False
         self._dropped = gevent.event.Event()
         self._supervisor: gevent.Greenlet | None = None
-        self.last_event_at = 0.0
 
     # -- connection -------------------------------------------------------------------------------
     @property
@@ -137,7 +136,6 @@ class Engine:
 
     def _on_event(self, event: EslEvent) -> None:
         """Runs in the ESL reader: route, never wait."""
-        self.last_event_at = time.monotonic()
         key = event.get("Job-UUID") if event.name == "BACKGROUND_JOB" else event.uuid
         if key:
             sequence = self.routes.get(key)

@@ -232,7 +232,7 @@ class CallSequence:
 
     def _queue_apps(self) -> None:
         """After A answers: everything A hears, and the bridge to B, queued on A in order."""
-        call, endpoint, _opts = self.call, self.endpoint, self.options
+        call, endpoint = self.call, self.endpoint
         steps = [
             AppStep("set", fs.set_arg("cb_stage", "queued")),
             AppStep("sched_hangup", f"+{int(endpoint.max_duration)} ALLOTTED_TIMEOUT"),

@@ -1,6 +1,6 @@
 """Media (issue 5): seconds of audio normalised per second of work, and the time to speak 200 characters.
 
-* ``daemon.audio.normalise(data, rate=8000, max_seconds=600)`` on a 60 s 44.1 kHz stereo WAV and the same
+* ``daemon.media.audio.normalise(data, rate=8000, max_seconds=600)`` on a 60 s 44.1 kHz stereo WAV and the same
   audio as MP3 (when this libsndfile writes MP3): audio seconds / wall seconds, best of 3.
 * ``MediaLibrary(settings).speak(text, "en-GB")`` with a fresh media folder: a 200-character message
   (eSpeak NG, then normalised and stored), median of 3 different texts; and the same text again (cache).
@@ -17,9 +17,9 @@ import soundfile as sf
 
 from bench.common import workdir
 from bench.report import Report
-from daemon.audio import normalise
 from daemon.config import load_settings
-from daemon.media import MediaLibrary
+from daemon.media.audio import normalise
+from daemon.media.library import MediaLibrary
 
 TEXTS = (
     "Good morning. This is a reminder from the clinic about your appointment tomorrow at half past ten. "

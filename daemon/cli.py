@@ -13,8 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from daemon.config import ConfigError, Settings, load_settings
-from daemon.endpoints import (
+from daemon.accounts.endpoints import (
     EndpointError,
     EndpointOptions,
     create_endpoint,
@@ -23,6 +22,7 @@ from daemon.endpoints import (
     find_endpoint,
     rotate_token,
 )
+from daemon.config import ConfigError, Settings, load_settings
 from daemon.store import IN_FLIGHT_STATUSES, Call, CallEvent, Endpoint, open_database
 
 
@@ -127,8 +127,8 @@ def _calls_command(args: argparse.Namespace, settings: Settings) -> Any:
 
 
 def _hangup(call: Call, settings: Settings) -> dict[str, Any]:
-    from daemon import fscommands as fs
-    from daemon.esl import EslConnection, EslError
+    from daemon.switch import commands as fs
+    from daemon.switch.esl import EslConnection, EslError
 
     if call.status not in {s.value for s in IN_FLIGHT_STATUSES} or not call.a_uuid:
         raise EndpointError(f"callid {call.callid}: not in progress (status {call.status})")
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print(settings.masked(), as_json=False)
         return 0
     if args.command in (None, "run"):
-        from daemon.logs import configure
+        from daemon.ops.logs import configure
         from daemon.service import Service
 
         configure(settings.log_format, settings.log_level)

@@ -19,18 +19,18 @@ import gevent
 import gevent.event
 from gevent.pywsgi import WSGIServer
 
+from daemon.calls.dispatcher import Dispatcher
+from daemon.calls.journal import Journal
 from daemon.config import Settings
-from daemon.dispatcher import Dispatcher
-from daemon.engine import Engine
-from daemon.fscommands import http_cache_url
-from daemon.journal import Journal
-from daemon.logs import log_event
-from daemon.media import MediaLibrary
-from daemon.metrics import Metrics
-from daemon.retention import Retention
+from daemon.media.library import MediaLibrary
+from daemon.ops.logs import log_event
+from daemon.ops.metrics import Metrics
+from daemon.ops.retention import Retention
+from daemon.ops.systemd import notify, watchdog_interval
+from daemon.ops.webhooks import Webhooks
 from daemon.store import IN_FLIGHT_STATUSES, PENDING_STATUSES, Call, open_database, utcnow
-from daemon.systemd import notify, watchdog_interval
-from daemon.webhooks import Webhooks
+from daemon.switch.commands import http_cache_url
+from daemon.switch.engine import Engine
 from webapi.app import create_app
 
 log = logging.getLogger("callbridge.service")

@@ -188,7 +188,7 @@ class SchemaVersion(BaseModel):
 
 
 class WebhookDelivery(BaseModel):
-    """One status webhook to deliver: the outbox row is the queue (see daemon/webhooks.py)."""
+    """One status webhook to deliver: the outbox row is the queue (see daemon/ops/webhooks.py)."""
 
     event_id = CharField(max_length=36, unique=True)  # uuid4, sent as X-Callbridge-Event-Id
     endpoint = ForeignKeyField(Endpoint, backref="webhook_deliveries", on_delete="CASCADE")

@@ -21,8 +21,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from peewee import Database
 
+from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.config import Settings, load_settings
-from daemon.endpoints import EndpointOptions, create_endpoint
 from daemon.store import Endpoint, open_database
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
 

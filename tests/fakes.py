@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
-    from daemon.media import MediaError
-except ImportError:  # daemon/media.py is written elsewhere; its MediaError is a ValueError
+    from daemon.media.library import MediaError
+except ImportError:  # daemon/media/library.py is written elsewhere; its MediaError is a ValueError
     class MediaError(ValueError):  # type: ignore[no-redef]
         """Stand-in for daemon.media.MediaError."""
 

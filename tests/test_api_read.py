@@ -10,7 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 from peewee import Database
 
-from daemon.endpoints import disable_endpoint, rotate_token
+from daemon.accounts.endpoints import disable_endpoint, rotate_token
 from daemon.store import Call, CallStatus, Endpoint, add_event
 from tests.conftest import NOW, create, data_of
 from webapi.validation import ListQuery, encode_id_cursor

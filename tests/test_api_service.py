@@ -12,7 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from daemon.config import Settings
-from daemon.metrics import Metrics
+from daemon.ops.metrics import Metrics
 from daemon.store import database_file
 from tests.conftest import create, data_of
 from tests.fakes import FakeMedia

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon.accounts.endpoints import authenticate, hash_token
 from daemon.cli import main
-from daemon.endpoints import authenticate, hash_token
 from daemon.store import Call, Endpoint, add_event, utcnow
 
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from daemon.calls.dispatcher import Dispatcher, TokenBucket
+from daemon.calls.journal import Journal
 from daemon.config import Settings
-from daemon.dispatcher import Dispatcher, TokenBucket
-from daemon.journal import Journal
-from daemon.metrics import Metrics
+from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint
 
 T0 = dt.datetime(2026, 3, 1, 9, 0, 0)

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from peewee import Database
 
-from daemon.config import Settings
-from daemon.endpoints import (
+from daemon.accounts.endpoints import (
     EndpointError,
     EndpointOptions,
     authenticate,
@@ -20,6 +19,7 @@ from daemon.endpoints import (
     rotate_token,
     token_hint,
 )
+from daemon.config import Settings
 from daemon.store import Endpoint, database_file
 
 

@@ -15,7 +15,7 @@ import pytest
 from gevent.event import Event
 from gevent.queue import Queue
 
-from daemon.esl import (
+from daemon.switch.esl import (
     EslAuthError,
     EslConnection,
     EslDisconnected,

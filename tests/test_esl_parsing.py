@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.esl import EslEvent, EslFramer, EslProtocolError, parse_event_headers
+from daemon.switch.esl import EslEvent, EslFramer, EslProtocolError, parse_event_headers
 from tests.fake_esl_server import TRACES, event_plain, fs_url_encode, trace_chunks
 
 pytestmark = pytest.mark.timeout(60)

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from daemon import fscommands as fs
+from daemon.switch import commands as fs
 
 A = str(uuid.uuid4())
 B = str(uuid.uuid4())
@@ -149,7 +149,7 @@ def test_set_and_uuid_commands_refuse_breakouts() -> None:
 @pytest.mark.parametrize("field", ["caller_id_number", "caller_id_name", "allowed_prefixes"])
 def test_a_trailing_line_break_never_passes_a_rule(field: str) -> None:
     """``$`` matches before a final newline; every rule must hold for the whole value."""
-    from daemon.endpoints import EndpointError, EndpointOptions
+    from daemon.accounts.endpoints import EndpointError, EndpointOptions
 
     values = {"caller_id_number": "15551230000", "caller_id_name": "Acme", "allowed_prefixes": "1555"}
     values[field] += "\n"

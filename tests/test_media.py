@@ -28,8 +28,8 @@ import pytest
 import soundfile as sf
 
 from daemon.config import Settings
-from daemon.media import MediaError, MediaFile, MediaLibrary
-from daemon.media_fetch import AddressGuard, non_public_kind
+from daemon.media.fetch import AddressGuard, non_public_kind
+from daemon.media.library import MediaError, MediaFile, MediaLibrary
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 

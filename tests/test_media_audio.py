@@ -1,4 +1,4 @@
-"""daemon.audio: decoding any format from bytes, normalising to 8 kHz mono 16-bit, resampling quality."""
+"""daemon.media.audio: decoding any format from bytes, normalising to 8 kHz mono 16-bit, resampling quality."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.audio import NOT_AUDIO, AudioError, TooLong, normalise
+from daemon.media.audio import NOT_AUDIO, AudioError, TooLong, normalise
 
 
 def tone(freq: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5, channels: int = 1) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 from peewee import Database
 
 from daemon.config import Settings
-from daemon.retention import Retention
+from daemon.ops.retention import Retention
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
 
 NOW = dt.datetime(2026, 6, 15, 12, 0, 0)

@@ -9,11 +9,11 @@ from typing import Any
 import gevent
 import pytest
 
-from daemon.esl import EslDisconnected, EslEvent, EslNotSent
-from daemon.journal import Journal
-from daemon.metrics import Metrics
-from daemon.sequence import CallOptions, CallSequence, Reconnected
+from daemon.calls.journal import Journal
+from daemon.calls.sequence import CallOptions, CallSequence, Reconnected
+from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint, utcnow
+from daemon.switch.esl import EslDisconnected, EslEvent, EslNotSent
 
 
 class ScriptedSwitch:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.systemd import notify, watchdog_interval
+from daemon.ops.systemd import notify, watchdog_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "scripts" / "callbridge.service"

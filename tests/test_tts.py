@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.config import LANGUAGES, Settings
-from daemon.media import MediaError, MediaLibrary
-from daemon.tts import Speaker, clean_text
+from daemon.media.library import MediaError, MediaLibrary
+from daemon.media.tts import Speaker, clean_text
 
 SENTENCE = "Hello, your call is being connected now. Please hold the line."
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from daemon.callview import utc_to_local_text
+from daemon.calls.view import utc_to_local_text
 from daemon.config import LANGUAGES, Settings, load_settings
 from webapi.validation import (
     ValidationError,

@@ -18,12 +18,12 @@ import pytest
 from gevent.pywsgi import WSGIServer
 from peewee import Database
 
+from daemon.accounts.endpoints import EndpointOptions, create_endpoint
+from daemon.calls.journal import Journal
 from daemon.config import Settings
-from daemon.endpoints import EndpointOptions, create_endpoint
-from daemon.journal import Journal
-from daemon.metrics import Metrics
+from daemon.ops.metrics import Metrics
+from daemon.ops.webhooks import WEBHOOK_STATUSES, Webhooks, enqueue_status, sign, verify_signature
 from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, open_database, utcnow
-from daemon.webhooks import WEBHOOK_STATUSES, Webhooks, enqueue_status, sign, verify_signature
 
 WAIT = 5.0  # upper bound of every wait; none is expected to come near it
 

@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from daemon.config import Settings
-from daemon.metrics import Metrics
+from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, utcnow
 from webapi.envelope import ApiError, envelope, error_response
 from webapi.ratelimit import AuthFailureLimiter

@@ -22,11 +22,11 @@ from flask import Blueprint, Response, current_app, request, send_file
 from peewee import IntegrityError, SqliteDatabase, Tuple
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from daemon.callview import call_view, endpoint_zone, iso
+from daemon.accounts.endpoints import authenticate
+from daemon.calls.view import call_view, endpoint_zone, iso
 from daemon.config import Settings
-from daemon.endpoints import authenticate
-from daemon.logs import log_event
-from daemon.metrics import Metrics
+from daemon.ops.logs import log_event
+from daemon.ops.metrics import Metrics
 from daemon.store import (
     FINAL_STATUSES,
     PENDING_STATUSES,
@@ -68,7 +68,7 @@ class MediaFileLike(Protocol):
 
 
 class MediaLike(Protocol):
-    """What the API needs of daemon.media: fetch/normalise a URL, speak a text, find a file by hash."""
+    """What the API needs of daemon.media.library: fetch/normalise a URL, speak a text, find a file by hash."""
 
     def from_url(self, url: str, *, kind: str) -> Any: ...
 

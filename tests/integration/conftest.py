@@ -22,8 +22,8 @@ import gevent
 import gevent.event
 import pytest
 
+from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.config import Settings, load_settings
-from daemon.endpoints import EndpointOptions, create_endpoint
 from daemon.service import Service
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
 

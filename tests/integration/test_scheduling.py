@@ -55,7 +55,7 @@ def _http(harness: Harness, method: str, path: str, token: str) -> tuple[int, di
 
 
 def test_a_canceled_scheduled_call_is_never_dialed_and_a_started_one_cannot_be_canceled(harness: Harness) -> None:
-    from daemon.endpoints import EndpointOptions, create_endpoint
+    from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 
     endpoint, token = create_endpoint(EndpointOptions(name="sched", caller_id_number="15551230000",
                                                       dial_string="sofia/gateway/carrier/{number}"))

@@ -15,11 +15,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon.calls.journal import Journal
 from daemon.config import load_settings
-from daemon.engine import Engine
-from daemon.esl import EslFramer
-from daemon.journal import Journal
-from daemon.metrics import Metrics
+from daemon.ops.metrics import Metrics
+from daemon.switch.engine import Engine
+from daemon.switch.esl import EslFramer
 from tests.fake_esl_server import event_plain
 from tests.robustness.helpers import FIGURES
 

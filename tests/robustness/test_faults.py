@@ -25,7 +25,7 @@ import gevent.server
 import gevent.subprocess
 import pytest
 
-from daemon.endpoints import EndpointOptions, create_endpoint
+from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.store import Call, Endpoint, WebhookDelivery, database_file
 from tests.integration.conftest import Harness, needs_standin, wait_for
 from tests.robustness.helpers import (

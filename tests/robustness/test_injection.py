@@ -27,10 +27,10 @@ from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from daemon import fscommands as fs
-from daemon.endpoints import EndpointError, EndpointOptions, create_endpoint
-from daemon.sequence import FAILURE_NOTICE
+from daemon.accounts.endpoints import EndpointError, EndpointOptions, create_endpoint
+from daemon.calls.sequence import FAILURE_NOTICE
 from daemon.store import Call, Endpoint
+from daemon.switch import commands as fs
 from tests.integration.conftest import Harness, needs_standin
 from tests.robustness.helpers import FIGURES, MediaServer, Sent, parse_var_block, request, sent_commands
 

@@ -1,4 +1,4 @@
-"""The exact application queue callbridge's engine sends (daemon/sequence.py), end to end."""
+"""The exact application queue callbridge's engine sends (daemon/calls/sequence.py), end to end."""
 
 from __future__ import annotations
 

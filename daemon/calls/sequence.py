@@ -37,10 +37,10 @@ import gevent
 import gevent.queue
 from peewee import DatabaseError
 
-from daemon import fscommands as fs
-from daemon.esl import EslError, EslEvent, EslNotSent
-from daemon.journal import Journal
+from daemon.calls.journal import Journal
 from daemon.store import Call, CallStatus, Endpoint
+from daemon.switch import commands as fs
+from daemon.switch.esl import EslError, EslEvent, EslNotSent
 
 log = logging.getLogger("callbridge.call")
 

@@ -26,7 +26,7 @@ import gevent.event
 from peewee import fn
 
 from daemon.config import Settings
-from daemon.logs import log_event
+from daemon.ops.logs import log_event
 from daemon.store import Call, add_event, utcnow
 
 log = logging.getLogger("callbridge.retention")

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import gevent
 from peewee import OperationalError
 
-from daemon.logs import log_event
-from daemon.metrics import Metrics
+from daemon.ops.logs import log_event
+from daemon.ops.metrics import Metrics
 from daemon.store import PENDING_STATUSES, Call, CallStatus, add_event, relaxed_durability, utcnow
 
 log = logging.getLogger("callbridge.call")

@@ -24,13 +24,13 @@ import gevent
 import gevent.event
 import gevent.lock
 
-from daemon import fscommands as fs
+from daemon.calls.journal import Journal
+from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop
 from daemon.config import Settings
-from daemon.esl import EslConnection, EslError, EslEvent, EslNotSent
-from daemon.journal import Journal
-from daemon.logs import log_event
-from daemon.sequence import CallOptions, CallSequence, Reconnected, Stop
+from daemon.ops.logs import log_event
 from daemon.store import IN_FLIGHT_STATUSES, Call, Endpoint
+from daemon.switch import commands as fs
+from daemon.switch.esl import EslConnection, EslError, EslEvent, EslNotSent
 
 log = logging.getLogger("callbridge.engine")
 

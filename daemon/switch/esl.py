@@ -17,7 +17,7 @@ replaced here:
 * **Disconnects fail fast.** On EOF, a socket error, a ``text/disconnect-notice`` (other than
   ``linger``), a ``text/rude-rejection`` or ``close()``, the reader stops, the pending command and
   every queued one raise :class:`EslDisconnected`, and ``on_disconnect`` is called exactly once.
-* **Parsing is by bytes, header by header** (see :mod:`daemon.esl_protocol`): no forged headers, no
+* **Parsing is by bytes, header by header** (see :mod:`daemon.switch.protocol`): no forged headers, no
   body glued to a header, no crash on bad UTF-8, no busy loop at EOF.
 
 Events are delivered in the reader greenlet, in wire order: first to ``on_event``, then to the
@@ -40,7 +40,7 @@ import gevent.socket
 from gevent.event import AsyncResult, Event
 from greenswitch.esl import InboundESL
 
-from daemon.esl_protocol import (
+from daemon.switch.protocol import (
     API_RESPONSE,
     AUTH_REQUEST,
     COMMAND_REPLY,

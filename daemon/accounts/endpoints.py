@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.config import ConfigError, zone
-from daemon.fscommands import CALLER_NAME_RE, DialStringError, check_dial_template
 from daemon.store import Endpoint, utcnow
+from daemon.switch.commands import CALLER_NAME_RE, DialStringError, check_dial_template
 
 TOKEN_PREFIX = "cb_"
 

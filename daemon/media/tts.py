@@ -4,7 +4,7 @@ The engine is Debian's ``espeak-ng`` package, installed with the system (nothing
 time). One process per message: text on stdin, the WAV to a temporary file, no shell. eSpeak NG reads
 SSML only with ``-m``, which is never passed; it does read ``[[...]]`` as phoneme codes and acts on
 control characters, so ``clean_text`` removes those, strips tag-shaped markup (``<speak>``, ``<break
-time="9s"/>``) and leaves plain words. The caller turns the WAV into the stored format (daemon.audio).
+time="9s"/>``) and leaves plain words. The caller turns the WAV into the stored format (daemon.media.audio).
 """
 
 from __future__ import annotations

@@ -27,11 +27,11 @@ import gevent
 import gevent.event
 from peewee import fn
 
+from daemon.calls.journal import Journal
 from daemon.config import Settings
-from daemon.engine import Engine
-from daemon.journal import Journal
-from daemon.logs import log_event
+from daemon.ops.logs import log_event
 from daemon.store import PENDING_STATUSES, Call, CallStatus, Endpoint, utcnow
+from daemon.switch.engine import Engine
 
 log = logging.getLogger("callbridge.dispatcher")
 

@@ -1,6 +1,6 @@
 """Status webhooks: an outbox in the database and a sender greenlet that delivers it.
 
-When a call changes status, :meth:`Webhooks.on_status` (a :class:`daemon.journal.Journal` listener)
+When a call changes status, :meth:`Webhooks.on_status` (a :class:`daemon.calls.journal.Journal` listener)
 inserts one :class:`daemon.store.WebhookDelivery` row for the call's endpoint if the endpoint has a
 ``webhook_url``, and wakes the sender. That is one short insert: the call never waits on a receiver.
 
@@ -48,10 +48,10 @@ import gevent.socket
 import gevent.ssl
 from peewee import fn
 
-from daemon.callview import call_view, iso
+from daemon.calls.view import call_view, iso
 from daemon.config import Settings
-from daemon.logs import log_event
-from daemon.metrics import Metrics
+from daemon.ops.logs import log_event
+from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, utcnow
 
 log = logging.getLogger("callbridge.webhooks")

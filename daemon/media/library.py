@@ -1,9 +1,9 @@
 """The media library: everything a caller hears, validated when the request arrives and kept by content.
 
-``MediaLibrary.from_url(url, kind="play" | "dialtone")`` fetches a URL (daemon.media_fetch: public
-addresses only, bounded in time, size and redirects), decodes and normalises it (daemon.audio: mono
+``MediaLibrary.from_url(url, kind="play" | "dialtone")`` fetches a URL (daemon.media.fetch: public
+addresses only, bounded in time, size and redirects), decodes and normalises it (daemon.media.audio: mono
 16-bit PCM WAV at ``sample_rate``) and stores it as ``<media_dir>/<sha256>.wav``. ``speak(text, lang)``
-renders a message offline (daemon.tts) into the same format, cached by (language, voice, rate, text).
+renders a message offline (daemon.media.tts) into the same format, cached by (language, voice, rate, text).
 Both return a ``MediaFile``; both raise ``MediaError`` whose text completes a sentence about the field
 ("play_url " + "is not audio (could not decode it)"), so the API can answer 400 with it.
 
@@ -34,10 +34,10 @@ from typing import Generic, TypeVar
 
 import soundfile as sf
 
-from daemon.audio import SLACK_SECONDS, AudioError, Normalised, TooLong, normalise
 from daemon.config import DEFAULT_VOICES, LANGUAGES, Settings
-from daemon.media_fetch import FetchError, FetchPolicy, Resolver, fetch
-from daemon.tts import Speaker, SpeechError, clean_text
+from daemon.media.audio import SLACK_SECONDS, AudioError, Normalised, TooLong, normalise
+from daemon.media.fetch import FetchError, FetchPolicy, Resolver, fetch
+from daemon.media.tts import Speaker, SpeechError, clean_text
 
 T = TypeVar("T")
 _SHA = re.compile(r"[0-9a-f]{64}")

@@ -1,0 +1,1 @@
+"""Running the service: logs, metrics, systemd notifications, status webhooks, recording retention."""

@@ -1,4 +1,4 @@
-"""Command line: ``python -m daemon run|check-config|endpoint ...|calls ...``.
+"""Command line: ``python -m daemon run|check-config|endpoint ...|user ...|calls ...``.
 
 Operator commands work on the same database as the service (``--config`` / ``CALLBRIDGE_*``), so
 they run beside a live daemon; ``calls hangup`` talks to FreeSWITCH directly by the leg UUID the
@@ -8,22 +8,26 @@ daemon stored.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from daemon.accounts import users
 from daemon.accounts.endpoints import (
     EndpointError,
     EndpointOptions,
+    assign_owner,
     create_endpoint,
     describe,
     disable_endpoint,
+    enable_endpoint,
     find_endpoint,
     rotate_token,
 )
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.store import IN_FLIGHT_STATUSES, Call, CallEvent, Endpoint, open_database
+from daemon.store import IN_FLIGHT_STATUSES, Account, Call, CallEvent, Endpoint, open_database
 
 
 def _print(obj: Any, as_json: bool) -> None:
@@ -64,11 +68,31 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--extension-pattern", default="", help="regex for short internal numbers")
     add.add_argument("--webhook-url", default="")
     add.add_argument("--ring-tone", default="%(2000,4000,440,480)")
-    for name in ("list", "disable", "rotate"):
+    add.add_argument("--owner", metavar="EMAIL", help="the web account that sees this endpoint and its calls")
+    for name in ("list", "disable", "enable", "rotate", "assign"):
         action = ep.add_parser(name)
         if name != "list":
             action.add_argument("endpoint", help="name or id")
+    owner = ep.choices["assign"].add_mutually_exclusive_group(required=True)
+    owner.add_argument("--owner", metavar="EMAIL", help="give the endpoint and its calls to this account")
+    owner.add_argument("--no-owner", action="store_true", help="take it from its owner (admins only see it)")
     for action in ep.choices.values():
+        action.add_argument("--json", action="store_true", help="print JSON")
+
+    user = sub.add_parser("user", help="web accounts (the pages at /login)").add_subparsers(dest="action",
+                                                                                          required=True)
+    user_add = user.add_parser("add", help="create an account")
+    user_add.add_argument("--email", required=True)
+    user_add.add_argument("--admin", action="store_true", help="sees and manages every endpoint and account")
+    user.add_parser("list", help="every account")
+    for name, text in (("disable", "stop an account signing in (its sessions end)"),
+                       ("enable", "let a disabled account sign in again"),
+                       ("password", "set a new password (the account's sessions end)")):
+        user.add_parser(name, help=text).add_argument("email")
+    for name in ("add", "password"):
+        user.choices[name].add_argument("--password-stdin", action="store_true",
+                                        help="read the password from standard input (one line)")
+    for action in user.choices.values():
         action.add_argument("--json", action="store_true", help="print JSON")
 
     calls = sub.add_parser("calls", help="look at and act on calls").add_subparsers(dest="action", required=True)
@@ -89,7 +113,8 @@ def _endpoint_command(args: argparse.Namespace) -> Any:
             dial_string=args.dial_string, record=args.record, timezone=args.timezone,
             max_in_flight=args.max_in_flight, calls_per_second=args.calls_per_second,
             max_duration=args.max_duration, daily_cap=args.daily_cap, allowed_prefixes=args.allowed_prefixes,
-            extension_pattern=args.extension_pattern, webhook_url=args.webhook_url, ring_tone=args.ring_tone))
+            extension_pattern=args.extension_pattern, webhook_url=args.webhook_url, ring_tone=args.ring_tone),
+            owner=_owner(args.owner) if args.owner else None)
         out = describe(endpoint)
         out["token"] = token
         if endpoint.webhook_secret:
@@ -101,8 +126,46 @@ def _endpoint_command(args: argparse.Namespace) -> Any:
     if args.action == "disable":
         disable_endpoint(endpoint)
         return describe(endpoint)
+    if args.action == "enable":
+        enable_endpoint(endpoint)
+        return describe(endpoint)
+    if args.action == "assign":
+        assign_owner(endpoint, None if args.no_owner else _owner(args.owner))
+        return describe(endpoint)
     token = rotate_token(endpoint)
     return {**describe(endpoint), "token": token}
+
+
+def _owner(email: str) -> Account:
+    try:
+        return users.find_account(email)
+    except users.AccountError as exc:
+        raise EndpointError(f"owner: {exc}") from None
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if not args.password_stdin:
+        raise users.AccountError("password: give it on standard input with --password-stdin "
+                                 "(e.g. printf '%s\\n' \"$PW\" | python -m daemon user add ...)")
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != first:
+            raise users.AccountError("password: the two entries differ")
+        return first
+    return sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+
+
+def _user_command(args: argparse.Namespace) -> Any:
+    if args.action == "add":
+        return users.describe(users.create_account(args.email, _read_password(args), is_admin=args.admin))
+    if args.action == "list":
+        return [users.describe(a) for a in Account.select().order_by(Account.email)]
+    account = users.find_account(args.email)
+    if args.action == "password":
+        users.set_password(account, _read_password(args))
+    else:
+        users.set_enabled(account, args.action == "enable")
+    return users.describe(account)
 
 
 def _call_summary(call: Call) -> dict[str, Any]:
@@ -123,10 +186,12 @@ def _calls_command(args: argparse.Namespace, settings: Settings) -> Any:
         timeline = [{"at": e.at, "kind": e.kind, **e.detail_dict}
                     for e in CallEvent.select().where(CallEvent.call == call).order_by(CallEvent.id)]
         return {**_call_summary(call), "timeline": timeline}
-    return _hangup(call, settings)
+    return hangup_call(call, settings)
 
 
-def _hangup(call: Call, settings: Settings) -> dict[str, Any]:
+def hangup_call(call: Call, settings: Settings) -> dict[str, Any]:
+    """Hang up a call in progress: ``uuid_kill`` of A over a connection of its own (the daemon's engine
+    sees the hangup events and ends the call as usual). The operator command and the admin page use it."""
     from daemon.switch import commands as fs
     from daemon.switch.esl import EslConnection, EslError
 
@@ -163,8 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     open_database(settings.database_url)
     try:
-        result = _endpoint_command(args) if args.command == "endpoint" else _calls_command(args, settings)
-    except EndpointError as exc:
+        if args.command == "endpoint":
+            result = _endpoint_command(args)
+        elif args.command == "user":
+            result = _user_command(args)
+        else:
+            result = _calls_command(args, settings)
+    except (EndpointError, users.AccountError) as exc:
         print(f"callbridge: {exc}", file=sys.stderr)
         return 2
     _print(result, args.json)

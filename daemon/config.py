@@ -32,7 +32,7 @@ DEFAULT_VOICES = {
     "es-US": "es-419",
 }
 
-SECRET_FIELDS = {"esl_password"}
+SECRET_FIELDS = {"esl_password", "portal_invite_code"}
 
 
 class ConfigError(ValueError):
@@ -88,6 +88,14 @@ class Settings:
     # Logs
     log_format: str = "kv"  # kv or json
     log_level: str = "INFO"
+    # Web pages (sign-in, endpoints, calls)
+    portal_registration: bool = False  # anyone who reaches the pages may create an account at /register
+    portal_invite_code: str = ""  # when set, /register asks for it
+    portal_session_hours: float = 12.0  # a sign-in lasts this long
+    portal_secret_key_file: str = ""  # signs cookies; default <state_dir>/portal-secret.key, made at start
+    portal_login_failures_per_account: int = 5  # failed sign-ins per account in 15 minutes, then refused
+    portal_login_failures_per_address: int = 20  # failed sign-ins per client address in 15 minutes
+    portal_secure_cookies: bool = False  # mark cookies Secure (HTTPS only); on by itself for HTTPS requests
 
     # Derived paths --------------------------------------------------------------
     @property
@@ -101,6 +109,11 @@ class Settings:
     @property
     def recordings_dir(self) -> Path:
         return self.state_path / "recordings"
+
+    @property
+    def portal_secret_key_path(self) -> Path:
+        return Path(self.portal_secret_key_file) if self.portal_secret_key_file else (
+            self.state_path / "portal-secret.key")
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets masked, for ``check-config`` and logs."""
@@ -117,7 +130,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 # TOML sections map onto flat names: [esl] host -> esl_host, [http] port -> http_port ...
 SECTION_PREFIX = {"esl": "esl_", "http": "http_", "media": "media_", "webhook": "webhook_", "log": "log_",
-                  "tts": "tts_"}
+                  "tts": "tts_", "portal": "portal_"}
 
 
 def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,7 +205,8 @@ def _validate(s: Settings) -> None:
                  "media_max_bytes", "media_max_play_seconds", "media_max_dialtone_seconds"):
         need(getattr(s, name) >= 1, f"{name}: must be at least 1")
     for name in ("schedule_grace", "past_grace", "media_max_redirects", "recordings_retention_days",
-                 "auth_failures_per_minute"):
+                 "auth_failures_per_minute", "portal_login_failures_per_account",
+                 "portal_login_failures_per_address"):
         need(getattr(s, name) >= 0, f"{name}: must be 0 or more")
     need(s.sample_rate in (8000, 16000, 32000, 48000), "sample_rate: must be 8000, 16000, 32000 or 48000")
     need(s.media_mode in ("local", "http"), f"media_mode: must be 'local' or 'http', got {s.media_mode!r}")
@@ -201,6 +215,8 @@ def _validate(s: Settings) -> None:
     need(s.log_format in ("kv", "json"), f"log_format: must be 'kv' or 'json', got {s.log_format!r}")
     need(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
          "log_level: must be DEBUG, INFO, WARNING or ERROR")
+    need(0 < s.portal_session_hours <= 24 * 366, "portal_session_hours: must be more than 0 and at most 8784 (a year)")
+    need(not any(c in s.portal_invite_code for c in "\r\n"), "portal_invite_code: one line, no line breaks")
     unknown = set(s.tts_voices) - set(LANGUAGES)
     need(not unknown, f"tts_voices: unknown language(s) {sorted(unknown)}; use {', '.join(LANGUAGES)}")
     for entry in s.media_allow_private:

@@ -30,6 +30,7 @@ from peewee import (
     Database,
     DatabaseProxy,
     DateTimeField,
+    DeferredForeignKey,
     FloatField,
     ForeignKeyField,
     IntegerField,
@@ -38,6 +39,8 @@ from peewee import (
     TextField,
 )
 from playhouse.db_url import connect
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as migrate_schema
 
 database = DatabaseProxy()
 
@@ -110,6 +113,10 @@ class Endpoint(BaseModel):
     enabled = BooleanField(default=True)
     created_at = DateTimeField(default=utcnow)
     disabled_at = DateTimeField(null=True)
+    # The web account that sees this endpoint and its calls (admins see all). Deferred: no REFERENCES
+    # clause, so the v1 step can create this table before the account table exists (v5 adds both).
+    owner = DeferredForeignKey("Account", null=True, backref="endpoints")
+    owner_id: int | None  # the column behind ``owner`` (peewee makes the attribute)
 
 
 class Call(BaseModel):
@@ -182,6 +189,34 @@ class CallEvent(BaseModel):
         return json.loads(self.detail) if self.detail else {}
 
 
+class Account(BaseModel):
+    """A person who signs in to the web pages: their endpoints and calls (an admin: everyone's)."""
+
+    email = CharField(max_length=254, unique=True)  # stored lower-case
+    password_hash = CharField(max_length=200)  # argon2id, parameters inside the string
+    is_admin = BooleanField(default=False)
+    enabled = BooleanField(default=True)
+    created_at = DateTimeField(default=utcnow)
+    disabled_at = DateTimeField(null=True)
+    password_changed_at = DateTimeField(default=utcnow)
+    last_login_at = DateTimeField(null=True)
+
+
+class WebSession(BaseModel):
+    """A signed-in browser. The cookie carries the session's random key, signed; only its SHA-256 is here,
+    so a copy of the database does not hand out sessions."""
+
+    key_hash = CharField(max_length=64, unique=True)
+    account = ForeignKeyField(Account, backref="sessions", on_delete="CASCADE")
+    account_id: int
+    created_at = DateTimeField(default=utcnow)
+    expires_at = DateTimeField()
+    address = CharField(max_length=64, default="")
+
+    class Meta:
+        indexes = ((("account", "expires_at"), False),)
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField()
     applied_at = DateTimeField(default=utcnow)
@@ -207,7 +242,7 @@ class WebhookDelivery(BaseModel):
         indexes = ((("state", "next_attempt_at"), False),)  # the sender: next due pending rows
 
 
-MODELS: list[type[Model]] = [SchemaVersion, Endpoint, Call, CallEvent, WebhookDelivery]
+MODELS: list[type[Model]] = [SchemaVersion, Endpoint, Call, CallEvent, WebhookDelivery, Account, WebSession]
 
 
 def _v1_initial(db: Database) -> None:
@@ -223,8 +258,20 @@ def _v3_status_index(db: Database) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS call_endpoint_status_id ON call (endpoint_id, status, id)")
 
 
+def _v5_web_accounts(db: Database) -> None:
+    # Web accounts, their sessions, and which account owns each endpoint. A store created by v1 after
+    # this model change already has endpoint.owner_id (v1 creates the current Endpoint), an older one not.
+    db.create_tables([Account, WebSession], safe=True)
+    if "owner_id" not in {column.name for column in db.get_columns("endpoint")}:
+        migrator = SchemaMigrator.from_database(db)
+        migrate_schema(migrator.add_column("endpoint", "owner_id", IntegerField(null=True)))
+    db.execute_sql("CREATE INDEX IF NOT EXISTS endpoint_owner_id ON endpoint (owner_id)")
+
+
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
-MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index]
+# v4 (idempotency, on another branch) goes between v3 and v5 when both are merged.
+MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
+                                                _v5_web_accounts]
 
 
 def schema_version(db: Database) -> int:

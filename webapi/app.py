@@ -22,6 +22,7 @@ from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, utcnow
 from webapi.envelope import ApiError, envelope, error_response
+from webapi.portal import register as register_portal
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.validation import ValidationError
 from webapi.views import ApiContext, DispatcherLike, MediaLike, bp
@@ -55,12 +56,14 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False
     if settings.trust_proxy:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)  # type: ignore[method-assign]
+        # The client's address, and whether it came over HTTPS (the pages' cookies are then Secure).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)  # type: ignore[method-assign]
     app.extensions["callbridge"] = ApiContext(
         settings=settings, media=media, dispatcher=dispatcher, metrics=metrics or Metrics(),
         readiness=readiness, clock=clock, limiter=AuthFailureLimiter(settings.auth_failures_per_minute),
         on_status=on_status)
     app.register_blueprint(bp)
+    register_portal(app, settings)
 
     @app.before_request
     def start_timer() -> None:
@@ -111,10 +114,10 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
 
 
 def route_rules(app: Flask) -> list[tuple[str, set[str]]]:
-    """Every (rule, methods) the app serves, without Flask's static route; for docs and tests."""
+    """Every (rule, methods) of the API, without the web pages and static files; for docs and tests."""
     out: list[tuple[str, set[str]]] = []
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if rule.endpoint == "static" or rule.endpoint.startswith("portal."):
             continue
         methods: Any = rule.methods or set()
         out.append((rule.rule, {m for m in methods if m not in ("HEAD", "OPTIONS")}))

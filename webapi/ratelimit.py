@@ -61,3 +61,7 @@ class AuthFailureLimiter:
         else:
             self._failures.move_to_end(address)
         times.append(now)
+
+    def forget(self, address: str) -> None:
+        """Drop the failures recorded for ``address`` (a key: an address, or an account after a success)."""
+        self._failures.pop(address, None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.config import ConfigError, zone
-from daemon.store import Endpoint, utcnow
+from daemon.store import Account, Endpoint, utcnow
 from daemon.switch.commands import CALLER_NAME_RE, DialStringError, check_dial_template
 
 TOKEN_PREFIX = "cb_"
@@ -90,7 +90,7 @@ class EndpointOptions:
             raise EndpointError("ring-tone: a TGML tone such as %(2000,4000,440,480)")
 
 
-def create_endpoint(options: EndpointOptions) -> tuple[Endpoint, str]:
+def create_endpoint(options: EndpointOptions, owner: Account | None = None) -> tuple[Endpoint, str]:
     """Store a new endpoint; return it and its token (the only time the token exists in clear)."""
     options.check()
     if Endpoint.select().where(Endpoint.name == options.name).exists():
@@ -99,8 +99,43 @@ def create_endpoint(options: EndpointOptions) -> tuple[Endpoint, str]:
     fields: dict[str, Any] = vars(options).copy()
     endpoint = Endpoint.create(token_hash=hash_token(token), token_hint=token_hint(token),
                                webhook_secret=secrets.token_urlsafe(32) if options.webhook_url else "",
-                               **fields)
+                               owner=owner.id if owner is not None else None, **fields)
     return endpoint, token
+
+
+def options_of(endpoint: Endpoint) -> EndpointOptions:
+    """The endpoint's current options, to edit and store back with :func:`update_endpoint`."""
+    names = [f for f in EndpointOptions.__dataclass_fields__]
+    return EndpointOptions(**{name: getattr(endpoint, name) for name in names})
+
+
+def update_endpoint(endpoint: Endpoint, options: EndpointOptions) -> None:
+    """Store edited options (limits, caller ID, recording...), checked by the same rules as ``add``.
+
+    The token stays; a webhook secret is made when a webhook URL is first set.
+    """
+    options.check()
+    if options.name != endpoint.name and Endpoint.select().where(Endpoint.name == options.name).exists():
+        raise EndpointError(f"name: an endpoint named {options.name!r} already exists")
+    for name, value in vars(options).items():
+        setattr(endpoint, name, value)
+    if options.webhook_url and not endpoint.webhook_secret:
+        endpoint.webhook_secret = secrets.token_urlsafe(32)
+    endpoint.save()
+
+
+def assign_owner(endpoint: Endpoint, owner: Account | None) -> None:
+    """Give the endpoint (and so its calls, past and future) to ``owner``; None: admins only."""
+    endpoint.owner = owner.id if owner is not None else None
+    endpoint.save()
+
+
+def visible_endpoints(account: Account) -> Any:
+    """The endpoints an account sees: its own, or every one for an admin; by name."""
+    query = Endpoint.select()
+    if not account.is_admin:
+        query = query.where(Endpoint.owner == account.id)
+    return query.order_by(Endpoint.name)
 
 
 def find_endpoint(name_or_id: str) -> Endpoint:
@@ -125,6 +160,12 @@ def rotate_token(endpoint: Endpoint) -> str:
 def disable_endpoint(endpoint: Endpoint) -> None:
     endpoint.enabled = False
     endpoint.disabled_at = utcnow()
+    endpoint.save()
+
+
+def enable_endpoint(endpoint: Endpoint) -> None:
+    endpoint.enabled = True
+    endpoint.disabled_at = None
     endpoint.save()
 
 
@@ -159,5 +200,13 @@ def describe(endpoint: Endpoint) -> dict[str, Any]:
         "extension_pattern": endpoint.extension_pattern,
         "webhook_url": endpoint.webhook_url,
         "enabled": endpoint.enabled,
+        "owner": owner_email(endpoint),
         "created_at": endpoint.created_at.isoformat() + "Z",
     }
+
+
+def owner_email(endpoint: Endpoint) -> str | None:
+    if endpoint.owner_id is None:
+        return None
+    owner = Account.get_or_none(Account.id == endpoint.owner_id)
+    return owner.email if owner is not None else None

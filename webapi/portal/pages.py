@@ -1,0 +1,273 @@
+"""The pages an account uses: sign in and out, register, password, endpoints and tokens, calls, scheduled
+calls, one call's story, its recording, and the API reference."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from flask import Response, request, send_file
+
+from daemon.accounts import users
+from daemon.accounts.endpoints import rotate_token, visible_endpoints
+from daemon.ops.logs import log_event
+from daemon.store import FINAL_STATUSES, CallStatus
+from webapi.openapi import openapi_document
+from webapi.portal import present, queries
+from webapi.portal.base import (
+    PageError,
+    bp,
+    client_address,
+    go,
+    me,
+    render,
+    safe_next,
+    security,
+    signed,
+    signed_in,
+)
+from webapi.validation import ValidationError
+from webapi.views import ctx
+
+log = logging.getLogger("callbridge.portal")
+
+MEDIA_NAME_LEN = 64 + len(".wav")
+
+
+# Signing in and out ------------------------------------------------------------------------------
+
+@bp.route("/", methods=["GET"])
+def home() -> Response:
+    return go("/calls" if signed().account is not None else "/login")
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Response:
+    target = safe_next(request.values.get("next"))
+    if signed().account is not None:
+        return go(target)
+    if request.method == "GET":
+        return render("login.html", title="Sign in", email="", next=target)
+    sec = security()
+    email = request.form.get("email", "").strip()[:254]
+    password = request.form.get("password", "")
+    email_key = email.lower()
+    address = client_address()
+    wait = sec.login_wait(email_key, address)
+    if wait is not None:
+        minutes = max(1, round(wait / 60))
+        log_event(log, "portal.login_limited", logging.WARNING, address=address)
+        return render("login.html", 429, title="Sign in", email=email, next=target,
+                      error=f"Too many failed sign-ins for this account or from this address. "
+                            f"Try again in {minutes} minute{'s' if minutes != 1 else ''}.")
+    if not email or not password:
+        missing = "email" if not email else "password"
+        return render("login.html", 400, title="Sign in", email=email, next=target,
+                      error=f"{missing}: required", bad=missing)
+    account = users.authenticate(email, password)
+    if account is None:
+        sec.login_failed(email_key, address)
+        log_event(log, "portal.login_failed", logging.WARNING, address=address)
+        return render("login.html", 401, title="Sign in", email=email, next=target,
+                      error="The email or the password is wrong (or the account is disabled).")
+    sec.login_succeeded(email_key)
+    response = go(target)
+    sec.start(response, account, address, ctx().clock())
+    log_event(log, "portal.login", account=account.email, address=address)
+    return response
+
+
+@bp.route("/logout", methods=["POST"])
+def logout() -> Response:
+    response = go("/login", "signed_out")
+    security().end(response, signed())
+    return response
+
+
+@bp.route("/register", methods=["GET", "POST"])
+def register() -> Response:
+    settings = ctx().settings
+    if not settings.portal_registration:
+        raise PageError(404, "Accounts are created by the operator here. Ask them for one "
+                             "(python -m daemon user add).", "Registration is closed")
+    needs_code = bool(settings.portal_invite_code)
+    if request.method == "GET":
+        return render("register.html", title="Create an account", email="", needs_code=needs_code)
+    email = request.form.get("email", "")
+    password = request.form.get("password", "")
+    error = field = ""
+    if needs_code and not _same(request.form.get("invite_code", "").strip(), settings.portal_invite_code):
+        error, field = "invite_code: wrong code; ask whoever invited you for it", "invite_code"
+    elif password != request.form.get("password_again", ""):
+        error, field = "password_again: the two passwords differ", "password_again"
+    else:
+        try:
+            account = users.create_account(email, password)
+        except users.AccountError as exc:
+            error, field = str(exc), str(exc).split(":", 1)[0]
+    if error:
+        return render("register.html", 400, title="Create an account", email=email, needs_code=needs_code,
+                      error=error, bad=field)
+    response = go("/endpoints", "registered")
+    security().start(response, account, client_address(), ctx().clock())
+    log_event(log, "portal.registered", account=account.email, address=client_address())
+    return response
+
+
+def _same(given: str, expected: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+@bp.route("/account", methods=["GET", "POST"])
+@signed_in
+def account() -> Response:
+    if request.method == "GET":
+        return render("account.html", title="Your account")
+    account = me()
+    current = request.form.get("current_password", "")
+    new = request.form.get("new_password", "")
+    error = field = ""
+    if not users.password_matches(account.password_hash, current):
+        error, field = "current_password: wrong password", "current_password"
+    elif new != request.form.get("new_password_again", ""):
+        error, field = "new_password_again: the two new passwords differ", "new_password_again"
+    else:
+        try:
+            users.set_password(account, new)
+        except users.AccountError as exc:
+            error, field = "new_" + str(exc), "new_password"
+    if error:
+        return render("account.html", 400, title="Your account", error=error, bad=field)
+    # Every session ended with the old password; this browser gets a new one.
+    response = go("/account", "password_changed")
+    security().start(response, account, client_address(), ctx().clock())
+    log_event(log, "portal.password_changed", account=account.email)
+    return response
+
+
+# Endpoints ---------------------------------------------------------------------------------------
+
+@bp.route("/endpoints", methods=["GET"])
+@signed_in
+def endpoints() -> Response:
+    return render("endpoints.html", title="Endpoints", endpoints=list(visible_endpoints(me())))
+
+
+@bp.route("/endpoints/<int:endpoint_id>/rotate", methods=["POST"])
+@signed_in
+def rotate(endpoint_id: int) -> Response:
+    endpoint = queries.own_endpoint(me(), endpoint_id)
+    if endpoint is None:
+        raise PageError(404, "No such endpoint among yours.")
+    token = rotate_token(endpoint)
+    log_event(log, "portal.token_rotated", endpoint=endpoint.name, account=me().email, token=endpoint.token_hint)
+    # Shown on this answer only: it is not stored, and the page is not cached (Cache-Control: no-store).
+    return render("token.html", title="New token", endpoint=endpoint, token=token, rotated=True)
+
+
+# Calls -------------------------------------------------------------------------------------------
+
+@bp.route("/calls", methods=["GET"])
+@signed_in
+def calls() -> Response:
+    account = me()
+    args = request.args.to_dict(flat=True)
+    mine = list(visible_endpoints(account))
+    try:
+        f = queries.parse_filter(account, args)
+        rows, next_cursor = queries.calls_page(account, f)
+    except ValidationError as exc:
+        return render("calls.html", 400, title="Calls", rows=[], next_cursor=None, args=args, endpoints=mine,
+                      error=str(exc), bad=exc.field, zone_name="UTC", live=False,
+                      statuses=[s.value for s in CallStatus])
+    return render("calls.html", title="Calls", rows=rows, next_cursor=next_cursor, args=args, endpoints=mine,
+                  zone_name=f.zone_name, live=queries.moving(rows, ctx().clock()),
+                  statuses=[s.value for s in CallStatus],
+                  first_page=f.query.cursor is None)
+
+
+def _call_or_404(callid: str) -> Any:
+    call = queries.own_call(me(), callid)
+    if call is None:
+        raise PageError(404, "No such call among your endpoints' calls. Check the link, or find the call on "
+                             "the Calls page.")
+    return call
+
+
+def _media_player(path: str) -> str:
+    """The /media URL of one of our normalised files, if it is still in the cache."""
+    name = os.path.basename(path or "")
+    if len(name) != MEDIA_NAME_LEN or not name.endswith(".wav") or not os.path.isfile(path):
+        return ""
+    return f"/media/{name}"
+
+
+@bp.route("/calls/<callid>", methods=["GET"])
+@signed_in
+def call_detail(callid: str) -> Response:
+    call = _call_or_404(callid)
+    steps = queries.timeline(call)
+    played = [s for s in steps if s.kind in ("prompt_started", "prompt_finished")]
+    recording = bool(call.recording_path) and os.path.isfile(call.recording_path)
+    return render("call.html", title=f"Call {call.callid}", call=call, endpoint=call.endpoint, steps=steps,
+                  played=played, outcome=present.outcome(call), step_words=present.step_words,
+                  step_details=present.step_details, recording=recording,
+                  play_player=_media_player(call.play_file), msg_player=_media_player(call.msg_file),
+                  dialtone_player=_media_player(call.dialtone_file),
+                  final=CallStatus(call.status) in FINAL_STATUSES,
+                  live=queries.moving([call], ctx().clock()),
+                  cancelable=CallStatus(call.status) in (CallStatus.SCHEDULED, CallStatus.QUEUED))
+
+
+@bp.route("/calls/<callid>/recording", methods=["GET"])
+@signed_in
+def recording(callid: str) -> Response:
+    call = _call_or_404(callid)
+    path = call.recording_path
+    if not path or not os.path.isabs(path) or not os.path.isfile(path):
+        raise PageError(404, "This call has no recording (the endpoint does not record, the call was never "
+                             "bridged, or the recording was deleted after its retention period).")
+    download = request.args.get("download") == "1"
+    return send_file(path, mimetype="audio/wav", conditional=True, as_attachment=download,
+                     download_name=f"call-{call.callid}.wav")
+
+
+@bp.route("/scheduled", methods=["GET"])
+@signed_in
+def scheduled() -> Response:
+    args = request.args.to_dict(flat=True)
+    try:
+        rows, next_cursor = queries.scheduled_page(me(), args)
+    except ValidationError as exc:
+        return render("scheduled.html", 400, title="Scheduled calls", rows=[], next_cursor=None, error=str(exc),
+                      live=False)
+    return render("scheduled.html", title="Scheduled calls", rows=rows, next_cursor=next_cursor,
+                  live=queries.moving(rows, ctx().clock()))
+
+
+# API reference -----------------------------------------------------------------------------------
+
+@bp.route("/api", methods=["GET"])
+@signed_in
+def api_reference() -> Response:
+    document = openapi_document(ctx().settings)
+    operations = []
+    for path, methods in document["paths"].items():
+        for method, op in methods.items():
+            operations.append({"path": path, "method": method.upper(), "op": op,
+                               "body": _request_fields(document, op), "anchor": op.get("operationId", "")})
+    return render("api.html", title="API reference", doc=document, operations=operations,
+                  md=present.inline_markdown, schema_text=present.schema_text)
+
+
+def _request_fields(document: dict[str, Any], op: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fields of an operation's form body, with their rules, resolved from the components."""
+    content = op.get("requestBody", {}).get("content", {})
+    schema = (content.get("application/x-www-form-urlencoded") or content.get("application/json") or {}).get("schema")
+    schema = present.resolve(document, schema or {})
+    required = set(schema.get("required", []))
+    return [{"name": name, "required": name in required, "schema": present.resolve(document, prop)}
+            for name, prop in schema.get("properties", {}).items()]

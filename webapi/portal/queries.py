@@ -1,0 +1,169 @@
+"""What the pages read: an account's endpoints and calls, with the API's keyset paging and filters.
+
+An account sees the calls of the endpoints it owns; an admin sees every call. A call of someone else's
+endpoint is answered exactly like a call that does not exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from peewee import Tuple
+
+from daemon.accounts.endpoints import visible_endpoints
+from daemon.calls.view import endpoint_zone
+from daemon.store import IN_FLIGHT_STATUSES, PENDING_STATUSES, Account, Call, CallEvent, CallStatus, Endpoint
+from webapi.validation import (
+    ListQuery,
+    ValidationError,
+    decode_due_cursor,
+    decode_id_cursor,
+    encode_due_cursor,
+    encode_id_cursor,
+    parse_callid,
+    parse_list_query,
+    text,
+)
+
+NUMBER_FILTER_RE = re.compile(r"^\+?[0-9]{1,20}$")
+PAGE_SIZE = "50"
+
+
+@dataclass
+class CallFilter:
+    """A checked calls-page query: the API's ``limit``/``cursor``/``status``/``from``/``to`` plus the
+    page's own ``endpoint`` and ``number`` (part of A's or B's number)."""
+
+    query: ListQuery
+    endpoint: Endpoint | None
+    number: str
+    zone_name: str  # the zone the from/to dates are read in
+
+
+def endpoint_ids(account: Account) -> list[int] | None:
+    """The ids of the account's endpoints; None for an admin (every endpoint)."""
+    if account.is_admin:
+        return None
+    return [e.id for e in Endpoint.select(Endpoint.id).where(Endpoint.owner == account.id)]
+
+
+def own_endpoint(account: Account, endpoint_id: Any) -> Endpoint | None:
+    try:
+        wanted = int(endpoint_id)
+    except (TypeError, ValueError):
+        return None
+    endpoint = Endpoint.get_or_none(Endpoint.id == wanted)
+    if endpoint is None or not (account.is_admin or endpoint.owner_id == account.id):
+        return None
+    return endpoint
+
+
+def own_call(account: Account, raw_callid: str) -> Call | None:
+    """The call by callid if the account may see it, else None (whether or not it exists)."""
+    callid = parse_callid(raw_callid)
+    if callid is None:
+        return None
+    call = Call.select(Call, Endpoint).join(Endpoint).where(Call.callid == callid).first()
+    if call is None or not (account.is_admin or call.endpoint.owner_id == account.id):
+        return None
+    return call
+
+
+def shared_zone(account: Account) -> str:
+    """The one zone all the account's endpoints use, else UTC."""
+    zones = {e.timezone for e in visible_endpoints(account)}
+    return zones.pop() if len(zones) == 1 else "UTC"
+
+
+def parse_filter(account: Account, args: Mapping[str, Any]) -> CallFilter:
+    """The calls page's query string, checked by the API's rules (ValidationError names the field)."""
+    endpoint = None
+    raw_endpoint = text(args, "endpoint")
+    if raw_endpoint:
+        endpoint = own_endpoint(account, raw_endpoint)
+        if endpoint is None:
+            raise ValidationError("endpoint", "not one of your endpoints")
+    zone_name = endpoint.timezone if endpoint is not None else shared_zone(account)
+    values = {k: v for k, v in args.items() if k in ("limit", "cursor", "status", "from", "to")}
+    values.setdefault("limit", PAGE_SIZE)
+    query = parse_list_query(values, endpoint_zone(zone_name))
+    number = text(args, "number").strip()
+    if number and not NUMBER_FILTER_RE.fullmatch(number):
+        raise ValidationError("number", "digits (all or part of A's or B's number), with an optional leading +")
+    return CallFilter(query=query, endpoint=endpoint, number=number, zone_name=zone_name)
+
+
+def calls_page(account: Account, f: CallFilter) -> tuple[list[Call], str | None]:
+    """One page of calls newest first, and the cursor of the next page (None on the last).
+
+    The same keyset walk as ``GET /v1/calls``: ``id < cursor``, ``LIMIT n+1``, no OFFSET and no COUNT.
+    """
+    q = f.query
+    query = Call.select(Call, Endpoint).join(Endpoint)
+    if f.endpoint is not None:
+        query = query.where(Call.endpoint == f.endpoint.id)
+    else:
+        ids = endpoint_ids(account)
+        if ids is not None:
+            query = query.where(Call.endpoint.in_(ids))
+    if q.cursor is not None:
+        query = query.where(Call.id < decode_id_cursor(q.cursor))
+    if q.statuses:
+        query = query.where(Call.status.in_(q.statuses))
+    if q.since is not None:
+        query = query.where(Call.requested_at >= q.since)
+    if q.until is not None:
+        query = query.where(Call.requested_at < q.until)
+    if f.number:
+        digits = f.number.lstrip("+")
+        query = query.where(Call.phone_a.contains(digits) | Call.phone_b.contains(digits))
+    rows = list(query.order_by(Call.id.desc()).limit(q.limit + 1))
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    return rows, encode_id_cursor(rows[-1].id) if more else None
+
+
+def scheduled_page(account: Account, args: Mapping[str, Any]) -> tuple[list[Call], str | None]:
+    """Pending scheduled calls soonest first, with the API's (due_at, id) cursor."""
+    values = {k: v for k, v in args.items() if k in ("limit", "cursor")}
+    values.setdefault("limit", PAGE_SIZE)
+    q = parse_list_query(values, ZoneInfo("UTC"))
+    after = decode_due_cursor(q.cursor) if q.cursor is not None else None
+    query = (Call.select(Call, Endpoint).join(Endpoint)
+             .where(Call.status.in_([s.value for s in PENDING_STATUSES]) & (Call.scheduled == True)))  # noqa: E712
+    ids = endpoint_ids(account)
+    if ids is not None:
+        query = query.where(Call.endpoint.in_(ids))
+    if after is not None:
+        query = query.where(Tuple(Call.due_at, Call.id) > Tuple(*after))
+    rows = list(query.order_by(Call.due_at, Call.id).limit(q.limit + 1))
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    return rows, encode_due_cursor(rows[-1].due_at, rows[-1].id) if more else None
+
+
+def live_calls() -> list[Call]:
+    """Every call in progress (admin), oldest first."""
+    return list(Call.select(Call, Endpoint).join(Endpoint)
+                .where(Call.status.in_([s.value for s in IN_FLIGHT_STATUSES])).order_by(Call.started_at, Call.id))
+
+
+def timeline(call: Call) -> list[CallEvent]:
+    return list(CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id))
+
+
+def moving(calls: list[Call], now: dt.datetime) -> bool:
+    """Whether a page showing these calls should update itself: one is in progress or about to start."""
+    soon = now + dt.timedelta(minutes=2)
+    for call in calls:
+        status = CallStatus(call.status)
+        if status in IN_FLIGHT_STATUSES or status == CallStatus.QUEUED:
+            return True
+        if status == CallStatus.SCHEDULED and call.due_at <= soon:
+            return True
+    return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Response, request, send_file
 
@@ -180,13 +181,22 @@ def calls() -> Response:
         f = queries.parse_filter(account, args)
         rows, next_cursor = queries.calls_page(account, f)
     except ValidationError as exc:
-        return render("calls.html", 400, title="Calls", rows=[], next_cursor=None, args=args, endpoints=mine,
+        return render("calls.html", 400, title="Calls", rows=[], args=args, endpoints=mine,
                       error=str(exc), bad=exc.field, zone_name="UTC", live=False,
                       statuses=[s.value for s in CallStatus])
-    return render("calls.html", title="Calls", rows=rows, next_cursor=next_cursor, args=args, endpoints=mine,
+    return render("calls.html", title="Calls", rows=rows, args=args, endpoints=mine,
                   zone_name=f.zone_name, live=queries.moving(rows, ctx().clock()),
                   statuses=[s.value for s in CallStatus],
-                  first_page=f.query.cursor is None)
+                  newest_url=_calls_url(args, None) if f.query.cursor is not None else "",
+                  older_url=_calls_url(args, next_cursor) if next_cursor else "")
+
+
+def _calls_url(args: dict[str, str], cursor: str | None) -> str:
+    """/calls with the same filters, at ``cursor`` (None: the newest page)."""
+    query = {k: v for k, v in args.items() if k != "cursor" and v}
+    if cursor:
+        query["cursor"] = cursor
+    return "/calls" + ("?" + urlencode(query) if query else "")
 
 
 def _call_or_404(callid: str) -> Any:

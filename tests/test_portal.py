@@ -1,0 +1,538 @@
+"""The web pages through Flask's test client: accounts, sessions, CSRF, sign-in limits, ownership,
+tokens, the calls pages and their paging, admin pages, and the security headers.
+
+(The same pages in a real browser, against the daemon and the stand-in: tests/integration/test_portal_browser.py.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import html
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from peewee import Database
+
+from daemon.accounts import users
+from daemon.accounts.endpoints import authenticate, hash_token
+from daemon.config import Settings
+from daemon.store import Account, Call, Endpoint, WebSession, add_event
+from tests.conftest import NOW
+from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
+from tests.portal_helpers import PASSWORD, Browser, csrf_of, errors_of, make_account
+from tests.test_api_read import bulk_calls
+from webapi.portal.security import CSP
+from webapi.validation import decode_id_cursor
+
+
+@pytest.fixture(autouse=True)
+def quick_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argon2id with small parameters here (these tests hash dozens of passwords); the real parameters are
+    checked below and used by the CLI and browser tests."""
+    from argon2 import PasswordHasher
+
+    monkeypatch.setattr(users, "HASHER", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+
+
+@pytest.fixture
+def make_app(settings: Settings, db: Database, media: FakeMedia, dispatcher: FakeDispatcher,
+             clock: FixedClock) -> Callable[..., Flask]:
+    def make(**overrides: Any) -> Flask:
+        from webapi.app import create_app
+
+        return create_app(dataclasses.replace(settings, **overrides), media=media, dispatcher=dispatcher,
+                          clock=clock)
+    return make
+
+
+@pytest.fixture
+def ann(db: Database) -> Account:
+    return make_account("ann@example.com")
+
+
+@pytest.fixture
+def bob(db: Database) -> Account:
+    return make_account("bob@example.com")
+
+
+@pytest.fixture
+def admin(db: Database) -> Account:
+    return make_account("root@example.com", admin=True)
+
+
+def browser(app: Flask) -> Browser:
+    return Browser(app.test_client())
+
+
+def own_endpoint(make_endpoint: Any, owner: Account, **options: Any) -> tuple[Endpoint, str]:
+    endpoint, token = make_endpoint(**options)
+    endpoint.owner = owner.id
+    endpoint.save()
+    return endpoint, token
+
+
+def call_row(endpoint: Endpoint, callid: str, **fields: Any) -> Call:
+    values: dict[str, Any] = {"callid": callid, "endpoint": endpoint.id, "phone_a": "15550001001",
+                              "phone_b": "15550003002", "requested_at": NOW, "due_at": NOW, "status": "completed"}
+    values.update(fields)
+    return Call.create(**values)
+
+
+# Signing in -----------------------------------------------------------------------------------------
+
+def test_login_form_has_labelled_fields_and_a_csrf_field_and_strict_headers(app: Flask) -> None:
+    response = app.test_client().get("/login")
+    page = response.get_data(as_text=True)
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    for name in ("email", "password"):
+        assert f'<label for="f-{name}">' in page and f'id="f-{name}" name="{name}"' in page
+    assert csrf_of(page)
+    assert response.headers["Content-Security-Policy"] == CSP
+    assert "script-src 'self'" in CSP and "'unsafe-inline'" not in CSP and "frame-ancestors 'none'" in CSP
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Cache-Control"] == "no-store"
+    cookie = response.headers["Set-Cookie"]
+    assert cookie.startswith("cb_anon=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def test_sign_in_sets_a_signed_httponly_session_cookie_and_sign_out_ends_the_session(app: Flask, ann: Account) -> None:
+    b = browser(app)
+    response = b.login("Ann@Example.com ", PASSWORD)
+    assert response.status_code == 303 and response.headers["Location"] == "/calls"
+    cookie = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith("cb_session="))
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+    value = cookie.split(";")[0].split("=", 1)[1]
+    session = WebSession.get()
+    assert session.account_id == ann.id and value not in session.key_hash  # only the key's hash is stored
+    assert b.text("/endpoints")  # signed in
+    out = b.submit("/endpoints", "/logout")
+    assert out.status_code == 303 and out.headers["Location"] == "/login?notice=signed_out"
+    assert WebSession.select().count() == 0
+    # The old cookie, replayed, no longer opens anything.
+    replay = app.test_client()
+    replay.set_cookie("cb_session", value)
+    assert replay.get("/endpoints").status_code == 303
+
+
+def test_a_forged_or_tampered_session_cookie_is_ignored(app: Flask, ann: Account) -> None:
+    b = browser(app).signed_in_as(ann.email)
+    value = b.client.get_cookie("cb_session").value
+    for forged in (value[:-2] + ("AA" if not value.endswith("AA") else "BB"), "x", "a" * 4000):
+        other = app.test_client()
+        other.set_cookie("cb_session", forged)
+        response = other.get("/calls")
+        assert response.status_code == 303 and response.headers["Location"].startswith("/login?next=")
+
+
+def test_passwords_are_argon2id_with_memory_hard_parameters_and_old_hashes_are_upgraded(
+        app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    from argon2 import PasswordHasher
+    from argon2.profiles import RFC_9106_LOW_MEMORY
+
+    monkeypatch.undo()  # the real hasher
+    assert users.HASHER.time_cost >= 3 and users.HASHER.memory_cost >= 64 * 1024
+    assert users.HASHER.type.name == "ID" and RFC_9106_LOW_MEMORY.memory_cost == users.HASHER.memory_cost
+    weak = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    account = Account.create(email="old@example.com", password_hash=weak.hash(PASSWORD))
+    assert browser(app).login(account.email).status_code == 303
+    upgraded = Account.get_by_id(account.id).password_hash
+    assert upgraded != account.password_hash and "m=65536,t=3,p=4" in upgraded
+    assert users.password_matches(upgraded, PASSWORD)
+
+
+def test_wrong_password_or_unknown_email_answer_the_same_and_set_no_session(app: Flask, ann: Account) -> None:
+    answers = []
+    for email, password in (("ann@example.com", "wrong password!"), ("nobody@example.com", PASSWORD)):
+        response = browser(app).login(email, password)
+        assert response.status_code == 401
+        assert not any(c.startswith("cb_session=") for c in response.headers.getlist("Set-Cookie"))
+        answers.append(errors_of(response.get_data(as_text=True)))
+    assert answers[0] == answers[1] == ["The email or the password is wrong (or the account is disabled)."]
+
+
+def test_next_goes_back_to_the_page_asked_for_but_never_to_another_site(app: Flask, ann: Account) -> None:
+    client = app.test_client()
+    response = client.get("/calls?status=failed")
+    assert response.headers["Location"] == "/login?next=/calls%3Fstatus%3Dfailed"
+    b = Browser(client)
+    for target, expected in (("/calls?status=failed", "/calls?status=failed"), ("//evil.example/x", "/calls"),
+                             ("https://evil.example/", "/calls"), ("/\\evil.example", "/calls")):
+        token = csrf_of(b.text("/login"))
+        response = client.post("/login", data={"email": ann.email, "password": PASSWORD, "next": target,
+                                               "csrf_token": token})
+        assert response.headers["Location"] == expected
+        b.submit("/account", "/logout")
+
+
+def test_sign_in_is_limited_per_account_then_per_address(make_app: Callable[..., Flask], ann: Account,
+                                                          bob: Account) -> None:
+    app = make_app(portal_login_failures_per_account=3, portal_login_failures_per_address=5)
+    b = browser(app)
+    for _ in range(3):
+        assert b.login(ann.email, "not the password").status_code == 401
+    limited = b.login(ann.email, PASSWORD)  # the right password too: the account is at its limit
+    assert limited.status_code == 429
+    assert "Try again in 15 minutes" in errors_of(limited.get_data(as_text=True))[0]
+    assert not any(c.startswith("cb_session=") for c in limited.headers.getlist("Set-Cookie"))
+    # Another account from the same address still signs in, until the address reaches its own limit.
+    assert b.login(bob.email, PASSWORD).status_code == 303
+    b.submit("/account", "/logout")
+    for n in range(2):
+        assert b.login(f"guess{n}@example.com", "whatever password").status_code == 401
+    assert b.login(bob.email, PASSWORD).status_code == 429
+    other_address = Browser(app.test_client())
+    other_address.client.environ_base["REMOTE_ADDR"] = "10.9.9.9"
+    assert other_address.login(bob.email, PASSWORD).status_code == 303
+
+
+def test_a_success_clears_the_accounts_failures(make_app: Callable[..., Flask], ann: Account) -> None:
+    app = make_app(portal_login_failures_per_account=3, portal_login_failures_per_address=100)
+    b = browser(app)
+    for _ in range(2):
+        b.login(ann.email, "not the password")
+    b.signed_in_as(ann.email)
+    b.submit("/account", "/logout")
+    for _ in range(2):
+        assert b.login(ann.email, "not the password").status_code == 401
+    assert b.login(ann.email, PASSWORD).status_code == 303
+
+
+# CSRF ---------------------------------------------------------------------------------------------
+
+def test_every_form_without_its_csrf_field_is_refused_and_changes_nothing(app: Flask, ann: Account,
+                                                                          admin: Account, make_endpoint: Any) -> None:
+    endpoint, token = own_endpoint(make_endpoint, ann)
+    b = browser(app).signed_in_as(ann.email)
+    for action in ("/endpoints/%d/rotate" % endpoint.id, "/logout", "/account"):
+        response = b.client.post(action, data={"current_password": PASSWORD, "new_password": "x" * 12,
+                                               "new_password_again": "x" * 12})
+        assert response.status_code == 403, action
+        assert "without its security token (csrf_token)" in errors_of(response.get_data(as_text=True))[0]
+    assert authenticate(token) is not None and Endpoint.get_by_id(endpoint.id).token_hash == hash_token(token)
+    assert WebSession.select().count() == 1
+    # Sign-in itself is protected too (login CSRF), and so are the admin's forms.
+    assert app.test_client().post("/login", data={"email": ann.email, "password": PASSWORD}).status_code == 403
+    a = browser(app).signed_in_as(admin.email)
+    assert a.client.post("/admin/accounts", data={"email": "new@example.com", "password": "p" * 12}).status_code == 403
+    assert not Account.select().where(Account.email == "new@example.com").exists()
+
+
+def test_a_csrf_token_of_another_session_or_a_foreign_origin_is_refused(app: Flask, ann: Account,
+                                                                        make_endpoint: Any) -> None:
+    endpoint, token = own_endpoint(make_endpoint, ann)
+    mine = browser(app).signed_in_as(ann.email)
+    theirs = browser(app).signed_in_as(ann.email)
+    foreign_token = csrf_of(theirs.text("/endpoints"))
+    response = mine.client.post(f"/endpoints/{endpoint.id}/rotate", data={"csrf_token": foreign_token})
+    assert response.status_code == 403 and "does not match your session" in response.get_data(as_text=True)
+    own_token = csrf_of(mine.text("/endpoints"))
+    response = mine.client.post(f"/endpoints/{endpoint.id}/rotate", data={"csrf_token": own_token},
+                                headers={"Origin": "https://evil.example"})
+    assert response.status_code == 403 and "sent from another site" in response.get_data(as_text=True)
+    assert authenticate(token) is not None
+    response = mine.client.post(f"/endpoints/{endpoint.id}/rotate", data={"csrf_token": own_token},
+                                headers={"Origin": "http://localhost"})
+    assert response.status_code == 200 and authenticate(token) is None
+
+
+# Tokens and ownership -----------------------------------------------------------------------------
+
+def test_rotate_shows_the_new_token_once_and_never_again(app: Flask, ann: Account, make_endpoint: Any) -> None:
+    endpoint, old = own_endpoint(make_endpoint, ann, name="acme")
+    b = browser(app).signed_in_as(ann.email)
+    listing = b.text("/endpoints")
+    assert "acme" in listing and endpoint.token_hint in listing and old not in listing
+    response = b.submit("/endpoints", f"/endpoints/{endpoint.id}/rotate")
+    assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+    page = response.get_data(as_text=True)
+    new = re.search(r'id="new-token"[^>]*value="([^"]+)"', page)
+    assert new is not None
+    token = html.unescape(new.group(1))
+    assert authenticate(token).id == endpoint.id and authenticate(old) is None
+    assert "shown only this once" in page
+    for path in ("/endpoints", "/calls", f"/admin/endpoints/{endpoint.id}"):
+        assert token not in b.get(path).get_data(as_text=True)
+
+
+def test_an_account_sees_only_its_endpoints_and_their_calls(app: Flask, ann: Account, bob: Account,
+                                                            admin: Account, make_endpoint: Any,
+                                                            tmp_path: Path) -> None:
+    ann_ep, ann_token = own_endpoint(make_endpoint, ann, name="ann-endpoint")
+    bob_ep, _ = own_endpoint(make_endpoint, bob, name="bob-endpoint")
+    recording = tmp_path / "rec.wav"
+    recording.write_bytes(b"RIFF....WAVE")
+    call_row(ann_ep, "a" * 28, phone_a="15550009911", recording_path=str(recording))
+    call_row(ann_ep, "c" * 28, status="scheduled", scheduled=True, due_at=NOW + dt.timedelta(days=1))
+    call_row(bob_ep, "b" * 28, phone_a="15550009922")
+    b = browser(app).signed_in_as(bob.email)
+    assert "ann-endpoint" not in b.text("/endpoints") and "bob-endpoint" in b.text("/endpoints")
+    calls = b.text("/calls")
+    assert "15550009922" in calls and "15550009911" not in calls
+    assert "c" * 28 not in b.text("/scheduled")
+    for path in (f"/calls/{'a' * 28}", f"/calls/{'a' * 28}/recording", f"/calls/{'a' * 28}/recording?download=1"):
+        assert b.get(path).status_code == 404, path
+    # Someone else's call answers exactly like a call that does not exist.
+    assert b.get(f"/calls/{'a' * 28}").get_data() == b.get(f"/calls/{'9' * 28}").get_data()
+    assert b.submit("/endpoints", f"/endpoints/{ann_ep.id}/rotate").status_code == 404
+    assert authenticate(ann_token) is not None
+    assert b.get(f"/calls?endpoint={ann_ep.id}").status_code == 400
+    assert b.get("/admin/endpoints").status_code == 403
+    # The owner and an admin see it.
+    for email in (ann.email, admin.email):
+        viewer = browser(app).signed_in_as(email)
+        assert "15550009911" in viewer.text("/calls")
+        assert viewer.get(f"/calls/{'a' * 28}/recording").status_code == 200
+    assert "15550009922" in browser(app).signed_in_as(admin.email).text("/calls")
+
+
+def test_recording_plays_and_downloads_as_wav(app: Flask, ann: Account, make_endpoint: Any, tmp_path: Path) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann, record=True)
+    path = tmp_path / "recordings" / "x.wav"
+    path.parent.mkdir()
+    path.write_bytes(b"RIFF" + bytes(4000))
+    call_row(endpoint, "d" * 28, recording_path=str(path), recording_seconds=3.2, recording_bytes=4004)
+    b = browser(app).signed_in_as(ann.email)
+    page = b.text(f"/calls/{'d' * 28}")
+    assert f'<audio id="recording" controls preload="metadata" src="/calls/{"d" * 28}/recording">' in page
+    play = b.get(f"/calls/{'d' * 28}/recording", headers={"Range": "bytes=0-99"})
+    assert play.status_code == 206 and play.mimetype == "audio/wav" and len(play.data) == 100
+    download = b.get(f"/calls/{'d' * 28}/recording?download=1")
+    assert download.status_code == 200
+    assert download.headers["Content-Disposition"] == f"attachment; filename=call-{'d' * 28}.wav"
+
+
+# The calls pages ----------------------------------------------------------------------------------
+
+def test_calls_page_newest_first_with_the_apis_keyset_paging(app: Flask, ann: Account, make_endpoint: Any) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann)
+    bulk_calls(endpoint, 120)
+    b = browser(app).signed_in_as(ann.email)
+    seen: list[str] = []
+    path = "/calls"
+    for _ in range(5):
+        page = b.text(path)
+        ids = re.findall(r'<tr data-callid="([0-9a-z]+)">', page)
+        seen += ids
+        older = re.search(r'href="([^"]+)" rel="next">Older calls', page)
+        if older is None:
+            break
+        path = html.unescape(older.group(1))
+        cursor = re.search(r"cursor=([^&]+)", path)
+        assert cursor is not None and decode_id_cursor(cursor.group(1))  # the API's own cursor
+    assert len(seen) == 120 == len(set(seen))
+    rows = {c.callid: c.id for c in Call.select()}
+    assert [rows[c] for c in seen] == sorted(rows.values(), reverse=True)
+
+
+def test_calls_filters_by_status_number_and_dates_with_the_apis_messages(app: Flask, ann: Account,
+                                                                         make_endpoint: Any) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann, timezone="Europe/Berlin")
+    call_row(endpoint, "1" * 28, status="failed", phone_b="15550003777", failed_leg="b", b_cause="USER_BUSY",
+             reason="B was not reached", requested_at=NOW - dt.timedelta(days=2))
+    call_row(endpoint, "2" * 28, status="completed", phone_a="15550000888", requested_at=NOW)
+    b = browser(app).signed_in_as(ann.email)
+    failed = b.text("/calls?status=failed")
+    assert "1" * 28 in failed and "2" * 28 not in failed
+    assert "B was not reached: the line was busy" in failed
+    by_number = b.text("/calls?number=0888")
+    assert "2" * 28 in by_number and "1" * 28 not in by_number
+    day = (NOW - dt.timedelta(days=2)).strftime("%Y-%m-%d")
+    by_date = b.text(f"/calls?from={day}&to={day}")
+    assert "1" * 28 in by_date and "2" * 28 not in by_date
+    assert "Dates and times are in Europe/Berlin" in by_date
+    for query, message in (("status=ringing", "status: unknown status"), ("from=yesterday", "from: must be"),
+                           ("number=12a", "number: digits"), ("cursor=zzz", "cursor: not a cursor this API gave out")):
+        response = b.get(f"/calls?{query}")
+        assert response.status_code == 400, query
+        assert errors_of(response.get_data(as_text=True))[0].startswith(message), query
+
+
+def test_call_page_tells_the_story_in_plain_words_and_local_time(app: Flask, ann: Account,
+                                                                make_endpoint: Any) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann, timezone="Europe/Berlin")
+    call = call_row(endpoint, "e" * 28, status="failed", failed_leg="b", b_cause="USER_BUSY", a_cause="NORMAL_CLEARING",
+                    reason="B was not reached", started_at=NOW, a_answered_at=NOW + dt.timedelta(seconds=2),
+                    msg="Hello <script>alert(1)</script>", msg_lang="en-US", play_url="https://media.example/a.wav",
+                    ended_at=NOW + dt.timedelta(seconds=9))
+    add_event(call.id, "claimed", at=NOW)
+    add_event(call.id, "bridge_ended", at=NOW + dt.timedelta(seconds=8), disposition="USER_BUSY",
+              cause="USER_BUSY")
+    b = browser(app).signed_in_as(ann.email)
+    page = b.text(f"/calls/{'e' * 28}")
+    assert "B was not reached: B — the line was busy (USER_BUSY)" in page
+    assert "14:00:02 CEST" in page  # NOW is 12:00 UTC; Berlin is UTC+2 in June
+    assert "Connection to B ended" in page and "cause: USER_BUSY (the line was busy)" in page
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert 'data-live="0"' in page  # final: the page does not poll
+
+
+def test_calls_in_progress_mark_the_page_live(app: Flask, ann: Account, make_endpoint: Any) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann)
+    call_row(endpoint, "f" * 28, status="bridged", started_at=NOW)
+    b = browser(app).signed_in_as(ann.email)
+    assert 'id="live" data-live="1"' in b.text("/calls")
+    assert 'id="live" data-live="1"' in b.text(f"/calls/{'f' * 28}")
+    Call.update(status="completed").execute()
+    assert 'id="live" data-live="0"' in b.text("/calls")
+
+
+# Accounts -----------------------------------------------------------------------------------------
+
+def test_password_change_checks_the_old_one_and_signs_out_other_browsers(app: Flask, ann: Account) -> None:
+    here = browser(app).signed_in_as(ann.email)
+    elsewhere = browser(app).signed_in_as(ann.email)
+    wrong = here.submit("/account", "/account", {"current_password": "nope nope nope", "new_password": "n" * 12,
+                                                 "new_password_again": "n" * 12})
+    assert wrong.status_code == 400 and errors_of(wrong.get_data(as_text=True))[0] == "current_password: wrong password"
+    short = here.submit("/account", "/account", {"current_password": PASSWORD, "new_password": "short",
+                                                 "new_password_again": "short"})
+    assert "new_password: at least 10 characters" in errors_of(short.get_data(as_text=True))
+    done = here.submit("/account", "/account", {"current_password": PASSWORD, "new_password": "a new passphrase",
+                                                "new_password_again": "a new passphrase"})
+    assert done.status_code == 303
+    assert here.get("/calls").status_code == 200  # this browser got a fresh session
+    assert elsewhere.get("/calls").status_code == 303  # the other one is signed out
+    assert browser(app).login(ann.email, PASSWORD).status_code == 401
+    assert browser(app).login(ann.email, "a new passphrase").status_code == 303
+
+
+def test_a_disabled_account_is_signed_out_and_cannot_sign_in(app: Flask, ann: Account) -> None:
+    b = browser(app).signed_in_as(ann.email)
+    users.set_enabled(Account.get_by_id(ann.id), False)
+    assert b.get("/calls").status_code == 303
+    assert browser(app).login(ann.email).status_code == 401
+
+
+def test_registration_is_closed_by_default(app: Flask) -> None:
+    response = app.test_client().get("/register")
+    assert response.status_code == 404 and "python -m daemon user add" in response.get_data(as_text=True)
+    assert "Create one" not in app.test_client().get("/login").get_data(as_text=True)
+
+
+def test_registration_with_an_invite_code(make_app: Callable[..., Flask]) -> None:
+    app = make_app(portal_registration=True, portal_invite_code="open sesame")
+    b = browser(app)
+    form = {"email": "new@example.com", "password": "long enough pw", "password_again": "long enough pw"}
+    wrong = b.submit("/register", "/register", {**form, "invite_code": "guess"})
+    assert wrong.status_code == 400 and "invite_code: wrong code" in errors_of(wrong.get_data(as_text=True))[0]
+    assert not Account.select().exists()
+    differ = b.submit("/register", "/register", {**form, "password_again": "other", "invite_code": "open sesame"})
+    assert "password_again: the two passwords differ" in errors_of(differ.get_data(as_text=True))
+    done = b.submit("/register", "/register", {**form, "invite_code": "open sesame"})
+    assert done.status_code == 303 and b.get("/endpoints").status_code == 200
+    account = Account.get(Account.email == "new@example.com")
+    assert not account.is_admin and account.password_hash.startswith("$argon2id$")
+
+
+# Admin --------------------------------------------------------------------------------------------
+
+def test_admin_creates_an_endpoint_for_an_account_and_sees_its_token_once(app: Flask, admin: Account,
+                                                                          ann: Account) -> None:
+    a = browser(app).signed_in_as(admin.email)
+    form = {"name": "clinic", "caller_id_number": "15551230000", "caller_id_name": "Front desk",
+            "dial_string": "sofia/gateway/carrier/{number}", "timezone": "America/New_York", "record": "on",
+            "max_in_flight": "3", "calls_per_second": "1.5", "daily_cap": "200", "max_duration": "600",
+            "allowed_prefixes": "1555", "extension_pattern": "", "ring_tone": "%(2000,4000,440,480)",
+            "webhook_url": "", "owner": ann.email}
+    bad = a.submit("/admin/endpoints", "/admin/endpoints", {**form, "caller_id_number": "12ab"})
+    assert bad.status_code == 400
+    assert errors_of(bad.get_data(as_text=True))[0] == "caller_id_number: digits with an optional leading +, at most 20"
+    assert 'value="Front desk"' in bad.get_data(as_text=True)  # what was typed stays in the form
+    response = a.submit("/admin/endpoints", "/admin/endpoints", form)
+    assert response.status_code == 200
+    token = html.unescape(re.search(r'id="new-token"[^>]*value="([^"]+)"', response.get_data(as_text=True)).group(1))
+    endpoint = authenticate(token)
+    assert endpoint is not None and endpoint.owner_id == ann.id and endpoint.record
+    assert (endpoint.max_in_flight, endpoint.calls_per_second, endpoint.timezone) == (3, 1.5, "America/New_York")
+    assert token not in a.text("/admin/endpoints")
+    assert "clinic" in browser(app).signed_in_as(ann.email).text("/endpoints")
+
+
+def test_admin_edits_limits_reassigns_and_disables(app: Flask, admin: Account, ann: Account, bob: Account,
+                                                   make_endpoint: Any) -> None:
+    endpoint, token = own_endpoint(make_endpoint, ann, name="acme")
+    a = browser(app).signed_in_as(admin.email)
+    page = f"/admin/endpoints/{endpoint.id}"
+    form = {"name": "acme", "caller_id_number": "15551230000", "caller_id_name": "",
+            "dial_string": "sofia/gateway/carrier/{number}", "timezone": "UTC", "max_in_flight": "0",
+            "calls_per_second": "5", "daily_cap": "10", "max_duration": "3600", "allowed_prefixes": "",
+            "extension_pattern": "", "ring_tone": "%(2000,4000,440,480)", "webhook_url": "", "owner": bob.email}
+    bad = a.submit(page, page, form)
+    assert bad.status_code == 400 and errors_of(bad.get_data(as_text=True))[0].startswith("max_in_flight: ")
+    assert a.submit(page, page, {**form, "max_in_flight": "many"}).status_code == 400
+    saved = a.submit(page, page, {**form, "max_in_flight": "4"})
+    assert saved.status_code == 303
+    fresh = Endpoint.get_by_id(endpoint.id)
+    assert (fresh.max_in_flight, fresh.daily_cap, fresh.owner_id) == (4, 10, bob.id)
+    assert fresh.token_hash == hash_token(token)  # editing keeps the token
+    assert a.submit("/admin/endpoints", f"/admin/endpoints/{endpoint.id}/disable").status_code == 303
+    assert authenticate(token) is None
+
+
+def test_admin_accounts_page_creates_and_disables_accounts(app: Flask, admin: Account) -> None:
+    a = browser(app).signed_in_as(admin.email)
+    bad = a.submit("/admin/accounts", "/admin/accounts", {"email": "not-an-email", "password": "p" * 12})
+    assert errors_of(bad.get_data(as_text=True))[0] == "email: must be an address such as name@example.com"
+    assert a.submit("/admin/accounts", "/admin/accounts", {"email": "cat@example.com", "password": "p" * 12}).status_code == 303
+    cat = Account.get(Account.email == "cat@example.com")
+    session = browser(app).signed_in_as(cat.email, "p" * 12)
+    assert a.submit("/admin/accounts", f"/admin/accounts/{cat.id}/disable").status_code == 303
+    assert session.get("/calls").status_code == 303
+    assert a.submit("/admin/accounts", f"/admin/accounts/{admin.id}/disable").status_code == 409
+
+
+def test_admin_pages_are_for_admins_only(app: Flask, ann: Account) -> None:
+    b = browser(app).signed_in_as(ann.email)
+    for path in ("/admin/endpoints", "/admin/live", "/admin/accounts"):
+        response = b.get(path)
+        assert response.status_code == 403 and "for administrators" in response.get_data(as_text=True), path
+
+
+def test_admin_hang_up_of_a_call_not_in_progress_says_so(app: Flask, admin: Account, make_endpoint: Any) -> None:
+    endpoint, _ = make_endpoint()
+    call_row(endpoint, "7" * 28, status="completed")
+    a = browser(app).signed_in_as(admin.email)
+    response = a.submit("/admin/live", f"/admin/calls/{'7' * 28}/hangup")
+    assert response.status_code == 409 and "not in progress (status completed)" in response.get_data(as_text=True)
+
+
+# The pages as shipped -----------------------------------------------------------------------------
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "webapi" / "portal" / "templates" / "portal"
+
+
+def test_templates_hold_no_inline_script_style_or_handlers() -> None:
+    """The Content-Security-Policy forbids inline code: a template that had any would break in browsers."""
+    for template in TEMPLATES.glob("*.html"):
+        text = template.read_text()
+        assert "<script" not in text or template.name == "base.html", template.name
+        assert not re.search(r"<script(?![^>]*\bsrc=)", text), template.name
+        assert not re.search(r"\son[a-z]+\s*=", text), template.name
+        assert " style=" not in text and "<style" not in text, template.name
+        assert "http://" not in text and "https://" not in text.replace('startswith', ''), template.name
+
+
+def test_static_files_are_served_and_listed_as_package_data(app: Flask) -> None:
+    import tomllib
+
+    for name, mimetype in (("portal.css", "text/css"), ("portal.js", "text/javascript")):
+        response = app.test_client().get(f"/portal-static/{name}")
+        assert response.status_code == 200 and response.mimetype == mimetype
+    pyproject = tomllib.loads((TEMPLATES.parents[3] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["webapi.portal"]
+    package = TEMPLATES.parents[1]
+    for pattern in shipped:
+        assert list(package.glob(pattern)), pattern
+    every = {str(p.relative_to(package)) for p in package.rglob("*") if p.is_file() and p.suffix in (".html", ".css", ".js")}
+    assert every <= {str(p.relative_to(package)) for pattern in shipped for p in package.glob(pattern)}
+
+
+def test_api_answers_stay_json_and_pages_stay_out_of_the_openapi_routes(client: FlaskClient) -> None:
+    response = client.get("/v1/calls")
+    assert response.status_code == 401 and response.mimetype == "application/json"

@@ -22,7 +22,7 @@ from webapi.ratelimit import AuthFailureLimiter
 
 
 @pytest.mark.parametrize(("method", "path", "status", "desc"), [
-    ("GET", "/", 404, "path: no such route"),
+    ("GET", "/nothing-here", 404, "path: no such route"),  # "/" leads to the web pages
     ("GET", "/v2/calls", 404, "path: no such route"),
     ("GET", "/v1//calls", 404, "path: no such route"),
     ("GET", "/media/abc.mp3", 404, "path: no such route"),

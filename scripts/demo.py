@@ -7,6 +7,10 @@ exactly as the seed's PHP client does (form-encoded POST), follows it through GE
 hangs it up after a few seconds of conversation with the operator command, and prints the call's
 timeline and what A's phone heard according to the stand-in. Nothing is faked: every status printed
 comes from the daemon's API, every sound from the stand-in's record of the legs.
+
+It ends by printing the web pages' address and a demo sign-in (an account that owns the endpoint). Run
+in a terminal, it then keeps the daemon and the stand-in running until Ctrl-C, so the call can be looked
+at in a browser; run by a script (stdin not a terminal), it stops everything and exits.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import http.server
 import json
 import math
 import os
+import secrets
 import shutil
 import socket
 import struct
@@ -34,6 +39,7 @@ STATE = ROOT / ".state" / "demo"
 PY = sys.executable
 PHONE_A = "15550000101"  # answers at once
 PHONE_B = "15550001102"  # rings 2 s, answers, plays a 440 Hz tone
+DEMO_EMAIL = "demo@example.com"
 
 
 def free_port() -> int:
@@ -128,10 +134,15 @@ def main() -> int:
         assert switch.stdout is not None
         print("    " + switch.stdout.readline().decode().strip())
 
-        print("==> endpoint: python -m daemon endpoint add --name demo ... --json")
+        print(f"==> web account: python -m daemon user add --email {DEMO_EMAIL} --password-stdin --admin")
+        demo_password = secrets.token_urlsafe(9)
+        subprocess.run([PY, "-m", "daemon", "user", "add", "--email", DEMO_EMAIL, "--password-stdin", "--admin"],
+                       cwd=ROOT, env=env, check=True, capture_output=True, text=True, input=demo_password + "\n")
+
+        print(f"==> endpoint: python -m daemon endpoint add --name demo ... --owner {DEMO_EMAIL} --json")
         added = subprocess.run([PY, "-m", "daemon", "endpoint", "add", "--name", "demo", "--caller-id", "15551230000",
                                 "--caller-id-name", "Callbridge Demo", "--dial-string",
-                                "sofia/gateway/carrier/{number}", "--record", "--json"],
+                                "sofia/gateway/carrier/{number}", "--record", "--owner", DEMO_EMAIL, "--json"],
                                cwd=ROOT, env=env, check=True, capture_output=True, text=True)
         endpoint = json.loads(added.stdout)
         token = endpoint["token"]
@@ -201,7 +212,22 @@ def main() -> int:
                 elif seg["kind"] == "bridge":
                     source = f"B ({PHONE_B})"
                 print(f"    {seg['start']:6.1f}–{end:>6} s  {seg['kind']:<10} {names.get(source, source)}")
-        return 0 if call.get("status") == "completed" else 1
+        result = 0 if call.get("status") == "completed" else 1
+
+        print("==> the web pages")
+        print(f"    {base}/login   email {DEMO_EMAIL}   password {demo_password}")
+        print(f"    this call: {base}/calls/{callid}")
+        if sys.stdin.isatty():
+            print("    the daemon and the stand-in keep running; press Ctrl-C to stop them")
+            try:
+                while daemon.poll() is None and switch.poll() is None:
+                    time.sleep(0.5)
+                print("    the daemon or the stand-in stopped; see", STATE / "daemon.log")
+            except KeyboardInterrupt:
+                print()
+        else:
+            print("    (stdin is not a terminal, so the demo stops now; run `make demo` in a terminal to keep it up)")
+        return result
     finally:
         for proc in reversed(procs):
             proc.terminate()

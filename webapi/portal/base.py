@@ -147,6 +147,7 @@ def common() -> dict[str, Any]:
         "cause_words": present.cause_words,
         "local_time": present.local_time,
         "iso_utc": present.iso_utc,
+        "web_link": present.web_link,
         "duration": present.duration,
         "registration_open": ctx().settings.portal_registration,
     }

@@ -66,6 +66,7 @@ STEP_WORDS = {
     "prompt_started": "Playing to A",
     "prompt_finished": "Finished playing to A",
     "dialing_b": "Calling B; A hears the dial tone",
+    "b_ringing": "B's phone is ringing",
     "b_answered": "B answered",
     "bridged": "A and B connected",
     "recording_started": "Recording started",
@@ -89,7 +90,8 @@ STEP_WORDS = {
 DETAIL_WORDS = {"cause": "cause", "file": "file", "phone": "number", "disposition": "outcome",
                 "dialstatus": "dial status", "lateness_ms": "started late by (ms)", "by": "by",
                 "due_at": "due", "reason": "reason", "failed_leg": "failed leg"}
-HIDDEN_DETAILS = {"a_uuid", "b_uuid", "ended_at", "a_answered_at", "b_dialed_at", "bridged_at"}
+# Internal identifiers and server paths stay off the pages; the times are the steps' own.
+HIDDEN_DETAILS = {"a_uuid", "b_uuid", "path", "ended_at", "a_answered_at", "b_dialed_at", "bridged_at"}
 
 
 def status_words(status: str) -> str:
@@ -127,6 +129,11 @@ def local_time(when: dt.datetime | None, zone_name: str, *, seconds: bool = True
         return ""
     local = when.replace(tzinfo=dt.UTC).astimezone(endpoint_zone(zone_name))
     return local.strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
+
+
+def web_link(url: str) -> str:
+    """``url`` if it is an http(s) URL (safe as a link's href), else ``""``."""
+    return url if url.lower().startswith(("http://", "https://")) else ""
 
 
 def iso_utc(when: dt.datetime | None) -> str:

@@ -209,7 +209,7 @@ def test_every_form_without_its_csrf_field_is_refused_and_changes_nothing(app: F
                                                                           admin: Account, make_endpoint: Any) -> None:
     endpoint, token = own_endpoint(make_endpoint, ann)
     b = browser(app).signed_in_as(ann.email)
-    for action in ("/endpoints/%d/rotate" % endpoint.id, "/logout", "/account"):
+    for action in (f"/endpoints/{endpoint.id}/rotate", "/logout", "/account"):
         response = b.client.post(action, data={"current_password": PASSWORD, "new_password": "x" * 12,
                                                "new_password_again": "x" * 12})
         assert response.status_code == 403, action
@@ -515,7 +515,7 @@ def test_templates_hold_no_inline_script_style_or_handlers() -> None:
         assert not re.search(r"<script(?![^>]*\bsrc=)", text), template.name
         assert not re.search(r"\son[a-z]+\s*=", text), template.name
         assert " style=" not in text and "<style" not in text, template.name
-        assert "http://" not in text and "https://" not in text.replace('startswith', ''), template.name
+        assert not re.search(r"""(src|href|action)=["']?(https?:)?//""", text), template.name  # nothing from elsewhere
 
 
 def test_static_files_are_served_and_listed_as_package_data(app: Flask) -> None:

@@ -104,8 +104,8 @@ class Page:
         return self.driver.execute_script(code, *args)
 
 
-@pytest.fixture
-def chromium(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Page]:
+@pytest.fixture(name="chromium")
+def chromium_fixture(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Page]:
     """A fresh headless Chromium (its own profile) whose screenshots go to ``<tmp>/screenshots``."""
     reason = _unavailable()
     if reason:

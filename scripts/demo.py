@@ -21,6 +21,7 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -219,6 +220,9 @@ def main() -> int:
         print(f"    this call: {base}/calls/{callid}")
         if sys.stdin.isatty():
             print("    the daemon and the stand-in keep running; press Ctrl-C to stop them")
+            # Ctrl-C ends the wait even when this process was started with SIGINT ignored (from `cmd &`).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
             try:
                 while daemon.poll() is None and switch.poll() is None:
                     time.sleep(0.5)

@@ -220,16 +220,36 @@ def _media_player(path: str) -> str:
 def call_detail(callid: str) -> Response:
     call = _call_or_404(callid)
     steps = queries.timeline(call)
-    played = [s for s in steps if s.kind in ("prompt_started", "prompt_finished")]
+    files = {os.path.basename(path): label for path, label in ((call.play_file, "the play_url file"),
+                                                                (call.msg_file, "the spoken message"),
+                                                                (call.dialtone_file, "the dialtone_url file"))
+             if path}
+    played = _played_times(steps, call)
     recording = bool(call.recording_path) and os.path.isfile(call.recording_path)
+    zone_name = call.endpoint.timezone
     return render("call.html", title=f"Call {call.callid}", call=call, endpoint=call.endpoint, steps=steps,
                   played=played, outcome=present.outcome(call), step_words=present.step_words,
-                  step_details=present.step_details, recording=recording,
+                  step_details=lambda detail: present.step_details(detail, zone_name, files), recording=recording,
                   play_player=_media_player(call.play_file), msg_player=_media_player(call.msg_file),
                   dialtone_player=_media_player(call.dialtone_file),
                   final=CallStatus(call.status) in FINAL_STATUSES,
                   live=queries.moving([call], ctx().clock()),
                   cancelable=CallStatus(call.status) in (CallStatus.SCHEDULED, CallStatus.QUEUED))
+
+
+def _played_times(steps: list[Any], call: Any) -> dict[str, tuple[Any, Any]]:
+    """When each prompt played to A: ``{"play": (started, finished), "msg": (...)}`` from the timeline."""
+    which = {os.path.basename(call.play_file): "play", os.path.basename(call.msg_file): "msg"}
+    out: dict[str, tuple[Any, Any]] = {}
+    for step in steps:
+        if step.kind not in ("prompt_started", "prompt_finished"):
+            continue
+        name = which.get(step.detail_dict.get("file", ""))
+        if name is None:
+            continue
+        started, finished = out.get(name, (None, None))
+        out[name] = (step.at, finished) if step.kind == "prompt_started" else (started, step.at)
+    return out
 
 
 @bp.route("/calls/<callid>/recording", methods=["GET"])

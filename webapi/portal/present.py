@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 from typing import Any
@@ -109,8 +110,10 @@ def step_words(kind: str) -> str:
     return STEP_WORDS.get(kind, kind.replace("_", " ").capitalize())
 
 
-def step_details(detail: dict[str, Any]) -> list[tuple[str, str]]:
-    """A timeline step's details as (label, text) pairs a person can read."""
+def step_details(detail: dict[str, Any], zone_name: str = "UTC",
+                 files: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """A timeline step's details as (label, text) pairs a person can read: causes in words, times in the
+    zone, our media files by what they are (``files``: file name → ``the play_url file``...)."""
     out: list[tuple[str, str]] = []
     for key, value in sorted(detail.items()):
         if key in HIDDEN_DETAILS or value in (None, "", False):
@@ -119,6 +122,11 @@ def step_details(detail: dict[str, Any]) -> list[tuple[str, str]]:
         if key.endswith("cause") and isinstance(value, str):
             words = cause_words(value)
             text = f"{value} ({words})" if words.lower() != value.lower() else value
+        elif key.endswith("_at") and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                text = local_time(dt.datetime.fromisoformat(value.removesuffix("Z")), zone_name)
+        elif key == "file" and files and text in files:
+            text = files[text]
         out.append((DETAIL_WORDS.get(key, key.replace("_", " ")), text))
     return out
 
@@ -155,7 +163,7 @@ def outcome(call: Call) -> str:
     if status == CallStatus.MISSED:
         return call.reason or "Its time passed while the daemon could not start it."
     if status == CallStatus.COMPLETED:
-        talk = f" after {call.talk_seconds:.0f} s of conversation" if call.talk_seconds else ""
+        talk = f" for {duration(call.talk_seconds)}" if call.talk_seconds else ""
         return f"A and B talked{talk}." + (f" ({call.reason})" if call.reason else "")
     return status_words(call.status) + "."
 

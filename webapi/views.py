@@ -224,10 +224,17 @@ def _create_answer(call: Call, endpoint: Endpoint, token: str) -> Response:
 @bp.route("/v1/calls", methods=["POST"], provide_automatic_options=False)
 def create_call() -> Response:
     """Request a call bridge (immediate, or scheduled with ``call_date``)."""
-    c = ctx()
     values = body_values()
     endpoint, token = require_endpoint(values)
     key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
+    return _create_answer(place_call(endpoint, values, key), endpoint, token)
+
+
+def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = None) -> Call:
+    """What ``POST /v1/calls`` does once the token is known: check the fields, fetch and normalise the
+    media, store the call (or find the one an earlier request with ``key`` made) and wake the dispatcher.
+    The web pages' form comes here too. Raises ValidationError or ApiError (400 naming the field, 503)."""
+    c = ctx()
     now = c.clock()
     req = parse_create(values, extension_pattern=endpoint.extension_pattern,
                        allowed_prefixes=endpoint.allowed_prefixes, tz=endpoint_zone(endpoint.timezone),
@@ -235,7 +242,7 @@ def create_call() -> Response:
     if key is not None:
         earlier = Call.get_or_none((Call.endpoint == endpoint.id) & (Call.idempotency_key == key))
         if earlier is not None:
-            return _create_answer(earlier, endpoint, token)
+            return earlier
     play = _media("play_url", lambda: c.media.from_url(req.play_url, kind="play")) if req.play_url else None
     spoken = _media("msg", lambda: c.media.speak(req.msg, req.msg_lang)) if req.msg else None
     tone = (_media("dialtone_url", lambda: c.media.from_url(req.dialtone_url, kind="dialtone"))
@@ -261,12 +268,12 @@ def create_call() -> Response:
             earlier = Call.get_or_none((Call.endpoint == endpoint.id) & (Call.idempotency_key == key))
         if earlier is None:
             raise
-        return _create_answer(earlier, endpoint, token)
+        return earlier
     c.metrics.calls_created.labels(kind="scheduled" if req.scheduled else "immediate").inc()
     log_event(log, "api.call_requested", callid=call.callid, endpoint=endpoint.name,
               token=endpoint.token_hint, status=status.value, due_at=iso(due))
     wake_dispatcher()
-    return _create_answer(call, endpoint, token)
+    return call
 
 
 def calls_page_query(endpoint_id: int, q: ListQuery) -> Any:
@@ -355,14 +362,20 @@ def list_scheduled() -> Response:
 
 
 def _cancel(callid: str, values: Mapping[str, Any]) -> Response:
-    c = ctx()
     endpoint, _ = require_endpoint(values)
     call = own_call(endpoint, callid)
+    return envelope(call_summary(cancel_call(call, endpoint), endpoint))
+
+
+def cancel_call(call: Call, endpoint: Endpoint, *, via: str = "the API") -> Call:
+    """Cancel the endpoint's call if it has not started (the API's cancel, and the web pages'); the call as
+    it stands afterwards. ApiError 409 when it already started or ended."""
+    c = ctx()
     now = c.clock()
     with database.atomic():
         # The mirror of the dispatcher's claim: whichever conditional UPDATE commits first wins.
         changed = (Call.update(status=CallStatus.CANCELED.value, canceled_at=now, canceled_by=endpoint.name,
-                               reason="canceled through the API")
+                               reason=f"canceled through {via}")
                    .where((Call.id == call.id) & (Call.endpoint == endpoint.id)
                           & (Call.status.in_([s.value for s in PENDING_STATUSES])))
                    .execute())
@@ -382,7 +395,7 @@ def _cancel(callid: str, values: Mapping[str, Any]) -> Response:
     log_event(log, "api.call_canceled", callid=fresh.callid, endpoint=endpoint.name,
               token=endpoint.token_hint)
     wake_dispatcher()
-    return envelope(call_summary(fresh, endpoint))
+    return fresh
 
 
 @bp.route("/v1/scheduled/<callid>", methods=["DELETE"], provide_automatic_options=False)

@@ -79,8 +79,9 @@ class Page:
         return list(self.driver.find_elements(By.CSS_SELECTOR, css))
 
     def text(self, css: str = "body") -> str:
-        found = self.finds(css)
-        return str(found[0].text) if found else ""
+        """The visible text of the first match, read in one step (a live region may be swapped any time)."""
+        return str(self.script("var e = document.querySelector(arguments[0]); return e ? e.innerText.trim() : '';",
+                               css))
 
     def at(self, path: str) -> None:
         """Wait until the browser shows ``path`` (after a form's redirect)."""

@@ -83,8 +83,9 @@ def local_date(zone: str, days: int) -> str:
 
 
 def status_shown(page: Page) -> str:
-    found = page.finds("#live .summary [data-status]")
-    return str(found[0].get_attribute("data-status")) if found else ""
+    """The status the call's page shows now (read in one step: the live region is swapped while it runs)."""
+    return str(page.script("var e = document.querySelector('#live .summary [data-status]');"
+                           " return e ? e.getAttribute('data-status') : '';"))
 
 
 @pytest.mark.time_scale(0.5)
@@ -152,7 +153,7 @@ def test_an_owner_uses_the_pages_end_to_end_and_another_account_sees_none_of_it(
     assert call.endpoint_id == endpoint.id and call.status == "completed" and call.msg == "Hello from the pages."
 
     # Its timeline, in the endpoint's time zone.
-    steps = [li.get_attribute("data-kind") for li in page.finds("#timeline li")]
+    steps = page.script("return Array.from(document.querySelectorAll('#timeline li')).map(li => li.dataset.kind);")
     for kind in ("requested", "a_answered", "dialing_b", "bridged", "completed"):
         assert kind in steps, steps
     zone_abbr = dt.datetime.now(ZoneInfo("Europe/Paris")).strftime("%Z")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from typing import Any
 from urllib.parse import urlencode
 
@@ -12,8 +13,11 @@ from flask import Response, request, send_file
 
 from daemon.accounts import users
 from daemon.accounts.endpoints import rotate_token, visible_endpoints
+from daemon.config import LANGUAGES
 from daemon.ops.logs import log_event
 from daemon.store import FINAL_STATUSES, CallStatus
+from webapi import views
+from webapi.envelope import ApiError
 from webapi.openapi import openapi_document
 from webapi.portal import present, queries
 from webapi.portal.base import (
@@ -170,6 +174,52 @@ def rotate(endpoint_id: int) -> Response:
 
 
 # Calls -------------------------------------------------------------------------------------------
+
+PLACE_FIELDS = ("phone_a", "phone_b", "call_date", "play_url", "msg", "msg_lang", "dialtone_url")
+
+
+@bp.route("/calls/new", methods=["GET", "POST"])
+@signed_in
+def place() -> Response:
+    """Place or schedule a call with one of the account's endpoints: the API's own create path, so the same
+    rules and the same messages; a form sent twice (a double click, a reload) makes one call."""
+    usable = [e for e in visible_endpoints(me()) if e.enabled]
+    values = request.form.to_dict(flat=True) if request.method == "POST" else {}
+    values.setdefault("form_id", secrets.token_urlsafe(12))
+    error = field = ""
+    status = 200
+    if request.method == "POST":
+        endpoint = queries.own_endpoint(me(), values.get("endpoint"))
+        if endpoint is None or not endpoint.enabled:
+            error, field = "endpoint: choose one of your enabled endpoints", "endpoint"
+        else:
+            try:
+                call = views.place_call(endpoint, {k: values.get(k, "") for k in PLACE_FIELDS},
+                                        key="web:" + values["form_id"][:64])
+            except ValidationError as exc:
+                error, field = str(exc), exc.field
+            except ApiError as exc:
+                error, field = exc.desc, exc.desc.split(":", 1)[0]
+                status = exc.status
+            else:
+                log_event(log, "portal.call_placed", callid=call.callid, endpoint=endpoint.name, by=me().email)
+                return go(f"/calls/{call.callid}")
+        status = status if status != 200 else 400
+    return render("place.html", status, title="Place a call", endpoints=usable, values=values, error=error,
+                  bad=field, languages=LANGUAGES, msg_max=ctx().settings.msg_max_chars)
+
+
+@bp.route("/calls/<callid>/cancel", methods=["POST"])
+@signed_in
+def cancel(callid: str) -> Response:
+    """Cancel a call that has not started, through the API's own cancel."""
+    call = _call_or_404(callid)
+    try:
+        views.cancel_call(call, call.endpoint, via=f"the web pages ({me().email})")
+    except ApiError as exc:
+        raise PageError(409, f"This call can no longer be canceled: {exc.desc.removeprefix('callid: ')}.") from None
+    back = request.form.get("back", "")
+    return go(back if back == "/scheduled" else f"/calls/{call.callid}", "canceled")
 
 @bp.route("/calls", methods=["GET"])
 @signed_in

@@ -536,3 +536,81 @@ def test_static_files_are_served_and_listed_as_package_data(app: Flask) -> None:
 def test_api_answers_stay_json_and_pages_stay_out_of_the_openapi_routes(client: FlaskClient) -> None:
     response = client.get("/v1/calls")
     assert response.status_code == 401 and response.mimetype == "application/json"
+
+
+# Placing and canceling --------------------------------------------------------------------------
+
+PLACE = {"phone_a": "15550001001", "phone_b": "15550002002", "call_date": "", "play_url": "", "msg": "",
+         "msg_lang": "", "dialtone_url": ""}
+
+
+@pytest.mark.parametrize("fields", [
+    {"phone_b": "12"}, {"phone_a": ""}, {"call_date": "tomorrow"}, {"call_date": "2020-01-01 10:00"},
+    {"play_url": "ftp://example.com/a.wav"}, {"msg": "Hello"}, {"msg": "Hi", "msg_lang": "xx-XX"},
+    {"dialtone_url": "http://exa mple.com/"},
+])
+def test_the_form_refuses_what_the_api_refuses_with_the_same_words(app: Flask, client: FlaskClient, ann: Account,
+                                                                   make_endpoint: Any, fields: dict[str, str]) -> None:
+    endpoint, token = own_endpoint(make_endpoint, ann)
+    api = client.post("/v1/calls", data={**PLACE, **fields, "token": token})
+    assert api.status_code == 400
+    expected = api.get_json()["data"]["code_desc"]
+    b = browser(app).signed_in_as(ann.email)
+    response = b.submit("/calls/new", "/calls/new", {**PLACE, **fields, "endpoint": str(endpoint.id)})
+    assert response.status_code == 400
+    page = response.get_data(as_text=True)
+    field = expected.split(":")[0]
+    assert errors_of(page)[0] == expected and f'<p class="field-error" id="e-{field}">' in page
+    assert not Call.select().exists()
+
+
+def test_the_form_places_a_call_once_even_when_sent_twice(app: Flask, ann: Account, make_endpoint: Any,
+                                                          dispatcher: FakeDispatcher) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann, timezone="Europe/Berlin")
+    b = browser(app).signed_in_as(ann.email)
+    page = b.text("/calls/new")
+    form = {**PLACE, "endpoint": str(endpoint.id), "msg": "Hello", "msg_lang": "en-GB",
+            "call_date": "2026-06-16 09:30", "csrf_token": csrf_of(page),
+            "form_id": re.search(r'name="form_id" value="([^"]+)"', page).group(1)}
+    first = b.client.post("/calls/new", data=form)
+    again = b.client.post("/calls/new", data=form)  # a double click or a reload of the POST
+    assert first.status_code == again.status_code == 303
+    assert first.headers["Location"] == again.headers["Location"]
+    call = Call.get()
+    assert first.headers["Location"] == f"/calls/{call.callid}" and Call.select().count() == 1
+    assert (call.status, call.scheduled, call.msg_lang) == ("scheduled", True, "en-GB")
+    assert call.due_at == dt.datetime(2026, 6, 16, 7, 30)  # 09:30 in Berlin (summer time) is 07:30 UTC
+    assert call.msg_file and dispatcher.wakes >= 1
+
+
+def test_only_ones_own_enabled_endpoints_place_calls(app: Flask, ann: Account, bob: Account,
+                                                     make_endpoint: Any) -> None:
+    theirs, _ = own_endpoint(make_endpoint, bob, name="bobs")
+    off, _ = own_endpoint(make_endpoint, ann, name="off")
+    off.enabled = False
+    off.save()
+    b = browser(app).signed_in_as(ann.email)
+    assert "None of your endpoints can place calls" in b.text("/calls/new")
+    for endpoint in (theirs, off):
+        response = b.submit("/calls/new", "/calls/new", {**PLACE, "endpoint": str(endpoint.id)})
+        assert errors_of(response.get_data(as_text=True))[0] == "endpoint: choose one of your enabled endpoints"
+    assert not Call.select().exists()
+
+
+def test_cancel_from_the_pages_uses_the_apis_cancel(app: Flask, ann: Account, bob: Account,
+                                                    make_endpoint: Any) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann)
+    call_row(endpoint, "5" * 28, status="scheduled", scheduled=True, due_at=NOW + dt.timedelta(days=1))
+    call_row(endpoint, "6" * 28, status="completed")
+    intruder = browser(app).signed_in_as(bob.email)
+    assert intruder.submit("/calls", f"/calls/{'5' * 28}/cancel").status_code == 404
+    b = browser(app).signed_in_as(ann.email)
+    assert 'data-callid="' + "5" * 28 in b.text("/scheduled")
+    done = b.submit("/scheduled", f"/calls/{'5' * 28}/cancel", {"back": "/scheduled"})
+    assert done.status_code == 303 and done.headers["Location"] == "/scheduled?notice=canceled"
+    canceled = Call.get(Call.callid == "5" * 28)
+    assert canceled.status == "canceled" and canceled.reason == "canceled through the web pages (ann@example.com)"
+    assert 'data-callid="' + "5" * 28 not in b.text("/scheduled")
+    late = b.submit("/calls", f"/calls/{'6' * 28}/cancel")
+    assert late.status_code == 409
+    assert "can no longer be canceled: the call is already final (status completed)" in late.get_data(as_text=True)

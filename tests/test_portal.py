@@ -22,7 +22,8 @@ from peewee import Database
 from daemon.accounts import users
 from daemon.accounts.endpoints import authenticate, hash_token
 from daemon.config import Settings
-from daemon.store import Account, Call, Endpoint, WebSession, add_event
+from daemon.calls.records import add_event
+from daemon.store import Account, Call, Endpoint, WebSession
 from tests.conftest import NOW
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
 from tests.portal_helpers import PASSWORD, Browser, csrf_of, errors_of, make_account

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 from peewee import Tuple
 
 from daemon.accounts.endpoints import visible_endpoints
+from daemon.calls.records import CallRecords
 from daemon.calls.view import endpoint_zone
 from daemon.store import IN_FLIGHT_STATUSES, PENDING_STATUSES, Account, Call, CallEvent, CallStatus, Endpoint
 from webapi.validation import (
@@ -154,7 +155,7 @@ def live_calls() -> list[Call]:
 
 
 def timeline(call: Call) -> list[CallEvent]:
-    return list(CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id))
+    return CallRecords.timeline(call.id)
 
 
 def moving(calls: list[Call], now: dt.datetime) -> bool:

@@ -21,8 +21,8 @@ from peewee import Database
 
 from daemon.accounts import users
 from daemon.accounts.endpoints import authenticate, hash_token
-from daemon.config import Settings
 from daemon.calls.records import add_event
+from daemon.config import Settings
 from daemon.store import Account, Call, Endpoint, WebSession
 from tests.conftest import NOW
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock

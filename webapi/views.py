@@ -144,22 +144,23 @@ def presented_token(values: Mapping[str, Any]) -> Any:
 
 
 def require_endpoint(values: Mapping[str, Any]) -> tuple[Endpoint, str]:
-    """The enabled endpoint owning the presented token, or 429 (address over its failure limit) / 401."""
+    """The enabled endpoint owning the presented token; else 401, or 429 while this address is over its
+    limit of failed attempts. A valid token is never refused (the limit counts failures only)."""
     c = ctx()
+    token = presented_token(values)
+    endpoint = authenticate(token) if isinstance(token, str) else None
+    if endpoint is not None:
+        return endpoint, token
     address = request.remote_addr or "unknown"
     wait = c.limiter.retry_after(address)
     if wait is not None:
         raise ApiError(429, "token: too many failed attempts from this address; retry later",
                        {"Retry-After": str(wait)})
-    token = presented_token(values)
+    c.limiter.fail(address)
     if token is None:
         raise ApiError(401, "token: missing", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
-    endpoint = authenticate(token) if isinstance(token, str) else None
-    if endpoint is None:
-        c.limiter.fail(address)
-        log_event(log, "api.auth_failed", logging.WARNING, address=address)
-        raise ApiError(401, "token: invalid or disabled", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
-    return endpoint, token
+    log_event(log, "api.auth_failed", logging.WARNING, address=address)
+    raise ApiError(401, "token: invalid or disabled", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
 
 
 def query_values() -> dict[str, Any]:

@@ -38,6 +38,7 @@ from daemon.store import (
     database,
 )
 from webapi.envelope import ApiError, envelope
+from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.validation import (
     ListQuery,
@@ -230,12 +231,14 @@ def create_call() -> Response:
     endpoint, token = require_endpoint(values)
     key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
     now = c.clock()
+    zone = endpoint_zone(endpoint.timezone)
     req = parse_create(values, extension_pattern=endpoint.extension_pattern,
-                       allowed_prefixes=endpoint.allowed_prefixes, tz=endpoint_zone(endpoint.timezone),
-                       now=now, settings=c.settings)
+                       allowed_prefixes=endpoint.allowed_prefixes, tz=zone, now=now, settings=c.settings)
+    fingerprint = request_fingerprint(req, values, zone)
     if key is not None:
         earlier = Call.get_or_none((Call.endpoint == endpoint.id) & (Call.idempotency_key == key))
         if earlier is not None:
+            check_same_request(earlier, fingerprint)
             return _create_answer(earlier, endpoint, token)
     play = _media("play_url", lambda: c.media.from_url(req.play_url, kind="play")) if req.play_url else None
     spoken = _media("msg", lambda: c.media.speak(req.msg, req.msg_lang)) if req.msg else None
@@ -250,7 +253,8 @@ def create_call() -> Response:
                 callid=secrets.token_hex(14), endpoint=endpoint.id, phone_a=req.phone_a, phone_b=req.phone_b,
                 play_url=req.play_url, msg=req.msg, msg_lang=req.msg_lang, dialtone_url=req.dialtone_url,
                 play_file=play.path if play else "", msg_file=spoken.path if spoken else "",
-                dialtone_file=tone.path if tone else "", idempotency_key=key, requested_at=now,
+                dialtone_file=tone.path if tone else "", idempotency_key=key,
+                request_fingerprint=fingerprint if key is not None else None, requested_at=now,
                 due_at=due, scheduled=req.scheduled, status=status.value)
             add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=req.scheduled or None)
             if c.on_status:
@@ -262,6 +266,7 @@ def create_call() -> Response:
             earlier = Call.get_or_none((Call.endpoint == endpoint.id) & (Call.idempotency_key == key))
         if earlier is None:
             raise
+        check_same_request(earlier, fingerprint)
         return _create_answer(earlier, endpoint, token)
     c.metrics.calls_created.labels(kind="scheduled" if req.scheduled else "immediate").inc()
     log_event(log, "api.call_requested", callid=call.callid, endpoint=endpoint.name,

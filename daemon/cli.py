@@ -22,8 +22,9 @@ from daemon.accounts.endpoints import (
     find_endpoint,
     rotate_token,
 )
+from daemon.calls.records import CallRecords
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.store import IN_FLIGHT_STATUSES, Call, CallEvent, Endpoint, open_database
+from daemon.store import Call, CallStatus, Endpoint, open_database
 
 
 def _print(obj: Any, as_json: bool) -> None:
@@ -113,15 +114,15 @@ def _call_summary(call: Call) -> dict[str, Any]:
 
 def _calls_command(args: argparse.Namespace, settings: Settings) -> Any:
     if args.action == "in-flight":
-        rows = Call.select().where(Call.status.in_([s.value for s in IN_FLIGHT_STATUSES])).order_by(Call.started_at)
+        rows = CallRecords.in_flight()
         return [{"callid": c.callid, "phase": c.status, "phone_a": c.phone_a, "phone_b": c.phone_b,
                  "started_at": c.started_at} for c in rows]
-    call = Call.get_or_none(Call.callid == args.callid)
+    call = CallRecords.find(args.callid)
     if call is None:
         raise EndpointError(f"callid {args.callid!r}: no such call")
     if args.action == "show":
         timeline = [{"at": e.at, "kind": e.kind, **e.detail_dict}
-                    for e in CallEvent.select().where(CallEvent.call == call).order_by(CallEvent.id)]
+                    for e in CallRecords.timeline(call)]
         return {**_call_summary(call), "timeline": timeline}
     return _hangup(call, settings)
 
@@ -130,7 +131,7 @@ def _hangup(call: Call, settings: Settings) -> dict[str, Any]:
     from daemon.switch import commands as fs
     from daemon.switch.esl import EslConnection, EslError
 
-    if call.status not in {s.value for s in IN_FLIGHT_STATUSES} or not call.a_uuid:
+    if not CallStatus(call.status).in_flight or not call.a_uuid:
         raise EndpointError(f"callid {call.callid}: not in progress (status {call.status})")
     conn = EslConnection(settings.esl_host, settings.esl_port, settings.esl_password,
                          connect_timeout=settings.esl_command_timeout, command_timeout=settings.esl_command_timeout)

@@ -17,7 +17,7 @@ import gevent
 import gevent.event
 
 from daemon.calls.dispatcher import Dispatcher
-from daemon.calls.journal import Journal
+from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.media.library import MediaLibrary
 from daemon.ops.logs import log_event
@@ -25,7 +25,7 @@ from daemon.ops.metrics import Metrics
 from daemon.ops.retention import Retention
 from daemon.ops.systemd import notify, watchdog_interval
 from daemon.ops.webhooks import Webhooks
-from daemon.store import IN_FLIGHT_STATUSES, PENDING_STATUSES, Call, open_database, utcnow
+from daemon.store import open_database, utcnow
 from daemon.switch.commands import http_cache_url
 from daemon.switch.engine import Engine
 from webapi.app import MAX_BODY, create_app
@@ -43,16 +43,16 @@ class Service:
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         settings.recordings_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
-        self.journal = Journal(self.metrics, clock)
+        self.records = CallRecords(self.metrics, clock)
         self.webhooks = Webhooks(settings, self.metrics, clock)
-        self.journal.listeners.append(self.webhooks.on_status)
-        self.retention = Retention(settings, clock)
+        self.records.listeners.append(self.webhooks.on_status)
+        self.retention = Retention(settings, clock, records=self.records)
         self.media = MediaLibrary(settings)
-        self.engine = Engine(settings, self.journal, playable=self._playable,
+        self.engine = Engine(settings, self.records, playable=self._playable,
                              on_call_end=lambda _sequence: self.dispatcher.wake())
-        self.dispatcher = Dispatcher(settings, self.engine, self.journal, clock)
+        self.dispatcher = Dispatcher(settings, self.engine, self.records, clock)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
-                              readiness=self.readiness, clock=clock, on_status=self.journal.announce)
+                              readiness=self.readiness, clock=clock, records=self.records)
         self.server = ApiServer.for_settings(settings, self.app, max_body=MAX_BODY)
         self.stopping = gevent.event.Event()
         self._housekeeping: gevent.Greenlet | None = None
@@ -99,10 +99,7 @@ class Service:
         while True:
             gevent.sleep(3600)
             try:
-                keep: set[str] = set()
-                for call in Call.select(Call.play_file, Call.msg_file, Call.dialtone_file).where(
-                        Call.status.in_([s.value for s in PENDING_STATUSES + IN_FLIGHT_STATUSES])):
-                    keep.update(p for p in (call.play_file, call.msg_file, call.dialtone_file) if p)
+                keep = self.records.media_in_use()
                 freed = self.media.evict(keep)
                 log_event(log, "media.evicted", bytes=freed, kept=len(keep))
             except Exception:

@@ -47,7 +47,7 @@ SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "full",
     "foreign_keys": 1,
-    # ms; SQLite's wait blocks the whole gevent process, so it is short: the journal retries a locked
+    # ms; SQLite's wait blocks the whole gevent process, so it is short: the daemon's call records retry a locked
     # write with gevent sleeps in between, and the API answers 503.
     "busy_timeout": 250,
 }
@@ -75,6 +75,10 @@ class CallStatus(enum.StrEnum):
     @property
     def final(self) -> bool:
         return self in FINAL_STATUSES
+
+    @property
+    def in_flight(self) -> bool:
+        return self in IN_FLIGHT_STATUSES
 
 
 FINAL_STATUSES = frozenset({CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.CANCELED, CallStatus.MISSED})
@@ -290,13 +294,6 @@ def relaxed_durability() -> Iterator[None]:
         yield
     finally:
         db.execute_sql("PRAGMA synchronous=FULL")
-
-
-def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **detail: Any) -> CallEvent:
-    """Append one step to a call's timeline."""
-    clean = {k: v for k, v in detail.items() if v not in (None, "")}
-    return CallEvent.create(call=call, kind=kind, at=at or utcnow(),
-                            detail=json.dumps(clean, sort_keys=True) if clean else "")
 
 
 def database_file(url: str) -> str | None:

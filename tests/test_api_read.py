@@ -11,7 +11,8 @@ from flask.testing import FlaskClient
 from peewee import Database
 
 from daemon.accounts.endpoints import disable_endpoint, rotate_token
-from daemon.store import Call, CallStatus, Endpoint, add_event
+from daemon.calls.records import add_event
+from daemon.store import Call, CallStatus, Endpoint
 from tests.conftest import NOW, create, data_of
 from webapi.validation import ListQuery, encode_id_cursor
 from webapi.views import calls_page_query

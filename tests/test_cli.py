@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from daemon.accounts.endpoints import authenticate, hash_token
+from daemon.calls.records import add_event
 from daemon.cli import main
-from daemon.store import Call, Endpoint, add_event, utcnow
+from daemon.store import Call, Endpoint, utcnow
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from daemon.calls.dispatcher import Dispatcher, TokenBucket
-from daemon.calls.journal import Journal
+from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint
@@ -52,7 +52,7 @@ def fake_engine() -> FakeEngine:
 def dispatcher(settings: Settings, db: Any, fake_engine: FakeEngine) -> Dispatcher:
     settings.calls_per_second = 1000
     settings.max_in_flight = 1000
-    return Dispatcher(settings, fake_engine, Journal(Metrics(), clock=lambda: T0), clock=lambda: T0)  # type: ignore[arg-type]
+    return Dispatcher(settings, fake_engine, CallRecords(Metrics(), clock=lambda: T0), clock=lambda: T0)  # type: ignore[arg-type]
 
 
 def add(endpoint: Endpoint, due: dt.datetime, status: CallStatus = CallStatus.SCHEDULED) -> Call:
@@ -119,13 +119,13 @@ def test_a_canceled_call_is_never_started(dispatcher: Dispatcher, fake_engine: F
     Call.update(status="canceled").where((Call.id == call.id) & Call.status.in_(["scheduled", "queued"])).execute()
     dispatcher.tick(T0, 0.0)
     assert fake_engine.launched == []
-    assert dispatcher.journal.claim(call, a_uuid="x", b_uuid="y", now=T0) is False
+    assert dispatcher.records.claim(call, a_uuid="x", b_uuid="y", now=T0) is False
 
 
 def test_claim_then_cancel_leaves_the_claim(dispatcher: Dispatcher, make_endpoint: Callable[..., Any]) -> None:
     endpoint, _ = make_endpoint()
     call = add(endpoint, T0)
-    assert dispatcher.journal.claim(call, a_uuid="a", b_uuid="b", now=T0)
+    assert dispatcher.records.claim(call, a_uuid="a", b_uuid="b", now=T0)
     canceled = (Call.update(status="canceled")
                 .where((Call.id == call.id) & Call.status.in_(["scheduled", "queued"])).execute())
     assert canceled == 0

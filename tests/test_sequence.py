@@ -9,7 +9,7 @@ from typing import Any
 import gevent
 import pytest
 
-from daemon.calls.journal import Journal
+from daemon.calls.records import CallRecords
 from daemon.calls.sequence import CallOptions, CallSequence, Reconnected
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint, utcnow
@@ -65,7 +65,7 @@ def run_call(db: Any, make_endpoint: Callable[..., Any], tmp_path: Any) -> Calla
         switch = ScriptedSwitch()
         options = CallOptions(originate_timeout=30, media_root=str(tmp_path), recordings_dir=str(tmp_path),
                               idle_check=30)
-        sequence = CallSequence(call, endpoint, switch, Journal(Metrics()), options)  # type: ignore[arg-type]
+        sequence = CallSequence(call, endpoint, switch, CallRecords(Metrics()), options)  # type: ignore[arg-type]
         return sequence, switch
 
     return run

@@ -14,8 +14,9 @@ from playhouse.migrate import TextField as MigrateTextField
 from playhouse.migrate import migrate as run_migration
 
 from daemon import store
+from daemon.calls.records import add_event
 from daemon.config import Settings
-from daemon.store import Call, CallEvent, Endpoint, add_event, database_file, open_database, schema_version
+from daemon.store import Call, CallEvent, Endpoint, database_file, open_database, schema_version
 
 NOW = dt.datetime(2026, 6, 15, 12, 0)
 

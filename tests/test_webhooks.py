@@ -19,7 +19,7 @@ from gevent.pywsgi import WSGIServer
 from peewee import Database
 
 from daemon.accounts.endpoints import EndpointOptions, create_endpoint
-from daemon.calls.journal import Journal
+from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.ops.webhooks import WEBHOOK_STATUSES, Webhooks, enqueue_status, sign, verify_signature
@@ -153,14 +153,14 @@ def test_listener_writes_one_row_per_change_only_for_endpoints_with_a_url(db: Da
     assert all(r.state == "pending" and r.attempts == 0 for r in rows)
 
 
-def test_journal_status_changes_reach_the_outbox(db: Database, hook_settings: Settings) -> None:
-    journal = Journal(Metrics())
-    webhooks = Webhooks(hook_settings, journal.metrics)
-    journal.listeners.append(webhooks.on_status)
+def test_status_changes_reach_the_outbox(db: Database, hook_settings: Settings) -> None:
+    records = CallRecords(Metrics())
+    webhooks = Webhooks(hook_settings, records.metrics)
+    records.listeners.append(webhooks.on_status)
     call = new_call(endpoint_with_hook("http://127.0.0.1:9/hook"))
-    assert journal.claim(call, a_uuid="a" * 36, b_uuid="b" * 36, now=utcnow())
-    journal.status(call, CallStatus.A_ANSWERED, a_answered_at=utcnow())
-    journal.finish(call, CallStatus.FAILED, reason="B busy", failed_leg="b", b_cause="USER_BUSY")
+    assert records.claim(call, a_uuid="a" * 36, b_uuid="b" * 36, now=utcnow())
+    records.a_answered(call, at=utcnow())
+    records.finish(call, CallStatus.FAILED, reason="B busy", failed_leg="b", b_cause="USER_BUSY")
     assert [r.status for r in deliveries()] == ["dialing_a", "a_answered", "failed"]
     final = json.loads(deliveries()[-1].payload)
     assert (final["final"], final["failed_leg"], final["b_cause"]) == (True, "b", "USER_BUSY")

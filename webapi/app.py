@@ -18,9 +18,10 @@ from peewee import OperationalError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallStatus, utcnow
+from daemon.store import utcnow
 from webapi.envelope import ApiError, envelope, error_response
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.validation import ValidationError
@@ -39,14 +40,13 @@ HTTP_REASONS = {
 
 def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLike | None = None,
                metrics: Metrics | None = None, readiness: Callable[[], Mapping[str, bool]] | None = None,
-               clock: Callable[[], dt.datetime] = utcnow,
-               on_status: Callable[[Call, CallStatus], None] | None = None) -> Flask:
+               clock: Callable[[], dt.datetime] = utcnow, records: CallRecords | None = None) -> Flask:
     """Build the API app.
 
     ``media`` fetches and normalises prompts (``from_url``, ``speak``, ``path_for_sha``); ``dispatcher``
     (``wake()``) is told after a call row is committed; ``readiness`` returns named checks for
-    ``/readyz``; ``clock`` returns naive-UTC now; ``on_status(call, status)`` is told, inside the
-    transaction, of the statuses the API sets itself (queued, scheduled, canceled).
+    ``/readyz``; ``clock`` returns naive-UTC now; ``records`` writes the calls (the daemon's own, whose
+    listeners hear the statuses the API sets; by default a fresh one counting into ``metrics``).
     """
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -56,10 +56,11 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
     app.url_map.merge_slashes = False
     if settings.trust_proxy:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)  # type: ignore[method-assign]
+    metrics = metrics or (records.metrics if records is not None else Metrics())
     app.extensions["callbridge"] = ApiContext(
-        settings=settings, media=media, dispatcher=dispatcher, metrics=metrics or Metrics(),
+        settings=settings, media=media, dispatcher=dispatcher, metrics=metrics,
         readiness=readiness, clock=clock, limiter=AuthFailureLimiter(settings.auth_failures_per_minute),
-        on_status=on_status)
+        records=records or CallRecords(metrics, clock))
     app.register_blueprint(bp)
 
     @app.before_request

@@ -1,9 +1,10 @@
 """The HTTP routes: create, list, read and cancel calls, plus health, readiness, metrics and media.
 
 Each route reads its inputs through :mod:`webapi.validation`, authenticates first (so a request
-without a valid token learns nothing about field rules), then checks fields, then touches the store.
-The store is never written while network I/O is pending: media are fetched before the insert's
-transaction opens. Every answer goes through :func:`webapi.envelope.envelope`.
+without a valid token learns nothing about field rules), then checks fields, then asks
+:class:`daemon.calls.records.CallRecords` (which owns every call row) and renders the answer. The store
+is never written while network I/O is pending: media are fetched before the insert's transaction
+opens. Every answer goes through :func:`webapi.envelope.envelope`.
 """
 
 from __future__ import annotations
@@ -13,30 +14,21 @@ import json
 import logging
 import os
 import re
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flask import Blueprint, Response, current_app, request, send_file
-from peewee import IntegrityError, SqliteDatabase, Tuple
+from peewee import SqliteDatabase
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
+from daemon.calls.records import CallRecords, NewCall, NotCancelable
 from daemon.calls.view import call_view, endpoint_zone, iso
 from daemon.config import Settings
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
-from daemon.store import (
-    FINAL_STATUSES,
-    PENDING_STATUSES,
-    Call,
-    CallEvent,
-    CallStatus,
-    Endpoint,
-    add_event,
-    database,
-)
+from daemon.store import Call, Endpoint, database
 from webapi.envelope import ApiError, envelope
 from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
@@ -93,9 +85,9 @@ class ApiContext:
     readiness: Callable[[], Mapping[str, bool]] | None
     clock: Callable[[], dt.datetime]
     limiter: AuthFailureLimiter
-    # Told of each status the API itself sets (queued/scheduled, canceled), inside the same transaction,
-    # so status webhooks for them are queued atomically with the change.
-    on_status: Callable[[Call, CallStatus], None] | None = None
+    # Every call row is written through it; its listeners (status webhooks) hear the statuses the API
+    # sets (queued/scheduled, canceled) inside the same transaction.
+    records: CallRecords
 
 
 def ctx() -> ApiContext:
@@ -178,16 +170,13 @@ def call_summary(call: Call, endpoint: Endpoint) -> dict[str, Any]:
 
 def timeline(call: Call) -> list[dict[str, Any]]:
     """The call's events, oldest first."""
-    events = CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)
-    return [{"at": iso(e.at), "kind": e.kind, "detail": e.detail_dict} for e in events]
+    return [{"at": iso(e.at), "kind": e.kind, "detail": e.detail_dict} for e in CallRecords.timeline(call.id)]
 
 
 def own_call(endpoint: Endpoint, raw_callid: str) -> Call:
     """The endpoint's call by callid; 404 whether it does not exist or belongs to someone else."""
     callid = parse_callid(raw_callid)
-    call = None
-    if callid is not None:
-        call = Call.get_or_none((Call.callid == callid) & (Call.endpoint == endpoint.id))
+    call = CallRecords.owned(endpoint.id, callid) if callid is not None else None
     if call is None:
         raise ApiError(404, "callid: no such call for this token")
     return call
@@ -236,7 +225,7 @@ def create_call() -> Response:
                        allowed_prefixes=endpoint.allowed_prefixes, tz=zone, now=now, settings=c.settings)
     fingerprint = request_fingerprint(req, values, zone)
     if key is not None:
-        earlier = Call.get_or_none((Call.endpoint == endpoint.id) & (Call.idempotency_key == key))
+        earlier = CallRecords.by_idempotency_key(endpoint.id, key)
         if earlier is not None:
             check_same_request(earlier, fingerprint)
             return _create_answer(earlier, endpoint, token)
@@ -244,53 +233,24 @@ def create_call() -> Response:
     spoken = _media("msg", lambda: c.media.speak(req.msg, req.msg_lang)) if req.msg else None
     tone = (_media("dialtone_url", lambda: c.media.from_url(req.dialtone_url, kind="dialtone"))
             if req.dialtone_url else None)
-    now = c.clock()  # media may have taken a while
-    due = max(req.due_at, now) if not req.scheduled else req.due_at
-    status = CallStatus.SCHEDULED if due > now + dt.timedelta(seconds=1) else CallStatus.QUEUED
-    try:
-        with database.atomic():
-            call = Call.create(
-                callid=secrets.token_hex(14), endpoint=endpoint.id, phone_a=req.phone_a, phone_b=req.phone_b,
-                play_url=req.play_url, msg=req.msg, msg_lang=req.msg_lang, dialtone_url=req.dialtone_url,
-                play_file=play.path if play else "", msg_file=spoken.path if spoken else "",
-                dialtone_file=tone.path if tone else "", idempotency_key=key,
-                request_fingerprint=fingerprint if key is not None else None, requested_at=now,
-                due_at=due, scheduled=req.scheduled, status=status.value)
-            add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=req.scheduled or None)
-            if c.on_status:
-                c.on_status(call, status)
-    except IntegrityError:
-        # The same Idempotency-Key committed by a concurrent request between our look-up and insert.
-        earlier = None
-        if key is not None:
-            earlier = Call.get_or_none((Call.endpoint == endpoint.id) & (Call.idempotency_key == key))
-        if earlier is None:
-            raise
-        check_same_request(earlier, fingerprint)
-        return _create_answer(earlier, endpoint, token)
-    c.metrics.calls_created.labels(kind="scheduled" if req.scheduled else "immediate").inc()
-    log_event(log, "api.call_requested", callid=call.callid, endpoint=endpoint.name,
-              token=endpoint.token_hint, status=status.value, due_at=iso(due))
-    wake_dispatcher()
-    return _create_answer(call, endpoint, token)
+    created = c.records.create(endpoint, NewCall(
+        phone_a=req.phone_a, phone_b=req.phone_b, due_at=req.due_at, scheduled=req.scheduled,
+        play_url=req.play_url, msg=req.msg, msg_lang=req.msg_lang, dialtone_url=req.dialtone_url,
+        play_file=play.path if play else "", msg_file=spoken.path if spoken else "",
+        dialtone_file=tone.path if tone else "", idempotency_key=key,
+        request_fingerprint=fingerprint if key is not None else None), now=c.clock())  # media may have taken a while
+    if created.new:
+        wake_dispatcher()
+    else:  # a concurrent request with the same key won the insert
+        check_same_request(created.call, fingerprint)
+    return _create_answer(created.call, endpoint, token)
 
 
 def calls_page_query(endpoint_id: int, q: ListQuery) -> Any:
-    """The query behind one page of ``GET /v1/calls``: an (endpoint, id) index walk, newest first.
-
-    Keyset pagination (``id < cursor``) with ``LIMIT n+1``: no OFFSET, no COUNT, so a page costs the
-    same at a million calls as at ten.
-    """
-    query = Call.select().where(Call.endpoint == endpoint_id)
-    if q.cursor is not None:
-        query = query.where(Call.id < decode_id_cursor(q.cursor))
-    if q.statuses:
-        query = query.where(Call.status.in_(q.statuses))
-    if q.since is not None:
-        query = query.where(Call.requested_at >= q.since)
-    if q.until is not None:
-        query = query.where(Call.requested_at < q.until)
-    return query.order_by(Call.id.desc()).limit(q.limit + 1)
+    """The query behind one page of ``GET /v1/calls`` (``limit + 1`` rows, to tell whether more follow)."""
+    before_id = decode_id_cursor(q.cursor) if q.cursor is not None else None
+    return CallRecords.page(endpoint_id, limit=q.limit + 1, before_id=before_id, statuses=q.statuses,
+                            since=q.since, until=q.until)
 
 
 @bp.route("/v1/calls", methods=["GET"], provide_automatic_options=False)
@@ -329,31 +289,14 @@ def read_recording(callid: str) -> Response:
 
 # Scheduled ---------------------------------------------------------------------------------------
 
-def scheduled_page_rows(endpoint_id: int, q: ListQuery) -> list[Call]:
-    """Up to ``limit + 1`` pending scheduled calls after the cursor, by (due_at, id).
-
-    One query per pending status, each an ordered walk of the (endpoint, status, due_at) index (no
-    sort of all pending calls), merged here.
-    """
-    after = decode_due_cursor(q.cursor) if q.cursor is not None else None
-    rows: list[Call] = []
-    for status in PENDING_STATUSES:
-        query = Call.select().where((Call.endpoint == endpoint_id) & (Call.status == status.value)
-                                    & (Call.scheduled == True))  # noqa: E712 (peewee expression)
-        if after is not None:
-            query = query.where(Tuple(Call.due_at, Call.id) > Tuple(*after))
-        rows.extend(query.order_by(Call.due_at, Call.id).limit(q.limit + 1))
-    rows.sort(key=lambda r: (r.due_at, r.id))
-    return rows[: q.limit + 1]
-
-
 @bp.route("/v1/scheduled", methods=["GET"], provide_automatic_options=False)
 def list_scheduled() -> Response:
     """The token's scheduled calls that have not started yet, soonest first."""
     args = query_values()
     endpoint, _ = require_endpoint(args)
     q = parse_list_query(args, endpoint_zone(endpoint.timezone))
-    rows = scheduled_page_rows(endpoint.id, q)
+    after = decode_due_cursor(q.cursor) if q.cursor is not None else None
+    rows = CallRecords.scheduled_page(endpoint.id, limit=q.limit + 1, after=after)
     more = len(rows) > q.limit
     rows = rows[: q.limit]
     return envelope({"calls": [call_summary(r, endpoint) for r in rows],
@@ -364,31 +307,12 @@ def _cancel(callid: str, values: Mapping[str, Any]) -> Response:
     c = ctx()
     endpoint, _ = require_endpoint(values)
     call = own_call(endpoint, callid)
-    now = c.clock()
-    with database.atomic():
-        # The mirror of the dispatcher's claim: whichever conditional UPDATE commits first wins.
-        changed = (Call.update(status=CallStatus.CANCELED.value, canceled_at=now, canceled_by=endpoint.name,
-                               reason="canceled through the API")
-                   .where((Call.id == call.id) & (Call.endpoint == endpoint.id)
-                          & (Call.status.in_([s.value for s in PENDING_STATUSES])))
-                   .execute())
-        if changed == 1:
-            add_event(call.id, "canceled", at=now, by=endpoint.name)
-            if c.on_status:
-                c.on_status(Call.get_by_id(call.id), CallStatus.CANCELED)
-    fresh = Call.get_by_id(call.id)
-    if changed != 1:
-        status = CallStatus(fresh.status)
-        if status in FINAL_STATUSES:
-            desc = f"callid: the call is already final (status {status.value})"
-        else:
-            desc = f"callid: the call already started (status {status.value})"
-        raise ApiError(409, desc, extra={"callid": fresh.callid, "status": status.value})
-    c.metrics.calls_final.labels(CallStatus.CANCELED.value, "").inc()
-    log_event(log, "api.call_canceled", callid=fresh.callid, endpoint=endpoint.name,
-              token=endpoint.token_hint)
+    outcome = c.records.cancel(call, endpoint, now=c.clock())
+    if isinstance(outcome, NotCancelable):
+        raise ApiError(409, f"callid: {outcome.reason}",
+                       extra={"callid": outcome.call.callid, "status": outcome.status.value})
     wake_dispatcher()
-    return envelope(call_summary(fresh, endpoint))
+    return envelope(call_summary(outcome, endpoint))
 
 
 @bp.route("/v1/scheduled/<callid>", methods=["DELETE"], provide_automatic_options=False)

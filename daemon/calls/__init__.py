@@ -1,2 +1,3 @@
-"""Calls: one call's life on the switch (``sequence``), when calls start (``dispatcher``), what is
-written about them (``journal``) and how a call is shown to clients (``view``)."""
+"""Calls: one call's life on the switch (``sequence``), when calls start (``dispatcher``),
+every write of a call's row and timeline plus the queries calls are read through (``records``) and how
+a call is shown to clients (``view``)."""

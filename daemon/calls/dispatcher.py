@@ -6,7 +6,7 @@ the engine ``wake()`` it when a call is committed, canceled or ends. Each wake-u
 queries: the due calls in order, and the next due time.
 
 Claiming is one conditional UPDATE committed before any command goes to FreeSWITCH (see
-``Journal.claim``): a cancel racing a start leaves exactly one outcome, and a crash after the claim
+``CallRecords.claim``): a cancel racing a start leaves exactly one outcome, and a crash after the claim
 leaves a call that the engine reconciles at the next start instead of dialing it again.
 
 Limits: calls in flight (global and per endpoint), new calls per second (global and per endpoint,
@@ -21,16 +21,14 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import gevent
 import gevent.event
-from peewee import fn
 
-from daemon.calls.journal import Journal
+from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.ops.logs import log_event
-from daemon.store import PENDING_STATUSES, Call, CallStatus, Endpoint, utcnow
+from daemon.store import Call, CallStatus, Endpoint, utcnow
 from daemon.switch.engine import Engine
 
 log = logging.getLogger("callbridge.dispatcher")
@@ -66,11 +64,11 @@ class TokenBucket:
 class Dispatcher:
     """Claims due calls and hands them to the engine."""
 
-    def __init__(self, settings: Settings, engine: Engine, journal: Journal,
+    def __init__(self, settings: Settings, engine: Engine, records: CallRecords,
                  clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.settings = settings
         self.engine = engine
-        self.journal = journal
+        self.records = records
         self.clock = clock
         self._wake = gevent.event.Event()
         self._running = False
@@ -100,14 +98,10 @@ class Dispatcher:
     def recover(self, now: dt.datetime) -> int:
         """Calls whose time passed while the daemon was down: late within the grace, else missed."""
         limit = now - dt.timedelta(seconds=self.settings.schedule_grace)
-        missed = 0
-        for call in (Call.select().where(Call.status.in_([s.value for s in PENDING_STATUSES]) & (Call.due_at < limit))
-                     .order_by(Call.due_at)):
-            late = int((now - call.due_at).total_seconds())
-            self.journal.finish(call, CallStatus.MISSED, reason=f"due at {call.due_at.isoformat()}Z, "
-                                f"{late} s before the daemon could start it (grace {self.settings.schedule_grace} s)")
-            missed += 1
-        return missed
+        overdue = self.records.overdue(limit)
+        for call in overdue:
+            self.records.missed(call, now=now, grace=self.settings.schedule_grace)
+        return len(overdue)
 
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -125,7 +119,6 @@ class Dispatcher:
         if not self.engine.ready:
             return MAX_SLEEP
         self._roll_day(now)
-        pending = [s.value for s in PENDING_STATUSES]
         held_back: float | None = None
         skip: set[int] = set()  # endpoints at their limit this tick: their calls wait, others go
         after: tuple[dt.datetime, int] | None = None
@@ -133,14 +126,8 @@ class Dispatcher:
             free = self.settings.max_in_flight - self.engine.in_flight()
             if free <= 0:
                 return MAX_SLEEP  # a call ending wakes us
-            query = (Call.select(Call, Endpoint).join(Endpoint)
-                     .where(Call.status.in_(pending) & (Call.due_at <= now)))
-            if skip:
-                query = query.where(Call.endpoint.not_in(sorted(skip)))
-            if after is not None:
-                query = query.where((Call.due_at > after[0]) | ((Call.due_at == after[0]) & (Call.id > after[1])))
             limit = min(BATCH, 2 * free + 10)
-            page = list(query.order_by(Call.due_at, Call.id).limit(limit))
+            page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)
             for call in page:
                 if not self.engine.ready:
                     return MAX_SLEEP
@@ -153,7 +140,7 @@ class Dispatcher:
                     skip.add(endpoint.id)
                     continue
                 if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
-                    self.journal.finish(call, CallStatus.FAILED,
+                    self.records.finish(call, CallStatus.FAILED,
                                         reason=f"daily cap of {endpoint.daily_cap} calls reached")
                     continue
                 bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
@@ -170,15 +157,14 @@ class Dispatcher:
             if len(page) < limit:
                 break
             after = (page[-1].due_at, page[-1].id)
-        nxt = (Call.select(Call.due_at).where(Call.status.in_(pending) & (Call.due_at > now))
-               .order_by(Call.due_at).limit(1).scalar())
+        nxt = self.records.next_due_at(now)
         delay = MAX_SLEEP if nxt is None else (nxt - now).total_seconds()
         return min(delay, held_back) if held_back is not None else delay
 
     def _start(self, call: Call, endpoint: Endpoint) -> None:
         a_uuid, b_uuid = self.engine.new_leg_uuids()
         # Lateness is stamped at this call's own claim, not at the start of the tick.
-        if not self.journal.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock()):
+        if not self.records.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock()):
             return  # canceled (or claimed elsewhere) in the meantime
         self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
         self.engine.launch(call, endpoint)
@@ -188,7 +174,5 @@ class Dispatcher:
             return
         self._day = now.date()
         start = dt.datetime.combine(self._day, dt.time())
-        counts: Any = (Call.select(Call.endpoint, fn.COUNT(Call.id)).where(Call.started_at >= start)
-                  .group_by(Call.endpoint).tuples())
-        self.started_today = {int(endpoint_id): int(n) for endpoint_id, n in counts}
+        self.started_today = self.records.started_per_endpoint(start)
         log_event(log, "dispatcher.day", day=str(self._day), endpoints=len(self.started_today))

@@ -37,7 +37,7 @@ import gevent
 import gevent.queue
 from peewee import DatabaseError
 
-from daemon.calls.journal import Journal
+from daemon.calls.records import CallRecords
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
 from daemon.switch.esl import EslError, EslEvent, EslNotSent
@@ -115,13 +115,13 @@ class AppStep:
 class CallSequence:
     """Drives one call on FreeSWITCH and writes down what happens to it."""
 
-    def __init__(self, call: Call, endpoint: Endpoint, switch: Switch, journal: Journal,
+    def __init__(self, call: Call, endpoint: Endpoint, switch: Switch, records: CallRecords,
                  options: CallOptions, *, adopted: bool = False,
                  on_end: Callable[[CallSequence], None] | None = None) -> None:
         self.call = call
         self.endpoint = endpoint
         self.switch = switch
-        self.journal = journal
+        self.records = records
         self.options = options
         self.adopted = adopted
         self.on_end = on_end
@@ -171,7 +171,7 @@ class CallSequence:
                     self._check_alive()
                     continue
                 if isinstance(item, Stop):
-                    self.journal.step(self.call, "daemon_stopped", phase=self.phase.value,
+                    self.records.step(self.call, "daemon_stopped", phase=self.phase.value,
                                       note="call left to FreeSWITCH; reconciled at next start")
                     return
                 if isinstance(item, RetryDial):
@@ -185,7 +185,7 @@ class CallSequence:
                     self._on_event(item)
                 del item  # don't keep the last event (kilobytes of headers) alive while waiting
         except DatabaseError:
-            # The store stayed unwritable past the journal's retries: leave the call to FreeSWITCH
+            # The store stayed unwritable past the records' retries: leave the call to FreeSWITCH
             # (hanging up a healthy call would be worse); the next start reconciles it.
             log.exception("store unavailable; call left to FreeSWITCH", extra={"callid": self.callid})
         except Exception as exc:  # never leave a call without a final status
@@ -211,21 +211,21 @@ class CallSequence:
         retry = self.dial_pending
         self.dial_pending = False
         if not retry:
-            self.journal.step(self.call, "dialing_a", phone=self.call.phone_a, a_uuid=self.a.uuid)
+            self.records.step(self.call, "dialing_a", phone=self.call.phone_a, a_uuid=self.a.uuid)
         try:
             reply = self.switch.bgapi(command, self.job_uuid)
         except EslNotSent:
             # Never reached FreeSWITCH: dial when reconnected, or in a moment if the connection was
             # only busy.
             if not retry:
-                self.journal.step(self.call, "waiting_for_switch", phase="dialing_a")
+                self.records.step(self.call, "waiting_for_switch", phase="dialing_a")
             self.dial_pending = True
             gevent.spawn_later(1.0, self.deliver, RetryDial())
             return
         except EslError as exc:
             # The originate may or may not have reached FreeSWITCH: never send it again; find out.
             self.connection_lost = True
-            self.journal.step(self.call, "connection_lost", phase="dialing_a", error=str(exc))
+            self.records.step(self.call, "connection_lost", phase="dialing_a", error=str(exc))
             return
         if not reply.startswith("+OK"):
             self._finish(CallStatus.FAILED, failed_leg="a", a_cause="", reason=f"originate refused: {reply}")
@@ -302,7 +302,7 @@ class CallSequence:
             action()
         except EslError as exc:
             self.connection_lost = True
-            self.journal.step(self.call, "connection_lost", phase=phase, error=str(exc))
+            self.records.step(self.call, "connection_lost", phase=phase, error=str(exc))
 
     def _playable(self, path: str) -> str:
         local = fs.media_path(path, media_root=self.options.media_root)
@@ -314,15 +314,13 @@ class CallSequence:
         try:
             reply = self.switch.api(fs.uuid_record_start(self.a.uuid, path, recordings_dir=self.options.recordings_dir))
         except EslError as exc:
-            self.journal.step(self.call, "recording_failed", error=str(exc))
+            self.records.step(self.call, "recording_failed", error=str(exc))
             return
         if reply.startswith("+OK"):
             self.recording = True
-            Call.update(recording_path=path).where(Call.id == self.call.id).execute()
-            self.call.recording_path = path
-            self.journal.step(self.call, "recording_started", path=path)
+            self.records.recording_started(self.call, path)
         else:
-            self.journal.step(self.call, "recording_failed", error=reply.strip())
+            self.records.step(self.call, "recording_failed", error=reply.strip())
 
     def _kill_legs(self) -> None:
         for leg in (self.a, self.b):
@@ -348,7 +346,7 @@ class CallSequence:
         elif name in ("CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA"):
             if not leg.ringing_logged:
                 leg.ringing_logged = True
-                self.journal.step(self.call, f"{tag}_ringing",
+                self.records.step(self.call, f"{tag}_ringing",
                                   early_media=name == "CHANNEL_PROGRESS_MEDIA" or None)
         elif name == "CHANNEL_ANSWER":
             leg.created = True
@@ -381,21 +379,15 @@ class CallSequence:
     def _on_answer(self, leg: LegState, tag: str) -> None:
         if leg.answered_at is not None:
             return
-        now = self.journal.clock()
+        now = self.records.clock()
         leg.answered_at = now
         if leg is self.a:
-            dialing = (now - self.call.started_at).total_seconds() if self.call.started_at else None
-            if dialing is not None:
-                self.journal.metrics.originate_to_answer.labels("a").observe(dialing)
             self.phase = Phase.PROMPTS
-            self.journal.status(self.call, CallStatus.A_ANSWERED, a_answered_at=now)
+            self.records.a_answered(self.call, at=now)
             if not self.apps_queued:
                 self._guarded(self._queue_apps, "queuing")
         else:
-            if self.call.b_dialed_at:
-                self.journal.metrics.originate_to_answer.labels("b").observe(
-                    (now - self.call.b_dialed_at).total_seconds())
-            self.journal.step(self.call, "b_answered", at=now)
+            self.records.b_answered(self.call, at=now)
 
     def _on_execute(self, event: EslEvent) -> None:
         step = self.steps.get(event.get("Application-UUID") or "")
@@ -406,13 +398,12 @@ class CallSequence:
         elif step is self.bridge_step if step is not None else event.get("Application") == "bridge":
             self._b_dialing()
         elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE:
-            self.journal.step(self.call, "prompt_started", file=os.path.basename(step.arg))
+            self.records.step(self.call, "prompt_started", file=os.path.basename(step.arg))
 
     def _b_dialing(self) -> None:
         if self.phase in (Phase.DIALING_A, Phase.PROMPTS):
             self.phase = Phase.DIALING_B
-            self.journal.status(self.call, CallStatus.DIALING_B, b_dialed_at=self.journal.clock(),
-                                phone=self.call.phone_b, b_uuid=self.b.uuid)
+            self.records.dialing_b(self.call, at=self.records.clock())
 
     def _on_execute_complete(self, event: EslEvent) -> None:
         step = self.steps.get(event.get("Application-UUID") or "")
@@ -427,23 +418,23 @@ class CallSequence:
             if (self.unsent or self.uncertain) and self.bridge_disposition != "SUCCESS" and not self.a.gone:
                 with contextlib.suppress(EslError):  # the notice and hangup after it may never have been queued
                     self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
-            self.journal.step(self.call, "bridge_ended", disposition=self.bridge_disposition,
+            self.records.step(self.call, "bridge_ended", disposition=self.bridge_disposition,
                               dialstatus=event.get("variable_DIALSTATUS"),
                               cause=event.get("variable_last_bridge_hangup_cause"))
         elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE:
-            self.journal.step(self.call, "prompt_finished", file=os.path.basename(step.arg),
+            self.records.step(self.call, "prompt_finished", file=os.path.basename(step.arg),
                               result=event.get("Application-Response"))
 
     def _on_bridged(self, late: bool = False) -> None:
         if self.phase == Phase.BRIDGED:
             return
-        now = self.journal.clock()
+        now = self.records.clock()
         self.phase = Phase.BRIDGED
         self.b.created = True
         if self.b.answered_at is None:
             self.b.answered_at = now
         ring = round((now - self.call.b_dialed_at).total_seconds(), 3) if self.call.b_dialed_at else None
-        self.journal.status(self.call, CallStatus.BRIDGED, bridged_at=now, ring_seconds=ring)
+        self.records.bridged(self.call, at=now, ring_seconds=ring)
         if self.endpoint.record and not late:
             self._start_recording()
 
@@ -460,7 +451,7 @@ class CallSequence:
             if not self.b.created:  # B came and went unseen
                 self.b.created = self.b.gone = True
             self.b.cause = self.b.cause or disposition
-            self.journal.step(self.call, "bridge_ended", disposition=disposition,
+            self.records.step(self.call, "bridge_ended", disposition=disposition,
                               dialstatus=hangup.get("variable_DIALSTATUS"), source="A's hangup")
 
     def _on_leg_gone(self, leg: LegState, tag: str, cause: str) -> None:
@@ -468,7 +459,7 @@ class CallSequence:
             return
         leg.gone = True
         leg.cause = cause or leg.cause
-        self.journal.step(self.call, f"{tag}_hangup", cause=leg.cause)
+        self.records.step(self.call, f"{tag}_hangup", cause=leg.cause)
         self._conclude()
 
     # -- endings ----------------------------------------------------------------------------------
@@ -491,22 +482,27 @@ class CallSequence:
         else:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up before B was dialed")
 
-    def _finish(self, status: CallStatus, **fields: Any) -> None:
+    def _finish(self, status: CallStatus, *, reason: str = "", failed_leg: str | None = None,
+                a_cause: str | None = None, b_cause: str | None = None) -> None:
+        """End the call; the legs' causes, ring or talk time and the recording's size come from what we saw."""
         if self.done:
             return
         self.done = True
         self.phase = Phase.ENDING
-        now = self.journal.clock()
-        fields.setdefault("a_cause", self.a.cause)
-        fields.setdefault("b_cause", self.b.cause)
+        now = self.records.clock()
+        talk = ring = None
         if self.call.bridged_at:
-            fields.setdefault("talk_seconds", round((now - self.call.bridged_at).total_seconds(), 3))
+            talk = round((now - self.call.bridged_at).total_seconds(), 3)
         elif self.call.b_dialed_at:
-            fields.setdefault("ring_seconds", round((now - self.call.b_dialed_at).total_seconds(), 3))
+            ring = round((now - self.call.b_dialed_at).total_seconds(), 3)
+        size = seconds = None
         if self.recording and self.call.recording_path and os.path.exists(self.call.recording_path):
-            fields["recording_bytes"] = os.path.getsize(self.call.recording_path)
-            fields["recording_seconds"] = _wav_seconds(self.call.recording_path)
-        self.journal.finish(self.call, status, ended_at=now, **fields)
+            size = os.path.getsize(self.call.recording_path)
+            seconds = _wav_seconds(self.call.recording_path)
+        self.records.finish(self.call, status, at=now, reason=reason, failed_leg=failed_leg,
+                            a_cause=self.a.cause if a_cause is None else a_cause,
+                            b_cause=self.b.cause if b_cause is None else b_cause,
+                            ring_seconds=ring, talk_seconds=talk, recording_bytes=size, recording_seconds=seconds)
 
     # -- when the connection was lost or nothing is heard -----------------------------------------
     def _exists(self, leg_uuid: str) -> bool:
@@ -524,7 +520,7 @@ class CallSequence:
         """Find out from FreeSWITCH what became of this call while we could not hear it."""
         self.connection_lost = False
         if restarted:
-            self.journal.step(self.call, "switch_restarted")
+            self.records.step(self.call, "switch_restarted")
             self.a.gone = self.b.gone = True
             # No leg failed: the switch did. Both legs vanished with it, causes unknown.
             self._finish(CallStatus.FAILED, reason="FreeSWITCH restarted during the call")
@@ -536,14 +532,14 @@ class CallSequence:
                 if b_alive:
                     self.switch.api(fs.uuid_kill(self.b.uuid, "NORMAL_CLEARING"))
                 self.a.gone = self.b.gone = True
-                self.journal.step(self.call, "reconciled", a="gone", b="gone")
+                self.records.step(self.call, "reconciled", a="gone", b="gone")
                 if self.call.bridged_at:
                     self._finish(CallStatus.COMPLETED, reason="ended while the switch connection was down")
                 else:
                     # Both legs ended unheard: which one failed, and why, is not known.
                     self._finish(CallStatus.FAILED, reason="interrupted")
                 return
-            self.journal.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")
+            self.records.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")
             if self.unsent or self.uncertain:
                 self._resume_queue()
             if self._answered(self.a.uuid):
@@ -567,7 +563,7 @@ class CallSequence:
                 self.bridge_disposition = disposition
                 self.b.cause = self.b.cause or disposition
                 self.b.created = self.b.gone = True
-                self.journal.step(self.call, "bridge_ended", disposition=disposition)
+                self.records.step(self.call, "bridge_ended", disposition=disposition)
             elif self.phase in (Phase.DIALING_B, Phase.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
                 self.b.created = self.b.gone = True
@@ -586,7 +582,7 @@ class CallSequence:
         except EslError:
             return
         if not a_alive:
-            self.journal.step(self.call, "lost_track", note="A is gone but its hangup was not heard")
+            self.records.step(self.call, "lost_track", note="A is gone but its hangup was not heard")
             self._reconcile(False)
 
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import gevent
 import gevent.event
-from peewee import fn
 
+from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.ops.logs import log_event
-from daemon.store import Call, add_event, utcnow
+from daemon.store import utcnow
 
 log = logging.getLogger("callbridge.retention")
 
@@ -39,8 +39,9 @@ class Retention:
     """Deletes expired recordings; ``start()`` runs :meth:`sweep` now and then every ``interval`` seconds."""
 
     def __init__(self, settings: Settings, clock: Callable[[], dt.datetime] = utcnow,
-                 interval: float = INTERVAL) -> None:
+                 interval: float = INTERVAL, records: CallRecords | None = None) -> None:
         self.settings = settings
+        self.records = records or CallRecords(clock=clock)
         self.clock = clock
         self.interval = interval
         self._stop = gevent.event.Event()
@@ -87,12 +88,9 @@ class Retention:
         return removed
 
     def _expire_calls(self, cutoff: dt.datetime, now: dt.datetime) -> int:
-        age = fn.COALESCE(Call.ended_at, Call.started_at, Call.requested_at)
         removed = 0
         while True:
-            batch = list(Call.select(Call.id, Call.callid, Call.recording_path)
-                         .where((Call.recording_path != "") & (age < cutoff))
-                         .order_by(Call.id).limit(BATCH))
+            batch = self.records.recordings_older_than(cutoff, BATCH)
             for call in batch:
                 inside = self._inside(call.recording_path)
                 if inside is not None:
@@ -101,8 +99,7 @@ class Retention:
                     except OSError as exc:
                         log_event(log, "recording.delete_failed", logging.WARNING, callid=call.callid,
                                   error=str(exc))
-                Call.update(recording_path="").where(Call.id == call.id).execute()
-                add_event(call.id, "recording_expired", at=now, retention_days=self.settings.recordings_retention_days)
+                self.records.recording_expired(call, at=now, retention_days=self.settings.recordings_retention_days)
                 removed += 1
             if len(batch) < BATCH:
                 return removed
@@ -121,7 +118,7 @@ class Retention:
                         continue
                 except OSError:
                     continue
-                if Call.select().where(Call.recording_path == str(path)).exists():
+                if self.records.recording_in_use(str(path)):
                     continue  # a kept call still points at it (its row is newer than the file)
                 try:
                     path.unlink()

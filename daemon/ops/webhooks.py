@@ -1,6 +1,6 @@
 """Status webhooks: an outbox in the database and a sender greenlet that delivers it.
 
-When a call changes status, :meth:`Webhooks.on_status` (a :class:`daemon.calls.journal.Journal` listener)
+When a call changes status, :meth:`Webhooks.on_status` (a :class:`daemon.calls.records.CallRecords` listener)
 inserts one :class:`daemon.store.WebhookDelivery` row for the call's endpoint if the endpoint has a
 ``webhook_url``, and wakes the sender. That is one short insert: the call never waits on a receiver.
 
@@ -21,8 +21,8 @@ Receivers check them with :func:`verify_signature`. A receiver that never answer
 others: requests run in a bounded gevent pool, each endpoint has at most ``per_endpoint`` requests in
 flight, and every request has a timeout.
 
-The API process writes a cancel itself; it reports the status with :func:`enqueue_status` (inside its
-transaction). The sender also looks at the outbox at least once a second, so rows written without a
+The statuses a request sets (queued/scheduled, canceled) reach :meth:`Webhooks.on_status` inside the
+request's transaction (see :mod:`daemon.calls.records`), so their events commit with the change. The sender also looks at the outbox at least once a second, so rows written without a
 ``wake()`` (another process, the API) go out within a second.
 """
 
@@ -166,7 +166,7 @@ def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float)
 
 
 class Webhooks:
-    """The outbox's writer (a Journal listener) and its sender greenlet."""
+    """The outbox's writer (a CallRecords listener) and its sender greenlet."""
 
     def __init__(self, settings: Settings, metrics: Metrics, clock: Clock = utcnow, *,
                  transport: Transport = http_post, pool_size: int = 20, per_endpoint: int = 2,
@@ -190,7 +190,7 @@ class Webhooks:
 
     # -- the listener -------------------------------------------------------------------------------
     def on_status(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> None:
-        """Journal listener: one outbox row for this change (if the endpoint has a webhook), then wake."""
+        """Status listener: one outbox row for this change (if the endpoint has a webhook), then wake."""
         if enqueue_status(call, status, detail, now=self.clock()) is not None:
             self.wake()
 

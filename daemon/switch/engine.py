@@ -24,11 +24,11 @@ import gevent
 import gevent.event
 import gevent.lock
 
-from daemon.calls.journal import Journal
+from daemon.calls.records import CallRecords
 from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop
 from daemon.config import Settings
 from daemon.ops.logs import log_event
-from daemon.store import IN_FLIGHT_STATUSES, Call, Endpoint
+from daemon.store import Call, Endpoint
 from daemon.switch import commands as fs
 from daemon.switch.esl import EslConnection, EslError, EslEvent, EslNotSent
 
@@ -44,12 +44,12 @@ EVENTS = (
 class Engine:
     """Turns claimed calls into FreeSWITCH commands and follows them to their end."""
 
-    def __init__(self, settings: Settings, journal: Journal, *,
+    def __init__(self, settings: Settings, records: CallRecords, *,
                  playable: Callable[[str], str] = lambda path: path,
                  on_call_end: Callable[[CallSequence], None] | None = None) -> None:
         self.settings = settings
-        self.journal = journal
-        self.metrics = journal.metrics
+        self.records = records
+        self.metrics = records.metrics
         self.on_call_end = on_call_end
         self.options = CallOptions(originate_timeout=settings.originate_timeout,
                                    media_root=str(settings.media_dir),
@@ -171,7 +171,7 @@ class Engine:
 
     def launch(self, call: Call, endpoint: Endpoint, *, adopted: bool = False) -> CallSequence:
         """Run a claimed call (its leg UUIDs are already committed)."""
-        sequence = CallSequence(call, endpoint, self, self.journal, self.options, adopted=adopted,
+        sequence = CallSequence(call, endpoint, self, self.records, self.options, adopted=adopted,
                                 on_end=self._ended)
         self.active[call.id] = sequence
         self.in_flight_by_endpoint[endpoint.id] += 1
@@ -182,11 +182,10 @@ class Engine:
 
     def adopt_in_flight(self) -> int:
         """At start: follow the calls a previous run left in flight (reconciled, never redialed)."""
-        calls = list(Call.select(Call, Endpoint).join(Endpoint)
-                     .where(Call.status.in_([s.value for s in IN_FLIGHT_STATUSES])))
+        calls = self.records.in_flight()
         for call in calls:
             if call.id not in self.active:
-                self.journal.step(call, "adopted", note="found in flight at start")
+                self.records.step(call, "adopted", note="found in flight at start")
                 self.launch(call, call.endpoint, adopted=True)
         return len(calls)
 

@@ -87,7 +87,7 @@ class Harness:
         self.service = Service(settings)
         self.finals: dict[str, gevent.event.AsyncResult] = {}
         self.statuses: dict[str, list[str]] = {}
-        self.service.journal.listeners.append(self._on_status)
+        self.service.records.listeners.append(self._on_status)
         media = settings.media_dir
         self.prompt = tone_wav(media, 2.0, 523.0)
         self.message = tone_wav(media, 1.0, 659.0)

@@ -153,7 +153,7 @@ def test_per_endpoint_limit_is_never_exceeded(harness: Harness) -> None:
         nonlocal peak
         peak = max(peak, harness.service.engine.in_flight_by_endpoint[endpoint.id])
 
-    harness.service.journal.listeners.append(watch)
+    harness.service.records.listeners.append(watch)
     calls = [harness.place(endpoint, "15550000411", "15550006412", prompts=False) for _ in range(200)]
     for call in calls:
         harness.wait_final(call, timeout=60)

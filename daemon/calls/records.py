@@ -1,0 +1,430 @@
+"""A call's record: the only code that writes a ``Call`` row or its ``CallEvent`` timeline, and the named
+queries the rest of the daemon reads calls through.
+
+Who asks for which write:
+
+* the API (and anything else that takes requests) *creates* a call and *cancels* one not yet started;
+* the dispatcher *claims* a due call and marks calls *missed* at start or *refused* over a limit;
+* a call's sequence moves it through ``a_answered``, ``dialing_b``, ``bridged``, notes timeline steps
+  and its recording, and *finishes* it;
+* retention clears a recording it deleted.
+
+Durability: an accepted request, a cancel and a claim commit with ``synchronous=FULL`` (each must survive
+a power cut); timeline steps and the status changes of calls in progress commit relaxed
+(:func:`daemon.store.relaxed_durability`), because the next start reconciles those calls with
+FreeSWITCH anyway. Every write is one short statement or transaction with no network I/O inside, so the
+single SQLite writer never waits on FreeSWITCH. The daemon's own writes wait out a locked or full
+database (:meth:`CallRecords._write`); the API's fail at once and the client is answered 503.
+
+Listeners (status webhooks) hear every status change: inside the transaction for the statuses a request
+sets (``queued``/``scheduled``, ``canceled``), so the event commits with the change or not at all; after
+the commit for the daemon's. They must not block.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import gevent
+from peewee import Expression, IntegrityError, OperationalError, Tuple, fn
+
+from daemon.calls.view import iso
+from daemon.ops.logs import log_event
+from daemon.ops.metrics import Metrics
+from daemon.store import (
+    IN_FLIGHT_STATUSES,
+    PENDING_STATUSES,
+    Call,
+    CallEvent,
+    CallStatus,
+    Endpoint,
+    database,
+    relaxed_durability,
+    utcnow,
+)
+
+log = logging.getLogger("callbridge.call")
+api_log = logging.getLogger("callbridge.api")
+
+T = TypeVar("T")
+StatusListener = Callable[[Call, CallStatus, dict[str, Any]], None]
+
+
+def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **detail: Any) -> CallEvent:
+    """Append one step to a call's timeline (empty details are left out)."""
+    clean = {k: v for k, v in detail.items() if v not in (None, "")}
+    return CallEvent.create(call=call, kind=kind, at=at or utcnow(),
+                            detail=json.dumps(clean, sort_keys=True) if clean else "")
+
+
+def _status_in(statuses: Iterable[CallStatus]) -> Expression:
+    return Call.status.in_([s.value for s in statuses])
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat() + "Z"
+    return value
+
+
+@dataclass(frozen=True)
+class NewCall:
+    """A checked request for a call, with the media normalised for it (paths in the media cache)."""
+
+    phone_a: str
+    phone_b: str
+    due_at: dt.datetime  # naive UTC; the request's time when no call_date was given
+    scheduled: bool  # a call_date was given
+    play_url: str = ""
+    msg: str = ""
+    msg_lang: str = ""
+    dialtone_url: str = ""
+    play_file: str = ""
+    msg_file: str = ""
+    dialtone_file: str = ""
+    idempotency_key: str | None = None
+    request_fingerprint: str | None = None  # of the request the key was used for (webapi/idempotency.py)
+
+
+class Created(NamedTuple):
+    """What :meth:`CallRecords.create` did: the call, and whether it is new (False: an earlier request
+    with the same idempotency key made it)."""
+
+    call: Call
+    new: bool
+
+
+@dataclass(frozen=True)
+class NotCancelable:
+    """A cancel that came too late: the call already started or ended."""
+
+    call: Call  # as it stands now
+
+    @property
+    def status(self) -> CallStatus:
+        return CallStatus(self.call.status)
+
+    @property
+    def reason(self) -> str:
+        if self.status.final:
+            return f"the call is already final (status {self.status.value})"
+        return f"the call already started (status {self.status.value})"
+
+
+class CallRecords:
+    """Writes calls and their timelines; reads them through named queries (static, no state needed)."""
+
+    def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow, *,
+                 retry_for: float = 60.0) -> None:
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.retry_for = retry_for
+        self.listeners: list[StatusListener] = []
+
+    # -- reads ------------------------------------------------------------------------------------
+    @staticmethod
+    def find(callid: str) -> Call | None:
+        return Call.get_or_none(Call.callid == callid)
+
+    @staticmethod
+    def owned(endpoint_id: int, callid: str) -> Call | None:
+        """The endpoint's call by callid; None whether it does not exist or belongs to another endpoint."""
+        return Call.get_or_none((Call.callid == callid) & (Call.endpoint == endpoint_id))
+
+    @staticmethod
+    def by_idempotency_key(endpoint_id: int, key: str) -> Call | None:
+        return Call.get_or_none((Call.endpoint == endpoint_id) & (Call.idempotency_key == key))
+
+    @staticmethod
+    def timeline(call: Call | int) -> list[CallEvent]:
+        """The call's steps, oldest first."""
+        return list(CallEvent.select().where(CallEvent.call == call).order_by(CallEvent.id))
+
+    @staticmethod
+    def in_flight() -> list[Call]:
+        """Calls in progress (claimed, not final), with their endpoints, oldest start first."""
+        return list(Call.select(Call, Endpoint).join(Endpoint).where(_status_in(IN_FLIGHT_STATUSES))
+                    .order_by(Call.started_at))
+
+    @staticmethod
+    def overdue(before: dt.datetime) -> list[Call]:
+        """Pending calls due before ``before``, earliest first."""
+        return list(Call.select().where(_status_in(PENDING_STATUSES) & (Call.due_at < before)).order_by(Call.due_at))
+
+    @staticmethod
+    def due(now: dt.datetime, *, limit: int, skip_endpoints: Iterable[int] = (),
+            after: tuple[dt.datetime, int] | None = None) -> list[Call]:
+        """Up to ``limit`` pending calls due at ``now``, with their endpoints, in (due_at, id) order after
+        ``after``, leaving out the endpoints in ``skip_endpoints``."""
+        query = Call.select(Call, Endpoint).join(Endpoint).where(_status_in(PENDING_STATUSES) & (Call.due_at <= now))
+        skip = sorted(skip_endpoints)
+        if skip:
+            query = query.where(Call.endpoint.not_in(skip))
+        if after is not None:
+            query = query.where((Call.due_at > after[0]) | ((Call.due_at == after[0]) & (Call.id > after[1])))
+        return list(query.order_by(Call.due_at, Call.id).limit(limit))
+
+    @staticmethod
+    def next_due_at(now: dt.datetime) -> dt.datetime | None:
+        """When the next pending call falls due after ``now``."""
+        due_at: dt.datetime | None = (Call.select(Call.due_at)
+                                      .where(_status_in(PENDING_STATUSES) & (Call.due_at > now))
+                                      .order_by(Call.due_at).limit(1).scalar())
+        return due_at
+
+    @staticmethod
+    def started_per_endpoint(since: dt.datetime) -> dict[int, int]:
+        """How many calls each endpoint started since ``since``."""
+        counts: Any = (Call.select(Call.endpoint, fn.COUNT(Call.id)).where(Call.started_at >= since)
+                       .group_by(Call.endpoint).tuples())
+        return {int(endpoint_id): int(n) for endpoint_id, n in counts}
+
+    @staticmethod
+    def media_in_use() -> set[str]:
+        """The media files calls not yet ended will play."""
+        keep: set[str] = set()
+        for call in Call.select(Call.play_file, Call.msg_file, Call.dialtone_file).where(
+                _status_in(PENDING_STATUSES + IN_FLIGHT_STATUSES)):
+            keep.update(p for p in (call.play_file, call.msg_file, call.dialtone_file) if p)
+        return keep
+
+    @staticmethod
+    def page(endpoint_id: int, *, limit: int, before_id: int | None = None, statuses: list[str] | None = None,
+             since: dt.datetime | None = None, until: dt.datetime | None = None) -> Any:
+        """One page of an endpoint's calls, newest first: an (endpoint, id) index walk.
+
+        Keyset pagination (``id < before_id``) with no OFFSET and no COUNT, so a page costs the same at a
+        million calls as at ten. Returns the (unexecuted) query.
+        """
+        query = Call.select().where(Call.endpoint == endpoint_id)
+        if before_id is not None:
+            query = query.where(Call.id < before_id)
+        if statuses:
+            query = query.where(Call.status.in_(statuses))
+        if since is not None:
+            query = query.where(Call.requested_at >= since)
+        if until is not None:
+            query = query.where(Call.requested_at < until)
+        return query.order_by(Call.id.desc()).limit(limit)
+
+    @staticmethod
+    def scheduled_page(endpoint_id: int, *, limit: int, after: tuple[dt.datetime, int] | None = None) -> list[Call]:
+        """Up to ``limit`` of the endpoint's pending scheduled calls after ``after``, by (due_at, id).
+
+        One query per pending status, each an ordered walk of the (endpoint, status, due_at) index (no
+        sort of all pending calls), merged here.
+        """
+        rows: list[Call] = []
+        for status in PENDING_STATUSES:
+            query = Call.select().where((Call.endpoint == endpoint_id) & (Call.status == status.value)
+                                        & (Call.scheduled == True))  # noqa: E712 (peewee expression)
+            if after is not None:
+                query = query.where(Tuple(Call.due_at, Call.id) > Tuple(*after))
+            rows.extend(query.order_by(Call.due_at, Call.id).limit(limit))
+        rows.sort(key=lambda r: (r.due_at, r.id))
+        return rows[:limit]
+
+    @staticmethod
+    def recordings_older_than(cutoff: dt.datetime, limit: int) -> list[Call]:
+        """Calls still pointing at a recording and ended (else started, else requested) before ``cutoff``."""
+        age = fn.COALESCE(Call.ended_at, Call.started_at, Call.requested_at)
+        return list(Call.select(Call.id, Call.callid, Call.recording_path)
+                    .where((Call.recording_path != "") & (age < cutoff)).order_by(Call.id).limit(limit))
+
+    @staticmethod
+    def recording_in_use(path: str) -> bool:
+        return bool(Call.select().where(Call.recording_path == path).exists())
+
+    # -- a request's writes (synchronous=FULL, fail fast) ----------------------------------------
+    def create(self, endpoint: Endpoint, request: NewCall, *, now: dt.datetime) -> Created:
+        """Store a requested call: ``scheduled`` when due more than a second from ``now``, else ``queued``.
+
+        A request carrying an idempotency key its endpoint already used gets the earlier call back, also
+        when the two requests race (the unique index decides).
+        """
+        due = request.due_at if request.scheduled else max(request.due_at, now)
+        status = CallStatus.SCHEDULED if due > now + dt.timedelta(seconds=1) else CallStatus.QUEUED
+        key = request.idempotency_key
+        try:
+            with database.atomic():
+                call = Call.create(
+                    callid=secrets.token_hex(14), endpoint=endpoint.id, phone_a=request.phone_a,
+                    phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
+                    dialtone_url=request.dialtone_url, play_file=request.play_file, msg_file=request.msg_file,
+                    dialtone_file=request.dialtone_file, idempotency_key=key,
+                    request_fingerprint=request.request_fingerprint, requested_at=now, due_at=due,
+                    scheduled=request.scheduled, status=status.value)
+                add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=request.scheduled or None)
+                self._notify(call, status, {})
+        except IntegrityError:
+            # The same key committed by a concurrent request between the caller's look-up and this insert.
+            earlier = self.by_idempotency_key(endpoint.id, key) if key is not None else None
+            if earlier is None:
+                raise
+            return Created(earlier, new=False)
+        self.metrics.calls_created.labels(kind="scheduled" if request.scheduled else "immediate").inc()
+        log_event(api_log, "api.call_requested", callid=call.callid, endpoint=endpoint.name,
+                  token=endpoint.token_hint, status=status.value, due_at=iso(due))
+        return Created(call, new=True)
+
+    def cancel(self, call: Call, endpoint: Endpoint, *, now: dt.datetime,
+               via: str = "the API") -> Call | NotCancelable:
+        """Cancel the endpoint's call if it has not started; the call as it stands afterwards.
+
+        The mirror of :meth:`claim`: both are one conditional UPDATE, so whichever commits first wins whole.
+        """
+        with database.atomic():
+            changed = (Call.update(status=CallStatus.CANCELED.value, canceled_at=now, canceled_by=endpoint.name,
+                                   reason=f"canceled through {via}")
+                       .where((Call.id == call.id) & (Call.endpoint == endpoint.id) & _status_in(PENDING_STATUSES))
+                       .execute())
+            if changed == 1:
+                add_event(call.id, "canceled", at=now, by=endpoint.name)
+                self._notify(Call.get_by_id(call.id), CallStatus.CANCELED, {})
+        fresh = Call.get_by_id(call.id)
+        if changed != 1:
+            return NotCancelable(fresh)
+        self.metrics.calls_final.labels(CallStatus.CANCELED.value, "").inc()
+        log_event(api_log, "api.call_canceled", callid=fresh.callid, endpoint=endpoint.name,
+                  token=endpoint.token_hint)
+        return fresh
+
+    # -- the daemon's writes (wait out a locked database) -----------------------------------------
+    def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:
+        """Take a pending call for dialing: one conditional update, so a cancel racing it loses or wins whole.
+
+        The leg UUIDs are committed with the claim (durably), before anything is sent to FreeSWITCH: after
+        a crash the call is found by them and reconciled, never redialed.
+        """
+        lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
+        updated = self._write(lambda: Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid,
+                                                  b_uuid=b_uuid, started_at=now, lateness_ms=lateness)
+                              .where((Call.id == call.id) & _status_in(PENDING_STATUSES))
+                              .execute())
+        if updated != 1:
+            return False
+        call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
+        call.started_at, call.lateness_ms = now, lateness
+        self.metrics.scheduler_lateness.observe(lateness / 1000)
+        self.metrics.calls_in_flight.labels(CallStatus.DIALING_A.value).inc()
+        self.step(call, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid)
+        self._notify(call, CallStatus.DIALING_A, {})
+        return True
+
+    def step(self, call: Call, kind: str, at: dt.datetime | None = None, **detail: Any) -> None:
+        """Add one step to the call's timeline (no status change)."""
+        when = at or self.clock()
+        self._write(lambda: add_event(call.id, kind, at=when, **detail), durable=False)
+        log_event(log, kind, callid=call.callid, **detail)
+
+    def a_answered(self, call: Call, *, at: dt.datetime) -> None:
+        """A picked up: it hears the prompts next."""
+        if call.started_at:
+            self.metrics.originate_to_answer.labels("a").observe((at - call.started_at).total_seconds())
+        self._move(call, CallStatus.A_ANSWERED, at, {"a_answered_at": at})
+
+    def dialing_b(self, call: Call, *, at: dt.datetime) -> None:
+        """The bridge to B started; A hears the dialtone."""
+        self._move(call, CallStatus.DIALING_B, at, {"b_dialed_at": at, "b_uuid": call.b_uuid},
+                   detail={"phone": call.phone_b})
+
+    def b_answered(self, call: Call, *, at: dt.datetime) -> None:
+        """B picked up (the bridge follows)."""
+        if call.b_dialed_at:
+            self.metrics.originate_to_answer.labels("b").observe((at - call.b_dialed_at).total_seconds())
+        self.step(call, "b_answered", at=at)
+
+    def bridged(self, call: Call, *, at: dt.datetime, ring_seconds: float | None) -> None:
+        """A and B are talking."""
+        self._move(call, CallStatus.BRIDGED, at, {"bridged_at": at, "ring_seconds": ring_seconds})
+
+    def finish(self, call: Call, status: CallStatus, *, at: dt.datetime | None = None, reason: str = "",
+               failed_leg: str | None = None, a_cause: str | None = None, b_cause: str | None = None,
+               ring_seconds: float | None = None, talk_seconds: float | None = None,
+               recording_bytes: int | None = None, recording_seconds: float | None = None) -> None:
+        """End the call with a final status at ``at`` (now by default); fields left None stay as they are."""
+        if not status.final:
+            raise ValueError(f"{status.value} is not a final status")
+        when = at or self.clock()
+        row: dict[str, Any] = {"ended_at": when, "reason": reason}
+        optional = {"failed_leg": failed_leg, "a_cause": a_cause, "b_cause": b_cause, "ring_seconds": ring_seconds,
+                    "talk_seconds": talk_seconds, "recording_bytes": recording_bytes,
+                    "recording_seconds": recording_seconds}
+        row.update({name: value for name, value in optional.items() if value is not None})
+        self._move(call, status, when, row)
+
+    def missed(self, call: Call, *, now: dt.datetime, grace: int) -> None:
+        """A pending call whose time passed, beyond the grace, while the daemon could not start it."""
+        late = int((now - call.due_at).total_seconds())
+        self.finish(call, CallStatus.MISSED, reason=f"due at {call.due_at.isoformat()}Z, "
+                    f"{late} s before the daemon could start it (grace {grace} s)")
+
+    def recording_started(self, call: Call, path: str) -> None:
+        """The bridged call is being recorded to ``path``."""
+        self._write(lambda: Call.update(recording_path=path).where(Call.id == call.id).execute())
+        call.recording_path = path
+        self.step(call, "recording_started", path=path)
+
+    def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int) -> None:
+        """Retention deleted the call's recording: the call no longer points at it (length and size stay)."""
+        Call.update(recording_path="").where(Call.id == call.id).execute()
+        add_event(call.id, "recording_expired", at=at, retention_days=retention_days)
+        call.recording_path = ""
+
+    def _move(self, call: Call, status: CallStatus, at: dt.datetime, row: dict[str, Any],
+              detail: dict[str, Any] | None = None) -> None:
+        """Change an unfinished call's status with ``row``'s columns, a timeline step and the listeners."""
+        old = CallStatus(call.status)
+        if old.final or old == status:
+            return
+        for name, value in row.items():
+            setattr(call, name, value)
+        call.status = status.value
+        self._write(lambda: Call.update(status=status.value, **row).where(Call.id == call.id).execute(),
+                    durable=False)
+        if old not in PENDING_STATUSES:
+            self.metrics.calls_in_flight.labels(old.value).dec()
+        if status.final:
+            cause = call.b_cause if call.failed_leg == "b" else call.a_cause
+            self.metrics.calls_final.labels(status.value, cause or "").inc()
+        else:
+            self.metrics.calls_in_flight.labels(status.value).inc()
+        extra = detail or {}
+        self.step(call, status.value, at=at, **{**extra, **{k: _plain(v) for k, v in row.items()}})
+        self._notify(call, status, extra)
+
+    def _write(self, statement: Callable[[], T], durable: bool = True) -> T:
+        """Run one short write, waiting out a locked or full database instead of failing the call.
+
+        SQLite's own busy wait blocks the whole process, so it is kept short (store.SQLITE_PRAGMAS) and
+        the longer wait happens here, where other greenlets (the ESL reader, other calls) keep running.
+        """
+        delay = 0.05
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                if durable:
+                    return statement()
+                with relaxed_durability():
+                    return statement()
+            except OperationalError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log_event(log, "store.retry", logging.WARNING, error=str(exc), retry_in=delay)
+                gevent.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _notify(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(call, status, detail)
+            except Exception:  # a listener must never break a call
+                log.exception("status listener failed", extra={"callid": call.callid})
+

@@ -56,6 +56,10 @@ class Settings:
     http_port: int = 8080
     trust_proxy: bool = False  # take the client address from X-Forwarded-For (behind a local proxy)
     auth_failures_per_minute: int = 20  # per client address, then 429
+    http_header_timeout: float = 10.0  # request line and headers, from the accept or the first byte
+    http_body_timeout: float = 30.0  # the whole body; also each write of an answer
+    http_idle_timeout: float = 15.0  # a kept-alive connection waiting for its next request
+    http_max_connections: int = 1000  # open at once; at the cap the longest-receiving one is closed
     # Calls
     originate_timeout: int = 45  # seconds each leg may ring
     max_in_flight: int = 200  # calls in progress across all endpoints
@@ -199,10 +203,12 @@ def _validate(s: Settings) -> None:
     need(bool(s.esl_password) and not any(c in s.esl_password for c in "\r\n "),
          "esl_password: must be non-empty with no spaces or line breaks")
     for name in ("esl_command_timeout", "esl_heartbeat_timeout", "calls_per_second", "webhook_timeout",
-                 "media_connect_timeout", "media_read_timeout", "media_total_timeout", "tts_timeout"):
+                 "media_connect_timeout", "media_read_timeout", "media_total_timeout", "tts_timeout",
+                 "http_header_timeout", "http_body_timeout", "http_idle_timeout"):
         need(getattr(s, name) > 0, f"{name}: must be greater than 0")
     for name in ("originate_timeout", "max_in_flight", "schedule_max_days", "sample_rate", "msg_max_chars",
-                 "media_max_bytes", "media_max_play_seconds", "media_max_dialtone_seconds"):
+                 "media_max_bytes", "media_max_play_seconds", "media_max_dialtone_seconds",
+                 "http_max_connections"):
         need(getattr(s, name) >= 1, f"{name}: must be at least 1")
     for name in ("schedule_grace", "past_grace", "media_max_redirects", "recordings_retention_days",
                  "auth_failures_per_minute", "portal_login_failures_per_account",

@@ -11,13 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import signal
-import socket
 from collections.abc import Callable
-from typing import Any
 
 import gevent
 import gevent.event
-from gevent.pywsgi import WSGIServer
 
 from daemon.calls.dispatcher import Dispatcher
 from daemon.calls.records import CallRecords
@@ -31,18 +28,10 @@ from daemon.ops.webhooks import Webhooks
 from daemon.store import open_database, utcnow
 from daemon.switch.commands import http_cache_url
 from daemon.switch.engine import Engine
-from webapi.app import create_app
+from webapi.app import MAX_BODY, create_app
+from webapi.server import ApiServer
 
 log = logging.getLogger("callbridge.service")
-
-
-class NoDelayWSGIServer(WSGIServer):
-    """gevent's WSGI server with Nagle off: pywsgi writes a response's headers and body in two sends, and
-    with Nagle on the body waits for the client's delayed ACK (40 ms on a keep-alive connection)."""
-
-    def handle(self, sock: socket.socket, address: Any) -> Any:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return super().handle(sock, address)
 
 
 class Service:
@@ -64,8 +53,7 @@ class Service:
         self.dispatcher = Dispatcher(settings, self.engine, self.records, clock)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
                               readiness=self.readiness, clock=clock, records=self.records)
-        self.server = NoDelayWSGIServer((settings.http_host, settings.http_port), self.app, log=None,
-                                 error_log=logging.getLogger("callbridge.http"))
+        self.server = ApiServer.for_settings(settings, self.app, max_body=MAX_BODY)
         self.stopping = gevent.event.Event()
         self._housekeeping: gevent.Greenlet | None = None
 

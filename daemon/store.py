@@ -139,6 +139,7 @@ class Call(BaseModel):
     msg_file = TextField(default="")
     dialtone_file = TextField(default="")
     idempotency_key = CharField(max_length=200, null=True)
+    request_fingerprint = CharField(max_length=64, null=True)  # sha256 of the request a key was used for
     requested_at = DateTimeField(default=utcnow)
     due_at = DateTimeField()
     scheduled = BooleanField(default=False)
@@ -262,6 +263,14 @@ def _v3_status_index(db: Database) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS call_endpoint_status_id ON call (endpoint_id, status, id)")
 
 
+def _v4_request_fingerprint(db: Database) -> None:
+    # An Idempotency-Key reused with a different request answers 422: the call keeps its request's
+    # fingerprint. A database created at v1 from today's models has the column already.
+    if "request_fingerprint" not in {c.name for c in db.get_columns("call")}:
+        migrate_schema(SchemaMigrator.from_database(db).add_column(
+            "call", "request_fingerprint", CharField(max_length=64, null=True)))
+
+
 def _v5_web_accounts(db: Database) -> None:
     # Web accounts, their sessions, and which account owns each endpoint. A store created by v1 after
     # this model change already has endpoint.owner_id (v1 creates the current Endpoint), an older one not.
@@ -273,9 +282,8 @@ def _v5_web_accounts(db: Database) -> None:
 
 
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
-# v4 (idempotency, on another branch) goes between v3 and v5 when both are merged.
 MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
-                                                _v5_web_accounts]
+                                                _v4_request_fingerprint, _v5_web_accounts]
 
 
 def schema_version(db: Database) -> int:

@@ -52,7 +52,10 @@ ERR = {
     409: "The call already started or is already final; nothing changed. `data.status` says which.",
     413: "Body larger than 64 KiB.",
     415: "Body neither application/x-www-form-urlencoded nor application/json.",
-    429: "Too many failed token attempts from this address in the last minute; see `Retry-After`.",
+    422: "`Idempotency-Key: reused with a different request; ...`: this token already used the key for a "
+         "call whose fields differ; nothing was created. Use a new key for a new call.",
+    429: "This address sent too many invalid or missing tokens (a burst of `auth_failures_per_minute`, then "
+         "that rate); see `Retry-After`. A valid token is never refused.",
     500: "Internal error (never expected for any input); no details are returned.",
     503: "The media store or the database is unavailable or busy; retry later (`Retry-After`).",
 }
@@ -302,7 +305,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "429, 500). Authentication comes first: a request without a valid token answers 401 (or "
                 "429) before any field is checked. The token is sent as `Authorization: Bearer <token>`, "
                 "as the `token` field of the body, or as the `token` query parameter. Unknown fields are "
-                f"ignored; empty strings count as absent. {DST_RULE}"
+                f"ignored; empty strings count as absent. {DST_RULE}\n\nThe server itself may answer, on "
+                "any path, 408 (request line and headers, or the body, not received in time; the connection "
+                "closes) and 503 with `Retry-After` (every connection busy at the server's connection cap)."
             ),
         },
         "components": {
@@ -321,19 +326,22 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "description": "Checks the token, then the fields in this order: phone_a, phone_b, "
                                    "call_date, play_url, msg, msg_lang, dialtone_url; then fetches the media "
                                    "(a failure answers 400 `play_url: <reason>` etc.). With an "
-                                   "`Idempotency-Key`, a repeat for the same token returns the first call "
-                                   "(same callid) and creates nothing, whatever the repeat's body.",
+                                   "`Idempotency-Key`, a repeat of the same request for the same token "
+                                   "returns the first call (same callid) and creates nothing; the same key "
+                                   "with different fields (phone_a, phone_b, call_date, play_url, msg, "
+                                   "msg_lang, dialtone_url) answers 422. Form and JSON bodies of one "
+                                   "request are the same request.",
                     "security": SECURITY,
                     "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                     "schema": {"type": "string", "maxLength": IDEMPOTENCY_KEY_MAX},
                                     "description": "Printable ASCII; a retried create returns the same "
-                                                   "call."}],
+                                                   "call; reused for a different request, 422."}],
                     "requestBody": {"required": True, "content": {
                         "application/x-www-form-urlencoded": {"schema": _ref("CreateForm")},
                         "application/json": {"schema": _ref("CreateJson")}}},
                     "responses": {"200": _answer("The call was accepted (status scheduled or queued).",
                                                  _ref("CreateAnswer")),
-                                  **_errors(400, 401, 405, 413, 415, 429, 500, 503)},
+                                  **_errors(400, 401, 405, 413, 415, 422, 429, 500, 503)},
                 },
                 "get": {
                     "operationId": "listCalls",

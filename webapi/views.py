@@ -30,6 +30,7 @@ from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, Endpoint, database
 from webapi.envelope import ApiError, envelope
+from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.validation import (
     ListQuery,
@@ -136,22 +137,23 @@ def presented_token(values: Mapping[str, Any]) -> Any:
 
 
 def require_endpoint(values: Mapping[str, Any]) -> tuple[Endpoint, str]:
-    """The enabled endpoint owning the presented token, or 429 (address over its failure limit) / 401."""
+    """The enabled endpoint owning the presented token; else 401, or 429 while this address is over its
+    limit of failed attempts. A valid token is never refused (the limit counts failures only)."""
     c = ctx()
+    token = presented_token(values)
+    endpoint = authenticate(token) if isinstance(token, str) else None
+    if endpoint is not None:
+        return endpoint, token
     address = request.remote_addr or "unknown"
     wait = c.limiter.retry_after(address)
     if wait is not None:
         raise ApiError(429, "token: too many failed attempts from this address; retry later",
                        {"Retry-After": str(wait)})
-    token = presented_token(values)
+    c.limiter.fail(address)
     if token is None:
         raise ApiError(401, "token: missing", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
-    endpoint = authenticate(token) if isinstance(token, str) else None
-    if endpoint is None:
-        c.limiter.fail(address)
-        log_event(log, "api.auth_failed", logging.WARNING, address=address)
-        raise ApiError(401, "token: invalid or disabled", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
-    return endpoint, token
+    log_event(log, "api.auth_failed", logging.WARNING, address=address)
+    raise ApiError(401, "token: invalid or disabled", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
 
 
 def query_values() -> dict[str, Any]:
@@ -225,12 +227,14 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
     The web pages' form comes here too. Raises ValidationError or ApiError (400 naming the field, 503)."""
     c = ctx()
     now = c.clock()
+    zone = endpoint_zone(endpoint.timezone)
     req = parse_create(values, extension_pattern=endpoint.extension_pattern,
-                       allowed_prefixes=endpoint.allowed_prefixes, tz=endpoint_zone(endpoint.timezone),
-                       now=now, settings=c.settings)
+                       allowed_prefixes=endpoint.allowed_prefixes, tz=zone, now=now, settings=c.settings)
+    fingerprint = request_fingerprint(req, values, zone)
     if key is not None:
         earlier = CallRecords.by_idempotency_key(endpoint.id, key)
         if earlier is not None:
+            check_same_request(earlier, fingerprint)
             return earlier
     play = _media("play_url", lambda: c.media.from_url(req.play_url, kind="play")) if req.play_url else None
     spoken = _media("msg", lambda: c.media.speak(req.msg, req.msg_lang)) if req.msg else None
@@ -240,9 +244,12 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
         phone_a=req.phone_a, phone_b=req.phone_b, due_at=req.due_at, scheduled=req.scheduled,
         play_url=req.play_url, msg=req.msg, msg_lang=req.msg_lang, dialtone_url=req.dialtone_url,
         play_file=play.path if play else "", msg_file=spoken.path if spoken else "",
-        dialtone_file=tone.path if tone else "", idempotency_key=key), now=c.clock())  # media may have taken a while
+        dialtone_file=tone.path if tone else "", idempotency_key=key,
+        request_fingerprint=fingerprint if key is not None else None), now=c.clock())  # media may have taken a while
     if created.new:
         wake_dispatcher()
+    else:  # a concurrent request with the same key won the insert
+        check_same_request(created.call, fingerprint)
     return created.call
 
 

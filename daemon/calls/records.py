@@ -90,6 +90,7 @@ class NewCall:
     msg_file: str = ""
     dialtone_file: str = ""
     idempotency_key: str | None = None
+    request_fingerprint: str | None = None  # of the request the key was used for (webapi/idempotency.py)
 
 
 class Created(NamedTuple):
@@ -257,7 +258,8 @@ class CallRecords:
                     callid=secrets.token_hex(14), endpoint=endpoint.id, phone_a=request.phone_a,
                     phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
                     dialtone_url=request.dialtone_url, play_file=request.play_file, msg_file=request.msg_file,
-                    dialtone_file=request.dialtone_file, idempotency_key=key, requested_at=now, due_at=due,
+                    dialtone_file=request.dialtone_file, idempotency_key=key,
+                    request_fingerprint=request.request_fingerprint, requested_at=now, due_at=due,
                     scheduled=request.scheduled, status=status.value)
                 add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=request.scheduled or None)
                 self._notify(call, status, {})

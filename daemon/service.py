@@ -88,6 +88,7 @@ class Service:
         self.retention.start()
         self.dispatcher.start()
         self._housekeeping = gevent.spawn(self._evict_media_hourly)
+        gevent.spawn(self.media.pool.warm_up)  # the first request need not wait for a worker to start
         self.server.start()
         log_event(log, "service.started", http=f"{self.settings.http_host}:{self.http_port}",
                   esl=f"{self.settings.esl_host}:{self.settings.esl_port}", adopted=adopted)
@@ -103,6 +104,7 @@ class Service:
             self._housekeeping.kill()
         self.retention.stop()
         self.webhooks.stop()
+        self.media.close()
         self.database.close()
         log_event(log, "service.stopped")
 

@@ -43,7 +43,7 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
                on_status: Callable[[Call, CallStatus], None] | None = None) -> Flask:
     """Build the API app.
 
-    ``media`` fetches and normalises prompts (``from_url``, ``speak``, ``path_for_sha``); ``dispatcher``
+    ``media`` fetches and normalises prompts (``from_url``, ``speak``, ``path_for_name``); ``dispatcher``
     (``wake()``) is told after a call row is committed; ``readiness`` returns named checks for
     ``/readyz``; ``clock`` returns naive-UTC now; ``on_status(call, status)`` is told, inside the
     transaction, of the statuses the API sets itself (queued, scheduled, canceled).

@@ -88,7 +88,6 @@ class Service:
         self.retention.start()
         self.dispatcher.start()
         self._housekeeping = gevent.spawn(self._evict_media_hourly)
-        gevent.spawn(self.media.pool.warm_up)  # the first request need not wait for a worker to start
         self.server.start()
         log_event(log, "service.started", http=f"{self.settings.http_host}:{self.http_port}",
                   esl=f"{self.settings.esl_host}:{self.settings.esl_port}", adopted=adopted)
@@ -127,6 +126,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self.stopping.set)
         self.start()
+        gevent.spawn(self.media.warm_up)  # the first request need not wait for a worker to start
         interval = watchdog_interval()
         while not self.stopping.wait(timeout=interval or 60):
             if interval:

@@ -219,3 +219,17 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_file_past_the_decode_deadline_is_refused_with_a_reason(tmp_path: Path, server: MediaServer) -> None:
+    server.body("/a.wav", tone_file())
+    server.body("/b.wav", tone_file(freq=550))
+    lib = MediaLibrary(settings_for(tmp_path, media_decode_timeout=1e-6))
+    try:
+        with pytest.raises(MediaError, match=r"^could not be decoded: took longer than 1e-06 seconds$"):
+            lib.from_url(server.url("/a.wav"), kind="play")
+        lib._settings.media_decode_timeout = HANG
+        assert lib.from_url(server.url("/b.wav"), kind="play").seconds == pytest.approx(1.0, abs=0.1)
+        assert lib.pool.stats.killed == 1 and lib.pool.stats.started == 2
+    finally:
+        lib.close()

@@ -177,6 +177,13 @@ class MediaLibrary:
                                        cpu_seconds=settings.media_cpu_seconds)
         self._flights: SingleFlight[MediaFile] = SingleFlight()
 
+    def warm_up(self) -> None:
+        """Start a worker now rather than at the first request (a failure is logged; requests retry)."""
+        try:
+            self.pool.warm_up()
+        except Exception as exc:
+            log_event(log, "media.warm_up_failed", logging.WARNING, error=str(exc))
+
     def close(self) -> None:
         """Stop the worker processes this library started."""
         if self._owns_pool:
@@ -290,11 +297,8 @@ class MediaLibrary:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fetch(url, self._policy, fh, resolver=self._resolver)
-            try:
-                answer = self.pool.run(self._job("normalise", max_seconds, source=download),
-                                       timeout=self._settings.media_decode_timeout)
-            except WorkerFailed as exc:
-                raise MediaError(f"could not be decoded: {exc}") from None
+            answer = self._run(self._job("normalise", max_seconds, source=download),
+                               self._settings.media_decode_timeout, "decoded")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(download)
@@ -307,13 +311,21 @@ class MediaLibrary:
             return cached
         job = self._job("speak", self._settings.media_max_play_seconds, text=words, voice=voice,
                         engine=self._settings.tts_engine, timeout=self._settings.tts_timeout)
-        try:
-            answer = self.pool.run(job, timeout=self._settings.tts_timeout)
-        except WorkerFailed as exc:
-            raise MediaError(f"could not be spoken: {exc}") from None
+        answer = self._run(job, self._settings.tts_timeout, "spoken")
         media = self._adopt(answer)
         self._write_index(index, media.name)
         return media
+
+    def _run(self, job: dict[str, Any], timeout: float, done: str) -> dict[str, Any]:
+        """The pool's answer to ``job``; a worker killed or dead is the request's MediaError."""
+        try:
+            return self.pool.run(job, timeout=timeout)
+        except WorkerFailed as exc:
+            log_event(log, "media.worker_failed", logging.WARNING, op=job["op"], reason=str(exc))
+            raise MediaError(f"could not be {done}: {exc}") from None
+        except MediaBusy:
+            log_event(log, "media.busy", logging.WARNING, op=job["op"], workers=self.pool.size)
+            raise
 
     def _adopt(self, answer: dict[str, Any]) -> MediaFile:
         """The stored file for a worker's answer (its temporary file renamed, or dropped as a duplicate)."""
@@ -321,7 +333,7 @@ class MediaLibrary:
             if answer["kind"] == "too_long":
                 raise _TooLong(answer["message"])
             if answer["kind"] == "internal":
-                log_event(log, "media.worker_error", error=answer["message"])
+                log_event(log, "media.worker_error", logging.ERROR, error=answer["message"])
                 raise OSError(answer["message"])
             raise MediaError(answer["message"])
         temp, name = answer["temp"], answer["name"]

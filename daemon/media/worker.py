@@ -16,6 +16,8 @@ Jobs:
   answer its name: the HMAC-SHA256 of its bytes under ``key``, so the daemon can store it by that name.
 * ``{"op": "speak", "text": ..., "voice": ..., "engine": "bundled" | "espeak-ng", ...}``: speak the text
   (daemon.media.tts), then normalise and write it the same way; the answer also names the voice used.
+* ``{"op": "ping"}`` answers the worker's pid (the pool's warm-up); ``{"op": "spin"}`` burns CPU until
+  killed, so that tests can prove the deadline and the CPU limit.
 
 Every job runs under a CPU-time limit (``cpu_seconds``, RLIMIT_CPU): a file that costs more kills this
 process with SIGXCPU, and the pool tells the request so. Answers carry the CPU seconds the job used.

@@ -159,7 +159,7 @@ class MediaLibrary:
     def __init__(self, settings: Settings, *, resolver: Resolver | None = None,
                  pool: WorkerPool | None = None) -> None:
         self._settings = settings
-        self._dir = Path(settings.media_dir)
+        self._dir = Path(settings.media_dir).absolute()  # the workers get absolute paths
         self._tts_dir = self._dir / "tts"
         self._tts_dir.mkdir(parents=True, exist_ok=True)
         self._key, made = load_or_create_key(settings.state_path)

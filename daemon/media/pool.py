@@ -70,7 +70,7 @@ class _Process:
                    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
         try:
             self.proc = subprocess.Popen([python, "-m", "daemon.media.worker"], stdin=to_child_r,
-                                         stdout=from_child_w, env=env, cwd=str(ROOT), close_fds=True,
+                                         stdout=from_child_w, env=env, close_fds=True,
                                          start_new_session=True)  # a terminal's Ctrl-C is the daemon's to handle
         except BaseException:
             for fd in (self.to_child, self.from_child):

@@ -131,6 +131,7 @@ def run_all(work: list[Any]) -> list[Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a gigabyte through loopback and twenty decodes, on a machine that may be busy
 def test_twenty_concurrent_49_mb_downloads_barely_move_the_daemons_memory(tmp_path: Path) -> None:
     body = big_wav(49)
     server = MediaServer()

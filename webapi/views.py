@@ -464,7 +464,7 @@ def media_file(name: str) -> Response:
     if not path or not os.path.isfile(path):
         raise ApiError(404, "media: no such file")
     response = send_file(path, mimetype="audio/wav", conditional=True, max_age=86400)
-    response.headers["Cache-Control"] = "public, max-age=86400, immutable"
+    response.headers["Cache-Control"] = "private, max-age=86400, immutable"  # for FreeSWITCH, not shared caches
     return response
 
 

@@ -88,10 +88,14 @@ class BundledEngine:
     name = "bundled"
 
     def __init__(self, max_samples: int) -> None:
-        import espeakng_loader
+        try:
+            import espeakng_loader
 
+            lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        except (ImportError, OSError) as exc:
+            raise SpeechError(f"could not be spoken: the bundled speech engine did not load ({exc})") from None
         self._max_samples = max_samples
-        self._lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self._lib = lib
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_SetSynthCallback.argtypes = [_CALLBACK]

@@ -91,6 +91,7 @@ class Service:
             self._housekeeping.kill()
         self.retention.stop()
         self.webhooks.stop()
+        self.media.close()
         self.database.close()
         log_event(log, "service.stopped")
 
@@ -110,6 +111,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self.stopping.set)
         self.start()
+        gevent.spawn(self.media.warm_up)  # the first request need not wait for a worker to start
         interval = watchdog_interval()
         while not self.stopping.wait(timeout=interval or 60):
             if interval:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -225,14 +225,29 @@ def test_metrics_record_latency_per_route_template(settings: Settings, db: Any, 
     assert callid not in text
 
 
-def test_media_route_serves_prompts_by_hash(client: FlaskClient, media: FakeMedia) -> None:
+def test_media_route_serves_prompts_only_to_freeswitch_in_http_mode(client: FlaskClient, media: FakeMedia,
+                                                                    settings: Settings) -> None:
     made = media.from_url("http://example.com/a.wav", kind="play")
-    response = client.get(f"/media/{made.sha256}.wav")
+    url = f"/media/{made.name}.wav"
+    # media_mode = "local" (the default): FreeSWITCH reads the files; the route serves nobody.
+    assert client.get(url).status_code == 404
+    assert data_of(client.get(url))["code_desc"] == "media: no such file"
+    settings.media_mode, settings.media_base_url = "http", "http://127.0.0.1:8080"
+    response = client.get(url)  # the test client comes from 127.0.0.1, inside the default allow-list
     assert response.status_code == 200 and response.mimetype == "audio/wav"
-    assert hashlib.sha256(response.data).hexdigest() == made.sha256
+    assert response.data == Path(made.path).read_bytes()
     assert "immutable" in response.headers["Cache-Control"]
-    for name in ("0" * 64, "A" * 64, "..%2F..%2Fetc%2Fpasswd", made.sha256[:-1]):
-        response = client.get(f"/media/{name}.wav")
+    for outsider in ("10.9.9.9", "192.0.2.7", "2001:db8::1"):
+        response = client.get(url, environ_base={"REMOTE_ADDR": outsider})
+        assert response.status_code == 404 and data_of(response)["code_desc"] == "media: no such file"
+    settings.media_route_allow = ["10.9.0.0/16"]  # e.g. FreeSWITCH's subnet
+    assert client.get(url, environ_base={"REMOTE_ADDR": "10.9.9.9"}).status_code == 200
+    assert client.get(url).status_code == 404  # loopback is no longer listed
+    settings.media_route_allow, settings.esl_host = [], "10.20.30.40"  # the default follows FreeSWITCH's host
+    assert client.get(url, environ_base={"REMOTE_ADDR": "10.20.30.40"}).status_code == 200
+    assert client.get(url).status_code == 200
+    for name in ("0" * 64, "A" * 64, "..%2F..%2Fetc%2Fpasswd", made.name[:-1]):
+        response = client.get(f"/media/{name}.wav", environ_base={"REMOTE_ADDR": "10.9.9.9"})
         assert response.status_code == 404
         assert data_of(response)["code_desc"] in ("media: no such file", "path: no such route")
 

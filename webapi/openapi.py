@@ -432,12 +432,12 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                   **_errors(405)},
                 },
             },
-            "/media/{sha256}.wav": {
+            "/media/{name}.wav": {
                 "get": {
                     "operationId": "media",
-                    "summary": "A prompt made by callbridge, by content hash (for a FreeSWITCH on another "
-                               "host).",
-                    "parameters": [{"name": "sha256", "in": "path", "required": True,
+                    "summary": "A prompt made by callbridge, by its keyed content hash, for FreeSWITCH only "
+                               "(media_mode = \"http\", client address in media_route_allow; 404 otherwise).",
+                    "parameters": [{"name": "name", "in": "path", "required": True,
                                     "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
                     "responses": {"200": {"description": "WAV audio.",
                                           "content": {"audio/wav": {"schema": {"type": "string",

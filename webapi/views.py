@@ -26,6 +26,7 @@ from daemon.accounts.endpoints import authenticate
 from daemon.calls.records import CallRecords, NewCall, NotCancelable
 from daemon.calls.view import call_view, endpoint_zone, iso
 from daemon.config import Settings
+from daemon.media.library import MediaBusy, route_allows
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, Endpoint, database
@@ -49,25 +50,18 @@ log = logging.getLogger("callbridge.api")
 
 bp = Blueprint("api", __name__)
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MEDIA_NAME_RE = re.compile(r"^[0-9a-f]{64}$")
 FORM = "application/x-www-form-urlencoded"
 
 
-class MediaFileLike(Protocol):
-    path: str
-    sha256: str
-    seconds: float
-    bytes: int
-
-
 class MediaLike(Protocol):
-    """What the API needs of daemon.media.library: fetch/normalise a URL, speak a text, find a file by hash."""
+    """What the API needs of daemon.media.library: fetch/normalise a URL, speak a text, find a file by name."""
 
     def from_url(self, url: str, *, kind: str) -> Any: ...
 
     def speak(self, text: str, lang: str) -> Any: ...
 
-    def path_for_sha(self, sha: str) -> str | None: ...
+    def path_for_name(self, name: str) -> str | None: ...
 
 
 class DispatcherLike(Protocol):
@@ -200,6 +194,8 @@ def _media(field: str, fetch: Callable[[], Any]) -> Any:
         return fetch()
     except ValueError as exc:  # daemon.media.MediaError is a ValueError; its text is for the client
         raise ApiError(400, f"{field}: {exc}") from None
+    except MediaBusy as exc:
+        raise ApiError(503, f"{field}: {exc}", {"Retry-After": str(exc.retry_after)}) from None
     except OSError:
         log.exception("media store failed field=%s", field)
         raise ApiError(503, f"{field}: the media store is unavailable; retry later",
@@ -394,16 +390,24 @@ def metrics() -> Response:
     return Response(m.render(), status=200, content_type=m.content_type)
 
 
-@bp.route("/media/<sha256>.wav", methods=["GET"], provide_automatic_options=False)
-def media_file(sha256: str) -> Response:
-    """A prompt by its content hash, for a FreeSWITCH on another host (no token: the hash is the secret)."""
-    if not SHA256_RE.fullmatch(sha256):
+@bp.route("/media/<name>.wav", methods=["GET"], provide_automatic_options=False)
+def media_file(name: str) -> Response:
+    """A prompt for a FreeSWITCH on another host (``media_mode = "http"``), by its keyed name.
+
+    Only there, and only to the addresses in ``media_route_allow``; anything else is answered as if the
+    file did not exist. The name is an HMAC of the content under this installation's key: nobody can
+    compute it from a text they guess.
+    """
+    settings = ctx().settings
+    if settings.media_mode != "http" or not route_allows(settings.media_route_addresses, request.remote_addr):
         raise ApiError(404, "media: no such file")
-    path = ctx().media.path_for_sha(sha256)
+    if not MEDIA_NAME_RE.fullmatch(name):
+        raise ApiError(404, "media: no such file")
+    path = ctx().media.path_for_name(name)
     if not path or not os.path.isfile(path):
         raise ApiError(404, "media: no such file")
     response = send_file(path, mimetype="audio/wav", conditional=True, max_age=86400)
-    response.headers["Cache-Control"] = "public, max-age=86400, immutable"
+    response.headers["Cache-Control"] = "private, max-age=86400, immutable"  # for FreeSWITCH, not shared caches
     return response
 
 

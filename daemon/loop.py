@@ -1,0 +1,115 @@
+"""The one shape of every background job: ``tick(now)`` says how long until it is worth running again.
+
+A :class:`Loop` runs its tick in a greenlet, sleeping in between on an Event that is also how it is
+woken early (``wake()``: a call was committed, a webhook row added) and how it is stopped (``stop()``
+sets a flag, then the Event). The clock is injected and ``now`` is passed to the tick, so tests drive
+a tick with any time they like and never patch a clock. A tick that raises is logged and tried again
+after ``error_delay``; one that hangs in I/O past ``stop()``'s timeout is killed, so a stopped loop
+never outlives its owner.
+
+:class:`Backoff` is the doubling-with-jitter delay for retrying something that keeps failing (the
+Event Socket connection); its randomness is injected too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import gevent
+import gevent.event
+
+T = TypeVar("T")
+
+
+class Loop(Generic[T]):
+    """Runs ``tick(clock())`` until stopped, sleeping what the tick returns (at most ``max_sleep``).
+
+    The first tick runs as soon as the greenlet does (after ``first_delay`` if one is given), even if
+    ``stop()`` came in between: a started loop has looked once. Later ticks run only while not stopped.
+    """
+
+    def __init__(self, name: str, tick: Callable[[T], float], clock: Callable[[], T], *,
+                 log: logging.Logger, max_sleep: float = math.inf, error_delay: float = 1.0,
+                 first_delay: float = 0.0) -> None:
+        self.name = name
+        self.tick = tick
+        self.clock = clock
+        self.log = log
+        self.max_sleep = max_sleep
+        self.error_delay = error_delay
+        self.first_delay = first_delay
+        self._wake = gevent.event.Event()
+        self._stopping = False
+        self._greenlet: gevent.Greenlet | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._greenlet is not None and not self._greenlet.dead
+
+    def start(self) -> None:
+        """Start ticking in a greenlet (again after a stop; nothing happens if already running)."""
+        if self.running:
+            return
+        self._stopping = False
+        self._wake.clear()
+        self._greenlet = gevent.spawn(self._run)
+
+    def wake(self) -> None:
+        """Something changed: tick again now instead of at the end of the sleep."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """No tick starts after this; a tick in progress gets ``timeout`` seconds, then is killed."""
+        self._stopping = True
+        self._wake.set()
+        greenlet, self._greenlet = self._greenlet, None
+        if greenlet is None:
+            return
+        greenlet.join(timeout=timeout)
+        if not greenlet.dead:
+            greenlet.kill(block=True, timeout=max(timeout, 1.0))
+
+    def _run(self) -> None:
+        if self.first_delay and self._sleep(self.first_delay):
+            return
+        while True:
+            self._wake.clear()
+            try:
+                delay = self.tick(self.clock())
+            except Exception:
+                self.log.exception("%s failed", self.name)
+                delay = self.error_delay
+            if self._sleep(min(delay, self.max_sleep)):
+                return
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` or until woken; True when the loop is to stop."""
+        if not self._stopping:
+            self._wake.wait(timeout=max(0.0, seconds))
+        return self._stopping
+
+
+class Backoff:
+    """Delays doubling from ``first`` up to ``cap``, each scaled by a random factor in ``jitter``."""
+
+    def __init__(self, first: float, cap: float, *, jitter: tuple[float, float] = (0.8, 1.2),
+                 rng: random.Random | None = None) -> None:
+        self.first = first
+        self.cap = cap
+        self.jitter = jitter
+        self.rng = rng or random.Random()
+        self.current = first
+
+    def next(self) -> float:
+        """The next delay to wait (jittered); the one after it doubles, up to ``cap``."""
+        delay = self.current * self.rng.uniform(*self.jitter)
+        self.current = min(self.current * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        """It worked: the next failure starts again from ``first``."""
+        self.current = self.first

@@ -24,7 +24,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
 from daemon.calls.records import CallRecords, NewCall, NotCancelable
-from daemon.calls.view import call_view, endpoint_zone, iso
+from daemon.calls.view import call_view, endpoint_zone, timeline_view
 from daemon.config import Settings
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
@@ -33,7 +33,6 @@ from webapi.envelope import ApiError, envelope
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.validation import (
     ListQuery,
-    ValidationError,
     decode_due_cursor,
     decode_id_cursor,
     encode_due_cursor,
@@ -50,13 +49,6 @@ bp = Blueprint("api", __name__)
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 FORM = "application/x-www-form-urlencoded"
-
-
-class MediaFileLike(Protocol):
-    path: str
-    sha256: str
-    seconds: float
-    bytes: int
 
 
 class MediaLike(Protocol):
@@ -161,16 +153,6 @@ def query_values() -> dict[str, Any]:
 
 # Shapes ------------------------------------------------------------------------------------------
 
-def call_summary(call: Call, endpoint: Endpoint) -> dict[str, Any]:
-    """A call as lists, reads and the create answer show it (never the token)."""
-    return call_view(call, endpoint)
-
-
-def timeline(call: Call) -> list[dict[str, Any]]:
-    """The call's events, oldest first."""
-    return [{"at": iso(e.at), "kind": e.kind, "detail": e.detail_dict} for e in CallRecords.timeline(call.id)]
-
-
 def own_call(endpoint: Endpoint, raw_callid: str) -> Call:
     """The endpoint's call by callid; 404 whether it does not exist or belongs to someone else."""
     callid = parse_callid(raw_callid)
@@ -205,7 +187,7 @@ def _media(field: str, fetch: Callable[[], Any]) -> Any:
 
 
 def _create_answer(call: Call, endpoint: Endpoint, token: str) -> Response:
-    data = call_summary(call, endpoint)
+    data = call_view(call, endpoint)
     data["token"] = token  # the seed echoes the token in the create answer, and only there
     return envelope(data)
 
@@ -255,7 +237,7 @@ def list_calls() -> Response:
     rows = list(calls_page_query(endpoint.id, q))
     more = len(rows) > q.limit
     rows = rows[: q.limit]
-    return envelope({"calls": [call_summary(r, endpoint) for r in rows],
+    return envelope({"calls": [call_view(r, endpoint) for r in rows],
                      "next_cursor": encode_id_cursor(rows[-1].id) if more else None})
 
 
@@ -264,8 +246,8 @@ def read_call(callid: str) -> Response:
     """One of the token's calls with its timeline."""
     endpoint, _ = require_endpoint(query_values())
     call = own_call(endpoint, callid)
-    data = call_summary(call, endpoint)
-    data["timeline"] = timeline(call)
+    data = call_view(call, endpoint)
+    data["timeline"] = timeline_view(CallRecords.timeline(call.id))
     return envelope(data)
 
 
@@ -292,7 +274,7 @@ def list_scheduled() -> Response:
     rows = CallRecords.scheduled_page(endpoint.id, limit=q.limit + 1, after=after)
     more = len(rows) > q.limit
     rows = rows[: q.limit]
-    return envelope({"calls": [call_summary(r, endpoint) for r in rows],
+    return envelope({"calls": [call_view(r, endpoint) for r in rows],
                      "next_cursor": encode_due_cursor(rows[-1].due_at, rows[-1].id) if more else None})
 
 
@@ -305,7 +287,7 @@ def _cancel(callid: str, values: Mapping[str, Any]) -> Response:
         raise ApiError(409, f"callid: {outcome.reason}",
                        extra={"callid": outcome.call.callid, "status": outcome.status.value})
     wake_dispatcher()
-    return envelope(call_summary(outcome, endpoint))
+    return envelope(call_view(outcome, endpoint))
 
 
 @bp.route("/v1/scheduled/<callid>", methods=["DELETE"], provide_automatic_options=False)
@@ -395,9 +377,3 @@ def openapi() -> Response:
     document = openapi_document(ctx().settings)
     return Response(json.dumps(document, indent=1) + "\n", mimetype="application/json")
 
-
-# Errors raised by validation helpers -------------------------------------------------------------
-
-def validation_error_response(error: ValidationError) -> Response:
-    """400 naming the field and the rule."""
-    return envelope(None, 400, str(error))

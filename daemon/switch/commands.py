@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from daemon.store import CALLID_RE
+
 CALLID_VAR = "cb_callid"
 
 
@@ -36,7 +38,6 @@ class DialStringError(ValueError):
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 NUMBER_RE = re.compile(r"^\+?[0-9]{1,20}$")
-CALLID_RE = re.compile(r"^[0-9a-z]{8,40}$")
 VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # Bare values allowed in a variable block: no separators, quotes, braces or expansion characters.
 BARE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:/@+%()=;#-]{0,200}$")
@@ -215,10 +216,6 @@ def sendmsg_execute(channel: str, app: str, arg: str, *, event_uuid: str, lock: 
     if body:
         headers += ["content-type: text/plain", f"content-length: {len(body)}"]
     return "\n".join(headers) + "\n\n" + arg
-
-
-def sendmsg_hangup(channel: str, hangup_cause: str = "NORMAL_CLEARING") -> str:
-    return f"sendmsg {uuid(channel)}\ncall-command: hangup\nhangup-cause: {cause(hangup_cause)}\n\n"
 
 
 def uuid_kill(channel: str, hangup_cause: str = "NORMAL_CLEARING") -> str:

@@ -207,14 +207,6 @@ class Engine:
     def in_flight(self) -> int:
         return len(self.active)
 
-    def hangup(self, callid: str) -> bool:
-        """Operator hang-up: kill A (FreeSWITCH then cancels or hangs up B)."""
-        for sequence in self.active.values():
-            if sequence.callid == callid:
-                self.api(fs.uuid_kill(sequence.a.uuid, "NORMAL_CLEARING"))
-                return True
-        return False
-
     def stop(self, timeout: float = 5.0) -> None:
         """Stop following calls; they go on inside FreeSWITCH and are adopted at the next start."""
         self._running = False

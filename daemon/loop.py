@@ -17,6 +17,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import gevent
@@ -25,6 +26,7 @@ import gevent.event
 T = TypeVar("T")
 
 
+@dataclass(eq=False)
 class Loop(Generic[T]):
     """Runs ``tick(clock())`` until stopped, sleeping what the tick returns (at most ``max_sleep``).
 
@@ -32,19 +34,16 @@ class Loop(Generic[T]):
     ``stop()`` came in between: a started loop has looked once. Later ticks run only while not stopped.
     """
 
-    def __init__(self, name: str, tick: Callable[[T], float], clock: Callable[[], T], *,
-                 log: logging.Logger, max_sleep: float = math.inf, error_delay: float = 1.0,
-                 first_delay: float = 0.0) -> None:
-        self.name = name
-        self.tick = tick
-        self.clock = clock
-        self.log = log
-        self.max_sleep = max_sleep
-        self.error_delay = error_delay
-        self.first_delay = first_delay
-        self._wake = gevent.event.Event()
-        self._stopping = False
-        self._greenlet: gevent.Greenlet | None = None
+    name: str  # in the log line of a failed tick: "<name> failed"
+    tick: Callable[[T], float]
+    clock: Callable[[], T]
+    log: logging.Logger
+    max_sleep: float = math.inf
+    error_delay: float = 1.0
+    first_delay: float = 0.0
+    _wake: gevent.event.Event = field(default_factory=gevent.event.Event, init=False, repr=False)
+    _stopping: bool = field(default=False, init=False, repr=False)
+    _greenlet: gevent.Greenlet | None = field(default=None, init=False, repr=False)
 
     @property
     def running(self) -> bool:
@@ -93,23 +92,26 @@ class Loop(Generic[T]):
         return self._stopping
 
 
+@dataclass(eq=False)
 class Backoff:
-    """Delays doubling from ``first`` up to ``cap``, each scaled by a random factor in ``jitter``."""
+    """Delays doubling from ``first`` up to ``cap``, each scaled by a random factor in ``jitter`` so that
+    many clients retrying the same thing do not come back in step."""
 
-    def __init__(self, first: float, cap: float, *, jitter: tuple[float, float] = (0.8, 1.2),
-                 rng: random.Random | None = None) -> None:
-        self.first = first
-        self.cap = cap
-        self.jitter = jitter
-        self.rng = rng or random.Random()
-        self.current = first
+    first: float
+    cap: float
+    jitter: tuple[float, float] = (0.8, 1.2)
+    rng: random.Random = field(default_factory=random.Random)
+    failures: int = 0  # in a row, for next()
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1 for the first retry)."""
+        return min(self.cap, self.first * 2 ** max(0, attempt - 1)) * self.rng.uniform(*self.jitter)
 
     def next(self) -> float:
-        """The next delay to wait (jittered); the one after it doubles, up to ``cap``."""
-        delay = self.current * self.rng.uniform(*self.jitter)
-        self.current = min(self.current * 2, self.cap)
-        return delay
+        """One more failure in a row: the delay before the next try."""
+        self.failures += 1
+        return self.delay(self.failures)
 
     def reset(self) -> None:
         """It worked: the next failure starts again from ``first``."""
-        self.current = self.first
+        self.failures = 0

@@ -41,6 +41,14 @@ def _answer(description: str, data_schema: dict[str, Any] | None = None) -> dict
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _raw(description: str, media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A 200 answer that is a raw document, not in the envelope."""
+    return {"description": description, "content": {media_type: {"schema": schema}}}
+
+
+WAV = _raw("WAV audio.", "audio/wav", {"type": "string", "format": "binary"})
+
+
 def _with_code(*schemas: dict[str, Any]) -> dict[str, Any]:
     return {"allOf": [*schemas, _ref("Code")]}
 
@@ -306,10 +314,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": "The call's recording, when the endpoint records and the file is kept.",
                     "security": SECURITY,
                     "parameters": [CALLID_PATH, TOKEN_QUERY],
-                    "responses": {"200": {"description": "The audio file.",
-                                          "content": {"audio/wav": {"schema": {"type": "string",
-                                                                               "format": "binary"}}}},
-                                  **_errors(404, *AUTH_ERRORS)},
+                    "responses": {"200": WAV, **_errors(404, *AUTH_ERRORS)},
                 },
             },
             "/v1/scheduled": {
@@ -354,17 +359,14 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "get": {
                     "operationId": "metrics",
                     "summary": "Prometheus metrics (text exposition, not in the envelope).",
-                    "responses": {"200": {"description": "Metrics.",
-                                          "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                  **_errors(405)},
+                    "responses": {"200": _raw("Metrics.", "text/plain", {"type": "string"}), **_errors(405)},
                 },
             },
             "/v1/openapi.json": {
                 "get": {
                     "operationId": "openapi",
                     "summary": "This document (not in the envelope).",
-                    "responses": {"200": {"description": "The OpenAPI document.",
-                                          "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "responses": {"200": _raw("The OpenAPI document.", "application/json", {"type": "object"}),
                                   **_errors(405)},
                 },
             },
@@ -375,10 +377,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                "host).",
                     "parameters": [{"name": "sha256", "in": "path", "required": True,
                                     "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
-                    "responses": {"200": {"description": "WAV audio.",
-                                          "content": {"audio/wav": {"schema": {"type": "string",
-                                                                               "format": "binary"}}}},
-                                  **_errors(404, 405)},
+                    "responses": {"200": WAV, **_errors(404, 405)},
                 },
             },
         },

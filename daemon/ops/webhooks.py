@@ -34,7 +34,6 @@ import hmac
 import http.client
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -49,7 +48,7 @@ from peewee import fn
 
 from daemon.calls.view import call_view, iso
 from daemon.config import Settings
-from daemon.loop import Loop
+from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, utcnow
@@ -177,13 +176,12 @@ class Webhooks:
         self.clock = clock
         self.transport = transport
         self.per_endpoint = per_endpoint
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        # Receivers coming back after an outage are not stampeded: each delay is jittered down to half.
+        self.retry = Backoff(backoff_base, backoff_max, jitter=(0.5, 1.0))
         self.wall_clock = wall_clock
         self.pool = gevent.pool.Pool(pool_size)
         self.loop = Loop("webhook tick", self.tick, clock, log=log, max_sleep=MAX_SLEEP, error_delay=MAX_SLEEP)
         self._in_flight: dict[int, int] = {}  # row id -> endpoint id
-        self._random = random.Random()
         self._pruned_at: dt.datetime | None = None
 
     # -- the listener -------------------------------------------------------------------------------
@@ -249,8 +247,7 @@ class Webhooks:
 
     def backoff(self, attempts: int) -> float:
         """Seconds before retry number ``attempts`` + 1: doubling from ``backoff_base``, capped, jittered."""
-        delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1))
-        return delay * self._random.uniform(0.5, 1.0)  # jitter: receivers coming back are not stampeded
+        return self.retry.delay(attempts)
 
     def _attempt(self, row_id: int) -> None:
         try:

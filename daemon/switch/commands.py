@@ -60,22 +60,23 @@ def _plain(value: str, what: str) -> str:
     return value
 
 
-def uuid(value: str) -> str:
-    if not UUID_RE.fullmatch(_plain(value, "uuid")):
-        raise UnsafeValue(f"uuid: {value!r} is not a lowercase UUID")
+def _whitelisted(value: str, what: str, rule: re.Pattern[str], unless: str) -> str:
+    """``value`` when it is plain and fully matches ``rule``; else UnsafeValue saying what it is not."""
+    if not rule.fullmatch(_plain(value, what)):
+        raise UnsafeValue(f"{what}: {value!r} {unless}")
     return value
+
+
+def uuid(value: str) -> str:
+    return _whitelisted(value, "uuid", UUID_RE, "is not a lowercase UUID")
 
 
 def number(value: str) -> str:
-    if not NUMBER_RE.fullmatch(_plain(value, "number")):
-        raise UnsafeValue(f"number: {value!r} is not digits with an optional leading +")
-    return value
+    return _whitelisted(value, "number", NUMBER_RE, "is not digits with an optional leading +")
 
 
 def cause(value: str) -> str:
-    if not CAUSE_RE.fullmatch(_plain(value, "cause")):
-        raise UnsafeValue(f"cause: {value!r} is not a hangup cause name")
-    return value
+    return _whitelisted(value, "cause", CAUSE_RE, "is not a hangup cause name")
 
 
 def check_dial_template(template: str) -> str:
@@ -120,8 +121,7 @@ def var_block(variables: Mapping[str, str | int | bool], brackets: str = "{}") -
 def leg_variables(*, leg_uuid: str, callid: str, caller_id_number: str, caller_id_name: str,
                   originate_timeout: int) -> dict[str, str | int | bool]:
     """The variables every leg we originate carries."""
-    if not CALLID_RE.fullmatch(_plain(callid, "callid")):
-        raise UnsafeValue(f"callid: {callid!r} is not ours")
+    _whitelisted(callid, "callid", CALLID_RE, "is not ours")
     variables: dict[str, str | int | bool] = {
         "origination_uuid": uuid(leg_uuid),
         "origination_caller_id_number": number(caller_id_number),

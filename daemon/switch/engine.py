@@ -67,7 +67,7 @@ class Engine:
         self.in_flight_by_endpoint: Counter[int] = Counter()
         self._running = False
         self._connected_before = False
-        self.backoff = Backoff(0.2, settings.esl_reconnect_max_delay, rng=rng)
+        self.backoff = Backoff(0.2, settings.esl_reconnect_max_delay, rng=rng or random.Random())
         # Its clock is the one EslConnection stamps last_received with.
         self.supervisor = Loop("esl supervisor", self._supervise, time.monotonic, log=log)
 

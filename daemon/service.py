@@ -19,6 +19,7 @@ import gevent.event
 from daemon.calls.dispatcher import Dispatcher
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
+from daemon.loop import Loop
 from daemon.media.library import MediaLibrary
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
@@ -32,6 +33,8 @@ from webapi.app import MAX_BODY, create_app
 from webapi.server import ApiServer
 
 log = logging.getLogger("callbridge.service")
+
+MEDIA_EVICTION_INTERVAL = 3600.0  # seconds; the first eviction comes one interval after the start
 
 
 class Service:
@@ -55,7 +58,8 @@ class Service:
                               readiness=self.readiness, clock=clock, records=self.records)
         self.server = ApiServer.for_settings(settings, self.app, max_body=MAX_BODY)
         self.stopping = gevent.event.Event()
-        self._housekeeping: gevent.Greenlet | None = None
+        self.media_eviction = Loop("media eviction", self._evict_media, clock, log=log,
+                                   first_delay=MEDIA_EVICTION_INTERVAL, error_delay=MEDIA_EVICTION_INTERVAL)
 
     def _playable(self, path: str) -> str:
         """Our file as FreeSWITCH reaches it: the path itself, or our media route through mod_http_cache."""
@@ -75,7 +79,7 @@ class Service:
         self.webhooks.start()
         self.retention.start()
         self.dispatcher.start()
-        self._housekeeping = gevent.spawn(self._evict_media_hourly)
+        self.media_eviction.start()
         self.server.start()
         log_event(log, "service.started", http=f"{self.settings.http_host}:{self.http_port}",
                   esl=f"{self.settings.esl_host}:{self.settings.esl_port}", adopted=adopted)
@@ -87,24 +91,19 @@ class Service:
         self.dispatcher.stop()
         self.server.stop(timeout=self.settings.shutdown_grace)
         self.engine.stop()
-        if self._housekeeping is not None:
-            self._housekeeping.kill()
+        self.media_eviction.stop()
         self.retention.stop()
         self.webhooks.stop()
         self.media.close()
         self.database.close()
         log_event(log, "service.stopped")
 
-    def _evict_media_hourly(self) -> None:
-        """Keep the media cache under its bound, never evicting what a pending call will play."""
-        while True:
-            gevent.sleep(3600)
-            try:
-                keep = self.records.media_in_use()
-                freed = self.media.evict(keep)
-                log_event(log, "media.evicted", bytes=freed, kept=len(keep))
-            except Exception:
-                log.exception("media eviction failed")
+    def _evict_media(self, now: dt.datetime) -> float:
+        """Keep the media cache under its bound, never evicting what a call not yet ended will play."""
+        keep = self.records.media_in_use()
+        freed = self.media.evict(keep)
+        log_event(log, "media.evicted", bytes=freed, kept=len(keep))
+        return MEDIA_EVICTION_INTERVAL
 
     def run_forever(self) -> None:
         """Run until SIGTERM or SIGINT, pinging systemd's watchdog from this loop."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from daemon.calls.view import TIMELINE_EVENT_SCHEMA, call_schema
 from daemon.config import LANGUAGES, Settings
 from daemon.store import CallStatus
 from webapi.validation import IDEMPOTENCY_KEY_MAX, LIMIT_DEFAULT, LIMIT_MAX, URL_MAX
@@ -38,6 +39,14 @@ def _envelope(data_schema: dict[str, Any]) -> dict[str, Any]:
 def _answer(description: str, data_schema: dict[str, Any] | None = None) -> dict[str, Any]:
     schema = _envelope(data_schema) if data_schema is not None else _ref("ErrorEnvelope")
     return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _raw(description: str, media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A 200 answer that is a raw document, not in the envelope."""
+    return {"description": description, "content": {media_type: {"schema": schema}}}
+
+
+WAV = _raw("WAV audio.", "audio/wav", {"type": "string", "format": "binary"})
 
 
 def _with_code(*schemas: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +151,6 @@ def _readiness_schema() -> dict[str, Any]:
 
 
 def _schemas(settings: Settings) -> dict[str, Any]:
-    iso_time = _nullable("string", format="date-time", description="ISO 8601 UTC with Z; null when unset.")
     return {
         "Code": {
             "type": "object",
@@ -159,70 +167,14 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "status": {"type": "string", "enum": STATUSES, "description": "409 only: the call's status."},
             },
         })),
-        "Recording": {
-            "type": "object",
-            "nullable": True,
-            "required": ["seconds", "bytes", "url"],
-            "properties": {
-                "seconds": _nullable("number"),
-                "bytes": _nullable("integer"),
-                "url": {"type": "string", "description": "`/v1/calls/<callid>/recording` (needs the token)."},
-            },
-        },
-        "CallSummary": {
-            "type": "object",
-            "required": ["callid", "status", "phone_a", "phone_b", "play_url", "msg", "msg_lang",
-                         "dialtone_url", "scheduled", "call_date", "timezone", "due_at", "requested_at",
-                         "started_at", "a_answered_at", "bridged_at", "ended_at", "canceled_at",
-                         "canceled_by", "lateness_ms", "failed_leg", "a_cause", "b_cause", "reason",
-                         "ring_seconds", "talk_seconds", "recording", "token_hint"],
-            "properties": {
-                "callid": {"type": "string", "pattern": "^[0-9a-z]{8,40}$"},
-                "status": {"type": "string", "enum": STATUSES,
-                           "description": "scheduled → queued → dialing_a → a_answered → dialing_b → bridged "
-                                          "→ completed; or failed, canceled, missed."},
-                "phone_a": {"type": "string"},
-                "phone_b": {"type": "string"},
-                "play_url": {"type": "string"},
-                "msg": {"type": "string"},
-                "msg_lang": {"type": "string"},
-                "dialtone_url": {"type": "string"},
-                "scheduled": {"type": "boolean", "description": "True when `call_date` was given."},
-                "call_date": _nullable("string", description="Due time as `YYYY-MM-DD HH:MM` in the "
-                                                             "endpoint's time zone; null for immediate "
-                                                             "calls."),
-                "timezone": {"type": "string", "description": "The endpoint's time zone."},
-                "due_at": iso_time,
-                "requested_at": iso_time,
-                "started_at": iso_time,
-                "a_answered_at": iso_time,
-                "bridged_at": iso_time,
-                "ended_at": iso_time,
-                "canceled_at": iso_time,
-                "canceled_by": {"type": "string"},
-                "lateness_ms": _nullable("integer", description="Start time minus due time."),
-                "failed_leg": {"type": "string", "enum": ["", "a", "b"]},
-                "a_cause": {"type": "string", "description": "FreeSWITCH hangup cause of A, e.g. USER_BUSY."},
-                "b_cause": {"type": "string"},
-                "reason": {"type": "string"},
-                "ring_seconds": _nullable("number"),
-                "talk_seconds": _nullable("number"),
-                "recording": _ref("Recording"),
-                "token_hint": {"type": "string", "description": "The token's first characters; never all."},
-            },
-        },
+        "CallSummary": call_schema(),
         "CreateAnswer": _with_code(_ref("CallSummary"), {
             "type": "object",
             "required": ["token"],
             "properties": {"token": {"type": "string",
                                      "description": "The token as sent (create answer only)."}},
         }),
-        "TimelineEvent": {
-            "type": "object",
-            "required": ["at", "kind", "detail"],
-            "properties": {"at": {"type": "string", "format": "date-time"}, "kind": {"type": "string"},
-                           "detail": {"type": "object", "additionalProperties": True}},
-        },
+        "TimelineEvent": TIMELINE_EVENT_SCHEMA,
         "CallDetail": _with_code(_ref("CallSummary"), {
             "type": "object",
             "required": ["timeline"],
@@ -370,10 +322,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": "The call's recording, when the endpoint records and the file is kept.",
                     "security": SECURITY,
                     "parameters": [CALLID_PATH, TOKEN_QUERY],
-                    "responses": {"200": {"description": "The audio file.",
-                                          "content": {"audio/wav": {"schema": {"type": "string",
-                                                                               "format": "binary"}}}},
-                                  **_errors(404, *AUTH_ERRORS)},
+                    "responses": {"200": WAV, **_errors(404, *AUTH_ERRORS)},
                 },
             },
             "/v1/scheduled": {
@@ -418,17 +367,14 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "get": {
                     "operationId": "metrics",
                     "summary": "Prometheus metrics (text exposition, not in the envelope).",
-                    "responses": {"200": {"description": "Metrics.",
-                                          "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                  **_errors(405)},
+                    "responses": {"200": _raw("Metrics.", "text/plain", {"type": "string"}), **_errors(405)},
                 },
             },
             "/v1/openapi.json": {
                 "get": {
                     "operationId": "openapi",
                     "summary": "This document (not in the envelope).",
-                    "responses": {"200": {"description": "The OpenAPI document.",
-                                          "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "responses": {"200": _raw("The OpenAPI document.", "application/json", {"type": "object"}),
                                   **_errors(405)},
                 },
             },
@@ -439,10 +385,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                "(media_mode = \"http\", client address in media_route_allow; 404 otherwise).",
                     "parameters": [{"name": "name", "in": "path", "required": True,
                                     "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
-                    "responses": {"200": {"description": "WAV audio.",
-                                          "content": {"audio/wav": {"schema": {"type": "string",
-                                                                               "format": "binary"}}}},
-                                  **_errors(404, 405)},
+                    "responses": {"200": WAV, **_errors(404, 405)},
                 },
             },
         },

@@ -24,7 +24,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
 from daemon.calls.records import CallRecords, NewCall, NotCancelable
-from daemon.calls.view import call_view, endpoint_zone, iso
+from daemon.calls.view import call_view, endpoint_zone, timeline_view
 from daemon.config import Settings
 from daemon.media.library import MediaBusy, route_allows
 from daemon.ops.logs import log_event
@@ -35,7 +35,6 @@ from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.validation import (
     ListQuery,
-    ValidationError,
     decode_due_cursor,
     decode_id_cursor,
     encode_due_cursor,
@@ -157,16 +156,6 @@ def query_values() -> dict[str, Any]:
 
 # Shapes ------------------------------------------------------------------------------------------
 
-def call_summary(call: Call, endpoint: Endpoint) -> dict[str, Any]:
-    """A call as lists, reads and the create answer show it (never the token)."""
-    return call_view(call, endpoint)
-
-
-def timeline(call: Call) -> list[dict[str, Any]]:
-    """The call's events, oldest first."""
-    return [{"at": iso(e.at), "kind": e.kind, "detail": e.detail_dict} for e in CallRecords.timeline(call.id)]
-
-
 def own_call(endpoint: Endpoint, raw_callid: str) -> Call:
     """The endpoint's call by callid; 404 whether it does not exist or belongs to someone else."""
     callid = parse_callid(raw_callid)
@@ -203,7 +192,7 @@ def _media(field: str, fetch: Callable[[], Any]) -> Any:
 
 
 def _create_answer(call: Call, endpoint: Endpoint, token: str) -> Response:
-    data = call_summary(call, endpoint)
+    data = call_view(call, endpoint)
     data["token"] = token  # the seed echoes the token in the create answer, and only there
     return envelope(data)
 
@@ -265,7 +254,7 @@ def list_calls() -> Response:
     rows = list(calls_page_query(endpoint.id, q))
     more = len(rows) > q.limit
     rows = rows[: q.limit]
-    return envelope({"calls": [call_summary(r, endpoint) for r in rows],
+    return envelope({"calls": [call_view(r, endpoint) for r in rows],
                      "next_cursor": encode_id_cursor(rows[-1].id) if more else None})
 
 
@@ -274,8 +263,8 @@ def read_call(callid: str) -> Response:
     """One of the token's calls with its timeline."""
     endpoint, _ = require_endpoint(query_values())
     call = own_call(endpoint, callid)
-    data = call_summary(call, endpoint)
-    data["timeline"] = timeline(call)
+    data = call_view(call, endpoint)
+    data["timeline"] = timeline_view(CallRecords.timeline(call.id))
     return envelope(data)
 
 
@@ -302,14 +291,14 @@ def list_scheduled() -> Response:
     rows = CallRecords.scheduled_page(endpoint.id, limit=q.limit + 1, after=after)
     more = len(rows) > q.limit
     rows = rows[: q.limit]
-    return envelope({"calls": [call_summary(r, endpoint) for r in rows],
+    return envelope({"calls": [call_view(r, endpoint) for r in rows],
                      "next_cursor": encode_due_cursor(rows[-1].due_at, rows[-1].id) if more else None})
 
 
 def _cancel(callid: str, values: Mapping[str, Any]) -> Response:
     endpoint, _ = require_endpoint(values)
     call = own_call(endpoint, callid)
-    return envelope(call_summary(cancel_call(call, endpoint), endpoint))
+    return envelope(call_view(cancel_call(call, endpoint), endpoint))
 
 
 def cancel_call(call: Call, endpoint: Endpoint, *, via: str = "the API") -> Call:
@@ -419,9 +408,3 @@ def openapi() -> Response:
     document = openapi_document(ctx().settings)
     return Response(json.dumps(document, indent=1) + "\n", mimetype="application/json")
 
-
-# Errors raised by validation helpers -------------------------------------------------------------
-
-def validation_error_response(error: ValidationError) -> Response:
-    """400 naming the field and the rule."""
-    return envelope(None, 400, str(error))

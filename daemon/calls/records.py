@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from daemon.store import (
     CallStatus,
     Endpoint,
     database,
+    new_callid,
     relaxed_durability,
     utcnow,
 )
@@ -255,7 +255,7 @@ class CallRecords:
         try:
             with database.atomic():
                 call = Call.create(
-                    callid=secrets.token_hex(14), endpoint=endpoint.id, phone_a=request.phone_a,
+                    callid=new_callid(), endpoint=endpoint.id, phone_a=request.phone_a,
                     phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
                     dialtone_url=request.dialtone_url, play_file=request.play_file, msg_file=request.msg_file,
                     dialtone_file=request.dialtone_file, idempotency_key=key,

@@ -18,6 +18,7 @@ from .plan import far_end_hangup, send_dtmf
 
 VERSION = "FreeSWITCH Version 1.10.12-release~64bit ( 64bit)\n"
 NO_CHANNEL = "-ERR No such channel!\n"
+INVALID_UUID = "-ERR Invalid uuid\n"
 ORIGINATE_USAGE = (
     "-USAGE: <call url> <exten>|&<application_name>(<app_args>) [<dialplan>] [<context>] [<cid_name>] "
     "[<cid_num>] [<timeout_sec>]\n"
@@ -163,74 +164,75 @@ def _uptime(api: Api, args: str) -> str:
     return str(int(api.sw.uptime()))
 
 
-@cmd("uuid_exists")
-def _uuid_exists(api: Api, args: str) -> str:
-    return "true" if api.chan(args.split(" ")[0]) else "false"
+ChannelHandler = Callable[[Api, Channel, list[str]], str]
 
 
-@cmd("uuid_kill")
-def _uuid_kill(api: Api, args: str) -> str:
-    parts = args.split()
-    ch = api.chan(parts[0]) if parts else None
-    if ch is None:
-        return NO_CHANNEL
-    ch.hangup(parse_cause(parts[1] if len(parts) > 1 else None))
+def uuid_cmd(*names: str, nargs: int = 1, usage: str | None = None, missing: str = NO_CHANNEL,
+             maxsplit: int = -1, at: int = 0) -> Callable[[ChannelHandler], ChannelHandler]:
+    """Register an api command that acts on one live channel: ``fn(api, channel, other_args)``.
+
+    The arguments are split on spaces (``maxsplit`` as str.split); fewer than ``nargs`` answer
+    ``usage`` (or ``missing`` when the command has no usage text), and a uuid (argument ``at``) that
+    names no live channel answers ``missing``: each command's own FreeSWITCH wording.
+    """
+    def register(fn: ChannelHandler) -> ChannelHandler:
+        def handler(api: Api, args: str) -> str:
+            parts = args.split(" ", maxsplit) if maxsplit >= 0 else args.split()
+            if len(parts) < nargs or not parts[at]:
+                return usage or missing
+            ch = api.chan(parts[at])
+            if ch is None:
+                return missing
+            return fn(api, ch, parts[:at] + parts[at + 1:])
+
+        for name in names:
+            Api.handlers[name] = handler
+        return fn
+
+    return register
+
+
+@uuid_cmd("uuid_exists", missing="false")
+def _uuid_exists(api: Api, ch: Channel, args: list[str]) -> str:
+    return "true"
+
+
+@uuid_cmd("uuid_kill")
+def _uuid_kill(api: Api, ch: Channel, args: list[str]) -> str:
+    ch.hangup(parse_cause(args[0] if args else None))
     return "+OK\n"
 
 
-@cmd("uuid_getvar")
-def _uuid_getvar(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <var>\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return NO_CHANNEL
-    return ch.var(parts[1], "_undef_") or "_undef_"
+@uuid_cmd("uuid_getvar", nargs=2, usage="-USAGE: <uuid> <var>\n")
+def _uuid_getvar(api: Api, ch: Channel, args: list[str]) -> str:
+    return ch.var(args[0], "_undef_") or "_undef_"
 
 
-@cmd("uuid_setvar")
-def _uuid_setvar(api: Api, args: str) -> str:
-    parts = args.split(" ", 2)
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <var> [value]\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return NO_CHANNEL
-    value = parts[2] if len(parts) > 2 else None
-    ch.set_var(parts[1], value if value not in ("", "undef") else None)
+@uuid_cmd("uuid_setvar", nargs=2, usage="-USAGE: <uuid> <var> [value]\n", maxsplit=2)
+def _uuid_setvar(api: Api, ch: Channel, args: list[str]) -> str:
+    value = args[1] if len(args) > 1 else None
+    ch.set_var(args[0], value if value not in ("", "undef") else None)
     return "+OK\n"
 
 
-@cmd("uuid_setvar_multi")
-def _uuid_setvar_multi(api: Api, args: str) -> str:
-    uuid, _, rest = args.partition(" ")
-    ch = api.chan(uuid)
-    if ch is None:
-        return NO_CHANNEL
-    for pair in rest.split(";"):
+@uuid_cmd("uuid_setvar_multi", maxsplit=1)
+def _uuid_setvar_multi(api: Api, ch: Channel, args: list[str]) -> str:
+    for pair in (args[0] if args else "").split(";"):
         name, _, value = pair.partition("=")
         if name.strip():
             ch.set_var(name.strip(), value if value != "" else None)
     return "+OK\n"
 
 
-@cmd("uuid_answer")
-def _uuid_answer(api: Api, args: str) -> str:
-    ch = api.chan(args.split(" ")[0])
-    if ch is None:
-        return "-ERROR\n"
+@uuid_cmd("uuid_answer", missing="-ERROR\n")
+def _uuid_answer(api: Api, ch: Channel, args: list[str]) -> str:
     ch.mark_answered()
     return "+OK\n"
 
 
-@cmd("uuid_break")
-def _uuid_break(api: Api, args: str) -> str:
-    parts = args.split()
-    ch = api.chan(parts[0]) if parts else None
-    if ch is None:
-        return NO_CHANNEL
-    if len(parts) > 1 and parts[1] == "all":
+@uuid_cmd("uuid_break")
+def _uuid_break(api: Api, ch: Channel, args: list[str]) -> str:
+    if args[:1] == ["all"]:
         ch.queue.clear()
     ch.broken.set()
     return "+OK\n"
@@ -245,34 +247,25 @@ def _queue_app(ch: Channel, target: str) -> None:
     ch.queue_ready.set()
 
 
-@cmd("uuid_broadcast")
-def _uuid_broadcast(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <path> [aleg|bleg|holdb|both]\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return "-ERR invalid uuid\n"
-    leg = parts[2] if len(parts) > 2 else "aleg"
+@uuid_cmd("uuid_broadcast", nargs=2, usage="-USAGE: <uuid> <path> [aleg|bleg|holdb|both]\n",
+          missing="-ERR invalid uuid\n")
+def _uuid_broadcast(api: Api, ch: Channel, args: list[str]) -> str:
+    path = args[0]
+    leg = args[1] if len(args) > 1 else "aleg"
     if leg in ("aleg", "both"):
-        _queue_app(ch, parts[1])
+        _queue_app(ch, path)
     if leg in ("bleg", "both") and ch.bridged_to is not None:
-        _queue_app(ch.bridged_to, parts[1])
+        _queue_app(ch.bridged_to, path)
     return "+OK Message sent\n"
 
 
-@cmd("uuid_record")
-def _uuid_record(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 3:
-        return "-USAGE: <uuid> [start|stop|mask|unmask] <path> [<limit>] [<recording_vars>]\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return "-ERR Cannot locate session!\n"
-    action, path = parts[1], parts[2]
+@uuid_cmd("uuid_record", nargs=3, usage="-USAGE: <uuid> [start|stop|mask|unmask] <path> [<limit>] [<recording_vars>]\n",
+          missing="-ERR Cannot locate session!\n")
+def _uuid_record(api: Api, ch: Channel, args: list[str]) -> str:
+    action, path = args[0], args[1]
     if action == "start":
         try:
-            limit = float(parts[3]) if len(parts) > 3 else None
+            limit = float(args[2]) if len(args) > 2 else None
         except ValueError:
             limit = None
         api.sw.start_recording(ch, path, limit)
@@ -281,15 +274,9 @@ def _uuid_record(api: Api, args: str) -> str:
     return "+OK Success\n"
 
 
-@cmd("uuid_transfer")
-def _uuid_transfer(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> [-bleg|-both] <dest-exten> [<dialplan>] [<context>]\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return NO_CHANNEL
-    rest = [p for p in parts[1:] if p not in ("-bleg", "-both")]
+@uuid_cmd("uuid_transfer", nargs=2, usage="-USAGE: <uuid> [-bleg|-both] <dest-exten> [<dialplan>] [<context>]\n")
+def _uuid_transfer(api: Api, ch: Channel, args: list[str]) -> str:
+    rest = [p for p in args if p not in ("-bleg", "-both")]
     ch.transfer_apps = transfer_target(" ".join(rest))
     ch.pending_transfer = ("bl_xfer", rest[0])
     ch.broken.set()
@@ -297,14 +284,11 @@ def _uuid_transfer(api: Api, args: str) -> str:
     return "+OK\n"
 
 
-@cmd("uuid_bridge")
-def _uuid_bridge(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <other_uuid>\n"
-    a, b = api.chan(parts[0]), api.chan(parts[1])
-    if a is None or b is None:
-        return "-ERR Invalid uuid\n"
+@uuid_cmd("uuid_bridge", nargs=2, usage="-USAGE: <uuid> <other_uuid>\n", missing=INVALID_UUID)
+def _uuid_bridge(api: Api, a: Channel, args: list[str]) -> str:
+    b = api.chan(args[0])
+    if b is None:
+        return INVALID_UUID
     # Both legs leave what they run (EXECUTE_COMPLETE) before A's session announces the bridge.
     a.other, a.other_type = b, "originatee"
     b.other, b.other_type = a, "originator"
@@ -320,14 +304,9 @@ def _uuid_bridge(api: Api, args: str) -> str:
     return f"+OK {b.uuid}\n"
 
 
-@cmd("uuid_send_dtmf")
-def _uuid_send_dtmf(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <dtmf_data>\n"
-    if api.chan(parts[0]) is None:
-        return "-ERR no such channel\n"
-    return f"+OK {parts[0]} sent DTMF {parts[1]}.\n"
+@uuid_cmd("uuid_send_dtmf", nargs=2, usage="-USAGE: <uuid> <dtmf_data>\n", missing="-ERR no such channel\n")
+def _uuid_send_dtmf(api: Api, ch: Channel, args: list[str]) -> str:
+    return f"+OK {ch.uuid} sent DTMF {args[0]}.\n"
 
 
 @cmd("hupall")
@@ -342,15 +321,9 @@ def _hupall(api: Api, args: str) -> str:
     return f"+OK hangup all channels with cause {cause}\n"
 
 
-@cmd("sched_hangup", "uuid_sched_hangup")
-def _sched_hangup(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: [+]<time> <uuid> [<cause>]\n"
-    ch = api.chan(parts[1])
-    if ch is None:
-        return "-ERR No such channel!\n"
-    schedule_hangup(api.sw, ch, " ".join([parts[0], *parts[2:]]))
+@uuid_cmd("sched_hangup", "uuid_sched_hangup", nargs=2, usage="-USAGE: [+]<time> <uuid> [<cause>]\n", at=1)
+def _sched_hangup(api: Api, ch: Channel, args: list[str]) -> str:
+    schedule_hangup(api.sw, ch, " ".join(args))
     return "+OK\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -98,7 +99,7 @@ cmd = Api.command
 
 
 def uptime_text(sw: Switch) -> str:
-    """FreeSWITCH's uptime wording ("0 years, 0 days, 0 hours, ... microseconds")."""
+    """FreeSWITCH's uptime wording ("0 years, 0 days, 0 hours, ... microseconds"; "1 hour")."""
     up = sw.uptime()
     secs = int(up)
     ms = int((up - secs) * 1000)
@@ -107,20 +108,61 @@ def uptime_text(sw: Switch) -> str:
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
     y, d = divmod(d, 365)
-    return f"{y} years, {d} days, {h} hours, {m} minutes, {s} seconds, {ms} milliseconds, {us} microseconds"
+    units = ((y, "year"), (d, "day"), (h, "hour"), (m, "minute"), (s, "second"), (ms, "millisecond"),
+             (us, "microsecond"))
+    return ", ".join(f"{n} {unit}{'' if n == 1 else 's'}" for n, unit in units)
 
 
 @cmd("status")
 def _status(api: Api, args: str) -> str:
-    live = len(api.sw.channels)
     return (
         f"UP {uptime_text(api.sw)}\n"
         "FreeSWITCH (Version 1.10.12-release  64bit) is ready\n"
-        f"{api.sw.sessions_since_start} session(s) since startup\n"
-        f"{live} session(s) - peak {api.sw.peak}, last 5min {api.sw.peak} \n"
-        "0 session(s) per Sec out of max 30, peak 8, last 5min 2 \n"
-        "1000 session(s) max\nmin idle cpu 0.00/98.70\nCurrent Stack Size/Max 240K/8192K\n"
+        f"{api.sw.limits.status_lines()}"
+        "min idle cpu 0.00/98.70\nCurrent Stack Size/Max 240K/8192K\n"
     )
+
+
+FSCTL_SYNTAX = (
+    "[recover|send_sighup|hupall|pause [inbound|outbound]|resume [inbound|outbound]|shutdown "
+    "[cancel|elegant|asap|now|restart]|sps|sync_clock|sync_clock_when_idle|reclaim_mem|max_sessions|"
+    "min_dtmf_duration [num]|max_dtmf_duration [num]|default_dtmf_duration [num]|min_idle_cpu|"
+    "loglevel [level]|debug_level [level]]"
+)
+
+# Real fsctl subcommands the stand-in does not act on (it says so rather than pretend).
+FSCTL_NOT_SIMULATED = frozenset({
+    "hupall", "recover", "flush_db_handles", "pause", "send_sighup", "resume", "calibrate_clock", "crash",
+    "verbose_events", "api_expansion", "threaded_system_exec", "save_history", "pause_check", "ready_check",
+    "shutdown_check", "shutdown", "debug_sql", "sql", "reclaim_mem", "min_idle_cpu", "max_dtmf_duration",
+    "min_dtmf_duration", "default_dtmf_duration", "loglevel", "debug_level", "sync_clock", "sync_clock_when_idle",
+})
+
+
+def c_atoi(text: str) -> int:
+    """C's atoi: leading blanks, a sign and digits; anything else ends the number (no digits: 0)."""
+    digits = re.match(r"\s*([+-]?\d+)", text)
+    return int(digits.group(1)) if digits else 0
+
+
+@cmd("fsctl")
+def _fsctl(api: Api, args: str) -> str:
+    """The session-limit controls of mod_commands' fsctl: sps, max_sessions, last_sps."""
+    parts = args.split()
+    if not parts:
+        return f"-USAGE: {FSCTL_SYNTAX}\n"
+    what, value = parts[0].lower(), c_atoi(parts[1]) if len(parts) > 1 else 0
+    limits = api.sw.limits
+    if what == "sps":
+        return f"+OK sessions per second: {limits.set_sps(value)}\n"
+    if what == "max_sessions":
+        return f"+OK max sessions: {limits.set_max_sessions(value)}\n"
+    if what == "last_sps":
+        limits.catch_up()
+        return f"+OK last sessions per second: {limits.sps_last}\n"
+    if what in FSCTL_NOT_SIMULATED:
+        return f"-ERR fsctl {what} is not simulated by the stand-in\n"
+    return f"-ERR INVALID COMMAND\nUSAGE: fsctl {FSCTL_SYNTAX}"
 
 
 @cmd("version")
@@ -149,8 +191,6 @@ def _global_setvar(api: Api, args: str) -> str:
 
 @cmd("eval")
 def _eval(api: Api, args: str) -> str:
-    import re
-
     return re.sub(r"\$\{([^${}]+)\}", lambda m: api.sw.globals.get(m.group(1), ""), args)
 
 
@@ -486,7 +526,7 @@ def _sofia(api: Api, args: str) -> str:
             ("To", "sip:FreeSWITCH@127.0.0.1:5090"), ("Proxy", "sip:127.0.0.1:5090"), ("Context", "public"),
             ("Expires", "3600"), ("Freq", "3600"), ("Ping", "0"), ("PingFreq", "0"), ("PingTime", "0.00"),
             ("PingState", "0/0/0"), ("State", "NOREG"), ("Status", "UP"), ("Uptime", f"{int(api.sw.uptime())}s"),
-            ("CallsIN", "0"), ("CallsOUT", str(api.sw.sessions_since_start)), ("FailedCallsIN", "0"),
+            ("CallsIN", "0"), ("CallsOUT", str(api.sw.calls_out)), ("FailedCallsIN", "0"),
             ("FailedCallsOUT", "0"),
         ]
         bar = "=" * 97 + "\n"
@@ -496,11 +536,14 @@ def _sofia(api: Api, args: str) -> str:
 
 @cmd("standin")
 def _standin(api: Api, args: str) -> str:
-    """The stand-in's own introspection: heard <uuid>, channel <uuid>, channels, commands, hangup/dtmf."""
+    """The stand-in's own introspection: heard <uuid>, channel <uuid>, channels, commands, limits, hangup/dtmf."""
     parts = args.split()
     if not parts:
-        return "-USAGE: heard <uuid>|channel <uuid>|channels|commands|far_end_hangup <uuid>|dtmf <uuid> <digits>\n"
+        return ("-USAGE: heard <uuid>|channel <uuid>|channels|commands|limits|far_end_hangup <uuid>"
+                "|dtmf <uuid> <digits>\n")
     sub = parts[0]
+    if sub == "limits":
+        return json.dumps(api.sw.limits.describe()) + "\n"
     ch = api.find(parts[1]) if len(parts) > 1 else None
     if sub == "heard":
         return json.dumps(ch.heard_list() if ch else None) + "\n"

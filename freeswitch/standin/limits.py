@@ -18,6 +18,9 @@ answers a refusal with DESTINATION_OUT_OF_ORDER: nothing is created, no CHANNEL_
 
 The tick is one *real* second whatever the stand-in's time scale: the daemon reads "30 sessions
 per second" and paces in real time, so the stand-in enforces exactly what it announces.
+
+The peaks `status` prints are kept per tick, the "last 5min" ones started over every 300 ticks (the
+code that updates them was not among the sources read; they inform, nothing depends on them).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def int32(value: int) -> int:
 class SessionLimits:
     """Admission of new sessions, the once-a-second refill, and the figures `status` prints."""
 
-    def __init__(self, sps: int = DEFAULT_SPS, max_sessions: int = DEFAULT_MAX_SESSIONS, tick: float = TICK,
+    def __init__(self, sps: int = DEFAULT_SPS, max_sessions: int = DEFAULT_MAX_SESSIONS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.sps_total = sps
         self.budget = sps  # runtime.sps: what is left of this tick
@@ -55,9 +58,8 @@ class SessionLimits:
         self.ticks = 0
         self.throttled = 0  # refusals over the per-second budget ("Throttle Error!")
         self.over_limit = 0  # refusals over max sessions ("Over Session Limit!")
-        self._tick = tick
         self._clock = clock
-        self._next_tick = clock() + tick
+        self._next_tick = clock() + TICK
 
     # ----- admission -------------------------------------------------------------------------
     def admit(self) -> int | None:
@@ -100,7 +102,7 @@ class SessionLimits:
         now = self._clock()
         while now >= self._next_tick:
             self._refill()
-            self._next_tick += self._tick
+            self._next_tick += TICK
 
     def _refill(self) -> None:
         if self.ticks % FIVE_MINUTES == 0 and self.ticks:
@@ -111,11 +113,6 @@ class SessionLimits:
         self.sps_peak = max(self.sps_peak, self.sps_last)
         self.sps_peak_fivemin = max(self.sps_peak_fivemin, self.sps_last)
         self.budget = self.sps_total
-
-    def seconds_to_tick(self) -> float:
-        """Real seconds until the next refill."""
-        self.catch_up()
-        return max(0.0, self._next_tick - self._clock())
 
     # ----- what `status` and HEARTBEAT say ---------------------------------------------------------
     def status_lines(self) -> str:

@@ -15,10 +15,23 @@ Embedded (tests)::
     sw.slow_replies(seconds); sw.stop()
 
 Standalone: ``python -m freeswitch.standin --host 127.0.0.1 --port 8021 --password ClueCon
---time-scale 1.0`` prints ``freeswitch stand-in listening on HOST:PORT (time scale X)``.
+--time-scale 1.0 [--sps 30] [--max-sessions 1000] [--far-end-sessions]`` prints ``freeswitch
+stand-in listening on HOST:PORT (time scale X, N sessions per second, M max)``.
 
-Over the socket, ``api standin heard <uuid>`` / ``channel <uuid>`` / ``channels`` / ``commands`` return
-JSON, and ``api standin far_end_hangup <uuid>`` / ``dtmf <uuid> <digits>`` act as the far end.
+Over the socket, ``api standin heard <uuid>`` / ``channel <uuid>`` / ``channels`` / ``commands`` /
+``limits`` return JSON, and ``api standin far_end_hangup <uuid>`` / ``dtmf <uuid> <digits>`` act as
+the far end.
+
+Session limits (limits.py; traces 17/17b): like FreeSWITCH, at most ``sps`` (30) new sessions a second
+and ``max_sessions`` (1000) at once; ``fsctl sps [N]``, ``fsctl max_sessions [N]``, ``fsctl last_sps``
+and the ``status`` lines read and change them (a restart goes back to the configured values). Every
+leg created counts, the originate's and the bridge app's B leg alike; a leg refused a session is
+never created: ``-ERR DESTINATION_OUT_OF_ORDER`` and no event for its uuid, or for the bridge app
+``originate_disposition`` DESTINATION_OUT_OF_ORDER / ``DIALSTATUS`` INVALIDARGS on A. The per-second
+budget is refilled every *real* second whatever the time scale (the clients pace in real time from
+what the switch announces). ``far_end_sessions=True`` also counts each far end as a session of the
+same switch, as on the host that recorded the traces: a far end refused its session answers 503
+and the leg ends NORMAL_TEMPORARY_FAILURE.
 
 What a leg heard (``sw.heard(uuid)``): what the *person on that leg* heard, oldest first, as
 ``{"start", "end", "kind", "source"}`` with times in plan seconds since the leg was created

@@ -320,22 +320,18 @@ def _sleep(s: Session, arg: str) -> str | None:
     return None
 
 
-@app("answer")
-def _answer(s: Session, arg: str) -> str | None:
-    s.ch.mark_answered()
-    return None
+def _signal(mark: Callable[[Channel], None]) -> AppFn:
+    def run(s: Session, arg: str) -> str | None:
+        mark(s.ch)
+        return None
+
+    return run
 
 
-@app("pre_answer")
-def _pre_answer(s: Session, arg: str) -> str | None:
-    s.ch.mark_pre_answered()
-    return None
-
-
-@app("ring_ready")
-def _ring_ready(s: Session, arg: str) -> str | None:
-    s.ch.mark_ring_ready()
-    return None
+# Applications that only signal the call's progress to the far end.
+for _name, _mark in (("answer", Channel.mark_answered), ("pre_answer", Channel.mark_pre_answered),
+                     ("ring_ready", Channel.mark_ring_ready)):
+    APPS[_name] = _signal(_mark)
 
 
 @app("hangup")

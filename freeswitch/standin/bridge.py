@@ -28,8 +28,11 @@ def run_bridge(s: Session, dial: str) -> None:
     a.set_var("originate_disposition", "failure")
     a.set_var("DIALSTATUS", "INVALIDARGS")
     ringback = _ringback_source(a)
-    if ringback and a.true_var("instant_ringback"):
-        a.hear("ringback", ringback)
+
+    def on_created(b: Channel) -> None:
+        # Ringback starts once there is a B leg to wait for: none when the switch refused B's session.
+        if ringback and a.true_var("instant_ringback"):
+            a.hear("ringback", ringback)
 
     def on_ring(b: Channel) -> None:
         a.callee = b.number
@@ -42,7 +45,7 @@ def run_bridge(s: Session, dial: str) -> None:
         if a.is_up:
             a.hear("early_media", b.uuid)
 
-    b, cause = originate(sw, dial, originator=a, on_ring=on_ring, on_early=on_early)
+    b, cause = originate(sw, dial, originator=a, on_ring=on_ring, on_early=on_early, on_created=on_created)
     if b is not None:
         a.set_var("originated_legs", f"{b.uuid};{b.name};{b.number}")
     if cause or b is None or not a.is_up:
@@ -68,7 +71,8 @@ def _bridge_failed(a: Channel, b: Channel | None, cause: str) -> None:
     if b is not None:
         a.set_var("originate_causes", f"{b.uuid};{cause}")
     a.set_var("originate_failed_cause", cause)
-    if cause != "ORIGINATOR_CANCEL":
+    if b is not None and cause != "ORIGINATOR_CANCEL":
+        # B's hangup sets it on its partner (switch_channel_set_variable_partner): no B, no value.
         a.set_var("last_bridge_hangup_cause", cause)
     if not a.is_up:
         return

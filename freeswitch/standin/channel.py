@@ -119,6 +119,7 @@ class Channel:
         self.destroyed = GEvent()
         self.reported = GEvent()  # CHANNEL_HANGUP_COMPLETE was fired
         self.has_session = False  # True once an executor greenlet drives this channel
+        self.far_end_session = False  # its far end holds a session of this switch (far_end_sessions)
         self.sent: list[Segment] = []  # what this leg's far-end person sends: silence, tone, early_media
         self.greenlets: list[gevent.Greenlet] = []
         self.transfer_apps: list[tuple[str, str]] | None = None
@@ -444,9 +445,10 @@ class Channel:
         self.hear_idle()
         self.answered.set()
 
-    def hangup(self, cause: str, disposition: str | None = None, sip_status: int | None = None) -> bool:
+    def hangup(self, cause: str, disposition: str | None = None, sip_reply: tuple[int, str] | None = None) -> bool:
         """Hang this leg up: CHANNEL_HANGUP now; the rest follows when the session unwinds.
 
+        ``sip_reply``: the far end's refusal (status, phrase) when not the number plan's for that cause.
         Returns False if it was already hung up.
         """
         if self.hungup.is_set():
@@ -458,7 +460,7 @@ class Channel:
             disposition = "send_bye" if self.answered_us else "send_cancel"
         after: dict[str, str] = {"sip_hangup_disposition": disposition}
         if disposition == "recv_refuse":
-            status, phrase = SIP_REFUSALS.get(cause, (sip_status or 480, "Temporarily Unavailable"))
+            status, phrase = sip_reply or SIP_REFUSALS.get(cause, (480, "Temporarily Unavailable"))
             self._sip_answer_vars(user_agent=False)
             v["sip_hangup_disposition"] = "recv_refuse"
             v["sip_invite_failure_status"] = str(status)

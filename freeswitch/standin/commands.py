@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from .plan import far_end_hangup, send_dtmf
 
 VERSION = "FreeSWITCH Version 1.10.12-release~64bit ( 64bit)\n"
 NO_CHANNEL = "-ERR No such channel!\n"
+INVALID_UUID = "-ERR Invalid uuid\n"
 ORIGINATE_USAGE = (
     "-USAGE: <call url> <exten>|&<application_name>(<app_args>) [<dialplan>] [<context>] [<cid_name>] "
     "[<cid_num>] [<timeout_sec>]\n"
@@ -97,7 +99,7 @@ cmd = Api.command
 
 
 def uptime_text(sw: Switch) -> str:
-    """FreeSWITCH's uptime wording ("0 years, 0 days, 0 hours, ... microseconds")."""
+    """FreeSWITCH's uptime wording ("0 years, 0 days, 0 hours, ... microseconds"; "1 hour")."""
     up = sw.uptime()
     secs = int(up)
     ms = int((up - secs) * 1000)
@@ -106,20 +108,61 @@ def uptime_text(sw: Switch) -> str:
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
     y, d = divmod(d, 365)
-    return f"{y} years, {d} days, {h} hours, {m} minutes, {s} seconds, {ms} milliseconds, {us} microseconds"
+    units = ((y, "year"), (d, "day"), (h, "hour"), (m, "minute"), (s, "second"), (ms, "millisecond"),
+             (us, "microsecond"))
+    return ", ".join(f"{n} {unit}{'' if n == 1 else 's'}" for n, unit in units)
 
 
 @cmd("status")
 def _status(api: Api, args: str) -> str:
-    live = len(api.sw.channels)
     return (
         f"UP {uptime_text(api.sw)}\n"
         "FreeSWITCH (Version 1.10.12-release  64bit) is ready\n"
-        f"{api.sw.sessions_since_start} session(s) since startup\n"
-        f"{live} session(s) - peak {api.sw.peak}, last 5min {api.sw.peak} \n"
-        "0 session(s) per Sec out of max 30, peak 8, last 5min 2 \n"
-        "1000 session(s) max\nmin idle cpu 0.00/98.70\nCurrent Stack Size/Max 240K/8192K\n"
+        f"{api.sw.limits.status_lines()}"
+        "min idle cpu 0.00/98.70\nCurrent Stack Size/Max 240K/8192K\n"
     )
+
+
+FSCTL_SYNTAX = (
+    "[recover|send_sighup|hupall|pause [inbound|outbound]|resume [inbound|outbound]|shutdown "
+    "[cancel|elegant|asap|now|restart]|sps|sync_clock|sync_clock_when_idle|reclaim_mem|max_sessions|"
+    "min_dtmf_duration [num]|max_dtmf_duration [num]|default_dtmf_duration [num]|min_idle_cpu|"
+    "loglevel [level]|debug_level [level]]"
+)
+
+# Real fsctl subcommands the stand-in does not act on (it says so rather than pretend).
+FSCTL_NOT_SIMULATED = frozenset({
+    "hupall", "recover", "flush_db_handles", "pause", "send_sighup", "resume", "calibrate_clock", "crash",
+    "verbose_events", "api_expansion", "threaded_system_exec", "save_history", "pause_check", "ready_check",
+    "shutdown_check", "shutdown", "debug_sql", "sql", "reclaim_mem", "min_idle_cpu", "max_dtmf_duration",
+    "min_dtmf_duration", "default_dtmf_duration", "loglevel", "debug_level", "sync_clock", "sync_clock_when_idle",
+})
+
+
+def c_atoi(text: str) -> int:
+    """C's atoi: leading blanks, a sign and digits; anything else ends the number (no digits: 0)."""
+    digits = re.match(r"\s*([+-]?\d+)", text)
+    return int(digits.group(1)) if digits else 0
+
+
+@cmd("fsctl")
+def _fsctl(api: Api, args: str) -> str:
+    """The session-limit controls of mod_commands' fsctl: sps, max_sessions, last_sps."""
+    parts = args.split()
+    if not parts:
+        return f"-USAGE: {FSCTL_SYNTAX}\n"
+    what, value = parts[0].lower(), c_atoi(parts[1]) if len(parts) > 1 else 0
+    limits = api.sw.limits
+    if what == "sps":
+        return f"+OK sessions per second: {limits.set_sps(value)}\n"
+    if what == "max_sessions":
+        return f"+OK max sessions: {limits.set_max_sessions(value)}\n"
+    if what == "last_sps":
+        limits.catch_up()
+        return f"+OK last sessions per second: {limits.sps_last}\n"
+    if what in FSCTL_NOT_SIMULATED:
+        return f"-ERR fsctl {what} is not simulated by the stand-in\n"
+    return f"-ERR INVALID COMMAND\nUSAGE: fsctl {FSCTL_SYNTAX}"
 
 
 @cmd("version")
@@ -148,8 +191,6 @@ def _global_setvar(api: Api, args: str) -> str:
 
 @cmd("eval")
 def _eval(api: Api, args: str) -> str:
-    import re
-
     return re.sub(r"\$\{([^${}]+)\}", lambda m: api.sw.globals.get(m.group(1), ""), args)
 
 
@@ -163,74 +204,75 @@ def _uptime(api: Api, args: str) -> str:
     return str(int(api.sw.uptime()))
 
 
-@cmd("uuid_exists")
-def _uuid_exists(api: Api, args: str) -> str:
-    return "true" if api.chan(args.split(" ")[0]) else "false"
+ChannelHandler = Callable[[Api, Channel, list[str]], str]
 
 
-@cmd("uuid_kill")
-def _uuid_kill(api: Api, args: str) -> str:
-    parts = args.split()
-    ch = api.chan(parts[0]) if parts else None
-    if ch is None:
-        return NO_CHANNEL
-    ch.hangup(parse_cause(parts[1] if len(parts) > 1 else None))
+def uuid_cmd(*names: str, nargs: int = 1, usage: str | None = None, missing: str = NO_CHANNEL,
+             maxsplit: int = -1, at: int = 0) -> Callable[[ChannelHandler], ChannelHandler]:
+    """Register an api command that acts on one live channel: ``fn(api, channel, other_args)``.
+
+    The arguments are split on spaces (``maxsplit`` as str.split); fewer than ``nargs`` answer
+    ``usage`` (or ``missing`` when the command has no usage text), and a uuid (argument ``at``) that
+    names no live channel answers ``missing``: each command's own FreeSWITCH wording.
+    """
+    def register(fn: ChannelHandler) -> ChannelHandler:
+        def handler(api: Api, args: str) -> str:
+            parts = args.split(" ", maxsplit) if maxsplit >= 0 else args.split()
+            if len(parts) < nargs or not parts[at]:
+                return usage or missing
+            ch = api.chan(parts[at])
+            if ch is None:
+                return missing
+            return fn(api, ch, parts[:at] + parts[at + 1:])
+
+        for name in names:
+            Api.handlers[name] = handler
+        return fn
+
+    return register
+
+
+@uuid_cmd("uuid_exists", missing="false")
+def _uuid_exists(api: Api, ch: Channel, args: list[str]) -> str:
+    return "true"
+
+
+@uuid_cmd("uuid_kill")
+def _uuid_kill(api: Api, ch: Channel, args: list[str]) -> str:
+    ch.hangup(parse_cause(args[0] if args else None))
     return "+OK\n"
 
 
-@cmd("uuid_getvar")
-def _uuid_getvar(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <var>\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return NO_CHANNEL
-    return ch.var(parts[1], "_undef_") or "_undef_"
+@uuid_cmd("uuid_getvar", nargs=2, usage="-USAGE: <uuid> <var>\n")
+def _uuid_getvar(api: Api, ch: Channel, args: list[str]) -> str:
+    return ch.var(args[0], "_undef_") or "_undef_"
 
 
-@cmd("uuid_setvar")
-def _uuid_setvar(api: Api, args: str) -> str:
-    parts = args.split(" ", 2)
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <var> [value]\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return NO_CHANNEL
-    value = parts[2] if len(parts) > 2 else None
-    ch.set_var(parts[1], value if value not in ("", "undef") else None)
+@uuid_cmd("uuid_setvar", nargs=2, usage="-USAGE: <uuid> <var> [value]\n", maxsplit=2)
+def _uuid_setvar(api: Api, ch: Channel, args: list[str]) -> str:
+    value = args[1] if len(args) > 1 else None
+    ch.set_var(args[0], value if value not in ("", "undef") else None)
     return "+OK\n"
 
 
-@cmd("uuid_setvar_multi")
-def _uuid_setvar_multi(api: Api, args: str) -> str:
-    uuid, _, rest = args.partition(" ")
-    ch = api.chan(uuid)
-    if ch is None:
-        return NO_CHANNEL
-    for pair in rest.split(";"):
+@uuid_cmd("uuid_setvar_multi", maxsplit=1)
+def _uuid_setvar_multi(api: Api, ch: Channel, args: list[str]) -> str:
+    for pair in (args[0] if args else "").split(";"):
         name, _, value = pair.partition("=")
         if name.strip():
             ch.set_var(name.strip(), value if value != "" else None)
     return "+OK\n"
 
 
-@cmd("uuid_answer")
-def _uuid_answer(api: Api, args: str) -> str:
-    ch = api.chan(args.split(" ")[0])
-    if ch is None:
-        return "-ERROR\n"
+@uuid_cmd("uuid_answer", missing="-ERROR\n")
+def _uuid_answer(api: Api, ch: Channel, args: list[str]) -> str:
     ch.mark_answered()
     return "+OK\n"
 
 
-@cmd("uuid_break")
-def _uuid_break(api: Api, args: str) -> str:
-    parts = args.split()
-    ch = api.chan(parts[0]) if parts else None
-    if ch is None:
-        return NO_CHANNEL
-    if len(parts) > 1 and parts[1] == "all":
+@uuid_cmd("uuid_break")
+def _uuid_break(api: Api, ch: Channel, args: list[str]) -> str:
+    if args[:1] == ["all"]:
         ch.queue.clear()
     ch.broken.set()
     return "+OK\n"
@@ -245,34 +287,25 @@ def _queue_app(ch: Channel, target: str) -> None:
     ch.queue_ready.set()
 
 
-@cmd("uuid_broadcast")
-def _uuid_broadcast(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <path> [aleg|bleg|holdb|both]\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return "-ERR invalid uuid\n"
-    leg = parts[2] if len(parts) > 2 else "aleg"
+@uuid_cmd("uuid_broadcast", nargs=2, usage="-USAGE: <uuid> <path> [aleg|bleg|holdb|both]\n",
+          missing="-ERR invalid uuid\n")
+def _uuid_broadcast(api: Api, ch: Channel, args: list[str]) -> str:
+    path = args[0]
+    leg = args[1] if len(args) > 1 else "aleg"
     if leg in ("aleg", "both"):
-        _queue_app(ch, parts[1])
+        _queue_app(ch, path)
     if leg in ("bleg", "both") and ch.bridged_to is not None:
-        _queue_app(ch.bridged_to, parts[1])
+        _queue_app(ch.bridged_to, path)
     return "+OK Message sent\n"
 
 
-@cmd("uuid_record")
-def _uuid_record(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 3:
-        return "-USAGE: <uuid> [start|stop|mask|unmask] <path> [<limit>] [<recording_vars>]\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return "-ERR Cannot locate session!\n"
-    action, path = parts[1], parts[2]
+@uuid_cmd("uuid_record", nargs=3, usage="-USAGE: <uuid> [start|stop|mask|unmask] <path> [<limit>] [<recording_vars>]\n",
+          missing="-ERR Cannot locate session!\n")
+def _uuid_record(api: Api, ch: Channel, args: list[str]) -> str:
+    action, path = args[0], args[1]
     if action == "start":
         try:
-            limit = float(parts[3]) if len(parts) > 3 else None
+            limit = float(args[2]) if len(args) > 2 else None
         except ValueError:
             limit = None
         api.sw.start_recording(ch, path, limit)
@@ -281,15 +314,9 @@ def _uuid_record(api: Api, args: str) -> str:
     return "+OK Success\n"
 
 
-@cmd("uuid_transfer")
-def _uuid_transfer(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> [-bleg|-both] <dest-exten> [<dialplan>] [<context>]\n"
-    ch = api.chan(parts[0])
-    if ch is None:
-        return NO_CHANNEL
-    rest = [p for p in parts[1:] if p not in ("-bleg", "-both")]
+@uuid_cmd("uuid_transfer", nargs=2, usage="-USAGE: <uuid> [-bleg|-both] <dest-exten> [<dialplan>] [<context>]\n")
+def _uuid_transfer(api: Api, ch: Channel, args: list[str]) -> str:
+    rest = [p for p in args if p not in ("-bleg", "-both")]
     ch.transfer_apps = transfer_target(" ".join(rest))
     ch.pending_transfer = ("bl_xfer", rest[0])
     ch.broken.set()
@@ -297,14 +324,11 @@ def _uuid_transfer(api: Api, args: str) -> str:
     return "+OK\n"
 
 
-@cmd("uuid_bridge")
-def _uuid_bridge(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <other_uuid>\n"
-    a, b = api.chan(parts[0]), api.chan(parts[1])
-    if a is None or b is None:
-        return "-ERR Invalid uuid\n"
+@uuid_cmd("uuid_bridge", nargs=2, usage="-USAGE: <uuid> <other_uuid>\n", missing=INVALID_UUID)
+def _uuid_bridge(api: Api, a: Channel, args: list[str]) -> str:
+    b = api.chan(args[0])
+    if b is None:
+        return INVALID_UUID
     # Both legs leave what they run (EXECUTE_COMPLETE) before A's session announces the bridge.
     a.other, a.other_type = b, "originatee"
     b.other, b.other_type = a, "originator"
@@ -320,14 +344,9 @@ def _uuid_bridge(api: Api, args: str) -> str:
     return f"+OK {b.uuid}\n"
 
 
-@cmd("uuid_send_dtmf")
-def _uuid_send_dtmf(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: <uuid> <dtmf_data>\n"
-    if api.chan(parts[0]) is None:
-        return "-ERR no such channel\n"
-    return f"+OK {parts[0]} sent DTMF {parts[1]}.\n"
+@uuid_cmd("uuid_send_dtmf", nargs=2, usage="-USAGE: <uuid> <dtmf_data>\n", missing="-ERR no such channel\n")
+def _uuid_send_dtmf(api: Api, ch: Channel, args: list[str]) -> str:
+    return f"+OK {ch.uuid} sent DTMF {args[0]}.\n"
 
 
 @cmd("hupall")
@@ -342,15 +361,9 @@ def _hupall(api: Api, args: str) -> str:
     return f"+OK hangup all channels with cause {cause}\n"
 
 
-@cmd("sched_hangup", "uuid_sched_hangup")
-def _sched_hangup(api: Api, args: str) -> str:
-    parts = args.split()
-    if len(parts) < 2:
-        return "-USAGE: [+]<time> <uuid> [<cause>]\n"
-    ch = api.chan(parts[1])
-    if ch is None:
-        return "-ERR No such channel!\n"
-    schedule_hangup(api.sw, ch, " ".join([parts[0], *parts[2:]]))
+@uuid_cmd("sched_hangup", "uuid_sched_hangup", nargs=2, usage="-USAGE: [+]<time> <uuid> [<cause>]\n", at=1)
+def _sched_hangup(api: Api, ch: Channel, args: list[str]) -> str:
+    schedule_hangup(api.sw, ch, " ".join(args))
     return "+OK\n"
 
 
@@ -513,7 +526,7 @@ def _sofia(api: Api, args: str) -> str:
             ("To", "sip:FreeSWITCH@127.0.0.1:5090"), ("Proxy", "sip:127.0.0.1:5090"), ("Context", "public"),
             ("Expires", "3600"), ("Freq", "3600"), ("Ping", "0"), ("PingFreq", "0"), ("PingTime", "0.00"),
             ("PingState", "0/0/0"), ("State", "NOREG"), ("Status", "UP"), ("Uptime", f"{int(api.sw.uptime())}s"),
-            ("CallsIN", "0"), ("CallsOUT", str(api.sw.sessions_since_start)), ("FailedCallsIN", "0"),
+            ("CallsIN", "0"), ("CallsOUT", str(api.sw.calls_out)), ("FailedCallsIN", "0"),
             ("FailedCallsOUT", "0"),
         ]
         bar = "=" * 97 + "\n"
@@ -523,11 +536,14 @@ def _sofia(api: Api, args: str) -> str:
 
 @cmd("standin")
 def _standin(api: Api, args: str) -> str:
-    """The stand-in's own introspection: heard <uuid>, channel <uuid>, channels, commands, hangup/dtmf."""
+    """The stand-in's own introspection: heard <uuid>, channel <uuid>, channels, commands, limits, hangup/dtmf."""
     parts = args.split()
     if not parts:
-        return "-USAGE: heard <uuid>|channel <uuid>|channels|commands|far_end_hangup <uuid>|dtmf <uuid> <digits>\n"
+        return ("-USAGE: heard <uuid>|channel <uuid>|channels|commands|limits|far_end_hangup <uuid>"
+                "|dtmf <uuid> <digits>\n")
     sub = parts[0]
+    if sub == "limits":
+        return json.dumps(api.sw.limits.describe()) + "\n"
     ch = api.find(parts[1]) if len(parts) > 1 else None
     if sub == "heard":
         return json.dumps(ch.heard_list() if ch else None) + "\n"

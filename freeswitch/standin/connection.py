@@ -320,27 +320,24 @@ class Connection:
 
     def cmd_filter(self, args: str, msg: Message) -> None:
         """filter <header> <value|/regex/> and filter delete <header> [value]|all."""
-        if not args:
+        header, value = _first_word(args)
+        if not header:
             self.reply(command_reply("-ERR command not found"))
-            return
-        header, _, value = args.partition(" ")
-        value = value.strip()
-        if header == "delete":
-            if not value:
-                self.reply(command_reply("-ERR invalid syntax"))
-                return
-            h, _, v = value.partition(" ")
-            v = v.strip()
-            if h == "all":
-                self.filters.clear()
-            elif v:
-                self.filters = [f for f in self.filters if f != (h, v)]
-            else:
-                self.filters = [f for f in self.filters if f[0] != h]
-            self.reply(command_reply(f"+OK filter deleted. [{h}][{v}]"))
-            return
-        self.filters.append((header, value))
-        self.reply(command_reply(f"+OK filter added. [{header}]=[{value}]"))
+        elif header != "delete":
+            self.filters.append((header, value))
+            self.reply(command_reply(f"+OK filter added. [{header}]=[{value}]"))
+        elif not value:
+            self.reply(command_reply("-ERR invalid syntax"))
+        else:
+            self._delete_filter(*_first_word(value))
+
+    def _delete_filter(self, header: str, value: str) -> None:
+        """filter delete all | <header> (all its filters) | <header> <value> (that one)."""
+        if header == "all":
+            self.filters.clear()
+        else:
+            self.filters = [f for f in self.filters if f[0] != header or (value and f[1] != value)]
+        self.reply(command_reply(f"+OK filter deleted. [{header}][{value}]"))
 
     def cmd_log(self, args: str, msg: Message) -> None:
         """log <level>: accepted (the stand-in sends no log lines)."""
@@ -359,19 +356,18 @@ class Connection:
 
     def cmd_linger(self, args: str, msg: Message) -> None:
         """linger: only for a myevents (controlled) session."""
-        if self.myevents is None:
-            self.reply(command_reply("-ERR not controlling a session"))
-            return
-        self.linger = True
-        self.reply(command_reply("+OK will linger"))
+        self._set_linger(True)
 
     def cmd_nolinger(self, args: str, msg: Message) -> None:
         """nolinger: only for a myevents (controlled) session."""
+        self._set_linger(False)
+
+    def _set_linger(self, linger: bool) -> None:
         if self.myevents is None:
             self.reply(command_reply("-ERR not controlling a session"))
             return
-        self.linger = False
-        self.reply(command_reply("+OK will not linger"))
+        self.linger = linger
+        self.reply(command_reply("+OK will linger" if linger else "+OK will not linger"))
 
     def cmd_divert_events(self, args: str, msg: Message) -> None:
         """divert_events: needs a controlled session (outbound mode)."""
@@ -439,3 +435,9 @@ class Connection:
             ev.body = msg.body
         self.reply(command_reply(f"+OK {ev_uuid}"))
         sw.fire(ev)
+
+
+def _first_word(text: str) -> tuple[str, str]:
+    """(the text up to the first space, the rest without surrounding blanks)."""
+    word, _, rest = text.partition(" ")
+    return word, rest.strip()

@@ -13,6 +13,7 @@ import soundfile as sf
 
 from .channel import Channel, Recording
 from .events import Event, EventFactory
+from .limits import DEFAULT_MAX_SESSIONS, DEFAULT_SPS, SessionLimits
 from .media import write_recording
 from .recording import render
 
@@ -29,10 +30,19 @@ class EventSink(Protocol):
 
 
 class Switch:
-    """Holds the channels and the clock; fires events to every sink."""
+    """Holds the channels and the clock; fires events to every sink.
 
-    def __init__(self, time_scale: float = 1.0, hostname: str | None = None) -> None:
+    ``far_end_sessions``: the far ends are sessions of this same switch, as on the host that recorded
+    the traces (each answered call there is 2 sessions); off, only the legs the clients create count,
+    as on a production switch whose carrier is elsewhere.
+    """
+
+    def __init__(self, time_scale: float = 1.0, hostname: str | None = None, sps: int = DEFAULT_SPS,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, far_end_sessions: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.time_scale = time_scale
+        self.limits = SessionLimits(sps, max_sessions, clock=clock)
+        self.far_end_sessions = far_end_sessions
         self.core_uuid = str(uuidlib.uuid4())
         self.events = EventFactory(self.core_uuid, hostname)
         self.channels: dict[str, Channel] = {}
@@ -40,8 +50,7 @@ class Switch:
         self.ended: deque[str] = deque()
         self.sinks: set[EventSink] = set()
         self.started_at = time.monotonic()
-        self.sessions_since_start = 0
-        self.peak = 0
+        self.calls_out = 0  # legs through the carrier gateway (sofia status gateway's CallsOUT)
         self.globals: dict[str, str] = {
             "hostname": self.events.hostname, "local_ip_v4": "127.0.0.1", "switch_serial": "standin",
             "core_uuid": self.core_uuid, "domain": "127.0.0.1", "hold_music": "local_stream://moh",
@@ -90,12 +99,10 @@ class Switch:
 
     # ----- channels ------------------------------------------------------------------------
     def add_channel(self, ch: Channel) -> None:
-        """Register a new leg (session id, peak count)."""
+        """Register a new leg whose session was admitted (ch.session_id)."""
         self.channels[ch.uuid] = ch
         self.all_channels[ch.uuid] = ch
-        self.sessions_since_start += 1
-        ch.session_id = self.sessions_since_start
-        self.peak = max(self.peak, len(self.channels))
+        self.calls_out += 1
 
     def locate(self, uuid: str | None) -> Channel | None:
         """A channel that still exists (not destroyed)."""
@@ -107,8 +114,12 @@ class Switch:
         """Hook called when a leg hangs up (nothing else to do in the core)."""
 
     def channel_gone(self, ch: Channel) -> None:
-        """A leg reported its hangup: it no longer exists for api commands."""
-        self.channels.pop(ch.uuid, None)
+        """A leg reported its hangup: it no longer exists for api commands, its session is freed."""
+        if self.channels.pop(ch.uuid, None) is not None:
+            self.limits.release()
+            if ch.far_end_session:
+                self.limits.release()
+                ch.far_end_session = False
         self.ended.append(ch.uuid)
         while len(self.ended) > MAX_ENDED:
             self.all_channels.pop(self.ended.popleft(), None)

@@ -144,20 +144,41 @@ def parse_endpoint(target: str, leg_vars: dict[str, str]) -> Leg:
     return Leg("unknown", "", target, leg_vars)
 
 
-def _check_leg(leg: Leg) -> None:
+def _check_endpoint(leg: Leg) -> None:
+    """Failures found before any session is asked for (no endpoint, error/, an unknown user)."""
     if leg.endpoint == "error":
         raise DialError(leg.number)
     if leg.endpoint == "unknown":
         raise DialError("CHAN_NOT_IMPLEMENTED")
-    if leg.endpoint == "sofia" and leg.gateway is not None and leg.gateway != GATEWAY:
-        raise DialError("INVALID_GATEWAY")
-    if leg.endpoint == "sofia" and leg.gateway is None and leg.profile not in PROFILES:
-        raise DialError("INVALID_PROFILE")
     if leg.endpoint == "user" and not leg.number.isdigit():
         raise DialError("USER_NOT_REGISTERED")
 
 
-def _new_channel(sw: Switch, leg: Leg, gvars: dict[str, str], originator: Channel | None) -> Channel:
+def _check_route(leg: Leg) -> None:
+    """Failures sofia finds once it holds the new session (it asks for the session first)."""
+    if leg.endpoint == "sofia" and leg.gateway is not None and leg.gateway != GATEWAY:
+        raise DialError("INVALID_GATEWAY")
+    if leg.endpoint == "sofia" and leg.gateway is None and leg.profile not in PROFILES:
+        raise DialError("INVALID_PROFILE")
+
+
+def _request_session(sw: Switch, leg: Leg) -> int:
+    """The new leg's session id; DialError when the core refuses it or sofia cannot route it."""
+    _check_endpoint(leg)
+    session_id = sw.limits.admit()
+    if session_id is None:
+        # switch_core_session_request_uuid said no (sps or max sessions): sofia_outgoing_channel's
+        # default cause, and nothing was created.
+        raise DialError("DESTINATION_OUT_OF_ORDER")
+    try:
+        _check_route(leg)
+    except DialError:
+        sw.limits.release()
+        raise
+    return session_id
+
+
+def _new_channel(sw: Switch, leg: Leg, gvars: dict[str, str], originator: Channel | None, session_id: int) -> Channel:
     merged = {**gvars, **leg.variables}
     if originator is not None:
         for name in (originator.var("export_vars") or "").split(","):
@@ -174,7 +195,7 @@ def _new_channel(sw: Switch, leg: Leg, gvars: dict[str, str], originator: Channe
     ch = Channel(
         switch=sw, uuid=uuid, number=leg.number, name=leg.name,
         caller_id_name=merged.get("origination_caller_id_name", default_name),
-        caller_id_number=merged.get("origination_caller_id_number", default_cid),
+        caller_id_number=merged.get("origination_caller_id_number", default_cid), session_id=session_id,
     )
     sw.add_channel(ch)
     v = ch.variables
@@ -246,12 +267,14 @@ def originate(
     timeout: float | None = None,
     on_ring: Callable[[Channel], None] | None = None,
     on_early: Callable[[Channel], None] | None = None,
+    on_created: Callable[[Channel], None] | None = None,
 ) -> tuple[Channel | None, str]:
     """Place a call; return (channel, "") when it answers, else (channel or None, cause).
 
     Without an originator (the api command) early media counts as success unless
     ignore_early_media is set; with one (the bridge app) only answer does, unless
-    bridge_early_media=true.
+    bridge_early_media=true. A leg whose session the switch refuses is never created
+    (cause DESTINATION_OUT_OF_ORDER); ``|`` then tries the next leg.
     """
     try:
         gvars, legs = parse_dialstring(dial)
@@ -261,21 +284,24 @@ def originate(
     last: Channel | None = None
     for leg in legs:
         try:
-            _check_leg(leg)
+            session_id = _request_session(sw, leg)
         except DialError as e:
             cause = str(e)
             continue
-        ch, cause = _originate_leg(sw, leg, gvars, originator, timeout, on_ring, on_early)
+        ch = _new_channel(sw, leg, gvars, originator, session_id)
+        if on_created:
+            on_created(ch)
+        cause = _wait_for_answer(sw, ch, originator, timeout, on_ring, on_early)
         last = ch
         if not cause or (originator is not None and not originator.is_up):
             return ch, cause
     return last, cause
 
 
-def _originate_leg(sw: Switch, leg: Leg, gvars: dict[str, str], originator: Channel | None,
-                   timeout: float | None, on_ring: Callable[[Channel], None] | None,
-                   on_early: Callable[[Channel], None] | None) -> tuple[Channel, str]:
-    ch = _new_channel(sw, leg, gvars, originator)
+def _wait_for_answer(sw: Switch, ch: Channel, originator: Channel | None, timeout: float | None,
+                     on_ring: Callable[[Channel], None] | None,
+                     on_early: Callable[[Channel], None] | None) -> str:
+    """Wait until the new leg answers (""), or fails (its cause)."""
     limit = _timeout(ch.var("originate_timeout") or ch.var("call_timeout") or ch.var("leg_timeout"),
                      timeout or DEFAULT_ORIGINATE_TIMEOUT)
     ignore_early = ch.true_var("ignore_early_media")
@@ -288,31 +314,31 @@ def _originate_leg(sw: Switch, leg: Leg, gvars: dict[str, str], originator: Chan
     rang = early = False
     while True:
         if ch.answered.is_set():
-            return ch, ""
+            return ""
         if not ch.is_up:
             ch.reported.wait(timeout=1.0)  # FreeSWITCH reports the failed leg before the result
-            return ch, ch.hangup_cause or "NORMAL_CLEARING"
+            return ch.hangup_cause or "NORMAL_CLEARING"
         if originator is not None and not originator.is_up:
             ch.set_var("last_bridge_hangup_cause", originator.hangup_cause or "NORMAL_CLEARING")
             ch.hangup("ORIGINATOR_CANCEL", disposition="send_cancel")
-            return ch, "ORIGINATOR_CANCEL"
+            return "ORIGINATOR_CANCEL"
         if ch.ring_ready.is_set() and not rang:
             rang = True
             if on_ring:
                 on_ring(ch)
             if ring_ok:
-                return ch, ""
+                return ""
         if ch.early_media.is_set() and not early:
             early = True
             if on_early and not ignore_early:
                 on_early(ch)
             if early_ok:
-                return ch, ""
+                return ""
         left = deadline - time.monotonic()
         if left <= 0:
             ch.hangup("NO_ANSWER", disposition="send_cancel")
             ch.reported.wait(timeout=1.0)
-            return ch, "NO_ANSWER"
+            return "NO_ANSWER"
         waits = [ch.answered, ch.hungup]
         if not rang:
             waits.append(ch.ring_ready)

@@ -14,6 +14,8 @@ _PLAN_NUMBER = re.compile(r"^1555000(\d)\d{3}$")
 
 # A far end answers or refuses "at once" after one RTP/SIP round trip, as in the traces (~20 ms).
 SIP_DELAY = 0.02
+# What sofia answers an INVITE when the core refuses the session (sofia.c, trace 17/17b).
+NO_SESSION_REPLY = (503, "Maximum Calls In Progress")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,12 @@ def far_end_for(number: str) -> FarEnd:
 def run_far_end(switch: Switch, ch: Channel, far: FarEnd) -> None:
     """Play the far end's part of the call (runs in its own greenlet, killed when the leg ends)."""
     switch.sleep(SIP_DELAY)
+    if switch.far_end_sessions and ch.is_up:
+        # The INVITE reached a far end living on this same switch: its inbound session needs admission.
+        if switch.limits.admit() is None:
+            ch.hangup("NORMAL_TEMPORARY_FAILURE", disposition="recv_refuse", sip_reply=NO_SESSION_REPLY)
+            return
+        ch.far_end_session = True
     if far.refuse:
         ch.hangup(far.refuse, disposition="recv_refuse")
         return

@@ -16,6 +16,7 @@ from .channel import Channel
 from .commands import Api, uptime_text
 from .connection import Connection
 from .core import Switch
+from .limits import DEFAULT_MAX_SESSIONS, DEFAULT_SPS
 from .plan import far_end_hangup
 from .protocol import RUDE_REJECTION
 
@@ -35,12 +36,16 @@ class StandIn:
     """A FreeSWITCH Event Socket stand-in following the test number plan."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8021, password: str = "ClueCon",
-                 time_scale: float = 1.0) -> None:
+                 time_scale: float = 1.0, sps: int = DEFAULT_SPS, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 far_end_sessions: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
         self.port = port
         self.password = password
         self.time_scale = time_scale
-        self.switch = Switch(time_scale)
+        # switch.conf.xml's values: what a (re)started switch begins with, whatever fsctl changed since.
+        self.sps, self.max_sessions, self.far_end_sessions = sps, max_sessions, far_end_sessions
+        self.clock = clock  # the sessions-per-second tick's clock (tests pass one they move by hand)
+        self.switch = self._new_switch()
         self.api = Api(self.switch, self._introspect, self.channel)
         self.commands: list[ReceivedCommand] = []
         self.connections: set[Connection] = set()
@@ -57,6 +62,10 @@ class StandIn:
         self._history: dict[str, Channel] = {}
 
     # ----- lifecycle -------------------------------------------------------------------------
+    def _new_switch(self) -> Switch:
+        return Switch(self.time_scale, sps=self.sps, max_sessions=self.max_sessions,
+                      far_end_sessions=self.far_end_sessions, clock=self.clock)
+
     @property
     def core_uuid(self) -> str:
         """Core-UUID of the current switch (changes on restart())."""
@@ -128,15 +137,8 @@ class StandIn:
             ev.add("Up-Time", uptime_text(sw))
             ev.add("FreeSWITCH-Version", "1.10.12-release~64bit")
             ev.add("Uptime-msec", int(up * 1000))
-            ev.add("Session-Count", len(sw.channels))
-            ev.add("Max-Sessions", 1000)
-            ev.add("Session-Per-Sec", 30)
-            ev.add("Session-Per-Sec-Last", 0)
-            ev.add("Session-Per-Sec-Max", 0)
-            ev.add("Session-Per-Sec-FiveMin", 0)
-            ev.add("Session-Since-Startup", sw.sessions_since_start)
-            ev.add("Session-Peak-Max", sw.peak)
-            ev.add("Session-Peak-FiveMin", sw.peak)
+            for name, value in sw.limits.heartbeat_headers():
+                ev.add(name, value)
             ev.add("Idle-CPU", "98.000000")
             sw.fire(ev)
             # The core scheduler re-arms the heartbeat task and says so.
@@ -236,7 +238,7 @@ class StandIn:
         self.drop_connections()
         self._history.update(self.switch.all_channels)
         self.switch.vanish()
-        self.switch = Switch(self.time_scale)
+        self.switch = self._new_switch()
         self.api = Api(self.switch, self._introspect, self.channel)
 
     def refuse_connections(self, flag: bool, rude: bool = False) -> None:

@@ -24,6 +24,10 @@ MEDIA = {
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "standin_limits(**kwargs): the stand-in's sps / max_sessions / far_end_sessions")
+
+
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder laid out like the traces' /srv/fs-test (sounds/, rec/)."""
@@ -58,8 +62,11 @@ def media_server(media_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def standin() -> Iterator[StandIn]:
-    sw = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=SCALE)
+def standin(request: pytest.FixtureRequest) -> Iterator[StandIn]:
+    """A fresh stand-in; ``@pytest.mark.standin_limits(sps=..., max_sessions=..., far_end_sessions=...)``
+    changes its session limits (FreeSWITCH's defaults otherwise)."""
+    marker = request.node.get_closest_marker("standin_limits")
+    sw = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=SCALE, **(marker.kwargs if marker else {}))
     sw.start()
     try:
         yield sw

@@ -60,7 +60,7 @@ def parse_event(body: bytes, ctype: str | None) -> tuple[list[tuple[str, str]], 
 
 def split_messages(buf: bytes) -> tuple[list[Msg], bytes]:
     """Cut whole ESL messages off the front of buf."""
-    out = []
+    out: list[Msg] = []
     while True:
         idx = buf.find(b"\n\n")
         if idx < 0:

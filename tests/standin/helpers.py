@@ -72,3 +72,19 @@ SLACK = 4.0
 def plan_duration_ok(actual: float, expected: float, slack: float = SLACK) -> bool:
     """actual (plan seconds) is expected, or late by at most slack."""
     return expected - 0.05 <= actual <= expected + slack
+
+
+class ManualClock:
+    """A clock the test moves by hand (for the stand-in's sessions-per-second tick)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def set(self, now: float) -> None:
+        self.now = max(self.now, now)

@@ -21,7 +21,8 @@ def test_cli_prints_one_line_and_serves() -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        m = re.fullmatch(r"freeswitch stand-in listening on 127\.0\.0\.1:(\d+) \(time scale 0\.01\)\n", line)
+        m = re.fullmatch(r"freeswitch stand-in listening on 127\.0\.0\.1:(\d+) "
+                         r"\(time scale 0\.01, 30 sessions per second, 1000 max\)\n", line)
         assert m, line
         c = EslClient(int(m.group(1)))
         assert c.auth().h("Reply-Text") == "+OK accepted"

@@ -81,8 +81,8 @@ def test_dtmf_from_plan_9(client: EslClient) -> None:
 
 
 def test_ring_no_answer_times_out(client: EslClient, standin: StandIn) -> None:
+    started = time.monotonic()  # before the request: the switch starts the timeout before its reply is read
     uuid, job = bg_originate(client, "15550004101", extra="originate_timeout=5")
-    started = time.monotonic()
     assert job_result(client, job) == "-ERR NO_ANSWER\n"
     assert plan_duration_ok((time.monotonic() - started) / SCALE, 5.0)
     hup = client.wait_event(lambda m: m.name == "CHANNEL_HANGUP_COMPLETE" and m.e("Unique-ID") == uuid)
@@ -142,12 +142,12 @@ def test_other_dial_string_forms(client: EslClient) -> None:
     assert body.startswith("+OK ")
 
 
+# About the stand-in's own concurrency, not the switch's limits (test_limits.py): 200 sessions at once.
+@pytest.mark.standin_limits(sps=1000)
 def test_many_concurrent_originates(client: EslClient, standin: StandIn) -> None:
-    started = time.monotonic()
     jobs = [bg_originate(client, f"15550000{i:03d}") for i in range(200)]
     for uuid, job in jobs:
         assert job_result(client, job, timeout=10) == f"+OK {uuid}\n"
     assert len(standin.channels_live()) == 200
-    assert time.monotonic() - started < 2.0  # 100+ originates a second without trying hard
     assert client.api("hupall NORMAL_CLEARING") == "+OK hangup all channels with cause NORMAL_CLEARING\n"
     assert standin.wait_for(lambda: not standin.channels_live(), 5)

@@ -12,7 +12,8 @@ from gevent.event import Event
 from freeswitch.standin import StandIn
 
 from .conftest import SCALE
-from .trace_replay import Replay, load
+from .helpers import ManualClock
+from .trace_replay import Replay, Trace, load
 
 REPLAYED = [
     "01_auth_ok",
@@ -95,6 +96,56 @@ def test_replay_myevents_with_its_control_connection(standin: StandIn, media_dir
     assert control.problems == []
     assert nolinger.problems == []
     assert linger.problems == []
+
+
+def on_trace_time(trace: Trace, clock: ManualClock) -> dict[int, Callable[[], object]]:
+    """Hooks that move the session-rate clock to each client chunk's recorded time before it is sent:
+    the switch's one-second ticks fall between the chunks exactly as they did in the recording."""
+    def move_to(t: float) -> Callable[[], object]:
+        return lambda: clock.set(t)
+
+    return {i: move_to(chunk.t) for i, chunk in enumerate(trace.chunks)}
+
+
+def per_second_lines(replay: Replay) -> list[str]:
+    """The `N session(s) per Sec out of max M, ...` line of every `api status` answer received."""
+    bodies = [m.body.decode() for m in replay.received if m.body.startswith(b"UP ")]
+    return [line for body in bodies for line in body.splitlines() if "per Sec" in line]
+
+
+def test_replay_17_sessions_per_second(media_dir: Path) -> None:
+    """17: `fsctl sps 2`, a tick later six originates in a burst: one leg is created (its far end, a
+    session of the same switch there, is refused: 503 -> NORMAL_TEMPORARY_FAILURE), the other five get
+    -ERR DESTINATION_OUT_OF_ORDER and no CHANNEL_CREATE at all."""
+    clock = ManualClock()
+    sw = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=SCALE, far_end_sessions=True,
+                 clock=clock).start()
+    try:
+        trace = load("17_throttle_sps")
+        replay = Replay(trace, sw.port, SCALE, str(media_dir), before_chunk=on_trace_time(trace, clock)).run()
+    finally:
+        sw.stop()
+    assert replay.problems == []
+    assert per_second_lines(replay)[0].startswith("0 session(s) per Sec out of max 30, peak ")
+    assert per_second_lines(replay)[1].startswith("0 session(s) per Sec out of max 2, peak ")
+    assert [ch.hangup_cause for ch in sw.switch.all_channels.values()] == ["NORMAL_TEMPORARY_FAILURE"]
+
+
+def test_replay_17b_max_sessions(media_dir: Path) -> None:
+    """17b: `fsctl max_sessions 3`; the first call takes 2 sessions (its far end lives on the same
+    switch there), so every later far end is refused: a created leg ending NORMAL_TEMPORARY_FAILURE,
+    for bgapi and for a synchronous `api originate` alike."""
+    clock = ManualClock()
+    sw = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=SCALE, far_end_sessions=True,
+                 clock=clock).start()
+    try:
+        trace = load("17b_max_sessions")
+        # The far end's own legs (sofia/carrier/...) are not simulated as channels.
+        replay = Replay(trace, sw.port, SCALE, str(media_dir), before_chunk=on_trace_time(trace, clock),
+                        skip_channels="sofia/carrier/").run()
+    finally:
+        sw.stop()
+    assert replay.problems == []
 
 
 @pytest.mark.parametrize("name", sorted(NOT_REPLAYED))

@@ -15,13 +15,16 @@ import gevent
 
 from .bridge import run_bridge, uuid_bridge_run
 from .causes import parse_cause
-from .channel import Channel
+from .channel import Channel, QueuedApp
 from .core import Switch
 from .media import INFINITE, media_kind, media_seconds
 
 _VAR = re.compile(r"\$\{([^${}]+)\}")
 
 AppFn = Callable[["Session", str], "str | None"]
+# A looped application whose round took less than this (plan seconds) is not run again
+# (switch_ivr_parse_event: ``aftr - b4 < 500000``).
+MIN_LOOP_SECONDS = 0.5
 APPS: dict[str, AppFn] = {}
 
 
@@ -87,11 +90,36 @@ class Session:
         """Execute every queued application, in order."""
         ch = self.ch
         while ch.queue and ch.is_up and not ch.transfer_apps:
-            item = ch.queue.popleft()
-            for _ in range(max(1, item.loops)):
+            self.broadcast(ch.queue.popleft())
+
+    def broadcast(self, item: QueuedApp) -> None:
+        """One queued application as switch_ivr_parse_event runs it: CF_BROADCAST while it runs, its
+        ``loops`` times (fewer than 0: until stopped), ending early when uuid_break stops the broadcast
+        or when one round took under half a second (FreeSWITCH's guard against a busy loop)."""
+        ch = self.ch
+        ch.stop_broadcast = False
+        ch.broadcasting += 1
+        if item.event_uuid:
+            ch.set_var("app_uuid", item.event_uuid)
+        try:
+            done = 0
+            while item.loops < 0 or done < max(1, item.loops):
                 if not ch.is_up:
                     break
+                started = ch.plan_now()
+                ch.played = None
                 self.execute(item.name, item.arg, item.event_uuid, item.event_lock)
+                done += 1
+                # A round's length: what it played (scheduling lateness inflates measured plan time).
+                took = ch.played if ch.played is not None else ch.plan_now() - started
+                if not ch.is_up or ch.stop_broadcast or took < MIN_LOOP_SECONDS:
+                    break
+        finally:
+            ch.broadcasting -= 1
+        if ch.stop_broadcast:
+            # The broadcast was stopped: FreeSWITCH leaves CF_BREAK set; the next application clears it.
+            ch.stop_broadcast = False
+            ch.broken.set()
 
     def execute(self, name: str, arg: str, app_uuid: str | None = None, event_lock: bool = False) -> None:
         """Run one application with CHANNEL_EXECUTE / CHANNEL_EXECUTE_COMPLETE around it."""
@@ -120,6 +148,9 @@ class Session:
             info.append(("Application-Data", arg))
         ch.fire("CHANNEL_EXECUTE", ("switch_core_session.c", "switch_core_session_exec", 2944),
                 post=[*info, ("Application-UUID", app_uuid)])
+        # switch_core_session_exec clears CF_BREAK before the application runs: a uuid_break that came
+        # between two applications is lost.
+        ch.broken.clear()
         ch.app_response = None
         self.depth += 1
         ch.event_locked += event_lock
@@ -237,6 +268,7 @@ class Session:
         if status == "done" and secs != INFINITE:
             elapsed = secs
         ch.hear_idle()
+        ch.played = elapsed
         ch.set_var("playback_last_offset_pos", str(int(elapsed * 8000)))
         ch.set_var("playback_seconds", str(int(elapsed)))
         ch.set_var("playback_ms", str(int(elapsed * 1000)))

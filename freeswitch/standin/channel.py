@@ -128,6 +128,9 @@ class Channel:
         self.current_app_data = ""
         self.app_response: str | None = None
         self.event_locked = 0  # event-locked applications running (CF_EVENT_LOCK)
+        self.broadcasting = 0  # queued (sendmsg/broadcast) applications running (CF_BROADCAST)
+        self.stop_broadcast = False  # uuid_break during a broadcast (CF_STOP_BROADCAST): no more loops
+        self.played: float | None = None  # plan seconds the last playback lasted
         self.callee: str | None = None  # after a bridge: the other party's number (Callee-ID)
         self.call_uuid = self.uuid  # Channel-Call-UUID: the originator's uuid on bridge B legs
         # Caller-profile changes made by transfers (uuid_transfer, uuid_bridge):

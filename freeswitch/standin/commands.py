@@ -272,8 +272,12 @@ def _uuid_answer(api: Api, ch: Channel, args: list[str]) -> str:
 
 @uuid_cmd("uuid_break")
 def _uuid_break(api: Api, ch: Channel, args: list[str]) -> str:
+    """mod_commands' break: ``all`` flushes the queued applications first; a running broadcast (a queued
+    application, looped or not) is stopped (CF_STOP_BROADCAST), anything else just breaks (CF_BREAK)."""
     if args[:1] == ["all"]:
         ch.queue.clear()
+    if ch.broadcasting:
+        ch.stop_broadcast = True
     ch.broken.set()
     return "+OK\n"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -51,6 +51,9 @@ class Switch:
         self.sinks: set[EventSink] = set()
         self.started_at = time.monotonic()
         self.calls_out = 0  # legs through the carrier gateway (sofia status gateway's CallsOUT)
+        # Sessions refused over a limit, by the origination_uuid asked for ("" when none was given):
+        # nothing was created for them (for tests that check nothing was dialed twice).
+        self.refused: Counter[str] = Counter()
         self.globals: dict[str, str] = {
             "hostname": self.events.hostname, "local_ip_v4": "127.0.0.1", "switch_serial": "standin",
             "core_uuid": self.core_uuid, "domain": "127.0.0.1", "hold_music": "local_stream://moh",

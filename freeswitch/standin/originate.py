@@ -162,13 +162,14 @@ def _check_route(leg: Leg) -> None:
         raise DialError("INVALID_PROFILE")
 
 
-def _request_session(sw: Switch, leg: Leg) -> int:
+def _request_session(sw: Switch, leg: Leg, uuid: str | None) -> int:
     """The new leg's session id; DialError when the core refuses it or sofia cannot route it."""
     _check_endpoint(leg)
     session_id = sw.limits.admit()
     if session_id is None:
         # switch_core_session_request_uuid said no (sps or max sessions): sofia_outgoing_channel's
         # default cause, and nothing was created.
+        sw.refused[uuid or ""] += 1
         raise DialError("DESTINATION_OUT_OF_ORDER")
     try:
         _check_route(leg)
@@ -284,7 +285,7 @@ def originate(
     last: Channel | None = None
     for leg in legs:
         try:
-            session_id = _request_session(sw, leg)
+            session_id = _request_session(sw, leg, {**gvars, **leg.variables}.get("origination_uuid"))
         except DialError as e:
             cause = str(e)
             continue

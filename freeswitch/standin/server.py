@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,7 @@ class StandIn:
         self._refusing = False
         self._rude = False
         self._history: dict[str, Channel] = {}
+        self._refused: Counter[str] = Counter()  # refusals of the switches before a restart
 
     # ----- lifecycle -------------------------------------------------------------------------
     def _new_switch(self) -> Switch:
@@ -168,6 +170,11 @@ class StandIn:
         """The channel with that uuid, live or ended (across restarts), or None."""
         return self.switch.all_channels.get(uuid) or self._history.get(uuid)
 
+    def refusals(self, uuid: str) -> int:
+        """How many times the switch refused a session asked for under that origination_uuid (over its
+        limits: nothing was created), across restarts."""
+        return self._refused[uuid] + self.switch.refused[uuid]
+
     def channels_live(self) -> list[Channel]:
         """Channels that still exist."""
         return list(self.switch.channels.values())
@@ -237,6 +244,7 @@ class StandIn:
         """All channels vanish without events, connections drop, a new Core-UUID; keep listening."""
         self.drop_connections()
         self._history.update(self.switch.all_channels)
+        self._refused.update(self.switch.refused)
         self.switch.vanish()
         self.switch = self._new_switch()
         self.api = Api(self.switch, self._introspect, self.channel)

@@ -32,11 +32,13 @@ def job_result(c: EslClient, job: str, timeout: float = 5.0) -> str:
 
 
 def sendmsg(c: EslClient, uuid: str, app: str, arg: str = "", event_uuid: str | None = None,
-            as_body: bool = True) -> Msg:
+            as_body: bool = True, loops: int | None = None) -> Msg:
     """sendmsg execute, the argument as a content-length body (as the engine does) or header."""
     lines = [f"sendmsg {uuid}", "call-command: execute", f"execute-app-name: {app}", "event-lock: true"]
     if event_uuid:
         lines.append(f"Event-UUID: {event_uuid}")
+    if loops is not None:
+        lines.append(f"loops: {loops}")
     if as_body:
         data = arg.encode()
         lines += ["content-type: text/plain", f"content-length: {len(data)}"]

@@ -65,7 +65,10 @@ class Settings:
     # Calls
     originate_timeout: int = 45  # seconds each leg may ring
     max_in_flight: int = 200  # calls in progress across all endpoints
-    calls_per_second: float = 20.0  # new originates per second, under FreeSWITCH's sps (30 default)
+    calls_per_second: float = 0.0  # an operator's own cap on new calls per second (0: none beyond the switch's)
+    # The switch's session limits (read from it) are kept this fraction below; `status` is read this often.
+    switch_session_margin: float = 0.1
+    switch_status_interval: float = 5.0
     schedule_grace: int = 300  # seconds a missed scheduled call may still start late
     schedule_max_days: int = 366  # how far ahead call_date may be
     past_grace: int = 120  # seconds call_date may lie in the past and still be taken as "now"
@@ -223,7 +226,9 @@ def _validate(s: Settings) -> None:
     need(bool(s.esl_host), "esl_host: must not be empty")
     need(bool(s.esl_password) and not any(c in s.esl_password for c in "\r\n "),
          "esl_password: must be non-empty with no spaces or line breaks")
-    for name in ("esl_command_timeout", "esl_heartbeat_timeout", "calls_per_second", "webhook_timeout",
+    need(s.calls_per_second >= 0, "calls_per_second: must be 0 (no cap) or more")
+    need(0 <= s.switch_session_margin < 1, "switch_session_margin: must be at least 0 and less than 1")
+    for name in ("esl_command_timeout", "esl_heartbeat_timeout", "switch_status_interval", "webhook_timeout",
                  "media_connect_timeout", "media_read_timeout", "media_total_timeout", "tts_timeout",
                  "http_header_timeout", "http_body_timeout", "http_idle_timeout",
                  "media_queue_timeout", "media_decode_timeout"):

@@ -55,7 +55,8 @@ class Service:
                              on_call_end=lambda _sequence: self.dispatcher.wake())
         self.dispatcher = Dispatcher(settings, self.engine, self.records, clock)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
-                              readiness=self.readiness, clock=clock, records=self.records)
+                              readiness=self.readiness, clock=clock, records=self.records,
+                              switch_status=self.engine.switch_status)
         self.server = ApiServer.for_settings(settings, self.app, max_body=MAX_BODY)
         self.stopping = gevent.event.Event()
         self.media_eviction = Loop("media eviction", self._evict_media, clock, log=log,

@@ -15,6 +15,7 @@ from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint
+from daemon.switch.capacity import SwitchCapacity
 
 T0 = dt.datetime(2026, 3, 1, 9, 0, 0)
 
@@ -26,6 +27,12 @@ class FakeEngine:
         self.ready = True
         self.launched: list[Call] = []
         self.in_flight_by_endpoint: Counter[int] = Counter()
+        self.now = 100.0  # monotonic seconds, moved by the tests
+        self.capacity = SwitchCapacity(0.1)
+        self.capacity.learn_limits(sps=30, max_sessions=1000)
+
+    def monotonic(self) -> float:
+        return self.now
 
     def in_flight(self) -> int:
         return sum(self.in_flight_by_endpoint.values())
@@ -38,6 +45,7 @@ class FakeEngine:
     def launch(self, call: Call, endpoint: Endpoint, **_: Any) -> None:
         self.launched.append(call)
         self.in_flight_by_endpoint[endpoint.id] += 1
+        self.capacity.sent(call.a_uuid, self.now)  # the sequence sends A's originate at once
 
     def end(self, call: Call) -> None:
         self.in_flight_by_endpoint[call.endpoint_id] -= 1
@@ -183,3 +191,39 @@ def test_a_saturated_endpoint_with_a_long_queue_neither_starves_others_nor_spins
     assert [c.endpoint_id for c in fake_engine.launched].count(busy.id) == 2
     assert fake_engine.launched[-1].id == theirs.id
     assert wait > 0  # nothing more can start now: sleep until woken, do not spin
+
+
+def test_new_calls_start_only_as_fast_as_the_switch_admits_sessions(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
+    fake_engine.capacity.learn_limits(sps=4, max_sessions=1000)  # 3 a tick, 2 with the margin
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    calls = [add(endpoint, T0 - dt.timedelta(seconds=10 - i)) for i in range(5)]
+    wait = dispatcher.tick(T0, 0.0)
+    assert [c.id for c in fake_engine.launched] == [calls[0].id, calls[1].id]
+    assert wait == pytest.approx(1.0)
+    assert {Call.get_by_id(c.id).status for c in calls[2:]} == {"scheduled"}  # still pending, unclaimed
+    fake_engine.now += 1.0
+    dispatcher.tick(T0, 1.0)
+    assert [c.id for c in fake_engine.launched] == [c.id for c in calls[:4]]  # in due order
+
+
+def test_legs_of_calls_in_progress_go_before_new_calls(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
+    fake_engine.capacity.learn_limits(sps=2, max_sessions=1000)  # one a second
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    fake_engine.capacity.request("waiting-b", "b", fake_engine.now, lambda: None, not_before=fake_engine.now)
+    add(endpoint, T0)
+    assert dispatcher.tick(T0, 0.0) > 0 and fake_engine.launched == []
+
+
+def test_without_an_operators_cap_only_the_switch_paces(settings: Settings, db: Any, fake_engine: FakeEngine,
+                                                          make_endpoint: Callable[..., Any]) -> None:
+    settings.calls_per_second = 0  # the default: no cap of the daemon's own
+    settings.max_in_flight = 1000
+    dispatcher = Dispatcher(settings, fake_engine, CallRecords(Metrics(), clock=lambda: T0),  # type: ignore[arg-type]
+                            clock=lambda: T0)
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    for _ in range(40):
+        add(endpoint, T0)
+    dispatcher.tick(T0, 0.0)
+    assert len(fake_engine.launched) == fake_engine.capacity.rate_cap == 26

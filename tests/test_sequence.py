@@ -10,9 +10,10 @@ import gevent
 import pytest
 
 from daemon.calls.records import CallRecords
-from daemon.calls.sequence import CallOptions, CallSequence, Reconnected
+from daemon.calls.sequence import REFUSED, CallOptions, CallSequence, Reconnected, wait_uuid
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallStatus, Endpoint, utcnow
+from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
+from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.esl import EslDisconnected, EslEvent, EslNotSent
 
 
@@ -25,6 +26,12 @@ class ScriptedSwitch:
         self.answers: dict[str, str] = {}
         self.routes: dict[str, CallSequence] = {}
         self.fail_message_at: int | None = None
+        self.now = 1000.0  # the capacity's clock, moved by the tests
+        self.capacity = SwitchCapacity(0.1)
+        self.capacity.learn_limits(sps=30, max_sessions=1000)
+
+    def monotonic(self) -> float:
+        return self.now
 
     def bgapi(self, command: str, job_uuid: str) -> str:
         if self.fail_next:
@@ -53,6 +60,23 @@ class ScriptedSwitch:
 
 def event(name: str, uuid_: str, **headers: str) -> EslEvent:
     return EslEvent({"Event-Name": name, "Unique-ID": uuid_, **headers}, "", content_type="text/event-plain")
+
+
+def job_done(job_uuid: str, body: str) -> EslEvent:
+    return EslEvent({"Event-Name": "BACKGROUND_JOB", "Job-UUID": job_uuid}, body, content_type="text/event-plain")
+
+
+def executes(a_uuid: str, app_uuid: str, app: str = "playback") -> EslEvent:
+    return event("CHANNEL_EXECUTE", a_uuid, **{"Application": app, "Application-UUID": app_uuid})
+
+
+def bridge_done(a_uuid: str, app_uuid: str, disposition: str) -> EslEvent:
+    return event("CHANNEL_EXECUTE_COMPLETE", a_uuid, **{"Application": "bridge", "Application-UUID": app_uuid,
+                                                        "variable_originate_disposition": disposition})
+
+
+def steps_of(sequence: CallSequence, kind: str) -> list[str]:
+    return [e.detail for e in CallEvent.select().where((CallEvent.call == sequence.call.id) & (CallEvent.kind == kind))]
 
 
 @pytest.fixture
@@ -103,20 +127,25 @@ def test_an_originate_lost_in_flight_is_reconciled_never_resent(run_call: Callab
     assert (call.status, call.failed_leg, call.reason) == ("failed", "", "interrupted")
 
 
-def test_after_answer_the_apps_are_queued_on_a_in_order_with_the_bridge_last_but_the_notice(
+def test_after_answer_a_hears_the_prompts_then_waits_on_the_dialtone_around_the_bridge(
         run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     sequence.start()
+    gevent.sleep(0)
+    # The bridge's own variables travel with A's originate: no apps for them after the answer.
+    assert "hangup_after_bridge=true,continue_on_fail=true,instant_ringback=true" in originates(switch)[0]
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
-    apps = [m.split("execute-app-name: ")[1].split("\n")[0] + " " + m.split("\n\n", 1)[1]
-            for m in switch.sent if m.startswith("sendmsg")]
-    assert apps[0] == "set cb_stage=queued"
+    apps = apps_sent(switch)
+    tone = sequence.endpoint.ring_tone
+    assert apps[0] == f"multiset cb_stage=queued ringback={tone} transfer_ringback={tone}"
     assert apps[1] == f"sched_hangup +{sequence.endpoint.max_duration} ALLOTTED_TIMEOUT"
-    assert "set hangup_after_bridge=true" in apps and "set continue_on_fail=true" in apps
-    assert apps.index("set instant_ringback=true") < next(i for i, a in enumerate(apps) if a.startswith("bridge "))
-    assert apps[-2].startswith("playback tone_stream://") and apps[-1] == "hangup NORMAL_CLEARING"
-    assert f"origination_uuid={sequence.b.uuid}" in apps[-3]
+    # The wait (the ring tone, looped until broken), the bridge, the wait again: nothing that ends the call.
+    waits = [m for m in switch.sent if m.startswith("sendmsg") and "loops: -1" in m]
+    assert len(waits) == 2 and apps[2] == apps[4] == f"playback tone_stream://{tone}"
+    assert f"Event-UUID: {wait_uuid(sequence.a.uuid, 0)}" in waits[0]
+    assert apps[3].startswith("bridge ") and f"origination_uuid={sequence.b.uuid}" in apps[3]
+    assert len(apps) == 5
     sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{"Hangup-Cause": "NORMAL_CLEARING"}))
     sequence.greenlet.join(timeout=5)
     call = Call.get_by_id(sequence.call.id)
@@ -138,24 +167,24 @@ def apps_sent(switch: ScriptedSwitch) -> list[str]:
 
 def test_a_step_lost_in_flight_is_resent_and_the_rest_follows(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
-    switch.fail_message_at = 3  # the fourth sendmsg is in flight when the connection drops
+    switch.fail_message_at = 2  # the third sendmsg (the wait) is in flight when the connection drops
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
-    assert len(apps_sent(switch)) == 3
+    assert len(apps_sent(switch)) == 2
     switch.answers = {f"uuid_exists {sequence.a.uuid}": "true", f"uuid_exists {sequence.b.uuid}": "false",
                       "uuid_getvar": "_undef_"}
     sequence.deliver(Reconnected(False))
     gevent.sleep(0)
     apps = apps_sent(switch)
-    assert apps[3] == "set continue_on_fail=true"  # resent: harmless if it had arrived
+    assert apps[2].startswith("playback tone_stream://")  # resent: harmless if it had arrived
     assert sum(a.startswith("bridge ") for a in apps) == 1
-    assert apps[-1] == "hangup NORMAL_CLEARING"
+    assert apps[-1].startswith("playback tone_stream://") and len(apps) == 5
 
 
 def test_a_bridge_lost_in_flight_is_resolved_by_a_marker_never_sent_twice(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
-    switch.fail_message_at = 7  # cb_stage, sched_hangup, 2 sets, 3 ringback sets, then the bridge
+    switch.fail_message_at = 3  # multiset, sched_hangup, the wait, then the bridge
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
@@ -172,12 +201,12 @@ def test_a_bridge_lost_in_flight_is_resolved_by_a_marker_never_sent_twice(run_ca
     sequence.deliver(event("CHANNEL_EXECUTE", sequence.a.uuid, **{"Application-UUID": marker.event_uuid}))
     gevent.sleep(0)
     apps = apps_sent(switch)
-    assert sum(a.startswith("bridge ") for a in apps) == 1 and apps[-1] == "hangup NORMAL_CLEARING"
+    assert sum(a.startswith("bridge ") for a in apps) == 1 and apps[-1].startswith("playback tone_stream://")
 
 
 def test_a_bridge_lost_in_flight_that_did_arrive_is_not_resent(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
-    switch.fail_message_at = 7
+    switch.fail_message_at = 3
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
@@ -189,7 +218,7 @@ def test_a_bridge_lost_in_flight_that_did_arrive_is_not_resent(run_call: Callabl
     gevent.sleep(0)
     apps = apps_sent(switch)
     assert not any(a.startswith("bridge ") for a in apps)
-    assert apps[-2:] == ["playback tone_stream://%(500,500,480,620);loops=3", "hangup NORMAL_CLEARING"]
+    assert apps[-1].startswith("playback tone_stream://")  # the wait after the bridge followed
     assert Call.get_by_id(sequence.call.id).status == "dialing_b"
 
 
@@ -223,3 +252,171 @@ def test_a_bridge_that_failed_unheard_is_learned_from_a_hangup(run_call: Callabl
     call = Call.get_by_id(sequence.call.id)
     assert (call.status, call.failed_leg, call.b_cause, call.reason) == ("failed", "b", "NO_ANSWER",
                                                                           "B was not reached")
+
+
+# -- the switch's session limits ------------------------------------------------------------------
+
+def answered_and_waiting(sequence: CallSequence, switch: ScriptedSwitch) -> None:
+    """A is up and has started its wait before the first bridge."""
+    sequence.start()
+    sequence.deliver(event("CHANNEL_CREATE", sequence.a.uuid))
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 0)))
+    gevent.sleep(0)
+
+
+def breaks(switch: ScriptedSwitch, a_uuid: str) -> list[str]:
+    return [c for c in switch.sent if c.startswith(f"api uuid_break {a_uuid}")]
+
+
+def test_a_refused_originate_is_sent_again_with_the_same_uuid_and_a_new_job(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    sequence.start()
+    gevent.sleep(0)
+    first_job = sequence.job_uuid
+    sequence.deliver(job_done(first_job, "-ERR DESTINATION_OUT_OF_ORDER\n"))
+    gevent.sleep(0)
+    assert len(originates(switch)) == 1 and Call.get_by_id(sequence.call.id).status == "dialing_a"
+    assert steps_of(sequence, "throttled") and '"leg": "a"' in steps_of(sequence, "throttled")[0]
+    switch.now += 5  # past the backoff; the capacity's line lets it go
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0)
+    sent = originates(switch)
+    assert len(sent) == 2 and sent[0] == sent[1]  # the same A, never created
+    assert sequence.job_uuid != first_job and sequence.job_uuid in switch.routes and first_job not in switch.routes
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    assert Call.get_by_id(sequence.call.id).status == "a_answered"
+
+
+def test_a_refused_past_the_originate_timeout_fails_with_the_reason(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    sequence.start()
+    gevent.sleep(0)
+    switch.now += sequence.options.originate_timeout + 1
+    sequence.deliver(job_done(sequence.job_uuid, "-ERR DESTINATION_OUT_OF_ORDER\n"))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.failed_leg, call.a_cause, call.reason) == ("failed", "a", "DESTINATION_OUT_OF_ORDER",
+                                                                          REFUSED)
+    assert len(originates(switch)) == 1
+
+
+def test_an_a_that_failed_after_being_created_is_not_sent_again(run_call: Callable[..., Any]) -> None:
+    # A carrier's own refusal (a created leg, then its cause) is a failure, even with the same cause.
+    sequence, switch = run_call()
+    sequence.start()
+    sequence.deliver(event("CHANNEL_CREATE", sequence.a.uuid))
+    sequence.deliver(job_done(sequence.job_uuid, "-ERR DESTINATION_OUT_OF_ORDER\n"))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.a_cause, call.reason) == ("failed", "DESTINATION_OUT_OF_ORDER", "A was not reached")
+    assert len(originates(switch)) == 1
+
+
+def test_b_is_dialed_when_the_wait_starts_and_the_switch_has_room(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    assert breaks(switch, sequence.a.uuid) == [f"api uuid_break {sequence.a.uuid}"]
+    # Each round of the loop announces itself again: B is dialed once.
+    sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 0)))
+    gevent.sleep(0)
+    assert len(breaks(switch, sequence.a.uuid)) == 1
+
+
+def test_b_waits_for_room_while_a_hears_the_dialtone(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    for n in range(switch.capacity.rate_cap):  # other legs took this second's room
+        switch.capacity.reserve(f"other-{n}", switch.now)
+        switch.capacity.sent(f"other-{n}", switch.now)
+    answered_and_waiting(sequence, switch)
+    assert breaks(switch, sequence.a.uuid) == []
+    assert steps_of(sequence, "paced") and '"leg": "b"' in steps_of(sequence, "paced")[0]
+    switch.now += 1.01
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0)
+    assert len(breaks(switch, sequence.a.uuid)) == 1
+
+
+def test_b_refused_is_dialed_again_with_the_same_uuid_after_the_wait_starts(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
+    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "DESTINATION_OUT_OF_ORDER"))
+    sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 1)))
+    gevent.sleep(0)
+    assert '"leg": "b"' in steps_of(sequence, "throttled")[0]
+    apps = apps_sent(switch)
+    assert not any(a.startswith(("hangup", "playback tone_stream://%(500")) for a in apps)  # no notice: A waits on
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0)
+    apps = apps_sent(switch)
+    bridges = [a for a in apps if a.startswith("bridge ")]
+    assert len(bridges) == 2 and bridges[0] == bridges[1]  # the same B, never created
+    assert apps[-1].startswith("playback tone_stream://") and len(breaks(switch, sequence.a.uuid)) == 2
+    assert f"Event-UUID: {wait_uuid(sequence.a.uuid, 2)}" in [m for m in switch.sent if m.startswith("sendmsg")][-1]
+    # This time B comes: the call goes on as usual.
+    sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
+    gevent.sleep(0)
+    assert Call.get_by_id(sequence.call.id).status == "dialing_b"
+
+
+def test_b_refused_past_the_originate_timeout_ends_the_call_with_the_reason(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    switch.now += sequence.options.originate_timeout + 1
+    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
+    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "DESTINATION_OUT_OF_ORDER"))
+    sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 1)))
+    gevent.sleep(0)
+    apps = apps_sent(switch)
+    assert apps[-2:] == ["playback tone_stream://%(500,500,480,620);loops=3", "hangup NORMAL_CLEARING"]
+    assert len(breaks(switch, sequence.a.uuid)) == 2  # the first dial, then the wait to end it
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{
+        "Hangup-Cause": "NORMAL_CLEARING", "variable_originate_disposition": "DESTINATION_OUT_OF_ORDER"}))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.failed_leg, call.b_cause, call.reason) == ("failed", "b", "DESTINATION_OUT_OF_ORDER",
+                                                                          REFUSED)
+
+
+def test_a_b_that_really_failed_gets_the_notice_and_hangup_at_once(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
+    sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.b.uuid, **{"Hangup-Cause": "USER_BUSY"}))
+    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "USER_BUSY"))
+    sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 1)))
+    gevent.sleep(0)
+    assert apps_sent(switch)[-2:] == ["playback tone_stream://%(500,500,480,620);loops=3", "hangup NORMAL_CLEARING"]
+    assert len(breaks(switch, sequence.a.uuid)) == 2
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{"Hangup-Cause": "NORMAL_CLEARING"}))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.failed_leg, call.b_cause, call.reason) == ("failed", "b", "USER_BUSY",
+                                                                          "B was not reached")
+    assert not steps_of(sequence, "throttled")
+
+
+def test_a_hanging_up_while_b_waits_to_be_dialed_again_is_not_blamed_on_b(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
+    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "DESTINATION_OUT_OF_ORDER"))
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{
+        "Hangup-Cause": "NORMAL_CLEARING", "variable_originate_disposition": "DESTINATION_OUT_OF_ORDER"}))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.failed_leg, call.reason) == ("failed", "a", "A hung up while B was ringing")
+    assert switch.capacity.waiting == 0  # no leg of its left in the line

@@ -41,13 +41,15 @@ HTTP_REASONS = {
 
 def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLike | None = None,
                metrics: Metrics | None = None, readiness: Callable[[], Mapping[str, bool]] | None = None,
-               clock: Callable[[], dt.datetime] = utcnow, records: CallRecords | None = None) -> Flask:
+               clock: Callable[[], dt.datetime] = utcnow, records: CallRecords | None = None,
+               switch_status: Callable[[], Mapping[str, Any]] | None = None) -> Flask:
     """Build the API app.
 
     ``media`` fetches and normalises prompts (``from_url``, ``speak``, ``path_for_name``); ``dispatcher``
     (``wake()``) is told after a call row is committed; ``readiness`` returns named checks for
     ``/readyz``; ``clock`` returns naive-UTC now; ``records`` writes the calls (the daemon's own, whose
-    listeners hear the statuses the API sets; by default a fresh one counting into ``metrics``).
+    listeners hear the statuses the API sets; by default a fresh one counting into ``metrics``);
+    ``switch_status`` describes the switch's session capacity for ``/readyz``.
     """
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -62,7 +64,7 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
     app.extensions["callbridge"] = ApiContext(
         settings=settings, media=media, dispatcher=dispatcher, metrics=metrics,
         readiness=readiness, clock=clock, limiter=AuthFailureLimiter(settings.auth_failures_per_minute),
-        records=records or CallRecords(metrics, clock))
+        records=records or CallRecords(metrics, clock), switch_status=switch_status)
     app.register_blueprint(bp)
     register_portal(app, settings)
 

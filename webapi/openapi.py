@@ -145,8 +145,27 @@ def _readiness_schema() -> dict[str, Any]:
     return _with_code({
         "type": "object",
         "required": ["ready", "checks"],
-        "properties": {"ready": {"type": "boolean"},
-                       "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}},
+        "properties": {
+            "ready": {"type": "boolean"},
+            "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
+            "switch": {
+                "type": "object",
+                "description": "FreeSWITCH's session capacity as the daemon sees it: its limits as last read "
+                               "(`sessions_per_second`, `max_sessions`; null until read), `sessions` now, "
+                               "`rate_last_second` (sessions created), the caps the daemon keeps to "
+                               "(`rate_cap`, `session_cap`: the limits less the margin), legs `waiting` for room.",
+                "properties": {
+                    "known": {"type": "boolean"},
+                    "sessions_per_second": {"type": ["integer", "null"]},
+                    "max_sessions": {"type": ["integer", "null"]},
+                    "sessions": {"type": "integer"},
+                    "rate_last_second": {"type": "integer"},
+                    "rate_cap": {"type": "integer"},
+                    "session_cap": {"type": "integer"},
+                    "waiting": {"type": "integer"},
+                },
+            },
+        },
     })
 
 

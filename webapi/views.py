@@ -81,6 +81,8 @@ class ApiContext:
     # Every call row is written through it; its listeners (status webhooks) hear the statuses the API
     # sets (queued/scheduled, canceled) inside the same transaction.
     records: CallRecords
+    # The switch's session capacity as the engine sees it (shown by /readyz), when there is an engine.
+    switch_status: Callable[[], Mapping[str, Any]] | None = None
 
 
 def ctx() -> ApiContext:
@@ -368,8 +370,14 @@ def readyz() -> Response:
     checks["database"] = checks.get("database", True) and database_ready()
     failing = sorted(name for name, ok in checks.items() if not ok)
     status = 503 if failing else 200
-    return envelope({"ready": not failing, "checks": checks}, status,
-                    f"not ready: {', '.join(failing)}" if failing else "")
+    body: dict[str, Any] = {"ready": not failing, "checks": checks}
+    switch_status = ctx().switch_status
+    if switch_status is not None:
+        try:
+            body["switch"] = dict(switch_status())
+        except Exception:
+            log.exception("switch status failed")
+    return envelope(body, status, f"not ready: {', '.join(failing)}" if failing else "")
 
 
 @bp.route("/metrics", methods=["GET"], provide_automatic_options=False)

@@ -34,6 +34,7 @@ class AppStep:
     app: str
     arg: str
     event_uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    loops: int | None = None  # run it that many times; -1: until uuid_break
 
 
 class AppQueue:
@@ -61,6 +62,15 @@ class AppQueue:
         self.steps.update((step.event_uuid, step) for step in steps)
         self.bridge = bridge
         self.unsent = list(steps)
+        self.send_unsent()
+
+    def extend(self, steps: list[AppStep], *, bridge: AppStep | None = None) -> None:
+        """Queue more steps after those already sent (a bridge sent again after the switch refused B's
+        session, the notice and hangup that end a call); ``bridge`` becomes the bridge to watch."""
+        self.steps.update((step.event_uuid, step) for step in steps)
+        if bridge is not None:
+            self.bridge = bridge
+        self.unsent.extend(steps)
         self.send_unsent()
 
     def send_unsent(self) -> None:

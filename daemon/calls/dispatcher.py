@@ -10,10 +10,11 @@ Claiming is one conditional UPDATE committed before any command goes to FreeSWIT
 ``CallRecords.claim``): a cancel racing a start leaves exactly one outcome, and a crash after the claim
 leaves a call that the engine reconciles at the next start instead of dialing it again.
 
-Limits: calls in flight (global and per endpoint), new calls per second (global and per endpoint,
-token buckets; FreeSWITCH's own sessions-per-second defaults to 30), and a daily cap per endpoint
-against toll fraud. Calls held back by a limit stay ``queued`` in due order and go as soon as a
-slot frees.
+Limits: calls in flight (global and per endpoint), the switch's room for one more session (its
+sessions-per-second and max sessions, read from it: :mod:`daemon.switch.capacity`; the legs of calls
+already in progress go first), new calls per second (per endpoint, and an optional global cap of the
+operator's, token buckets), and a daily cap per endpoint against toll fraud. Calls held back by a
+limit stay ``queued`` in due order and go as soon as a slot frees.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Dispatcher:
         self.monotonic = monotonic  # for the rate limits' token buckets
         self.loop = Loop("dispatcher tick", lambda now: self.tick(now, self.monotonic()), clock, log=log,
                          max_sleep=MAX_SLEEP, error_delay=MAX_SLEEP)
-        self.global_rate = TokenBucket(settings.calls_per_second)
+        # The operator's own cap on new calls per second, when set (0: the switch's pacing alone).
+        self.global_rate = TokenBucket(settings.calls_per_second) if settings.calls_per_second > 0 else None
         self.endpoint_rates: dict[int, TokenBucket] = {}
         self.started_today: dict[int, int] = {}
         self._day: dt.date | None = None
@@ -131,12 +133,16 @@ class Dispatcher:
                     self.records.finish(call, CallStatus.FAILED,
                                         reason=f"daily cap of {endpoint.daily_cap} calls reached")
                     continue
+                room = self.engine.capacity.new_call_delay(self.engine.monotonic())
+                if room > 0:
+                    return room  # the switch has no room for another session yet: every call waits
                 bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
                 bucket.rate = endpoint.calls_per_second
-                if not self.global_rate.take(mono):
+                if self.global_rate is not None and not self.global_rate.take(mono):
                     return self.global_rate.wait_time()
                 if not bucket.take(mono):
-                    self.global_rate.tokens += 1  # not used after all
+                    if self.global_rate is not None:
+                        self.global_rate.tokens += 1  # not used after all
                     wait = bucket.wait_time()
                     held_back = wait if held_back is None else min(held_back, wait)
                     skip.add(endpoint.id)
@@ -151,8 +157,11 @@ class Dispatcher:
 
     def _start(self, call: Call, endpoint: Endpoint) -> None:
         a_uuid, b_uuid = self.engine.new_leg_uuids()
+        # A's session is reserved before the claim's commit lets other greenlets run (and take the room).
+        self.engine.capacity.reserve(a_uuid, self.engine.monotonic())
         # Lateness is stamped at this call's own claim, not at the start of the tick.
         if not self.records.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock()):
+            self.engine.capacity.cancel(a_uuid)
             return  # canceled (or claimed elsewhere) in the meantime
         self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
         self.engine.launch(call, endpoint)

@@ -2,20 +2,40 @@
 
 The shape (run on a real FreeSWITCH 1.10.12, see shared/esl-traces/16*):
 
-1. ``bgapi originate {origination_uuid=<A>,...,app_disable_expand_variables=true}<A> &park()``.
+1. ``bgapi originate {origination_uuid=<A>,...,hangup_after_bridge=true,continue_on_fail=true,
+   instant_ringback=true,app_disable_expand_variables=true}<A> &park()``, sent once the switch has room
+   for a session (:mod:`daemon.switch.capacity`).
 2. On A's CHANNEL_ANSWER, queue on A with ``sendmsg`` + ``event-lock`` (arguments in the body):
-   ``sched_hangup +<max> ALLOTTED_TIMEOUT`` (a dead daemon never leaves a call up forever),
-   ``set hangup_after_bridge=true``, ``set continue_on_fail=true``, the prompts (``playback``),
-   ``set ringback=<dialtone>``, ``set transfer_ringback=<dialtone>``, ``set instant_ringback=true``,
-   ``bridge {origination_uuid=<B>,ignore_early_media=true,...}<B>``, and, for when B fails, a short
-   busy tone and ``hangup``.
-   FreeSWITCH then plays the ringback itself with no gap from the moment B is dialed, never passes
-   B's early media, cancels B (ORIGINATOR_CANCEL) when A hangs up, hangs A up when B hangs up, and
-   keeps a bridged call going if this daemon restarts. The daemon follows both legs by the UUIDs it
-   chose and committed before dialing.
-3. The bridge's outcome is read from its CHANNEL_EXECUTE_COMPLETE (``originate_disposition``), the
-   legs' causes from their CHANNEL_HANGUP_COMPLETE; the call ends when A is gone and B is gone or was
-   never created.
+   ``multiset cb_stage=queued ringback=<dialtone> transfer_ringback=<dialtone>``, ``sched_hangup
+   +<max> ALLOTTED_TIMEOUT`` (a dead daemon never leaves a call up forever), the prompts (``playback``),
+   then *the wait*: the dialtone looped (``playback`` with ``loops: -1``), ``bridge
+   {origination_uuid=<B>,ignore_early_media=true,...}<B>``, and the wait again.
+3. When the wait starts (its CHANNEL_EXECUTE) and the switch has room for B's session, ``uuid_break``
+   ends the loop and the bridge dials B at that moment: B's session is created when *we* say, so it is
+   paced like A's. FreeSWITCH then plays the ringback itself with no gap from the moment B is dialed,
+   never passes B's early media, cancels B (ORIGINATOR_CANCEL) when A hangs up, hangs A up when B
+   hangs up, and keeps a bridged call going if this daemon restarts.
+4. The bridge's outcome is read from its CHANNEL_EXECUTE_COMPLETE (``originate_disposition``). A plays
+   the wait after it while we decide: a bridge the switch refused over its limits (disposition
+   DESTINATION_OUT_OF_ORDER and no CHANNEL_CREATE for B: nothing was dialed) is queued again, with the
+   same B UUID, once there is room (backoff, within ``originate_timeout``); any other failure, or the
+   last refusal, gets the busy notice and ``hangup`` queued and the wait broken. The call ends when A
+   is gone and B is gone or was never created.
+
+Why the tail after the bridge is the wait and not the notice: ``sendmsg`` can only append to A's queue,
+so whatever FreeSWITCH would do by itself after a failed bridge (a notice and a hangup) would run before
+a second bridge could be queued; flushing it (``uuid_break all``) would leave A in silence until the new
+bridge arrives. With the wait last, a refused B costs two ``sendmsg`` and a break and A hears the
+dialtone throughout; a real failure costs the notice, the hangup and a break. No call sends more than
+before this shape (a bridged call sends four commands fewer, a failed B one fewer): the variables of
+the bridge went into A's originate and the others into one ``multiset``. The price:
+a daemon that dies while A waits leaves A on the dialtone until it is back (the next start adopts the
+call and finishes it) or until ``sched_hangup``. The waits are unbounded because the stand-in runs
+the switch's time fast while its session budget refills in real time.
+
+A refused A (BACKGROUND_JOB ``-ERR DESTINATION_OUT_OF_ORDER`` with no CHANNEL_CREATE for A) is
+originated again the same way, same UUID, new Job-UUID. Only past ``originate_timeout`` does a refused
+leg fail the call: ``the switch refused the session (over its limit)``.
 
 The sequence runs in its own greenlet and reads its events from an inbox that the engine fills by
 channel UUID, so the ESL reader never waits on call logic. Where the call stands is its stored
@@ -40,8 +60,10 @@ from peewee import DatabaseError
 
 from daemon.calls.appqueue import AppQueue, AppStep
 from daemon.calls.records import CallRecords
+from daemon.loop import Backoff
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
+from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.esl import EslError, EslEvent, EslNotSent
 
 log = logging.getLogger("callbridge.call")
@@ -50,16 +72,36 @@ log = logging.getLogger("callbridge.call")
 FAILURE_NOTICE = "tone_stream://%(500,500,480,620);loops=3"
 # Dispositions of the bridge that mean "B was never connected because of B".
 CALLER_GONE = {"ORIGINATOR_CANCEL", "LOSE_RACE", "PICKED_OFF"}
+# What the switch answers for a leg it refused over its session limits (nothing was created).
+REFUSED_CAUSE = "DESTINATION_OUT_OF_ORDER"
+REFUSED = "the switch refused the session (over its limit)"
+# Retries of a refused leg: a second or so apart (the switch refills its budget once a second).
+RETRY_FIRST, RETRY_CAP = 0.25, 2.0
+# A dialtone file shorter than this is not looped for the wait (FreeSWITCH does not repeat a round
+# under half a second): the endpoint's ring tone is.
+SHORTEST_LOOP = 1.0
+# The wait's event UUIDs are derived from A's, so a daemon that adopts the call after a restart knows
+# which wait A is playing (its ``app_uuid``).
+WAIT_NAMESPACE = uuidlib.UUID("6f1d9c55-2b7e-4f0c-9a51-4e4d1b7c3a20")
+MAX_WAITS = 64  # bridge attempts looked for when adopting a call
+
+
+def wait_uuid(a_uuid: str, attempt: int) -> str:
+    """The event UUID of the wait A plays before bridge attempt ``attempt + 1`` (0: before the first)."""
+    return str(uuidlib.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))
 
 
 class Switch(Protocol):
-    """What a sequence needs from the engine's Event Socket connection."""
+    """What a sequence needs from the engine: the Event Socket connection and the switch's capacity."""
+
+    capacity: SwitchCapacity
 
     def api(self, command: str) -> str: ...  # raises EslNotSent when there is no connection
     def bgapi(self, command: str, job_uuid: str) -> str: ...
     def send_message(self, message: str) -> Any: ...
     def route(self, key: str, sequence: CallSequence) -> None: ...
     def unroute(self, key: str) -> None: ...
+    def monotonic(self) -> float: ...  # the capacity's clock
 
 
 class Reconnected:
@@ -75,6 +117,15 @@ class Stop:
 
 class RetryDial:
     """Inbox marker: try again an originate that was never sent."""
+
+
+class Granted:
+    """Inbox marker: the switch has room for this call's leg (``a`` or ``b``) now; it is reserved.
+    ``forced``: B waited ``originate_timeout`` for room: it goes now and the switch decides."""
+
+    def __init__(self, leg: str, forced: bool = False) -> None:
+        self.leg = leg
+        self.forced = forced
 
 
 @dataclass
@@ -125,6 +176,19 @@ class CallSequence:
         self.dial_pending = False
         self.done = False
         self.greenlet: gevent.Greenlet | None = None
+        # Pacing: legs sent only when the switch has room; a leg it refused is sent again until then.
+        self.capacity = switch.capacity
+        self.backoff = {"a": Backoff(RETRY_FIRST, RETRY_CAP), "b": Backoff(RETRY_FIRST, RETRY_CAP)}
+        self.deadline: dict[str, float] = {}  # leg -> monotonic time after which a refusal is final
+        self.retry_in = {"a": 0.0, "b": 0.0}  # the backoff after the last refusal
+        self.attempts = {"a": 0, "b": 0}  # originates of A and bridges to B sent
+        self.wanted: set[str] = set()  # legs waiting in the capacity's line
+        self.refused_leg = ""  # the leg the switch kept refusing: the call fails for that
+        # B: the wait A plays is known by its event UUID (wait_uuid); the last one acted on; the bridge
+        # attempt whose retry steps are queued; what to do when the wait after a bridge starts.
+        self.wait_acted = ""
+        self.requeued = 0
+        self.after_bridge = ""  # "retry" (refused: dial again) or "end" (notice and hang up)
 
     # -- life -------------------------------------------------------------------------------------
     @property
@@ -141,7 +205,7 @@ class CallSequence:
             self.switch.route(key, self)
         self.greenlet = gevent.spawn(self._run)
 
-    def deliver(self, item: EslEvent | Reconnected | Stop | RetryDial) -> None:
+    def deliver(self, item: EslEvent | Reconnected | Stop | RetryDial | Granted) -> None:
         self.inbox.put(item)
 
     def _run(self) -> None:
@@ -158,11 +222,13 @@ class CallSequence:
                     self.records.step(self.call, "daemon_stopped", phase=self.status.value,
                                       note="call left to FreeSWITCH; reconciled at next start")
                     return
-                if isinstance(item, RetryDial):
+                if isinstance(item, Granted):
+                    self._granted(item.leg, forced=item.forced)
+                elif isinstance(item, RetryDial):
                     if self.dial_pending:
-                        self._dial_a()
+                        self._want("a")
                 elif isinstance(item, Reconnected) and self.dial_pending:
-                    self._dial_a()
+                    self._want("a")
                 elif isinstance(item, Reconnected):
                     self._reconcile(item.restarted)
                 else:
@@ -179,6 +245,10 @@ class CallSequence:
         finally:
             for key in (self.a.uuid, self.b.uuid, self.job_uuid):
                 self.switch.unroute(key)
+            for leg in (self.a, self.b):
+                self.capacity.withdraw(leg.uuid)
+                if not leg.created:
+                    self.capacity.failed(leg.uuid)  # a slot reserved for it is free again
             if self.on_end:
                 self.on_end(self)
 
@@ -189,18 +259,34 @@ class CallSequence:
                                 caller_id_name=self.endpoint.caller_id_name,
                                 originate_timeout=self.options.originate_timeout)
 
+    def _a_variables(self) -> dict[str, str | int | bool]:
+        """A's own variables: also those the bridge from A reads (set here, not by apps after the answer)."""
+        variables = self._leg_vars(self.a.uuid)
+        variables.update({"hangup_after_bridge": True, "continue_on_fail": True, "instant_ringback": True})
+        if self.endpoint.record:
+            variables["RECORD_STEREO"] = True
+        return variables
+
     def _dial_a(self) -> None:
+        """Send A's originate; the switch's room for it is already reserved (dispatcher or a grant)."""
         command = fs.originate_a(template=self.endpoint.dial_string, phone=self.call.phone_a,
-                                 variables=self._leg_vars(self.a.uuid))
+                                 variables=self._a_variables())
         retry = self.dial_pending
         self.dial_pending = False
-        if not retry:
+        if not retry and not self.attempts["a"]:
             self.records.step(self.call, "dialing_a", phone=self.call.phone_a, a_uuid=self.a.uuid)
+        if self.attempts["a"]:
+            # Again after a refusal: same A (never created), a new job to hear the answer by.
+            self.switch.unroute(self.job_uuid)
+            self.job_uuid = str(uuidlib.uuid4())
+            self.switch.route(self.job_uuid, self)
+        self.capacity.sent(self.a.uuid, self.switch.monotonic())
         try:
             reply = self.switch.bgapi(command, self.job_uuid)
         except EslNotSent:
             # Never reached FreeSWITCH: dial when reconnected, or in a moment if the connection was
             # only busy.
+            self.capacity.cancel(self.a.uuid)
             if not retry:
                 self.records.step(self.call, "waiting_for_switch", phase="dialing_a")
             self.dial_pending = True
@@ -211,39 +297,142 @@ class CallSequence:
             self.connection_lost = True
             self.records.step(self.call, "connection_lost", phase="dialing_a", error=str(exc))
             return
+        self.attempts["a"] += 1
+        self.deadline.setdefault("a", self.switch.monotonic() + self.options.originate_timeout)
         if not reply.startswith("+OK"):
             self._finish(CallStatus.FAILED, failed_leg="a", a_cause="", reason=f"originate refused: {reply}")
 
     def _queue_apps(self) -> None:
-        """After A answers: everything A hears, and the bridge to B, queued on A in order."""
+        """After A answers: everything A hears, the wait, the bridge to B and the wait again, queued on A."""
         call, endpoint = self.call, self.endpoint
+        ringback = self._playable(call.dialtone_file) if call.dialtone_file else fs.ring_tone(endpoint.ring_tone)
         steps = [
-            AppStep("set", fs.set_arg("cb_stage", "queued")),
+            AppStep("multiset", fs.multiset_arg({"cb_stage": "queued", "ringback": ringback,
+                                                 "transfer_ringback": ringback})),
             AppStep("sched_hangup", f"+{int(endpoint.max_duration)} ALLOTTED_TIMEOUT"),
-            AppStep("set", fs.set_arg("hangup_after_bridge", True)),
-            AppStep("set", fs.set_arg("continue_on_fail", True)),
         ]
         for prompt in (call.play_file, call.msg_file):
             if prompt:
                 steps.append(AppStep("playback", self._playable(prompt)))
-        ringback = self._playable(call.dialtone_file) if call.dialtone_file else fs.ring_tone(endpoint.ring_tone)
-        steps += [
-            AppStep("set", fs.set_arg("ringback", ringback)),
-            AppStep("set", fs.set_arg("transfer_ringback", ringback)),
-            AppStep("set", fs.set_arg("instant_ringback", True)),
-        ]
-        if endpoint.record:
-            steps.append(AppStep("set", fs.set_arg("RECORD_STEREO", True)))
-        bridge = AppStep("bridge", fs.bridge_target(template=endpoint.dial_string, phone=call.phone_b,
-                                                    variables=self._leg_vars(self.b.uuid)))
-        steps.append(bridge)
-        # Only reached when the bridge failed (continue_on_fail): a short notice, then hang up.
-        steps += [AppStep("playback", FAILURE_NOTICE), AppStep("hangup", "NORMAL_CLEARING")]
+        self.wait_step = self._wait(0)
+        bridge = self._bridge()
+        steps += [self.wait_step, bridge, self._wait(1)]
         self.apps_queued = True
         self.apps.start(steps, bridge=bridge)
 
+    def _bridge(self) -> AppStep:
+        return AppStep("bridge", fs.bridge_target(template=self.endpoint.dial_string, phone=self.call.phone_b,
+                                                  variables=self._leg_vars(self.b.uuid)))
+
+    def _wait(self, attempt: int) -> AppStep:
+        """A's dialtone looped until we break it: after ``attempt`` bridges (0: before the first)."""
+        return AppStep("playback", self._wait_sound(), event_uuid=wait_uuid(self.a.uuid, attempt), loops=-1)
+
+    def _wait_sound(self) -> str:
+        call = self.call
+        if call.dialtone_file and (_wav_seconds(call.dialtone_file) or 0.0) >= SHORTEST_LOOP:
+            return self._playable(call.dialtone_file)
+        return fs.tone_playback(self.endpoint.ring_tone)
+
+    def _wait_index(self, app_uuid: str, upto: int | None = None) -> int | None:
+        """Which wait ``app_uuid`` is (how many bridges came before it), or None."""
+        last = self.attempts["b"] + 1 if upto is None else upto
+        return next((n for n in range(last + 1) if app_uuid == wait_uuid(self.a.uuid, n)), None)
+
     def _send_app(self, step: AppStep) -> None:
-        self.switch.send_message(fs.sendmsg_execute(self.a.uuid, step.app, step.arg, event_uuid=step.event_uuid))
+        self.switch.send_message(fs.sendmsg_execute(self.a.uuid, step.app, step.arg, event_uuid=step.event_uuid,
+                                                    loops=step.loops))
+
+    # -- pacing -----------------------------------------------------------------------------------
+    def _want(self, leg: str, delay: float = 0.0) -> None:
+        """Ask for room on the switch for ``leg``; it is sent when granted (now, or via a Granted item)."""
+        now = self.switch.monotonic()
+        uuid = self.a.uuid if leg == "a" else self.b.uuid
+        if leg == "b" and "b" not in self.deadline:
+            # B waits for room at most originate_timeout; then it goes anyway and the switch decides.
+            self.deadline["b"] = now + self.options.originate_timeout
+            gevent.spawn_later(self.options.originate_timeout, self.deliver, Granted("b", forced=True))
+        granted = self.capacity.request(uuid, leg, now, lambda: self.deliver(Granted(leg)),
+                                        not_before=now + delay)
+        if granted:
+            self.wanted.discard(leg)
+            self._granted(leg)
+            return
+        if delay <= 0 and leg not in self.wanted:
+            self.records.step(self.call, "paced", leg=leg, note="waiting for room on the switch",
+                              sessions=self.capacity.sessions, rate=self.capacity.rate(now))
+        self.wanted.add(leg)
+
+    def _granted(self, leg: str, forced: bool = False) -> None:
+        """The switch has room for ``leg`` (reserved for it): send it, or give the room back."""
+        uuid = self.a.uuid if leg == "a" else self.b.uuid
+        if forced:
+            if leg not in self.wanted:
+                return  # it went already
+            self.capacity.withdraw(uuid)
+            self.capacity.reserve(uuid, self.switch.monotonic())
+        self.wanted.discard(leg)
+        if leg == "a":
+            if self.done or self.a.created or self.a.gone or self.connection_lost:
+                self.capacity.cancel(uuid)
+                return
+            self._dial_a()
+            return
+        if self.done or self.a.gone or self.b.created or self.connection_lost:
+            self.capacity.cancel(uuid)
+            return
+        self._send_b()
+
+    def _send_b(self) -> None:
+        """Dial B now: (after a refusal, queue the bridge and the wait again, then) break A's wait."""
+        attempt = self.attempts["b"]
+        try:
+            if attempt > 0 and self.requeued != attempt:
+                self.requeued = attempt
+                bridge = self._bridge()
+                self.apps.extend([bridge, self._wait(attempt + 1)], bridge=bridge)
+            elif self.apps.pending:
+                self.apps.send_unsent()
+            self.capacity.sent(self.b.uuid, self.switch.monotonic())
+            self.switch.api(fs.uuid_break(self.a.uuid))
+        except EslNotSent:
+            # Nothing (more) left: the room goes back; ask again in a moment.
+            self.capacity.cancel(self.b.uuid)
+            self._want("b", delay=1.0)
+            return
+        except EslError as exc:
+            self.connection_lost = True
+            self.records.step(self.call, "connection_lost", phase="dialing_b", error=str(exc))
+            return
+        self.attempts["b"] += 1
+
+    def _refused(self, leg: str, attempt: int) -> float | None:
+        """The switch refused ``leg`` (nothing created): seconds until it is tried again, or None when
+        ``originate_timeout`` has passed since it was first wanted (the call fails)."""
+        now = self.switch.monotonic()
+        uuid = self.a.uuid if leg == "a" else self.b.uuid
+        self.capacity.refused(uuid, leg, now)
+        self.records.metrics.switch_throttled.labels(leg).inc()
+        if now < self.deadline.get(leg, now) and not self.a.gone:
+            delay = self.backoff[leg].next()
+            self.retry_in[leg] = delay
+            self.records.step(self.call, "throttled", leg=leg, cause=REFUSED_CAUSE, attempt=attempt,
+                              retry_in=round(delay, 2))
+            return delay
+        self.refused_leg = leg
+        self.records.step(self.call, "throttled", leg=leg, cause=REFUSED_CAUSE, attempt=attempt,
+                          note=f"still refused after {self.options.originate_timeout} s: giving up")
+        return None
+
+    def _end_a(self) -> None:
+        """B will not be bridged: A hears the busy notice, then is hung up (its wait broken)."""
+        self.wait_acted = "ending"
+        try:
+            self.apps.extend([AppStep("playback", FAILURE_NOTICE), AppStep("hangup", "NORMAL_CLEARING")])
+            self.switch.api(fs.uuid_break(self.a.uuid))
+        except EslError:
+            with contextlib.suppress(EslError):
+                self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
 
     def _guarded(self, action: Callable[[], None], phase: str) -> None:
         """Run a sending action; a lost connection is noted and handled once reconnected."""
@@ -316,11 +505,20 @@ class CallSequence:
         self._guarded(self.apps.b_appeared, "queuing")
 
     def _on_originate_result(self, body: str) -> None:
-        if body.startswith("-ERR"):
-            cause = body[4:].strip().split()[0] if body[4:].strip() else "UNKNOWN"
-            self.a.gone = True
-            self.a.cause = self.a.cause or cause
-            self._conclude()
+        if not body.startswith("-ERR"):
+            return
+        cause = body[4:].strip().split()[0] if body[4:].strip() else "UNKNOWN"
+        if cause == REFUSED_CAUSE and not self.a.created:
+            # Refused before anything was dialed (no CHANNEL_CREATE for A): not a failure of A's.
+            delay = self._refused("a", self.attempts["a"])
+            if delay is not None:
+                self._want("a", delay=delay)
+                return
+        elif not self.a.created:
+            self.capacity.failed(self.a.uuid)
+        self.a.gone = True
+        self.a.cause = self.a.cause or cause
+        self._conclude()
 
     def _on_answer(self, leg: LegState, tag: str) -> None:
         if leg.answered_at is not None:
@@ -335,37 +533,71 @@ class CallSequence:
             self.records.b_answered(self.call, at=now)
 
     def _on_execute(self, event: EslEvent) -> None:
-        step = self.apps.find(event.get("Application-UUID") or "")
+        app_uuid = event.get("Application-UUID") or ""
+        step = self.apps.find(app_uuid)
         if step is not None and step is self.apps.marker:
             self._guarded(self.apps.marker_ran, "queuing")
-        elif step is self.apps.bridge if step is not None else event.get("Application") == "bridge":
+        elif (waiting := self._wait_index(app_uuid)) is not None:
+            self._on_wait(app_uuid, waiting)
+        elif step.app == "bridge" if step is not None else event.get("Application") == "bridge":
             self._b_dialing()
         elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE:
             self.records.step(self.call, "prompt_started", file=os.path.basename(step.arg))
+
+    def _on_wait(self, app_uuid: str, bridges_before: int) -> None:
+        """A plays a wait (each of its rounds says so: act once): before the first bridge, B is wanted;
+        after a bridge, what its outcome decided."""
+        if app_uuid == self.wait_acted or self.done:
+            return
+        self.wait_acted = app_uuid
+        if bridges_before == 0:
+            self._want("b")
+        elif self.after_bridge == "retry":
+            self._want("b", delay=self.retry_in["b"])
+        elif self.after_bridge != "bridged":
+            self._guarded(self._end_a, "ending")
 
     def _b_dialing(self) -> None:
         if self.status in (CallStatus.DIALING_A, CallStatus.A_ANSWERED):
             self.records.dialing_b(self.call, at=self.records.clock())
 
     def _on_execute_complete(self, event: EslEvent) -> None:
-        step = self.apps.find(event.get("Application-UUID") or "")
+        app_uuid = event.get("Application-UUID") or ""
+        step = self.apps.find(app_uuid)
         # An adopted call did not queue its apps in this run: it knows its bridge by name only.
-        is_bridge = step is self.apps.bridge if step is not None else event.get("Application") == "bridge"
+        is_bridge = step.app == "bridge" if step is not None else event.get("Application") == "bridge"
         if step is None and not is_bridge:
             return
         if is_bridge:
-            self.bridge_disposition = event.get("variable_originate_disposition") or ""
-            if self.bridge_disposition == "SUCCESS" and self.status != CallStatus.BRIDGED:
-                self._on_bridged(late=True)  # the bridge happened while we could not hear it
-            if self.apps.pending and self.bridge_disposition != "SUCCESS" and not self.a.gone:
-                with contextlib.suppress(EslError):  # the notice and hangup after it may never have been queued
-                    self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
-            self.records.step(self.call, "bridge_ended", disposition=self.bridge_disposition,
+            disposition = event.get("variable_originate_disposition") or ""
+            self.records.step(self.call, "bridge_ended", disposition=disposition,
                               dialstatus=event.get("variable_DIALSTATUS"),
                               cause=event.get("variable_last_bridge_hangup_cause"))
-        elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE:
+            self._bridge_outcome(disposition)
+            if self.apps.pending and disposition != "SUCCESS" and not self.a.gone:
+                with contextlib.suppress(EslError):  # the wait after it may never have been queued
+                    self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
+        elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE \
+                and self._wait_index(app_uuid) is None:
             self.records.step(self.call, "prompt_finished", file=os.path.basename(step.arg),
                               result=event.get("Application-Response"))
+
+    def _bridge_outcome(self, disposition: str) -> None:
+        """A bridge ended: bridged; refused by the switch (no B created: dial again, or give up); failed."""
+        if disposition == "SUCCESS":
+            self.bridge_disposition = disposition
+            self.after_bridge = "bridged"
+            if self.status != CallStatus.BRIDGED:
+                self._on_bridged(late=True)  # the bridge happened while we could not hear it
+            return
+        if disposition == REFUSED_CAUSE and not self.b.created:
+            if self._refused("b", self.attempts["b"]) is not None:
+                self.after_bridge = "retry"
+                return  # not the call's outcome: B is dialed again
+        elif not self.b.created:
+            self.capacity.failed(self.b.uuid)
+        self.bridge_disposition = disposition
+        self.after_bridge = "end"
 
     def _on_bridged(self, late: bool = False) -> None:
         if self.status == CallStatus.BRIDGED:
@@ -385,6 +617,8 @@ class CallSequence:
         disposition = hangup.get("variable_originate_disposition") or ""
         if self.bridge_disposition or disposition in ("", "failure"):
             return
+        if disposition == REFUSED_CAUSE and self.after_bridge == "retry":
+            return  # the refusal we were about to dial B again after: A hung up meanwhile
         self.bridge_disposition = disposition
         if disposition == "SUCCESS":
             self._on_bridged(late=True)
@@ -410,6 +644,10 @@ class CallSequence:
             return
         if self.call.bridged_at or self.status == CallStatus.BRIDGED:
             self._finish(CallStatus.COMPLETED)
+        elif self.refused_leg:
+            leg = self.refused_leg
+            self._finish(CallStatus.FAILED, failed_leg=leg, reason=REFUSED,
+                         **({"a_cause": REFUSED_CAUSE} if leg == "a" else {"b_cause": REFUSED_CAUSE}))
         elif self.a.answered_at is None:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A was not reached")
         elif self.bridge_disposition and self.bridge_disposition not in CALLER_GONE | {"SUCCESS"}:
@@ -494,6 +732,8 @@ class CallSequence:
                 if self._answered(self.b.uuid):
                     self._on_bridged()
                 return
+            if self.apps_queued and self._resume_wait():
+                return
             disposition = self._getvar(self.a.uuid, "originate_disposition")
             # FreeSWITCH sets "failure" when a bridge starts and the real outcome when it ends.
             if disposition == "failure" and not self.b.created:
@@ -510,10 +750,37 @@ class CallSequence:
         except EslError:
             self.connection_lost = True
 
+    def _resume_wait(self) -> bool:
+        """After a gap: if A plays a wait, act on it as if its start had just been heard. True if it does.
+
+        A's ``app_uuid`` names the queued application it runs now (or ran last); the waits' are derived
+        from A's UUID, so an adopted call finds them too. A wait after a bridge whose end went unheard is
+        retried only when the bridge was refused and B provably never existed (it is in no
+        ``originated_legs`` of A's): else the call ends.
+        """
+        current = self._getvar(self.a.uuid, "app_uuid")
+        waits = self._wait_index(current, upto=MAX_WAITS if self.adopted else None)
+        if waits is None:
+            return False
+        self.attempts["b"] = max(self.attempts["b"], waits)
+        if waits > 0 and not self.after_bridge:
+            disposition = self._getvar(self.a.uuid, "originate_disposition")
+            self.records.step(self.call, "bridge_ended", disposition=disposition, source="A's variables")
+            never_created = self.b.uuid not in self._getvar(self.a.uuid, "originated_legs")
+            self.deadline.setdefault("b", self.switch.monotonic() + self.options.originate_timeout)
+            if disposition == REFUSED_CAUSE and never_created and not self.b.created:
+                self.after_bridge = "retry" if self._refused("b", waits) is not None else "end"
+            else:
+                self.bridge_disposition = disposition or "failure"
+                self.after_bridge = "end"
+        self.wait_acted = ""
+        self._on_wait(current, waits)
+        return True
+
     def _check_alive(self) -> None:
         """Nothing heard for a while: make sure A still exists, or end the call with what we know."""
         if self.dial_pending:  # A was never originated: there is nothing to look for yet
-            self._dial_a()
+            self._want("a")
             return
         if self.connection_lost:
             return

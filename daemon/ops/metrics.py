@@ -38,6 +38,24 @@ class Metrics:
                                    registry=r)
         self.webhooks = Counter("callbridge_webhook_deliveries_total", "Webhook delivery attempts",
                                 ["result"], registry=r)
+        # The switch's session capacity (daemon/switch/capacity.py); the gauges read it when scraped.
+        self.switch_sps = Gauge("callbridge_switch_sessions_per_second_limit",
+                                "The switch's sessions-per-second limit as last read (0: not known)", registry=r)
+        self.switch_max_sessions = Gauge("callbridge_switch_max_sessions",
+                                         "The switch's max sessions as last read (0: not known)", registry=r)
+        self.switch_sessions = Gauge("callbridge_switch_sessions",
+                                     "Sessions on the switch now (its last status, plus creations, less hangups)",
+                                     registry=r)
+        self.switch_session_rate = Gauge("callbridge_switch_session_rate",
+                                         "Sessions created on the switch in the last second (ours from when sent)",
+                                         registry=r)
+        self.switch_legs_waiting = Gauge("callbridge_switch_legs_waiting",
+                                         "Legs of calls in progress waiting for room on the switch", registry=r)
+        self.switch_throttled = Counter("callbridge_switch_throttled_total",
+                                        "Legs the switch refused over its session limits (nothing dialed)",
+                                        ["leg"], registry=r)
+        for leg in ("a", "b"):
+            self.switch_throttled.labels(leg)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

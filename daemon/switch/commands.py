@@ -196,8 +196,26 @@ def set_arg(name: str, value: str | int | bool) -> str:
     return f"{name}={value}"
 
 
-def sendmsg_execute(channel: str, app: str, arg: str, *, event_uuid: str, lock: bool = True) -> str:
-    """A ``sendmsg`` that queues ``app arg`` on a channel; the argument goes in the body.
+def tone_playback(tone: str) -> str:
+    """A ring tone as something ``playback`` plays: TGML ``%(...)`` becomes ``tone_stream://%(...)``
+    (which FreeSWITCH repeats until broken)."""
+    tone = ring_tone(tone)
+    return tone if tone.startswith("tone_stream://") else "tone_stream://" + tone
+
+
+def multiset_arg(variables: Mapping[str, str | int | bool]) -> str:
+    """Argument of the ``multiset`` application: ``name=value`` pairs, checked as :func:`set_arg` checks
+    one, separated by spaces (no checked value holds a space)."""
+    pairs = [set_arg(name, value) for name, value in variables.items()]
+    if any(" " in pair for pair in pairs) or any(pair.startswith("^^") for pair in pairs):
+        raise UnsafeValue("multiset: a value holds a space or a delimiter change")
+    return " ".join(pairs)
+
+
+def sendmsg_execute(channel: str, app: str, arg: str, *, event_uuid: str, lock: bool = True,
+                    loops: int | None = None) -> str:
+    """A ``sendmsg`` that queues ``app arg`` on a channel; the argument goes in the body. ``loops``: run it
+    that many times (-1: until ``uuid_break``; a round under half a second is not repeated).
 
     Returns the whole ESL message including the blank line and body; send it as is.
     """
@@ -213,6 +231,10 @@ def sendmsg_execute(channel: str, app: str, arg: str, *, event_uuid: str, lock: 
     ]
     if lock:
         headers.append("event-lock: true")
+    if loops is not None:
+        if not isinstance(loops, int) or isinstance(loops, bool) or loops == 0 or loops < -1:
+            raise UnsafeValue(f"loops: {loops!r} is not a positive count or -1")
+        headers.append(f"loops: {loops}")
     if body:
         headers += ["content-type: text/plain", f"content-length: {len(body)}"]
     return "\n".join(headers) + "\n\n" + arg
@@ -220,6 +242,32 @@ def sendmsg_execute(channel: str, app: str, arg: str, *, event_uuid: str, lock: 
 
 def uuid_kill(channel: str, hangup_cause: str = "NORMAL_CLEARING") -> str:
     return f"uuid_kill {uuid(channel)} {cause(hangup_cause)}"
+
+
+def uuid_break(channel: str, *, flush: bool = False) -> str:
+    """Stop what the channel plays (a looped application stops looping); ``flush`` also drops every
+    application queued on it."""
+    return f"uuid_break {uuid(channel)}" + (" all" if flush else "")
+
+
+def core_status() -> str:
+    """``status``: uptime, the sessions now, the sessions-per-second limit and max sessions."""
+    return "status"
+
+
+FSCTL_READABLE = ("sps", "max_sessions")
+
+
+def fsctl_read(name: str) -> str:
+    """``fsctl sps`` / ``fsctl max_sessions`` with no value: reads the limit, changes nothing."""
+    if name not in FSCTL_READABLE:
+        raise UnsafeValue(f"fsctl {name!r} is not a read-only query callbridge makes")
+    return f"fsctl {name}"
+
+
+def core_uuid_query() -> str:
+    """The switch's Core-UUID (a new one means FreeSWITCH restarted)."""
+    return "global_getvar core_uuid"
 
 
 def uuid_exists(channel: str) -> str:

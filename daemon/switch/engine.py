@@ -9,10 +9,15 @@
   only enqueues.
 * After every (re)connection each call in flight is told, and asks FreeSWITCH what became of its
   legs; a new Core-UUID means FreeSWITCH restarted and its calls are gone.
+* The switch's session limits are read on every connection (``fsctl sps``, ``fsctl max_sessions``,
+  ``status``) and ``status`` again every ``switch_status_interval`` seconds; every CHANNEL_CREATE,
+  CHANNEL_HANGUP_COMPLETE and HEARTBEAT feeds :class:`~daemon.switch.capacity.SwitchCapacity`, and a
+  third :class:`daemon.loop.Loop` (the pacer) grants room to the legs of calls in progress waiting for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -32,6 +37,7 @@ from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
 from daemon.store import Call, Endpoint
 from daemon.switch import commands as fs
+from daemon.switch.capacity import SwitchCapacity, parse_fsctl_max_sessions, parse_fsctl_sps
 from daemon.switch.esl import EslConnection, EslError, EslEvent, EslNotSent
 
 log = logging.getLogger("callbridge.engine")
@@ -70,6 +76,11 @@ class Engine:
         self.backoff = Backoff(0.2, settings.esl_reconnect_max_delay, rng=rng or random.Random())
         # Its clock is the one EslConnection stamps last_received with.
         self.supervisor = Loop("esl supervisor", self._supervise, time.monotonic, log=log)
+        self.monotonic = time.monotonic  # the capacity's clock: the switch's budget refills in real seconds
+        self.capacity = SwitchCapacity(settings.switch_session_margin, on_change=lambda: self.pacer.wake())
+        self.pacer = Loop("switch pacer", self._pace, time.monotonic, log=log, error_delay=1.0)
+        self._status_due = 0.0
+        self._bind_metrics()
 
     # -- connection -------------------------------------------------------------------------------
     @property
@@ -79,6 +90,7 @@ class Engine:
     def start(self) -> None:
         self._running = True
         self.supervisor.start()
+        self.pacer.start()
 
     def _connect(self) -> EslConnection:
         s = self.settings
@@ -88,7 +100,8 @@ class Engine:
         conn.connect()
         try:
             conn.command(fs.event_subscription(EVENTS))
-            core = conn.api("global_getvar core_uuid").strip()
+            core = conn.api(fs.core_uuid_query()).strip()
+            self._read_limits(conn)
         except EslError:
             conn.close()
             raise
@@ -97,7 +110,10 @@ class Engine:
         self.conn = conn
         self.connected.set()
         self.metrics.esl_connected.set(1)
-        log_event(log, "esl.connected", host=s.esl_host, port=s.esl_port, core_uuid=core, restarted=restarted)
+        log_event(log, "esl.connected", host=s.esl_host, port=s.esl_port, core_uuid=core, restarted=restarted,
+                  sessions_per_second=self.capacity.sps, max_sessions=self.capacity.max_sessions,
+                  sessions=self.capacity.sessions)
+        self.pacer.wake()
         for sequence in list(self.active.values()):
             sequence.deliver(Reconnected(restarted))
         return conn
@@ -110,13 +126,14 @@ class Engine:
         if conn is not None and conn.connected:
             if now - conn.last_received > quiet:
                 try:
-                    conn.api("status")
+                    self.capacity.learn_status(conn.api(fs.core_status()))
                 except EslError:
                     conn.close()  # a hung switch: drop it and reconnect
             return min(1.0, quiet / 4)
         if conn is not None:
             self.conn = None
             self.connected.clear()
+            self.capacity.disconnected()
             self.metrics.esl_connected.set(0)
             if self._running:
                 log_event(log, "esl.disconnected", logging.WARNING)
@@ -141,12 +158,58 @@ class Engine:
             self.supervisor.wake()
 
     def _on_event(self, event: EslEvent) -> None:
-        """Runs in the ESL reader: route, never wait."""
-        key = event.get("Job-UUID") if event.name == "BACKGROUND_JOB" else event.uuid
+        """Runs in the ESL reader: count sessions, route, never wait."""
+        name = event.name
+        if name == "CHANNEL_CREATE":
+            self.capacity.created(event.uuid or "", time.monotonic())
+        elif name == "CHANNEL_HANGUP_COMPLETE":
+            self.capacity.gone(event.uuid or "")
+        elif name == "HEARTBEAT":
+            self.capacity.learn_heartbeat(event.get)
+            return
+        key = event.get("Job-UUID") if name == "BACKGROUND_JOB" else event.uuid
         if key:
             sequence = self.routes.get(key)
             if sequence is not None:
                 sequence.deliver(event)
+
+    # -- the switch's capacity ---------------------------------------------------------------------
+    def _read_limits(self, conn: EslConnection) -> None:
+        """On a new connection: the limits (read-only fsctl) and the sessions now (status)."""
+        sps = parse_fsctl_sps(conn.api(fs.fsctl_read("sps")))
+        most = parse_fsctl_max_sessions(conn.api(fs.fsctl_read("max_sessions")))
+        self.capacity.learn_limits(sps=sps, max_sessions=most)
+        figures = self.capacity.learn_status(conn.api(fs.core_status()))
+        if sps is None or most is None or figures.sessions is None:
+            log_event(log, "switch.limits_unknown", logging.WARNING, sps=sps, max_sessions=most,
+                      note="FreeSWITCH's defaults (30 per second, 1000) are assumed until it says")
+        self._status_due = time.monotonic() + self.settings.switch_status_interval
+
+    def _pace(self, now: float) -> float:
+        """The pacer: read `status` when due (or after a refusal), then let waiting legs go in order;
+        returns seconds until worth looking again (woken sooner when something changes)."""
+        capacity = self.capacity
+        conn = self.conn
+        if conn is not None and conn.connected and (now >= self._status_due or capacity.refresh_wanted):
+            capacity.refresh_wanted = False
+            self._status_due = now + self.settings.switch_status_interval
+            with contextlib.suppress(EslError):  # the supervisor deals with the connection
+                capacity.learn_status(conn.api(fs.core_status()))
+        if not self.ready:
+            return max(0.0, self._status_due - now) if conn is not None else 1.0
+        return min(capacity.serve(now), max(0.0, self._status_due - now))
+
+    def switch_status(self) -> dict[str, Any]:
+        """The switch's capacity as the daemon sees it (for /readyz)."""
+        return self.capacity.describe(time.monotonic())
+
+    def _bind_metrics(self) -> None:
+        m, capacity = self.metrics, self.capacity
+        m.switch_sps.set_function(lambda: capacity.sps or 0)
+        m.switch_max_sessions.set_function(lambda: capacity.max_sessions or 0)
+        m.switch_sessions.set_function(lambda: capacity.sessions)
+        m.switch_session_rate.set_function(lambda: capacity.rate(time.monotonic()))
+        m.switch_legs_waiting.set_function(lambda: capacity.waiting)
 
     # -- what sequences call ----------------------------------------------------------------------
     def _conn(self) -> EslConnection:
@@ -219,6 +282,7 @@ class Engine:
         if self.conn is not None:
             self.conn.close()  # also releases a probe waiting for its answer
         self.supervisor.stop(timeout=min(timeout, 1.0))
+        self.pacer.stop(timeout=min(timeout, 1.0))
         if self.conn is not None:
             self.conn.close()  # made by a connect that was under way
         self.connected.clear()

@@ -299,6 +299,9 @@ def originate(
     return last, cause
 
 
+SETTLE = 0.002  # real seconds a timed-out originate lets due timers run before it gives up
+
+
 def _wait_for_answer(sw: Switch, ch: Channel, originator: Channel | None, timeout: float | None,
                      on_ring: Callable[[Channel], None] | None,
                      on_early: Callable[[Channel], None] | None) -> str:
@@ -312,7 +315,7 @@ def _wait_for_answer(sw: Switch, ch: Channel, originator: Channel | None, timeou
         early_ok = ch.true_var("bridge_early_media") or originator.true_var("bridge_early_media")
     ring_ok = ch.true_var("return_ring_ready")
     deadline = time.monotonic() + sw.real(limit)
-    rang = early = False
+    rang = early = settled = False
     while True:
         if ch.answered.is_set():
             return ""
@@ -336,6 +339,12 @@ def _wait_for_answer(sw: Switch, ch: Channel, originator: Channel | None, timeou
             if early_ok:
                 return ""
         left = deadline - time.monotonic()
+        if left <= 0 and not settled:
+            # This process may have stalled (a loaded machine) past both the timeout and the far end's
+            # own timers: let what is due run first, as a switch that is not stalled would have.
+            settled = True
+            gevent.sleep(SETTLE)
+            continue
         if left <= 0:
             ch.hangup("NO_ANSWER", disposition="send_cancel")
             ch.reported.wait(timeout=1.0)

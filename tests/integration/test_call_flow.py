@@ -167,9 +167,10 @@ def test_nothing_is_dialed_twice_under_load(harness: Harness) -> None:
     calls = [harness.place(endpoint, "15550000413", "15550006413", prompts=False) for _ in range(60)]
     gevent.joinall([gevent.spawn(harness.wait_final, c, 60) for c in calls], raise_error=True)
     if hasattr(harness.switch, "commands"):
+        # An originate the switch refused over its session limits created nothing; it is sent again.
         originates = [c.text for c in harness.switch.commands if c.text.startswith("bgapi originate")]
         a_uuids = [Call.get_by_id(c.id).a_uuid for c in calls]
-        assert all(sum(u in text for text in originates) == 1 for u in a_uuids)
+        assert all(sum(u in text for text in originates) == 1 + harness.switch.refusals(u) for u in a_uuids)
     assert {Call.get_by_id(c.id).status for c in calls} == {"completed"}
 
 

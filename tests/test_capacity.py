@@ -151,3 +151,16 @@ def test_a_heartbeat_updates_the_sessions_and_the_limit() -> None:
 def test_until_the_switch_says_freeswitchs_defaults_are_assumed() -> None:
     capacity = SwitchCapacity(0.1)
     assert not capacity.known and (capacity.rate_cap, capacity.session_cap) == (26, 900)
+
+
+def test_new_calls_keep_to_half_the_room_leaving_the_rest_for_their_b_legs() -> None:
+    capacity = SwitchCapacity(0.1)
+    capacity.learn_limits(sps=30, max_sessions=1000)
+    started = 0
+    while capacity.new_call_delay(0.0) == 0:
+        capacity.reserve_new_call(f"a{started}", 0.0)
+        capacity.sent(f"a{started}", 0.0)
+        started += 1
+    assert started == capacity.new_call_cap == 13
+    assert capacity.delay(0.5) == 0  # a B leg finds room at once
+    assert capacity.new_call_delay(0.5) == pytest.approx(0.5)

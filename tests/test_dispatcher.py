@@ -195,7 +195,7 @@ def test_a_saturated_endpoint_with_a_long_queue_neither_starves_others_nor_spins
 
 def test_new_calls_start_only_as_fast_as_the_switch_admits_sessions(
         dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
-    fake_engine.capacity.learn_limits(sps=4, max_sessions=1000)  # 3 a tick, 2 with the margin
+    fake_engine.capacity.learn_limits(sps=6, max_sessions=1000)  # 5 a tick, 4 with the margin: 2 new calls
     endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
     calls = [add(endpoint, T0 - dt.timedelta(seconds=10 - i)) for i in range(5)]
     wait = dispatcher.tick(T0, 0.0)
@@ -226,4 +226,5 @@ def test_without_an_operators_cap_only_the_switch_paces(settings: Settings, db: 
     for _ in range(40):
         add(endpoint, T0)
     dispatcher.tick(T0, 0.0)
-    assert len(fake_engine.launched) == fake_engine.capacity.rate_cap == 26
+    # Half of the switch's room (26 sessions a second): the other half is for the B legs of these calls.
+    assert len(fake_engine.launched) == fake_engine.capacity.new_call_cap == 13

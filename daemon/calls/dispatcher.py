@@ -158,7 +158,7 @@ class Dispatcher:
     def _start(self, call: Call, endpoint: Endpoint) -> None:
         a_uuid, b_uuid = self.engine.new_leg_uuids()
         # A's session is reserved before the claim's commit lets other greenlets run (and take the room).
-        self.engine.capacity.reserve(a_uuid, self.engine.monotonic())
+        self.engine.capacity.reserve_new_call(a_uuid, self.engine.monotonic())
         # Lateness is stamped at this call's own claim, not at the start of the tick.
         if not self.records.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock()):
             self.engine.capacity.cancel(a_uuid)

@@ -183,6 +183,7 @@ class CallSequence:
         self.retry_in = {"a": 0.0, "b": 0.0}  # the backoff after the last refusal
         self.attempts = {"a": 0, "b": 0}  # originates of A and bridges to B sent
         self.wanted: set[str] = set()  # legs waiting in the capacity's line
+        self.forcing: set[str] = set()  # legs with a timer that sends them at their deadline
         self.refused_leg = ""  # the leg the switch kept refusing: the call fails for that
         # B: the wait A plays is known by its event UUID (wait_uuid); the last one acted on; the bridge
         # attempt whose retry steps are queued; what to do when the wait after a bridge starts.
@@ -348,10 +349,13 @@ class CallSequence:
         """Ask for room on the switch for ``leg``; it is sent when granted (now, or via a Granted item)."""
         now = self.switch.monotonic()
         uuid = self.a.uuid if leg == "a" else self.b.uuid
-        if leg == "b" and "b" not in self.deadline:
-            # B waits for room at most originate_timeout; then it goes anyway and the switch decides.
-            self.deadline["b"] = now + self.options.originate_timeout
-            gevent.spawn_later(self.options.originate_timeout, self.deliver, Granted("b", forced=True))
+        if leg == "b":
+            self.deadline.setdefault("b", now + self.options.originate_timeout)
+        if leg not in self.forcing and leg in self.deadline:
+            # A leg waits for room until originate_timeout has passed since it was first wanted; then it
+            # goes anyway and the switch decides (a refusal then fails the call).
+            self.forcing.add(leg)
+            gevent.spawn_later(max(0.0, self.deadline[leg] - now), self.deliver, Granted(leg, forced=True))
         granted = self.capacity.request(uuid, leg, now, lambda: self.deliver(Granted(leg)),
                                         not_before=now + delay)
         if granted:
@@ -713,6 +717,10 @@ class CallSequence:
                 self.records.step(self.call, "reconciled", a="gone", b="gone")
                 if self.call.bridged_at:
                     self._finish(CallStatus.COMPLETED, reason="ended while the switch connection was down")
+                elif self.refused_leg or self.bridge_disposition not in CALLER_GONE | {"SUCCESS", ""}:
+                    # B's failure was heard before the connection went: A then heard the notice and was
+                    # hung up, as it was told to.
+                    self._conclude()
                 else:
                     # Both legs ended unheard: which one failed, and why, is not known.
                     self._finish(CallStatus.FAILED, reason="interrupted")

@@ -29,7 +29,9 @@ budget, or the limit was lowered under us) blocks new legs for a second (the bud
 switch's next tick) and asks for a fresh ``status``.
 
 Legs of calls already in progress (a B waiting while A hears the dialtone, an A to dial again after a
-refusal) wait in line here and are served, in order, before any new call starts.
+refusal) wait in line here and are served, in order, before any new call starts. New calls take at
+most half of each second's room: a call that is answered needs a second session for B a few seconds
+later, and B should find room then rather than wait behind a burst of new calls while A listens.
 
 All times are ``time.monotonic()`` seconds: the switch's tick is real time whatever else runs.
 """
@@ -119,6 +121,7 @@ class SwitchCapacity:
         self._log: deque[float] = deque()  # creation times of the last second (ours when sent)
         self._reserved: set[str] = set()  # our legs given room, not yet sent: they count as now
         self._sent: dict[str, float] = {}  # our legs sent, not yet created nor refused: uuid -> when
+        self._new_calls: deque[float] = deque()  # when new calls were given room, the last second
         self._blocked_until = 0.0
         self._waiters: list[_Waiter] = []
         self.refresh_wanted = False  # a refusal came: read `status` again soon
@@ -200,6 +203,11 @@ class SwitchCapacity:
         return max(1, math.floor((sps - 1) * (1 - self.margin)))
 
     @property
+    def new_call_cap(self) -> int:
+        """New calls in any one second: half the room (each answered call needs a second session)."""
+        return math.ceil(self.rate_cap / 2)
+
+    @property
     def session_cap(self) -> int:
         return math.floor((self.max_sessions or DEFAULT_MAX_SESSIONS) * (1 - self.margin))
 
@@ -272,9 +280,21 @@ class SwitchCapacity:
     # -- the line of legs of calls in progress ------------------------------------------------------
     def new_call_delay(self, now: float) -> float:
         """Seconds until a new call's A may be sent: the legs of calls in progress that may go now come
-        first."""
+        first, and new calls keep to their half of the room."""
         ready = sum(1 for w in self._waiters if w.not_before <= now)
-        return self.delay(now, extra=ready)
+        wait = self.delay(now, extra=ready)
+        edge = now - WINDOW
+        while self._new_calls and self._new_calls[0] <= edge:
+            self._new_calls.popleft()
+        over = len(self._new_calls) + 1 - self.new_call_cap
+        if over > 0:
+            wait = max(wait, self._new_calls[over - 1] + WINDOW - now)
+        return wait
+
+    def reserve_new_call(self, uuid: str, now: float) -> None:
+        """Give a new call's A room (the caller checked :meth:`new_call_delay`)."""
+        self._new_calls.append(now)
+        self.reserve(uuid, now)
 
     def request(self, uuid: str, leg: str, now: float, grant: Callable[[], None], *,
                 not_before: float | None = None) -> bool:

@@ -42,6 +42,8 @@ from daemon.switch.esl import EslConnection, EslError, EslEvent, EslNotSent
 
 log = logging.getLogger("callbridge.engine")
 
+HELD_BACK_STATUS_INTERVAL = 1.0  # seconds between `status` reads while legs wait for room
+
 EVENTS = (
     "CHANNEL_CREATE", "CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANSWER", "CHANNEL_BRIDGE",
     "CHANNEL_UNBRIDGE", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_EXECUTE", "CHANNEL_EXECUTE_COMPLETE",
@@ -192,7 +194,11 @@ class Engine:
         conn = self.conn
         if conn is not None and conn.connected and (now >= self._status_due or capacity.refresh_wanted):
             capacity.refresh_wanted = False
-            self._status_due = now + self.settings.switch_status_interval
+            # Legs held back (or a switch that admits nothing): look at least every second for room.
+            interval = self.settings.switch_status_interval
+            if capacity.waiting or capacity.rate_cap == 0:
+                interval = min(interval, HELD_BACK_STATUS_INTERVAL)
+            self._status_due = now + interval
             with contextlib.suppress(EslError):  # the supervisor deals with the connection
                 capacity.learn_status(conn.api(fs.core_status()))
         if not self.ready:

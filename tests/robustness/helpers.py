@@ -248,7 +248,8 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
     * final: every call ends in a final status;
     * once: each claimed call's A leg was originated exactly once (or, after a crash of the daemon, not
       at all and then failed 'interrupted': claimed, committed, killed before sending), and its B leg
-      bridged at most once;
+      bridged at most once, not counting the times the switch refused the session over its limits
+      (nothing was created: the daemon sends it again, with the same UUID);
     * true: the status agrees with the stand-in's channels (completed ⇒ B answered; failed ⇒ B never
       answered; A's cause is A's) and, with ``expect_plan``, with the number plan.
     """
@@ -270,14 +271,15 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
             if not call.reason.startswith("daily cap"):
                 audit.problems.append(f"{where}: final without ever being claimed")
             continue
-        sent = originated[call.a_uuid]
+        sent = originated[call.a_uuid] - switch.refusals(call.a_uuid)
         if sent == 0 and crashed and call.reason == "interrupted":
             audit.never_sent += 1
             continue
         if sent != 1:
             audit.problems.append(f"{where}: A originated {sent} times")
-        if bridged[call.b_uuid] > 1:
-            audit.problems.append(f"{where}: B bridged {bridged[call.b_uuid]} times")
+        if bridged[call.b_uuid] - switch.refusals(call.b_uuid) > 1:
+            audit.problems.append(f"{where}: B bridged {bridged[call.b_uuid]} times "
+                                  f"({switch.refusals(call.b_uuid)} refused by the switch)")
         if call.reason.startswith("internal error"):
             audit.untrue.append(f"{where}: ended by an internal error")
         if call.reason == "FreeSWITCH restarted during the call":

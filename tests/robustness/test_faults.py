@@ -26,6 +26,7 @@ import gevent.subprocess
 import pytest
 
 from daemon.accounts.endpoints import EndpointOptions, create_endpoint
+from daemon.calls.sequence import wait_uuid
 from daemon.store import Call, Endpoint, WebhookDelivery, database_file
 from tests.integration.conftest import Harness, needs_standin, wait_for
 from tests.robustness.helpers import (
@@ -61,10 +62,10 @@ def number(digit: str, n: int) -> str:
 
 
 def place(harness: Harness, endpoint: Endpoint, pairs: list[tuple[str, str]], *,
-          prompts: bool = True) -> list[Call]:
-    """One call per (A digit, B digit), all due now."""
+          prompts: bool = True, first: int = 0) -> list[Call]:
+    """One call per (A digit, B digit), all due now (numbered from ``first``)."""
     return [harness.place(endpoint, number(a, i), number(b, i), prompts=prompts)
-            for i, (a, b) in enumerate(pairs)]
+            for i, (a, b) in enumerate(pairs, start=first)]
 
 
 def fresh(call: Call) -> Call:
@@ -93,9 +94,9 @@ def _ended(harness: Harness, leg_uuid: str | None) -> bool:
 
 
 def _apps_queued(harness: Harness, call: Call) -> bool:
-    """Every app is queued on A: its last one, ``hangup``, was sent."""
-    return any(s.verb == "sendmsg" and s.app == "hangup" and str(call.a_uuid) in s.line
-               for s in sent_commands(harness.switch))
+    """Every app is queued on A: its last one, the wait after the bridge, was sent."""
+    last = wait_uuid(str(call.a_uuid), 1)
+    return any(s.verb == "sendmsg" and s.headers.get("event-uuid") == last for s in sent_commands(harness.switch))
 
 
 def reconnects(harness: Harness) -> float:
@@ -131,10 +132,10 @@ PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck]] = {
     # phase: (A digit, B digit, "every call is in that phase now", "what happens while the connection is down")
     # A rings 2 s; it answers while the connection is down.
     "dialing_a": ("1", "6", lambda h, c: leg_ringing(h, fresh(c).a_uuid), lambda h, c: _answered(h, fresh(c).a_uuid)),
-    # A hears the prompts, its apps all queued; B is dialed while the connection is down (and stays up: a
-    # call that begins and ends entirely unheard cannot be known to have completed).
+    # A hears the prompts, its apps all queued; it goes on to hear the dialtone while the connection is
+    # down: B is dialed only when the daemon says so (it paces B's session), once it is back.
     "prompts": ("0", "0", lambda h, c: fresh(c).status == "a_answered" and _apps_queued(h, fresh(c)),
-                lambda h, c: h.switch.channel(fresh(c).b_uuid) is not None),
+                lambda h, c: False),
     # B rings 2 s; it answers (and so is bridged) while the connection is down.
     "dialing_b": ("0", "1", lambda h, c: fresh(c).status == "dialing_b" and leg_ringing(h, fresh(c).b_uuid),
                   lambda h, c: _answered(h, fresh(c).b_uuid)),
@@ -157,7 +158,7 @@ def test_connection_dropped_at_each_phase_of_a_call(make_harness: Callable[..., 
     harness.switch.refuse_connections(False)
     assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect"
     if phase == "prompts":
-        # B is up and bridged: the far end on A hangs up once the daemon has seen the bridge again.
+        # B is dialed and bridged once back: the far end on A hangs up once the daemon has seen the bridge.
         assert wait_for(all_in(calls, "bridged"), 10), [fresh(c).status for c in calls]
         for call in calls:
             harness.switch.far_end_hangup(str(fresh(call).a_uuid))
@@ -167,16 +168,48 @@ def test_connection_dropped_at_each_phase_of_a_call(make_harness: Callable[..., 
 
 
 @pytest.mark.time_scale(0.1)
-@pytest.mark.parametrize("b", ["3", "4", "5", "8", "x"])
-def test_b_fails_while_the_connection_is_down(make_harness: Callable[..., Harness], b: str) -> None:
-    """A answered and hears the prompts (its apps all queued) when the connection goes; B is dialed and
-    refused (busy, rejected, unallocated) or never answers while it is down; it comes back while A hears
-    the failure notice. The daemon reads B's failure from A's ``originate_disposition``: failed, leg b,
-    B's cause, as if it had heard it."""
+@pytest.mark.parametrize("b", ["3", "5", "8", "x"])
+def test_the_connection_drops_while_a_waits_for_b(make_harness: Callable[..., Harness], b: str) -> None:
+    """A has heard the prompts and waits for B (the dialtone looped) when the connection goes: B is dialed
+    only when the daemon says so, so nothing happens until it is back; A hears the dialtone throughout.
+    Then B is dialed once, refused (busy, rejected, unallocated), and the call fails with B's cause."""
     harness = make_harness(**{**FAST, "esl_reconnect_max_delay": 0.05})
     calls = place(harness, harness.endpoint(), [("0", b)] * 4)
     assert wait_for(lambda: all(fresh(c).status == "a_answered" and _apps_queued(harness, fresh(c))
                                 for c in calls), 10), [fresh(c).status for c in calls]
+    # Still in the prompts: the switch goes silent, so the daemon never hears the waits start, then the
+    # connection drops for good.
+    harness.switch.hang(1.0)
+    assert wait_for(lambda: all(a_playing(harness, fresh(c), wait_uuid(str(fresh(c).a_uuid), 0)) for c in calls),
+                    10), "A never started its wait"
+    harness.switch.refuse_connections(True)
+    harness.switch.drop_connections()
+    fault("ESL down while A waits for B")
+    gevent.sleep(1.0)  # the hang is over: 10 plan seconds of silence and outage
+    assert all(harness.switch.channel(str(fresh(c).b_uuid)) is None for c in calls), "B dialed while down"
+    assert all(harness.switch.channel(str(fresh(c).a_uuid)).hangup_cause is None for c in calls)
+    harness.switch.refuse_connections(False)
+    audit = settle(harness, calls)
+    assert audit.statuses == {"failed": 4}
+    cause = {"3": "USER_BUSY", "5": "UNALLOCATED_NUMBER", "8": "CALL_REJECTED", "x": "UNALLOCATED_NUMBER"}[b]
+    for call in map(fresh, calls):
+        assert (call.failed_leg, call.b_cause, call.reason) == ("b", cause, "B was not reached"), \
+            (call.failed_leg, call.b_cause, call.reason, harness.timeline(call))
+        assert "reconciled" in harness.timeline(call)
+        heard = [s for s in harness.switch.heard(str(call.a_uuid)) if s["kind"] != "silence"]
+        waited = [s for s in heard if s["kind"] == "file" and s["source"] == harness.dialtone]
+        assert waited and waited[0]["end"] - waited[0]["start"] >= 4.0, heard  # the dialtone, through the outage
+
+
+@pytest.mark.time_scale(0.1)
+def test_b_fails_while_the_connection_is_down(make_harness: Callable[..., Harness]) -> None:
+    """B rings (it never answers) when the connection goes and gives up while it is down; A goes back to
+    its wait. Once back, the daemon reads B's failure from A's ``originate_disposition``: failed, leg b,
+    NO_ANSWER, as if it had heard it; A hears the notice and is hung up."""
+    harness = make_harness(**{**FAST, "esl_reconnect_max_delay": 0.05})
+    calls = place(harness, harness.endpoint(), [("0", "4")] * 4)
+    assert wait_for(lambda: all(leg_ringing(harness, fresh(c).b_uuid) for c in calls), 10), \
+        [fresh(c).status for c in calls]
     harness.switch.refuse_connections(True)
     harness.switch.drop_connections()
     fault("ESL down while B fails")
@@ -185,12 +218,16 @@ def test_b_fails_while_the_connection_is_down(make_harness: Callable[..., Harnes
     harness.switch.refuse_connections(False)
     audit = settle(harness, calls)
     assert audit.statuses == {"failed": 4}
-    cause = {"3": "USER_BUSY", "4": "NO_ANSWER", "5": "UNALLOCATED_NUMBER", "8": "CALL_REJECTED",
-             "x": "UNALLOCATED_NUMBER"}[b]
     for call in map(fresh, calls):
-        assert (call.failed_leg, call.b_cause, call.reason) == ("b", cause, "B was not reached"), \
+        assert (call.failed_leg, call.b_cause, call.reason) == ("b", "NO_ANSWER", "B was not reached"), \
             (call.failed_leg, call.b_cause, call.reason, harness.timeline(call))
         assert "reconciled" in harness.timeline(call)
+
+
+def a_playing(harness: Harness, call: Call, app_uuid: str) -> bool:
+    """A runs (or last ran) the queued application with that event UUID."""
+    ch = harness.switch.channel(str(call.a_uuid)) if call.a_uuid else None
+    return ch is not None and ch.var("app_uuid") == app_uuid
 
 
 def test_originates_waiting_to_be_sent_when_the_connection_drops_are_dialed_later(
@@ -215,7 +252,7 @@ def test_connection_dropped_while_the_apps_are_being_queued_on_a(make_harness: C
     harness = make_harness(**FAST)
     calls = place(harness, harness.endpoint(), [("0", "6")] * 3)
     assert wait_for(all_in(calls, "dialing_a", "a_answered"), 10)
-    harness.switch.slow_replies(0.1)  # twelve sendmsg per call, 100 ms each
+    harness.switch.slow_replies(0.1)  # five sendmsg per call, 100 ms each
     assert wait_for(lambda: any(s.verb == "sendmsg" for s in sent_commands(harness.switch)), 10)
     harness.switch.drop_connections()
     harness.switch.slow_replies(0)
@@ -244,8 +281,9 @@ def test_switch_hung_longer_than_the_command_timeout(make_harness: Callable[...,
 
 def test_calls_that_end_entirely_while_the_switch_is_hung(make_harness: Callable[..., Harness]) -> None:
     """Hung for 3 s while some calls are bridged (B hangs up 1.5 s later) and others ring B, which never
-    answers: both kinds end inside FreeSWITCH unheard. A call seen bridged is completed; one that ended
-    unseen before any bridge failed 'interrupted', no leg blamed (which leg failed, and why, is unknown)."""
+    answers. The bridged calls end inside FreeSWITCH unheard: seen bridged, they are completed. For the
+    others B gives up unheard and A goes back to waiting on the dialtone (what follows a failed bridge is the
+    daemon's to say); once the switch answers again the daemon reads B's failure from A's variables."""
     harness = make_harness(**FAST)
     talking = place(harness, harness.endpoint(), [("0", "2")] * 4)
     ringing = place(harness, harness.endpoint(), [("0", "4")] * 4)
@@ -254,14 +292,17 @@ def test_calls_that_end_entirely_while_the_switch_is_hung(make_harness: Callable
                             for c in ringing), 10), [fresh(c).status for c in talking + ringing]
     harness.switch.hang(3)
     fault("switch hung 3 s")
-    assert wait_for(lambda: not live_channels_of(harness.switch, [fresh(c) for c in talking + ringing]), 5)
+    assert wait_for(lambda: not live_channels_of(harness.switch, [fresh(c) for c in talking])
+                    and all(_ended(harness, fresh(c).b_uuid) for c in ringing), 5)
     assert not harness.service.engine.ready, "the calls ended while the switch was hung"
+    assert all(harness.switch.channel(str(fresh(c).a_uuid)).hangup_cause is None for c in ringing)
     audit = settle(harness, talking + ringing)
     assert audit.statuses == {"completed": 4, "failed": 4}
     for call in map(fresh, talking):
         assert (call.status, call.reason) == ("completed", "ended while the switch connection was down")
     for call in map(fresh, ringing):
-        assert (call.status, call.reason, call.failed_leg) == ("failed", "interrupted", ""), harness.timeline(call)
+        assert (call.status, call.reason, call.failed_leg, call.b_cause) == (
+            "failed", "B was not reached", "b", "NO_ANSWER"), harness.timeline(call)
 
 
 def test_switch_restarted_mid_call(make_harness: Callable[..., Harness]) -> None:
@@ -551,8 +592,11 @@ def test_webhook_receiver_that_never_answers(make_harness: Callable[..., Harness
     try:
         harness = make_harness(**{**FAST, "webhook_timeout": 0.5})
         hooked, plain = harness.endpoint(webhook_url=receiver.url), harness.endpoint()
-        calls = place(harness, hooked, MIX)
-        control = place(harness, plain, MIX)
+        # Each call and its twin queued side by side: they start together, whatever the switch's pacing.
+        calls, control = [], []
+        for i, pair in enumerate(MIX):
+            calls += place(harness, hooked, [pair], first=i)
+            control += place(harness, plain, [pair], first=i)
         fault("webhook receiver never answers")
         settle(harness, calls + control, timeout=10)
         assert wait_for(lambda: WebhookDelivery.select().where(WebhookDelivery.attempts > 0).exists(), 10)

@@ -105,7 +105,7 @@ def rig(make_harness: Callable[..., Harness], media_server: MediaServer) -> Rig:
     return Rig(harness, endpoint, token, f"http://127.0.0.1:{harness.service.http_port}", media_server)
 
 
-SESSION_VERBS = {"auth", "event", "api global_getvar"}
+SESSION_VERBS = {"auth", "event", "api global_getvar", "api fsctl"}
 # Sent on the daemon's own initiative (idle probes), never carrying request data.
 PROBES = {"api status", "api uuid_exists"}
 
@@ -139,38 +139,44 @@ def check_call_commands(rig: Rig, call: Call, commands: list[Sent]) -> None:
     originate = originates[0]
     assert set(originate.headers) == {"job-uuid"} and originate.body == ""
     variables, rest = parse_var_block(originate.line[len("bgapi originate "):])
-    assert variables == {**expected_leg_vars(a_uuid, call.callid), "app_disable_expand_variables": "true"}
+    assert variables == {**expected_leg_vars(a_uuid, call.callid), "hangup_after_bridge": "true",
+                         "continue_on_fail": "true", "instant_ringback": "true", "app_disable_expand_variables": "true"}
     assert rest == f"sofia/gateway/carrier/{call.phone_a} &park()"
     apps = [s for s in mine if s.verb == "sendmsg"]
     if call.a_answered_at is None:  # A not reached: the originate was all
         assert apps == [] and call.status == "failed", (call.status, [s.line for s in apps])
         return
+    waits = [s for s in apps if "loops" in s.headers]
     for s in apps:
         assert s.line == f"sendmsg {call.a_uuid}"
-        assert set(s.headers) == {"call-command", "execute-app-name", "event-uuid", "event-lock", "content-type",
-                                  "content-length"}, s.headers
+        assert set(s.headers) - {"loops"} == {"call-command", "execute-app-name", "event-uuid", "event-lock",
+                                              "content-type", "content-length"}, s.headers
         assert s.headers["call-command"] == "execute" and s.headers["event-lock"] == "true"
         assert int(s.headers["content-length"]) == len(s.body.encode())
+    assert [s.headers["loops"] for s in waits] == ["-1", "-1"]  # the dialtone looped around the bridge
     media = str(rig.harness.settings.media_dir)
     sha_wav = rf"^{re.escape(media)}/[0-9a-f]{{64}}\.wav$"
     got = [(s.app, s.body) for s in apps]
-    bridge = got[-3]
-    expected_head = [("set", "cb_stage=queued"), ("sched_hangup", "+3600 ALLOTTED_TIMEOUT"),
-                     ("set", "hangup_after_bridge=true"), ("set", "continue_on_fail=true")]
-    assert got[:4] == expected_head, got
-    prompts = [body for app, body in got[4:-6] if app == "playback"]
-    assert [app for app, _ in got[4:-6]] == ["playback"] * len(prompts)
-    assert all(re.match(sha_wav, p) for p in prompts), prompts
-    ringback = got[-6][1].split("=", 1)[1]
-    assert got[-6:-3] == [("set", f"ringback={ringback}"), ("set", f"transfer_ringback={ringback}"),
-                          ("set", "instant_ringback=true")], got
+    assert got[0][0] == "multiset", got
+    ringback = got[0][1].rsplit("=", 1)[1]
+    assert got[:2] == [("multiset", f"cb_stage=queued ringback={ringback} transfer_ringback={ringback}"),
+                       ("sched_hangup", "+3600 ALLOTTED_TIMEOUT")], got
     assert re.match(sha_wav, ringback) or ringback == rig.endpoint.ring_tone, ringback
-    assert bridge[0] == "bridge"
+    wait_at = got.index(("playback", waits[0].body))
+    prompts = [body for app, body in got[2:wait_at]]
+    assert [app for app, _ in got[2:wait_at]] == ["playback"] * len(prompts)
+    assert all(re.match(sha_wav, p) for p in prompts), prompts
+    assert re.match(sha_wav, waits[0].body) or waits[0].body == f"tone_stream://{rig.endpoint.ring_tone}"
+    bridge = got[wait_at + 1]
+    assert bridge[0] == "bridge" and got[wait_at + 2] == ("playback", waits[0].body)
     b_vars, b_rest = parse_var_block(bridge[1])
     assert b_vars == expected_leg_vars(b_uuid, call.callid)
     assert b_rest == f"sofia/gateway/carrier/{call.phone_b}"
-    assert got[-2:] == [("playback", FAILURE_NOTICE), ("hangup", "NORMAL_CLEARING")]
-    assert {s.verb for s in mine} <= {"bgapi originate", "sendmsg"}, {s.verb for s in mine}
+    # Bridged: nothing more; B failed: the busy notice and the hangup the daemon queued after it.
+    assert got[wait_at + 3:] in ([], [("playback", FAILURE_NOTICE), ("hangup", "NORMAL_CLEARING")]), got
+    breaks = [s for s in mine if s.verb == "api uuid_break"]
+    assert [s.line for s in breaks][:1] == [f"api uuid_break {a_uuid}"]  # B dialed when the daemon said
+    assert {s.verb for s in mine} <= {"bgapi originate", "sendmsg", "api uuid_break"}, {s.verb for s in mine}
 
 
 def valid_fields(rig: Rig) -> dict[str, str]:
@@ -277,11 +283,13 @@ def test_a_clean_call_sends_exactly_the_expected_session(rig: Rig) -> None:
                                   "dialtone_url": rig.media.url("/ring.wav")})
     assert status == 200
     session = [s for s in sent_commands(rig.harness.switch)[before:] if s.verb in SESSION_VERBS]
-    assert [s.verb for s in session] == ["auth", "event", "api global_getvar"]
+    assert [s.verb for s in session] == ["auth", "event", "api global_getvar", "api fsctl", "api fsctl"]
     assert session[0].line == "auth ClueCon"
     assert session[2].line == "api global_getvar core_uuid"
+    # The switch's session limits, read without changing them.
+    assert [s.line for s in session[3:]] == ["api fsctl sps", "api fsctl max_sessions"]
     verbs = {s.verb for s in sent_commands(rig.harness.switch)}
-    assert verbs <= SESSION_VERBS | PROBES | {"bgapi originate", "sendmsg"}, verbs
+    assert verbs <= SESSION_VERBS | PROBES | {"bgapi originate", "sendmsg", "api uuid_break"}, verbs
 
 
 # ----- the endpoint CLI -------------------------------------------------------------------------------

@@ -133,7 +133,9 @@ class GreenPostgresqlDatabase(PooledPostgresqlDatabase):
 
     def commit(self) -> None:
         super().commit()  # on failure the transaction rolls back, which gives the connection back
+        waiting = list(self._state.commit_callbacks)  # peewee runs them next; giving back resets the state
         self._give_back()
+        self._state.commit_callbacks.extend(waiting)
 
     def rollback(self) -> None:
         try:

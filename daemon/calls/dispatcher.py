@@ -7,7 +7,11 @@ queries: the due calls in order, and the next due time.
 
 Claiming is one conditional UPDATE committed before any command goes to FreeSWITCH (see
 ``CallRecords.claim``): a cancel racing a start leaves exactly one outcome, and a crash after the claim
-leaves a call that the engine reconciles at the next start instead of dialing it again.
+leaves a call that the engine reconciles at the next start instead of dialing it again. Each page of due
+calls is a claim round (``CallRecords.claim_round``): on SQLite each claim commits and launches at once;
+on a PostgreSQL shared with other daemons the page's rows are locked for this round (others skip them),
+the claims commit together and launch after that commit, and the calls claimed but not yet launched
+count against the limits like calls in flight.
 
 Limits: calls in flight (global and per endpoint), new calls per second (global and per endpoint,
 token buckets; FreeSWITCH's own sessions-per-second defaults to 30), and a daily cap per endpoint
@@ -17,9 +21,11 @@ slot frees.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gevent
@@ -77,6 +83,7 @@ class Dispatcher:
         self.endpoint_rates: dict[int, TokenBucket] = {}
         self.started_today: dict[int, int] = {}
         self._day: dt.date | None = None
+        self._claimed: Counter[int] = Counter()  # per endpoint: claimed in this round, not launched yet
 
     # -- control ----------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -123,37 +130,39 @@ class Dispatcher:
         skip: set[int] = set()  # endpoints at their limit this tick: their calls wait, others go
         after: tuple[dt.datetime, int] | None = None
         while True:
-            free = self.settings.max_in_flight - self.engine.in_flight()
+            free = self.settings.max_in_flight - self._in_flight()
             if free <= 0:
                 return MAX_SLEEP  # a call ending wakes us
             limit = min(BATCH, 2 * free + 10)
-            page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)
-            for call in page:
-                if not self.engine.ready:
-                    return MAX_SLEEP
-                if self.engine.in_flight() >= self.settings.max_in_flight:
-                    return MAX_SLEEP
-                endpoint = call.endpoint
-                if endpoint.id in skip:
-                    continue
-                if self.engine.in_flight_by_endpoint[endpoint.id] >= endpoint.max_in_flight:
-                    skip.add(endpoint.id)
-                    continue
-                if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
-                    self.records.finish(call, CallStatus.FAILED,
-                                        reason=f"daily cap of {endpoint.daily_cap} calls reached")
-                    continue
-                bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
-                bucket.rate = endpoint.calls_per_second
-                if not self.global_rate.take(mono):
-                    return self.global_rate.wait_time()
-                if not bucket.take(mono):
-                    self.global_rate.tokens += 1  # not used after all
-                    wait = bucket.wait_time()
-                    held_back = wait if held_back is None else min(held_back, wait)
-                    skip.add(endpoint.id)
-                    continue
-                self._start(call, endpoint)
+            with self._claim_round():
+                page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)
+                for call in page:
+                    if not self.engine.ready:
+                        return MAX_SLEEP
+                    if self._in_flight() >= self.settings.max_in_flight:
+                        return MAX_SLEEP
+                    endpoint = call.endpoint
+                    if endpoint.id in skip:
+                        continue
+                    if (self.engine.in_flight_by_endpoint[endpoint.id] + self._claimed[endpoint.id]
+                            >= endpoint.max_in_flight):
+                        skip.add(endpoint.id)
+                        continue
+                    if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
+                        self.records.finish(call, CallStatus.FAILED,
+                                            reason=f"daily cap of {endpoint.daily_cap} calls reached")
+                        continue
+                    bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
+                    bucket.rate = endpoint.calls_per_second
+                    if not self.global_rate.take(mono):
+                        return self.global_rate.wait_time()
+                    if not bucket.take(mono):
+                        self.global_rate.tokens += 1  # not used after all
+                        wait = bucket.wait_time()
+                        held_back = wait if held_back is None else min(held_back, wait)
+                        skip.add(endpoint.id)
+                        continue
+                    self._start(call, endpoint)
             if len(page) < limit:
                 break
             after = (page[-1].due_at, page[-1].id)
@@ -161,13 +170,36 @@ class Dispatcher:
         delay = MAX_SLEEP if nxt is None else (nxt - now).total_seconds()
         return min(delay, held_back) if held_back is not None else delay
 
+    def _in_flight(self) -> int:
+        return self.engine.in_flight() + sum(self._claimed.values())
+
+    @contextlib.contextmanager
+    def _claim_round(self) -> Iterator[None]:
+        try:
+            with self.records.claim_round():
+                yield
+        finally:
+            # Whatever is left was claimed in a round that rolled back: never started, never launched.
+            for endpoint_id, count in self._claimed.items():
+                self.started_today[endpoint_id] = self.started_today.get(endpoint_id, 0) - count
+            self._claimed.clear()
+
     def _start(self, call: Call, endpoint: Endpoint) -> None:
         a_uuid, b_uuid = self.engine.new_leg_uuids()
         # Lateness is stamped at this call's own claim, not at the start of the tick.
         if not self.records.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock()):
             return  # canceled (or claimed elsewhere) in the meantime
         self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
-        self.engine.launch(call, endpoint)
+        self._claimed[endpoint.id] += 1
+
+        def launch() -> None:  # once the claim is committed
+            self._claimed[endpoint.id] -= 1
+            try:
+                self.engine.launch(call, endpoint)
+            except Exception:
+                log.exception("launch failed", extra={"callid": call.callid})
+
+        self.records.after_claims(launch)
 
     def _roll_day(self, now: dt.datetime) -> None:
         if self._day == now.date():

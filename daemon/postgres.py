@@ -33,9 +33,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import gevent.local
-from peewee import OperationalError, _ConnectionState
+from peewee import InternalError, OperationalError, _ConnectionState
 from playhouse.db_url import parse
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
+from psycopg.errors import ReadOnlySqlTransaction
 
 SCHEMES = ("postgresql", "postgres")
 PING_AFTER_IDLE = 60.0  # seconds
@@ -115,14 +116,17 @@ class GreenPostgresqlDatabase(PooledPostgresqlDatabase):
             self.close()
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
-        if not self.is_closed() and not self._state.lent:
-            return super().execute_sql(sql, params)  # a connection held on purpose (connect())
-        if self.in_transaction():
-            return super().execute_sql(sql, params)
         try:
-            return ReadRows(super().execute_sql(sql, params))
-        finally:
-            self._give_back()
+            if (not self.is_closed() and not self._state.lent) or self.in_transaction():
+                return super().execute_sql(sql, params)  # a connection held on purpose, or a transaction's
+            try:
+                return ReadRows(super().execute_sql(sql, params))
+            finally:
+                self._give_back()
+        except InternalError as exc:
+            if isinstance(getattr(exc, "orig", None), ReadOnlySqlTransaction):  # a standby, or a failover
+                raise OperationalError(f"database: read-only: {exc}") from exc  # the API answers 503
+            raise
 
     def begin(self, isolation_level: Any = None) -> None:
         try:

@@ -25,6 +25,8 @@ from daemon.ops.metrics import Metrics
 from daemon.ops.webhooks import WEBHOOK_STATUSES, Webhooks, enqueue_status, sign, verify_signature
 from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, open_database, utcnow
 
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
+
 WAIT = 5.0  # upper bound of every wait; none is expected to come near it
 
 

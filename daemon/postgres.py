@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import gevent.local
 from peewee import InternalError, OperationalError, _ConnectionState
+from peewee import __exception_wrapper__ as driver_errors  # type: ignore[attr-defined]  # peewee's own mapping
 from playhouse.db_url import parse
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 from psycopg.errors import ReadOnlySqlTransaction
@@ -128,9 +129,15 @@ class GreenPostgresqlDatabase(PooledPostgresqlDatabase):
                 raise OperationalError(f"database: read-only: {exc}") from exc  # the API answers 503
             raise
 
-    def begin(self, isolation_level: Any = None) -> None:
+    def begin(self, isolation_level: Any = None, relaxed: bool = False) -> None:
+        """``atomic(relaxed=True)``: a transaction whose commit does not wait for the WAL to reach the disk
+        (``SET LOCAL synchronous_commit``, sent with the BEGIN: one round trip)."""
         try:
-            super().begin(isolation_level)
+            if relaxed:
+                with driver_errors:
+                    self.cursor().execute("BEGIN; SET LOCAL synchronous_commit TO off")
+            else:
+                super().begin(isolation_level)
         except BaseException:
             self._give_back()
             raise

@@ -371,31 +371,32 @@ def is_shared(db: Database | None = None) -> bool:
 
 @contextlib.contextmanager
 def relaxed_durability() -> Iterator[None]:
-    """Commit without waiting for the disk: for the timeline and status steps of calls in progress.
+    """A transaction whose commit does not wait for the disk: for the timeline and status steps of calls
+    in progress. Inside a caller's transaction, the caller's commit decides.
 
     SQLite: WAL with ``synchronous=NORMAL`` keeps the file consistent; a power cut may lose the last
     steps, and the next start reconciles those calls with FreeSWITCH. PostgreSQL: the same meaning,
-    ``SET LOCAL synchronous_commit = off`` in the step's own transaction (inside a caller's transaction
-    the caller's commit decides). Claims and the API's writes stay fully durable (an accepted request and a
-    committed claim must survive power loss). No yield may happen inside on SQLite.
+    ``SET LOCAL synchronous_commit = off`` (a crash of the server may lose the last steps). Claims and the
+    API's writes stay fully durable (an accepted request and a committed claim must survive power loss).
+    No yield may happen inside on SQLite.
     """
     db = database.obj
-    if isinstance(db, PostgresqlDatabase):
-        if db.in_transaction():
-            yield
-            return
-        with db.atomic():
-            db.execute_sql("SET LOCAL synchronous_commit = off")
-            yield
-        return
-    if not isinstance(db, SqliteDatabase):
+    if db.in_transaction():
         yield
         return
-    db.execute_sql("PRAGMA synchronous=NORMAL")
+    if isinstance(db, GreenPostgresqlDatabase):
+        with db.atomic(relaxed=True):
+            yield
+        return
+    relax = isinstance(db, SqliteDatabase)
+    if relax:
+        db.execute_sql("PRAGMA synchronous=NORMAL")
     try:
-        yield
+        with db.atomic():
+            yield
     finally:
-        db.execute_sql("PRAGMA synchronous=FULL")
+        if relax:
+            db.execute_sql("PRAGMA synchronous=FULL")
 
 
 def database_file(url: str) -> str | None:

@@ -61,7 +61,7 @@ def postgres_server() -> Iterator[Any]:
     except PostgresMissing as exc:
         if os.environ.get("CALLBRIDGE_REQUIRE_POSTGRES"):
             pytest.fail(f"{exc}; CALLBRIDGE_REQUIRE_POSTGRES is set, so this does not skip")
-        pytest.skip(f"{exc}; the test runs on SQLite only here")
+        pytest.skip(f"{exc}: the PostgreSQL runs of the store tests are skipped")
     yield server
     stop_server(server)
 

@@ -56,6 +56,7 @@ class PostgresServer:
     password: str = field(default_factory=lambda: secrets.token_hex(8) + "@/:%")
     port: int = 0
     run_as: str | None = None  # the unprivileged user when we are root
+    durable: bool = False  # tests: fsync off (faster, nothing to keep); the bench: as production runs
     _counter: int = 0
 
     @property
@@ -96,7 +97,9 @@ class PostgresServer:
         for _ in range(5):
             self.port = free_port()
             options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
-                       "-c fsync=off -c full_page_writes=off -c max_connections=300")
+                       "-c max_connections=300")
+            if not self.durable:
+                options += " -c fsync=off -c full_page_writes=off"
             result = self._run("pg_ctl", "-D", str(self.data), "-l", str(log), "-w", "-t", "120", "-o", options,
                                "start")
             if result.returncode == 0:
@@ -126,11 +129,11 @@ class PostgresServer:
         self.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def start_server() -> PostgresServer:
+def start_server(*, durable: bool = False) -> PostgresServer:
     """initdb + start + a migrated template, or PostgresMissing when the binaries are not installed."""
     bindir = find_bindir()
     root = Path(tempfile.mkdtemp(prefix="callbridge-pg-"))
-    server = PostgresServer(bindir, root)
+    server = PostgresServer(bindir, root, durable=durable)
     try:
         server.init()
         server.start()

@@ -214,3 +214,20 @@ def test_a_claim_round_that_rolls_back_claims_and_launches_nothing(
     assert heard == []
     assert Call.get_by_id(call.id).status == "queued" and kinds(call) == ["requested"]
     assert records.metrics.calls_in_flight.labels("dialing_a")._value.get() == 0
+
+
+def test_a_status_change_and_its_timeline_step_commit_together(
+        records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint, _ = make_endpoint()
+    call = records.create(endpoint, request(), now=NOW).call
+    assert records.claim(call, a_uuid="a", b_uuid="b", now=NOW)
+
+    def broken_event(*_args: Any, **_kw: Any) -> None:
+        raise RuntimeError("the timeline insert failed")
+
+    monkeypatch.setattr("daemon.calls.records.add_event", broken_event)
+    with pytest.raises(RuntimeError):
+        records.a_answered(call, at=NOW)
+    monkeypatch.undo()
+    assert Call.get_by_id(call.id).status == "dialing_a" and kinds(call) == ["requested", "claimed"]

@@ -420,10 +420,15 @@ class CallRecords:
         for name, value in row.items():
             setattr(call, name, value)
         call.status = status.value
-        self._write(lambda: Call.update(status=status.value, **row).where(Call.id == call.id).execute(),
-                    durable=False)
         extra = detail or {}
-        self.step(call, status.value, at=at, **{**extra, **{k: _plain(v) for k, v in row.items()}})
+        step = {**extra, **{k: _plain(v) for k, v in row.items()}}
+
+        def write() -> None:  # the status and its timeline step, in one (relaxed) transaction
+            Call.update(status=status.value, **row).where(Call.id == call.id).execute()
+            add_event(call.id, status.value, at=at, **step)
+
+        self._write(write, durable=False)
+        log_event(log, status.value, callid=call.callid, **step)
 
         def moved() -> None:  # at once, or after the claim round this change is part of commits
             if old not in PENDING_STATUSES:

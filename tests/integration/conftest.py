@@ -157,7 +157,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 
 
 @pytest.fixture
-def make_harness(tmp_path: Path, switch: Any) -> Iterator[Callable[..., Harness]]:
+def make_harness(tmp_path: Path, switch: Any, store_kind: str,
+                 request: pytest.FixtureRequest) -> Iterator[Callable[..., Harness]]:
+    """Services on SQLite in their state folders, or (``stores`` marker) on this test's PostgreSQL."""
     made: list[Harness] = []
 
     def make(**overrides: Any) -> Harness:
@@ -167,6 +169,8 @@ def make_harness(tmp_path: Path, switch: Any) -> Iterator[Callable[..., Harness]
             "calls_per_second": 1000.0, "max_in_flight": 500, "originate_timeout": 30,
             "esl_heartbeat_timeout": 5.0, "esl_command_timeout": 2.0,
         }
+        if store_kind == "postgresql":
+            values["database_url"] = request.getfixturevalue("postgres_url")
         values.update(overrides)
         harness = Harness(load_settings(environ={}, **values), switch)
         made.append(harness)

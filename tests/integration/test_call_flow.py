@@ -17,6 +17,7 @@ def segments(switch: Any, leg_uuid: str) -> list[dict[str, Any]]:
     return [dict(s) for s in switch.heard(leg_uuid)]
 
 
+@pytest.mark.stores("sqlite", "postgresql")
 @needs_standin()
 def test_a_hears_the_prompts_in_order_then_the_dialtone_only_while_b_rings_then_b(harness: Harness) -> None:
     call = harness.wait_final(harness.place(harness.endpoint(), "15550000401", "15550001401"), timeout=30)
@@ -104,6 +105,7 @@ def test_maximum_duration_is_enforced_inside_freeswitch(harness: Harness) -> Non
     assert call.talk_seconds is not None and call.talk_seconds < 300 * SCALE
 
 
+@pytest.mark.stores("sqlite", "postgresql")
 @needs_standin()
 def test_connection_dropped_with_the_originate_in_flight_is_reconciled_not_redialed(harness: Harness) -> None:
     harness.switch.slow_replies(0.5)
@@ -145,6 +147,7 @@ def test_switch_restart_mid_call_fails_the_call_with_that_reason(harness: Harnes
     assert (done.status, done.reason) == ("failed", "FreeSWITCH restarted during the call")
 
 
+@pytest.mark.stores("sqlite", "postgresql")
 def test_per_endpoint_limit_is_never_exceeded(harness: Harness) -> None:
     endpoint = harness.endpoint(max_in_flight=10)
     peak = 0
@@ -162,6 +165,7 @@ def test_per_endpoint_limit_is_never_exceeded(harness: Harness) -> None:
     assert outcomes == {("completed", ""): 200}
 
 
+@pytest.mark.stores("sqlite", "postgresql")
 def test_nothing_is_dialed_twice_under_load(harness: Harness) -> None:
     endpoint = harness.endpoint(max_in_flight=50)
     calls = [harness.place(endpoint, "15550000413", "15550006413", prompts=False) for _ in range(60)]

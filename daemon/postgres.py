@@ -17,10 +17,11 @@ peewee's connection state is greenlet-local here (``gevent.local``), whatever th
 
 At most ``max_connections`` (default 10) per process; a greenlet that finds them all busy waits up to
 ``timeout`` seconds (default 10) and then gets ``OperationalError`` (the API answers 503, the daemon's
-writes retry). A connection the server ended while it sat in the pool is not lent again (see
-:meth:`GreenPostgresqlDatabase._is_closed`).
-Both limits, and any libpq parameter (``sslmode``, ``connect_timeout``, ``application_name``), come from
-the URL's query string: ``postgresql://callbridge:secret@db:5432/callbridge?max_connections=20``.
+writes retry). Both limits, and any libpq parameter (``sslmode``, ``connect_timeout``,
+``application_name``), come from the URL's query string:
+``postgresql://callbridge:secret@db:5432/callbridge?max_connections=20``. A connection the server ended
+while it sat in the pool is not lent again (:meth:`GreenPostgresqlDatabase._is_closed`); a read-only
+server (a standby, a failover under way) is ``OperationalError`` too.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from daemon.accounts.endpoints import (
     rotate_token,
 )
 from daemon.calls.records import CallRecords
+from daemon.calls.view import call_view, timeline_view
 from daemon.config import ConfigError, Settings, load_settings, mask_url
 from daemon.store import Account, Call, CallStatus, Endpoint, open_database
 
@@ -171,12 +172,6 @@ def _user_command(args: argparse.Namespace) -> Any:
     return users.describe(account)
 
 
-def _call_summary(call: Call) -> dict[str, Any]:
-    return {"callid": call.callid, "status": call.status, "phone_a": call.phone_a, "phone_b": call.phone_b,
-            "due_at": call.due_at, "started_at": call.started_at, "failed_leg": call.failed_leg,
-            "a_cause": call.a_cause, "b_cause": call.b_cause, "reason": call.reason}
-
-
 def _calls_command(args: argparse.Namespace, settings: Settings) -> Any:
     if args.action == "in-flight":
         rows = CallRecords.in_flight()
@@ -186,9 +181,7 @@ def _calls_command(args: argparse.Namespace, settings: Settings) -> Any:
     if call is None:
         raise EndpointError(f"callid {args.callid!r}: no such call")
     if args.action == "show":
-        timeline = [{"at": e.at, "kind": e.kind, **e.detail_dict}
-                    for e in CallRecords.timeline(call)]
-        return {**_call_summary(call), "timeline": timeline}
+        return {**call_view(call, call.endpoint), "timeline": timeline_view(CallRecords.timeline(call))}
     return hangup_call(call, settings)
 
 

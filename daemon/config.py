@@ -34,6 +34,8 @@ DEFAULT_VOICES = {
 }
 
 SECRET_FIELDS = {"esl_password", "portal_invite_code"}
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+TTS_ENGINES = ("bundled", "espeak-ng")
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,10 @@ class Settings:
     http_port: int = 8080
     trust_proxy: bool = False  # take the client address from X-Forwarded-For (behind a local proxy)
     auth_failures_per_minute: int = 20  # per client address, then 429
+    http_header_timeout: float = 10.0  # request line and headers, from the accept or the first byte
+    http_body_timeout: float = 30.0  # the whole body; also each write of an answer
+    http_idle_timeout: float = 15.0  # a kept-alive connection waiting for its next request
+    http_max_connections: int = 1000  # open at once; at the cap the longest-receiving one is closed
     # Calls
     originate_timeout: int = 45  # seconds each leg may ring
     max_in_flight: int = 200  # calls in progress across all endpoints
@@ -78,9 +84,21 @@ class Settings:
     media_max_redirects: int = 3
     media_allow_private: list[str] = field(default_factory=list)  # hosts or CIDRs allowed although private
     media_cache_bytes: int = 2 * 1024 * 1024 * 1024
+    # Decoding and speech run in worker processes (daemon.media.pool), bounded in number, CPU and time.
+    media_workers: int = 2
+    media_queue_timeout: float = 10.0  # seconds a request waits for a free worker, then 503
+    media_decode_timeout: float = 30.0  # wall seconds for one file's decoding, then the worker is killed
+    media_cpu_seconds: int = 10  # CPU seconds one job may use (RLIMIT_CPU in the worker)
+    media_max_channels: int = 8
+    media_max_sample_rate: int = 192_000
+    media_max_decoded_samples: int = 60_000_000  # frames x channels; ~10 minutes of 48 kHz stereo
+    # Who may GET /media/<name>.wav (media_mode = "http" only): addresses or CIDRs; [] = loopback and
+    # esl_host when it is an address (FreeSWITCH). See media_route_addresses.
+    media_route_allow: list[str] = field(default_factory=list)
     msg_max_chars: int = 500
+    tts_engine: str = "bundled"  # bundled: libespeak-ng from the espeakng-loader wheel; espeak-ng: the command
     tts_voices: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_VOICES))
-    tts_timeout: float = 30.0  # one espeak-ng run
+    tts_timeout: float = 30.0  # wall seconds for one message's speech
     # Recordings
     recordings_retention_days: int = 90
     # Webhooks
@@ -115,6 +133,13 @@ class Settings:
     def portal_secret_key_path(self) -> Path:
         return Path(self.portal_secret_key_file) if self.portal_secret_key_file else (
             self.state_path / "portal-secret.key")
+
+    @property
+    def media_route_addresses(self) -> list[str]:
+        """Who may fetch /media/: ``media_route_allow``, or by default loopback and FreeSWITCH's host."""
+        if self.media_route_allow:
+            return list(self.media_route_allow)
+        return [*LOOPBACK, *([self.esl_host] if _is_address(self.esl_host) else [])]
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets masked, for ``check-config`` and logs."""
@@ -231,10 +256,14 @@ def _validate(s: Settings) -> None:
     need(bool(s.esl_password) and not any(c in s.esl_password for c in "\r\n "),
          "esl_password: must be non-empty with no spaces or line breaks")
     for name in ("esl_command_timeout", "esl_heartbeat_timeout", "calls_per_second", "webhook_timeout",
-                 "media_connect_timeout", "media_read_timeout", "media_total_timeout", "tts_timeout"):
+                 "media_connect_timeout", "media_read_timeout", "media_total_timeout", "tts_timeout",
+                 "http_header_timeout", "http_body_timeout", "http_idle_timeout",
+                 "media_queue_timeout", "media_decode_timeout"):
         need(getattr(s, name) > 0, f"{name}: must be greater than 0")
     for name in ("originate_timeout", "max_in_flight", "schedule_max_days", "sample_rate", "msg_max_chars",
-                 "media_max_bytes", "media_max_play_seconds", "media_max_dialtone_seconds"):
+                 "media_max_bytes", "media_max_play_seconds", "media_max_dialtone_seconds", "media_workers",
+                 "media_cpu_seconds", "media_max_channels", "media_max_sample_rate", "media_max_decoded_samples",
+                 "http_max_connections"):
         need(getattr(s, name) >= 1, f"{name}: must be at least 1")
     for name in ("schedule_grace", "past_grace", "media_max_redirects", "recordings_retention_days",
                  "auth_failures_per_minute", "portal_login_failures_per_account",
@@ -251,6 +280,14 @@ def _validate(s: Settings) -> None:
     need(problem is None, f"database_url: {problem} (got {mask_url(s.database_url)!r})")
     need(0 < s.portal_session_hours <= 24 * 366, "portal_session_hours: must be more than 0 and at most 8784 (a year)")
     need(not any(c in s.portal_invite_code for c in "\r\n"), "portal_invite_code: one line, no line breaks")
+    need(s.tts_engine in TTS_ENGINES, f"tts_engine: must be one of {', '.join(TTS_ENGINES)}, got {s.tts_engine!r}")
+    need(s.media_max_decoded_samples >= s.media_max_play_seconds * 8000,
+         "media_max_decoded_samples: must allow at least media_max_play_seconds of 8 kHz mono")
+    for entry in s.media_route_allow:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            need(False, f"media_route_allow: {entry!r} is not an address or an address range (CIDR)")
     unknown = set(s.tts_voices) - set(LANGUAGES)
     need(not unknown, f"tts_voices: unknown language(s) {sorted(unknown)}; use {', '.join(LANGUAGES)}")
     for entry in s.media_allow_private:
@@ -297,6 +334,14 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         settings.database_url = f"sqlite:///{settings.state_path / 'callbridge.db'}"
     _validate(settings)
     return settings
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def zone(name: str) -> ZoneInfo:

@@ -11,17 +11,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import signal
-import socket
 from collections.abc import Callable
-from typing import Any
 
 import gevent
 import gevent.event
-from gevent.pywsgi import WSGIServer
 
 from daemon.calls.dispatcher import Dispatcher
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
+from daemon.loop import Loop
 from daemon.media.library import MediaLibrary
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
@@ -31,18 +29,12 @@ from daemon.ops.webhooks import Webhooks
 from daemon.store import close_database, open_database, utcnow
 from daemon.switch.commands import http_cache_url
 from daemon.switch.engine import Engine
-from webapi.app import create_app
+from webapi.app import MAX_BODY, create_app
+from webapi.server import ApiServer
 
 log = logging.getLogger("callbridge.service")
 
-
-class NoDelayWSGIServer(WSGIServer):
-    """gevent's WSGI server with Nagle off: pywsgi writes a response's headers and body in two sends, and
-    with Nagle on the body waits for the client's delayed ACK (40 ms on a keep-alive connection)."""
-
-    def handle(self, sock: socket.socket, address: Any) -> Any:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return super().handle(sock, address)
+MEDIA_EVICTION_INTERVAL = 3600.0  # seconds; the first eviction comes one interval after the start
 
 
 class Service:
@@ -64,10 +56,10 @@ class Service:
         self.dispatcher = Dispatcher(settings, self.engine, self.records, clock)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
                               readiness=self.readiness, clock=clock, records=self.records)
-        self.server = NoDelayWSGIServer((settings.http_host, settings.http_port), self.app, log=None,
-                                 error_log=logging.getLogger("callbridge.http"))
+        self.server = ApiServer.for_settings(settings, self.app, max_body=MAX_BODY)
         self.stopping = gevent.event.Event()
-        self._housekeeping: gevent.Greenlet | None = None
+        self.media_eviction = Loop("media eviction", self._evict_media, clock, log=log,
+                                   first_delay=MEDIA_EVICTION_INTERVAL, error_delay=MEDIA_EVICTION_INTERVAL)
 
     def _playable(self, path: str) -> str:
         """Our file as FreeSWITCH reaches it: the path itself, or our media route through mod_http_cache."""
@@ -87,7 +79,7 @@ class Service:
         self.webhooks.start()
         self.retention.start()
         self.dispatcher.start()
-        self._housekeeping = gevent.spawn(self._evict_media_hourly)
+        self.media_eviction.start()
         self.server.start()
         log_event(log, "service.started", http=f"{self.settings.http_host}:{self.http_port}",
                   esl=f"{self.settings.esl_host}:{self.settings.esl_port}", adopted=adopted)
@@ -99,29 +91,26 @@ class Service:
         self.dispatcher.stop()
         self.server.stop(timeout=self.settings.shutdown_grace)
         self.engine.stop()
-        if self._housekeeping is not None:
-            self._housekeeping.kill()
+        self.media_eviction.stop()
         self.retention.stop()
         self.webhooks.stop()
+        self.media.close()
         close_database(self.database)
         log_event(log, "service.stopped")
 
-    def _evict_media_hourly(self) -> None:
-        """Keep the media cache under its bound, never evicting what a pending call will play."""
-        while True:
-            gevent.sleep(3600)
-            try:
-                keep = self.records.media_in_use()
-                freed = self.media.evict(keep)
-                log_event(log, "media.evicted", bytes=freed, kept=len(keep))
-            except Exception:
-                log.exception("media eviction failed")
+    def _evict_media(self, now: dt.datetime) -> float:
+        """Keep the media cache under its bound, never evicting what a call not yet ended will play."""
+        keep = self.records.media_in_use()
+        freed = self.media.evict(keep)
+        log_event(log, "media.evicted", bytes=freed, kept=len(keep))
+        return MEDIA_EVICTION_INTERVAL
 
     def run_forever(self) -> None:
         """Run until SIGTERM or SIGINT, pinging systemd's watchdog from this loop."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self.stopping.set)
         self.start()
+        gevent.spawn(self.media.warm_up)  # the first request need not wait for a worker to start
         interval = watchdog_interval()
         while not self.stopping.wait(timeout=interval or 60):
             if interval:

@@ -31,6 +31,8 @@ import datetime as dt
 import enum
 import json
 import os
+import re
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,17 @@ SQLITE_PRAGMAS = {
 def utcnow() -> dt.datetime:
     """Now, as the store keeps times: naive UTC."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+# What a callid may be (ours are 28 random hex digits): the API's paths, the OpenAPI document and the
+# channel variable sent to FreeSWITCH all hold to this one rule.
+CALLID_PATTERN = r"^[0-9a-z]{8,40}$"
+CALLID_RE = re.compile(CALLID_PATTERN)
+
+
+def new_callid() -> str:
+    """A fresh, unguessable callid."""
+    return secrets.token_hex(14)
 
 
 class CallStatus(enum.StrEnum):
@@ -155,6 +168,7 @@ class Call(BaseModel):
     msg_file = TextField(default="")
     dialtone_file = TextField(default="")
     idempotency_key = CharField(max_length=200, null=True)
+    request_fingerprint = CharField(max_length=64, null=True)  # sha256 of the request a key was used for
     requested_at = DateTimeField(default=utcnow)
     due_at = DateTimeField()
     scheduled = BooleanField(default=False)
@@ -187,10 +201,6 @@ class Call(BaseModel):
             (("status", "due_at"), False),  # the dispatcher: next due, calls in flight
             (("endpoint", "idempotency_key"), True),
         )
-
-    @property
-    def status_enum(self) -> CallStatus:
-        return CallStatus(self.status)
 
 
 class CallEvent(BaseModel):
@@ -278,6 +288,14 @@ def _v3_status_index(db: Database) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS call_endpoint_status_id ON call (endpoint_id, status, id)")
 
 
+def _v4_request_fingerprint(db: Database) -> None:
+    # An Idempotency-Key reused with a different request answers 422: the call keeps its request's
+    # fingerprint. A database created at v1 from today's models has the column already.
+    if "request_fingerprint" not in {c.name for c in db.get_columns("call")}:
+        migrate_schema(SchemaMigrator.from_database(db).add_column(
+            "call", "request_fingerprint", CharField(max_length=64, null=True)))
+
+
 def _v5_web_accounts(db: Database) -> None:
     # Web accounts, their sessions, and which account owns each endpoint. A store created by v1 after
     # this model change already has endpoint.owner_id (v1 creates the current Endpoint), an older one not.
@@ -289,9 +307,8 @@ def _v5_web_accounts(db: Database) -> None:
 
 
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
-# v4 (idempotency, on another branch) goes between v3 and v5 when both are merged.
 MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
-                                                _v5_web_accounts]
+                                                _v4_request_fingerprint, _v5_web_accounts]
 
 
 def schema_version(db: Database) -> int:

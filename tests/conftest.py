@@ -1,5 +1,5 @@
 """Shared fixtures: settings in tmp_path, a fresh SQLite store per test, endpoints with tokens, the API
-app with fakes, and the same app over real HTTP (gevent's WSGI server on 127.0.0.1, port 0)."""
+app with fakes, and the same app over real HTTP (the daemon's server on 127.0.0.1, port 0)."""
 
 from __future__ import annotations
 
@@ -156,16 +156,18 @@ class LiveServer:
 
 @pytest.fixture
 def live_server(app: Flask) -> Iterator[LiveServer]:
-    """The app under gevent's WSGI server in its own thread (its own gevent hub), on 127.0.0.1:0."""
+    """The app under the daemon's HTTP server (webapi/server.py) in its own thread, on 127.0.0.1:0."""
     import gevent
     import gevent.event
-    from gevent.pywsgi import WSGIServer
+
+    from webapi.app import MAX_BODY
+    from webapi.server import ApiServer, Limits
 
     started = threading.Event()
     holder: dict[str, Any] = {}
 
     def serve() -> None:
-        server = WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None)
+        server = ApiServer(("127.0.0.1", 0), app, Limits(max_body=MAX_BODY), log=None, error_log=None)
         server.start()
         stop = gevent.get_hub().loop.async_()
         done = gevent.event.Event()

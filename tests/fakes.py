@@ -21,7 +21,7 @@ except ImportError:  # daemon/media/library.py is written elsewhere; its MediaEr
 @dataclass
 class FakeMediaFile:
     path: str
-    sha256: str
+    name: str
     seconds: float
     bytes: int
 
@@ -55,7 +55,7 @@ class FakeMedia:
         path = self.root / f"{sha}.wav"
         tmp.replace(path)
         self.files[sha] = str(path)
-        return FakeMediaFile(path=str(path), sha256=sha, seconds=0.1, bytes=len(blob))
+        return FakeMediaFile(path=str(path), name=sha, seconds=0.1, bytes=len(blob))
 
     def from_url(self, url: str, *, kind: str) -> FakeMediaFile:
         self.requests.append((kind, url))
@@ -65,8 +65,8 @@ class FakeMedia:
         self.requests.append(("speak", f"{lang}:{text}"))
         return self._make(text)
 
-    def path_for_sha(self, sha: str) -> str | None:
-        return self.files.get(sha)
+    def path_for_name(self, name: str) -> str | None:
+        return self.files.get(name)
 
 
 class FakeDispatcher:

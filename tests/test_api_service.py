@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from tests.conftest import create, data_of
 from tests.fakes import FakeMedia
 from webapi.app import create_app, route_rules
 from webapi.openapi import openapi_document
-from webapi.ratelimit import AuthFailureLimiter
+from webapi.ratelimit import AuthFailureLimiter, client_key
 
 
 @pytest.mark.parametrize(("method", "path", "status", "desc"), [
@@ -81,39 +81,72 @@ def test_large_body_is_413(client: FlaskClient, make_endpoint: Any) -> None:
     assert response.status_code == 413
 
 
-def test_auth_failures_per_address_answer_429(client: FlaskClient, make_endpoint: Any,
-                                              settings: Settings) -> None:
+def test_auth_failures_per_address_answer_429_but_never_to_a_valid_token(client: FlaskClient, make_endpoint: Any,
+                                                                         settings: Settings) -> None:
     _, token = make_endpoint()
     here = {"REMOTE_ADDR": "192.0.2.7"}
     for _ in range(settings.auth_failures_per_minute):
         response = client.get("/v1/calls", query_string={"token": "cb_guess"}, environ_base=here)
         assert response.status_code == 401
+    # Over the limit: bad and missing tokens are refused without a look at the fields...
     for response in (client.get("/v1/calls", query_string={"token": "cb_guess"}, environ_base=here),
-                     client.get("/v1/calls", query_string={"token": token}, environ_base=here),
-                     client.post("/v1/calls", data={"token": token}, environ_base=here)):
+                     client.get("/v1/calls", environ_base=here),
+                     client.post("/v1/calls", data={"token": "cb_guess"}, environ_base=here)):
         assert response.status_code == 429
         assert data_of(response)["code_desc"].startswith("token: too many failed attempts")
         assert 1 <= int(response.headers["Retry-After"]) <= 60
+    # ...while the valid token from the very same address is served as usual, on every route.
+    assert client.get("/v1/calls", query_string={"token": token}, environ_base=here).status_code == 200
+    created = client.post("/v1/calls", data={"token": token, "phone_a": "15550001001", "phone_b": "15550002002"},
+                          environ_base=here)
+    assert created.status_code == 200, created.get_json()
+    callid = data_of(created)["callid"]
+    assert client.get(f"/v1/calls/{callid}", headers={"Authorization": f"Bearer {token}"},
+                      environ_base=here).status_code == 200
     # Another address is not affected; the health routes need no token and are not limited.
-    assert client.get("/v1/calls", query_string={"token": token},
-                      environ_base={"REMOTE_ADDR": "192.0.2.8"}).status_code == 200
+    assert client.get("/v1/calls", query_string={"token": "cb_guess"},
+                      environ_base={"REMOTE_ADDR": "192.0.2.8"}).status_code == 401
     assert client.get("/healthz", environ_base=here).status_code == 200
 
 
-def test_limiter_window_slides() -> None:
+def test_limiter_burst_then_rate() -> None:
+    """A burst of ``per_window`` failures, then one every ``window / per_window`` seconds."""
     now = [1000.0]
-    limiter = AuthFailureLimiter(3, 60, clock=lambda: now[0], max_addresses=2)
+    limiter = AuthFailureLimiter(3, 60, clock=lambda: now[0])
     for _ in range(3):
         assert limiter.retry_after("a") is None
         limiter.fail("a")
-        now[0] += 10
-    assert limiter.retry_after("a") == 30  # the first failure (t=1000) ages out at t=1060; now 1030
-    now[0] = 1060.5
+    assert limiter.retry_after("a") == 20  # the budget grows back by one failure every 20 s
+    now[0] = 1019.5
+    assert limiter.retry_after("a") == 1
+    now[0] = 1020.0
     assert limiter.retry_after("a") is None
-    limiter.fail("b")
-    limiter.fail("c")  # "a" is the oldest address and is forgotten beyond two
-    assert "a" not in limiter._failures
+    limiter.fail("a")
+    assert limiter.retry_after("a") == 20  # one allowed, then spent again
+    now[0] = 1080.0
+    assert limiter.retry_after("a") is None and len(limiter) == 0  # whole again: forgotten
+    assert limiter.retry_after("b") is None
     assert AuthFailureLimiter(0).retry_after("x") is None
+
+
+def test_limiter_keeps_one_float_per_address_and_forgets_the_least_recent() -> None:
+    now = [0.0]
+    limiter = AuthFailureLimiter(1, 60, clock=lambda: now[0], max_addresses=2)
+    for address in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        limiter.fail(address)
+    assert len(limiter) == 2
+    assert limiter.retry_after("192.0.2.1") is None  # the oldest was forgotten beyond two
+    assert limiter.retry_after("192.0.2.3") == 60
+
+
+def test_limiter_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4() -> None:
+    limiter = AuthFailureLimiter(1, 60, clock=lambda: 0.0)
+    limiter.fail("2001:db8:1:2::1")
+    assert limiter.retry_after("2001:db8:1:2:ffff::9") == 60  # same /64
+    assert limiter.retry_after("2001:db8:1:3::1") is None  # another /64
+    limiter.fail("::ffff:192.0.2.9")
+    assert limiter.retry_after("192.0.2.9") == 60
+    assert client_key("not an address") == "not an address"
 
 
 def test_unexpected_exception_is_500_in_the_envelope_without_details(
@@ -193,14 +226,29 @@ def test_metrics_record_latency_per_route_template(settings: Settings, db: Any, 
     assert callid not in text
 
 
-def test_media_route_serves_prompts_by_hash(client: FlaskClient, media: FakeMedia) -> None:
+def test_media_route_serves_prompts_only_to_freeswitch_in_http_mode(client: FlaskClient, media: FakeMedia,
+                                                                    settings: Settings) -> None:
     made = media.from_url("http://example.com/a.wav", kind="play")
-    response = client.get(f"/media/{made.sha256}.wav")
+    url = f"/media/{made.name}.wav"
+    # media_mode = "local" (the default): FreeSWITCH reads the files; the route serves nobody.
+    assert client.get(url).status_code == 404
+    assert data_of(client.get(url))["code_desc"] == "media: no such file"
+    settings.media_mode, settings.media_base_url = "http", "http://127.0.0.1:8080"
+    response = client.get(url)  # the test client comes from 127.0.0.1, inside the default allow-list
     assert response.status_code == 200 and response.mimetype == "audio/wav"
-    assert hashlib.sha256(response.data).hexdigest() == made.sha256
+    assert response.data == Path(made.path).read_bytes()
     assert "immutable" in response.headers["Cache-Control"]
-    for name in ("0" * 64, "A" * 64, "..%2F..%2Fetc%2Fpasswd", made.sha256[:-1]):
-        response = client.get(f"/media/{name}.wav")
+    for outsider in ("10.9.9.9", "192.0.2.7", "2001:db8::1"):
+        response = client.get(url, environ_base={"REMOTE_ADDR": outsider})
+        assert response.status_code == 404 and data_of(response)["code_desc"] == "media: no such file"
+    settings.media_route_allow = ["10.9.0.0/16"]  # e.g. FreeSWITCH's subnet
+    assert client.get(url, environ_base={"REMOTE_ADDR": "10.9.9.9"}).status_code == 200
+    assert client.get(url).status_code == 404  # loopback is no longer listed
+    settings.media_route_allow, settings.esl_host = [], "10.20.30.40"  # the default follows FreeSWITCH's host
+    assert client.get(url, environ_base={"REMOTE_ADDR": "10.20.30.40"}).status_code == 200
+    assert client.get(url).status_code == 200
+    for name in ("0" * 64, "A" * 64, "..%2F..%2Fetc%2Fpasswd", made.name[:-1]):
+        response = client.get(f"/media/{name}.wav", environ_base={"REMOTE_ADDR": "10.9.9.9"})
         assert response.status_code == 404
         assert data_of(response)["code_desc"] in ("media: no such file", "path: no such route")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import io
 import os
 import shutil
@@ -30,6 +31,7 @@ import soundfile as sf
 from daemon.config import Settings
 from daemon.media.fetch import AddressGuard, non_public_kind
 from daemon.media.library import MediaError, MediaFile, MediaLibrary
+from daemon.media.pool import WorkerPool
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 
@@ -126,9 +128,13 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return settings
 
 
+# One pool of worker processes for the whole module: each library would otherwise start its own.
+POOL = WorkerPool(2, queue_timeout=60.0, cpu_seconds=10)
+
+
 def library(tmp_path: Path, resolver: Callable[[str, int], list[str]] | None = None, **overrides: Any
             ) -> MediaLibrary:
-    return MediaLibrary(make_settings(tmp_path, **overrides), resolver=resolver)
+    return MediaLibrary(make_settings(tmp_path, **overrides), resolver=resolver, pool=POOL)
 
 
 def fake_dns(table: dict[str, list[str]], calls: Counter[str] | None = None) -> Callable[[str, int], list[str]]:
@@ -168,13 +174,15 @@ def refusal(lib: MediaLibrary, url: str, kind: str = "play") -> str:
     ("tone.ogg", tone_file(rate=44100, fmt="OGG")),
     ("mislabelled.txt", tone_file(rate=8000)),  # the name means nothing; the bytes are a WAV
 ])
-def test_audio_is_fetched_normalised_and_stored_by_hash(tmp_path: Path, server: MediaServer,
+def test_audio_is_fetched_normalised_and_stored_by_keyed_hash(tmp_path: Path, server: MediaServer,
                                                         name: str, data: bytes) -> None:
     server.body("/" + name, data, content_type="text/plain")
     media = library(tmp_path).from_url(server.url("/" + name), kind="play")
     stored = Path(media.path).read_bytes()
-    assert media.path == str(tmp_path / "media" / f"{media.sha256}.wav")
-    assert hashlib.sha256(stored).hexdigest() == media.sha256 and media.bytes == len(stored)
+    key = bytes.fromhex((tmp_path / "media.key").read_text())
+    assert media.path == str(tmp_path / "media" / f"{media.name}.wav")
+    assert hmac.new(key, stored, hashlib.sha256).hexdigest() == media.name and media.bytes == len(stored)
+    assert hashlib.sha256(stored).hexdigest() != media.name  # not computable without the key
     info = sf.info(media.path)
     assert (info.format, info.subtype, info.channels, info.samplerate) == ("WAV", "PCM_16", 1, 8000)
     assert media.seconds == pytest.approx(1.0, abs=0.1)
@@ -466,16 +474,16 @@ def test_concurrent_requests_for_one_url_fetch_once(tmp_path: Path, server: Medi
     assert len(results) == 8 and all(r == results[0] for r in results) and isinstance(results[0], MediaFile)
 
 
-def test_playable_and_path_for_sha(tmp_path: Path, server: MediaServer) -> None:
+def test_playable_and_path_for_name(tmp_path: Path, server: MediaServer) -> None:
     server.body("/tone.wav", tone_file())
     lib = library(tmp_path)
     media = lib.from_url(server.url("/tone.wav"), kind="play")
-    assert lib.playable(media) == media.path == lib.playable(media.path) == lib.playable(media.sha256)
-    assert lib.path_for_sha(media.sha256) == media.path
-    for bad in ("../../etc/passwd", media.sha256.upper(), media.sha256[:-1], media.sha256 + ".wav", "0" * 64):
-        assert lib.path_for_sha(bad) is None
+    assert lib.playable(media) == media.path == lib.playable(media.path) == lib.playable(media.name)
+    assert lib.path_for_name(media.name) == media.path
+    for bad in ("../../etc/passwd", media.name.upper(), media.name[:-1], media.name + ".wav", "0" * 64):
+        assert lib.path_for_name(bad) is None
     remote = library(tmp_path, media_mode="http", media_base_url="http://10.1.2.3:8080/")
-    assert remote.playable(media) == f"http://10.1.2.3:8080/media/{media.sha256}.wav"
+    assert remote.playable(media) == f"http://10.1.2.3:8080/media/{media.name}.wav"
 
 
 def test_eviction_is_lru_and_keeps_pinned_and_fresh_files(tmp_path: Path, server: MediaServer) -> None:
@@ -489,11 +497,11 @@ def test_eviction_is_lru_and_keeps_pinned_and_fresh_files(tmp_path: Path, server
     lib = library(tmp_path, media_cache_bytes=3 * oldest.bytes + 10)
     freed = lib.evict([oldest.path], now=now)
     assert freed == old.bytes  # `oldest` is pinned; dropping `old` brings the total under the cap
-    assert [lib.path_for_sha(m.sha256) is not None for m in (oldest, old, newer, fresh)] == [True, False, True, True]
+    assert [lib.path_for_name(m.name) is not None for m in (oldest, old, newer, fresh)] == [True, False, True, True]
     lib = library(tmp_path, media_cache_bytes=0)
-    lib.evict([oldest.sha256], now=now)
+    lib.evict([oldest.name], now=now)
     # `fresh` was used seconds ago (a call may be being created with it); the pinned file stays.
-    assert [lib.path_for_sha(m.sha256) is not None for m in (oldest, newer, fresh)] == [True, False, True]
+    assert [lib.path_for_name(m.name) is not None for m in (oldest, newer, fresh)] == [True, False, True]
 
 
 def test_a_used_file_moves_to_the_back_of_the_eviction_queue(tmp_path: Path, server: MediaServer) -> None:

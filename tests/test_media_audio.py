@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import resource
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.media.audio import NOT_AUDIO, AudioError, TooLong, normalise
+from daemon.media.audio import NOT_AUDIO, AudioError, Limits, TooLong, normalise
+from tests.flac_bomb import silent_flac
 
 
 def tone(freq: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5, channels: int = 1) -> np.ndarray:
@@ -146,3 +149,59 @@ def test_arbitrary_bytes_give_audio_or_an_audio_error(data: bytes) -> None:
     except AudioError:
         return
     assert sf.info(io.BytesIO(result.wav)).samplerate == 8000
+
+
+# What a file may cost -------------------------------------------------------------------------------------
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@pytest.mark.parametrize(("data", "limits", "reason"), [
+    (encode(np.zeros((800, 9), dtype=np.float32), 8000), Limits(),
+     "has 9 channels; at most 8 are allowed"),
+    (encode(tone(440, 384000, 0.1), 384000), Limits(),
+     "has a sample rate of 384000 Hz; at most 192000 Hz is allowed"),
+    (encode(tone(440, 48000, 0.5), 48000), Limits(max_sample_rate=44100),
+     "has a sample rate of 48000 Hz; at most 44100 Hz is allowed"),
+    (encode(tone(440, 48000, 2.0, channels=2), 48000), Limits(max_samples=100_000),
+     "is too costly to decode: 192000 samples (frames x channels); at most 100000 are allowed"),
+])
+def test_costly_files_are_refused_from_the_header(data: bytes, limits: Limits, reason: str) -> None:
+    with pytest.raises(AudioError) as caught:
+        normalise(data, rate=8000, max_seconds=600, limits=limits)
+    assert str(caught.value) == reason
+
+
+def test_the_flac_bomb_is_refused_before_decoding() -> None:
+    # 600 s of 8-channel silence at 655,350 Hz: 3.1 billion samples in 0.4 MB, ~15 s of CPU to decode.
+    bomb = silent_flac(600, 655350, 8)
+    with sf.SoundFile(io.BytesIO(bomb)) as check:  # it is a real FLAC, as long as it says
+        assert (check.samplerate, check.channels, check.frames) == (655350, 8, 600 * 655350)
+        assert not check.read(65536).any()
+    start = cpu_seconds()
+    with pytest.raises(AudioError, match="^has a sample rate of 655350 Hz; at most 192000 Hz is allowed$"):
+        normalise(bomb, rate=8000, max_seconds=600)
+    used = cpu_seconds() - start
+    print(f"\nFLAC bomb ({len(bomb) / 1e6:.1f} MB, 600 s, 655350 Hz, 8 channels): refused in {used:.3f} s of CPU")
+    assert used < 2.0
+    # Within the rate limit, the sample budget refuses it just as early.
+    with pytest.raises(AudioError, match="^is too costly to decode: 921600000 samples"):
+        normalise(silent_flac(600, 192000, 8), rate=8000, max_seconds=600)
+
+
+def test_a_file_within_the_limits_passes() -> None:
+    data = encode(tone(440, 192000, 1.0, channels=2), 192000, "FLAC", "PCM_24")
+    result = normalise(data, rate=8000, max_seconds=600, limits=Limits(max_samples=384000))
+    samples, info = decode(result.wav)
+    assert info.samplerate == 8000 and abs(peak_frequency(samples, 8000) - 440) < 5
+
+
+def test_a_file_from_a_path_is_the_same_as_from_bytes(tmp_path: Path) -> None:
+    data = encode(tone(440, 44100, 1.0, channels=2), 44100)
+    (tmp_path / "in.wav").write_bytes(data)
+    assert normalise(tmp_path / "in.wav", rate=8000, max_seconds=10) == normalise(data, rate=8000, max_seconds=10)
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AudioError, match="is truncated"):
+        normalise(str(tmp_path / "cut.wav"), rate=8000, max_seconds=10)

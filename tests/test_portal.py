@@ -181,7 +181,8 @@ def test_sign_in_is_limited_per_account_then_per_address(make_app: Callable[...,
         assert b.login(ann.email, "not the password").status_code == 401
     limited = b.login(ann.email, PASSWORD)  # the right password too: the account is at its limit
     assert limited.status_code == 429
-    assert "Try again in 15 minutes" in errors_of(limited.get_data(as_text=True))[0]
+    # The limiter's budget refills one failure per window / limit (15 min / 3): that is the wait it names.
+    assert "Try again in 5 minutes" in errors_of(limited.get_data(as_text=True))[0]
     assert not any(c.startswith("cb_session=") for c in limited.headers.getlist("Set-Cookie"))
     # Another account from the same address still signs in, until the address reaches its own limit.
     assert b.login(bob.email, PASSWORD).status_code == 303

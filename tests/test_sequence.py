@@ -159,7 +159,7 @@ def test_a_bridge_lost_in_flight_is_resolved_by_a_marker_never_sent_twice(run_ca
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
-    assert sequence.uncertain is sequence.bridge_step
+    assert sequence.apps.uncertain is sequence.apps.bridge
     switch.answers = {f"uuid_exists {sequence.a.uuid}": "true", f"uuid_exists {sequence.b.uuid}": "false",
                       "uuid_getvar": "_undef_"}
     sequence.deliver(Reconnected(False))
@@ -167,7 +167,7 @@ def test_a_bridge_lost_in_flight_is_resolved_by_a_marker_never_sent_twice(run_ca
     assert apps_sent(switch)[-1] == "set cb_resume=marker"
     assert not any(a.startswith("bridge ") for a in apps_sent(switch))
     # The marker runs before any B appears: the bridge never arrived, so it is sent now, once.
-    marker = sequence.marker
+    marker = sequence.apps.marker
     assert marker is not None
     sequence.deliver(event("CHANNEL_EXECUTE", sequence.a.uuid, **{"Application-UUID": marker.event_uuid}))
     gevent.sleep(0)

@@ -1,6 +1,8 @@
-"""MediaLibrary.speak with eSpeak NG: every language, caching, and text that tries to be markup.
+"""MediaLibrary.speak: every language, caching, and text that tries to be markup.
 
-Needs the ``espeak-ng`` package (Debian/Ubuntu: ``apt-get install espeak-ng``; CI installs it).
+Speech comes from the ``espeakng-loader`` wheel (libespeak-ng and its voices, a Python dependency), so
+these tests need no system package. The tests of the optional ``espeak-ng`` command engine run only
+where that command is installed.
 """
 
 from __future__ import annotations
@@ -16,38 +18,63 @@ import soundfile as sf
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.config import LANGUAGES, Settings
+from daemon.config import DEFAULT_VOICES, LANGUAGES, Settings
 from daemon.media.library import MediaError, MediaLibrary
-from daemon.media.tts import Speaker, clean_text
+from daemon.media.pool import WorkerPool
+from daemon.media.tts import CommandEngine, SpeechError, clean_text
 
 SENTENCE = "Hello, your call is being connected now. Please hold the line."
+# The same message in each language, so that each voice reads words of its own language.
+SENTENCES = {
+    "en-GB": SENTENCE,
+    "en-US": SENTENCE,
+    "fr-FR": "Bonjour, votre appel est en cours de connexion. Veuillez patienter, s'il vous plaît.",
+    "de-DE": "Hallo, Ihr Anruf wird jetzt verbunden. Bitte bleiben Sie in der Leitung.",
+    "it-IT": "Buongiorno, la sua chiamata sta per essere collegata. Resti in linea, per favore.",
+    "pt-BR": "Olá, sua chamada está sendo conectada agora. Por favor, aguarde na linha.",
+    "ru-RU": "Здравствуйте, ваш звонок сейчас будет соединён. Пожалуйста, оставайтесь на линии.",
+    "es-ES": "Hola, su llamada se está conectando ahora. Por favor, no cuelgue.",
+    "es-US": "Hola, su llamada se está conectando ahora. Por favor, no cuelgue.",
+}
+# The eSpeak NG voice (its data file) each msg_lang must end up with, whatever name the settings use.
+EXPECTED_VOICE = {
+    "en-GB": "gmw/en", "en-US": "gmw/en-US", "fr-FR": "roa/fr", "de-DE": "gmw/de", "it-IT": "roa/it",
+    "pt-BR": "roa/pt-BR", "ru-RU": "zle/ru", "es-ES": "roa/es", "es-US": "roa/es-419",
+}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _engine() -> None:
-    assert shutil.which("espeak-ng"), "espeak-ng is not installed: apt-get install espeak-ng"
-
-
-class CountingSpeaker(Speaker):
-    """The real engine, counting how many times it runs."""
+class CountingPool(WorkerPool):
+    """The real worker pool, recording the speech jobs it runs."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(1, queue_timeout=60.0, cpu_seconds=10)
         self.renders: list[tuple[str, str]] = []
 
-    def render(self, text: str, voice: str) -> bytes:
-        self.renders.append((text, voice))
-        return super().render(text, voice)
+    def run(self, job: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        if job["op"] == "speak":
+            self.renders.append((job["text"], job["voice"]))
+        return super().run(job, timeout=timeout)
 
 
-def make_library(tmp_path: Path, speaker: Speaker | None = None, **overrides: Any) -> MediaLibrary:
-    return MediaLibrary(Settings(state_dir=str(tmp_path), **overrides), speaker=speaker)
+POOL = CountingPool()
+
+
+def make_library(tmp_path: Path, **overrides: Any) -> MediaLibrary:
+    return MediaLibrary(Settings(state_dir=str(tmp_path), **overrides), pool=POOL)
+
+
+def speak_job(tmp_path: Path, text: str, voice: str, engine: str = "bundled") -> dict[str, Any]:
+    """A worker's answer to a speech job, built the way the library builds it."""
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return POOL.run({"op": "speak", "text": text, "voice": voice, "engine": engine, "rate": 8000,
+                     "max_seconds": 600, "limits": {}, "folder": str(tmp_path / "out"), "key": "00" * 32},
+                    timeout=60.0)
 
 
 @pytest.fixture(scope="module")
 def spoken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     lib = make_library(tmp_path_factory.mktemp("tts"))
-    return {lang: lib.speak(SENTENCE, lang) for lang in LANGUAGES}
+    return {lang: lib.speak(SENTENCES[lang], lang) for lang in LANGUAGES}
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -56,33 +83,44 @@ def test_every_language_speaks_a_sentence(spoken: dict[str, Any], lang: str) -> 
     samples, rate = sf.read(media.path, dtype="float64")
     info = sf.info(media.path)
     assert (info.subtype, info.channels, rate) == ("PCM_16", 1, 8000)
-    assert 2.0 < media.seconds < 10.0, media.seconds  # about 11 words at 175 words a minute
+    assert 2.0 < media.seconds < 10.0, media.seconds  # 11 to 13 words at 175 words a minute
     assert np.sqrt(np.mean(samples ** 2)) > 0.01  # not silence
     assert np.mean(np.abs(samples) > 0.02) > 0.2  # sound through a good part of it, not one click
 
 
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_each_language_gets_its_own_voice(tmp_path: Path, lang: str) -> None:
+    # The default names are Debian's espeak-ng 1.51 names ("en-gb", "fr-fr"); the bundled 1.52 data
+    # files are named otherwise ("gmw/en", "roa/fr"), and a name it does not know must not leave the
+    # previous voice speaking.
+    answer = speak_job(tmp_path, SENTENCES[lang], DEFAULT_VOICES[lang])
+    assert answer["ok"], answer
+    assert answer["voice"] == EXPECTED_VOICE[lang]
+
+
 def test_languages_sound_different(spoken: dict[str, Any]) -> None:
-    assert len({media.sha256 for media in spoken.values()}) == len(LANGUAGES)
+    assert len(set(EXPECTED_VOICE.values())) == len(LANGUAGES)
+    assert len({media.name for media in spoken.values()}) == len(LANGUAGES)
 
 
 def test_repeat_request_is_a_cache_hit(tmp_path: Path) -> None:
-    speaker = CountingSpeaker()
-    lib = make_library(tmp_path, speaker)
+    lib = make_library(tmp_path)
+    before = len(POOL.renders)
     first = lib.speak("Your appointment is tomorrow at nine.", "en-GB")
     assert lib.speak("Your appointment is tomorrow at nine.", "en-GB") == first
-    assert make_library(tmp_path, speaker).speak("Your appointment is tomorrow at nine.", "en-GB") == first
-    assert len(speaker.renders) == 1  # the cache survives a new library on the same folder
+    assert make_library(tmp_path).speak("Your appointment is tomorrow at nine.", "en-GB") == first
+    assert len(POOL.renders) - before == 1  # the cache survives a new library on the same folder
     lib.speak("Your appointment is tomorrow at nine.", "en-US")
-    assert len(speaker.renders) == 2
+    assert len(POOL.renders) - before == 2
 
 
 def test_changing_the_voice_renders_again(tmp_path: Path) -> None:
-    speaker = CountingSpeaker()
-    one = make_library(tmp_path, speaker).speak("Bonjour et bienvenue.", "fr-FR")
+    before = len(POOL.renders)
+    one = make_library(tmp_path).speak("Bonjour et bienvenue.", "fr-FR")
     voices = dict(Settings().tts_voices, **{"fr-FR": "fr+f3"})
-    other = make_library(tmp_path, speaker, tts_voices=voices).speak("Bonjour et bienvenue.", "fr-FR")
-    assert speaker.renders == [("Bonjour et bienvenue.", "fr-fr"), ("Bonjour et bienvenue.", "fr+f3")]
-    assert one.sha256 != other.sha256
+    other = make_library(tmp_path, tts_voices=voices).speak("Bonjour et bienvenue.", "fr-FR")
+    assert POOL.renders[before:] == [("Bonjour et bienvenue.", "fr-fr"), ("Bonjour et bienvenue.", "fr+f3")]
+    assert one.name != other.name
 
 
 @pytest.mark.parametrize(("raw", "clean"), [
@@ -106,16 +144,22 @@ def test_clean_text_leaves_nothing_the_engine_would_interpret(raw: str) -> None:
 
 
 def test_markup_is_spoken_as_the_plain_words(tmp_path: Path) -> None:
-    speaker = CountingSpeaker()
-    lib = make_library(tmp_path, speaker)
+    lib = make_library(tmp_path)
+    before = len(POOL.renders)
     tagged = lib.speak('<speak><voice gender="female"><say-as interpret-as="characters">Hello</say-as>'
                        "</voice></speak>", "en-US")
-    assert speaker.renders == [("Hello", "en-us")]
+    assert POOL.renders[before:] == [("Hello", "en-us")]
     assert tagged == lib.speak("Hello", "en-US")
     lib.speak("[[h@'loU]]", "en-US")
-    assert speaker.renders[-1] == ("h@'loU", "en-us")
-    # Why it matters: given the raw text, the engine obeys the phoneme codes and says something else.
-    assert Speaker().render("[[h@'loU]]", "en-us") != Speaker().render("h@'loU", "en-us")
+    assert POOL.renders[-1] == ("h@'loU", "en-us")
+
+
+def test_the_bundled_engine_does_not_obey_phoneme_codes_either(tmp_path: Path) -> None:
+    # A second wall behind clean_text: the library is called without espeakPHONEMES, so "[[h@'loU]]"
+    # is read out as characters instead of being pronounced "hello" (the espeak-ng command obeys it).
+    hello = speak_job(tmp_path, "hello", "en-us")
+    raw = speak_job(tmp_path, "[[h@'loU]]", "en-us")
+    assert raw["seconds"] > 1.5 * hello["seconds"], (raw["seconds"], hello["seconds"])
 
 
 def test_refusals(tmp_path: Path) -> None:
@@ -128,18 +172,35 @@ def test_refusals(tmp_path: Path) -> None:
         lib.speak("Hello", "en-AU")
 
 
-def test_engine_failures_are_reasons(tmp_path: Path) -> None:
-    missing = make_library(tmp_path, Speaker(engine=str(tmp_path / "no-espeak")))
-    with pytest.raises(MediaError, match="^could not be spoken: the speech engine .* is not installed$"):
-        missing.speak("Hello", "en-GB")
+def test_an_unknown_voice_is_a_reason_not_the_previous_voice(tmp_path: Path) -> None:
+    make_library(tmp_path).speak("Hallo", "de-DE")  # the worker's current voice is now German
     voices = dict(Settings().tts_voices, **{"de-DE": "xx-nowhere"})
-    with pytest.raises(MediaError, match="^could not be spoken with voice xx-nowhere"):
-        make_library(tmp_path, tts_voices=voices).speak("Hallo", "de-DE")
+    with pytest.raises(MediaError, match="^could not be spoken with voice xx-nowhere: no such voice"):
+        make_library(tmp_path, tts_voices=voices).speak("Hallo zusammen", "de-DE")
+    with pytest.raises(MediaError, match="is not a voice name"):
+        make_library(tmp_path, tts_voices=dict(voices, **{"de-DE": "de;rm -rf"})).speak("Hallo", "de-DE")
 
 
-def test_long_message_renders_quickly_enough(tmp_path: Path) -> None:
+def test_long_message_renders(tmp_path: Path) -> None:
     text = ("This is a reminder from your clinic. Your appointment is on Tuesday at half past nine. "
             "Please arrive ten minutes early and bring your card. Press nothing, just listen. Goodbye!")
     media = make_library(tmp_path, msg_max_chars=500).speak(text[:200], "en-GB")
     assert 8 < media.seconds < 25
     assert sf.info(io.BytesIO(Path(media.path).read_bytes())).samplerate == 8000
+
+
+def test_a_missing_speech_command_is_a_reason(tmp_path: Path) -> None:
+    with pytest.raises(SpeechError, match="^could not be spoken: the speech engine .* is not installed$"):
+        CommandEngine(str(tmp_path / "no-espeak")).speak("Hello", "en-gb")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="the optional espeak-ng command is not installed")
+def test_the_system_command_engine_speaks_every_language(tmp_path: Path) -> None:
+    lib = make_library(tmp_path, tts_engine="espeak-ng")
+    for lang in LANGUAGES:
+        media = lib.speak(SENTENCES[lang], lang)
+        samples, rate = sf.read(media.path, dtype="float64")
+        assert rate == 8000 and 2.0 < media.seconds < 10.0 and np.sqrt(np.mean(samples ** 2)) > 0.01
+    voices = dict(Settings().tts_voices, **{"de-DE": "xx-nowhere"})
+    with pytest.raises(MediaError, match="^could not be spoken with voice xx-nowhere"):
+        make_library(tmp_path, tts_engine="espeak-ng", tts_voices=voices).speak("Hallo", "de-DE")

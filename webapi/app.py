@@ -44,7 +44,7 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
                clock: Callable[[], dt.datetime] = utcnow, records: CallRecords | None = None) -> Flask:
     """Build the API app.
 
-    ``media`` fetches and normalises prompts (``from_url``, ``speak``, ``path_for_sha``); ``dispatcher``
+    ``media`` fetches and normalises prompts (``from_url``, ``speak``, ``path_for_name``); ``dispatcher``
     (``wake()``) is told after a call row is committed; ``readiness`` returns named checks for
     ``/readyz``; ``clock`` returns naive-UTC now; ``records`` writes the calls (the daemon's own, whose
     listeners hear the statuses the API sets; by default a fresh one counting into ``metrics``).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from daemon.calls.view import TIMELINE_EVENT_SCHEMA, call_schema
 from daemon.config import LANGUAGES, Settings
 from daemon.store import CallStatus
 from webapi.validation import IDEMPOTENCY_KEY_MAX, LIMIT_DEFAULT, LIMIT_MAX, URL_MAX
@@ -40,6 +41,14 @@ def _answer(description: str, data_schema: dict[str, Any] | None = None) -> dict
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _raw(description: str, media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A 200 answer that is a raw document, not in the envelope."""
+    return {"description": description, "content": {media_type: {"schema": schema}}}
+
+
+WAV = _raw("WAV audio.", "audio/wav", {"type": "string", "format": "binary"})
+
+
 def _with_code(*schemas: dict[str, Any]) -> dict[str, Any]:
     return {"allOf": [*schemas, _ref("Code")]}
 
@@ -52,7 +61,10 @@ ERR = {
     409: "The call already started or is already final; nothing changed. `data.status` says which.",
     413: "Body larger than 64 KiB.",
     415: "Body neither application/x-www-form-urlencoded nor application/json.",
-    429: "Too many failed token attempts from this address in the last minute; see `Retry-After`.",
+    422: "`Idempotency-Key: reused with a different request; ...`: this token already used the key for a "
+         "call whose fields differ; nothing was created. Use a new key for a new call.",
+    429: "This address sent too many invalid or missing tokens (a burst of `auth_failures_per_minute`, then "
+         "that rate); see `Retry-After`. A valid token is never refused.",
     500: "Internal error (never expected for any input); no details are returned.",
     503: "The media store or the database is unavailable or busy; retry later (`Retry-After`).",
 }
@@ -139,7 +151,6 @@ def _readiness_schema() -> dict[str, Any]:
 
 
 def _schemas(settings: Settings) -> dict[str, Any]:
-    iso_time = _nullable("string", format="date-time", description="ISO 8601 UTC with Z; null when unset.")
     return {
         "Code": {
             "type": "object",
@@ -156,70 +167,14 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "status": {"type": "string", "enum": STATUSES, "description": "409 only: the call's status."},
             },
         })),
-        "Recording": {
-            "type": "object",
-            "nullable": True,
-            "required": ["seconds", "bytes", "url"],
-            "properties": {
-                "seconds": _nullable("number"),
-                "bytes": _nullable("integer"),
-                "url": {"type": "string", "description": "`/v1/calls/<callid>/recording` (needs the token)."},
-            },
-        },
-        "CallSummary": {
-            "type": "object",
-            "required": ["callid", "status", "phone_a", "phone_b", "play_url", "msg", "msg_lang",
-                         "dialtone_url", "scheduled", "call_date", "timezone", "due_at", "requested_at",
-                         "started_at", "a_answered_at", "bridged_at", "ended_at", "canceled_at",
-                         "canceled_by", "lateness_ms", "failed_leg", "a_cause", "b_cause", "reason",
-                         "ring_seconds", "talk_seconds", "recording", "token_hint"],
-            "properties": {
-                "callid": {"type": "string", "pattern": "^[0-9a-z]{8,40}$"},
-                "status": {"type": "string", "enum": STATUSES,
-                           "description": "scheduled → queued → dialing_a → a_answered → dialing_b → bridged "
-                                          "→ completed; or failed, canceled, missed."},
-                "phone_a": {"type": "string"},
-                "phone_b": {"type": "string"},
-                "play_url": {"type": "string"},
-                "msg": {"type": "string"},
-                "msg_lang": {"type": "string"},
-                "dialtone_url": {"type": "string"},
-                "scheduled": {"type": "boolean", "description": "True when `call_date` was given."},
-                "call_date": _nullable("string", description="Due time as `YYYY-MM-DD HH:MM` in the "
-                                                             "endpoint's time zone; null for immediate "
-                                                             "calls."),
-                "timezone": {"type": "string", "description": "The endpoint's time zone."},
-                "due_at": iso_time,
-                "requested_at": iso_time,
-                "started_at": iso_time,
-                "a_answered_at": iso_time,
-                "bridged_at": iso_time,
-                "ended_at": iso_time,
-                "canceled_at": iso_time,
-                "canceled_by": {"type": "string"},
-                "lateness_ms": _nullable("integer", description="Start time minus due time."),
-                "failed_leg": {"type": "string", "enum": ["", "a", "b"]},
-                "a_cause": {"type": "string", "description": "FreeSWITCH hangup cause of A, e.g. USER_BUSY."},
-                "b_cause": {"type": "string"},
-                "reason": {"type": "string"},
-                "ring_seconds": _nullable("number"),
-                "talk_seconds": _nullable("number"),
-                "recording": _ref("Recording"),
-                "token_hint": {"type": "string", "description": "The token's first characters; never all."},
-            },
-        },
+        "CallSummary": call_schema(),
         "CreateAnswer": _with_code(_ref("CallSummary"), {
             "type": "object",
             "required": ["token"],
             "properties": {"token": {"type": "string",
                                      "description": "The token as sent (create answer only)."}},
         }),
-        "TimelineEvent": {
-            "type": "object",
-            "required": ["at", "kind", "detail"],
-            "properties": {"at": {"type": "string", "format": "date-time"}, "kind": {"type": "string"},
-                           "detail": {"type": "object", "additionalProperties": True}},
-        },
+        "TimelineEvent": TIMELINE_EVENT_SCHEMA,
         "CallDetail": _with_code(_ref("CallSummary"), {
             "type": "object",
             "required": ["timeline"],
@@ -302,7 +257,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "429, 500). Authentication comes first: a request without a valid token answers 401 (or "
                 "429) before any field is checked. The token is sent as `Authorization: Bearer <token>`, "
                 "as the `token` field of the body, or as the `token` query parameter. Unknown fields are "
-                f"ignored; empty strings count as absent. {DST_RULE}"
+                f"ignored; empty strings count as absent. {DST_RULE}\n\nThe server itself may answer, on "
+                "any path, 408 (request line and headers, or the body, not received in time; the connection "
+                "closes) and 503 with `Retry-After` (every connection busy at the server's connection cap)."
             ),
         },
         "components": {
@@ -321,19 +278,22 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "description": "Checks the token, then the fields in this order: phone_a, phone_b, "
                                    "call_date, play_url, msg, msg_lang, dialtone_url; then fetches the media "
                                    "(a failure answers 400 `play_url: <reason>` etc.). With an "
-                                   "`Idempotency-Key`, a repeat for the same token returns the first call "
-                                   "(same callid) and creates nothing, whatever the repeat's body.",
+                                   "`Idempotency-Key`, a repeat of the same request for the same token "
+                                   "returns the first call (same callid) and creates nothing; the same key "
+                                   "with different fields (phone_a, phone_b, call_date, play_url, msg, "
+                                   "msg_lang, dialtone_url) answers 422. Form and JSON bodies of one "
+                                   "request are the same request.",
                     "security": SECURITY,
                     "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                     "schema": {"type": "string", "maxLength": IDEMPOTENCY_KEY_MAX},
                                     "description": "Printable ASCII; a retried create returns the same "
-                                                   "call."}],
+                                                   "call; reused for a different request, 422."}],
                     "requestBody": {"required": True, "content": {
                         "application/x-www-form-urlencoded": {"schema": _ref("CreateForm")},
                         "application/json": {"schema": _ref("CreateJson")}}},
                     "responses": {"200": _answer("The call was accepted (status scheduled or queued).",
                                                  _ref("CreateAnswer")),
-                                  **_errors(400, 401, 405, 413, 415, 429, 500, 503)},
+                                  **_errors(400, 401, 405, 413, 415, 422, 429, 500, 503)},
                 },
                 "get": {
                     "operationId": "listCalls",
@@ -362,10 +322,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": "The call's recording, when the endpoint records and the file is kept.",
                     "security": SECURITY,
                     "parameters": [CALLID_PATH, TOKEN_QUERY],
-                    "responses": {"200": {"description": "The audio file.",
-                                          "content": {"audio/wav": {"schema": {"type": "string",
-                                                                               "format": "binary"}}}},
-                                  **_errors(404, *AUTH_ERRORS)},
+                    "responses": {"200": WAV, **_errors(404, *AUTH_ERRORS)},
                 },
             },
             "/v1/scheduled": {
@@ -410,31 +367,25 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "get": {
                     "operationId": "metrics",
                     "summary": "Prometheus metrics (text exposition, not in the envelope).",
-                    "responses": {"200": {"description": "Metrics.",
-                                          "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                  **_errors(405)},
+                    "responses": {"200": _raw("Metrics.", "text/plain", {"type": "string"}), **_errors(405)},
                 },
             },
             "/v1/openapi.json": {
                 "get": {
                     "operationId": "openapi",
                     "summary": "This document (not in the envelope).",
-                    "responses": {"200": {"description": "The OpenAPI document.",
-                                          "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "responses": {"200": _raw("The OpenAPI document.", "application/json", {"type": "object"}),
                                   **_errors(405)},
                 },
             },
-            "/media/{sha256}.wav": {
+            "/media/{name}.wav": {
                 "get": {
                     "operationId": "media",
-                    "summary": "A prompt made by callbridge, by content hash (for a FreeSWITCH on another "
-                               "host).",
-                    "parameters": [{"name": "sha256", "in": "path", "required": True,
+                    "summary": "A prompt made by callbridge, by its keyed content hash, for FreeSWITCH only "
+                               "(media_mode = \"http\", client address in media_route_allow; 404 otherwise).",
+                    "parameters": [{"name": "name", "in": "path", "required": True,
                                     "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
-                    "responses": {"200": {"description": "WAV audio.",
-                                          "content": {"audio/wav": {"schema": {"type": "string",
-                                                                               "format": "binary"}}}},
-                                  **_errors(404, 405)},
+                    "responses": {"200": WAV, **_errors(404, 405)},
                 },
             },
         },

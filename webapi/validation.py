@@ -33,13 +33,12 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from daemon.config import LANGUAGES, Settings
-from daemon.store import CallStatus
+from daemon.store import CALLID_RE, CallStatus
 
 PHONE_RE = re.compile(r"^\+?[0-9]{7,15}$")
 EXTENSION_CHARS_RE = re.compile(r"^\+?[0-9]{1,20}$")  # what the engine can dial at all
 LOCAL_DATE_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2}) ([0-9]{2}):([0-9]{2})$")
 DAY_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})$")
-CALLID_RE = re.compile(r"^[0-9a-z]{8,40}$")
 URL_MAX = 2000
 IDEMPOTENCY_KEY_MAX = 200
 LIMIT_MAX = 200

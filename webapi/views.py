@@ -24,16 +24,17 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
 from daemon.calls.records import CallRecords, NewCall, NotCancelable
-from daemon.calls.view import call_view, endpoint_zone, iso
+from daemon.calls.view import call_view, endpoint_zone, timeline_view
 from daemon.config import Settings
+from daemon.media.library import MediaBusy, route_allows
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, Endpoint, database
 from webapi.envelope import ApiError, envelope
+from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.validation import (
     ListQuery,
-    ValidationError,
     decode_due_cursor,
     decode_id_cursor,
     encode_due_cursor,
@@ -48,25 +49,18 @@ log = logging.getLogger("callbridge.api")
 
 bp = Blueprint("api", __name__)
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MEDIA_NAME_RE = re.compile(r"^[0-9a-f]{64}$")
 FORM = "application/x-www-form-urlencoded"
 
 
-class MediaFileLike(Protocol):
-    path: str
-    sha256: str
-    seconds: float
-    bytes: int
-
-
 class MediaLike(Protocol):
-    """What the API needs of daemon.media.library: fetch/normalise a URL, speak a text, find a file by hash."""
+    """What the API needs of daemon.media.library: fetch/normalise a URL, speak a text, find a file by name."""
 
     def from_url(self, url: str, *, kind: str) -> Any: ...
 
     def speak(self, text: str, lang: str) -> Any: ...
 
-    def path_for_sha(self, sha: str) -> str | None: ...
+    def path_for_name(self, name: str) -> str | None: ...
 
 
 class DispatcherLike(Protocol):
@@ -136,22 +130,23 @@ def presented_token(values: Mapping[str, Any]) -> Any:
 
 
 def require_endpoint(values: Mapping[str, Any]) -> tuple[Endpoint, str]:
-    """The enabled endpoint owning the presented token, or 429 (address over its failure limit) / 401."""
+    """The enabled endpoint owning the presented token; else 401, or 429 while this address is over its
+    limit of failed attempts. A valid token is never refused (the limit counts failures only)."""
     c = ctx()
+    token = presented_token(values)
+    endpoint = authenticate(token) if isinstance(token, str) else None
+    if endpoint is not None:
+        return endpoint, token
     address = request.remote_addr or "unknown"
     wait = c.limiter.retry_after(address)
     if wait is not None:
         raise ApiError(429, "token: too many failed attempts from this address; retry later",
                        {"Retry-After": str(wait)})
-    token = presented_token(values)
+    c.limiter.fail(address)
     if token is None:
         raise ApiError(401, "token: missing", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
-    endpoint = authenticate(token) if isinstance(token, str) else None
-    if endpoint is None:
-        c.limiter.fail(address)
-        log_event(log, "api.auth_failed", logging.WARNING, address=address)
-        raise ApiError(401, "token: invalid or disabled", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
-    return endpoint, token
+    log_event(log, "api.auth_failed", logging.WARNING, address=address)
+    raise ApiError(401, "token: invalid or disabled", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
 
 
 def query_values() -> dict[str, Any]:
@@ -160,16 +155,6 @@ def query_values() -> dict[str, Any]:
 
 
 # Shapes ------------------------------------------------------------------------------------------
-
-def call_summary(call: Call, endpoint: Endpoint) -> dict[str, Any]:
-    """A call as lists, reads and the create answer show it (never the token)."""
-    return call_view(call, endpoint)
-
-
-def timeline(call: Call) -> list[dict[str, Any]]:
-    """The call's events, oldest first."""
-    return [{"at": iso(e.at), "kind": e.kind, "detail": e.detail_dict} for e in CallRecords.timeline(call.id)]
-
 
 def own_call(endpoint: Endpoint, raw_callid: str) -> Call:
     """The endpoint's call by callid; 404 whether it does not exist or belongs to someone else."""
@@ -198,6 +183,8 @@ def _media(field: str, fetch: Callable[[], Any]) -> Any:
         return fetch()
     except ValueError as exc:  # daemon.media.MediaError is a ValueError; its text is for the client
         raise ApiError(400, f"{field}: {exc}") from None
+    except MediaBusy as exc:
+        raise ApiError(503, f"{field}: {exc}", {"Retry-After": str(exc.retry_after)}) from None
     except OSError:
         log.exception("media store failed field=%s", field)
         raise ApiError(503, f"{field}: the media store is unavailable; retry later",
@@ -205,7 +192,7 @@ def _media(field: str, fetch: Callable[[], Any]) -> Any:
 
 
 def _create_answer(call: Call, endpoint: Endpoint, token: str) -> Response:
-    data = call_summary(call, endpoint)
+    data = call_view(call, endpoint)
     data["token"] = token  # the seed echoes the token in the create answer, and only there
     return envelope(data)
 
@@ -225,12 +212,14 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
     The web pages' form comes here too. Raises ValidationError or ApiError (400 naming the field, 503)."""
     c = ctx()
     now = c.clock()
+    zone = endpoint_zone(endpoint.timezone)
     req = parse_create(values, extension_pattern=endpoint.extension_pattern,
-                       allowed_prefixes=endpoint.allowed_prefixes, tz=endpoint_zone(endpoint.timezone),
-                       now=now, settings=c.settings)
+                       allowed_prefixes=endpoint.allowed_prefixes, tz=zone, now=now, settings=c.settings)
+    fingerprint = request_fingerprint(req, values, zone)
     if key is not None:
         earlier = CallRecords.by_idempotency_key(endpoint.id, key)
         if earlier is not None:
+            check_same_request(earlier, fingerprint)
             return earlier
     play = _media("play_url", lambda: c.media.from_url(req.play_url, kind="play")) if req.play_url else None
     spoken = _media("msg", lambda: c.media.speak(req.msg, req.msg_lang)) if req.msg else None
@@ -240,9 +229,12 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
         phone_a=req.phone_a, phone_b=req.phone_b, due_at=req.due_at, scheduled=req.scheduled,
         play_url=req.play_url, msg=req.msg, msg_lang=req.msg_lang, dialtone_url=req.dialtone_url,
         play_file=play.path if play else "", msg_file=spoken.path if spoken else "",
-        dialtone_file=tone.path if tone else "", idempotency_key=key), now=c.clock())  # media may have taken a while
+        dialtone_file=tone.path if tone else "", idempotency_key=key,
+        request_fingerprint=fingerprint if key is not None else None), now=c.clock())  # media may have taken a while
     if created.new:
         wake_dispatcher()
+    else:  # a concurrent request with the same key won the insert
+        check_same_request(created.call, fingerprint)
     return created.call
 
 
@@ -262,7 +254,7 @@ def list_calls() -> Response:
     rows = list(calls_page_query(endpoint.id, q))
     more = len(rows) > q.limit
     rows = rows[: q.limit]
-    return envelope({"calls": [call_summary(r, endpoint) for r in rows],
+    return envelope({"calls": [call_view(r, endpoint) for r in rows],
                      "next_cursor": encode_id_cursor(rows[-1].id) if more else None})
 
 
@@ -271,8 +263,8 @@ def read_call(callid: str) -> Response:
     """One of the token's calls with its timeline."""
     endpoint, _ = require_endpoint(query_values())
     call = own_call(endpoint, callid)
-    data = call_summary(call, endpoint)
-    data["timeline"] = timeline(call)
+    data = call_view(call, endpoint)
+    data["timeline"] = timeline_view(CallRecords.timeline(call.id))
     return envelope(data)
 
 
@@ -299,14 +291,14 @@ def list_scheduled() -> Response:
     rows = CallRecords.scheduled_page(endpoint.id, limit=q.limit + 1, after=after)
     more = len(rows) > q.limit
     rows = rows[: q.limit]
-    return envelope({"calls": [call_summary(r, endpoint) for r in rows],
+    return envelope({"calls": [call_view(r, endpoint) for r in rows],
                      "next_cursor": encode_due_cursor(rows[-1].due_at, rows[-1].id) if more else None})
 
 
 def _cancel(callid: str, values: Mapping[str, Any]) -> Response:
     endpoint, _ = require_endpoint(values)
     call = own_call(endpoint, callid)
-    return envelope(call_summary(cancel_call(call, endpoint), endpoint))
+    return envelope(call_view(cancel_call(call, endpoint), endpoint))
 
 
 def cancel_call(call: Call, endpoint: Endpoint, *, via: str = "the API") -> Call:
@@ -391,16 +383,24 @@ def metrics() -> Response:
     return Response(m.render(), status=200, content_type=m.content_type)
 
 
-@bp.route("/media/<sha256>.wav", methods=["GET"], provide_automatic_options=False)
-def media_file(sha256: str) -> Response:
-    """A prompt by its content hash, for a FreeSWITCH on another host (no token: the hash is the secret)."""
-    if not SHA256_RE.fullmatch(sha256):
+@bp.route("/media/<name>.wav", methods=["GET"], provide_automatic_options=False)
+def media_file(name: str) -> Response:
+    """A prompt for a FreeSWITCH on another host (``media_mode = "http"``), by its keyed name.
+
+    Only there, and only to the addresses in ``media_route_allow``; anything else is answered as if the
+    file did not exist. The name is an HMAC of the content under this installation's key: nobody can
+    compute it from a text they guess.
+    """
+    settings = ctx().settings
+    if settings.media_mode != "http" or not route_allows(settings.media_route_addresses, request.remote_addr):
         raise ApiError(404, "media: no such file")
-    path = ctx().media.path_for_sha(sha256)
+    if not MEDIA_NAME_RE.fullmatch(name):
+        raise ApiError(404, "media: no such file")
+    path = ctx().media.path_for_name(name)
     if not path or not os.path.isfile(path):
         raise ApiError(404, "media: no such file")
     response = send_file(path, mimetype="audio/wav", conditional=True, max_age=86400)
-    response.headers["Cache-Control"] = "public, max-age=86400, immutable"
+    response.headers["Cache-Control"] = "private, max-age=86400, immutable"  # for FreeSWITCH, not shared caches
     return response
 
 
@@ -412,9 +412,3 @@ def openapi() -> Response:
     document = openapi_document(ctx().settings)
     return Response(json.dumps(document, indent=1) + "\n", mimetype="application/json")
 
-
-# Errors raised by validation helpers -------------------------------------------------------------
-
-def validation_error_response(error: ValidationError) -> Response:
-    """400 naming the field and the rule."""
-    return envelope(None, 400, str(error))

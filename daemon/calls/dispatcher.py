@@ -1,7 +1,8 @@
 """The dispatcher: starts each pending call when it is due, within the limits, exactly once.
 
-The loop takes ``now`` from an injected clock and sleeps on an Event until the next call is due (or
-at most one second, so calls inserted by another process are noticed within a second). The API and
+A :class:`daemon.loop.Loop` runs :meth:`Dispatcher.tick` with ``now`` from an injected clock and sleeps
+until the next call is due (or at most one second, so calls inserted by another process are noticed
+within a second). The API and
 the engine ``wake()`` it when a call is committed, canceled or ends. Each wake-up is two indexed
 queries: the due calls in order, and the next due time.
 
@@ -29,10 +30,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gevent
-import gevent.event
 
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
+from daemon.loop import Loop
 from daemon.ops.logs import log_event
 from daemon.store import Call, CallStatus, Endpoint, utcnow
 from daemon.switch.engine import Engine
@@ -71,14 +72,15 @@ class Dispatcher:
     """Claims due calls and hands them to the engine."""
 
     def __init__(self, settings: Settings, engine: Engine, records: CallRecords,
-                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+                 clock: Callable[[], dt.datetime] = utcnow, *,
+                 monotonic: Callable[[], float] = lambda: gevent.get_hub().loop.now()) -> None:
         self.settings = settings
         self.engine = engine
         self.records = records
         self.clock = clock
-        self._wake = gevent.event.Event()
-        self._running = False
-        self._greenlet: gevent.Greenlet | None = None
+        self.monotonic = monotonic  # for the rate limits' token buckets
+        self.loop = Loop("dispatcher tick", lambda now: self.tick(now, self.monotonic()), clock, log=log,
+                         max_sleep=MAX_SLEEP, error_delay=MAX_SLEEP)
         self.global_rate = TokenBucket(settings.calls_per_second)
         self.endpoint_rates: dict[int, TokenBucket] = {}
         self.started_today: dict[int, int] = {}
@@ -88,18 +90,14 @@ class Dispatcher:
     # -- control ----------------------------------------------------------------------------------
     def wake(self) -> None:
         """Something changed (a call committed, canceled or ended): look again now."""
-        self._wake.set()
+        self.loop.wake()
 
     def start(self) -> None:
-        self._running = True
         self.recover(self.clock())
-        self._greenlet = gevent.spawn(self._loop)
+        self.loop.start()
 
     def stop(self) -> None:
-        self._running = False
-        self._wake.set()
-        if self._greenlet is not None:
-            self._greenlet.join(timeout=5)
+        self.loop.stop()
 
     # -- start-up ---------------------------------------------------------------------------------
     def recover(self, now: dt.datetime) -> int:
@@ -110,17 +108,7 @@ class Dispatcher:
             self.records.missed(call, now=now, grace=self.settings.schedule_grace)
         return len(overdue)
 
-    # -- the loop ---------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while self._running:
-            self._wake.clear()
-            try:
-                delay = self.tick(self.clock(), gevent.get_hub().loop.now())
-            except Exception:
-                log.exception("dispatcher tick failed")
-                delay = MAX_SLEEP
-            self._wake.wait(timeout=max(0.0, min(delay, MAX_SLEEP)))
-
+    # -- each tick --------------------------------------------------------------------------------
     def tick(self, now: dt.datetime, mono: float) -> float:
         """Start what is due at ``now`` within the limits; return seconds until worth looking again."""
         if not self.engine.ready:

@@ -37,7 +37,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from daemon.store import (
     Endpoint,
     database,
     is_shared,
+    new_callid,
     relaxed_durability,
     utcnow,
 )
@@ -102,6 +102,7 @@ class NewCall:
     msg_file: str = ""
     dialtone_file: str = ""
     idempotency_key: str | None = None
+    request_fingerprint: str | None = None  # of the request the key was used for (webapi/idempotency.py)
 
 
 class Created(NamedTuple):
@@ -269,10 +270,11 @@ class CallRecords:
         try:
             with database.atomic():
                 call = Call.create(
-                    callid=secrets.token_hex(14), endpoint=endpoint.id, phone_a=request.phone_a,
+                    callid=new_callid(), endpoint=endpoint.id, phone_a=request.phone_a,
                     phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
                     dialtone_url=request.dialtone_url, play_file=request.play_file, msg_file=request.msg_file,
-                    dialtone_file=request.dialtone_file, idempotency_key=key, requested_at=now, due_at=due,
+                    dialtone_file=request.dialtone_file, idempotency_key=key,
+                    request_fingerprint=request.request_fingerprint, requested_at=now, due_at=due,
                     scheduled=request.scheduled, status=status.value)
                 add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=request.scheduled or None)
                 self._notify(call, status, {})

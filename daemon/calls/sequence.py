@@ -18,25 +18,27 @@ The shape (run on a real FreeSWITCH 1.10.12, see shared/esl-traces/16*):
    never created.
 
 The sequence runs in its own greenlet and reads its events from an inbox that the engine fills by
-channel UUID, so the ESL reader never waits on call logic.
+channel UUID, so the ESL reader never waits on call logic. Where the call stands is its stored
+status (``CallStatus``, kept current by :class:`~daemon.calls.records.CallRecords`); the steps queued on
+A, and how they are finished after a lost connection, are :class:`~daemon.calls.appqueue.AppQueue`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import enum
 import logging
 import os
 import uuid as uuidlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import gevent
 import gevent.queue
 from peewee import DatabaseError
 
+from daemon.calls.appqueue import AppQueue, AppStep
 from daemon.calls.records import CallRecords
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
@@ -75,14 +77,6 @@ class RetryDial:
     """Inbox marker: try again an originate that was never sent."""
 
 
-class Phase(enum.Enum):
-    DIALING_A = "dialing_a"
-    PROMPTS = "prompts"
-    DIALING_B = "dialing_b"
-    BRIDGED = "bridged"
-    ENDING = "ending"
-
-
 @dataclass
 class CallOptions:
     """Settings a sequence needs, resolved once by the engine."""
@@ -105,13 +99,6 @@ class LegState:
     ringing_logged: bool = False
 
 
-@dataclass
-class AppStep:
-    app: str
-    arg: str
-    event_uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
-
-
 class CallSequence:
     """Drives one call on FreeSWITCH and writes down what happens to it."""
 
@@ -130,17 +117,9 @@ class CallSequence:
         self.a = LegState(str(call.a_uuid), created=call.a_answered_at is not None, answered_at=call.a_answered_at)
         self.b = LegState(str(call.b_uuid), answered_at=call.bridged_at)
         self.job_uuid = str(uuidlib.uuid4())
-        self.phase = Phase(call.status) if call.status in {p.value for p in Phase} else Phase.DIALING_A
-        if call.status == CallStatus.A_ANSWERED.value:
-            self.phase = Phase.PROMPTS
-        self.steps: dict[str, AppStep] = {}
-        self.bridge_step: AppStep | None = None
+        self.apps = AppQueue(self._send_app)
+        self.apps_queued = False  # by this run, or (learned from A's cb_stage) by a previous one
         self.bridge_disposition = ""
-        self.apps_queued = False
-        self.unsent: list[AppStep] = []  # built but not yet acknowledged by FreeSWITCH
-        self.uncertain: AppStep | None = None  # in flight when the connection was lost
-        self.marker: AppStep | None = None
-        self.waiting_for_marker: list[AppStep] = []
         self.recording = False
         self.connection_lost = False
         self.dial_pending = False
@@ -151,6 +130,11 @@ class CallSequence:
     @property
     def callid(self) -> str:
         return str(self.call.callid)
+
+    @property
+    def status(self) -> CallStatus:
+        """Where the call stands: its stored status, which the records keep current on ``self.call``."""
+        return CallStatus(self.call.status)
 
     def start(self) -> None:
         for key in (self.a.uuid, self.b.uuid, self.job_uuid):
@@ -171,7 +155,7 @@ class CallSequence:
                     self._check_alive()
                     continue
                 if isinstance(item, Stop):
-                    self.records.step(self.call, "daemon_stopped", phase=self.phase.value,
+                    self.records.step(self.call, "daemon_stopped", phase=self.status.value,
                                       note="call left to FreeSWITCH; reconciled at next start")
                     return
                 if isinstance(item, RetryDial):
@@ -250,51 +234,16 @@ class CallSequence:
         ]
         if endpoint.record:
             steps.append(AppStep("set", fs.set_arg("RECORD_STEREO", True)))
-        self.bridge_step = AppStep("bridge", fs.bridge_target(template=endpoint.dial_string, phone=call.phone_b,
-                                                              variables=self._leg_vars(self.b.uuid)))
-        steps.append(self.bridge_step)
+        bridge = AppStep("bridge", fs.bridge_target(template=endpoint.dial_string, phone=call.phone_b,
+                                                    variables=self._leg_vars(self.b.uuid)))
+        steps.append(bridge)
         # Only reached when the bridge failed (continue_on_fail): a short notice, then hang up.
         steps += [AppStep("playback", FAILURE_NOTICE), AppStep("hangup", "NORMAL_CLEARING")]
-        for step in steps:
-            self.steps[step.event_uuid] = step
-        self.unsent = steps
         self.apps_queued = True
-        self._send_unsent()
+        self.apps.start(steps, bridge=bridge)
 
-    def _send_unsent(self) -> None:
-        """Queue the steps not yet acknowledged, in order. On a lost connection the step in flight is kept
-        as ``uncertain``: FreeSWITCH may or may not have it, and ``_resume_queue`` decides."""
-        while self.unsent:
-            step = self.unsent[0]
-            try:
-                self.switch.send_message(fs.sendmsg_execute(self.a.uuid, step.app, step.arg,
-                                                            event_uuid=step.event_uuid))
-            except EslNotSent:
-                raise
-            except EslError:
-                self.uncertain = self.unsent.pop(0)
-                raise
-            self.unsent.pop(0)
-
-    def _resume_queue(self) -> None:
-        """Reconnected with steps not (surely) queued on A: finish queueing without ever dialing B twice.
-
-        Resending a ``set`` or ``playback`` that may already be queued is harmless; resending the bridge is
-        not. When the bridge itself was in flight, a marker app is queued behind it: if B appears, the
-        bridge was queued; if the marker runs first, it was not, and the bridge is sent then.
-        """
-        uncertain, self.uncertain = self.uncertain, None
-        if uncertain is not None and uncertain is self.bridge_step:
-            if self._exists(self.b.uuid):
-                self._send_unsent()
-                return
-            self.marker = AppStep("set", fs.set_arg("cb_resume", "marker"))
-            self.steps[self.marker.event_uuid] = self.marker
-            self.waiting_for_marker = [uncertain, *self.unsent]
-            self.unsent = [self.marker]
-        elif uncertain is not None:
-            self.unsent.insert(0, uncertain)
-        self._send_unsent()
+    def _send_app(self, step: AppStep) -> None:
+        self.switch.send_message(fs.sendmsg_execute(self.a.uuid, step.app, step.arg, event_uuid=step.event_uuid))
 
     def _guarded(self, action: Callable[[], None], phase: str) -> None:
         """Run a sending action; a lost connection is noted and handled once reconnected."""
@@ -364,10 +313,7 @@ class CallSequence:
 
     def _on_b_created(self) -> None:
         self._b_dialing()
-        if self.waiting_for_marker:
-            # B exists, so the bridge in flight at the drop was queued: queue what follows it.
-            self.marker, self.unsent, self.waiting_for_marker = None, self.waiting_for_marker[1:], []
-            self._guarded(self._send_unsent, "queuing")
+        self._guarded(self.apps.b_appeared, "queuing")
 
     def _on_originate_result(self, body: str) -> None:
         if body.startswith("-ERR"):
@@ -382,7 +328,6 @@ class CallSequence:
         now = self.records.clock()
         leg.answered_at = now
         if leg is self.a:
-            self.phase = Phase.PROMPTS
             self.records.a_answered(self.call, at=now)
             if not self.apps_queued:
                 self._guarded(self._queue_apps, "queuing")
@@ -390,32 +335,29 @@ class CallSequence:
             self.records.b_answered(self.call, at=now)
 
     def _on_execute(self, event: EslEvent) -> None:
-        step = self.steps.get(event.get("Application-UUID") or "")
-        if step is not None and step is self.marker:
-            # The marker ran before any bridge: the bridge in flight at the drop never arrived.
-            self.marker, self.unsent, self.waiting_for_marker = None, self.waiting_for_marker, []
-            self._guarded(self._send_unsent, "queuing")
-        elif step is self.bridge_step if step is not None else event.get("Application") == "bridge":
+        step = self.apps.find(event.get("Application-UUID") or "")
+        if step is not None and step is self.apps.marker:
+            self._guarded(self.apps.marker_ran, "queuing")
+        elif step is self.apps.bridge if step is not None else event.get("Application") == "bridge":
             self._b_dialing()
         elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE:
             self.records.step(self.call, "prompt_started", file=os.path.basename(step.arg))
 
     def _b_dialing(self) -> None:
-        if self.phase in (Phase.DIALING_A, Phase.PROMPTS):
-            self.phase = Phase.DIALING_B
+        if self.status in (CallStatus.DIALING_A, CallStatus.A_ANSWERED):
             self.records.dialing_b(self.call, at=self.records.clock())
 
     def _on_execute_complete(self, event: EslEvent) -> None:
-        step = self.steps.get(event.get("Application-UUID") or "")
+        step = self.apps.find(event.get("Application-UUID") or "")
         # An adopted call did not queue its apps in this run: it knows its bridge by name only.
-        is_bridge = step is self.bridge_step if step is not None else event.get("Application") == "bridge"
+        is_bridge = step is self.apps.bridge if step is not None else event.get("Application") == "bridge"
         if step is None and not is_bridge:
             return
         if is_bridge:
             self.bridge_disposition = event.get("variable_originate_disposition") or ""
-            if self.bridge_disposition == "SUCCESS" and self.phase != Phase.BRIDGED:
+            if self.bridge_disposition == "SUCCESS" and self.status != CallStatus.BRIDGED:
                 self._on_bridged(late=True)  # the bridge happened while we could not hear it
-            if (self.unsent or self.uncertain) and self.bridge_disposition != "SUCCESS" and not self.a.gone:
+            if self.apps.pending and self.bridge_disposition != "SUCCESS" and not self.a.gone:
                 with contextlib.suppress(EslError):  # the notice and hangup after it may never have been queued
                     self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
             self.records.step(self.call, "bridge_ended", disposition=self.bridge_disposition,
@@ -426,10 +368,9 @@ class CallSequence:
                               result=event.get("Application-Response"))
 
     def _on_bridged(self, late: bool = False) -> None:
-        if self.phase == Phase.BRIDGED:
+        if self.status == CallStatus.BRIDGED:
             return
         now = self.records.clock()
-        self.phase = Phase.BRIDGED
         self.b.created = True
         if self.b.answered_at is None:
             self.b.answered_at = now
@@ -467,7 +408,7 @@ class CallSequence:
         """End the call once A is gone and B is gone or was never created."""
         if not self.a.gone or (self.b.created and not self.b.gone):
             return
-        if self.call.bridged_at or self.phase == Phase.BRIDGED:
+        if self.call.bridged_at or self.status == CallStatus.BRIDGED:
             self._finish(CallStatus.COMPLETED)
         elif self.a.answered_at is None:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A was not reached")
@@ -475,7 +416,7 @@ class CallSequence:
             self.b.cause = self.b.cause or self.bridge_disposition
             self._finish(CallStatus.FAILED, failed_leg="b", b_cause=self.b.cause or self.bridge_disposition,
                          reason="B was not reached")
-        elif self.phase == Phase.DIALING_B:
+        elif self.status == CallStatus.DIALING_B:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up while B was ringing")
         elif self.call.play_file or self.call.msg_file:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up during the prompts")
@@ -488,7 +429,6 @@ class CallSequence:
         if self.done:
             return
         self.done = True
-        self.phase = Phase.ENDING
         now = self.records.clock()
         talk = ring = None
         if self.call.bridged_at:
@@ -540,8 +480,8 @@ class CallSequence:
                     self._finish(CallStatus.FAILED, reason="interrupted")
                 return
             self.records.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")
-            if self.unsent or self.uncertain:
-                self._resume_queue()
+            if self.apps.pending:
+                self.apps.resume(lambda: self._exists(self.b.uuid))
             if self._answered(self.a.uuid):
                 self.apps_queued = self.apps_queued or bool(self._getvar(self.a.uuid, "cb_stage"))
                 if self.a.answered_at is None:
@@ -558,13 +498,13 @@ class CallSequence:
             # FreeSWITCH sets "failure" when a bridge starts and the real outcome when it ends.
             if disposition == "failure" and not self.b.created:
                 self._b_dialing()  # the bridge is dialing B right now
-            elif disposition and disposition not in ("SUCCESS", "failure") and self.phase != Phase.BRIDGED:
+            elif disposition and disposition not in ("SUCCESS", "failure") and self.status != CallStatus.BRIDGED:
                 # The bridge failed unheard; A's queued notice and hangup follow.
                 self.bridge_disposition = disposition
                 self.b.cause = self.b.cause or disposition
                 self.b.created = self.b.gone = True
                 self.records.step(self.call, "bridge_ended", disposition=disposition)
-            elif self.phase in (Phase.DIALING_B, Phase.BRIDGED) or self.b.created:
+            elif self.status in (CallStatus.DIALING_B, CallStatus.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
                 self.b.created = self.b.gone = True
         except EslError:

@@ -1,17 +1,22 @@
-"""A call as the outside world sees it: the JSON object of the API's answers and of status webhooks.
+"""A call as the outside world sees it: the JSON object of the API's answers, of status webhooks and of
+``python -m daemon calls show``.
 
-One shape for both, so a client parses a webhook with the code that parses ``GET /v1/calls/<callid>``.
-Never the token: only its hint.
+Written once, as a list of fields, each with how it is read from the call and its JSON schema; the
+OpenAPI document's ``CallSummary`` is :func:`call_schema`, so the document cannot drift from the
+answers. A client parses a webhook with the code that parses ``GET /v1/calls/<callid>``. Never the
+token: only its hint.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from daemon.config import ConfigError, zone
-from daemon.store import Call, Endpoint
+from daemon.store import CALLID_PATTERN, Call, CallEvent, CallStatus, Endpoint
 
 
 def iso(when: dt.datetime | None) -> str | None:
@@ -34,39 +39,114 @@ def endpoint_zone(name: str) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
+@dataclass(frozen=True)
+class Field:
+    """One member of a call's public shape."""
+
+    name: str
+    read: Callable[[Call, Endpoint], Any]
+    schema: dict[str, Any]
+
+
+def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "nullable": True, **extra}
+
+
+def _text(name: str, **schema: Any) -> Field:
+    return Field(name, lambda call, _endpoint: getattr(call, name), {"type": "string", **schema})
+
+
+def _time(name: str) -> Field:
+    return Field(name, lambda call, _endpoint: iso(getattr(call, name)),
+                 _nullable("string", format="date-time", description="ISO 8601 UTC with Z; null when unset."))
+
+
+def _number(name: str, kind: str, description: str = "") -> Field:
+    extra = {"description": description} if description else {}
+    return Field(name, lambda call, _endpoint: getattr(call, name), _nullable(kind, **extra))
+
+
+def _call_date(call: Call, endpoint: Endpoint) -> str | None:
+    return utc_to_local_text(call.due_at, endpoint_zone(endpoint.timezone)) if call.scheduled else None
+
+
+def _recording(call: Call, _endpoint: Endpoint) -> dict[str, Any] | None:
+    if not call.recording_path:
+        return None
+    return {"seconds": call.recording_seconds, "bytes": call.recording_bytes,
+            "url": f"/v1/calls/{call.callid}/recording"}
+
+
+RECORDING_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "nullable": True,
+    "required": ["seconds", "bytes", "url"],
+    "properties": {
+        "seconds": _nullable("number"),
+        "bytes": _nullable("integer"),
+        "url": {"type": "string", "description": "`/v1/calls/<callid>/recording` (needs the token)."},
+    },
+    "description": "The bridged call's recording while it is kept; null when none.",
+}
+
+FIELDS: tuple[Field, ...] = (
+    _text("callid", pattern=CALLID_PATTERN),
+    _text("status", enum=[s.value for s in CallStatus],
+          description="scheduled → queued → dialing_a → a_answered → dialing_b → bridged → completed; "
+                      "or failed, canceled, missed."),
+    _text("phone_a"),
+    _text("phone_b"),
+    _text("play_url"),
+    _text("msg"),
+    _text("msg_lang"),
+    _text("dialtone_url"),
+    Field("scheduled", lambda call, _endpoint: bool(call.scheduled),
+          {"type": "boolean", "description": "True when `call_date` was given."}),
+    Field("call_date", _call_date, _nullable("string", description="Due time as `YYYY-MM-DD HH:MM` in the "
+                                                                   "endpoint's time zone; null for immediate "
+                                                                   "calls.")),
+    Field("timezone", lambda _call, endpoint: endpoint.timezone,
+          {"type": "string", "description": "The endpoint's time zone."}),
+    _time("due_at"),
+    _time("requested_at"),
+    _time("started_at"),
+    _time("a_answered_at"),
+    _time("bridged_at"),
+    _time("ended_at"),
+    _time("canceled_at"),
+    _text("canceled_by"),
+    _number("lateness_ms", "integer", "Start time minus due time."),
+    _text("failed_leg", enum=["", "a", "b"]),
+    _text("a_cause", description="FreeSWITCH hangup cause of A, e.g. USER_BUSY."),
+    _text("b_cause"),
+    _text("reason"),
+    _number("ring_seconds", "number"),
+    _number("talk_seconds", "number"),
+    Field("recording", _recording, RECORDING_SCHEMA),
+    Field("token_hint", lambda _call, endpoint: endpoint.token_hint,
+          {"type": "string", "description": "The token's first characters; never all."}),
+)
+
+
 def call_view(call: Call, endpoint: Endpoint) -> dict[str, Any]:
     """The call's public fields."""
-    recording = None
-    if call.recording_path:
-        recording = {"seconds": call.recording_seconds, "bytes": call.recording_bytes,
-                     "url": f"/v1/calls/{call.callid}/recording"}
-    return {
-        "callid": call.callid,
-        "status": call.status,
-        "phone_a": call.phone_a,
-        "phone_b": call.phone_b,
-        "play_url": call.play_url,
-        "msg": call.msg,
-        "msg_lang": call.msg_lang,
-        "dialtone_url": call.dialtone_url,
-        "scheduled": bool(call.scheduled),
-        "call_date": utc_to_local_text(call.due_at, endpoint_zone(endpoint.timezone)) if call.scheduled else None,
-        "timezone": endpoint.timezone,
-        "due_at": iso(call.due_at),
-        "requested_at": iso(call.requested_at),
-        "started_at": iso(call.started_at),
-        "a_answered_at": iso(call.a_answered_at),
-        "bridged_at": iso(call.bridged_at),
-        "ended_at": iso(call.ended_at),
-        "canceled_at": iso(call.canceled_at),
-        "canceled_by": call.canceled_by,
-        "lateness_ms": call.lateness_ms,
-        "failed_leg": call.failed_leg,
-        "a_cause": call.a_cause,
-        "b_cause": call.b_cause,
-        "reason": call.reason,
-        "ring_seconds": call.ring_seconds,
-        "talk_seconds": call.talk_seconds,
-        "recording": recording,
-        "token_hint": endpoint.token_hint,
-    }
+    return {field.name: field.read(call, endpoint) for field in FIELDS}
+
+
+def call_schema() -> dict[str, Any]:
+    """The JSON schema (OpenAPI 3.0) of :func:`call_view`'s object."""
+    return {"type": "object", "required": [field.name for field in FIELDS],
+            "properties": {field.name: field.schema for field in FIELDS}}
+
+
+def timeline_view(events: Iterable[CallEvent]) -> list[dict[str, Any]]:
+    """A call's steps as clients see them, oldest first."""
+    return [{"at": iso(event.at), "kind": event.kind, "detail": event.detail_dict} for event in events]
+
+
+TIMELINE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["at", "kind", "detail"],
+    "properties": {"at": {"type": "string", "format": "date-time"}, "kind": {"type": "string"},
+                   "detail": {"type": "object", "additionalProperties": True}},
+}

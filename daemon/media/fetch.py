@@ -1,6 +1,6 @@
 """Fetch a media URL safely: public addresses only, bounded in time, size and redirects.
 
-``fetch(url, policy)`` returns the body of an http or https URL as bytes, or raises ``FetchError``
+``fetch(url, policy, into)`` writes the body of an http or https URL to a file, or raises ``FetchError``
 whose text is a reason fit to show the person who sent the URL ("could not be fetched: connection
 refused", "resolves to a link-local address (169.254.169.254), which is not allowed").
 
@@ -16,8 +16,9 @@ What it guards against, and how:
 - Redirects are followed by hand, at most ``max_redirects`` of them, each hop checked as above.
 - Slow servers: a connect timeout, a timeout per read, and a total deadline that covers headers and
   body, so a server that trickles one byte a second cannot hold the request forever.
-- Large bodies: a Content-Length above the cap is refused before reading; otherwise the body is read
-  in pieces and the fetch stops as soon as it passes the cap.
+- Large bodies: a Content-Length above the cap is refused before reading; otherwise the body is copied
+  to the file in 64 KiB pieces (never held whole in memory) and the fetch stops as soon as it passes
+  the cap.
 
 Blocking sockets throughout: the daemon runs under gevent's monkey patching, where they yield.
 """
@@ -33,7 +34,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 Resolver = Callable[[str, int], list[str]]
@@ -331,23 +332,27 @@ def _size(limit: int) -> str:
     return f"{limit / (1024 * 1024):g} MB" if limit >= 1024 * 1024 else f"{limit} bytes"
 
 
-def _read_body(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
+def _copy_body(response: http.client.HTTPResponse, max_bytes: int, into: BinaryIO) -> int:
     declared = response.getheader("Content-Length")
     if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
         raise FetchError(f"is larger than {_size(max_bytes)}")
-    body = bytearray()
+    total = 0
     while True:
         chunk = response.read(CHUNK)
         if not chunk:
-            return bytes(body)
-        body += chunk
-        if len(body) > max_bytes:
+            return total
+        total += len(chunk)
+        if total > max_bytes:
             raise FetchError(f"is larger than {_size(max_bytes)}")
+        into.write(chunk)
 
 
-def fetch(url: str, policy: FetchPolicy, *, resolver: Resolver | None = None,
-          clock: Callable[[], float] = time.monotonic) -> bytes:
-    """The body of ``url`` after at most ``policy.max_redirects`` redirects; FetchError otherwise."""
+def fetch(url: str, policy: FetchPolicy, into: BinaryIO, *, resolver: Resolver | None = None,
+          clock: Callable[[], float] = time.monotonic) -> int:
+    """Write the body of ``url`` (after at most ``policy.max_redirects`` redirects) to ``into``; its size.
+
+    FetchError otherwise; ``into`` may then hold part of a body.
+    """
     guard = AddressGuard(policy.allow_private)
     resolve = resolver or default_resolver
     deadline = clock() + policy.total_timeout
@@ -383,7 +388,7 @@ def fetch(url: str, policy: FetchPolicy, *, resolver: Resolver | None = None,
             if response.status != 200:
                 raise FetchError(f"could not be fetched: the server answered {response.status} "
                                  f"{response.reason}".rstrip())
-            return _read_body(response, policy.max_bytes)
+            return _copy_body(response, policy.max_bytes, into)
         except _Overtime:
             raise FetchError(f"could not be fetched: it took longer than {policy.total_timeout:g} seconds"
                              ) from None

@@ -1,46 +1,56 @@
 """The media library: everything a caller hears, validated when the request arrives and kept by content.
 
-``MediaLibrary.from_url(url, kind="play" | "dialtone")`` fetches a URL (daemon.media.fetch: public
-addresses only, bounded in time, size and redirects), decodes and normalises it (daemon.media.audio: mono
-16-bit PCM WAV at ``sample_rate``) and stores it as ``<media_dir>/<sha256>.wav``. ``speak(text, lang)``
-renders a message offline (daemon.media.tts) into the same format, cached by (language, voice, rate, text).
-Both return a ``MediaFile``; both raise ``MediaError`` whose text completes a sentence about the field
-("play_url " + "is not audio (could not decode it)"), so the API can answer 400 with it.
+``MediaLibrary.from_url(url, kind="play" | "dialtone")`` downloads a URL (daemon.media.fetch: public
+addresses only, bounded in time, size and redirects) into a temporary file under the media folder, has
+a worker process decode and normalise it (daemon.media.audio: mono 16-bit PCM WAV at ``sample_rate``,
+refused from its header when it would cost too much) and stores the result as ``<media_dir>/<name>.wav``.
+``speak(text, lang)`` has a worker render a message offline (daemon.media.tts) into the same format,
+cached by (engine, language, voice, rate, text). Both return a ``MediaFile``; both raise ``MediaError``
+whose text completes a sentence about the field ("play_url " + "is not audio (could not decode it)"), so
+the API can answer 400 with it, or ``MediaBusy`` when every worker stayed busy (the API answers 503).
 
-A call keeps the path or hash of what was validated, so a scheduled call plays exactly that even if
-the URL changes or dies. ``playable`` turns it into what FreeSWITCH should open: the local path, or
-the daemon's own ``/media/<sha256>.wav`` URL when FreeSWITCH runs on another host (``media_mode``).
-``evict`` keeps the folder under ``media_cache_bytes``, least recently used first, never touching the
-files of pending calls. Use counts as a touch of the file's mtime, so the order survives restarts.
+Names are an HMAC of the content under this installation's key (daemon.media.naming): the same content
+is stored once, and nobody outside can compute a name. A call keeps the path of what was validated, so a
+scheduled call plays exactly that even if the URL changes or dies. ``playable`` turns it into what
+FreeSWITCH should open: the local path, or the daemon's own ``/media/<name>.wav`` URL when FreeSWITCH runs
+on another host (``media_mode``). ``evict`` keeps the folder under ``media_cache_bytes``, least recently
+used first, never touching the files of pending calls. Use counts as a touch of the file's mtime, so the
+order survives restarts.
 
 Concurrent requests for one URL (or one message) do the work once; the others wait for its result.
-Decoding and resampling are CPU work: under gevent they run in the hub's thread pool so the event
-loop (and the Event Socket connection) stays responsive.
+Decoding, resampling and speech run in a bounded pool of worker processes (daemon.media.pool), waited
+on cooperatively, so the event loop (and the Event Socket connection) stays responsive and no library
+lock is ever shared between gevent and real threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
+import logging
 import os
-import re
 import tempfile
 import threading
 import time
+import wave
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
-
-import soundfile as sf
+from typing import Any, Generic, TypeVar
 
 from daemon.config import DEFAULT_VOICES, LANGUAGES, Settings
-from daemon.media.audio import SLACK_SECONDS, AudioError, Normalised, TooLong, normalise
+from daemon.media.audio import SLACK_SECONDS, Limits
 from daemon.media.fetch import FetchError, FetchPolicy, Resolver, fetch
-from daemon.media.tts import Speaker, SpeechError, clean_text
+from daemon.media.naming import NAME, LegacyNames, load_or_create_key, migrate_legacy
+from daemon.media.pool import MediaBusy, WorkerFailed, WorkerPool
+from daemon.media.tts import clean_text
+from daemon.ops.logs import log_event
 
+__all__ = ["MediaBusy", "MediaError", "MediaFile", "MediaLibrary", "SingleFlight", "route_allows"]
+
+log = logging.getLogger("callbridge.media")
 T = TypeVar("T")
-_SHA = re.compile(r"[0-9a-f]{64}")
 # A file used this recently may belong to a call that is being created right now and is not yet
 # among the pending calls the daemon passes to evict().
 EVICT_GRACE_SECONDS = 600.0
@@ -51,12 +61,16 @@ class MediaError(ValueError):
     """Media that cannot be used; ``str()`` is the reason, for the user (it follows the field name)."""
 
 
+class _TooLong(MediaError):
+    """Longer than the limit the worker decoded under; each caller words it with its own limit."""
+
+
 @dataclass(frozen=True)
 class MediaFile:
-    """A normalised file in the media folder, named by the SHA-256 of its content."""
+    """A normalised file in the media folder, named by the keyed hash of its content."""
 
     path: str
-    sha256: str
+    name: str
     seconds: float
     bytes: int
 
@@ -117,37 +131,63 @@ class SingleFlight(Generic[T]):
             # The leader was killed (not failed): try again, perhaps as the leader.
 
 
-def _offload(work: Callable[[], T]) -> T:
-    """Run CPU-bound ``work`` off the gevent hub when gevent is in charge, else right here."""
+def _name_of(ref: str) -> str | None:
+    """The name in a MediaFile reference: the name itself or a path ending in ``<name>.wav``."""
+    base = os.path.basename(ref)
+    base = base[:-4] if base.endswith(".wav") else base
+    return base if NAME.fullmatch(base) else None
+
+
+def route_allows(allow: Iterable[str], address: str | None) -> bool:
+    """Whether ``address`` is in one of the ``allow`` addresses or ranges (``media_route_allow``)."""
     try:
-        from gevent import get_hub, monkey
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return work()
-    if not monkey.is_module_patched("threading"):
-        return work()
-    return get_hub().threadpool.apply(work)
-
-
-def _sha_of(ref: str) -> str | None:
-    """The hash in a MediaFile reference: the hash itself or a path ending in ``<hash>.wav``."""
-    name = os.path.basename(ref)
-    name = name[:-4] if name.endswith(".wav") else name
-    return name if _SHA.fullmatch(name) else None
+        addr = ipaddress.ip_address((address or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for entry in allow:
+        with contextlib.suppress(ValueError):
+            if addr in ipaddress.ip_network(entry, strict=False):
+                return True
+    return False
 
 
 class MediaLibrary:
     """Fetches, renders, stores and finds the daemon's media; see the module docstring."""
 
     def __init__(self, settings: Settings, *, resolver: Resolver | None = None,
-                 speaker: Speaker | None = None) -> None:
+                 pool: WorkerPool | None = None) -> None:
         self._settings = settings
-        self._dir = Path(settings.media_dir)
+        self._dir = Path(settings.media_dir).absolute()  # the workers get absolute paths
         self._tts_dir = self._dir / "tts"
         self._tts_dir.mkdir(parents=True, exist_ok=True)
+        self._key, made = load_or_create_key(settings.state_path)
+        self._legacy = LegacyNames(self._dir)
+        renamed = migrate_legacy(self._dir, self._key, self._legacy)
+        if made or renamed:
+            log_event(log, "media.key_created" if made else "media.migrated", renamed=renamed)
         self._policy = FetchPolicy.from_settings(settings)
+        self._limits = Limits(max_channels=settings.media_max_channels,
+                              max_sample_rate=settings.media_max_sample_rate,
+                              max_samples=settings.media_max_decoded_samples)
         self._resolver = resolver
-        self._speaker = speaker or Speaker(timeout=settings.tts_timeout)
+        self._owns_pool = pool is None
+        self.pool = pool or WorkerPool(settings.media_workers, queue_timeout=settings.media_queue_timeout,
+                                       cpu_seconds=settings.media_cpu_seconds)
         self._flights: SingleFlight[MediaFile] = SingleFlight()
+
+    def warm_up(self) -> None:
+        """Start a worker now rather than at the first request (a failure is logged; requests retry)."""
+        try:
+            self.pool.warm_up()
+        except Exception as exc:
+            log_event(log, "media.warm_up_failed", logging.WARNING, error=str(exc))
+
+    def close(self) -> None:
+        """Stop the worker processes this library started."""
+        if self._owns_pool:
+            self.pool.close()
 
     # Public interface ---------------------------------------------------------------------------------
 
@@ -161,9 +201,9 @@ class MediaLibrary:
         try:
             # One flight per URL whatever the kind: decode under the larger limit, judge per caller.
             media = self._flights.run(("url", url), lambda: self._fetch_and_store(url, max(limits.values())))
-        except TooLong:
+        except _TooLong:
             raise MediaError(f"is longer than {limit:g} seconds") from None
-        except (FetchError, AudioError) as exc:
+        except FetchError as exc:
             raise MediaError(str(exc)) from None
         if media.seconds > limit + SLACK_SECONDS:
             raise MediaError(f"is longer than {limit:g} seconds")
@@ -180,37 +220,35 @@ class MediaLibrary:
         if not words:
             raise MediaError("has nothing to say once control characters and markup are removed")
         voice = self._settings.tts_voices.get(lang) or DEFAULT_VOICES[lang]
-        rate = self._settings.sample_rate
-        key = hashlib.sha256(f"{lang}\n{voice}\n{rate}\n{words}".encode()).hexdigest()
-        try:
-            return self._flights.run(("tts", key), lambda: self._render(key, words, voice))
-        except (SpeechError, AudioError) as exc:
-            raise MediaError(str(exc)) from None
+        engine, rate = self._settings.tts_engine, self._settings.sample_rate
+        key = hashlib.sha256(f"{engine}\n{lang}\n{voice}\n{rate}\n{words}".encode()).hexdigest()
+        return self._flights.run(("tts", key), lambda: self._render(key, words, voice))
 
     def playable(self, media: MediaFile | str) -> str:
         """What FreeSWITCH should play: the local path, or the daemon's media URL in ``http`` mode."""
-        sha = media.sha256 if isinstance(media, MediaFile) else _sha_of(media)
-        if sha is None:
+        name = media.name if isinstance(media, MediaFile) else _name_of(media)
+        if name is None:
             raise ValueError(f"{media!r} is not a media file of this library")
+        name = self._current(name)
         if self._settings.media_mode == "local":
-            return str(self._dir / f"{sha}.wav")
-        return f"{self._settings.media_base_url.rstrip('/')}/media/{sha}.wav"
+            return str(self._dir / f"{name}.wav")
+        return f"{self._settings.media_base_url.rstrip('/')}/media/{name}.wav"
 
-    def path_for_sha(self, sha256: str) -> str | None:
-        """The file for ``/media/<sha256>.wav`` if it is stored here, else None."""
-        if not isinstance(sha256, str) or not _SHA.fullmatch(sha256):
+    def path_for_name(self, name: str) -> str | None:
+        """The file for ``/media/<name>.wav`` if it is stored here, else None."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             return None
-        path = self._dir / f"{sha256}.wav"
+        path = self._dir / f"{name}.wav"
         return str(path) if path.is_file() else None
 
     def evict(self, keep: Iterable[str], *, now: float | None = None) -> int:
         """Delete least recently used files until the folder is under ``media_cache_bytes``.
 
-        ``keep`` holds the paths (or hashes) of media that pending calls need; they, and files used in
+        ``keep`` holds the paths (or names) of media that pending calls need; they, and files used in
         the last ``EVICT_GRACE_SECONDS``, stay. Returns the bytes freed.
         """
         now = time.time() if now is None else now
-        pinned = {sha for sha in (_sha_of(ref) for ref in keep) if sha}
+        pinned = {self._current(name) for name in (_name_of(ref) for ref in keep) if name}
         freed = 0
         files: list[tuple[float, int, Path]] = []
         for entry in os.scandir(self._dir):
@@ -221,20 +259,20 @@ class MediaLibrary:
                 if now - stat.st_mtime > STALE_TEMP_SECONDS:  # left by a crash mid-write
                     freed += self._unlink(Path(entry.path), stat.st_size)
                 continue
-            if _sha_of(entry.name) and entry.name.endswith(".wav"):
+            if _name_of(entry.name) and entry.name.endswith(".wav"):
                 files.append((stat.st_mtime, stat.st_size, Path(entry.path)))
         total = sum(size for _, size, _ in files)
         cap = self._settings.media_cache_bytes
         for mtime, size, path in sorted(files):
             if total <= cap:
                 break
-            if _sha_of(path.name) in pinned or now - mtime < EVICT_GRACE_SECONDS:
+            if _name_of(path.name) in pinned or now - mtime < EVICT_GRACE_SECONDS:
                 continue
             freed += self._unlink(path, size)
             total -= size
         # Spoken-message index entries whose audio is gone would only cause a re-render; drop them.
         for entry in os.scandir(self._tts_dir):
-            if entry.is_file() and _SHA.fullmatch(entry.name):
+            if entry.is_file() and NAME.fullmatch(entry.name):
                 target = Path(entry.path).read_text(encoding="ascii", errors="replace").strip()
                 if not (self._dir / f"{target}.wav").exists():
                     self._unlink(Path(entry.path), 0)
@@ -242,57 +280,97 @@ class MediaLibrary:
 
     # Work ---------------------------------------------------------------------------------------------
 
+    def _current(self, name: str) -> str:
+        """``name``, or the name its file got when the media key was introduced."""
+        return name if (self._dir / f"{name}.wav").exists() else self._legacy.current(name)
+
+    def _job(self, op: str, max_seconds: float, **fields: Any) -> dict[str, Any]:
+        return {"op": op, "rate": self._settings.sample_rate, "max_seconds": max_seconds,
+                "limits": {"max_channels": self._limits.max_channels,
+                           "max_sample_rate": self._limits.max_sample_rate,
+                           "max_samples": self._limits.max_samples},
+                "folder": str(self._dir), "key": self._key.hex(), **fields}
+
     def _fetch_and_store(self, url: str, max_seconds: float) -> MediaFile:
-        data = fetch(url, self._policy, resolver=self._resolver)
-        rate = self._settings.sample_rate
-        result = _offload(lambda: normalise(data, rate=rate, max_seconds=max_seconds))
-        return self._store(result)
+        # The body goes to a file, not memory: twenty 50 MB downloads at once cost disk, not RSS.
+        fd, download = tempfile.mkstemp(prefix=".tmp-download-", dir=self._dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fetch(url, self._policy, fh, resolver=self._resolver)
+            answer = self._run(self._job("normalise", max_seconds, source=download),
+                               self._settings.media_decode_timeout, "decoded")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(download)
+        return self._adopt(answer)
 
     def _render(self, key: str, words: str, voice: str) -> MediaFile:
         index = self._tts_dir / key
         cached = self._cached(index)
         if cached is not None:
             return cached
-        wav = self._speaker.render(words, voice)
-        rate, limit = self._settings.sample_rate, self._settings.media_max_play_seconds
-        media = self._store(_offload(lambda: normalise(wav, rate=rate, max_seconds=limit)))
-        self._write_atomically(index, media.sha256.encode("ascii"))
+        job = self._job("speak", self._settings.media_max_play_seconds, text=words, voice=voice,
+                        engine=self._settings.tts_engine, timeout=self._settings.tts_timeout)
+        answer = self._run(job, self._settings.tts_timeout, "spoken")
+        media = self._adopt(answer)
+        self._write_index(index, media.name)
         return media
+
+    def _run(self, job: dict[str, Any], timeout: float, done: str) -> dict[str, Any]:
+        """The pool's answer to ``job``; a worker killed or dead is the request's MediaError."""
+        try:
+            return self.pool.run(job, timeout=timeout)
+        except WorkerFailed as exc:
+            log_event(log, "media.worker_failed", logging.WARNING, op=job["op"], reason=str(exc))
+            raise MediaError(f"could not be {done}: {exc}") from None
+        except MediaBusy:
+            log_event(log, "media.busy", logging.WARNING, op=job["op"], workers=self.pool.size)
+            raise
+
+    def _adopt(self, answer: dict[str, Any]) -> MediaFile:
+        """The stored file for a worker's answer (its temporary file renamed, or dropped as a duplicate)."""
+        if not answer["ok"]:
+            if answer["kind"] == "too_long":
+                raise _TooLong(answer["message"])
+            if answer["kind"] == "internal":
+                log_event(log, "media.worker_error", logging.ERROR, error=answer["message"])
+                raise OSError(answer["message"])
+            raise MediaError(answer["message"])
+        temp, name = answer["temp"], answer["name"]
+        if not NAME.fullmatch(name) or os.path.dirname(temp) != str(self._dir):
+            raise OSError(f"media worker answered an unexpected file {temp!r} / {name!r}")
+        path = self._dir / f"{name}.wav"
+        try:
+            os.utime(path)  # already stored: count this as a use
+            os.unlink(temp)
+        except FileNotFoundError:
+            os.replace(temp, path)
+        return MediaFile(str(path), name, float(answer["seconds"]), int(answer["bytes"]))
 
     def _cached(self, index: Path) -> MediaFile | None:
         try:
-            sha = index.read_text(encoding="ascii").strip()
+            name = index.read_text(encoding="ascii").strip()
         except (OSError, UnicodeError):
             return None
-        path = self._dir / f"{sha}.wav"
-        if not _SHA.fullmatch(sha) or not path.is_file():
+        path = self._dir / f"{name}.wav"
+        if not NAME.fullmatch(name) or not path.is_file():
             return None
         try:
-            info = sf.info(str(path))
+            seconds = _wav_seconds(path)
             size = path.stat().st_size
             os.utime(path)
-        except (OSError, RuntimeError):
+        except (OSError, EOFError, wave.Error, ZeroDivisionError):
             return None
-        return MediaFile(str(path), sha, info.frames / info.samplerate, size)
-
-    def _store(self, result: Normalised) -> MediaFile:
-        sha = hashlib.sha256(result.wav).hexdigest()
-        path = self._dir / f"{sha}.wav"
-        try:
-            os.utime(path)  # already stored: count this as a use
-        except FileNotFoundError:
-            self._write_atomically(path, result.wav)
-        return MediaFile(str(path), sha, result.seconds, len(result.wav))
+        return MediaFile(str(path), name, seconds, size)
 
     @staticmethod
-    def _write_atomically(path: Path, data: bytes) -> None:
+    def _write_index(path: Path, name: str) -> None:
+        """Record which file a message rendered to. A cache entry: not fsynced (that would stall the event
+        loop), since an entry lost or torn by a power cut only means the message is rendered again."""
         fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(temp, 0o644)  # FreeSWITCH runs as another user and must read it
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(name)
             os.replace(temp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -306,3 +384,9 @@ class MediaLibrary:
         except FileNotFoundError:
             return 0
         return size
+
+
+def _wav_seconds(path: Path) -> float:
+    """How long one of our WAVs plays, from its header (``wave``: no C library in the event loop)."""
+    with wave.open(str(path), "rb") as wav:
+        return wav.getnframes() / wav.getframerate()

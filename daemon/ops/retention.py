@@ -21,11 +21,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import gevent
-import gevent.event
-
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
+from daemon.loop import Loop
 from daemon.ops.logs import log_event
 from daemon.store import utcnow
 
@@ -44,27 +42,17 @@ class Retention:
         self.records = records or CallRecords(clock=clock)
         self.clock = clock
         self.interval = interval
-        self._stop = gevent.event.Event()
-        self._greenlet: gevent.Greenlet | None = None
+        self.loop = Loop("recording retention sweep", self._tick, clock, log=log, error_delay=interval)
 
     def start(self) -> None:
-        self._stop.clear()
-        self._greenlet = gevent.spawn(self._loop)
+        self.loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._greenlet is not None:
-            self._greenlet.join(timeout=5)
-            self._greenlet = None
+        self.loop.stop()
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                self.sweep(self.clock())
-            except Exception:
-                log.exception("recording retention sweep failed")
-            if self._stop.wait(timeout=self.interval):  # the interruptible sleep
-                return
+    def _tick(self, now: dt.datetime) -> float:
+        self.sweep(now)
+        return self.interval
 
     def _inside(self, path: str) -> Path | None:
         """``path`` resolved, when it lies inside recordings_dir; None otherwise."""

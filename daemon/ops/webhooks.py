@@ -34,7 +34,6 @@ import hmac
 import http.client
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -42,7 +41,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
-import gevent.event
 import gevent.pool
 import gevent.socket
 import gevent.ssl
@@ -50,6 +48,7 @@ from peewee import fn
 
 from daemon.calls.view import call_view, iso
 from daemon.config import Settings
+from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, utcnow
@@ -177,15 +176,12 @@ class Webhooks:
         self.clock = clock
         self.transport = transport
         self.per_endpoint = per_endpoint
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        # Receivers coming back after an outage are not stampeded: each delay is jittered down to half.
+        self.retry = Backoff(backoff_base, backoff_max, jitter=(0.5, 1.0))
         self.wall_clock = wall_clock
         self.pool = gevent.pool.Pool(pool_size)
-        self._wake = gevent.event.Event()
-        self._running = False
-        self._greenlet: gevent.Greenlet | None = None
+        self.loop = Loop("webhook tick", self.tick, clock, log=log, max_sleep=MAX_SLEEP, error_delay=MAX_SLEEP)
         self._in_flight: dict[int, int] = {}  # row id -> endpoint id
-        self._random = random.Random()
         self._pruned_at: dt.datetime | None = None
 
     # -- the listener -------------------------------------------------------------------------------
@@ -197,37 +193,20 @@ class Webhooks:
     # -- control ------------------------------------------------------------------------------------
     def wake(self) -> None:
         """Rows were added: look at the outbox now."""
-        self._wake.set()
+        self.loop.wake()
 
     def start(self) -> None:
         """Start sending; pending rows left by a previous run go first (they are already due)."""
-        if self._running:
-            return
-        self._running = True
-        self._greenlet = gevent.spawn(self._loop)
+        self.loop.start()
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop sending. Requests still running after ``grace`` are dropped; their rows stay pending."""
-        self._running = False
-        self._wake.set()
-        if self._greenlet is not None:
-            self._greenlet.join(timeout=5)
-            self._greenlet = None
+        self.loop.stop()
         self.pool.join(timeout=grace)
         self.pool.kill(block=True, timeout=2)
         self._in_flight.clear()
 
     # -- the sender ---------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while self._running:
-            self._wake.clear()
-            try:
-                delay = self.tick(self.clock())
-            except Exception:
-                log.exception("webhook tick failed")
-                delay = MAX_SLEEP
-            self._wake.wait(timeout=max(0.0, min(delay, MAX_SLEEP)))
-
     def tick(self, now: dt.datetime) -> float:
         """Hand the due pending rows to the pool (within its limits); return seconds until the next is due."""
         if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY:
@@ -268,8 +247,7 @@ class Webhooks:
 
     def backoff(self, attempts: int) -> float:
         """Seconds before retry number ``attempts`` + 1: doubling from ``backoff_base``, capped, jittered."""
-        delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1))
-        return delay * self._random.uniform(0.5, 1.0)  # jitter: receivers coming back are not stampeded
+        return self.retry.delay(attempts)
 
     def _attempt(self, row_id: int) -> None:
         try:
@@ -278,7 +256,7 @@ class Webhooks:
             log.exception("webhook delivery failed", extra={"row": row_id})
         finally:
             self._in_flight.pop(row_id, None)
-            self._wake.set()  # a slot is free
+            self.loop.wake()  # a slot is free
 
     def deliver(self, row_id: int) -> str:
         """One attempt at one row; returns its state afterwards."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from daemon.store import CALLID_RE
+
 CALLID_VAR = "cb_callid"
 
 
@@ -36,7 +38,6 @@ class DialStringError(ValueError):
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 NUMBER_RE = re.compile(r"^\+?[0-9]{1,20}$")
-CALLID_RE = re.compile(r"^[0-9a-z]{8,40}$")
 VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # Bare values allowed in a variable block: no separators, quotes, braces or expansion characters.
 BARE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:/@+%()=;#-]{0,200}$")
@@ -59,22 +60,23 @@ def _plain(value: str, what: str) -> str:
     return value
 
 
-def uuid(value: str) -> str:
-    if not UUID_RE.fullmatch(_plain(value, "uuid")):
-        raise UnsafeValue(f"uuid: {value!r} is not a lowercase UUID")
+def _whitelisted(value: str, what: str, rule: re.Pattern[str], unless: str) -> str:
+    """``value`` when it is plain and fully matches ``rule``; else UnsafeValue saying what it is not."""
+    if not rule.fullmatch(_plain(value, what)):
+        raise UnsafeValue(f"{what}: {value!r} {unless}")
     return value
+
+
+def uuid(value: str) -> str:
+    return _whitelisted(value, "uuid", UUID_RE, "is not a lowercase UUID")
 
 
 def number(value: str) -> str:
-    if not NUMBER_RE.fullmatch(_plain(value, "number")):
-        raise UnsafeValue(f"number: {value!r} is not digits with an optional leading +")
-    return value
+    return _whitelisted(value, "number", NUMBER_RE, "is not digits with an optional leading +")
 
 
 def cause(value: str) -> str:
-    if not CAUSE_RE.fullmatch(_plain(value, "cause")):
-        raise UnsafeValue(f"cause: {value!r} is not a hangup cause name")
-    return value
+    return _whitelisted(value, "cause", CAUSE_RE, "is not a hangup cause name")
 
 
 def check_dial_template(template: str) -> str:
@@ -119,8 +121,7 @@ def var_block(variables: Mapping[str, str | int | bool], brackets: str = "{}") -
 def leg_variables(*, leg_uuid: str, callid: str, caller_id_number: str, caller_id_name: str,
                   originate_timeout: int) -> dict[str, str | int | bool]:
     """The variables every leg we originate carries."""
-    if not CALLID_RE.fullmatch(_plain(callid, "callid")):
-        raise UnsafeValue(f"callid: {callid!r} is not ours")
+    _whitelisted(callid, "callid", CALLID_RE, "is not ours")
     variables: dict[str, str | int | bool] = {
         "origination_uuid": uuid(leg_uuid),
         "origination_caller_id_number": number(caller_id_number),
@@ -215,10 +216,6 @@ def sendmsg_execute(channel: str, app: str, arg: str, *, event_uuid: str, lock: 
     if body:
         headers += ["content-type: text/plain", f"content-length: {len(body)}"]
     return "\n".join(headers) + "\n\n" + arg
-
-
-def sendmsg_hangup(channel: str, hangup_cause: str = "NORMAL_CLEARING") -> str:
-    return f"sendmsg {uuid(channel)}\ncall-command: hangup\nhangup-cause: {cause(hangup_cause)}\n\n"
 
 
 def uuid_kill(channel: str, hangup_cause: str = "NORMAL_CLEARING") -> str:

@@ -3,7 +3,8 @@
 * One connection at a time, made fresh after every drop (``EslConnection`` objects are single-use),
   reconnected with exponential backoff and jitter. A connection that goes quiet for longer than
   ``esl_heartbeat_timeout`` is probed with ``api status`` (bounded by the command timeout) and
-  dropped if that fails, so a hung FreeSWITCH is noticed, not waited on.
+  dropped if that fails, so a hung FreeSWITCH is noticed, not waited on. Both are the ticks of one
+  :class:`daemon.loop.Loop` (the supervisor), which a drop wakes at once.
 * Events are routed to their call by channel UUID or Job-UUID through one dict: O(1), and the reader
   only enqueues.
 * After every (re)connection each call in flight is told, and asks FreeSWITCH what became of its
@@ -27,6 +28,7 @@ import gevent.lock
 from daemon.calls.records import CallRecords
 from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop
 from daemon.config import Settings
+from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
 from daemon.store import Call, Endpoint
 from daemon.switch import commands as fs
@@ -46,7 +48,8 @@ class Engine:
 
     def __init__(self, settings: Settings, records: CallRecords, *,
                  playable: Callable[[str], str] = lambda path: path,
-                 on_call_end: Callable[[CallSequence], None] | None = None) -> None:
+                 on_call_end: Callable[[CallSequence], None] | None = None,
+                 rng: random.Random | None = None) -> None:
         self.settings = settings
         self.records = records
         self.metrics = records.metrics
@@ -63,8 +66,10 @@ class Engine:
         self.active: dict[int, CallSequence] = {}
         self.in_flight_by_endpoint: Counter[int] = Counter()
         self._running = False
-        self._dropped = gevent.event.Event()
-        self._supervisor: gevent.Greenlet | None = None
+        self._connected_before = False
+        self.backoff = Backoff(0.2, settings.esl_reconnect_max_delay, rng=rng or random.Random())
+        # Its clock is the one EslConnection stamps last_received with.
+        self.supervisor = Loop("esl supervisor", self._supervise, time.monotonic, log=log)
 
     # -- connection -------------------------------------------------------------------------------
     @property
@@ -73,13 +78,13 @@ class Engine:
 
     def start(self) -> None:
         self._running = True
-        self._supervisor = gevent.spawn(self._supervise)
+        self.supervisor.start()
 
     def _connect(self) -> EslConnection:
         s = self.settings
         conn = EslConnection(s.esl_host, s.esl_port, s.esl_password, connect_timeout=s.esl_command_timeout,
                              command_timeout=s.esl_command_timeout, on_event=self._on_event,
-                             on_disconnect=self._on_disconnect)
+                             on_disconnect=lambda _reason: self._on_disconnect(conn))
         conn.connect()
         try:
             conn.command(fs.event_subscription(EVENTS))
@@ -90,7 +95,6 @@ class Engine:
         restarted = self.core_uuid is not None and core != self.core_uuid
         self.core_uuid = core
         self.conn = conn
-        self._dropped.clear()
         self.connected.set()
         self.metrics.esl_connected.set(1)
         log_event(log, "esl.connected", host=s.esl_host, port=s.esl_port, core_uuid=core, restarted=restarted)
@@ -98,41 +102,43 @@ class Engine:
             sequence.deliver(Reconnected(restarted))
         return conn
 
-    def _supervise(self) -> None:
-        delay = 0.2
-        first = True
-        while self._running:
-            try:
-                conn = self._connect()
-            except EslError as exc:
-                log_event(log, "esl.connect_failed", logging.WARNING, error=str(exc), retry_in=round(delay, 2))
-                gevent.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.settings.esl_reconnect_max_delay)
-                continue
-            if not first:
-                self.metrics.esl_reconnects.inc()
-            first = False
-            delay = 0.2
-            self._watch(conn)
+    def _supervise(self, now: float) -> float:
+        """One look at the connection: probe it when silent too long, note a drop, (re)connect; returns
+        seconds until the next look (a drop wakes the supervisor at once)."""
+        quiet = self.settings.esl_heartbeat_timeout
+        conn = self.conn
+        if conn is not None and conn.connected:
+            if now - conn.last_received > quiet:
+                try:
+                    conn.api("status")
+                except EslError:
+                    conn.close()  # a hung switch: drop it and reconnect
+            return min(1.0, quiet / 4)
+        if conn is not None:
+            self.conn = None
             self.connected.clear()
             self.metrics.esl_connected.set(0)
             if self._running:
                 log_event(log, "esl.disconnected", logging.WARNING)
+        if not self._running:
+            return 1.0  # stopping: the loop will not tick again
+        try:
+            self._connect()
+        except EslError as exc:
+            delay = self.backoff.next()
+            log_event(log, "esl.connect_failed", logging.WARNING, error=str(exc), retry_in=round(delay, 2))
+            return delay
+        if self._connected_before:
+            self.metrics.esl_reconnects.inc()
+        self._connected_before = True
+        self.backoff.reset()
+        return min(1.0, quiet / 4)
 
-    def _watch(self, conn: EslConnection) -> None:
-        """Return when the connection is gone; probe it when it has been silent too long."""
-        quiet = self.settings.esl_heartbeat_timeout
-        while self._running and conn.connected:
-            self._dropped.wait(timeout=min(1.0, quiet / 4))
-            if conn.connected and time.monotonic() - conn.last_received > quiet:
-                try:
-                    conn.api("status")
-                except EslError:
-                    conn.close()
-
-    def _on_disconnect(self, exc: BaseException | None) -> None:
-        self.connected.clear()
-        self._dropped.set()
+    def _on_disconnect(self, conn: EslConnection) -> None:
+        """Runs in the connection's reader; a connection that never became ours (a failed attempt) is ignored."""
+        if conn is self.conn:
+            self.connected.clear()
+            self.supervisor.wake()
 
     def _on_event(self, event: EslEvent) -> None:
         """Runs in the ESL reader: route, never wait."""
@@ -201,14 +207,6 @@ class Engine:
     def in_flight(self) -> int:
         return len(self.active)
 
-    def hangup(self, callid: str) -> bool:
-        """Operator hang-up: kill A (FreeSWITCH then cancels or hangs up B)."""
-        for sequence in self.active.values():
-            if sequence.callid == callid:
-                self.api(fs.uuid_kill(sequence.a.uuid, "NORMAL_CLEARING"))
-                return True
-        return False
-
     def stop(self, timeout: float = 5.0) -> None:
         """Stop following calls; they go on inside FreeSWITCH and are adopted at the next start."""
         self._running = False
@@ -219,7 +217,8 @@ class Engine:
         # A sequence stuck on a command must not outlive the engine (and write to the next store).
         gevent.killall([g for g in greenlets if not g.dead], block=True, timeout=timeout)
         if self.conn is not None:
-            self.conn.close()
-        if self._supervisor is not None:
-            self._supervisor.kill(block=True, timeout=timeout)
+            self.conn.close()  # also releases a probe waiting for its answer
+        self.supervisor.stop(timeout=min(timeout, 1.0))
+        if self.conn is not None:
+            self.conn.close()  # made by a connect that was under way
         self.connected.clear()

@@ -121,14 +121,10 @@ class EslConnection(InboundESL):
         # queue and the plain ``connected`` attribute that this class replaces. The attributes its
         # remaining helpers (register_handle/unregister_handle) and callers use are set here.
         _check_line("password", password)
-        self.host = host
-        self.port = port
-        self.password = password
-        self.timeout = connect_timeout
-        self.connect_timeout = connect_timeout
+        self.host, self.port, self.password = host, port, password
+        self.timeout = self.connect_timeout = connect_timeout  # greenswitch's helpers read .timeout
         self.command_timeout = command_timeout
-        self.on_event = on_event
-        self.on_disconnect = on_disconnect
+        self.on_event, self.on_disconnect = on_event, on_disconnect
         self.event_handlers: dict[str, list[EventHandler]] = {}
         #: ``time.monotonic()`` of the last byte received (for HEARTBEAT / idle watchdogs).
         self.last_received: float = time.monotonic()

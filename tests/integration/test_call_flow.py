@@ -193,3 +193,30 @@ def test_metrics_after_calls_parse_with_the_prometheus_parser(harness: Harness) 
     assert samples[("callbridge_esl_connected", ())] == 1
     assert samples[("callbridge_scheduler_lateness_seconds_count", ())] == 1
     assert samples[("callbridge_calls_in_flight", (("phase", "dialing_a"),))] == 0
+
+
+@pytest.mark.time_scale(0.1)  # B stays up 30 s: time enough for a command-line start under load
+def test_the_operator_hangs_up_a_call_from_the_command_line(harness: Harness) -> None:
+    """``python -m daemon calls hangup CALLID``, run beside the daemon as an operator would: A is killed
+    by the UUID the daemon stored, FreeSWITCH hangs B up, and the daemon records the end it hears."""
+    import json
+    import sys
+
+    import gevent.subprocess
+
+    call = harness.place(harness.endpoint(), "15550000431", "15550000432", prompts=False)  # B would talk 300 s
+    harness.wait_status(call, "bridged")
+    s = harness.settings
+    env = {**os.environ, "CALLBRIDGE_DATABASE_URL": s.database_url, "CALLBRIDGE_STATE_DIR": str(s.state_dir),
+           "CALLBRIDGE_ESL_HOST": s.esl_host, "CALLBRIDGE_ESL_PORT": str(s.esl_port),
+           "CALLBRIDGE_ESL_PASSWORD": s.esl_password}
+    env.pop("CALLBRIDGE_CONFIG", None)
+    done = gevent.subprocess.run([sys.executable, "-m", "daemon", "calls", "hangup", call.callid, "--json"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"callid": call.callid, "freeswitch": "+OK"}
+    ended = harness.wait_final(call, timeout=30)
+    assert (ended.status, ended.a_cause) == ("completed", "NORMAL_CLEARING"), harness.timeline(ended)
+    again = gevent.subprocess.run([sys.executable, "-m", "daemon", "calls", "hangup", call.callid],
+                                  env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "not in progress (status completed)" in again.stderr

@@ -126,7 +126,8 @@ def test_sigkill_mid_call_then_restart_reconciles_every_call(tmp_path: Path, sto
 def test_sigterm_leaves_bridged_calls_to_freeswitch_and_the_next_start_follows_them(tmp_path: Path) -> None:
     from freeswitch.standin import StandIn
 
-    switch = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=0.05)
+    # B talks 60 plan seconds, 12 s here: long enough that a stop on a loaded machine ends well inside it.
+    switch = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=0.2)
     switch.start()
     daemon = Daemon(tmp_path / "state", switch.port)
     try:
@@ -134,7 +135,7 @@ def test_sigterm_leaves_bridged_calls_to_freeswitch_and_the_next_start_follows_t
                            "sofia/gateway/carrier/{number}")["token"]
         daemon.start()
         status, answer = daemon.request("POST", "/v1/calls", {"token": token, "phone_a": "15550000601",
-                                                              "phone_b": "15550001601"})  # B talks 60 s (3 s)
+                                                              "phone_b": "15550001601"})
         assert status == 200
         callid = answer["data"]["callid"]
         query = f"/v1/calls/{callid}?token={urllib.parse.quote(token)}"

@@ -47,7 +47,7 @@ from tests.robustness.helpers import FIGURES
 
 pytestmark = pytest.mark.timeout(300)
 
-RAW = {"/metrics", "/media/{sha256}.wav", "/v1/calls/{callid}/recording", "/v1/openapi.json"}
+RAW = {"/metrics", "/media/{name}.wav", "/v1/calls/{callid}/recording", "/v1/openapi.json"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 

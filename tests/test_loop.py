@@ -1,0 +1,153 @@
+"""The background loop primitive: ticks with the injected clock, sleeps what the tick says, is woken
+early by wake(), stops promptly, survives a failing tick; and the reconnect backoff."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import gevent
+import gevent.event
+import gevent.queue
+import pytest
+
+from daemon.loop import Backoff, Loop
+
+log = logging.getLogger("test.loop")
+LONG = 3600.0  # a sleep no test may ever wait out
+
+
+class Ticks:
+    """A tick that reports each ``now`` it is given and returns ``delay``."""
+
+    def __init__(self, delay: float = LONG) -> None:
+        self.delay = delay
+        self.seen: gevent.queue.Queue = gevent.queue.Queue()
+        self.fail_next = False
+
+    def __call__(self, now: int) -> float:
+        self.seen.put(now)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        return self.delay
+
+
+class Clock:
+    """Each reading is one more than the last, so a test sees which reading each tick got."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        self.now += 1
+        return self.now
+
+
+def test_ticks_with_the_injected_clock_and_wake_runs_it_again_at_once() -> None:
+    ticks = Ticks(LONG)
+    loop = Loop("test tick", ticks, Clock(), log=log)
+    loop.start()
+    try:
+        assert ticks.seen.get(timeout=10) == 1
+        loop.wake()  # without it the next tick would be an hour away
+        assert ticks.seen.get(timeout=10) == 2
+    finally:
+        loop.stop()
+    assert not loop.running
+
+
+def test_the_tick_decides_the_sleep_within_max_sleep() -> None:
+    ticks = Ticks(LONG)
+    loop = Loop("test tick", ticks, Clock(), log=log, max_sleep=0.01)
+    loop.start()
+    try:
+        for expected in (1, 2, 3):  # no wake(): max_sleep alone brings the next ticks
+            assert ticks.seen.get(timeout=10) == expected
+    finally:
+        loop.stop()
+
+
+def test_stop_interrupts_the_sleep_and_no_tick_follows() -> None:
+    ticks = Ticks(LONG)
+    loop = Loop("test tick", ticks, Clock(), log=log)
+    loop.start()
+    ticks.seen.get(timeout=10)
+    with gevent.Timeout(10):  # an hour's sleep, interrupted
+        loop.stop()
+    loop.wake()
+    gevent.sleep(0)
+    assert ticks.seen.empty()
+
+
+def test_a_started_loop_looks_once_even_if_stopped_at_once() -> None:
+    ticks = Ticks(LONG)
+    loop = Loop("test tick", ticks, Clock(), log=log)
+    loop.start()
+    loop.stop()
+    assert ticks.seen.qsize() == 1
+
+
+def test_a_first_delay_interrupted_by_stop_never_ticks() -> None:
+    ticks = Ticks(LONG)
+    loop = Loop("test tick", ticks, Clock(), log=log, first_delay=LONG)
+    loop.start()
+    gevent.sleep(0)
+    with gevent.Timeout(10):
+        loop.stop()
+    assert ticks.seen.empty()
+
+
+def test_a_failing_tick_is_logged_and_tried_again_after_the_error_delay(caplog: pytest.LogCaptureFixture) -> None:
+    ticks = Ticks(LONG)
+    ticks.fail_next = True
+    loop = Loop("test tick", ticks, Clock(), log=log, error_delay=0.01)
+    with caplog.at_level(logging.ERROR, logger="test.loop"):
+        loop.start()
+        try:
+            assert ticks.seen.get(timeout=10) == 1
+            assert ticks.seen.get(timeout=10) == 2  # the error delay, not the hour a good tick asks for
+        finally:
+            loop.stop()
+    assert "test tick failed" in caplog.text
+
+
+def test_a_tick_stuck_past_the_stop_timeout_is_killed() -> None:
+    entered = gevent.event.Event()
+
+    def stuck(now: int) -> float:
+        entered.set()
+        gevent.sleep(LONG)  # stands for I/O that never answers
+        return LONG
+
+    loop = Loop("stuck tick", stuck, Clock(), log=log)
+    loop.start()
+    assert entered.wait(timeout=10)
+    with gevent.Timeout(10):
+        loop.stop(timeout=0.01)
+    assert not loop.running
+
+
+def test_a_loop_can_be_started_again_after_a_stop() -> None:
+    ticks = Ticks(LONG)
+    loop = Loop("test tick", ticks, Clock(), log=log)
+    loop.start()
+    ticks.seen.get(timeout=10)
+    loop.stop()
+    loop.start()
+    try:
+        assert ticks.seen.get(timeout=10) == 2
+    finally:
+        loop.stop()
+
+
+def test_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:
+    backoff = Backoff(0.2, 1.0, jitter=(0.8, 1.2), rng=random.Random(7))
+    delays = [backoff.next() for _ in range(5)]
+    for delay, base in zip(delays, [0.2, 0.4, 0.8, 1.0, 1.0], strict=True):
+        assert base * 0.8 <= delay <= base * 1.2
+    assert len(set(delays)) == 5  # jittered: reconnecting daemons do not stampede in step
+    backoff.reset()
+    assert 0.16 <= backoff.next() <= 0.24
+    same = Backoff(0.2, 1.0, rng=random.Random(7))
+    assert [same.next() for _ in range(5)] == delays  # the randomness is injected

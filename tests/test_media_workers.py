@@ -1,0 +1,235 @@
+"""The media worker pool: no deadlock under concurrency, bounded waits, deadlines, CPU limits, crashes.
+
+Decoding and speech used to run in gevent's hub thread pool, where soundfile's class-level lock (made
+as a gevent lock by the monkey-patching) was taken from real threads: 9 of 30 concurrent normalisations
+hung for good. They now run in worker processes; these tests drive them from greenlets, as the daemon
+does, with deadlines that only detect a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+import soundfile as sf
+
+from daemon.config import Settings
+from daemon.media.library import MediaError, MediaFile, MediaLibrary
+from daemon.media.pool import MediaBusy, WorkerFailed, WorkerPool
+from tests.conftest import create, data_of
+from tests.flac_bomb import silent_flac
+from tests.test_media import MediaServer, tone_file
+
+HANG = 120.0  # seconds: only a hang detector, never a speed target
+
+
+@pytest.fixture
+def server() -> Any:
+    srv = MediaServer()
+    yield srv
+    srv.close()
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"state_dir": str(tmp_path / "state"), "media_allow_private": ["127.0.0.1"],
+                              "media_queue_timeout": HANG}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def finish_all(greenlets: list[gevent.Greenlet]) -> None:
+    gevent.joinall(greenlets, timeout=HANG)
+    stuck = [g for g in greenlets if not g.ready()]
+    assert not stuck, f"{len(stuck)} of {len(greenlets)} never finished"
+
+
+def outcome(work: Any, *args: Any, **kwargs: Any) -> Any:
+    """``work(...)``'s result or the exception it raised (so that greenlets never die with one)."""
+    try:
+        return work(*args, **kwargs)
+    except Exception as exc:
+        return exc
+
+
+def test_fifty_normalisations_and_fifty_renders_from_greenlets_all_finish(tmp_path: Path,
+                                                                          server: MediaServer) -> None:
+    for i in range(50):
+        server.body(f"/p{i}.wav", tone_file(freq=300 + 10 * i, rate=44100, channels=2))
+    lib = MediaLibrary(settings_for(tmp_path))
+    try:
+        started = time.monotonic()
+        jobs = [gevent.spawn(outcome, lib.from_url, server.url(f"/p{i}.wav"), kind="play") for i in range(50)]
+        jobs += [gevent.spawn(outcome, lib.speak, f"Your code is {i} {i + 1} {i + 2}.", "en-GB") for i in range(50)]
+        ticks = []
+
+        def tick() -> None:  # the event loop keeps turning while the workers work
+            while True:
+                ticks.append(time.monotonic())
+                gevent.sleep(0.01)
+        ticker = gevent.spawn(tick)
+        finish_all(jobs)
+        ticker.kill()
+        elapsed = time.monotonic() - started
+        results = [job.value for job in jobs]
+        assert all(isinstance(r, MediaFile) for r in results), [r for r in results if not isinstance(r, MediaFile)]
+        assert len({r.name for r in results}) == 100
+        gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+        print(f"\n50 normalisations + 50 renders from greenlets on {lib.pool.size} workers: {elapsed:.2f} s; "
+              f"longest event-loop stall {max(gaps) * 1000:.0f} ms; worker CPU {lib.pool.stats.cpu_seconds:.2f} s")
+        assert lib.pool.stats.started == lib.pool.size  # the workers were reused, never more than the bound
+    finally:
+        lib.close()
+
+
+def test_busy_workers_answer_503_with_retry_after(tmp_path: Path, make_endpoint: Any, db: Any) -> None:
+    from webapi.app import create_app
+
+    settings = settings_for(tmp_path, media_workers=1, media_queue_timeout=0.5)
+    lib = MediaLibrary(settings)
+    try:
+        hold = gevent.spawn(outcome, lib.pool.run, {"op": "spin"}, timeout=HANG)  # the only worker is busy
+        assert _wait(lambda: lib.pool.stats.started == 1)
+        client = create_app(settings, media=lib).test_client()
+        _, token = make_endpoint()
+        response = create(client, token, msg="Hello there", msg_lang="en-GB")
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1"
+        assert data_of(response)["code_desc"] == ("msg: the media workers are all busy (waited 0.5 seconds); "
+                                                  "retry later")
+        (busy_pid,) = lib.pool.stats.pids
+        hold.kill()  # the request holding the worker went away: its worker is killed, the slot freed
+        assert not _pid_alive(busy_pid) and not lib.pool.stats.pids
+        response = create(client, token, msg="Hello there", msg_lang="en-GB")
+        assert response.status_code == 200, data_of(response)
+    finally:
+        lib.close()
+
+
+def test_a_job_past_its_deadline_is_killed_and_its_worker_replaced() -> None:
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG)
+    try:
+        first = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+        with pytest.raises(WorkerFailed, match="^took longer than 1 seconds$"):
+            pool.run({"op": "spin"}, timeout=1.0)
+        assert not _pid_alive(first)
+        second = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+        assert second != first and pool.stats.killed == 1
+    finally:
+        pool.close()
+
+
+def test_a_job_past_its_cpu_limit_dies_and_says_so() -> None:
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=1)
+    try:
+        with pytest.raises(WorkerFailed, match="^used more than 1 seconds of CPU$"):
+            pool.run({"op": "spin"}, timeout=HANG)
+        assert pool.run({"op": "ping"}, timeout=HANG)["pid"] and pool.stats.died == 1
+    finally:
+        pool.close()
+
+
+def test_a_worker_that_crashes_mid_job_or_while_idle_is_replaced() -> None:
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG)
+    try:
+        idle = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+        os.kill(idle, signal.SIGKILL)  # e.g. the kernel's OOM killer
+        _wait(lambda: not _pid_alive(idle))
+        again = pool.run({"op": "ping"}, timeout=HANG)["pid"]  # not this job's fault: it runs on a new worker
+        assert again != idle
+        spinning = gevent.spawn(outcome, pool.run, {"op": "spin"}, timeout=HANG)
+        gevent.sleep(0.2)
+        os.kill(again, signal.SIGSEGV)
+        spinning.join(HANG)
+        assert isinstance(spinning.value, WorkerFailed)
+        assert str(spinning.value) == "the worker died (SIGSEGV)"
+        assert pool.run({"op": "ping"}, timeout=HANG)["pid"] not in (idle, again)
+    finally:
+        pool.close()
+
+
+def test_waiting_is_bounded_then_media_busy() -> None:
+    pool = WorkerPool(2, queue_timeout=0.3, cpu_seconds=HANG)
+    try:
+        holds = [gevent.spawn(outcome, pool.run, {"op": "spin"}, timeout=HANG) for _ in range(2)]
+        assert _wait(lambda: pool.stats.started == 2)
+        started = time.monotonic()
+        with pytest.raises(MediaBusy) as caught:
+            pool.run({"op": "ping"}, timeout=HANG)
+        assert time.monotonic() - started >= 0.3 and caught.value.retry_after == 1
+        gevent.killall(holds)
+        assert pool.run({"op": "ping"}, timeout=HANG)["ok"]
+    finally:
+        pool.close()
+
+
+def test_the_flac_bomb_costs_the_daemon_nothing(tmp_path: Path, server: MediaServer) -> None:
+    bomb = silent_flac(600, 655350, 8)
+    for i in range(12):
+        server.body(f"/bomb{i}.flac", bomb, content_type="audio/flac")
+    server.body("/fine.wav", tone_file())
+    lib = MediaLibrary(settings_for(tmp_path))
+    try:
+        started = time.monotonic()
+        bombs = [gevent.spawn(outcome, lib.from_url, server.url(f"/bomb{i}.flac"), kind="play") for i in range(12)]
+        fine = gevent.spawn(outcome, lib.from_url, server.url("/fine.wav"), kind="play")  # an unrelated request
+        finish_all([*bombs, fine])
+        elapsed = time.monotonic() - started
+        reasons = {str(b.value) for b in bombs}
+        assert reasons == {"has a sample rate of 655350 Hz; at most 192000 Hz is allowed"}, reasons
+        assert isinstance(bombs[0].value, MediaError) and isinstance(fine.value, MediaFile)
+        cpu = lib.pool.stats.cpu_seconds
+        print(f"\n12 FLAC bombs at once ({len(bomb) / 1e6:.1f} MB each, 600 s, 655350 Hz, 8 ch) and one good "
+              f"file: all answered in {elapsed:.2f} s, {cpu:.3f} s of worker CPU in all")
+        assert cpu < 2.0
+        assert not [p for p in lib._dir.iterdir() if p.name.startswith(".tmp-")]  # downloads removed
+    finally:
+        lib.close()
+
+
+def test_what_the_worker_made_is_stored_and_playable(tmp_path: Path, server: MediaServer) -> None:
+    server.body("/a.wav", tone_file(rate=44100, channels=2))
+    lib = MediaLibrary(settings_for(tmp_path))
+    try:
+        media = lib.from_url(server.url("/a.wav"), kind="play")
+        info = sf.info(media.path)
+        assert (info.samplerate, info.channels, info.subtype) == (8000, 1, "PCM_16")
+        assert oct(os.stat(media.path).st_mode & 0o777) == "0o644"  # FreeSWITCH runs as another user
+        assert oct(os.stat(tmp_path / "state" / "media.key").st_mode & 0o777) == "0o600"
+    finally:
+        lib.close()
+
+
+def _wait(condition: Any, timeout: float = HANG) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.01)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_file_past_the_decode_deadline_is_refused_with_a_reason(tmp_path: Path, server: MediaServer) -> None:
+    server.body("/a.wav", tone_file())
+    server.body("/b.wav", tone_file(freq=550))
+    lib = MediaLibrary(settings_for(tmp_path, media_decode_timeout=1e-6))
+    try:
+        with pytest.raises(MediaError, match=r"^could not be decoded: took longer than 1e-06 seconds$"):
+            lib.from_url(server.url("/a.wav"), kind="play")
+        lib._settings.media_decode_timeout = HANG
+        assert lib.from_url(server.url("/b.wav"), kind="play").seconds == pytest.approx(1.0, abs=0.1)
+        assert lib.pool.stats.killed == 1 and lib.pool.stats.started == 2
+    finally:
+        lib.close()

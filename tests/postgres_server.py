@@ -1,22 +1,27 @@
 """A throwaway PostgreSQL server for the tests: Debian's ``postgresql`` binaries, ``initdb`` in a temporary
-directory, ``pg_ctl start`` on a free loopback port, a migrated template database that each test copies
-(``CREATE DATABASE ... TEMPLATE``), and ``pg_ctl stop`` at the end.
+directory, ``postgres`` on a free loopback port as a child of the test process (it stops when the tests
+end, and dies with them if they are killed), a migrated template database that each test copies
+(``CREATE DATABASE ... TEMPLATE``).
 
-PostgreSQL refuses to run as root; as root (CI) the server runs as ``nobody`` through ``runuser``, owning
-only its temporary directory. The superuser's password holds characters a URL must percent-encode, so
+PostgreSQL refuses to run as root; as root (CI) initdb and the server run as ``nobody``, owning only
+their temporary directory. The superuser's password holds characters a URL must percent-encode, so
 every test also checks that the store decodes them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -31,7 +36,7 @@ class PostgresMissing(RuntimeError):
 
 
 def find_bindir() -> Path:
-    """The newest ``/usr/lib/postgresql/<version>/bin`` with initdb and pg_ctl (or initdb on PATH)."""
+    """The newest ``/usr/lib/postgresql/<version>/bin`` (initdb, postgres), or the folder of initdb on PATH."""
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
                         key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
     if candidates:
@@ -49,15 +54,32 @@ def free_port() -> int:
         return port
 
 
+def _as_user(uid: int | None, gid: int | None) -> Callable[[], None]:
+    """In the child before exec: become the unprivileged user (when we are root), then ask for SIGINT (the
+    server's fast shutdown) when the test process dies, even by SIGKILL: no server outlives its tests."""
+
+    def prepare() -> None:
+        if gid is not None and uid is not None:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        # After the user change, which would clear it. PR_SET_PDEATHSIG = 1.
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)
+
+    return prepare
+
+
 @dataclass
 class PostgresServer:
     bindir: Path
     root: Path
     password: str = field(default_factory=lambda: secrets.token_hex(8) + "@/:%")
     port: int = 0
-    run_as: str | None = None  # the unprivileged user when we are root
     durable: bool = False  # tests: fsync off (faster, nothing to keep); the bench: as production runs
+    process: subprocess.Popen[bytes] | None = None
     _counter: int = 0
+    _uid: int | None = None  # the unprivileged user's, when we are root
+    _gid: int | None = None
 
     @property
     def data(self) -> Path:
@@ -66,49 +88,59 @@ class PostgresServer:
     def url(self, name: str) -> str:
         return f"postgresql://{USER}:{quote(self.password, safe='')}@127.0.0.1:{self.port}/{name}"
 
-    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        command = [str(self.bindir / args[0]), *args[1:]]
-        if self.run_as:
-            command = ["runuser", "-u", self.run_as, "--", *command]
-        return subprocess.run(command, cwd=self.root, capture_output=True, text=True, timeout=timeout, check=False)
-
     def init(self) -> None:
-        if os.geteuid() == 0:
-            self.run_as = "nobody"
-            entry = pwd.getpwnam(self.run_as)
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            entry = pwd.getpwnam("nobody")
+            self._uid, self._gid = entry.pw_uid, entry.pw_gid
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         password_file = self.root / "password"
         password_file.write_text(self.password + "\n")
-        if self.run_as:
-            entry = pwd.getpwnam(self.run_as)
-            os.chown(password_file, entry.pw_uid, entry.pw_gid)
-        result = self._run("initdb", "-D", str(self.data), "-U", USER, f"--pwfile={password_file}",
-                           "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C",
-                           "--no-sync")
+        if self._uid is not None:
+            os.chown(password_file, self._uid, self._gid or 0)
+        result = subprocess.run(
+            [str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER, f"--pwfile={password_file}",
+             "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"],
+            cwd=self.root, capture_output=True, text=True, timeout=120, check=False,
+            preexec_fn=_as_user(self._uid, self._gid))
         password_file.unlink()
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
 
     def start(self) -> None:
-        """Start on a free port (another process may take the port between the look-up and the start:
-        then try another)."""
-        log = self.root / "server.log"
-        last = ""
+        """``postgres`` in the foreground, a child of this process, on a free port (another process may take
+        the port between the look-up and the start: then try another); returns once it accepts logins."""
+        import psycopg
+
+        log_path = self.root / "server.log"
         for _ in range(5):
             self.port = free_port()
-            options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
-                       "-c max_connections=300")
+            options = ["-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+                       "-c", f"unix_socket_directories={self.root}", "-c", "max_connections=300"]
             if not self.durable:
-                options += " -c fsync=off -c full_page_writes=off"
-            result = self._run("pg_ctl", "-D", str(self.data), "-l", str(log), "-w", "-t", "120", "-o", options,
-                               "start")
-            if result.returncode == 0:
-                return
-            last = result.stdout + result.stderr + (log.read_text() if log.exists() else "")
-        raise RuntimeError(f"pg_ctl start failed:\n{last}")
+                options += ["-c", "fsync=off", "-c", "full_page_writes=off"]
+            with open(log_path, "ab") as log:
+                self.process = subprocess.Popen([str(self.bindir / "postgres"), "-D", str(self.data), *options],
+                                                cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                                preexec_fn=_as_user(self._uid, self._gid))
+            deadline = time.monotonic() + 120
+            while self.process.poll() is None and time.monotonic() < deadline:
+                try:
+                    psycopg.connect(self.url("postgres"), connect_timeout=5).close()
+                    return
+                except psycopg.OperationalError:
+                    time.sleep(0.1)
+            self.stop()
+        raise RuntimeError(f"postgres did not start:\n{log_path.read_text()[-4000:]}")
 
     def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)  # fast shutdown: sessions are ended
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
 
     def admin(self, *statements: str) -> None:
         """Run statements as the superuser in the ``postgres`` database (autocommit: CREATE DATABASE)."""

@@ -409,3 +409,19 @@ def test_a_postgresql_pool_busy_past_its_wait_is_503_not_500(make_endpoint: Any,
     holder.get(timeout=30)
     assert create(client, token).status_code == 200
     close_database(db)
+
+
+@pytest.mark.stores("postgresql")
+def test_requests_give_back_every_postgresql_connection(client: FlaskClient, make_endpoint: Any) -> None:
+    """Whatever a request did (created, listed, refused, canceled, failed), no connection stays lent."""
+    from daemon.store import database
+
+    _, token = make_endpoint()
+    callid = data_of(create(client, token, call_date="2026-06-16 08:00"))["callid"]
+    assert client.get("/v1/calls", query_string={"token": token}).status_code == 200
+    assert create(client, token, phone_b="12").status_code == 400
+    assert create(client, "cb_wrong").status_code == 401
+    assert client.delete(f"/v1/scheduled/{callid}", query_string={"token": token}).status_code == 200
+    assert client.delete(f"/v1/scheduled/{callid}", query_string={"token": token}).status_code == 409
+    assert client.get("/readyz").status_code == 200
+    assert not database.obj._in_use and database.obj._connections

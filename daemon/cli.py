@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from peewee import OperationalError
+
 from daemon.accounts import users
 from daemon.accounts.endpoints import (
     EndpointError,
@@ -28,7 +30,7 @@ from daemon.accounts.endpoints import (
 )
 from daemon.calls.records import CallRecords
 from daemon.calls.view import call_view, timeline_view
-from daemon.config import ConfigError, Settings, load_settings
+from daemon.config import ConfigError, Settings, load_settings, mask_url
 from daemon.store import Account, Call, CallStatus, Endpoint, open_database
 
 
@@ -203,6 +205,13 @@ def hangup_call(call: Call, settings: Settings) -> dict[str, Any]:
     return {"callid": call.callid, "freeswitch": reply}
 
 
+def _store_unavailable(settings: Settings, exc: Exception) -> int:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"callbridge: database_url {mask_url(settings.database_url)}: cannot open the store: {reason}",
+          file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -218,9 +227,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.service import Service
 
         configure(settings.log_format, settings.log_level)
-        Service(settings).run_forever()
+        try:
+            service = Service(settings)
+        except OperationalError as exc:
+            return _store_unavailable(settings, exc)
+        service.run_forever()
         return 0
-    open_database(settings.database_url)
+    try:
+        open_database(settings.database_url)
+    except OperationalError as exc:
+        return _store_unavailable(settings, exc)
     try:
         if args.command == "endpoint":
             result = _endpoint_command(args)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 LANGUAGES = ("en-GB", "en-US", "fr-FR", "de-DE", "it-IT", "pt-BR", "ru-RU", "es-ES", "es-US")
@@ -148,10 +149,41 @@ class Settings:
         out = dataclasses.asdict(self)
         for name in SECRET_FIELDS:
             out[name] = "****" if out[name] else ""
-        if "@" in out["database_url"] and ":" in out["database_url"].split("@")[0]:
-            head, tail = out["database_url"].rsplit("@", 1)
-            out["database_url"] = head.rsplit(":", 1)[0] + ":****@" + tail
+        out["database_url"] = mask_url(out["database_url"])
         return out
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (``user:password@`` or a ``password=`` parameter) shown as ****."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = userinfo.split(":", 1)[0] + ":****@" + host
+    query = "&".join(f"{name}=****" if name.lower() == "password" else item
+                     for item in parts.query.split("&") if item
+                     for name in [item.split("=", 1)[0]])
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing to mask (and sqlite:////abs/path stays as written)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def database_url_problem(url: str) -> str | None:
+    """What is wrong with a ``database_url``, or None."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            return "a SQLite store is sqlite:///path/to/file.db (three slashes, then the path)"
+        return None
+    if parts.scheme in ("postgresql", "postgres"):
+        if not parts.path.strip("/"):
+            return "a PostgreSQL store is postgresql://user:password@host:port/dbname (the database name is missing)"
+        try:
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            return "the port must be a number"
+        return None
+    return "must be sqlite:///path/to/file.db or postgresql://user:password@host:port/dbname"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -249,6 +281,8 @@ def _validate(s: Settings) -> None:
     need(s.log_format in ("kv", "json"), f"log_format: must be 'kv' or 'json', got {s.log_format!r}")
     need(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
          "log_level: must be DEBUG, INFO, WARNING or ERROR")
+    problem = database_url_problem(s.database_url)
+    need(problem is None, f"database_url: {problem} (got {mask_url(s.database_url)!r})")
     need(0 < s.portal_session_hours <= 24 * 366, "portal_session_hours: must be more than 0 and at most 8784 (a year)")
     need(not any(c in s.portal_invite_code for c in "\r\n"), "portal_invite_code: one line, no line breaks")
     need(s.tts_engine in TTS_ENGINES, f"tts_engine: must be one of {', '.join(TTS_ENGINES)}, got {s.tts_engine!r}")

@@ -26,7 +26,7 @@ from daemon.ops.metrics import Metrics
 from daemon.ops.retention import Retention
 from daemon.ops.systemd import notify, watchdog_interval
 from daemon.ops.webhooks import Webhooks
-from daemon.store import open_database, utcnow
+from daemon.store import close_database, open_database, utcnow
 from daemon.switch.commands import http_cache_url
 from daemon.switch.engine import Engine
 from webapi.app import MAX_BODY, create_app
@@ -96,7 +96,7 @@ class Service:
         self.retention.stop()
         self.webhooks.stop()
         self.media.close()
-        self.database.close()
+        close_database(self.database)
         log_event(log, "service.stopped")
 
     def _evict_media(self, now: dt.datetime) -> float:

@@ -1,15 +1,27 @@
 """The store: peewee models for endpoints, calls and each call's timeline, and the schema migrations.
 
-SQLite is the default (``sqlite:///path``), in WAL mode with ``synchronous=FULL`` so that a committed
-claim ("this call is being dialed") survives a power cut. Any ``database_url`` that peewee's db_url
-understands works, so PostgreSQL can replace SQLite without code changes.
+Two databases, the same schema and the same code:
 
-The daemon is one gevent process: it keeps one shared connection (``thread_safe=False``: with
-gevent's monkey-patching a thread-local connection would become one connection per greenlet) and
-never yields inside a transaction: no network I/O between ``atomic()`` and its commit. SQLite's busy
-wait blocks the whole process, hence the short busy timeout.
+* **SQLite** (``sqlite:///path``, the default): one daemon on one host. WAL mode with
+  ``synchronous=FULL``, so that a committed claim ("this call is being dialed") survives a power cut.
+  The daemon keeps one shared connection (``thread_safe=False``: with gevent's monkey-patching a
+  thread-local connection would become one connection per greenlet) and never yields inside a
+  transaction: no network I/O between ``atomic()`` and its commit, and SQLite's own calls do not yield.
+  SQLite's busy wait blocks the whole process, hence the short busy timeout.
+* **PostgreSQL** (``postgresql://user:password@host:port/name``): the store several daemons share.
+  Here every statement waits on the network and yields to other greenlets, so one shared connection
+  would interleave two greenlets' transactions. Instead a small pool lends a connection to one greenlet
+  for one statement or one whole transaction (:mod:`daemon.postgres`): a transaction never sees another
+  greenlet's statements, a connection is never pinned to a call in progress or to a greenlet that dies,
+  and a process needs about as many connections as it has statements in flight at once (10 by
+  default). The driver is psycopg 3, which waits through gevent when gevent patched first: no wait
+  callback to install, and psycopg2's psycogreen route is in maintenance mode.
 
-Times are naive UTC datetimes everywhere in the store.
+Migrations run on both (PostgreSQL holds an advisory lock around them, so daemons starting together
+take turns); they are numbered, each runs once inside a transaction, and new ones are appended.
+
+Times are naive UTC datetimes everywhere in the store (SQLite text, PostgreSQL ``timestamp`` without
+time zone).
 """
 
 from __future__ import annotations
@@ -27,22 +39,26 @@ from typing import Any
 
 from peewee import (
     AutoField,
+    BigIntegerField,
     BooleanField,
     CharField,
     Database,
     DatabaseProxy,
     DateTimeField,
     DeferredForeignKey,
-    FloatField,
+    DoubleField,
     ForeignKeyField,
     IntegerField,
     Model,
+    PostgresqlDatabase,
     SqliteDatabase,
     TextField,
 )
 from playhouse.db_url import connect
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as migrate_schema
+
+from daemon.postgres import GreenPostgresqlDatabase, connect_postgres, is_postgres_url
 
 database = DatabaseProxy()
 
@@ -120,7 +136,7 @@ class Endpoint(BaseModel):
     timezone = CharField(max_length=64, default="UTC")
     ring_tone = CharField(max_length=128, default="%(2000,4000,440,480)")
     max_in_flight = IntegerField(default=10)
-    calls_per_second = FloatField(default=5.0)
+    calls_per_second = DoubleField(default=5.0)
     max_duration = IntegerField(default=3600)  # seconds from A's answer
     daily_cap = IntegerField(default=1000)  # calls started per UTC day
     allowed_prefixes = TextField(default="")  # comma-separated digit prefixes; empty: any
@@ -170,11 +186,11 @@ class Call(BaseModel):
     a_cause = CharField(max_length=40, default="")
     b_cause = CharField(max_length=40, default="")
     reason = CharField(max_length=200, default="")
-    ring_seconds = FloatField(null=True)
-    talk_seconds = FloatField(null=True)
+    ring_seconds = DoubleField(null=True)
+    talk_seconds = DoubleField(null=True)
     recording_path = TextField(default="")
-    recording_seconds = FloatField(null=True)
-    recording_bytes = IntegerField(null=True)
+    recording_seconds = DoubleField(null=True)
+    recording_bytes = BigIntegerField(null=True)
     canceled_at = DateTimeField(null=True)
     canceled_by = CharField(max_length=100, default="")
 
@@ -300,52 +316,104 @@ def schema_version(db: Database) -> int:
     return row.version if row else 0
 
 
+# pg_advisory_lock's key for "migrating this database": the bytes of "callbrdg" as a bigint.
+MIGRATION_LOCK = int.from_bytes(b"callbrdg", "big", signed=True)
+
+
+@contextlib.contextmanager
+def _migration_lock(db: Database) -> Iterator[None]:
+    """PostgreSQL: one daemon migrates at a time (the others wait, then find nothing left to do); the
+    advisory lock belongs to a session, so the whole migration holds one connection. SQLite: nothing
+    (its single writer already serialises)."""
+    if not isinstance(db, PostgresqlDatabase):
+        yield
+        return
+    with db.connection_context():
+        db.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        try:
+            yield
+        finally:
+            db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
 def migrate(db: Database) -> int:
     """Create or upgrade the schema to the newest version, keeping every row. Returns the version."""
-    db.create_tables([SchemaVersion], safe=True)
-    current = schema_version(db)
-    for number, step in enumerate(MIGRATIONS, start=1):
-        if number <= current:
-            continue
-        with db.atomic():
-            step(db)
-            SchemaVersion.create(version=number)
-        current = number
-    return current
+    with _migration_lock(db):
+        db.create_tables([SchemaVersion], safe=True)
+        current = schema_version(db)
+        for number, step in enumerate(MIGRATIONS, start=1):
+            if number <= current:
+                continue
+            with db.atomic():
+                step(db)
+                SchemaVersion.create(version=number)
+            current = number
+        return current
 
 
 def open_database(url: str) -> Database:
-    """Connect to ``url``, bind the models to it and bring the schema up to date."""
+    """Connect to ``url`` (``sqlite:///path`` or ``postgresql://...``), bind the models to it and bring
+    the schema up to date."""
+    db: Database
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         db = connect(url, pragmas=SQLITE_PRAGMAS, thread_safe=False, check_same_thread=False)
+        db.connect(reuse_if_open=True)
+    elif is_postgres_url(url):
+        db = connect_postgres(url)  # connections are lent per statement or transaction: none held here
     else:
-        db = connect(url)
+        raise ValueError(f"database_url: {url.split(':', 1)[0]!r} is not supported; use sqlite:///path or "
+                         "postgresql://user:password@host:port/name")
     database.initialize(db)
-    db.connect(reuse_if_open=True)
     migrate(db)
     return db
 
 
+def close_database(db: Database) -> None:
+    """Close the store: SQLite's connection, or PostgreSQL's idle pooled connections (one lent to a
+    greenlet at this moment is left to it: closing a socket another greenlet waits on would abort the
+    process; it closes with the process)."""
+    if isinstance(db, GreenPostgresqlDatabase):
+        db.close_idle()
+    else:
+        db.close()
+
+
+def is_shared(db: Database | None = None) -> bool:
+    """True when the store is PostgreSQL, which several daemons may share."""
+    return isinstance(db if db is not None else database.obj, PostgresqlDatabase)
+
+
 @contextlib.contextmanager
 def relaxed_durability() -> Iterator[None]:
-    """Commit without waiting for the disk: for the timeline and status steps of calls in progress.
+    """A transaction whose commit does not wait for the disk: for the timeline and status steps of calls
+    in progress. Inside a caller's transaction, the caller's commit decides.
 
-    WAL with ``synchronous=NORMAL`` keeps the file consistent; a power cut may lose the last steps, and
-    the next start reconciles those calls with FreeSWITCH. Claims and the API's writes stay at FULL
-    (an accepted request and a committed claim must survive power loss). No yield may happen inside.
+    SQLite: WAL with ``synchronous=NORMAL`` keeps the file consistent; a power cut may lose the last
+    steps, and the next start reconciles those calls with FreeSWITCH. PostgreSQL: the same meaning,
+    ``SET LOCAL synchronous_commit = off`` (a crash of the server may lose the last steps). Claims and the
+    API's writes stay fully durable (an accepted request and a committed claim must survive power loss).
+    No yield may happen inside on SQLite.
     """
     db = database.obj
-    if not isinstance(db, SqliteDatabase):
+    if db.in_transaction():
         yield
         return
-    db.execute_sql("PRAGMA synchronous=NORMAL")
+    if isinstance(db, GreenPostgresqlDatabase):
+        with db.atomic(relaxed=True):
+            yield
+        return
+    relax = isinstance(db, SqliteDatabase)
+    if relax:
+        db.execute_sql("PRAGMA synchronous=NORMAL")
     try:
-        yield
+        with db.atomic():
+            yield
     finally:
-        db.execute_sql("PRAGMA synchronous=FULL")
+        if relax:
+            db.execute_sql("PRAGMA synchronous=FULL")
 
 
 def database_file(url: str) -> str | None:

@@ -10,6 +10,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import datetime as dt
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,25 +24,76 @@ from peewee import Database
 
 from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.config import Settings, load_settings
-from daemon.store import Endpoint, open_database
+from daemon.store import Endpoint, close_database, open_database
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
 
 NOW = dt.datetime(2026, 6, 15, 12, 0, 0)  # naive UTC, the fixed "now" of API tests
 
 
+STORES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.stores("sqlite", "postgresql")`` (on a test or a module) runs the test once per
+    database; unmarked tests run on SQLite only."""
+    marker = metafunc.definition.get_closest_marker("stores")
+    if marker is None or "store_kind" not in metafunc.fixturenames:
+        return
+    unknown = set(marker.args) - set(STORES)
+    assert marker.args and not unknown, f"stores: expected some of {STORES}, got {marker.args}"
+    metafunc.parametrize("store_kind", marker.args)
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Settings whose state and database live in this test's tmp_path."""
-    return load_settings(environ={}, state_dir=str(tmp_path / "state"),
-                         database_url=f"sqlite:///{tmp_path / 'state' / 'callbridge.db'}")
+def store_kind() -> str:
+    """The database under test (parametrized by the ``stores`` marker)."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One PostgreSQL server for the session (tests/postgres_server.py); skipped when PostgreSQL is not
+    installed, unless CALLBRIDGE_REQUIRE_POSTGRES is set (CI), where that fails instead."""
+    from tests.postgres_server import PostgresMissing, start_server, stop_server
+
+    try:
+        server = start_server()
+    except PostgresMissing as exc:
+        if os.environ.get("CALLBRIDGE_REQUIRE_POSTGRES"):
+            pytest.fail(f"{exc}; CALLBRIDGE_REQUIRE_POSTGRES is set, so this does not skip")
+        pytest.skip(f"{exc}: the PostgreSQL runs of the store tests are skipped")
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test (a copy of the session's template)."""
+    name = postgres_server.new_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def database_url(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if store_kind == "postgresql":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite:///{tmp_path / 'state' / 'callbridge.db'}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """Settings whose state lives in this test's tmp_path, and whose database is this test's."""
+    return load_settings(environ={}, state_dir=str(tmp_path / "state"), database_url=database_url)
 
 
 @pytest.fixture
 def db(settings: Settings) -> Iterator[Database]:
-    """A fresh, migrated SQLite store bound to the models."""
+    """A fresh, migrated store bound to the models (SQLite, or PostgreSQL under ``stores``)."""
     database = open_database(settings.database_url)
     yield database
-    database.close()
+    close_database(database)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,9 @@ from daemon import store
 from daemon.accounts import users
 from daemon.cli import main
 from daemon.config import Settings
-from daemon.store import Account, Endpoint, WebSession, open_database, schema_version, utcnow
+from daemon.store import Account, Endpoint, WebSession, close_database, open_database, schema_version, utcnow
+
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 PASSWORD = "correct horse battery"
 
@@ -86,12 +87,10 @@ def test_a_store_from_before_accounts_gains_them_and_keeps_its_rows(settings: Se
     db = open_database(settings.database_url)
     Endpoint.create(name="old", token_hash="h" * 64, token_hint="cb_old…", caller_id_number="1555",
                     dial_string="sofia/gateway/carrier/{number}")
-    db.close()
-    raw = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"))
-    raw.executescript("DROP INDEX endpoint_owner_id; ALTER TABLE endpoint DROP COLUMN owner_id;"
-                      "DROP TABLE websession; DROP TABLE account; DELETE FROM schemaversion WHERE version > 3;")
-    raw.commit()
-    raw.close()
+    for statement in ("DROP INDEX endpoint_owner_id", "ALTER TABLE endpoint DROP COLUMN owner_id",
+                      "DROP TABLE websession", "DROP TABLE account", "DELETE FROM schemaversion WHERE version > 3"):
+        db.execute_sql(statement)
+    close_database(db)
     db = open_database(settings.database_url)
     assert schema_version(db) == len(store.MIGRATIONS)
     assert "owner_id" in {c.name for c in db.get_columns("endpoint")}
@@ -101,15 +100,16 @@ def test_a_store_from_before_accounts_gains_them_and_keeps_its_rows(settings: Se
     old.owner = owner.id
     old.save()
     assert [e.name for e in owner.endpoints] == ["old"]
-    db.close()
+    close_database(db)
 
 
 # The commands -------------------------------------------------------------------------------------
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ("CALLBRIDGE_CONFIG", "CALLBRIDGE_DATABASE_URL"):
-        monkeypatch.delenv(name, raising=False)
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str) -> Path:
+    """The commands' state directory; their store is this test's (SQLite in it, or PostgreSQL)."""
+    monkeypatch.delenv("CALLBRIDGE_CONFIG", raising=False)
+    monkeypatch.setenv("CALLBRIDGE_DATABASE_URL", database_url)
     monkeypatch.setenv("CALLBRIDGE_STATE_DIR", str(tmp_path))
     return tmp_path
 

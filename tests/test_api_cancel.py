@@ -16,8 +16,10 @@ from daemon.store import Call, CallEvent, database_file
 from tests.conftest import NOW, LiveServer, create, data_of
 from tests.fakes import FakeDispatcher
 
-CLAIM_SQL = ("UPDATE call SET status = 'dialing_a', started_at = ? "
-             "WHERE id = ? AND status IN ('scheduled', 'queued')")
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
+
+CLAIM_SQL = ("UPDATE call SET status = 'dialing_a', started_at = {p} "
+             "WHERE id = {p} AND status IN ('scheduled', 'queued')")
 
 
 def claim(callid: str) -> int:
@@ -115,22 +117,28 @@ def test_claim_after_cancel_does_nothing(client: FlaskClient, make_endpoint: Any
 
 def test_cancel_races_claim_from_another_connection(client: FlaskClient, make_endpoint: Any,
                                                     settings: Settings, live_server: LiveServer) -> None:
-    """A second SQLite connection (as a dispatcher in another process would) claims each call while the
-    API cancels it over real HTTP: every call ends with exactly one winner."""
+    """A connection of its own (as a dispatcher in another process would) claims each call while the API
+    cancels it over real HTTP: every call ends with exactly one winner."""
     _, token = make_endpoint()
     callids = [schedule(client, token) for _ in range(40)]
     ids = {c.callid: c.get_id() for c in Call.select().where(Call.callid.in_(callids))}
     path = database_file(settings.database_url)
-    assert path is not None
     claimed: dict[str, int] = {}
     canceled: dict[str, int] = {}
     go = threading.Barrier(2)
 
     def claimer() -> None:
-        conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+        if path is not None:
+            conn: Any = sqlite3.connect(path, timeout=10, isolation_level=None)
+            sql, now = CLAIM_SQL.format(p="?"), NOW.isoformat(" ")
+        else:
+            import psycopg
+
+            conn = psycopg.connect(settings.database_url, autocommit=True)
+            sql, now = CLAIM_SQL.format(p="%s"), NOW
         for callid in callids:
             go.wait(10)
-            claimed[callid] = conn.execute(CLAIM_SQL, (NOW.isoformat(" "), ids[callid])).rowcount
+            claimed[callid] = conn.execute(sql, (now, ids[callid])).rowcount
         conn.close()
 
     thread = threading.Thread(target=claimer)

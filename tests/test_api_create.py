@@ -12,6 +12,8 @@ from daemon.store import Call, CallEvent
 from tests.conftest import NOW, create, data_of
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
 
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
+
 SEED_FIELDS = ("token", "phone_a", "phone_b", "play_url", "msg", "msg_lang", "code", "code_desc", "callid")
 
 

@@ -69,6 +69,7 @@ def test_oversized_body_is_413_over_the_wire(live_server: LiveServer, make_endpo
     conn.close()
 
 
+@pytest.mark.stores("sqlite", "postgresql")
 def test_concurrent_creates_with_one_idempotency_key_make_one_call(live_server: LiveServer,
                                                                    make_endpoint: Any,
                                                                    media: FakeMedia) -> None:
@@ -113,6 +114,7 @@ def test_concurrent_creates_with_one_idempotency_key_make_one_call(live_server: 
     assert Call.select().count() == 1
 
 
+@pytest.mark.stores("sqlite", "postgresql")
 @pytest.mark.parametrize("n", [20])
 def test_many_parallel_clients(live_server: LiveServer, make_endpoint: Any, n: int) -> None:
     _, token = make_endpoint()

@@ -17,6 +17,8 @@ from tests.conftest import NOW, create, data_of
 from webapi.validation import ListQuery, encode_id_cursor
 from webapi.views import calls_page_query
 
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
+
 SERIAL = itertools.count(1)
 
 
@@ -139,6 +141,7 @@ def test_date_filters_in_endpoint_zone(client: FlaskClient, make_endpoint: Any) 
     assert [c["requested_at"] for c in until] == ["2026-06-13T12:00:00.000Z"]
 
 
+@pytest.mark.stores("sqlite")
 def test_list_query_uses_the_endpoint_id_index_without_a_sort(db: Database) -> None:
     """A page is an index walk: the same cost at a million calls as at ten."""
     for q in (ListQuery(50, None, None, None, None),

@@ -169,6 +169,7 @@ def test_healthz(client: FlaskClient) -> None:
     assert response.status_code == 200 and data_of(response)["status"] == "ok"
 
 
+@pytest.mark.stores("sqlite", "postgresql")
 def test_readyz(client: FlaskClient, readiness_checks: dict[str, bool]) -> None:
     data = data_of(client.get("/readyz"))
     assert data["ready"] is True and data["checks"] == {"esl": True, "database": True}
@@ -354,3 +355,73 @@ def test_a_busy_database_is_503_not_500(client: FlaskClient, make_endpoint: Any,
         other.execute("ROLLBACK")
         other.close()
     assert create(client, token).status_code == 200
+
+
+@pytest.mark.stores("postgresql")
+def test_a_read_only_postgresql_is_not_ready_and_writes_are_503(client: FlaskClient, make_endpoint: Any,
+                                                                settings: Settings, postgres_server: Any) -> None:
+    """A standby or a database made read-only (a failover under way): /readyz says so, writes answer 503."""
+    from daemon.store import database
+
+    _, token = make_endpoint()
+    name = settings.database_url.rsplit("/", 1)[1]
+    postgres_server.admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    database.obj.close_idle()  # the setting applies to new sessions
+    response = client.get("/readyz")
+    assert response.status_code == 503 and data_of(response)["checks"]["database"] is False
+    response = create(client, token)
+    assert response.status_code == 503
+    assert data_of(response)["code_desc"] == "database: unavailable or busy; retry later"
+    postgres_server.admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off')
+    database.obj.close_idle()
+    assert client.get("/readyz").status_code == 200
+    assert create(client, token).status_code == 200
+
+
+@pytest.mark.stores("postgresql")
+def test_a_postgresql_pool_busy_past_its_wait_is_503_not_500(make_endpoint: Any, settings: Settings,
+                                                             media: FakeMedia) -> None:
+    """Every pooled connection held longer than the wait (timeout=1 here): the request answers 503 and the
+    next one, once a connection is free, goes through."""
+    import gevent
+    import gevent.event
+
+    from daemon.store import close_database, database, open_database
+
+    _, token = make_endpoint()
+    close_database(database.obj)
+    settings.database_url += "?max_connections=1&timeout=1"
+    db = open_database(settings.database_url)
+    client = create_app(settings, media=media).test_client()
+    holding, release = gevent.event.Event(), gevent.event.Event()
+
+    def hold() -> None:
+        with db.atomic():
+            db.execute_sql("SELECT 1")
+            holding.set()
+            release.wait(30)
+
+    holder = gevent.spawn(hold)
+    assert holding.wait(30)
+    response = create(client, token)
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    release.set()
+    holder.get(timeout=30)
+    assert create(client, token).status_code == 200
+    close_database(db)
+
+
+@pytest.mark.stores("postgresql")
+def test_requests_give_back_every_postgresql_connection(client: FlaskClient, make_endpoint: Any) -> None:
+    """Whatever a request did (created, listed, refused, canceled, failed), no connection stays lent."""
+    from daemon.store import database
+
+    _, token = make_endpoint()
+    callid = data_of(create(client, token, call_date="2026-06-16 08:00"))["callid"]
+    assert client.get("/v1/calls", query_string={"token": token}).status_code == 200
+    assert create(client, token, phone_b="12").status_code == 400
+    assert create(client, "cb_wrong").status_code == 401
+    assert client.delete(f"/v1/scheduled/{callid}", query_string={"token": token}).status_code == 200
+    assert client.delete(f"/v1/scheduled/{callid}", query_string={"token": token}).status_code == 409
+    assert client.get("/readyz").status_code == 200
+    assert not database.obj._in_use and database.obj._connections

@@ -12,11 +12,14 @@ from daemon.calls.records import add_event
 from daemon.cli import main
 from daemon.store import Call, Endpoint, utcnow
 
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
+
 
 @pytest.fixture(autouse=True)
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ("CALLBRIDGE_CONFIG", "CALLBRIDGE_DATABASE_URL"):
-        monkeypatch.delenv(name, raising=False)
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str) -> Path:
+    """The commands' state directory; their store is this test's (SQLite in it, or PostgreSQL)."""
+    monkeypatch.delenv("CALLBRIDGE_CONFIG", raising=False)
+    monkeypatch.setenv("CALLBRIDGE_DATABASE_URL", database_url)
     monkeypatch.setenv("CALLBRIDGE_STATE_DIR", str(tmp_path))
     return tmp_path
 
@@ -92,3 +95,42 @@ def test_check_config_masks_the_password(capsys: pytest.CaptureFixture[str],
     monkeypatch.setenv("CALLBRIDGE_ESL_PORT", "0")
     code, _, err = run(capsys, "check-config")
     assert code == 2 and "esl_port: must be 1..65535" in err
+
+
+@pytest.mark.stores("sqlite")
+def test_check_config_masks_the_database_password(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CALLBRIDGE_DATABASE_URL",
+                       "postgresql://callbridge:s3cr%40t@db.example:5432/callbridge?sslmode=require&password=s3cr")
+    code, out, _ = run(capsys, "check-config")
+    assert code == 0 and "s3cr" not in out
+    assert "database_url: postgresql://callbridge:****@db.example:5432/callbridge?sslmode=require&password=****" in out
+
+
+@pytest.mark.stores("sqlite")
+@pytest.mark.parametrize(("url", "message"), [
+    ("mysql://cb:pw@db/cb", "database_url: must be sqlite:///path/to/file.db or postgresql://"),
+    ("postgresql://cb:pw@db.example/", "database_url: a PostgreSQL store is postgresql://user:password@host:port/dbname"
+                                       " (the database name is missing) (got 'postgresql://cb:****@db.example/')"),
+    ("sqlite://callbridge.db", "database_url: a SQLite store is sqlite:///path/to/file.db"),
+])
+def test_a_malformed_database_url_is_named_and_its_password_kept_out(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, url: str, message: str) -> None:
+    monkeypatch.setenv("CALLBRIDGE_DATABASE_URL", url)
+    code, _, err = run(capsys, "check-config")
+    assert code == 2 and message in err and ":pw@" not in err
+
+
+@pytest.mark.stores("sqlite")
+def test_a_postgresql_store_that_cannot_be_reached_is_a_one_line_error(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("CALLBRIDGE_DATABASE_URL", f"postgresql://cb:hunter2@127.0.0.1:{port}/cb")
+    code, out, err = run(capsys, "endpoint", "list")
+    assert code == 2 and out == ""
+    assert err.startswith(f"callbridge: database_url postgresql://cb:****@127.0.0.1:{port}/cb: cannot open the store: ")
+    assert "hunter2" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

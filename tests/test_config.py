@@ -70,3 +70,23 @@ def test_database_password_is_masked() -> None:
     s = load_settings(environ={"CALLBRIDGE_DATABASE_URL": "postgresql://cb:hunter2@db.local/cb",
                                "CALLBRIDGE_STATE_DIR": "/tmp"})
     assert "hunter2" not in str(s.masked())
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://cb:hunter2@db.local/cb", "postgresql://cb:****@db.local/cb"),
+    ("postgresql://cb:hun%40ter2@db.local:5433/cb?sslmode=require", "postgresql://cb:****@db.local:5433/cb?sslmode=require"),
+    ("postgresql://cb@db.local/cb?password=hunter2&application_name=x", "postgresql://cb@db.local/cb?password=****&application_name=x"),
+    ("postgresql://cb@db.local/cb", "postgresql://cb@db.local/cb"),
+    ("sqlite:////var/lib/callbridge/callbridge.db", "sqlite:////var/lib/callbridge/callbridge.db"),
+])
+def test_database_url_is_shown_with_its_password_masked(url: str, shown: str) -> None:
+    s = load_settings(environ={"CALLBRIDGE_DATABASE_URL": url, "CALLBRIDGE_STATE_DIR": "/tmp"})
+    assert s.masked()["database_url"] == shown
+
+
+@pytest.mark.parametrize("url", ["mysql://u:p@h/db", "postgresql://u:p@h/", "postgresql://u:p@h:port/db",
+                                 "sqlite://relative.db", "callbridge.db"])
+def test_a_database_url_neither_sqlite_nor_postgresql_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="^database_url: ") as caught:
+        load_settings(environ={"CALLBRIDGE_DATABASE_URL": url, "CALLBRIDGE_STATE_DIR": "/tmp"})
+    assert ":p@" not in str(caught.value)

@@ -8,7 +8,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import gevent
 import pytest
+from peewee import OperationalError
 
 from daemon.calls.dispatcher import Dispatcher, TokenBucket
 from daemon.calls.records import CallRecords
@@ -16,6 +18,8 @@ from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch.capacity import SwitchCapacity
+
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 T0 = dt.datetime(2026, 3, 1, 9, 0, 0)
 
@@ -228,3 +232,71 @@ def test_without_an_operators_cap_only_the_switch_paces(settings: Settings, db: 
     dispatcher.tick(T0, 0.0)
     # Half of the switch's room (26 sessions a second): the other half is for the B legs of these calls.
     assert len(fake_engine.launched) == fake_engine.capacity.new_call_cap == 13
+
+
+# -- several daemons on one PostgreSQL -----------------------------------------------------------
+
+class CountingRecords(CallRecords):
+    """CallRecords that remembers the claims it lost."""
+
+    def __init__(self) -> None:
+        super().__init__(Metrics(), clock=lambda: T0)
+        self.lost: list[int] = []
+
+    def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:
+        won = super().claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=now)
+        if not won:
+            self.lost.append(call.id)
+        return won
+
+
+@pytest.mark.stores("postgresql")
+def test_two_daemons_ticking_at_once_take_different_calls_and_lose_no_claim(
+        settings: Settings, db: Any, make_endpoint: Callable[..., Any]) -> None:
+    """Each daemon's page of due calls is locked while it claims (the other skips those rows), so the two
+    never race for the same calls: no claim lost, none launched twice, each within its own limit."""
+    endpoint, _ = make_endpoint(max_in_flight=1000, calls_per_second=1000)
+    Call.insert_many([{"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550000001",
+                       "phone_b": "15550000002", "due_at": T0 - dt.timedelta(seconds=n), "scheduled": True,
+                       "status": "scheduled"} for n in range(100)]).execute()
+    settings.calls_per_second = 1000
+    settings.max_in_flight = 20
+    engines = [FakeEngine(), FakeEngine()]
+    for engine in engines:
+        engine.capacity.learn_limits(sps=1000, max_sessions=10_000)  # a big switch: only the claims limit
+    records = [CountingRecords(), CountingRecords()]
+    daemons = [Dispatcher(settings, engine, rec, clock=lambda: T0)  # type: ignore[arg-type]
+               for engine, rec in zip(engines, records, strict=True)]
+    ticks = [gevent.spawn(daemon.tick, T0, 0.0) for daemon in daemons]
+    gevent.joinall(ticks, timeout=60, raise_error=True)
+    assert records[0].lost == [] and records[1].lost == []
+    first, second = ({c.id for c in engine.launched} for engine in engines)
+    assert len(first) == len(second) == 20 and not first & second
+    assert Call.select().where(Call.status == "dialing_a").count() == 40
+
+
+@pytest.mark.stores("postgresql")
+def test_a_round_that_fails_before_its_commit_starts_nothing_and_the_next_tick_does(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    calls = [add(endpoint, T0) for _ in range(3)]
+    dispatcher.tick(T0, 0.0)  # rolls the day: started_today counted from the store
+    fake_engine.launched.clear()
+    Call.update(status="scheduled").execute()
+    original_step = dispatcher.records.step
+
+    def failing_step(call: Call, kind: str, **detail: Any) -> None:
+        if kind == "claimed" and call.id == calls[2].id:
+            raise OperationalError("the connection broke")
+        original_step(call, kind, **detail)
+
+    monkeypatch.setattr(dispatcher.records, "step", failing_step)
+    started = dict(dispatcher.started_today)
+    with pytest.raises(OperationalError):
+        dispatcher.tick(T0, 0.0)
+    assert fake_engine.launched == [] and dispatcher.started_today == started
+    assert {c.status for c in Call.select()} == {"scheduled"}
+    monkeypatch.setattr(dispatcher.records, "step", original_step)
+    dispatcher.tick(T0, 0.0)
+    assert sorted(c.id for c in fake_engine.launched) == [c.id for c in calls]

@@ -31,6 +31,8 @@ from tests.test_api_read import bulk_calls
 from webapi.portal.security import CSP
 from webapi.validation import decode_id_cursor
 
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
+
 
 @pytest.fixture(autouse=True)
 def quick_hashing(monkeypatch: pytest.MonkeyPatch) -> None:

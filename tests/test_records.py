@@ -4,14 +4,19 @@ transitions and finish, with no Flask in between."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from typing import Any
 
+import gevent
+import gevent.event
 import pytest
 
 from daemon.calls.records import CallRecords, NewCall, NotCancelable
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallEvent, CallStatus, Endpoint
+from daemon.store import Call, CallEvent, CallStatus, Endpoint, database
+
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 NOW = dt.datetime(2026, 6, 15, 12, 0, 0)
 
@@ -100,3 +105,129 @@ def test_finish_takes_only_a_final_status_and_named_fields(
     with pytest.raises(TypeError):
         records.finish(call, CallStatus.FAILED, failed_legg="a")  # type: ignore[call-arg]
     assert Call.get_by_id(call.id).status == "queued"
+
+
+# -- PostgreSQL shared by several daemons: claims -------------------------------------------------
+
+def wait_until_blocked_on_a_lock(timeout: float = 30.0) -> None:
+    """Until some session of this database waits on a row lock (the racing claim has reached the server).
+    Asked from a greenlet of its own: outside the caller's transaction, whose statistics are a snapshot."""
+    gevent.spawn(_wait_for_a_lock_waiter, timeout).get()
+
+
+def _wait_for_a_lock_waiter(timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    query = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+             "AND wait_event_type = 'Lock'")
+    while True:
+        if database.execute_sql(query).fetchone()[0] > 0:
+            return
+        assert time.monotonic() < deadline, "the racing claim never waited on the row lock"
+        gevent.sleep(0.01)
+
+
+@pytest.mark.stores("postgresql")
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_two_daemons_claiming_one_call_exactly_one_wins(
+        records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]], first_commits: bool) -> None:
+    """READ COMMITTED: the second claim waits on the first's row lock, then re-reads the row. If the first
+    committed, the call is no longer pending and the second changes nothing; if it rolled back, the
+    second wins."""
+    endpoint, _ = make_endpoint()
+    call = records.create(endpoint, request(), now=NOW).call
+    other = CallRecords(Metrics(), clock=lambda: NOW)  # another daemon's (its own connection: a greenlet)
+
+    first_claimed = gevent.event.Event()
+
+    def first() -> bool:
+        try:
+            with records.claim_round():
+                claimed = records.claim(Call.get_by_id(call.id), a_uuid="first", b_uuid="b", now=NOW)
+                first_claimed.set()
+                wait_until_blocked_on_a_lock()
+                if not first_commits:
+                    raise RuntimeError("the first daemon's round fails")
+                return claimed
+        except RuntimeError:
+            return False
+
+    def second() -> bool:
+        first_claimed.wait(30)
+        return other.claim(Call.get_by_id(call.id), a_uuid="second", b_uuid="b", now=NOW)
+
+    one, two = gevent.spawn(first), gevent.spawn(second)
+    results = (one.get(timeout=60), two.get(timeout=60))
+    assert results == ((True, False) if first_commits else (False, True))
+    row = Call.get_by_id(call.id)
+    assert row.status == "dialing_a" and row.a_uuid == ("first" if first_commits else "second")
+    assert kinds(row) == ["requested", "claimed"]  # one claim step: the losing round's rolled back
+
+
+@pytest.mark.stores("postgresql")
+def test_claim_rounds_of_two_daemons_get_different_calls(
+        records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """While one daemon's round holds its page, another's reads the next calls instead of the same ones
+    (no claim is lost), and each round's follow-ups run only after its own commit."""
+    endpoint, _ = make_endpoint()
+    calls = [records.create(endpoint, request(NOW - dt.timedelta(seconds=10 - n)), now=NOW).call for n in range(10)]
+    other = CallRecords(Metrics(), clock=lambda: NOW)
+    holding = gevent.event.Event()
+    release = gevent.event.Event()
+    launched: list[tuple[str, int]] = []
+
+    def round_of(who: str, daemon: CallRecords, limit: int, hold: bool) -> list[bool]:
+        with daemon.claim_round():
+            page = daemon.due(NOW, limit=limit)
+            results = []
+            for call in page:
+                results.append(daemon.claim(call, a_uuid=who, b_uuid="b", now=NOW))
+                daemon.after_claims(lambda call=call: launched.append((who, call.id)))
+            if hold:
+                holding.set()
+                release.wait(30)
+                assert [c for w, c in launched if w == who] == []  # uncommitted: none of ours launched yet
+        return results
+
+    first = gevent.spawn(round_of, "first", records, 4, True)
+    assert holding.wait(30)
+    second = round_of("second", other, 10, False)  # does not wait for the first round's rows
+    release.set()
+    assert first.get(timeout=30) == [True] * 4 and second == [True] * 6
+    by_call = {c.id: Call.get_by_id(c.id).a_uuid for c in calls}
+    assert [by_call[c.id] for c in calls] == ["first"] * 4 + ["second"] * 6  # in due order, no overlap
+    assert sorted(call_id for _, call_id in launched) == sorted(c.id for c in calls)
+    assert launched[:6] == [("second", c.id) for c in calls[4:]]  # the second committed first
+
+
+@pytest.mark.stores("postgresql")
+def test_a_claim_round_that_rolls_back_claims_and_launches_nothing(
+        records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint, _ = make_endpoint()
+    call = records.create(endpoint, request(), now=NOW).call
+    heard: list[str] = []
+    records.listeners.append(lambda c, status, _detail: heard.append(status.value))
+    with pytest.raises(RuntimeError), records.claim_round():
+        for due in records.due(NOW, limit=10):
+            assert records.claim(due, a_uuid="a", b_uuid="b", now=NOW)
+            records.after_claims(lambda: heard.append("launched"))
+        raise RuntimeError("the round fails before its commit")
+    assert heard == []
+    assert Call.get_by_id(call.id).status == "queued" and kinds(call) == ["requested"]
+    assert records.metrics.calls_in_flight.labels("dialing_a")._value.get() == 0
+
+
+def test_a_status_change_and_its_timeline_step_commit_together(
+        records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint, _ = make_endpoint()
+    call = records.create(endpoint, request(), now=NOW).call
+    assert records.claim(call, a_uuid="a", b_uuid="b", now=NOW)
+
+    def broken_event(*_args: Any, **_kw: Any) -> None:
+        raise RuntimeError("the timeline insert failed")
+
+    monkeypatch.setattr("daemon.calls.records.add_event", broken_event)
+    with pytest.raises(RuntimeError):
+        records.a_answered(call, at=NOW)
+    monkeypatch.undo()
+    assert Call.get_by_id(call.id).status == "dialing_a" and kinds(call) == ["requested", "claimed"]

@@ -9,11 +9,14 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import pytest
 from peewee import Database
 
 from daemon.config import Settings
 from daemon.ops.retention import Retention
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
+
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 NOW = dt.datetime(2026, 6, 15, 12, 0, 0)
 

@@ -1,31 +1,55 @@
-"""The store: pragmas, indexes for every API and dispatcher query, and migrations that keep rows."""
+"""The store on SQLite and on PostgreSQL: pragmas, the same schema and indexes from the same migrations,
+migrations that keep rows (and take turns on a shared PostgreSQL), naive UTC times, and PostgreSQL's
+connections lent per statement or transaction without blocking the gevent loop."""
 
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
+import hashlib
 from pathlib import Path
 from typing import Any
 
+import gevent
+import gevent.event
 import pytest
-from peewee import Database, IntegrityError
-from playhouse.migrate import SqliteMigrator
+from peewee import Database, IntegerField, IntegrityError, OperationalError
+from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import TextField as MigrateTextField
 from playhouse.migrate import migrate as run_migration
 
 from daemon import store
 from daemon.calls.records import add_event
 from daemon.config import Settings
-from daemon.store import Call, CallEvent, Endpoint, database_file, open_database, schema_version
+from daemon.postgres import GreenPostgresqlDatabase, ReadRows
+from daemon.store import (
+    Call,
+    CallEvent,
+    Endpoint,
+    SchemaVersion,
+    close_database,
+    database_file,
+    migrate,
+    open_database,
+    relaxed_durability,
+    schema_version,
+)
+
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 NOW = dt.datetime(2026, 6, 15, 12, 0)
 
 
 def a_call(endpoint: Any, callid: str, **extra: Any) -> Call:
-    return Call.create(callid=callid, endpoint=endpoint, phone_a="15550001001", phone_b="15550002002",
-                       due_at=NOW, status="queued", **extra)
+    fields: dict[str, Any] = {"due_at": NOW, "status": "queued", **extra}
+    return Call.create(callid=callid, endpoint=endpoint, phone_a="15550001001", phone_b="15550002002", **fields)
 
 
+def an_endpoint(name: str) -> Endpoint:
+    return Endpoint.create(name=name, token_hash=hashlib.sha256(name.encode()).hexdigest(), token_hint="cb_0000…",
+                           caller_id_number="1", dial_string="sofia/gateway/carrier/{number}")
+
+
+@pytest.mark.stores("sqlite")
 def test_sqlite_pragmas(db: Database) -> None:
     assert db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -35,11 +59,7 @@ def test_sqlite_pragmas(db: Database) -> None:
 
 def index_columns(db: Database, table: str) -> dict[tuple[str, ...], bool]:
     """{(column, ...): unique} for every index of ``table``."""
-    out: dict[tuple[str, ...], bool] = {}
-    for _, name, unique, *_rest in db.execute_sql(f'PRAGMA index_list("{table}")').fetchall():
-        cols = tuple(row[2] for row in db.execute_sql(f'PRAGMA index_info("{name}")').fetchall())
-        out[cols] = bool(unique)
-    return out
+    return {tuple(index.columns): bool(index.unique) for index in db.get_indexes(table)}
 
 
 def test_indexes_for_every_query(db: Database) -> None:
@@ -47,11 +67,15 @@ def test_indexes_for_every_query(db: Database) -> None:
     assert calls[("callid",)] is True
     assert calls[("endpoint_id", "idempotency_key")] is True
     assert ("endpoint_id", "id") in calls  # GET /v1/calls, newest first
+    assert ("endpoint_id", "status", "id") in calls  # GET /v1/calls?status=...
     assert ("endpoint_id", "status", "due_at") in calls  # GET /v1/scheduled
     assert ("status", "due_at") in calls  # the dispatcher's next due call
     assert ("call_id", "id") in index_columns(db, "callevent")
     endpoints = index_columns(db, "endpoint")
     assert endpoints[("token_hash",)] is True and endpoints[("name",)] is True
+    assert ("owner_id",) in endpoints
+    assert ("state", "next_attempt_at") in index_columns(db, "webhookdelivery")
+    assert index_columns(db, "websession")[("key_hash",)] is True
 
 
 def test_idempotency_key_unique_per_endpoint_but_null_repeats(make_endpoint: Any) -> None:
@@ -63,60 +87,83 @@ def test_idempotency_key_unique_per_endpoint_but_null_repeats(make_endpoint: Any
     a_call(two, "d" * 28, idempotency_key="k")
     with pytest.raises(IntegrityError):
         a_call(one, "e" * 28, idempotency_key="k")
+    assert Call.select().count() == 4  # the refused insert left nothing behind, and the store still works
 
 
-def test_migration_on_an_existing_file_keeps_its_rows(settings: Settings, make_endpoint: Any) -> None:
+def test_times_are_naive_utc_to_the_microsecond_and_booleans_are_booleans(make_endpoint: Any) -> None:
+    endpoint, _ = make_endpoint()
+    due = dt.datetime(2026, 12, 31, 23, 59, 59, 123456)
+    a_call(endpoint, "t" * 28, due_at=due, scheduled=True, ring_seconds=12.345678901)
+    call = Call.get(Call.callid == "t" * 28)
+    assert call.due_at == due and call.due_at.tzinfo is None
+    assert call.scheduled is True and call.ring_seconds == 12.345678901  # a double on both, not a float4
+    assert Call.select().where(Call.scheduled == True).count() == 1  # noqa: E712 (peewee expression)
+    assert Call.select().where(Call.due_at > due - dt.timedelta(microseconds=1)).count() == 1
+
+
+def test_migration_on_an_existing_store_keeps_its_rows(settings: Settings, make_endpoint: Any) -> None:
     endpoint, _ = make_endpoint(name="keep-me")
     call = a_call(endpoint, "f" * 28)
     add_event(call, "requested", at=NOW, note="kept")
     version = schema_version(store.database.obj)
-    store.database.close()
-    db = open_database(settings.database_url)  # a restart: migrate again on the same file
+    close_database(store.database.obj)
+    db = open_database(settings.database_url)  # a restart: migrate again on the same store
     assert schema_version(db) == version == len(store.MIGRATIONS)
+    assert SchemaVersion.select().count() == len(store.MIGRATIONS)
     assert Endpoint.get(Endpoint.name == "keep-me").get_id() == endpoint.get_id()
     assert Call.get(Call.callid == "f" * 28).phone_a == "15550001001"
     assert CallEvent.get().detail_dict == {"note": "kept"}
-    db.close()
+    close_database(db)
 
 
 def test_a_new_migration_step_runs_once_and_keeps_rows(settings: Settings, make_endpoint: Any,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     endpoint, _ = make_endpoint()
     a_call(endpoint, "1" * 28)
-    store.database.close()
+    close_database(store.database.obj)
     runs: list[int] = []
 
-    def v2_add_column(db: Database) -> None:
+    def v_next_add_column(db: Database) -> None:
         runs.append(1)
-        run_migration(SqliteMigrator(db).add_column("call", "note", MigrateTextField(default="")))
+        run_migration(SchemaMigrator.from_database(db).add_column("call", "note", MigrateTextField(default="")))
 
-    monkeypatch.setattr(store, "MIGRATIONS", [*store.MIGRATIONS, v2_add_column])
+    monkeypatch.setattr(store, "MIGRATIONS", [*store.MIGRATIONS, v_next_add_column])
     db = open_database(settings.database_url)
     assert schema_version(db) == len(store.MIGRATIONS) and runs == [1]
     assert Call.get(Call.callid == "1" * 28).status == "queued"
-    assert db.execute_sql("SELECT note FROM call").fetchall() == [("",)]
-    db.close()
+    assert [tuple(row) for row in db.execute_sql("SELECT note FROM call").fetchall()] == [("",)]
+    close_database(db)
     db = open_database(settings.database_url)
     assert runs == [1]
-    db.close()
+    close_database(db)
 
 
-def test_a_file_made_before_schema_versions_is_adopted(tmp_path: Path) -> None:
-    """Tables that exist without a version row (an early file) are kept as they are, rows and all."""
-    path = tmp_path / "old.db"
-    db = open_database(f"sqlite:///{path}")
-    endpoint = Endpoint.create(name="old", token_hash="0" * 64, token_hint="cb_0000…", caller_id_number="1",
-                               dial_string="sofia/gateway/carrier/{number}")
-    a_call(endpoint, "2" * 28)
-    db.close()
-    raw = sqlite3.connect(path)
-    raw.execute("DROP TABLE schemaversion")
-    raw.commit()
-    raw.close()
-    db = open_database(f"sqlite:///{path}")
-    assert schema_version(db) == len(store.MIGRATIONS)
+def test_a_failing_migration_step_leaves_nothing_half_done(settings: Settings, make_endpoint: Any,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step runs in a transaction (PostgreSQL's DDL too): a failure keeps the old schema and version."""
+    make_endpoint()
+    close_database(store.database.obj)
+    version = len(store.MIGRATIONS)
+
+    def v_broken(db: Database) -> None:
+        run_migration(SchemaMigrator.from_database(db).add_column("call", "half", IntegerField(null=True)))
+        db.execute_sql("SELECT no_such_column FROM call")
+
+    monkeypatch.setattr(store, "MIGRATIONS", [*store.MIGRATIONS, v_broken])
+    with pytest.raises(Exception, match="no_such_column"):
+        open_database(settings.database_url)
+    db = store.database.obj
+    assert schema_version(db) == version
+    assert "half" not in {column.name for column in db.get_columns("call")}
+    close_database(db)
+
+
+def test_a_store_made_before_schema_versions_is_adopted(db: Database) -> None:
+    """Tables that exist without a version row (an early store) are kept as they are, rows and all."""
+    a_call(an_endpoint("old"), "2" * 28)
+    db.execute_sql("DROP TABLE schemaversion")
+    assert migrate(db) == len(store.MIGRATIONS)
     assert Call.select().count() == 1 and Endpoint.get().name == "old"
-    db.close()
 
 
 def test_add_event_drops_empty_details(make_endpoint: Any) -> None:
@@ -126,6 +173,228 @@ def test_add_event_drops_empty_details(make_endpoint: Any) -> None:
     assert event.detail_dict == {"cause": "NORMAL_CLEARING"}
 
 
+def test_relaxed_durability_is_scoped_to_its_own_write(db: Database, store_kind: str) -> None:
+    """Steps of calls in progress commit without waiting for the disk; everything else stays durable."""
+    if store_kind == "sqlite":
+        with relaxed_durability():
+            assert db.execute_sql("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        return
+    with relaxed_durability():
+        assert db.execute_sql("SHOW synchronous_commit").fetchone()[0] == "off"
+    assert db.execute_sql("SHOW synchronous_commit").fetchone()[0] == "on"
+    with db.atomic(), relaxed_durability():  # inside a caller's transaction, the caller's commit decides
+        assert db.execute_sql("SHOW synchronous_commit").fetchone()[0] == "on"
+
+
+@pytest.mark.stores("sqlite")
 def test_database_file(settings: Settings) -> None:
     assert database_file(settings.database_url) == str(Path(settings.state_dir) / "callbridge.db")
     assert database_file("postgresql://u:p@h/db") is None
+
+
+@pytest.mark.stores("sqlite")
+def test_unknown_database_schemes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'mysql' is not supported; use sqlite:///path or postgresql://"):
+        open_database("mysql://u:p@h/db")
+
+
+# -- the same schema on both ---------------------------------------------------------------------
+
+# SQLite's declared type -> what PostgreSQL must have made from the same model field.
+SAME_TYPE = {
+    "INTEGER": {"integer", "bigint", "boolean"},  # SQLite stores booleans as integers
+    "VARCHAR": {"character varying"},
+    "TEXT": {"text"},
+    "DATETIME": {"timestamp without time zone"},
+    "REAL": {"double precision"},
+}
+
+
+def describe(db: Database) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for table in db.get_tables():
+        columns = {c.name: (c.data_type.split("(")[0].upper() if isinstance(db, store.SqliteDatabase)
+                            else c.data_type, c.null) for c in db.get_columns(table)}
+        indexes = {(tuple(i.columns), bool(i.unique)) for i in db.get_indexes(table)
+                   if not i.name.endswith("_pkey")}
+        out[table] = (columns, indexes)
+    return out
+
+
+@pytest.mark.stores("postgresql")
+def test_postgresql_gets_the_schema_sqlite_gets(db: Database, tmp_path: Path) -> None:
+    """Every migration, run on both, makes the same tables, columns (type, NULL) and indexes (unique)."""
+    postgres = describe(db)
+    sqlite = describe(open_database(f"sqlite:///{tmp_path / 'same.db'}"))
+    close_database(store.database.obj)
+    assert set(postgres) == set(sqlite)
+    for table, (sqlite_columns, sqlite_indexes) in sqlite.items():
+        postgres_columns, postgres_indexes = postgres[table]
+        assert list(postgres_columns) == list(sqlite_columns), table
+        for name, (sqlite_type, nullable) in sqlite_columns.items():
+            pg_type, pg_nullable = postgres_columns[name]
+            assert pg_type in SAME_TYPE[sqlite_type], f"{table}.{name}: {sqlite_type} became {pg_type}"
+            assert pg_nullable == nullable, f"{table}.{name}"
+        assert postgres_indexes == sqlite_indexes, table
+    assert postgres["call"][0]["scheduled"][0] == "boolean"
+    assert postgres["call"][0]["recording_bytes"][0] == "bigint"
+
+
+# -- PostgreSQL: migrations from several daemons at once -----------------------------------------
+
+@pytest.fixture
+def empty_postgres(postgres_server: Any) -> Any:
+    """A PostgreSQL database with nothing in it (not a copy of the migrated template)."""
+    name = f"empty_{postgres_server.new_database()}"
+    postgres_server.admin(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.mark.stores("postgresql")
+def test_daemons_starting_together_migrate_once(empty_postgres: str) -> None:
+    """Four daemons start at once on an empty database: each step runs once, and all see the newest
+    schema (the advisory lock makes them take turns; without it CREATE TABLE races and steps repeat).
+    Each greenlet migrates on its own connection, a session of its own as another daemon's would be."""
+    db = store.connect_postgres(empty_postgres)
+    store.database.initialize(db)
+    ready = gevent.event.Event()
+
+    def start() -> int:
+        ready.wait()
+        return migrate(db)
+
+    greenlets = [gevent.spawn(start) for _ in range(4)]
+    gevent.sleep(0)
+    ready.set()
+    gevent.joinall(greenlets, timeout=60, raise_error=True)
+    assert [g.value for g in greenlets] == [len(store.MIGRATIONS)] * 4
+    versions = [v for (v,) in db.execute_sql("SELECT version FROM schemaversion ORDER BY version")]
+    assert versions == list(range(1, len(store.MIGRATIONS) + 1))
+    close_database(db)
+
+
+# -- PostgreSQL: connections lent per statement or transaction, never blocking the loop -----------
+
+@pytest.mark.stores("postgresql")
+def test_a_query_waiting_on_the_server_lets_other_greenlets_run(db: GreenPostgresqlDatabase) -> None:
+    """One greenlet waits on a lock held by another connection; the loop keeps running, so the holder can
+    let it go (a driver that blocked the process would hang here until lock_timeout)."""
+    holding = gevent.event.Event()
+    release = gevent.event.Event()
+
+    def holder() -> None:
+        with db.atomic():
+            db.execute_sql("SELECT pg_advisory_xact_lock(42)")
+            holding.set()
+            release.wait(30)
+
+    def waiter() -> str:
+        with db.atomic():
+            db.execute_sql("SET LOCAL lock_timeout = '30s'")
+            db.execute_sql("SELECT pg_advisory_xact_lock(42)")
+            return "got it"
+
+    first = gevent.spawn(holder)
+    assert holding.wait(30)
+    second = gevent.spawn(waiter)
+    ticks = 0
+    while not second.ready() and ticks < 20:  # the loop runs while the waiter waits on the server
+        gevent.sleep(0.01)
+        ticks += 1
+    assert ticks == 20 and not second.ready()
+    release.set()
+    assert second.get(timeout=30) == "got it"
+    first.get(timeout=30)
+
+
+@pytest.mark.stores("postgresql")
+def test_a_transaction_never_sees_another_greenlets_statements(db: GreenPostgresqlDatabase) -> None:
+    inside = gevent.event.Event()
+    done = gevent.event.Event()
+    pids: dict[str, int] = {}
+
+    def transaction() -> None:
+        try:
+            with db.atomic():
+                pids["txn"] = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+                an_endpoint("uncommitted")
+                inside.set()
+                done.wait(30)
+                pids["txn_again"] = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+                raise RuntimeError("roll back")
+        except RuntimeError:
+            pass
+
+    worker = gevent.spawn(transaction)
+    assert inside.wait(30)
+    pids["other"] = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    assert Endpoint.select().count() == 0  # not the open transaction's uncommitted row
+    an_endpoint("committed")  # autocommit, on another connection: the rollback cannot take it away
+    done.set()
+    worker.get(timeout=30)
+    assert pids["txn"] == pids["txn_again"] != pids["other"]
+    assert [e.name for e in Endpoint.select()] == ["committed"]
+    assert not db._in_use  # every connection went back
+
+
+@pytest.mark.stores("postgresql")
+def test_connections_go_back_after_statements_transactions_and_errors(db: GreenPostgresqlDatabase) -> None:
+    def work(n: int) -> None:
+        an_endpoint(f"e{n}")
+        assert Endpoint.select().where(Endpoint.name == f"e{n}").count() == 1
+        with db.atomic():
+            Endpoint.update(caller_id_name="x").where(Endpoint.name == f"e{n}").execute()
+        with pytest.raises(RuntimeError), db.atomic():
+            an_endpoint(f"f{n}")
+            raise RuntimeError
+        with pytest.raises(IntegrityError):
+            an_endpoint(f"e{n}")
+        with pytest.raises(Exception, match="no_such_table"):
+            db.execute_sql("SELECT * FROM no_such_table")
+        rows = Endpoint.select().where(Endpoint.name == f"e{n}").execute()
+        assert isinstance(rows.cursor, ReadRows)  # read whole before the connection went back
+
+    greenlets = [gevent.spawn(work, n) for n in range(25)]
+    gevent.joinall(greenlets, timeout=60, raise_error=True)
+    assert Endpoint.select().count() == 25
+    assert not db._in_use
+    assert 1 <= len(db._connections) <= db._max_connections
+
+
+@pytest.mark.stores("postgresql")
+def test_a_full_pool_answers_operational_error_after_its_wait(postgres_url: str) -> None:
+    db = store.connect_postgres(postgres_url + "?max_connections=2&timeout=1")
+    store.database.initialize(db)
+    holding = gevent.event.Event()
+    release = gevent.event.Event()
+    count = 0
+
+    def hold() -> None:
+        nonlocal count
+        with db.atomic():
+            Endpoint.select().count()
+            count += 1
+            if count == 2:
+                holding.set()
+            release.wait(30)
+
+    holders = [gevent.spawn(hold) for _ in range(2)]
+    assert holding.wait(30)
+    with pytest.raises(OperationalError, match="all 2 connections stayed busy"):
+        Endpoint.select().count()
+    release.set()
+    gevent.joinall(holders, timeout=30, raise_error=True)
+    assert Endpoint.select().count() == 0  # a connection is free again
+    close_database(db)
+
+
+@pytest.mark.stores("postgresql")
+def test_a_connection_the_server_ended_is_not_lent_again(db: GreenPostgresqlDatabase,
+                                                         postgres_server: Any) -> None:
+    """A restart or an administrator ends idle sessions: the next statement gets a live connection, no error."""
+    pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    postgres_server.admin(f"SELECT pg_terminate_backend({pid}, 30000)")  # returns once it is gone
+    assert db.execute_sql("SELECT pg_backend_pid()").fetchone()[0] != pid
+    assert Endpoint.select().count() == 0

@@ -348,8 +348,12 @@ def database_ready() -> bool:
                 return True  # a request in this process holds it: the store is clearly working
             db.execute_sql("BEGIN IMMEDIATE")
             db.execute_sql("ROLLBACK")
-        else:
-            database.execute_sql("SELECT 1")
+        else:  # PostgreSQL: writable means a primary whose sessions are not read-only
+            writable = database.execute_sql(
+                "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'").fetchone()[0]
+            if not writable:
+                log.warning("readiness: the database is read-only (a standby, or read-only by setting)")
+            return bool(writable)
         return True
     except Exception:
         log.warning("readiness: database check failed", exc_info=True)

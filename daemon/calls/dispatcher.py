@@ -8,7 +8,11 @@ queries: the due calls in order, and the next due time.
 
 Claiming is one conditional UPDATE committed before any command goes to FreeSWITCH (see
 ``CallRecords.claim``): a cancel racing a start leaves exactly one outcome, and a crash after the claim
-leaves a call that the engine reconciles at the next start instead of dialing it again.
+leaves a call that the engine reconciles at the next start instead of dialing it again. Each page of due
+calls is a claim round (``CallRecords.claim_round``): on SQLite each claim commits and launches at once;
+on a PostgreSQL shared with other daemons the page's rows are locked for this round (others skip them),
+the claims commit together and launch after that commit, and the calls claimed but not yet launched
+count against the limits like calls in flight.
 
 Limits: calls in flight (global and per endpoint), the switch's room for one more session (its
 sessions-per-second and max sessions, read from it: :mod:`daemon.switch.capacity`; the legs of calls
@@ -19,9 +23,11 @@ limit stay ``queued`` in due order and go as soon as a slot frees.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gevent
@@ -81,6 +87,8 @@ class Dispatcher:
         self.endpoint_rates: dict[int, TokenBucket] = {}
         self.started_today: dict[int, int] = {}
         self._day: dt.date | None = None
+        self._claimed: Counter[int] = Counter()  # per endpoint: claimed in this round, not launched yet
+        self._unlaunched: set[str] = set()  # A legs of calls claimed in this round, not launched yet
 
     # -- control ----------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -113,47 +121,66 @@ class Dispatcher:
         skip: set[int] = set()  # endpoints at their limit this tick: their calls wait, others go
         after: tuple[dt.datetime, int] | None = None
         while True:
-            free = self.settings.max_in_flight - self.engine.in_flight()
+            free = self.settings.max_in_flight - self._in_flight()
             if free <= 0:
                 return MAX_SLEEP  # a call ending wakes us
             limit = min(BATCH, 2 * free + 10)
-            page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)
-            for call in page:
-                if not self.engine.ready:
-                    return MAX_SLEEP
-                if self.engine.in_flight() >= self.settings.max_in_flight:
-                    return MAX_SLEEP
-                endpoint = call.endpoint
-                if endpoint.id in skip:
-                    continue
-                if self.engine.in_flight_by_endpoint[endpoint.id] >= endpoint.max_in_flight:
-                    skip.add(endpoint.id)
-                    continue
-                if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
-                    self.records.finish(call, CallStatus.FAILED,
-                                        reason=f"daily cap of {endpoint.daily_cap} calls reached")
-                    continue
-                room = self.engine.capacity.new_call_delay(self.engine.monotonic())
-                if room > 0:
-                    return room  # the switch has no room for another session yet: every call waits
-                bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
-                bucket.rate = endpoint.calls_per_second
-                if self.global_rate is not None and not self.global_rate.take(mono):
-                    return self.global_rate.wait_time()
-                if not bucket.take(mono):
-                    if self.global_rate is not None:
-                        self.global_rate.tokens += 1  # not used after all
-                    wait = bucket.wait_time()
-                    held_back = wait if held_back is None else min(held_back, wait)
-                    skip.add(endpoint.id)
-                    continue
-                self._start(call, endpoint)
+            with self._claim_round():
+                page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)
+                for call in page:
+                    if not self.engine.ready:
+                        return MAX_SLEEP
+                    if self._in_flight() >= self.settings.max_in_flight:
+                        return MAX_SLEEP
+                    endpoint = call.endpoint
+                    if endpoint.id in skip:
+                        continue
+                    if (self.engine.in_flight_by_endpoint[endpoint.id] + self._claimed[endpoint.id]
+                            >= endpoint.max_in_flight):
+                        skip.add(endpoint.id)
+                        continue
+                    if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
+                        self.records.finish(call, CallStatus.FAILED,
+                                            reason=f"daily cap of {endpoint.daily_cap} calls reached")
+                        continue
+                    room = self.engine.capacity.new_call_delay(self.engine.monotonic())
+                    if room > 0:
+                        return room  # the switch has no room for another session yet: every call waits
+                    bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
+                    bucket.rate = endpoint.calls_per_second
+                    if self.global_rate is not None and not self.global_rate.take(mono):
+                        return self.global_rate.wait_time()
+                    if not bucket.take(mono):
+                        if self.global_rate is not None:
+                            self.global_rate.tokens += 1  # not used after all
+                        wait = bucket.wait_time()
+                        held_back = wait if held_back is None else min(held_back, wait)
+                        skip.add(endpoint.id)
+                        continue
+                    self._start(call, endpoint)
             if len(page) < limit:
                 break
             after = (page[-1].due_at, page[-1].id)
         nxt = self.records.next_due_at(now)
         delay = MAX_SLEEP if nxt is None else (nxt - now).total_seconds()
         return min(delay, held_back) if held_back is not None else delay
+
+    def _in_flight(self) -> int:
+        return self.engine.in_flight() + sum(self._claimed.values())
+
+    @contextlib.contextmanager
+    def _claim_round(self) -> Iterator[None]:
+        try:
+            with self.records.claim_round():
+                yield
+        finally:
+            # Whatever is left was claimed in a round that rolled back: never started, never launched.
+            for endpoint_id, count in self._claimed.items():
+                self.started_today[endpoint_id] = self.started_today.get(endpoint_id, 0) - count
+            self._claimed.clear()
+            for a_uuid in self._unlaunched:  # nor sent: the room reserved for their A goes back
+                self.engine.capacity.cancel(a_uuid)
+            self._unlaunched.clear()
 
     def _start(self, call: Call, endpoint: Endpoint) -> None:
         a_uuid, b_uuid = self.engine.new_leg_uuids()
@@ -164,7 +191,18 @@ class Dispatcher:
             self.engine.capacity.cancel(a_uuid)
             return  # canceled (or claimed elsewhere) in the meantime
         self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
-        self.engine.launch(call, endpoint)
+        self._claimed[endpoint.id] += 1
+        self._unlaunched.add(a_uuid)
+
+        def launch() -> None:  # once the claim is committed
+            self._claimed[endpoint.id] -= 1
+            self._unlaunched.discard(a_uuid)
+            try:
+                self.engine.launch(call, endpoint)
+            except Exception:
+                log.exception("launch failed", extra={"callid": call.callid})
+
+        self.records.after_claims(launch)
 
     def _roll_day(self, now: dt.datetime) -> None:
         if self._day == now.date():

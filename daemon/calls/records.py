@@ -19,15 +19,26 @@ database (:meth:`CallRecords._write`); the API's fail at once and the client is 
 Listeners (status webhooks) hear every status change: inside the transaction for the statuses a request
 sets (``queued``/``scheduled``, ``canceled``), so the event commits with the change or not at all; after
 the commit for the daemon's. They must not block.
+
+Claims on a shared PostgreSQL: the claim itself is one conditional UPDATE (``... WHERE id = ? AND status IN
+(pending)``); under READ COMMITTED a second daemon's UPDATE of the same row waits for the first to commit,
+re-reads the row, finds it no longer pending and changes nothing, so exactly one claim wins. So that two
+daemons do not walk the same due calls only for one to lose every race, the dispatcher claims in rounds
+(:meth:`CallRecords.claim_round`): one transaction in which :meth:`CallRecords.due` locks the rows it returns
+(``FOR UPDATE OF call SKIP LOCKED``, so another daemon's round gets the next calls instead of waiting),
+the claims commit together, and what follows a claim (the engine's launch, metrics, listeners) runs after
+that commit (:meth:`CallRecords.after_claims`), never for a claim that rolled back. On SQLite (one daemon,
+one writer) a round is no transaction: each claim commits at once, durably, and what follows runs at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -45,6 +56,7 @@ from daemon.store import (
     CallStatus,
     Endpoint,
     database,
+    is_shared,
     new_callid,
     relaxed_durability,
     utcnow,
@@ -169,7 +181,10 @@ class CallRecords:
             query = query.where(Call.endpoint.not_in(skip))
         if after is not None:
             query = query.where((Call.due_at > after[0]) | ((Call.due_at == after[0]) & (Call.id > after[1])))
-        return list(query.order_by(Call.due_at, Call.id).limit(limit))
+        query = query.order_by(Call.due_at, Call.id).limit(limit)
+        if is_shared() and database.in_transaction():  # a claim round: these calls are ours until it commits
+            query = query.for_update(of=Call, skip_locked=True)
+        return list(query)
 
     @staticmethod
     def next_due_at(now: dt.datetime) -> dt.datetime | None:
@@ -297,6 +312,22 @@ class CallRecords:
         return fresh
 
     # -- the daemon's writes (wait out a locked database) -----------------------------------------
+    @contextlib.contextmanager
+    def claim_round(self) -> Iterator[None]:
+        """The dispatcher's reading of due calls and claiming of some of them (see the module's docstring):
+        one transaction on PostgreSQL, nothing on SQLite."""
+        if not is_shared():
+            yield
+            return
+        with database.atomic():
+            yield
+
+    @staticmethod
+    def after_claims(action: Callable[[], None]) -> None:
+        """Run ``action`` once the claims made so far are committed: at once outside a claim round, after
+        the round's commit inside one (and never if it rolls back). ``action`` must not raise."""
+        database.after_commit(action)
+
     def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:
         """Take a pending call for dialing: one conditional update, so a cancel racing it loses or wins whole.
 
@@ -312,10 +343,14 @@ class CallRecords:
             return False
         call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
         call.started_at, call.lateness_ms = now, lateness
-        self.metrics.scheduler_lateness.observe(lateness / 1000)
-        self.metrics.calls_in_flight.labels(CallStatus.DIALING_A.value).inc()
         self.step(call, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid)
-        self._notify(call, CallStatus.DIALING_A, {})
+
+        def claimed() -> None:
+            self.metrics.scheduler_lateness.observe(lateness / 1000)
+            self.metrics.calls_in_flight.labels(CallStatus.DIALING_A.value).inc()
+            self._notify(call, CallStatus.DIALING_A, {})
+
+        self.after_claims(claimed)
         return True
 
     def step(self, call: Call, kind: str, at: dt.datetime | None = None, **detail: Any) -> None:
@@ -387,18 +422,27 @@ class CallRecords:
         for name, value in row.items():
             setattr(call, name, value)
         call.status = status.value
-        self._write(lambda: Call.update(status=status.value, **row).where(Call.id == call.id).execute(),
-                    durable=False)
-        if old not in PENDING_STATUSES:
-            self.metrics.calls_in_flight.labels(old.value).dec()
-        if status.final:
-            cause = call.b_cause if call.failed_leg == "b" else call.a_cause
-            self.metrics.calls_final.labels(status.value, cause or "").inc()
-        else:
-            self.metrics.calls_in_flight.labels(status.value).inc()
         extra = detail or {}
-        self.step(call, status.value, at=at, **{**extra, **{k: _plain(v) for k, v in row.items()}})
-        self._notify(call, status, extra)
+        step = {**extra, **{k: _plain(v) for k, v in row.items()}}
+
+        def write() -> None:  # the status and its timeline step, in one (relaxed) transaction
+            Call.update(status=status.value, **row).where(Call.id == call.id).execute()
+            add_event(call.id, status.value, at=at, **step)
+
+        self._write(write, durable=False)
+        log_event(log, status.value, callid=call.callid, **step)
+
+        def moved() -> None:  # at once, or after the claim round this change is part of commits
+            if old not in PENDING_STATUSES:
+                self.metrics.calls_in_flight.labels(old.value).dec()
+            if status.final:
+                cause = call.b_cause if call.failed_leg == "b" else call.a_cause
+                self.metrics.calls_final.labels(status.value, cause or "").inc()
+            else:
+                self.metrics.calls_in_flight.labels(status.value).inc()
+            self._notify(call, status, extra)
+
+        self.after_claims(moved)
 
     def _write(self, statement: Callable[[], T], durable: bool = True) -> T:
         """Run one short write, waiting out a locked or full database instead of failing the call.
@@ -406,6 +450,8 @@ class CallRecords:
         SQLite's own busy wait blocks the whole process, so it is kept short (store.SQLITE_PRAGMAS) and
         the longer wait happens here, where other greenlets (the ESL reader, other calls) keep running.
         """
+        if database.in_transaction():  # a claim round on PostgreSQL: a failed statement ends the whole round
+            return statement()
         delay = 0.05
         deadline = time.monotonic() + self.retry_for
         while True:

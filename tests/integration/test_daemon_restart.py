@@ -24,9 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 class Daemon:
     """``python -m daemon run`` in a subprocess, on the given state folder and switch."""
 
-    def __init__(self, state: Path, esl_port: int) -> None:
+    def __init__(self, state: Path, esl_port: int, database_url: str = "") -> None:
         self.env = dict(os.environ, CALLBRIDGE_STATE_DIR=str(state), CALLBRIDGE_ESL_PORT=str(esl_port),
                         CALLBRIDGE_HTTP_PORT="0", CALLBRIDGE_LOG_LEVEL="WARNING")
+        self.env.pop("CALLBRIDGE_DATABASE_URL", None)
+        if database_url:  # else SQLite in the state folder
+            self.env["CALLBRIDGE_DATABASE_URL"] = database_url
         self.env["CALLBRIDGE_HTTP_PORT"] = str(_free_port())
         self.base = f"http://127.0.0.1:{self.env['CALLBRIDGE_HTTP_PORT']}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -76,12 +79,15 @@ def _free_port() -> int:
 
 @needs_standin()
 @pytest.mark.slow
-def test_sigkill_mid_call_then_restart_reconciles_every_call(tmp_path: Path) -> None:
+@pytest.mark.stores("sqlite", "postgresql")
+def test_sigkill_mid_call_then_restart_reconciles_every_call(tmp_path: Path, store_kind: str,
+                                                             request: pytest.FixtureRequest) -> None:
     from freeswitch.standin import StandIn
 
     switch = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=0.05)
     switch.start()
-    daemon = Daemon(tmp_path / "state", switch.port)
+    url = request.getfixturevalue("postgres_url") if store_kind == "postgresql" else ""
+    daemon = Daemon(tmp_path / "state", switch.port, url)
     try:
         token = daemon.cli("endpoint", "add", "--name", "k", "--caller-id", "15551230000", "--dial-string",
                            "sofia/gateway/carrier/{number}", "--max-in-flight", "50")["token"]

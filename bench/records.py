@@ -1,0 +1,113 @@
+"""Records: a call's writes in the store, on SQLite and on PostgreSQL, in this process.
+
+One call's life as the store sees it: the API's create (durable), the dispatcher's claim round (the
+due read and the claim, durable; on PostgreSQL one transaction with ``FOR UPDATE SKIP LOCKED``), then
+the sequence's steps (a_answered, dialing_b, bridged, completed; relaxed durability). Measured one call
+at a time (the latency of each write) and with 20 greenlets at once (what the store sustains while many
+calls run). SQLite: a file with WAL and ``synchronous=FULL``. PostgreSQL: Debian's server started here
+(``tests/postgres_server.py``) with fsync on, on the same disk, over TCP on loopback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable
+
+import gevent
+
+from bench.common import percentile, workdir
+from bench.report import Report
+from daemon.accounts.endpoints import EndpointOptions, create_endpoint
+from daemon.calls.records import CallRecords, NewCall
+from daemon.ops.metrics import Metrics
+from daemon.store import Call, CallStatus, Endpoint, close_database, open_database, utcnow
+
+CONCURRENCY = 20
+
+
+def one_call(records: CallRecords, endpoint: Endpoint, laps: dict[str, list[float]]) -> None:
+    def lap(name: str, step: Callable[[], object]) -> object:
+        t0 = time.perf_counter()
+        result = step()
+        laps[name].append((time.perf_counter() - t0) * 1000)
+        return result
+
+    now = utcnow()
+    request = NewCall(phone_a="15550001001", phone_b="15550002002", due_at=now, scheduled=False)
+    lap("create", lambda: records.create(endpoint, request, now=now))
+
+    claimed: list[Call] = []
+
+    def claim_round() -> None:
+        with records.claim_round():
+            for call in records.due(utcnow() + dt.timedelta(seconds=5), limit=1):
+                if records.claim(call, a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), now=utcnow()):
+                    claimed.append(call)
+
+    lap("claim round", claim_round)
+    if not claimed:
+        return
+    call = claimed[0]
+
+    def steps() -> None:
+        records.a_answered(call, at=utcnow())
+        records.dialing_b(call, at=utcnow())
+        records.bridged(call, at=utcnow(), ring_seconds=3.0)
+        records.finish(call, CallStatus.COMPLETED, talk_seconds=57.0)
+
+    lap("4 steps", steps)
+
+
+def measure(report: Report, kind: str, url: str, calls: int) -> None:
+    db = open_database(url)
+    try:
+        endpoint, _ = create_endpoint(EndpointOptions(name="bench", caller_id_number="15550000000",
+                                                      dial_string="sofia/gateway/carrier/{number}",
+                                                      max_in_flight=100_000, daily_cap=10_000_000))
+        records = CallRecords(Metrics())
+        laps: dict[str, list[float]] = {"create": [], "claim round": [], "4 steps": []}
+        one_call(records, endpoint, laps)  # warm up: connections, statements
+        laps = {name: [] for name in laps}
+        started = time.perf_counter()
+        for _ in range(calls):
+            one_call(records, endpoint, laps)
+        sequential = calls / (time.perf_counter() - started)
+        size = f"{calls} calls one at a time"
+        for name in ("create", "claim round", "4 steps"):
+            report.add("records", f"{kind}: {name} p50", percentile(laps[name], 50), "ms", size=size)
+            report.add("records", f"{kind}: {name} p99", percentile(laps[name], 99), "ms", size=size)
+        report.add("records", f"{kind}: calls through the store, one at a time", sequential, "calls/s", size=size)
+
+        busy: dict[str, list[float]] = {name: [] for name in laps}
+        each = max(1, calls // CONCURRENCY)
+        started = time.perf_counter()
+        workers = [gevent.spawn(lambda: [one_call(records, endpoint, busy) for _ in range(each)])
+                   for _ in range(CONCURRENCY)]
+        gevent.joinall(workers, raise_error=True)
+        concurrent = each * CONCURRENCY / (time.perf_counter() - started)
+        report.add("records", f"{kind}: calls through the store, {CONCURRENCY} at once", concurrent, "calls/s",
+                   size=f"{each * CONCURRENCY} calls, {CONCURRENCY} greenlets")
+    finally:
+        close_database(db)
+
+
+def run(report: Report, full: bool) -> None:
+    calls = 2000 if full else 400
+    with workdir("records") as folder:
+        measure(report, "SQLite", f"sqlite:///{folder / 'callbridge.db'}", calls)
+        try:
+            from tests.postgres_server import PostgresMissing, start_server, stop_server
+        except ImportError as exc:  # pragma: no cover (the bench runs from the repository)
+            raise RuntimeError(f"tests/postgres_server.py is needed: {exc}") from exc
+        try:
+            server = start_server(durable=True)
+        except PostgresMissing as exc:
+            report.errors["records"] = f"PostgreSQL figures skipped: {exc}"
+            return
+        try:
+            name = server.new_database()
+            measure(report, "PostgreSQL", server.url(name), calls)
+        finally:
+            stop_server(server)

@@ -315,15 +315,26 @@ def load(
 # The stand-in (with the bench's tap) and the daemon, each in its own process
 
 
+# The session limits of the switch the bench runs against, as an operator sets them in switch.conf.xml
+# for a big box: 2,000 bridged calls are 4,000 sessions (FreeSWITCH's default max is 1,000), and 30
+# sessions a second (its default) would hold the engine to 13 calls a second, which measures the switch,
+# not the daemon. The daemon reads them and paces under them as it would under any limits.
+BIG_SWITCH_SPS = 10_000
+BIG_SWITCH_MAX_SESSIONS = 100_000
+
+
 class Switch:
     """``python -m bench.switch``: the FreeSWITCH stand-in plus the bench's timing tap."""
 
-    def __init__(self, time_scale: float, log: Path) -> None:
+    def __init__(self, time_scale: float, log: Path, *, sps: int = BIG_SWITCH_SPS,
+                 max_sessions: int = BIG_SWITCH_MAX_SESSIONS) -> None:
         self.proc = spawn(
-            [PY, "-m", "bench.switch", "--port", "0", "--time-scale", str(time_scale)],
+            [PY, "-m", "bench.switch", "--port", "0", "--time-scale", str(time_scale), "--sps", str(sps),
+             "--max-sessions", str(max_sessions)],
             log=log,
             stdout_pipe=True,
         )
+        self.sps, self.max_sessions = sps, max_sessions
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         if "listening on" not in line:
@@ -376,7 +387,7 @@ class Daemon:
             CALLBRIDGE_ESL_PORT=str(esl_port),
             CALLBRIDGE_HTTP_PORT=str(self.http_port),
             CALLBRIDGE_LOG_LEVEL="WARNING",
-            CALLBRIDGE_CALLS_PER_SECOND="100000",
+            CALLBRIDGE_CALLS_PER_SECOND="0",  # no operator's cap: the switch's limits pace the calls
             CALLBRIDGE_MAX_IN_FLIGHT="1000",
             PYTHONUNBUFFERED="1",
         )

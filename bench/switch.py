@@ -1,4 +1,5 @@
-"""The FreeSWITCH stand-in with the bench's timing tap: ``python -m bench.switch --port 0 --time-scale S``.
+"""The FreeSWITCH stand-in with the bench's timing tap: ``python -m bench.switch --port 0 --time-scale S
+[--sps N] [--max-sessions N]`` (the switch's session limits, as switch.conf.xml sets them).
 
 The stand-in itself is unchanged; this subclass only notes, per A leg, when its ``bgapi originate``
 arrived (wall clock, to compare with ``due_at``), when the stand-in answered it (``Channel.answered_at``,
@@ -22,6 +23,7 @@ import gevent
 from gevent.event import Event
 
 from freeswitch.standin import StandIn
+from freeswitch.standin.limits import DEFAULT_MAX_SESSIONS, DEFAULT_SPS
 
 ORIGINATION_UUID = re.compile(r"origination_uuid=([0-9a-fA-F-]{36})")
 
@@ -66,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.switch")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--time-scale", type=float, default=0.001)
+    parser.add_argument("--sps", type=int, default=DEFAULT_SPS)
+    parser.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
     args = parser.parse_args(argv)
-    standin = TappedStandIn(host="127.0.0.1", port=args.port, password="ClueCon", time_scale=args.time_scale)
+    standin = TappedStandIn(host="127.0.0.1", port=args.port, password="ClueCon", time_scale=args.time_scale,
+                            sps=args.sps, max_sessions=args.max_sessions)
     standin.start()
     print(
-        f"freeswitch stand-in listening on 127.0.0.1:{standin.port} (time scale {args.time_scale})",
+        f"freeswitch stand-in listening on 127.0.0.1:{standin.port} (time scale {args.time_scale}, "
+        f"{args.sps} sessions per second, {args.max_sessions} max)",
         flush=True,
     )
     done = Event()

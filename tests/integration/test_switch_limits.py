@@ -54,6 +54,7 @@ def commands_for(harness: Harness, prefix: str, leg_uuid: str) -> int:
     return sum(1 for c in harness.switch.commands if c.text.startswith(prefix) and leg_uuid in c.text)
 
 
+@pytest.mark.time_scale(0.05)  # A stays up 15 s: its B finds room well inside that at 26 sessions a second
 def test_200_calls_at_once_all_complete_within_the_switchs_default_limits(harness: Harness) -> None:
     endpoint = harness.endpoint(max_in_flight=50)
     calls = [harness.place(endpoint, "15550000421", "15550006421") for _ in range(200)]

@@ -8,11 +8,12 @@ from typing import Any
 
 import gevent
 import pytest
+from peewee import OperationalError
 
 from daemon.calls.journal import Journal
-from daemon.calls.sequence import CallOptions, CallSequence, Reconnected
+from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, RetryDial, originate_marked
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallStatus, Endpoint, utcnow
+from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
 from daemon.switch.esl import EslDisconnected, EslEvent, EslNotSent
 
 
@@ -26,9 +27,13 @@ class ScriptedSwitch:
         self.routes: dict[str, CallSequence] = {}
         self.fail_message_at: int | None = None
 
-    def bgapi(self, command: str, job_uuid: str) -> str:
+    def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str:
+        if self.fail_next and isinstance(self.fail_next[0], EslNotSent):
+            raise self.fail_next.pop(0)  # no turn: nothing sent, nothing marked
+        if before_send is not None:
+            before_send()
         if self.fail_next:
-            raise self.fail_next.pop(0)
+            raise self.fail_next.pop(0)  # lost in flight
         self.sent.append("bgapi " + command)
         return f"+OK Job-UUID: {job_uuid}"
 
@@ -87,6 +92,42 @@ def test_an_originate_that_was_never_sent_is_sent_once_reconnected(run_call: Cal
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
     assert Call.get_by_id(sequence.call.id).status == "a_answered"
+
+
+def test_the_dial_mark_is_written_when_the_originate_has_its_turn_not_before(run_call: Callable[..., Any]) -> None:
+    """The mark (timeline step ``dialing_a``) tells the next start whether the originate may have reached
+    FreeSWITCH: it is not there while the originate waits for a connection, and it is once it leaves."""
+    sequence, switch = run_call()
+    switch.fail_next.append(EslNotSent("not connected"))
+    sequence.start()
+    gevent.sleep(0)
+    assert not originate_marked(sequence.call)
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    assert len(originates(switch)) == 1 and originate_marked(sequence.call)
+    kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == sequence.call.id).order_by(CallEvent.id)]
+    assert kinds == ["waiting_for_switch", "dialing_a"]
+
+
+def test_a_store_that_refuses_the_dial_mark_holds_the_originate_back(run_call: Callable[..., Any],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unmarked means never sent: when the mark cannot be written, the originate waits and goes later."""
+    sequence, switch = run_call()
+    real_mark = sequence.journal.mark
+    refusals = [OperationalError("database is locked")]
+
+    def mark(*args: Any, **kwargs: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+        real_mark(*args, **kwargs)
+
+    monkeypatch.setattr(sequence.journal, "mark", mark)
+    sequence.start()
+    gevent.sleep(0)
+    assert originates(switch) == [] and not originate_marked(sequence.call) and sequence.dial_pending
+    sequence.deliver(RetryDial())
+    gevent.sleep(0)
+    assert len(originates(switch)) == 1 and originate_marked(sequence.call)
 
 
 def test_an_originate_lost_in_flight_is_reconciled_never_resent(run_call: Callable[..., Any]) -> None:

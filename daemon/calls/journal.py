@@ -43,6 +43,13 @@ class Journal:
         self._write(lambda: add_event(call.id, kind, at=when, **detail), durable=False)
         log_event(log, kind, callid=call.callid, **detail)
 
+    def mark(self, call: Call, kind: str, **detail: Any) -> None:
+        """A step that must be on disk before what it announces happens (the originate to A leaving):
+        committed durably, in one attempt with no wait, since the caller holds the switch connection's
+        turn. Raises ``OperationalError`` when the store refuses it; then the caller must not go on."""
+        add_event(call.id, kind, at=self.clock(), **detail)
+        log_event(log, kind, callid=call.callid, **detail)
+
     def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:
         """Take a pending call for dialing: one conditional update, so a cancel racing it loses or wins whole.
 

@@ -35,10 +35,10 @@ from typing import Any, Protocol
 
 import gevent
 import gevent.queue
-from peewee import DatabaseError
+from peewee import DatabaseError, OperationalError
 
 from daemon.calls.journal import Journal
-from daemon.store import Call, CallStatus, Endpoint
+from daemon.store import Call, CallEvent, CallStatus, Endpoint
 from daemon.switch import commands as fs
 from daemon.switch.esl import EslError, EslEvent, EslNotSent
 
@@ -50,11 +50,20 @@ FAILURE_NOTICE = "tone_stream://%(500,500,480,620);loops=3"
 CALLER_GONE = {"ORIGINATOR_CANCEL", "LOSE_RACE", "PICKED_OFF"}
 
 
+# The timeline step committed right before the originate to A leaves (see CallSequence._mark_dialing_a).
+DIAL_MARK = "dialing_a"
+
+
+def originate_marked(call: Call) -> bool:
+    """Whether the originate to A may have reached FreeSWITCH: its mark is in the call's timeline."""
+    return bool(CallEvent.select().where((CallEvent.call == call.id) & (CallEvent.kind == DIAL_MARK)).exists())
+
+
 class Switch(Protocol):
     """What a sequence needs from the engine's Event Socket connection."""
 
     def api(self, command: str) -> str: ...  # raises EslNotSent when there is no connection
-    def bgapi(self, command: str, job_uuid: str) -> str: ...
+    def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str: ...
     def send_message(self, message: str) -> Any: ...
     def route(self, key: str, sequence: CallSequence) -> None: ...
     def unroute(self, key: str) -> None: ...
@@ -210,14 +219,12 @@ class CallSequence:
                                  variables=self._leg_vars(self.a.uuid))
         retry = self.dial_pending
         self.dial_pending = False
-        if not retry:
-            self.journal.step(self.call, "dialing_a", phone=self.call.phone_a, a_uuid=self.a.uuid)
         try:
-            reply = self.switch.bgapi(command, self.job_uuid)
-        except EslNotSent:
-            # Never reached FreeSWITCH: dial when reconnected, or in a moment if the connection was
-            # only busy.
-            if not retry:
+            reply = self.switch.bgapi(command, self.job_uuid, before_send=self._mark_dialing_a)
+        except (EslNotSent, OperationalError) as exc:
+            # Never reached FreeSWITCH (no connection, no turn, or the store refused the mark): dial when
+            # reconnected, or in a moment if the connection or the store was only busy.
+            if not retry and isinstance(exc, EslNotSent):
                 self.journal.step(self.call, "waiting_for_switch", phase="dialing_a")
             self.dial_pending = True
             gevent.spawn_later(1.0, self.deliver, RetryDial())
@@ -229,6 +236,12 @@ class CallSequence:
             return
         if not reply.startswith("+OK"):
             self._finish(CallStatus.FAILED, failed_leg="a", a_cause="", reason=f"originate refused: {reply}")
+
+    def _mark_dialing_a(self) -> None:
+        """Runs when the originate has its turn on the connection, right before it leaves: committed
+        durably, so a call claimed but never sent (the daemon died while it waited for its turn) is
+        known at the next start and dialed then (``originate_marked``), not failed unheard."""
+        self.journal.mark(self.call, DIAL_MARK, phone=self.call.phone_a, a_uuid=self.a.uuid)
 
     def _queue_apps(self) -> None:
         """After A answers: everything A hears, and the bridge to B, queued on A in order."""

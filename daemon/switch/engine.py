@@ -25,10 +25,10 @@ import gevent.event
 import gevent.lock
 
 from daemon.calls.journal import Journal
-from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop
+from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop, originate_marked
 from daemon.config import Settings
 from daemon.ops.logs import log_event
-from daemon.store import IN_FLIGHT_STATUSES, Call, Endpoint
+from daemon.store import IN_FLIGHT_STATUSES, Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
 from daemon.switch.esl import EslConnection, EslError, EslEvent, EslNotSent
 
@@ -152,8 +152,8 @@ class Engine:
     def api(self, command: str) -> str:
         return self._conn().api(command)
 
-    def bgapi(self, command: str, job_uuid: str) -> str:
-        return self._conn().bgapi(command, job_uuid)
+    def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str:
+        return self._conn().bgapi(command, job_uuid, before_send=before_send)
 
     def send_message(self, message: str) -> Any:
         return self._conn().send_message(message)
@@ -185,10 +185,25 @@ class Engine:
         calls = list(Call.select(Call, Endpoint).join(Endpoint)
                      .where(Call.status.in_([s.value for s in IN_FLIGHT_STATUSES])))
         for call in calls:
-            if call.id not in self.active:
-                self.journal.step(call, "adopted", note="found in flight at start")
-                self.launch(call, call.endpoint, adopted=True)
+            if call.id in self.active:
+                continue
+            if call.status == CallStatus.DIALING_A.value and not originate_marked(call):
+                self._dial_unsent(call)
+                continue
+            self.journal.step(call, "adopted", note="found in flight at start")
+            self.launch(call, call.endpoint, adopted=True)
         return len(calls)
+
+    def _dial_unsent(self, call: Call) -> None:
+        """A call claimed by the previous run, which died before its originate had its turn to be sent:
+        nothing reached FreeSWITCH, so it is dialed now, like a late start (missed beyond the grace)."""
+        late = int((self.journal.clock() - call.due_at).total_seconds())
+        if late > self.settings.schedule_grace:
+            self.journal.finish(call, CallStatus.MISSED, reason=f"due at {call.due_at.isoformat()}Z, {late} s "
+                                f"before the daemon could start it (grace {self.settings.schedule_grace} s)")
+            return
+        self.journal.step(call, "adopted", note="claimed but never sent to FreeSWITCH: dialing A now")
+        self.launch(call, call.endpoint)
 
     def _ended(self, sequence: CallSequence) -> None:
         self.active.pop(sequence.call.id, None)

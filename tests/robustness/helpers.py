@@ -247,7 +247,7 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
 
     * final: every call ends in a final status;
     * once: each claimed call's A leg was originated exactly once (or, after a crash of the daemon, not
-      at all and then failed 'interrupted': claimed, committed, killed before sending), and its B leg
+      at all and then failed 'interrupted': the kill caught its originate being sent), and its B leg
       bridged at most once;
     * true: the status agrees with the stand-in's channels (completed ⇒ B answered; failed ⇒ B never
       answered; A's cause is A's) and, with ``expect_plan``, with the number plan.

@@ -26,6 +26,8 @@ class ScriptedSwitch:
         self.answers: dict[str, str] = {}
         self.routes: dict[str, CallSequence] = {}
         self.fail_message_at: int | None = None
+        self.no_turn_for_message_at: int | None = None  # that sendmsg finds no turn (EslNotSent), once
+        self.no_turn_for_api = 0  # so many api commands find no turn
 
     def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str:
         if self.fail_next and isinstance(self.fail_next[0], EslNotSent):
@@ -38,10 +40,17 @@ class ScriptedSwitch:
         return f"+OK Job-UUID: {job_uuid}"
 
     def api(self, command: str) -> str:
+        if self.no_turn_for_api:
+            self.no_turn_for_api -= 1
+            raise EslNotSent("api: no turn to send within 0.5s (another command is in flight)")
         self.sent.append("api " + command)
         return next((v for k, v in self.answers.items() if command.startswith(k)), "+OK\n")
 
     def send_message(self, message: str) -> Any:
+        if self.no_turn_for_message_at is not None and \
+                len([m for m in self.sent if m.startswith("sendmsg")]) == self.no_turn_for_message_at:
+            self.no_turn_for_message_at = None
+            raise EslNotSent("sendmsg: no turn to send within 0.5s (another command is in flight)")
         if self.fail_message_at is not None and len([m for m in self.sent if m.startswith("sendmsg")]) == \
                 self.fail_message_at:
             self.fail_message_at = None
@@ -245,7 +254,7 @@ def test_an_idle_check_while_the_dial_is_pending_dials_instead_of_giving_up(run_
     assert not any(c.startswith("api uuid_exists") for c in switch.sent)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     with gevent.Timeout(timeout, False):
         while not predicate():
             gevent.sleep(0.005)
@@ -264,3 +273,37 @@ def test_a_bridge_that_failed_unheard_is_learned_from_a_hangup(run_call: Callabl
     call = Call.get_by_id(sequence.call.id)
     assert (call.status, call.failed_leg, call.b_cause, call.reason) == ("failed", "b", "NO_ANSWER",
                                                                           "B was not reached")
+
+
+def test_apps_that_find_no_turn_on_a_busy_connection_are_queued_a_moment_later(
+        run_call: Callable[..., Any]) -> None:
+    """Under load the connection is busy with other calls' commands and a sendmsg gets no turn within the
+    command timeout (EslNotSent: nothing sent). The rest of A's steps go a moment later, in order, each
+    once; the call was left stuck with A answered and nothing queued, as if the connection had been lost."""
+    sequence, switch = run_call()
+    switch.no_turn_for_message_at = 4
+    sequence.start()
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    assert len(apps_sent(switch)) == 4 and not sequence.connection_lost
+    assert wait_until(lambda: apps_sent(switch)[-1:] == ["hangup NORMAL_CLEARING"])
+    apps = apps_sent(switch)
+    assert len(apps) == len(sequence.steps) and sum(a.startswith("bridge ") for a in apps) == 1, apps
+    assert apps[0] == "set cb_stage=queued"
+    assert "waiting_for_switch" in [e.kind for e in CallEvent.select().where(CallEvent.call == sequence.call.id)]
+
+
+def test_a_reconcile_whose_questions_find_no_turn_is_taken_again(run_call: Callable[..., Any]) -> None:
+    """After a reconnect every call asks about its legs at once; one whose question gets no turn looks
+    again a moment later instead of waiting, unreconciled, for a reconnect that will not come."""
+    sequence, switch = run_call()
+    sequence.start()
+    gevent.sleep(0)
+    assert len(originates(switch)) == 1
+    switch.answers = {"uuid_exists": "false"}
+    switch.no_turn_for_api = 1
+    sequence.deliver(Reconnected(False))
+    sequence.greenlet.join(timeout=10)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.reason) == ("failed", "interrupted")
+

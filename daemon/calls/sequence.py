@@ -84,6 +84,10 @@ class RetryDial:
     """Inbox marker: try again an originate that was never sent."""
 
 
+class RetrySend:
+    """Inbox marker: try again to queue A's steps that found no turn on a busy connection."""
+
+
 class Phase(enum.Enum):
     DIALING_A = "dialing_a"
     PROMPTS = "prompts"
@@ -166,7 +170,7 @@ class CallSequence:
             self.switch.route(key, self)
         self.greenlet = gevent.spawn(self._run)
 
-    def deliver(self, item: EslEvent | Reconnected | Stop | RetryDial) -> None:
+    def deliver(self, item: EslEvent | Reconnected | Stop | RetryDial | RetrySend) -> None:
         self.inbox.put(item)
 
     def _run(self) -> None:
@@ -186,6 +190,9 @@ class CallSequence:
                 if isinstance(item, RetryDial):
                     if self.dial_pending:
                         self._dial_a()
+                elif isinstance(item, RetrySend):
+                    if self.unsent and not self.connection_lost:
+                        self._guarded(self._send_unsent, "queuing")
                 elif isinstance(item, Reconnected) and self.dial_pending:
                     self._dial_a()
                 elif isinstance(item, Reconnected):
@@ -310,9 +317,14 @@ class CallSequence:
         self._send_unsent()
 
     def _guarded(self, action: Callable[[], None], phase: str) -> None:
-        """Run a sending action; a lost connection is noted and handled once reconnected."""
+        """Run a sending action; a lost connection is noted and handled once reconnected. A step that found
+        no turn to be sent (the connection busy with other calls' commands, or down) was not sent: it and
+        those after it are tried again in a moment (and on reconnecting)."""
         try:
             action()
+        except EslNotSent as exc:
+            self.journal.step(self.call, "waiting_for_switch", phase=phase, error=str(exc))
+            gevent.spawn_later(1.0, self.deliver, RetrySend())
         except EslError as exc:
             self.connection_lost = True
             self.journal.step(self.call, "connection_lost", phase=phase, error=str(exc))
@@ -584,6 +596,10 @@ class CallSequence:
             elif self.phase in (Phase.DIALING_B, Phase.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
                 self.b.created = self.b.gone = True
+        except EslNotSent:
+            # A question or a step found no turn (every call reconciles at once after a reconnect) or the
+            # connection is down again: nothing half-sent, so the whole look is taken again in a moment.
+            gevent.spawn_later(1.0, self.deliver, Reconnected(False))
         except EslError:
             self.connection_lost = True
 

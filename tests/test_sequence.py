@@ -307,3 +307,40 @@ def test_a_reconcile_whose_questions_find_no_turn_is_taken_again(run_call: Calla
     call = Call.get_by_id(sequence.call.id)
     assert (call.status, call.reason) == ("failed", "interrupted")
 
+
+@pytest.mark.parametrize("news", ["queued before the answer", "written after the answer", "never"])
+def test_an_idle_check_that_finds_a_gone_waits_for_its_hangup_before_calling_it_lost(
+        run_call: Callable[..., Any], news: str) -> None:
+    """A rings; the idle check asks whether A still exists just as A gives up (NO_ANSWER). The answer
+    'false' may come with A's hangup already read (the stand-in's order) or just before it (FreeSWITCH may
+    write the answer first): either way the call ends as the hangup says, failed on A with A's cause, not
+    'interrupted'. Only a hangup that never comes is a lost track."""
+    sequence, switch = run_call()
+    sequence.options.idle_check = 0.2
+    hangup = event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{"Hangup-Cause": "NO_ANSWER"})
+    sequence.start()
+    assert wait_until(lambda: len(originates(switch)) == 1)
+    real_api = switch.api
+
+    def api(command: str) -> str:
+        answer = real_api(command)
+        if command.startswith("uuid_exists " + sequence.a.uuid):
+            switch.api = real_api  # type: ignore[method-assign]
+            if news == "queued before the answer":
+                sequence.deliver(hangup)
+            elif news == "written after the answer":
+                gevent.spawn_later(0.05, sequence.deliver, hangup)
+        return answer
+
+    switch.answers = {"uuid_exists": "false"}
+    switch.api = api  # type: ignore[method-assign]
+    sequence.greenlet.join(timeout=10)
+    call = Call.get_by_id(sequence.call.id)
+    kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == sequence.call.id)]
+    if news == "never":
+        assert (call.status, call.failed_leg, call.reason) == ("failed", "", "interrupted")
+        assert "lost_track" in kinds
+    else:
+        assert (call.status, call.failed_leg, call.a_cause, call.reason) == \
+            ("failed", "a", "NO_ANSWER", "A was not reached"), kinds
+        assert "lost_track" not in kinds

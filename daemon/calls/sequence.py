@@ -615,6 +615,14 @@ class CallSequence:
         except EslError:
             return
         if not a_alive:
+            # A's hangup may be on its way: the reader may have queued it while we waited for this answer,
+            # or FreeSWITCH may write the answer before the event. It tells the real outcome; "gone" does
+            # not. So news gets an idle period to arrive (the loop reads it) before the hangup counts as lost.
+            try:
+                self.inbox.peek(timeout=self.options.idle_check)
+                return
+            except gevent.queue.Empty:
+                pass
             self.journal.step(self.call, "lost_track", note="A is gone but its hangup was not heard")
             self._reconcile(False)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -532,10 +533,12 @@ def test_disk_full_while_calls_run(make_harness: Callable[..., Harness], tmp_pat
 
 
 class SilentReceiver:
-    """Accepts connections on 127.0.0.1, reads what it is sent and never answers."""
+    """Accepts connections on 127.0.0.1, reads what it is sent and never answers; :meth:`hang_up` closes the
+    connections it holds, still without an answer."""
 
     def __init__(self) -> None:
         self.connections = 0
+        self.held: list[Any] = []
         self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
         self.server.start()
 
@@ -545,43 +548,57 @@ class SilentReceiver:
 
     def _handle(self, sock: Any, address: Any) -> None:
         self.connections += 1
-        while sock.recv(65536):
-            pass
+        self.held.append(sock)
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):
+                pass
+
+    def hang_up(self) -> None:
+        for sock in self.held:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
+        self.hang_up()
         self.server.stop(timeout=1)
 
 
-def duration(call: Call) -> float:
-    """Seconds from the claim to the final status."""
-    assert call.started_at is not None and call.ended_at is not None, call.callid
-    return float((call.ended_at - call.started_at).total_seconds())
-
-
+@pytest.mark.time_scale(0.2)
 def test_webhook_receiver_that_never_answers(make_harness: Callable[..., Harness]) -> None:
-    """The endpoint's webhook receiver accepts connections and never answers: its calls complete exactly as
-    fast as the same calls of an endpoint without webhooks; the deliveries stay pending, retried later."""
+    """The endpoint's webhook receiver accepts connections and never answers. Its calls all end while every
+    delivery attempt still waits for its answer (so no call waited on one), exactly as the same calls of an
+    endpoint without webhooks; the deliveries stay pending, retried later.
+
+    Not a comparison of durations (on a busy machine two identical calls can differ by seconds): no
+    attempt can end during the calls (``webhook_timeout`` is far longer than the test), so a call that
+    waited for a delivery could not end at all. Time scale 0.2: the plan's outcomes assume the daemon
+    queues A's steps well within A's 30 plan seconds, which 1.5 s at 0.05 is not, for 32 calls at once
+    on a loaded machine. The switch's own timeouts are the harness's, not FAST's: the fault here is the
+    receiver, and a 0.5 s command timeout drops the connection on a loaded machine."""
     receiver = SilentReceiver()
     try:
-        harness = make_harness(**{**FAST, "webhook_timeout": 0.5})
+        harness = make_harness(webhook_timeout=600.0, originate_timeout=10)
         hooked, plain = harness.endpoint(webhook_url=receiver.url), harness.endpoint()
         calls = place(harness, hooked, MIX)
         control = place(harness, plain, MIX)
         fault("webhook receiver never answers")
-        settle(harness, calls + control, timeout=10)
-        assert wait_for(lambda: WebhookDelivery.select().where(WebhookDelivery.attempts > 0).exists(), 10)
-        for call, twin in zip(map(fresh, calls), map(fresh, control), strict=True):
-            assert call.status == twin.status and call.reason == twin.reason, (call.callid, twin.callid)
-            took, twin_took = duration(call), duration(twin)
-            assert abs(took - twin_took) < 0.5, (call.phone_a, call.phone_b, took, twin_took)
+        settle(harness, calls + control, timeout=120)
         rows = list(WebhookDelivery.select())
+        assert receiver.connections >= 1, "no delivery was even tried"
+        assert all(r.attempts == 0 and r.state == "pending" for r in rows), \
+            [(r.status, r.attempts, r.state, r.last_error) for r in rows if r.attempts or r.state != "pending"]
+        for call, twin in zip(map(fresh, calls), map(fresh, control), strict=True):
+            assert (call.status, call.failed_leg, call.reason) == (twin.status, twin.failed_leg, twin.reason), \
+                (call.phone_a, call.phone_b, harness.timeline(call), harness.timeline(twin))
         assert {r.callid for r in rows} == {c.callid for c in calls}  # only the hooked endpoint's calls
         assert len(rows) >= 2 * len(calls)  # at least dialing_a and the final status of each
+        receiver.hang_up()  # the attempts in flight end, unanswered
+        assert wait_for(lambda: WebhookDelivery.select().where(WebhookDelivery.attempts > 0).exists(), 60)
+        rows = list(WebhookDelivery.select())
         assert all(r.state == "pending" for r in rows), {r.state for r in rows}
         tried = [r for r in rows if r.attempts > 0]
-        assert tried and all(r.last_status_code is None and r.last_error for r in tried), \
+        assert all(r.last_status_code is None and r.last_error for r in tried), \
             [(r.last_status_code, r.last_error) for r in tried]
-        assert receiver.connections >= 1
         FIGURES["webhook deliveries left pending by a silent receiver"] += len(rows)
     finally:
         receiver.stop()

@@ -11,13 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import signal
-import socket
 from collections.abc import Callable
-from typing import Any
 
 import gevent
 import gevent.event
-from gevent.pywsgi import WSGIServer
 
 from daemon.calls.dispatcher import Dispatcher
 from daemon.calls.journal import Journal
@@ -32,17 +29,9 @@ from daemon.store import IN_FLIGHT_STATUSES, PENDING_STATUSES, Call, open_databa
 from daemon.switch.commands import http_cache_url
 from daemon.switch.engine import Engine
 from webapi.app import create_app
+from webapi.server import ApiServer
 
 log = logging.getLogger("callbridge.service")
-
-
-class NoDelayWSGIServer(WSGIServer):
-    """gevent's WSGI server with Nagle off: pywsgi writes a response's headers and body in two sends, and
-    with Nagle on the body waits for the client's delayed ACK (40 ms on a keep-alive connection)."""
-
-    def handle(self, sock: socket.socket, address: Any) -> Any:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return super().handle(sock, address)
 
 
 class Service:
@@ -64,8 +53,8 @@ class Service:
         self.dispatcher = Dispatcher(settings, self.engine, self.journal, clock)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
                               readiness=self.readiness, clock=clock, on_status=self.journal.announce)
-        self.server = NoDelayWSGIServer((settings.http_host, settings.http_port), self.app, log=None,
-                                 error_log=logging.getLogger("callbridge.http"))
+        self.server = ApiServer((settings.http_host, settings.http_port), self.app, log=None,
+                                error_log=logging.getLogger("callbridge.http"))
         self.stopping = gevent.event.Event()
         self._housekeeping: gevent.Greenlet | None = None
 

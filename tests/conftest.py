@@ -104,16 +104,17 @@ class LiveServer:
 
 @pytest.fixture
 def live_server(app: Flask) -> Iterator[LiveServer]:
-    """The app under gevent's WSGI server in its own thread (its own gevent hub), on 127.0.0.1:0."""
+    """The app under the daemon's own server (gevent's WSGI server, webapi.server) in a thread, on 127.0.0.1:0."""
     import gevent
     import gevent.event
-    from gevent.pywsgi import WSGIServer
+
+    from webapi.server import ApiServer
 
     started = threading.Event()
     holder: dict[str, Any] = {}
 
     def serve() -> None:
-        server = WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None)
+        server = ApiServer(("127.0.0.1", 0), app, log=None, error_log=None)
         server.start()
         stop = gevent.get_hub().loop.async_()
         done = gevent.event.Event()

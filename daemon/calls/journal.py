@@ -46,8 +46,13 @@ class Journal:
     def mark(self, call: Call, kind: str, **detail: Any) -> None:
         """A step that must be on disk before what it announces happens (the originate to A leaving):
         committed durably, in one attempt with no wait, since the caller holds the switch connection's
-        turn. Raises ``OperationalError`` when the store refuses it; then the caller must not go on."""
-        add_event(call.id, kind, at=self.clock(), **detail)
+        turn. Raises ``OperationalError`` when the store refuses it; then the caller must not go on (and
+        tries again later; the refusal is logged as ``store.retry``, like the other writes' refusals)."""
+        try:
+            add_event(call.id, kind, at=self.clock(), **detail)
+        except OperationalError as exc:
+            log_event(log, "store.retry", logging.WARNING, error=str(exc), step=kind, callid=call.callid)
+            raise
         log_event(log, kind, callid=call.callid, **detail)
 
     def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:

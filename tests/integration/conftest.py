@@ -165,7 +165,7 @@ def make_harness(tmp_path: Path, switch: Any) -> Iterator[Callable[..., Harness]
             "state_dir": str(tmp_path / f"state{len(made)}"), "esl_host": getattr(switch, "host", "127.0.0.1"),
             "esl_port": switch.port, "esl_password": getattr(switch, "password", "ClueCon"), "http_port": 0,
             "calls_per_second": 1000.0, "max_in_flight": 500, "originate_timeout": 30,
-            "esl_heartbeat_timeout": 5.0, "esl_command_timeout": 2.0,
+            "esl_heartbeat_timeout": 5.0, "esl_command_timeout": 5.0,
         }
         values.update(overrides)
         harness = Harness(load_settings(environ={}, **values), switch)

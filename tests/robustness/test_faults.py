@@ -41,10 +41,14 @@ from tests.robustness.helpers import (
     sent_commands,
 )
 
-pytestmark = [needs_standin(), pytest.mark.timeout(120), pytest.mark.time_scale(0.05)]
+pytestmark = [needs_standin(), pytest.mark.timeout(300), pytest.mark.time_scale(0.05)]
 
+# For the faults of a hung switch: a hang is noticed within a second or two. Only those tests use the short
+# command timeout; elsewhere a reply late by half a second on a loaded machine would drop the connection.
 FAST = {"esl_command_timeout": 0.5, "esl_heartbeat_timeout": 1.0, "originate_timeout": 10,
         "esl_reconnect_max_delay": 0.5}
+# For a dropped connection: back within half a second once the switch accepts again.
+QUICK_RECONNECT = {"originate_timeout": 10, "esl_reconnect_max_delay": 0.5}
 # (A digit, B digit): every number-plan outcome, each call over within 60 plan seconds.
 MIX = [("1", "6"), ("2", "3"), ("7", "4"), ("9", "5"), ("0", "8"), ("3", "1"), ("4", "2"), ("5", "7"),
        ("8", "9"), ("x", "0"), ("2", "0"), ("9", "6"), ("6", "1"), ("0", "2"), ("1", "9"), ("7", "1")]
@@ -108,14 +112,14 @@ def fault(name: str) -> None:
     FIGURES[f"fault: {name}"] += 1
 
 
-def settle(harness: Harness, calls: list[Call], *, timeout: float = 30.0, **options: Any) -> Audit:
+def settle(harness: Harness, calls: list[Call], *, timeout: float = 60.0, **options: Any) -> Audit:
     """Wait until every call is final and no leg of theirs is left up, then audit them against the switch:
     none lost, none dialed twice, every status true (helpers.audit_calls)."""
     for call in calls:
         harness.wait_final(call, timeout)  # fails with the call's timeline
     rows = [fresh(c) for c in calls]
-    all_down = wait_for(lambda: not live_channels_of(harness.switch, rows), 10)
-    audit = audit_calls(harness.switch, rows, **options)
+    all_down = wait_for(lambda: not live_channels_of(harness.switch, rows), 30)
+    audit = audit_calls(harness.switch, rows, timeline=harness.timeline, **options)
     FIGURES["calls audited after faults"] += audit.checked
     wrong = [f"call {r.callid}: status {r.status} is not final" for r in rows if r.status not in FINAL]
     wrong += audit.all_problems + ([] if all_down else [f"legs left up: {live_channels_of(harness.switch, rows)}"])
@@ -128,7 +132,7 @@ def settle(harness: Harness, calls: list[Call], *, timeout: float = 30.0, **opti
 # ----- the Event Socket connection dropped -------------------------------------------------------------
 
 PhaseCheck = Callable[[Harness, Call], bool]
-PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck]] = {
+PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck | None]] = {
     # phase: (A digit, B digit, "every call is in that phase now", "what happens while the connection is down")
     # A rings 2 s; it answers while the connection is down.
     "dialing_a": ("1", "6", lambda h, c: leg_ringing(h, fresh(c).a_uuid), lambda h, c: _answered(h, fresh(c).a_uuid)),
@@ -140,51 +144,56 @@ PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck]] = {
     "dialing_b": ("0", "1", lambda h, c: fresh(c).status == "dialing_b" and leg_ringing(h, fresh(c).b_uuid),
                   lambda h, c: _answered(h, fresh(c).b_uuid)),
     # A and B talk; nothing changes while the connection is down.
-    "bridged": ("0", "2", lambda h, c: fresh(c).status == "bridged", lambda h, c: False),
+    "bridged": ("0", "2", lambda h, c: fresh(c).status == "bridged", None),
 }
 
 
+# Real time: every call must be in the phase at the same moment, and a phase lasts 2 to 3 plan seconds; six
+# calls through one connection on a loaded machine spread over more than the 0.1 s those were at 0.05.
+@pytest.mark.time_scale(1.0)
 @pytest.mark.parametrize("phase", ["dialing_a", "prompts", "dialing_b", "bridged"])
 def test_connection_dropped_at_each_phase_of_a_call(make_harness: Callable[..., Harness], phase: str) -> None:
     """Down (refused) until the next step of every call has happened inside FreeSWITCH, then back."""
-    harness = make_harness(**FAST)
+    harness = make_harness(**QUICK_RECONNECT)
     a, b, in_phase, next_step = PHASES[phase]
     calls = place(harness, harness.endpoint(), [(a, b)] * 6)
-    assert wait_for(lambda: all(in_phase(harness, c) for c in calls), 10), f"never saw every call in {phase}"
+    assert wait_for(lambda: all(in_phase(harness, c) for c in calls), 30), f"never saw every call in {phase}"
     harness.switch.refuse_connections(True)
     harness.switch.drop_connections()
     fault(f"ESL down while {phase}")
-    wait_for(lambda: all(next_step(harness, c) for c in calls), 0.5)
+    if next_step is not None:
+        assert wait_for(lambda: all(next_step(harness, c) for c in calls), 30), f"the step after {phase} never came"
     harness.switch.refuse_connections(False)
-    assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect"
-    if phase == "prompts":
-        # B is up and bridged: the far end on A hangs up once the daemon has seen the bridge again.
-        assert wait_for(all_in(calls, "bridged"), 10), [fresh(c).status for c in calls]
-        for call in calls:
-            harness.switch.far_end_hangup(str(fresh(call).a_uuid))
-    audit = settle(harness, calls)
+    assert wait_for(lambda: reconnects(harness) >= 1, 30), "no reconnect"
+    # Seen bridged again, the far end on A hangs up (B would talk for up to a minute).
+    assert wait_for(all_in(calls, "bridged", "completed"), 30), [fresh(c).status for c in calls]
+    for call in calls:
+        harness.switch.far_end_hangup(str(fresh(call).a_uuid))
+    audit = settle(harness, calls, timeout=60)
     assert audit.statuses == {"completed": 6}
     assert all("reconciled" in harness.timeline(c) for c in calls), [harness.timeline(c) for c in calls]
 
 
-@pytest.mark.time_scale(0.1)
+# Real time: all four calls must be in their prompts (3 plan seconds) at once, and the daemon must be back
+# while A hears the failure notice (3 plan seconds); 0.3 s each at 0.1, too short on a loaded machine.
+@pytest.mark.time_scale(1.0)
 @pytest.mark.parametrize("b", ["3", "4", "5", "8", "x"])
 def test_b_fails_while_the_connection_is_down(make_harness: Callable[..., Harness], b: str) -> None:
     """A answered and hears the prompts (its apps all queued) when the connection goes; B is dialed and
     refused (busy, rejected, unallocated) or never answers while it is down; it comes back while A hears
     the failure notice. The daemon reads B's failure from A's ``originate_disposition``: failed, leg b,
     B's cause, as if it had heard it."""
-    harness = make_harness(**{**FAST, "esl_reconnect_max_delay": 0.05})
+    harness = make_harness(**{**QUICK_RECONNECT, "esl_reconnect_max_delay": 0.05})
     calls = place(harness, harness.endpoint(), [("0", b)] * 4)
     assert wait_for(lambda: all(fresh(c).status == "a_answered" and _apps_queued(harness, fresh(c))
-                                for c in calls), 10), [fresh(c).status for c in calls]
+                                for c in calls), 30), [fresh(c).status for c in calls]
     harness.switch.refuse_connections(True)
     harness.switch.drop_connections()
     fault("ESL down while B fails")
-    assert wait_for(lambda: all(_ended(harness, fresh(c).b_uuid) for c in calls), 10), "B never failed"
+    assert wait_for(lambda: all(_ended(harness, fresh(c).b_uuid) for c in calls), 30), "B never failed"
     assert all(harness.switch.channel(str(fresh(c).a_uuid)).hangup_cause is None for c in calls)
     harness.switch.refuse_connections(False)
-    audit = settle(harness, calls)
+    audit = settle(harness, calls, timeout=60)
     assert audit.statuses == {"failed": 4}
     cause = {"3": "USER_BUSY", "4": "NO_ANSWER", "5": "UNALLOCATED_NUMBER", "8": "CALL_REJECTED",
              "x": "UNALLOCATED_NUMBER"}[b]
@@ -194,6 +203,9 @@ def test_b_fails_while_the_connection_is_down(make_harness: Callable[..., Harnes
         assert "reconciled" in harness.timeline(call)
 
 
+# The number plan's outcomes assume the daemon queues A's steps well within A's 30 plan seconds: at 0.05
+# (1.5 s) a loaded machine and the slowed replies did not, and A hung up during the prompts.
+@pytest.mark.time_scale(0.2)
 def test_originates_waiting_to_be_sent_when_the_connection_drops_are_dialed_later(
         make_harness: Callable[..., Harness]) -> None:
     """One originate in flight (its answer lost), the others still waiting for their turn: the one in flight
@@ -201,7 +213,7 @@ def test_originates_waiting_to_be_sent_when_the_connection_drops_are_dialed_late
     harness = make_harness(**FAST)
     harness.switch.slow_replies(0.1)  # each reply takes 100 ms: the originates queue up behind the first
     calls = place(harness, harness.endpoint(), MIX)
-    assert wait_for(lambda: len(originate_lines(harness.switch)) >= 2, 10)
+    assert wait_for(lambda: len(originate_lines(harness.switch)) >= 2, 30)
     harness.switch.drop_connections()
     harness.switch.slow_replies(0)
     fault("ESL dropped with originates queued")
@@ -215,9 +227,9 @@ def test_connection_dropped_while_the_apps_are_being_queued_on_a(make_harness: C
     reconnected, the one in flight resent only if harmless, B dialed once."""
     harness = make_harness(**FAST)
     calls = place(harness, harness.endpoint(), [("0", "6")] * 3)
-    assert wait_for(all_in(calls, "dialing_a", "a_answered"), 10)
+    assert wait_for(all_in(calls, "dialing_a", "a_answered"), 30)
     harness.switch.slow_replies(0.1)  # twelve sendmsg per call, 100 ms each
-    assert wait_for(lambda: any(s.verb == "sendmsg" for s in sent_commands(harness.switch)), 10)
+    assert wait_for(lambda: any(s.verb == "sendmsg" for s in sent_commands(harness.switch)), 30)
     harness.switch.drop_connections()
     harness.switch.slow_replies(0)
     fault("ESL dropped while queueing apps")
@@ -229,33 +241,39 @@ def test_connection_dropped_while_the_apps_are_being_queued_on_a(make_harness: C
 # ----- FreeSWITCH hung or restarted --------------------------------------------------------------------
 
 
+@pytest.mark.time_scale(0.2)  # the plan's outcomes, as above: A's 30 plan seconds outlast the hang
 def test_switch_hung_longer_than_the_command_timeout(make_harness: Callable[..., Harness]) -> None:
     """FreeSWITCH stops answering for 2 s (socket open, no replies, no events), four times the command
     timeout, with every kind of call in flight: the engine notices, drops the connection, reconnects once
     the switch answers again, and every call ends with a true status."""
     harness = make_harness(**FAST)
     calls = place(harness, harness.endpoint(), MIX)
-    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 10)
+    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 30)
     harness.switch.hang(2)
     fault("switch hung 2 s")
-    assert wait_for(lambda: not harness.service.engine.ready, 5), "the hang was never noticed"
-    assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect after the hang"
+    assert wait_for(lambda: not harness.service.engine.ready, 30), "the hang was never noticed"
+    assert wait_for(lambda: reconnects(harness) >= 1, 30), "no reconnect after the hang"
     settle(harness, calls)
 
 
+# Scale 0.2 and B ringing 30 plan seconds: eight calls, some bridged and the others ringing B, at the same
+# moment is a window of 6 s (at 0.05, with B giving up after 10, it was 0.3 s); they all end within about 8 s,
+# well inside the 12 s hang.
+@pytest.mark.time_scale(0.2)
 def test_calls_that_end_entirely_while_the_switch_is_hung(make_harness: Callable[..., Harness]) -> None:
-    """Hung for 3 s while some calls are bridged (B hangs up 1.5 s later) and others ring B, which never
-    answers: both kinds end inside FreeSWITCH unheard. A call seen bridged is completed; one that ended
-    unseen before any bridge failed 'interrupted', no leg blamed (which leg failed, and why, is unknown)."""
-    harness = make_harness(**FAST)
+    """Hung for 12 s while some calls are bridged (B hangs up 30 plan seconds after answering) and others
+    ring B, which never answers: both kinds end inside FreeSWITCH unheard. A call seen bridged is
+    completed; one that ended unseen before any bridge failed 'interrupted', no leg blamed (which leg
+    failed, and why, is unknown)."""
+    harness = make_harness(**{**FAST, "originate_timeout": 30})
     talking = place(harness, harness.endpoint(), [("0", "2")] * 4)
     ringing = place(harness, harness.endpoint(), [("0", "4")] * 4)
     assert wait_for(lambda: all(fresh(c).status == "bridged" for c in talking)
                     and all(fresh(c).status == "dialing_b" and leg_ringing(harness, fresh(c).b_uuid)
-                            for c in ringing), 10), [fresh(c).status for c in talking + ringing]
-    harness.switch.hang(3)
-    fault("switch hung 3 s")
-    assert wait_for(lambda: not live_channels_of(harness.switch, [fresh(c) for c in talking + ringing]), 5)
+                            for c in ringing), 30), [fresh(c).status for c in talking + ringing]
+    harness.switch.hang(12)
+    fault("switch hung 12 s")
+    assert wait_for(lambda: not live_channels_of(harness.switch, [fresh(c) for c in talking + ringing]), 12)
     assert not harness.service.engine.ready, "the calls ended while the switch was hung"
     audit = settle(harness, talking + ringing)
     assert audit.statuses == {"completed": 4, "failed": 4}
@@ -265,18 +283,21 @@ def test_calls_that_end_entirely_while_the_switch_is_hung(make_harness: Callable
         assert (call.status, call.reason, call.failed_leg) == ("failed", "interrupted", ""), harness.timeline(call)
 
 
+@pytest.mark.time_scale(0.2)  # the plan's outcomes for the calls dialed after the restart, as above
 def test_switch_restarted_mid_call(make_harness: Callable[..., Harness]) -> None:
     """FreeSWITCH restarts (every channel gone without an event, a new Core-UUID): the calls in flight fail
     'FreeSWITCH restarted during the call', no leg blamed; none is dialed again; calls still queued are
     dialed on the new switch as usual."""
     harness = make_harness(**{**FAST, "max_in_flight": 10})
     calls = place(harness, harness.endpoint(), MIX)
-    assert wait_for(lambda: sum(fresh(c).status in IN_FLIGHT[1:] for c in calls) >= 4, 10)
+    assert wait_for(lambda: sum(fresh(c).status in IN_FLIGHT[1:] for c in calls) >= 4, 30)
     in_flight = {c.callid for c in map(fresh, calls) if c.status in IN_FLIGHT}
     harness.switch.restart()
     fault("switch restarted")
-    assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect after the restart"
-    settle(harness, calls, restarted=True)
+    assert wait_for(lambda: reconnects(harness) >= 1, 30), "no reconnect after the restart"
+    audit = settle(harness, calls, restarted=True)
+    # An originate on its way at the restart may never have arrived (it is not sent again): one at most.
+    assert audit.never_sent <= 1, audit.never_sent
     ended_by_restart = {c.callid for c in map(fresh, calls) if c.reason == RESTARTED}
     assert ended_by_restart and ended_by_restart <= in_flight, (ended_by_restart, in_flight)
     for call in map(fresh, calls):
@@ -481,7 +502,7 @@ def test_database_locked_by_another_process_while_calls_run(make_harness: Callab
     (the calls go on inside FreeSWITCH meanwhile) and every call ends with a true status."""
     harness = make_harness(**FAST)
     calls = place(harness, harness.endpoint(), MIX)
-    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 10)
+    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 30)
     holder = LockHolder(database_file(harness.settings.database_url))
     try:
         fault("database locked 3 s (calls running)")
@@ -520,11 +541,11 @@ def test_disk_full_while_calls_run(make_harness: Callable[..., Harness], tmp_pat
     with small_tmpfs(tmp_path / "small") as state:
         harness = make_harness(**{**FAST, "state_dir": str(state)})
         calls = place(harness, harness.endpoint(), MIX)
-        assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 10)
+        assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 30)
         filler = fill(state)
         fault("disk full (calls running)")
         # Full until the journal has been refused a good many times.
-        assert wait_for(lambda: store_retries(caplog) >= 20, 10), "no write was refused on a full disk"
+        assert wait_for(lambda: store_retries(caplog) >= 20, 60), "no write was refused on a full disk"
         os.unlink(filler)
         settle_after_store_fault(harness, calls)
 

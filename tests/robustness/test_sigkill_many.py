@@ -52,6 +52,11 @@ def rows(state: Path) -> list[Any]:
         return [types.SimpleNamespace(**dict(r)) for r in db.execute("SELECT * FROM call ORDER BY id")]
 
 
+def timeline(state: Path, call: Any) -> list[str]:
+    with sqlite3.connect(state / "callbridge.db") as db:
+        return [kind for (kind,) in db.execute("SELECT kind FROM callevent WHERE call_id = ? ORDER BY id", (call.id,))]
+
+
 IN_FLIGHT = "a_answered,dialing_b,bridged"
 
 
@@ -135,7 +140,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
         assert len(calls) == CALLS, f"{len(calls)} calls stored for {CALLS} requested (seed {seed})"
         assert {c.callid for c in calls} == set(accepted.values())
         wait_for(lambda: not live_channels_of(switch, calls), 10)
-        audit = audit_calls(switch, calls, prompts=False, crashed=True)
+        audit = audit_calls(switch, calls, prompts=False, crashed=True, timeline=lambda call: timeline(state, call))
         FIGURES["calls checked after SIGKILLs"] += audit.checked
         FIGURES["calls whose originate a kill caught being sent (failed 'interrupted', never dialed)"] += \
             audit.never_sent

@@ -157,6 +157,7 @@ class CallSequence:
         self.recording = False
         self.connection_lost = False
         self.dial_pending = False
+        self.send_stalled = False  # A's steps found no turn to be sent; retried (RetrySend)
         self.done = False
         self.greenlet: gevent.Greenlet | None = None
 
@@ -323,11 +324,16 @@ class CallSequence:
         try:
             action()
         except EslNotSent as exc:
-            self.journal.step(self.call, "waiting_for_switch", phase=phase, error=str(exc))
+            if not self.send_stalled:  # noted once, not at every retry while the switch is away
+                self.journal.step(self.call, "waiting_for_switch", phase=phase, error=str(exc))
+            self.send_stalled = True
             gevent.spawn_later(1.0, self.deliver, RetrySend())
+            return
         except EslError as exc:
             self.connection_lost = True
             self.journal.step(self.call, "connection_lost", phase=phase, error=str(exc))
+            return
+        self.send_stalled = False
 
     def _playable(self, path: str) -> str:
         local = fs.media_path(path, media_root=self.options.media_root)

@@ -86,7 +86,7 @@ def run(report: Report, full: bool) -> None:
 
 
 def _floor(folder: Path) -> tuple[int, subprocess.Popen[bytes]]:
-    # The floor gets Nagle off too, like the daemon's own server (daemon/service.py NoDelayWSGIServer).
+    # The floor gets Nagle off too, like the daemon's own server (webapi/server.py ApiServer).
     port = free_port()
     proc = spawn([PY, "-m", "bench.nodelay", "bench.floor", "--port", str(port)], stdout_pipe=True,
                  log=folder / "floor.log")

@@ -167,3 +167,25 @@ def test_chunked_bodies_are_read_and_bounded(live_server: LiveServer, make_endpo
     response = conn.getresponse()
     assert response.status == 413 and json.loads(response.read())["data"]["code"] == 413
     conn.close()
+
+
+@pytest.mark.parametrize("raw, status, desc", [
+    (b"GET /v1/calls?token=" + b"x" * 9000 + b" HTTP/1.1\r\nHost: api\r\n\r\n", 414, "request line: "),
+    (b"THIS IS NOT HTTP\r\n\r\n", 400, "request: "),
+])
+def test_requests_the_http_server_refuses_itself_get_the_envelope(live_server: LiveServer, raw: bytes,
+                                                                  status: int, desc: str) -> None:
+    """A request line of 8 KiB or more, or a request that is not HTTP, is refused by the server before the
+    app sees it; the answer is still the envelope naming what is wrong (it was an empty body)."""
+    import socket
+
+    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].startswith(f"HTTP/1.1 {status} ".encode()), head
+    assert b"Content-Type: application/json" in head, head
+    data = json.loads(body)["data"]
+    assert data["code"] == status and data["code_desc"].startswith(desc), data

@@ -365,6 +365,44 @@ def test_bgapi_sends_job_uuid_header(serve, make_conn) -> None:
     assert received == [f"bgapi originate x &park()\nJob-UUID: {job}\n\n".encode()]
 
 
+def test_bgapi_before_send_runs_at_its_turn_and_if_it_raises_nothing_is_sent(serve, make_conn) -> None:
+    """The hook runs when the command has its turn on the connection, not while it waits behind another
+    (the originate's "about to be sent" mark is written then); a hook that raises sends nothing."""
+    order: list[str] = []
+    got_first, answer_first = Event(), Event()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        for job in ("j1", "j2"):
+            order.append("switch got " + session.read_command().decode().split("\n")[0])
+            if job == "j1":
+                got_first.set()
+                answer_first.wait(timeout=10)
+            session.send(reply(f"+OK Job-UUID: {job}", Job_UUID=job))
+        command = session.read_command().decode()
+        order.append("switch got " + command.split("\n")[0])
+        session.send(api_response("+OK"))
+        hold_open(session)
+
+    def refuse() -> None:
+        order.append("mark three")
+        raise RuntimeError("store refused the mark")
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    first = gevent.spawn(conn.bgapi, "originate one &park()", "j1", before_send=lambda: order.append("mark one"))
+    second = gevent.spawn(conn.bgapi, "originate two &park()", "j2", before_send=lambda: order.append("mark two"))
+    assert got_first.wait(timeout=10)
+    assert "mark two" not in order  # waiting behind the first: not its turn yet
+    answer_first.set()
+    gevent.joinall([first, second], timeout=10, raise_error=True)
+    with pytest.raises(RuntimeError):
+        conn.bgapi("originate three &park()", "j3", before_send=refuse)
+    assert conn.api("status") == "+OK"
+    assert order == ["mark one", "switch got bgapi originate one &park()", "mark two",
+                     "switch got bgapi originate two &park()", "mark three", "switch got api status"]
+
+
 def test_send_message_sends_body_as_is(serve, make_conn) -> None:
     received: list[bytes] = []
     arg = "{origination_uuid=x}sofia/gateway/carrier/15550001161"

@@ -8,9 +8,10 @@ from typing import Any
 
 import gevent
 import pytest
+from peewee import OperationalError
 
 from daemon.calls.records import CallRecords
-from daemon.calls.sequence import REFUSED, CallOptions, CallSequence, Reconnected, wait_uuid
+from daemon.calls.sequence import REFUSED, CallOptions, CallSequence, Reconnected, RetryDial, wait_uuid
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
 from daemon.switch.capacity import SwitchCapacity
@@ -26,6 +27,8 @@ class ScriptedSwitch:
         self.answers: dict[str, str] = {}
         self.routes: dict[str, CallSequence] = {}
         self.fail_message_at: int | None = None
+        self.no_turn_for_message_at: int | None = None  # that sendmsg finds no turn (EslNotSent), once
+        self.no_turn_for_api = 0  # so many api commands find no turn
         self.now = 1000.0  # the capacity's clock, moved by the tests
         self.capacity = SwitchCapacity(0.1)
         self.capacity.learn_limits(sps=30, max_sessions=1000)
@@ -33,17 +36,28 @@ class ScriptedSwitch:
     def monotonic(self) -> float:
         return self.now
 
-    def bgapi(self, command: str, job_uuid: str) -> str:
+    def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str:
+        if self.fail_next and isinstance(self.fail_next[0], EslNotSent):
+            raise self.fail_next.pop(0)  # no turn: nothing sent, nothing marked
+        if before_send is not None:
+            before_send()
         if self.fail_next:
-            raise self.fail_next.pop(0)
+            raise self.fail_next.pop(0)  # lost in flight
         self.sent.append("bgapi " + command)
         return f"+OK Job-UUID: {job_uuid}"
 
     def api(self, command: str) -> str:
+        if self.no_turn_for_api:
+            self.no_turn_for_api -= 1
+            raise EslNotSent("api: no turn to send within 0.5s (another command is in flight)")
         self.sent.append("api " + command)
         return next((v for k, v in self.answers.items() if command.startswith(k)), "+OK\n")
 
     def send_message(self, message: str) -> Any:
+        if self.no_turn_for_message_at is not None and \
+                len([m for m in self.sent if m.startswith("sendmsg")]) == self.no_turn_for_message_at:
+            self.no_turn_for_message_at = None
+            raise EslNotSent("sendmsg: no turn to send within 0.5s (another command is in flight)")
         if self.fail_message_at is not None and len([m for m in self.sent if m.startswith("sendmsg")]) == \
                 self.fail_message_at:
             self.fail_message_at = None
@@ -111,6 +125,42 @@ def test_an_originate_that_was_never_sent_is_sent_once_reconnected(run_call: Cal
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
     assert Call.get_by_id(sequence.call.id).status == "a_answered"
+
+
+def test_the_dial_mark_is_written_when_the_originate_has_its_turn_not_before(run_call: Callable[..., Any]) -> None:
+    """The mark (timeline step ``dialing_a``) tells the next start whether the originate may have reached
+    FreeSWITCH: it is not there while the originate waits for a connection, and it is once it leaves."""
+    sequence, switch = run_call()
+    switch.fail_next.append(EslNotSent("not connected"))
+    sequence.start()
+    gevent.sleep(0)
+    assert not CallRecords.originate_marked(sequence.call)
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    assert len(originates(switch)) == 1 and CallRecords.originate_marked(sequence.call)
+    kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == sequence.call.id).order_by(CallEvent.id)]
+    assert kinds == ["waiting_for_switch", "dialing_a"]
+
+
+def test_a_store_that_refuses_the_dial_mark_holds_the_originate_back(run_call: Callable[..., Any],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unmarked means never sent: when the mark cannot be written, the originate waits and goes later."""
+    sequence, switch = run_call()
+    real_mark = sequence.records.mark_dialing_a
+    refusals = [OperationalError("database is locked")]
+
+    def mark(*args: Any, **kwargs: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+        real_mark(*args, **kwargs)
+
+    monkeypatch.setattr(sequence.records, "mark_dialing_a", mark)
+    sequence.start()
+    gevent.sleep(0)
+    assert originates(switch) == [] and not CallRecords.originate_marked(sequence.call) and sequence.dial_pending
+    sequence.deliver(RetryDial())
+    gevent.sleep(0)
+    assert len(originates(switch)) == 1 and CallRecords.originate_marked(sequence.call)
 
 
 def test_an_originate_lost_in_flight_is_reconciled_never_resent(run_call: Callable[..., Any]) -> None:
@@ -233,7 +283,7 @@ def test_an_idle_check_while_the_dial_is_pending_dials_instead_of_giving_up(run_
     assert not any(c.startswith("api uuid_exists") for c in switch.sent)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     with gevent.Timeout(timeout, False):
         while not predicate():
             gevent.sleep(0.005)
@@ -420,3 +470,79 @@ def test_a_hanging_up_while_b_waits_to_be_dialed_again_is_not_blamed_on_b(run_ca
     call = Call.get_by_id(sequence.call.id)
     assert (call.status, call.failed_leg, call.reason) == ("failed", "a", "A hung up while B was ringing")
     assert switch.capacity.waiting == 0  # no leg of its left in the line
+
+
+# -- commands that find no turn on a busy connection ----------------------------------------------
+
+def test_apps_that_find_no_turn_on_a_busy_connection_are_queued_a_moment_later(
+        run_call: Callable[..., Any]) -> None:
+    """Under load the connection is busy with other calls' commands and a sendmsg gets no turn within the
+    command timeout (EslNotSent: nothing sent). The rest of A's steps go a moment later, in order, each
+    once; the call was left stuck with A answered and nothing queued, as if the connection had been lost."""
+    sequence, switch = run_call()
+    switch.no_turn_for_message_at = 2  # the third sendmsg (the wait) finds no turn
+    sequence.start()
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    assert len(apps_sent(switch)) == 2 and not sequence.connection_lost
+    switch.no_turn_for_message_at = 2  # the first retry finds no turn either
+    assert wait_until(lambda: len(apps_sent(switch)) == len(sequence.apps.steps))
+    gevent.sleep(0.01)
+    apps = apps_sent(switch)
+    assert len(apps) == len(sequence.apps.steps) and sum(a.startswith("bridge ") for a in apps) == 1, apps
+    assert apps[0].startswith("multiset ") and not sequence.apps.pending
+    kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == sequence.call.id)]
+    assert kinds.count("waiting_for_switch") == 1, kinds  # noted once, not at every retry
+
+
+def test_a_reconcile_whose_questions_find_no_turn_is_taken_again(run_call: Callable[..., Any]) -> None:
+    """After a reconnect every call asks about its legs at once; one whose question gets no turn looks
+    again a moment later instead of waiting, unreconciled, for a reconnect that will not come."""
+    sequence, switch = run_call()
+    sequence.start()
+    gevent.sleep(0)
+    assert len(originates(switch)) == 1
+    switch.answers = {"uuid_exists": "false"}
+    switch.no_turn_for_api = 1
+    sequence.deliver(Reconnected(False))
+    sequence.greenlet.join(timeout=10)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.reason) == ("failed", "interrupted")
+
+
+@pytest.mark.parametrize("news", ["queued before the answer", "written after the answer", "never"])
+def test_an_idle_check_that_finds_a_gone_waits_for_its_hangup_before_calling_it_lost(
+        run_call: Callable[..., Any], news: str) -> None:
+    """A rings; the idle check asks whether A still exists just as A gives up (NO_ANSWER). The answer
+    'false' may come with A's hangup already read (the stand-in's order) or just before it (FreeSWITCH may
+    write the answer first): either way the call ends as the hangup says, failed on A with A's cause, not
+    'interrupted'. Only a hangup that never comes is a lost track."""
+    sequence, switch = run_call()
+    sequence.options.idle_check = 0.2
+    hangup = event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{"Hangup-Cause": "NO_ANSWER"})
+    sequence.start()
+    assert wait_until(lambda: len(originates(switch)) == 1)
+    real_api = switch.api
+
+    def api(command: str) -> str:
+        answer = real_api(command)
+        if command.startswith("uuid_exists " + sequence.a.uuid):
+            switch.api = real_api  # type: ignore[method-assign]
+            if news == "queued before the answer":
+                sequence.deliver(hangup)
+            elif news == "written after the answer":
+                gevent.spawn_later(0.05, sequence.deliver, hangup)
+        return answer
+
+    switch.answers = {"uuid_exists": "false"}
+    switch.api = api  # type: ignore[method-assign]
+    sequence.greenlet.join(timeout=10)
+    call = Call.get_by_id(sequence.call.id)
+    kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == sequence.call.id)]
+    if news == "never":
+        assert (call.status, call.failed_leg, call.reason) == ("failed", "", "interrupted")
+        assert "lost_track" in kinds
+    else:
+        assert (call.status, call.failed_leg, call.a_cause, call.reason) == \
+            ("failed", "a", "NO_ANSWER", "A was not reached"), kinds
+        assert "lost_track" not in kinds

@@ -258,6 +258,9 @@ def test_a_receiver_that_never_answers_does_not_block_a_good_one(db: Database, h
     stuck = receivers(hang=True)
     good = receivers()
     slow_endpoint, good_endpoint = endpoint_with_hook(stuck.url), endpoint_with_hook(good.url)
+    # The stuck requests' timeout far longer than a good delivery may take on a loaded machine: a good one
+    # that waited for a stuck one would take 60 s, not the few milliseconds it takes.
+    hook_settings = dataclasses.replace(hook_settings, webhook_timeout=60.0)
     webhooks = Webhooks(hook_settings, Metrics(), pool_size=3, per_endpoint=2)
     webhooks.start()
     try:

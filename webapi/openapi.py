@@ -60,6 +60,7 @@ ERR = {
     405: "Method not allowed on this path (`Allow` header lists the allowed ones).",
     409: "The call already started or is already final; nothing changed. `data.status` says which.",
     413: "Body larger than 64 KiB.",
+    414: "Request line (method, path and query) of 8 KiB or more; send the token as `Authorization: Bearer`.",
     415: "Body neither application/x-www-form-urlencoded nor application/json.",
     422: "`Idempotency-Key: reused with a different request; ...`: this token already used the key for a "
          "call whose fields differ; nothing was created. Use a new key for a new call.",
@@ -71,8 +72,9 @@ ERR = {
 
 
 def _errors(*codes: int) -> dict[str, Any]:
+    """The error answers of one operation, plus 414, which the server itself gives any of them."""
     out: dict[str, Any] = {}
-    for code in codes:
+    for code in sorted({*codes, 414}):
         answer = _answer(ERR[code])
         if code == 429:
             answer["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1},

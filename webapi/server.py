@@ -43,7 +43,7 @@ from typing import Any
 import gevent
 from gevent import GreenletExit
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler, WSGIServer
 
 from daemon.config import Settings
 from daemon.ops.logs import log_event
@@ -76,6 +76,12 @@ def answer_bytes(status: int, desc: str, headers: dict[str, str] | None = None) 
 
 
 BUSY = answer_bytes(503, "server: too many connections in progress; retry later", {"Retry-After": "1"})
+# pywsgi's own refusals (it answers them with an empty body), in the envelope and naming what is wrong.
+PYWSGI_REFUSALS = {
+    "414": answer_bytes(414, f"request line: {MAX_REQUEST_LINE} bytes or more (method, path and query); "
+                             "send the token as Authorization: Bearer"),
+    "400": answer_bytes(400, "request: not a well-formed HTTP/1.x request"),
+}
 
 
 class Evicted(GreenletExit):
@@ -144,7 +150,7 @@ class ConnectionHandler(WSGIHandler):
         finally:
             self._stop_deadline()
         if isinstance(result, tuple):  # pywsgi's own refusal of a malformed head (400, 414)
-            self._send_quietly(result[1])
+            self._send_quietly(PYWSGI_REFUSALS.get(str(result[0]), result[1]))
             return None
         return result
 

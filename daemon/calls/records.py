@@ -69,6 +69,10 @@ T = TypeVar("T")
 StatusListener = Callable[[Call, CallStatus, dict[str, Any]], None]
 
 
+# The timeline step committed right before the originate to A leaves (CallRecords.mark_dialing_a).
+DIAL_MARK = "dialing_a"
+
+
 def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **detail: Any) -> CallEvent:
     """Append one step to a call's timeline (empty details are left out)."""
     clean = {k: v for k, v in detail.items() if v not in (None, "")}
@@ -164,6 +168,13 @@ class CallRecords:
         """Calls in progress (claimed, not final), with their endpoints, oldest start first."""
         return list(Call.select(Call, Endpoint).join(Endpoint).where(_status_in(IN_FLIGHT_STATUSES))
                     .order_by(Call.started_at))
+
+    @staticmethod
+    def originate_marked(call: Call) -> bool:
+        """Whether A's originate may have reached FreeSWITCH: its mark (:meth:`mark_dialing_a`) is in the
+        call's timeline."""
+        return bool(CallEvent.select().where((CallEvent.call == call.id) & (CallEvent.kind == DIAL_MARK))
+                    .exists())
 
     @staticmethod
     def overdue(before: dt.datetime) -> list[Call]:
@@ -358,6 +369,19 @@ class CallRecords:
         when = at or self.clock()
         self._write(lambda: add_event(call.id, kind, at=when, **detail), durable=False)
         log_event(log, kind, callid=call.callid, **detail)
+
+    def mark_dialing_a(self, call: Call) -> None:
+        """The originate to A is about to leave (it has its turn on the connection): committed durably, so
+        a call claimed but never sent (the daemon died while it waited for its turn) is known at the next
+        start and dialed then, not failed unheard. One attempt with no wait, since the caller holds the
+        connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
+        not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals)."""
+        try:
+            add_event(call.id, DIAL_MARK, at=self.clock(), phone=call.phone_a, a_uuid=call.a_uuid)
+        except OperationalError as exc:
+            log_event(log, "store.retry", logging.WARNING, error=str(exc), step=DIAL_MARK, callid=call.callid)
+            raise
+        log_event(log, DIAL_MARK, callid=call.callid, phone=call.phone_a, a_uuid=call.a_uuid)
 
     def a_answered(self, call: Call, *, at: dt.datetime) -> None:
         """A picked up: it hears the prompts next."""

@@ -56,7 +56,7 @@ from typing import Any, Protocol
 
 import gevent
 import gevent.queue
-from peewee import DatabaseError
+from peewee import DatabaseError, OperationalError
 
 from daemon.calls.appqueue import AppQueue, AppStep
 from daemon.calls.records import CallRecords
@@ -97,7 +97,7 @@ class Switch(Protocol):
     capacity: SwitchCapacity
 
     def api(self, command: str) -> str: ...  # raises EslNotSent when there is no connection
-    def bgapi(self, command: str, job_uuid: str) -> str: ...
+    def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str: ...
     def send_message(self, message: str) -> Any: ...
     def route(self, key: str, sequence: CallSequence) -> None: ...
     def unroute(self, key: str) -> None: ...
@@ -126,6 +126,10 @@ class Granted:
     def __init__(self, leg: str, forced: bool = False) -> None:
         self.leg = leg
         self.forced = forced
+
+
+class RetrySend:
+    """Inbox marker: try again to send A's steps that found no turn on a busy connection."""
 
 
 @dataclass
@@ -174,6 +178,8 @@ class CallSequence:
         self.recording = False
         self.connection_lost = False
         self.dial_pending = False
+        self.send_stalled = False  # A's steps found no turn to be sent; retried (RetrySend)
+        self.dial_marked = adopted  # the mark before A's originate is committed (records.mark_dialing_a)
         self.done = False
         self.greenlet: gevent.Greenlet | None = None
         # Pacing: legs sent only when the switch has room; a leg it refused is sent again until then.
@@ -206,7 +212,7 @@ class CallSequence:
             self.switch.route(key, self)
         self.greenlet = gevent.spawn(self._run)
 
-    def deliver(self, item: EslEvent | Reconnected | Stop | RetryDial | Granted) -> None:
+    def deliver(self, item: EslEvent | Reconnected | Stop | RetryDial | RetrySend | Granted) -> None:
         self.inbox.put(item)
 
     def _run(self) -> None:
@@ -228,6 +234,9 @@ class CallSequence:
                 elif isinstance(item, RetryDial):
                     if self.dial_pending:
                         self._want("a")
+                elif isinstance(item, RetrySend):
+                    if self.apps.unsent and not self.connection_lost:
+                        self._guarded(self.apps.send_unsent, "queuing")
                 elif isinstance(item, Reconnected) and self.dial_pending:
                     self._want("a")
                 elif isinstance(item, Reconnected):
@@ -274,8 +283,6 @@ class CallSequence:
                                  variables=self._a_variables())
         retry = self.dial_pending
         self.dial_pending = False
-        if not retry and not self.attempts["a"]:
-            self.records.step(self.call, "dialing_a", phone=self.call.phone_a, a_uuid=self.a.uuid)
         if self.attempts["a"]:
             # Again after a refusal: same A (never created), a new job to hear the answer by.
             self.switch.unroute(self.job_uuid)
@@ -283,12 +290,12 @@ class CallSequence:
             self.switch.route(self.job_uuid, self)
         self.capacity.sent(self.a.uuid, self.switch.monotonic())
         try:
-            reply = self.switch.bgapi(command, self.job_uuid)
-        except EslNotSent:
-            # Never reached FreeSWITCH: dial when reconnected, or in a moment if the connection was
-            # only busy.
+            reply = self.switch.bgapi(command, self.job_uuid, before_send=self._mark_dialing_a)
+        except (EslNotSent, OperationalError) as exc:
+            # Never reached FreeSWITCH (no connection, no turn, or the store refused the mark): dial when
+            # reconnected, or in a moment if the connection or the store was only busy.
             self.capacity.cancel(self.a.uuid)
-            if not retry:
+            if not retry and isinstance(exc, EslNotSent):
                 self.records.step(self.call, "waiting_for_switch", phase="dialing_a")
             self.dial_pending = True
             gevent.spawn_later(1.0, self.deliver, RetryDial())
@@ -302,6 +309,13 @@ class CallSequence:
         self.deadline.setdefault("a", self.switch.monotonic() + self.options.originate_timeout)
         if not reply.startswith("+OK"):
             self._finish(CallStatus.FAILED, failed_leg="a", a_cause="", reason=f"originate refused: {reply}")
+
+    def _mark_dialing_a(self) -> None:
+        """Runs when the originate has its turn on the connection, right before it leaves (see
+        ``CallRecords.mark_dialing_a``); once per call, not at each retry after a refusal."""
+        if not self.dial_marked:
+            self.records.mark_dialing_a(self.call)
+            self.dial_marked = True
 
     def _queue_apps(self) -> None:
         """After A answers: everything A hears, the wait, the bridge to B and the wait again, queued on A."""
@@ -439,12 +453,22 @@ class CallSequence:
                 self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
 
     def _guarded(self, action: Callable[[], None], phase: str) -> None:
-        """Run a sending action; a lost connection is noted and handled once reconnected."""
+        """Run a sending action; a lost connection is noted and handled once reconnected. A step that found
+        no turn to be sent (the connection busy with other calls' commands, or down) was not sent: it and
+        those after it are tried again in a moment (and on reconnecting)."""
         try:
             action()
+        except EslNotSent as exc:
+            if not self.send_stalled:  # noted once, not at every retry while the switch is away
+                self.records.step(self.call, "waiting_for_switch", phase=phase, error=str(exc))
+            self.send_stalled = True
+            gevent.spawn_later(1.0, self.deliver, RetrySend())
+            return
         except EslError as exc:
             self.connection_lost = True
             self.records.step(self.call, "connection_lost", phase=phase, error=str(exc))
+            return
+        self.send_stalled = False
 
     def _playable(self, path: str) -> str:
         local = fs.media_path(path, media_root=self.options.media_root)
@@ -755,6 +779,10 @@ class CallSequence:
             elif self.status in (CallStatus.DIALING_B, CallStatus.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
                 self.b.created = self.b.gone = True
+        except EslNotSent:
+            # A question or a step found no turn (every call reconciles at once after a reconnect) or the
+            # connection is down again: nothing half-sent, so the whole look is taken again in a moment.
+            gevent.spawn_later(1.0, self.deliver, Reconnected(False))
         except EslError:
             self.connection_lost = True
 
@@ -797,6 +825,14 @@ class CallSequence:
         except EslError:
             return
         if not a_alive:
+            # A's hangup may be on its way: the reader may have queued it while we waited for this answer,
+            # or FreeSWITCH may write the answer before the event. It tells the real outcome; "gone" does
+            # not. So news gets an idle period to arrive (the loop reads it) before the hangup counts as lost.
+            try:
+                self.inbox.peek(timeout=self.options.idle_check)
+                return
+            except gevent.queue.Empty:
+                pass
             self.records.step(self.call, "lost_track", note="A is gone but its hangup was not heard")
             self._reconcile(False)
 

@@ -35,7 +35,7 @@ from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop
 from daemon.config import Settings
 from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
-from daemon.store import Call, Endpoint
+from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
 from daemon.switch.capacity import SwitchCapacity, parse_fsctl_max_sessions, parse_fsctl_sps
 from daemon.switch.esl import EslConnection, EslError, EslEvent, EslNotSent
@@ -227,8 +227,8 @@ class Engine:
     def api(self, command: str) -> str:
         return self._conn().api(command)
 
-    def bgapi(self, command: str, job_uuid: str) -> str:
-        return self._conn().bgapi(command, job_uuid)
+    def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str:
+        return self._conn().bgapi(command, job_uuid, before_send=before_send)
 
     def send_message(self, message: str) -> Any:
         return self._conn().send_message(message)
@@ -259,10 +259,27 @@ class Engine:
         """At start: follow the calls a previous run left in flight (reconciled, never redialed)."""
         calls = self.records.in_flight()
         for call in calls:
-            if call.id not in self.active:
-                self.records.step(call, "adopted", note="found in flight at start")
-                self.launch(call, call.endpoint, adopted=True)
+            if call.id in self.active:
+                continue
+            if call.status == CallStatus.DIALING_A.value and not self.records.originate_marked(call):
+                self._dial_unsent(call)
+                continue
+            self.records.step(call, "adopted", note="found in flight at start")
+            self.launch(call, call.endpoint, adopted=True)
         return len(calls)
+
+    def _dial_unsent(self, call: Call) -> None:
+        """A call claimed by the previous run, which died before its originate had its turn to be sent:
+        nothing reached FreeSWITCH, so it is dialed now, like a late start (missed beyond the grace)."""
+        now = self.records.clock()
+        if (now - call.due_at).total_seconds() > self.settings.schedule_grace:
+            self.records.missed(call, now=now, grace=self.settings.schedule_grace)
+            return
+        self.records.step(call, "adopted", note="claimed but never sent to FreeSWITCH: dialing A now")
+        # Its room is taken like a new call's; a few such calls at start may exceed the second's budget,
+        # and a refusal is retried like any other (within originate_timeout).
+        self.capacity.reserve_new_call(str(call.a_uuid), self.monotonic())
+        self.launch(call, call.endpoint)
 
     def _ended(self, sequence: CallSequence) -> None:
         self.active.pop(sequence.call.id, None)

@@ -222,15 +222,19 @@ class EslConnection(InboundESL):
         _check_line("api command", command)
         return self._text_of(self._transact(f"api {command}\n\n".encode(), timeout, label="api"))
 
-    def bgapi(self, command: str, job_uuid: str, timeout: float | None = None) -> str:
+    def bgapi(self, command: str, job_uuid: str, timeout: float | None = None,
+              before_send: Callable[[], None] | None = None) -> str:
         """Run ``bgapi <command>`` under our ``Job-UUID``; return the Reply-Text (``+OK Job-UUID: …``).
 
         The result arrives later as a ``BACKGROUND_JOB`` event carrying the same ``Job-UUID``.
+        ``before_send`` runs once this command has its turn on the connection, right before its bytes
+        are written (it must not wait: it holds the turn); if it raises, nothing is sent and its
+        exception propagates.
         """
         _check_line("bgapi command", command)
         _check_line("job uuid", job_uuid)
         payload = f"bgapi {command}\nJob-UUID: {job_uuid}\n\n".encode()
-        return self._text_of(self._transact(payload, timeout, label="bgapi"))
+        return self._text_of(self._transact(payload, timeout, label="bgapi", before_send=before_send))
 
     def command(self, line: str, timeout: float | None = None) -> str:
         """Send one command/reply command (``event plain …``, ``filter …``, ``noevents``…); return Reply-Text."""
@@ -370,7 +374,8 @@ class EslConnection(InboundESL):
         return reply.get("Reply-Text") or ""
 
     def _transact(
-        self, payload: bytes, timeout: float | None, *, label: str, need_auth: bool = True
+        self, payload: bytes, timeout: float | None, *, label: str, need_auth: bool = True,
+        before_send: Callable[[], None] | None = None,
     ) -> EslEvent:
         """Send one command and wait for its reply, with the whole exchange under the send lock."""
         limit = self.command_timeout if timeout is None else timeout
@@ -383,6 +388,8 @@ class EslConnection(InboundESL):
             raise EslNotSent(f"{label}: no turn to send within {limit}s (another command is in flight)")
         try:
             sock = self._usable_or_not_sent(need_auth)
+            if before_send is not None:
+                before_send()
             waiter: AsyncResult = AsyncResult()
             # Registered before sending: the reply may be read before sendall() returns.
             self._pending = waiter

@@ -145,7 +145,10 @@ class Switch:
         """Stop one recording, write its WAV file and fire RECORD_STOP."""
         if rec.stopped_at is not None:
             return
-        rec.stopped_at = time.monotonic()
+        # A leg's recording ends when the leg hung up (FreeSWITCH closes the media bug then), not when
+        # this runs, which on a loaded machine can be a good while later.
+        now = time.monotonic()
+        rec.stopped_at = min(now, ch.ended_at) if ch.ended_at is not None else now
         rec.plan_seconds = (rec.stopped_at - rec.started_at) / self.time_scale
         if rec.limit:
             rec.plan_seconds = min(rec.plan_seconds, rec.limit)

@@ -113,12 +113,14 @@ class StandIn:
             client.close()
 
     def _unlisten(self) -> None:
+        # The accepter first: a listening socket closed while a greenlet still waits in accept() on it stays
+        # open until that greenlet runs, and listening again at once would find the port taken.
+        if self._accepter is not None:
+            self._accepter.kill(block=True)
+            self._accepter = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        if self._accepter is not None:
-            self._accepter.kill(block=False)
-            self._accepter = None
 
     def stop(self) -> None:
         """Stop listening, drop every connection and end every channel silently."""

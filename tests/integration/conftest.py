@@ -169,7 +169,7 @@ for here, before any service starts, so that it is dropped only after they stopp
             "state_dir": str(tmp_path / f"state{len(made)}"), "esl_host": getattr(switch, "host", "127.0.0.1"),
             "esl_port": switch.port, "esl_password": getattr(switch, "password", "ClueCon"), "http_port": 0,
             "calls_per_second": 1000.0, "max_in_flight": 500, "originate_timeout": 30,
-            "esl_heartbeat_timeout": 5.0, "esl_command_timeout": 2.0,
+            "esl_heartbeat_timeout": 5.0, "esl_command_timeout": 5.0,
         }
         if postgres_url:
             values["database_url"] = postgres_url

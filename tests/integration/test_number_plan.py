@@ -6,6 +6,11 @@ import pytest
 
 from tests.integration.conftest import Harness
 
+# The outcomes assume the daemon queues A's steps and reaches B well within the far ends' 30 plan seconds:
+# 0.3 s at the default 0.01, which a loaded machine can take; 3 s at 0.1. Calls here end after B's 2 s, or
+# the 30 s of ringing (3 s) for the number that never answers.
+pytestmark = pytest.mark.time_scale(0.1)
+
 # phone -> (status, failed_leg, cause) when that number is A (B answers and hangs up 2 s later).
 AS_A = {
     "15550000101": ("completed", "", ""),

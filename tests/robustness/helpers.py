@@ -15,7 +15,7 @@ import re
 import threading
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -220,6 +220,7 @@ def plan_number(digit: str, n: int) -> str:
 # ----- nothing lost, nothing dialed twice, every status true ----------------------------------------
 
 FINAL = {"completed", "failed", "canceled", "missed"}
+RESTARTED = "FreeSWITCH restarted during the call"
 
 
 @dataclass
@@ -242,14 +243,18 @@ class Audit:
 
 
 def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, restarted: bool = False,
-                crashed: bool = False, expect_plan: bool = True) -> Audit:
+                crashed: bool = False, expect_plan: bool = True,
+                timeline: Callable[[Any], list[str]] | None = None) -> Audit:
     """Check each call row against what the stand-in really did.
 
     * final: every call ends in a final status;
-    * once: each claimed call's A leg was originated exactly once (or, after a crash of the daemon, not
-      at all and then failed 'interrupted': claimed, committed, killed before sending), and its B leg
-      bridged at most once, not counting the times the switch refused the session over its limits
-      (nothing was created: the daemon sends it again, with the same UUID);
+    * once: each claimed call's A leg was originated exactly once, and its B leg bridged at most once, not
+      counting the times the switch refused the session over its limits (nothing was created: the daemon
+      sends it again, with the same UUID). The exception (counted in ``never_sent``): an originate on its way when the daemon was killed (then
+      failed 'interrupted') or the switch restarted (failed as such) may never have arrived, and no one
+      can know; it is not sent again. With ``timeline`` (a call's step kinds), such a call must show its
+      ``dialing_a`` mark (committed right before the originate leaves; an unmarked one was never sent and
+      must be dialed). Commands go one at a time, so a test can bound ``never_sent`` by its faults;
     * true: the status agrees with the stand-in's channels (completed ⇒ B answered; failed ⇒ B never
       answered; A's cause is A's) and, with ``expect_plan``, with the number plan.
     """
@@ -272,7 +277,10 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
                 audit.problems.append(f"{where}: final without ever being claimed")
             continue
         sent = originated[call.a_uuid] - switch.refusals(call.a_uuid)
-        if sent == 0 and crashed and call.reason == "interrupted":
+        caught = (crashed and call.reason == "interrupted") or (restarted and call.reason == RESTARTED)
+        if sent == 0 and caught:
+            if timeline is not None and "dialing_a" not in timeline(call):
+                audit.problems.append(f"{where}: never dialed, and never marked as being sent")
             audit.never_sent += 1
             continue
         if sent != 1:
@@ -282,7 +290,7 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
                                   f"({switch.refusals(call.b_uuid)} refused by the switch)")
         if call.reason.startswith("internal error"):
             audit.untrue.append(f"{where}: ended by an internal error")
-        if call.reason == "FreeSWITCH restarted during the call":
+        if call.reason == RESTARTED:
             if not restarted:
                 audit.untrue.append(f"{where}: says FreeSWITCH restarted; it did not")
             continue

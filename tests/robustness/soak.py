@@ -192,7 +192,10 @@ class Soak:
         self.media = MediaServer(self.workdir / "served")
         state = self.workdir / "state"
         daemon = Daemon(state, switch.port)
-        daemon.env.update(CALLBRIDGE_ORIGINATE_TIMEOUT="20", CALLBRIDGE_CALLS_PER_SECOND="100",
+        # B rings at most 10 plan seconds: an A that stays up 30 (answering after up to 3) then outlasts the
+        # prompts and B's ringing by 14 plan seconds of the daemon's own delays (7 at 20, 0.35 s at 0.05,
+        # which a loaded machine took: A hung up while B was ringing).
+        daemon.env.update(CALLBRIDGE_ORIGINATE_TIMEOUT="10", CALLBRIDGE_CALLS_PER_SECOND="100",
                           CALLBRIDGE_MAX_IN_FLIGHT="1000", CALLBRIDGE_MEDIA_ALLOW_PRIVATE="127.0.0.1")
         try:
             self.token = daemon.cli("endpoint", "add", "--name", "soak", "--caller-id", "15551230000",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -41,10 +42,14 @@ from tests.robustness.helpers import (
     sent_commands,
 )
 
-pytestmark = [needs_standin(), pytest.mark.timeout(120), pytest.mark.time_scale(0.05)]
+pytestmark = [needs_standin(), pytest.mark.timeout(300), pytest.mark.time_scale(0.05)]
 
+# For the faults of a hung switch: a hang is noticed within a second or two. Only those tests use the short
+# command timeout; elsewhere a reply late by half a second on a loaded machine would drop the connection.
 FAST = {"esl_command_timeout": 0.5, "esl_heartbeat_timeout": 1.0, "originate_timeout": 10,
         "esl_reconnect_max_delay": 0.5}
+# For a dropped connection: back within half a second once the switch accepts again.
+QUICK_RECONNECT = {"originate_timeout": 10, "esl_reconnect_max_delay": 0.5}
 # (A digit, B digit): every number-plan outcome, each call over within 60 plan seconds.
 MIX = [("1", "6"), ("2", "3"), ("7", "4"), ("9", "5"), ("0", "8"), ("3", "1"), ("4", "2"), ("5", "7"),
        ("8", "9"), ("x", "0"), ("2", "0"), ("9", "6"), ("6", "1"), ("0", "2"), ("1", "9"), ("7", "1")]
@@ -108,14 +113,14 @@ def fault(name: str) -> None:
     FIGURES[f"fault: {name}"] += 1
 
 
-def settle(harness: Harness, calls: list[Call], *, timeout: float = 30.0, **options: Any) -> Audit:
+def settle(harness: Harness, calls: list[Call], *, timeout: float = 60.0, **options: Any) -> Audit:
     """Wait until every call is final and no leg of theirs is left up, then audit them against the switch:
     none lost, none dialed twice, every status true (helpers.audit_calls)."""
     for call in calls:
         harness.wait_final(call, timeout)  # fails with the call's timeline
     rows = [fresh(c) for c in calls]
-    all_down = wait_for(lambda: not live_channels_of(harness.switch, rows), 10)
-    audit = audit_calls(harness.switch, rows, **options)
+    all_down = wait_for(lambda: not live_channels_of(harness.switch, rows), 30)
+    audit = audit_calls(harness.switch, rows, timeline=harness.timeline, **options)
     FIGURES["calls audited after faults"] += audit.checked
     wrong = [f"call {r.callid}: status {r.status} is not final" for r in rows if r.status not in FINAL]
     wrong += audit.all_problems + ([] if all_down else [f"legs left up: {live_channels_of(harness.switch, rows)}"])
@@ -128,7 +133,7 @@ def settle(harness: Harness, calls: list[Call], *, timeout: float = 30.0, **opti
 # ----- the Event Socket connection dropped -------------------------------------------------------------
 
 PhaseCheck = Callable[[Harness, Call], bool]
-PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck]] = {
+PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck | None]] = {
     # phase: (A digit, B digit, "every call is in that phase now", "what happens while the connection is down")
     # A rings 2 s; it answers while the connection is down.
     "dialing_a": ("1", "6", lambda h, c: leg_ringing(h, fresh(c).a_uuid), lambda h, c: _answered(h, fresh(c).a_uuid)),
@@ -140,29 +145,32 @@ PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck]] = {
     "dialing_b": ("0", "1", lambda h, c: fresh(c).status == "dialing_b" and leg_ringing(h, fresh(c).b_uuid),
                   lambda h, c: _answered(h, fresh(c).b_uuid)),
     # A and B talk; nothing changes while the connection is down.
-    "bridged": ("0", "2", lambda h, c: fresh(c).status == "bridged", lambda h, c: False),
+    "bridged": ("0", "2", lambda h, c: fresh(c).status == "bridged", None),
 }
 
 
+# Real time: every call must be in the phase at the same moment, and a phase lasts 2 to 3 plan seconds; six
+# calls through one connection on a loaded machine spread over more than the 0.1 s those were at 0.05.
+@pytest.mark.time_scale(1.0)
 @pytest.mark.parametrize("phase", ["dialing_a", "prompts", "dialing_b", "bridged"])
 def test_connection_dropped_at_each_phase_of_a_call(make_harness: Callable[..., Harness], phase: str) -> None:
     """Down (refused) until the next step of every call has happened inside FreeSWITCH, then back."""
-    harness = make_harness(**FAST)
+    harness = make_harness(**QUICK_RECONNECT)
     a, b, in_phase, next_step = PHASES[phase]
     calls = place(harness, harness.endpoint(), [(a, b)] * 6)
-    assert wait_for(lambda: all(in_phase(harness, c) for c in calls), 10), f"never saw every call in {phase}"
+    assert wait_for(lambda: all(in_phase(harness, c) for c in calls), 30), f"never saw every call in {phase}"
     harness.switch.refuse_connections(True)
     harness.switch.drop_connections()
     fault(f"ESL down while {phase}")
-    wait_for(lambda: all(next_step(harness, c) for c in calls), 0.5)
+    if next_step is not None:
+        assert wait_for(lambda: all(next_step(harness, c) for c in calls), 30), f"the step after {phase} never came"
     harness.switch.refuse_connections(False)
-    assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect"
-    if phase == "prompts":
-        # B is dialed and bridged once back: the far end on A hangs up once the daemon has seen the bridge.
-        assert wait_for(all_in(calls, "bridged"), 10), [fresh(c).status for c in calls]
-        for call in calls:
-            harness.switch.far_end_hangup(str(fresh(call).a_uuid))
-    audit = settle(harness, calls)
+    assert wait_for(lambda: reconnects(harness) >= 1, 30), "no reconnect"
+    # Seen bridged again, the far end on A hangs up (B would talk for up to a minute).
+    assert wait_for(all_in(calls, "bridged", "completed"), 30), [fresh(c).status for c in calls]
+    for call in calls:
+        harness.switch.far_end_hangup(str(fresh(call).a_uuid))
+    audit = settle(harness, calls, timeout=60)
     assert audit.statuses == {"completed": 6}
     assert all("reconciled" in harness.timeline(c) for c in calls), [harness.timeline(c) for c in calls]
 
@@ -176,7 +184,7 @@ def test_the_connection_drops_while_a_waits_for_b(make_harness: Callable[..., Ha
     harness = make_harness(**{**FAST, "esl_reconnect_max_delay": 0.05})
     calls = place(harness, harness.endpoint(), [("0", b)] * 4)
     assert wait_for(lambda: all(fresh(c).status == "a_answered" and _apps_queued(harness, fresh(c))
-                                for c in calls), 10), [fresh(c).status for c in calls]
+                                for c in calls), 30), [fresh(c).status for c in calls]
     # Still in the prompts: the switch goes silent, so the daemon never hears the waits start, then the
     # connection drops for good.
     harness.switch.hang(1.0)
@@ -213,10 +221,10 @@ def test_b_fails_while_the_connection_is_down(make_harness: Callable[..., Harnes
     harness.switch.refuse_connections(True)
     harness.switch.drop_connections()
     fault("ESL down while B fails")
-    assert wait_for(lambda: all(_ended(harness, fresh(c).b_uuid) for c in calls), 10), "B never failed"
+    assert wait_for(lambda: all(_ended(harness, fresh(c).b_uuid) for c in calls), 30), "B never failed"
     assert all(harness.switch.channel(str(fresh(c).a_uuid)).hangup_cause is None for c in calls)
     harness.switch.refuse_connections(False)
-    audit = settle(harness, calls)
+    audit = settle(harness, calls, timeout=60)
     assert audit.statuses == {"failed": 4}
     for call in map(fresh, calls):
         assert (call.failed_leg, call.b_cause, call.reason) == ("b", "NO_ANSWER", "B was not reached"), \
@@ -230,6 +238,9 @@ def a_playing(harness: Harness, call: Call, app_uuid: str) -> bool:
     return ch is not None and ch.var("app_uuid") == app_uuid
 
 
+# The number plan's outcomes assume the daemon queues A's steps well within A's 30 plan seconds: at 0.05
+# (1.5 s) a loaded machine and the slowed replies did not, and A hung up during the prompts.
+@pytest.mark.time_scale(0.2)
 def test_originates_waiting_to_be_sent_when_the_connection_drops_are_dialed_later(
         make_harness: Callable[..., Harness]) -> None:
     """One originate in flight (its answer lost), the others still waiting for their turn: the one in flight
@@ -237,7 +248,7 @@ def test_originates_waiting_to_be_sent_when_the_connection_drops_are_dialed_late
     harness = make_harness(**FAST)
     harness.switch.slow_replies(0.1)  # each reply takes 100 ms: the originates queue up behind the first
     calls = place(harness, harness.endpoint(), MIX)
-    assert wait_for(lambda: len(originate_lines(harness.switch)) >= 2, 10)
+    assert wait_for(lambda: len(originate_lines(harness.switch)) >= 2, 30)
     harness.switch.drop_connections()
     harness.switch.slow_replies(0)
     fault("ESL dropped with originates queued")
@@ -251,9 +262,9 @@ def test_connection_dropped_while_the_apps_are_being_queued_on_a(make_harness: C
     reconnected, the one in flight resent only if harmless, B dialed once."""
     harness = make_harness(**FAST)
     calls = place(harness, harness.endpoint(), [("0", "6")] * 3)
-    assert wait_for(all_in(calls, "dialing_a", "a_answered"), 10)
+    assert wait_for(all_in(calls, "dialing_a", "a_answered"), 30)
     harness.switch.slow_replies(0.1)  # five sendmsg per call, 100 ms each
-    assert wait_for(lambda: any(s.verb == "sendmsg" for s in sent_commands(harness.switch)), 10)
+    assert wait_for(lambda: any(s.verb == "sendmsg" for s in sent_commands(harness.switch)), 30)
     harness.switch.drop_connections()
     harness.switch.slow_replies(0)
     fault("ESL dropped while queueing apps")
@@ -265,35 +276,41 @@ def test_connection_dropped_while_the_apps_are_being_queued_on_a(make_harness: C
 # ----- FreeSWITCH hung or restarted --------------------------------------------------------------------
 
 
+@pytest.mark.time_scale(0.2)  # the plan's outcomes, as above: A's 30 plan seconds outlast the hang
 def test_switch_hung_longer_than_the_command_timeout(make_harness: Callable[..., Harness]) -> None:
     """FreeSWITCH stops answering for 2 s (socket open, no replies, no events), four times the command
     timeout, with every kind of call in flight: the engine notices, drops the connection, reconnects once
     the switch answers again, and every call ends with a true status."""
     harness = make_harness(**FAST)
     calls = place(harness, harness.endpoint(), MIX)
-    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 10)
+    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 30)
     harness.switch.hang(2)
     fault("switch hung 2 s")
-    assert wait_for(lambda: not harness.service.engine.ready, 5), "the hang was never noticed"
-    assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect after the hang"
+    assert wait_for(lambda: not harness.service.engine.ready, 30), "the hang was never noticed"
+    assert wait_for(lambda: reconnects(harness) >= 1, 30), "no reconnect after the hang"
     settle(harness, calls)
 
 
+# Scale 0.2 and B ringing 30 plan seconds: eight calls, some bridged and the others ringing B, at the same
+# moment is a window of 6 s (at 0.05, with B giving up after 10, it was 0.3 s); they all end within about 8 s,
+# well inside the 12 s hang.
+@pytest.mark.time_scale(0.2)
 def test_calls_that_end_entirely_while_the_switch_is_hung(make_harness: Callable[..., Harness]) -> None:
-    """Hung for 3 s while some calls are bridged (B hangs up 1.5 s later) and others ring B, which never
-    answers. The bridged calls end inside FreeSWITCH unheard: seen bridged, they are completed. For the
-    others B gives up unheard and A goes back to waiting on the dialtone (what follows a failed bridge is the
-    daemon's to say); once the switch answers again the daemon reads B's failure from A's variables."""
-    harness = make_harness(**FAST)
+    """Hung for 12 s while some calls are bridged (B hangs up 30 plan seconds after answering) and others
+    ring B, which never answers (it gives up after originate_timeout, 30 plan seconds). The bridged calls end
+    inside FreeSWITCH unheard: seen bridged, they are completed. For the others B gives up unheard and A goes
+    back to waiting on the dialtone (what follows a failed bridge is the daemon's to say); once the switch
+    answers again the daemon reads B's failure from A's variables."""
+    harness = make_harness(**{**FAST, "originate_timeout": 30})
     talking = place(harness, harness.endpoint(), [("0", "2")] * 4)
     ringing = place(harness, harness.endpoint(), [("0", "4")] * 4)
     assert wait_for(lambda: all(fresh(c).status == "bridged" for c in talking)
                     and all(fresh(c).status == "dialing_b" and leg_ringing(harness, fresh(c).b_uuid)
-                            for c in ringing), 10), [fresh(c).status for c in talking + ringing]
-    harness.switch.hang(3)
-    fault("switch hung 3 s")
+                            for c in ringing), 30), [fresh(c).status for c in talking + ringing]
+    harness.switch.hang(12)
+    fault("switch hung 12 s")
     assert wait_for(lambda: not live_channels_of(harness.switch, [fresh(c) for c in talking])
-                    and all(_ended(harness, fresh(c).b_uuid) for c in ringing), 5)
+                    and all(_ended(harness, fresh(c).b_uuid) for c in ringing), 12)
     assert not harness.service.engine.ready, "the calls ended while the switch was hung"
     assert all(harness.switch.channel(str(fresh(c).a_uuid)).hangup_cause is None for c in ringing)
     audit = settle(harness, talking + ringing)
@@ -305,18 +322,21 @@ def test_calls_that_end_entirely_while_the_switch_is_hung(make_harness: Callable
             "failed", "B was not reached", "b", "NO_ANSWER"), harness.timeline(call)
 
 
+@pytest.mark.time_scale(0.2)  # the plan's outcomes for the calls dialed after the restart, as above
 def test_switch_restarted_mid_call(make_harness: Callable[..., Harness]) -> None:
     """FreeSWITCH restarts (every channel gone without an event, a new Core-UUID): the calls in flight fail
     'FreeSWITCH restarted during the call', no leg blamed; none is dialed again; calls still queued are
     dialed on the new switch as usual."""
     harness = make_harness(**{**FAST, "max_in_flight": 10})
     calls = place(harness, harness.endpoint(), MIX)
-    assert wait_for(lambda: sum(fresh(c).status in IN_FLIGHT[1:] for c in calls) >= 4, 10)
+    assert wait_for(lambda: sum(fresh(c).status in IN_FLIGHT[1:] for c in calls) >= 4, 30)
     in_flight = {c.callid for c in map(fresh, calls) if c.status in IN_FLIGHT}
     harness.switch.restart()
     fault("switch restarted")
-    assert wait_for(lambda: reconnects(harness) >= 1, 10), "no reconnect after the restart"
-    settle(harness, calls, restarted=True)
+    assert wait_for(lambda: reconnects(harness) >= 1, 30), "no reconnect after the restart"
+    audit = settle(harness, calls, restarted=True)
+    # An originate on its way at the restart may never have arrived (it is not sent again): one at most.
+    assert audit.never_sent <= 1, audit.never_sent
     ended_by_restart = {c.callid for c in map(fresh, calls) if c.reason == RESTARTED}
     assert ended_by_restart and ended_by_restart <= in_flight, (ended_by_restart, in_flight)
     for call in map(fresh, calls):
@@ -331,25 +351,34 @@ def test_switch_restarted_mid_call(make_harness: Callable[..., Harness]) -> None
 # ----- the store locked or full ------------------------------------------------------------------------
 
 HOLDER = """
-import sqlite3, sys, time
+import sqlite3, sys
 db = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
 db.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.readline()  # held until the test closes this pipe
 db.execute("ROLLBACK")
 """
 
 
-def _hold_lock(path: str | None, seconds: float) -> gevent.subprocess.Popen:
-    """Another process takes the database's write lock (``BEGIN EXCLUSIVE``) and keeps it ``seconds``;
-    returns once it holds it."""
-    assert path is not None, "not an SQLite store"
-    holder = gevent.subprocess.Popen([sys.executable, "-c", HOLDER, path, str(seconds)],
-                                     stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None
-    with gevent.Timeout(15, AssertionError("the other process never got the lock")):
-        assert holder.stdout.readline().strip() == "locked"
-    return holder
+class LockHolder:
+    """Another process holding the database's write lock (``BEGIN EXCLUSIVE``) until :meth:`release`.
+
+    Released when the test says so, not after a fixed time: on a busy machine a timed holder lets go while
+    the test still believes the store locked (and a cancel it then sends commits)."""
+
+    def __init__(self, path: str | None) -> None:
+        assert path is not None, "not an SQLite store"
+        self.proc = gevent.subprocess.Popen([sys.executable, "-c", HOLDER, path], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        with gevent.Timeout(60, AssertionError("the other process never got the lock")):
+            assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        assert self.proc.wait(timeout=60) == 0
 
 
 @contextlib.contextmanager
@@ -472,7 +501,7 @@ def check_nothing_lost(client: Client, kept: dict[str, str], refused: list[str])
 def settle_after_store_fault(harness: Harness, calls: list[Call]) -> Audit:
     """``settle`` for calls that ran while the store could not be written.
 
-    A call's greenlet waits for its write before its next step (journal._write), so while the store is
+    A call's greenlet waits for its write before its next step (CallRecords._write), so while the store is
     unusable its control waits too: here 3 s, 60 plan seconds, longer than any far end of the plan stays
     up. An A that answered then hangs up in silence before the prompts, and the number plan's outcome no
     longer holds; so the calls are checked against what the switch did, not the plan: every status
@@ -489,31 +518,36 @@ def settle_after_store_fault(harness: Harness, calls: list[Call]) -> Audit:
 
 
 def test_database_locked_by_another_process_while_the_api_is_used(make_harness: Callable[..., Harness]) -> None:
-    """Another process holds the write lock for 3 s: creates and cancels answer 503 with Retry-After (reads
-    still answer, SQLite's WAL lets them), never 500; afterwards the same requests succeed, nothing lost."""
+    """Another process holds the write lock through five rounds of requests: creates and cancels answer 503
+    with Retry-After (reads still answer, SQLite's WAL lets them), never 500; afterwards the same requests
+    succeed, nothing lost."""
     harness = make_harness(**FAST)
     client = api_client(harness)
     kept: dict[str, str] = {}
     assert client.post_call("key-0", 0).status == 200
     kept["key-0"] = client.list_calls().data()["calls"][0]["callid"]
-    holder = _hold_lock(database_file(harness.settings.database_url), 3.0)
-    fault("database locked 3 s (API only)")
-    refused = use_api_while(client, lambda rounds: rounds == 0 or holder.poll() is None, kept)
-    holder.wait()
-    assert refused, "no create was refused while the database was locked"
+    holder = LockHolder(database_file(harness.settings.database_url))
+    try:
+        fault("database locked (API only)")
+        refused = use_api_while(client, lambda rounds: rounds < 5, kept)
+    finally:
+        holder.release()
+    assert len(refused) == 5, f"creates accepted while the database was locked: {refused}"
     check_nothing_lost(client, kept, refused)
 
 
 def test_database_locked_by_another_process_while_calls_run(make_harness: Callable[..., Harness]) -> None:
-    """Another process holds the write lock for 3 s while calls of every kind run: the journal waits it out
+    """Another process holds the write lock for 3 s while calls of every kind run: the records wait it out
     (the calls go on inside FreeSWITCH meanwhile) and every call ends with a true status."""
     harness = make_harness(**FAST)
     calls = place(harness, harness.endpoint(), MIX)
-    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 10)
-    path = database_file(harness.settings.database_url)
-    holder = _hold_lock(path, 3.0)
-    fault("database locked 3 s (calls running)")
-    holder.wait()
+    assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 30)
+    holder = LockHolder(database_file(harness.settings.database_url))
+    try:
+        fault("database locked 3 s (calls running)")
+        gevent.sleep(3.0)  # the fault's length: the calls go on inside FreeSWITCH meanwhile
+    finally:
+        holder.release()
     settle_after_store_fault(harness, calls)
 
 
@@ -540,17 +574,17 @@ def store_retries(caplog: pytest.LogCaptureFixture) -> int:
 
 def test_disk_full_while_calls_run(make_harness: Callable[..., Harness], tmp_path: Path,
                                    caplog: pytest.LogCaptureFixture) -> None:
-    """The state directory's file system fills up while calls of every kind run: the journal's writes fail
+    """The state directory's file system fills up while calls of every kind run: the records' writes fail
     and are retried (the calls go on inside FreeSWITCH); once space is freed every call is written down with
     a true status, none lost."""
     with small_tmpfs(tmp_path / "small") as state:
         harness = make_harness(**{**FAST, "state_dir": str(state)})
         calls = place(harness, harness.endpoint(), MIX)
-        assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 10)
+        assert wait_for(lambda: sum(fresh(c).status != "queued" for c in calls) >= 8, 30)
         filler = fill(state)
         fault("disk full (calls running)")
         # Full until the journal has been refused a good many times.
-        assert wait_for(lambda: store_retries(caplog) >= 20, 10), "no write was refused on a full disk"
+        assert wait_for(lambda: store_retries(caplog) >= 20, 60), "no write was refused on a full disk"
         os.unlink(filler)
         settle_after_store_fault(harness, calls)
 
@@ -559,10 +593,12 @@ def test_disk_full_while_calls_run(make_harness: Callable[..., Harness], tmp_pat
 
 
 class SilentReceiver:
-    """Accepts connections on 127.0.0.1, reads what it is sent and never answers."""
+    """Accepts connections on 127.0.0.1, reads what it is sent and never answers; :meth:`hang_up` closes the
+    connections it holds, still without an answer."""
 
     def __init__(self) -> None:
         self.connections = 0
+        self.held: list[Any] = []
         self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
         self.server.start()
 
@@ -572,25 +608,36 @@ class SilentReceiver:
 
     def _handle(self, sock: Any, address: Any) -> None:
         self.connections += 1
-        while sock.recv(65536):
-            pass
+        self.held.append(sock)
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):
+                pass
+
+    def hang_up(self) -> None:
+        for sock in self.held:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
+        self.hang_up()
         self.server.stop(timeout=1)
 
 
-def duration(call: Call) -> float:
-    """Seconds from the claim to the final status."""
-    assert call.started_at is not None and call.ended_at is not None, call.callid
-    return float((call.ended_at - call.started_at).total_seconds())
-
-
+@pytest.mark.time_scale(0.2)
 def test_webhook_receiver_that_never_answers(make_harness: Callable[..., Harness]) -> None:
-    """The endpoint's webhook receiver accepts connections and never answers: its calls complete exactly as
-    fast as the same calls of an endpoint without webhooks; the deliveries stay pending, retried later."""
+    """The endpoint's webhook receiver accepts connections and never answers. Its calls all end while every
+    delivery attempt still waits for its answer (so no call waited on one), exactly as the same calls of an
+    endpoint without webhooks; the deliveries stay pending, retried later.
+
+    Not a comparison of durations (on a busy machine two identical calls can differ by seconds): no
+    attempt can end during the calls (``webhook_timeout`` is far longer than the test), so a call that
+    waited for a delivery could not end at all. Time scale 0.2: the plan's outcomes assume the daemon
+    queues A's steps well within A's 30 plan seconds, which 1.5 s at 0.05 is not, for 32 calls at once
+    on a loaded machine. The switch's own timeouts are the harness's, not FAST's: the fault here is the
+    receiver, and a 0.5 s command timeout drops the connection on a loaded machine."""
     receiver = SilentReceiver()
     try:
-        harness = make_harness(**{**FAST, "webhook_timeout": 0.5})
+        harness = make_harness(webhook_timeout=600.0, originate_timeout=10)
         hooked, plain = harness.endpoint(webhook_url=receiver.url), harness.endpoint()
         # Each call and its twin queued side by side: they start together, whatever the switch's pacing.
         calls, control = [], []
@@ -598,20 +645,23 @@ def test_webhook_receiver_that_never_answers(make_harness: Callable[..., Harness
             calls += place(harness, hooked, [pair], first=i)
             control += place(harness, plain, [pair], first=i)
         fault("webhook receiver never answers")
-        settle(harness, calls + control, timeout=10)
-        assert wait_for(lambda: WebhookDelivery.select().where(WebhookDelivery.attempts > 0).exists(), 10)
-        for call, twin in zip(map(fresh, calls), map(fresh, control), strict=True):
-            assert call.status == twin.status and call.reason == twin.reason, (call.callid, twin.callid)
-            took, twin_took = duration(call), duration(twin)
-            assert abs(took - twin_took) < 0.5, (call.phone_a, call.phone_b, took, twin_took)
+        settle(harness, calls + control, timeout=120)
         rows = list(WebhookDelivery.select())
+        assert receiver.connections >= 1, "no delivery was even tried"
+        assert all(r.attempts == 0 and r.state == "pending" for r in rows), \
+            [(r.status, r.attempts, r.state, r.last_error) for r in rows if r.attempts or r.state != "pending"]
+        for call, twin in zip(map(fresh, calls), map(fresh, control), strict=True):
+            assert (call.status, call.failed_leg, call.reason) == (twin.status, twin.failed_leg, twin.reason), \
+                (call.phone_a, call.phone_b, harness.timeline(call), harness.timeline(twin))
         assert {r.callid for r in rows} == {c.callid for c in calls}  # only the hooked endpoint's calls
         assert len(rows) >= 2 * len(calls)  # at least dialing_a and the final status of each
+        receiver.hang_up()  # the attempts in flight end, unanswered
+        assert wait_for(lambda: WebhookDelivery.select().where(WebhookDelivery.attempts > 0).exists(), 60)
+        rows = list(WebhookDelivery.select())
         assert all(r.state == "pending" for r in rows), {r.state for r in rows}
         tried = [r for r in rows if r.attempts > 0]
-        assert tried and all(r.last_status_code is None and r.last_error for r in tried), \
+        assert all(r.last_status_code is None and r.last_error for r in tried), \
             [(r.last_status_code, r.last_error) for r in tried]
-        assert receiver.connections >= 1
         FIGURES["webhook deliveries left pending by a silent receiver"] += len(rows)
     finally:
         receiver.stop()

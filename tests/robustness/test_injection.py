@@ -34,7 +34,9 @@ from daemon.switch import commands as fs
 from tests.integration.conftest import Harness, needs_standin
 from tests.robustness.helpers import FIGURES, MediaServer, Sent, parse_var_block, request, sent_commands
 
-pytestmark = [needs_standin(), pytest.mark.timeout(180)]
+# 0.05: A's far end stays up 300 plan seconds (15 s) while the call is set up, however slow a loaded machine
+# is; the calls still end 2 plan seconds after B answers.
+pytestmark = [needs_standin(), pytest.mark.timeout(300), pytest.mark.time_scale(0.05)]
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,11 +14,12 @@ from tests.integration.conftest import needs_standin
 from tests.robustness.helpers import FIGURES
 from tests.robustness.soak import run_soak, summary
 
-pytestmark = [needs_standin(), pytest.mark.slow, pytest.mark.timeout(150)]
+pytestmark = [needs_standin(), pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_soak_for_a_minute(tmp_path: Path) -> None:
-    report = run_soak(50, rate=8.0, time_scale=0.05, workdir=tmp_path)
+    # 0.1: the plan's outcomes keep 1.4 s of margin for the daemon's delays on a loaded machine (0.7 at 0.05).
+    report = run_soak(50, rate=8.0, time_scale=0.1, workdir=tmp_path)
     FIGURES["soak operations (1 min)"] += sum(report.operations.values())
     FIGURES["soak calls checked (1 min)"] += report.calls_checked
     assert report.ok, summary(report)

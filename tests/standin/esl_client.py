@@ -85,7 +85,7 @@ def split_messages(buf: bytes) -> tuple[list[Msg], bytes]:
 class EslClient:
     """Connects, keeps every message received, and answers request/response helpers."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.timeout = timeout
         self.buf = b""

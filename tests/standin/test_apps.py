@@ -10,7 +10,6 @@ import soundfile as sf
 
 from freeswitch.standin import StandIn
 
-from .conftest import SCALE
 from .esl_client import EslClient
 from .helpers import bg_originate, job_result, new_uuid, plan_duration_ok, sendmsg, wait_gone
 
@@ -58,7 +57,7 @@ def test_playback_lasts_as_long_as_the_file(client: EslClient, standin: StandIn,
     start = client.wait_event(lambda m: m.name == "PLAYBACK_START")
     stop = client.wait_event(lambda m: m.name == "PLAYBACK_STOP")
     stamps = [int(m.e("Event-Date-Timestamp") or 0) for m in (start, stop)]  # the switch's clock, in µs
-    assert plan_duration_ok((stamps[1] - stamps[0]) / 1e6 / SCALE, 5.655)
+    assert plan_duration_ok((stamps[1] - stamps[0]) / 1e6 / standin.time_scale, 5.655)
     assert start.e("Application") is None
     files = [s for s in standin.heard(leg) if s["kind"] == "file"]
     assert files[0]["source"] == prompt
@@ -100,12 +99,12 @@ def test_export_sleep_and_hangup_cause(client: EslClient, standin: StandIn, leg:
     assert slept
 
 
-def test_sched_hangup(client: EslClient, leg: str) -> None:
+def test_sched_hangup(client: EslClient, standin: StandIn, leg: str) -> None:
     t0 = time.monotonic()
     sendmsg(client, leg, "sched_hangup", "+3 ALLOTTED_TIMEOUT", "h1")
     hup = client.wait_event(lambda m: m.name == "CHANNEL_HANGUP" and m.e("Unique-ID") == leg)
     assert hup.e("Hangup-Cause") == "ALLOTTED_TIMEOUT"
-    assert plan_duration_ok((time.monotonic() - t0) / SCALE, 3.0)
+    assert plan_duration_ok((time.monotonic() - t0) / standin.time_scale, 3.0)
 
 
 def test_call_command_hangup_and_missing_session(client: EslClient, standin: StandIn, leg: str) -> None:
@@ -143,7 +142,7 @@ def test_uuid_record_start_stop(client: EslClient, standin: StandIn, leg: str, t
     path = tmp_path / "b.wav"
     assert client.api(f"uuid_record {leg} start {path}") == "+OK Success\n"
     client.wait_event(lambda m: m.name == "RECORD_START")
-    standin.wait_for(lambda: False, 2 * SCALE)
+    standin.wait_for(lambda: False, 2 * standin.time_scale)
     assert client.api(f"uuid_record {leg} stop all") == "+OK Success\n"
     client.wait_event(lambda m: m.name == "RECORD_STOP")
     assert plan_duration_ok(sf.info(str(path)).duration, 2.0)

@@ -37,7 +37,7 @@ def test_hang_stops_replies_then_resumes(client: EslClient, standin: StandIn) ->
     with pytest.raises(TimeoutError):
         client.read_reply(timeout=0.3)
     assert not client.closed
-    reply = client.read_reply(timeout=2)
+    reply = client.read_reply(timeout=30)
     assert reply.body.startswith(b"FreeSWITCH Version")
     assert time.monotonic() - t0 >= 0.45
 
@@ -71,6 +71,15 @@ def test_refuse_connections(standin: StandIn) -> None:
     standin.refuse_connections(False)
     c = connect(standin)
     c.close()
+
+
+def test_refused_then_accepted_again_at_once(standin: StandIn) -> None:
+    """The port is listened on again right after being closed (the listener used to stay open until its
+    accept loop ran, and listening again at once failed with EADDRINUSE)."""
+    connect(standin).close()  # the accept loop is waiting in accept()
+    standin.refuse_connections(True)
+    standin.refuse_connections(False)
+    connect(standin).close()
 
 
 def test_rude_rejection(standin: StandIn) -> None:

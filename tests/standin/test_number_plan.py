@@ -8,7 +8,6 @@ import pytest
 
 from freeswitch.standin import StandIn
 
-from .conftest import SCALE
 from .esl_client import EslClient
 from .helpers import bg_originate, job_result, names_for, plan_duration_ok, wait_gone
 
@@ -38,7 +37,8 @@ def test_refused_numbers(client: EslClient, standin: StandIn, number: str, cause
 
 ANSWERED = [
     # number, events before answer, plan seconds to answer, far end hangs up after (plan s)
-    ("15550000101", [], 0.02, 300.0),
+    # 300 plan seconds: at the default scale that is 15 s; at 0.01 its slack (60 plan s) is still 0.6 s.
+    pytest.param("15550000101", [], 0.02, 300.0, marks=pytest.mark.time_scale(0.01)),
     ("15550001101", ["CHANNEL_PROGRESS"], 2.0, 60.0),
     ("15550002101", ["CHANNEL_PROGRESS"], 1.0, 30.0),
     ("15550006101", [], 0.02, 2.0),
@@ -53,7 +53,7 @@ def test_answering_numbers(client: EslClient, standin: StandIn, number: str, ear
     started = time.monotonic()
     uuid, job = bg_originate(client, number, extra="cb_callid=abc123")
     assert job_result(client, job) == f"+OK {uuid}\n"
-    answered_after = (time.monotonic() - started) / SCALE
+    answered_after = (time.monotonic() - started) / standin.time_scale
     assert answered_after >= answer_after * 0.9
     client.wait_event(lambda m: m.name == "CHANNEL_PARK" and m.e("Unique-ID") == uuid)
     assert names_for(client, uuid)[: len(early) + 2] == ["CHANNEL_CREATE", *early, "CHANNEL_ANSWER"]
@@ -62,13 +62,13 @@ def test_answering_numbers(client: EslClient, standin: StandIn, number: str, ear
     assert answer.e("Caller-Destination-Number") == number
     # The far end hangs up by itself after its plan time.
     hup = client.wait_event(lambda m: m.name == "CHANNEL_HANGUP_COMPLETE" and m.e("Unique-ID") == uuid,
-                            timeout=up_for * SCALE + 5)
+                            timeout=up_for * standin.time_scale + 5)
     assert hup.e("Hangup-Cause") == "NORMAL_CLEARING"
     assert hup.e("variable_sip_hangup_disposition") == "recv_bye"
     assert hup.e("variable_sip_term_status") == "200"
     ch = standin.channel(uuid)
     assert ch is not None and ch.answered_at is not None and ch.ended_at is not None
-    assert plan_duration_ok((ch.ended_at - ch.answered_at) / SCALE, up_for, slack=max(4.0, up_for * 0.2))
+    assert plan_duration_ok((ch.ended_at - ch.answered_at) / standin.time_scale, up_for, slack=max(4.0, up_for * 0.2))
 
 
 def test_dtmf_from_plan_9(client: EslClient) -> None:
@@ -84,29 +84,33 @@ def test_ring_no_answer_times_out(client: EslClient, standin: StandIn) -> None:
     started = time.monotonic()  # before the request: the switch starts the timeout before its reply is read
     uuid, job = bg_originate(client, "15550004101", extra="originate_timeout=5")
     assert job_result(client, job) == "-ERR NO_ANSWER\n"
-    assert plan_duration_ok((time.monotonic() - started) / SCALE, 5.0)
+    assert plan_duration_ok((time.monotonic() - started) / standin.time_scale, 5.0)
     hup = client.wait_event(lambda m: m.name == "CHANNEL_HANGUP_COMPLETE" and m.e("Unique-ID") == uuid)
     assert hup.e("Hangup-Cause") == "NO_ANSWER"
     assert hup.e("variable_sip_hangup_disposition") == "send_cancel"
     assert "CHANNEL_PROGRESS" in names_for(client, uuid)
 
 
-def test_ring_no_answer_default_timeout_is_60s(client: EslClient) -> None:
+def test_ring_no_answer_default_timeout_is_60s(client: EslClient, standin: StandIn) -> None:
     started = time.monotonic()
     _, job = bg_originate(client, "15550004102")
     assert job_result(client, job) == "-ERR NO_ANSWER\n"
-    assert plan_duration_ok((time.monotonic() - started) / SCALE, 60.0, slack=10.0)
+    assert plan_duration_ok((time.monotonic() - started) / standin.time_scale, 60.0, slack=10.0)
 
 
 def test_early_media_without_ignore_returns_at_once(client: EslClient) -> None:
     job = "job-early"
     c = client
-    reply = c.cmd("bgapi originate {origination_uuid=e1e1e1e1-0000-4000-8000-000000000001}"
+    uuid = "e1e1e1e1-0000-4000-8000-000000000001"
+    reply = c.cmd(f"bgapi originate {{origination_uuid={uuid}}}"
                   "sofia/gateway/carrier/15550007001 &park()\nJob-UUID: job-early")
     assert reply.h("Reply-Text") == "+OK Job-UUID: job-early"
-    started = time.monotonic()
-    assert job_result(c, job) == "+OK e1e1e1e1-0000-4000-8000-000000000001\n"
-    assert (time.monotonic() - started) / SCALE < 2.0  # not the 3 s until answer
+    assert job_result(c, job) == f"+OK {uuid}\n"
+    # At once: the job's result comes with the early media, before the answer 3 plan seconds later (the
+    # events' order, not the client's clock, which a loaded machine makes late).
+    c.wait_event(lambda m: m.name == "CHANNEL_ANSWER" and m.e("Unique-ID") == uuid)
+    names = [m.name for m in c.events if m.e("Unique-ID") == uuid or m.e("Job-UUID") == job]
+    assert names.index("CHANNEL_PROGRESS_MEDIA") < names.index("BACKGROUND_JOB") < names.index("CHANNEL_ANSWER")
 
 
 def test_quoted_values_and_custom_variables(client: EslClient) -> None:
@@ -145,9 +149,13 @@ def test_other_dial_string_forms(client: EslClient) -> None:
 # About the stand-in's own concurrency, not the switch's limits (test_limits.py): 200 sessions at once.
 @pytest.mark.standin_limits(sps=1000)
 def test_many_concurrent_originates(client: EslClient, standin: StandIn) -> None:
+    # CPU seconds of this process (the stand-in and its client), not the wall clock, which other processes
+    # on a loaded machine stretch (2.8 s once); make bench measures the rate itself.
+    started = time.process_time()
     jobs = [bg_originate(client, f"15550000{i:03d}") for i in range(200)]
     for uuid, job in jobs:
-        assert job_result(client, job, timeout=10) == f"+OK {uuid}\n"
+        assert job_result(client, job) == f"+OK {uuid}\n"
     assert len(standin.channels_live()) == 200
+    assert time.process_time() - started < 2.0  # 100+ originates a second of CPU without trying hard
     assert client.api("hupall NORMAL_CLEARING") == "+OK hangup all channels with cause NORMAL_CLEARING\n"
-    assert standin.wait_for(lambda: not standin.channels_live(), 5)
+    assert standin.wait_for(lambda: not standin.channels_live(), 30)

@@ -47,8 +47,8 @@ NOT_REPLAYED = {
 
 @pytest.mark.parametrize("name", REPLAYED)
 def test_replay_matches_recording(name: str, standin: StandIn, media_dir: Path) -> None:
-    # HEARTBEAT comes every 20 plan seconds (0.2 s here): whether one falls inside a replay is timing.
-    replay = Replay(load(name), standin.port, SCALE, str(media_dir), skip={"HEARTBEAT", "RE_SCHEDULE"}).run()
+    # HEARTBEAT comes every 20 plan seconds (1 s here): whether one falls inside a replay is timing.
+    replay = Replay(load(name), standin.port, standin.time_scale, str(media_dir), skip={"HEARTBEAT", "RE_SCHEDULE"}).run()
     assert replay.problems == []
 
 
@@ -61,14 +61,14 @@ def test_replay_matches_recording(name: str, standin: StandIn, media_dir: Path) 
 def test_replay_event_plain_all(name: str, skip_channels: str | None, also_skip: set[str], standin: StandIn,
                                 media_dir: Path) -> None:
     """`event plain ALL`: every event type the stand-in generates matches; the rest are listed above."""
-    replay = Replay(load(name), standin.port, SCALE, str(media_dir), skip=NOT_GENERATED | also_skip,
+    replay = Replay(load(name), standin.port, standin.time_scale, str(media_dir), skip=NOT_GENERATED | also_skip,
                     skip_channels=skip_channels).run()
     assert replay.problems == []
 
 
 def test_replay_uuid_commands_and_media(standin: StandIn, media_dir: Path, media_server: str) -> None:
     """12: uuid_* commands and every kind of media, http:// ones from a local server."""
-    replay = Replay(load("12_uuid_commands_playback"), standin.port, SCALE, str(media_dir),
+    replay = Replay(load("12_uuid_commands_playback"), standin.port, standin.time_scale, str(media_dir),
                     rewrite={"127.0.0.1:8765": media_server}, skip={"HEARTBEAT", "RE_SCHEDULE"}).run()
     assert replay.problems == []
 
@@ -79,17 +79,17 @@ def test_replay_myevents_with_its_control_connection(standin: StandIn, media_dir
     subscribed = [Event(), Event()]
 
     def known(theirs: str) -> Callable[[], object]:
-        return lambda: standin.wait_for(lambda: theirs in uuids, 5)
+        return lambda: standin.wait_for(lambda: theirs in uuids, 30)
 
-    control = Replay(load("11_myevents_control"), standin.port, SCALE, str(media_dir), uuids=uuids,
+    control = Replay(load("11_myevents_control"), standin.port, standin.time_scale, str(media_dir), uuids=uuids,
                      before_chunk={2: lambda: subscribed[0].wait(5), 5: lambda: subscribed[1].wait(5)})
     # and its first kill (3) once the follower saw the broadcast file end, as in the recording.
     control.before_chunk[3] = lambda: standin.wait_for(
-        lambda: any(m.name == "CHANNEL_EXECUTE_COMPLETE" for m in nolinger.received), 5)
+        lambda: any(m.name == "CHANNEL_EXECUTE_COMPLETE" for m in nolinger.received), 30)
     # Control: broadcast (2) once the first follower listens, second kill (5) once the other lingers.
-    nolinger = Replay(load("11_myevents_nolinger"), standin.port, SCALE, str(media_dir), uuids=uuids,
+    nolinger = Replay(load("11_myevents_nolinger"), standin.port, standin.time_scale, str(media_dir), uuids=uuids,
                       before_chunk={1: known("c4a879ef-0888-4041-9b1e-d96036824585"), 2: subscribed[0].set})
-    linger = Replay(load("11b_myevents_linger_json"), standin.port, SCALE, str(media_dir), uuids=uuids,
+    linger = Replay(load("11b_myevents_linger_json"), standin.port, standin.time_scale, str(media_dir), uuids=uuids,
                     before_chunk={2: known("0cb7622b-b016-4ec2-a1dc-fbaca82fb59a")}, after_send={3: subscribed[1].set})
     jobs = [gevent.spawn(r.run) for r in (control, nolinger, linger)]
     gevent.joinall(jobs, timeout=30, raise_error=True)

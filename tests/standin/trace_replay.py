@@ -117,7 +117,7 @@ class Replay:
     port: int
     time_scale: float
     media_dir: str
-    timeout: float = 5.0
+    timeout: float = 30.0  # for each awaited message; only a replay that fails waits it out
     uuids: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     received: list[Msg] = field(default_factory=list)

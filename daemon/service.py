@@ -51,6 +51,7 @@ class Service:
         self.records.listeners.append(self.webhooks.on_status)
         self.retention = Retention(settings, clock, records=self.records)
         self.media = MediaLibrary(settings)
+        self.metrics.watch_media_pool(self.media.pool)
         self.engine = Engine(settings, self.records, playable=self._playable,
                              on_call_end=lambda _sequence: self.dispatcher.wake())
         self.dispatcher = Dispatcher(settings, self.engine, self.records, clock)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ANSWER_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60)
@@ -57,5 +61,34 @@ class Metrics:
         for leg in ("a", "b"):
             self.switch_throttled.labels(leg)
 
+    def watch_media_pool(self, pool: Any) -> None:
+        """Export what the media worker pool (``daemon.media.pool.WorkerPool``) did, read at each scrape."""
+        self.registry.register(_MediaPoolCollector(pool))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _MediaPoolCollector:
+    """The media worker pool's own counts (kept by the pool in ``PoolStats``), as Prometheus metrics."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.pool.stats
+        yield GaugeMetricFamily("callbridge_media_workers", "Media worker processes running now",
+                                value=len(stats.pids))
+        yield GaugeMetricFamily("callbridge_media_workers_max", "Media worker processes at most (media_workers)",
+                                value=self.pool.size)
+        jobs = CounterMetricFamily("callbridge_media_jobs", "Media jobs (decode or speech) by how they ended",
+                                   labels=["outcome"])
+        jobs.add_metric(["done"], stats.jobs)
+        jobs.add_metric(["busy"], stats.busy)  # refused: every worker busy past media_queue_timeout (503)
+        jobs.add_metric(["killed"], stats.killed)  # past its wall-clock deadline
+        jobs.add_metric(["died"], stats.died)  # crashed or over media_cpu_seconds
+        yield jobs
+        yield CounterMetricFamily("callbridge_media_cpu_seconds", "CPU seconds the media workers reported",
+                                  value=stats.cpu_seconds)
+        yield CounterMetricFamily("callbridge_media_workers_started", "Media worker processes started",
+                                  value=stats.started)

@@ -59,6 +59,7 @@ class Service:
                               readiness=self.readiness, clock=clock, records=self.records,
                               switch_status=self.engine.switch_status)
         self.server = ApiServer.for_settings(settings, self.app, max_body=MAX_BODY)
+        self.metrics.watch_http_server(self.server)
         self.stopping = gevent.event.Event()
         self.media_eviction = Loop("media eviction", self._evict_media, clock, log=log,
                                    first_delay=MEDIA_EVICTION_INTERVAL, error_delay=MEDIA_EVICTION_INTERVAL)

@@ -65,6 +65,10 @@ class Metrics:
         """Export what the media worker pool (``daemon.media.pool.WorkerPool``) did, read at each scrape."""
         self.registry.register(_MediaPoolCollector(pool))
 
+    def watch_http_server(self, server: Any) -> None:
+        """Export the API server's connections (``webapi.server.ApiServer``), read at each scrape."""
+        self.registry.register(_HttpServerCollector(server))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -92,3 +96,23 @@ class _MediaPoolCollector:
                                   value=stats.cpu_seconds)
         yield CounterMetricFamily("callbridge_media_workers_started", "Media worker processes started",
                                   value=stats.started)
+
+
+class _HttpServerCollector:
+    """The API server's connections: open now, its cap, and those it closed or refused and why."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        yield GaugeMetricFamily("callbridge_http_connections", "API connections open now",
+                                value=len(server.connections))
+        yield GaugeMetricFamily("callbridge_http_connections_max", "API connections at most (http_max_connections, "
+                                "fitted under the open-file limit)", value=server.limits.max_connections)
+        closed = CounterMetricFamily("callbridge_http_connections_closed",
+                                     "API connections the server closed or refused, by reason", labels=["reason"])
+        closed.add_metric(["evicted"], server.evicted)  # the longest-receiving one, to make room at the cap
+        closed.add_metric(["refused"], server.refused)  # at the cap with every connection serving: 503
+        closed.add_metric(["timed_out"], server.timed_out)  # a header, body or idle deadline passed
+        yield closed

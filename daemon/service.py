@@ -70,6 +70,7 @@ class Service:
         return http_cache_url(target) if self.settings.media_mode == "http" else target
 
     def readiness(self) -> dict[str, bool]:
+        """Ready while at least one switch is connected (/readyz names those that are not)."""
         return {"esl": self.engine.ready}
 
     @property
@@ -85,7 +86,7 @@ class Service:
         self.media_eviction.start()
         self.server.start()
         log_event(log, "service.started", http=f"{self.settings.http_host}:{self.http_port}",
-                  esl=f"{self.settings.esl_host}:{self.settings.esl_port}", adopted=adopted)
+                  switches=",".join(link.name for link in self.engine.links), adopted=adopted)
         notify(f"READY=1\nSTATUS=serving on {self.settings.http_host}:{self.http_port}")
 
     def stop(self) -> None:

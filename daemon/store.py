@@ -176,6 +176,7 @@ class Call(BaseModel):
     # Filled in as the call goes.
     a_uuid = CharField(max_length=36, null=True)
     b_uuid = CharField(max_length=36, null=True)
+    switch = CharField(max_length=300, null=True)  # host:port of the switch A and B were sent to (v7)
     started_at = DateTimeField(null=True)
     lateness_ms = IntegerField(null=True)
     a_answered_at = DateTimeField(null=True)
@@ -306,9 +307,25 @@ def _v5_web_accounts(db: Database) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS endpoint_owner_id ON endpoint (owner_id)")
 
 
+def _v6_reserved_for_leases(db: Database) -> None:
+    # Number 6 belongs to the call leases (owner, lease_until) of the branch that adds them; this
+    # placeholder keeps this branch's own step at 7 until the two meet (the merge puts the real v6 here).
+    pass
+
+
+def _v7_call_switch(db: Database) -> None:
+    # Several switches: the one a call's legs were sent to, so a restart reconciles it there. Calls
+    # claimed before (by a daemon with one switch) have none: they are on the first switch listed. A
+    # store created by v1 from today's models has the column already.
+    if "switch" not in {column.name for column in db.get_columns("call")}:
+        migrate_schema(SchemaMigrator.from_database(db).add_column(
+            "call", "switch", CharField(max_length=300, null=True)))
+
+
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
 MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
-                                                _v4_request_fingerprint, _v5_web_accounts]
+                                                _v4_request_fingerprint, _v5_web_accounts,
+                                                _v6_reserved_for_leases, _v7_call_switch]
 
 
 def schema_version(db: Database) -> int:

@@ -138,6 +138,27 @@ def test_a_new_migration_step_runs_once_and_keeps_rows(settings: Settings, make_
     close_database(db)
 
 
+def test_v7_adds_the_calls_switch_to_a_store_without_it_and_keeps_its_calls(
+        settings: Settings, make_endpoint: Any) -> None:
+    """A store from before several switches: its calls in flight keep their legs and get no switch (they
+    are on the one switch such a daemon had); new claims name theirs."""
+    endpoint, _ = make_endpoint()
+    a_call(endpoint, "7" * 28, status="bridged", a_uuid="a" * 36, b_uuid="b" * 36)
+    db = store.database.obj
+    with db.atomic():
+        run_migration(SchemaMigrator.from_database(db).drop_column("call", "switch"))
+        SchemaVersion.delete().where(SchemaVersion.version >= 6).execute()
+    close_database(db)
+    db = open_database(settings.database_url)
+    assert schema_version(db) == len(store.MIGRATIONS) == 7
+    assert "switch" in {column.name for column in db.get_columns("call")}
+    old = Call.get(Call.callid == "7" * 28)
+    assert (old.status, old.a_uuid, old.switch) == ("bridged", "a" * 36, None)
+    Call.update(switch="10.0.0.12:8021").where(Call.id == old.id).execute()
+    assert Call.get_by_id(old.id).switch == "10.0.0.12:8021"
+    close_database(db)
+
+
 def test_a_failing_migration_step_leaves_nothing_half_done(settings: Settings, make_endpoint: Any,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Each step runs in a transaction (PostgreSQL's DDL too): a failure keeps the old schema and version."""

@@ -14,9 +14,9 @@ on a PostgreSQL shared with other daemons the page's rows are locked for this ro
 the claims commit together and launch after that commit, and the calls claimed but not yet launched
 count against the limits like calls in flight.
 
-Limits: calls in flight (global and per endpoint), the switch's room for one more session (its
+Limits: calls in flight (global and per endpoint), a switch's room for one more session (its
 sessions-per-second and max sessions, read from it: :mod:`daemon.switch.capacity`; the legs of calls
-already in progress go first), new calls per second (per endpoint, and an optional global cap of the
+already in progress go first; with several switches, the one with the most room takes the call), new calls per second (per endpoint, and an optional global cap of the
 operator's, token buckets), and a daily cap per endpoint against toll fraud. Calls held back by a
 limit stay ``queued`` in due order and go as soon as a slot frees.
 """
@@ -37,7 +37,9 @@ from daemon.config import Settings
 from daemon.loop import Loop
 from daemon.ops.logs import log_event
 from daemon.store import Call, CallStatus, Endpoint, utcnow
+from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.engine import Engine
+from daemon.switch.link import SwitchLink
 
 log = logging.getLogger("callbridge.dispatcher")
 
@@ -88,7 +90,8 @@ class Dispatcher:
         self.started_today: dict[int, int] = {}
         self._day: dt.date | None = None
         self._claimed: Counter[int] = Counter()  # per endpoint: claimed in this round, not launched yet
-        self._unlaunched: set[str] = set()  # A legs of calls claimed in this round, not launched yet
+        # A legs of calls claimed in this round, not launched yet, and the capacity their room was taken from.
+        self._unlaunched: dict[str, SwitchCapacity] = {}
 
     # -- control ----------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -143,9 +146,9 @@ class Dispatcher:
                         self.records.finish(call, CallStatus.FAILED,
                                             reason=f"daily cap of {endpoint.daily_cap} calls reached")
                         continue
-                    room = self.engine.capacity.new_call_delay(self.engine.monotonic())
-                    if room > 0:
-                        return room  # the switch has no room for another session yet: every call waits
+                    switch, room = self.engine.pick_switch(self.engine.monotonic())
+                    if switch is None:
+                        return room  # no switch has room for another session yet: every call waits
                     bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
                     bucket.rate = endpoint.calls_per_second
                     if self.global_rate is not None and not self.global_rate.take(mono):
@@ -157,7 +160,7 @@ class Dispatcher:
                         held_back = wait if held_back is None else min(held_back, wait)
                         skip.add(endpoint.id)
                         continue
-                    self._start(call, endpoint)
+                    self._start(call, endpoint, switch)
             if len(page) < limit:
                 break
             after = (page[-1].due_at, page[-1].id)
@@ -178,27 +181,29 @@ class Dispatcher:
             for endpoint_id, count in self._claimed.items():
                 self.started_today[endpoint_id] = self.started_today.get(endpoint_id, 0) - count
             self._claimed.clear()
-            for a_uuid in self._unlaunched:  # nor sent: the room reserved for their A goes back
-                self.engine.capacity.cancel(a_uuid)
+            for a_uuid, capacity in self._unlaunched.items():  # nor sent: their A's room goes back
+                capacity.cancel(a_uuid)
             self._unlaunched.clear()
 
-    def _start(self, call: Call, endpoint: Endpoint) -> None:
+    def _start(self, call: Call, endpoint: Endpoint, switch: SwitchLink) -> None:
         a_uuid, b_uuid = self.engine.new_leg_uuids()
+        capacity = switch.capacity
         # A's session is reserved before the claim's commit lets other greenlets run (and take the room).
-        self.engine.capacity.reserve_new_call(a_uuid, self.engine.monotonic())
-        # Lateness is stamped at this call's own claim, not at the start of the tick.
-        if not self.records.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock()):
-            self.engine.capacity.cancel(a_uuid)
+        capacity.reserve_new_call(a_uuid, self.engine.monotonic())
+        # Lateness is stamped at this call's own claim, not at the start of the tick; the switch is
+        # committed with the claim, so a restart knows where to find the call.
+        if not self.records.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock(), switch=switch.name):
+            capacity.cancel(a_uuid)
             return  # canceled (or claimed elsewhere) in the meantime
         self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
         self._claimed[endpoint.id] += 1
-        self._unlaunched.add(a_uuid)
+        self._unlaunched[a_uuid] = capacity
 
         def launch() -> None:  # once the claim is committed
             self._claimed[endpoint.id] -= 1
-            self._unlaunched.discard(a_uuid)
+            self._unlaunched.pop(a_uuid, None)
             try:
-                self.engine.launch(call, endpoint)
+                self.engine.launch(call, endpoint, switch=switch)
             except Exception:
                 log.exception("launch failed", extra={"callid": call.callid})
 

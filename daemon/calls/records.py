@@ -339,22 +339,24 @@ class CallRecords:
         the round's commit inside one (and never if it rolls back). ``action`` must not raise."""
         database.after_commit(action)
 
-    def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:
+    def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime, switch: str | None = None) -> bool:
         """Take a pending call for dialing: one conditional update, so a cancel racing it loses or wins whole.
 
-        The leg UUIDs are committed with the claim (durably), before anything is sent to FreeSWITCH: after
-        a crash the call is found by them and reconciled, never redialed.
+        The leg UUIDs and the switch they go to are committed with the claim (durably), before anything
+        is sent to FreeSWITCH: after a crash the call is found by them on that switch and reconciled,
+        never redialed.
         """
         lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
         updated = self._write(lambda: Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid,
-                                                  b_uuid=b_uuid, started_at=now, lateness_ms=lateness)
+                                                  b_uuid=b_uuid, started_at=now, lateness_ms=lateness,
+                                                  switch=switch)
                               .where((Call.id == call.id) & _status_in(PENDING_STATUSES))
                               .execute())
         if updated != 1:
             return False
         call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
-        call.started_at, call.lateness_ms = now, lateness
-        self.step(call, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid)
+        call.started_at, call.lateness_ms, call.switch = now, lateness, switch
+        self.step(call, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid, switch=switch)
 
         def claimed() -> None:
             self.metrics.scheduler_lateness.observe(lateness / 1000)

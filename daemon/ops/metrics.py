@@ -35,26 +35,33 @@ class Metrics:
         self.scheduler_lateness = Histogram("callbridge_scheduler_lateness_seconds",
                                             "Start time minus due time of each call",
                                             buckets=LATENESS_BUCKETS, registry=r)
-        self.esl_connected = Gauge("callbridge_esl_connected", "1 when the Event Socket is up", registry=r)
+        # Per switch, labelled by its host:port (never its password).
+        self.esl_connected = Gauge("callbridge_esl_connected", "1 when the switch's Event Socket is up",
+                                   ["switch"], registry=r)
         self.esl_reconnects = Counter("callbridge_esl_reconnects_total", "Event Socket reconnections",
-                                      registry=r)
+                                      ["switch"], registry=r)
         self.media_cache = Counter("callbridge_media_cache_total", "Media cache look-ups", ["result"],
                                    registry=r)
         self.webhooks = Counter("callbridge_webhook_deliveries_total", "Webhook delivery attempts",
                                 ["result"], registry=r)
-        # The switch's session capacity (daemon/switch/capacity.py); the gauges read it when scraped.
+        # Each switch's session capacity (daemon/switch/capacity.py); the gauges read it when scraped.
         self.switch_sps = Gauge("callbridge_switch_sessions_per_second_limit",
-                                "The switch's sessions-per-second limit as last read (0: not known)", registry=r)
+                                "The switch's sessions-per-second limit as last read (0: not known)", ["switch"],
+                                registry=r)
         self.switch_max_sessions = Gauge("callbridge_switch_max_sessions",
-                                         "The switch's max sessions as last read (0: not known)", registry=r)
+                                         "The switch's max sessions as last read (0: not known)", ["switch"],
+                                         registry=r)
         self.switch_sessions = Gauge("callbridge_switch_sessions",
                                      "Sessions on the switch now (its last status, plus creations, less hangups)",
-                                     registry=r)
+                                     ["switch"], registry=r)
         self.switch_session_rate = Gauge("callbridge_switch_session_rate",
                                          "Sessions created on the switch in the last second (ours from when sent)",
-                                         registry=r)
+                                         ["switch"], registry=r)
         self.switch_legs_waiting = Gauge("callbridge_switch_legs_waiting",
-                                         "Legs of calls in progress waiting for room on the switch", registry=r)
+                                         "Legs of calls in progress waiting for room on the switch", ["switch"],
+                                         registry=r)
+        self.switch_calls = Gauge("callbridge_switch_calls_in_progress",
+                                  "Calls this daemon follows on the switch", ["switch"], registry=r)
         self.switch_throttled = Counter("callbridge_switch_throttled_total",
                                         "Legs the switch refused over its session limits (nothing dialed)",
                                         ["leg"], registry=r)

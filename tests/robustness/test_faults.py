@@ -105,7 +105,8 @@ def _apps_queued(harness: Harness, call: Call) -> bool:
 
 
 def reconnects(harness: Harness) -> float:
-    return float(harness.service.metrics.esl_reconnects._value.get())
+    return sum(float(link_count._value.get()) for link_count in
+               (harness.service.metrics.esl_reconnects.labels(link.name) for link in harness.service.engine.links))
 
 
 def fault(name: str) -> None:

@@ -38,7 +38,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -134,15 +134,27 @@ class NotCancelable:
         return f"the call already started (status {self.status.value})"
 
 
+@dataclass(frozen=True)
+class EndpointLoad:
+    """What an endpoint has going across every daemon sharing the store (:meth:`CallRecords.endpoint_load`)."""
+
+    in_flight: int  # calls claimed and not final
+    started_today: int  # calls started since the start of the UTC day
+    started_recently: int  # calls started in the rate window
+    oldest_recent: dt.datetime | None  # the earliest start in that window
+
+
 class CallRecords:
     """Writes calls and their timelines; reads them through named queries (static, no state needed)."""
 
     def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow, *,
-                 retry_for: float = 60.0) -> None:
+                 retry_for: float = 60.0, owner: str = "", lease_seconds: float = 30.0) -> None:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.retry_for = retry_for
         self.listeners: list[StatusListener] = []
+        self.owner = owner or None  # this daemon's instance id, written into the calls it claims
+        self.lease = dt.timedelta(seconds=lease_seconds)
 
     # -- reads ------------------------------------------------------------------------------------
     @staticmethod
@@ -346,14 +358,17 @@ class CallRecords:
         a crash the call is found by them and reconciled, never redialed.
         """
         lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
+        lease_until = now + self.lease
         updated = self._write(lambda: Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid,
-                                                  b_uuid=b_uuid, started_at=now, lateness_ms=lateness)
+                                                  b_uuid=b_uuid, started_at=now, lateness_ms=lateness,
+                                                  owner=self.owner, lease_until=lease_until)
                               .where((Call.id == call.id) & _status_in(PENDING_STATUSES))
                               .execute())
         if updated != 1:
             return False
         call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
         call.started_at, call.lateness_ms = now, lateness
+        call.owner, call.lease_until = self.owner, lease_until
         self.step(call, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid)
 
         def claimed() -> None:
@@ -498,3 +513,91 @@ class CallRecords:
             except Exception:  # a listener must never break a call
                 log.exception("status listener failed", extra={"callid": call.callid})
 
+
+    # -- several daemons on one store: the limits counted across them ---------------------------
+    @staticmethod
+    def lock_endpoints(endpoint_ids: Collection[int]) -> None:
+        """Inside a claim round on a shared PostgreSQL: hold these endpoints' rows until the round commits,
+        so that two daemons' rounds claiming for one endpoint take turns and each counts the other's
+        claims (:meth:`endpoint_load`). ``FOR NO KEY UPDATE``: the API's inserts of new calls (which only
+        share-lock their endpoint's key) are not held up. One statement in id order, so two rounds never
+        wait on each other in a circle."""
+        if endpoint_ids:
+            list(Endpoint.select(Endpoint.id).where(Endpoint.id.in_(sorted(endpoint_ids))).order_by(Endpoint.id)
+                 .for_update("FOR NO KEY UPDATE"))  # type: ignore[arg-type]  # peewee takes the clause
+
+    @staticmethod
+    def endpoint_load(endpoint_id: int, *, day_start: dt.datetime, window_start: dt.datetime) -> EndpointLoad:
+        """The endpoint's calls in flight, started since ``day_start`` and after ``window_start``, whichever
+        daemon runs them: three indexed counts."""
+        mine = Call.endpoint == endpoint_id
+        in_flight = Call.select().where(mine & _status_in(IN_FLIGHT_STATUSES)).count()
+        today = Call.select().where(mine & (Call.started_at >= day_start)).count()
+        recent: Any = (Call.select(fn.COUNT(Call.id), fn.MIN(Call.started_at))
+                       .where(mine & (Call.started_at > window_start)).tuples().first())
+        count, oldest = recent if recent else (0, None)
+        return EndpointLoad(int(in_flight), int(today), int(count or 0), oldest)
+
+    # -- ownership: leases on the calls in flight ------------------------------------------------
+    def renew_leases(self, call_ids: Collection[int], *, now: dt.datetime) -> set[int]:
+        """Extend this daemon's lease on the calls it follows to ``now`` + the lease, in one UPDATE; returns
+        those among them it no longer owns (another daemon took them over while this one had not renewed
+        in time)."""
+        ids = sorted(call_ids)
+        if not ids:
+            return set()
+        until = now + self.lease
+        mine = Call.owner == self.owner if self.owner is not None else Call.owner.is_null()
+        renewed = self._write(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
+                              durable=False)
+        if renewed == len(ids):
+            return set()
+        rows: Any = Call.select(Call.id).where(Call.id.in_(ids) & mine).tuples()
+        kept = {int(row_id) for (row_id,) in rows}
+        return set(ids) - kept
+
+    def release_leases(self, call_ids: Collection[int], *, now: dt.datetime) -> int:
+        """This daemon stops following these calls (it is shutting down): their leases end ``now``, so
+        another daemon takes them over at its next look instead of a whole lease later."""
+        ids = sorted(call_ids)
+        if not ids:
+            return 0
+        mine = Call.owner == self.owner if self.owner is not None else Call.owner.is_null()
+        return int(self._write(lambda: Call.update(lease_until=now)
+                               .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute()))
+
+    def left_in_flight(self, *, now: dt.datetime) -> list[Call]:
+        """At start: the calls in flight this daemon is to follow, taken (:meth:`take_over`). With SQLite
+        (one daemon) every one; on a shared PostgreSQL those of a previous run under the same instance id,
+        those no one owns, and those whose owner's lease expired, never another live daemon's."""
+        calls = self.in_flight()
+        if is_shared():
+            calls = [call for call in calls if call.owner is None or call.owner == self.owner
+                     or call.lease_until is None or call.lease_until < now]
+        return [call for call in calls if self.take_over(call, now=now)]
+
+    def expired_leases(self, *, now: dt.datetime, exclude: Collection[int] = (), limit: int = 500) -> list[Call]:
+        """Calls in flight, with their endpoints, whose lease ended before ``now`` (their daemon stopped
+        renewing it) or that no one holds, oldest start first, leaving out ``exclude``."""
+        query = (Call.select(Call, Endpoint).join(Endpoint)
+                 .where(_status_in(IN_FLIGHT_STATUSES) & (Call.lease_until.is_null() | (Call.lease_until < now))))
+        if exclude:
+            query = query.where(Call.id.not_in(sorted(exclude)))
+        return list(query.order_by(Call.started_at).limit(limit))
+
+    def take_over(self, call: Call, *, now: dt.datetime) -> bool:
+        """Make this daemon the call's owner, with a fresh lease: one conditional UPDATE on the owner the
+        call had when read (and, on a shared store, its lease having expired unless that owner is this
+        daemon), so when several daemons try at once exactly one wins. ``call`` is updated on success."""
+        previous = call.owner
+        condition = (Call.id == call.id) & _status_in(IN_FLIGHT_STATUSES)
+        condition &= Call.owner.is_null() if previous is None else (Call.owner == previous)
+        if is_shared() and (previous is None or previous != self.owner):
+            condition &= Call.lease_until.is_null() | (Call.lease_until < now)
+        until = now + self.lease
+        if self._write(lambda: Call.update(owner=self.owner, lease_until=until).where(condition).execute()) != 1:
+            return False
+        call.owner, call.lease_until = self.owner, until
+        if previous is not None and previous != self.owner:
+            log_event(log, "call.taken_over", callid=call.callid, previous_owner=previous)
+        return True

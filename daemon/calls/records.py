@@ -446,11 +446,17 @@ class CallRecords:
         call.recording_path = path
         self.step(call, "recording_started", path=path)
 
-    def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int) -> None:
-        """Retention deleted the call's recording: the call no longer points at it (length and size stay)."""
-        Call.update(recording_path="").where(Call.id == call.id).execute()
-        add_event(call.id, "recording_expired", at=at, retention_days=retention_days)
+    def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int) -> bool:
+        """Retention deleted the call's recording: the call no longer points at it (length and size stay).
+        Conditional on the call still pointing at it, so two daemons' sweeps clear it and note it once:
+        False when another already had."""
+        with database.atomic():
+            cleared = (Call.update(recording_path="")
+                       .where((Call.id == call.id) & (Call.recording_path == call.recording_path)).execute())
+            if cleared:
+                add_event(call.id, "recording_expired", at=at, retention_days=retention_days)
         call.recording_path = ""
+        return bool(cleared)
 
     def _move(self, call: Call, status: CallStatus, at: dt.datetime, row: dict[str, Any],
               detail: dict[str, Any] | None = None) -> None:

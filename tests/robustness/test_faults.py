@@ -137,10 +137,10 @@ PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck | None]] = {
     # phase: (A digit, B digit, "every call is in that phase now", "what happens while the connection is down")
     # A rings 2 s; it answers while the connection is down.
     "dialing_a": ("1", "6", lambda h, c: leg_ringing(h, fresh(c).a_uuid), lambda h, c: _answered(h, fresh(c).a_uuid)),
-    # A hears the prompts, its apps all queued; it goes on to hear the dialtone while the connection is
-    # down: B is dialed only when the daemon says so (it paces B's session), once it is back.
+    # A hears the prompts, its apps all queued; it goes on to its wait (the dialtone looped) while the
+    # connection is down: B is dialed only when the daemon says so (it paces B's session), once it is back.
     "prompts": ("0", "0", lambda h, c: fresh(c).status == "a_answered" and _apps_queued(h, fresh(c)),
-                lambda h, c: False),
+                lambda h, c: a_playing(h, fresh(c), wait_uuid(str(fresh(c).a_uuid), 0))),
     # B rings 2 s; it answers (and so is bridged) while the connection is down.
     "dialing_b": ("0", "1", lambda h, c: fresh(c).status == "dialing_b" and leg_ringing(h, fresh(c).b_uuid),
                   lambda h, c: _answered(h, fresh(c).b_uuid)),

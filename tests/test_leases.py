@@ -14,7 +14,7 @@ import pytest
 
 from daemon.calls.dispatcher import Dispatcher
 from daemon.calls.leases import Leases, new_instance_id
-from daemon.calls.records import CallRecords
+from daemon.calls.records import CallRecords, NotOwned
 from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, Endpoint
@@ -244,3 +244,32 @@ def test_an_endpoints_calls_per_second_hold_across_two_daemons(
     assert max(sum(1 for s in starts if t <= s < t + dt.timedelta(seconds=1)) for t in starts) <= 3
     kinds = {e.kind for e in CallEvent.select()}
     assert "claimed" in kinds
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_that_lost_a_call_cannot_mark_it_sent_so_only_the_new_owner_dials_it(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """node-a claimed the call and stalled (waiting for its turn on the connection) past its lease; node-b
+    took it over, found no mark and dials it. node-a's mark, which must precede its send, is refused: it
+    never sends. The other order: a mark committed before the takeover is seen by the new owner, which
+    then reconciles instead of dialing."""
+    endpoint, _ = make_endpoint()
+    stalled, other = daemon("node-a"), daemon("node-b", lambda: T0 + LEASE + dt.timedelta(seconds=1))
+    call = pending(endpoint)
+    assert stalled.claim(call, a_uuid="a-leg", b_uuid="b-leg", now=T0)
+    taken = other.expired_leases(now=T0 + LEASE + dt.timedelta(seconds=1))
+    assert [c.id for c in taken] == [call.id] and other.take_over(taken[0], now=T0 + LEASE + dt.timedelta(seconds=1))
+    assert not other.originate_marked(taken[0])  # the new owner dials it
+    with pytest.raises(NotOwned):
+        stalled.mark_dialing_a(call)
+    assert not other.originate_marked(taken[0])
+    other.mark_dialing_a(taken[0])  # the owner's mark goes in, renewing its lease
+    assert Call.get_by_id(call.id).lease_until == T0 + LEASE + dt.timedelta(seconds=1) + LEASE
+
+    second = pending(endpoint)
+    assert stalled.claim(second, a_uuid="a2", b_uuid="b2", now=T0)
+    stalled.mark_dialing_a(second)  # sent, then node-a dies
+    later = T0 + 3 * LEASE
+    found = [c for c in other.expired_leases(now=later) if c.id == second.id]
+    assert found and other.take_over(found[0], now=later)
+    assert other.originate_marked(found[0])  # reconciled by its UUIDs, never dialed again

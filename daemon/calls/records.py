@@ -134,6 +134,10 @@ class NotCancelable:
         return f"the call already started (status {self.status.value})"
 
 
+class NotOwned(OperationalError):
+    """The call belongs to another daemon now (its lease here ran out and the other took it over)."""
+
+
 @dataclass(frozen=True)
 class EndpointLoad:
     """What an endpoint has going across every daemon sharing the store (:meth:`CallRecords.endpoint_load`)."""
@@ -390,9 +394,23 @@ class CallRecords:
         a call claimed but never sent (the daemon died while it waited for its turn) is known at the next
         start and dialed then, not failed unheard. One attempt with no wait, since the caller holds the
         connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
-        not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals)."""
+        not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals).
+
+        On a shared PostgreSQL, only while this daemon owns the call (its lease renewed with the mark, in
+        one transaction): a daemon that stalled past its lease and lost the call to another must not send
+        what the other (which found no mark) dials; the mark refused, the lease keeper then lets the call
+        go. With SQLite the one daemon owns every call: the mark alone, one autocommit insert."""
+        now = self.clock()
         try:
-            add_event(call.id, DIAL_MARK, at=self.clock(), phone=call.phone_a, a_uuid=call.a_uuid)
+            if not is_shared():
+                add_event(call.id, DIAL_MARK, at=now, phone=call.phone_a, a_uuid=call.a_uuid)
+            else:
+                with database.atomic():
+                    held = (Call.update(lease_until=now + self.lease).where((Call.id == call.id) & self._mine())
+                            .execute())
+                    if held != 1:
+                        raise NotOwned("another daemon took the call over")
+                    add_event(call.id, DIAL_MARK, at=now, phone=call.phone_a, a_uuid=call.a_uuid)
         except OperationalError as exc:
             log_event(log, "store.retry", logging.WARNING, error=str(exc), step=DIAL_MARK, callid=call.callid)
             raise
@@ -553,7 +571,7 @@ class CallRecords:
         if not ids:
             return set()
         until = now + self.lease
-        mine = Call.owner == self.owner if self.owner is not None else Call.owner.is_null()
+        mine = self._mine()
         renewed = self._write(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
                               durable=False)
         if renewed == len(ids):
@@ -568,9 +586,13 @@ class CallRecords:
         ids = sorted(call_ids)
         if not ids:
             return 0
-        mine = Call.owner == self.owner if self.owner is not None else Call.owner.is_null()
+        mine = self._mine()
         return int(self._write(lambda: Call.update(lease_until=now)
                                .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute()))
+
+    def _mine(self) -> Expression:
+        """Calls this daemon owns."""
+        return Call.owner == self.owner if self.owner is not None else Call.owner.is_null()
 
     def left_in_flight(self, *, now: dt.datetime) -> list[Call]:
         """At start: the calls in flight this daemon is to follow, taken (:meth:`take_over`). With SQLite

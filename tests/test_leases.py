@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 
 from daemon.calls.dispatcher import Dispatcher
@@ -273,3 +274,31 @@ def test_a_daemon_that_lost_a_call_cannot_mark_it_sent_so_only_the_new_owner_dia
     found = [c for c in other.expired_leases(now=later) if c.id == second.id]
     assert found and other.take_over(found[0], now=later)
     assert other.originate_marked(found[0])  # reconciled by its UUIDs, never dialed again
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_starting_never_marks_missed_what_another_is_claiming(
+        settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """node-a's claim round holds overdue calls (held back by a limit for long, then claimed); node-b starts
+    and marks the calls overdue beyond the grace missed: not those node-a holds, which stay claimed."""
+    endpoint, _ = make_endpoint()
+    old = [pending(endpoint, T0 - dt.timedelta(hours=1)) for _ in range(4)]
+    settings.schedule_grace = 300
+    claimer, starter = daemon("node-a"), daemon("node-b")
+    holding, release = gevent.event.Event(), gevent.event.Event()
+
+    def claim_two() -> None:
+        with claimer.claim_round():
+            for call in claimer.due(T0, limit=2):
+                assert claimer.claim(call, a_uuid="a", b_uuid="b", now=T0)
+            holding.set()
+            release.wait(30)
+
+    round_a = gevent.spawn(claim_two)
+    assert holding.wait(30)
+    dispatcher = Dispatcher(settings, FakeEngine(), starter, clock=lambda: T0)  # type: ignore[arg-type]
+    assert dispatcher.recover(T0) == 2
+    release.set()
+    round_a.get(timeout=30)
+    statuses = [Call.get_by_id(c.id).status for c in old]
+    assert statuses == ["dialing_a", "dialing_a", "missed", "missed"]

@@ -119,9 +119,12 @@ class Dispatcher:
     def recover(self, now: dt.datetime) -> int:
         """Calls whose time passed while the daemon was down: late within the grace, else missed."""
         limit = now - dt.timedelta(seconds=self.settings.schedule_grace)
-        overdue = self.records.overdue(limit)
-        for call in overdue:
-            self.records.missed(call, now=now, grace=self.settings.schedule_grace)
+        # A round of its own: on a shared PostgreSQL another daemon may be claiming these calls right now;
+        # the rows it holds are skipped, and those marked here are held until the commit.
+        with self.records.claim_round():
+            overdue = self.records.overdue(limit)
+            for call in overdue:
+                self.records.missed(call, now=now, grace=self.settings.schedule_grace)
         return len(overdue)
 
     # -- each tick --------------------------------------------------------------------------------

@@ -194,8 +194,12 @@ class CallRecords:
 
     @staticmethod
     def overdue(before: dt.datetime) -> list[Call]:
-        """Pending calls due before ``before``, earliest first."""
-        return list(Call.select().where(_status_in(PENDING_STATUSES) & (Call.due_at < before)).order_by(Call.due_at))
+        """Pending calls due before ``before``, earliest first. Inside a claim round on a shared PostgreSQL
+        they are locked like :meth:`due`'s (another daemon's round claiming one of them is skipped)."""
+        query = Call.select().where(_status_in(PENDING_STATUSES) & (Call.due_at < before)).order_by(Call.due_at)
+        if is_shared() and database.in_transaction():
+            query = query.for_update(of=Call, skip_locked=True)
+        return list(query)
 
     @staticmethod
     def due(now: dt.datetime, *, limit: int, skip_endpoints: Iterable[int] = (),

@@ -88,6 +88,10 @@ class Settings:
     switch_status_interval: float = 5.0
     # Seconds a switch may stay unreachable before its calls in progress end (failed); 0: wait for ever.
     switch_lost_after: float = 300.0
+    # Several daemons on one PostgreSQL: this daemon's name in the calls it owns ("" = host-pid-random, made
+    # at start), and the lease it holds on them (renewed every third of it; past it, another takes over).
+    instance_id: str = ""
+    lease_seconds: float = 30.0
     schedule_grace: int = 300  # seconds a missed scheduled call may still start late
     schedule_max_days: int = 366  # how far ahead call_date may be
     past_grace: int = 120  # seconds call_date may lie in the past and still be taken as "now"
@@ -354,6 +358,9 @@ def _validate(s: Settings) -> None:
     _validate_switches(s.switches)
     need(s.switch_lost_after >= 0, "switch_lost_after: must be 0 (wait for ever) or more seconds")
     need(s.calls_per_second >= 0, "calls_per_second: must be 0 (no cap) or more")
+    need(s.lease_seconds >= 3, "lease_seconds: must be at least 3 (the lease is renewed every third of it)")
+    need(len(s.instance_id) <= 100 and all(c.isalnum() or c in "._:-" for c in s.instance_id),
+         "instance_id: at most 100 letters, digits and . _ : - (\"\" = made at start)")
     need(0 <= s.switch_session_margin < 1, "switch_session_margin: must be at least 0 and less than 1")
     for name in ("esl_command_timeout", "esl_heartbeat_timeout", "switch_status_interval", "webhook_timeout",
                  "media_connect_timeout", "media_read_timeout", "media_total_timeout", "tts_timeout",

@@ -194,10 +194,15 @@ class Call(BaseModel):
     recording_bytes = BigIntegerField(null=True)
     canceled_at = DateTimeField(null=True)
     canceled_by = CharField(max_length=100, default="")
+    # Which daemon follows the call (its instance id, set by the claim) and until when it has said so:
+    # it renews the lease while the call runs; past it, another daemon takes the call over (v6).
+    owner = CharField(max_length=100, null=True)
+    lease_until = DateTimeField(null=True)
 
     class Meta:
         indexes = (
             (("endpoint", "id"), False),  # list a token's calls, newest first
+            (("endpoint", "started_at"), False),  # an endpoint's calls started today, in the last second
             (("endpoint", "status", "due_at"), False),  # list a token's scheduled calls
             (("status", "due_at"), False),  # the dispatcher: next due, calls in flight
             (("endpoint", "idempotency_key"), True),
@@ -307,10 +312,17 @@ def _v5_web_accounts(db: Database) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS endpoint_owner_id ON endpoint (owner_id)")
 
 
-def _v6_reserved_for_leases(db: Database) -> None:
-    # Number 6 belongs to the call leases (owner, lease_until) of the branch that adds them; this
-    # placeholder keeps this branch's own step at 7 until the two meet (the merge puts the real v6 here).
-    pass
+def _v6_call_leases(db: Database) -> None:
+    # Several daemons on one PostgreSQL: each call in flight has an owner holding a lease; an endpoint's
+    # daily cap and calls per second are counted from its calls' start times. A store created by v1 after
+    # this model change already has the columns and the index.
+    present = {column.name for column in db.get_columns("call")}
+    migrator = SchemaMigrator.from_database(db)
+    if "owner" not in present:
+        migrate_schema(migrator.add_column("call", "owner", CharField(max_length=100, null=True)))
+    if "lease_until" not in present:
+        migrate_schema(migrator.add_column("call", "lease_until", DateTimeField(null=True)))
+    db.execute_sql("CREATE INDEX IF NOT EXISTS call_endpoint_id_started_at ON call (endpoint_id, started_at)")
 
 
 def _v7_call_switch(db: Database) -> None:
@@ -324,8 +336,8 @@ def _v7_call_switch(db: Database) -> None:
 
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
 MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
-                                                _v4_request_fingerprint, _v5_web_accounts,
-                                                _v6_reserved_for_leases, _v7_call_switch]
+                                                _v4_request_fingerprint, _v5_web_accounts, _v6_call_leases,
+                                                _v7_call_switch]
 
 
 def schema_version(db: Database) -> int:

@@ -53,6 +53,9 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     ("", {"CALLBRIDGE_ESL_PASSWORD": "a b"}, "esl_password: must be non-empty"),
     ("[tts.voices]\n\"xx-XX\" = \"en\"\n", {}, "tts_voices: unknown language"),
     ("[esl\n", {}, "config file"),
+    ("lease_seconds = 2\n", {}, "lease_seconds: must be at least 3"),
+    ("", {"CALLBRIDGE_INSTANCE_ID": "node 1"}, "instance_id: at most 100 letters, digits and . _ : -"),
+    ("", {"CALLBRIDGE_INSTANCE_ID": "n" * 101}, "instance_id: at most 100"),
 ])
 def test_wrong_values_name_the_setting_and_the_rule(tmp_path: Path, text: str, env: dict[str, str],
                                                     message: str) -> None:

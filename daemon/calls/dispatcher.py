@@ -19,6 +19,12 @@ sessions-per-second and max sessions, read from it: :mod:`daemon.switch.capacity
 already in progress go first; with several switches, the one with the most room takes the call), new calls per second (per endpoint, and an optional global cap of the
 operator's, token buckets), and a daily cap per endpoint against toll fraud. Calls held back by a
 limit stay ``queued`` in due order and go as soon as a slot frees.
+
+On a PostgreSQL shared by several daemons an endpoint's limits hold across all of them: each round locks
+the rows of the endpoints its page of calls belongs to (``CallRecords.lock_endpoints``: two daemons'
+rounds for one endpoint take turns) and counts, from the calls table, the endpoint's calls in flight,
+started today and started in its rate window (``CallRecords.endpoint_load``), whichever daemon runs them.
+``max_in_flight`` and ``calls_per_second`` of the settings stay this daemon's own.
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ from dataclasses import dataclass
 
 import gevent
 
-from daemon.calls.records import CallRecords
+from daemon.calls.records import CallRecords, EndpointLoad
 from daemon.config import Settings
 from daemon.loop import Loop
 from daemon.ops.logs import log_event
-from daemon.store import Call, CallStatus, Endpoint, utcnow
+from daemon.store import Call, CallStatus, Endpoint, is_shared, utcnow
 from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.engine import Engine
 from daemon.switch.link import SwitchLink
@@ -45,6 +51,12 @@ log = logging.getLogger("callbridge.dispatcher")
 
 BATCH = 500
 MAX_SLEEP = 1.0
+
+
+def rate_window(calls_per_second: float) -> dt.timedelta:
+    """The window an endpoint's calls per second are counted in across daemons: a second, or one call's
+    share of time for rates below one a second."""
+    return dt.timedelta(seconds=max(1.0, 1.0 / calls_per_second) if calls_per_second > 0 else 1.0)
 
 
 @dataclass
@@ -89,6 +101,7 @@ class Dispatcher:
         self.endpoint_rates: dict[int, TokenBucket] = {}
         self.started_today: dict[int, int] = {}
         self._day: dt.date | None = None
+        self._day_start = dt.datetime.min
         self._claimed: Counter[int] = Counter()  # per endpoint: claimed in this round, not launched yet
         # A legs of calls claimed in this round, not launched yet, and the capacity their room was taken from.
         self._unlaunched: dict[str, SwitchCapacity] = {}
@@ -109,9 +122,12 @@ class Dispatcher:
     def recover(self, now: dt.datetime) -> int:
         """Calls whose time passed while the daemon was down: late within the grace, else missed."""
         limit = now - dt.timedelta(seconds=self.settings.schedule_grace)
-        overdue = self.records.overdue(limit)
-        for call in overdue:
-            self.records.missed(call, now=now, grace=self.settings.schedule_grace)
+        # A round of its own: on a shared PostgreSQL another daemon may be claiming these calls right now;
+        # the rows it holds are skipped, and those marked here are held until the commit.
+        with self.records.claim_round():
+            overdue = self.records.overdue(limit)
+            for call in overdue:
+                self.records.missed(call, now=now, grace=self.settings.schedule_grace)
         return len(overdue)
 
     # -- each tick --------------------------------------------------------------------------------
@@ -120,6 +136,7 @@ class Dispatcher:
         if not self.engine.ready:
             return MAX_SLEEP
         self._roll_day(now)
+        shared = is_shared()
         held_back: float | None = None
         skip: set[int] = set()  # endpoints at their limit this tick: their calls wait, others go
         after: tuple[dt.datetime, int] | None = None
@@ -128,8 +145,11 @@ class Dispatcher:
             if free <= 0:
                 return MAX_SLEEP  # a call ending wakes us
             limit = min(BATCH, 2 * free + 10)
+            loads: dict[int, EndpointLoad] = {}  # shared store: the endpoints' load, read under this round's lock
             with self._claim_round():
                 page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)
+                if shared:
+                    self.records.lock_endpoints({call.endpoint_id for call in page})  # type: ignore[attr-defined]
                 for call in page:
                     if not self.engine.ready:
                         return MAX_SLEEP
@@ -138,13 +158,20 @@ class Dispatcher:
                     endpoint = call.endpoint
                     if endpoint.id in skip:
                         continue
-                    if (self.engine.in_flight_by_endpoint[endpoint.id] + self._claimed[endpoint.id]
-                            >= endpoint.max_in_flight):
+                    in_flight = self.engine.in_flight_by_endpoint[endpoint.id]
+                    if shared:
+                        load = loads.get(endpoint.id) or self._load(endpoint, now, loads)
+                        in_flight = max(in_flight, load.in_flight)
+                    if in_flight + self._claimed[endpoint.id] >= endpoint.max_in_flight:
                         skip.add(endpoint.id)
                         continue
                     if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
                         self.records.finish(call, CallStatus.FAILED,
                                             reason=f"daily cap of {endpoint.daily_cap} calls reached")
+                        continue
+                    if shared and (wait := self._shared_rate_wait(endpoint, loads[endpoint.id], now)) > 0:
+                        held_back = wait if held_back is None else min(held_back, wait)
+                        skip.add(endpoint.id)
                         continue
                     switch, room = self.engine.pick_switch(self.engine.monotonic())
                     if switch is None:
@@ -167,6 +194,28 @@ class Dispatcher:
         nxt = self.records.next_due_at(now)
         delay = MAX_SLEEP if nxt is None else (nxt - now).total_seconds()
         return min(delay, held_back) if held_back is not None else delay
+
+    # -- limits across daemons (a shared PostgreSQL) ---------------------------------------------
+    def _load(self, endpoint: Endpoint, now: dt.datetime, loads: dict[int, EndpointLoad]) -> EndpointLoad:
+        """The endpoint's load across every daemon, read once per round under the round's lock on the
+        endpoint's row (``CallRecords.lock_endpoints``): its daily count replaces this daemon's own."""
+        load = self.records.endpoint_load(endpoint.id, day_start=self._day_start,
+                                          window_start=now - rate_window(endpoint.calls_per_second))
+        loads[endpoint.id] = load
+        self.started_today[endpoint.id] = load.started_today
+        return load
+
+    def _shared_rate_wait(self, endpoint: Endpoint, load: EndpointLoad, now: dt.datetime) -> float:
+        """Seconds until the endpoint may start another call by its calls per second counted across every
+        daemon (0: now): at most ``rate`` starts (at least one) in any window of ``max(1, 1/rate)`` seconds.
+        The calls this round claimed for it count too."""
+        window = rate_window(endpoint.calls_per_second)
+        allowed = max(1, int(endpoint.calls_per_second * window.total_seconds()))
+        if load.started_recently + self._claimed[endpoint.id] < allowed:
+            return 0.0
+        if load.oldest_recent is None:
+            return window.total_seconds()
+        return max(0.01, (load.oldest_recent + window - now).total_seconds())
 
     def _in_flight(self) -> int:
         return self.engine.in_flight() + sum(self._claimed.values())
@@ -213,6 +262,6 @@ class Dispatcher:
         if self._day == now.date():
             return
         self._day = now.date()
-        start = dt.datetime.combine(self._day, dt.time())
+        start = self._day_start = dt.datetime.combine(self._day, dt.time())
         self.started_today = self.records.started_per_endpoint(start)
         log_event(log, "dispatcher.day", day=str(self._day), endpoints=len(self.started_today))

@@ -38,7 +38,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -134,15 +134,31 @@ class NotCancelable:
         return f"the call already started (status {self.status.value})"
 
 
+class NotOwned(OperationalError):
+    """The call belongs to another daemon now (its lease here ran out and the other took it over)."""
+
+
+@dataclass(frozen=True)
+class EndpointLoad:
+    """What an endpoint has going across every daemon sharing the store (:meth:`CallRecords.endpoint_load`)."""
+
+    in_flight: int  # calls claimed and not final
+    started_today: int  # calls started since the start of the UTC day
+    started_recently: int  # calls started in the rate window
+    oldest_recent: dt.datetime | None  # the earliest start in that window
+
+
 class CallRecords:
     """Writes calls and their timelines; reads them through named queries (static, no state needed)."""
 
     def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow, *,
-                 retry_for: float = 60.0) -> None:
+                 retry_for: float = 60.0, owner: str = "", lease_seconds: float = 30.0) -> None:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.retry_for = retry_for
         self.listeners: list[StatusListener] = []
+        self.owner = owner or None  # this daemon's instance id, written into the calls it claims
+        self.lease = dt.timedelta(seconds=lease_seconds)
 
     # -- reads ------------------------------------------------------------------------------------
     @staticmethod
@@ -178,8 +194,12 @@ class CallRecords:
 
     @staticmethod
     def overdue(before: dt.datetime) -> list[Call]:
-        """Pending calls due before ``before``, earliest first."""
-        return list(Call.select().where(_status_in(PENDING_STATUSES) & (Call.due_at < before)).order_by(Call.due_at))
+        """Pending calls due before ``before``, earliest first. Inside a claim round on a shared PostgreSQL
+        they are locked like :meth:`due`'s (another daemon's round claiming one of them is skipped)."""
+        query = Call.select().where(_status_in(PENDING_STATUSES) & (Call.due_at < before)).order_by(Call.due_at)
+        if is_shared() and database.in_transaction():
+            query = query.for_update(of=Call, skip_locked=True)
+        return list(query)
 
     @staticmethod
     def due(now: dt.datetime, *, limit: int, skip_endpoints: Iterable[int] = (),
@@ -347,15 +367,17 @@ class CallRecords:
         never redialed.
         """
         lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
+        lease_until = now + self.lease
         updated = self._write(lambda: Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid,
                                                   b_uuid=b_uuid, started_at=now, lateness_ms=lateness,
-                                                  switch=switch)
+                                                  switch=switch, owner=self.owner, lease_until=lease_until)
                               .where((Call.id == call.id) & _status_in(PENDING_STATUSES))
                               .execute())
         if updated != 1:
             return False
         call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
         call.started_at, call.lateness_ms, call.switch = now, lateness, switch
+        call.owner, call.lease_until = self.owner, lease_until
         self.step(call, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid, switch=switch)
 
         def claimed() -> None:
@@ -377,9 +399,23 @@ class CallRecords:
         a call claimed but never sent (the daemon died while it waited for its turn) is known at the next
         start and dialed then, not failed unheard. One attempt with no wait, since the caller holds the
         connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
-        not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals)."""
+        not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals).
+
+        On a shared PostgreSQL, only while this daemon owns the call (its lease renewed with the mark, in
+        one transaction): a daemon that stalled past its lease and lost the call to another must not send
+        what the other (which found no mark) dials; the mark refused, the lease keeper then lets the call
+        go. With SQLite the one daemon owns every call: the mark alone, one autocommit insert."""
+        now = self.clock()
         try:
-            add_event(call.id, DIAL_MARK, at=self.clock(), phone=call.phone_a, a_uuid=call.a_uuid)
+            if not is_shared():
+                add_event(call.id, DIAL_MARK, at=now, phone=call.phone_a, a_uuid=call.a_uuid)
+            else:
+                with database.atomic():
+                    held = (Call.update(lease_until=now + self.lease).where((Call.id == call.id) & self._mine())
+                            .execute())
+                    if held != 1:
+                        raise NotOwned("another daemon took the call over")
+                    add_event(call.id, DIAL_MARK, at=now, phone=call.phone_a, a_uuid=call.a_uuid)
         except OperationalError as exc:
             log_event(log, "store.retry", logging.WARNING, error=str(exc), step=DIAL_MARK, callid=call.callid)
             raise
@@ -433,11 +469,17 @@ class CallRecords:
         call.recording_path = path
         self.step(call, "recording_started", path=path)
 
-    def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int) -> None:
-        """Retention deleted the call's recording: the call no longer points at it (length and size stay)."""
-        Call.update(recording_path="").where(Call.id == call.id).execute()
-        add_event(call.id, "recording_expired", at=at, retention_days=retention_days)
+    def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int) -> bool:
+        """Retention deleted the call's recording: the call no longer points at it (length and size stay).
+        Conditional on the call still pointing at it, so two daemons' sweeps clear it and note it once:
+        False when another already had."""
+        with database.atomic():
+            cleared = (Call.update(recording_path="")
+                       .where((Call.id == call.id) & (Call.recording_path == call.recording_path)).execute())
+            if cleared:
+                add_event(call.id, "recording_expired", at=at, retention_days=retention_days)
         call.recording_path = ""
+        return bool(cleared)
 
     def _move(self, call: Call, status: CallStatus, at: dt.datetime, row: dict[str, Any],
               detail: dict[str, Any] | None = None) -> None:
@@ -500,3 +542,95 @@ class CallRecords:
             except Exception:  # a listener must never break a call
                 log.exception("status listener failed", extra={"callid": call.callid})
 
+
+    # -- several daemons on one store: the limits counted across them ---------------------------
+    @staticmethod
+    def lock_endpoints(endpoint_ids: Collection[int]) -> None:
+        """Inside a claim round on a shared PostgreSQL: hold these endpoints' rows until the round commits,
+        so that two daemons' rounds claiming for one endpoint take turns and each counts the other's
+        claims (:meth:`endpoint_load`). ``FOR NO KEY UPDATE``: the API's inserts of new calls (which only
+        share-lock their endpoint's key) are not held up. One statement in id order, so two rounds never
+        wait on each other in a circle."""
+        if endpoint_ids:
+            list(Endpoint.select(Endpoint.id).where(Endpoint.id.in_(sorted(endpoint_ids))).order_by(Endpoint.id)
+                 .for_update("FOR NO KEY UPDATE"))  # type: ignore[arg-type]  # peewee takes the clause
+
+    @staticmethod
+    def endpoint_load(endpoint_id: int, *, day_start: dt.datetime, window_start: dt.datetime) -> EndpointLoad:
+        """The endpoint's calls in flight, started since ``day_start`` and after ``window_start``, whichever
+        daemon runs them: three indexed counts."""
+        mine = Call.endpoint == endpoint_id
+        in_flight = Call.select().where(mine & _status_in(IN_FLIGHT_STATUSES)).count()
+        today = Call.select().where(mine & (Call.started_at >= day_start)).count()
+        recent: Any = (Call.select(fn.COUNT(Call.id), fn.MIN(Call.started_at))
+                       .where(mine & (Call.started_at > window_start)).tuples().first())
+        count, oldest = recent if recent else (0, None)
+        return EndpointLoad(int(in_flight), int(today), int(count or 0), oldest)
+
+    # -- ownership: leases on the calls in flight ------------------------------------------------
+    def renew_leases(self, call_ids: Collection[int], *, now: dt.datetime) -> set[int]:
+        """Extend this daemon's lease on the calls it follows to ``now`` + the lease, in one UPDATE; returns
+        those among them it no longer owns (another daemon took them over while this one had not renewed
+        in time)."""
+        ids = sorted(call_ids)
+        if not ids:
+            return set()
+        until = now + self.lease
+        mine = self._mine()
+        renewed = self._write(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
+                              durable=False)
+        if renewed == len(ids):
+            return set()
+        rows: Any = Call.select(Call.id).where(Call.id.in_(ids) & mine).tuples()
+        kept = {int(row_id) for (row_id,) in rows}
+        return set(ids) - kept
+
+    def release_leases(self, call_ids: Collection[int], *, now: dt.datetime) -> int:
+        """This daemon stops following these calls (it is shutting down): their leases end ``now``, so
+        another daemon takes them over at its next look instead of a whole lease later."""
+        ids = sorted(call_ids)
+        if not ids:
+            return 0
+        mine = self._mine()
+        return int(self._write(lambda: Call.update(lease_until=now)
+                               .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute()))
+
+    def _mine(self) -> Expression:
+        """Calls this daemon owns."""
+        return Call.owner == self.owner if self.owner is not None else Call.owner.is_null()
+
+    def left_in_flight(self, *, now: dt.datetime) -> list[Call]:
+        """At start: the calls in flight this daemon is to follow, taken (:meth:`take_over`). With SQLite
+        (one daemon) every one; on a shared PostgreSQL those of a previous run under the same instance id,
+        those no one owns, and those whose owner's lease expired, never another live daemon's."""
+        calls = self.in_flight()
+        if is_shared():
+            calls = [call for call in calls if call.owner is None or call.owner == self.owner
+                     or call.lease_until is None or call.lease_until < now]
+        return [call for call in calls if self.take_over(call, now=now)]
+
+    def expired_leases(self, *, now: dt.datetime, exclude: Collection[int] = (), limit: int = 500) -> list[Call]:
+        """Calls in flight, with their endpoints, whose lease ended before ``now`` (their daemon stopped
+        renewing it) or that no one holds, oldest start first, leaving out ``exclude``."""
+        query = (Call.select(Call, Endpoint).join(Endpoint)
+                 .where(_status_in(IN_FLIGHT_STATUSES) & (Call.lease_until.is_null() | (Call.lease_until < now))))
+        if exclude:
+            query = query.where(Call.id.not_in(sorted(exclude)))
+        return list(query.order_by(Call.started_at).limit(limit))
+
+    def take_over(self, call: Call, *, now: dt.datetime) -> bool:
+        """Make this daemon the call's owner, with a fresh lease: one conditional UPDATE on the owner the
+        call had when read (and, on a shared store, its lease having expired unless that owner is this
+        daemon), so when several daemons try at once exactly one wins. ``call`` is updated on success."""
+        previous = call.owner
+        condition = (Call.id == call.id) & _status_in(IN_FLIGHT_STATUSES)
+        condition &= Call.owner.is_null() if previous is None else (Call.owner == previous)
+        if is_shared() and (previous is None or previous != self.owner):
+            condition &= Call.lease_until.is_null() | (Call.lease_until < now)
+        until = now + self.lease
+        if self._write(lambda: Call.update(owner=self.owner, lease_until=until).where(condition).execute()) != 1:
+            return False
+        call.owner, call.lease_until = self.owner, until
+        if previous is not None and previous != self.owner:
+            log_event(log, "call.taken_over", callid=call.callid, previous_owner=previous)
+        return True

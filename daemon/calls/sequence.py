@@ -112,7 +112,13 @@ class Reconnected:
 
 
 class Stop:
-    """Inbox marker: the daemon is shutting down; leave the call to FreeSWITCH."""
+    """Inbox marker: stop following the call and leave it to FreeSWITCH (the daemon is shutting down, or
+    another daemon took the call over); ``kind`` and ``note`` are the timeline step that says so."""
+
+    def __init__(self, kind: str = "daemon_stopped",
+                 note: str = "call left to FreeSWITCH; reconciled at next start") -> None:
+        self.kind = kind
+        self.note = note
 
 
 class SwitchLost:
@@ -235,8 +241,7 @@ class CallSequence:
                     self._check_alive()
                     continue
                 if isinstance(item, Stop):
-                    self.records.step(self.call, "daemon_stopped", phase=self.status.value,
-                                      note="call left to FreeSWITCH; reconciled at next start")
+                    self.records.step(self.call, item.kind, phase=self.status.value, note=item.note)
                     return
                 if isinstance(item, SwitchLost):
                     self._switch_lost(item)

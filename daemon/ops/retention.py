@@ -9,6 +9,10 @@ Two passes, both bounded and both safe to repeat:
 2. Files under ``recordings_dir`` last written before the cutoff that no kept call points at (left by
    a crash, or by a call row deleted by hand) are deleted too.
 
+Several daemons sharing one PostgreSQL may sweep at once: a call's reference is cleared (and its
+timeline step written) by one conditional UPDATE, so by one of them; deleting a file already gone is no
+error. Each daemon's second pass covers its own ``recordings_dir`` (where its FreeSWITCH records).
+
 Only files inside ``recordings_dir`` are ever deleted, whatever a row says. ``recordings_retention_days
 = 0`` keeps recordings forever. The sweep takes ``now`` as a parameter, so tests drive it without a clock.
 """
@@ -87,8 +91,9 @@ class Retention:
                     except OSError as exc:
                         log_event(log, "recording.delete_failed", logging.WARNING, callid=call.callid,
                                   error=str(exc))
-                self.records.recording_expired(call, at=now, retention_days=self.settings.recordings_retention_days)
-                removed += 1
+                if self.records.recording_expired(call, at=now,
+                                                  retention_days=self.settings.recordings_retention_days):
+                    removed += 1  # else another daemon's sweep cleared it first
             if len(batch) < BATCH:
                 return removed
 

@@ -17,7 +17,7 @@ import random
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import gevent
@@ -146,23 +146,37 @@ class Engine:
 
     def adopt_in_flight(self) -> int:
         """At start: follow the calls a previous run left in flight (reconciled, never redialed), each on
-        the switch it was sent to."""
-        calls = self.records.in_flight()
+        the switch it was sent to. On a PostgreSQL shared with other daemons, only this daemon's own and
+        those whose lease expired (``CallRecords.left_in_flight``)."""
+        calls = self.records.left_in_flight(now=self.records.clock())
         for call in calls:
-            if call.id in self.active:
-                continue
-            link = self.link_of(call)
-            if link is None:
-                self.records.step(call, "adopted", note="found in flight at start", switch=call.switch)
-                self.records.finish(call, CallStatus.FAILED,
-                                    reason=f"the switch {call.switch} is no longer in the settings")
-                continue
-            if call.status == CallStatus.DIALING_A.value and not self.records.originate_marked(call):
-                self._dial_unsent(call, link)
-                continue
-            self.records.step(call, "adopted", note="found in flight at start", switch=link.name)
-            self.launch(call, call.endpoint, adopted=True, switch=link)
+            self.adopt(call, note="found in flight at start")
         return len(calls)
+
+    def adopt(self, call: Call, *, note: str) -> None:
+        """Follow a call in flight that this run did not start (left by a previous run, or taken over from
+        a daemon that died) on the switch it was sent to: reconciled by its leg UUIDs, never dialed twice;
+        a call whose originate was never sent is dialed now (``_dial_unsent``)."""
+        if call.id in self.active:
+            return
+        link = self.link_of(call)
+        if link is None:
+            self.records.step(call, "adopted", note=note, switch=call.switch)
+            self.records.finish(call, CallStatus.FAILED,
+                                reason=f"the switch {call.switch} is no longer in the settings")
+            return
+        if call.status == CallStatus.DIALING_A.value and not self.records.originate_marked(call):
+            self._dial_unsent(call, link)
+            return
+        self.records.step(call, "adopted", note=note, switch=link.name)
+        self.launch(call, call.endpoint, adopted=True, switch=link)
+
+    def let_go(self, call_ids: Collection[int], *, note: str) -> None:
+        """Stop following these calls (another daemon owns them now); they go on in FreeSWITCH."""
+        for call_id in call_ids:
+            sequence = self.active.get(call_id)
+            if sequence is not None:
+                sequence.deliver(Stop(kind="let_go", note=note))
 
     def _dial_unsent(self, call: Call, link: SwitchLink) -> None:
         """A call claimed by the previous run, which died before its originate had its turn to be sent:

@@ -206,8 +206,17 @@ def test_the_connection_drops_while_a_waits_for_b(make_harness: Callable[..., Ha
             (call.failed_leg, call.b_cause, call.reason, harness.timeline(call))
         assert "reconciled" in harness.timeline(call)
         heard = [s for s in harness.switch.heard(str(call.a_uuid)) if s["kind"] != "silence"]
-        waited = [s for s in heard if s["kind"] == "file" and s["source"] == harness.dialtone]
-        assert waited and waited[0]["end"] - waited[0]["start"] >= 4.0, heard  # the dialtone, through the outage
+        # The dialtone, through the outage: its first wait, one segment, or several back to back (the
+        # stand-in records a round on its own when a loaded machine leaves a gap of silence before it).
+        def dialtone(s: dict[str, Any]) -> bool:
+            return bool(s["kind"] == "file" and s["source"] == harness.dialtone)
+
+        first = next((i for i, s in enumerate(heard) if dialtone(s)), None)
+        assert first is not None, heard
+        last = first
+        while last + 1 < len(heard) and dialtone(heard[last + 1]):
+            last += 1
+        assert heard[last]["end"] - heard[first]["start"] >= 4.0, heard
 
 
 @pytest.mark.time_scale(0.1)

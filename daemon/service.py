@@ -1,9 +1,10 @@
 """The daemon process: wires the store, media, engine, dispatcher and HTTP API together and runs them.
 
-Order at start: database (migrated) → engine (connects to FreeSWITCH in the background, adopts the
+Order at start: database (migrated) → the store's writer (on SQLite a thread of its own: nothing on the
+event loop waits for the disk) → engine (connects to FreeSWITCH in the background, adopts the
 calls a previous run left in flight) → dispatcher (marks calls missed while down, then starts due
 ones) → HTTP server → ``READY=1`` to systemd. On SIGTERM: stop taking calls, leave calls in progress
-to FreeSWITCH (they are adopted at the next start), stop the server, exit.
+to FreeSWITCH (they are adopted at the next start), stop the server, commit what is queued, exit.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from daemon.ops.metrics import Metrics
 from daemon.ops.retention import Retention
 from daemon.ops.systemd import notify, watchdog_interval
 from daemon.ops.webhooks import Webhooks
-from daemon.store import close_database, open_database, utcnow
+from daemon.store import close_database, database_file, open_database, utcnow
 from daemon.switch.commands import http_cache_url
 from daemon.switch.engine import Engine
+from daemon.writer import ThreadWriter, Writer, install
 from webapi.app import MAX_BODY, create_app
 from webapi.server import ApiServer
 
@@ -48,7 +50,7 @@ class Service:
         self.metrics = Metrics()
         self.records = CallRecords(self.metrics, clock)
         self.webhooks = Webhooks(settings, self.metrics, clock)
-        self.records.listeners.append(self.webhooks.on_status)
+        self.records.status_writers.append(self.webhooks.record_status)
         self.retention = Retention(settings, clock, records=self.records)
         self.media = MediaLibrary(settings)
         self.engine = Engine(settings, self.records, playable=self._playable,
@@ -61,6 +63,8 @@ class Service:
         self.stopping = gevent.event.Event()
         self.media_eviction = Loop("media eviction", self._evict_media, clock, log=log,
                                    first_delay=MEDIA_EVICTION_INTERVAL, error_delay=MEDIA_EVICTION_INTERVAL)
+        self.writer: ThreadWriter | None = None
+        self._previous_writer: Writer | None = None
 
     def _playable(self, path: str) -> str:
         """Our file as FreeSWITCH reaches it: the path itself, or our media route through mod_http_cache."""
@@ -75,6 +79,10 @@ class Service:
         return int(self.server.server_port)
 
     def start(self) -> None:
+        if database_file(self.settings.database_url) is not None and not self.settings.database_url.endswith(
+                ":memory:"):
+            self.writer = ThreadWriter(self.database)
+            self._previous_writer = install(self.writer)
         self.engine.start()
         adopted = self.engine.adopt_in_flight()
         self.webhooks.start()
@@ -96,6 +104,11 @@ class Service:
         self.retention.stop()
         self.webhooks.stop()
         self.media.close()
+        if self.writer is not None:
+            self.writer.stop(timeout=self.settings.shutdown_grace)
+            if self._previous_writer is not None:
+                install(self._previous_writer)
+            self.writer = None
         close_database(self.database)
         log_event(log, "service.stopped")
 

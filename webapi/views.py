@@ -30,6 +30,7 @@ from daemon.media.library import MediaBusy, route_allows
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, Endpoint, database
+from daemon.writer import current as writer
 from webapi.envelope import ApiError, envelope
 from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
@@ -78,8 +79,8 @@ class ApiContext:
     readiness: Callable[[], Mapping[str, bool]] | None
     clock: Callable[[], dt.datetime]
     limiter: AuthFailureLimiter
-    # Every call row is written through it; its listeners (status webhooks) hear the statuses the API
-    # sets (queued/scheduled, canceled) inside the same transaction.
+    # Every call row is written through it; its status writers (the webhook outbox) write with the
+    # statuses the API sets (queued/scheduled, canceled), in the same transaction.
     records: CallRecords
     # The switch's session capacity as the engine sees it (shown by /readyz), when there is an engine.
     switch_status: Callable[[], Mapping[str, Any]] | None = None
@@ -344,10 +345,7 @@ def database_ready() -> bool:
     try:
         db = database.obj
         if isinstance(db, SqliteDatabase):
-            if db.in_transaction():
-                return True  # a request in this process holds it: the store is clearly working
-            db.execute_sql("BEGIN IMMEDIATE")
-            db.execute_sql("ROLLBACK")
+            writer().probe()  # through the store's writer: it holds the write lock when the daemon writes
         else:  # PostgreSQL: writable means a primary whose sessions are not read-only
             writable = database.execute_sql(
                 "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'").fetchone()[0]

@@ -9,16 +9,19 @@ Who asks for which write:
   and its recording, and *finishes* it;
 * retention clears a recording it deleted.
 
-Durability: an accepted request, a cancel and a claim commit with ``synchronous=FULL`` (each must survive
-a power cut); timeline steps and the status changes of calls in progress commit relaxed
-(:func:`daemon.store.relaxed_durability`), because the next start reconciles those calls with
-FreeSWITCH anyway. Every write is one short statement or transaction with no network I/O inside, so the
-single SQLite writer never waits on FreeSWITCH. The daemon's own writes wait out a locked or full
-database (:meth:`CallRecords._write`); the API's fail at once and the client is answered 503.
+Durability: every write goes through the store's writer (:mod:`daemon.writer`): on SQLite one thread
+that commits in groups, so no greenlet of the event loop waits for the disk. An accepted request, a
+cancel, a claim and the mark before A's originate commit with ``synchronous=FULL`` (each must survive a
+power cut) and their callers wait for that commit; timeline steps and the status changes of calls in
+progress commit relaxed and nobody waits for them, because the next start reconciles those calls with
+FreeSWITCH anyway. Every write is a few short statements with no network I/O inside. The daemon's own
+writes wait out a locked or full database; the API's fail at once and the client is answered 503.
 
-Listeners (status webhooks) hear every status change: inside the transaction for the statuses a request
-sets (``queued``/``scheduled``, ``canceled``), so the event commits with the change or not at all; after
-the commit for the daemon's. They must not block.
+Status changes are heard twice. :attr:`CallRecords.status_writers` (the webhook outbox) run inside the
+change's transaction (in the writer's thread on SQLite: store work only, nothing of gevent), so their
+rows commit with the change or not at all; what they return runs on the loop after the commit.
+:attr:`CallRecords.listeners` run on the loop once the change is committed, in order, with the call as
+it was at the change. Neither may block.
 
 Claims on a shared PostgreSQL: the claim itself is one conditional UPDATE (``... WHERE id = ? AND status IN
 (pending)``); under READ COMMITTED a second daemon's UPDATE of the same row waits for the first to commit,
@@ -37,12 +40,10 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
-import gevent
 from peewee import Expression, IntegrityError, OperationalError, Tuple, fn
 
 from daemon.calls.view import iso
@@ -58,15 +59,17 @@ from daemon.store import (
     database,
     is_shared,
     new_callid,
-    relaxed_durability,
     utcnow,
 )
+from daemon.writer import current as writer
 
 log = logging.getLogger("callbridge.call")
 api_log = logging.getLogger("callbridge.api")
 
 T = TypeVar("T")
 StatusListener = Callable[[Call, CallStatus, dict[str, Any]], None]
+# Runs inside a status change's transaction (see the module's docstring); may return an action for the loop.
+StatusWriter = Callable[[Call, CallStatus, dict[str, Any]], Callable[[], None] | None]
 
 
 # The timeline step committed right before the originate to A leaves (CallRecords.mark_dialing_a).
@@ -82,6 +85,15 @@ def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **deta
 
 def _status_in(statuses: Iterable[CallStatus]) -> Expression:
     return Call.status.in_([s.value for s in statuses])
+
+
+def _snapshot(call: Call) -> Call:
+    """A copy of ``call`` as it is now (its endpoint shared), for the writes and listeners that run later."""
+    copy = Call(__no_default__=True)
+    copy.__data__ = dict(call.__data__)
+    copy.__rel__ = dict(call.__rel__)
+    copy._dirty = set()  # type: ignore[attr-defined]
+    return copy
 
 
 def _plain(value: Any) -> Any:
@@ -137,12 +149,11 @@ class NotCancelable:
 class CallRecords:
     """Writes calls and their timelines; reads them through named queries (static, no state needed)."""
 
-    def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow, *,
-                 retry_for: float = 60.0) -> None:
+    def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.metrics = metrics or Metrics()
         self.clock = clock
-        self.retry_for = retry_for
         self.listeners: list[StatusListener] = []
+        self.status_writers: list[StatusWriter] = []
 
     # -- reads ------------------------------------------------------------------------------------
     @staticmethod
@@ -278,23 +289,29 @@ class CallRecords:
         due = request.due_at if request.scheduled else max(request.due_at, now)
         status = CallStatus.SCHEDULED if due > now + dt.timedelta(seconds=1) else CallStatus.QUEUED
         key = request.idempotency_key
+        after: list[Callable[[], None]] = []
+
+        def insert() -> Call:
+            call = Call.create(
+                callid=new_callid(), endpoint=endpoint.id, phone_a=request.phone_a,
+                phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
+                dialtone_url=request.dialtone_url, play_file=request.play_file, msg_file=request.msg_file,
+                dialtone_file=request.dialtone_file, idempotency_key=key,
+                request_fingerprint=request.request_fingerprint, requested_at=now, due_at=due,
+                scheduled=request.scheduled, status=status.value)
+            add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=request.scheduled or None)
+            after.extend(self._write_status(call, status, {}))
+            return call
+
         try:
-            with database.atomic():
-                call = Call.create(
-                    callid=new_callid(), endpoint=endpoint.id, phone_a=request.phone_a,
-                    phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
-                    dialtone_url=request.dialtone_url, play_file=request.play_file, msg_file=request.msg_file,
-                    dialtone_file=request.dialtone_file, idempotency_key=key,
-                    request_fingerprint=request.request_fingerprint, requested_at=now, due_at=due,
-                    scheduled=request.scheduled, status=status.value)
-                add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=request.scheduled or None)
-                self._notify(call, status, {})
+            call: Call = writer().submit(insert, durable=True, fail_fast=True, wait=True)
         except IntegrityError:
             # The same key committed by a concurrent request between the caller's look-up and this insert.
             earlier = self.by_idempotency_key(endpoint.id, key) if key is not None else None
             if earlier is None:
                 raise
             return Created(earlier, new=False)
+        self._committed(call, status, {}, after)
         self.metrics.calls_created.labels(kind="scheduled" if request.scheduled else "immediate").inc()
         log_event(api_log, "api.call_requested", callid=call.callid, endpoint=endpoint.name,
                   token=endpoint.token_hint, status=status.value, due_at=iso(due))
@@ -306,17 +323,24 @@ class CallRecords:
 
         The mirror of :meth:`claim`: both are one conditional UPDATE, so whichever commits first wins whole.
         """
-        with database.atomic():
+        after: list[Callable[[], None]] = []
+
+        def update() -> Call | None:
             changed = (Call.update(status=CallStatus.CANCELED.value, canceled_at=now, canceled_by=endpoint.name,
                                    reason=f"canceled through {via}")
                        .where((Call.id == call.id) & (Call.endpoint == endpoint.id) & _status_in(PENDING_STATUSES))
                        .execute())
-            if changed == 1:
-                add_event(call.id, "canceled", at=now, by=endpoint.name)
-                self._notify(Call.get_by_id(call.id), CallStatus.CANCELED, {})
-        fresh = Call.get_by_id(call.id)
-        if changed != 1:
-            return NotCancelable(fresh)
+            if changed != 1:
+                return None
+            add_event(call.id, "canceled", at=now, by=endpoint.name)
+            canceled = Call.get_by_id(call.id)
+            after.extend(self._write_status(canceled, CallStatus.CANCELED, {}))
+            return canceled
+
+        fresh = writer().submit(update, durable=True, fail_fast=True, wait=True)
+        if fresh is None:
+            return NotCancelable(Call.get_by_id(call.id))
+        self._committed(fresh, CallStatus.CANCELED, {}, after)
         self.metrics.calls_final.labels(CallStatus.CANCELED.value, "").inc()
         log_event(api_log, "api.call_canceled", callid=fresh.callid, endpoint=endpoint.name,
                   token=endpoint.token_hint)
@@ -346,28 +370,40 @@ class CallRecords:
         a crash the call is found by them and reconciled, never redialed.
         """
         lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
-        updated = self._write(lambda: Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid,
-                                                  b_uuid=b_uuid, started_at=now, lateness_ms=lateness)
-                              .where((Call.id == call.id) & _status_in(PENDING_STATUSES))
-                              .execute())
-        if updated != 1:
+        claimed = _snapshot(call)
+        claimed.status, claimed.a_uuid, claimed.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
+        claimed.started_at, claimed.lateness_ms = now, lateness
+        after: list[Callable[[], None]] = []
+
+        def update() -> bool:
+            updated = (Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid, b_uuid=b_uuid, started_at=now,
+                                   lateness_ms=lateness)
+                       .where((Call.id == call.id) & _status_in(PENDING_STATUSES)).execute())
+            if updated != 1:
+                return False
+            add_event(call.id, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid)
+            after.extend(self._write_status(claimed, CallStatus.DIALING_A, {}))
+            return True
+
+        if not writer().submit(update, durable=True, wait=True):
             return False
         call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
         call.started_at, call.lateness_ms = now, lateness
-        self.step(call, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid)
+        log_event(log, "claimed", callid=call.callid, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid)
 
-        def claimed() -> None:
+        def committed() -> None:
             self.metrics.scheduler_lateness.observe(lateness / 1000)
             self.metrics.calls_in_flight.labels(CallStatus.DIALING_A.value).inc()
-            self._notify(call, CallStatus.DIALING_A, {})
+            self._committed(claimed, CallStatus.DIALING_A, {}, after)
 
-        self.after_claims(claimed)
+        self.after_claims(committed)
         return True
 
     def step(self, call: Call, kind: str, at: dt.datetime | None = None, **detail: Any) -> None:
         """Add one step to the call's timeline (no status change)."""
         when = at or self.clock()
-        self._write(lambda: add_event(call.id, kind, at=when, **detail), durable=False)
+        call_id = call.id
+        writer().submit(lambda: add_event(call_id, kind, at=when, **detail), durable=False)
         log_event(log, kind, callid=call.callid, **detail)
 
     def mark_dialing_a(self, call: Call) -> None:
@@ -375,13 +411,17 @@ class CallRecords:
         a call claimed but never sent (the daemon died while it waited for its turn) is known at the next
         start and dialed then, not failed unheard. One attempt with no wait, since the caller holds the
         connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
-        not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals)."""
+        not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals).
+        The caller waits for the commit (the group being written and its own: milliseconds), not the loop."""
+        call_id, at = call.id, self.clock()
+        detail: dict[str, Any] = {"phone": call.phone_a, "a_uuid": call.a_uuid}
         try:
-            add_event(call.id, DIAL_MARK, at=self.clock(), phone=call.phone_a, a_uuid=call.a_uuid)
+            writer().submit(lambda: add_event(call_id, DIAL_MARK, at=at, **detail), durable=True,
+                            fail_fast=True, wait=True)
         except OperationalError as exc:
             log_event(log, "store.retry", logging.WARNING, error=str(exc), step=DIAL_MARK, callid=call.callid)
             raise
-        log_event(log, DIAL_MARK, callid=call.callid, phone=call.phone_a, a_uuid=call.a_uuid)
+        log_event(log, DIAL_MARK, callid=call.callid, **detail)
 
     def a_answered(self, call: Call, *, at: dt.datetime) -> None:
         """A picked up: it hears the prompts next."""
@@ -427,15 +467,26 @@ class CallRecords:
 
     def recording_started(self, call: Call, path: str) -> None:
         """The bridged call is being recorded to ``path``."""
-        self._write(lambda: Call.update(recording_path=path).where(Call.id == call.id).execute())
+        call_id = call.id
+        writer().submit(lambda: Call.update(recording_path=path).where(Call.id == call_id).execute(), durable=False)
         call.recording_path = path
         self.step(call, "recording_started", path=path)
 
     def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int) -> None:
         """Retention deleted the call's recording: the call no longer points at it (length and size stay)."""
-        Call.update(recording_path="").where(Call.id == call.id).execute()
-        add_event(call.id, "recording_expired", at=at, retention_days=retention_days)
+        call_id = call.id
+
+        def update() -> None:
+            Call.update(recording_path="").where(Call.id == call_id).execute()
+            add_event(call_id, "recording_expired", at=at, retention_days=retention_days)
+
+        writer().submit(update, durable=False)
         call.recording_path = ""
+
+    @staticmethod
+    def flush() -> None:
+        """Wait until every write submitted so far is committed (for a reader that must see them)."""
+        writer().flush()
 
     def _move(self, call: Call, status: CallStatus, at: dt.datetime, row: dict[str, Any],
               detail: dict[str, Any] | None = None) -> None:
@@ -448,53 +499,49 @@ class CallRecords:
         call.status = status.value
         extra = detail or {}
         step = {**extra, **{k: _plain(v) for k, v in row.items()}}
+        moved = _snapshot(call)
+        after: list[Callable[[], None]] = []
 
-        def write() -> None:  # the status and its timeline step, in one (relaxed) transaction
-            Call.update(status=status.value, **row).where(Call.id == call.id).execute()
-            add_event(call.id, status.value, at=at, **step)
+        def update() -> None:  # the status, its timeline step and the outbox's rows, in one transaction
+            Call.update(status=status.value, **row).where(Call.id == moved.id).execute()
+            add_event(moved.id, status.value, at=at, **step)
+            after.extend(self._write_status(moved, status, extra))
 
-        self._write(write, durable=False)
-        log_event(log, status.value, callid=call.callid, **step)
-
-        def moved() -> None:  # at once, or after the claim round this change is part of commits
+        def committed(_: Any = None) -> None:  # on the loop, once committed (or after the claim round)
             if old not in PENDING_STATUSES:
                 self.metrics.calls_in_flight.labels(old.value).dec()
             if status.final:
-                cause = call.b_cause if call.failed_leg == "b" else call.a_cause
+                cause = moved.b_cause if moved.failed_leg == "b" else moved.a_cause
                 self.metrics.calls_final.labels(status.value, cause or "").inc()
             else:
                 self.metrics.calls_in_flight.labels(status.value).inc()
-            self._notify(call, status, extra)
+            self._committed(moved, status, extra, after)
 
-        self.after_claims(moved)
+        # A call ended before it started (missed, refused by the dispatcher) is waited for: the dispatcher
+        # reads pending calls next and must not find it pending still.
+        pending = old in PENDING_STATUSES
+        writer().submit(update, durable=pending, wait=pending, committed=committed)
+        log_event(log, status.value, callid=call.callid, **step)
 
-    def _write(self, statement: Callable[[], T], durable: bool = True) -> T:
-        """Run one short write, waiting out a locked or full database instead of failing the call.
+    def _write_status(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> list[Callable[[], None]]:
+        """The status writers' part of a change (inside its transaction); returns their actions for later."""
+        actions = []
+        for status_writer in self.status_writers:
+            action = status_writer(call, status, detail)
+            if action is not None:
+                actions.append(action)
+        return actions
 
-        SQLite's own busy wait blocks the whole process, so it is kept short (store.SQLITE_PRAGMAS) and
-        the longer wait happens here, where other greenlets (the ESL reader, other calls) keep running.
-        """
-        if database.in_transaction():  # a claim round on PostgreSQL: a failed statement ends the whole round
-            return statement()
-        delay = 0.05
-        deadline = time.monotonic() + self.retry_for
-        while True:
+    def _committed(self, call: Call, status: CallStatus, detail: dict[str, Any],
+                   actions: list[Callable[[], None]]) -> None:
+        """On the loop once a change is committed: the status writers' actions, then the listeners."""
+        for action in actions:
             try:
-                if durable:
-                    return statement()
-                with relaxed_durability():
-                    return statement()
-            except OperationalError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log_event(log, "store.retry", logging.WARNING, error=str(exc), retry_in=delay)
-                gevent.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    def _notify(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> None:
+                action()
+            except Exception:
+                log.exception("status writer's action failed", extra={"callid": call.callid})
         for listener in self.listeners:
             try:
                 listener(call, status, detail)
             except Exception:  # a listener must never break a call
                 log.exception("status listener failed", extra={"callid": call.callid})
-

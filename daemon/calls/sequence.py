@@ -288,9 +288,8 @@ class CallSequence:
             self.switch.unroute(self.job_uuid)
             self.job_uuid = str(uuidlib.uuid4())
             self.switch.route(self.job_uuid, self)
-        self.capacity.sent(self.a.uuid, self.switch.monotonic())
         try:
-            reply = self.switch.bgapi(command, self.job_uuid, before_send=self._mark_dialing_a)
+            reply = self.switch.bgapi(command, self.job_uuid, before_send=self._sending_a)
         except (EslNotSent, OperationalError) as exc:
             # Never reached FreeSWITCH (no connection, no turn, or the store refused the mark): dial when
             # reconnected, or in a moment if the connection or the store was only busy.
@@ -309,6 +308,12 @@ class CallSequence:
         self.deadline.setdefault("a", self.switch.monotonic() + self.options.originate_timeout)
         if not reply.startswith("+OK"):
             self._finish(CallStatus.FAILED, failed_leg="a", a_cause="", reason=f"originate refused: {reply}")
+
+    def _sending_a(self) -> None:
+        """A's originate has its turn and is about to leave: marked first, then counted against the switch's
+        budget from this moment (the mark's commit may have taken a while)."""
+        self._mark_dialing_a()
+        self.capacity.sent(self.a.uuid, self.switch.monotonic())
 
     def _mark_dialing_a(self) -> None:
         """Runs when the originate has its turn on the connection, right before it leaves (see

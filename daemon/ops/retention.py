@@ -89,6 +89,7 @@ class Retention:
                                   error=str(exc))
                 self.records.recording_expired(call, at=now, retention_days=self.settings.recordings_retention_days)
                 removed += 1
+            self.records.flush()  # the next batch is read from what is committed
             if len(batch) < BATCH:
                 return removed
 

@@ -285,19 +285,19 @@ def test_a_round_that_fails_before_its_commit_starts_nothing_and_the_next_tick_d
     dispatcher.tick(T0, 0.0)  # rolls the day: started_today counted from the store
     fake_engine.launched.clear()
     Call.update(status="scheduled").execute()
-    original_add_event = records_module.add_event
+    original_append_event = records_module.append_event
 
-    def failing_add_event(call: Any, kind: str, *args: Any, **detail: Any) -> Any:
+    def failing_append_event(call: Any, kind: str, *args: Any, **detail: Any) -> Any:
         if kind == "claimed" and call == calls[2].id:
             raise OperationalError("the connection broke")
-        return original_add_event(call, kind, *args, **detail)
+        return original_append_event(call, kind, *args, **detail)
 
-    monkeypatch.setattr(records_module, "add_event", failing_add_event)
+    monkeypatch.setattr(records_module, "append_event", failing_append_event)
     started = dict(dispatcher.started_today)
     with pytest.raises(OperationalError):
         dispatcher.tick(T0, 0.0)
     assert fake_engine.launched == [] and dispatcher.started_today == started
     assert {c.status for c in Call.select()} == {"scheduled"}
-    monkeypatch.setattr(records_module, "add_event", original_add_event)
+    monkeypatch.setattr(records_module, "append_event", original_append_event)
     dispatcher.tick(T0, 0.0)
     assert sorted(c.id for c in fake_engine.launched) == [c.id for c in calls]

@@ -53,7 +53,7 @@ from daemon.config import Settings
 from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, utcnow
+from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, database, utcnow
 from daemon.writer import current as writer
 
 log = logging.getLogger("callbridge.webhooks")
@@ -127,8 +127,10 @@ def enqueue_status(call: Call, status: CallStatus, detail: Mapping[str, Any] | N
     if status not in WEBHOOK_STATUSES:
         return None
     endpoint_id = call.endpoint_id  # type: ignore[attr-defined]  # peewee's FK column attribute
-    url = (Endpoint.select(Endpoint.webhook_url).where(Endpoint.id == endpoint_id)  # type: ignore[attr-defined]
-           .scalar())
+    # Read at every status change of every call: a plain statement, not a query object built each time.
+    row = database.execute_sql(f'SELECT "webhook_url" FROM "endpoint" WHERE "id" = {database.param}',
+                               (endpoint_id,)).fetchone()
+    url = row[0] if row else None
     if not url:
         return None
     created = now or utcnow()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import uuid as uuidlib
@@ -86,6 +87,7 @@ WAIT_NAMESPACE = uuidlib.UUID("6f1d9c55-2b7e-4f0c-9a51-4e4d1b7c3a20")
 MAX_WAITS = 64  # bridge attempts looked for when adopting a call
 
 
+@functools.lru_cache(maxsize=4096)  # looked up at every app event of a call waiting for B
 def wait_uuid(a_uuid: str, attempt: int) -> str:
     """The event UUID of the wait A plays before bridge attempt ``attempt + 1`` (0: before the first)."""
     return str(uuidlib.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))
@@ -350,7 +352,7 @@ class CallSequence:
 
     def _wait_sound(self) -> str:
         call = self.call
-        if call.dialtone_file and (_wav_seconds(call.dialtone_file) or 0.0) >= SHORTEST_LOOP:
+        if call.dialtone_file and (_media_seconds(call.dialtone_file) or 0.0) >= SHORTEST_LOOP:
             return self._playable(call.dialtone_file)
         return fs.tone_playback(self.endpoint.ring_tone)
 
@@ -840,6 +842,12 @@ class CallSequence:
                 pass
             self.records.step(self.call, "lost_track", note="A is gone but its hangup was not heard")
             self._reconcile(False)
+
+
+@functools.lru_cache(maxsize=256)
+def _media_seconds(path: str) -> float | None:
+    """:func:`_wav_seconds` of a file in the media cache, whose name is its content's hash: it never changes."""
+    return _wav_seconds(path)
 
 
 def _wav_seconds(path: str) -> float | None:

@@ -42,7 +42,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from peewee import Expression, IntegrityError, OperationalError, Tuple, fn
 
@@ -66,7 +66,6 @@ from daemon.writer import current as writer
 log = logging.getLogger("callbridge.call")
 api_log = logging.getLogger("callbridge.api")
 
-T = TypeVar("T")
 StatusListener = Callable[[Call, CallStatus, dict[str, Any]], None]
 # Runs inside a status change's transaction (see the module's docstring); may return an action for the loop.
 StatusWriter = Callable[[Call, CallStatus, dict[str, Any]], Callable[[], None] | None]
@@ -331,6 +330,7 @@ class CallRecords:
         after: list[Callable[[], None]] = []
 
         def insert() -> Call:
+            after.clear()  # (a write tried again after the store refused its group runs again)
             call = Call.create(
                 callid=new_callid(), endpoint=endpoint.id, phone_a=request.phone_a,
                 phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
@@ -365,6 +365,7 @@ class CallRecords:
         after: list[Callable[[], None]] = []
 
         def update() -> Call | None:
+            after.clear()
             changed = (Call.update(status=CallStatus.CANCELED.value, canceled_at=now, canceled_by=endpoint.name,
                                    reason=f"canceled through {via}")
                        .where((Call.id == call.id) & (Call.endpoint == endpoint.id) & _status_in(PENDING_STATUSES))
@@ -415,6 +416,7 @@ class CallRecords:
         after: list[Callable[[], None]] = []
 
         def update() -> bool:
+            after.clear()
             updated = (Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid, b_uuid=b_uuid, started_at=now,
                                    lateness_ms=lateness)
                        .where((Call.id == call.id) & _status_in(PENDING_STATUSES)).execute())
@@ -542,6 +544,7 @@ class CallRecords:
         after: list[Callable[[], None]] = []
 
         def update() -> None:  # the status, its timeline step and the outbox's rows, in one transaction
+            after.clear()
             update_call(moved.id, {"status": status.value, **row})
             append_event(moved.id, status.value, at=at, **step)
             after.extend(self._write_status(moved, status, extra))

@@ -18,7 +18,7 @@ import gevent  # noqa: E402
 from bench.common import stop_all  # noqa: E402
 from bench.report import RESULTS, Report  # noqa: E402
 
-SECTIONS = ("api", "engine", "scale", "scheduler", "store", "records", "media")
+SECTIONS = ("api", "engine", "switches", "scale", "scheduler", "store", "records", "media")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,20 @@ class ConfigError(ValueError):
     """A setting has a wrong value; the message names the setting and the rule."""
 
 
+@dataclass(frozen=True)
+class SwitchAddress:
+    """One FreeSWITCH's Event Socket. ``name`` (host:port) labels it in logs, metrics, /readyz and on the
+    calls sent to it; the password is never shown."""
+
+    host: str
+    port: int
+    password: str = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
 @dataclass
 class Settings:
     # FreeSWITCH Event Socket
@@ -51,6 +65,8 @@ class Settings:
     esl_command_timeout: float = 5.0
     esl_heartbeat_timeout: float = 45.0  # FreeSWITCH sends HEARTBEAT every 20 s by default
     esl_reconnect_max_delay: float = 30.0
+    # Several switches: each one's Event Socket; [] = the one switch at esl_host:esl_port.
+    switches: list[SwitchAddress] = field(default_factory=list)
     # Store and files
     state_dir: str = ""  # default: $STATE_DIRECTORY (systemd) or ./state
     database_url: str = ""  # default: sqlite:///<state_dir>/callbridge.db
@@ -70,6 +86,12 @@ class Settings:
     # The switch's session limits (read from it) are kept this fraction below; `status` is read this often.
     switch_session_margin: float = 0.1
     switch_status_interval: float = 5.0
+    # Seconds a switch may stay unreachable before its calls in progress end (failed); 0: wait for ever.
+    switch_lost_after: float = 300.0
+    # Several daemons on one PostgreSQL: this daemon's name in the calls it owns ("" = host-pid-random, made
+    # at start), and the lease it holds on them (renewed every third of it; past it, another takes over).
+    instance_id: str = ""
+    lease_seconds: float = 30.0
     schedule_grace: int = 300  # seconds a missed scheduled call may still start late
     schedule_max_days: int = 366  # how far ahead call_date may be
     past_grace: int = 120  # seconds call_date may lie in the past and still be taken as "now"
@@ -142,7 +164,12 @@ class Settings:
         """Who may fetch /media/: ``media_route_allow``, or by default loopback and FreeSWITCH's host."""
         if self.media_route_allow:
             return list(self.media_route_allow)
-        return [*LOOPBACK, *([self.esl_host] if _is_address(self.esl_host) else [])]
+        return [*LOOPBACK, *(switch.host for switch in self.switch_addresses if _is_address(switch.host))]
+
+    @property
+    def switch_addresses(self) -> list[SwitchAddress]:
+        """Every switch the daemon uses: ``switches``, or the one at ``esl_host:esl_port``."""
+        return list(self.switches) or [SwitchAddress(self.esl_host, self.esl_port, self.esl_password)]
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with secrets masked, for ``check-config`` and logs."""
@@ -150,6 +177,7 @@ class Settings:
         for name in SECRET_FIELDS:
             out[name] = "****" if out[name] else ""
         out["database_url"] = mask_url(out["database_url"])
+        out["switches"] = [{"host": sw.host, "port": sw.port, "password": "****"} for sw in self.switches]
         return out
 
 
@@ -208,6 +236,8 @@ def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _coerce(name: str, raw: Any) -> Any:
     kind = FIELDS[name].type
+    if kind == "list[SwitchAddress]":
+        return parse_switches(raw)
     try:
         if kind == "bool":
             if isinstance(raw, bool):
@@ -248,6 +278,73 @@ def _coerce(name: str, raw: Any) -> Any:
         raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
 
 
+def parse_switches(raw: Any) -> list[SwitchAddress]:
+    """``"host:port:password,host:port:password"`` (an IPv6 host in brackets: ``[::1]:8021:pw``) or a
+    TOML list of tables ``{host = ..., port = ..., password = ...}``. Errors name the entry and never
+    repeat a password."""
+    if isinstance(raw, str):
+        return [_switch_from_text(n, part.strip()) for n, part in enumerate(raw.split(","), start=1)
+                if part.strip()]
+    if isinstance(raw, list):
+        return [_switch_from_table(n, entry) for n, entry in enumerate(raw, start=1)]
+    raise ConfigError("switches: expected \"host:port:password,...\" or a list of "
+                      "{host = ..., port = ..., password = ...}")
+
+
+def _switch_from_text(n: int, text: str) -> SwitchAddress:
+    where = f"switches: entry {n}"
+    if text.startswith("["):
+        host, close, rest = text[1:].partition("]")
+        if not close or not rest.startswith(":"):
+            raise ConfigError(f"{where}: an IPv6 host is written in brackets, [::1]:8021:password")
+        rest = rest[1:]
+    else:
+        host, _, rest = text.partition(":")
+    port, colon, password = rest.partition(":")
+    if not colon:
+        raise ConfigError(f"{where}: must be host:port:password (host {host!r})")
+    return SwitchAddress(host.strip(), _switch_port(where, port.strip()), password)
+
+
+def _switch_from_table(n: int, entry: Any) -> SwitchAddress:
+    where = f"switches: entry {n}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table {{host = ..., port = ..., password = ...}}")
+    unknown = sorted(set(entry) - {"host", "port", "password"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; use host, port and password")
+    missing = [key for key in ("host", "port", "password") if key not in entry]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} missing (each switch needs host, port and password)")
+    host, port, password = entry["host"], entry["port"], entry["password"]
+    if not isinstance(host, str) or not isinstance(password, str):
+        raise ConfigError(f"{where}: host and password must be strings")
+    if isinstance(port, bool) or not isinstance(port, int | str):
+        raise ConfigError(f"{where}: port must be a number")
+    return SwitchAddress(host, _switch_port(where, str(port)), password)
+
+
+def _switch_port(where: str, text: str) -> int:
+    if not text.isdigit():
+        raise ConfigError(f"{where}: the port must be a number, got {text!r}")
+    return int(text)
+
+
+def _validate_switches(switches: list[SwitchAddress]) -> None:
+    seen: set[str] = set()
+    for n, switch in enumerate(switches, start=1):
+        where = f"switches: entry {n} ({switch.name})"
+        if not switch.host or any(c.isspace() or c in ",/[]" for c in switch.host):
+            raise ConfigError(f"switches: entry {n}: the host must be a name or an address, got {switch.host!r}")
+        if not 1 <= switch.port <= 65535:
+            raise ConfigError(f"{where}: the port must be 1..65535")
+        if not switch.password or any(c in switch.password for c in "\r\n "):
+            raise ConfigError(f"{where}: the password must be non-empty with no spaces or line breaks")
+        if switch.name in seen:
+            raise ConfigError(f"{where}: listed twice")
+        seen.add(switch.name)
+
+
 def _validate(s: Settings) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -258,7 +355,12 @@ def _validate(s: Settings) -> None:
     need(bool(s.esl_host), "esl_host: must not be empty")
     need(bool(s.esl_password) and not any(c in s.esl_password for c in "\r\n "),
          "esl_password: must be non-empty with no spaces or line breaks")
+    _validate_switches(s.switches)
+    need(s.switch_lost_after >= 0, "switch_lost_after: must be 0 (wait for ever) or more seconds")
     need(s.calls_per_second >= 0, "calls_per_second: must be 0 (no cap) or more")
+    need(s.lease_seconds >= 3, "lease_seconds: must be at least 3 (the lease is renewed every third of it)")
+    need(len(s.instance_id) <= 100 and all(c.isalnum() or c in "._:-" for c in s.instance_id),
+         "instance_id: at most 100 letters, digits and . _ : - (\"\" = made at start)")
     need(0 <= s.switch_session_margin < 1, "switch_session_margin: must be at least 0 and less than 1")
     for name in ("esl_command_timeout", "esl_heartbeat_timeout", "switch_status_interval", "webhook_timeout",
                  "media_connect_timeout", "media_read_timeout", "media_total_timeout", "tts_timeout",

@@ -3,8 +3,10 @@
 Order at start: database (migrated) → the store's writer (on SQLite a thread of its own: nothing on the
 event loop waits for the disk) → engine (connects to FreeSWITCH in the background, adopts the
 calls a previous run left in flight) → dispatcher (marks calls missed while down, then starts due
-ones) → HTTP server → ``READY=1`` to systemd. On SIGTERM: stop taking calls, leave calls in progress
-to FreeSWITCH (they are adopted at the next start), stop the server, commit what is queued, exit.
+ones) → leases (renewed; calls of daemons that died taken over: daemon/calls/leases.py) → HTTP server →
+``READY=1`` to systemd. On SIGTERM: stop taking calls, leave calls in progress to FreeSWITCH (they are
+adopted at the next start, or by another daemon sharing the store, their leases ended), stop the server,
+commit what is queued (the ended leases with it), exit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import gevent
 import gevent.event
 
 from daemon.calls.dispatcher import Dispatcher
+from daemon.calls.leases import Leases, new_instance_id
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.loop import Loop
@@ -53,18 +56,23 @@ class Service:
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         settings.recordings_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
-        self.records = CallRecords(self.metrics, clock)
+        self.clock = clock
+        self.instance_id = settings.instance_id or new_instance_id()
+        self.records = CallRecords(self.metrics, clock, owner=self.instance_id, lease_seconds=settings.lease_seconds)
         self.webhooks = Webhooks(settings, self.metrics, clock)
         self.records.status_writers.append(self.webhooks.record_status)
         self.retention = Retention(settings, clock, records=self.records)
         self.media = MediaLibrary(settings)
+        self.metrics.watch_media_pool(self.media.pool)
         self.engine = Engine(settings, self.records, playable=self._playable,
                              on_call_end=lambda _sequence: self._call_ended())
         self.dispatcher = Dispatcher(settings, self.engine, self.records, clock)
+        self.leases = Leases(settings, self.engine, self.records, clock)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
                               readiness=self.readiness, clock=clock, records=self.records,
                               switch_status=self.engine.switch_status)
         self.server = ApiServer.for_settings(settings, self.app, max_body=MAX_BODY)
+        self.metrics.watch_http_server(self.server)
         self.stopping = gevent.event.Event()
         self.media_eviction = Loop("media eviction", self._evict_media, clock, log=log,
                                    first_delay=MEDIA_EVICTION_INTERVAL, error_delay=MEDIA_EVICTION_INTERVAL)
@@ -88,6 +96,7 @@ class Service:
         return http_cache_url(target) if self.settings.media_mode == "http" else target
 
     def readiness(self) -> dict[str, bool]:
+        """Ready while at least one switch is connected (/readyz names those that are not)."""
         return {"esl": self.engine.ready}
 
     @property
@@ -104,13 +113,15 @@ class Service:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.engine.start()
         adopted = self.engine.adopt_in_flight()
+        self.leases.start()
         self.webhooks.start()
         self.retention.start()
         self.dispatcher.start()
         self.media_eviction.start()
         self.server.start()
         log_event(log, "service.started", http=f"{self.settings.http_host}:{self.http_port}",
-                  esl=f"{self.settings.esl_host}:{self.settings.esl_port}", adopted=adopted)
+                  switches=",".join(link.name for link in self.engine.links), adopted=adopted,
+                  instance=self.instance_id)
         notify(f"READY=1\nSTATUS=serving on {self.settings.http_host}:{self.http_port}")
 
     def stop(self) -> None:
@@ -118,7 +129,13 @@ class Service:
         log_event(log, "service.stopping", in_flight=self.engine.in_flight())
         self.dispatcher.stop()
         self.server.stop(timeout=self.settings.shutdown_grace)
+        self.leases.stop()
+        leaving = list(self.engine.active)
         self.engine.stop()
+        try:  # another daemon sharing the store takes these calls over at its next look
+            self.leases.release(leaving, self.clock())
+        except Exception:
+            log.exception("could not end the leases of the calls left to FreeSWITCH")
         self.media_eviction.stop()
         self.retention.stop()
         self.webhooks.stop()

@@ -180,6 +180,7 @@ class Call(BaseModel):
     # Filled in as the call goes.
     a_uuid = CharField(max_length=36, null=True)
     b_uuid = CharField(max_length=36, null=True)
+    switch = CharField(max_length=300, null=True)  # host:port of the switch A and B were sent to (v7)
     started_at = DateTimeField(null=True)
     lateness_ms = IntegerField(null=True)
     a_answered_at = DateTimeField(null=True)
@@ -197,10 +198,15 @@ class Call(BaseModel):
     recording_bytes = BigIntegerField(null=True)
     canceled_at = DateTimeField(null=True)
     canceled_by = CharField(max_length=100, default="")
+    # Which daemon follows the call (its instance id, set by the claim) and until when it has said so:
+    # it renews the lease while the call runs; past it, another daemon takes the call over (v6).
+    owner = CharField(max_length=100, null=True)
+    lease_until = DateTimeField(null=True)
 
     class Meta:
         indexes = (
             (("endpoint", "id"), False),  # list a token's calls, newest first
+            (("endpoint", "started_at"), False),  # an endpoint's calls started today, in the last second
             (("endpoint", "status", "due_at"), False),  # list a token's scheduled calls
             (("status", "due_at"), False),  # the dispatcher: next due, calls in flight
             (("endpoint", "idempotency_key"), True),
@@ -310,9 +316,32 @@ def _v5_web_accounts(db: Database) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS endpoint_owner_id ON endpoint (owner_id)")
 
 
+def _v6_call_leases(db: Database) -> None:
+    # Several daemons on one PostgreSQL: each call in flight has an owner holding a lease; an endpoint's
+    # daily cap and calls per second are counted from its calls' start times. A store created by v1 after
+    # this model change already has the columns and the index.
+    present = {column.name for column in db.get_columns("call")}
+    migrator = SchemaMigrator.from_database(db)
+    if "owner" not in present:
+        migrate_schema(migrator.add_column("call", "owner", CharField(max_length=100, null=True)))
+    if "lease_until" not in present:
+        migrate_schema(migrator.add_column("call", "lease_until", DateTimeField(null=True)))
+    db.execute_sql("CREATE INDEX IF NOT EXISTS call_endpoint_id_started_at ON call (endpoint_id, started_at)")
+
+
+def _v7_call_switch(db: Database) -> None:
+    # Several switches: the one a call's legs were sent to, so a restart reconciles it there. Calls
+    # claimed before (by a daemon with one switch) have none: they are on the first switch listed. A
+    # store created by v1 from today's models has the column already.
+    if "switch" not in {column.name for column in db.get_columns("call")}:
+        migrate_schema(SchemaMigrator.from_database(db).add_column(
+            "call", "switch", CharField(max_length=300, null=True)))
+
+
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
 MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
-                                                _v4_request_fingerprint, _v5_web_accounts]
+                                                _v4_request_fingerprint, _v5_web_accounts, _v6_call_leases,
+                                                _v7_call_switch]
 
 
 def schema_version(db: Database) -> int:

@@ -212,6 +212,9 @@ def main() -> int:
                     source = "dialtone_url (dialtone.wav), looped"
                 elif seg["kind"] == "bridge":
                     source = f"B ({PHONE_B})"
+                elif seg["kind"] == "file" and source not in names:
+                    # A's wait for B: the dialtone looped until the switch has room for B's session.
+                    source = "dialtone_url (dialtone.wav), A's wait until B is dialed"
                 print(f"    {seg['start']:6.1f}–{end:>6} s  {seg['kind']:<10} {names.get(source, source)}")
         result = 0 if call.get("status") == "completed" else 1
 

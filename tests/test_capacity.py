@@ -164,3 +164,28 @@ def test_new_calls_keep_to_half_the_room_leaving_the_rest_for_their_b_legs() -> 
     assert started == capacity.new_call_cap == 13
     assert capacity.delay(0.5) == 0  # a B leg finds room at once
     assert capacity.new_call_delay(0.5) == pytest.approx(0.5)
+
+
+def test_room_is_the_least_of_the_seconds_budget_the_sessions_and_new_calls_half() -> None:
+    capacity = SwitchCapacity(0.1)
+    capacity.learn_limits(sps=30, max_sessions=1000)  # 26 legs a second, 13 new calls, 900 sessions
+    capacity.learn_status("0 session(s) - peak 0, last 5min 0\n")
+    assert capacity.room(0.0) == 13  # new calls' half of the second
+    for n in range(5):
+        capacity.reserve_new_call(f"a{n}", 0.0)
+        capacity.sent(f"a{n}", 0.0)
+        capacity.created(f"a{n}", 0.01)
+    assert capacity.room(0.1) == 8
+    for n in range(18):  # B legs of calls in progress spend the second's budget too
+        capacity.reserve(f"b{n}", 0.2)
+        capacity.sent(f"b{n}", 0.2)
+        capacity.created(f"b{n}", 0.21)
+    assert capacity.room(0.3) == 26 - 23
+    capacity.reserve("c", 0.3)  # a leg given room and not yet sent counts as sent now
+    assert capacity.room(0.3) == 26 - 24
+    capacity.cancel("c")
+    assert capacity.room(1.25) == 13  # a second later the window is empty again
+    capacity.learn_status("895 session(s) - peak 900, last 5min 895\n")
+    assert capacity.room(1.25) == 900 - 895  # the sessions bind now
+    capacity.learn_status("950 session(s) - peak 950, last 5min 950\n")
+    assert capacity.room(1.25) < 0 and capacity.new_call_delay(1.25) > 0

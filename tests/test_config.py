@@ -53,6 +53,9 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     ("", {"CALLBRIDGE_ESL_PASSWORD": "a b"}, "esl_password: must be non-empty"),
     ("[tts.voices]\n\"xx-XX\" = \"en\"\n", {}, "tts_voices: unknown language"),
     ("[esl\n", {}, "config file"),
+    ("lease_seconds = 2\n", {}, "lease_seconds: must be at least 3"),
+    ("", {"CALLBRIDGE_INSTANCE_ID": "node 1"}, "instance_id: at most 100 letters, digits and . _ : -"),
+    ("", {"CALLBRIDGE_INSTANCE_ID": "n" * 101}, "instance_id: at most 100"),
 ])
 def test_wrong_values_name_the_setting_and_the_rule(tmp_path: Path, text: str, env: dict[str, str],
                                                     message: str) -> None:
@@ -90,3 +93,59 @@ def test_a_database_url_neither_sqlite_nor_postgresql_is_refused(url: str) -> No
     with pytest.raises(ConfigError, match="^database_url: ") as caught:
         load_settings(environ={"CALLBRIDGE_DATABASE_URL": url, "CALLBRIDGE_STATE_DIR": "/tmp"})
     assert ":p@" not in str(caught.value)
+
+
+def test_one_switch_by_default_from_the_esl_settings(tmp_path: Path) -> None:
+    s = load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path), "CALLBRIDGE_ESL_PORT": "8022"})
+    assert s.switches == []
+    assert [(sw.host, sw.port, sw.password, sw.name) for sw in s.switch_addresses] == [
+        ("127.0.0.1", 8022, "ClueCon", "127.0.0.1:8022")]
+
+
+def test_several_switches_from_the_environment(tmp_path: Path) -> None:
+    s = load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path),
+                               "CALLBRIDGE_SWITCHES": "10.0.0.11:8021:pw:with:colons, [fd00::12]:8022:other"})
+    assert [(sw.host, sw.port, sw.password) for sw in s.switch_addresses] == [
+        ("10.0.0.11", 8021, "pw:with:colons"), ("fd00::12", 8022, "other")]
+    assert [sw.name for sw in s.switches] == ["10.0.0.11:8021", "[fd00::12]:8022"]
+    shown = str(s.masked())
+    assert "pw:with:colons" not in shown and "other" not in shown and "10.0.0.11" in shown
+    assert "pw:with" not in repr(s.switches)
+    # media_route_allow's default lets every switch fetch prompts
+    assert {"10.0.0.11", "fd00::12"} <= set(s.media_route_addresses)
+
+
+def test_several_switches_from_the_file_and_the_environment_wins(tmp_path: Path) -> None:
+    path = write(tmp_path, 'switches = [{host = "fs1.lan", port = 8021, password = "one"},\n'
+                           '            {host = "fs2.lan", port = 8021, password = "two"}]\n'
+                           '[switch]\nlost_after = 60\n')
+    s = load_settings(path, environ={"CALLBRIDGE_STATE_DIR": str(tmp_path)})
+    assert [sw.name for sw in s.switch_addresses] == ["fs1.lan:8021", "fs2.lan:8021"]
+    assert s.switch_lost_after == 60.0
+    s = load_settings(path, environ={"CALLBRIDGE_STATE_DIR": str(tmp_path), "CALLBRIDGE_SWITCHES": "fs3:1:x"})
+    assert [sw.name for sw in s.switch_addresses] == ["fs3:1"]
+
+
+@pytest.mark.parametrize(("text", "env", "message"), [
+    ("", {"CALLBRIDGE_SWITCHES": "fs1:8021"}, "switches: entry 1: must be host:port:password"),
+    ("", {"CALLBRIDGE_SWITCHES": "fs1:8021:pw,fs2:http:pw"}, "switches: entry 2: the port must be a number"),
+    ("", {"CALLBRIDGE_SWITCHES": "fs1:0:pw"}, "switches: entry 1 (fs1:0): the port must be 1..65535"),
+    ("", {"CALLBRIDGE_SWITCHES": "fs1:8021:"}, "switches: entry 1 (fs1:8021): the password must be non-empty"),
+    ("", {"CALLBRIDGE_SWITCHES": ":8021:pw"}, "switches: entry 1: the host must be a name or an address"),
+    ("", {"CALLBRIDGE_SWITCHES": "[::1:8021:pw"}, "switches: entry 1: an IPv6 host is written in brackets"),
+    ("", {"CALLBRIDGE_SWITCHES": "fs1:8021:a,fs1:8021:b"}, "switches: entry 2 (fs1:8021): listed twice"),
+    ('switches = [{host = "fs1", port = 8021}]\n', {}, "switches: entry 1: password missing"),
+    ('switches = [{host = "fs1", port = 8021, password = "x", pasword = "y"}]\n', {},
+     "switches: entry 1: unknown key(s) ['pasword']"),
+    ('switches = ["fs1:8021:pw"]\n', {}, "switches: entry 1: must be a table"),
+    ('switches = [{host = "fs1", port = true, password = "x"}]\n', {}, "switches: entry 1: port must be a number"),
+    ('switches = 3\n', {}, "switches: expected"),
+    ("[switch]\nlost_after = -1\n", {}, "switch_lost_after: must be 0 (wait for ever) or more seconds"),
+])
+def test_wrong_switches_name_the_entry_and_the_rule_never_the_password(
+        tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={"CALLBRIDGE_STATE_DIR": str(tmp_path), **env})
+    assert message in str(caught.value)
+    assert "pw" not in str(caught.value).replace("password", "")

@@ -19,22 +19,49 @@ from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch.capacity import SwitchCapacity
+from daemon.switch.engine import choose_switch
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 T0 = dt.datetime(2026, 3, 1, 9, 0, 0)
 
 
-class FakeEngine:
-    """Records launches; calls stay in flight until ``end`` is called."""
+class FakeSwitch:
+    """A switch as the dispatcher sees it: a name, whether it is reachable, its capacity."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.ready = True
-        self.launched: list[Call] = []
-        self.in_flight_by_endpoint: Counter[int] = Counter()
-        self.now = 100.0  # monotonic seconds, moved by the tests
         self.capacity = SwitchCapacity(0.1)
         self.capacity.learn_limits(sps=30, max_sessions=1000)
+
+
+class FakeEngine:
+    """Records launches (and on which switch); calls stay in flight until ``end`` is called. The choice
+    of switch is the engine's own (``choose_switch``)."""
+
+    def __init__(self, switches: int = 1) -> None:
+        self.switches = [FakeSwitch(f"10.0.0.{11 + n}:8021") for n in range(switches)]
+        self.launched: list[Call] = []
+        self.launched_on: list[str] = []
+        self.in_flight_by_endpoint: Counter[int] = Counter()
+        self.now = 100.0  # monotonic seconds, moved by the tests
+
+    @property
+    def ready(self) -> bool:
+        return any(switch.ready for switch in self.switches)
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        for switch in self.switches:
+            switch.ready = value
+
+    @property
+    def capacity(self) -> SwitchCapacity:
+        return self.switches[0].capacity
+
+    def pick_switch(self, now: float) -> tuple[FakeSwitch | None, float]:
+        return choose_switch(self.switches, now)  # type: ignore[arg-type,return-value]
 
     def monotonic(self) -> float:
         return self.now
@@ -47,13 +74,16 @@ class FakeEngine:
 
         return str(uuid.uuid4()), str(uuid.uuid4())
 
-    def launch(self, call: Call, endpoint: Endpoint, **_: Any) -> None:
+    def launch(self, call: Call, endpoint: Endpoint, *, switch: FakeSwitch, **_: Any) -> None:
         self.launched.append(call)
+        self.launched_on.append(switch.name)
         self.in_flight_by_endpoint[endpoint.id] += 1
-        self.capacity.sent(call.a_uuid, self.now)  # the sequence sends A's originate at once
+        switch.capacity.sent(call.a_uuid, self.now)  # the sequence sends A's originate at once
 
     def end(self, call: Call) -> None:
         self.in_flight_by_endpoint[call.endpoint_id] -= 1
+        # As a real call's end: its final status is stored (a shared store counts calls in flight from it).
+        Call.update(status="completed").where(Call.id == call.id).execute()
 
 
 @pytest.fixture
@@ -101,6 +131,9 @@ def test_per_endpoint_in_flight_limit_holds_calls_in_order(
     assert fake_engine.launched[-1].id == mine[2].id
 
 
+# SQLite only: on a shared PostgreSQL the rate is also counted from the calls' start times (a window of
+# wall-clock time, see test_an_endpoints_limits_hold_across_two_daemons), which this test's clock never moves.
+@pytest.mark.stores("sqlite")
 def test_calls_per_second_is_a_token_bucket(dispatcher: Dispatcher, fake_engine: FakeEngine,
                                             make_endpoint: Callable[..., Any]) -> None:
     endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=2)
@@ -244,8 +277,8 @@ class CountingRecords(CallRecords):
         super().__init__(Metrics(), clock=lambda: T0)
         self.lost: list[int] = []
 
-    def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:
-        won = super().claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=now)
+    def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime, switch: str | None = None) -> bool:
+        won = super().claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=now, switch=switch)
         if not won:
             self.lost.append(call.id)
         return won
@@ -301,3 +334,63 @@ def test_a_round_that_fails_before_its_commit_starts_nothing_and_the_next_tick_d
     monkeypatch.setattr(records_module, "append_event", original_append_event)
     dispatcher.tick(T0, 0.0)
     assert sorted(c.id for c in fake_engine.launched) == [c.id for c in calls]
+
+
+def test_new_calls_go_to_the_switch_with_the_most_room_and_it_is_stored_with_the_claim(
+        settings: Settings, db: Any, make_endpoint: Callable[..., Any]) -> None:
+    engine = FakeEngine(switches=2)
+    big, small = engine.switches
+    big.capacity.learn_limits(sps=61, max_sessions=1000)  # 54 a second: 27 new calls
+    small.capacity.learn_limits(sps=21, max_sessions=1000)  # 18 a second: 9 new calls
+    settings.max_in_flight = 1000
+    dispatcher = Dispatcher(settings, engine, CallRecords(Metrics(), clock=lambda: T0), clock=lambda: T0)  # type: ignore[arg-type]
+    endpoint, _ = make_endpoint(max_in_flight=1000, calls_per_second=1000)
+    calls = [add(endpoint, T0 - dt.timedelta(seconds=100 - n)) for n in range(60)]
+    assert dispatcher.tick(T0, 0.0) > 0  # both full for this second
+    on = Counter(engine.launched_on)
+    assert on == {big.name: 27, small.name: 9}  # each up to its own room, none beyond
+    # the bigger one first, until its room is down to the smaller one's; then turn about
+    assert engine.launched_on[:18] == [big.name] * 18
+    assert set(engine.launched_on[18:20]) == {big.name, small.name}
+    stored = {c.id: c.switch for c in Call.select().where(Call.status == "dialing_a")}
+    assert [stored[c.id] for c in engine.launched] == engine.launched_on
+    assert all(c.id not in stored for c in calls[36:])
+
+
+def test_a_switch_not_reachable_gets_no_new_calls_and_with_none_calls_wait(
+        settings: Settings, db: Any, make_endpoint: Callable[..., Any]) -> None:
+    engine = FakeEngine(switches=2)
+    first, second = engine.switches
+    settings.max_in_flight = 1000
+    dispatcher = Dispatcher(settings, engine, CallRecords(Metrics(), clock=lambda: T0), clock=lambda: T0)  # type: ignore[arg-type]
+    endpoint, _ = make_endpoint(max_in_flight=1000, calls_per_second=1000)
+    for n in range(5):
+        add(endpoint, T0 - dt.timedelta(seconds=10 - n))
+    first.ready = False
+    dispatcher.tick(T0, 0.0)
+    assert engine.launched_on == [second.name] * 5
+    second.ready = False
+    late = add(endpoint, T0)
+    dispatcher.tick(T0, 1.0)
+    assert len(engine.launched) == 5 and Call.get_by_id(late.id).status == "scheduled"
+    first.ready = True
+    engine.now += 1.0
+    dispatcher.tick(T0, 2.0)
+    assert engine.launched_on[-1] == first.name and engine.launched[-1].id == late.id
+
+
+def test_on_equal_room_the_switch_with_fewer_sessions_takes_the_call() -> None:
+    engine = FakeEngine(switches=3)
+    busy, quiet, other = engine.switches
+    busy.capacity.learn_status("400 session(s) - peak 400, last 5min 400\n")
+    quiet.capacity.learn_status("10 session(s) - peak 10, last 5min 10\n")
+    other.capacity.learn_status("50 session(s) - peak 50, last 5min 50\n")
+    switch, wait = engine.pick_switch(engine.now)
+    assert switch is quiet and wait == 0
+    busy.capacity.learn_status("895 session(s) - peak 895, last 5min 895\n")  # 5 below its 900
+    quiet.ready = other.ready = False
+    switch, wait = engine.pick_switch(engine.now)
+    assert switch is busy  # room for 5 more sessions
+    busy.capacity.learn_status("900 session(s) - peak 900, last 5min 900\n")
+    switch, wait = engine.pick_switch(engine.now)
+    assert switch is None and wait > 0  # full: the call waits, it is not sent to a switch that is away

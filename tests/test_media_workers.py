@@ -123,6 +123,32 @@ def test_a_job_past_its_deadline_is_killed_and_its_worker_replaced() -> None:
         pool.close()
 
 
+def test_the_pools_counts_reach_metrics() -> None:
+    """/metrics reads the pool at each scrape: jobs by outcome, workers running and at most."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from daemon.ops.metrics import Metrics
+
+    pool = WorkerPool(2, queue_timeout=HANG, cpu_seconds=HANG)
+    metrics = Metrics()
+    metrics.watch_media_pool(pool)
+    try:
+        pool.run({"op": "ping"}, timeout=HANG)
+        with pytest.raises(WorkerFailed):
+            pool.run({"op": "spin"}, timeout=1.0)
+        pool.run({"op": "ping"}, timeout=HANG)  # on a new worker: the killed one is gone
+        samples = {(s.name, tuple(s.labels.values())): s.value
+                   for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+        assert samples[("callbridge_media_jobs_total", ("done",))] == 2
+        assert samples[("callbridge_media_jobs_total", ("killed",))] == 1
+        assert samples[("callbridge_media_jobs_total", ("busy",))] == 0
+        assert samples[("callbridge_media_workers_max", ())] == 2
+        assert samples[("callbridge_media_workers", ())] == len(pool.stats.pids)
+        assert samples[("callbridge_media_workers_started_total", ())] == 2  # the killed one was replaced
+    finally:
+        pool.close()
+
+
 def test_a_job_past_its_cpu_limit_dies_and_says_so() -> None:
     pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=1)
     try:

@@ -9,6 +9,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import gevent
+import gevent.event
 import pytest
 from peewee import Database
 
@@ -46,6 +48,41 @@ def test_sweep_deletes_expired_recordings_and_clears_their_calls(db: Database, s
     kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == old.id)]
     assert kinds == ["recording_expired"]
     assert Retention(settings).sweep(NOW) == 0  # repeating it changes nothing
+
+
+def test_two_daemons_sweeping_at_once_expire_each_recording_once(db: Database, settings: Settings,
+                                                                 make_endpoint: Any) -> None:
+    """Both daemons read the same expired calls; each call's reference is cleared, and noted on its
+    timeline, by one of them."""
+    endpoint, _ = make_endpoint()
+    calls = [recorded_call(endpoint, settings, NOW - dt.timedelta(days=100)) for _ in range(20)]
+    first, second = Retention(settings), Retention(settings)
+    both_read = gevent.event.Event()
+    seen = []
+
+    def read_then_wait(retention: Retention) -> None:
+        original = retention.records.recordings_older_than
+
+        def older_than(cutoff: dt.datetime, limit: int) -> list[Call]:
+            batch = original(cutoff, limit)
+            seen.append(len(batch))
+            if len(seen) == 2:
+                both_read.set()
+            both_read.wait(10)  # neither clears anything before both have read the batch
+            return batch
+
+        retention.records.recordings_older_than = older_than  # type: ignore[method-assign]
+
+    read_then_wait(first)
+    read_then_wait(second)
+    sweeps = [gevent.spawn(first.sweep, NOW), gevent.spawn(second.sweep, NOW)]
+    gevent.joinall(sweeps, timeout=30, raise_error=True)
+    assert seen[:2] == [20, 20]
+    assert sweeps[0].value + sweeps[1].value == 20
+    for call in calls:
+        assert Call.get_by_id(call.id).recording_path == ""
+        assert [e.kind for e in CallEvent.select().where(CallEvent.call == call.id)] == ["recording_expired"]
+        assert not Path(call.recording_path).exists()
 
 
 def test_orphan_files_go_but_files_outside_the_folder_never(db: Database, settings: Settings, tmp_path: Path,

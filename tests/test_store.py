@@ -70,6 +70,7 @@ def test_indexes_for_every_query(db: Database) -> None:
     assert ("endpoint_id", "status", "id") in calls  # GET /v1/calls?status=...
     assert ("endpoint_id", "status", "due_at") in calls  # GET /v1/scheduled
     assert ("status", "due_at") in calls  # the dispatcher's next due call
+    assert ("endpoint_id", "started_at") in calls  # an endpoint's starts today, in its rate window
     assert ("call_id", "id") in index_columns(db, "callevent")
     endpoints = index_columns(db, "endpoint")
     assert endpoints[("token_hash",)] is True and endpoints[("name",)] is True
@@ -136,6 +137,43 @@ def test_a_new_migration_step_runs_once_and_keeps_rows(settings: Settings, make_
     db = open_database(settings.database_url)
     assert runs == [1]
     close_database(db)
+
+
+def test_v7_adds_the_calls_switch_to_a_store_without_it_and_keeps_its_calls(
+        settings: Settings, make_endpoint: Any) -> None:
+    """A store from before several switches: its calls in flight keep their legs and get no switch (they
+    are on the one switch such a daemon had); new claims name theirs."""
+    endpoint, _ = make_endpoint()
+    a_call(endpoint, "7" * 28, status="bridged", a_uuid="a" * 36, b_uuid="b" * 36)
+    db = store.database.obj
+    with db.atomic():
+        run_migration(SchemaMigrator.from_database(db).drop_column("call", "switch"))
+        SchemaVersion.delete().where(SchemaVersion.version >= 6).execute()
+    close_database(db)
+    db = open_database(settings.database_url)
+    assert schema_version(db) == len(store.MIGRATIONS) == 7
+    assert "switch" in {column.name for column in db.get_columns("call")}
+    old = Call.get(Call.callid == "7" * 28)
+    assert (old.status, old.a_uuid, old.switch) == ("bridged", "a" * 36, None)
+    Call.update(switch="10.0.0.12:8021").where(Call.id == old.id).execute()
+    assert Call.get_by_id(old.id).switch == "10.0.0.12:8021"
+    close_database(db)
+
+
+def test_v6_gives_a_v5_store_call_owners_leases_and_the_start_index(db: Database, make_endpoint: Any) -> None:
+    """A store at v5 (no leases yet) with a call in flight: v6 adds the columns (empty: whoever starts
+    first takes that call) and the (endpoint, started_at) index, keeping the rows."""
+    endpoint, _ = make_endpoint()
+    a_call(endpoint, "6" * 28, status="bridged", started_at=NOW)
+    db.execute_sql("DROP INDEX call_endpoint_id_started_at")
+    db.execute_sql("ALTER TABLE call DROP COLUMN owner")
+    db.execute_sql("ALTER TABLE call DROP COLUMN lease_until")
+    SchemaVersion.delete().where(SchemaVersion.version >= 6).execute()  # back to v5 (v7 goes again: a no-op)
+    assert migrate(db) == len(store.MIGRATIONS) >= 6
+    call = Call.get(Call.callid == "6" * 28)
+    assert (call.status, call.owner, call.lease_until) == ("bridged", None, None)
+    assert ("endpoint_id", "started_at") in index_columns(db, "call")
+    assert [c.name for c in db.get_columns("call")][-2:] == ["owner", "lease_until"]
 
 
 def test_a_failing_migration_step_leaves_nothing_half_done(settings: Settings, make_endpoint: Any,

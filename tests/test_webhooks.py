@@ -222,6 +222,41 @@ def test_gives_up_after_retry_for(db: Database, hook_settings: Settings, receive
     assert (row.state, row.attempts, row.last_error) == ("failed", 2, "HTTP 500")
 
 
+def test_two_daemons_senders_send_each_event_once(db: Database, hook_settings: Settings, receivers: Any) -> None:
+    """Two daemons' senders on one outbox (a shared PostgreSQL): each row is taken by one of them for its
+    attempt, so every event reaches the receiver once."""
+    receiver = receivers()
+    endpoint = endpoint_with_hook(receiver.url)
+    senders = [Webhooks(hook_settings, Metrics(), per_endpoint=4) for _ in range(2)]
+    for _ in range(40):
+        enqueue_status(new_call(endpoint), CallStatus.COMPLETED)
+    for sender in senders:
+        sender.start()
+    try:
+        assert receiver.wait_for(lambda: all(r.state == "delivered" for r in deliveries()), timeout=30)
+    finally:
+        for sender in senders:
+            sender.stop()
+    event_ids = [r["event_id"] for r in receiver.requests]
+    assert len(event_ids) == 40 and len(set(event_ids)) == 40
+    assert {r.attempts for r in deliveries()} == {1}
+
+
+def test_a_taken_row_falls_due_again_when_its_senders_lease_ends(db: Database, hook_settings: Settings) -> None:
+    """The daemon that took a row died before its attempt's outcome was written: another sends it once the
+    lease (twice the timeout and a margin) has passed, not before."""
+    endpoint = endpoint_with_hook("http://127.0.0.1:9/hook")
+    enqueue_status(new_call(endpoint), CallStatus.COMPLETED)
+    row = deliveries()[0]
+    now = row.next_attempt_at
+    dead, alive = Webhooks(hook_settings, Metrics()), Webhooks(hook_settings, Metrics())
+    assert dead.take(row.id, now)
+    assert not alive.take(row.id, now)
+    lease = dt.timedelta(seconds=2 * hook_settings.webhook_timeout + 10)
+    assert not alive.take(row.id, now + lease - dt.timedelta(seconds=1))
+    assert alive.take(row.id, now + lease)
+
+
 def test_backoff_doubles_with_jitter_and_a_cap(hook_settings: Settings) -> None:
     webhooks = Webhooks(hook_settings, Metrics(), backoff_base=5.0, backoff_max=60.0)
     for attempts, full in ((1, 5.0), (2, 10.0), (3, 20.0), (4, 40.0), (5, 60.0), (30, 60.0)):

@@ -49,7 +49,7 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
     (``wake()``) is told after a call row is committed; ``readiness`` returns named checks for
     ``/readyz``; ``clock`` returns naive-UTC now; ``records`` writes the calls (the daemon's own, whose
     listeners hear the statuses the API sets; by default a fresh one counting into ``metrics``);
-    ``switch_status`` describes the switch's session capacity for ``/readyz``.
+    ``switch_status`` describes the switches and their capacity, merged into ``/readyz``'s body.
     """
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY

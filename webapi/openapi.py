@@ -150,22 +150,35 @@ def _readiness_schema() -> dict[str, Any]:
         "properties": {
             "ready": {"type": "boolean"},
             "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
-            "switch": {
-                "type": "object",
-                "description": "FreeSWITCH's session capacity as the daemon sees it: its limits as last read "
-                               "(`sessions_per_second`, `max_sessions`; null until read), `sessions` now, "
-                               "`rate_last_second` (sessions created), the caps the daemon keeps to "
-                               "(`rate_cap`, `session_cap`: the limits less the margin), legs `waiting` for room.",
-                "properties": {
-                    "known": {"type": "boolean"},
-                    "sessions_per_second": {"type": ["integer", "null"]},
-                    "max_sessions": {"type": ["integer", "null"]},
-                    "sessions": {"type": "integer"},
-                    "rate_last_second": {"type": "integer"},
-                    "rate_cap": {"type": "integer"},
-                    "session_cap": {"type": "integer"},
-                    "waiting": {"type": "integer"},
+            "switches": {
+                "type": "array",
+                "description": "Each FreeSWITCH as the daemon sees it: `switch` (host:port), `connected`, "
+                               "`unreachable_seconds` (null while connected), `calls_in_progress` on it, its "
+                               "limits as last read (`sessions_per_second`, `max_sessions`; null until read), "
+                               "`sessions` now, `rate_last_second` (sessions created), the caps the daemon "
+                               "keeps to (`rate_cap`, `session_cap`: the limits less the margin), legs "
+                               "`waiting` for room. The daemon is ready while at least one is connected.",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "switch": {"type": "string"},
+                        "connected": {"type": "boolean"},
+                        "unreachable_seconds": {"type": ["number", "null"]},
+                        "calls_in_progress": {"type": "integer"},
+                        "known": {"type": "boolean"},
+                        "sessions_per_second": {"type": ["integer", "null"]},
+                        "max_sessions": {"type": ["integer", "null"]},
+                        "sessions": {"type": "integer"},
+                        "rate_last_second": {"type": "integer"},
+                        "rate_cap": {"type": "integer"},
+                        "session_cap": {"type": "integer"},
+                        "waiting": {"type": "integer"},
+                    },
                 },
+            },
+            "switches_not_ready": {
+                "type": "array", "items": {"type": "string"},
+                "description": "The switches (host:port) not connected now: they get no new calls.",
             },
         },
     })

@@ -150,7 +150,7 @@ class ConnectionHandler(WSGIHandler):
         finally:
             self._stop_deadline()
         if isinstance(result, tuple):  # pywsgi's own refusal of a malformed head (400, 414)
-            self._send_quietly(PYWSGI_REFUSALS.get(str(result[0]), result[1]))
+            self._send_quietly(PYWSGI_REFUSALS.get(str(result[0])) or result[1])
             return None
         return result
 

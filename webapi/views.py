@@ -82,7 +82,7 @@ class ApiContext:
     # Every call row is written through it; its status writers (the webhook outbox) write with the
     # statuses the API sets (queued/scheduled, canceled), in the same transaction.
     records: CallRecords
-    # The switch's session capacity as the engine sees it (shown by /readyz), when there is an engine.
+    # The switches and their capacity as the engine sees them (merged into /readyz's body), when there is one.
     switch_status: Callable[[], Mapping[str, Any]] | None = None
 
 
@@ -380,7 +380,7 @@ def readyz() -> Response:
     switch_status = ctx().switch_status
     if switch_status is not None:
         try:
-            body["switch"] = dict(switch_status())
+            body.update(switch_status())
         except Exception:
             log.exception("switch status failed")
     return envelope(body, status, f"not ready: {', '.join(failing)}" if failing else "")

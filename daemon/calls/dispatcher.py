@@ -14,11 +14,17 @@ on a PostgreSQL shared with other daemons the page's rows are locked for this ro
 the claims commit together and launch after that commit, and the calls claimed but not yet launched
 count against the limits like calls in flight.
 
-Limits: calls in flight (global and per endpoint), the switch's room for one more session (its
+Limits: calls in flight (global and per endpoint), a switch's room for one more session (its
 sessions-per-second and max sessions, read from it: :mod:`daemon.switch.capacity`; the legs of calls
-already in progress go first), new calls per second (per endpoint, and an optional global cap of the
+already in progress go first; with several switches, the one with the most room takes the call), new calls per second (per endpoint, and an optional global cap of the
 operator's, token buckets), and a daily cap per endpoint against toll fraud. Calls held back by a
 limit stay ``queued`` in due order and go as soon as a slot frees.
+
+On a PostgreSQL shared by several daemons an endpoint's limits hold across all of them: each round locks
+the rows of the endpoints its page of calls belongs to (``CallRecords.lock_endpoints``: two daemons'
+rounds for one endpoint take turns) and counts, from the calls table, the endpoint's calls in flight,
+started today and started in its rate window (``CallRecords.endpoint_load``), whichever daemon runs them.
+``max_in_flight`` and ``calls_per_second`` of the settings stay this daemon's own.
 """
 
 from __future__ import annotations
@@ -32,17 +38,25 @@ from dataclasses import dataclass
 
 import gevent
 
-from daemon.calls.records import CallRecords
+from daemon.calls.records import CallRecords, EndpointLoad
 from daemon.config import Settings
 from daemon.loop import Loop
 from daemon.ops.logs import log_event
-from daemon.store import Call, CallStatus, Endpoint, utcnow
+from daemon.store import Call, CallStatus, Endpoint, is_shared, utcnow
+from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.engine import Engine
+from daemon.switch.link import SwitchLink
 
 log = logging.getLogger("callbridge.dispatcher")
 
 BATCH = 500
 MAX_SLEEP = 1.0
+
+
+def rate_window(calls_per_second: float) -> dt.timedelta:
+    """The window an endpoint's calls per second are counted in across daemons: a second, or one call's
+    share of time for rates below one a second."""
+    return dt.timedelta(seconds=max(1.0, 1.0 / calls_per_second) if calls_per_second > 0 else 1.0)
 
 
 @dataclass
@@ -87,8 +101,10 @@ class Dispatcher:
         self.endpoint_rates: dict[int, TokenBucket] = {}
         self.started_today: dict[int, int] = {}
         self._day: dt.date | None = None
+        self._day_start = dt.datetime.min
         self._claimed: Counter[int] = Counter()  # per endpoint: claimed in this round, not launched yet
-        self._unlaunched: set[str] = set()  # A legs of calls claimed in this round, not launched yet
+        # A legs of calls claimed in this round, not launched yet, and the capacity their room was taken from.
+        self._unlaunched: dict[str, SwitchCapacity] = {}
 
     # -- control ----------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -106,9 +122,12 @@ class Dispatcher:
     def recover(self, now: dt.datetime) -> int:
         """Calls whose time passed while the daemon was down: late within the grace, else missed."""
         limit = now - dt.timedelta(seconds=self.settings.schedule_grace)
-        overdue = self.records.overdue(limit)
-        for call in overdue:
-            self.records.missed(call, now=now, grace=self.settings.schedule_grace)
+        # A round of its own: on a shared PostgreSQL another daemon may be claiming these calls right now;
+        # the rows it holds are skipped, and those marked here are held until the commit.
+        with self.records.claim_round():
+            overdue = self.records.overdue(limit)
+            for call in overdue:
+                self.records.missed(call, now=now, grace=self.settings.schedule_grace)
         return len(overdue)
 
     # -- each tick --------------------------------------------------------------------------------
@@ -117,6 +136,7 @@ class Dispatcher:
         if not self.engine.ready:
             return MAX_SLEEP
         self._roll_day(now)
+        shared = is_shared()
         held_back: float | None = None
         skip: set[int] = set()  # endpoints at their limit this tick: their calls wait, others go
         after: tuple[dt.datetime, int] | None = None
@@ -125,8 +145,11 @@ class Dispatcher:
             if free <= 0:
                 return MAX_SLEEP  # a call ending wakes us
             limit = min(BATCH, 2 * free + 10)
+            loads: dict[int, EndpointLoad] = {}  # shared store: the endpoints' load, read under this round's lock
             with self._claim_round():
                 page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)
+                if shared:
+                    self.records.lock_endpoints({call.endpoint_id for call in page})  # type: ignore[attr-defined]
                 for call in page:
                     if not self.engine.ready:
                         return MAX_SLEEP
@@ -135,17 +158,24 @@ class Dispatcher:
                     endpoint = call.endpoint
                     if endpoint.id in skip:
                         continue
-                    if (self.engine.in_flight_by_endpoint[endpoint.id] + self._claimed[endpoint.id]
-                            >= endpoint.max_in_flight):
+                    in_flight = self.engine.in_flight_by_endpoint[endpoint.id]
+                    if shared:
+                        load = loads.get(endpoint.id) or self._load(endpoint, now, loads)
+                        in_flight = max(in_flight, load.in_flight)
+                    if in_flight + self._claimed[endpoint.id] >= endpoint.max_in_flight:
                         skip.add(endpoint.id)
                         continue
                     if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
                         self.records.finish(call, CallStatus.FAILED,
                                             reason=f"daily cap of {endpoint.daily_cap} calls reached")
                         continue
-                    room = self.engine.capacity.new_call_delay(self.engine.monotonic())
-                    if room > 0:
-                        return room  # the switch has no room for another session yet: every call waits
+                    if shared and (wait := self._shared_rate_wait(endpoint, loads[endpoint.id], now)) > 0:
+                        held_back = wait if held_back is None else min(held_back, wait)
+                        skip.add(endpoint.id)
+                        continue
+                    switch, room = self.engine.pick_switch(self.engine.monotonic())
+                    if switch is None:
+                        return room  # no switch has room for another session yet: every call waits
                     bucket = self.endpoint_rates.setdefault(endpoint.id, TokenBucket(endpoint.calls_per_second))
                     bucket.rate = endpoint.calls_per_second
                     if self.global_rate is not None and not self.global_rate.take(mono):
@@ -157,13 +187,35 @@ class Dispatcher:
                         held_back = wait if held_back is None else min(held_back, wait)
                         skip.add(endpoint.id)
                         continue
-                    self._start(call, endpoint)
+                    self._start(call, endpoint, switch)
             if len(page) < limit:
                 break
             after = (page[-1].due_at, page[-1].id)
         nxt = self.records.next_due_at(now)
         delay = MAX_SLEEP if nxt is None else (nxt - now).total_seconds()
         return min(delay, held_back) if held_back is not None else delay
+
+    # -- limits across daemons (a shared PostgreSQL) ---------------------------------------------
+    def _load(self, endpoint: Endpoint, now: dt.datetime, loads: dict[int, EndpointLoad]) -> EndpointLoad:
+        """The endpoint's load across every daemon, read once per round under the round's lock on the
+        endpoint's row (``CallRecords.lock_endpoints``): its daily count replaces this daemon's own."""
+        load = self.records.endpoint_load(endpoint.id, day_start=self._day_start,
+                                          window_start=now - rate_window(endpoint.calls_per_second))
+        loads[endpoint.id] = load
+        self.started_today[endpoint.id] = load.started_today
+        return load
+
+    def _shared_rate_wait(self, endpoint: Endpoint, load: EndpointLoad, now: dt.datetime) -> float:
+        """Seconds until the endpoint may start another call by its calls per second counted across every
+        daemon (0: now): at most ``rate`` starts (at least one) in any window of ``max(1, 1/rate)`` seconds.
+        The calls this round claimed for it count too."""
+        window = rate_window(endpoint.calls_per_second)
+        allowed = max(1, int(endpoint.calls_per_second * window.total_seconds()))
+        if load.started_recently + self._claimed[endpoint.id] < allowed:
+            return 0.0
+        if load.oldest_recent is None:
+            return window.total_seconds()
+        return max(0.01, (load.oldest_recent + window - now).total_seconds())
 
     def _in_flight(self) -> int:
         return self.engine.in_flight() + sum(self._claimed.values())
@@ -178,27 +230,29 @@ class Dispatcher:
             for endpoint_id, count in self._claimed.items():
                 self.started_today[endpoint_id] = self.started_today.get(endpoint_id, 0) - count
             self._claimed.clear()
-            for a_uuid in self._unlaunched:  # nor sent: the room reserved for their A goes back
-                self.engine.capacity.cancel(a_uuid)
+            for a_uuid, capacity in self._unlaunched.items():  # nor sent: their A's room goes back
+                capacity.cancel(a_uuid)
             self._unlaunched.clear()
 
-    def _start(self, call: Call, endpoint: Endpoint) -> None:
+    def _start(self, call: Call, endpoint: Endpoint, switch: SwitchLink) -> None:
         a_uuid, b_uuid = self.engine.new_leg_uuids()
+        capacity = switch.capacity
         # A's session is reserved before the claim's commit lets other greenlets run (and take the room).
-        self.engine.capacity.reserve_new_call(a_uuid, self.engine.monotonic())
-        # Lateness is stamped at this call's own claim, not at the start of the tick.
-        if not self.records.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock()):
-            self.engine.capacity.cancel(a_uuid)
+        capacity.reserve_new_call(a_uuid, self.engine.monotonic())
+        # Lateness is stamped at this call's own claim, not at the start of the tick; the switch is
+        # committed with the claim, so a restart knows where to find the call.
+        if not self.records.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock(), switch=switch.name):
+            capacity.cancel(a_uuid)
             return  # canceled (or claimed elsewhere) in the meantime
         self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
         self._claimed[endpoint.id] += 1
-        self._unlaunched.add(a_uuid)
+        self._unlaunched[a_uuid] = capacity
 
         def launch() -> None:  # once the claim is committed
             self._claimed[endpoint.id] -= 1
-            self._unlaunched.discard(a_uuid)
+            self._unlaunched.pop(a_uuid, None)
             try:
-                self.engine.launch(call, endpoint)
+                self.engine.launch(call, endpoint, switch=switch)
             except Exception:
                 log.exception("launch failed", extra={"callid": call.callid})
 
@@ -208,6 +262,6 @@ class Dispatcher:
         if self._day == now.date():
             return
         self._day = now.date()
-        start = dt.datetime.combine(self._day, dt.time())
+        start = self._day_start = dt.datetime.combine(self._day, dt.time())
         self.started_today = self.records.started_per_endpoint(start)
         log_event(log, "dispatcher.day", day=str(self._day), endpoints=len(self.started_today))

@@ -40,7 +40,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -184,14 +184,31 @@ class NotCancelable:
         return f"the call already started (status {self.status.value})"
 
 
+class NotOwned(OperationalError):
+    """The call belongs to another daemon now (its lease here ran out and the other took it over)."""
+
+
+@dataclass(frozen=True)
+class EndpointLoad:
+    """What an endpoint has going across every daemon sharing the store (:meth:`CallRecords.endpoint_load`)."""
+
+    in_flight: int  # calls claimed and not final
+    started_today: int  # calls started since the start of the UTC day
+    started_recently: int  # calls started in the rate window
+    oldest_recent: dt.datetime | None  # the earliest start in that window
+
+
 class CallRecords:
     """Writes calls and their timelines; reads them through named queries (static, no state needed)."""
 
-    def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow) -> None:
+    def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow, *,
+                 owner: str = "", lease_seconds: float = 30.0) -> None:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.listeners: list[StatusListener] = []
         self.status_writers: list[StatusWriter] = []
+        self.owner = owner or None  # this daemon's instance id, written into the calls it claims
+        self.lease = dt.timedelta(seconds=lease_seconds)
 
     # -- reads ------------------------------------------------------------------------------------
     @staticmethod
@@ -227,8 +244,12 @@ class CallRecords:
 
     @staticmethod
     def overdue(before: dt.datetime) -> list[Call]:
-        """Pending calls due before ``before``, earliest first."""
-        return list(Call.select().where(_status_in(PENDING_STATUSES) & (Call.due_at < before)).order_by(Call.due_at))
+        """Pending calls due before ``before``, earliest first. Inside a claim round on a shared PostgreSQL
+        they are locked like :meth:`due`'s (another daemon's round claiming one of them is skipped)."""
+        query = Call.select().where(_status_in(PENDING_STATUSES) & (Call.due_at < before)).order_by(Call.due_at)
+        if is_shared() and database.in_transaction():
+            query = query.for_update(of=Call, skip_locked=True)
+        return list(query)
 
     @staticmethod
     def due(now: dt.datetime, *, limit: int, skip_endpoints: Iterable[int] = (),
@@ -403,34 +424,40 @@ class CallRecords:
         the round's commit inside one (and never if it rolls back). ``action`` must not raise."""
         database.after_commit(action)
 
-    def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime) -> bool:
+    def claim(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime, switch: str | None = None) -> bool:
         """Take a pending call for dialing: one conditional update, so a cancel racing it loses or wins whole.
 
-        The leg UUIDs are committed with the claim (durably), before anything is sent to FreeSWITCH: after
-        a crash the call is found by them and reconciled, never redialed.
+        The leg UUIDs and the switch they go to are committed with the claim (durably), before anything
+        is sent to FreeSWITCH: after a crash the call is found by them on that switch and reconciled,
+        never redialed.
         """
         lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
+        lease_until = now + self.lease
         claimed = _snapshot(call)
         claimed.status, claimed.a_uuid, claimed.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
-        claimed.started_at, claimed.lateness_ms = now, lateness
+        claimed.started_at, claimed.lateness_ms, claimed.switch = now, lateness, switch
+        claimed.owner, claimed.lease_until = self.owner, lease_until
         after: list[Callable[[], None]] = []
 
         def update() -> bool:
             after.clear()
             updated = (Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid, b_uuid=b_uuid, started_at=now,
-                                   lateness_ms=lateness)
+                                   lateness_ms=lateness, switch=switch, owner=self.owner, lease_until=lease_until)
                        .where((Call.id == call.id) & _status_in(PENDING_STATUSES)).execute())
             if updated != 1:
                 return False
-            append_event(call.id, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid)
+            append_event(call.id, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid,
+                         switch=switch)
             after.extend(self._write_status(claimed, CallStatus.DIALING_A, {}))
             return True
 
         if not writer().submit(update, durable=True, wait=True):
             return False
         call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
-        call.started_at, call.lateness_ms = now, lateness
-        log_event(log, "claimed", callid=call.callid, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid)
+        call.started_at, call.lateness_ms, call.switch = now, lateness, switch
+        call.owner, call.lease_until = self.owner, lease_until
+        log_event(log, "claimed", callid=call.callid, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid,
+                  switch=switch)
 
         def committed() -> None:
             self.metrics.scheduler_lateness.observe(lateness / 1000)
@@ -453,12 +480,26 @@ class CallRecords:
         start and dialed then, not failed unheard. One attempt with no wait, since the caller holds the
         connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
         not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals).
-        The caller waits for the commit (the group being written and its own: milliseconds), not the loop."""
-        call_id, at = call.id, self.clock()
+        The caller waits for the commit (the group being written and its own: milliseconds), not the loop.
+
+        On a shared PostgreSQL, only while this daemon owns the call (its lease renewed with the mark, in
+        one transaction): a daemon that stalled past its lease and lost the call to another must not send
+        what the other (which found no mark) dials; the mark refused, the lease keeper then lets the call
+        go. With SQLite the one daemon owns every call: the mark alone, through the writer thread."""
+        call_id, now = call.id, self.clock()
         detail: dict[str, Any] = {"phone": call.phone_a, "a_uuid": call.a_uuid}
+        shared = is_shared()
+        until, mine = now + self.lease, self._mine()
+
+        def mark() -> None:
+            if shared:
+                held = Call.update(lease_until=until).where((Call.id == call_id) & mine).execute()
+                if held != 1:
+                    raise NotOwned("another daemon took the call over")
+            append_event(call_id, DIAL_MARK, at=now, **detail)
+
         try:
-            writer().submit(lambda: append_event(call_id, DIAL_MARK, at=at, **detail), durable=True,
-                            fail_fast=True, wait=True)
+            writer().submit(mark, durable=True, fail_fast=True, wait=True)
         except OperationalError as exc:
             log_event(log, "store.retry", logging.WARNING, error=str(exc), step=DIAL_MARK, callid=call.callid)
             raise
@@ -513,15 +554,22 @@ class CallRecords:
         call.recording_path = path
         self.step(call, "recording_started", path=path)
 
-    def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int) -> None:
-        """Retention deleted the call's recording: the call no longer points at it (length and size stay)."""
-        call_id = call.id
+    def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int,
+                          cleared: Callable[[], None] | None = None) -> None:
+        """Retention deleted the call's recording: the call no longer points at it (length and size stay).
+        Conditional on the call still pointing at it, so two daemons' sweeps clear it and note it once;
+        ``cleared`` runs once the clear is committed, if this sweep was the one that cleared it. Nobody
+        waits for the write (:meth:`flush` does)."""
+        call_id, path = call.id, call.recording_path
 
-        def update() -> None:
-            Call.update(recording_path="").where(Call.id == call_id).execute()
-            add_event(call_id, "recording_expired", at=at, retention_days=retention_days)
+        def update() -> bool:
+            done = Call.update(recording_path="").where((Call.id == call_id) & (Call.recording_path == path)).execute()
+            if done:
+                add_event(call_id, "recording_expired", at=at, retention_days=retention_days)
+            return bool(done)
 
-        writer().submit(update, durable=False)
+        writer().submit(update, durable=False,
+                        committed=lambda done: cleared() if done and cleared is not None else None)
         call.recording_path = ""
 
     @staticmethod
@@ -587,3 +635,101 @@ class CallRecords:
                 listener(call, status, detail)
             except Exception:  # a listener must never break a call
                 log.exception("status listener failed", extra={"callid": call.callid})
+
+    # -- several daemons on one store: the limits counted across them ---------------------------
+    @staticmethod
+    def lock_endpoints(endpoint_ids: Collection[int]) -> None:
+        """Inside a claim round on a shared PostgreSQL: hold these endpoints' rows until the round commits,
+        so that two daemons' rounds claiming for one endpoint take turns and each counts the other's
+        claims (:meth:`endpoint_load`). ``FOR NO KEY UPDATE``: the API's inserts of new calls (which only
+        share-lock their endpoint's key) are not held up. One statement in id order, so two rounds never
+        wait on each other in a circle."""
+        if endpoint_ids:
+            list(Endpoint.select(Endpoint.id).where(Endpoint.id.in_(sorted(endpoint_ids))).order_by(Endpoint.id)
+                 .for_update("FOR NO KEY UPDATE"))  # type: ignore[arg-type]  # peewee takes the clause
+
+    @staticmethod
+    def endpoint_load(endpoint_id: int, *, day_start: dt.datetime, window_start: dt.datetime) -> EndpointLoad:
+        """The endpoint's calls in flight, started since ``day_start`` and after ``window_start``, whichever
+        daemon runs them: three indexed counts."""
+        mine = Call.endpoint == endpoint_id
+        in_flight = Call.select().where(mine & _status_in(IN_FLIGHT_STATUSES)).count()
+        today = Call.select().where(mine & (Call.started_at >= day_start)).count()
+        recent: Any = (Call.select(fn.COUNT(Call.id), fn.MIN(Call.started_at))
+                       .where(mine & (Call.started_at > window_start)).tuples().first())
+        count, oldest = recent if recent else (0, None)
+        return EndpointLoad(int(in_flight), int(today), int(count or 0), oldest)
+
+    # -- ownership: leases on the calls in flight ------------------------------------------------
+    def renew_leases(self, call_ids: Collection[int], *, now: dt.datetime) -> set[int]:
+        """Extend this daemon's lease on the calls it follows to ``now`` + the lease, in one UPDATE; returns
+        those among them it no longer owns (another daemon took them over while this one had not renewed
+        in time)."""
+        ids = sorted(call_ids)
+        if not ids:
+            return set()
+        until = now + self.lease
+        mine = self._mine()
+        renewed = writer().submit(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
+                                  durable=False, wait=True)
+        if renewed == len(ids):
+            return set()
+        rows: Any = Call.select(Call.id).where(Call.id.in_(ids) & mine).tuples()
+        kept = {int(row_id) for (row_id,) in rows}
+        return set(ids) - kept
+
+    def release_leases(self, call_ids: Collection[int], *, now: dt.datetime) -> int:
+        """This daemon stops following these calls (it is shutting down): their leases end ``now``, so
+        another daemon takes them over at its next look instead of a whole lease later."""
+        ids = sorted(call_ids)
+        if not ids:
+            return 0
+        mine = self._mine()
+        # One attempt: a store that refuses it must not hold up the stop (the leases then run out by themselves).
+        return int(writer().submit(lambda: Call.update(lease_until=now)
+                                   .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute(),
+                                   durable=True, fail_fast=True, wait=True))
+
+    def _mine(self) -> Expression:
+        """Calls this daemon owns."""
+        return Call.owner == self.owner if self.owner is not None else Call.owner.is_null()
+
+    def left_in_flight(self, *, now: dt.datetime) -> list[Call]:
+        """At start: the calls in flight this daemon is to follow, taken (:meth:`take_over`). With SQLite
+        (one daemon) every one; on a shared PostgreSQL those of a previous run under the same instance id,
+        those no one owns, and those whose owner's lease expired, never another live daemon's."""
+        calls = self.in_flight()
+        if is_shared():
+            calls = [call for call in calls if call.owner is None or call.owner == self.owner
+                     or call.lease_until is None or call.lease_until < now]
+        return [call for call in calls if self.take_over(call, now=now)]
+
+    def expired_leases(self, *, now: dt.datetime, exclude: Collection[int] = (), limit: int = 500) -> list[Call]:
+        """Calls in flight, with their endpoints, whose lease ended before ``now`` (their daemon stopped
+        renewing it) or that no one holds, oldest start first, leaving out ``exclude``."""
+        query = (Call.select(Call, Endpoint).join(Endpoint)
+                 .where(_status_in(IN_FLIGHT_STATUSES) & (Call.lease_until.is_null() | (Call.lease_until < now))))
+        if exclude:
+            query = query.where(Call.id.not_in(sorted(exclude)))
+        return list(query.order_by(Call.started_at).limit(limit))
+
+    def take_over(self, call: Call, *, now: dt.datetime) -> bool:
+        """Make this daemon the call's owner, with a fresh lease: one conditional UPDATE on the owner the
+        call had when read (and, on a shared store, its lease having expired unless that owner is this
+        daemon), so when several daemons try at once exactly one wins. ``call`` is updated on success."""
+        previous = call.owner
+        condition = (Call.id == call.id) & _status_in(IN_FLIGHT_STATUSES)
+        condition &= Call.owner.is_null() if previous is None else (Call.owner == previous)
+        if is_shared() and (previous is None or previous != self.owner):
+            condition &= Call.lease_until.is_null() | (Call.lease_until < now)
+        until = now + self.lease
+        owner = self.owner
+        # Waited for: the caller follows the call only if this daemon won it (the row count says).
+        taken = writer().submit(lambda: Call.update(owner=owner, lease_until=until).where(condition).execute(),
+                                durable=True, wait=True)
+        if taken != 1:
+            return False
+        call.owner, call.lease_until = self.owner, until
+        if previous is not None and previous != self.owner:
+            log_event(log, "call.taken_over", callid=call.callid, previous_owner=previous)
+        return True

@@ -114,7 +114,22 @@ class Reconnected:
 
 
 class Stop:
-    """Inbox marker: the daemon is shutting down; leave the call to FreeSWITCH."""
+    """Inbox marker: stop following the call and leave it to FreeSWITCH (the daemon is shutting down, or
+    another daemon took the call over); ``kind`` and ``note`` are the timeline step that says so."""
+
+    def __init__(self, kind: str = "daemon_stopped",
+                 note: str = "call left to FreeSWITCH; reconciled at next start") -> None:
+        self.kind = kind
+        self.note = note
+
+
+class SwitchLost:
+    """Inbox marker: the call's switch stayed unreachable for ``switch_lost_after``: end the call (it is
+    never dialed elsewhere)."""
+
+    def __init__(self, switch: str, seconds: float) -> None:
+        self.switch = switch
+        self.seconds = seconds
 
 
 class RetryDial:
@@ -214,7 +229,7 @@ class CallSequence:
             self.switch.route(key, self)
         self.greenlet = gevent.spawn(self._run)
 
-    def deliver(self, item: EslEvent | Reconnected | Stop | RetryDial | RetrySend | Granted) -> None:
+    def deliver(self, item: EslEvent | Reconnected | Stop | RetryDial | RetrySend | Granted | SwitchLost) -> None:
         self.inbox.put(item)
 
     def _run(self) -> None:
@@ -228,10 +243,11 @@ class CallSequence:
                     self._check_alive()
                     continue
                 if isinstance(item, Stop):
-                    self.records.step(self.call, "daemon_stopped", phase=self.status.value,
-                                      note="call left to FreeSWITCH; reconciled at next start")
+                    self.records.step(self.call, item.kind, phase=self.status.value, note=item.note)
                     return
-                if isinstance(item, Granted):
+                if isinstance(item, SwitchLost):
+                    self._switch_lost(item)
+                elif isinstance(item, Granted):
                     self._granted(item.leg, forced=item.forced)
                 elif isinstance(item, RetryDial):
                     if self.dial_pending:
@@ -718,6 +734,16 @@ class CallSequence:
                             ring_seconds=ring, talk_seconds=talk, recording_bytes=size, recording_seconds=seconds)
 
     # -- when the connection was lost or nothing is heard -----------------------------------------
+    def _switch_lost(self, lost: SwitchLost) -> None:
+        """The switch was unreachable too long: what became of the legs is unknown, and no leg is blamed."""
+        if self.done:
+            return
+        seconds = round(lost.seconds)
+        self.records.step(self.call, "switch_lost", switch=lost.switch, unreachable_seconds=seconds,
+                          phase=self.status.value)
+        self.a.gone = self.b.gone = True
+        self._finish(CallStatus.FAILED, reason=f"the switch {lost.switch} was unreachable for {seconds} s")
+
     def _exists(self, leg_uuid: str) -> bool:
         return self.switch.api(fs.uuid_exists(leg_uuid)).strip() == "true"
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ANSWER_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60)
@@ -31,31 +35,91 @@ class Metrics:
         self.scheduler_lateness = Histogram("callbridge_scheduler_lateness_seconds",
                                             "Start time minus due time of each call",
                                             buckets=LATENESS_BUCKETS, registry=r)
-        self.esl_connected = Gauge("callbridge_esl_connected", "1 when the Event Socket is up", registry=r)
+        # Per switch, labelled by its host:port (never its password).
+        self.esl_connected = Gauge("callbridge_esl_connected", "1 when the switch's Event Socket is up",
+                                   ["switch"], registry=r)
         self.esl_reconnects = Counter("callbridge_esl_reconnects_total", "Event Socket reconnections",
-                                      registry=r)
+                                      ["switch"], registry=r)
         self.media_cache = Counter("callbridge_media_cache_total", "Media cache look-ups", ["result"],
                                    registry=r)
         self.webhooks = Counter("callbridge_webhook_deliveries_total", "Webhook delivery attempts",
                                 ["result"], registry=r)
-        # The switch's session capacity (daemon/switch/capacity.py); the gauges read it when scraped.
+        # Each switch's session capacity (daemon/switch/capacity.py); the gauges read it when scraped.
         self.switch_sps = Gauge("callbridge_switch_sessions_per_second_limit",
-                                "The switch's sessions-per-second limit as last read (0: not known)", registry=r)
+                                "The switch's sessions-per-second limit as last read (0: not known)", ["switch"],
+                                registry=r)
         self.switch_max_sessions = Gauge("callbridge_switch_max_sessions",
-                                         "The switch's max sessions as last read (0: not known)", registry=r)
+                                         "The switch's max sessions as last read (0: not known)", ["switch"],
+                                         registry=r)
         self.switch_sessions = Gauge("callbridge_switch_sessions",
                                      "Sessions on the switch now (its last status, plus creations, less hangups)",
-                                     registry=r)
+                                     ["switch"], registry=r)
         self.switch_session_rate = Gauge("callbridge_switch_session_rate",
                                          "Sessions created on the switch in the last second (ours from when sent)",
-                                         registry=r)
+                                         ["switch"], registry=r)
         self.switch_legs_waiting = Gauge("callbridge_switch_legs_waiting",
-                                         "Legs of calls in progress waiting for room on the switch", registry=r)
+                                         "Legs of calls in progress waiting for room on the switch", ["switch"],
+                                         registry=r)
+        self.switch_calls = Gauge("callbridge_switch_calls_in_progress",
+                                  "Calls this daemon follows on the switch", ["switch"], registry=r)
         self.switch_throttled = Counter("callbridge_switch_throttled_total",
                                         "Legs the switch refused over its session limits (nothing dialed)",
                                         ["leg"], registry=r)
         for leg in ("a", "b"):
             self.switch_throttled.labels(leg)
 
+    def watch_media_pool(self, pool: Any) -> None:
+        """Export what the media worker pool (``daemon.media.pool.WorkerPool``) did, read at each scrape."""
+        self.registry.register(_MediaPoolCollector(pool))
+
+    def watch_http_server(self, server: Any) -> None:
+        """Export the API server's connections (``webapi.server.ApiServer``), read at each scrape."""
+        self.registry.register(_HttpServerCollector(server))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _MediaPoolCollector:
+    """The media worker pool's own counts (kept by the pool in ``PoolStats``), as Prometheus metrics."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.pool.stats
+        yield GaugeMetricFamily("callbridge_media_workers", "Media worker processes running now",
+                                value=len(stats.pids))
+        yield GaugeMetricFamily("callbridge_media_workers_max", "Media worker processes at most (media_workers)",
+                                value=self.pool.size)
+        jobs = CounterMetricFamily("callbridge_media_jobs", "Media jobs (decode or speech) by how they ended",
+                                   labels=["outcome"])
+        jobs.add_metric(["done"], stats.jobs)
+        jobs.add_metric(["busy"], stats.busy)  # refused: every worker busy past media_queue_timeout (503)
+        jobs.add_metric(["killed"], stats.killed)  # past its wall-clock deadline
+        jobs.add_metric(["died"], stats.died)  # crashed or over media_cpu_seconds
+        yield jobs
+        yield CounterMetricFamily("callbridge_media_cpu_seconds", "CPU seconds the media workers reported",
+                                  value=stats.cpu_seconds)
+        yield CounterMetricFamily("callbridge_media_workers_started", "Media worker processes started",
+                                  value=stats.started)
+
+
+class _HttpServerCollector:
+    """The API server's connections: open now, its cap, and those it closed or refused and why."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        yield GaugeMetricFamily("callbridge_http_connections", "API connections open now",
+                                value=len(server.connections))
+        yield GaugeMetricFamily("callbridge_http_connections_max", "API connections at most (http_max_connections, "
+                                "fitted under the open-file limit)", value=server.limits.max_connections)
+        closed = CounterMetricFamily("callbridge_http_connections_closed",
+                                     "API connections the server closed or refused, by reason", labels=["reason"])
+        closed.add_metric(["evicted"], server.evicted)  # the longest-receiving one, to make room at the cap
+        closed.add_metric(["refused"], server.refused)  # at the cap with every connection serving: 503
+        closed.add_metric(["timed_out"], server.timed_out)  # a header, body or idle deadline passed
+        yield closed

@@ -9,6 +9,10 @@ Two passes, both bounded and both safe to repeat:
 2. Files under ``recordings_dir`` last written before the cutoff that no kept call points at (left by
    a crash, or by a call row deleted by hand) are deleted too.
 
+Several daemons sharing one PostgreSQL may sweep at once: a call's reference is cleared (and its
+timeline step written) by one conditional UPDATE, so by one of them; deleting a file already gone is no
+error. Each daemon's second pass covers its own ``recordings_dir`` (where its FreeSWITCH records).
+
 Only files inside ``recordings_dir`` are ever deleted, whatever a row says. ``recordings_retention_days
 = 0`` keeps recordings forever. The sweep takes ``now`` as a parameter, so tests drive it without a clock.
 """
@@ -77,6 +81,11 @@ class Retention:
 
     def _expire_calls(self, cutoff: dt.datetime, now: dt.datetime) -> int:
         removed = 0
+
+        def count() -> None:
+            nonlocal removed
+            removed += 1
+
         while True:
             batch = self.records.recordings_older_than(cutoff, BATCH)
             for call in batch:
@@ -87,9 +96,10 @@ class Retention:
                     except OSError as exc:
                         log_event(log, "recording.delete_failed", logging.WARNING, callid=call.callid,
                                   error=str(exc))
-                self.records.recording_expired(call, at=now, retention_days=self.settings.recordings_retention_days)
-                removed += 1
-            self.records.flush()  # the next batch is read from what is committed
+                # Counted once committed, and only if this sweep cleared it (not another daemon's first).
+                self.records.recording_expired(call, at=now, retention_days=self.settings.recordings_retention_days,
+                                               cleared=count)
+            self.records.flush()  # the next batch is read from what is committed (and counted)
             if len(batch) < BATCH:
                 return removed
 

@@ -8,7 +8,9 @@ That is one short insert: the call never waits on a receiver.
 The rows are the queue. The sender picks the pending rows that are due, POSTs each one's frozen JSON
 body, and marks it ``delivered`` on a 2xx answer. Anything else (another status, a refused connection,
 no answer within ``webhook_timeout``) is retried with exponential backoff and jitter until
-``webhook_retry_for`` seconds after the row was created; then the row is marked ``failed``. A row is
+``webhook_retry_for`` seconds after the row was created; then the row is marked ``failed``. Each row is
+first taken for its attempt (:meth:`Webhooks.take`: a conditional UPDATE that leases it), so daemons
+sharing one PostgreSQL send it once between them. A row is
 only marked after the attempt, so a crash or restart sends it again: delivery is at least once, and
 receivers de-duplicate on the event id.
 
@@ -66,6 +68,8 @@ MAX_SLEEP = 1.0  # look at the outbox at least this often (rows written by the A
 KEEP_FINISHED = dt.timedelta(days=7)  # delivered and failed rows are kept this long, for inspection
 PRUNE_EVERY = dt.timedelta(hours=1)
 USER_AGENT = "callbridge-webhooks/1"
+# Seconds beyond an attempt's own bound (twice webhook_timeout) that a taken row stays taken.
+ATTEMPT_MARGIN = 10.0
 
 # (url, body, headers, timeout) -> HTTP status code; raises OSError (or any Exception) when no answer.
 Transport = Callable[[str, bytes, Mapping[str, str], float], int]
@@ -239,6 +243,8 @@ class Webhooks:
             for row in list(rows):
                 if self.pool.free_count() == 0:
                     return MAX_SLEEP  # woken again as soon as a request finishes
+                if not self.take(int(row.id), now):
+                    continue  # another daemon's sender took it first
                 self._in_flight[int(row.id)] = endpoint_id
                 self.pool.spawn(self._attempt, int(row.id))
         following = (WebhookDelivery.select(WebhookDelivery.next_attempt_at)
@@ -247,6 +253,18 @@ class Webhooks:
         if following is None:
             return MAX_SLEEP
         return max(0.0, (following - now).total_seconds())
+
+    def take(self, row_id: int, now: dt.datetime) -> bool:
+        """Take a due row for one attempt: one conditional UPDATE that moves its next attempt past the
+        longest an attempt can take (a lease), so the senders of other daemons sharing the store pass it
+        by and it is sent once. The attempt then writes its outcome; if this daemon dies first, the row
+        falls due again when the lease ends."""
+        hold = now + dt.timedelta(seconds=2 * self.settings.webhook_timeout + ATTEMPT_MARGIN)
+        due = (WebhookDelivery.id == row_id) & (WebhookDelivery.state == PENDING) & (WebhookDelivery.next_attempt_at <= now)
+        # Waited for: the row is sent only once this sender holds it (the row count says).
+        taken = writer().submit(lambda: WebhookDelivery.update(next_attempt_at=hold).where(due).execute(),
+                                durable=False, wait=True)
+        return bool(taken == 1)
 
     def prune(self, now: dt.datetime) -> int:
         """Delete delivered and failed rows finished more than KEEP_FINISHED ago; pending rows stay."""

@@ -291,6 +291,19 @@ class SwitchCapacity:
             wait = max(wait, self._new_calls[over - 1] + WINDOW - now)
         return wait
 
+    def room(self, now: float) -> int:
+        """How many more new calls this switch would take now: the least of the room left in this
+        second's budget, in its sessions and in new calls' half of the second (the legs of calls in
+        progress that may go now count as taken). Compares switches: a new call goes where it is largest."""
+        self._prune(now)
+        edge = now - WINDOW
+        while self._new_calls and self._new_calls[0] <= edge:
+            self._new_calls.popleft()
+        ready = sum(1 for w in self._waiters if w.not_before <= now)
+        return min(self.rate_cap - len(self._log) - len(self._reserved) - ready,
+                   self.session_cap - self.sessions - self.pending - ready,
+                   self.new_call_cap - len(self._new_calls))
+
     def reserve_new_call(self, uuid: str, now: float) -> None:
         """Give a new call's A room (the caller checked :meth:`new_call_delay`)."""
         self._new_calls.append(now)

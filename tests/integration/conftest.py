@@ -7,6 +7,7 @@ The switch is the stand-in, in this process at a small time scale; or, when
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -23,7 +24,7 @@ import gevent.event
 import pytest
 
 from daemon.accounts.endpoints import EndpointOptions, create_endpoint
-from daemon.config import Settings, load_settings
+from daemon.config import Settings, SwitchAddress, load_settings
 from daemon.service import Service
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
 
@@ -50,16 +51,37 @@ def switch(request: pytest.FixtureRequest) -> Iterator[Any]:
         host, port, password = REAL_ESL.rsplit(":", 2)
         yield RealSwitch(host, int(port), password)
         return
+    with standins(request, 1) as (sw,):
+        yield sw
+
+
+@pytest.fixture
+def more_switches(request: pytest.FixtureRequest) -> Iterator[list[Any]]:
+    """More stand-ins (``@pytest.mark.switches(n)``: n of them, default 1) beside ``switch``, for the tests
+    of several switches (stand-in only: ``needs_standin()``)."""
+    marker = request.node.get_closest_marker("switches")
+    with standins(request, int(marker.args[0]) if marker else 1) as made:
+        yield list(made)
+
+
+@contextlib.contextmanager
+def standins(request: pytest.FixtureRequest, count: int) -> Iterator[tuple[Any, ...]]:
     from freeswitch.standin import StandIn
 
     marker = request.node.get_closest_marker("time_scale")
-    sw = StandIn(host="127.0.0.1", port=0, password="ClueCon",
-                 time_scale=float(marker.args[0]) if marker else SCALE)
-    sw.start()
+    made = [StandIn(host="127.0.0.1", port=0, password="ClueCon",
+                    time_scale=float(marker.args[0]) if marker else SCALE) for _ in range(count)]
     try:
-        yield sw
+        for sw in made:
+            sw.start()
+        yield tuple(made)
     finally:
-        sw.stop()
+        for sw in made:
+            sw.stop()
+
+
+def switch_address(switch: Any) -> SwitchAddress:
+    return SwitchAddress(getattr(switch, "host", "127.0.0.1"), switch.port, getattr(switch, "password", "ClueCon"))
 
 
 def tone_wav(folder: Path, seconds: float, freq: float, rate: int = 8000) -> str:
@@ -100,7 +122,8 @@ class Harness:
 
     def start(self) -> None:
         self.service.start()
-        assert self.service.engine.connected.wait(timeout=10), "engine did not connect to the switch"
+        for link in self.service.engine.links:
+            assert link.connected.wait(timeout=10), f"engine did not connect to the switch {link.name}"
 
     def endpoint(self, **options: Any) -> Endpoint:
         opts: dict[str, Any] = {"name": f"ep{Endpoint.select().count() + 1}", "caller_id_number": "15551230000",
@@ -164,7 +187,8 @@ for here, before any service starts, so that it is dropped only after they stopp
     made: list[Harness] = []
     postgres_url = request.getfixturevalue("postgres_url") if store_kind == "postgresql" else ""
 
-    def make(**overrides: Any) -> Harness:
+    def make(*, switches: list[Any] | None = None, **overrides: Any) -> Harness:
+        """``switches``: several switches (stand-ins) for the daemon instead of ``switch`` alone."""
         values: dict[str, Any] = {
             "state_dir": str(tmp_path / f"state{len(made)}"), "esl_host": getattr(switch, "host", "127.0.0.1"),
             "esl_port": switch.port, "esl_password": getattr(switch, "password", "ClueCon"), "http_port": 0,
@@ -177,6 +201,8 @@ for here, before any service starts, so that it is dropped only after they stopp
             # stand-in shares the process: on a loaded machine a command waits longer for its turn on the one
             # ESL connection. The production default, not the 2 s above.
             values["esl_command_timeout"] = 5.0
+        if switches:
+            values["switches"] = [switch_address(sw) for sw in switches]
         values.update(overrides)
         harness = Harness(load_settings(environ={}, **values), switch)
         made.append(harness)

@@ -137,7 +137,8 @@ def test_connection_dropped_while_bridged_keeps_the_call(harness: Harness) -> No
     call = harness.place(harness.endpoint(), "15550000409", "15550001409")  # B talks 60 s
     harness.wait_status(call, "bridged")
     harness.switch.drop_connections()
-    assert wait_for(lambda: harness.service.metrics.esl_reconnects._value.get() >= 1, 5)
+    assert wait_for(lambda: harness.service.metrics.esl_reconnects.labels(
+        harness.service.engine.links[0].name)._value.get() >= 1, 5)
     done = harness.wait_final(call, timeout=30)
     assert done.status == "completed", harness.timeline(done)
     assert done.b_cause == "NORMAL_CLEARING"
@@ -203,7 +204,8 @@ def test_metrics_after_calls_parse_with_the_prometheus_parser(harness: Harness) 
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
     assert samples[("callbridge_calls_finished_total", (("cause", "USER_BUSY"), ("status", "failed")))] == 1
-    assert samples[("callbridge_esl_connected", ())] == 1
+    switch = harness.service.engine.links[0].name
+    assert samples[("callbridge_esl_connected", (("switch", switch),))] == 1
     assert samples[("callbridge_scheduler_lateness_seconds_count", ())] == 1
     assert samples[("callbridge_calls_in_flight", (("phase", "dialing_a"),))] == 0
 

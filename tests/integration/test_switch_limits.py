@@ -61,7 +61,7 @@ def test_200_calls_at_once_all_complete_within_the_switchs_default_limits(harnes
     gevent.joinall([gevent.spawn(harness.wait_final, c, 120) for c in calls], raise_error=True)
     outcomes = Counter((c.status, c.reason) for c in (Call.get_by_id(c.id) for c in calls))
     assert outcomes == {("completed", ""): 200}
-    capacity = harness.service.engine.capacity
+    capacity = harness.service.engine.links[0].capacity
     assert (capacity.sps, capacity.max_sessions) == (30, 1000)  # read from the switch, not assumed
     if hasattr(harness.switch, "switch"):
         # Paced under the switch's budget: it never had to refuse a session.
@@ -74,7 +74,7 @@ def test_200_calls_at_once_all_complete_within_the_switchs_default_limits(harnes
 def test_a_limit_lowered_under_the_daemon_shows_throttled_then_completed(
         make_harness: Callable[..., Harness]) -> None:
     harness = make_harness(switch_status_interval=60.0)  # it learns the new limit from the refusals
-    assert harness.service.engine.capacity.sps == 30
+    assert harness.service.engine.links[0].capacity.sps == 30
     set_sps(harness, 2)  # one session a tick from now on
     endpoint = harness.endpoint()
     calls = [harness.place(endpoint, "15550000422", "15550006422", prompts=False) for _ in range(4)]
@@ -82,14 +82,15 @@ def test_a_limit_lowered_under_the_daemon_shows_throttled_then_completed(
     assert [c.status for c in done] == ["completed"] * 4, [harness.timeline(c) for c in done]
     throttled = [s for c in done for s in steps(c, "throttled")]
     assert throttled and {s["cause"] for s in throttled} == {"DESTINATION_OUT_OF_ORDER"}
-    assert harness.service.engine.capacity.sps == 2  # re-read after the refusal
+    assert harness.service.engine.links[0].capacity.sps == 2  # re-read after the refusal
     for call in done:  # each refusal created nothing and was sent again; A was created once
         a_uuid = str(call.a_uuid)
         assert commands_for(harness, "bgapi originate", a_uuid) == 1 + harness.switch.refusals(a_uuid)
         assert harness.switch.channel(a_uuid) is not None
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{harness.service.http_port}/metrics", timeout=5).read()
     assert b'callbridge_switch_throttled_total{leg="a"}' in metrics
-    assert b"callbridge_switch_sessions_per_second_limit 2.0" in metrics
+    name = harness.service.engine.links[0].name
+    assert f'callbridge_switch_sessions_per_second_limit{{switch="{name}"}} 2.0'.encode() in metrics
 
 
 @needs_standin()
@@ -138,11 +139,16 @@ def test_a_refused_until_the_originate_timeout_fails_with_the_reason(make_harnes
 def test_readyz_and_metrics_show_the_switchs_capacity(harness: Harness) -> None:
     base = f"http://127.0.0.1:{harness.service.http_port}"
     with urllib.request.urlopen(base + "/readyz", timeout=5) as resp:
-        switch = json.loads(resp.read())["data"]["switch"]
+        data = json.loads(resp.read())["data"]
+    (switch,) = data["switches"]
+    label = f'{{switch="{switch["switch"]}"}}'
+    assert switch["switch"] == f"{getattr(harness.switch, 'host', '127.0.0.1')}:{harness.switch.port}"
+    assert switch["connected"] and switch["unreachable_seconds"] is None and data["switches_not_ready"] == []
     assert switch["known"] and (switch["sessions_per_second"], switch["max_sessions"]) == (30, 1000)
     assert (switch["rate_cap"], switch["session_cap"]) == (26, 900)
     metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
-    for name in ("callbridge_switch_sessions_per_second_limit 30.0", "callbridge_switch_max_sessions 1000.0",
-                 "callbridge_switch_sessions ", "callbridge_switch_session_rate ",
+    for name in (f"callbridge_switch_sessions_per_second_limit{label} 30.0",
+                 f"callbridge_switch_max_sessions{label} 1000.0", f"callbridge_switch_sessions{label} ",
+                 f"callbridge_switch_session_rate{label} ", f"callbridge_esl_connected{label} 1.0",
                  'callbridge_switch_throttled_total{leg="b"} 0.0'):
         assert name in metrics, name

@@ -52,7 +52,7 @@ NAMES = st.sampled_from(["variable_sip_from_display", "Caller-Caller-ID-Name", "
 def test_forged_headers_in_values_never_reroute_an_event(tmp_path_factory: Any, kind: str, leg: str,
                                                          extra: dict[str, str], body: bytes, cuts: list[int]) -> None:
     settings_ = load_settings(environ={}, state_dir=str(tmp_path_factory.getbasetemp() / "routing"))
-    engine = Engine(settings_, CallRecords(Metrics()))
+    engine = Engine(settings_, CallRecords(Metrics())).links[0]
     mine, theirs = Inbox(), Inbox()
     for key in (MINE_A, MINE_B, MINE_JOB):
         engine.route(key, mine)  # type: ignore[arg-type]

@@ -105,7 +105,8 @@ def _apps_queued(harness: Harness, call: Call) -> bool:
 
 
 def reconnects(harness: Harness) -> float:
-    return float(harness.service.metrics.esl_reconnects._value.get())
+    return sum(float(link_count._value.get()) for link_count in
+               (harness.service.metrics.esl_reconnects.labels(link.name) for link in harness.service.engine.links))
 
 
 def fault(name: str) -> None:
@@ -137,10 +138,10 @@ PHASES: dict[str, tuple[str, str, PhaseCheck, PhaseCheck | None]] = {
     # phase: (A digit, B digit, "every call is in that phase now", "what happens while the connection is down")
     # A rings 2 s; it answers while the connection is down.
     "dialing_a": ("1", "6", lambda h, c: leg_ringing(h, fresh(c).a_uuid), lambda h, c: _answered(h, fresh(c).a_uuid)),
-    # A hears the prompts, its apps all queued; it goes on to hear the dialtone while the connection is
-    # down: B is dialed only when the daemon says so (it paces B's session), once it is back.
+    # A hears the prompts, its apps all queued; it goes on to its wait (the dialtone looped) while the
+    # connection is down: B is dialed only when the daemon says so (it paces B's session), once it is back.
     "prompts": ("0", "0", lambda h, c: fresh(c).status == "a_answered" and _apps_queued(h, fresh(c)),
-                lambda h, c: False),
+                lambda h, c: a_playing(h, fresh(c), wait_uuid(str(fresh(c).a_uuid), 0))),
     # B rings 2 s; it answers (and so is bridged) while the connection is down.
     "dialing_b": ("0", "1", lambda h, c: fresh(c).status == "dialing_b" and leg_ringing(h, fresh(c).b_uuid),
                   lambda h, c: _answered(h, fresh(c).b_uuid)),
@@ -205,8 +206,17 @@ def test_the_connection_drops_while_a_waits_for_b(make_harness: Callable[..., Ha
             (call.failed_leg, call.b_cause, call.reason, harness.timeline(call))
         assert "reconciled" in harness.timeline(call)
         heard = [s for s in harness.switch.heard(str(call.a_uuid)) if s["kind"] != "silence"]
-        waited = [s for s in heard if s["kind"] == "file" and s["source"] == harness.dialtone]
-        assert waited and waited[0]["end"] - waited[0]["start"] >= 4.0, heard  # the dialtone, through the outage
+        # The dialtone, through the outage: its first wait, one segment, or several back to back (the
+        # stand-in records a round on its own when a loaded machine leaves a gap of silence before it).
+        def dialtone(s: dict[str, Any]) -> bool:
+            return bool(s["kind"] == "file" and s["source"] == harness.dialtone)
+
+        first = next((i for i, s in enumerate(heard) if dialtone(s)), None)
+        assert first is not None, heard
+        last = first
+        while last + 1 < len(heard) and dialtone(heard[last + 1]):
+            last += 1
+        assert heard[last]["end"] - heard[first]["start"] >= 4.0, heard
 
 
 @pytest.mark.time_scale(0.1)

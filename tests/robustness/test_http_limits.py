@@ -32,7 +32,9 @@ import gevent
 import gevent.event
 import pytest
 from flask import Flask
+from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.ops.metrics import Metrics
 from daemon.store import Call
 from tests.conftest import NOW
 from tests.fakes import FakeMedia
@@ -273,6 +275,14 @@ def test_at_the_cap_a_served_request_is_never_closed_and_a_newcomer_gets_503(
     assert refused.status == 503 and refused.headers["retry-after"] == "1"
     assert refused.data()["code_desc"] == "server: too many connections in progress; retry later"
     assert server.refused == 1 and server.evicted == 0
+    # /metrics reads the same counts (the daemon's Metrics watch its server).
+    metrics = Metrics()
+    metrics.watch_http_server(server)
+    samples = {(s.name, tuple(s.labels.values())): s.value
+               for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    assert samples[("callbridge_http_connections_closed_total", ("refused",))] == 1
+    assert samples[("callbridge_http_connections_closed_total", ("evicted",))] == 0
+    assert samples[("callbridge_http_connections", ())] == 2 == samples[("callbridge_http_connections_max", ())]
     release.set()
     assert [g.get(timeout=30).status for g in served] == [200, 200]
     assert request(base(server), "GET", "/healthz", timeout=30).status == 200

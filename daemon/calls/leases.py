@@ -1,0 +1,102 @@
+"""Who follows each call in flight when several daemons share one PostgreSQL: leases, renewal, takeover.
+
+A claim writes the claiming daemon's instance id (``owner``) and a lease (``lease_until``, now +
+``lease_seconds``) into the call (``CallRecords.claim``). While it runs, the daemon renews the lease of
+every call it follows, one UPDATE every third of the lease. A daemon that dies (SIGKILL, power, network)
+stops renewing; once a lease has run out, any other daemon's next look takes the call over: one
+conditional UPDATE on the old owner and the expired lease, so exactly one daemon wins, and the winner
+follows the call as a restart does (``Engine.adopt``: reconciled with the switch by its leg UUIDs, never
+dialed twice; a call claimed but never sent is dialed). A daemon that finds it lost a call (it was stalled
+past its lease and another took it) stops following it.
+
+At start a daemon adopts only its own calls (a previous run under the same ``instance_id``) and expired
+ones (``CallRecords.left_in_flight``); on SIGTERM it ends its leases at once, so another daemon takes its
+calls over at its next look. With SQLite there is one daemon: it adopts every call in flight at start,
+and the lease only lets it pick up a call its own sequence gave up on (a store outage) without a restart.
+
+Times are each daemon's clock: keep the nodes' clocks in step (NTP); a lease of 30 s tolerates seconds
+of skew.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import secrets
+import socket
+from collections.abc import Callable
+
+from daemon.calls.records import CallRecords
+from daemon.config import Settings
+from daemon.loop import Loop
+from daemon.ops.logs import log_event
+from daemon.store import utcnow
+from daemon.switch.engine import Engine
+
+log = logging.getLogger("callbridge.leases")
+
+
+def new_instance_id() -> str:
+    """A name for this daemon when none is configured: host name, pid and a random part."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:80] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Leases:
+    """Renews this daemon's leases and takes over calls whose daemon stopped renewing; a :class:`Loop`
+    ticking every third of the lease."""
+
+    def __init__(self, settings: Settings, engine: Engine, records: CallRecords,
+                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self.engine = engine
+        self.records = records
+        self.period = settings.lease_seconds / 3
+        self.loop = Loop("call leases", self.tick, clock, log=log, first_delay=self.period,
+                         error_delay=min(self.period, 1.0))
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+    def tick(self, now: dt.datetime) -> float:
+        self.renew(now)
+        self.take_over(now)
+        return self.period
+
+    def renew(self, now: dt.datetime) -> int:
+        """Renew the leases of the calls this daemon follows; let go of any another daemon took over.
+        Returns how many were let go."""
+        lost = self.records.renew_leases(list(self.engine.active), now=now)
+        if lost:
+            log_event(log, "lease.lost", logging.WARNING, calls=len(lost),
+                      note="another daemon took these calls over: this one stalled past their lease")
+            self.engine.let_go(lost, note="another daemon took the call over (this one had not renewed its lease)")
+        return len(lost)
+
+    def take_over(self, now: dt.datetime) -> int:
+        """Take over the calls whose lease expired (their daemon died) and follow them; returns how many.
+        Nothing while the switch is unreachable: a daemon that can reconcile them should have them."""
+        if not self.engine.ready:
+            return 0
+        taken = 0
+        for call in self.records.expired_leases(now=now, exclude=set(self.engine.active)):
+            previous, expired_at = call.owner, call.lease_until
+            if not self.records.take_over(call, now=now):
+                continue  # another daemon was quicker
+            taken += 1
+            note = (f"taken over from {previous}, whose lease ended at {expired_at.isoformat()}Z"
+                    if previous and expired_at else "taken over: no daemon held it")
+            self.engine.adopt(call, note=note)
+        if taken:
+            log_event(log, "lease.taken_over", calls=taken)
+        return taken
+
+    def release(self, call_ids: list[int], now: dt.datetime) -> None:
+        """This daemon is stopping: end its leases on the calls it leaves to FreeSWITCH."""
+        released = self.records.release_leases(call_ids, now=now)
+        if released:
+            log_event(log, "lease.released", calls=released)

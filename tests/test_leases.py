@@ -1,0 +1,304 @@
+"""Ownership of calls in flight: the claim's lease, its renewal, takeover after it ran out, adoption at
+start (a daemon's own and expired calls only, on a shared store), and an endpoint's limits counted across
+two daemons sharing one PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+import pytest
+
+from daemon.calls.dispatcher import Dispatcher
+from daemon.calls.leases import Leases, new_instance_id
+from daemon.calls.records import CallRecords, NotOwned
+from daemon.config import Settings
+from daemon.ops.metrics import Metrics
+from daemon.store import Call, CallEvent, CallStatus, Endpoint
+from tests.test_dispatcher import FakeEngine
+
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
+
+T0 = dt.datetime(2026, 3, 1, 9, 0, 0)
+LEASE = dt.timedelta(seconds=30)
+
+
+def daemon(name: str, now: Callable[[], dt.datetime] = lambda: T0) -> CallRecords:
+    return CallRecords(Metrics(), clock=now, owner=name, lease_seconds=LEASE.total_seconds())
+
+
+def in_flight(endpoint: Endpoint, *, owner: str | None, lease_until: dt.datetime | None,
+              status: CallStatus = CallStatus.BRIDGED) -> Call:
+    """A call as a daemon leaves it running: claimed, legs known, owned, its lease until ``lease_until``."""
+    return Call.create(callid=secrets.token_hex(14), endpoint=endpoint, phone_a="15550000001",
+                       phone_b="15550000002", due_at=T0 - dt.timedelta(minutes=1), status=status.value,
+                       a_uuid=secrets.token_hex(16), b_uuid=secrets.token_hex(16), started_at=T0 - LEASE,
+                       owner=owner, lease_until=lease_until)
+
+
+def pending(endpoint: Endpoint, due: dt.datetime = T0) -> Call:
+    return Call.create(callid=secrets.token_hex(14), endpoint=endpoint, phone_a="15550000001",
+                       phone_b="15550000002", due_at=due, scheduled=True, status="scheduled")
+
+
+def test_an_instance_id_is_made_from_the_host_the_pid_and_a_random_part() -> None:
+    first, second = new_instance_id(), new_instance_id()
+    assert first != second and len(first) <= 100
+    assert Settings(instance_id=first).instance_id == first
+
+
+def test_a_claim_writes_its_owner_and_lease_and_renewal_extends_only_this_daemons(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint, _ = make_endpoint()
+    mine, other = daemon("node-a"), daemon("node-b")
+    call = pending(endpoint)
+    assert mine.claim(call, a_uuid="a", b_uuid="b", now=T0)
+    stored = Call.get_by_id(call.id)
+    assert (stored.owner, stored.lease_until) == ("node-a", T0 + LEASE)
+    theirs = in_flight(endpoint, owner="node-b", lease_until=T0 + LEASE)
+    later = T0 + dt.timedelta(seconds=10)
+    assert mine.renew_leases([call.id], now=later) == set()
+    assert Call.get_by_id(call.id).lease_until == later + LEASE
+    # A call this daemon still follows but another took over while it stalled: reported lost, left alone.
+    assert mine.renew_leases([call.id, theirs.id], now=later) == {theirs.id}
+    assert Call.get_by_id(theirs.id).lease_until == T0 + LEASE
+    assert other.renew_leases([], now=later) == set()
+
+
+def test_an_expired_lease_is_taken_over_once_and_a_live_one_never(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]], store_kind: str) -> None:
+    endpoint, _ = make_endpoint()
+    dead = in_flight(endpoint, owner="node-dead", lease_until=T0 - dt.timedelta(seconds=1))
+    live = in_flight(endpoint, owner="node-live", lease_until=T0 + dt.timedelta(seconds=1))
+    b, c = daemon("node-b"), daemon("node-c")
+    expired = b.expired_leases(now=T0)
+    assert [x.id for x in expired] == [dead.id]
+    # Both read the same expired call; each tries the conditional UPDATE on the old owner: one wins.
+    seen_by_b, seen_by_c = b.expired_leases(now=T0)[0], c.expired_leases(now=T0)[0]
+    won = [b.take_over(seen_by_b, now=T0), c.take_over(seen_by_c, now=T0)]
+    assert won == [True, False]
+    stored = Call.get_by_id(dead.id)
+    assert (stored.owner, stored.lease_until) == ("node-b", T0 + LEASE)
+    assert b.expired_leases(now=T0) == []
+    if store_kind == "postgresql":  # a shared store: a live daemon's call is never taken
+        assert not c.take_over(Call.get_by_id(live.id), now=T0)
+        assert Call.get_by_id(live.id).owner == "node-live"
+
+
+@pytest.mark.stores("postgresql")
+def test_daemons_racing_for_expired_calls_each_take_different_ones_and_none_twice(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint, _ = make_endpoint()
+    calls = [in_flight(endpoint, owner="node-dead", lease_until=T0 - dt.timedelta(seconds=5)) for _ in range(30)]
+    daemons = [daemon(f"node-{n}") for n in range(3)]
+
+    def grab(records: CallRecords) -> list[int]:
+        taken = []
+        for call in records.expired_leases(now=T0):
+            if records.take_over(call, now=T0):
+                taken.append(call.id)
+            gevent.sleep(0)
+        return taken
+
+    runs = [gevent.spawn(grab, records) for records in daemons]
+    gevent.joinall(runs, timeout=60, raise_error=True)
+    taken = [call_id for run in runs for call_id in run.value]
+    assert sorted(taken) == sorted(c.id for c in calls)  # every one, each by exactly one daemon
+    owners = {c.owner for c in Call.select()}
+    assert owners <= {"node-0", "node-1", "node-2"}
+
+
+def test_at_start_a_daemon_takes_its_own_and_expired_calls_and_on_sqlite_every_one(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]], store_kind: str) -> None:
+    endpoint, _ = make_endpoint()
+    own = in_flight(endpoint, owner="node-a", lease_until=T0 + LEASE)  # a previous run of node-a
+    expired = in_flight(endpoint, owner="node-dead", lease_until=T0 - dt.timedelta(seconds=1))
+    unowned = in_flight(endpoint, owner=None, lease_until=None)  # left in flight before leases existed
+    live = in_flight(endpoint, owner="node-live", lease_until=T0 + dt.timedelta(seconds=5))
+    finished = in_flight(endpoint, owner="node-dead", lease_until=None, status=CallStatus.COMPLETED)
+    taken = {c.id for c in daemon("node-a").left_in_flight(now=T0)}
+    if store_kind == "postgresql":
+        assert taken == {own.id, expired.id, unowned.id}
+        assert Call.get_by_id(live.id).owner == "node-live"
+    else:  # one daemon on SQLite: whatever is in flight is its own
+        assert taken == {own.id, expired.id, unowned.id, live.id}
+    assert finished.id not in taken
+    assert {c.owner for c in Call.select().where(Call.id.in_(taken))} == {"node-a"}
+
+
+def test_stopping_ends_the_leases_so_another_daemon_takes_over_at_once(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint, _ = make_endpoint()
+    mine = [in_flight(endpoint, owner="node-a", lease_until=T0 + LEASE) for _ in range(2)]
+    theirs = in_flight(endpoint, owner="node-b", lease_until=T0 + LEASE)
+    assert daemon("node-a").release_leases([c.id for c in mine] + [theirs.id], now=T0) == 2
+    later = T0 + dt.timedelta(seconds=1)
+    assert {c.id for c in daemon("node-c").expired_leases(now=later)} == {c.id for c in mine}
+
+
+class AdoptingEngine(FakeEngine):
+    """The engine's side of leases: the calls it follows, adopts and lets go of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active: dict[int, Any] = {}
+        self.adopted: list[tuple[int, str]] = []
+        self.let_go_of: list[int] = []
+
+    def adopt(self, call: Call, *, note: str) -> None:
+        self.adopted.append((call.id, note))
+        self.active[call.id] = call
+
+    def let_go(self, call_ids: Any, *, note: str) -> None:
+        for call_id in call_ids:
+            self.let_go_of.append(call_id)
+            self.active.pop(call_id, None)
+
+
+def test_the_lease_keeper_renews_takes_over_and_lets_go(
+        settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint, _ = make_endpoint()
+    engine = AdoptingEngine()
+    records = daemon("node-a")
+    keeper = Leases(settings, engine, records)  # type: ignore[arg-type]
+    assert keeper.period == settings.lease_seconds / 3
+    followed = in_flight(endpoint, owner="node-a", lease_until=T0 + dt.timedelta(seconds=2))
+    engine.active[followed.id] = followed
+    orphan = in_flight(endpoint, owner="node-dead", lease_until=T0 - dt.timedelta(seconds=1))
+    stolen = in_flight(endpoint, owner="node-b", lease_until=T0 + LEASE)  # node-b took it while we stalled
+    engine.active[stolen.id] = stolen
+    engine.ready = False
+    assert keeper.tick(T0) == keeper.period
+    assert engine.adopted == []  # no switch: nothing taken over, to be followed by a daemon that has one
+    assert engine.let_go_of == [stolen.id]
+    assert Call.get_by_id(followed.id).lease_until == T0 + LEASE
+    engine.ready = True
+    keeper.tick(T0)
+    assert [call_id for call_id, _ in engine.adopted] == [orphan.id]
+    assert "taken over from node-dead" in engine.adopted[0][1]
+    assert Call.get_by_id(orphan.id).owner == "node-a"
+    keeper.tick(T0)
+    assert len(engine.adopted) == 1 and Call.get_by_id(stolen.id).owner == "node-b"
+
+
+# -- an endpoint's limits across two daemons on one PostgreSQL ---------------------------------------
+
+def two_dispatchers(settings: Settings, clock: Callable[[], dt.datetime]) -> list[tuple[Dispatcher, FakeEngine]]:
+    settings.calls_per_second = 1000
+    settings.max_in_flight = 1000
+    out = []
+    for name in ("node-a", "node-b"):
+        engine = FakeEngine()
+        engine.capacity.learn_limits(sps=10_000, max_sessions=100_000)  # a big switch: only the endpoint limits
+        out.append((Dispatcher(settings, engine, daemon(name, clock), clock=clock), engine))  # type: ignore[arg-type]
+    return out
+
+
+def tick_both(pair: list[tuple[Dispatcher, FakeEngine]], now: dt.datetime, mono: float = 0.0) -> None:
+    ticks = [gevent.spawn(dispatcher.tick, now, mono) for dispatcher, _ in pair]
+    gevent.joinall(ticks, timeout=60, raise_error=True)
+
+
+@pytest.mark.stores("postgresql")
+def test_an_endpoints_in_flight_limit_and_daily_cap_hold_across_two_daemons(
+        settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    limited, _ = make_endpoint(max_in_flight=5, calls_per_second=1000, daily_cap=1000)
+    capped, _ = make_endpoint(max_in_flight=1000, calls_per_second=1000, daily_cap=7)
+    for n in range(40):
+        pending(limited, T0 - dt.timedelta(seconds=n))
+        pending(capped, T0 - dt.timedelta(seconds=n))
+    pair = two_dispatchers(settings, lambda: T0)
+    tick_both(pair, T0)
+    launched = [call for _, engine in pair for call in engine.launched]
+    assert sum(c.endpoint_id == limited.id for c in launched) == 5  # not 5 per daemon
+    assert sum(c.endpoint_id == capped.id for c in launched) == 7
+    assert Call.select().where((Call.endpoint == capped.id) & (Call.status == "failed")).count() == 33
+    # Two of the limited endpoint's calls end (on whichever daemon): two more start, across both.
+    for call in [c for c in launched if c.endpoint_id == limited.id][:2]:
+        next(engine for _, engine in pair if call in engine.launched).end(call)
+    tick_both(pair, T0)
+    running = Call.select().where((Call.endpoint == limited.id) & Call.status.in_(["dialing_a"])).count()
+    assert running == 5
+
+
+@pytest.mark.stores("postgresql")
+def test_an_endpoints_calls_per_second_hold_across_two_daemons(
+        settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint, _ = make_endpoint(max_in_flight=1000, calls_per_second=3, daily_cap=1000)
+    for n in range(20):
+        pending(endpoint, T0 - dt.timedelta(seconds=n))
+    now = [T0]
+    pair = two_dispatchers(settings, lambda: now[0])
+    tick_both(pair, now[0])
+    assert sum(len(engine.launched) for _, engine in pair) == 3  # each daemon's bucket alone would allow 6
+    waits = [dispatcher.tick(now[0] + dt.timedelta(seconds=0.5), 0.5) for dispatcher, _ in pair]
+    assert sum(len(engine.launched) for _, engine in pair) == 3
+    assert all(0 < wait <= 0.5 for wait in waits), waits  # the window's oldest start leaves it then
+    now[0] = T0 + dt.timedelta(seconds=1)
+    tick_both(pair, now[0], 1.0)
+    assert sum(len(engine.launched) for _, engine in pair) == 6
+    starts: list[dt.datetime] = [c.started_at for c in Call.select().where(Call.started_at.is_null(False))]
+    assert max(sum(1 for s in starts if t <= s < t + dt.timedelta(seconds=1)) for t in starts) <= 3
+    kinds = {e.kind for e in CallEvent.select()}
+    assert "claimed" in kinds
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_that_lost_a_call_cannot_mark_it_sent_so_only_the_new_owner_dials_it(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """node-a claimed the call and stalled (waiting for its turn on the connection) past its lease; node-b
+    took it over, found no mark and dials it. node-a's mark, which must precede its send, is refused: it
+    never sends. The other order: a mark committed before the takeover is seen by the new owner, which
+    then reconciles instead of dialing."""
+    endpoint, _ = make_endpoint()
+    stalled, other = daemon("node-a"), daemon("node-b", lambda: T0 + LEASE + dt.timedelta(seconds=1))
+    call = pending(endpoint)
+    assert stalled.claim(call, a_uuid="a-leg", b_uuid="b-leg", now=T0)
+    taken = other.expired_leases(now=T0 + LEASE + dt.timedelta(seconds=1))
+    assert [c.id for c in taken] == [call.id] and other.take_over(taken[0], now=T0 + LEASE + dt.timedelta(seconds=1))
+    assert not other.originate_marked(taken[0])  # the new owner dials it
+    with pytest.raises(NotOwned):
+        stalled.mark_dialing_a(call)
+    assert not other.originate_marked(taken[0])
+    other.mark_dialing_a(taken[0])  # the owner's mark goes in, renewing its lease
+    assert Call.get_by_id(call.id).lease_until == T0 + LEASE + dt.timedelta(seconds=1) + LEASE
+
+    second = pending(endpoint)
+    assert stalled.claim(second, a_uuid="a2", b_uuid="b2", now=T0)
+    stalled.mark_dialing_a(second)  # sent, then node-a dies
+    later = T0 + 3 * LEASE
+    found = [c for c in other.expired_leases(now=later) if c.id == second.id]
+    assert found and other.take_over(found[0], now=later)
+    assert other.originate_marked(found[0])  # reconciled by its UUIDs, never dialed again
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_starting_never_marks_missed_what_another_is_claiming(
+        settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """node-a's claim round holds overdue calls (held back by a limit for long, then claimed); node-b starts
+    and marks the calls overdue beyond the grace missed: not those node-a holds, which stay claimed."""
+    endpoint, _ = make_endpoint()
+    old = [pending(endpoint, T0 - dt.timedelta(hours=1)) for _ in range(4)]
+    settings.schedule_grace = 300
+    claimer, starter = daemon("node-a"), daemon("node-b")
+    holding, release = gevent.event.Event(), gevent.event.Event()
+
+    def claim_two() -> None:
+        with claimer.claim_round():
+            for call in claimer.due(T0, limit=2):
+                assert claimer.claim(call, a_uuid="a", b_uuid="b", now=T0)
+            holding.set()
+            release.wait(30)
+
+    round_a = gevent.spawn(claim_two)
+    assert holding.wait(30)
+    dispatcher = Dispatcher(settings, FakeEngine(), starter, clock=lambda: T0)  # type: ignore[arg-type]
+    assert dispatcher.recover(T0) == 2
+    release.set()
+    round_a.get(timeout=30)
+    statuses = [Call.get_by_id(c.id).status for c in old]
+    assert statuses == ["dialing_a", "dialing_a", "missed", "missed"]

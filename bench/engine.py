@@ -156,7 +156,9 @@ def engine_throughput(
 
         wait_until(finished, timeout=max(120.0, n / 5), interval=0.1)
         final = daemon.metrics()
-        final["bench_cpu_share"] = (cpu_seconds(daemon.pid) - cpu0) / (time.perf_counter() - wall0)
+        cpu = cpu_seconds(daemon.pid) - cpu0
+        final["bench_cpu_share"] = cpu / (time.perf_counter() - wall0)
+        final["bench_cpu_per_call_ms"] = 1000 * cpu / max(1.0, final.get("callbridge_calls_finished_total", 0.0))
     finally:
         daemon.stop()
     return _rate_between(marks, 0.1 * n, 0.9 * n), final
@@ -222,6 +224,15 @@ def run(report: Report, full: bool) -> None:
                 target=">= 0.70 x pipe limit",
                 ok=bool(rate >= 0.7 * limit > 0),
                 size=size,
+            )
+            report.add(
+                "engine",
+                "daemon CPU per complete call",
+                final["bench_cpu_per_call_ms"],
+                "ms",
+                target="<= 2 ms",
+                ok=bool(final["bench_cpu_per_call_ms"] <= 2.0),
+                size=f"{n_engine} calls: the daemon's user + system CPU from its start to the last one's end",
             )
             report.add(
                 "engine",

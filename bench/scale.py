@@ -8,8 +8,9 @@ section), so its idle RSS is read first. Then:
   (RSS with N in flight - RSS idle) / N;
 * event reaction: the stand-in answers A (``Channel.answered_at``, just before CHANNEL_ANSWER is queued
   to the daemon) until the daemon's first ``sendmsg`` for A reaches the stand-in (``bench.switch`` tap).
-  Figures for probe calls placed through the API (10 a second) while the N calls are bridged, and, for
-  information, over the ramp in which the N calls were set up.
+  Figures for probe calls placed through the API (10 a second) while the N calls are bridged, the same
+  again while 10 keep-alive clients create scheduled calls back to back, and, for information, over the
+  ramp in which the N calls were set up.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import urllib.parse
 
 import gevent
 
+from bench.api import _body, _ok
 from bench.common import (
     Daemon,
     Switch,
     cpu_seconds,
     http_json,
     insert_calls,
+    load,
     percentile,
+    request_bytes,
     rss_kib,
     wait_until,
     workdir,
@@ -42,7 +46,7 @@ def run(report: Report, full: bool) -> None:
     probes = 100
     with workdir("scale") as folder:
         switch = Switch(SCALE, folder / "standin.log")
-        daemon = Daemon(folder, switch.port, max_in_flight=n + probes + 100)
+        daemon = Daemon(folder, switch.port, max_in_flight=n + 2 * probes + 100)
         try:
             endpoint = daemon.add_endpoint()
             due = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=8)
@@ -86,23 +90,27 @@ def run(report: Report, full: bool) -> None:
             rss, _ = rss_kib(daemon.pid)
             ramp_tap = switch.tap()["a"]
 
+            def place_probes(numbers: range, start: float) -> None:
+                """One call through the API every 0.1 s, A and B answering at once."""
+                for k, i in enumerate(numbers):
+                    body = urllib.parse.urlencode(
+                        {
+                            "token": endpoint["token"],
+                            "phone_a": f"15550000{i % 1000:03d}",
+                            "phone_b": f"15550000{999 - i % 1000:03d}",
+                        }
+                    ).encode()
+                    http_json(
+                        daemon.http_port,
+                        "POST",
+                        "/v1/calls",
+                        body=body,
+                        content_type="application/x-www-form-urlencoded",
+                    )
+                    gevent.sleep(max(0.0, start + (k + 1) * 0.1 - time.monotonic()))
+
             probe_start = time.monotonic()
-            for i in range(probes):
-                body = urllib.parse.urlencode(
-                    {
-                        "token": endpoint["token"],
-                        "phone_a": f"15550000{i:03d}",
-                        "phone_b": f"15550000{999 - i:03d}",
-                    }
-                ).encode()
-                http_json(
-                    daemon.http_port,
-                    "POST",
-                    "/v1/calls",
-                    body=body,
-                    content_type="application/x-www-form-urlencoded",
-                )
-                gevent.sleep(max(0.0, probe_start + (i + 1) * 0.1 - time.monotonic()))
+            place_probes(range(probes), probe_start)
             wait_until(
                 lambda: (
                     daemon.metrics().get('callbridge_calls_in_flight{phase="bridged"}', 0.0) >= held + probes
@@ -112,6 +120,25 @@ def run(report: Report, full: bool) -> None:
             )
             rss_after, hwm = rss_kib(daemon.pid)
             tap = switch.tap()["a"]
+
+            # The same probes again while 10 keep-alive clients create (scheduled) calls back to back.
+            body, content_type = _body(endpoint["token"], "form", scheduled=True)
+            raw = request_bytes("POST", "/v1/calls", body=body, content_type=content_type,
+                                host=f"127.0.0.1:{daemon.http_port}")
+            creating = gevent.spawn(load, daemon.http_port, lambda _n: raw, clients=10, seconds=probes * 0.1 + 1.0,
+                                    warmup=0.5, check=_ok)
+            gevent.sleep(0.5)
+            busy_start = time.monotonic()
+            place_probes(range(probes, 2 * probes), busy_start)
+            created = creating.get()
+            wait_until(
+                lambda: (
+                    daemon.metrics().get('callbridge_calls_in_flight{phase="bridged"}', 0.0) >= held + 2 * probes
+                ),
+                timeout=20,
+                interval=0.5,
+            )
+            busy_tap = switch.tap()["a"]
         finally:
             daemon.stop()
             switch.stop()
@@ -168,6 +195,17 @@ def run(report: Report, full: bool) -> None:
         target="<= 5 ms",
         ok=percentile(probe, 99) <= 5.0,
         size=f"max {max(probe, default=float('nan')):.1f} ms",
+    )
+    busy = reactions(busy_tap, busy_start)
+    report.add(
+        "scale",
+        f"event reaction p99, probes while {held} bridged and 10 clients create calls",
+        percentile(busy, 99),
+        "ms",
+        target="<= 5 ms",
+        ok=percentile(busy, 99) <= 5.0,
+        size=f"p50 {percentile(busy, 50):.1f} ms, max {max(busy, default=float('nan')):.1f} ms, {len(busy)} probes; "
+        f"creates meanwhile {created.rate:.0f}/s, p99 {created.p99:.1f} ms, {created.errors} errors",
     )
     report.add(
         "scale",

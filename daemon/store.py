@@ -4,10 +4,12 @@ Two databases, the same schema and the same code:
 
 * **SQLite** (``sqlite:///path``, the default): one daemon on one host. WAL mode with
   ``synchronous=FULL``, so that a committed claim ("this call is being dialed") survives a power cut.
-  The daemon keeps one shared connection (``thread_safe=False``: with gevent's monkey-patching a
-  thread-local connection would become one connection per greenlet) and never yields inside a
-  transaction: no network I/O between ``atomic()`` and its commit, and SQLite's own calls do not yield.
-  SQLite's busy wait blocks the whole process, hence the short busy timeout.
+  One connection per OS thread (:class:`ThreadConnections`), not per greenlet: the greenlets of the
+  event loop share one, which only reads while the daemon runs, and the store's writer thread
+  (:mod:`daemon.writer`) has its own, through which every write of the daemon goes; WAL lets the loop
+  read while the writer commits. Nothing yields inside a transaction (no network I/O between
+  ``atomic()`` and its commit, and SQLite's own calls do not yield). SQLite's busy wait blocks its
+  thread, hence the short busy timeout.
 * **PostgreSQL** (``postgresql://user:password@host:port/name``): the store several daemons share.
   Here every statement waits on the network and yields to other greenlets, so one shared connection
   would interleave two greenlets' transactions. Instead a small pool lends a connection to one greenlet
@@ -37,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gevent import monkey
 from peewee import (
     AutoField,
     BigIntegerField,
@@ -53,6 +56,7 @@ from peewee import (
     PostgresqlDatabase,
     SqliteDatabase,
     TextField,
+    _ConnectionState,  # type: ignore[attr-defined]  # peewee's per-connection state
 )
 from playhouse.db_url import connect
 from playhouse.migrate import SchemaMigrator
@@ -380,6 +384,11 @@ def migrate(db: Database) -> int:
         return current
 
 
+class ThreadConnections(_ConnectionState, monkey.get_original("_thread", "_local")):  # type: ignore[misc]
+    """peewee's connection state per OS thread (the real thread-local, not gevent's greenlet-local one):
+    the event loop's greenlets share one SQLite connection, the writer thread has its own."""
+
+
 def open_database(url: str) -> Database:
     """Connect to ``url`` (``sqlite:///path`` or ``postgresql://...``), bind the models to it and bring
     the schema up to date."""
@@ -389,6 +398,7 @@ def open_database(url: str) -> Database:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         db = connect(url, pragmas=SQLITE_PRAGMAS, thread_safe=False, check_same_thread=False)
+        db._state = ThreadConnections()  # type: ignore[attr-defined]
         db.connect(reuse_if_open=True)
     elif is_postgres_url(url):
         db = connect_postgres(url)  # connections are lent per statement or transaction: none held here

@@ -12,6 +12,7 @@ import gevent
 import pytest
 from peewee import OperationalError
 
+import daemon.calls.records as records_module
 from daemon.calls.dispatcher import Dispatcher, TokenBucket
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
@@ -317,20 +318,20 @@ def test_a_round_that_fails_before_its_commit_starts_nothing_and_the_next_tick_d
     dispatcher.tick(T0, 0.0)  # rolls the day: started_today counted from the store
     fake_engine.launched.clear()
     Call.update(status="scheduled").execute()
-    original_step = dispatcher.records.step
+    original_append_event = records_module.append_event
 
-    def failing_step(call: Call, kind: str, **detail: Any) -> None:
-        if kind == "claimed" and call.id == calls[2].id:
+    def failing_append_event(call: Any, kind: str, *args: Any, **detail: Any) -> Any:
+        if kind == "claimed" and call == calls[2].id:
             raise OperationalError("the connection broke")
-        original_step(call, kind, **detail)
+        return original_append_event(call, kind, *args, **detail)
 
-    monkeypatch.setattr(dispatcher.records, "step", failing_step)
+    monkeypatch.setattr(records_module, "append_event", failing_append_event)
     started = dict(dispatcher.started_today)
     with pytest.raises(OperationalError):
         dispatcher.tick(T0, 0.0)
     assert fake_engine.launched == [] and dispatcher.started_today == started
     assert {c.status for c in Call.select()} == {"scheduled"}
-    monkeypatch.setattr(dispatcher.records, "step", original_step)
+    monkeypatch.setattr(records_module, "append_event", original_append_event)
     dispatcher.tick(T0, 0.0)
     assert sorted(c.id for c in fake_engine.launched) == [c.id for c in calls]
 

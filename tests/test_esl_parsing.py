@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.switch.esl import EslEvent, EslFramer, EslProtocolError, parse_event_headers
+from daemon.switch.protocol import EventHeaders
 from tests.fake_esl_server import TRACES, event_plain, fs_url_encode, trace_chunks
 
 pytestmark = pytest.mark.timeout(60)
@@ -236,3 +237,15 @@ def test_arbitrary_bytes_never_crash_the_framer(stream: bytes, cuts: list[int]) 
             start = cut
     except EslProtocolError:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.text(alphabet="AB:% \r\n\xe9-_x", max_size=12), max_size=8),
+       probes=st.lists(st.text(alphabet="AB: %\r\xe9-_x", max_size=6), max_size=6))
+def test_an_events_headers_read_lazily_are_what_the_whole_parse_gives(lines: list[str], probes: list[str]) -> None:
+    block = "\n".join(line.replace("\n", "") for line in lines).encode("utf-8", errors="surrogatepass")
+    whole = parse_event_headers(block)
+    lazy = EventHeaders(block)
+    for name in [*whole, *probes]:  # looked up one by one first, as the daemon reads them
+        assert lazy.get(name) == whole.get(name), name
+    assert dict(lazy) == whole and len(lazy) == len(whole)

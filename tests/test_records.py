@@ -226,7 +226,7 @@ def test_a_status_change_and_its_timeline_step_commit_together(
     def broken_event(*_args: Any, **_kw: Any) -> None:
         raise RuntimeError("the timeline insert failed")
 
-    monkeypatch.setattr("daemon.calls.records.add_event", broken_event)
+    monkeypatch.setattr("daemon.calls.records.append_event", broken_event)
     with pytest.raises(RuntimeError):
         records.a_answered(call, at=NOW)
     monkeypatch.undo()

@@ -29,7 +29,8 @@ from daemon.config import Settings
 from daemon.media.library import MediaBusy, route_allows
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, Endpoint, database
+from daemon.store import Call, CallStatus, Endpoint, database
+from daemon.writer import current as writer
 from webapi.envelope import ApiError, envelope
 from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
@@ -78,8 +79,8 @@ class ApiContext:
     readiness: Callable[[], Mapping[str, bool]] | None
     clock: Callable[[], dt.datetime]
     limiter: AuthFailureLimiter
-    # Every call row is written through it; its listeners (status webhooks) hear the statuses the API
-    # sets (queued/scheduled, canceled) inside the same transaction.
+    # Every call row is written through it; its status writers (the webhook outbox) write with the
+    # statuses the API sets (queued/scheduled, canceled), in the same transaction.
     records: CallRecords
     # The switches and their capacity as the engine sees them (merged into /readyz's body), when there is one.
     switch_status: Callable[[], Mapping[str, Any]] | None = None
@@ -234,7 +235,11 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
         dialtone_file=tone.path if tone else "", idempotency_key=key,
         request_fingerprint=fingerprint if key is not None else None), now=c.clock())  # media may have taken a while
     if created.new:
-        wake_dispatcher()
+        # A scheduled call is due more than a second from now, and the dispatcher looks at least once a
+        # second: only a call due now needs it woken (at hundreds of creates a second, a look for each
+        # scheduled one cost the event loop more than the creates themselves).
+        if created.call.status == CallStatus.QUEUED.value:
+            wake_dispatcher()
     else:  # a concurrent request with the same key won the insert
         check_same_request(created.call, fingerprint)
     return created.call
@@ -344,10 +349,7 @@ def database_ready() -> bool:
     try:
         db = database.obj
         if isinstance(db, SqliteDatabase):
-            if db.in_transaction():
-                return True  # a request in this process holds it: the store is clearly working
-            db.execute_sql("BEGIN IMMEDIATE")
-            db.execute_sql("ROLLBACK")
+            writer().probe()  # through the store's writer: it holds the write lock when the daemon writes
         else:  # PostgreSQL: writable means a primary whose sessions are not read-only
             writable = database.execute_sql(
                 "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'").fetchone()[0]

@@ -18,6 +18,7 @@ from typing import Any
 from daemon.config import ConfigError, zone
 from daemon.store import Account, Endpoint, utcnow
 from daemon.switch.commands import CALLER_NAME_RE, DialStringError, check_dial_template
+from daemon.writer import write
 
 TOKEN_PREFIX = "cb_"
 
@@ -97,9 +98,10 @@ def create_endpoint(options: EndpointOptions, owner: Account | None = None) -> t
         raise EndpointError(f"name: an endpoint named {options.name!r} already exists")
     token = new_token()
     fields: dict[str, Any] = vars(options).copy()
-    endpoint = Endpoint.create(token_hash=hash_token(token), token_hint=token_hint(token),
-                               webhook_secret=secrets.token_urlsafe(32) if options.webhook_url else "",
-                               owner=owner.id if owner is not None else None, **fields)
+    endpoint = write(lambda: Endpoint.create(
+        token_hash=hash_token(token), token_hint=token_hint(token),
+        webhook_secret=secrets.token_urlsafe(32) if options.webhook_url else "",
+        owner=owner.id if owner is not None else None, **fields))
     return endpoint, token
 
 
@@ -121,13 +123,13 @@ def update_endpoint(endpoint: Endpoint, options: EndpointOptions) -> None:
         setattr(endpoint, name, value)
     if options.webhook_url and not endpoint.webhook_secret:
         endpoint.webhook_secret = secrets.token_urlsafe(32)
-    endpoint.save()
+    write(endpoint.save)
 
 
 def assign_owner(endpoint: Endpoint, owner: Account | None) -> None:
     """Give the endpoint (and so its calls, past and future) to ``owner``; None: admins only."""
     endpoint.owner = owner.id if owner is not None else None
-    endpoint.save()
+    write(endpoint.save)
 
 
 def visible_endpoints(account: Account) -> Any:
@@ -153,20 +155,20 @@ def rotate_token(endpoint: Endpoint) -> str:
     token = new_token()
     endpoint.token_hash = hash_token(token)
     endpoint.token_hint = token_hint(token)
-    endpoint.save()
+    write(endpoint.save)
     return token
 
 
 def disable_endpoint(endpoint: Endpoint) -> None:
     endpoint.enabled = False
     endpoint.disabled_at = utcnow()
-    endpoint.save()
+    write(endpoint.save)
 
 
 def enable_endpoint(endpoint: Endpoint) -> None:
     endpoint.enabled = True
     endpoint.disabled_at = None
-    endpoint.save()
+    write(endpoint.save)
 
 
 def authenticate(token: str | None) -> Endpoint | None:

@@ -28,6 +28,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from daemon.store import Account, WebSession, utcnow
+from daemon.writer import write
 
 PASSWORD_MIN = 10
 PASSWORD_MAX = 1024
@@ -101,7 +102,8 @@ def create_account(email: str, password: str, *, is_admin: bool = False) -> Acco
     check_password(password, email)
     if Account.select().where(Account.email == email).exists():
         raise AccountError(f"email: an account for {email} already exists")
-    return Account.create(email=email, password_hash=hash_password(password), is_admin=is_admin)
+    password_hash = hash_password(password)
+    return write(lambda: Account.create(email=email, password_hash=password_hash, is_admin=is_admin))
 
 
 def find_account(email: str) -> Account:
@@ -120,21 +122,21 @@ def set_password(account: Account, password: str) -> None:
     check_password(password, account.email)
     account.password_hash = hash_password(password)
     account.password_changed_at = utcnow()
-    account.save()
+    write(account.save)
     end_all_sessions(account)
 
 
 def set_enabled(account: Account, enabled: bool) -> None:
     account.enabled = enabled
     account.disabled_at = None if enabled else utcnow()
-    account.save()
+    write(account.save)
     if not enabled:
         end_all_sessions(account)
 
 
 def set_admin(account: Account, is_admin: bool) -> None:
     account.is_admin = is_admin
-    account.save()
+    write(account.save)
 
 
 def authenticate(email: str, password: str) -> Account | None:
@@ -156,7 +158,7 @@ def authenticate(email: str, password: str) -> Account | None:
     if HASHER.check_needs_rehash(account.password_hash):
         account.password_hash = hash_password(password)
     account.last_login_at = utcnow()
-    account.save()
+    write(account.save)
     return account
 
 
@@ -170,10 +172,14 @@ def start_session(account: Account, lifetime: dt.timedelta, address: str = "",
                   now: dt.datetime | None = None) -> str:
     """Open a session; return its key (the only time it exists in clear). Expired rows are swept here."""
     now = now or utcnow()
-    WebSession.delete().where(WebSession.expires_at <= now).execute()
     key = secrets.token_urlsafe(32)
-    WebSession.create(key_hash=_key_hash(key), account=account.id, created_at=now, expires_at=now + lifetime,
-                      address=address[:64])
+
+    def store() -> None:
+        WebSession.delete().where(WebSession.expires_at <= now).execute()
+        WebSession.create(key_hash=_key_hash(key), account=account.id, created_at=now, expires_at=now + lifetime,
+                          address=address[:64])
+
+    write(store)
     return key
 
 
@@ -191,11 +197,11 @@ def session_account(key: str, now: dt.datetime | None = None) -> tuple[WebSessio
 
 
 def end_session(key: str) -> None:
-    WebSession.delete().where(WebSession.key_hash == _key_hash(key)).execute()
+    write(WebSession.delete().where(WebSession.key_hash == _key_hash(key)).execute)
 
 
 def end_all_sessions(account: Account) -> int:
-    return int(WebSession.delete().where(WebSession.account == account.id).execute())
+    return int(write(WebSession.delete().where(WebSession.account == account.id).execute))
 
 
 def describe(account: Account) -> dict[str, Any]:

@@ -9,16 +9,19 @@ Who asks for which write:
   and its recording, and *finishes* it;
 * retention clears a recording it deleted.
 
-Durability: an accepted request, a cancel and a claim commit with ``synchronous=FULL`` (each must survive
-a power cut); timeline steps and the status changes of calls in progress commit relaxed
-(:func:`daemon.store.relaxed_durability`), because the next start reconciles those calls with
-FreeSWITCH anyway. Every write is one short statement or transaction with no network I/O inside, so the
-single SQLite writer never waits on FreeSWITCH. The daemon's own writes wait out a locked or full
-database (:meth:`CallRecords._write`); the API's fail at once and the client is answered 503.
+Durability: every write goes through the store's writer (:mod:`daemon.writer`): on SQLite one thread
+that commits in groups, so no greenlet of the event loop waits for the disk. An accepted request, a
+cancel, a claim and the mark before A's originate commit with ``synchronous=FULL`` (each must survive a
+power cut) and their callers wait for that commit; timeline steps and the status changes of calls in
+progress commit relaxed and nobody waits for them, because the next start reconciles those calls with
+FreeSWITCH anyway. Every write is a few short statements with no network I/O inside. The daemon's own
+writes wait out a locked or full database; the API's fail at once and the client is answered 503.
 
-Listeners (status webhooks) hear every status change: inside the transaction for the statuses a request
-sets (``queued``/``scheduled``, ``canceled``), so the event commits with the change or not at all; after
-the commit for the daemon's. They must not block.
+Status changes are heard twice. :attr:`CallRecords.status_writers` (the webhook outbox) run inside the
+change's transaction (in the writer's thread on SQLite: store work only, nothing of gevent), so their
+rows commit with the change or not at all; what they return runs on the loop after the commit.
+:attr:`CallRecords.listeners` run on the loop once the change is committed, in order, with the call as
+it was at the change. Neither may block.
 
 Claims on a shared PostgreSQL: the claim itself is one conditional UPDATE (``... WHERE id = ? AND status IN
 (pending)``); under READ COMMITTED a second daemon's UPDATE of the same row waits for the first to commit,
@@ -37,12 +40,10 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
-import gevent
 from peewee import Expression, IntegrityError, OperationalError, Tuple, fn
 
 from daemon.calls.view import iso
@@ -58,15 +59,16 @@ from daemon.store import (
     database,
     is_shared,
     new_callid,
-    relaxed_durability,
     utcnow,
 )
+from daemon.writer import current as writer
 
 log = logging.getLogger("callbridge.call")
 api_log = logging.getLogger("callbridge.api")
 
-T = TypeVar("T")
 StatusListener = Callable[[Call, CallStatus, dict[str, Any]], None]
+# Runs inside a status change's transaction (see the module's docstring); may return an action for the loop.
+StatusWriter = Callable[[Call, CallStatus, dict[str, Any]], Callable[[], None] | None]
 
 
 # The timeline step committed right before the originate to A leaves (CallRecords.mark_dialing_a).
@@ -80,8 +82,56 @@ def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **deta
                             detail=json.dumps(clean, sort_keys=True) if clean else "")
 
 
+def _clean_detail(detail: dict[str, Any]) -> str:
+    clean = {k: v for k, v in detail.items() if v not in (None, "")}
+    return json.dumps(clean, sort_keys=True) if clean else ""
+
+
+_sql_cache: dict[tuple[str, Any], str] = {}
+
+
+def _sql(key: str, build: Callable[[str], str]) -> str:
+    """A statement built once per placeholder style (``?`` SQLite, ``%s`` PostgreSQL): the writes of calls in
+    progress are a few fixed statements, and building them through peewee's query objects at every step
+    cost more CPU than running them."""
+    param = database.param
+    sql = _sql_cache.get((key, param))
+    if sql is None:
+        sql = _sql_cache[(key, param)] = build(param)
+    return sql
+
+
+def append_event(call_id: int, kind: str, at: dt.datetime, **detail: Any) -> None:
+    """:func:`add_event` as the daemon writes its steps: one precompiled insert, no model built."""
+    sql = _sql("event", lambda p: f'INSERT INTO "callevent" ("call_id", "at", "kind", "detail") VALUES ({p}, {p}, {p}, {p})')
+    database.execute_sql(sql, (call_id, at, kind, _clean_detail(detail)))
+
+
+def update_call(call_id: int, row: dict[str, Any]) -> int:
+    """Set ``row``'s columns of one call (values as the models take them); returns the rows changed."""
+    names = tuple(row)
+    fields = Call._meta.fields  # type: ignore[attr-defined]  # peewee's model metadata
+
+    def build(p: str) -> str:
+        columns = ", ".join(f'"{fields[name].column_name}" = {p}' for name in names)
+        return f'UPDATE "call" SET {columns} WHERE "id" = {p}'
+
+    sql = _sql("update:" + ",".join(names), build)
+    params = [fields[name].db_value(value) for name, value in row.items()]
+    return int(database.execute_sql(sql, (*params, call_id)).rowcount)
+
+
 def _status_in(statuses: Iterable[CallStatus]) -> Expression:
     return Call.status.in_([s.value for s in statuses])
+
+
+def _snapshot(call: Call) -> Call:
+    """A copy of ``call`` as it is now (its endpoint shared), for the writes and listeners that run later."""
+    copy = Call(__no_default__=True)
+    copy.__data__ = dict(call.__data__)
+    copy.__rel__ = dict(call.__rel__)
+    copy._dirty = set()  # type: ignore[attr-defined]
+    return copy
 
 
 def _plain(value: Any) -> Any:
@@ -152,11 +202,11 @@ class CallRecords:
     """Writes calls and their timelines; reads them through named queries (static, no state needed)."""
 
     def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow, *,
-                 retry_for: float = 60.0, owner: str = "", lease_seconds: float = 30.0) -> None:
+                 owner: str = "", lease_seconds: float = 30.0) -> None:
         self.metrics = metrics or Metrics()
         self.clock = clock
-        self.retry_for = retry_for
         self.listeners: list[StatusListener] = []
+        self.status_writers: list[StatusWriter] = []
         self.owner = owner or None  # this daemon's instance id, written into the calls it claims
         self.lease = dt.timedelta(seconds=lease_seconds)
 
@@ -298,23 +348,30 @@ class CallRecords:
         due = request.due_at if request.scheduled else max(request.due_at, now)
         status = CallStatus.SCHEDULED if due > now + dt.timedelta(seconds=1) else CallStatus.QUEUED
         key = request.idempotency_key
+        after: list[Callable[[], None]] = []
+
+        def insert() -> Call:
+            after.clear()  # (a write tried again after the store refused its group runs again)
+            call = Call.create(
+                callid=new_callid(), endpoint=endpoint.id, phone_a=request.phone_a,
+                phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
+                dialtone_url=request.dialtone_url, play_file=request.play_file, msg_file=request.msg_file,
+                dialtone_file=request.dialtone_file, idempotency_key=key,
+                request_fingerprint=request.request_fingerprint, requested_at=now, due_at=due,
+                scheduled=request.scheduled, status=status.value)
+            add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=request.scheduled or None)
+            after.extend(self._write_status(call, status, {}))
+            return call
+
         try:
-            with database.atomic():
-                call = Call.create(
-                    callid=new_callid(), endpoint=endpoint.id, phone_a=request.phone_a,
-                    phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
-                    dialtone_url=request.dialtone_url, play_file=request.play_file, msg_file=request.msg_file,
-                    dialtone_file=request.dialtone_file, idempotency_key=key,
-                    request_fingerprint=request.request_fingerprint, requested_at=now, due_at=due,
-                    scheduled=request.scheduled, status=status.value)
-                add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=request.scheduled or None)
-                self._notify(call, status, {})
+            call: Call = writer().submit(insert, durable=True, fail_fast=True, wait=True)
         except IntegrityError:
             # The same key committed by a concurrent request between the caller's look-up and this insert.
             earlier = self.by_idempotency_key(endpoint.id, key) if key is not None else None
             if earlier is None:
                 raise
             return Created(earlier, new=False)
+        self._committed(call, status, {}, after)
         self.metrics.calls_created.labels(kind="scheduled" if request.scheduled else "immediate").inc()
         log_event(api_log, "api.call_requested", callid=call.callid, endpoint=endpoint.name,
                   token=endpoint.token_hint, status=status.value, due_at=iso(due))
@@ -326,17 +383,25 @@ class CallRecords:
 
         The mirror of :meth:`claim`: both are one conditional UPDATE, so whichever commits first wins whole.
         """
-        with database.atomic():
+        after: list[Callable[[], None]] = []
+
+        def update() -> Call | None:
+            after.clear()
             changed = (Call.update(status=CallStatus.CANCELED.value, canceled_at=now, canceled_by=endpoint.name,
                                    reason=f"canceled through {via}")
                        .where((Call.id == call.id) & (Call.endpoint == endpoint.id) & _status_in(PENDING_STATUSES))
                        .execute())
-            if changed == 1:
-                add_event(call.id, "canceled", at=now, by=endpoint.name)
-                self._notify(Call.get_by_id(call.id), CallStatus.CANCELED, {})
-        fresh = Call.get_by_id(call.id)
-        if changed != 1:
-            return NotCancelable(fresh)
+            if changed != 1:
+                return None
+            add_event(call.id, "canceled", at=now, by=endpoint.name)
+            canceled = Call.get_by_id(call.id)
+            after.extend(self._write_status(canceled, CallStatus.CANCELED, {}))
+            return canceled
+
+        fresh = writer().submit(update, durable=True, fail_fast=True, wait=True)
+        if fresh is None:
+            return NotCancelable(Call.get_by_id(call.id))
+        self._committed(fresh, CallStatus.CANCELED, {}, after)
         self.metrics.calls_final.labels(CallStatus.CANCELED.value, "").inc()
         log_event(api_log, "api.call_canceled", callid=fresh.callid, endpoint=endpoint.name,
                   token=endpoint.token_hint)
@@ -368,30 +433,45 @@ class CallRecords:
         """
         lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
         lease_until = now + self.lease
-        updated = self._write(lambda: Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid,
-                                                  b_uuid=b_uuid, started_at=now, lateness_ms=lateness,
-                                                  switch=switch, owner=self.owner, lease_until=lease_until)
-                              .where((Call.id == call.id) & _status_in(PENDING_STATUSES))
-                              .execute())
-        if updated != 1:
+        claimed = _snapshot(call)
+        claimed.status, claimed.a_uuid, claimed.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
+        claimed.started_at, claimed.lateness_ms, claimed.switch = now, lateness, switch
+        claimed.owner, claimed.lease_until = self.owner, lease_until
+        after: list[Callable[[], None]] = []
+
+        def update() -> bool:
+            after.clear()
+            updated = (Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid, b_uuid=b_uuid, started_at=now,
+                                   lateness_ms=lateness, switch=switch, owner=self.owner, lease_until=lease_until)
+                       .where((Call.id == call.id) & _status_in(PENDING_STATUSES)).execute())
+            if updated != 1:
+                return False
+            append_event(call.id, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid,
+                         switch=switch)
+            after.extend(self._write_status(claimed, CallStatus.DIALING_A, {}))
+            return True
+
+        if not writer().submit(update, durable=True, wait=True):
             return False
         call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
         call.started_at, call.lateness_ms, call.switch = now, lateness, switch
         call.owner, call.lease_until = self.owner, lease_until
-        self.step(call, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid, switch=switch)
+        log_event(log, "claimed", callid=call.callid, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid,
+                  switch=switch)
 
-        def claimed() -> None:
+        def committed() -> None:
             self.metrics.scheduler_lateness.observe(lateness / 1000)
             self.metrics.calls_in_flight.labels(CallStatus.DIALING_A.value).inc()
-            self._notify(call, CallStatus.DIALING_A, {})
+            self._committed(claimed, CallStatus.DIALING_A, {}, after)
 
-        self.after_claims(claimed)
+        self.after_claims(committed)
         return True
 
     def step(self, call: Call, kind: str, at: dt.datetime | None = None, **detail: Any) -> None:
         """Add one step to the call's timeline (no status change)."""
         when = at or self.clock()
-        self._write(lambda: add_event(call.id, kind, at=when, **detail), durable=False)
+        call_id = call.id
+        writer().submit(lambda: append_event(call_id, kind, at=when, **detail), durable=False)
         log_event(log, kind, callid=call.callid, **detail)
 
     def mark_dialing_a(self, call: Call) -> None:
@@ -400,26 +480,30 @@ class CallRecords:
         start and dialed then, not failed unheard. One attempt with no wait, since the caller holds the
         connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
         not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals).
+        The caller waits for the commit (the group being written and its own: milliseconds), not the loop.
 
         On a shared PostgreSQL, only while this daemon owns the call (its lease renewed with the mark, in
         one transaction): a daemon that stalled past its lease and lost the call to another must not send
         what the other (which found no mark) dials; the mark refused, the lease keeper then lets the call
-        go. With SQLite the one daemon owns every call: the mark alone, one autocommit insert."""
-        now = self.clock()
+        go. With SQLite the one daemon owns every call: the mark alone, through the writer thread."""
+        call_id, now = call.id, self.clock()
+        detail: dict[str, Any] = {"phone": call.phone_a, "a_uuid": call.a_uuid}
+        shared = is_shared()
+        until, mine = now + self.lease, self._mine()
+
+        def mark() -> None:
+            if shared:
+                held = Call.update(lease_until=until).where((Call.id == call_id) & mine).execute()
+                if held != 1:
+                    raise NotOwned("another daemon took the call over")
+            append_event(call_id, DIAL_MARK, at=now, **detail)
+
         try:
-            if not is_shared():
-                add_event(call.id, DIAL_MARK, at=now, phone=call.phone_a, a_uuid=call.a_uuid)
-            else:
-                with database.atomic():
-                    held = (Call.update(lease_until=now + self.lease).where((Call.id == call.id) & self._mine())
-                            .execute())
-                    if held != 1:
-                        raise NotOwned("another daemon took the call over")
-                    add_event(call.id, DIAL_MARK, at=now, phone=call.phone_a, a_uuid=call.a_uuid)
+            writer().submit(mark, durable=True, fail_fast=True, wait=True)
         except OperationalError as exc:
             log_event(log, "store.retry", logging.WARNING, error=str(exc), step=DIAL_MARK, callid=call.callid)
             raise
-        log_event(log, DIAL_MARK, callid=call.callid, phone=call.phone_a, a_uuid=call.a_uuid)
+        log_event(log, DIAL_MARK, callid=call.callid, **detail)
 
     def a_answered(self, call: Call, *, at: dt.datetime) -> None:
         """A picked up: it hears the prompts next."""
@@ -465,21 +549,33 @@ class CallRecords:
 
     def recording_started(self, call: Call, path: str) -> None:
         """The bridged call is being recorded to ``path``."""
-        self._write(lambda: Call.update(recording_path=path).where(Call.id == call.id).execute())
+        call_id = call.id
+        writer().submit(lambda: update_call(call_id, {"recording_path": path}), durable=False)
         call.recording_path = path
         self.step(call, "recording_started", path=path)
 
-    def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int) -> bool:
+    def recording_expired(self, call: Call, *, at: dt.datetime, retention_days: int,
+                          cleared: Callable[[], None] | None = None) -> None:
         """Retention deleted the call's recording: the call no longer points at it (length and size stay).
-        Conditional on the call still pointing at it, so two daemons' sweeps clear it and note it once:
-        False when another already had."""
-        with database.atomic():
-            cleared = (Call.update(recording_path="")
-                       .where((Call.id == call.id) & (Call.recording_path == call.recording_path)).execute())
-            if cleared:
-                add_event(call.id, "recording_expired", at=at, retention_days=retention_days)
+        Conditional on the call still pointing at it, so two daemons' sweeps clear it and note it once;
+        ``cleared`` runs once the clear is committed, if this sweep was the one that cleared it. Nobody
+        waits for the write (:meth:`flush` does)."""
+        call_id, path = call.id, call.recording_path
+
+        def update() -> bool:
+            done = Call.update(recording_path="").where((Call.id == call_id) & (Call.recording_path == path)).execute()
+            if done:
+                add_event(call_id, "recording_expired", at=at, retention_days=retention_days)
+            return bool(done)
+
+        writer().submit(update, durable=False,
+                        committed=lambda done: cleared() if done and cleared is not None else None)
         call.recording_path = ""
-        return bool(cleared)
+
+    @staticmethod
+    def flush() -> None:
+        """Wait until every write submitted so far is committed (for a reader that must see them)."""
+        writer().flush()
 
     def _move(self, call: Call, status: CallStatus, at: dt.datetime, row: dict[str, Any],
               detail: dict[str, Any] | None = None) -> None:
@@ -492,56 +588,53 @@ class CallRecords:
         call.status = status.value
         extra = detail or {}
         step = {**extra, **{k: _plain(v) for k, v in row.items()}}
+        moved = _snapshot(call)
+        after: list[Callable[[], None]] = []
 
-        def write() -> None:  # the status and its timeline step, in one (relaxed) transaction
-            Call.update(status=status.value, **row).where(Call.id == call.id).execute()
-            add_event(call.id, status.value, at=at, **step)
+        def update() -> None:  # the status, its timeline step and the outbox's rows, in one transaction
+            after.clear()
+            update_call(moved.id, {"status": status.value, **row})
+            append_event(moved.id, status.value, at=at, **step)
+            after.extend(self._write_status(moved, status, extra))
 
-        self._write(write, durable=False)
-        log_event(log, status.value, callid=call.callid, **step)
-
-        def moved() -> None:  # at once, or after the claim round this change is part of commits
+        def committed(_: Any = None) -> None:  # on the loop, once committed (or after the claim round)
             if old not in PENDING_STATUSES:
                 self.metrics.calls_in_flight.labels(old.value).dec()
             if status.final:
-                cause = call.b_cause if call.failed_leg == "b" else call.a_cause
+                cause = moved.b_cause if moved.failed_leg == "b" else moved.a_cause
                 self.metrics.calls_final.labels(status.value, cause or "").inc()
             else:
                 self.metrics.calls_in_flight.labels(status.value).inc()
-            self._notify(call, status, extra)
+            self._committed(moved, status, extra, after)
 
-        self.after_claims(moved)
+        # A call ended before it started (missed, refused by the dispatcher) is waited for: the dispatcher
+        # reads pending calls next and must not find it pending still.
+        pending = old in PENDING_STATUSES
+        writer().submit(update, durable=pending, wait=pending, committed=committed)
+        log_event(log, status.value, callid=call.callid, **step)
 
-    def _write(self, statement: Callable[[], T], durable: bool = True) -> T:
-        """Run one short write, waiting out a locked or full database instead of failing the call.
+    def _write_status(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> list[Callable[[], None]]:
+        """The status writers' part of a change (inside its transaction); returns their actions for later."""
+        actions = []
+        for status_writer in self.status_writers:
+            action = status_writer(call, status, detail)
+            if action is not None:
+                actions.append(action)
+        return actions
 
-        SQLite's own busy wait blocks the whole process, so it is kept short (store.SQLITE_PRAGMAS) and
-        the longer wait happens here, where other greenlets (the ESL reader, other calls) keep running.
-        """
-        if database.in_transaction():  # a claim round on PostgreSQL: a failed statement ends the whole round
-            return statement()
-        delay = 0.05
-        deadline = time.monotonic() + self.retry_for
-        while True:
+    def _committed(self, call: Call, status: CallStatus, detail: dict[str, Any],
+                   actions: list[Callable[[], None]]) -> None:
+        """On the loop once a change is committed: the status writers' actions, then the listeners."""
+        for action in actions:
             try:
-                if durable:
-                    return statement()
-                with relaxed_durability():
-                    return statement()
-            except OperationalError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log_event(log, "store.retry", logging.WARNING, error=str(exc), retry_in=delay)
-                gevent.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    def _notify(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> None:
+                action()
+            except Exception:
+                log.exception("status writer's action failed", extra={"callid": call.callid})
         for listener in self.listeners:
             try:
                 listener(call, status, detail)
             except Exception:  # a listener must never break a call
                 log.exception("status listener failed", extra={"callid": call.callid})
-
 
     # -- several daemons on one store: the limits counted across them ---------------------------
     @staticmethod
@@ -577,8 +670,8 @@ class CallRecords:
             return set()
         until = now + self.lease
         mine = self._mine()
-        renewed = self._write(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
-                              durable=False)
+        renewed = writer().submit(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
+                                  durable=False, wait=True)
         if renewed == len(ids):
             return set()
         rows: Any = Call.select(Call.id).where(Call.id.in_(ids) & mine).tuples()
@@ -592,8 +685,10 @@ class CallRecords:
         if not ids:
             return 0
         mine = self._mine()
-        return int(self._write(lambda: Call.update(lease_until=now)
-                               .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute()))
+        # One attempt: a store that refuses it must not hold up the stop (the leases then run out by themselves).
+        return int(writer().submit(lambda: Call.update(lease_until=now)
+                                   .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute(),
+                                   durable=True, fail_fast=True, wait=True))
 
     def _mine(self) -> Expression:
         """Calls this daemon owns."""
@@ -628,7 +723,11 @@ class CallRecords:
         if is_shared() and (previous is None or previous != self.owner):
             condition &= Call.lease_until.is_null() | (Call.lease_until < now)
         until = now + self.lease
-        if self._write(lambda: Call.update(owner=self.owner, lease_until=until).where(condition).execute()) != 1:
+        owner = self.owner
+        # Waited for: the caller follows the call only if this daemon won it (the row count says).
+        taken = writer().submit(lambda: Call.update(owner=owner, lease_until=until).where(condition).execute(),
+                                durable=True, wait=True)
+        if taken != 1:
             return False
         call.owner, call.lease_until = self.owner, until
         if previous is not None and previous != self.owner:

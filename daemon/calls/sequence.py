@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import uuid as uuidlib
@@ -86,6 +87,7 @@ WAIT_NAMESPACE = uuidlib.UUID("6f1d9c55-2b7e-4f0c-9a51-4e4d1b7c3a20")
 MAX_WAITS = 64  # bridge attempts looked for when adopting a call
 
 
+@functools.lru_cache(maxsize=4096)  # looked up at every app event of a call waiting for B
 def wait_uuid(a_uuid: str, attempt: int) -> str:
     """The event UUID of the wait A plays before bridge attempt ``attempt + 1`` (0: before the first)."""
     return str(uuidlib.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))
@@ -304,9 +306,8 @@ class CallSequence:
             self.switch.unroute(self.job_uuid)
             self.job_uuid = str(uuidlib.uuid4())
             self.switch.route(self.job_uuid, self)
-        self.capacity.sent(self.a.uuid, self.switch.monotonic())
         try:
-            reply = self.switch.bgapi(command, self.job_uuid, before_send=self._mark_dialing_a)
+            reply = self.switch.bgapi(command, self.job_uuid, before_send=self._sending_a)
         except (EslNotSent, OperationalError) as exc:
             # Never reached FreeSWITCH (no connection, no turn, or the store refused the mark): dial when
             # reconnected, or in a moment if the connection or the store was only busy.
@@ -325,6 +326,12 @@ class CallSequence:
         self.deadline.setdefault("a", self.switch.monotonic() + self.options.originate_timeout)
         if not reply.startswith("+OK"):
             self._finish(CallStatus.FAILED, failed_leg="a", a_cause="", reason=f"originate refused: {reply}")
+
+    def _sending_a(self) -> None:
+        """A's originate has its turn and is about to leave: marked first, then counted against the switch's
+        budget from this moment (the mark's commit may have taken a while)."""
+        self._mark_dialing_a()
+        self.capacity.sent(self.a.uuid, self.switch.monotonic())
 
     def _mark_dialing_a(self) -> None:
         """Runs when the originate has its turn on the connection, right before it leaves (see
@@ -361,7 +368,7 @@ class CallSequence:
 
     def _wait_sound(self) -> str:
         call = self.call
-        if call.dialtone_file and (_wav_seconds(call.dialtone_file) or 0.0) >= SHORTEST_LOOP:
+        if call.dialtone_file and (_media_seconds(call.dialtone_file) or 0.0) >= SHORTEST_LOOP:
             return self._playable(call.dialtone_file)
         return fs.tone_playback(self.endpoint.ring_tone)
 
@@ -861,6 +868,12 @@ class CallSequence:
                 pass
             self.records.step(self.call, "lost_track", note="A is gone but its hangup was not heard")
             self._reconcile(False)
+
+
+@functools.lru_cache(maxsize=256)
+def _media_seconds(path: str) -> float | None:
+    """:func:`_wav_seconds` of a file in the media cache, whose name is its content's hash: it never changes."""
+    return _wav_seconds(path)
 
 
 def _wav_seconds(path: str) -> float | None:

@@ -81,6 +81,11 @@ class Retention:
 
     def _expire_calls(self, cutoff: dt.datetime, now: dt.datetime) -> int:
         removed = 0
+
+        def count() -> None:
+            nonlocal removed
+            removed += 1
+
         while True:
             batch = self.records.recordings_older_than(cutoff, BATCH)
             for call in batch:
@@ -91,9 +96,10 @@ class Retention:
                     except OSError as exc:
                         log_event(log, "recording.delete_failed", logging.WARNING, callid=call.callid,
                                   error=str(exc))
-                if self.records.recording_expired(call, at=now,
-                                                  retention_days=self.settings.recordings_retention_days):
-                    removed += 1  # else another daemon's sweep cleared it first
+                # Counted once committed, and only if this sweep cleared it (not another daemon's first).
+                self.records.recording_expired(call, at=now, retention_days=self.settings.recordings_retention_days,
+                                               cleared=count)
+            self.records.flush()  # the next batch is read from what is committed (and counted)
             if len(batch) < BATCH:
                 return removed
 

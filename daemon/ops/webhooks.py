@@ -1,8 +1,9 @@
 """Status webhooks: an outbox in the database and a sender greenlet that delivers it.
 
-When a call changes status, :meth:`Webhooks.on_status` (a :class:`daemon.calls.records.CallRecords` listener)
-inserts one :class:`daemon.store.WebhookDelivery` row for the call's endpoint if the endpoint has a
-``webhook_url``, and wakes the sender. That is one short insert: the call never waits on a receiver.
+When a call changes status, :meth:`Webhooks.record_status` (a :class:`daemon.calls.records.CallRecords`
+status writer, run inside the change's transaction) inserts one :class:`daemon.store.WebhookDelivery` row
+for the call's endpoint if the endpoint has a ``webhook_url``; once that commits, the sender is woken.
+That is one short insert: the call never waits on a receiver.
 
 The rows are the queue. The sender picks the pending rows that are due, POSTs each one's frozen JSON
 body, and marks it ``delivered`` on a 2xx answer. Anything else (another status, a refused connection,
@@ -23,9 +24,10 @@ Receivers check them with :func:`verify_signature`. A receiver that never answer
 others: requests run in a bounded gevent pool, each endpoint has at most ``per_endpoint`` requests in
 flight, and every request has a timeout.
 
-The statuses a request sets (queued/scheduled, canceled) reach :meth:`Webhooks.on_status` inside the
-request's transaction (see :mod:`daemon.calls.records`), so their events commit with the change. The sender also looks at the outbox at least once a second, so rows written without a
-``wake()`` (another process, the API) go out within a second.
+Every event commits with its status change or not at all (see :mod:`daemon.calls.records`). The
+sender's own writes (a delivery's state, pruning) go through the store's writer (:mod:`daemon.writer`)
+and are waited for. The sender also looks at the outbox at least once a second, so rows written without
+a ``wake()`` (another process) go out within a second.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ from daemon.config import Settings
 from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, utcnow
+from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, database, utcnow
+from daemon.writer import current as writer
 
 log = logging.getLogger("callbridge.webhooks")
 
@@ -128,8 +131,10 @@ def enqueue_status(call: Call, status: CallStatus, detail: Mapping[str, Any] | N
     if status not in WEBHOOK_STATUSES:
         return None
     endpoint_id = call.endpoint_id  # type: ignore[attr-defined]  # peewee's FK column attribute
-    url = (Endpoint.select(Endpoint.webhook_url).where(Endpoint.id == endpoint_id)  # type: ignore[attr-defined]
-           .scalar())
+    # Read at every status change of every call: a plain statement, not a query object built each time.
+    row = database.execute_sql(f'SELECT "webhook_url" FROM "endpoint" WHERE "id" = {database.param}',
+                               (endpoint_id,)).fetchone()
+    url = row[0] if row else None
     if not url:
         return None
     created = now or utcnow()
@@ -188,11 +193,16 @@ class Webhooks:
         self._in_flight: dict[int, int] = {}  # row id -> endpoint id
         self._pruned_at: dt.datetime | None = None
 
-    # -- the listener -------------------------------------------------------------------------------
+    # -- the outbox's writer -------------------------------------------------------------------------
+    def record_status(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> Callable[[], None] | None:
+        """Status writer (inside the change's transaction, maybe in the store's writer thread): one outbox
+        row for this change if the endpoint has a webhook; returns the sender's wake-up for after the commit."""
+        return self.wake if enqueue_status(call, status, detail, now=self.clock()) is not None else None
+
     def on_status(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> None:
-        """Status listener: one outbox row for this change (if the endpoint has a webhook), then wake."""
-        if enqueue_status(call, status, detail, now=self.clock()) is not None:
-            self.wake()
+        """Status listener (outside the change's transaction): the row in a write of its own, then wake."""
+        writer().submit(lambda: self.record_status(call, status, detail), durable=False,
+                        committed=lambda wake: wake() if wake is not None else None)
 
     # -- control ------------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -250,17 +260,18 @@ class Webhooks:
         by and it is sent once. The attempt then writes its outcome; if this daemon dies first, the row
         falls due again when the lease ends."""
         hold = now + dt.timedelta(seconds=2 * self.settings.webhook_timeout + ATTEMPT_MARGIN)
-        return bool(WebhookDelivery.update(next_attempt_at=hold)
-                    .where((WebhookDelivery.id == row_id) & (WebhookDelivery.state == PENDING)
-                           & (WebhookDelivery.next_attempt_at <= now))
-                    .execute() == 1)
+        due = (WebhookDelivery.id == row_id) & (WebhookDelivery.state == PENDING) & (WebhookDelivery.next_attempt_at <= now)
+        # Waited for: the row is sent only once this sender holds it (the row count says).
+        taken = writer().submit(lambda: WebhookDelivery.update(next_attempt_at=hold).where(due).execute(),
+                                durable=False, wait=True)
+        return bool(taken == 1)
 
     def prune(self, now: dt.datetime) -> int:
         """Delete delivered and failed rows finished more than KEEP_FINISHED ago; pending rows stay."""
         self._pruned_at = now
-        return int(WebhookDelivery.delete()
-                   .where((WebhookDelivery.state != PENDING) & (WebhookDelivery.finished_at < now - KEEP_FINISHED))
-                   .execute())
+        done = (WebhookDelivery.state != PENDING) & (WebhookDelivery.finished_at < now - KEEP_FINISHED)
+        return int(writer().submit(lambda: WebhookDelivery.delete().where(done).execute(), durable=False,
+                                   wait=True))
 
     def backoff(self, attempts: int) -> float:
         """Seconds before retry number ``attempts`` + 1: doubling from ``backoff_base``, capped, jittered."""
@@ -315,7 +326,9 @@ class Webhooks:
             retry_at = min(now + dt.timedelta(seconds=self.backoff(attempts)), deadline)
             fields.update(next_attempt_at=retry_at)
             result = "retry"
-        WebhookDelivery.update(**fields).where(WebhookDelivery.id == row_id).execute()
+        # Waited for: the row is picked again only once its new state is committed.
+        writer().submit(lambda: WebhookDelivery.update(**fields).where(WebhookDelivery.id == row_id).execute(),
+                        durable=False, wait=True)
         self.metrics.webhooks.labels(result=result).inc()
         log_event(log, f"webhook.{result}", logging.INFO if result == DELIVERED else logging.WARNING,
                   callid=row.callid, event_id=row.event_id, status=row.status, attempts=attempts,

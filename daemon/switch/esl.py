@@ -228,8 +228,8 @@ class EslConnection(InboundESL):
 
         The result arrives later as a ``BACKGROUND_JOB`` event carrying the same ``Job-UUID``.
         ``before_send`` runs once this command has its turn on the connection, right before its bytes
-        are written (it must not wait: it holds the turn); if it raises, nothing is sent and its
-        exception propagates.
+        are written (it holds the turn: at most a short wait, such as a store commit); if it raises,
+        nothing is sent and its exception propagates.
         """
         _check_line("bgapi command", command)
         _check_line("job uuid", job_uuid)

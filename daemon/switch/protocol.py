@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -92,6 +93,71 @@ def parse_event_headers(block: bytes) -> dict[str, str]:
     return _parse_header_block(block, url_decoded=True)
 
 
+class EventHeaders(Mapping[str, str]):
+    """An event's URL-encoded header block, read lazily: a header is found and decoded when first asked
+    for. A channel event carries ~150 headers and the daemon reads a handful, so most are never split
+    off or decoded. Iterating (or ``len``, ``==``) parses the whole block once, exactly as
+    :func:`parse_event_headers` does, and a lookup finds what that parse would: the value after the
+    first ``": "`` of the last line named so (a line without ``": "`` but ending in ``:`` is empty)."""
+
+    __slots__ = ("_all", "_block", "_found", "_raw")
+
+    def __init__(self, block: bytes) -> None:
+        self._raw = block
+        self._block = "\n" + block.decode("utf-8", errors="replace")  # every line starts after a "\n"
+        self._found: dict[str, str | None] = {}
+        self._all: dict[str, str] | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self._all is not None:
+            return self._all.get(key, default)
+        try:
+            value = self._found[key]
+        except KeyError:
+            value = self._found[key] = self._find(key)
+        return default if value is None else value
+
+    def _find(self, key: str) -> str | None:
+        if ": " in key or "\n" in key:
+            return None  # a name ends at its line's first ": "
+        block, needle = self._block, "\n" + key + ":"
+        end = len(block)
+        while (at := block.rfind(needle, 0, end)) >= 0:
+            start = at + len(needle)
+            stop = block.find("\n", start)
+            rest = block[start:] if stop < 0 else block[start:stop]
+            if rest.startswith(" "):
+                value = rest[1:].removesuffix("\r")
+                return unquote(value) if "%" in value else value
+            if rest in ("", "\r"):
+                return ""
+            end = at  # another header's line ("Key:x", "Key:y: z"): look further up
+        return None
+
+    def _parsed(self) -> dict[str, str]:
+        if self._all is None:
+            self._all = _parse_header_block(self._raw, url_decoded=True)
+        return self._all
+
+    def __getitem__(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return str(value)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsed())
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def __repr__(self) -> str:
+        return repr(self._parsed())
+
+
 def parse_envelope_headers(block: bytes) -> dict[str, str]:
     """Parse an outer (envelope) header block, which FreeSWITCH writes verbatim (no URL-encoding)."""
     return _parse_header_block(block, url_decoded=False)
@@ -110,10 +176,10 @@ class EslEvent:
 
     def __init__(
         self,
-        headers: dict[str, str],
+        headers: Mapping[str, str],
         body: str = "",
         content_type: str = "",
-        envelope: dict[str, str] | None = None,
+        envelope: Mapping[str, str] | None = None,
     ) -> None:
         self.headers = headers
         self.body = body
@@ -159,9 +225,9 @@ def _content_length(headers: dict[str, str], limit: int) -> int:
     return length
 
 
-def _parse_plain_event_body(body: bytes) -> tuple[dict[str, str], str]:
+def _parse_plain_event_body(body: bytes) -> tuple[Mapping[str, str], str]:
     block, sep, rest = body.partition(b"\n\n")
-    headers = parse_event_headers(block)
+    headers = EventHeaders(block)
     if not sep:
         return headers, ""
     inner = headers.get("Content-Length")

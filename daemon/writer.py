@@ -1,0 +1,340 @@
+"""The store's writes: on SQLite one writer thread that commits them in groups, so that nothing on the
+event loop waits for the disk; on PostgreSQL (and in processes that run no calls) at once, in the caller.
+
+Every write of the daemon goes through :func:`current` (its ``submit``): a function that makes the write
+with the models, and how it must be committed:
+
+* ``durable``: the commit waits for the disk (``synchronous=FULL``): an accepted request, a cancel, a
+  claim, the mark before A's originate. Otherwise relaxed (``synchronous=NORMAL``): the timeline and
+  status steps of calls in progress, the webhook outbox.
+* ``fail_fast``: one attempt, its error to the caller at once (a request answers 503). Otherwise a
+  locked or full store is waited out: a write somebody waits for for ``retry_for`` seconds, then its
+  error; a write nobody waits for (a call's step) until it is written.
+* ``wait``: the calling greenlet waits (cooperatively) for the commit and gets the function's result or
+  its error; otherwise it goes on at once.
+* ``committed``: runs on the loop once the write is committed, with the function's result (status
+  listeners, metrics), in the order the writes were submitted.
+
+:class:`ThreadWriter` (SQLite, the daemon): the writes queue on the loop and one real OS thread (a
+``gevent.threadpool.ThreadPool`` of one, whose sqlite3 connection is its own: see
+``daemon.store.ThreadConnections``) runs them in order, all that queued meanwhile in one transaction
+(``BEGIN IMMEDIATE``), committed with one fsync when any write in it is durable. The greenlet that feeds
+the thread waits for each group cooperatively (the pool hands the result back through the hub's
+thread-safe wake-up); ESL reading, routing and call sequences only queue. Nothing of gevent is touched
+in the thread. Writes keep their order (one queue, one thread), so a call's steps land in the order
+they happened and a conditional update (a claim racing a cancel) sees every write queued before it.
+A write's own error (an idempotency key taken by a concurrent request) undoes that write alone (a
+savepoint each); a store-level error (locked, full, I/O) undoes the group: its fail-fast writes fail,
+the others go again, first in the queue, after a pause that doubles up to half a second (cut short
+when a write somebody waits for arrives, so that a request is answered at once). A group nobody waits
+for (steps of calls in progress) stays open for up to ``LINGER`` so that more join it.
+
+What a crash costs: nothing acknowledged. An API create answers only after its group's commit with
+``synchronous=FULL``; a claim and the mark before an originate are committed durably before anything
+is sent. Steps queued but not yet committed (the group being written and the next) are lost with the
+process, as relaxed commits may lose their last steps at a power cut: the next start adopts the calls
+in flight and reconciles each with FreeSWITCH, which writes what became of them.
+
+Reads stay on the loop's own connection (WAL lets them run beside the writer) and see what is
+committed. A reader that must see a write waits for it (``wait=True`` or :meth:`flush`).
+
+:class:`DirectWriter` (PostgreSQL, whose waits already yield to other greenlets; the CLI; tests) runs
+each write at once in the calling greenlet, in a transaction of its own or inside the caller's (a
+PostgreSQL claim round, whose ``committed`` callbacks run after the round commits).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import gevent
+import gevent.event
+import gevent.threadpool
+from peewee import Database, OperationalError
+
+from daemon.ops.logs import log_event
+from daemon.store import database, relaxed_durability
+
+log = logging.getLogger("callbridge.store")
+
+T = TypeVar("T")
+Work = Callable[[], Any]
+Committed = Callable[[Any], None]
+
+RETRY_FIRST = 0.05  # seconds before the first retry of a store-level failure
+RETRY_MAX = 0.5  # the writer's pause between retries doubles up to this
+MAX_GROUP = 1000  # writes in one transaction at most
+LINGER = 0.01  # seconds a group nobody waits for stays open for more writes
+
+# SQLite's primary result codes that say "the store, not this write": wait it out.
+# BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
+TRANSIENT_SQLITE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A store-level failure that waiting may cure (locked, full, I/O), as opposed to one write's own error."""
+    if not isinstance(exc, OperationalError):
+        return False
+    code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+    return code is None or (code & 0xFF) in TRANSIENT_SQLITE_CODES
+
+
+class Writer(Protocol):
+    def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
+               committed: Committed | None = None) -> Any: ...
+
+    def flush(self) -> None: ...
+
+    def probe(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+
+class DirectWriter:
+    """Each write at once, in the calling greenlet (see the module's docstring)."""
+
+    def __init__(self, retry_for: float = 60.0) -> None:
+        self.retry_for = retry_for
+
+    def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
+               committed: Committed | None = None) -> Any:
+        if database.in_transaction():  # the caller's transaction (a claim round) commits it, or not
+            result = work()
+            if committed is not None:
+                database.after_commit(lambda: committed(result))
+            return result
+        delay = RETRY_FIRST
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                if durable:
+                    with database.atomic():
+                        result = work()
+                else:
+                    with relaxed_durability():
+                        result = work()
+                break
+            except OperationalError as exc:
+                if fail_fast or not is_transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log_event(log, "store.retry", logging.WARNING, error=str(exc), retry_in=delay)
+                gevent.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if committed is not None:
+            committed(result)
+        return result
+
+    def flush(self) -> None:
+        pass
+
+    def probe(self) -> None:
+        """Raise unless the store takes a write now."""
+        db = database.obj
+        if db.in_transaction():
+            return  # a transaction of this process holds it: the store is clearly working
+        db.execute_sql("BEGIN IMMEDIATE")
+        db.execute_sql("ROLLBACK")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        pass
+
+
+class _Write:
+    __slots__ = ("committed", "deadline", "durable", "error", "fail_fast", "result", "value", "work")
+
+    def __init__(self, work: Work, durable: bool, fail_fast: bool, deadline: float | None,
+                 result: gevent.event.AsyncResult | None, committed: Committed | None) -> None:
+        self.work = work
+        self.durable = durable
+        self.fail_fast = fail_fast
+        self.deadline = deadline
+        self.result = result
+        self.committed = committed
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class ThreadWriter:
+    """SQLite's writes in one real thread, committed in groups (see the module's docstring)."""
+
+    def __init__(self, db: Database, *, retry_for: float = 60.0, max_group: int = MAX_GROUP) -> None:
+        self.db = db
+        self.retry_for = retry_for
+        self.max_group = max_group
+        self.groups = 0  # committed so far (tests, logs)
+        self.retries = 0  # groups undone by the store and tried again
+        self._queue: collections.deque[_Write] = collections.deque()
+        self._ready = gevent.event.Event()  # something queued
+        self._urgent = gevent.event.Event()  # a write somebody waits for queued: commit (or retry) now
+        self._pool = gevent.threadpool.ThreadPool(1)
+        self._full: bool | None = None  # the thread connection's synchronous setting (None: unknown)
+        self._stopping = False
+        # peewee logs each statement at DEBUG: its level, looked up here, is cached, so that the thread
+        # does not take the logging module's lock (a gevent lock in a patched process) to find it.
+        logging.getLogger("peewee").isEnabledFor(logging.DEBUG)
+        self._pump = gevent.spawn(self._run)
+        self._pump.name = "store writer"
+
+    # -- the loop's side ---------------------------------------------------------------------------
+    def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
+               committed: Committed | None = None) -> Any:
+        if self._pump.dead:
+            raise OperationalError("database: the store's writer is stopped")
+        result = gevent.event.AsyncResult() if wait else None
+        deadline = time.monotonic() + self.retry_for if wait and not fail_fast else None
+        self._queue.append(_Write(work, durable, fail_fast, deadline, result, committed))
+        self._ready.set()
+        if wait or fail_fast:
+            self._urgent.set()
+        return result.get() if result is not None else None
+
+    def flush(self) -> None:
+        """Wait until every write submitted so far is committed (or has failed)."""
+        self.submit(lambda: None, durable=False, wait=True)
+
+    def probe(self) -> None:
+        """Raise unless the store takes a write now (one attempt: the readiness check)."""
+        self.submit(lambda: None, durable=False, fail_fast=True, wait=True)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Commit what is queued (trying for up to ``timeout`` seconds), then close the thread's connection."""
+        self._stopping = True
+        self._ready.set()
+        self._urgent.set()
+        self._pump.join(timeout)
+        if not self._pump.dead:
+            self._pump.kill(block=True, timeout=timeout)
+        if self._queue:
+            log_event(log, "store.writes_lost", logging.ERROR, count=len(self._queue),
+                      note="the store stayed unwritable; the next start reconciles the calls in flight")
+            for write in self._queue:
+                if write.result is not None:
+                    write.result.set_exception(OperationalError("database: the store's writer stopped"))
+            self._queue.clear()
+        try:
+            self._pool.apply(self._close)
+        finally:
+            self._pool.kill()
+
+    def _run(self) -> None:
+        delay = RETRY_FIRST
+        give_up_at: float | None = None
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._ready.clear()
+                self._ready.wait()
+                continue
+            if not self._urgent.is_set() and not self._stopping and len(self._queue) < self.max_group:
+                # Nobody waits for these (steps of calls in progress): let more join this group, unless a
+                # write somebody waits for arrives meanwhile. Fewer, larger groups: less CPU per write.
+                self._urgent.wait(timeout=LINGER)
+            group = [self._queue.popleft() for _ in range(min(self.max_group, len(self._queue)))]
+            self._urgent.clear()
+            failure = self._pool.apply(self._commit, (group,))
+            if failure is None:
+                self.groups += 1
+                delay = RETRY_FIRST
+                self._finish(group)
+                continue
+            # Undone whole: the fail-fast writes fail now (503); the others go again, first, after a pause.
+            now = time.monotonic()
+            again = []
+            for write in group:
+                if write.fail_fast or (write.deadline is not None and now >= write.deadline):
+                    self._fail(write, failure)
+                else:
+                    again.append(write)
+            self._queue.extendleft(reversed(again))
+            if not again:
+                continue
+            self.retries += 1
+            if self._stopping:  # stop() bounds this with its own timeout
+                give_up_at = give_up_at or now + self.retry_for
+                if now >= give_up_at:
+                    return
+            log_event(log, "store.retry", logging.WARNING, error=str(failure), retry_in=delay,
+                      waiting=len(self._queue))
+            self._urgent.wait(timeout=delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    def _finish(self, group: list[_Write]) -> None:
+        for write in group:
+            if write.error is not None:
+                self._fail(write, write.error)
+                continue
+            if write.result is not None:
+                write.result.set(write.value)
+            if write.committed is not None:
+                try:
+                    write.committed(write.value)
+                except Exception:
+                    log.exception("after-commit action failed")
+
+    @staticmethod
+    def _fail(write: _Write, error: BaseException) -> None:
+        if write.result is not None:
+            write.result.set_exception(error)
+        else:
+            log_event(log, "store.write_dropped", logging.ERROR, error=f"{type(error).__name__}: {error}")
+
+    # -- the writer thread's side (no gevent, no logging) ------------------------------------------
+    def _commit(self, group: list[_Write]) -> BaseException | None:
+        """Run the group's writes in order in one transaction; None once committed, else the error that undid
+        the whole group (each write's own error is kept on the write)."""
+        db = self.db
+        durable = any(write.durable for write in group)
+        failure: BaseException | None = None
+        try:
+            if durable is not self._full:
+                self._full = None
+                db.execute_sql("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                self._full = durable
+            with db.transaction("IMMEDIATE"):
+                conn = db.connection()  # the savepoints straight on sqlite3: two per write, nothing to build
+                for write in group:
+                    write.value, write.error = None, None
+                    conn.execute("SAVEPOINT w")
+                    try:
+                        write.value = write.work()
+                    except Exception as exc:
+                        if is_transient(exc):
+                            failure = exc
+                            raise
+                        conn.execute("ROLLBACK TO w")
+                        write.error = exc
+                    conn.execute("RELEASE w")
+        except Exception as exc:
+            return failure or exc
+        return None
+
+    def _close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+
+_current: Writer = DirectWriter()
+
+
+def current() -> Writer:
+    """The process's writer: a ThreadWriter while a daemon runs on SQLite, else a DirectWriter."""
+    return _current
+
+
+def install(writer: Writer) -> Writer:
+    """Make ``writer`` the process's writer; returns the one it replaces."""
+    global _current
+    previous, _current = _current, writer
+    return previous
+
+
+def write(work: Callable[[], T], *, durable: bool = True) -> T:
+    """A request's write (the web pages, accounts and endpoints): committed before this returns, one
+    attempt (a locked or full store raises OperationalError: the page answers 503)."""
+    result: T = _current.submit(work, durable=durable, fail_fast=True, wait=True)
+    return result

@@ -1,0 +1,215 @@
+"""The store's writer thread (daemon/writer.py) on SQLite: writes committed in groups by one real thread, in
+the order submitted; a write's own error undoes that write alone; a locked store is waited out by the
+daemon's writes and answered at once (503) for a request's; durable groups commit with synchronous=FULL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import pytest
+from flask.testing import FlaskClient
+from gevent import monkey
+from peewee import Database, IntegrityError, OperationalError
+
+from daemon.calls.records import CallRecords, NewCall
+from daemon.ops.metrics import Metrics
+from daemon.store import Call, CallEvent, CallStatus, Endpoint, database, database_file
+from daemon.writer import ThreadWriter, current, install
+from tests.integration.conftest import wait_for
+
+NOW = dt.datetime(2026, 6, 15, 12, 0, 0)
+real_lock = monkey.get_original("_thread", "allocate_lock")
+real_ident = monkey.get_original("_thread", "get_ident")
+
+
+@pytest.fixture
+def writer(db: Database) -> Iterator[ThreadWriter]:
+    thread_writer = ThreadWriter(db, retry_for=30.0)
+    previous = install(thread_writer)
+    yield thread_writer
+    thread_writer.stop()
+    install(previous)
+
+
+@pytest.fixture
+def endpoint(make_endpoint: Callable[..., tuple[Endpoint, str]]) -> Endpoint:
+    return make_endpoint()[0]
+
+
+@pytest.fixture
+def call(endpoint: Endpoint) -> Call:
+    created: Call = Call.create(callid="c" * 28, endpoint=endpoint, phone_a="15550001001", phone_b="15550002002",
+                                due_at=NOW, status="queued")
+    return created
+
+
+class Gate:
+    """Holds the writer thread inside a write until opened, so that what is submitted meanwhile queues."""
+
+    def __init__(self, writer: ThreadWriter) -> None:
+        self.lock = real_lock()
+        self.lock.acquire()
+        self.entered: list[int] = []
+
+        def hold() -> None:
+            self.entered.append(real_ident())
+            with self.lock:
+                pass
+
+        writer.submit(hold, durable=False)
+        assert wait_for(lambda: bool(self.entered), 30), "the writer thread never ran the holding write"
+
+    def open(self) -> None:
+        self.lock.release()
+
+
+def kinds(call: Call) -> list[str]:
+    return [e.kind for e in CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)]
+
+
+def test_writes_run_in_a_thread_of_their_own_on_a_connection_of_their_own(writer: ThreadWriter,
+                                                                           call: Call) -> None:
+    def where() -> tuple[int, int]:
+        return real_ident(), id(database.connection())
+
+    thread, connection = writer.submit(where, durable=False, wait=True)
+    assert thread != real_ident()
+    assert connection != id(database.connection())
+
+
+def test_what_queues_meanwhile_commits_in_one_group_in_the_order_submitted(writer: ThreadWriter,
+                                                                          call: Call) -> None:
+    gate = Gate(writer)
+    groups: list[int] = []
+    for n in range(50):
+        writer.submit(lambda n=n: CallEvent.create(call=call.id, kind=f"step{n}"), durable=False,
+                      committed=lambda _: groups.append(writer.groups))
+    assert kinds(call) == []  # nothing committed while the thread is held
+    gate.open()
+    writer.flush()
+    assert kinds(call) == [f"step{n}" for n in range(50)]
+    assert len(groups) == 50 and len(set(groups)) == 1  # one transaction for all fifty
+
+
+def test_a_writes_own_error_undoes_that_write_alone(writer: ThreadWriter, call: Call, endpoint: Endpoint) -> None:
+    gate = Gate(writer)
+
+    def half_then_duplicate() -> None:
+        CallEvent.create(call=call.id, kind="undone")  # undone with the write it belongs to
+        Endpoint.create(name=endpoint.name, token_hash="x" * 64, token_hint="x", caller_id_number="1",
+                        dial_string="d")
+
+    writer.submit(lambda: CallEvent.create(call=call.id, kind="before"), durable=False)
+    failing = gevent.spawn(writer.submit, half_then_duplicate, durable=True, wait=True)
+    writer.submit(lambda: CallEvent.create(call=call.id, kind="after"), durable=False)
+    gevent.sleep(0)  # the failing write is queued too
+    gate.open()
+    with pytest.raises(IntegrityError):
+        failing.get(timeout=30)
+    writer.flush()
+    assert kinds(call) == ["before", "after"]
+
+
+def test_a_locked_store_is_waited_out_by_the_daemons_writes_and_refused_at_once_to_a_requests(
+        writer: ThreadWriter, call: Call, settings: Any) -> None:
+    other = sqlite3.connect(database_file(settings.database_url), isolation_level=None)  # another process's hold
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        writer.submit(lambda: CallEvent.create(call=call.id, kind="waited"), durable=False)
+        with pytest.raises(OperationalError, match="locked"):
+            writer.submit(lambda: CallEvent.create(call=call.id, kind="refused"), durable=True, fail_fast=True,
+                          wait=True)
+        assert wait_for(lambda: writer.retries >= 2, 30), "the daemon's write was not retried"
+        assert kinds(call) == []
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    writer.flush()
+    assert kinds(call) == ["waited"]
+
+
+def test_durable_groups_commit_with_synchronous_full_and_relaxed_ones_normal(writer: ThreadWriter) -> None:
+    def synchronous() -> int:
+        value: int = database.execute_sql("PRAGMA synchronous").fetchone()[0]
+        return value
+
+    assert writer.submit(synchronous, durable=True, wait=True) == 2  # FULL
+    assert writer.submit(synchronous, durable=False, wait=True) == 1  # NORMAL
+    gate = Gate(writer)
+    relaxed = gevent.spawn(writer.submit, synchronous, durable=False, wait=True)
+    durable = gevent.spawn(writer.submit, synchronous, durable=True, wait=True)
+    gevent.sleep(0)
+    gate.open()
+    # One group holding a durable write commits durably, its relaxed writes with it.
+    assert (relaxed.get(timeout=30), durable.get(timeout=30)) == (2, 2)
+    assert database.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # the loop's own connection: untouched
+
+
+def test_a_create_answers_after_its_commit_and_listeners_hear_changes_after_theirs(
+        writer: ThreadWriter, endpoint: Endpoint) -> None:
+    records = CallRecords(Metrics(), clock=lambda: NOW)
+    heard: list[tuple[str, bool, bool]] = []
+
+    def listener(changed: Call, status: CallStatus, _detail: dict[str, Any]) -> None:
+        step = {CallStatus.QUEUED: "requested", CallStatus.DIALING_A: "claimed"}.get(status, status.value)
+        committed = CallEvent.select().where((CallEvent.call == changed.id) & (CallEvent.kind == step)).exists()
+        heard.append((status.value, committed, changed.status == status.value))
+
+    records.listeners.append(listener)
+    outbox: list[tuple[str, str]] = []
+    records.status_writers.append(lambda changed, status, _detail: outbox.append((status.value, changed.status))
+                                  and None)
+    created = records.create(endpoint, NewCall(phone_a="15550001001", phone_b="15550002002", due_at=NOW,
+                                               scheduled=False), now=NOW).call
+    assert Call.get_by_id(created.id).status == "queued"  # read on the loop's connection, right after
+    assert records.claim(created, a_uuid="a" * 36, b_uuid="b" * 36, now=NOW)
+    records.a_answered(created, at=NOW)
+    records.finish(created, CallStatus.COMPLETED, at=NOW)  # both queued: the loop goes on at once
+    writer.flush()
+    assert [h[0] for h in heard] == ["queued", "dialing_a", "a_answered", "completed"]
+    # Each heard once committed, with the call as it was at that change (it moved on meanwhile).
+    assert all(committed and same for _, committed, same in heard)
+    # The status writers saw the call as it was at each change, although it moved on before they ran.
+    assert outbox == [("queued", "queued"), ("dialing_a", "dialing_a"), ("a_answered", "a_answered"),
+                      ("completed", "completed")]
+    assert kinds(created) == ["requested", "claimed", "a_answered", "completed"]
+
+
+def test_the_api_answers_503_when_the_store_refuses_a_create(writer: ThreadWriter, client: FlaskClient,
+                                                            make_endpoint: Callable[..., tuple[Endpoint, str]],
+                                                            settings: Any) -> None:
+    _, token = make_endpoint()
+    other = sqlite3.connect(database_file(settings.database_url), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        response = client.post("/v1/calls", json={"phone_a": "15550001001", "phone_b": "15550002002"},
+                               headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert "database" in response.get_json()["data"]["code_desc"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.get_json()["data"]["checks"]["database"] is False
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    response = client.post("/v1/calls", json={"phone_a": "15550001001", "phone_b": "15550002002"},
+                           headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    assert Call.select().count() == 1 and current() is writer
+
+
+def test_stop_commits_what_is_queued(db: Database, call: Call) -> None:
+    writer = ThreadWriter(db)
+    previous = install(writer)
+    try:
+        for n in range(20):
+            writer.submit(lambda n=n: CallEvent.create(call=call.id, kind=f"step{n}"), durable=False)
+        writer.stop()
+    finally:
+        install(previous)
+    assert len(kinds(call)) == 20
+    with pytest.raises(OperationalError):
+        writer.submit(lambda: None, durable=False)

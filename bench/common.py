@@ -453,6 +453,7 @@ class Daemon:
                     "--output",
                     str(out),
                     "--nonblocking",
+                    *os.environ.get("BENCH_PYSPY_ARGS", "").split(),
                 ],
                 log=Path(profile_dir) / "py-spy.log",
             )

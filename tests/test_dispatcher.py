@@ -19,7 +19,7 @@ from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch.capacity import SwitchCapacity
-from daemon.switch.engine import choose_switch
+from daemon.switch.engine import choose_switch, room_for_new_calls
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -62,6 +62,9 @@ class FakeEngine:
 
     def pick_switch(self, now: float) -> tuple[FakeSwitch | None, float]:
         return choose_switch(self.switches, now)  # type: ignore[arg-type,return-value]
+
+    def room_for_new_calls(self, now: float) -> tuple[int, float]:
+        return room_for_new_calls(self.switches, now)  # type: ignore[arg-type]
 
     def monotonic(self) -> float:
         return self.now
@@ -243,6 +246,34 @@ def test_new_calls_start_only_as_fast_as_the_switch_admits_sessions(
     fake_engine.now += 1.0
     dispatcher.tick(T0, 1.0)
     assert [c.id for c in fake_engine.launched] == [c.id for c in calls[:4]]  # in due order
+
+
+def test_a_tick_reads_no_more_due_calls_than_the_switch_has_room_for(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thousand calls queued behind a switch that admits two a second: each tick reads a page the size
+    of the room (and a few to spare), not hundreds of rows it cannot start; none at all while it is full."""
+    fake_engine.capacity.learn_limits(sps=6, max_sessions=1000)  # room for 2 new calls a second
+    endpoint, _ = make_endpoint(max_in_flight=5000, calls_per_second=1000)
+    Call.insert_many([{"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550000001",
+                       "phone_b": "15550000002", "due_at": T0 - dt.timedelta(seconds=60), "scheduled": True,
+                       "status": "scheduled"} for _ in range(1000)]).execute()
+    pages: list[int] = []
+    due = dispatcher.records.due
+
+    def counted(now: dt.datetime, **options: Any) -> list[Call]:
+        page = due(now, **options)
+        pages.append(len(page))
+        return page
+
+    monkeypatch.setattr(dispatcher.records, "due", counted)
+    assert dispatcher.tick(T0, 0.0) == pytest.approx(1.0)
+    assert len(fake_engine.launched) == 2 and pages and max(pages) <= 2 + 2
+    pages.clear()
+    assert dispatcher.tick(T0, 0.0) == pytest.approx(1.0) and pages == []  # full this second: nothing read
+    fake_engine.now += 1.0
+    dispatcher.tick(T0, 1.0)
+    assert len(fake_engine.launched) == 4 and max(pages) <= 2 + 2
 
 
 def test_legs_of_calls_in_progress_go_before_new_calls(

@@ -50,6 +50,7 @@ from daemon.switch.link import SwitchLink
 log = logging.getLogger("callbridge.dispatcher")
 
 BATCH = 500
+PAGE_SLACK = 2
 MAX_SLEEP = 1.0
 
 
@@ -144,7 +145,13 @@ class Dispatcher:
             free = self.settings.max_in_flight - self._in_flight()
             if free <= 0:
                 return MAX_SLEEP  # a call ending wakes us
-            limit = min(BATCH, 2 * free + 10)
+            startable, room_wait = self.engine.room_for_new_calls(self.engine.monotonic())
+            if startable <= 0:
+                return room_wait  # no switch has room for another session yet: every call waits
+            # A page is read as model rows (tens of microseconds each, and a tick follows every call's end):
+            # no more than could start now, and two to spare for calls skipped (their endpoint at its
+            # limit, which the next page leaves out); the next page follows when this one was used up.
+            limit = min(BATCH, min(free, startable) + PAGE_SLACK)
             loads: dict[int, EndpointLoad] = {}  # shared store: the endpoints' load, read under this round's lock
             with self._claim_round():
                 page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)

@@ -107,18 +107,20 @@ def append_event(call_id: int, kind: str, at: dt.datetime, **detail: Any) -> Non
     database.execute_sql(sql, (call_id, at, kind, _clean_detail(detail)))
 
 
-def update_call(call_id: int, row: dict[str, Any]) -> int:
-    """Set ``row``'s columns of one call (values as the models take them); returns the rows changed."""
+def update_call(call_id: int, row: dict[str, Any], *, if_status: tuple[CallStatus, ...] = ()) -> int:
+    """Set ``row``'s columns of one call (values as the models take them), only while its status is one of
+    ``if_status`` when given (a claim); returns the rows changed."""
     names = tuple(row)
     fields = Call._meta.fields  # type: ignore[attr-defined]  # peewee's model metadata
 
     def build(p: str) -> str:
         columns = ", ".join(f'"{fields[name].column_name}" = {p}' for name in names)
-        return f'UPDATE "call" SET {columns} WHERE "id" = {p}'
+        condition = f' AND "status" IN ({", ".join([p] * len(if_status))})' if if_status else ""
+        return f'UPDATE "call" SET {columns} WHERE "id" = {p}{condition}'
 
-    sql = _sql("update:" + ",".join(names), build)
+    sql = _sql(f"update:{','.join(names)}:{len(if_status)}", build)
     params = [fields[name].db_value(value) for name, value in row.items()]
-    return int(database.execute_sql(sql, (*params, call_id)).rowcount)
+    return int(database.execute_sql(sql, (*params, call_id, *(s.value for s in if_status))).rowcount)
 
 
 def _status_in(statuses: Iterable[CallStatus]) -> Expression:
@@ -255,17 +257,41 @@ class CallRecords:
     def due(now: dt.datetime, *, limit: int, skip_endpoints: Iterable[int] = (),
             after: tuple[dt.datetime, int] | None = None) -> list[Call]:
         """Up to ``limit`` pending calls due at ``now``, with their endpoints, in (due_at, id) order after
-        ``after``, leaving out the endpoints in ``skip_endpoints``."""
-        query = Call.select(Call, Endpoint).join(Endpoint).where(_status_in(PENDING_STATUSES) & (Call.due_at <= now))
+        ``after``, leaving out the endpoints in ``skip_endpoints``.
+
+        The dispatcher asks after every call's end, so this is hand-written SQL: peewee spends a
+        millisecond or two compiling a select of a call's ~50 columns, ten times what SQLite takes to
+        answer it. One query per pending status, each walking the (status, due_at) index in order and
+        stopping at ``limit`` (one query for both would sort every pending call), merged here."""
         skip = sorted(skip_endpoints)
-        if skip:
-            query = query.where(Call.endpoint.not_in(skip))
-        if after is not None:
-            query = query.where((Call.due_at > after[0]) | ((Call.due_at == after[0]) & (Call.id > after[1])))
-        query = query.order_by(Call.due_at, Call.id).limit(limit)
-        if is_shared() and database.in_transaction():  # a claim round: these calls are ours until it commits
-            query = query.for_update(of=Call, skip_locked=True)
-        return list(query)
+        lock = is_shared() and database.in_transaction()  # a claim round: these calls are ours until it commits
+
+        def build(p: str) -> str:
+            sql = f'SELECT * FROM "call" WHERE "status" = {p} AND "due_at" <= {p}'
+            if skip:
+                sql += f' AND "endpoint_id" NOT IN ({", ".join([p] * len(skip))})'
+            if after is not None:
+                sql += f' AND ("due_at" > {p} OR ("due_at" = {p} AND "id" > {p}))'
+            return sql + f' ORDER BY "due_at", "id" LIMIT {p}' + (" FOR UPDATE SKIP LOCKED" if lock else "")
+
+        sql = _sql(f"due:{len(skip)}:{after is not None}:{lock}", build)
+        due_at = Call.due_at.db_value
+        calls: list[Call] = []
+        for status in PENDING_STATUSES:
+            params: list[Any] = [status.value, due_at(now), *skip]
+            if after is not None:
+                params += [due_at(after[0]), due_at(after[0]), after[1]]
+            calls += Call.raw(sql, *params, limit)
+        calls = sorted(calls, key=lambda call: (call.due_at, call.id))[:limit]
+        if calls:
+            endpoint_of = {call.id: call.__data__["endpoint"] for call in calls}  # the foreign key's value
+            ids = sorted(set(endpoint_of.values()))
+            sql = _sql(f"endpoints:{len(ids)}",
+                       lambda p: f'SELECT * FROM "endpoint" WHERE "id" IN ({", ".join([p] * len(ids))})')
+            endpoints = {endpoint.id: endpoint for endpoint in Endpoint.raw(sql, *ids)}
+            for call in calls:
+                call.endpoint = endpoints[endpoint_of[call.id]]
+        return calls
 
     @staticmethod
     def next_due_at(now: dt.datetime) -> dt.datetime | None:
@@ -441,9 +467,10 @@ class CallRecords:
 
         def update() -> bool:
             after.clear()
-            updated = (Call.update(status=CallStatus.DIALING_A.value, a_uuid=a_uuid, b_uuid=b_uuid, started_at=now,
-                                   lateness_ms=lateness, switch=switch, owner=self.owner, lease_until=lease_until)
-                       .where((Call.id == call.id) & _status_in(PENDING_STATUSES)).execute())
+            updated = update_call(call.id, {"status": CallStatus.DIALING_A.value, "a_uuid": a_uuid, "b_uuid": b_uuid,
+                                            "started_at": now, "lateness_ms": lateness, "switch": switch,
+                                            "owner": self.owner, "lease_until": lease_until},
+                                  if_status=PENDING_STATUSES)
             if updated != 1:
                 return False
             append_event(call.id, "claimed", at=now, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid,

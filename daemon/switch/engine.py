@@ -55,6 +55,21 @@ def choose_switch(links: Sequence[SwitchLink], now: float) -> tuple[SwitchLink |
     return None, wait if wait != float("inf") else NO_SWITCH_WAIT
 
 
+def room_for_new_calls(links: Sequence[SwitchLink], now: float) -> tuple[int, float]:
+    """How many new calls the reachable switches would take now (a switch that admits one counts at least
+    one), or 0 and the seconds until one may: the dispatcher reads no more due calls than that."""
+    room, wait = 0, float("inf")
+    for link in links:
+        if not link.ready:
+            continue
+        delay = link.capacity.new_call_delay(now)
+        if delay > 0:
+            wait = min(wait, delay)
+        else:
+            room += max(1, link.capacity.room(now))
+    return room, (0.0 if room else wait if wait != float("inf") else NO_SWITCH_WAIT)
+
+
 class Engine:
     """Turns claimed calls into FreeSWITCH commands and follows them to their end."""
 
@@ -92,6 +107,9 @@ class Engine:
 
     def pick_switch(self, now: float) -> tuple[SwitchLink | None, float]:
         return choose_switch(self.links, now)
+
+    def room_for_new_calls(self, now: float) -> tuple[int, float]:
+        return room_for_new_calls(self.links, now)
 
     def switch_status(self) -> dict[str, Any]:
         """Every switch as the daemon sees it, and which are not connected (for /readyz)."""

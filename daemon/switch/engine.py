@@ -33,12 +33,9 @@ log = logging.getLogger("callbridge.engine")
 NO_SWITCH_WAIT = 1.0  # seconds before asking again when no switch is reachable
 
 
-def choose_switch(links: Sequence[SwitchLink], now: float) -> tuple[SwitchLink | None, float]:
-    """The reachable switch with the most room for a new call now, or None and the seconds until one
-    may have room. Room is what its capacity would still admit (:meth:`SwitchCapacity.room`); on equal
-    room the one with fewer sessions, then the first listed."""
-    best: SwitchLink | None = None
-    best_key: tuple[int, int] | None = None
+def _admitting(links: Sequence[SwitchLink], now: float) -> tuple[list[SwitchLink], float]:
+    """The reachable switches that would take a new call now, and else the seconds until one may."""
+    admitting: list[SwitchLink] = []
     wait = float("inf")
     for link in links:
         if not link.ready:
@@ -46,28 +43,26 @@ def choose_switch(links: Sequence[SwitchLink], now: float) -> tuple[SwitchLink |
         delay = link.capacity.new_call_delay(now)
         if delay > 0:
             wait = min(wait, delay)
-            continue
-        key = (link.capacity.room(now), -link.capacity.sessions)
-        if best_key is None or key > best_key:
-            best, best_key = link, key
-    if best is not None:
-        return best, 0.0
-    return None, wait if wait != float("inf") else NO_SWITCH_WAIT
+        else:
+            admitting.append(link)
+    return admitting, (0.0 if admitting else wait if wait != float("inf") else NO_SWITCH_WAIT)
+
+
+def choose_switch(links: Sequence[SwitchLink], now: float) -> tuple[SwitchLink | None, float]:
+    """The reachable switch with the most room for a new call now, or None and the seconds until one
+    may have room. Room is what its capacity would still admit (:meth:`SwitchCapacity.room`); on equal
+    room the one with fewer sessions, then the first listed."""
+    admitting, wait = _admitting(links, now)
+    if not admitting:
+        return None, wait
+    return max(admitting, key=lambda link: (link.capacity.room(now), -link.capacity.sessions)), 0.0
 
 
 def room_for_new_calls(links: Sequence[SwitchLink], now: float) -> tuple[int, float]:
     """How many new calls the reachable switches would take now (a switch that admits one counts at least
     one), or 0 and the seconds until one may: the dispatcher reads no more due calls than that."""
-    room, wait = 0, float("inf")
-    for link in links:
-        if not link.ready:
-            continue
-        delay = link.capacity.new_call_delay(now)
-        if delay > 0:
-            wait = min(wait, delay)
-        else:
-            room += max(1, link.capacity.room(now))
-    return room, (0.0 if room else wait if wait != float("inf") else NO_SWITCH_WAIT)
+    admitting, wait = _admitting(links, now)
+    return sum(max(1, link.capacity.room(now)) for link in admitting), wait
 
 
 class Engine:

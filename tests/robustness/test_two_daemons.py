@@ -184,10 +184,19 @@ def outcome(tmp_path_factory: pytest.TempPathFactory, postgres_server: Any) -> I
                                orphans, victim) == 0
 
         assert wait_for(taken_over, 60), f"the dead daemon's calls were never taken over (seed {seed})"
-        adopted = {e.call_id: e.at for e in store.rows(
-            "SELECT call_id, min(at) AS at FROM callevent WHERE call_id = ANY(%s) AND kind = 'adopted' "
-            "GROUP BY call_id", orphans)}
-        assert set(adopted) == set(orphans), f"the dead daemon's calls not all adopted (seed {seed})"
+
+        def adoptions() -> dict[int, Any]:
+            return {e.call_id: e.at for e in store.rows(
+                "SELECT call_id, min(at) AS at FROM callevent WHERE call_id = ANY(%s) AND kind = 'adopted' "
+                "GROUP BY call_id", orphans)}
+
+        # The new owner's claim commits first; its 'adopted' step is written right after, on its own.
+        wait_for(lambda: set(adoptions()) == set(orphans), 30)
+        adopted = adoptions()
+        assert set(adopted) == set(orphans), (
+            f"the dead daemon's calls not all adopted (seed {seed}): "
+            + "; ".join(f"{call_id}: {store.timeline(store.rows('SELECT * FROM call WHERE id = %s', call_id)[0])}"
+                        for call_id in sorted(set(orphans) - set(adopted))))
         early = [call_id for call_id, at in adopted.items() if at < leases[call_id]]
         assert not early, f"taken over before their lease ran out: {early} (seed {seed})"
         after_kill = ((min(adopted.values()) - killed_at).total_seconds(),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.config import ConfigError, zone
-from daemon.store import Account, Endpoint, utcnow
+from daemon.store import Account, Endpoint, precompiled, select_rows, utcnow
 from daemon.switch.commands import CALLER_NAME_RE, DialStringError, check_dial_template
 from daemon.writer import write
 
@@ -176,7 +176,9 @@ def authenticate(token: str | None) -> Endpoint | None:
     if not token or len(token) > 200:
         return None
     wanted = hash_token(token)
-    endpoint = Endpoint.get_or_none(Endpoint.token_hash == wanted)
+    # Asked at every request: precompiled (peewee's select of an endpoint took ten times SQLite's answer).
+    sql = precompiled("endpoint_by_token", lambda p: f'SELECT * FROM "endpoint" WHERE "token_hash" = {p}')
+    endpoint = next(iter(select_rows(Endpoint, sql, (wanted,))), None)
     if endpoint is None or not hmac.compare_digest(endpoint.token_hash, wanted) or not endpoint.enabled:
         return None
     return endpoint

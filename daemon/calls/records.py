@@ -57,8 +57,11 @@ from daemon.store import (
     CallStatus,
     Endpoint,
     database,
+    insert_row,
     is_shared,
     new_callid,
+    precompiled,
+    select_rows,
     utcnow,
 )
 from daemon.writer import current as writer
@@ -87,23 +90,9 @@ def _clean_detail(detail: dict[str, Any]) -> str:
     return json.dumps(clean, sort_keys=True) if clean else ""
 
 
-_sql_cache: dict[tuple[str, Any], str] = {}
-
-
-def _sql(key: str, build: Callable[[str], str]) -> str:
-    """A statement built once per placeholder style (``?`` SQLite, ``%s`` PostgreSQL): the writes of calls in
-    progress are a few fixed statements, and building them through peewee's query objects at every step
-    cost more CPU than running them."""
-    param = database.param
-    sql = _sql_cache.get((key, param))
-    if sql is None:
-        sql = _sql_cache[(key, param)] = build(param)
-    return sql
-
-
 def append_event(call_id: int, kind: str, at: dt.datetime, **detail: Any) -> None:
     """:func:`add_event` as the daemon writes its steps: one precompiled insert, no model built."""
-    sql = _sql("event", lambda p: f'INSERT INTO "callevent" ("call_id", "at", "kind", "detail") VALUES ({p}, {p}, {p}, {p})')
+    sql = precompiled("event", lambda p: f'INSERT INTO "callevent" ("call_id", "at", "kind", "detail") VALUES ({p}, {p}, {p}, {p})')
     database.execute_sql(sql, (call_id, at, kind, _clean_detail(detail)))
 
 
@@ -118,7 +107,7 @@ def update_call(call_id: int, row: dict[str, Any], *, if_status: tuple[CallStatu
         condition = f' AND "status" IN ({", ".join([p] * len(if_status))})' if if_status else ""
         return f'UPDATE "call" SET {columns} WHERE "id" = {p}{condition}'
 
-    sql = _sql(f"update:{','.join(names)}:{len(if_status)}", build)
+    sql = precompiled(f"update:{','.join(names)}:{len(if_status)}", build)
     params = [fields[name].db_value(value) for name, value in row.items()]
     return int(database.execute_sql(sql, (*params, call_id, *(s.value for s in if_status))).rowcount)
 
@@ -274,21 +263,21 @@ class CallRecords:
                 sql += f' AND ("due_at" > {p} OR ("due_at" = {p} AND "id" > {p}))'
             return sql + f' ORDER BY "due_at", "id" LIMIT {p}' + (" FOR UPDATE SKIP LOCKED" if lock else "")
 
-        sql = _sql(f"due:{len(skip)}:{after is not None}:{lock}", build)
+        sql = precompiled(f"due:{len(skip)}:{after is not None}:{lock}", build)
         due_at = Call.due_at.db_value
         calls: list[Call] = []
         for status in PENDING_STATUSES:
             params: list[Any] = [status.value, due_at(now), *skip]
             if after is not None:
                 params += [due_at(after[0]), due_at(after[0]), after[1]]
-            calls += Call.raw(sql, *params, limit)
+            calls += select_rows(Call, sql, (*params, limit))
         calls = sorted(calls, key=lambda call: (call.due_at, call.id))[:limit]
         if calls:
             endpoint_of = {call.id: call.__data__["endpoint"] for call in calls}  # the foreign key's value
             ids = sorted(set(endpoint_of.values()))
-            sql = _sql(f"endpoints:{len(ids)}",
+            sql = precompiled(f"endpoints:{len(ids)}",
                        lambda p: f'SELECT * FROM "endpoint" WHERE "id" IN ({", ".join([p] * len(ids))})')
-            endpoints = {endpoint.id: endpoint for endpoint in Endpoint.raw(sql, *ids)}
+            endpoints = {endpoint.id: endpoint for endpoint in select_rows(Endpoint, sql, ids)}
             for call in calls:
                 call.endpoint = endpoints[endpoint_of[call.id]]
         return calls
@@ -297,7 +286,7 @@ class CallRecords:
     def next_due_at(now: dt.datetime) -> dt.datetime | None:
         """When the next pending call falls due after ``now`` (asked at every tick: precompiled, and one
         index probe per pending status)."""
-        sql = _sql("next_due", lambda p: f'SELECT MIN("due_at") FROM "call" WHERE "status" = {p} AND "due_at" > {p}')
+        sql = precompiled("next_due", lambda p: f'SELECT MIN("due_at") FROM "call" WHERE "status" = {p} AND "due_at" > {p}')
         field = Call.due_at
         found = [database.execute_sql(sql, (status.value, field.db_value(now))).fetchone()[0]
                  for status in PENDING_STATUSES]
@@ -381,14 +370,15 @@ class CallRecords:
 
         def insert() -> Call:
             after.clear()  # (a write tried again after the store refused its group runs again)
-            call = Call.create(
+            call = Call(
                 callid=new_callid(), endpoint=endpoint.id, phone_a=request.phone_a,
                 phone_b=request.phone_b, play_url=request.play_url, msg=request.msg, msg_lang=request.msg_lang,
                 dialtone_url=request.dialtone_url, play_file=request.play_file, msg_file=request.msg_file,
                 dialtone_file=request.dialtone_file, idempotency_key=key,
                 request_fingerprint=request.request_fingerprint, requested_at=now, due_at=due,
                 scheduled=request.scheduled, status=status.value)
-            add_event(call.id, "requested", at=now, due_at=iso(due), scheduled=request.scheduled or None)
+            insert_row(call)
+            append_event(call.id, "requested", at=now, due_at=iso(due), scheduled=request.scheduled or None)
             after.extend(self._write_status(call, status, {}))
             return call
 

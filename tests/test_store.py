@@ -102,6 +102,25 @@ def test_times_are_naive_utc_to_the_microsecond_and_booleans_are_booleans(make_e
     assert Call.select().where(Call.due_at > due - dt.timedelta(microseconds=1)).count() == 1
 
 
+def test_precompiled_insert_and_rows_read_back_as_peewee_writes_and_reads_them(make_endpoint: Any) -> None:
+    """insert_row and select_rows (the hot paths' own SQL) keep the models' defaults and types exactly."""
+    endpoint, _ = make_endpoint()
+    due = dt.datetime(2026, 12, 31, 23, 59, 59, 123456)
+    fresh = Call(callid="p" * 28, endpoint=endpoint.id, phone_a="15550001001", phone_b="15550002002",
+                 due_at=due, scheduled=True, status="scheduled", ring_seconds=1.5)
+    store.insert_row(fresh)
+    assert fresh.id is not None and not fresh.is_dirty()
+    by_peewee = Call.get_by_id(fresh.id)
+    sql = store.precompiled("test:call_by_id", lambda p: f'SELECT * FROM "call" WHERE "id" = {p}')
+    (ours,) = store.select_rows(Call, sql, (fresh.id,))
+    assert ours.__data__ == by_peewee.__data__
+    assert ours.due_at == due and ours.scheduled is True and ours.msg == "" and ours.a_uuid is None
+    assert ours.endpoint_id == endpoint.id and ours.endpoint.name == endpoint.name  # the foreign key resolves
+    ours.status = "queued"
+    ours.save()  # an instance read this way saves its changes like any other
+    assert Call.get_by_id(fresh.id).status == "queued"
+
+
 def test_migration_on_an_existing_store_keeps_its_rows(settings: Settings, make_endpoint: Any) -> None:
     endpoint, _ = make_endpoint(name="keep-me")
     call = a_call(endpoint, "f" * 28)

@@ -12,6 +12,7 @@ commit what is queued (the ended leases with it), exit.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import signal
 import sys
@@ -160,6 +161,10 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self.stopping.set)
         self.start()
+        # What start-up made (modules, the app, settings) lives as long as the process: out of the cyclic
+        # collector's sight, its full passes (which stop the loop, calls and all) scan only what came later.
+        gc.collect()
+        gc.freeze()
         gevent.spawn(self.media.warm_up)  # the first request need not wait for a worker to start
         interval = watchdog_interval()
         while not self.stopping.wait(timeout=interval or 60):

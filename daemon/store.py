@@ -73,6 +73,9 @@ SQLITE_PRAGMAS = {
     # ms; SQLite's wait blocks the whole gevent process, so it is short: the daemon's call records retry a locked
     # write with gevent sleeps in between, and the API answers 503.
     "busy_timeout": 250,
+    # The statement journals of the writer's savepoints in memory: on disk each was a file created and
+    # unlinked in /var/tmp (16 a second under load), which a hardened unit may not even allow.
+    "temp_store": "memory",
 }
 
 

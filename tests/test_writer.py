@@ -149,6 +149,15 @@ def test_durable_groups_commit_with_synchronous_full_and_relaxed_ones_normal(wri
     assert database.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # the loop's own connection: untouched
 
 
+def test_the_writers_connection_keeps_its_temporary_files_in_memory(writer: ThreadWriter) -> None:
+    def temp_store() -> int:
+        value: int = database.execute_sql("PRAGMA temp_store").fetchone()[0]
+        return value
+
+    assert writer.submit(temp_store, durable=False, wait=True) == 2  # MEMORY: no journal files in /var/tmp
+    assert temp_store() == 2  # and the loop's own connection
+
+
 def test_a_create_answers_after_its_commit_and_listeners_hear_changes_after_theirs(
         writer: ThreadWriter, endpoint: Endpoint) -> None:
     records = CallRecords(Metrics(), clock=lambda: NOW)

@@ -7,9 +7,13 @@ up 0.1 s after answering at this time scale, so slots free quickly).
 
 The switch allows ``SPS`` sessions a second (a mid-size box's switch.conf.xml): the daemon starts at most
 ``ALLOWED`` new calls a second (half of its room, the other half for their B legs), so a burst of 1,000
-due at once takes seconds to start by design. A call's *own queueing* is when that rate lets it start at
-the earliest (the k-th call due at ``a_k`` no sooner than a second after the (k - R)-th could); what the
-scheduler adds is its lateness beyond that.
+due at once takes seconds to start by design. A call's *own queueing* is when the rate the switch sustains
+lets it start at the earliest (the k-th call due at ``a_k`` no sooner than a second after the (k - R)-th
+could); what the scheduler adds is its lateness beyond that. R is half the session room rounded down (89
+for a room of 179): once the first calls' B legs take their share, every call takes two of the room's
+sessions, so a second holding 90 new calls is followed by one holding 89. (R = 90 put the last calls of a
+burst a second "late" for keeping to the switch's limit; 89 credits the daemon with at most half a call a
+second it did not have to wait for: about 60 ms at the end of a burst of 1,000.)
 
 Figures per case:
 * ``lateness_ms`` as the daemon records it on each call (claim time minus due time), and the same
@@ -37,11 +41,20 @@ EPOCH = dt.datetime(1970, 1, 1)
 SPS = 200  # the switch's sessions-per-second for these cases
 
 
-def allowed_rate(sps: int) -> int:
-    """New calls a second the daemon starts on a switch allowing ``sps`` sessions a second."""
+def _capacity(sps: int) -> SwitchCapacity:
     capacity = SwitchCapacity(Settings.switch_session_margin)
     capacity.learn_limits(sps=sps, max_sessions=1_000_000)
-    return capacity.new_call_cap
+    return capacity
+
+
+def allowed_rate(sps: int) -> int:
+    """New calls the daemon starts in any one second on a switch allowing ``sps`` sessions a second."""
+    return _capacity(sps).new_call_cap
+
+
+def sustained_rate(sps: int) -> int:
+    """New calls a second the switch's room sustains once their B legs take their share (two sessions each)."""
+    return _capacity(sps).rate_cap // 2
 
 
 def own_queueing(due: list[float], rate: int) -> list[float]:
@@ -97,7 +110,7 @@ def _case(report: Report, folder: Path, name: str, n: int, spread: float) -> Non
     rows.sort(key=lambda r: (r[1], r[6]))  # due order, as the dispatcher takes them
     claimed = [r for r in rows if r[2] is not None]
     recorded = [float(r[2]) for r in claimed]
-    queueing = own_queueing([_seconds(r[1]) for r in claimed], rate)
+    queueing = own_queueing([_seconds(r[1]) for r in claimed], sustained_rate(SPS))
     beyond = [max(0.0, late - q * 1000) for late, q in zip(recorded, queueing, strict=True)]
     starts = sorted(_seconds(r[5]) for r in claimed if r[5])
     if len(starts) >= 10:

@@ -465,23 +465,25 @@ def insert_row(row: BaseModel) -> None:
     row._dirty.clear()  # type: ignore[attr-defined]  # as save() leaves it
 
 
-_row_readers: dict[tuple[type[BaseModel], tuple[str, ...]], list[tuple[str, Callable[[Any], Any]]]] = {}
+_row_readers: dict[tuple[type[BaseModel], tuple[str, ...]], list[tuple[int, str, Callable[[Any], Any]]]] = {}
 
 
 def select_rows(model: type[M], sql: str, params: Sequence[Any] = ()) -> list[M]:
     """The rows of ``sql`` (a ``SELECT *`` of ``model``'s table) as model instances, built directly from
-    each column's field: peewee's row wrappers took longer to build an endpoint than SQLite to find it."""
+    each column's field: peewee's row wrappers took longer to build an endpoint than SQLite to find it.
+    Columns the model does not know (a newer schema's, after a downgrade) are left out."""
     cursor = database.execute_sql(sql, params)
     columns = tuple(description[0] for description in cursor.description)
     readers = _row_readers.get((model, columns))
     if readers is None:
         by_column = {field.column_name: field for field in model._meta.sorted_fields}  # type: ignore[attr-defined]
         readers = _row_readers[(model, columns)] = [
-            (by_column[column].name, by_column[column].python_value) for column in columns]
+            (index, by_column[column].name, by_column[column].python_value)
+            for index, column in enumerate(columns) if column in by_column]
     rows = []
     for values in cursor.fetchall():
         row = model(__no_default__=True)
-        row.__data__ = {name: read(value) for (name, read), value in zip(readers, values, strict=True)}
+        row.__data__ = {name: read(values[index]) for index, name, read in readers}
         rows.append(row)
     return rows
 

@@ -133,13 +133,14 @@ class Harness:
         return create_endpoint(EndpointOptions(**opts))[0]
 
     def place(self, endpoint: Endpoint, phone_a: str, phone_b: str, *, prompts: bool = True,
-              dialtone: bool = True, due_in: float = 0.0) -> Call:
+              dialtone: bool = True, due_in: float = 0.0, play_file: str | None = None) -> Call:
         now = utcnow()
         import datetime as dt
         import secrets
 
         call = Call.create(callid=secrets.token_hex(14), endpoint=endpoint, phone_a=phone_a, phone_b=phone_b,
-                           play_file=self.prompt if prompts else "", msg_file=self.message if prompts else "",
+                           play_file=(play_file or self.prompt) if prompts else "",
+                           msg_file=self.message if prompts else "",
                            dialtone_file=self.dialtone if dialtone else "",
                            due_at=now + dt.timedelta(seconds=due_in), scheduled=due_in > 0,
                            status=(CallStatus.SCHEDULED if due_in > 0 else CallStatus.QUEUED).value)

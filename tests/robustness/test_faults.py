@@ -29,7 +29,7 @@ import pytest
 from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.calls.sequence import wait_uuid
 from daemon.store import Call, Endpoint, WebhookDelivery, database_file
-from tests.integration.conftest import Harness, needs_standin, wait_for
+from tests.integration.conftest import Harness, needs_standin, tone_wav, wait_for
 from tests.robustness.helpers import (
     FIGURES,
     Answer,
@@ -67,9 +67,9 @@ def number(digit: str, n: int) -> str:
 
 
 def place(harness: Harness, endpoint: Endpoint, pairs: list[tuple[str, str]], *,
-          prompts: bool = True, first: int = 0) -> list[Call]:
+          prompts: bool = True, first: int = 0, play_file: str | None = None) -> list[Call]:
     """One call per (A digit, B digit), all due now (numbered from ``first``)."""
-    return [harness.place(endpoint, number(a, i), number(b, i), prompts=prompts)
+    return [harness.place(endpoint, number(a, i), number(b, i), prompts=prompts, play_file=play_file)
             for i, (a, b) in enumerate(pairs, start=first)]
 
 
@@ -183,18 +183,25 @@ def test_the_connection_drops_while_a_waits_for_b(make_harness: Callable[..., Ha
     only when the daemon says so, so nothing happens until it is back; A hears the dialtone throughout.
     Then B is dialed once, refused (busy, rejected, unallocated), and the call fails with B's cause."""
     harness = make_harness(**{**FAST, "esl_reconnect_max_delay": 0.05})
-    calls = place(harness, harness.endpoint(), [("0", b)] * 4)
+    # The four calls must be in their prompts at the same moment, and a loaded machine spreads their answers
+    # over more than the 3 plan seconds (0.3 s) of the usual prompts: a 15-second prompt here.
+    prompt = tone_wav(harness.settings.media_dir, 15.0, 523.0)
+    calls = place(harness, harness.endpoint(), [("0", b)] * 4, play_file=prompt)
     assert wait_for(lambda: all(fresh(c).status == "a_answered" and _apps_queued(harness, fresh(c))
-                                for c in calls), 30), [fresh(c).status for c in calls]
-    # Still in the prompts: the switch goes silent, so the daemon never hears the waits start, then the
-    # connection drops for good.
-    harness.switch.hang(1.0)
+                                for c in calls), 30), [(fresh(c).status, fresh(c).reason, harness.timeline(c))
+                                                       for c in calls]
+    # Still in the prompts: the switch goes silent for longer than they last, so the daemon never hears the
+    # waits start, then the connection drops for good.
+    hang = 2.5
+    hung_at = time.monotonic()
+    harness.switch.hang(hang)
     assert wait_for(lambda: all(a_playing(harness, fresh(c), wait_uuid(str(fresh(c).a_uuid), 0)) for c in calls),
                     10), "A never started its wait"
     harness.switch.refuse_connections(True)
     harness.switch.drop_connections()
     fault("ESL down while A waits for B")
-    gevent.sleep(1.0)  # the hang is over: 10 plan seconds of silence and outage
+    # At least 10 plan seconds of outage, and the hang over before the switch takes connections again.
+    gevent.sleep(max(1.0, hang - (time.monotonic() - hung_at)))
     assert all(harness.switch.channel(str(fresh(c).b_uuid)) is None for c in calls), "B dialed while down"
     assert all(harness.switch.channel(str(fresh(c).a_uuid)).hangup_cause is None for c in calls)
     harness.switch.refuse_connections(False)

@@ -80,12 +80,11 @@ DIAL_MARK = "dialing_a"
 
 def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **detail: Any) -> CallEvent:
     """Append one step to a call's timeline (empty details are left out)."""
-    clean = {k: v for k, v in detail.items() if v not in (None, "")}
-    return CallEvent.create(call=call, kind=kind, at=at or utcnow(),
-                            detail=json.dumps(clean, sort_keys=True) if clean else "")
+    return CallEvent.create(call=call, kind=kind, at=at or utcnow(), detail=_clean_detail(detail))
 
 
 def _clean_detail(detail: dict[str, Any]) -> str:
+    """A step's details as stored: JSON with sorted keys, empty ones left out; "" when none is left."""
     clean = {k: v for k, v in detail.items() if v not in (None, "")}
     return json.dumps(clean, sort_keys=True) if clean else ""
 

@@ -47,6 +47,7 @@ from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler, WSGIServer
 
 from daemon.config import Settings
 from daemon.ops.logs import log_event
+from webapi.turns import take_turn
 
 log = logging.getLogger("callbridge.http")
 
@@ -181,9 +182,7 @@ class ConnectionHandler(WSGIHandler):
             environ["CONTENT_LENGTH"] = str(len(body))
         environ["wsgi.input"] = io.BytesIO(body)
         environ["wsgi.input_terminated"] = True
-        # Calls come first: the call events already read (their sequences woken) run before this request's
-        # work does. Without it, ten busy clients' requests ran ahead of an answered A's next command.
-        gevent.sleep(0)
+        take_turn()  # calls come first: the app runs when the loop has nothing else ready (webapi.turns)
         return environ
 
     def _receive_body(self) -> bytes:

@@ -92,6 +92,11 @@ class Loop(Generic[T]):
         return self._stopping
 
 
+# One generator for every backoff's jitter: a Random of its own is 2.5 KB of state seeded from the kernel,
+# and each call in progress has two backoffs (its legs' retries after a refusal).
+JITTER = random.Random()
+
+
 @dataclass(eq=False)
 class Backoff:
     """Delays doubling from ``first`` up to ``cap``, each scaled by a random factor in ``jitter`` so that
@@ -100,7 +105,7 @@ class Backoff:
     first: float
     cap: float
     jitter: tuple[float, float] = (0.8, 1.2)
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=lambda: JITTER)
     failures: int = 0  # in a row, for next()
 
     def delay(self, attempt: int) -> float:

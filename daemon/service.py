@@ -12,7 +12,6 @@ commit what is queued (the ended leases with it), exit.
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import logging
 import signal
 import sys
@@ -27,6 +26,7 @@ from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.loop import Loop
 from daemon.media.library import MediaLibrary
+from daemon.ops.heap import FREEZE_INTERVAL, Heap
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.ops.retention import Retention
@@ -161,14 +161,16 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self.stopping.set)
         self.start()
-        # What start-up made (modules, the app, settings) lives as long as the process: out of the cyclic
-        # collector's sight, its full passes (which stop the loop, calls and all) scan only what came later.
-        gc.collect()
-        gc.freeze()
+        # What lives long (start-up's modules and app, then calls in progress) leaves the cyclic collector's
+        # sight, so that its passes never stop the loop for long (daemon/ops/heap.py). Only in the process's
+        # own entry: services started inside the tests keep the interpreter's collector as it is.
+        heap = Loop("heap", Heap().tick, self.clock, log=log, error_delay=FREEZE_INTERVAL)
+        heap.start()
         gevent.spawn(self.media.warm_up)  # the first request need not wait for a worker to start
         interval = watchdog_interval()
         while not self.stopping.wait(timeout=interval or 60):
             if interval:
                 notify("WATCHDOG=1")
+        heap.stop()
         self.stop()
 

@@ -6,7 +6,7 @@ while calls were being set up or requests came in (each younger pass moves what 
 generation, and the full pass follows once enough did). Every call's next command waited that long: one
 probe of the scale bench waited 48.9 ms for its first command after A answered.
 
-So what has survived a minute leaves the collector's sight (``gc.freeze``): later passes visit only what
+So what has survived ten seconds leaves the collector's sight (``gc.freeze``): later passes visit only what
 came since, in a millisecond or two. Frozen objects are still freed as soon as nothing refers to them,
 and the daemon makes no reference cycles on its busy paths (the API's creates are checked by a test;
 calls end by reference counting), so freezing keeps nothing alive. A cycle that did form among frozen
@@ -25,8 +25,8 @@ from daemon.ops.logs import log_event
 
 log = logging.getLogger("callbridge.heap")
 
-FREEZE_INTERVAL = 60.0  # seconds between freezes
-FULL_PASS_EVERY = 60  # freezes: one full pass an hour
+FREEZE_INTERVAL = 10.0  # seconds between freezes: what is not frozen stays a few seconds of growth
+FULL_PASS_EVERY = 360  # freezes: one full pass an hour
 
 
 class Heap:

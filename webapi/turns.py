@@ -2,9 +2,12 @@
 
 A request read from its socket does not run the app at once: it waits for a *turn*, which the loop gives
 when it has nothing else ready (a libev idle watcher), :data:`PER_TURN` requests at a time. The call events
-read meanwhile, and the sequences they woke, run first. Without it, ten clients creating calls back to back
-kept the loop busy with their requests for several milliseconds at a time, and an answered A waited that
-long for its next command (event reaction p99 5.5-11 ms in ``make bench``; with turns 3.8 ms).
+read meanwhile, and the sequences they woke, run first. A create takes a second turn once its call is
+committed: one commit answers a whole group of requests at once, and their answers would otherwise run
+back to back. Without turns, ten clients creating calls back to back kept the loop busy with their
+requests for several milliseconds at a time, and an answered A waited that long for its next command
+(scale bench: event reaction p99 5.5-11 ms; with both turns the daemon's own share of the worst probe
+is under 1.5 ms).
 
 A few requests per turn rather than one: their store writes then still share a commit (one at a time cost
 6 % of the create rate). A request never waits more than :data:`MAX_WAIT` for its turn, however busy the

@@ -34,6 +34,7 @@ from daemon.writer import current as writer
 from webapi.envelope import ApiError, envelope
 from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
+from webapi.turns import take_turn
 from webapi.validation import (
     ListQuery,
     decode_due_cursor,
@@ -234,6 +235,9 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
         play_file=play.path if play else "", msg_file=spoken.path if spoken else "",
         dialtone_file=tone.path if tone else "", idempotency_key=key,
         request_fingerprint=fingerprint if key is not None else None), now=c.clock())  # media may have taken a while
+    # The store's commit answers a whole group of requests at once: they finish one turn at a time too, so
+    # that events read meanwhile are not stuck behind all of them (webapi.turns).
+    take_turn()
     if created.new:
         # A scheduled call is due more than a second from now, and the dispatcher looks at least once a
         # second: only a call due now needs it woken (at hundreds of creates a second, a look for each

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -346,6 +347,25 @@ def test_a_refused_originate_is_sent_again_with_the_same_uuid_and_a_new_job(run_
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
     assert Call.get_by_id(sequence.call.id).status == "a_answered"
+
+
+def test_each_originate_of_a_is_marked_so_a_refused_one_not_yet_sent_again_is_known_unsent(
+        run_call: Callable[..., Any]) -> None:
+    """The next start dials a call whose A the switch refused and the killed run had not sent again; one
+    whose second originate was marked (it may have left) is reconciled, never sent again."""
+    sequence, switch = run_call()
+    sequence.start()
+    gevent.sleep(0)
+    assert CallRecords.unsent_because(sequence.call) is None
+    sequence.deliver(job_done(sequence.job_uuid, "-ERR DESTINATION_OUT_OF_ORDER\n"))
+    gevent.sleep(0)
+    assert CallRecords.unsent_because(sequence.call) == "refused by the switch (over its limit) and not sent again"
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0)
+    assert len(originates(switch)) == 2 and CallRecords.unsent_because(sequence.call) is None
+    marks = [json.loads(d) for d in steps_of(sequence, "dialing_a")]
+    assert [m.get("attempt", 1) for m in marks] == [1, 2]
 
 
 def test_a_refused_past_the_originate_timeout_fails_with_the_reason(run_call: Callable[..., Any]) -> None:

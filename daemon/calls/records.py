@@ -74,8 +74,10 @@ StatusListener = Callable[[Call, CallStatus, dict[str, Any]], None]
 StatusWriter = Callable[[Call, CallStatus, dict[str, Any]], Callable[[], None] | None]
 
 
-# The timeline step committed right before the originate to A leaves (CallRecords.mark_dialing_a).
+# The timeline step committed right before each originate to A leaves (CallRecords.mark_dialing_a), and
+# the step written when the switch refused a leg over its limits (nothing created; sent again later).
 DIAL_MARK = "dialing_a"
+THROTTLED = "throttled"
 
 
 def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **detail: Any) -> CallEvent:
@@ -227,10 +229,25 @@ class CallRecords:
 
     @staticmethod
     def originate_marked(call: Call) -> bool:
-        """Whether A's originate may have reached FreeSWITCH: its mark (:meth:`mark_dialing_a`) is in the
-        call's timeline."""
-        return bool(CallEvent.select().where((CallEvent.call == call.id) & (CallEvent.kind == DIAL_MARK))
-                    .exists())
+        """Whether A's originate may have reached FreeSWITCH: see :meth:`unsent_because`."""
+        return CallRecords.unsent_because(call) is None
+
+    @staticmethod
+    def unsent_because(call: Call) -> str | None:
+        """Why no originate of A can have reached FreeSWITCH, or None when one may have.
+
+        Each originate is marked (:meth:`mark_dialing_a`) before it leaves. A call without a mark was never
+        sent; one whose last mark is followed by the switch's refusal of A (``throttled``, leg a: nothing was
+        created) was not sent again since. The writer commits in order, so a later mark means a later send."""
+        steps = (CallEvent.select(CallEvent.kind, CallEvent.detail)
+                 .where((CallEvent.call == call.id) & CallEvent.kind.in_([DIAL_MARK, THROTTLED]))
+                 .order_by(CallEvent.id.desc()).tuples())
+        for kind, detail in steps:
+            if kind == DIAL_MARK:
+                return None
+            if json.loads(detail or "{}").get("leg") == "a":
+                return "refused by the switch (over its limit) and not sent again"
+        return "never sent to FreeSWITCH"
 
     @staticmethod
     def overdue(before: dt.datetime) -> list[Call]:
@@ -493,10 +510,11 @@ class CallRecords:
         writer().submit(lambda: append_event(call_id, kind, at=when, **detail), durable=False)
         log_event(log, kind, callid=call.callid, **detail)
 
-    def mark_dialing_a(self, call: Call) -> None:
+    def mark_dialing_a(self, call: Call, *, attempt: int = 1) -> None:
         """The originate to A is about to leave (it has its turn on the connection): committed durably, so
-        a call claimed but never sent (the daemon died while it waited for its turn) is known at the next
-        start and dialed then, not failed unheard. One attempt with no wait, since the caller holds the
+        a call claimed but never sent (the daemon died while it waited for its turn), or refused by the
+        switch and not sent again, is known at the next start and dialed then, not failed unheard
+        (:meth:`unsent_because`). Each ``attempt`` after a refusal is marked again. One try with no wait, since the caller holds the
         connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
         not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals).
         The caller waits for the commit (the group being written and its own: milliseconds), not the loop.
@@ -507,6 +525,8 @@ class CallRecords:
         go. With SQLite the one daemon owns every call: the mark alone, through the writer thread."""
         call_id, now = call.id, self.clock()
         detail: dict[str, Any] = {"phone": call.phone_a, "a_uuid": call.a_uuid}
+        if attempt > 1:
+            detail["attempt"] = attempt
         shared = is_shared()
         until, mine = now + self.lease, self._mine()
 

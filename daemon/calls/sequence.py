@@ -60,7 +60,7 @@ import gevent.queue
 from peewee import DatabaseError, OperationalError
 
 from daemon.calls.appqueue import AppQueue, AppStep
-from daemon.calls.records import CallRecords
+from daemon.calls.records import THROTTLED, CallRecords
 from daemon.loop import Backoff
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
@@ -196,7 +196,6 @@ class CallSequence:
         self.connection_lost = False
         self.dial_pending = False
         self.send_stalled = False  # A's steps found no turn to be sent; retried (RetrySend)
-        self.dial_marked = adopted  # the mark before A's originate is committed (records.mark_dialing_a)
         self.done = False
         self.greenlet: gevent.Greenlet | None = None
         # Pacing: legs sent only when the switch has room; a leg it refused is sent again until then.
@@ -328,17 +327,11 @@ class CallSequence:
             self._finish(CallStatus.FAILED, failed_leg="a", a_cause="", reason=f"originate refused: {reply}")
 
     def _sending_a(self) -> None:
-        """A's originate has its turn and is about to leave: marked first, then counted against the switch's
-        budget from this moment (the mark's commit may have taken a while)."""
-        self._mark_dialing_a()
+        """A's originate has its turn and is about to leave: marked first (each attempt: a refusal marked
+        after it tells the next start that nothing was sent since; ``CallRecords.unsent_because``), then
+        counted against the switch's budget from this moment (the mark's commit may have taken a while)."""
+        self.records.mark_dialing_a(self.call, attempt=self.attempts["a"] + 1)
         self.capacity.sent(self.a.uuid, self.switch.monotonic())
-
-    def _mark_dialing_a(self) -> None:
-        """Runs when the originate has its turn on the connection, right before it leaves (see
-        ``CallRecords.mark_dialing_a``); once per call, not at each retry after a refusal."""
-        if not self.dial_marked:
-            self.records.mark_dialing_a(self.call)
-            self.dial_marked = True
 
     def _queue_apps(self) -> None:
         """After A answers: everything A hears, the wait, the bridge to B and the wait again, queued on A."""
@@ -457,11 +450,11 @@ class CallSequence:
         if now < self.deadline.get(leg, now) and not self.a.gone:
             delay = self.backoff[leg].next()
             self.retry_in[leg] = delay
-            self.records.step(self.call, "throttled", leg=leg, cause=REFUSED_CAUSE, attempt=attempt,
+            self.records.step(self.call, THROTTLED, leg=leg, cause=REFUSED_CAUSE, attempt=attempt,
                               retry_in=round(delay, 2))
             return delay
         self.refused_leg = leg
-        self.records.step(self.call, "throttled", leg=leg, cause=REFUSED_CAUSE, attempt=attempt,
+        self.records.step(self.call, THROTTLED, leg=leg, cause=REFUSED_CAUSE, attempt=attempt,
                           note=f"still refused after {self.options.originate_timeout} s: giving up")
         return None
 

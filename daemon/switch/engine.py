@@ -178,8 +178,9 @@ class Engine:
             self.records.finish(call, CallStatus.FAILED,
                                 reason=f"the switch {call.switch} is no longer in the settings")
             return
-        if call.status == CallStatus.DIALING_A.value and not self.records.originate_marked(call):
-            self._dial_unsent(call, link)
+        unsent = self.records.unsent_because(call) if call.status == CallStatus.DIALING_A.value else None
+        if unsent is not None:
+            self._dial_unsent(call, link, unsent)
             return
         self.records.step(call, "adopted", note=note, switch=link.name)
         self.launch(call, call.endpoint, adopted=True, switch=link)
@@ -191,14 +192,15 @@ class Engine:
             if sequence is not None:
                 sequence.deliver(Stop(kind="let_go", note=note))
 
-    def _dial_unsent(self, call: Call, link: SwitchLink) -> None:
-        """A call claimed by the previous run, which died before its originate had its turn to be sent:
-        nothing reached FreeSWITCH, so it is dialed now, like a late start (missed beyond the grace)."""
+    def _dial_unsent(self, call: Call, link: SwitchLink, unsent: str) -> None:
+        """A call claimed by the previous run, which died before its originate had its turn to be sent (or
+        before sending it again after the switch refused it): nothing reached FreeSWITCH, so it is dialed
+        now, like a late start (missed beyond the grace)."""
         now = self.records.clock()
         if (now - call.due_at).total_seconds() > self.settings.schedule_grace:
             self.records.missed(call, now=now, grace=self.settings.schedule_grace)
             return
-        self.records.step(call, "adopted", note="claimed but never sent to FreeSWITCH: dialing A now",
+        self.records.step(call, "adopted", note=f"claimed but {unsent}: dialing A now",
                           switch=link.name)
         # Its room is taken like a new call's; a few such calls at start may exceed the second's budget,
         # and a refusal is retried like any other (within originate_timeout).

@@ -22,7 +22,8 @@ import gevent.event
 import gevent.socket
 import pytest
 
-from daemon.store import Call, CallStatus, utcnow
+from daemon.calls.records import add_event
+from daemon.store import Call, CallEvent, CallStatus, utcnow
 from tests.integration.conftest import Harness, needs_standin, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,6 +228,40 @@ def test_at_start_a_claimed_call_never_sent_is_dialed_or_missed_past_the_grace(
     originates = [c.text for c in harness.switch.commands if c.text.startswith("bgapi originate")]
     assert [recent.a_uuid in text for text in originates] == [True], originates
     assert "adopted" in harness.timeline(done) and "dialing_a" in harness.timeline(done)
+
+
+@needs_standin()
+def test_at_start_a_call_the_switch_refused_and_not_sent_again_is_dialed_one_sent_again_is_not(
+        make_harness: Callable[..., Harness]) -> None:
+    """Rows as a run killed under a busy switch leaves them: A's originate marked, then refused over the
+    switch's limits (``throttled``: nothing created). One was not sent again before the kill: dialed at the
+    next start (once) and completes, not failed 'interrupted' unheard. The other's second originate was
+    marked, so it may have reached the switch: reconciled (its A is not there), never sent again."""
+    harness = make_harness()
+    endpoint = harness.endpoint()
+    now = utcnow()
+
+    def refused(phone_a: str, phone_b: str, *, sent_again: bool) -> Call:
+        call = Call.create(callid=secrets.token_hex(14), endpoint=endpoint, phone_a=phone_a, phone_b=phone_b,
+                           due_at=now - dt.timedelta(seconds=5), status=CallStatus.DIALING_A.value,
+                           a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), started_at=now)
+        add_event(call, "dialing_a", phone=phone_a, a_uuid=call.a_uuid)
+        add_event(call, "throttled", leg="a", cause="DESTINATION_OUT_OF_ORDER", attempt=1, retry_in=0.2)
+        if sent_again:
+            add_event(call, "dialing_a", phone=phone_a, a_uuid=call.a_uuid, attempt=2)
+        harness.finals.setdefault(call.callid, gevent.event.AsyncResult())
+        return call
+
+    waiting = refused("15550000703", "15550006703", sent_again=False)
+    in_the_air = refused("15550000704", "15550006704", sent_again=True)
+    assert harness.service.engine.adopt_in_flight() == 2
+    done, lost = harness.wait_final(waiting), harness.wait_final(in_the_air)
+    assert done.status == "completed", harness.timeline(done)
+    notes = [e.detail for e in CallEvent.select().where((CallEvent.call == done.id) & (CallEvent.kind == "adopted"))]
+    assert "refused by the switch (over its limit) and not sent again: dialing A now" in notes[0], notes
+    assert (lost.status, lost.reason) == ("failed", "interrupted"), harness.timeline(lost)
+    originates = [c.text for c in harness.switch.commands if c.text.startswith("bgapi originate")]
+    assert [waiting.a_uuid in text for text in originates] == [True], originates
 
 
 @needs_standin()

@@ -49,6 +49,21 @@ def send(capacity: SwitchCapacity, uuid: str, now: float) -> None:
     capacity.sent(uuid, now)
 
 
+def test_on_a_new_connection_the_switchs_last_second_counts_as_spent_for_a_second() -> None:
+    """Legs sent before a restart (or by anyone before the daemon listened) were not heard: the 7 creations
+    ``status`` reports for the switch's last second are assumed made now, so 26 - 7 legs may go at once."""
+    capacity = SwitchCapacity(0.1)
+    capacity.learn_status(STATUS)
+    t = 100.0
+    capacity.assume_created(parse_status(STATUS).rate_last_second or 0, t)
+    for n in range(19):
+        assert capacity.delay(t) == 0
+        send(capacity, f"leg{n}", t)
+    assert capacity.delay(t) == pytest.approx(1.0)
+    capacity.assume_created(7, t + 0.5)  # already counted: nothing more
+    assert capacity.rate(t + 0.5) == 26 and capacity.delay(t + 1.0) == 0
+
+
 def test_no_more_than_the_cap_in_a_second_then_room_as_the_oldest_leave() -> None:
     capacity = SwitchCapacity(0.1)
     capacity.learn_status(STATUS)

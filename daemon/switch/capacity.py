@@ -17,7 +17,9 @@ What the daemon knows, and from where:
 * the rate: a log of the creations of the last second. A leg this daemon sends is entered when it is
   sent, under its UUID (so its own CHANNEL_CREATE is not counted again); anyone else's when its
   CHANNEL_CREATE arrives. Between the moment a leg is given room (*reserved*) and the moment it is sent
-  (a claim to commit, a connection to get a turn on), it counts as being sent *now*, at every look.
+  (a claim to commit, a connection to get a turn on), it counts as being sent *now*, at every look. On
+  a new connection nothing of the switch's current second was heard: as many creations as ``status``
+  reports for its last second are counted as made then.
 
 The rule: a leg may be sent when the creations of the last second, with it, number at most
 ``floor((sps - 1) * (1 - margin))`` (at least 1) and the sessions now, the legs sent but not yet created
@@ -154,6 +156,14 @@ class SwitchCapacity:
         count = _int(header("Session-Count"))
         if count is not None:
             self._set_sessions(count)
+
+    def assume_created(self, count: int, now: float) -> None:
+        """Creations the daemon did not hear (a new connection: its own before a restart, anyone's before it
+        subscribed), as many as the switch's last second had (``status``), counted as made ``now``: the
+        budget of the switch's current second may already be spent by them."""
+        self._prune(now)
+        for _ in range(count - len(self._log)):
+            self._log.append(now)
 
     def disconnected(self) -> None:
         """The figures are stale until the next connection reads them again; what was sent is settled by

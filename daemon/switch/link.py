@@ -234,6 +234,7 @@ class SwitchLink:
         most = parse_fsctl_max_sessions(conn.api(fs.fsctl_read("max_sessions")))
         self.capacity.learn_limits(sps=sps, max_sessions=most)
         figures = self.capacity.learn_status(conn.api(fs.core_status()))
+        self.capacity.assume_created(figures.rate_last_second or 0, time.monotonic())
         if sps is None or most is None or figures.sessions is None:
             log_event(log, "switch.limits_unknown", logging.WARNING, switch=self.name, sps=sps, max_sessions=most,
                       note="FreeSWITCH's defaults (30 per second, 1000) are assumed until it says")

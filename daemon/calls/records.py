@@ -241,11 +241,11 @@ class CallRecords:
         created) was not sent again since. The writer commits in order, so a later mark means a later send."""
         steps = (CallEvent.select(CallEvent.kind, CallEvent.detail)
                  .where((CallEvent.call == call.id) & CallEvent.kind.in_([DIAL_MARK, THROTTLED]))
-                 .order_by(CallEvent.id.desc()).tuples())
-        for kind, detail in steps:
-            if kind == DIAL_MARK:
+                 .order_by(CallEvent.id.desc()))
+        for step in steps:
+            if step.kind == DIAL_MARK:
                 return None
-            if json.loads(detail or "{}").get("leg") == "a":
+            if json.loads(step.detail or "{}").get("leg") == "a":
                 return "refused by the switch (over its limit) and not sent again"
         return "never sent to FreeSWITCH"
 

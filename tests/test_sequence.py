@@ -164,6 +164,32 @@ def test_a_store_that_refuses_the_dial_mark_holds_the_originate_back(run_call: C
     assert len(originates(switch)) == 1 and CallRecords.originate_marked(sequence.call)
 
 
+def test_an_adopted_call_whose_a_hangs_up_during_the_look_sends_nothing_to_a(run_call: Callable[..., Any]) -> None:
+    """B rang when the daemon died; at the next start A is up and B gone, and A hangs up between the
+    questions (its ``cb_stage`` read finds no channel). Nothing is sent to A: that answer once read as
+    "A's steps were never queued" and queued them all again, the bridge to B among them. A's hangup, which
+    follows, ends the call."""
+    first, switch = run_call()
+    now = utcnow()
+    Call.update(status=CallStatus.DIALING_B.value, a_answered_at=now, b_dialed_at=now).where(
+        Call.id == first.call.id).execute()
+    call = Call.get_by_id(first.call.id)
+    a, b = str(call.a_uuid), str(call.b_uuid)
+    switch.answers = {f"uuid_exists {a}": "true\n", f"uuid_exists {b}": "false\n",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER\n",
+                      f"uuid_getvar {a}": "-ERR No such channel!\n"}
+    sequence = CallSequence(call, first.endpoint, switch, first.records, first.options, adopted=True)
+    sequence.start()
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    assert [c for c in switch.sent if not c.startswith("api uuid_")] == [], switch.sent
+    assert not sequence.done
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", a, **{"Hangup-Cause": "NORMAL_CLEARING"}))
+    sequence.greenlet.join(timeout=5)
+    assert Call.get_by_id(call.id).status == "failed"
+    assert not [c for c in switch.sent if "bridge" in c], switch.sent
+
+
 def test_an_originate_lost_in_flight_is_reconciled_never_resent(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     switch.fail_next.append(EslDisconnected("closed mid-command"))

@@ -149,6 +149,12 @@ class RetrySend:
     """Inbox marker: try again to send A's steps that found no turn on a busy connection."""
 
 
+class LegGone(Exception):
+    """A question about a leg found it gone (``-ERR No such channel!``): it ended since the last look, and
+    its hangup, routed to the call, tells how. An empty answer would read as "not set" and could make the
+    call act on a leg that is not there (queue A's steps, the bridge to B among them, a second time)."""
+
+
 @dataclass
 class CallOptions:
     """Settings a sequence needs, resolved once by the engine."""
@@ -741,7 +747,10 @@ class CallSequence:
         return self.switch.api(fs.uuid_exists(leg_uuid)).strip() == "true"
 
     def _getvar(self, leg_uuid: str, name: str) -> str:
+        """A channel variable of the leg; "" when unset. Raises LegGone when the leg is not there."""
         value = self.switch.api(fs.uuid_getvar(leg_uuid, name)).strip()
+        if value.startswith(fs.NO_SUCH_CHANNEL):
+            raise LegGone(leg_uuid)
         return "" if value in ("_undef_", "") or value.startswith("-ERR") else value
 
     def _answered(self, leg_uuid: str) -> bool:
@@ -805,6 +814,10 @@ class CallSequence:
             elif self.status in (CallStatus.DIALING_B, CallStatus.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
                 self.b.created = self.b.gone = True
+        except LegGone:
+            # A leg ended while we looked (after uuid_exists said it was up): its hangup follows in the
+            # inbox, and if it never comes the idle check looks again (_check_alive).
+            pass
         except EslNotSent:
             # A question or a step found no turn (every call reconciles at once after a reconnect) or the
             # connection is down again: nothing half-sent, so the whole look is taken again in a moment.

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from daemon.store import CALLID_RE
 
 CALLID_VAR = "cb_callid"
+# What uuid_getvar, uuid_kill, uuid_break and the like answer for a channel that is not there (trace 16d).
+NO_SUCH_CHANNEL = "-ERR No such channel!"
 
 
 class UnsafeValue(ValueError):

@@ -42,7 +42,7 @@ def set_sps(harness: Harness, sps: int) -> None:
         assert conn.api(f"fsctl sps {sps}").strip() == f"+OK sessions per second: {sps}"
     limits = harness.switch.switch.limits
     ticks = limits.ticks
-    assert wait_for(lambda: (limits.catch_up(), limits.ticks > ticks)[1], 3), "the switch never ticked"
+    assert wait_for(lambda: (limits.catch_up(), limits.ticks > ticks)[1], 10), "the switch never ticked"
 
 
 def steps(call: Call, kind: str) -> list[dict[str, Any]]:

@@ -260,10 +260,10 @@ def test_a_daemon_that_lost_a_call_cannot_mark_it_sent_so_only_the_new_owner_dia
     assert stalled.claim(call, a_uuid="a-leg", b_uuid="b-leg", now=T0)
     taken = other.expired_leases(now=T0 + LEASE + dt.timedelta(seconds=1))
     assert [c.id for c in taken] == [call.id] and other.take_over(taken[0], now=T0 + LEASE + dt.timedelta(seconds=1))
-    assert not other.originate_marked(taken[0])  # the new owner dials it
+    assert other.unsent_because(taken[0]) == "never sent to FreeSWITCH"  # the new owner dials it
     with pytest.raises(NotOwned):
         stalled.mark_dialing_a(call)
-    assert not other.originate_marked(taken[0])
+    assert other.unsent_because(taken[0]) == "never sent to FreeSWITCH"
     other.mark_dialing_a(taken[0])  # the owner's mark goes in, renewing its lease
     assert Call.get_by_id(call.id).lease_until == T0 + LEASE + dt.timedelta(seconds=1) + LEASE
 
@@ -273,7 +273,7 @@ def test_a_daemon_that_lost_a_call_cannot_mark_it_sent_so_only_the_new_owner_dia
     later = T0 + 3 * LEASE
     found = [c for c in other.expired_leases(now=later) if c.id == second.id]
     assert found and other.take_over(found[0], now=later)
-    assert other.originate_marked(found[0])  # reconciled by its UUIDs, never dialed again
+    assert other.unsent_because(found[0]) is None  # reconciled by its UUIDs, never dialed again
 
 
 @pytest.mark.stores("postgresql")

@@ -90,6 +90,9 @@ def bridge_done(a_uuid: str, app_uuid: str, disposition: str) -> EslEvent:
                                                         "variable_originate_disposition": disposition})
 
 
+NEVER_SENT = "never sent to FreeSWITCH"  # CallRecords.unsent_because: no originate of A was marked
+
+
 def steps_of(sequence: CallSequence, kind: str) -> list[str]:
     return [e.detail for e in CallEvent.select().where((CallEvent.call == sequence.call.id) & (CallEvent.kind == kind))]
 
@@ -135,10 +138,10 @@ def test_the_dial_mark_is_written_when_the_originate_has_its_turn_not_before(run
     switch.fail_next.append(EslNotSent("not connected"))
     sequence.start()
     gevent.sleep(0)
-    assert not CallRecords.originate_marked(sequence.call)
+    assert CallRecords.unsent_because(sequence.call) == NEVER_SENT
     sequence.deliver(Reconnected(False))
     gevent.sleep(0)
-    assert len(originates(switch)) == 1 and CallRecords.originate_marked(sequence.call)
+    assert len(originates(switch)) == 1 and CallRecords.unsent_because(sequence.call) is None
     kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == sequence.call.id).order_by(CallEvent.id)]
     assert kinds == ["waiting_for_switch", "dialing_a"]
 
@@ -158,10 +161,11 @@ def test_a_store_that_refuses_the_dial_mark_holds_the_originate_back(run_call: C
     monkeypatch.setattr(sequence.records, "mark_dialing_a", mark)
     sequence.start()
     gevent.sleep(0)
-    assert originates(switch) == [] and not CallRecords.originate_marked(sequence.call) and sequence.dial_pending
+    assert originates(switch) == [] and sequence.dial_pending
+    assert CallRecords.unsent_because(sequence.call) == NEVER_SENT
     sequence.deliver(RetryDial())
     gevent.sleep(0)
-    assert len(originates(switch)) == 1 and CallRecords.originate_marked(sequence.call)
+    assert len(originates(switch)) == 1 and CallRecords.unsent_because(sequence.call) is None
 
 
 def test_an_adopted_call_whose_a_hangs_up_during_the_look_sends_nothing_to_a(run_call: Callable[..., Any]) -> None:

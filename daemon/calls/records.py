@@ -228,11 +228,6 @@ class CallRecords:
                     .order_by(Call.started_at))
 
     @staticmethod
-    def originate_marked(call: Call) -> bool:
-        """Whether A's originate may have reached FreeSWITCH: see :meth:`unsent_because`."""
-        return CallRecords.unsent_because(call) is None
-
-    @staticmethod
     def unsent_because(call: Call) -> str | None:
         """Why no originate of A can have reached FreeSWITCH, or None when one may have.
 
@@ -514,8 +509,8 @@ class CallRecords:
         """The originate to A is about to leave (it has its turn on the connection): committed durably, so
         a call claimed but never sent (the daemon died while it waited for its turn), or refused by the
         switch and not sent again, is known at the next start and dialed then, not failed unheard
-        (:meth:`unsent_because`). Each ``attempt`` after a refusal is marked again. One try with no wait, since the caller holds the
-        connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
+        (:meth:`unsent_because`). Each ``attempt`` after a refusal is marked again. One try with no wait,
+        since the caller holds the connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
         not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals).
         The caller waits for the commit (the group being written and its own: milliseconds), not the loop.
 

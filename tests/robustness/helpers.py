@@ -24,6 +24,8 @@ from typing import Any
 import gevent
 import gevent.socket
 
+from daemon.calls.records import DIAL_MARK, THROTTLED
+
 # Figures for the report, printed at the end of the run (see conftest.pytest_terminal_summary).
 FIGURES: Counter[str] = Counter()
 
@@ -254,7 +256,8 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
       failed 'interrupted') or the switch restarted (failed as such) may never have arrived, and no one
       can know; it is not sent again. With ``timeline`` (a call's step kinds), such a call must show a
       ``dialing_a`` mark after its last ``throttled`` (a mark is committed right before each originate
-      leaves; an unmarked one, or one refused and not sent again, was never sent and must be dialed). Commands go one at a time, so a test can bound ``never_sent`` by its faults;
+      leaves; an unmarked one, or one refused and not sent again, was never sent and must be dialed).
+      Commands go one at a time, so a test can bound ``never_sent`` by its faults;
     * true: the status agrees with the stand-in's channels (completed ⇒ B answered; failed ⇒ B never
       answered; A's cause is A's) and, with ``expect_plan``, with the number plan.
     """
@@ -280,12 +283,13 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
         sent = originated[call.a_uuid] - switch.refusals(call.a_uuid)
         caught = (crashed and call.reason == "interrupted") or (restarted and call.reason == RESTARTED)
         if sent == 0 and caught:
-            # Each originate is marked before it leaves; a refusal of A (nothing created: sent == 0 means
-            # any refusal here is A's) after the last mark means it was not sent again, so it must be dialed.
-            marks = [k for k in timeline(call) if k in ("dialing_a", "throttled")] if timeline is not None else []
-            if timeline is not None and marks[-1:] != ["dialing_a"]:
-                audit.problems.append(f"{where}: never dialed, and not marked as being sent since its "
-                                      f"last refusal: {marks}")
+            if timeline is not None:
+                # Each originate is marked before it leaves; a refusal of A (nothing created: with sent == 0
+                # any refusal is A's) after the last mark means it was not sent again: it must be dialed.
+                marks = [kind for kind in timeline(call) if kind in (DIAL_MARK, THROTTLED)]
+                if marks[-1:] != [DIAL_MARK]:
+                    audit.problems.append(f"{where}: never dialed, and not marked as being sent since its "
+                                          f"last refusal: {marks}")
             audit.never_sent += 1
             continue
         if sent != 1:

@@ -18,6 +18,7 @@ import gevent
 import pytest
 import soundfile as sf
 
+from bench.common import cpu_seconds
 from daemon.config import Settings
 from daemon.media.library import MediaError, MediaFile, MediaLibrary
 from daemon.media.pool import MediaBusy, WorkerFailed, WorkerPool
@@ -167,9 +168,9 @@ def test_a_worker_that_crashes_mid_job_or_while_idle_is_replaced() -> None:
         _wait(lambda: not _pid_alive(idle))
         again = pool.run({"op": "ping"}, timeout=HANG)["pid"]  # not this job's fault: it runs on a new worker
         assert again != idle
-        idle_cpu = _cpu_seconds(again)
+        idle_cpu = cpu_seconds(again)
         spinning = gevent.spawn(outcome, pool.run, {"op": "spin"}, timeout=HANG)
-        assert _wait(lambda: _cpu_seconds(again) > idle_cpu + 0.02), "the job never reached the worker"
+        assert _wait(lambda: cpu_seconds(again) > idle_cpu + 0.02), "the job never reached the worker"
         os.kill(again, signal.SIGSEGV)
         spinning.join(HANG)
         assert isinstance(spinning.value, WorkerFailed)
@@ -238,12 +239,6 @@ def _wait(condition: Any, timeout: float = HANG) -> bool:
             return False
         gevent.sleep(0.01)
     return True
-
-
-def _cpu_seconds(pid: int) -> float:
-    """The CPU time a process has used (user + system), from /proc: a worker running a job uses some."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pid_alive(pid: int) -> bool:

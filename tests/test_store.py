@@ -19,7 +19,7 @@ from playhouse.migrate import migrate as run_migration
 
 from daemon import store
 from daemon.accounts.endpoints import authenticate
-from daemon.calls.records import add_event
+from daemon.calls.records import CallRecords, add_event
 from daemon.config import Settings
 from daemon.postgres import GreenPostgresqlDatabase, ReadRows
 from daemon.store import (
@@ -73,6 +73,8 @@ def test_indexes_for_every_query(db: Database) -> None:
     assert ("status", "due_at") in calls  # the dispatcher's next due call
     assert ("endpoint_id", "started_at") in calls  # an endpoint's starts today, in its rate window
     assert ("call_id", "id") in index_columns(db, "callevent")
+    # None that only repeats another's first column: every insert and status change writes each index.
+    assert ("endpoint_id",) not in calls and ("call_id",) not in index_columns(db, "callevent")
     endpoints = index_columns(db, "endpoint")
     assert endpoints[("token_hash",)] is True and endpoints[("name",)] is True
     assert ("owner_id",) in endpoints
@@ -90,6 +92,43 @@ def test_idempotency_key_unique_per_endpoint_but_null_repeats(make_endpoint: Any
     with pytest.raises(IntegrityError):
         a_call(one, "e" * 28, idempotency_key="k")
     assert Call.select().count() == 4  # the refused insert left nothing behind, and the store still works
+
+
+def test_v8_drops_the_redundant_indexes_and_keeps_the_keys_unique(settings: Settings, make_endpoint: Any) -> None:
+    """A store from before v8 (its indexes as v1 made them then): v8 drops the single-column ones on the
+    foreign keys and makes the idempotency index partial; rows, uniqueness and the look-up stay."""
+    endpoint, _ = make_endpoint()
+    a_call(endpoint, "8" * 28, idempotency_key="k")
+    add_event(Call.get(Call.callid == "8" * 28), "requested")
+    db = store.database.obj
+    with db.atomic():
+        db.execute_sql('DROP INDEX "call_endpoint_id_idempotency_key"')
+        db.execute_sql('CREATE UNIQUE INDEX "call_endpoint_id_idempotency_key" ON "call" ("endpoint_id", "idempotency_key")')
+        db.execute_sql('CREATE INDEX "call_endpoint_id" ON "call" ("endpoint_id")')
+        db.execute_sql('CREATE INDEX "callevent_call_id" ON "callevent" ("call_id")')
+        SchemaVersion.delete().where(SchemaVersion.version >= 8).execute()
+    close_database(db)
+    db = open_database(settings.database_url)
+    assert schema_version(db) == len(store.MIGRATIONS) >= 8
+    calls = index_columns(db, "call")
+    assert ("endpoint_id",) not in calls and ("call_id",) not in index_columns(db, "callevent")
+    assert calls[("endpoint_id", "idempotency_key")] is True
+    assert Call.get(Call.callid == "8" * 28).events.count() == 1
+    with pytest.raises(IntegrityError):
+        a_call(endpoint, "9" * 28, idempotency_key="k")
+    a_call(endpoint, "a" * 28)
+    a_call(endpoint, "b" * 28)  # calls without a key are not in the index at all
+    assert CallRecords.by_idempotency_key(endpoint.id, "k").callid == "8" * 28
+    close_database(db)
+
+
+@pytest.mark.stores("sqlite")
+def test_the_idempotency_look_up_uses_the_partial_index(make_endpoint: Any) -> None:
+    endpoint, _ = make_endpoint()
+    query = Call.select().where((Call.endpoint == endpoint.id) & (Call.idempotency_key == "k"))
+    sql, params = query.sql()
+    plan = " ".join(str(row) for row in store.database.execute_sql("EXPLAIN QUERY PLAN " + sql, params))
+    assert "call_endpoint_id_idempotency_key" in plan, plan
 
 
 def test_times_are_naive_utc_to_the_microsecond_and_booleans_are_booleans(make_endpoint: Any) -> None:
@@ -181,7 +220,7 @@ def test_v7_adds_the_calls_switch_to_a_store_without_it_and_keeps_its_calls(
         SchemaVersion.delete().where(SchemaVersion.version >= 6).execute()
     close_database(db)
     db = open_database(settings.database_url)
-    assert schema_version(db) == len(store.MIGRATIONS) == 7
+    assert schema_version(db) == len(store.MIGRATIONS) >= 7
     assert "switch" in {column.name for column in db.get_columns("call")}
     old = Call.get(Call.callid == "7" * 28)
     assert (old.status, old.a_uuid, old.switch) == ("bridged", "a" * 36, None)

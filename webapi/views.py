@@ -219,8 +219,9 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
     zone = endpoint_zone(endpoint.timezone)
     req = parse_create(values, extension_pattern=endpoint.extension_pattern,
                        allowed_prefixes=endpoint.allowed_prefixes, tz=zone, now=now, settings=c.settings)
-    fingerprint = request_fingerprint(req, values, zone)
+    fingerprint = None  # only a request with a key is ever compared with another
     if key is not None:
+        fingerprint = request_fingerprint(req, values, zone)
         earlier = CallRecords.by_idempotency_key(endpoint.id, key)
         if earlier is not None:
             check_same_request(earlier, fingerprint)
@@ -234,7 +235,7 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
         play_url=req.play_url, msg=req.msg, msg_lang=req.msg_lang, dialtone_url=req.dialtone_url,
         play_file=play.path if play else "", msg_file=spoken.path if spoken else "",
         dialtone_file=tone.path if tone else "", idempotency_key=key,
-        request_fingerprint=fingerprint if key is not None else None), now=c.clock())  # media may have taken a while
+        request_fingerprint=fingerprint), now=c.clock())  # media may have taken a while
     # The store's commit answers a whole group of requests at once: they finish one turn at a time too, so
     # that events read meanwhile are not stuck behind all of them (webapi.turns).
     take_turn()
@@ -244,7 +245,7 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
         # scheduled one cost the event loop more than the creates themselves).
         if created.call.status == CallStatus.QUEUED.value:
             wake_dispatcher()
-    else:  # a concurrent request with the same key won the insert
+    elif fingerprint is not None:  # a concurrent request with the same key won the insert
         check_same_request(created.call, fingerprint)
     return created.call
 

@@ -173,11 +173,18 @@ def test_chunked_bodies_are_read_and_bounded(live_server: LiveServer, make_endpo
 @pytest.mark.parametrize("raw, status, desc", [
     (b"GET /v1/calls?token=" + b"x" * 9000 + b" HTTP/1.1\r\nHost: api\r\n\r\n", 414, "request line: "),
     (b"THIS IS NOT HTTP\r\n\r\n", 400, "request: "),
+    (b"GET /v1/calls HTTP/1.1\r\nHost: api\r\nnot a header\r\n\r\n", 400,
+     "headers: malformed header line 'not a header\\r\\n'"),
+    (b"GET /v1/calls HTTP/1.1\r\nHost: api\r\n folded\r\n\r\n", 400, "headers: malformed header line"),
+    (b"POST /v1/calls HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}", 400,
+     "headers: two different Content-Length values"),
+    (b"GET /v1/calls HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", 400, "headers: more than 100 header lines"),
 ])
 def test_requests_the_http_server_refuses_itself_get_the_envelope(live_server: LiveServer, raw: bytes,
                                                                   status: int, desc: str) -> None:
-    """A request line of 8 KiB or more, or a request that is not HTTP, is refused by the server before the
-    app sees it; the answer is still the envelope naming what is wrong (it was an empty body)."""
+    """A request line of 8 KiB or more, a request that is not HTTP, or a malformed header block is refused
+    by the server before the app sees it; the answer is still the envelope naming what is wrong (it was an
+    empty body)."""
     import socket
 
     with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:

@@ -47,6 +47,7 @@ from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler, WSGIServer
 
 from daemon.config import Settings
 from daemon.ops.logs import log_event
+from webapi.headers import RequestHeaders
 from webapi.turns import take_turn
 
 log = logging.getLogger("callbridge.http")
@@ -97,6 +98,7 @@ class ConnectionHandler(WSGIHandler):
     """pywsgi's handler with the receiving phases under deadlines (see the module's docstring)."""
 
     server: ApiServer
+    MessageClass = RequestHeaders  # the header block read without the email package (webapi.headers)
     # A client that stops reading its answer: the write times out (socket.timeout's args[0] is this text);
     # the connection just closes, without a traceback in the log (pywsgi's documented hook).
     ignored_socket_errors = (*WSGIHandler.ignored_socket_errors, "timed out")
@@ -151,9 +153,15 @@ class ConnectionHandler(WSGIHandler):
         finally:
             self._stop_deadline()
         if isinstance(result, tuple):  # pywsgi's own refusal of a malformed head (400, 414)
-            self._send_quietly(PYWSGI_REFUSALS.get(str(result[0])) or result[1])
+            self._send_quietly(self._head_refusal(str(result[0]), result[1]))
             return None
         return result
+
+    def _head_refusal(self, status: str, pywsgi_answer: bytes) -> bytes:
+        problem = self.headers.status if isinstance(self.headers, RequestHeaders) else ""
+        if status == "400" and problem:  # the header block was the problem: say what was wrong with it
+            return answer_bytes(400, f"headers: {problem}")
+        return PYWSGI_REFUSALS.get(status) or pywsgi_answer
 
     def read_requestline(self) -> str:
         if not self.rfile.peek(1):  # the client closed the connection

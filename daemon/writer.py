@@ -23,10 +23,11 @@ the thread waits for each group cooperatively (the pool hands the result back th
 thread-safe wake-up); ESL reading, routing and call sequences only queue. Nothing of gevent is touched
 in the thread. Writes keep their order (one queue, one thread), so a call's steps land in the order
 they happened and a conditional update (a claim racing a cancel) sees every write queued before it.
-A write's own error (an idempotency key taken by a concurrent request) undoes that write alone (a
-savepoint each); a store-level error (locked, full, I/O) undoes the group: its fail-fast writes fail,
-the others go again, first in the queue, after a pause that doubles up to half a second (cut short
-when a write somebody waits for arrives, so that a request is answered at once). A group nobody waits
+A write's own error (an idempotency key taken by a concurrent request) undoes that write alone (the
+group runs again with a savepoint per write, a cost only such a group pays); a store-level error
+(locked, full, I/O) undoes the group: its fail-fast writes fail, the others go again, first in the
+queue, after a pause that doubles up to half a second (cut short when a write somebody waits for
+arrives, so that a request is answered at once). A group nobody waits
 for (steps of calls in progress) stays open for up to ``LINGER`` so that more join it.
 
 What a crash costs: nothing acknowledged. An API create answers only after its group's commit with
@@ -158,6 +159,10 @@ class _Write:
         self.error: BaseException | None = None
 
 
+class _OwnError(Exception):
+    """A write of the group failed by itself (not the store): the group is run again with savepoints."""
+
+
 class ThreadWriter:
     """SQLite's writes in one real thread, committed in groups (see the module's docstring)."""
 
@@ -287,31 +292,42 @@ class ThreadWriter:
     def _commit(self, group: list[_Write]) -> BaseException | None:
         """Run the group's writes in order in one transaction; None once committed, else the error that undid
         the whole group (each write's own error is kept on the write)."""
-        db = self.db
         durable = any(write.durable for write in group)
-        failure: BaseException | None = None
         try:
             if durable is not self._full:
                 self._full = None
-                db.execute_sql("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                self.db.execute_sql("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
                 self._full = durable
-            with db.transaction("IMMEDIATE"):
-                conn = db.connection()  # the savepoints straight on sqlite3: two per write, nothing to build
-                for write in group:
-                    write.value, write.error = None, None
-                    conn.execute("SAVEPOINT w")
-                    try:
-                        write.value = write.work()
-                    except Exception as exc:
-                        if is_transient(exc):
-                            failure = exc
-                            raise
-                        conn.execute("ROLLBACK TO w")
-                        write.error = exc
-                    conn.execute("RELEASE w")
+            try:
+                self._write_group(group, isolated=False)
+            except _OwnError:  # rare (a key taken by a concurrent request): again, each write on its own
+                self._write_group(group, isolated=True)
         except Exception as exc:
-            return failure or exc
+            return exc
         return None
+
+    def _write_group(self, group: list[_Write], *, isolated: bool) -> None:
+        """The group in one transaction. Not ``isolated``: a write's own error undoes the group (_OwnError);
+        ``isolated``: each write in a savepoint, so that its error undoes it alone. Two statements per
+        write fewer for every group without such an error (the writes run again are written to allow it,
+        as for a group the store refused)."""
+        with self.db.transaction("IMMEDIATE"):
+            conn = self.db.connection()  # the savepoints straight on sqlite3: nothing to build
+            for write in group:
+                write.value, write.error = None, None
+                if isolated:
+                    conn.execute("SAVEPOINT w")
+                try:
+                    write.value = write.work()
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    if not isolated:
+                        raise _OwnError from exc
+                    conn.execute("ROLLBACK TO w")
+                    write.error = exc
+                if isolated:
+                    conn.execute("RELEASE w")
 
     def _close(self) -> None:
         if not self.db.is_closed():

@@ -219,3 +219,28 @@ def test_creating_calls_leaves_no_garbage_for_the_cycle_collector(live_server: L
         gc.enable()
     conn.close()
     assert unreachable < 20, f"{unreachable} objects in reference cycles after 100 creates"
+
+
+def test_a_client_that_waits_for_100_continue_gets_it_then_its_answer(live_server: LiveServer,
+                                                                      make_endpoint: Any) -> None:
+    """curl sends ``Expect: 100-continue`` before a large body (over 1 KiB) and waits for the go-ahead."""
+    import socket
+
+    _, token = make_endpoint()
+    body = urllib.parse.urlencode({"token": token, "phone_a": "15550001001", "phone_b": "15550002002",
+                                   "msg": "x" * 500, "msg_lang": "en-US"}).encode()
+    head = (f"POST /v1/calls HTTP/1.1\r\nHost: api\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
+        sock.sendall(head)
+        go_ahead = b""
+        while not go_ahead.endswith(b"\r\n\r\n"):
+            go_ahead += sock.recv(1)
+        assert go_ahead.startswith(b"HTTP/1.1 100 Continue"), go_ahead
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["data"]["status"] == "queued"

@@ -27,8 +27,8 @@ A write's own error (an idempotency key taken by a concurrent request) undoes th
 group runs again with a savepoint per write, a cost only such a group pays); a store-level error
 (locked, full, I/O) undoes the group: its fail-fast writes fail, the others go again, first in the
 queue, after a pause that doubles up to half a second (cut short when a write somebody waits for
-arrives, so that a request is answered at once). A group nobody waits
-for (steps of calls in progress) stays open for up to ``LINGER`` so that more join it.
+arrives, so that a request is answered at once). A group nobody waits for (steps of calls in
+progress) stays open for up to ``LINGER`` so that more join it.
 
 What a crash costs: nothing acknowledged. An API create answers only after its group's commit with
 ``synchronous=FULL``; a claim and the mark before an originate are committed durably before anything
@@ -177,6 +177,7 @@ class ThreadWriter:
         self._urgent = gevent.event.Event()  # a write somebody waits for queued: commit (or retry) now
         self._pool = gevent.threadpool.ThreadPool(1)
         self._full: bool | None = None  # the thread connection's synchronous setting (None: unknown)
+        self._refusal: BaseException | None = None  # the store's error that undid the group being written
         self._stopping = False
         # peewee logs each statement at DEBUG: its level, looked up here, is cached, so that the thread
         # does not take the logging module's lock (a gevent lock in a patched process) to find it.
@@ -293,6 +294,7 @@ class ThreadWriter:
         """Run the group's writes in order in one transaction; None once committed, else the error that undid
         the whole group (each write's own error is kept on the write)."""
         durable = any(write.durable for write in group)
+        self._refusal = None
         try:
             if durable is not self._full:
                 self._full = None
@@ -303,7 +305,7 @@ class ThreadWriter:
             except _OwnError:  # rare (a key taken by a concurrent request): again, each write on its own
                 self._write_group(group, isolated=True)
         except Exception as exc:
-            return exc
+            return self._refusal or exc  # the store's own error, should the rollback after it raise another
         return None
 
     def _write_group(self, group: list[_Write], *, isolated: bool) -> None:
@@ -321,6 +323,7 @@ class ThreadWriter:
                     write.value = write.work()
                 except Exception as exc:
                     if is_transient(exc):
+                        self._refusal = exc
                         raise
                     if not isolated:
                         raise _OwnError from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import http.client
 import json
+import socket
 import threading
 import urllib.parse
 from typing import Any
@@ -33,6 +34,14 @@ def request(conn: http.client.HTTPConnection, method: str, path: str, body: Any 
     data = json.loads(raw)["data"]
     assert data["code"] == response.status
     return response.status, data, response
+
+
+def read_to_close(sock: socket.socket) -> bytes:
+    """Everything the server sends on a raw socket until it closes the connection."""
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
 
 
 def test_keep_alive_session_of_mixed_requests(live_server: LiveServer, make_endpoint: Any) -> None:
@@ -185,13 +194,9 @@ def test_requests_the_http_server_refuses_itself_get_the_envelope(live_server: L
     """A request line of 8 KiB or more, a request that is not HTTP, or a malformed header block is refused
     by the server before the app sees it; the answer is still the envelope naming what is wrong (it was an
     empty body)."""
-    import socket
-
     with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
         sock.sendall(raw)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        answer = read_to_close(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split(b"\r\n")[0].startswith(f"HTTP/1.1 {status} ".encode()), head
     assert b"Content-Type: application/json" in head, head
@@ -224,8 +229,6 @@ def test_creating_calls_leaves_no_garbage_for_the_cycle_collector(live_server: L
 def test_a_client_that_waits_for_100_continue_gets_it_then_its_answer(live_server: LiveServer,
                                                                       make_endpoint: Any) -> None:
     """curl sends ``Expect: 100-continue`` before a large body (over 1 KiB) and waits for the go-ahead."""
-    import socket
-
     _, token = make_endpoint()
     body = urllib.parse.urlencode({"token": token, "phone_a": "15550001001", "phone_b": "15550002002",
                                    "msg": "x" * 500, "msg_lang": "en-US"}).encode()
@@ -238,9 +241,7 @@ def test_a_client_that_waits_for_100_continue_gets_it_then_its_answer(live_serve
             go_ahead += sock.recv(1)
         assert go_ahead.startswith(b"HTTP/1.1 100 Continue"), go_ahead
         sock.sendall(body)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        answer = read_to_close(sock)
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert json.loads(rest.partition(b"\r\n\r\n")[2])["data"]["status"] == "queued"

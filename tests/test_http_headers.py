@@ -47,7 +47,7 @@ def test_the_block_ends_at_the_empty_line_and_leaves_the_body_unread() -> None:
 def test_deleting_a_field_removes_every_copy() -> None:
     headers = parsed(b"Content-Length: 5\r\nHost: a\r\ncontent-length: 5\r\n")
     del headers["Content-Length"]
-    assert "content-length" not in headers and headers.get("Content-Length") is None
+    assert headers.get("Content-Length") is None and headers.get("content-length") is None
     assert headers.headers == ["Host: a\r\n"]
 
 

@@ -61,9 +61,6 @@ class RequestHeaders:
 
     getheader = get
 
-    def __contains__(self, name: str) -> bool:
-        return name.lower() in self._first
-
     def __delitem__(self, name: str) -> None:
         key = name.lower()
         self._first.pop(key, None)

@@ -510,8 +510,9 @@ class CallRecords:
         a call claimed but never sent (the daemon died while it waited for its turn), or refused by the
         switch and not sent again, is known at the next start and dialed then, not failed unheard
         (:meth:`unsent_because`). Each ``attempt`` after a refusal is marked again. One try with no wait,
-        since the caller holds the connection's turn: raises ``OperationalError`` when the store refuses it, and then the caller must
-        not send (it tries again later; the refusal is logged as ``store.retry``, like other refusals).
+        since the caller holds the connection's turn: raises ``OperationalError`` when the store refuses
+        it, and then the caller must not send (it tries again later; the refusal is logged as
+        ``store.retry``, like other refusals).
         The caller waits for the commit (the group being written and its own: milliseconds), not the loop.
 
         On a shared PostgreSQL, only while this daemon owns the call (its lease renewed with the mark, in

@@ -6,6 +6,10 @@
 * naive baseline: what people commonly write: per call a new greenswitch connection, a blocking
   ``api originate`` for A, then for B, then ``api uuid_bridge A B`` (``workers`` calls at a time).
   The connection is closed without waiting on greenswitch's own 1 s event-loop timeout in ``stop()``.
+* bare client's CPU per message: this process's CPU during the pipe limit run, per Event Socket message
+  (each originate is three: the command, its reply, the CHANNEL_ANSWER); times the messages a complete call
+  exchanges (``callbridge_esl_messages_total``), it is what the call's Event Socket traffic alone costs a
+  Python client that does nothing else: the floor under the daemon's CPU per call.
 * engine: ``n`` calls (A answers, a 1 s prompt, dialtone, B answers, bridge, B hangs up, A follows)
   written as ``queued`` rows before ``python -m daemon run`` starts with the per-second cap lifted and
   the production ``max_in_flight``; completed calls per second between 10 % and 90 % of them, counted
@@ -15,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -45,8 +50,17 @@ def _close(esl: InboundESL) -> None:
             g.kill(block=False)
 
 
-def pipe_limit(port: int, n: int, window: int) -> tuple[float, int]:
-    """Answered ``bgapi originate`` per second with ``window`` outstanding; (rate, answered)."""
+MESSAGES_PER_ORIGINATE = 3  # the pipe limit's client: bgapi sent, its reply and CHANNEL_ANSWER received
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pipe_limit(port: int, n: int, window: int) -> tuple[float, int, float]:
+    """Answered ``bgapi originate`` per second with ``window`` outstanding; (rate, answered, this process's
+    CPU seconds meanwhile)."""
     esl = InboundESL(HOST, port, "ClueCon")
     esl.connect()
     waiting: dict[str, gevent.event.Event] = {}
@@ -78,11 +92,11 @@ def pipe_limit(port: int, n: int, window: int) -> tuple[float, int]:
             if done.wait(timeout=30):
                 answered[0] += 1
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _own_cpu()
     gevent.joinall([gevent.spawn(worker) for _ in range(window)], raise_error=True)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, _own_cpu() - cpu
     _close(esl)
-    return answered[0] / elapsed, answered[0]
+    return answered[0] / elapsed, answered[0], cpu
 
 
 def naive_baseline(port: int, n: int, workers: int) -> tuple[float, int]:
@@ -164,6 +178,9 @@ def engine_throughput(
         final["bench_cpu_share"] = (user + system) / (time.perf_counter() - wall0)
         final["bench_cpu_per_call_ms"] = 1000 * (user + system) / calls
         final["bench_system_cpu_per_call_ms"] = 1000 * system / calls
+        for direction in ("received", "sent"):
+            prefix = f'callbridge_esl_messages_total{{direction="{direction}"'
+            final[f"bench_esl_{direction}_per_call"] = sum(v for k, v in final.items() if k.startswith(prefix)) / calls
     finally:
         daemon.stop()
     return _rate_between(marks, 0.1 * n, 0.9 * n), final
@@ -192,7 +209,7 @@ def run(report: Report, full: bool) -> None:
     with workdir("engine") as folder:
         switch = Switch(SCALE, folder / "standin.log")
         try:
-            limit, answered = pipe_limit(switch.port, n_pipe, window=200)
+            limit, answered, client_cpu = pipe_limit(switch.port, n_pipe, window=200)
             report.add(
                 "engine",
                 "pipe limit: bgapi originate + CHANNEL_ANSWER",
@@ -239,6 +256,31 @@ def run(report: Report, full: bool) -> None:
                 ok=bool(final["bench_cpu_per_call_ms"] <= 2.0),
                 size=f"{n_engine} calls: the daemon's user + system CPU from its start to the last one's end; "
                 f"system {final['bench_system_cpu_per_call_ms']:.2f} ms",
+            )
+            received, sent = final["bench_esl_received_per_call"], final["bench_esl_sent_per_call"]
+            per_message_ms = 1000 * client_cpu / max(1, MESSAGES_PER_ORIGINATE * answered)
+            report.add(
+                "engine",
+                "Event Socket messages per complete call",
+                received + sent,
+                "messages",
+                size=f"{received:.1f} received (events, replies), {sent:.1f} sent (commands)",
+            )
+            report.add(
+                "engine",
+                "bare greenswitch client: CPU per Event Socket message",
+                1000 * per_message_ms,
+                "us",
+                size=f"the pipe limit run: {answered} x {MESSAGES_PER_ORIGINATE} messages, "
+                f"{client_cpu:.2f} s CPU",
+            )
+            report.add(
+                "engine",
+                "Event Socket floor per call: its messages at the bare client's CPU each",
+                (received + sent) * per_message_ms,
+                "ms",
+                size="what a call's messages alone cost a client that does nothing else (no state, no store); "
+                "compare the daemon's CPU per call",
             )
             report.add(
                 "engine",

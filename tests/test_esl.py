@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import gevent
 import gevent.socket
@@ -23,6 +24,7 @@ from daemon.switch.esl import (
     EslEvent,
     EslNotSent,
     EslTimeout,
+    EslTraffic,
 )
 from tests.fake_esl_server import (
     AUTH_REQUEST,
@@ -84,7 +86,7 @@ def recorder() -> Recorder:
 def make_conn(recorder: Recorder) -> Iterator[Callable[..., EslConnection]]:
     conns: list[EslConnection] = []
 
-    def make(port: int, password: str = "ClueCon", **kwargs: float) -> EslConnection:
+    def make(port: int, password: str = "ClueCon", **kwargs: Any) -> EslConnection:
         conn = EslConnection(
             "127.0.0.1",
             port,
@@ -596,3 +598,33 @@ def test_last_received_tracks_incoming_bytes(serve, make_conn, recorder) -> None
     assert conn.api("status") == "UP\n"
     assert conn.last_received > before
     assert recorder.next_event().name == "HEARTBEAT"
+
+
+def test_traffic_counts_whole_messages_across_connections(serve, make_conn, recorder) -> None:
+    """A switch's traffic (its /metrics figures) counts each message once however TCP cuts the stream, and
+    goes on counting on the connection that replaces a dropped one."""
+    answer = event_plain({"Event-Name": "CHANNEL_ANSWER", "Unique-ID": UUID_A})
+
+    def script(session: FakeSession) -> None:
+        session.handshake()  # auth/request in, auth out, its reply in
+        assert session.read_command() == b"api status\n\n"
+        both = api_response("UP\n") + answer
+        session.send(both[:10])  # one reply and one event, cut in the reply's head and in the event
+        session.send(both[10:-5])
+        session.send(both[-5:])
+        hold_open(session)
+
+    traffic = EslTraffic()
+    server = serve(script)
+    first = make_conn(server.port, traffic=traffic)
+    first.connect()
+    assert first.api("status") == "UP\n"
+    assert recorder.next_event().uuid == UUID_A
+    assert (traffic.received, traffic.sent) == (4, 2)
+    first.close()
+    second = make_conn(server.port, traffic=traffic)
+    second.connect()
+    assert second.api("status") == "UP\n"
+    assert recorder.next_event().uuid == UUID_A
+    assert (traffic.received, traffic.sent) == (8, 4)
+    assert first.traffic is second.traffic is traffic

@@ -67,6 +67,12 @@ class Metrics:
                                         ["leg"], registry=r)
         for leg in ("a", "b"):
             self.switch_throttled.labels(leg)
+        self._esl_traffic = _EslTrafficCollector()
+        r.register(self._esl_traffic)
+
+    def watch_esl_traffic(self, switch: str, traffic: Any) -> None:
+        """Export a switch's Event Socket message counts (``daemon.switch.esl.EslTraffic``), read at each scrape."""
+        self._esl_traffic.switches[switch] = traffic
 
     def watch_media_pool(self, pool: Any) -> None:
         """Export what the media worker pool (``daemon.media.pool.WorkerPool``) did, read at each scrape."""
@@ -123,3 +129,19 @@ class _HttpServerCollector:
         closed.add_metric(["refused"], server.refused)  # at the cap with every connection serving: 503
         closed.add_metric(["timed_out"], server.timed_out)  # a header, body or idle deadline passed
         yield closed
+
+
+class _EslTrafficCollector:
+    """Whole Event Socket messages per switch: received (events, replies) and sent (commands). Counted as
+    plain integers by the connection, so the reader's hot path pays no lock per message."""
+
+    def __init__(self) -> None:
+        self.switches: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("callbridge_esl_messages", "Event Socket messages by switch and direction "
+                                     "(received: events and replies; sent: commands)", labels=["switch", "direction"])
+        for switch, traffic in self.switches.items():
+            family.add_metric([switch, "received"], traffic.received)
+            family.add_metric([switch, "sent"], traffic.sent)
+        yield family

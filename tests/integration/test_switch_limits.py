@@ -9,6 +9,7 @@ limit under the daemon goes through a second Event Socket client, as an operator
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -158,3 +159,12 @@ def test_readyz_and_metrics_show_the_switchs_capacity(harness: Harness) -> None:
                  f"callbridge_switch_session_rate{label} ", f"callbridge_esl_connected{label} 1.0",
                  'callbridge_switch_throttled_total{leg="b"} 0.0'):
         assert name in metrics, name
+    counts = {}
+    for direction in ("received", "sent"):
+        found = re.search(rf'callbridge_esl_messages_total{{direction="{direction}",switch="{switch["switch"]}"}} '
+                          rf'(\S+)', metrics)
+        assert found, metrics
+        counts[direction] = float(found.group(1))
+    # Connecting sent auth, the subscription, the Core-UUID query, both fsctl reads and status; every
+    # command has its reply, and auth/request came first.
+    assert counts["sent"] >= 6 and counts["received"] > counts["sent"], counts

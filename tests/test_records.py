@@ -77,6 +77,32 @@ def test_cancel_wins_before_the_claim_and_is_refused_after_it(
     assert isinstance(final, NotCancelable) and final.reason == "the call is already final (status completed)"
 
 
+def test_a_pending_call_canceled_since_it_was_read_stays_canceled(
+        records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """The dispatcher ends calls it read as pending (over the daily cap, missed) while its claims commit; a
+    cancel committed in between was answered 200 and stays: no second final status, step or metric."""
+    endpoint, _ = make_endpoint()
+    heard: list[str] = []
+    records.listeners.append(lambda _call, status, _detail: heard.append(status.value))
+    ends: list[Callable[[Call], None]] = [
+        lambda call: records.finish(call, CallStatus.FAILED, reason="daily cap of 1 calls reached"),
+        lambda call: records.missed(call, now=NOW + dt.timedelta(hours=2), grace=60),
+    ]
+    for end in ends:
+        read = records.create(endpoint, request(NOW + dt.timedelta(hours=1), scheduled=True), now=NOW).call
+        assert isinstance(records.cancel(Call.get_by_id(read.id), endpoint, now=NOW), Call)
+        heard.clear()
+        end(read)  # as read before the cancel: scheduled
+        records.flush()
+        stored = Call.get_by_id(read.id)
+        assert (stored.status, stored.reason, kinds(stored)) == ("canceled", "canceled through the API",
+                                                                 ["requested", "canceled"])
+        assert heard == [] and read.status == "scheduled" and read.ended_at is None
+    for status in ("failed", "missed"):
+        assert not records.metrics.registry.get_sample_value("callbridge_calls_finished_total",
+                                                             {"status": status, "cause": ""})
+
+
 def test_transitions_store_their_columns_and_finish_keeps_what_it_is_not_given(
         records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
     endpoint, _ = make_endpoint()

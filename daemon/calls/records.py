@@ -614,10 +614,14 @@ class CallRecords:
 
     def _move(self, call: Call, status: CallStatus, at: dt.datetime, row: dict[str, Any],
               detail: dict[str, Any] | None = None) -> None:
-        """Change an unfinished call's status with ``row``'s columns, a timeline step and the listeners."""
+        """Change an unfinished call's status with ``row``'s columns, a timeline step and the listeners.
+
+        A call read as pending (the dispatcher refusing it, a missed one) moves only if it still is when
+        written: a cancel committed since it was read stays, and nothing else of the change happens."""
         old = CallStatus(call.status)
         if old.final or old == status:
             return
+        as_read = dict(call.__data__)
         for name, value in row.items():
             setattr(call, name, value)
         call.status = status.value
@@ -626,14 +630,20 @@ class CallRecords:
         moved = _snapshot(call)
         after: list[Callable[[], None]] = []
 
-        def update() -> None:  # the status, its timeline step and the outbox's rows, in one transaction
+        pending = old in PENDING_STATUSES
+
+        def update() -> bool:  # the status, its timeline step and the outbox's rows, in one transaction
             after.clear()
-            update_call(moved.id, {"status": status.value, **row})
+            if not update_call(moved.id, {"status": status.value, **row}, if_status=PENDING_STATUSES if pending else ()):
+                return False
             append_event(moved.id, status.value, at=at, **step)
             after.extend(self._write_status(moved, status, extra))
+            return True
 
-        def committed(_: Any = None) -> None:  # on the loop, once committed (or after the claim round)
-            if old not in PENDING_STATUSES:
+        def committed(moved_it: bool) -> None:  # on the loop, once committed (or after the claim round)
+            if not moved_it:
+                return
+            if not pending:
                 self.metrics.calls_in_flight.labels(old.value).dec()
             if status.final:
                 cause = moved.b_cause if moved.failed_leg == "b" else moved.a_cause
@@ -644,8 +654,10 @@ class CallRecords:
 
         # A call ended before it started (missed, refused by the dispatcher) is waited for: the dispatcher
         # reads pending calls next and must not find it pending still.
-        pending = old in PENDING_STATUSES
-        writer().submit(update, durable=pending, wait=pending, committed=committed)
+        if writer().submit(update, durable=pending, wait=pending, committed=committed) is False:
+            call.__data__ = as_read  # no longer pending (canceled meanwhile): left as it is
+            log_event(log, "move_skipped", callid=call.callid, to=status.value, note="no longer pending")
+            return
         log_event(log, status.value, callid=call.callid, **step)
 
     def _write_status(self, call: Call, status: CallStatus, detail: dict[str, Any]) -> list[Callable[[], None]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,6 +13,7 @@ from daemon.switch.capacity import (
     parse_fsctl_sps,
     parse_status,
 )
+from daemon.switch.engine import choose_switch, room_for_new_calls
 
 # `api status` as FreeSWITCH 1.10.12 answered it (shared/esl-traces/17_throttle_sps, trailing spaces kept).
 STATUS = (
@@ -204,3 +206,18 @@ def test_room_is_the_least_of_the_seconds_budget_the_sessions_and_new_calls_half
     assert capacity.room(1.25) == 900 - 895  # the sessions bind now
     capacity.learn_status("950 session(s) - peak 950, last 5min 950\n")
     assert capacity.room(1.25) < 0 and capacity.new_call_delay(1.25) > 0
+
+
+def test_a_switch_that_admits_nothing_makes_new_calls_wait_and_leaves_the_others_open() -> None:
+    """``fsctl sps 1`` (a budget of nothing once one second's margin is kept): new calls wait there, and a
+    second switch still takes them; neither look raises (it ran in every dispatcher tick)."""
+    closed = SwitchCapacity(0.1)
+    closed.learn_limits(sps=1, max_sessions=1000)
+    assert closed.rate_cap == 0 and closed.new_call_delay(100.0) >= 1.0
+    open_ = SwitchCapacity(0.1)
+    open_.learn_limits(sps=30, max_sessions=1000)
+    links = [SimpleNamespace(ready=True, capacity=closed, name="closed"),
+             SimpleNamespace(ready=True, capacity=open_, name="open")]
+    assert choose_switch(links, 100.0) == (links[1], 0.0)  # type: ignore[arg-type]
+    assert room_for_new_calls(links, 100.0)[0] > 0  # type: ignore[arg-type]
+    assert choose_switch(links[:1], 100.0)[0] is None  # type: ignore[arg-type]

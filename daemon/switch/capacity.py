@@ -297,6 +297,8 @@ class SwitchCapacity:
         while self._new_calls and self._new_calls[0] <= edge:
             self._new_calls.popleft()
         over = len(self._new_calls) + 1 - self.new_call_cap
+        if over > len(self._new_calls):  # no room for new calls at all (a switch set to 1 session a second)
+            return max(wait, WINDOW)
         if over > 0:
             wait = max(wait, self._new_calls[over - 1] + WINDOW - now)
         return wait

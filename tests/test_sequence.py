@@ -12,7 +12,15 @@ import pytest
 from peewee import OperationalError
 
 from daemon.calls.records import CallRecords
-from daemon.calls.sequence import REFUSED, CallOptions, CallSequence, Reconnected, RetryDial, wait_uuid
+from daemon.calls.sequence import (
+    REFUSED,
+    CallOptions,
+    CallSequence,
+    Granted,
+    Reconnected,
+    RetryDial,
+    wait_uuid,
+)
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
 from daemon.switch.capacity import SwitchCapacity
@@ -595,3 +603,120 @@ def test_an_idle_check_that_finds_a_gone_waits_for_its_hangup_before_calling_it_
         assert (call.status, call.failed_leg, call.a_cause, call.reason) == \
             ("failed", "a", "NO_ANSWER", "A was not reached"), kinds
         assert "lost_track" not in kinds
+
+
+# -- legs waiting for room: a refused A, and what happens at and past originate_timeout --------------
+def refused_a_waiting_for_room(sequence: CallSequence, switch: ScriptedSwitch) -> None:
+    """A was refused over the switch's limit and the switch now admits nothing: A waits in line."""
+    sequence.start()
+    gevent.sleep(0)
+    assert len(originates(switch)) == 1
+    switch.capacity.learn_limits(sps=1)  # as read after the refusal: 1 a second leaves no room
+    sequence.deliver(job_done(sequence.job_uuid, "-ERR DESTINATION_OUT_OF_ORDER\n"))
+    gevent.sleep(0)
+    assert "a" in sequence.wanted and switch.capacity.waiting == 1
+
+
+def deadline_passes(sequence: CallSequence, switch: ScriptedSwitch, leg: str) -> None:
+    """The leg's originate_timeout passes: its timer fires (here at once: the switch's clock is scripted)."""
+    switch.now = max(switch.now, sequence.deadline[leg])
+    sequence.forcing[leg].kill()
+    sequence.deliver(Granted(leg, forced=True))
+    gevent.sleep(0)
+
+
+def test_a_refused_a_waiting_for_room_outlives_a_reconnection_and_idle_checks(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """Nothing of a refused A exists on the switch: a reconnection or a quiet spell has nothing to reconcile
+    (uuid_exists says false) and must not end the call 'interrupted'; A goes when room comes."""
+    sequence, switch = run_call()
+    sequence.options.idle_check = 0.05
+    refused_a_waiting_for_room(sequence, switch)
+    switch.answers = {"uuid_exists": "false"}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0.3)  # several idle checks with nothing heard
+    assert not sequence.done, Call.get_by_id(sequence.call.id).reason
+    assert not any(c.startswith("api uuid_exists") for c in switch.sent)
+    switch.capacity.learn_limits(sps=30)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0)
+    assert len(originates(switch)) == 2
+
+
+def test_a_forced_at_its_deadline_that_found_no_turn_goes_once_it_has_one(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    sequence, switch = run_call()
+    refused_a_waiting_for_room(sequence, switch)
+    switch.fail_next.append(EslNotSent("no turn"))
+    deadline_passes(sequence, switch, "a")
+    assert sequence.dial_pending and len(originates(switch)) == 1
+    sequence.deliver(RetryDial())  # a second later: still no room on the switch, but past the deadline
+    gevent.sleep(0)
+    sequence.forcing["a"].join(timeout=10)
+    gevent.sleep(0)
+    assert len(originates(switch)) == 2  # the switch decides (a refusal now fails the call)
+
+
+def test_b_forced_at_its_deadline_that_found_no_turn_goes_once_it_has_one(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """Past B's originate_timeout it goes room or not; a send that found no turn is tried again a second
+    later, never left in a line that a full switch would keep it in while A hears the dialtone for ever."""
+    sequence, switch = run_call()
+    switch.capacity.learn_limits(max_sessions=10)
+    switch.capacity.learn_status("9 session(s) - peak 9, last 5min 9 \n")  # full, with long calls
+    answered_and_waiting(sequence, switch)
+    assert "b" in sequence.wanted and breaks(switch, sequence.a.uuid) == []
+    switch.no_turn_for_api = 1
+    deadline_passes(sequence, switch, "b")
+    assert breaks(switch, sequence.a.uuid) == [] and "b" in sequence.wanted
+    switch.now += 120
+    switch.capacity.serve(switch.now)  # still full
+    sequence.forcing["b"].join(timeout=10)
+    gevent.sleep(0)
+    assert len(breaks(switch, sequence.a.uuid)) == 1
+
+
+def test_b_refused_just_before_its_deadline_is_tried_once_more_then_the_call_ends(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """The deadline passes between a refused bridge and A's next wait (B is not waiting then): the retry
+    still goes after its backoff, room or not, and the switch's answer decides."""
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    assert len(breaks(switch, sequence.a.uuid)) == 1
+    switch.now = sequence.deadline["b"] - 0.01
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
+    switch.capacity.learn_limits(sps=1)  # the switch admits nothing any more
+    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "DESTINATION_OUT_OF_ORDER"))
+    gevent.sleep(0)
+    assert sequence.after_bridge == "retry"
+    deadline_passes(sequence, switch, "b")  # B is not in line at this moment: the timer finds nothing to do
+    sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 1)))
+    gevent.sleep(0)
+    switch.now += 60
+    switch.capacity.serve(switch.now)  # no room
+    sequence.forcing["b"].join(timeout=10)
+    gevent.sleep(0)
+    assert len(breaks(switch, sequence.a.uuid)) == 2
+
+
+def test_b_granted_by_the_line_and_at_its_deadline_in_one_turn_is_dialed_once(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    sequence, switch = run_call()
+    for n in range(switch.capacity.rate_cap):  # this second's room is taken: B waits in line
+        switch.capacity.reserve(f"other-{n}", switch.now)
+        switch.capacity.sent(f"other-{n}", switch.now)
+    answered_and_waiting(sequence, switch)
+    assert breaks(switch, sequence.a.uuid) == [] and "b" in sequence.wanted
+    switch.now += 1.01
+    sequence.forcing["b"].kill()
+    sequence.deliver(Granted("b", forced=True))  # the deadline's timer...
+    switch.capacity.serve(switch.now)  # ...and the line, before the call's greenlet runs
+    gevent.sleep(0)
+    bridges = [a for a in apps_sent(switch) if a.startswith("bridge ")]
+    assert (len(breaks(switch, sequence.a.uuid)), len(bridges), sequence.attempts["b"]) == (1, 1, 1)
+    # the others, A and B sent (none created here), each once: the room the line reserved for B, unused,
+    # went back
+    assert switch.capacity.pending == switch.capacity.rate_cap + 2

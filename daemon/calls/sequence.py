@@ -211,7 +211,7 @@ class CallSequence:
         self.retry_in = {"a": 0.0, "b": 0.0}  # the backoff after the last refusal
         self.attempts = {"a": 0, "b": 0}  # originates of A and bridges to B sent
         self.wanted: set[str] = set()  # legs waiting in the capacity's line
-        self.forcing: set[str] = set()  # legs with a timer that sends them at their deadline
+        self.forcing: dict[str, gevent.Greenlet] = {}  # per leg: the timer that sends it at its deadline
         self.refused_leg = ""  # the leg the switch kept refusing: the call fails for that
         # B: the wait A plays is known by its event UUID (wait_uuid); the last one acted on; the bridge
         # attempt whose retry steps are queued; what to do when the wait after a bridge starts.
@@ -262,6 +262,8 @@ class CallSequence:
                         self._guarded(self.apps.send_unsent, "queuing")
                 elif isinstance(item, Reconnected) and self.dial_pending:
                     self._want("a")
+                elif isinstance(item, Reconnected) and "a" in self.wanted:
+                    pass  # a refused A waits in line for room: nothing of it exists to reconcile
                 elif isinstance(item, Reconnected):
                     self._reconcile(item.restarted)
                 else:
@@ -387,16 +389,19 @@ class CallSequence:
         uuid = self.a.uuid if leg == "a" else self.b.uuid
         if leg == "b":
             self.deadline.setdefault("b", now + self.options.originate_timeout)
-        if leg not in self.forcing and leg in self.deadline:
+        timer = self.forcing.get(leg)
+        if leg in self.deadline and (timer is None or timer.dead):
             # A leg waits for room until originate_timeout has passed since it was first wanted; then it
-            # goes anyway and the switch decides (a refusal then fails the call).
-            self.forcing.add(leg)
-            gevent.spawn_later(max(0.0, self.deadline[leg] - now), self.deliver, Granted(leg, forced=True))
+            # goes anyway and the switch decides (a refusal then fails the call). Wanted again after that
+            # (its forced send found no connection, or a refusal's retry came due past it), it goes at once
+            # or after its delay: never into a line it could wait in for ever.
+            self.forcing[leg] = gevent.spawn_later(max(0.0, self.deadline[leg] - now, delay), self.deliver,
+                                                   Granted(leg, forced=True))
         granted = self.capacity.request(uuid, leg, now, lambda: self.deliver(Granted(leg)),
                                         not_before=now + delay)
         if granted:
             self.wanted.discard(leg)
-            self._granted(leg)
+            self._send_leg(leg)
             return
         if delay <= 0 and leg not in self.wanted:
             self.records.step(self.call, "paced", leg=leg, note="waiting for room on the switch",
@@ -404,14 +409,22 @@ class CallSequence:
         self.wanted.add(leg)
 
     def _granted(self, leg: str, forced: bool = False) -> None:
-        """The switch has room for ``leg`` (reserved for it): send it, or give the room back."""
+        """The line gave ``leg`` its turn (room reserved for it), or its deadline came (``forced``): it goes
+        if it still waits. Both may arrive, in either order: the second finds it gone and lets it be."""
         uuid = self.a.uuid if leg == "a" else self.b.uuid
+        if leg not in self.wanted:
+            if not forced:
+                self.capacity.unreserve(uuid)  # the line's room, not used: the leg went under another
+            return
         if forced:
-            if leg not in self.wanted:
-                return  # it went already
             self.capacity.withdraw(uuid)
             self.capacity.reserve(uuid, self.switch.monotonic())
         self.wanted.discard(leg)
+        self._send_leg(leg)
+
+    def _send_leg(self, leg: str) -> None:
+        """Send ``leg`` under the room reserved for it, or give the room back if the call has moved on."""
+        uuid = self.a.uuid if leg == "a" else self.b.uuid
         if leg == "a":
             if self.done or self.a.created or self.a.gone or self.connection_lost:
                 self.capacity.cancel(uuid)
@@ -856,6 +869,8 @@ class CallSequence:
         """Nothing heard for a while: make sure A still exists, or end the call with what we know."""
         if self.dial_pending:  # A was never originated: there is nothing to look for yet
             self._want("a")
+            return
+        if "a" in self.wanted:  # A was refused and waits for room: nothing of it exists to look for
             return
         if self.connection_lost:
             return

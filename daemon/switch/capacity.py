@@ -271,6 +271,13 @@ class SwitchCapacity:
         self._reserved.discard(uuid)
         self._changed()
 
+    def unreserve(self, uuid: str) -> None:
+        """Room reserved for a leg that went under another reservation (granted twice): it goes back; what
+        was sent stays counted."""
+        if uuid in self._reserved:
+            self._reserved.discard(uuid)
+            self._changed()
+
     def refused(self, uuid: str, leg: str, now: float) -> None:
         """The switch refused the leg (nothing created): the budget it spent stays spent, no leg goes
         until its next tick, and its figures are read again."""

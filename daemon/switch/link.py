@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -84,7 +85,7 @@ class SwitchLink:
         self.supervisor = Loop(f"esl supervisor {self.name}", self._supervise, time.monotonic, log=log)
         self.capacity = SwitchCapacity(settings.switch_session_margin, on_change=lambda: self.pacer.wake())
         self.pacer = Loop(f"switch pacer {self.name}", self._pace, time.monotonic, log=log, error_delay=1.0)
-        self._status_due = 0.0
+        self._status_read_at = -math.inf  # when `status` was last read (time.monotonic())
         self._bind_metrics()
 
     def monotonic(self) -> float:
@@ -241,25 +242,29 @@ class SwitchLink:
         if sps is None or most is None or figures.sessions is None:
             log_event(log, "switch.limits_unknown", logging.WARNING, switch=self.name, sps=sps, max_sessions=most,
                       note="FreeSWITCH's defaults (30 per second, 1000) are assumed until it says")
-        self._status_due = time.monotonic() + self.settings.switch_status_interval
+        self._status_read_at = time.monotonic()
+
+    def _status_due(self) -> float:
+        """When `status` is next read: every switch_status_interval, and at least every second while legs
+        are held back or the switch admits nothing (its limit may have been raised: room to find)."""
+        interval = self.settings.switch_status_interval
+        if self.capacity.waiting or self.capacity.rate_cap == 0:
+            interval = min(interval, HELD_BACK_STATUS_INTERVAL)
+        return self._status_read_at + interval
 
     def _pace(self, now: float) -> float:
         """The pacer: read `status` when due (or after a refusal), then let waiting legs go in order;
         returns seconds until worth looking again (woken sooner when something changes)."""
         capacity = self.capacity
         conn = self.conn
-        if conn is not None and conn.connected and (now >= self._status_due or capacity.refresh_wanted):
+        if conn is not None and conn.connected and (now >= self._status_due() or capacity.refresh_wanted):
             capacity.refresh_wanted = False
-            # Legs held back (or a switch that admits nothing): look at least every second for room.
-            interval = self.settings.switch_status_interval
-            if capacity.waiting or capacity.rate_cap == 0:
-                interval = min(interval, HELD_BACK_STATUS_INTERVAL)
-            self._status_due = now + interval
+            self._status_read_at = now
             with contextlib.suppress(EslError):  # the supervisor deals with the connection
                 capacity.learn_status(conn.api(fs.core_status()))
         if not self.ready:
-            return max(0.0, self._status_due - now) if conn is not None else 1.0
-        return min(capacity.serve(now), max(0.0, self._status_due - now))
+            return max(0.0, self._status_due() - now) if conn is not None else 1.0
+        return min(capacity.serve(now), max(0.0, self._status_due() - now))
 
     def describe(self, now: float) -> dict[str, Any]:
         """This switch as the daemon sees it (for /readyz): reachable or for how long not, and its capacity."""

@@ -128,6 +128,27 @@ def test_b_refused_waits_on_the_dialtone_and_is_dialed_again_never_twice(
     assert waited >= 0.5 / 0.5, between  # the half second of real time it was held, at least
 
 
+@needs_standin()  # drops the Event Socket connection
+def test_a_refused_a_waiting_for_room_is_dialed_after_a_reconnection(make_harness: Callable[..., Harness]) -> None:
+    """Nothing of a refused A exists on the switch, so a reconnection has nothing to reconcile: A goes on
+    waiting, and is dialed once the switch has room again (read from its `status` within a second, not at
+    the next switch_status_interval), well inside originate_timeout."""
+    harness = make_harness(switch_status_interval=60.0, originate_timeout=30)
+    set_sps(harness, 1)  # an operator's fs_cli: the switch admits nothing for now
+    call = harness.place(harness.endpoint(), "15550000425", "15550006425", prompts=False)
+    assert wait_for(lambda: bool(steps(call, "throttled")), 10), harness.timeline(call)
+    assert steps(call, "throttled")[0]["leg"] == "a"
+    link = harness.service.engine.links[0]
+    before = link.conn
+    harness.switch.drop_connections()
+    assert wait_for(lambda: link.ready and link.conn is not before, 10), "the daemon did not reconnect"
+    set_sps(harness, 30)
+    done = harness.wait_final(call, 25)
+    assert (done.status, done.reason) == ("completed", ""), harness.timeline(done)
+    assert "reconciled" not in harness.timeline(done)
+    assert commands_for(harness, "bgapi originate", str(done.a_uuid)) == 1 + harness.switch.refusals(str(done.a_uuid))
+
+
 @needs_standin()
 @pytest.mark.time_scale(0.01)
 def test_a_refused_until_the_originate_timeout_fails_with_the_reason(make_harness: Callable[..., Harness]) -> None:

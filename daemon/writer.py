@@ -178,6 +178,8 @@ class ThreadWriter:
         self._pool = gevent.threadpool.ThreadPool(1)
         self._full: bool | None = None  # the thread connection's synchronous setting (None: unknown)
         self._refusal: BaseException | None = None  # the store's error that undid the group being written
+        self._writing: list[_Write] | None = None  # the group with the thread now
+        self._outcome: tuple[list[_Write], BaseException | None] | None = None  # the thread's last group, how it ended
         self._stopping = False
         # peewee logs each statement at DEBUG: its level, looked up here, is cached, so that the thread
         # does not take the logging module's lock (a gevent lock in a patched process) to find it.
@@ -214,6 +216,9 @@ class ThreadWriter:
         self._pump.join(timeout)
         if not self._pump.dead:
             self._pump.kill(block=True, timeout=timeout)
+        # A group the thread was still writing when the pump was stopped: its callers hear how it ended
+        # once the thread is done with it (the close below runs after it).
+        stranded, self._writing = self._writing, None
         if self._queue:
             log_event(log, "store.writes_lost", logging.ERROR, count=len(self._queue),
                       note="the store stayed unwritable; the next start reconciles the calls in flight")
@@ -225,6 +230,20 @@ class ThreadWriter:
             self._pool.apply(self._close)
         finally:
             self._pool.kill()
+            if stranded is not None:
+                self._settle(stranded)
+
+    def _settle(self, group: list[_Write]) -> None:
+        """Tell the callers of a group left with the thread at stop() how it ended: committed, or lost."""
+        outcome = self._outcome
+        if outcome is not None and outcome[0] is group and outcome[1] is None:
+            self._finish(group)
+            return
+        failure = outcome[1] if outcome is not None and outcome[0] is group else None
+        log_event(log, "store.writes_lost", logging.ERROR, count=len(group),
+                  note="the store refused them as the writer stopped; the next start reconciles the calls in flight")
+        for write in group:
+            self._fail(write, failure or OperationalError("database: the store's writer stopped"))
 
     def _run(self) -> None:
         delay = RETRY_FIRST
@@ -242,7 +261,9 @@ class ThreadWriter:
                 self._urgent.wait(timeout=LINGER)
             group = [self._queue.popleft() for _ in range(min(self.max_group, len(self._queue)))]
             self._urgent.clear()
+            self._writing = group
             failure = self._pool.apply(self._commit, (group,))
+            self._writing = None
             if failure is None:
                 self.groups += 1
                 delay = RETRY_FIRST
@@ -305,7 +326,10 @@ class ThreadWriter:
             except _OwnError:  # rare (a key taken by a concurrent request): again, each write on its own
                 self._write_group(group, isolated=True)
         except Exception as exc:
-            return self._refusal or exc  # the store's own error, should the rollback after it raise another
+            # the store's own error, should the rollback after it raise another
+            self._outcome = (group, self._refusal or exc)
+            return self._outcome[1]
+        self._outcome = (group, None)
         return None
 
     def _write_group(self, group: list[_Write], *, isolated: bool) -> None:

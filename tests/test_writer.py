@@ -210,6 +210,30 @@ def test_the_api_answers_503_when_the_store_refuses_a_create(writer: ThreadWrite
     assert Call.select().count() == 1 and current() is writer
 
 
+def test_stop_tells_the_callers_of_the_group_still_being_written_how_it_ended(db: Database, call: Call) -> None:
+    """stop() gives up waiting for its pump after ``timeout`` (a slow disk, a store locked by another process);
+    the group the thread holds then is still committed, and its callers are told so, not left waiting."""
+    writer = ThreadWriter(db)
+    previous = install(writer)
+    disk, entered = real_lock(), []
+    disk.acquire()
+
+    def slow() -> int:  # a commit that outlasts stop()'s timeout
+        entered.append(1)
+        with disk:
+            return int(CallEvent.create(call=call.id, kind="slow").id)
+
+    try:
+        waiting = gevent.spawn(writer.submit, slow, durable=True, wait=True)
+        assert wait_for(lambda: bool(entered), 30), "the writer thread never ran the write"
+        gevent.spawn_later(1.0, disk.release)
+        writer.stop(timeout=0.2)
+    finally:
+        install(previous)
+    assert waiting.join(timeout=10) is None and waiting.ready(), "the caller was left waiting"
+    assert kinds(call) == ["slow"] and waiting.get() == CallEvent.get(CallEvent.kind == "slow").id
+
+
 def test_stop_commits_what_is_queued(db: Database, call: Call) -> None:
     writer = ThreadWriter(db)
     previous = install(writer)

@@ -720,3 +720,78 @@ def test_b_granted_by_the_line_and_at_its_deadline_in_one_turn_is_dialed_once(
     # the others, A and B sent (none created here), each once: the room the line reserved for B, unused,
     # went back
     assert switch.capacity.pending == switch.capacity.rate_cap + 2
+
+
+# -- a bridge to B retried after a refusal, then a restart or a reconnection ------------------------------
+def test_adopted_call_with_b_ringing_after_an_earlier_refused_bridge_ends_when_b_fails(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """Previous run: the first bridge was refused by the switch (DESTINATION_OUT_OF_ORDER), the retry
+    (second bridge) dialed B, B rings; the daemon is SIGKILLed. The new run adopts the call: A and B are
+    both up. B is then busy: FreeSWITCH ends the bridge (continue_on_fail) and A starts the wait queued
+    after the second bridge, wait_uuid(A, 2). The adopted sequence must end A (notice + hangup, break).
+    """
+    first, switch = run_call()
+    now = utcnow()
+    Call.update(status=CallStatus.DIALING_B.value, a_answered_at=now, b_dialed_at=now).where(
+        Call.id == first.call.id).execute()
+    call = Call.get_by_id(first.call.id)
+    a, b = str(call.a_uuid), str(call.b_uuid)
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "true",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER",
+                      f"uuid_getvar {b} endpoint_disposition": "_undef_",
+                      f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a}": "_undef_"}
+    sequence = CallSequence(call, first.endpoint, switch, first.records, first.options, adopted=True)
+    sequence.start()
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    assert not sequence.done
+    # B is busy: B's hangup, the bridge's end on A, then A starts the wait after the 2nd bridge.
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", b, **{"Hangup-Cause": "USER_BUSY"}))
+    sequence.deliver(event("CHANNEL_EXECUTE_COMPLETE", a, **{
+        "Application": "bridge", "Application-UUID": "prev-run-bridge-2",
+        "variable_originate_disposition": "USER_BUSY", "variable_DIALSTATUS": "BUSY"}))
+    sequence.deliver(event("CHANNEL_EXECUTE", a, **{"Application": "playback",
+                                                    "Application-UUID": wait_uuid(a, 2)}))
+    gevent.sleep(0.05)
+    apps = apps_sent(switch)
+    assert "hangup NORMAL_CLEARING" in apps and breaks(switch, a), (
+        f"A left on the dialtone: after_bridge={sequence.after_bridge!r} apps={apps} sent={switch.sent}")
+
+
+def test_a_retry_bridge_that_ended_unheard_is_not_dialed_again_after_a_reconnect(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """Bridge 1 is refused by the switch (nothing created) and retried: bridge 2 dials B. The Event Socket
+    then drops; while it is down B is busy (B created and gone, its end unheard) and A moves on to the
+    wait queued after bridge 2. On reconnecting, A's variables say bridge 2 failed with USER_BUSY and that
+    B was originated (originated_legs). The call must end (notice + hangup), not dial B a third time."""
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    a, b = sequence.a.uuid, sequence.b.uuid
+    the_switch_refuses_b(sequence)
+    sequence.deliver(executes(a, wait_uuid(a, 1)))
+    gevent.sleep(0)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0)
+
+    def bridges_to_b() -> list[str]:
+        return [m for m in apps_sent(switch) if m.startswith("bridge ") and b in m]
+
+    assert len(bridges_to_b()) == 2 and len(breaks(switch, a)) == 2  # bridge 2 is dialing B
+    # -- the connection drops here; B (created by bridge 2) is busy; A starts wait 2 -- all unheard --
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER",
+                      f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a} app_uuid": wait_uuid(a, 2),
+                      f"uuid_getvar {a} originate_disposition": "USER_BUSY",
+                      f"uuid_getvar {a} originated_legs": f"{b};Outbound Call;15550000002",
+                      f"uuid_getvar {a}": "_undef_"}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0.05)
+    apps = apps_sent(switch)
+    assert len(bridges_to_b()) == 2, f"B dialed again after it was busy: {len(bridges_to_b())} bridges; {apps}"
+    assert "hangup NORMAL_CLEARING" in apps

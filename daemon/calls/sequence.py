@@ -217,7 +217,10 @@ class CallSequence:
         # attempt whose retry steps are queued; what to do when the wait after a bridge starts.
         self.wait_acted = ""
         self.requeued = 0
-        self.after_bridge = ""  # "retry" (refused: dial again) or "end" (notice and hang up)
+        self.after_bridge = ""  # for the bridge last sent: "retry" (refused: dial again) or "end" (notice, hang up)
+        # A's originate_disposition still tells the refusal of the bridge before the one being sent now
+        # (until that one starts): not a new outcome.
+        self.refusal_on_a = False
 
     # -- life -------------------------------------------------------------------------------------
     @property
@@ -458,6 +461,7 @@ class CallSequence:
             self.records.step(self.call, "connection_lost", phase="dialing_b", error=str(exc))
             return
         self.attempts["b"] += 1
+        self.after_bridge = ""  # the decision about the bridge before is spent: this one's outcome is to come
 
     def _refused(self, leg: str, attempt: int) -> float | None:
         """The switch refused ``leg`` (nothing created): seconds until it is tried again, or None when
@@ -564,6 +568,7 @@ class CallSequence:
             self._on_leg_gone(leg, tag, event.get("Hangup-Cause") or "")
 
     def _on_b_created(self) -> None:
+        self.refusal_on_a = False
         self._b_dialing()
         self._guarded(self.apps.b_appeared, "queuing")
 
@@ -600,9 +605,10 @@ class CallSequence:
         step = self.apps.find(app_uuid)
         if step is not None and step is self.apps.marker:
             self._guarded(self.apps.marker_ran, "queuing")
-        elif (waiting := self._wait_index(app_uuid)) is not None:
+        elif (waiting := self._wait_index(app_uuid, upto=MAX_WAITS if self.adopted else None)) is not None:
             self._on_wait(app_uuid, waiting)
         elif step.app == "bridge" if step is not None else event.get("Application") == "bridge":
+            self.refusal_on_a = False
             self._b_dialing()
         elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE:
             self.records.step(self.call, "prompt_started", file=os.path.basename(step.arg))
@@ -612,6 +618,10 @@ class CallSequence:
         after a bridge, what its outcome decided."""
         if app_uuid == self.wait_acted or self.done:
             return
+        # An adopted call learns from the waits how many bridges the previous run sent.
+        self.attempts["b"] = max(self.attempts["b"], bridges_before)
+        if bridges_before < self.attempts["b"]:
+            return  # a wait whose next bridge is sent already (its break on the way): nothing to decide
         self.wait_acted = app_uuid
         if bridges_before == 0:
             self._want("b")
@@ -656,6 +666,7 @@ class CallSequence:
         if disposition == REFUSED_CAUSE and not self.b.created:
             if self._refused("b", self.attempts["b"]) is not None:
                 self.after_bridge = "retry"
+                self.refusal_on_a = True
                 return  # not the call's outcome: B is dialed again
         elif not self.b.created:
             self.capacity.failed(self.b.uuid)
@@ -680,7 +691,7 @@ class CallSequence:
         disposition = hangup.get("variable_originate_disposition") or ""
         if self.bridge_disposition or disposition in ("", "failure"):
             return
-        if disposition == REFUSED_CAUSE and self.after_bridge == "retry":
+        if disposition == REFUSED_CAUSE and self.refusal_on_a:
             return  # the refusal we were about to dial B again after: A hung up meanwhile
         self.bridge_disposition = disposition
         if disposition == "SUCCESS":
@@ -850,6 +861,8 @@ class CallSequence:
         waits = self._wait_index(current, upto=MAX_WAITS if self.adopted else None)
         if waits is None:
             return False
+        if waits < self.attempts["b"]:
+            return True  # its next bridge is sent already: A is on its way there
         self.attempts["b"] = max(self.attempts["b"], waits)
         if waits > 0 and not self.after_bridge:
             disposition = self._getvar(self.a.uuid, "originate_disposition")
@@ -858,6 +871,7 @@ class CallSequence:
             self.deadline.setdefault("b", self.switch.monotonic() + self.options.originate_timeout)
             if disposition == REFUSED_CAUSE and never_created and not self.b.created:
                 self.after_bridge = "retry" if self._refused("b", waits) is not None else "end"
+                self.refusal_on_a = self.after_bridge == "retry"
             else:
                 self.bridge_disposition = disposition or "failure"
                 self.after_bridge = "end"

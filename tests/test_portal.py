@@ -10,10 +10,12 @@ import dataclasses
 import datetime as dt
 import html
 import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -165,11 +167,16 @@ def test_next_goes_back_to_the_page_asked_for_but_never_to_another_site(app: Fla
     assert response.headers["Location"] == "/login?next=/calls%3Fstatus%3Dfailed"
     b = Browser(client)
     for target, expected in (("/calls?status=failed", "/calls?status=failed"), ("//evil.example/x", "/calls"),
-                             ("https://evil.example/", "/calls"), ("/\\evil.example", "/calls")):
+                             ("https://evil.example/", "/calls"), ("/\\evil.example", "/calls"),
+                             # a tab or a line break is dropped by browsers (and a CR/LF cannot be a header)
+                             ("/\t/evil.example/x", "/calls"), ("/\n/evil.example", "/calls"),
+                             ("/\r/evil.example", "/calls"), ("/ /evil.example", "/calls")):
         token = csrf_of(b.text("/login"))
         response = client.post("/login", data={"email": ann.email, "password": PASSWORD, "next": target,
                                                "csrf_token": token})
-        assert response.headers["Location"] == expected
+        assert (response.status_code, response.headers["Location"]) == (303, expected), target
+        if expected == "/calls":  # signed in, a link to the sign-in page goes nowhere else either
+            assert client.get("/login?next=" + target.replace("\t", "%09")).headers["Location"] == "/calls"
         b.submit("/account", "/logout")
 
 
@@ -193,6 +200,61 @@ def test_sign_in_is_limited_per_account_then_per_address(make_app: Callable[...,
     other_address = Browser(app.test_client())
     other_address.client.environ_base["REMOTE_ADDR"] = "10.9.9.9"
     assert other_address.login(bob.email, PASSWORD).status_code == 303
+
+
+def test_sign_ins_arriving_together_share_the_accounts_budget(make_app: Callable[..., Flask],
+                                                                ann: Account) -> None:
+    """The password check runs off the loop: twenty guesses sent at once must not all be checked before the
+    first failure is counted (the limit bounds how many passwords are tried, not how many at a time)."""
+    app = make_app(portal_login_failures_per_account=3, portal_login_failures_per_address=1000)
+    tried: list[str] = []
+    real = users.password_matches
+
+    def counting(stored: str, password: str) -> bool:
+        tried.append(password)
+        return real(stored, password)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(users, "password_matches", counting)
+    try:
+        browsers = []
+        for n in range(20):
+            b = browser(app)
+            b.client.environ_base["REMOTE_ADDR"] = f"10.0.0.{n + 1}"
+            browsers.append((b, csrf_of(b.text("/login"))))
+        jobs = [gevent.spawn(b.client.post, "/login", data={"email": ann.email, "password": f"guess number {i}",
+                                                            "csrf_token": token})
+                for i, (b, token) in enumerate(browsers)]
+        gevent.joinall(jobs, raise_error=True)
+    finally:
+        patch.undo()
+    statuses = sorted(job.value.status_code for job in jobs)
+    assert statuses == [401] * 3 + [429] * 17 and len(tried) == 3
+
+
+def test_the_accounts_budget_is_the_same_however_its_email_is_spelled(make_app: Callable[..., Flask],
+                                                                      db: Database) -> None:
+    email = "jos\u00e9@example.com"
+    make_account(email)
+    decomposed = unicodedata.normalize("NFD", email).upper()  # the same account, spelled otherwise
+    assert users.authenticate(decomposed, PASSWORD) is not None
+    app = make_app(portal_login_failures_per_account=3, portal_login_failures_per_address=1000)
+    b = browser(app)
+    statuses = [b.login(spelling, "not the password").status_code for spelling in [email] * 3 + [decomposed] * 2]
+    assert statuses == [401, 401, 401, 429, 429]
+
+
+def test_ids_too_big_for_a_row_answer_404_or_name_the_field(app: Flask, ann: Account, admin: Account) -> None:
+    huge = "9" * 25  # past SQLite's and PostgreSQL's integers
+    b = browser(app).signed_in_as(ann.email)
+    root = browser(app).signed_in_as(admin.email)
+    assert b.client.get(f"/calls?endpoint={huge}").status_code == 400
+    assert b.submit("/endpoints", f"/endpoints/{huge}/rotate").status_code == 404
+    placed = b.submit("/calls/new", "/calls/new", {"endpoint": huge, "phone_a": "15550001001",
+                                                   "phone_b": "15550002002"})
+    assert placed.status_code == 400 and "endpoint:" in errors_of(placed.get_data(as_text=True))[0]
+    assert root.client.get(f"/admin/endpoints/{huge}").status_code == 404
+    assert root.submit("/admin/accounts", f"/admin/accounts/{huge}/disable").status_code == 404
 
 
 def test_a_success_clears_the_accounts_failures(make_app: Callable[..., Flask], ann: Account) -> None:

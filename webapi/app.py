@@ -25,7 +25,7 @@ from daemon.store import utcnow
 from webapi.envelope import ApiError, envelope, error_response
 from webapi.portal import register as register_portal
 from webapi.ratelimit import AuthFailureLimiter
-from webapi.routing import keep_static_matches
+from webapi.routing import RowIdConverter, keep_static_matches
 from webapi.validation import ValidationError
 from webapi.views import ApiContext, DispatcherLike, MediaLike, bp
 
@@ -54,6 +54,7 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
     """
     app = Flask(__name__, static_folder=None)
     keep_static_matches(app.url_map)  # no garbage cycle per request (see webapi.routing)
+    app.url_map.converters["rowid"] = RowIdConverter  # a row's id in a path: too big a number is a 404
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_BODY
     # One URL per route, no redirects (a redirect would be an HTML page outside the envelope).

@@ -73,6 +73,18 @@ class AuthFailureLimiter:
         while len(self._whole_at) > self.max_addresses:
             self._whole_at.popitem(last=False)
 
+    def refund(self, address: str) -> None:
+        """Take back one failure recorded in advance for ``address`` (the attempt succeeded after all)."""
+        key = client_key(address)
+        whole_at = self._whole_at.get(key)
+        if whole_at is None:
+            return
+        whole_at -= self.interval
+        if whole_at <= self.clock():
+            del self._whole_at[key]
+        else:
+            self._whole_at[key] = whole_at
+
     def forget(self, address: str) -> None:
         """Drop the failures recorded for ``address`` (a key: an address, or an account after a success)."""
         self._whole_at.pop(client_key(address), None)

@@ -14,10 +14,27 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
-from werkzeug.routing import Map, Rule
+from werkzeug.routing import BaseConverter, Map, Rule, ValidationError
 from werkzeug.routing.matcher import StateMachineMatcher
 
+from webapi.validation import MAX_ROW_ID
+
 MAX_KEPT = 256  # matches kept at most (paths differing only in a trailing slash, methods)
+
+
+class RowIdConverter(BaseConverter):
+    """``<rowid:name>``: a row's id, 1 to 2**63 - 1; any other number matches no route (a 404)."""
+
+    regex = r"[1-9][0-9]{0,18}"
+
+    def to_python(self, value: str) -> int:
+        number = int(value)
+        if number > MAX_ROW_ID:
+            raise ValidationError()
+        return number
+
+    def to_url(self, value: int) -> str:
+        return str(int(value))
 
 
 class StaticMatchCache(StateMachineMatcher):

@@ -131,7 +131,7 @@ def admin_endpoints() -> Response:
                   values=_form_values(defaults, "", form))
 
 
-@bp.route("/admin/endpoints/<int:endpoint_id>", methods=["GET", "POST"])
+@bp.route("/admin/endpoints/<rowid:endpoint_id>", methods=["GET", "POST"])
 @admin_only
 def admin_endpoint(endpoint_id: int) -> Response:
     endpoint = _endpoint_or_404(endpoint_id)
@@ -156,7 +156,7 @@ def admin_endpoint(endpoint_id: int) -> Response:
                   values=_form_values(options_of(endpoint), owner.email if owner else "", form))
 
 
-@bp.route("/admin/endpoints/<int:endpoint_id>/<any(disable, enable):action>", methods=["POST"])
+@bp.route("/admin/endpoints/<rowid:endpoint_id>/<any(disable, enable):action>", methods=["POST"])
 @admin_only
 def admin_endpoint_toggle(endpoint_id: int, action: str) -> Response:
     endpoint = _endpoint_or_404(endpoint_id)
@@ -210,7 +210,7 @@ def admin_accounts() -> Response:
                   bad=field, email=email)
 
 
-@bp.route("/admin/accounts/<int:account_id>/<any(disable, enable, grant, revoke, password):action>",
+@bp.route("/admin/accounts/<rowid:account_id>/<any(disable, enable, grant, revoke, password):action>",
           methods=["POST"])
 @admin_only
 def admin_account_action(account_id: int, action: str) -> Response:

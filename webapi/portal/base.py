@@ -70,10 +70,14 @@ def client_address() -> str:
 
 
 def safe_next(target: str | None) -> str:
-    """A local path to go to after sign-in; anything else (another site, //host) goes to /calls."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return "/calls"
+    """A local path to go to after sign-in; anything else goes to /calls: another site, ``//host``, and
+    any whitespace or control character (``/\t/host``: browsers and the Location header drop a tab or a
+    line break, leaving ``//host``; a CR or LF could not be sent at all)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/calls"
+    if any(ch.isspace() or not ch.isprintable() for ch in target):
+        return "/calls"
+    return target
 
 
 def signed_in(view: F) -> F:

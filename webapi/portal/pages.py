@@ -57,7 +57,10 @@ def login() -> Response:
     sec = security()
     email = request.form.get("email", "").strip()[:254]
     password = request.form.get("password", "")
-    email_key = email.lower()
+    try:  # the budget is the account's, however its email is spelled (case, Unicode form)
+        email_key = users.normalise_email(email)
+    except users.AccountError:
+        email_key = email.lower()
     address = client_address()
     wait = sec.login_wait(email_key, address)
     if wait is not None:
@@ -70,13 +73,15 @@ def login() -> Response:
         missing = "email" if not email else "password"
         return render("login.html", 400, title="Sign in", email=email, next=target,
                       error=f"{missing}: required", bad=missing)
+    # Counted before the (slow, off-loop) check and given back on success: attempts arriving together
+    # share the budget instead of all passing the check above before any failure is recorded.
+    sec.login_failed(email_key, address)
     account = users.authenticate(email, password)
     if account is None:
-        sec.login_failed(email_key, address)
         log_event(log, "portal.login_failed", logging.WARNING, address=address)
         return render("login.html", 401, title="Sign in", email=email, next=target,
                       error="The email or the password is wrong (or the account is disabled).")
-    sec.login_succeeded(email_key)
+    sec.login_succeeded(email_key, address)
     response = go(target)
     sec.start(response, account, address, ctx().clock())
     log_event(log, "portal.login", account=account.email, address=address)
@@ -161,7 +166,7 @@ def endpoints() -> Response:
     return render("endpoints.html", title="Endpoints", endpoints=list(visible_endpoints(me())))
 
 
-@bp.route("/endpoints/<int:endpoint_id>/rotate", methods=["POST"])
+@bp.route("/endpoints/<rowid:endpoint_id>/rotate", methods=["POST"])
 @signed_in
 def rotate(endpoint_id: int) -> Response:
     endpoint = queries.own_endpoint(me(), endpoint_id)

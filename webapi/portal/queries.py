@@ -20,6 +20,7 @@ from daemon.calls.records import CallRecords
 from daemon.calls.view import endpoint_zone
 from daemon.store import IN_FLIGHT_STATUSES, PENDING_STATUSES, Account, Call, CallEvent, CallStatus, Endpoint
 from webapi.validation import (
+    MAX_ROW_ID,
     ListQuery,
     ValidationError,
     decode_due_cursor,
@@ -57,6 +58,8 @@ def own_endpoint(account: Account, endpoint_id: Any) -> Endpoint | None:
     try:
         wanted = int(endpoint_id)
     except (TypeError, ValueError):
+        return None
+    if not 0 < wanted <= MAX_ROW_ID:
         return None
     endpoint = Endpoint.get_or_none(Endpoint.id == wanted)
     if endpoint is None or not (account.is_admin or endpoint.owner_id == account.id):

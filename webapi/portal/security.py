@@ -203,6 +203,8 @@ class PortalSecurity:
         self.account_limiter.fail(email_key)
         self.address_limiter.fail(address)
 
-    def login_succeeded(self, email_key: str) -> None:
+    def login_succeeded(self, email_key: str, address: str) -> None:
+        """The account's failures are forgotten; the attempt counted in advance from the address goes back."""
         self.account_limiter.forget(email_key)
+        self.address_limiter.refund(address)
 

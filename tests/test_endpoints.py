@@ -21,6 +21,7 @@ from daemon.accounts.endpoints import (
 )
 from daemon.config import Settings
 from daemon.store import Endpoint, database_file
+from daemon.switch import commands as fs
 
 
 def test_token_is_random_and_only_its_hash_is_stored(make_endpoint: Any, settings: Settings,
@@ -77,6 +78,10 @@ def test_describe_never_shows_the_token_or_its_hash(make_endpoint: Any) -> None:
     ({"extension_pattern": "("}, "extension-pattern:"),
     ({"caller_id_number": "call me"}, "caller-id:"),
     ({"dial_string": "sofia/gateway/carrier/"}, "dial-string:"),
+    ({"ring_tone": "%(2000,4000,440,480"}, "ring-tone: a TGML tone"),
+    # what the switch would be sent must pass the same rule: a stutter tone past its length is refused here
+    ({"ring_tone": "tone_stream://" + ";".join(["%(100,100,350,440)"] * 6 + ["%(1000,4000,350,440)"])},
+     "ring-tone: a TGML tone"),
 ])
 def test_endpoint_options_are_checked(db: Database, options: dict[str, Any], message: str) -> None:
     base: dict[str, Any] = {"name": "x", "caller_id_number": "15550000000",
@@ -84,6 +89,12 @@ def test_endpoint_options_are_checked(db: Database, options: dict[str, Any], mes
     base.update(options)
     with pytest.raises(EndpointError, match=message.replace("(", r"\(")):
         create_endpoint(EndpointOptions(**base))
+
+
+def test_a_ring_tone_an_endpoint_takes_is_one_a_call_can_play(make_endpoint: Any) -> None:
+    tone = "tone_stream://" + ";".join(["%(100,100,350,440)"] * 4 + ["%(1000,4000,350,440)"])
+    endpoint = make_endpoint(ring_tone=tone)[0]
+    assert fs.tone_playback(endpoint.ring_tone) == tone and fs.ring_tone(endpoint.ring_tone) == tone
 
 
 def test_duplicate_name(make_endpoint: Any) -> None:

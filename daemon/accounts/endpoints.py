@@ -17,7 +17,13 @@ from typing import Any
 
 from daemon.config import ConfigError, zone
 from daemon.store import Account, Endpoint, precompiled, select_rows, utcnow
-from daemon.switch.commands import CALLER_NAME_RE, DialStringError, check_dial_template
+from daemon.switch.commands import (
+    CALLER_NAME_RE,
+    DialStringError,
+    UnsafeValue,
+    check_dial_template,
+    ring_tone,
+)
 from daemon.writer import write
 
 TOKEN_PREFIX = "cb_"
@@ -42,6 +48,7 @@ def token_hint(token: str) -> str:
 
 CALLER_ID_NUMBER = re.compile(r"^\+?[0-9]{1,20}$")
 PREFIXES = re.compile(r"^(\+?[0-9]+)(,\+?[0-9]+)*$")
+RING_TONE_MAX = 128  # the store's column
 
 
 @dataclass
@@ -87,8 +94,13 @@ class EndpointOptions:
                 raise EndpointError(f"extension-pattern: not a regular expression ({exc})") from None
         if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
             raise EndpointError("webhook-url: must be an http or https URL")
-        if not re.fullmatch(r"^(%\([0-9,]+\)|tone_stream://[%()0-9,;.a-z=]+)$", self.ring_tone):
-            raise EndpointError("ring-tone: a TGML tone such as %(2000,4000,440,480)")
+        try:  # the rule the tone is sent to FreeSWITCH by, so that a tone stored is one a call can play
+            ring_tone(self.ring_tone)
+        except UnsafeValue:
+            raise EndpointError("ring-tone: a TGML tone such as %(2000,4000,440,480) or "
+                                "tone_stream://%(400,200,400,450);%(400,2000,400,450)") from None
+        if len(self.ring_tone) > RING_TONE_MAX:
+            raise EndpointError(f"ring-tone: at most {RING_TONE_MAX} characters")
 
 
 def create_endpoint(options: EndpointOptions, owner: Account | None = None) -> tuple[Endpoint, str]:

@@ -12,7 +12,9 @@ from typing import Any
 import gevent
 import gevent.event
 import pytest
+from peewee import OperationalError
 
+import daemon.calls.records as records_module
 from daemon.calls.dispatcher import Dispatcher
 from daemon.calls.leases import Leases, new_instance_id
 from daemon.calls.records import CallRecords, NotOwned
@@ -302,3 +304,89 @@ def test_a_daemon_starting_never_marks_missed_what_another_is_claiming(
     round_a.get(timeout=30)
     statuses = [Call.get_by_id(c.id).status for c in old]
     assert statuses == ["dialing_a", "dialing_a", "missed", "missed"]
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_that_lost_a_call_cannot_rewrite_its_status_after_the_new_owner_ended_it(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """node-a claims and dials the call, then stalls past its lease (its store writes held up); node-b takes
+    the call over and follows it to its end (completed). node-a's sequence, still running until its next
+    lease renewal notices the loss, then writes what it saw: its late status changes must not land."""
+    endpoint, _ = make_endpoint()
+    later = T0 + LEASE + dt.timedelta(seconds=1)
+    stalled, other = daemon("node-a"), daemon("node-b", lambda: later)
+    call = pending(endpoint)
+    assert stalled.claim(call, a_uuid="a-leg", b_uuid="b-leg", now=T0)
+    stalled.mark_dialing_a(call)
+    stalled.a_answered(call, at=T0 + dt.timedelta(seconds=1))
+    stalled.dialing_b(call, at=T0 + dt.timedelta(seconds=2))
+
+    # node-a stalls; its lease runs out; node-b takes the call over and follows it to its end.
+    found = [c for c in other.expired_leases(now=later) if c.id == call.id]
+    assert found and other.take_over(found[0], now=later)
+    theirs = found[0]
+    other.bridged(theirs, at=later, ring_seconds=1.0)
+    other.finish(theirs, CallStatus.COMPLETED, at=later + dt.timedelta(seconds=5), talk_seconds=5.0)
+    assert Call.get_by_id(call.id).status == "completed"
+
+    # node-a wakes up and its sequence goes on with what it had queued (a bridge it heard before it
+    # stalled), before its lease keeper's next renewal tells it the call is no longer its own.
+    stalled.bridged(call, at=T0 + dt.timedelta(seconds=3), ring_seconds=1.0)
+    stored = Call.get_by_id(call.id)
+    steps = [e.kind for e in CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)]
+    assert (stored.status, stored.owner, steps[-2:]) == ("completed", "node-b", ["bridged", "completed"])
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_that_lost_a_call_cannot_write_a_second_final_status(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint, _ = make_endpoint()
+    later = T0 + LEASE + dt.timedelta(seconds=1)
+    stalled, other = daemon("node-a"), daemon("node-b", lambda: later)
+    call = pending(endpoint)
+    assert stalled.claim(call, a_uuid="a-leg", b_uuid="b-leg", now=T0)
+    stalled.mark_dialing_a(call)
+    stalled.a_answered(call, at=T0 + dt.timedelta(seconds=1))
+    found = [c for c in other.expired_leases(now=later) if c.id == call.id]
+    assert found and other.take_over(found[0], now=later)
+    other.finish(found[0], CallStatus.COMPLETED, at=later)
+    # node-a, not yet told, ends the call its own way (e.g. it lost track of A while it stalled).
+    stalled.finish(call, CallStatus.FAILED, at=later, reason="interrupted")
+    stored = Call.get_by_id(call.id)
+    kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)]
+    assert (stored.status, kinds.count("completed") + kinds.count("failed")) == ("completed", 1)
+
+
+@pytest.mark.stores("postgresql")
+def test_a_claim_that_fails_gives_back_the_switch_room_reserved_for_it(
+        settings: Settings, db: Any, make_endpoint: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim the store refuses (the connection broke, a failover) rolls its round back: nothing started,
+    and the switch's room reserved for its A must go back, or after a few such refusals the daemon never
+    starts a call again."""
+    settings.calls_per_second = 1000
+    settings.max_in_flight = 1000
+    engine = FakeEngine()
+    engine.capacity.learn_limits(sps=4, max_sessions=1000)  # rate_cap 2: two new-call slots a second
+    records = CallRecords(Metrics(), clock=lambda: T0)
+    dispatcher = Dispatcher(settings, engine, records, clock=lambda: T0)  # type: ignore[arg-type]
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    call = pending(endpoint, T0)
+    original = records_module.append_event
+    failures = {"left": 2}
+
+    def refusing(call_id: Any, kind: str, *args: Any, **detail: Any) -> Any:
+        if kind == "claimed" and failures["left"] > 0:
+            failures["left"] -= 1
+            raise OperationalError("the connection broke")
+        return original(call_id, kind, *args, **detail)
+
+    monkeypatch.setattr(records_module, "append_event", refusing)
+    for _ in range(2):  # two ticks, a few seconds apart, each refused by the store
+        engine.now += 5.0
+        with pytest.raises(OperationalError):
+            dispatcher.tick(T0, engine.now)
+    assert Call.get_by_id(call.id).status == "scheduled"
+    # The store is fine again; much later the call is still due and the switch idle.
+    engine.now += 60.0
+    dispatcher.tick(T0, engine.now)
+    assert Call.get_by_id(call.id).status == "dialing_a", "the due call never starts: the switch's room leaked"

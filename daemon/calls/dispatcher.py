@@ -246,14 +246,15 @@ class Dispatcher:
         capacity = switch.capacity
         # A's session is reserved before the claim's commit lets other greenlets run (and take the room).
         capacity.reserve_new_call(a_uuid, self.engine.monotonic())
+        self._unlaunched[a_uuid] = capacity  # until launched: a claim that raises gives the room back too
         # Lateness is stamped at this call's own claim, not at the start of the tick; the switch is
         # committed with the claim, so a restart knows where to find the call.
         if not self.records.claim(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock(), switch=switch.name):
+            self._unlaunched.pop(a_uuid, None)
             capacity.cancel(a_uuid)
             return  # canceled (or claimed elsewhere) in the meantime
         self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
         self._claimed[endpoint.id] += 1
-        self._unlaunched[a_uuid] = capacity
 
         def launch() -> None:  # once the claim is committed
             self._claimed[endpoint.id] -= 1

@@ -617,7 +617,9 @@ class CallRecords:
         """Change an unfinished call's status with ``row``'s columns, a timeline step and the listeners.
 
         A call read as pending (the dispatcher refusing it, a missed one) moves only if it still is when
-        written: a cancel committed since it was read stays, and nothing else of the change happens."""
+        written: a cancel committed since it was read stays, and nothing else of the change happens. A call
+        in flight moves only while it is: a daemon that stalled past its lease, whose call another took
+        over and ended, never moves it back in flight nor gives it a second final status."""
         old = CallStatus(call.status)
         if old.final or old == status:
             return
@@ -634,7 +636,8 @@ class CallRecords:
 
         def update() -> bool:  # the status, its timeline step and the outbox's rows, in one transaction
             after.clear()
-            if not update_call(moved.id, {"status": status.value, **row}, if_status=PENDING_STATUSES if pending else ()):
+            if not update_call(moved.id, {"status": status.value, **row},
+                               if_status=PENDING_STATUSES if pending else IN_FLIGHT_STATUSES):
                 return False
             append_event(moved.id, status.value, at=at, **step)
             after.extend(self._write_status(moved, status, extra))

@@ -78,6 +78,8 @@ def test_describe_never_shows_the_token_or_its_hash(make_endpoint: Any) -> None:
     ({"extension_pattern": "("}, "extension-pattern:"),
     ({"caller_id_number": "call me"}, "caller-id:"),
     ({"dial_string": "sofia/gateway/carrier/"}, "dial-string:"),
+    ({"calls_per_second": float("nan")}, "limits:"),
+    ({"calls_per_second": float("inf")}, "limits:"),
     ({"ring_tone": "%(2000,4000,440,480"}, "ring-tone: a TGML tone"),
     # what the switch would be sent must pass the same rule: a stutter tone past its length is refused here
     ({"ring_tone": "tone_stream://" + ";".join(["%(100,100,350,440)"] * 6 + ["%(1000,4000,350,440)"])},

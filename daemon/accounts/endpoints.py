@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ class EndpointOptions:
             zone(self.timezone)
         except ConfigError as exc:
             raise EndpointError(str(exc)) from None
-        if self.max_in_flight < 1 or self.daily_cap < 1 or self.max_duration < 10 or self.calls_per_second <= 0:
+        if self.max_in_flight < 1 or self.daily_cap < 1 or self.max_duration < 10 \
+                or not 0 < self.calls_per_second < math.inf:  # (NaN compares false both ways)
             raise EndpointError("limits: max-in-flight, daily-cap >= 1, max-duration >= 10 s, calls-per-second > 0")
         if self.allowed_prefixes and not PREFIXES.fullmatch(self.allowed_prefixes):
             raise EndpointError("allowed-prefixes: comma-separated digit prefixes, e.g. 1555,1212")

@@ -306,13 +306,9 @@ def test_a_daemon_starting_never_marks_missed_what_another_is_claiming(
     assert statuses == ["dialing_a", "dialing_a", "missed", "missed"]
 
 
-@pytest.mark.stores("postgresql")
-def test_a_daemon_that_lost_a_call_cannot_rewrite_its_status_after_the_new_owner_ended_it(
-        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
-    """node-a claims and dials the call, then stalls past its lease (its store writes held up); node-b takes
-    the call over and follows it to its end (completed). node-a's sequence, still running until its next
-    lease renewal notices the loss, then writes what it saw: its late status changes must not land."""
-    endpoint, _ = make_endpoint()
+def lost_to_another(endpoint: Endpoint) -> tuple[CallRecords, CallRecords, Call, Call]:
+    """node-a claims a call, dials it, hears A answer and dials B, then stalls past its lease; node-b takes
+    the call over. Returns both daemons' records and each one's copy of the call."""
     later = T0 + LEASE + dt.timedelta(seconds=1)
     stalled, other = daemon("node-a"), daemon("node-b", lambda: later)
     call = pending(endpoint)
@@ -320,11 +316,19 @@ def test_a_daemon_that_lost_a_call_cannot_rewrite_its_status_after_the_new_owner
     stalled.mark_dialing_a(call)
     stalled.a_answered(call, at=T0 + dt.timedelta(seconds=1))
     stalled.dialing_b(call, at=T0 + dt.timedelta(seconds=2))
-
-    # node-a stalls; its lease runs out; node-b takes the call over and follows it to its end.
     found = [c for c in other.expired_leases(now=later) if c.id == call.id]
     assert found and other.take_over(found[0], now=later)
-    theirs = found[0]
+    return stalled, other, call, found[0]
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_that_lost_a_call_cannot_rewrite_its_status_after_the_new_owner_ended_it(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """node-a claims and dials the call, then stalls past its lease (its store writes held up); node-b takes
+    the call over and follows it to its end (completed). node-a's sequence, still running until its next
+    lease renewal notices the loss, then writes what it saw: its late status changes must not land."""
+    stalled, other, call, theirs = lost_to_another(make_endpoint()[0])
+    later = T0 + LEASE + dt.timedelta(seconds=1)
     other.bridged(theirs, at=later, ring_seconds=1.0)
     other.finish(theirs, CallStatus.COMPLETED, at=later + dt.timedelta(seconds=5), talk_seconds=5.0)
     assert Call.get_by_id(call.id).status == "completed"
@@ -340,16 +344,9 @@ def test_a_daemon_that_lost_a_call_cannot_rewrite_its_status_after_the_new_owner
 @pytest.mark.stores("postgresql")
 def test_a_daemon_that_lost_a_call_cannot_write_a_second_final_status(
         db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
-    endpoint, _ = make_endpoint()
+    stalled, other, call, theirs = lost_to_another(make_endpoint()[0])
     later = T0 + LEASE + dt.timedelta(seconds=1)
-    stalled, other = daemon("node-a"), daemon("node-b", lambda: later)
-    call = pending(endpoint)
-    assert stalled.claim(call, a_uuid="a-leg", b_uuid="b-leg", now=T0)
-    stalled.mark_dialing_a(call)
-    stalled.a_answered(call, at=T0 + dt.timedelta(seconds=1))
-    found = [c for c in other.expired_leases(now=later) if c.id == call.id]
-    assert found and other.take_over(found[0], now=later)
-    other.finish(found[0], CallStatus.COMPLETED, at=later)
+    other.finish(theirs, CallStatus.COMPLETED, at=later)
     # node-a, not yet told, ends the call its own way (e.g. it lost track of A while it stalled).
     stalled.finish(call, CallStatus.FAILED, at=later, reason="interrupted")
     stored = Call.get_by_id(call.id)

@@ -176,24 +176,35 @@ def test_a_store_that_refuses_the_dial_mark_holds_the_originate_back(run_call: C
     assert len(originates(switch)) == 1 and CallRecords.unsent_because(sequence.call) is None
 
 
+def died_while_dialing_b(first: CallSequence) -> tuple[Call, str, str]:
+    """The daemon died with ``first``'s call dialing B: the call as the next start reads it, and its legs."""
+    now = utcnow()
+    Call.update(status=CallStatus.DIALING_B.value, a_answered_at=now, b_dialed_at=now).where(
+        Call.id == first.call.id).execute()
+    call = Call.get_by_id(first.call.id)
+    return call, str(call.a_uuid), str(call.b_uuid)
+
+
+def adopted(call: Call, first: CallSequence, switch: ScriptedSwitch) -> CallSequence:
+    """The next start's sequence for ``call`` (``first``'s, which died), once it has looked at the switch."""
+    sequence = CallSequence(call, first.endpoint, switch, first.records, first.options, adopted=True)
+    sequence.start()
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    return sequence
+
+
 def test_an_adopted_call_whose_a_hangs_up_during_the_look_sends_nothing_to_a(run_call: Callable[..., Any]) -> None:
     """B rang when the daemon died; at the next start A is up and B gone, and A hangs up between the
     questions (its ``cb_stage`` read finds no channel). Nothing is sent to A: that answer once read as
     "A's steps were never queued" and queued them all again, the bridge to B among them. A's hangup, which
     follows, ends the call."""
     first, switch = run_call()
-    now = utcnow()
-    Call.update(status=CallStatus.DIALING_B.value, a_answered_at=now, b_dialed_at=now).where(
-        Call.id == first.call.id).execute()
-    call = Call.get_by_id(first.call.id)
-    a, b = str(call.a_uuid), str(call.b_uuid)
+    call, a, b = died_while_dialing_b(first)
     switch.answers = {f"uuid_exists {a}": "true\n", f"uuid_exists {b}": "false\n",
                       f"uuid_getvar {a} endpoint_disposition": "ANSWER\n",
                       f"uuid_getvar {a}": "-ERR No such channel!\n"}
-    sequence = CallSequence(call, first.endpoint, switch, first.records, first.options, adopted=True)
-    sequence.start()
-    sequence.deliver(Reconnected(False))
-    gevent.sleep(0)
+    sequence = adopted(call, first, switch)
     assert [c for c in switch.sent if not c.startswith("api uuid_")] == [], switch.sent
     assert not sequence.done
     sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", a, **{"Hangup-Cause": "NORMAL_CLEARING"}))
@@ -625,6 +636,14 @@ def deadline_passes(sequence: CallSequence, switch: ScriptedSwitch, leg: str) ->
     gevent.sleep(0)
 
 
+def time_passes_with_no_room(sequence: CallSequence, switch: ScriptedSwitch, leg: str, seconds: float) -> None:
+    """``seconds`` go by and the line finds no room; then the leg's own timer fires (in real time)."""
+    switch.now += seconds
+    switch.capacity.serve(switch.now)
+    sequence.forcing[leg].join(timeout=10)
+    gevent.sleep(0)
+
+
 def test_a_refused_a_waiting_for_room_outlives_a_reconnection_and_idle_checks(
         run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
     """Nothing of a refused A exists on the switch: a reconnection or a quiet spell has nothing to reconcile
@@ -651,10 +670,9 @@ def test_a_forced_at_its_deadline_that_found_no_turn_goes_once_it_has_one(
     switch.fail_next.append(EslNotSent("no turn"))
     deadline_passes(sequence, switch, "a")
     assert sequence.dial_pending and len(originates(switch)) == 1
-    sequence.deliver(RetryDial())  # a second later: still no room on the switch, but past the deadline
+    sequence.deliver(RetryDial())  # a second later: past the deadline, so A goes room or not
     gevent.sleep(0)
-    sequence.forcing["a"].join(timeout=10)
-    gevent.sleep(0)
+    time_passes_with_no_room(sequence, switch, "a", 0)
     assert len(originates(switch)) == 2  # the switch decides (a refusal now fails the call)
 
 
@@ -670,10 +688,7 @@ def test_b_forced_at_its_deadline_that_found_no_turn_goes_once_it_has_one(
     switch.no_turn_for_api = 1
     deadline_passes(sequence, switch, "b")
     assert breaks(switch, sequence.a.uuid) == [] and "b" in sequence.wanted
-    switch.now += 120
-    switch.capacity.serve(switch.now)  # still full
-    sequence.forcing["b"].join(timeout=10)
-    gevent.sleep(0)
+    time_passes_with_no_room(sequence, switch, "b", 120)  # the switch is still full
     assert len(breaks(switch, sequence.a.uuid)) == 1
 
 
@@ -695,10 +710,7 @@ def test_b_refused_just_before_its_deadline_is_tried_once_more_then_the_call_end
     deadline_passes(sequence, switch, "b")  # B is not in line at this moment: the timer finds nothing to do
     sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 1)))
     gevent.sleep(0)
-    switch.now += 60
-    switch.capacity.serve(switch.now)  # no room
-    sequence.forcing["b"].join(timeout=10)
-    gevent.sleep(0)
+    time_passes_with_no_room(sequence, switch, "b", 60)
     assert len(breaks(switch, sequence.a.uuid)) == 2
 
 
@@ -731,20 +743,13 @@ def test_adopted_call_with_b_ringing_after_an_earlier_refused_bridge_ends_when_b
     after the second bridge, wait_uuid(A, 2). The adopted sequence must end A (notice + hangup, break).
     """
     first, switch = run_call()
-    now = utcnow()
-    Call.update(status=CallStatus.DIALING_B.value, a_answered_at=now, b_dialed_at=now).where(
-        Call.id == first.call.id).execute()
-    call = Call.get_by_id(first.call.id)
-    a, b = str(call.a_uuid), str(call.b_uuid)
+    call, a, b = died_while_dialing_b(first)
     switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "true",
                       f"uuid_getvar {a} endpoint_disposition": "ANSWER",
                       f"uuid_getvar {b} endpoint_disposition": "_undef_",
                       f"uuid_getvar {a} cb_stage": "queued",
                       f"uuid_getvar {a}": "_undef_"}
-    sequence = CallSequence(call, first.endpoint, switch, first.records, first.options, adopted=True)
-    sequence.start()
-    sequence.deliver(Reconnected(False))
-    gevent.sleep(0)
+    sequence = adopted(call, first, switch)
     assert not sequence.done
     # B is busy: B's hangup, the bridge's end on A, then A starts the wait after the 2nd bridge.
     sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", b, **{"Hangup-Cause": "USER_BUSY"}))

@@ -71,6 +71,23 @@ def test_a_retry_of_a_date_just_past_matches_although_its_due_time_moved(
     assert again.status_code == 200 and data_of(again)["callid"] == first["callid"]
 
 
+def test_a_retry_after_the_call_date_passed_gets_the_call_it_made(
+        client: FlaskClient, make_endpoint: Any, clock: FixedClock) -> None:
+    """The answer to a call scheduled a minute ahead is lost; the retry comes minutes later, its call_date
+    now past the grace: it gets the call it made (which may have rung already), not a 400 that leads the
+    client to create it again. A different request under the key is still a 422."""
+    _, token = make_endpoint()
+    scheduled = data_of(create(client, token, headers=KEY, call_date="2026-06-15 12:01"))  # NOW is 12:00
+    just_past = data_of(create(client, token, headers={"Idempotency-Key": "k2"}, call_date="2026-06-15 11:59"))
+    clock.advance(5 * 60)
+    again = create(client, token, headers=KEY, call_date="2026-06-15 12:01")
+    assert again.status_code == 200 and data_of(again)["callid"] == scheduled["callid"]
+    again = create(client, token, headers={"Idempotency-Key": "k2"}, call_date="2026-06-15 11:59")
+    assert again.status_code == 200 and data_of(again)["callid"] == just_past["callid"]
+    assert create(client, token, headers=KEY, call_date="2026-06-15 12:02").status_code == 422
+    assert Call.select().count() == 2
+
+
 def test_a_call_stored_before_fingerprints_matches_any_request(client: FlaskClient, make_endpoint: Any) -> None:
     endpoint, token = make_endpoint()
     Call.create(callid="e" * 28, endpoint=endpoint, phone_a="15550001001", phone_b="15550002002",

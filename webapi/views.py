@@ -217,15 +217,20 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
     c = ctx()
     now = c.clock()
     zone = endpoint_zone(endpoint.timezone)
+    earlier = CallRecords.by_idempotency_key(endpoint.id, key) if key is not None else None
+    if earlier is not None:
+        # A repeat is checked as of the first request: a call_date that has passed since (the client
+        # retries minutes later) must not turn the call it made into a 400 and a second call.
+        req = parse_create(values, extension_pattern=endpoint.extension_pattern,
+                           allowed_prefixes=endpoint.allowed_prefixes, tz=zone, now=earlier.requested_at,
+                           settings=c.settings)
+        check_same_request(earlier, request_fingerprint(req, values, zone))
+        return earlier
     req = parse_create(values, extension_pattern=endpoint.extension_pattern,
                        allowed_prefixes=endpoint.allowed_prefixes, tz=zone, now=now, settings=c.settings)
     fingerprint = None  # only a request with a key is ever compared with another
     if key is not None:
         fingerprint = request_fingerprint(req, values, zone)
-        earlier = CallRecords.by_idempotency_key(endpoint.id, key)
-        if earlier is not None:
-            check_same_request(earlier, fingerprint)
-            return earlier
     play = _media("play_url", lambda: c.media.from_url(req.play_url, kind="play")) if req.play_url else None
     spoken = _media("msg", lambda: c.media.speak(req.msg, req.msg_lang)) if req.msg else None
     tone = (_media("dialtone_url", lambda: c.media.from_url(req.dialtone_url, kind="dialtone"))

@@ -110,6 +110,8 @@ def test_other_target_rate() -> None:
 @pytest.mark.parametrize(("data", "reason"), [
     (b"", "is empty (the file has no bytes)"),
     (encode(np.zeros(0, dtype=np.float32), 8000), "is empty (there is no audio in it)"),
+    # a frame at 44.1 kHz decodes, then resamples to no sample at 8 kHz: a WAV header alone
+    (encode(np.full(1, 0.5, dtype=np.float32), 44100), "is empty (there is no audio in it)"),
     (b"This is a text file that someone named message.wav\n" * 40, NOT_AUDIO),
     (b"<!doctype html><html><head><title>Not found</title></head><body>" + b"<p>nope</p>" * 500
      + b"</body></html>", NOT_AUDIO),

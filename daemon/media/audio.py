@@ -167,6 +167,8 @@ def _decode(fh: BinaryIO, *, rate: int, max_seconds: float, limits: Limits) -> N
     # soundfile reads int16 as value / 32768; scaling back by 32768 keeps 16-bit input bit-exact.
     samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
     pcm = np.clip(np.rint(samples * 32768.0), -32768, 32767).astype(np.int16)
+    if len(pcm) == 0:  # a frame or two at a higher rate resamples to nothing: a WAV header alone
+        raise AudioError("is empty (there is no audio in it)")
     out = io.BytesIO()
     sf.write(out, pcm, rate, format="WAV", subtype="PCM_16")
     return Normalised(out.getvalue(), len(pcm) / rate)

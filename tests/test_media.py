@@ -433,6 +433,7 @@ def test_dns_rebinding_cannot_reach_the_checked_names_second_answer(tmp_path: Pa
     ("240.0.0.1", "private"), ("100.64.0.1", "non-public"),
     ("2002:7f00:1::1", "loopback"),  # 6to4 of 127.0.0.1
     ("64:ff9b::a00:5", "private"),  # NAT64 of 10.0.0.5
+    ("fec0::1", "site-local"),  # deprecated, which Python's flags call neither private nor reserved
     ("8.8.8.8", None), ("2606:4700:4700::1111", None), ("::ffff:8.8.8.8", None),
 ])
 def test_address_classes(address: str, kind: str | None) -> None:

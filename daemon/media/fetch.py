@@ -115,6 +115,8 @@ def non_public_kind(addr: Address) -> str | None:
         return "private"
     if addr.is_reserved:
         return "reserved"
+    if addr.version == 6 and addr.is_site_local:  # fec0::/10: deprecated, still routed on some networks
+        return "site-local"
     if not addr.is_global:
         return "non-public"
     return None

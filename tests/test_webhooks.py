@@ -22,7 +22,7 @@ from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.ops.metrics import Metrics
-from daemon.ops.webhooks import WEBHOOK_STATUSES, Webhooks, enqueue_status, sign, verify_signature
+from daemon.ops.webhooks import WEBHOOK_STATUSES, Webhooks, enqueue_status, http_post, sign, verify_signature
 from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, open_database, utcnow
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
@@ -255,6 +255,30 @@ def test_a_taken_row_falls_due_again_when_its_senders_lease_ends(db: Database, h
     lease = dt.timedelta(seconds=2 * hook_settings.webhook_timeout + 10)
     assert not alive.take(row.id, now + lease - dt.timedelta(seconds=1))
     assert alive.take(row.id, now + lease)
+
+
+def test_a_2xx_whose_body_stalls_counts_as_delivered() -> None:
+    """README: any 2xx answer counts as delivered. A receiver that answers 200 and then dribbles (or never
+    ends) its body must not get the event again at every backoff for a day."""
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    done = gevent.event.Event()
+
+    def receiver() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")  # 8 bytes short
+        done.wait(10)
+        conn.close()
+
+    serving = gevent.spawn(receiver)
+    try:
+        assert http_post(f"http://127.0.0.1:{listener.getsockname()[1]}/hook", b"{}", {}, 0.5) == 200
+    finally:
+        done.set()
+        serving.join(timeout=5)
+        listener.close()
 
 
 def test_backoff_doubles_with_jitter_and_a_cap(hook_settings: Settings) -> None:

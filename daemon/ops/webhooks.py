@@ -32,6 +32,7 @@ a ``wake()`` (another process) go out within a second.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -167,8 +168,11 @@ def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float)
         with gevent.Timeout(timeout * 2, TimeoutError(f"no complete answer within {timeout * 2:g} s")):
             conn.request("POST", target, body=body, headers=dict(headers))
             response = conn.getresponse()
+        status = int(response.status)  # the answer: a body that stalls after it does not undo it
+        with contextlib.suppress(OSError, http.client.HTTPException), \
+                gevent.Timeout(min(timeout, 1.0), TimeoutError("slow body")):
             response.read(64 * 1024)  # drain a little so keep-alive servers see a clean close
-            return int(response.status)
+        return status
     finally:
         conn.close()
 

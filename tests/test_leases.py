@@ -342,6 +342,19 @@ def test_a_daemon_that_lost_a_call_cannot_rewrite_its_status_after_the_new_owner
 
 
 @pytest.mark.stores("postgresql")
+def test_a_daemon_that_lost_a_call_writes_none_of_its_late_steps_while_the_new_owner_follows_it(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    stalled, other, call, theirs = lost_to_another(make_endpoint()[0])
+    stalled.bridged(call, at=T0 + dt.timedelta(seconds=3), ring_seconds=1.0)  # late, and no longer its call
+    stored = Call.get_by_id(call.id)
+    steps = [e.kind for e in CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)]
+    assert (stored.status, stored.owner, "bridged" in steps) == ("dialing_b", "node-b", False)
+    later = T0 + LEASE + dt.timedelta(seconds=2)
+    other.bridged(theirs, at=later, ring_seconds=1.0)  # the owner's own steps go on
+    assert Call.get_by_id(call.id).status == "bridged"
+
+
+@pytest.mark.stores("postgresql")
 def test_a_daemon_that_lost_a_call_cannot_write_a_second_final_status(
         db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
     stalled, other, call, theirs = lost_to_another(make_endpoint()[0])

@@ -97,20 +97,24 @@ def append_event(call_id: int, kind: str, at: dt.datetime, **detail: Any) -> Non
     database.execute_sql(sql, (call_id, at, kind, _clean_detail(detail)))
 
 
-def update_call(call_id: int, row: dict[str, Any], *, if_status: tuple[CallStatus, ...] = ()) -> int:
+def update_call(call_id: int, row: dict[str, Any], *, if_status: tuple[CallStatus, ...] = (),
+                owned_by: str | None = None) -> int:
     """Set ``row``'s columns of one call (values as the models take them), only while its status is one of
-    ``if_status`` when given (a claim); returns the rows changed."""
+    ``if_status`` when given (a claim) and only while ``owned_by`` owns it when given; returns the rows
+    changed."""
     names = tuple(row)
     fields = Call._meta.fields  # type: ignore[attr-defined]  # peewee's model metadata
 
     def build(p: str) -> str:
         columns = ", ".join(f'"{fields[name].column_name}" = {p}' for name in names)
         condition = f' AND "status" IN ({", ".join([p] * len(if_status))})' if if_status else ""
+        condition += f' AND "owner" = {p}' if owned_by is not None else ""
         return f'UPDATE "call" SET {columns} WHERE "id" = {p}{condition}'
 
-    sql = precompiled(f"update:{','.join(names)}:{len(if_status)}", build)
+    sql = precompiled(f"update:{','.join(names)}:{len(if_status)}:{owned_by is not None}", build)
     params = [fields[name].db_value(value) for name, value in row.items()]
-    return int(database.execute_sql(sql, (*params, call_id, *(s.value for s in if_status))).rowcount)
+    owner = () if owned_by is None else (owned_by,)
+    return int(database.execute_sql(sql, (*params, call_id, *(s.value for s in if_status), *owner)).rowcount)
 
 
 def _status_in(statuses: Iterable[CallStatus]) -> Expression:
@@ -618,8 +622,8 @@ class CallRecords:
 
         A call read as pending (the dispatcher refusing it, a missed one) moves only if it still is when
         written: a cancel committed since it was read stays, and nothing else of the change happens. A call
-        in flight moves only while it is: a daemon that stalled past its lease, whose call another took
-        over and ended, never moves it back in flight nor gives it a second final status."""
+        in flight moves only while it is, and on a shared store only while this daemon owns it: a daemon
+        that stalled past its lease, whose call another took over, writes none of its late steps."""
         old = CallStatus(call.status)
         if old.final or old == status:
             return
@@ -633,11 +637,12 @@ class CallRecords:
         after: list[Callable[[], None]] = []
 
         pending = old in PENDING_STATUSES
+        owner = self.owner if not pending and is_shared() else None
 
         def update() -> bool:  # the status, its timeline step and the outbox's rows, in one transaction
             after.clear()
             if not update_call(moved.id, {"status": status.value, **row},
-                               if_status=PENDING_STATUSES if pending else IN_FLIGHT_STATUSES):
+                               if_status=PENDING_STATUSES if pending else IN_FLIGHT_STATUSES, owned_by=owner):
                 return False
             append_event(moved.id, status.value, at=at, **step)
             after.extend(self._write_status(moved, status, extra))

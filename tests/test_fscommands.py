@@ -144,6 +144,10 @@ def test_set_and_uuid_commands_refuse_breakouts() -> None:
     with pytest.raises(fs.UnsafeValue):
         fs.uuid_kill(A, "NORMAL_CLEARING\napi hupall")
     assert fs.uuid_kill(A, "USER_BUSY") == f"uuid_kill {A} USER_BUSY"
+    assert fs.uuid_setvar(A, "cb_requeued", 2) == f"uuid_setvar {A} cb_requeued 2"
+    for name, value in (("cb_requeued", "2 3"), ("cb_requeued", "${x}"), ("cb x", "1"), ("cb_requeued", "1\n")):
+        with pytest.raises(fs.UnsafeValue):
+            fs.uuid_setvar(A, name, value)
 
 
 @pytest.mark.parametrize("field", ["caller_id_number", "caller_id_name", "allowed_prefixes"])

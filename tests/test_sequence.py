@@ -800,3 +800,39 @@ def test_a_retry_bridge_that_ended_unheard_is_not_dialed_again_after_a_reconnect
     apps = apps_sent(switch)
     assert len(bridges_to_b()) == 2, f"B dialed again after it was busy: {len(bridges_to_b())} bridges; {apps}"
     assert "hangup NORMAL_CLEARING" in apps
+
+
+def test_an_adopted_call_whose_retry_bridge_was_queued_before_the_restart_queues_it_once(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """Bridge 1 refused; the retry's [bridge, wait] were queued on A (and written on A), but the break found
+    no turn and the daemon was killed. The next start finds A still on wait 1: it breaks it and queues
+    nothing (a second bridge behind the first would dial B again if the first failed)."""
+    first, switch = run_call()
+    answered_and_waiting(first, switch)
+    a, b = first.a.uuid, first.b.uuid
+    the_switch_refuses_b(first)
+    first.deliver(executes(a, wait_uuid(a, 1)))
+    gevent.sleep(0)
+    switch.now += 5  # the retry is queued and noted on A; its break is taken below as never sent
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0)
+    assert f"api uuid_setvar {a} cb_requeued 2" in switch.sent
+
+    def bridges_to_b() -> list[str]:
+        return [m for m in apps_sent(switch) if m.startswith("bridge ") and b in m]
+
+    assert len(bridges_to_b()) == 2
+    first.greenlet.kill()  # the process dies; A, as the next start finds it, still plays wait 1
+    breaks_before = len(breaks(switch, a))
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a} app_uuid": wait_uuid(a, 1), f"uuid_getvar {a} cb_requeued": "2",
+                      f"uuid_getvar {a} originate_disposition": "DESTINATION_OUT_OF_ORDER",
+                      f"uuid_getvar {a}": "_undef_"}
+    call = Call.get_by_id(first.call.id)
+    sequence = adopted(call, first, switch)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0.05)
+    assert len(breaks(switch, a)) == breaks_before + 1 and not sequence.done  # wait 1 broken: bridge 2 runs
+    assert len(bridges_to_b()) == 2

@@ -276,6 +276,14 @@ def uuid_exists(channel: str) -> str:
     return f"uuid_exists {uuid(channel)}"
 
 
+def uuid_setvar(channel: str, name: str, value: str | int | bool) -> str:
+    """``uuid_setvar <uuid> <name> <value>``: a plain value (checked as ``set`` checks one), no space."""
+    pair = set_arg(name, value)
+    if " " in pair:
+        raise UnsafeValue(f"{name}: a value with a space")
+    return f"uuid_setvar {uuid(channel)} {pair.replace('=', ' ', 1)}"
+
+
 def uuid_getvar(channel: str, name: str) -> str:
     if not VAR_NAME_RE.fullmatch(name):
         raise UnsafeValue(f"variable name {name!r} is not allowed")

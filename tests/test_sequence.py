@@ -764,6 +764,24 @@ def test_adopted_call_with_b_ringing_after_an_earlier_refused_bridge_ends_when_b
         f"A left on the dialtone: after_bridge={sequence.after_bridge!r} apps={apps} sent={switch.sent}")
 
 
+def b_refused_then_retried(sequence: CallSequence, switch: ScriptedSwitch) -> list[str]:
+    """A answers and waits, bridge 1 is refused by the switch, and the retry (bridge 2) is queued and its
+    break sent; returns the bridges to B queued on A so far."""
+    answered_and_waiting(sequence, switch)
+    a = sequence.a.uuid
+    the_switch_refuses_b(sequence)
+    sequence.deliver(executes(a, wait_uuid(a, 1)))
+    gevent.sleep(0)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0)
+    return bridges_to(switch, sequence.b.uuid)
+
+
+def bridges_to(switch: ScriptedSwitch, b_uuid: str) -> list[str]:
+    return [m for m in apps_sent(switch) if m.startswith("bridge ") and b_uuid in m]
+
+
 def test_a_retry_bridge_that_ended_unheard_is_not_dialed_again_after_a_reconnect(
         run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
     """Bridge 1 is refused by the switch (nothing created) and retried: bridge 2 dials B. The Event Socket
@@ -771,19 +789,8 @@ def test_a_retry_bridge_that_ended_unheard_is_not_dialed_again_after_a_reconnect
     wait queued after bridge 2. On reconnecting, A's variables say bridge 2 failed with USER_BUSY and that
     B was originated (originated_legs). The call must end (notice + hangup), not dial B a third time."""
     sequence, switch = run_call()
-    answered_and_waiting(sequence, switch)
     a, b = sequence.a.uuid, sequence.b.uuid
-    the_switch_refuses_b(sequence)
-    sequence.deliver(executes(a, wait_uuid(a, 1)))
-    gevent.sleep(0)
-    switch.now += 5
-    switch.capacity.serve(switch.now)
-    gevent.sleep(0)
-
-    def bridges_to_b() -> list[str]:
-        return [m for m in apps_sent(switch) if m.startswith("bridge ") and b in m]
-
-    assert len(bridges_to_b()) == 2 and len(breaks(switch, a)) == 2  # bridge 2 is dialing B
+    assert len(b_refused_then_retried(sequence, switch)) == 2 and len(breaks(switch, a)) == 2  # 2 dials B
     # -- the connection drops here; B (created by bridge 2) is busy; A starts wait 2 -- all unheard --
     switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
                       f"uuid_getvar {a} endpoint_disposition": "ANSWER",
@@ -797,9 +804,8 @@ def test_a_retry_bridge_that_ended_unheard_is_not_dialed_again_after_a_reconnect
     switch.now += 5
     switch.capacity.serve(switch.now)
     gevent.sleep(0.05)
-    apps = apps_sent(switch)
-    assert len(bridges_to_b()) == 2, f"B dialed again after it was busy: {len(bridges_to_b())} bridges; {apps}"
-    assert "hangup NORMAL_CLEARING" in apps
+    assert len(bridges_to(switch, b)) == 2  # B, busy, is not dialed again
+    assert "hangup NORMAL_CLEARING" in apps_sent(switch)
 
 
 def test_an_adopted_call_whose_retry_bridge_was_queued_before_the_restart_queues_it_once(
@@ -808,20 +814,9 @@ def test_an_adopted_call_whose_retry_bridge_was_queued_before_the_restart_queues
     no turn and the daemon was killed. The next start finds A still on wait 1: it breaks it and queues
     nothing (a second bridge behind the first would dial B again if the first failed)."""
     first, switch = run_call()
-    answered_and_waiting(first, switch)
     a, b = first.a.uuid, first.b.uuid
-    the_switch_refuses_b(first)
-    first.deliver(executes(a, wait_uuid(a, 1)))
-    gevent.sleep(0)
-    switch.now += 5  # the retry is queued and noted on A; its break is taken below as never sent
-    switch.capacity.serve(switch.now)
-    gevent.sleep(0)
+    assert len(b_refused_then_retried(first, switch)) == 2  # its break is taken below as never sent
     assert f"api uuid_setvar {a} cb_requeued 2" in switch.sent
-
-    def bridges_to_b() -> list[str]:
-        return [m for m in apps_sent(switch) if m.startswith("bridge ") and b in m]
-
-    assert len(bridges_to_b()) == 2
     first.greenlet.kill()  # the process dies; A, as the next start finds it, still plays wait 1
     breaks_before = len(breaks(switch, a))
     switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
@@ -835,4 +830,4 @@ def test_an_adopted_call_whose_retry_bridge_was_queued_before_the_restart_queues
     switch.capacity.serve(switch.now)
     gevent.sleep(0.05)
     assert len(breaks(switch, a)) == breaks_before + 1 and not sequence.done  # wait 1 broken: bridge 2 runs
-    assert len(bridges_to_b()) == 2
+    assert len(bridges_to(switch, b)) == 2

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import gevent
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -55,6 +58,7 @@ def far_end_for(number: str) -> FarEnd:
 
 def run_far_end(switch: Switch, ch: Channel, far: FarEnd) -> None:
     """Play the far end's part of the call (runs in its own greenlet, killed when the leg ends)."""
+    invited = time.monotonic()
     switch.sleep(SIP_DELAY)
     if switch.far_end_sessions and ch.is_up:
         # The INVITE reached a far end living on this same switch: its inbound session needs admission.
@@ -72,7 +76,9 @@ def run_far_end(switch: Switch, ch: Channel, far: FarEnd) -> None:
         ch.mark_pre_answered()
     if far.answer_after is None:
         return
-    switch.sleep(max(0.0, far.answer_after - SIP_DELAY))
+    # Counted from the INVITE, as a far end's own clock runs: a stall of this process (a loaded machine)
+    # past the ring must not push the answer back behind the originate's timeout.
+    gevent.sleep(max(0.0, invited + switch.real(far.answer_after) - time.monotonic()))
     if not ch.is_up:
         return
     ch.send_audio("tone" if far.sends.startswith("tone_stream://") else "silence", far.sends if far.sends != "silence" else "")

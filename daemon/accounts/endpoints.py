@@ -49,7 +49,7 @@ def token_hint(token: str) -> str:
 
 CALLER_ID_NUMBER = re.compile(r"^\+?[0-9]{1,20}$")
 PREFIXES = re.compile(r"^(\+?[0-9]+)(,\+?[0-9]+)*$")
-RING_TONE_MAX = 128  # the store's column
+RING_TONE_MAX = Endpoint.ring_tone.max_length  # the store's column
 
 
 @dataclass

@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The test suite runs as this many pytest processes side by side (tests/shards.py).
+TEST_PARTS ?= 3
 
-.PHONY: venv demo test test-fast run bench lint typecheck standin clean
+.PHONY: venv demo test run bench lint typecheck standin clean
 
 venv: $(STAMP)
 
@@ -22,7 +24,7 @@ demo: venv
 test: venv
 	$(PY) -m ruff check daemon webapi freeswitch scripts tests
 	$(PY) -m mypy daemon webapi freeswitch
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m tests.shards $(TEST_PARTS) -q -p no:cacheprovider
 
 ## Run the service for production (config file: CALLBRIDGE_CONFIG or /etc/callbridge/callbridge.toml).
 run: venv

@@ -26,6 +26,7 @@ from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.config import Settings, load_settings
 from daemon.store import Endpoint, close_database, open_database
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
+from tests.shards import SHARD_VARIABLE
 
 NOW = dt.datetime(2026, 6, 15, 12, 0, 0)  # naive UTC, the fixed "now" of API tests
 
@@ -42,6 +43,31 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     unknown = set(marker.args) - set(STORES)
     assert marker.args and not unknown, f"stores: expected some of {STORES}, got {marker.args}"
     metafunc.parametrize("store_kind", marker.args)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``CALLBRIDGE_TEST_SHARD=i/n`` (set by tests/shards.py): keep the i-th of n parts of the suite, dealt
+    round-robin; the tests of a module that share a module-scoped fixture go together, in one part."""
+    shard = os.environ.get(SHARD_VARIABLE)
+    if not shard:
+        return
+    index, count = (int(part) for part in shard.split("/"))
+    groups: dict[str, int] = {}
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        number = groups.setdefault(_shard_group(item), len(groups))
+        (kept if number % count == index else dropped).append(item)
+    items[:] = kept
+    config.hook.pytest_deselected(items=dropped)
+
+
+def _shard_group(item: pytest.Item) -> str:
+    info = getattr(item, "_fixtureinfo", None)
+    definitions = info.name2fixturedefs.values() if info is not None else ()
+    if any(fixture.scope == "module" for chain in definitions for fixture in chain):
+        return item.nodeid.split("::")[0]
+    return item.nodeid
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ monkey.patch_all()
 import datetime as dt
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +48,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``CALLBRIDGE_TEST_SHARD=i/n`` (set by tests/shards.py): keep the i-th of n parts of the suite, dealt
-    round-robin; the tests of a module that share a module-scoped fixture go together, in one part."""
+    round-robin; the tests of a module that share a module-scoped fixture go together, in one part. The
+    ``slow`` ones are dealt apart from the rest, so that each part gets its share of both."""
     shard = os.environ.get(SHARD_VARIABLE)
     if not shard:
         return
     index, count = (int(part) for part in shard.split("/"))
-    groups: dict[str, int] = {}
+    groups: dict[tuple[bool, str], int] = {}
+    dealt: Counter[bool] = Counter()
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
-        number = groups.setdefault(_shard_group(item), len(groups))
-        (kept if number % count == index else dropped).append(item)
+        slow = item.get_closest_marker("slow") is not None
+        key = (slow, _shard_group(item))
+        if key not in groups:
+            groups[key] = dealt[slow]
+            dealt[slow] += 1
+        (kept if groups[key] % count == index else dropped).append(item)
     items[:] = kept
     config.hook.pytest_deselected(items=dropped)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -425,3 +426,14 @@ def test_on_equal_room_the_switch_with_fewer_sessions_takes_the_call() -> None:
     busy.capacity.learn_status("900 session(s) - peak 900, last 5min 900\n")
     switch, wait = engine.pick_switch(engine.now)
     assert switch is None and wait > 0  # full: the call waits, it is not sent to a switch that is away
+
+
+def test_the_rate_limits_clock_is_monotonic_not_the_wall_clock(settings: Settings, db: Any,
+                                                                fake_engine: FakeEngine) -> None:
+    """The token buckets measure time elapsed between starts: on a clock that NTP can step back (gevent's
+    ``loop.now()`` under libev is wall-clock time), a step back of an hour left every endpoint's bucket an
+    hour's worth of tokens in debt, and its calls held back for that hour."""
+    dispatcher = Dispatcher(settings, fake_engine, CallRecords(Metrics()))  # type: ignore[arg-type]
+    before = time.monotonic()
+    seen = dispatcher.monotonic()
+    assert before <= seen <= time.monotonic()

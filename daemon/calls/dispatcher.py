@@ -32,11 +32,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-
-import gevent
 
 from daemon.calls.records import CallRecords, EndpointLoad
 from daemon.config import Settings
@@ -89,12 +88,14 @@ class Dispatcher:
 
     def __init__(self, settings: Settings, engine: Engine, records: CallRecords,
                  clock: Callable[[], dt.datetime] = utcnow, *,
-                 monotonic: Callable[[], float] = lambda: gevent.get_hub().loop.now()) -> None:
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.engine = engine
         self.records = records
         self.clock = clock
-        self.monotonic = monotonic  # for the rate limits' token buckets
+        # For the rate limits' token buckets: never the wall clock (gevent's loop.now() is, under libev),
+        # which NTP may step back and leave the buckets in debt for the length of the step.
+        self.monotonic = monotonic
         self.loop = Loop("dispatcher tick", lambda now: self.tick(now, self.monotonic()), clock, log=log,
                          max_sleep=MAX_SLEEP, error_delay=MAX_SLEEP)
         # The operator's own cap on new calls per second, when set (0: the switch's pacing alone).

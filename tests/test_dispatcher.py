@@ -437,3 +437,23 @@ def test_the_rate_limits_clock_is_monotonic_not_the_wall_clock(settings: Setting
     before = time.monotonic()
     seen = dispatcher.monotonic()
     assert before <= seen <= time.monotonic()
+
+
+def test_the_wait_after_a_tick_counts_from_its_end_not_its_start(
+        settings: Settings, db: Any, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
+    """A tick that took a while (durable claims, a busy store) must not then sleep the whole time from its
+    start to the next call's due time: that call would start late by the tick's length."""
+    clock = [T0]
+    dispatcher = Dispatcher(settings, fake_engine, CallRecords(Metrics(), clock=lambda: clock[0]),  # type: ignore[arg-type]
+                            clock=lambda: clock[0])
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    add(endpoint, T0)
+    add(endpoint, T0 + dt.timedelta(seconds=1.5))
+    launch = fake_engine.launch
+
+    def slow_launch(call: Call, endpoint: Endpoint, **options: Any) -> None:
+        launch(call, endpoint, **options)
+        clock[0] += dt.timedelta(seconds=1)  # the tick's claims took a second
+
+    fake_engine.launch = slow_launch  # type: ignore[method-assign]
+    assert dispatcher.tick(T0, 0.0) == pytest.approx(0.5)

@@ -200,7 +200,8 @@ class Dispatcher:
                 break
             after = (page[-1].due_at, page[-1].id)
         nxt = self.records.next_due_at(now)
-        delay = MAX_SLEEP if nxt is None else (nxt - now).total_seconds()
+        # From the clock at the tick's end: the tick's claims took time the next call must not wait again.
+        delay = MAX_SLEEP if nxt is None else max(0.0, (nxt - self.clock()).total_seconds())
         return min(delay, held_back) if held_back is not None else delay
 
     # -- limits across daemons (a shared PostgreSQL) ---------------------------------------------

@@ -118,3 +118,31 @@ def test_the_greenlet_sweeps_at_start_and_stops_promptly(db: Database, settings:
     retention.start()
     retention.stop()  # the first sweep runs at start; stop interrupts the hourly wait at once
     assert Call.get_by_id(call.id).recording_path == ""
+
+
+# SQLite only: a PostgreSQL driver's queries hand the loop back anyway (in the first pass), which would hide
+# a walk that does not.
+@pytest.mark.stores("sqlite")
+def test_a_sweep_over_many_files_lets_the_event_loop_run(db: Database, settings: Settings) -> None:
+    """The sweep runs in the daemon's one event loop, beside the calls in progress: walking a folder of a
+    season's recordings (a stat per file) must hand the loop back now and then, not hold it for the walk."""
+    settings.recordings_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(3000):  # recent recordings: only looked at
+        (settings.recordings_dir / f"kept-{n}.wav").write_bytes(b"x")
+    turns = 0
+    sweeping = True
+
+    def other_greenlet() -> None:
+        nonlocal turns
+        while sweeping:
+            turns += 1
+            gevent.sleep(0)
+
+    other = gevent.spawn(other_greenlet)
+    gevent.sleep(0)  # it runs once, then waits for its next turn
+    before = turns
+    Retention(settings).sweep(NOW)
+    during = turns - before
+    sweeping = False
+    other.join(timeout=10)
+    assert during >= 20, f"the loop ran other greenlets {during} times during the walk of 3000 files"

@@ -22,8 +22,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import gevent
 
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
@@ -35,6 +37,7 @@ log = logging.getLogger("callbridge.retention")
 
 INTERVAL = 3600.0  # seconds between sweeps
 BATCH = 500
+YIELD_EVERY = 100  # files looked at between turns given back to the event loop
 
 
 class Retention:
@@ -109,20 +112,31 @@ class Retention:
             return 0
         limit = cutoff.replace(tzinfo=dt.UTC).timestamp()
         removed = 0
-        for dirpath, _dirs, files in os.walk(root):
-            for name in files:
-                path = Path(dirpath) / name
-                try:
-                    if path.is_symlink() or path.stat().st_mtime >= limit:
-                        continue
-                except OSError:
-                    continue
-                if self.records.recording_in_use(str(path)):
-                    continue  # a kept call still points at it (its row is newer than the file)
-                try:
-                    path.unlink()
-                except OSError as exc:
-                    log_event(log, "recording.delete_failed", logging.WARNING, path=str(path), error=str(exc))
-                    continue
+        for seen, path in enumerate(_files(root), start=1):
+            if seen % YIELD_EVERY == 0:
+                gevent.sleep(0)  # a stat per file, on the event loop the calls in progress run on
+            if self._remove_orphan(path, limit):
                 removed += 1
         return removed
+
+    def _remove_orphan(self, path: Path, limit: float) -> bool:
+        """Delete ``path`` if last written before ``limit`` (a timestamp) and no kept call points at it."""
+        try:
+            if path.is_symlink() or path.stat().st_mtime >= limit:
+                return False
+        except OSError:
+            return False
+        if self.records.recording_in_use(str(path)):
+            return False  # a kept call still points at it (its row is newer than the file)
+        try:
+            path.unlink()
+        except OSError as exc:
+            log_event(log, "recording.delete_failed", logging.WARNING, path=str(path), error=str(exc))
+            return False
+        return True
+
+
+def _files(root: Path) -> Iterator[Path]:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            yield Path(dirpath) / name

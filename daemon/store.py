@@ -288,7 +288,17 @@ class WebhookDelivery(BaseModel):
         indexes = ((("state", "next_attempt_at"), False),)  # the sender: next due pending rows
 
 
-MODELS: list[type[Model]] = [SchemaVersion, Endpoint, Call, CallEvent, WebhookDelivery, Account, WebSession]
+class Heartbeat(BaseModel):
+    """When a dispatcher last ran (one row, ``name`` "dispatcher", whichever daemon wrote it last): a call
+    overdue at a start is missed only if no dispatcher ran for longer than the grace since it was due
+    (one held back by the limits while a dispatcher ran is late, not missed)."""
+
+    name = CharField(max_length=40, unique=True)
+    seen_at = DateTimeField()
+
+
+MODELS: list[type[Model]] = [SchemaVersion, Endpoint, Call, CallEvent, WebhookDelivery, Account, WebSession,
+                             Heartbeat]
 
 
 def _v1_initial(db: Database) -> None:
@@ -356,10 +366,14 @@ def _v8_lean_indexes(db: Database) -> None:
                    '"idempotency_key") WHERE "idempotency_key" IS NOT NULL')
 
 
+def _v9_heartbeat(db: Database) -> None:
+    db.create_tables([Heartbeat], safe=True)
+
+
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
 MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
                                                 _v4_request_fingerprint, _v5_web_accounts, _v6_call_leases,
-                                                _v7_call_switch, _v8_lean_indexes]
+                                                _v7_call_switch, _v8_lean_indexes, _v9_heartbeat]
 
 
 def schema_version(db: Database) -> int:

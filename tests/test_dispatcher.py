@@ -195,6 +195,54 @@ def test_recovery_marks_calls_missed_beyond_the_grace_and_keeps_the_rest(
     assert [c.id for c in fake_engine.launched] == [recent.id]
 
 
+def test_calls_held_back_longer_than_the_grace_start_late_after_a_restart_not_missed(
+        settings: Settings, db: Any, make_endpoint: Callable[..., Any]) -> None:
+    """An endpoint at its limit holds calls for 20 minutes while the dispatcher runs; the daemon is
+    restarted (down a minute): they start, late. Only a dispatcher absent for longer than the grace (here
+    the next restart, after 10 minutes down) makes them missed."""
+    settings.schedule_grace, settings.max_in_flight, settings.calls_per_second = 300, 1000, 1000
+    endpoint, _ = make_endpoint(max_in_flight=1, calls_per_second=1000)
+    busy = FakeEngine()
+    running = Dispatcher(settings, busy, CallRecords(Metrics()), clock=lambda: T0)  # type: ignore[arg-type]
+    held = [add(endpoint, T0 - dt.timedelta(minutes=20)) for _ in range(3)]
+    running.tick(T0 - dt.timedelta(minutes=20), 0.0)
+    running.tick(T0, 1200.0)  # still at its limit: held back, the dispatcher running
+    assert [c.id for c in busy.launched] == [held[0].id]
+    Call.update(status="completed").where(Call.id == held[0].id).execute()  # ended while the daemon was down
+
+    after_a_minute = T0 + dt.timedelta(minutes=1)
+    engine = FakeEngine()
+    restarted = Dispatcher(settings, engine, CallRecords(Metrics()), clock=lambda: after_a_minute)  # type: ignore[arg-type]
+    assert restarted.recover(after_a_minute) == 0
+    assert [Call.get_by_id(c.id).status for c in held[1:]] == ["scheduled", "scheduled"]
+    restarted.tick(after_a_minute, 0.0)
+    assert [c.id for c in engine.launched] == [held[1].id]
+
+    after_ten_minutes = after_a_minute + dt.timedelta(minutes=10)
+    again = Dispatcher(settings, FakeEngine(), CallRecords(Metrics()), clock=lambda: after_ten_minutes)  # type: ignore[arg-type]
+    assert again.recover(after_ten_minutes) == 1
+    missed = Call.get_by_id(held[2].id)
+    assert missed.status == "missed" and "grace 300 s" in missed.reason
+
+
+def test_a_dispatcher_of_another_daemon_running_means_nothing_overdue_is_missed(
+        settings: Settings, db: Any, make_endpoint: Callable[..., Any]) -> None:
+    """The store's heartbeat is any dispatcher's: a daemon starting beside a running one (a shared store)
+    marks nothing missed that the running one holds back."""
+    settings.schedule_grace = 300
+    endpoint, _ = make_endpoint()
+    overdue = add(endpoint, T0 - dt.timedelta(hours=1))
+    other = CallRecords(Metrics(), owner="node-a")
+    other.beat(T0 - dt.timedelta(seconds=3))
+    starting = Dispatcher(settings, FakeEngine(), CallRecords(Metrics(), owner="node-b"),  # type: ignore[arg-type]
+                          clock=lambda: T0)
+    assert starting.recover(T0) == 0
+    assert Call.get_by_id(overdue.id).status == "scheduled"
+    # An older beat never overwrites a newer one (clocks of several daemons differ by a little).
+    other.beat(T0 - dt.timedelta(hours=2))
+    assert CallRecords(Metrics()).dispatcher_last_ran() == T0 - dt.timedelta(seconds=3)
+
+
 def test_daily_cap_refuses_beyond_the_cap(dispatcher: Dispatcher, fake_engine: FakeEngine,
                                           make_endpoint: Callable[..., Any]) -> None:
     endpoint, _ = make_endpoint(daily_cap=2, max_in_flight=100, calls_per_second=1000)

@@ -51,6 +51,7 @@ log = logging.getLogger("callbridge.dispatcher")
 BATCH = 500
 PAGE_SLACK = 2
 MAX_SLEEP = 1.0
+HEARTBEAT_INTERVAL = 5.0  # seconds between the store's notes that a dispatcher runs (missed vs late)
 
 
 def rate_window(calls_per_second: float) -> dt.timedelta:
@@ -107,6 +108,7 @@ class Dispatcher:
         self._claimed: Counter[int] = Counter()  # per endpoint: claimed in this round, not launched yet
         # A legs of calls claimed in this round, not launched yet, and the capacity their room was taken from.
         self._unlaunched: dict[str, SwitchCapacity] = {}
+        self._next_beat: float | None = None
 
     # -- control ----------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -122,8 +124,12 @@ class Dispatcher:
 
     # -- start-up ---------------------------------------------------------------------------------
     def recover(self, now: dt.datetime) -> int:
-        """Calls whose time passed while the daemon was down: late within the grace, else missed."""
+        """Calls whose time passed while no dispatcher ran (this daemon down, and on a shared store every
+        other one too) for longer than the grace are missed; the others start late."""
         limit = now - dt.timedelta(seconds=self.settings.schedule_grace)
+        last_ran = self.records.dispatcher_last_ran()
+        if last_ran is not None and last_ran >= limit:
+            return 0  # a dispatcher ran within the grace: what is overdue was held back (late), not missed
         # A round of its own: on a shared PostgreSQL another daemon may be claiming these calls right now;
         # the rows it holds are skipped, and those marked here are held until the commit.
         with self.records.claim_round():
@@ -135,6 +141,9 @@ class Dispatcher:
     # -- each tick --------------------------------------------------------------------------------
     def tick(self, now: dt.datetime, mono: float) -> float:
         """Start what is due at ``now`` within the limits; return seconds until worth looking again."""
+        if self._next_beat is None or mono >= self._next_beat:
+            self.records.beat(now)
+            self._next_beat = mono + HEARTBEAT_INTERVAL
         if not self.engine.ready:
             return MAX_SLEEP
         self._roll_day(now)

@@ -44,7 +44,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from peewee import Expression, IntegrityError, OperationalError, Tuple, fn
+from peewee import EXCLUDED, Expression, IntegrityError, OperationalError, Tuple, fn
 
 from daemon.calls.view import iso
 from daemon.ops.logs import log_event
@@ -56,6 +56,7 @@ from daemon.store import (
     CallEvent,
     CallStatus,
     Endpoint,
+    Heartbeat,
     database,
     insert_row,
     is_shared,
@@ -67,6 +68,8 @@ from daemon.store import (
 from daemon.writer import current as writer
 
 log = logging.getLogger("callbridge.call")
+
+DISPATCHER_HEARTBEAT = "dispatcher"
 api_log = logging.getLogger("callbridge.api")
 
 StatusListener = Callable[[Call, CallStatus, dict[str, Any]], None]
@@ -205,6 +208,8 @@ class CallRecords:
         self.status_writers: list[StatusWriter] = []
         self.owner = owner or None  # this daemon's instance id, written into the calls it claims
         self.lease = dt.timedelta(seconds=lease_seconds)
+        self._heartbeat_read = False
+        self._heartbeat_before_start: dt.datetime | None = None
 
     # -- reads ------------------------------------------------------------------------------------
     @staticmethod
@@ -579,6 +584,34 @@ class CallRecords:
                     "recording_seconds": recording_seconds}
         row.update({name: value for name, value in optional.items() if value is not None})
         self._move(call, status, when, row)
+
+    # -- missed or late ---------------------------------------------------------------------------
+    def beat(self, now: dt.datetime) -> None:
+        """A dispatcher runs at ``now`` (:class:`daemon.store.Heartbeat`); nobody waits for the write."""
+        self.dispatcher_last_ran()  # read before this run's first beat overwrites it
+
+        def write() -> None:
+            (Heartbeat.insert(name=DISPATCHER_HEARTBEAT, seen_at=now)
+             .on_conflict(conflict_target=[Heartbeat.name], update={Heartbeat.seen_at: EXCLUDED.seen_at},
+                          where=Heartbeat.seen_at < EXCLUDED.seen_at)
+             .execute())
+
+        writer().submit(write, durable=False)
+
+    def dispatcher_last_ran(self) -> dt.datetime | None:
+        """When a dispatcher last ran before this daemon's own began (read once): this daemon's previous run
+        or, on a shared store, another daemon."""
+        if not self._heartbeat_read:
+            row = Heartbeat.get_or_none(Heartbeat.name == DISPATCHER_HEARTBEAT)
+            self._heartbeat_before_start, self._heartbeat_read = (row.seen_at if row else None), True
+        return self._heartbeat_before_start
+
+    def past_grace(self, due_at: dt.datetime, *, now: dt.datetime, grace: int) -> bool:
+        """A pending call is missed when no dispatcher ran for more than ``grace`` seconds since it was due;
+        held back by the limits while one ran, it is late, not missed."""
+        last_ran = self.dispatcher_last_ran()
+        since = due_at if last_ran is None else max(due_at, last_ran)
+        return (now - since).total_seconds() > grace
 
     def missed(self, call: Call, *, now: dt.datetime, grace: int) -> None:
         """A pending call whose time passed, beyond the grace, while the daemon could not start it."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.store import Call, utcnow
+from daemon.store import Call, Heartbeat, utcnow
 from tests.integration.conftest import Harness, wait_for
 
 
@@ -96,6 +96,8 @@ def test_restart_starts_calls_missed_within_the_grace_and_marks_older_ones_misse
     endpoint = first.endpoint()
     first.stop()
     now = utcnow()
+    # As if the first run had stopped three hours ago (its dispatcher's last heartbeat then).
+    Heartbeat.update(seen_at=now - dt.timedelta(hours=3)).execute()
     recent = Call.create(callid=secrets.token_hex(14), endpoint=endpoint, phone_a="15550000505",
                          phone_b="15550006505", due_at=now - dt.timedelta(seconds=120), scheduled=True,
                          status="scheduled")

@@ -425,3 +425,17 @@ def test_requests_give_back_every_postgresql_connection(client: FlaskClient, mak
     assert client.delete(f"/v1/scheduled/{callid}", query_string={"token": token}).status_code == 409
     assert client.get("/readyz").status_code == 200
     assert not database.obj._in_use and database.obj._connections
+
+
+def test_made_up_methods_do_not_grow_the_latency_metric_without_bound(settings: Settings, db: Any,
+                                                                       media: FakeMedia) -> None:
+    """The method is the client's to choose: each made-up one must not become a series of its own."""
+    metrics = Metrics()
+    client = create_app(settings, media=media, metrics=metrics).test_client()
+    for number in range(200):
+        assert client.open("/v1/calls", method=f"X{number}").status_code == 405
+    client.open("/healthz", method="GET")
+    methods = {sample.labels["method"] for family in metrics.registry.collect()
+               if family.name == "callbridge_api_request_seconds" for sample in family.samples}
+    assert "GET" in methods
+    assert len(methods) <= 10, sorted(methods)[:20]

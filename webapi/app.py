@@ -32,6 +32,9 @@ from webapi.views import ApiContext, DispatcherLike, MediaLike, bp
 log = logging.getLogger("callbridge.api")
 
 MAX_BODY = 64 * 1024
+# The method label of the latency metric: any other method (the client's to make up) counts as "other",
+# so a client cannot add a time series, and its memory, per request.
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 HTTP_REASONS = {
     400: "body: malformed request",
@@ -81,7 +84,8 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
         if started is not None:
             route = request.url_rule.rule if request.url_rule is not None else "unmatched"
             context: ApiContext = app.extensions["callbridge"]
-            context.metrics.api_latency.labels(method=request.method, route=route,
+            method = request.method if request.method in METRIC_METHODS else "other"
+            context.metrics.api_latency.labels(method=method, route=route,
                                                status=str(response.status_code)).observe(
                 time.perf_counter() - started)
         return response

@@ -245,3 +245,30 @@ def test_a_client_that_waits_for_100_continue_gets_it_then_its_answer(live_serve
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert json.loads(rest.partition(b"\r\n\r\n")[2])["data"]["status"] == "queued"
+
+
+HIDDEN = b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n"  # a request inside another's body, for a proxy
+
+
+@pytest.mark.parametrize("framing, body, desc", [
+    (b"Content-Length: +2\r\n", b"{}", "headers: Content-Length: "),
+    (b"Content-Length: 1_0\r\n", b"{}" + b" " * 8, "headers: Content-Length: "),
+    (b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n" + HIDDEN, "headers: Transfer-Encoding: "),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n", b"0\r\n\r\n" + HIDDEN,
+     "headers: Transfer-Encoding: "),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n" % (5 + len(HIDDEN)), b"0\r\n\r\n" + HIDDEN,
+     "headers: both Transfer-Encoding and Content-Length"),
+])
+def test_a_body_whose_length_is_ambiguous_is_refused_and_nothing_in_it_is_answered(
+        live_server: LiveServer, framing: bytes, body: bytes, desc: str) -> None:
+    """RFC 9112 6.1 and 6.3: a Content-Length that is not digits, a transfer coding other than chunked, or
+    both headers at once make the body's end a guess, which a proxy in front may guess differently: a
+    request it saw as part of a body must not be answered here. 400, naming the header, and the close."""
+    head = b"POST /v1/calls HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n" + framing + b"\r\n"
+    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        answer = read_to_close(sock)
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    head_back, _, rest = answer.partition(b"\r\n\r\n")
+    assert head_back.startswith(b"HTTP/1.1 400 "), answer
+    assert json.loads(rest)["data"]["code_desc"].startswith(desc), rest

@@ -19,7 +19,7 @@ WELL_FORMED = [
     b"Host: 127.0.0.1:8080\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 80\r\n",
     b"host:api\r\nCONTENT-TYPE:   text/plain  \r\naccept: */*\r\nAccept: text/html\r\n",
     b"Authorization: Bearer cb_abc\r\nX-Name: cr\xe8me br\xfbl\xe9e\r\nIdempotency-Key: k-1\r\n",
-    b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\nConnection: close\r\n",
+    b"Transfer-Encoding: chunked\r\nConnection: close\r\n",
     b"",
 ]
 
@@ -59,6 +59,11 @@ def test_deleting_a_field_removes_every_copy() -> None:
     (b"Host: a\r\n folded continuation\r\n", "malformed header line"),  # obs-fold
     (b"Content-Length: 5\r\nContent-Length: 6\r\n", "two different Content-Length values"),
     (b"X-A: one\rtwo\r\n", "header X-A: a CR or NUL in its value"),
+    (b"Content-Length: +5\r\n", "Content-Length: '+5' is not a number of bytes"),
+    (b"Content-Length: \xb2\r\n", "Content-Length: "),  # a superscript two: str.isdigit, but not a digit
+    (b"Transfer-Encoding: gzip, chunked\r\n", "Transfer-Encoding: only chunked is supported"),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", "Transfer-Encoding: "),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", "both Transfer-Encoding and Content-Length"),
     (b"X-A: " + b"a" * 70_000 + b"\r\n", "header line too long"),
     (b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS + 1)), f"more than {MAX_HEADERS} header lines"),
 ])

@@ -6,6 +6,10 @@ them itself and offers what pywsgi uses of the parsed message (``status``, ``get
 ``del``, ``headers``, ``typeheader``). It is stricter than the feed parser, as RFC 9112 asks of a server:
 a line that is not ``token: value`` (no colon, a space before it, a folded continuation line) or two
 different ``Content-Length`` values make the request a 400 instead of a guess at what the client meant.
+So does a body whose end would be a guess (RFC 9112 6.1, 6.3): a ``Content-Length`` that is not digits
+(Python's ``int`` reads ``+5`` and ``1_0``), a transfer coding other than ``chunked`` alone (pywsgi
+ignored the header then), or both headers at once. A proxy in front may take such a body's end
+elsewhere, and a request it forwarded as part of a body must not be answered here.
 The limits are http.client's: 64 KiB per line, 100 lines.
 """
 
@@ -33,6 +37,7 @@ class RequestHeaders:
                 self.status = "header line too long"
                 return
             if line in (b"\r\n", b"\n", b""):
+                self.status = self._framing_problem()
                 return
             if not self._add(line.decode("iso-8859-1")):
                 return
@@ -54,6 +59,19 @@ class RequestHeaders:
             return False
         self._fields.append((name, value))
         return True
+
+    def _framing_problem(self) -> str:
+        """What makes the body's length ambiguous, or ``""``."""
+        length = self._first.get("content-length")
+        if length is not None and not (length.isascii() and length.isdigit()):
+            return f"Content-Length: {length[:20]!r} is not a number of bytes"
+        codings = [coding.strip().lower() for name, value in self._fields
+                   if name.lower() == "transfer-encoding" for coding in value.split(",")]
+        if codings and codings != ["chunked"]:
+            return "Transfer-Encoding: only chunked is supported"
+        if codings and length is not None:
+            return "both Transfer-Encoding and Content-Length"
+        return ""
 
     def get(self, name: str, default: Any = None) -> Any:
         """The first value of ``name`` (any case), else ``default``."""

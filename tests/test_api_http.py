@@ -272,3 +272,17 @@ def test_a_body_whose_length_is_ambiguous_is_refused_and_nothing_in_it_is_answer
     head_back, _, rest = answer.partition(b"\r\n\r\n")
     assert head_back.startswith(b"HTTP/1.1 400 "), answer
     assert json.loads(rest)["data"]["code_desc"].startswith(desc), rest
+
+
+def test_a_body_announced_over_the_limit_is_refused_before_the_client_sends_it(live_server: LiveServer) -> None:
+    """With ``Expect: 100-continue`` the client waits for the go-ahead before a large upload; one whose
+    Content-Length is over the limit gets the 413 instead, and never uploads what would be thrown away
+    (nor, if slower than the body deadline, gets a 408 that hides the real reason)."""
+    head = (b"POST /v1/calls HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\nExpect: 100-continue\r\n\r\n")
+    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = read_to_close(sock)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["data"]["code_desc"].startswith("body: larger than ")

@@ -91,7 +91,8 @@ class Evicted(GreenletExit):
 
 
 class BodyTooLarge(Exception):
-    """The body was longer than ``Limits.max_body`` (it was read and dropped, under its deadline)."""
+    """The body was longer than ``Limits.max_body`` (it was read and dropped, under its deadline), or a
+    client waiting for ``100 Continue`` announced one."""
 
 
 class ConnectionHandler(WSGIHandler):
@@ -176,6 +177,8 @@ class ConnectionHandler(WSGIHandler):
         """Called once the head is parsed: read the whole body, then hand the request to the app."""
         environ: dict[str, Any] = super().get_environ()
         self.phase = "body"
+        if self._announced_too_large():
+            raise BodyTooLarge
         self._start_deadline(self.server.limits.body_timeout)
         body = self._receive_body()
         self._stop_deadline()
@@ -192,6 +195,13 @@ class ConnectionHandler(WSGIHandler):
         environ["wsgi.input_terminated"] = True
         take_turn()  # calls come first: the app runs when the loop has nothing else ready (webapi.turns)
         return environ
+
+    def _announced_too_large(self) -> bool:
+        """A client waiting for ``100 Continue`` announced a body over the limit: refuse it before it is sent
+        (RFC 9110 10.1.1), instead of letting the client upload what would only be read and dropped."""
+        length = self.content_length
+        return (self.wsgi_input.socket is not None and length is not None
+                and length > self.server.limits.max_body)
 
     def _receive_body(self) -> bytes:
         """The body (Content-Length or chunked), or BodyTooLarge once a larger one was read and dropped."""

@@ -257,3 +257,27 @@ def test_every_status_value_filters(client: FlaskClient, make_endpoint: Any) -> 
         response = client.get("/v1/calls", query_string={"token": token, "status": status.value})
         calls = data_of(response)["calls"]
         assert [c["status"] for c in calls] == [status.value]
+
+
+def test_recording_answers_to_ranges_and_revalidation_are_documented(client: FlaskClient, make_endpoint: Any,
+                                                                     tmp_path: Any, settings: Any) -> None:
+    """Players ask for ranges and caches revalidate: every status the recording route answers them with is
+    in the OpenAPI document, and a refusal is the envelope."""
+    from webapi.openapi import openapi_document
+
+    documented = openapi_document(settings)["paths"]["/v1/calls/{callid}/recording"]["get"]["responses"]
+    _, token = make_endpoint()
+    callid = data_of(create(client, token))["callid"]
+    wav = tmp_path / "rec.wav"
+    wav.write_bytes(b"RIFF....WAVEfmt ")
+    Call.update(recording_path=str(wav), recording_bytes=16).where(Call.callid == callid).execute()
+    url, auth = f"/v1/calls/{callid}/recording", {"Authorization": f"Bearer {token}"}
+    etag = client.get(url, headers=auth).headers["ETag"]
+    part = client.get(url, headers={**auth, "Range": "bytes=0-3"})
+    assert part.status_code == 206 and part.data == b"RIFF"
+    unsatisfiable = client.get(url, headers={**auth, "Range": "bytes=100-"})
+    assert unsatisfiable.status_code == 416 and data_of(unsatisfiable)["code_desc"].startswith("Range: ")
+    unchanged = client.get(url, headers={**auth, "If-None-Match": etag})
+    assert unchanged.status_code == 304
+    for response in (part, unsatisfiable, unchanged):
+        assert str(response.status_code) in documented, (response.status_code, sorted(documented))

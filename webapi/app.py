@@ -40,6 +40,7 @@ HTTP_REASONS = {
     400: "body: malformed request",
     404: "path: no such route",
     413: f"body: larger than {MAX_BODY} bytes",
+    416: "Range: outside the file (Content-Range gives its length)",
 }
 
 

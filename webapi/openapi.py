@@ -47,6 +47,13 @@ def _raw(description: str, media_type: str, schema: dict[str, Any]) -> dict[str,
 
 
 WAV = _raw("WAV audio.", "audio/wav", {"type": "string", "format": "binary"})
+# A file route answers ranges and revalidation as HTTP does (players seek, caches revalidate).
+FILE_ANSWERS = {
+    "200": WAV,
+    "206": _raw("The byte range asked for with `Range`.", "audio/wav", {"type": "string", "format": "binary"}),
+    "304": {"description": "Unchanged since the `ETag` (`If-None-Match`) or date (`If-Modified-Since`) sent; "
+                           "no body."},
+}
 
 
 def _with_code(*schemas: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +69,7 @@ ERR = {
     413: "Body larger than 64 KiB.",
     414: "Request line (method, path and query) of 8 KiB or more; send the token as `Authorization: Bearer`.",
     415: "Body neither application/x-www-form-urlencoded nor application/json.",
+    416: "`Range` outside the file; `Content-Range` gives its length.",
     422: "`Idempotency-Key: reused with a different request; ...`: this token already used the key for a "
          "call whose fields differ; nothing was created. Use a new key for a new call.",
     429: "This address sent too many invalid or missing tokens (a burst of `auth_failures_per_minute`, then "
@@ -356,7 +364,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": "The call's recording, when the endpoint records and the file is kept.",
                     "security": SECURITY,
                     "parameters": [CALLID_PATH, TOKEN_QUERY],
-                    "responses": {"200": WAV, **_errors(404, *AUTH_ERRORS)},
+                    "responses": {**FILE_ANSWERS, **_errors(404, 416, *AUTH_ERRORS)},
                 },
             },
             "/v1/scheduled": {
@@ -419,7 +427,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                "(media_mode = \"http\", client address in media_route_allow; 404 otherwise).",
                     "parameters": [{"name": "name", "in": "path", "required": True,
                                     "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
-                    "responses": {"200": WAV, **_errors(404, 405)},
+                    "responses": {**FILE_ANSWERS, **_errors(404, 405, 416)},
                 },
             },
         },

@@ -286,3 +286,18 @@ def test_a_body_announced_over_the_limit_is_refused_before_the_client_sends_it(l
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert json.loads(rest.partition(b"\r\n\r\n")[2])["data"]["code_desc"].startswith("body: larger than ")
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: api\r\nHost: elsewhere\r\nConnection: close\r\n\r\n",
+])
+def test_an_http_1_1_request_needs_exactly_one_host(live_server: LiveServer, raw: bytes) -> None:
+    """RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host or with two (a proxy and
+    this server could otherwise take the request for different hosts)."""
+    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = read_to_close(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert json.loads(body)["data"]["code_desc"].startswith("headers: Host: "), body

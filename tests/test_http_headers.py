@@ -58,6 +58,7 @@ def test_deleting_a_field_removes_every_copy() -> None:
     (b"X-Caf\xe9: value\r\n", "malformed header line"),  # a field name is a token
     (b"Host: a\r\n folded continuation\r\n", "malformed header line"),  # obs-fold
     (b"Content-Length: 5\r\nContent-Length: 6\r\n", "two different Content-Length values"),
+    (b"Host: a\r\nhost: a\r\n", "Host: sent more than once"),
     (b"X-A: one\rtwo\r\n", "header X-A: a CR or NUL in its value"),
     (b"Content-Length: +5\r\n", "Content-Length: '+5' is not a number of bytes"),
     (b"Content-Length: \xb2\r\n", "Content-Length: "),  # a superscript two: str.isdigit, but not a digit

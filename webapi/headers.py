@@ -5,7 +5,8 @@ about 30 us of a create's CPU, for what is a few ``Name: value`` lines. :class:`
 them itself and offers what pywsgi uses of the parsed message (``status``, ``get``, ``getheader``,
 ``del``, ``headers``, ``typeheader``). It is stricter than the feed parser, as RFC 9112 asks of a server:
 a line that is not ``token: value`` (no colon, a space before it, a folded continuation line) or two
-different ``Content-Length`` values make the request a 400 instead of a guess at what the client meant.
+different ``Content-Length`` values or two ``Host`` lines make the request a 400 instead of a guess at
+what the client meant.
 So does a body whose end would be a guess (RFC 9112 6.1, 6.3): a ``Content-Length`` that is not digits
 (Python's ``int`` reads ``+5`` and ``1_0``), a transfer coding other than ``chunked`` alone (pywsgi
 ignored the header then), or both headers at once. A proxy in front may take such a body's end
@@ -53,6 +54,9 @@ class RequestHeaders:
             self.status = f"header {name}: a CR or NUL in its value"
             return False
         key = name.lower()
+        if key == "host" and key in self._first:  # RFC 9112 3.2: which host was meant is a guess
+            self.status = "Host: sent more than once"
+            return False
         first = self._first.setdefault(key, value)
         if key == "content-length" and first != value:
             self.status = "two different Content-Length values"

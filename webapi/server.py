@@ -164,6 +164,13 @@ class ConnectionHandler(WSGIHandler):
             return answer_bytes(400, f"headers: {problem}")
         return PYWSGI_REFUSALS.get(status) or pywsgi_answer
 
+    def read_request(self, raw_requestline: str) -> bool:
+        ok: bool = super().read_request(raw_requestline)
+        if ok and self.request_version == "HTTP/1.1" and self.headers.get("host") is None:
+            self.headers.status = "Host: required in HTTP/1.1 (RFC 9112 3.2)"
+            return False  # pywsgi's 400, which _head_refusal words from the status
+        return ok
+
     def read_requestline(self) -> str:
         if not self.rfile.peek(1):  # the client closed the connection
             return ""

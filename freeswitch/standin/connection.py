@@ -319,21 +319,29 @@ class Connection:
         self.reply(command_reply("+OK no longer listening for events"))
 
     def cmd_filter(self, args: str, msg: Message) -> None:
-        """filter <header> <value|/regex/> and filter delete <header> [value]|all."""
+        """filter [add] <header> <value|/regex/> and filter delete <header> [value]|all.
+
+        As mod_event_socket's parse_command: a header without a value is `-ERR invalid syntax`, and
+        an `add` keyword before the header is skipped."""
         header, value = _first_word(args)
         if not header:
             self.reply(command_reply("-ERR command not found"))
-        elif header != "delete":
-            self.filters.append((header, value))
-            self.reply(command_reply(f"+OK filter added. [{header}]=[{value}]"))
         elif not value:
             self.reply(command_reply("-ERR invalid syntax"))
-        else:
+        elif header.lower() == "delete":
             self._delete_filter(*_first_word(value))
+        else:
+            self._add_filter(*_first_word(value) if header.lower() == "add" else (header, value))
+
+    def _add_filter(self, header: str, value: str) -> None:
+        """Add one filter; `filter add <header>` alone adds nothing (a NULL value) yet says +OK."""
+        if value:
+            self.filters.append((header, value))
+        self.reply(command_reply(f"+OK filter added. [{header}]=[{value or '(null)'}]"))
 
     def _delete_filter(self, header: str, value: str) -> None:
         """filter delete all | <header> (all its filters) | <header> <value> (that one)."""
-        if header == "all":
+        if header.lower() == "all":
             self.filters.clear()
         else:
             self.filters = [f for f in self.filters if f[0] != header or (value and f[1] != value)]

@@ -165,7 +165,7 @@ class Connection:
                     return
             elif event.name not in self.events:
                 return
-        if self.filters and not any(self._match(event, h, v) for h, v in self.filters):
+        if self.filters and not self._passes_filters(event):
             return
         self._queue(event.frame(self.fmt))
 
@@ -175,17 +175,23 @@ class Connection:
         else:
             self.outq.put(data)
 
-    @staticmethod
-    def _match(event: Event, header: str, value: str) -> bool:
-        actual = event.get(header)
-        if actual is None:
-            return False
-        if len(value) > 1 and value.startswith("/") and value.endswith("/"):
-            try:
-                return re.search(value[1:-1], actual) is not None
-            except re.error:
-                return False
-        return actual == value
+    def _passes_filters(self, event: Event) -> bool:
+        """mod_event_socket's event_handler: positive filters let an event through when one matches, a
+        negative one (value led by `-`) that matches drops it; filters on headers the event lacks
+        do not count."""
+        send = False
+        for header, value in self.filters:
+            actual = _header(event, header)
+            if actual is None:
+                continue
+            positive, wanted = _filter_sign(value)
+            if (send and positive) or not wanted:
+                continue
+            if _filter_matches(actual, wanted, regex=value.startswith("/")):
+                if not positive:
+                    return False
+                send = True
+        return send
 
     def _myevents_ended(self, event: Event) -> None:
         self.myevents_done = True
@@ -443,6 +449,33 @@ class Connection:
             ev.body = msg.body
         self.reply(command_reply(f"+OK {ev_uuid}"))
         sw.fire(ev)
+
+
+def _header(event: Event, name: str) -> str | None:
+    """An event header by name, without regard to case (switch_event_get_header)."""
+    low = name.lower()
+    return next((v for k, v in event.headers if k.lower() == low), None)
+
+
+def _filter_sign(value: str) -> tuple[bool, str]:
+    """(positive, the value to compare) of a filter value: leading `+` / `-` / blanks set the sign."""
+    positive = True
+    rest = value.lstrip("+- ")
+    for ch in value[: len(value) - len(rest)]:
+        if ch in "+-":
+            positive = ch == "+"
+    return positive, rest
+
+
+def _filter_matches(actual: str, wanted: str, regex: bool) -> bool:
+    """A /regex/ (switch_regex_perform) or a comparison without regard to case (strcasecmp)."""
+    if not regex:
+        return actual.lower() == wanted.lower()
+    pattern = wanted[1:-1] if len(wanted) > 1 and wanted.startswith("/") and wanted.endswith("/") else wanted
+    try:
+        return re.search(pattern, actual) is not None
+    except re.error:
+        return False
 
 
 def _first_word(text: str) -> tuple[str, str]:

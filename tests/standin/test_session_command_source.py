@@ -27,3 +27,28 @@ def test_filter_needs_a_value_and_skips_the_add_keyword(standin: StandIn) -> Non
         assert reply(c, "filter delete Event-Name") == "+OK filter deleted. [Event-Name][]"
     finally:
         c.close()
+
+
+def send_custom(c: EslClient, tag: str) -> None:
+    assert reply(c, f"sendevent CUSTOM\nEvent-Subclass: cb::probe\nX-Tag: {tag}").startswith("+OK ")
+
+
+def tags_received(c: EslClient, last: str) -> list[str]:
+    """X-Tag of every cb::probe event received, up to the one tagged `last` (sent last)."""
+    c.wait_event(lambda m: m.e("X-Tag") == last, 10)
+    return [m.e("X-Tag") or "" for m in c.events if m.e("Event-Subclass") == "cb::probe"]
+
+
+def test_filters_compare_without_case_and_a_minus_value_excludes(standin: StandIn) -> None:
+    """event_handler: a filter's header is looked up without regard to case and its value compared with
+    strcasecmp; a value led by `-` is a negative filter (a match drops the event), `+` a positive one."""
+    c = authed(standin)
+    try:
+        assert reply(c, "event plain ALL") == "+OK event listener enabled plain"
+        assert reply(c, "filter event-name custom").startswith("+OK filter added.")
+        assert reply(c, "filter X-Tag -drop").startswith("+OK filter added.")
+        for tag in ("drop", "keep", "DROP", "last"):
+            send_custom(c, tag)
+        assert tags_received(c, "last") == ["keep", "last"]
+    finally:
+        c.close()

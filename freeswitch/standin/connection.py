@@ -272,34 +272,33 @@ class Connection:
         sw.fire(ev)
 
     def cmd_event(self, args: str, msg: Message) -> None:
-        """event [plain|json|xml] <names...|ALL|CUSTOM subclasses...>."""
+        """event [plain|json|xml] <names...|ALL|CUSTOM subclasses...>.
+
+        As parse_command: a first word naming a format sets it at once (even when no keyword follows);
+        without one the listener keeps its format. Every word after CUSTOM is a subclass."""
         words = args.split()
-        fmt = "plain"
-        if words and words[0] in ("plain", "json", "xml"):
-            fmt = words.pop(0)
+        if words and words[0].lower() in ("plain", "json", "xml"):
+            self.fmt = words.pop(0).lower()
+        if not self._subscribe(words):
+            self.reply(command_reply("-ERR no keywords supplied"))
+            return
+        self.listening = True
+        self.reply(command_reply(f"+OK event listener enabled {self.fmt}"))
+
+    def _subscribe(self, words: list[str]) -> bool:
+        """Add the event names (and CUSTOM subclasses) in words; False when none was an event name."""
         custom = False
         found = False
         for w in words:
-            if custom and w not in KNOWN_EVENTS:
+            if custom:
                 self.custom.add(w)
-                found = True
-                continue
-            custom = False
-            if w == "ALL":
-                self.all_events = True
-                found = True
-            elif w == "CUSTOM":
-                custom = True
-                found = True
+            elif w == "ALL":
+                self.all_events = found = True
             elif w in KNOWN_EVENTS:
                 self.events.add(w)
                 found = True
-        if not found:
-            self.reply(command_reply("-ERR no keywords supplied"))
-            return
-        self.fmt = fmt
-        self.listening = True
-        self.reply(command_reply(f"+OK event listener enabled {fmt}"))
+                custom = w == "CUSTOM"
+        return found
 
     def cmd_nixevent(self, args: str, msg: Message) -> None:
         """nixevent <names...>: stop receiving those events."""

@@ -52,3 +52,17 @@ def test_filters_compare_without_case_and_a_minus_value_excludes(standin: StandI
         assert tags_received(c, "last") == ["keep", "last"]
     finally:
         c.close()
+
+
+def test_event_without_a_format_keeps_the_current_one(standin: StandIn) -> None:
+    """parse_command, `event`: only a first word plain|json|xml (strcasecmp) sets listener->format, and it
+    is set before the keywords are checked; the reply names the listener's format."""
+    c = authed(standin)
+    try:
+        assert reply(c, "event json CHANNEL_CREATE") == "+OK event listener enabled json"
+        assert reply(c, "event CHANNEL_ANSWER") == "+OK event listener enabled json"
+        assert reply(c, "event xml") == "-ERR no keywords supplied"
+        assert reply(c, "event CHANNEL_HANGUP") == "+OK event listener enabled xml"
+        assert reply(c, "event PLAIN CUSTOM") == "+OK event listener enabled plain"
+    finally:
+        c.close()

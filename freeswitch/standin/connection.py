@@ -160,10 +160,9 @@ class Connection:
         if not self.listening:
             return
         if not self.all_events:
-            if event.name == "CUSTOM":
-                if "CUSTOM" not in self.events and event.subclass not in self.custom:
-                    return
-            elif event.name not in self.events:
+            if event.name not in self.events:
+                return
+            if event.name == "CUSTOM" and event.subclass and event.subclass not in self.custom:
                 return
         if self.filters and not self._passes_filters(event):
             return

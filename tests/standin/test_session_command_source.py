@@ -66,3 +66,19 @@ def test_event_without_a_format_keeps_the_current_one(standin: StandIn) -> None:
         assert reply(c, "event PLAIN CUSTOM") == "+OK event listener enabled plain"
     finally:
         c.close()
+
+
+def test_custom_without_subclasses_only_gets_custom_events_without_one(standin: StandIn) -> None:
+    """event_handler: with CUSTOM subscribed, a CUSTOM event that has a subclass is sent only when that
+    subclass was named (`event plain CUSTOM <subclass>`) or ALL is on."""
+    c = authed(standin)
+    try:
+        assert reply(c, "event plain CUSTOM") == "+OK event listener enabled plain"
+        send_custom(c, "unnamed")
+        assert reply(c, "sendevent CUSTOM\nX-Tag: no-subclass").startswith("+OK ")
+        assert reply(c, "event plain CUSTOM cb::probe") == "+OK event listener enabled plain"
+        send_custom(c, "named")
+        assert tags_received(c, "named") == ["named"]
+        assert [m.e("X-Tag") for m in c.events] == ["no-subclass", "named"]
+    finally:
+        c.close()

@@ -300,16 +300,37 @@ class Connection:
         return found
 
     def cmd_nixevent(self, args: str, msg: Message) -> None:
-        """nixevent <names...>: stop receiving those events."""
-        for w in args.split():
-            if w == "ALL":
-                self.all_events = False
-                self.events.clear()
-                self.custom.clear()
-            else:
-                self.events.discard(w)
-                self.custom.discard(w)
+        """nixevent <names...>: stop receiving those events (parse_command's `nixevent` branch)."""
+        if not self._unsubscribe(args.split()):
+            self.reply(command_reply("-ERR no keywords supplied"))
+            return
+        self.listening = True
         self.reply(command_reply("+OK events nixed"))
+
+    def _unsubscribe(self, words: list[str]) -> bool:
+        """Drop the named events; a name while ALL is on leaves every other event on. After CUSTOM the
+        words are subclasses (CUSTOM itself stays on). False when no word was an event name."""
+        custom = False
+        found = False
+        for w in words:
+            if custom:
+                self.custom.discard(w)
+            elif w in KNOWN_EVENTS:
+                found = True
+                if w == "CUSTOM":
+                    custom = True
+                elif w == "ALL":
+                    self.all_events = False
+                    self.events.clear()
+                else:
+                    self._drop_event(w)
+        return found
+
+    def _drop_event(self, name: str) -> None:
+        if self.all_events:
+            self.all_events = False
+            self.events = set(KNOWN_EVENTS - {"ALL"})
+        self.events.discard(name)
 
     def cmd_noevents(self, args: str, msg: Message) -> None:
         """noevents: stop receiving events."""

@@ -82,3 +82,21 @@ def test_custom_without_subclasses_only_gets_custom_events_without_one(standin: 
         assert [m.e("X-Tag") for m in c.events] == ["no-subclass", "named"]
     finally:
         c.close()
+
+
+def test_nixevent_after_all_drops_only_that_event(standin: StandIn) -> None:
+    """parse_command, `nixevent`: a name while ALL is on turns ALL into every single event but that one;
+    no known name at all -> `-ERR no keywords supplied`."""
+    c = authed(standin)
+    try:
+        assert reply(c, "event plain ALL") == "+OK event listener enabled plain"
+        assert reply(c, "nixevent NOSUCHEVENT") == "-ERR no keywords supplied"
+        assert reply(c, "nixevent BACKGROUND_JOB") == "+OK events nixed"
+        assert (reply(c, "bgapi status") or "").startswith("+OK Job-UUID: ")
+        assert c.api("status").startswith("UP ")
+        assert reply(c, "sendevent CUSTOM\nX-Tag: sentinel").startswith("+OK ")
+        c.wait_event(lambda m: m.e("X-Tag") == "sentinel", 10)
+        assert c.named("BACKGROUND_JOB") == []
+        assert c.named("API")  # everything else still comes
+    finally:
+        c.close()

@@ -204,8 +204,12 @@ class Connection:
         """Dispatch one client message."""
         cmd, _, args = msg.command.partition(" ")
         args = args.strip()
+        if msg.command[:4].lower() == "exit" or msg.command.startswith("..."):
+            cmd = "exit"  # parse_command's first test, made before the auth check
         if not self.authed:
-            if cmd == "auth":
+            if cmd == "exit":
+                self.cmd_exit(args, msg)
+            elif cmd == "auth":
                 self._auth(args)
             else:
                 self.reply(command_reply("-ERR command not found"))

@@ -100,3 +100,20 @@ def test_nixevent_after_all_drops_only_that_event(standin: StandIn) -> None:
         assert c.named("API")  # everything else still comes
     finally:
         c.close()
+
+
+def test_exit_before_auth_says_goodbye(standin: StandIn) -> None:
+    """parse_command tests `exit` (and `...`) before the auth check: +OK bye, then listener_run's
+    disconnect notice, then the socket closes - authenticated or not."""
+    for line in ("exit", "..."):
+        c = EslClient(standin.port, timeout=10)
+        try:
+            assert c.read_reply().content_type == "auth/request"
+            assert reply(c, line) == "+OK bye"
+            notice = c.read()
+            assert notice.content_type == "text/disconnect-notice"
+            assert notice.body == b"Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
+            c.pump(0.5)
+            assert c.closed
+        finally:
+            c.close()

@@ -252,7 +252,8 @@ class Connection:
     def cmd_api(self, args: str, msg: Message) -> None:
         """api <command>: run it and answer api/response."""
         result = self.standin.api.execute(args)
-        self.reply(api_response(result))
+        # api_exec: an empty output is answered "-ERR no reply\n" (bgapi's BACKGROUND_JOB keeps it empty).
+        self.reply(api_response(result or "-ERR no reply\n"))
 
     def cmd_bgapi(self, args: str, msg: Message) -> None:
         """bgapi <command>: +OK Job-UUID now, BACKGROUND_JOB with the output later."""

@@ -117,3 +117,15 @@ def test_exit_before_auth_says_goodbye(standin: StandIn) -> None:
             assert c.closed
         finally:
             c.close()
+
+
+def test_api_with_no_output_answers_no_reply(standin: StandIn) -> None:
+    """api_exec: a synchronous api whose output is empty is answered `-ERR no reply\\n` (global_getvar of
+    an unset variable writes "%s" of switch_str_nil(NULL), i.e. nothing)."""
+    c = authed(standin)
+    try:
+        answer = c.cmd("api global_getvar cb_no_such_variable")
+        assert answer.headers == [("Content-Type", "api/response"), ("Content-Length", "14")]
+        assert answer.body == b"-ERR no reply\n"
+    finally:
+        c.close()

@@ -431,7 +431,7 @@ class Connection:
 
     def cmd_sendmsg(self, args: str, msg: Message) -> None:
         """sendmsg <uuid>: call-command execute (queued app) or hangup."""
-        uuid = args.strip() or (msg.header("Unique-ID") or "")
+        uuid = args.strip() or (msg.header("session-id") or "")
         ch = self.standin.switch.locate(uuid)
         if ch is None:
             self.reply(command_reply(f"-ERR invalid session id [{uuid}]"))
@@ -439,9 +439,7 @@ class Connection:
         command = (msg.header("call-command") or "").lower()
         if command == "execute":
             name = msg.header("execute-app-name") or ""
-            arg = msg.header("execute-app-arg")
-            if arg is None:
-                arg = msg.body
+            arg = msg.header("execute-app-arg") or _text_body(msg)
             try:
                 loops = int(msg.header("loops") or "1")
             except ValueError:
@@ -500,6 +498,11 @@ def _filter_matches(actual: str, wanted: str, regex: bool) -> bool:
         return re.search(pattern, actual) is not None
     except re.error:
         return False
+
+
+def _text_body(msg: Message) -> str:
+    """switch_ivr_parse_event: the body is the argument only when content-type is text/plain."""
+    return msg.body if (msg.header("content-type") or "").lower() == "text/plain" else ""
 
 
 def _first_word(text: str) -> tuple[str, str]:

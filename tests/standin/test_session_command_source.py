@@ -6,6 +6,7 @@ from __future__ import annotations
 from freeswitch.standin import StandIn
 
 from .esl_client import EslClient
+from .helpers import bg_originate, job_result, new_uuid
 
 
 def authed(standin: StandIn) -> EslClient:
@@ -129,3 +130,22 @@ def test_api_with_no_output_answers_no_reply(standin: StandIn) -> None:
         assert answer.body == b"-ERR no reply\n"
     finally:
         c.close()
+
+
+def test_sendmsg_body_is_the_argument_only_as_text_plain(client: EslClient) -> None:
+    """switch_ivr_parse_event: the body is the application's argument only when execute-app-arg is absent
+    and content-type is text/plain; without that content-type the application runs with no argument."""
+    uuid, job = bg_originate(client, "15550000531")
+    assert job_result(client, job).startswith("+OK")
+    for ctype, var in (("", "cb_untyped"), ("content-type: text/plain\n", "cb_typed")):
+        event_uuid = new_uuid()
+        body = f"{var}=1"
+        head = (f"sendmsg {uuid}\ncall-command: execute\nexecute-app-name: set\nEvent-UUID: {event_uuid}\n"
+                f"{ctype}content-length: {len(body)}\n\n")
+        client.send(head + body)
+        assert client.read_reply().h("Reply-Text") == "+OK"
+        done = client.wait_event(lambda m, e=event_uuid: m.name == "CHANNEL_EXECUTE_COMPLETE"
+                                 and m.e("Application-UUID") == e)
+        assert done.e("Application-Data") == (body if ctype else None)
+    assert client.api(f"uuid_getvar {uuid} cb_untyped") == "_undef_"
+    assert client.api(f"uuid_getvar {uuid} cb_typed") == "1"

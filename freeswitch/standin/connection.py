@@ -35,6 +35,7 @@ MYEVENTS = frozenset({
     "CHANNEL_STATE", "CHANNEL_UNBRIDGE", "CHANNEL_UNPARK", "DETECTED_SPEECH", "DTMF", "NOTALK", "TALK",
 })
 LOG_LEVELS = {"console": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
+LOG_INVALID = 64  # SWITCH_LOG_INVALID
 _CLOSE = b""
 
 
@@ -378,9 +379,12 @@ class Connection:
         self.reply(command_reply(f"+OK filter deleted. [{header}][{value}]"))
 
     def cmd_log(self, args: str, msg: Message) -> None:
-        """log <level>: accepted (the stand-in sends no log lines)."""
-        level = args.strip() or "debug"
-        num = int(level) if level.isdigit() else LOG_LEVELS.get(level.lower(), 7)
+        """log [level]: accepted (the stand-in sends no log lines); replies as parse_command's `log`."""
+        level = args.strip()
+        num = _log_level(level) if level else LOG_LEVELS["debug"]
+        if num is None:
+            self.reply(command_reply("-ERR invalid log level"))
+            return
         self.log_level = num
         self.reply(command_reply(f"+OK log level {level} [{num}]"))
 
@@ -503,6 +507,14 @@ def _filter_matches(actual: str, wanted: str, regex: bool) -> bool:
 def _text_body(msg: Message) -> str:
     """switch_ivr_parse_event: the body is the argument only when content-type is text/plain."""
     return msg.body if (msg.header("content-type") or "").lower() == "text/plain" else ""
+
+
+def _log_level(text: str) -> int | None:
+    """switch_log_str2level: a number (clamped to 0..SWITCH_LOG_INVALID-1) or a level name; None if invalid."""
+    if re.fullmatch(r"-?\d+", text):
+        num = max(0, int(text))
+        return LOG_INVALID - 1 if num > LOG_INVALID else (None if num == LOG_INVALID else num)
+    return LOG_LEVELS.get(text.lower())
 
 
 def _first_word(text: str) -> tuple[str, str]:

@@ -149,3 +149,17 @@ def test_sendmsg_body_is_the_argument_only_as_text_plain(client: EslClient) -> N
         assert done.e("Application-Data") == (body if ctype else None)
     assert client.api(f"uuid_getvar {uuid} cb_untyped") == "_undef_"
     assert client.api(f"uuid_getvar {uuid} cb_typed") == "1"
+
+
+def test_log_levels_as_switch_log_str2level(standin: StandIn) -> None:
+    """parse_command, `log`: no argument keeps SWITCH_LOG_DEBUG and prints an empty name; the level is
+    switch_log_str2level's (a number clamped below SWITCH_LOG_INVALID, or a name without regard to case);
+    anything else -> `-ERR invalid log level`."""
+    c = authed(standin)
+    try:
+        assert reply(c, "log") == "+OK log level  [7]"
+        assert reply(c, "log bogus") == "-ERR invalid log level"
+        assert reply(c, "log WARNING") == "+OK log level WARNING [4]"
+        assert reply(c, "log 99") == "+OK log level 99 [63]"
+    finally:
+        c.close()

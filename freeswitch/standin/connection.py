@@ -204,7 +204,7 @@ class Connection:
     def handle(self, msg: Message) -> None:
         """Dispatch one client message."""
         cmd, _, args = msg.command.partition(" ")
-        args = args.strip()
+        cmd, args = cmd.lower(), args.strip()  # parse_command matches with strncasecmp
         if msg.command[:4].lower() == "exit" or msg.command.startswith("..."):
             cmd = "exit"  # parse_command's first test, made before the auth check
         if not self.authed:

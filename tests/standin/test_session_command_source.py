@@ -163,3 +163,15 @@ def test_log_levels_as_switch_log_str2level(standin: StandIn) -> None:
         assert reply(c, "log 99") == "+OK log level 99 [63]"
     finally:
         c.close()
+
+
+def test_command_words_are_matched_without_regard_to_case(standin: StandIn) -> None:
+    """parse_command compares every command word with strncasecmp (`auth `, `api `, `event`, ...)."""
+    c = EslClient(standin.port)
+    try:
+        assert c.read_reply().content_type == "auth/request"
+        assert reply(c, "AUTH ClueCon") == "+OK accepted"
+        assert c.cmd("API version").body == b"FreeSWITCH Version 1.10.12-release~64bit ( 64bit)\n"
+        assert reply(c, "Event plain CHANNEL_CREATE") == "+OK event listener enabled plain"
+    finally:
+        c.close()

@@ -405,6 +405,20 @@ def _validate(s: Settings) -> None:
                  f"media_allow_private: {entry!r} is neither a host name nor an address range")
 
 
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:  # a folder, or not readable by this user (e.g. not in the callbridge group)
+        raise ConfigError(f"config file {path}: cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text (TOML files are UTF-8)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
 def load_settings(path: str | os.PathLike[str] | None = None,
                   environ: Mapping[str, str] | None = None,
                   **overrides: Any) -> Settings:
@@ -413,13 +427,7 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     values: dict[str, Any] = {}
     path = path or env.get("CALLBRIDGE_CONFIG")
     if path:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
+        data = _read_file(path)
         for name, raw in _flatten(data).items():
             if name not in FIELDS:
                 raise ConfigError(f"config file {path}: unknown setting {name!r}")

@@ -69,6 +69,16 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml", environ={})
 
 
+def test_a_file_that_cannot_be_read_as_toml_text_is_a_clear_error(tmp_path: Path) -> None:
+    """A folder, or a file that is not UTF-8 text, names the file and why; never a traceback."""
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path}: cannot be read: "):
+        load_settings(tmp_path, environ={})
+    binary = tmp_path / "callbridge.toml"
+    binary.write_bytes(b'esl_host = "\xff\xfe"\n')
+    with pytest.raises(ConfigError, match=f"^config file {binary}: not UTF-8 text"):
+        load_settings(binary, environ={})
+
+
 def test_database_password_is_masked() -> None:
     s = load_settings(environ={"CALLBRIDGE_DATABASE_URL": "postgresql://cb:hunter2@db.local/cb",
                                "CALLBRIDGE_STATE_DIR": "/tmp"})

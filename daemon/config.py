@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -238,6 +239,8 @@ def _coerce(name: str, raw: Any) -> Any:
     kind = FIELDS[name].type
     if kind == "list[SwitchAddress]":
         return parse_switches(raw)
+    if kind in ("int", "float") and _not_finite(raw):
+        raise ConfigError(f"{name}: expected a finite number, got {raw!r}")
     try:
         if kind == "bool":
             if isinstance(raw, bool):
@@ -276,6 +279,15 @@ def _coerce(name: str, raw: Any) -> Any:
         return str(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+
+
+def _not_finite(raw: Any) -> bool:
+    # inf and nan parse as floats (TOML has them, float("inf") reads them) but no setting means them:
+    # later an int() or a timedelta of them overflows at start.
+    try:
+        return not math.isfinite(float(raw))
+    except (TypeError, ValueError):
+        return False  # not a number at all: _coerce says so
 
 
 def parse_switches(raw: Any) -> list[SwitchAddress]:

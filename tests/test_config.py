@@ -56,6 +56,10 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     ("lease_seconds = 2\n", {}, "lease_seconds: must be at least 3"),
     ("", {"CALLBRIDGE_INSTANCE_ID": "node 1"}, "instance_id: at most 100 letters, digits and . _ : -"),
     ("", {"CALLBRIDGE_INSTANCE_ID": "n" * 101}, "instance_id: at most 100"),
+    # inf would overflow at start (an int(), a timedelta of the lease): refused here instead
+    ("originate_timeout = inf\n", {}, "originate_timeout: expected a finite number, got inf"),
+    ("", {"CALLBRIDGE_LEASE_SECONDS": "inf"}, "lease_seconds: expected a finite number, got 'inf'"),
+    ("[http]\nheader_timeout = inf\n", {}, "http_header_timeout: expected a finite number, got inf"),
 ])
 def test_wrong_values_name_the_setting_and_the_rule(tmp_path: Path, text: str, env: dict[str, str],
                                                     message: str) -> None:

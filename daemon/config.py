@@ -377,7 +377,7 @@ def _validate(s: Settings) -> None:
     for name in ("esl_command_timeout", "esl_heartbeat_timeout", "switch_status_interval", "webhook_timeout",
                  "media_connect_timeout", "media_read_timeout", "media_total_timeout", "tts_timeout",
                  "http_header_timeout", "http_body_timeout", "http_idle_timeout",
-                 "media_queue_timeout", "media_decode_timeout"):
+                 "media_queue_timeout", "media_decode_timeout", "esl_reconnect_max_delay", "shutdown_grace"):
         need(getattr(s, name) > 0, f"{name}: must be greater than 0")
     for name in ("originate_timeout", "max_in_flight", "schedule_max_days", "sample_rate", "msg_max_chars",
                  "media_max_bytes", "media_max_play_seconds", "media_max_dialtone_seconds", "media_workers",

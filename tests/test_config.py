@@ -60,6 +60,10 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     ("originate_timeout = inf\n", {}, "originate_timeout: expected a finite number, got inf"),
     ("", {"CALLBRIDGE_LEASE_SECONDS": "inf"}, "lease_seconds: expected a finite number, got 'inf'"),
     ("[http]\nheader_timeout = inf\n", {}, "http_header_timeout: expected a finite number, got inf"),
+    # 0 would redial a refusing switch in a busy loop; a negative grace would drop the writes queued at SIGTERM
+    ("[esl]\nreconnect_max_delay = 0\n", {}, "esl_reconnect_max_delay: must be greater than 0"),
+    ("", {"CALLBRIDGE_ESL_RECONNECT_MAX_DELAY": "-5"}, "esl_reconnect_max_delay: must be greater than 0"),
+    ("shutdown_grace = -1\n", {}, "shutdown_grace: must be greater than 0"),
 ])
 def test_wrong_values_name_the_setting_and_the_rule(tmp_path: Path, text: str, env: dict[str, str],
                                                     message: str) -> None:

@@ -30,7 +30,7 @@ from daemon.accounts.endpoints import (
 )
 from daemon.calls.records import CallRecords
 from daemon.calls.view import call_view, timeline_view
-from daemon.config import ConfigError, Settings, load_settings, mask_url
+from daemon.config import ConfigError, Settings, SwitchAddress, load_settings, mask_url
 from daemon.store import Account, Call, CallStatus, Endpoint, open_database
 
 
@@ -193,16 +193,28 @@ def hangup_call(call: Call, settings: Settings) -> dict[str, Any]:
 
     if not CallStatus(call.status).in_flight or not call.a_uuid:
         raise EndpointError(f"callid {call.callid}: not in progress (status {call.status})")
-    conn = EslConnection(settings.esl_host, settings.esl_port, settings.esl_password,
+    switch = _switch_of(call, settings)
+    conn = EslConnection(switch.host, switch.port, switch.password,
                          connect_timeout=settings.esl_command_timeout, command_timeout=settings.esl_command_timeout)
     try:
         conn.connect()
         reply = conn.api(fs.uuid_kill(call.a_uuid, "NORMAL_CLEARING")).strip()
     except EslError as exc:
-        raise EndpointError(f"FreeSWITCH at {settings.esl_host}:{settings.esl_port}: {exc}") from None
+        raise EndpointError(f"FreeSWITCH at {switch.name}: {exc}") from None
     finally:
         conn.close()
     return {"callid": call.callid, "freeswitch": reply}
+
+
+def _switch_of(call: Call, settings: Settings) -> SwitchAddress:
+    """The switch the call's legs were sent to, as the engine finds it (a call from before the column: the first)."""
+    switches = settings.switch_addresses
+    if not call.switch:
+        return switches[0]
+    for switch in switches:
+        if switch.name == call.switch:
+            return switch
+    raise EndpointError(f"callid {call.callid}: its switch {call.switch} is not in the settings")
 
 
 def _store_unavailable(settings: Settings, exc: Exception) -> int:

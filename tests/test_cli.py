@@ -11,6 +11,7 @@ from daemon.accounts.endpoints import authenticate, hash_token
 from daemon.calls.records import add_event
 from daemon.cli import main
 from daemon.store import Call, Endpoint, utcnow
+from tests.fake_esl_server import FakeEslServer, FakeSession, api_response
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -85,6 +86,39 @@ def test_calls_in_flight_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert shown["status"] == "dialing_b" and [t["kind"] for t in shown["timeline"]] == ["claimed"]
     code, _, err = run(capsys, "calls", "show", "nope", "--json")
     assert code == 2 and "no such call" in err
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.stores("sqlite")
+def test_calls_hangup_goes_to_the_switch_that_has_the_call(capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several switches, ``uuid_kill`` goes to the one the call's legs were sent to (``call.switch``)."""
+    def script(session: FakeSession) -> None:
+        session.handshake("pw")
+        session.read_command()
+        session.send(api_response("+OK\n"))
+        session.wait_client_close()
+
+    with FakeEslServer(script) as first, FakeEslServer(script) as second:
+        monkeypatch.setenv("CALLBRIDGE_SWITCHES", f"127.0.0.1:{first.port}:pw,127.0.0.1:{second.port}:pw")
+        monkeypatch.setenv("CALLBRIDGE_ESL_PORT", str(_closed_port()))  # not a switch of this daemon
+        run(capsys, *ADD)
+        call = Call.create(callid="abc123abc123", endpoint=Endpoint.get(Endpoint.name == "acme"),
+                           phone_a="15550000001", phone_b="15550000002", due_at=utcnow(), status="bridged",
+                           started_at=utcnow(), a_uuid="a" * 8 + "-0000-4000-8000-" + "0" * 12,
+                           switch=f"127.0.0.1:{second.port}")
+        code, out, err = run(capsys, "calls", "hangup", "abc123abc123", "--json")
+        assert code == 0, err
+        assert json.loads(out) == {"callid": "abc123abc123", "freeswitch": "+OK"}
+        assert second.sessions[0].received[-1] == f"api uuid_kill {call.a_uuid} NORMAL_CLEARING\n\n".encode()
+        assert not first.sessions and not first.errors and not second.errors
 
 
 def test_check_config_masks_the_password(capsys: pytest.CaptureFixture[str],

@@ -236,14 +236,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in (None, "run"):
         from daemon.ops.logs import configure
-        from daemon.service import Service
+        from daemon.service import ListenError, Service
 
         configure(settings.log_format, settings.log_level)
         try:
             service = Service(settings)
         except OperationalError as exc:
             return _store_unavailable(settings, exc)
-        service.run_forever()
+        try:
+            service.run_forever()
+        except ListenError as exc:
+            print(f"callbridge: {exc}", file=sys.stderr)
+            return 2
         return 0
     try:
         open_database(settings.database_url)

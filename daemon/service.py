@@ -1,7 +1,7 @@
 """The daemon process: wires the store, media, engine, dispatcher and HTTP API together and runs them.
 
-Order at start: database (migrated) → the store's writer (on SQLite a thread of its own: nothing on the
-event loop waits for the disk) → engine (connects to FreeSWITCH in the background, adopts the
+Order at start: database (migrated) → the API's socket bound (a port in use ends the start here) → the
+store's writer (on SQLite a thread of its own: nothing on the event loop waits for the disk) → engine (connects to FreeSWITCH in the background, adopts the
 calls a previous run left in flight) → dispatcher (marks calls missed while down, then starts due
 ones) → leases (renewed; calls of daemons that died taken over: daemon/calls/leases.py) → HTTP server →
 ``READY=1`` to systemd. On SIGTERM: stop taking calls, leave calls in progress to FreeSWITCH (they are
@@ -46,6 +46,10 @@ MEDIA_EVICTION_INTERVAL = 3600.0  # seconds; the first eviction comes one interv
 # a hundred calls ending a second one look per call was the daemon's largest single cost per call.
 CALL_END_WAKE_DELAY = 0.02  # seconds
 GIL_SWITCH_INTERVAL = 0.001  # seconds
+
+
+class ListenError(Exception):
+    """The HTTP API cannot listen at http_host:http_port; the message names both and the reason."""
 
 
 class Service:
@@ -104,7 +108,16 @@ class Service:
     def http_port(self) -> int:
         return int(self.server.server_port)
 
+    def listen(self) -> None:
+        """Bind the API's socket, first of all: a port in use stops the start before a call is dialed."""
+        try:
+            self.server.init_socket()
+        except OSError as exc:
+            raise ListenError(f"http_host/http_port {self.settings.http_host}:{self.settings.http_port}: "
+                              f"cannot listen: {exc.strerror or exc}") from None
+
     def start(self) -> None:
+        self.listen()
         if database_file(self.settings.database_url) is not None and not self.settings.database_url.endswith(
                 ":memory:"):
             self.writer = ThreadWriter(self.database)

@@ -110,6 +110,33 @@ def test_the_daemon_speaks_the_protocol_as_systemd_runs_it(notify_socket: tuple[
             proc.wait(timeout=5)
 
 
+def test_a_port_in_use_stops_the_start_with_one_line_before_anything_runs(
+        notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:
+    """The API's port taken: one line naming http_host/http_port, exit 2, no READY, no switch dialed."""
+    sock, path = notify_socket
+    with socket.socket() as taken, socket.socket() as switch:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        switch.bind(("127.0.0.1", 0))
+        switch.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBRIDGE_")}
+        env.update(NOTIFY_SOCKET=path, CALLBRIDGE_STATE_DIR=str(tmp_path / "state"),
+                   CALLBRIDGE_HTTP_PORT=str(port), CALLBRIDGE_ESL_PORT=str(switch.getsockname()[1]))
+        proc = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.splitlines()[-1].startswith(
+            f"callbridge: http_host/http_port 127.0.0.1:{port}: cannot listen: "), proc.stderr[-2000:]
+        switch.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing started before the port was known to be free
+            switch.accept()
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sock.recv(4096)
+
+
 # -- the unit ---------------------------------------------------------------------------------------
 
 def unit_options() -> dict[str, list[str]]:

@@ -243,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             service = Service(settings)
         except OperationalError as exc:
             return _store_unavailable(settings, exc)
+        except ConfigError as exc:  # a path to make at start (state_dir, portal_secret_key_file)
+            print(f"callbridge: configuration error: {exc}", file=sys.stderr)
+            return 2
         try:
             service.run_forever()
         except ListenError as exc:
@@ -251,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         open_database(settings.database_url)
-    except OperationalError as exc:
+    except (OperationalError, OSError) as exc:  # OSError: the SQLite file's folder cannot be made
         return _store_unavailable(settings, exc)
     try:
         if args.command == "endpoint":

@@ -23,7 +23,7 @@ import gevent.event
 from daemon.calls.dispatcher import Dispatcher
 from daemon.calls.leases import Leases, new_instance_id
 from daemon.calls.records import CallRecords
-from daemon.config import Settings
+from daemon.config import ConfigError, Settings
 from daemon.loop import Loop
 from daemon.media.library import MediaLibrary
 from daemon.ops.heap import FREEZE_INTERVAL, Heap
@@ -48,6 +48,15 @@ CALL_END_WAKE_DELAY = 0.02  # seconds
 GIL_SWITCH_INTERVAL = 0.001  # seconds
 
 
+def make_folders(settings: Settings) -> None:
+    """The state folder's media and recordings folders; ConfigError naming state_dir when they cannot be made."""
+    for folder in (settings.media_dir, settings.recordings_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # under a file, read-only (ProtectSystem=strict outside StateDirectory) ...
+            raise ConfigError(f"state_dir: cannot create {folder}: {exc.strerror or exc}") from None
+
+
 class ListenError(Exception):
     """The HTTP API cannot listen at http_host:http_port; the message names both and the reason."""
 
@@ -57,9 +66,8 @@ class Service:
 
     def __init__(self, settings: Settings, clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.settings = settings
+        make_folders(settings)
         self.database = open_database(settings.database_url)
-        settings.media_dir.mkdir(parents=True, exist_ok=True)
-        settings.recordings_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
         self.clock = clock
         self.instance_id = settings.instance_id or new_instance_id()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,9 +92,10 @@ def test_calls_in_flight_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "no such call" in err
 
 
-def _closed_port() -> int:
-    import socket
+ROOT = Path(__file__).resolve().parent.parent
 
+
+def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -119,6 +124,41 @@ def test_calls_hangup_goes_to_the_switch_that_has_the_call(capsys: pytest.Captur
         assert json.loads(out) == {"callid": "abc123abc123", "freeswitch": "+OK"}
         assert second.sessions[0].received[-1] == f"api uuid_kill {call.a_uuid} NORMAL_CLEARING\n\n".encode()
         assert not first.sessions and not first.errors and not second.errors
+
+
+@pytest.mark.stores("sqlite")
+def test_a_store_folder_that_cannot_be_made_is_a_one_line_error(capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "state-is-a-file"
+    not_a_folder.write_text("")
+    monkeypatch.delenv("CALLBRIDGE_DATABASE_URL")  # the default store, in the state folder
+    monkeypatch.setenv("CALLBRIDGE_STATE_DIR", str(not_a_folder))
+    code, out, err = run(capsys, "endpoint", "list")
+    assert code == 2 and out == ""
+    assert err.startswith(f"callbridge: database_url sqlite:///{not_a_folder}/callbridge.db: cannot open the store: ")
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.stores("sqlite")
+@pytest.mark.parametrize(("setting", "below", "message"), [
+    ("STATE_DIR", "state", "state_dir: cannot create {path}/media: Not a directory"),
+    ("PORTAL_SECRET_KEY_FILE", "portal.key", "portal_secret_key_file: cannot read {path}: Not a directory"),
+])
+def test_run_with_a_path_that_cannot_be_made_is_a_one_line_error(tmp_path: Path, setting: str, below: str,
+                                                                  message: str) -> None:
+    """A folder to make at start sits under a file (or is read-only): named with why, exit 2, no traceback."""
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBRIDGE_")}
+    env.update(CALLBRIDGE_STATE_DIR=str(tmp_path / "state"), CALLBRIDGE_HTTP_PORT="0",
+               CALLBRIDGE_ESL_PORT=str(_closed_port()), CALLBRIDGE_DATABASE_URL=f"sqlite:///{tmp_path}/cb.db")
+    env[f"CALLBRIDGE_{setting}"] = str(not_a_folder / below)
+    proc = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    expected = "callbridge: configuration error: " + message.format(path=not_a_folder / below)
+    assert proc.stderr.splitlines()[-1] == expected, proc.stderr[-2000:]
 
 
 def test_check_config_masks_the_password(capsys: pytest.CaptureFixture[str],
@@ -158,8 +198,6 @@ def test_a_malformed_database_url_is_named_and_its_password_kept_out(
 @pytest.mark.stores("sqlite")
 def test_a_postgresql_store_that_cannot_be_reached_is_a_one_line_error(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
     with socket.socket() as sock:  # a loopback port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -64,6 +64,8 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     ("[esl]\nreconnect_max_delay = 0\n", {}, "esl_reconnect_max_delay: must be greater than 0"),
     ("", {"CALLBRIDGE_ESL_RECONNECT_MAX_DELAY": "-5"}, "esl_reconnect_max_delay: must be greater than 0"),
     ("shutdown_grace = -1\n", {}, "shutdown_grace: must be greater than 0"),
+    # a whole number is wanted: 45.5 is not silently cut to 45 (the environment's "45.5" is refused too)
+    ("originate_timeout = 45.5\n", {}, "originate_timeout: expected int, got 45.5"),
 ])
 def test_wrong_values_name_the_setting_and_the_rule(tmp_path: Path, text: str, env: dict[str, str],
                                                     message: str) -> None:

@@ -365,6 +365,8 @@ def _validate(s: Settings) -> None:
     need(1 <= s.esl_port <= 65535, f"esl_port: must be 1..65535, got {s.esl_port}")
     need(0 <= s.http_port <= 65535, f"http_port: must be 0..65535, got {s.http_port}")
     need(bool(s.esl_host), "esl_host: must not be empty")
+    need(bool(s.http_host.strip()), "http_host: must not be empty (it would listen on every address; "
+                                    "write 0.0.0.0 or :: to mean that)")
     need(bool(s.esl_password) and not any(c in s.esl_password for c in "\r\n "),
          "esl_password: must be non-empty with no spaces or line breaks")
     _validate_switches(s.switches)

@@ -66,6 +66,9 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     ("shutdown_grace = -1\n", {}, "shutdown_grace: must be greater than 0"),
     # a whole number is wanted: 45.5 is not silently cut to 45 (the environment's "45.5" is refused too)
     ("originate_timeout = 45.5\n", {}, "originate_timeout: expected int, got 45.5"),
+    # an empty host binds every address of the machine: an empty variable must not open the API to all
+    ("", {"CALLBRIDGE_HTTP_HOST": ""}, "http_host: must not be empty"),
+    ("[http]\nhost = \" \"\n", {}, "http_host: must not be empty"),
 ])
 def test_wrong_values_name_the_setting_and_the_rule(tmp_path: Path, text: str, env: dict[str, str],
                                                     message: str) -> None:

@@ -3,12 +3,14 @@
 # (upgrades the code and the venv, never touches an existing /etc/callbridge/callbridge.toml).
 #
 #   sudo scripts/install.sh [--prefix DIR] [--python PYTHON] [--no-enable] [--dry-run]
+#   scripts/install.sh --print-config   (the config a new install writes, on stdout; compare yours)
 #
 # What it does:
 #   1. system user and group "callbridge" (no login, no home)
 #   2. copies the project to PREFIX (default /opt/callbridge), makes PREFIX/.venv, pip install .
 #   3. /var/lib/callbridge/{media,recordings} (the unit's StateDirectory) and /etc/callbridge
-#   4. /etc/callbridge/callbridge.toml from scripts/callbridge.toml.example, mode 0640, if absent
+#   4. /etc/callbridge/callbridge.toml from scripts/callbridge.toml.example, mode 0640, if absent,
+#      with state_dir set to /var/lib/callbridge (operator commands then use the service's store)
 #   5. adds the "freeswitch" user (if any) to the callbridge group, so FreeSWITCH reads media and
 #      writes recordings in /var/lib/callbridge
 #   6. the unit to /etc/systemd/system, daemon-reload, enable (start it yourself)
@@ -27,7 +29,24 @@ FS_CONF=/etc/freeswitch/autoload_configs/event_socket.conf.xml
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+# The config a new install writes: the example with state_dir pinned to the unit's StateDirectory
+# (a command run outside the unit has no $STATE_DIRECTORY, and "" would mean ./state: another store),
+# and FreeSWITCH's own Event Socket password when its config holds a plain one.
+render_config() {
+    local password="" edits
+    if [ -r "$FS_CONF" ]; then
+        password=$(sed -n 's/.*name="password"[[:space:]]*value="\([^"]*\)".*/\1/p' "$FS_CONF" | head -n 1)
+    fi
+    edits=(-e "s#^state_dir = \"\"\$#state_dir = \"$STATE_DIR\"#")
+    if [ -n "$password" ] && [[ "$password" =~ ^[A-Za-z0-9._~+-]+$ ]]; then
+        edits+=(-e "s/^password = \"ClueCon\"\$/password = \"$password\"/")
+    else
+        echo "    note: set [esl] password in $CONF_FILE to FreeSWITCH's event_socket password" >&2
+    fi
+    sed "${edits[@]}" "$SRC/scripts/callbridge.toml.example"
 }
 
 while [ $# -gt 0 ]; do
@@ -38,6 +57,7 @@ while [ $# -gt 0 ]; do
         --python=*) PYTHON=${1#*=}; shift ;;
         --no-enable) ENABLE=0; shift ;;
         --dry-run|-n) DRY_RUN=1; shift ;;
+        --print-config) render_config; exit 0 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -122,28 +142,17 @@ run install -d -o root -g "$NAME" -m 0750 "$CONF_DIR"
 
 say "4. config $CONF_FILE"
 if [ -e "$CONF_FILE" ]; then
-    echo "    $CONF_FILE exists: kept as it is (compare with $PREFIX/scripts/callbridge.toml.example)"
-else
-    password=""
-    if [ -r "$FS_CONF" ]; then
-        # Take the Event Socket password from FreeSWITCH's own config, so the two agree from the start.
-        password=$(sed -n 's/.*name="password"[[:space:]]*value="\([^"]*\)".*/\1/p' "$FS_CONF" | head -n 1)
+    echo "    $CONF_FILE exists: kept as it is (compare with: scripts/install.sh --print-config)"
+    if grep -qx 'state_dir = ""' "$CONF_FILE" 2>/dev/null; then
+        echo "    note: set state_dir = \"$STATE_DIR\" in it, or commands run outside the unit use ./state"
     fi
+else
     if [ "$DRY_RUN" = 1 ]; then
-        echo "    would write $CONF_FILE from callbridge.toml.example (root:$NAME, mode 0640)"
-        if [ -n "$password" ]; then
-            echo "    with the Event Socket password found in $FS_CONF"
-        fi
+        echo "    would write $CONF_FILE (root:$NAME, mode 0640): scripts/install.sh --print-config shows it"
     else
         tmp=$(mktemp)
         trap 'rm -f "$tmp"' EXIT
-        if [ -n "$password" ] && [[ "$password" =~ ^[A-Za-z0-9._~+-]+$ ]]; then
-            sed "s/^password = \"ClueCon\"$/password = \"$password\"/" \
-                "$SRC/scripts/callbridge.toml.example" >"$tmp"
-        else
-            cp "$SRC/scripts/callbridge.toml.example" "$tmp"
-            echo "    note: set [esl] password in $CONF_FILE to FreeSWITCH's event_socket password"
-        fi
+        render_config >"$tmp"
         install -o root -g "$NAME" -m 0640 "$tmp" "$CONF_FILE"
     fi
 fi

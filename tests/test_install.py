@@ -59,6 +59,22 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stdout + result.stderr
 
 
+def test_the_installed_config_points_operator_commands_at_the_services_store(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sudo -u callbridge python -m daemon --config /etc/callbridge/callbridge.toml endpoint add`` runs
+    outside the unit (no $STATE_DIRECTORY): the config install.sh writes must still name the service's store."""
+    result = subprocess.run(["bash", str(INSTALL), "--print-config"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    config = tmp_path / "callbridge.toml"
+    config.write_text(result.stdout)
+    monkeypatch.chdir(tmp_path)  # wherever the operator happens to be
+    settings = load_settings(config, environ={})
+    assert settings.state_dir == "/var/lib/callbridge"
+    assert settings.database_url == "sqlite:////var/lib/callbridge/callbridge.db"
+    under_systemd = load_settings(config, environ={"STATE_DIRECTORY": "/var/lib/callbridge"})
+    assert dataclasses.asdict(under_systemd) == dataclasses.asdict(settings)
+
+
 def test_example_config_loads_with_the_defaults() -> None:
     from_file = load_settings(EXAMPLE, environ={})
     defaults = load_settings(None, environ={})

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.config import Settings
 from daemon.ops.systemd import notify, watchdog_interval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,11 @@ def test_notify_reaches_an_abstract_socket() -> None:
 def test_notify_outside_systemd_is_a_no_op() -> None:
     assert notify("READY=1", environ={}) is False
     assert notify("READY=1", environ={"NOTIFY_SOCKET": ""}) is False
+
+
+def test_a_notify_socket_that_cannot_be_reached_is_not_the_callers_failure(tmp_path: Path) -> None:
+    """A stale NOTIFY_SOCKET (inherited from a shell run under systemd) must not stop a start or a stop."""
+    assert notify("STOPPING=1", environ={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}) is False
 
 
 def test_watchdog_interval_is_half_of_watchdog_sec() -> None:
@@ -156,6 +162,8 @@ def test_unit_has_what_the_daemon_relies_on() -> None:
     assert options["StateDirectory"] == ["callbridge"] and options["ConfigurationDirectory"] == ["callbridge"]
     assert options["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]  # AF_UNIX: notify + journald
     assert options["MemoryDenyWriteExecute"] == ["no"]  # soundfile's cffi callbacks need W+X memory
+    # SIGTERM waits shutdown_grace for HTTP requests, then shutdown_grace for the last commit.
+    assert float(options["TimeoutStopSec"][0]) > 2 * Settings().shutdown_grace
     start = options["ExecStart"][0].split()
     assert start[:3] == ["/opt/callbridge/.venv/bin/python", "-m", "daemon"] and start[-1] == "run"
 

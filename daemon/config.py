@@ -388,7 +388,7 @@ def _validate(s: Settings) -> None:
         need(getattr(s, name) >= 1, f"{name}: must be at least 1")
     for name in ("schedule_grace", "past_grace", "media_max_redirects", "recordings_retention_days",
                  "auth_failures_per_minute", "portal_login_failures_per_account",
-                 "portal_login_failures_per_address"):
+                 "portal_login_failures_per_address", "media_cache_bytes", "webhook_retry_for"):
         need(getattr(s, name) >= 0, f"{name}: must be 0 or more")
     need(s.sample_rate in (8000, 16000, 32000, 48000), "sample_rate: must be 8000, 16000, 32000 or 48000")
     need(s.media_mode in ("local", "http"), f"media_mode: must be 'local' or 'http', got {s.media_mode!r}")

@@ -64,6 +64,9 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     ("[esl]\nreconnect_max_delay = 0\n", {}, "esl_reconnect_max_delay: must be greater than 0"),
     ("", {"CALLBRIDGE_ESL_RECONNECT_MAX_DELAY": "-5"}, "esl_reconnect_max_delay: must be greater than 0"),
     ("shutdown_grace = -1\n", {}, "shutdown_grace: must be greater than 0"),
+    # a negative cache would evict every file at each sweep; a negative retry time, give up at once
+    ("", {"CALLBRIDGE_MEDIA_CACHE_BYTES": "-1"}, "media_cache_bytes: must be 0 or more"),
+    ("", {"CALLBRIDGE_WEBHOOK_RETRY_FOR": "-60"}, "webhook_retry_for: must be 0 or more"),
     # a whole number is wanted: 45.5 is not silently cut to 45 (the environment's "45.5" is refused too)
     ("originate_timeout = 45.5\n", {}, "originate_timeout: expected int, got 45.5"),
     # an empty host binds every address of the machine: an empty variable must not open the API to all

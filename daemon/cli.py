@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--max-in-flight", type=int, default=10)
     add.add_argument("--calls-per-second", type=float, default=5.0)
     add.add_argument("--max-duration", type=int, default=3600, help="seconds from A's answer")
-    add.add_argument("--daily-cap", type=int, default=1000)
+    add.add_argument("--daily-cap", type=int, default=1000,
+                     help="calls started per UTC day (from 00:00 UTC); a call past it fails 'daily cap of N calls reached'")
     add.add_argument("--allowed-prefixes", default="", help="comma-separated digit prefixes; empty: any")
     add.add_argument("--extension-pattern", default="", help="regex for short internal numbers")
     add.add_argument("--webhook-url", default="")

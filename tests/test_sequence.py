@@ -650,10 +650,18 @@ def test_a_refused_a_waiting_for_room_outlives_a_reconnection_and_idle_checks(
     (uuid_exists says false) and must not end the call 'interrupted'; A goes when room comes."""
     sequence, switch = run_call()
     sequence.options.idle_check = 0.05
+    idle_checks = [0]
+    real_check = sequence._check_alive
+
+    def check_alive() -> None:
+        idle_checks[0] += 1
+        real_check()
+
+    sequence._check_alive = check_alive  # type: ignore[method-assign]
     refused_a_waiting_for_room(sequence, switch)
     switch.answers = {"uuid_exists": "false"}
     sequence.deliver(Reconnected(False))
-    gevent.sleep(0.3)  # several idle checks with nothing heard
+    assert wait_until(lambda: idle_checks[0] >= 3 or sequence.done)  # several idle checks with nothing heard
     assert not sequence.done, Call.get_by_id(sequence.call.id).reason
     assert not any(c.startswith("api uuid_exists") for c in switch.sent)
     switch.capacity.learn_limits(sps=30)

@@ -170,9 +170,9 @@ def test_connect_times_out_without_auth_request(serve, make_conn) -> None:
     server = serve(hold_open)
     conn = make_conn(server.port, connect_timeout=0.3)
     started = time.monotonic()
-    with pytest.raises(EslTimeout, match="auth/request"):
+    with pytest.raises(EslTimeout, match=r"no auth/request from .* within 0\.3s"):
         conn.connect()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10  # its own deadline, not the server's close 15 s later
     assert server.session_done.wait(5)
     assert server.sessions[0].closed_by_client.is_set()
 
@@ -236,12 +236,12 @@ def test_pending_command_fails_when_server_closes(serve, make_conn, recorder) ->
         session.read_command()
         session.close()  # mid-command
 
-    conn = make_conn(serve(script).port, command_timeout=10)
+    conn = make_conn(serve(script).port, command_timeout=60)
     conn.connect()
     started = time.monotonic()
     with pytest.raises(EslDisconnected):
         conn.api("status")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30  # at the close, not at the command's timeout
     assert recorder.disconnected.wait(5)
     assert len(recorder.disconnects) == 1
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import gevent
 import pytest
 
 from daemon.store import Call, CallEvent
@@ -152,8 +151,20 @@ def test_with_every_switch_away_calls_wait_queued_and_go_when_one_is_back(
     status, body = readyz(harness)
     assert status == 503 and sorted(body["data"]["switches_not_ready"]) == sorted(
         [name_of(switch), name_of(other)])
+    dispatcher = harness.service.dispatcher
+    real_tick, ticks = dispatcher.tick, [0]
+
+    def tick(now: Any, mono: float) -> float:
+        try:
+            return real_tick(now, mono)
+        finally:
+            ticks[0] += 1
+
+    dispatcher.tick = tick  # type: ignore[method-assign]
     calls = place_many(harness, 3, "15550000445", "15550006445")
-    gevent.sleep(1.0)  # the dispatcher looks at least once a second
+    ticks[0] = 0
+    # The dispatcher looks at least once a second: two whole looks after the calls were placed.
+    assert wait_for(lambda: ticks[0] >= 2, 30), "the dispatcher did not look at the queued calls"
     assert {Call.get_by_id(c.id).status for c in calls} == {"queued"}
     other.refuse_connections(False)
     done = [harness.wait_final(c, 60) for c in calls]

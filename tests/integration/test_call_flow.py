@@ -75,7 +75,7 @@ def test_a_hangs_up_while_b_rings_and_b_is_cancelled(harness: Harness) -> None:
     call = harness.place(harness.endpoint(), "15550000404", "15550004404")  # B never answers
     harness.wait_status(call, "dialing_b")
     fresh = Call.get_by_id(call.id)
-    assert wait_for(lambda: harness.switch.channel(fresh.b_uuid) is not None, 5)
+    assert wait_for(lambda: harness.switch.channel(fresh.b_uuid) is not None, 30)
     harness.switch.far_end_hangup(fresh.a_uuid)
     done = harness.wait_final(call)
     assert (done.status, done.failed_leg) == ("failed", "a"), harness.timeline(done)
@@ -117,7 +117,7 @@ def test_connection_dropped_with_the_originate_in_flight_is_reconciled_not_redia
     call = harness.place(harness.endpoint(), "15550001414", "15550006414")
     harness.wait_status(call, "dialing_a")
     fresh = Call.get_by_id(call.id)
-    assert wait_for(lambda: any(c.text.startswith("bgapi originate") for c in harness.switch.commands), 5)
+    assert wait_for(lambda: any(c.text.startswith("bgapi originate") for c in harness.switch.commands), 30)
     harness.switch.drop_connections()
     harness.switch.slow_replies(0)
     done = harness.wait_final(call, timeout=30)

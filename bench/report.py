@@ -22,7 +22,7 @@ class Figure:
     unit: str
     reference: float | None = None  # measured in this run
     reference_name: str = ""
-    target: str = ""  # e.g. ">= 0.50 x floor", "<= 25 ms"
+    target: str = ""  # e.g. ">= 0.35 x floor (issue 12)", "<= 25 ms"
     ok: bool | None = None  # None: no target
     size: str = ""  # which size ran
     note: str = ""

@@ -174,7 +174,12 @@ def engine_throughput(
         final = daemon.metrics()
         user, system = cpu_times(daemon.pid)
         user, system = user - user0, system - system0
-        calls = max(1.0, final.get("callbridge_calls_finished_total", 0.0))
+        # Per complete call, as the row says: a failed call (no B, no bridge) costs less and must not
+        # thin the figure out; the finished count is in the row's size column.
+        completed = sum(v for k, v in final.items()
+                        if k.startswith("callbridge_calls_finished_total{") and 'status="completed"' in k)
+        final["bench_completed"] = completed
+        calls = max(1.0, completed)
         final["bench_cpu_share"] = (user + system) / (time.perf_counter() - wall0)
         final["bench_cpu_per_call_ms"] = 1000 * (user + system) / calls
         final["bench_system_cpu_per_call_ms"] = 1000 * system / calls
@@ -227,9 +232,7 @@ def run(report: Report, full: bool) -> None:
             )
             gevent.sleep(20 * SCALE * 2)  # let the baseline's legs hang up before the engine runs
             rate, final = engine_throughput(folder, switch, n_engine, max_in_flight)
-            completed = final.get(
-                'callbridge_calls_finished_total{cause="NORMAL_CLEARING",status="completed"}', 0
-            )
+            completed = final["bench_completed"]
             size = (
                 f"{n_engine} calls, max_in_flight {max_in_flight}, cps cap lifted, "
                 f"{completed:.0f} completed / "
@@ -252,10 +255,10 @@ def run(report: Report, full: bool) -> None:
                 "daemon CPU per complete call",
                 final["bench_cpu_per_call_ms"],
                 "ms",
-                target="<= 2 ms",
+                target="<= 2 ms (issue 12)",
                 ok=bool(final["bench_cpu_per_call_ms"] <= 2.0),
-                size=f"{n_engine} calls: the daemon's user + system CPU from its start to the last one's end; "
-                f"system {final['bench_system_cpu_per_call_ms']:.2f} ms",
+                size=f"{completed:.0f} completed of {n_engine}: the daemon's user + system CPU from ready to the "
+                f"last one's end; system {final['bench_system_cpu_per_call_ms']:.2f} ms",
             )
             received, sent = final["bench_esl_received_per_call"], final["bench_esl_sent_per_call"]
             per_message_ms = 1000 * client_cpu / max(1, MESSAGES_PER_ORIGINATE * answered)

@@ -140,14 +140,19 @@ def _case(report: Report, folder: Path, name: str, n: int, spread: float) -> Non
     report.add("scheduler", f"{name}: lateness_ms p99 (recorded, own queueing included)",
                percentile(recorded, 99), "ms", size=f"max {max(recorded, default=math.nan):.0f} ms")
     p99 = percentile(beyond, 99)
+    # The percentile is over the calls that were claimed: one never started (still waiting when the bench
+    # gave up, or marked missed without a claim) has no lateness to count, so the target holds only if
+    # every call was claimed.
+    unclaimed = n - len(recorded)
     report.add(
         "scheduler",
         f"{name}: lateness_ms p99 beyond the allowed rate's own queueing",
         p99,
         "ms",
-        size=f"max {max(beyond, default=math.nan):.0f} ms",
-        target="<= 1000 ms (issues 6, 12)",
-        ok=p99 <= 1000,
+        size=f"max {max(beyond, default=math.nan):.0f} ms"
+        + (f"; {unclaimed} of {n} never claimed" if unclaimed else ""),
+        target="<= 1000 ms, every call claimed (issues 6, 12)",
+        ok=p99 <= 1000 and unclaimed == 0,
     )
     report.add(
         "scheduler",

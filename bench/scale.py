@@ -192,8 +192,8 @@ def run(report: Report, full: bool) -> None:
         f"event reaction p99, probes while {held} bridged",
         percentile(probe, 99),
         "ms",
-        target="<= 5 ms",
-        ok=percentile(probe, 99) <= 5.0,
+        target=f"<= 5 ms with {n:,} bridged (issue 12)",
+        ok=percentile(probe, 99) <= 5.0 and held >= n,
         size=f"max {max(probe, default=float('nan')):.1f} ms",
     )
     busy = reactions(busy_tap, busy_start)
@@ -202,8 +202,8 @@ def run(report: Report, full: bool) -> None:
         f"event reaction p99, probes while {held} bridged and 10 clients create calls",
         percentile(busy, 99),
         "ms",
-        target="<= 5 ms",
-        ok=percentile(busy, 99) <= 5.0,
+        target=f"<= 5 ms with {n:,} bridged (issue 12)",
+        ok=percentile(busy, 99) <= 5.0 and held >= n,
         size=f"p50 {percentile(busy, 50):.1f} ms, max {max(busy, default=float('nan')):.1f} ms, {len(busy)} probes; "
         f"creates meanwhile {created.rate:.0f}/s, p99 {created.p99:.1f} ms, {created.errors} errors",
     )

@@ -130,6 +130,8 @@ def test_changing_the_voice_renders_again(tmp_path: Path) -> None:
     ("Hello\x00\x07\x1b[31m world\u200b!\r\n", "Hello 31m world !"),
     ("a < b and c > d", "a b and c d"),
     ("<!-- hidden --> visible", "visible"),
+    ("U.S.A. and e.g. J. R. R. Tolkien", "U.S.A. and e.g. J. R. R. Tolkien"),
+    ("a.b.c.d.e.f.g.h.i.j", "a.b.c.d.e.f.g.h, i.j"),
 ])
 def test_markup_and_control_characters_are_neutralised(raw: str, clean: str) -> None:
     assert clean_text(raw) == clean
@@ -204,3 +206,12 @@ def test_the_system_command_engine_speaks_every_language(tmp_path: Path) -> None
     voices = dict(Settings().tts_voices, **{"de-DE": "xx-nowhere"})
     with pytest.raises(MediaError, match="^could not be spoken with voice xx-nowhere"):
         make_library(tmp_path, tts_engine="espeak-ng", tts_voices=voices).speak("Hallo", "de-DE")
+
+
+@pytest.mark.parametrize("unit", ["a.", "A.b.", "é.", "\U0001d400."])
+def test_a_long_run_of_dotted_letters_is_spoken_not_a_crash(tmp_path: Path, unit: str) -> None:
+    # eSpeak NG joins "a.b.c." into one word in a fixed stack buffer: 50 to 200 such letters (well
+    # within msg_max_chars) smashed its stack and killed the worker, and the request got a 400.
+    text = unit * (480 // len(unit))
+    media = make_library(tmp_path).speak(text, "en-US")
+    assert media.seconds > 5

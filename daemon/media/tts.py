@@ -13,7 +13,8 @@ Two engines, chosen by the ``tts_engine`` setting:
 Neither reads SSML (``espeakSSML`` / ``-m`` are never given). The library is also called without
 ``espeakPHONEMES``, so ``[[...]]`` is not taken as phoneme codes; the command does take them, and acts
 on control characters. ``clean_text`` removes those for both, strips tag-shaped markup (``<speak>``,
-``<break time="9s"/>``) and leaves plain words.
+``<break time="9s"/>``) and leaves plain words, with long runs of dotted letters cut into short ones
+(they crash the library).
 
 Voice names: the library looks a name up as a voice file ("en-us", "fr", "gmw/en", "fr+f3"), then as a
 language ("en-gb", "fr-fr"), as the espeak-ng command does; the voice it settled on is reported, and a
@@ -37,6 +38,10 @@ _VOICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+/-]{0,63}")
 _TAG = re.compile(r"<[!?/]?[A-Za-z][^<>]{0,500}>|<!--.*?-->", re.DOTALL)
 _MARKUP_CHARS = re.compile(r"[\[\]<>{}\\|]+")
 _SPACES = re.compile(r"\s+")
+# eSpeak NG joins dotted single letters ("U.S.A.", "J. R. R.") into one word in a fixed stack buffer, and
+# 50 to 200 of them in a row overflow it (the process aborts or corrupts memory). Only a clause break ends
+# such a word, so every eighth letter of a run gets a comma instead of its dot.
+_DOTTED_LETTERS = re.compile(r"((?:[^\W\d_]\.\s*){7}[^\W\d_])\.(?=\s*[^\W\d_]\.)")
 
 # speak_lib.h
 AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -59,6 +64,7 @@ def clean_text(text: str) -> str:
     text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
     text = _TAG.sub(" ", text)
     text = _MARKUP_CHARS.sub(" ", text)
+    text = _DOTTED_LETTERS.sub(r"\1, ", text)
     return _SPACES.sub(" ", text).strip()
 
 

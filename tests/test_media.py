@@ -273,6 +273,23 @@ def test_huge_content_length_is_refused_before_reading(tmp_path: Path, server: M
     assert time.monotonic() - started < 30  # refused on the header, before any read timed out
 
 
+def test_a_content_length_that_is_not_a_number_is_ignored(tmp_path: Path, server: MediaServer) -> None:
+    # "\u00b2" (superscript two) passes str.isdigit() but not int(): it used to escape as a bare
+    # ValueError, which the API turned into "play_url: invalid literal for int() with base 10".
+    data = tone_file()
+
+    def odd_length(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "\u00b2")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.wfile.write(data)
+        h.close_connection = True
+    server.routes["/odd.wav"] = odd_length
+    media = library(tmp_path).from_url(server.url("/odd.wav"), kind="play")
+    assert abs(media.seconds - 1.0) < 0.01
+
+
 def test_endless_body_without_length_stops_at_the_cap(tmp_path: Path, server: MediaServer) -> None:
     sent: list[int] = []
 

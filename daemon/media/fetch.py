@@ -336,7 +336,7 @@ def _size(limit: int) -> str:
 
 def _copy_body(response: http.client.HTTPResponse, max_bytes: int, into: BinaryIO) -> int:
     declared = response.getheader("Content-Length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+    if declared is not None and declared.strip().isdecimal() and int(declared) > max_bytes:
         raise FetchError(f"is larger than {_size(max_bytes)}")
     total = 0
     while True:

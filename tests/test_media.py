@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import gevent
 import numpy as np
 import pytest
 import soundfile as sf
@@ -330,6 +331,17 @@ def test_slow_trickle_hits_the_total_deadline(tmp_path: Path, server: MediaServe
     started = time.monotonic()
     assert refusal(lib, server.url("/slow.wav")) == "could not be fetched: it took longer than 1 seconds"
     assert time.monotonic() - started < 30  # at the total deadline, not after the trickle's 5,000 s
+
+
+def test_a_name_server_that_never_answers_hits_the_total_deadline(tmp_path: Path) -> None:
+    """The look-up of the host is under the total deadline too: a resolver still silent at the deadline
+    (here it would answer only after a minute, and with an address the guard refuses) ends the fetch."""
+    def silent_dns(host: str, port: int) -> list[str]:
+        gevent.sleep(60)
+        return ["127.0.0.2"]
+
+    lib = library(tmp_path, resolver=silent_dns, media_total_timeout=1.0)
+    assert refusal(lib, "http://media.example/a.wav") == "could not be fetched: it took longer than 1 seconds"
 
 
 def test_silent_server_hits_the_read_timeout(tmp_path: Path, server: MediaServer) -> None:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
+import gevent
+
 Resolver = Callable[[str, int], list[str]]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -293,7 +295,9 @@ def _open(target: _Target, policy: FetchPolicy, guard: AddressGuard, resolver: R
         addresses = [target.host]
     except ValueError:
         try:
-            addresses = list(resolver(target.host, target.port))
+            # A name server that never answers must not hold the request past the total deadline.
+            with gevent.Timeout(max(0.001, deadline - clock()), _Overtime):
+                addresses = list(resolver(target.host, target.port))
         except (OSError, UnicodeError):
             addresses = []
         if not addresses:

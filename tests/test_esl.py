@@ -30,6 +30,7 @@ from tests.fake_esl_server import (
     AUTH_REQUEST,
     FakeEslServer,
     FakeSession,
+    SessionClosed,
     api_response,
     disconnect_notice,
     event_plain,
@@ -628,3 +629,31 @@ def test_traffic_counts_whole_messages_across_connections(serve, make_conn, reco
     assert recorder.next_event().uuid == UUID_A
     assert (traffic.received, traffic.sent) == (8, 4)
     assert first.traffic is second.traffic is traffic
+
+
+def test_command_abandoned_by_its_caller_closes_connection(serve, make_conn, recorder) -> None:
+    # An outer gevent.Timeout or a kill (engine.stop kills stuck sequences) abandons a command whose bytes
+    # are out: its late reply must never become the answer to the next command.
+    first_read = Event()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        assert session.read_command() == b"api first\n\n"
+        first_read.set()
+        try:
+            session.read_command()  # only if the connection outlived the abandoned command
+        except SessionClosed:
+            return
+        session.send(api_response("late answer to first\n") + api_response("second\n"))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port, command_timeout=10)
+    conn.connect()
+    first = gevent.spawn(conn.api, "first")
+    assert first_read.wait(5)
+    first.kill(block=True, timeout=5)
+    assert first.dead
+    with pytest.raises(EslDisconnected):
+        conn.api("second", timeout=5)
+    assert not conn.connected
+    assert recorder.disconnected.wait(5)

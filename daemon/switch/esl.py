@@ -9,8 +9,8 @@ replaced here:
   ``connect()`` on a used object raises :class:`EslError` (greenswitch hangs when reused).
 * **Everything is bounded.** The TCP connect, the wait for ``auth/request`` and the ``auth`` reply
   are each bounded by ``connect_timeout``; every command by ``command_timeout`` (or its own
-  ``timeout``). A command that times out closes the connection, because a reply that comes later
-  would answer the next command.
+  ``timeout``). A command that times out, or whose caller is killed or timed out from outside while
+  it waits, closes the connection, because a reply that comes later would answer the next command.
 * **One command in flight.** Sends are serialised by a lock; the reply to a command is the next
   ``command/reply`` or ``api/response``. A reply arriving while nothing waits is logged and dropped,
   so it can never shift the replies of later commands.
@@ -420,18 +420,27 @@ class EslConnection(InboundESL):
                 return reply
             except gevent.Timeout as exc:
                 if exc is not timer:
+                    self._abandon(label, exc)
                     raise
                 raise self._fail(
                     EslTimeout(f"{label}: no reply from {self.address} within {limit}s; connection closed")
                 ) from None
             except OSError as exc:
                 raise self._fail(EslDisconnected(f"{label}: send to {self.address} failed: {exc}")) from exc
+            except BaseException as exc:
+                self._abandon(label, exc)
+                raise
             finally:
                 timer.close()
                 if self._pending is waiter:
                     self._pending = None
         finally:
             self._send_lock.release()
+
+    def _abandon(self, label: str, exc: BaseException) -> None:
+        # The caller was killed or timed out from outside while its bytes may be out: the reply that
+        # comes later would be taken as the next command's, so the connection cannot be trusted.
+        self._shutdown(EslDisconnected(f"{label}: abandoned before its reply ({exc!r}); connection closed"))
 
     def _usable_or_not_sent(self, need_auth: bool) -> socket.socket:
         try:

@@ -110,7 +110,9 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1 for the first retry)."""
-        return min(self.cap, self.first * 2 ** max(0, attempt - 1)) * self.rng.uniform(*self.jitter)
+        # Bounded doublings: 2**1024 does not fit a float, and 64 of them pass any cap long before.
+        doublings = min(max(0, attempt - 1), 64)
+        return min(self.cap, self.first * 2**doublings) * self.rng.uniform(*self.jitter)
 
     def next(self) -> float:
         """One more failure in a row: the delay before the next try."""

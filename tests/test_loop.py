@@ -151,3 +151,10 @@ def test_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:
     assert 0.16 <= backoff.next() <= 0.24
     same = Backoff(0.2, 1.0, rng=random.Random(7))
     assert [same.next() for _ in range(5)] == delays  # the randomness is injected
+
+
+def test_backoff_stays_at_its_cap_through_a_long_outage() -> None:
+    # The ESL supervisor retries every ~30 s while a switch is down: 1024 failures is under 9 hours.
+    backoff = Backoff(0.2, 30.0, jitter=(1.0, 1.0))
+    delays = [backoff.next() for _ in range(5000)]
+    assert delays[-1] == 30.0

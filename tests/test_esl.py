@@ -406,6 +406,26 @@ def test_bgapi_before_send_runs_at_its_turn_and_if_it_raises_nothing_is_sent(ser
                      "switch got bgapi originate two &park()", "mark three", "switch got api status"]
 
 
+def test_connection_lost_during_before_send_is_not_sent(serve, make_conn, recorder) -> None:
+    """The hook may yield (a store commit); if the connection goes meanwhile, the command never left and
+    says so (EslNotSent: safe to send again), rather than "outcome unknown"."""
+    drop = Event()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        assert drop.wait(timeout=10)
+        session.close()
+
+    def commit() -> None:
+        drop.set()
+        assert recorder.disconnected.wait(timeout=10)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    with pytest.raises(EslNotSent):
+        conn.bgapi("originate one &park()", "j1", before_send=commit)
+
+
 def test_send_message_sends_body_as_is(serve, make_conn) -> None:
     received: list[bytes] = []
     arg = "{origination_uuid=x}sofia/gateway/carrier/15550001161"

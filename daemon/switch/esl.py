@@ -406,6 +406,8 @@ class EslConnection(InboundESL):
             sock = self._usable_or_not_sent(need_auth)
             if before_send is not None:
                 before_send()
+                # It may have yielded (a store commit) while the connection went: then nothing left.
+                sock = self._usable_or_not_sent(need_auth)
             waiter: AsyncResult = AsyncResult()
             # Registered before sending: the reply may be read before the send returns.
             self._pending = waiter

@@ -39,7 +39,7 @@ from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.switch import commands as fs
 from daemon.switch.capacity import SwitchCapacity, parse_fsctl_max_sessions, parse_fsctl_sps
-from daemon.switch.esl import EslConnection, EslError, EslEvent, EslNotSent, EslTraffic
+from daemon.switch.esl import EslConnection, EslDisconnected, EslError, EslEvent, EslNotSent, EslTraffic
 
 if TYPE_CHECKING:
     from daemon.calls.sequence import CallSequence
@@ -130,6 +130,9 @@ class SwitchLink:
         except EslError:
             conn.close()
             raise
+        if not conn.connected:
+            # Gone after its last answer: its drop was heard before it was ours (_on_disconnect ignored it).
+            raise EslDisconnected(f"{self.name} closed the connection while it was being set up")
         restarted = self.core_uuid is not None and core != self.core_uuid
         away = self.unreachable_for(time.monotonic())
         self.core_uuid = core

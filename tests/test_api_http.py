@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import http.client
 import json
+import re
 import socket
 import threading
 import urllib.parse
@@ -301,3 +302,18 @@ def test_an_http_1_1_request_needs_exactly_one_host(live_server: LiveServer, raw
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer
     assert json.loads(body)["data"]["code_desc"].startswith("headers: Host: "), body
+
+
+def test_an_empty_line_after_a_body_before_the_next_request_is_ignored(live_server: LiveServer,
+                                                                        make_endpoint: Any) -> None:
+    """Some clients end a POST body with an extra CRLF; RFC 9112 2.2: a server ignores at least one empty
+    line before a request line. Both requests on the kept-alive connection are answered."""
+    _, token = make_endpoint()
+    body = urllib.parse.urlencode({"token": token, "phone_a": "15550001001", "phone_b": "15550002002"}).encode()
+    first = (f"POST /v1/calls HTTP/1.1\r\nHost: api\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+             f"Content-Length: {len(body)}\r\n\r\n").encode() + body + b"\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
+        sock.sendall(first + second)
+        answer = read_to_close(sock)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"200"], answer[:400]

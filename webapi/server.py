@@ -178,6 +178,8 @@ class ConnectionHandler(WSGIHandler):
         if self.requests:
             self._start_deadline(self.server.limits.header_timeout)
         line: str = super().read_requestline()
+        if line in ("\r\n", "\n"):  # RFC 9112 2.2: an empty line before a request line is ignored
+            line = super().read_requestline()
         return line
 
     def get_environ(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ EVENT_SOCKET = CONF / "autoload_configs" / "event_socket.conf.xml"
 ACL = CONF / "autoload_configs" / "acl.conf.xml"
 MODULES = CONF / "autoload_configs" / "modules.conf.xml"
 GATEWAY = CONF / "sip_profiles" / "external" / "carrier.xml"
+README = ROOT / "README.md"
 
 # Every <param> mod_event_socket 1.10 reads (config() in mod_event_socket.c); anything else is ignored.
 EVENT_SOCKET_PARAMS = {"listen-ip", "listen-port", "password", "apply-inbound-acl", "nat-map", "debug",
@@ -89,3 +90,17 @@ def test_the_gateway_is_the_one_the_dial_strings_name() -> None:
     assert [g.get("name") for g in gateways] == ["carrier"]
     names = {p.get("name") for p in gateways[0].findall("param")}
     assert {"proxy", "register"} <= names
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+def test_the_readmes_real_freeswitch_steps_name_every_file_to_install() -> None:
+    """event_socket.conf.xml applies the ``callbridge_esl`` ACL: installed without acl.conf.xml's list,
+    FreeSWITCH refuses every Event Socket connection (callbridge's and fs_cli's alike)."""
+    section = _section(README.read_text(), "Against a real FreeSWITCH")
+    for path in sorted(CONF.rglob("*.xml")):
+        assert path.name in section, f"README's 'Against a real FreeSWITCH' does not name {path.name}"

@@ -9,6 +9,8 @@ params it reads), src/switch_core.c (ACL lists), conf/vanilla/ (the stock files)
 from __future__ import annotations
 
 import ipaddress
+import re
+import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,6 +20,7 @@ EVENT_SOCKET = CONF / "autoload_configs" / "event_socket.conf.xml"
 ACL = CONF / "autoload_configs" / "acl.conf.xml"
 MODULES = CONF / "autoload_configs" / "modules.conf.xml"
 GATEWAY = CONF / "sip_profiles" / "external" / "carrier.xml"
+FS_README = ROOT / "freeswitch" / "README.md"
 README = ROOT / "README.md"
 
 # Every <param> mod_event_socket 1.10 reads (config() in mod_event_socket.c); anything else is ignored.
@@ -104,3 +107,24 @@ def test_the_readmes_real_freeswitch_steps_name_every_file_to_install() -> None:
     section = _section(README.read_text(), "Against a real FreeSWITCH")
     for path in sorted(CONF.rglob("*.xml")):
         assert path.name in section, f"README's 'Against a real FreeSWITCH' does not name {path.name}"
+
+
+def _daemon_commands(text: str) -> list[list[str]]:
+    """Every ``python -m daemon ...`` command in backquotes, with ``[...]`` options and ``...`` dropped."""
+    commands = []
+    for quoted in re.findall(r"`([^`]*python -m daemon [^`]*)`", text.replace("\n   ", " ")):
+        words = shlex.split(re.sub(r"\[[^\]]*\]|\.\.\.", "", quoted))
+        commands.append(words[words.index("daemon") + 1:])
+    return commands
+
+
+def test_the_connecting_steps_run_the_daemons_commands_on_the_services_config() -> None:
+    """After ``systemctl start callbridge``, a command run without the service's ``--config`` reads
+    ./state: an endpoint made there is not in the service's store, and check-config shows defaults."""
+    from daemon.cli import _parser
+
+    commands = _daemon_commands(_section(FS_README.read_text(), "Connecting callbridge"))
+    assert commands
+    for args in commands:
+        parsed = _parser().parse_args(args)
+        assert getattr(parsed, "config", None) == "/etc/callbridge/callbridge.toml", " ".join(args)

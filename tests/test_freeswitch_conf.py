@@ -128,3 +128,17 @@ def test_the_connecting_steps_run_the_daemons_commands_on_the_services_config() 
     for args in commands:
         parsed = _parser().parse_args(args)
         assert getattr(parsed, "config", None) == "/etc/callbridge/callbridge.toml", " ".join(args)
+
+
+def test_fs_cli_commands_after_the_password_change_give_the_password() -> None:
+    """fs_cli connects to the Event Socket with ClueCon unless told otherwise (-p or its own config file):
+    once event_socket.conf.xml's password is in place, a bare ``fs_cli -x ...`` is refused."""
+    steps = _section(FS_README.read_text(), "Connecting callbridge")
+    after = steps[steps.index("set a long random password"):]
+    calls = re.findall(r"`(fs_cli [^`]*)`", after)
+    assert calls
+    for call in calls:
+        assert call.startswith("fs_cli -p "), call
+    for path in (GATEWAY, MODULES):
+        for call in re.findall(r"fs_cli [^'\n]*", path.read_text()):
+            assert call.startswith("fs_cli -p "), f"{path.name}: {call}"

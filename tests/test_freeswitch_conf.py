@@ -142,3 +142,18 @@ def test_fs_cli_commands_after_the_password_change_give_the_password() -> None:
     for path in (GATEWAY, MODULES):
         for call in re.findall(r"fs_cli [^'\n]*", path.read_text()):
             assert call.startswith("fs_cli -p "), f"{path.name}: {call}"
+
+
+def test_the_http_media_step_names_every_setting_http_mode_needs() -> None:
+    """FreeSWITCH on another host fetches ``media_base_url/media/<name>.wav``: the API must listen where
+    it can reach it (``http_host`` is 127.0.0.1 by default) and let its address in (``media_route_allow``
+    defaults to loopback and esl_host, which is 127.0.0.1 through an SSH tunnel); anything else is
+    refused or a 404, and A hears nothing. Recordings are written by FreeSWITCH on its own host."""
+    from daemon.config import FIELDS
+
+    steps = _section(FS_README.read_text(), "Connecting callbridge")
+    step = next(part for part in re.split(r"\n(?=\d\. )", steps) if "media_mode = \"http\"" in part)
+    for name in ("media_mode", "media_base_url", "http_host", "media_route_allow"):
+        assert name in FIELDS
+        assert f"`{name}" in step, f"the http media step does not name {name}"
+    assert "recording" in step

@@ -26,7 +26,7 @@ test: venv
 	$(PY) -m mypy daemon webapi freeswitch
 	$(PY) -m tests.shards $(TEST_PARTS) -q -p no:cacheprovider
 
-## Run the service for production (config file: CALLBRIDGE_CONFIG or /etc/callbridge/callbridge.toml).
+## Run the service (config file: make run CONFIG=/etc/callbridge/callbridge.toml, or $CALLBRIDGE_CONFIG; neither: defaults, ./state).
 run: venv
 	$(PY) -m daemon run $(if $(CONFIG),--config $(CONFIG),)
 

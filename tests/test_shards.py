@@ -49,3 +49,13 @@ def test_a_failure_in_one_part_fails_the_run_and_its_output_is_shown(tmp_path: P
     assert result.returncode == 1, result.stdout
     assert result.stdout.count("===== part ") == 2
     assert "assert 'the answer' == 42" in result.stdout
+
+
+def test_against_a_real_switch_the_suite_runs_as_one_process(tmp_path: Path) -> None:
+    """CALLBRIDGE_TEST_ESL: one real FreeSWITCH is shared, so the parts are not run side by side."""
+    (tmp_path / "test_passes.py").write_text("def test_passes():\n    assert True\n")
+    env = {**os.environ, "CALLBRIDGE_TEST_ESL": "127.0.0.1:1:unused"}
+    result = subprocess.run([sys.executable, "-m", "tests.shards", "3", "-q", "-p", "no:cacheprovider",
+                             str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count("===== part ") == 1 and "part 1 of 1" in result.stdout, result.stdout

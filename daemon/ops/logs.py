@@ -18,11 +18,20 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in RESERVED and not k.startswith("_")}
 
 
+def _printable(dumped: str) -> str:
+    """JSON text with the characters ``json.dumps`` leaves raw but a terminal or a line reader acts on (DEL,
+    C1 controls such as NEL, U+2028, bidi overrides) written as ``\\u`` escapes: a value a client or
+    FreeSWITCH sent cannot start a line, rewrite one on the screen or hide what follows."""
+    if dumped.isprintable():
+        return dumped
+    return "".join(ch if ch.isprintable() else json.dumps(ch)[1:-1] for ch in dumped)
+
+
 def _kv(value: Any) -> str:
     text = str(value)
-    if not text or any(ch in text for ch in ' "=\n\t'):
-        return json.dumps(text, ensure_ascii=False)
-    return text
+    if text and text.isprintable() and not any(ch in text for ch in ' "='):
+        return text
+    return _printable(json.dumps(text, ensure_ascii=False))
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -42,7 +51,7 @@ class JsonFormatter(logging.Formatter):
                     for k, v in _fields(record).items()})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        return _printable(json.dumps(out, ensure_ascii=False))
 
 
 def configure(fmt: str = "kv", level: str = "INFO") -> None:

@@ -178,23 +178,26 @@ class Settings:
         for name in SECRET_FIELDS:
             out[name] = "****" if out[name] else ""
         out["database_url"] = mask_url(out["database_url"])
+        out["media_base_url"] = mask_url(out["media_base_url"])
         out["switches"] = [{"host": sw.host, "port": sw.port, "password": "****"} for sw in self.switches]
         return out
 
 
 def mask_url(url: str) -> str:
     """``url`` with its password (``user:password@`` or a ``password=`` parameter) shown as ****."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    if sep and at and ":" in userinfo and not userinfo.startswith("/"):
+        # Everything up to the last '@' is the user's: a password holding '#', '/' or '?' unencoded is
+        # not one to urlsplit (it ends the host there, and no password is found to mask).
+        url = f"{scheme}://{userinfo.split(':', 1)[0]}:****@{after}"
     parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, host = netloc.rpartition("@")
-        netloc = userinfo.split(":", 1)[0] + ":****@" + host
     query = "&".join(f"{name}=****" if name.lower() == "password" else item
                      for item in parts.query.split("&") if item
                      for name in [item.split("=", 1)[0]])
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # nothing to mask (and sqlite:////abs/path stays as written)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if query == parts.query:
+        return url  # nothing more to mask (and sqlite:////abs/path stays as written)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
 def database_url_problem(url: str) -> str | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, load_settings
+from daemon.config import ConfigError, load_settings, mask_url
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -111,6 +111,33 @@ def test_database_password_is_masked() -> None:
 def test_database_url_is_shown_with_its_password_masked(url: str, shown: str) -> None:
     s = load_settings(environ={"CALLBRIDGE_DATABASE_URL": url, "CALLBRIDGE_STATE_DIR": "/tmp"})
     assert s.masked()["database_url"] == shown
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    # A generated password often holds '#', '/' or '?' unencoded: urlsplit then sees no user part at all.
+    ("postgresql://cb:s3cr#t@db.local/cb", "postgresql://cb:****@db.local/cb"),
+    ("postgresql://cb:ab/cd@db.local/cb", "postgresql://cb:****@db.local/cb"),
+    ("postgresql://cb:ab?cd@db.local:5433/cb?sslmode=require", "postgresql://cb:****@db.local:5433/cb?sslmode=require"),
+    ("postgresql://cb:a@b@db.local/cb", "postgresql://cb:****@db.local/cb"),
+    ("http://media:s3cr#t@10.0.0.5:8080", "http://media:****@10.0.0.5:8080"),
+])
+def test_a_password_with_unencoded_url_characters_is_masked_whole(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def test_a_malformed_database_url_never_shows_its_password() -> None:
+    with pytest.raises(ConfigError, match="^database_url: ") as caught:
+        load_settings(environ={"CALLBRIDGE_DATABASE_URL": "postgresql://cb:s3cr#t@db.local/cb",
+                               "CALLBRIDGE_STATE_DIR": "/tmp"})
+    assert "s3cr" not in str(caught.value)
+
+
+def test_the_media_base_url_is_shown_with_its_password_masked() -> None:
+    """FreeSWITCH may fetch prompts through a proxy that asks for credentials in the URL."""
+    s = load_settings(environ={"CALLBRIDGE_MEDIA_MODE": "http", "CALLBRIDGE_STATE_DIR": "/tmp",
+                               "CALLBRIDGE_MEDIA_BASE_URL": "http://media:hunter2@10.0.0.5:8080"})
+    assert s.masked()["media_base_url"] == "http://media:****@10.0.0.5:8080"
+    assert "hunter2" not in str(s.masked())
 
 
 @pytest.mark.parametrize("url", ["mysql://u:p@h/db", "postgresql://u:p@h/", "postgresql://u:p@h:port/db",

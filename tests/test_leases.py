@@ -132,6 +132,40 @@ def test_at_start_a_daemon_takes_its_own_and_expired_calls_and_on_sqlite_every_o
     assert {c.owner for c in Call.select().where(Call.id.in_(taken))} == {"node-a"}
 
 
+def test_the_in_flight_gauge_counts_a_call_taken_over_while_it_is_followed_and_not_after(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """A call adopted at start (or taken over from a dead daemon) is in progress here: /metrics counts it,
+    and its end takes it off again (never below zero, as the phase it ends in was never counted)."""
+    endpoint, _ = make_endpoint()
+    in_flight(endpoint, owner="node-a", lease_until=T0 + LEASE)  # left bridged by a previous run
+    records = daemon("node-a")
+    gauge = records.metrics.calls_in_flight
+    [call] = records.left_in_flight(now=T0)
+    assert gauge.labels("bridged")._value.get() == 1
+    assert records.take_over(call, now=T0)  # taken again (its sequence gave up on a store outage): once
+    assert gauge.labels("bridged")._value.get() == 1
+    records.finish(call, CallStatus.COMPLETED, at=T0)
+    records.flush()
+    assert gauge.labels("bridged")._value.get() == 0
+
+
+def test_the_in_flight_gauge_forgets_a_call_this_daemon_no_longer_follows(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """Another daemon took the call over (this one stalled past its lease): it is in progress there, not here."""
+    endpoint, _ = make_endpoint()
+    records = daemon("node-a")
+    call = pending(endpoint)
+    assert records.claim(call, a_uuid="a", b_uuid="b", now=T0)
+    records.flush()
+    gauge = records.metrics.calls_in_flight
+    assert gauge.labels("dialing_a")._value.get() == 1
+    records.stopped_following(call)
+    assert gauge.labels("dialing_a")._value.get() == 0
+    records.finish(call, CallStatus.FAILED, at=T0)  # a late step of the sequence: not counted again
+    records.flush()
+    assert gauge.labels("dialing_a")._value.get() == 0
+
+
 def test_stopping_ends_the_leases_so_another_daemon_takes_over_at_once(
         db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
     endpoint, _ = make_endpoint()

@@ -210,6 +210,9 @@ class CallRecords:
         self.lease = dt.timedelta(seconds=lease_seconds)
         self._heartbeat_read = False
         self._heartbeat_before_start: dt.datetime | None = None
+        # The calls in flight this daemon follows, by the phase calls_in_flight counts each in: claimed here,
+        # or taken over (adopted at start, or from a daemon that died), until they end or are let go.
+        self._phases: dict[int, CallStatus] = {}
 
     # -- reads ------------------------------------------------------------------------------------
     @staticmethod
@@ -501,7 +504,7 @@ class CallRecords:
 
         def committed() -> None:
             self.metrics.scheduler_lateness.observe(lateness / 1000)
-            self.metrics.calls_in_flight.labels(CallStatus.DIALING_A.value).inc()
+            self._count_phase(claimed.id, CallStatus.DIALING_A)
             self._committed(claimed, CallStatus.DIALING_A, {}, after)
 
         self.after_claims(committed)
@@ -684,13 +687,11 @@ class CallRecords:
         def committed(moved_it: bool) -> None:  # on the loop, once committed (or after the claim round)
             if not moved_it:
                 return
-            if not pending:
-                self.metrics.calls_in_flight.labels(old.value).dec()
+            if moved.id in self._phases:  # not a late step of a call no longer followed here
+                self._count_phase(moved.id, status)
             if status.final:
                 cause = moved.b_cause if moved.failed_leg == "b" else moved.a_cause
                 self.metrics.calls_final.labels(status.value, cause or "").inc()
-            else:
-                self.metrics.calls_in_flight.labels(status.value).inc()
             self._committed(moved, status, extra, after)
 
         # A call ended before it started (missed, refused by the dispatcher) is waited for: the dispatcher
@@ -778,6 +779,23 @@ class CallRecords:
                                    .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute(),
                                    durable=True, fail_fast=True, wait=True))
 
+    def stopped_following(self, call: Call) -> None:
+        """This daemon no longer follows the call (its sequence ended, gave up, or let it go to another
+        daemon): it leaves calls_in_flight, and later steps of it are not counted there."""
+        self._count_phase(call.id, None)
+
+    def _count_phase(self, call_id: int, status: CallStatus | None) -> None:
+        """Count the call in calls_in_flight under ``status`` instead of its phase so far (None or a final
+        status: no longer). Kept per call, so a call adopted or taken over is counted once, in its own phase,
+        and its end never takes the gauge below zero."""
+        gauge = self.metrics.calls_in_flight
+        before = self._phases.pop(call_id, None)
+        if before is not None:
+            gauge.labels(before.value).dec()
+        if status is not None and status.in_flight:
+            self._phases[call_id] = status
+            gauge.labels(status.value).inc()
+
     def _mine(self) -> Expression:
         """Calls this daemon owns."""
         return Call.owner == self.owner if self.owner is not None else Call.owner.is_null()
@@ -818,6 +836,7 @@ class CallRecords:
         if taken != 1:
             return False
         call.owner, call.lease_until = self.owner, until
+        self._count_phase(call.id, CallStatus(call.status))
         if previous is not None and previous != self.owner:
             log_event(log, "call.taken_over", callid=call.callid, previous_owner=previous)
         return True

@@ -209,6 +209,7 @@ class Engine:
 
     def _ended(self, sequence: CallSequence) -> None:
         self.active.pop(sequence.call.id, None)
+        self.records.stopped_following(sequence.call)
         for link in self.links:
             link.sequences.pop(sequence.call.id, None)
         endpoint_id = sequence.endpoint.id

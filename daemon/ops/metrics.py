@@ -40,8 +40,6 @@ class Metrics:
                                    ["switch"], registry=r)
         self.esl_reconnects = Counter("callbridge_esl_reconnects_total", "Event Socket reconnections",
                                       ["switch"], registry=r)
-        self.media_cache = Counter("callbridge_media_cache_total", "Media cache look-ups", ["result"],
-                                   registry=r)
         self.webhooks = Counter("callbridge_webhook_deliveries_total", "Webhook delivery attempts",
                                 ["result"], registry=r)
         # Each switch's session capacity (daemon/switch/capacity.py); the gauges read it when scraped.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import json
@@ -47,7 +48,8 @@ class Receiver:
         seen = {"body": body, "event_id": environ.get("HTTP_X_CALLBRIDGE_EVENT_ID", ""),
                 "timestamp": environ.get("HTTP_X_CALLBRIDGE_TIMESTAMP", ""),
                 "signature": environ.get("HTTP_X_CALLBRIDGE_SIGNATURE", ""),
-                "content_type": environ.get("CONTENT_TYPE", "")}
+                "content_type": environ.get("CONTENT_TYPE", ""),
+                "authorization": environ.get("HTTP_AUTHORIZATION", "")}
         self.requests.append(seen)
         self.changed.set()
         if self.hang:
@@ -279,6 +281,18 @@ def test_a_2xx_whose_body_stalls_counts_as_delivered() -> None:
         done.set()
         serving.join(timeout=5)
         listener.close()
+
+
+def test_credentials_in_the_webhook_url_are_sent_as_basic_auth(receivers: Any) -> None:
+    """A receiver behind HTTP basic auth is named as https://user:password@host/path (percent-encoded
+    as URLs are); the credentials go in the Authorization header, not the request line."""
+    receiver = receivers()
+    url = receiver.url.replace("http://", "http://hooks:p%40ss%3Aword@")
+    assert http_post(url, b"{}", {"Content-Type": "application/json"}, 5.0) == 204
+    sent = receiver.requests[0]["authorization"]
+    assert sent == "Basic " + base64.b64encode(b"hooks:p@ss:word").decode()
+    assert http_post(receiver.url, b"{}", {}, 5.0) == 204
+    assert receiver.requests[1]["authorization"] == ""
 
 
 def test_backoff_doubles_with_jitter_and_a_cap(hook_settings: Settings) -> None:

@@ -32,6 +32,7 @@ a ``wake()`` (another process) go out within a second.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import hashlib
@@ -43,7 +44,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import gevent
 import gevent.pool
@@ -164,9 +165,13 @@ def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float)
     else:
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
     conn._create_connection = gevent.socket.create_connection  # type: ignore[attr-defined]
+    headers = dict(headers)
+    if parts.username is not None:  # a receiver behind basic auth: https://user:password@host/path
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
     try:
         with gevent.Timeout(timeout * 2, TimeoutError(f"no complete answer within {timeout * 2:g} s")):
-            conn.request("POST", target, body=body, headers=dict(headers))
+            conn.request("POST", target, body=body, headers=headers)
             response = conn.getresponse()
         status = int(response.status)  # the answer: a body that stalls after it does not undo it
         with contextlib.suppress(OSError, http.client.HTTPException), \

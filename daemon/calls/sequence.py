@@ -200,6 +200,7 @@ class CallSequence:
         self.apps = AppQueue(self._send_app)
         self.apps_queued = False  # by this run, or (learned from A's cb_stage) by a previous one
         self.bridge_disposition = ""
+        self.b_ended_at: dt.datetime | None = None  # when B's attempt ended unbridged: its ringing stops there
         self.recording = False
         self.connection_lost = False
         self.dial_pending = False
@@ -680,6 +681,12 @@ class CallSequence:
             self.capacity.failed(self.b.uuid)
         self.bridge_disposition = disposition
         self.after_bridge = "end"
+        self._b_ended()
+
+    def _b_ended(self) -> None:
+        """B's attempt is over (its hangup, or the bridge's failure, whichever is heard first)."""
+        if self.b_ended_at is None and self.call.b_dialed_at:
+            self.b_ended_at = self.records.clock()
 
     def _on_bridged(self, late: bool = False) -> None:
         if self.status == CallStatus.BRIDGED:
@@ -716,6 +723,8 @@ class CallSequence:
             return
         leg.gone = True
         leg.cause = cause or leg.cause
+        if leg is self.b:
+            self._b_ended()
         self.records.step(self.call, f"{tag}_hangup", cause=leg.cause)
         self._conclude()
 
@@ -754,7 +763,8 @@ class CallSequence:
         if self.call.bridged_at:
             talk = round((now - self.call.bridged_at).total_seconds(), 3)
         elif self.call.b_dialed_at:
-            ring = round((now - self.call.b_dialed_at).total_seconds(), 3)
+            # B rang until its attempt ended, not through the busy notice A hears after it.
+            ring = round(((self.b_ended_at or now) - self.call.b_dialed_at).total_seconds(), 3)
         size = seconds = None
         if self.recording and self.call.recording_path and os.path.exists(self.call.recording_path):
             size = os.path.getsize(self.call.recording_path)

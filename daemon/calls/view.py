@@ -120,8 +120,9 @@ FIELDS: tuple[Field, ...] = (
     _text("a_cause", description="FreeSWITCH hangup cause of A, e.g. USER_BUSY."),
     _text("b_cause"),
     _text("reason"),
-    _number("ring_seconds", "number"),
-    _number("talk_seconds", "number"),
+    _number("ring_seconds", "number", "Seconds from dialing B until B answered, or until B's attempt ended "
+                                      "(busy, no answer, A hung up); null when B was never dialed."),
+    _number("talk_seconds", "number", "Seconds from the bridge to the end; null when never bridged."),
     Field("recording", _recording, RECORDING_SCHEMA),
     Field("token_hint", lambda _call, endpoint: endpoint.token_hint,
           {"type": "string", "description": "The token's first characters; never all."}),

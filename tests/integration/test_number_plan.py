@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
+from daemon.store import CallEvent
 from tests.integration.conftest import Harness
 
 # The outcomes assume the daemon queues A's steps and reaches B well within the far ends' 30 plan seconds:
@@ -70,6 +73,10 @@ def test_number_as_b(harness: Harness, phone: str) -> None:
         assert call.b_cause == cause
         assert call.bridged_at is None
         assert call.ring_seconds is not None
+        # B rang from the bridge's start until its attempt ended, not through the busy notice A hears after.
+        ended = CallEvent.get((CallEvent.call == call.id) & (CallEvent.kind == "bridge_ended")).at
+        assert call.b_dialed_at + dt.timedelta(seconds=call.ring_seconds) <= ended + dt.timedelta(seconds=0.1), \
+            (call.ring_seconds, (ended - call.b_dialed_at).total_seconds())
     else:
         assert call.bridged_at is not None
         timeline = harness.timeline(call)

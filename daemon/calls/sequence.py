@@ -70,6 +70,8 @@ from daemon.switch.esl import EslError, EslEvent, EslNotSent
 
 log = logging.getLogger("callbridge.call")
 
+# The cause A's sched_hangup ends it with once the endpoint's maximum duration is up.
+MAX_DURATION_CAUSE = "ALLOTTED_TIMEOUT"
 # A short busy tone A hears when B could not be reached, before we hang up.
 FAILURE_NOTICE = "tone_stream://%(500,500,480,620);loops=3"
 # Dispositions of the bridge that mean "B was never connected because of B".
@@ -355,7 +357,7 @@ class CallSequence:
         steps = [
             AppStep("multiset", fs.multiset_arg({"cb_stage": "queued", "ringback": ringback,
                                                  "transfer_ringback": ringback})),
-            AppStep("sched_hangup", f"+{int(endpoint.max_duration)} ALLOTTED_TIMEOUT"),
+            AppStep("sched_hangup", f"+{int(endpoint.max_duration)} {MAX_DURATION_CAUSE}"),
         ]
         for prompt in (call.play_file, call.msg_file):
             if prompt:
@@ -745,12 +747,17 @@ class CallSequence:
             self.b.cause = self.b.cause or self.bridge_disposition
             self._finish(CallStatus.FAILED, failed_leg="b", b_cause=self.b.cause or self.bridge_disposition,
                          reason="B was not reached")
-        elif self.status == CallStatus.DIALING_B:
-            self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up while B was ringing")
-        elif self.call.play_file or self.call.msg_file:
-            self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up during the prompts")
         else:
-            self._finish(CallStatus.FAILED, failed_leg="a", reason="A hung up before B was dialed")
+            if self.status == CallStatus.DIALING_B:
+                when = "while B was ringing"
+            elif self.call.play_file or self.call.msg_file:
+                when = "during the prompts"
+            else:
+                when = "before B was dialed"
+            # A's own sched_hangup (the endpoint's maximum duration) ended A: A did not hang up.
+            who = (f"the call reached the endpoint's maximum duration ({int(self.endpoint.max_duration)} s)"
+                   if self.a.cause == MAX_DURATION_CAUSE else "A hung up")
+            self._finish(CallStatus.FAILED, failed_leg="a", reason=f"{who} {when}")
 
     def _finish(self, status: CallStatus, *, reason: str = "", failed_leg: str | None = None,
                 a_cause: str | None = None, b_cause: str | None = None) -> None:

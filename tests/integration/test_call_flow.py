@@ -110,6 +110,16 @@ def test_maximum_duration_is_enforced_inside_freeswitch(harness: Harness) -> Non
     assert call.talk_seconds is not None and call.talk_seconds < 300 * SCALE
 
 
+@pytest.mark.time_scale(0.1)  # B must be ringing well before the 10 plan seconds are up
+def test_maximum_duration_reached_while_b_rings_says_so_not_that_a_hung_up(harness: Harness) -> None:
+    endpoint = harness.endpoint(max_duration=10)  # B rings for originate_timeout (30 s)
+    call = harness.wait_final(harness.place(endpoint, "15550000408", "15550004408", prompts=False), timeout=30)
+    assert "dialing_b" in harness.statuses[call.callid], harness.timeline(call)
+    assert (call.status, call.failed_leg, call.a_cause, call.b_cause) == \
+        ("failed", "a", "ALLOTTED_TIMEOUT", "ORIGINATOR_CANCEL"), harness.timeline(call)
+    assert call.reason == "the call reached the endpoint's maximum duration (10 s) while B was ringing"
+
+
 @pytest.mark.stores("sqlite", "postgresql")
 @needs_standin()
 def test_connection_dropped_with_the_originate_in_flight_is_reconciled_not_redialed(harness: Harness) -> None:

@@ -750,8 +750,8 @@ class CallSequence:
         else:
             if self.status == CallStatus.DIALING_B:
                 when = "while B was ringing"
-            elif self.call.play_file or self.call.msg_file:
-                when = "during the prompts"
+            elif (self.call.play_file or self.call.msg_file) and not self.wait_acted:
+                when = "during the prompts"  # (once A's wait started, the prompts were over)
             else:
                 when = "before B was dialed"
             # A's own sched_hangup (the endpoint's maximum duration) ended A: A did not hang up.

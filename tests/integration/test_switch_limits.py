@@ -189,3 +189,21 @@ def test_readyz_and_metrics_show_the_switchs_capacity(harness: Harness) -> None:
     # Connecting sent auth, the subscription, the Core-UUID query, both fsctl reads and status; every
     # command has its reply, and auth/request came first.
     assert counts["sent"] >= 6 and counts["received"] > counts["sent"], counts
+
+
+@needs_standin()
+@pytest.mark.time_scale(0.5)  # the prompts last 1.5 s: time for the daemon to read the lowered limit
+def test_a_hanging_up_while_b_waits_for_room_is_not_said_to_hang_up_during_the_prompts(
+        make_harness: Callable[..., Harness]) -> None:
+    harness = make_harness(switch_status_interval=0.2)
+    call = harness.place(harness.endpoint(), "15550000426", "15550006426")
+    harness.wait_status(call, "a_answered")
+    with operator(harness) as conn:  # no room for another session: B waits, A hears the dialtone
+        assert conn.api("fsctl max_sessions 1").strip() == "+OK max sessions: 1"
+    assert wait_for(lambda: harness.service.engine.links[0].capacity.max_sessions == 1, 10)
+    assert wait_for(lambda: [s["leg"] for s in steps(call, "paced")] == ["b"], 10), harness.timeline(call)
+    harness.switch.far_end_hangup(str(Call.get_by_id(call.id).a_uuid))
+    done = harness.wait_final(call, 30)
+    assert "prompt_finished" in harness.timeline(done) and harness.switch.channel(str(done.b_uuid)) is None
+    assert (done.status, done.failed_leg, done.a_cause, done.reason) == \
+        ("failed", "a", "NORMAL_CLEARING", "A hung up before B was dialed"), harness.timeline(done)

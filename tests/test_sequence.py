@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -105,6 +105,19 @@ def steps_of(sequence: CallSequence, kind: str) -> list[str]:
     return [e.detail for e in CallEvent.select().where((CallEvent.call == sequence.call.id) & (CallEvent.kind == kind))]
 
 
+# The sequences a test made: stopped when it ends. A sequence left running keeps its idle checks going and
+# writes its steps through the process's store proxy, into whatever database the next test opened (its own
+# call ids start at 1 too): a later test in the same process saw another test's call "failed" in its own.
+made: list[CallSequence] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_sequences() -> Iterator[None]:
+    yield
+    gevent.killall([s.greenlet for s in made if s.greenlet is not None], timeout=10)
+    made.clear()
+
+
 @pytest.fixture
 def run_call(db: Any, make_endpoint: Callable[..., Any], tmp_path: Any) -> Callable[..., tuple[CallSequence, ScriptedSwitch]]:
     def run() -> tuple[CallSequence, ScriptedSwitch]:
@@ -116,6 +129,7 @@ def run_call(db: Any, make_endpoint: Callable[..., Any], tmp_path: Any) -> Calla
         options = CallOptions(originate_timeout=30, media_root=str(tmp_path), recordings_dir=str(tmp_path),
                               idle_check=30)
         sequence = CallSequence(call, endpoint, switch, CallRecords(Metrics()), options)  # type: ignore[arg-type]
+        made.append(sequence)
         return sequence, switch
 
     return run
@@ -188,6 +202,7 @@ def died_while_dialing_b(first: CallSequence) -> tuple[Call, str, str]:
 def adopted(call: Call, first: CallSequence, switch: ScriptedSwitch) -> CallSequence:
     """The next start's sequence for ``call`` (``first``'s, which died), once it has looked at the switch."""
     sequence = CallSequence(call, first.endpoint, switch, first.records, first.options, adopted=True)
+    made.append(sequence)
     sequence.start()
     sequence.deliver(Reconnected(False))
     gevent.sleep(0)

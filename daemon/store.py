@@ -98,8 +98,8 @@ def new_callid() -> str:
 class CallStatus(enum.StrEnum):
     """Every state a call can be in. Final states are words a person understands."""
 
-    SCHEDULED = "scheduled"  # waiting for call_date
-    QUEUED = "queued"  # due, waiting for a free slot under the limits
+    SCHEDULED = "scheduled"  # waiting for call_date (and, once due, for a free slot under the limits)
+    QUEUED = "queued"  # a call for now, waiting for a free slot under the limits
     DIALING_A = "dialing_a"  # claimed; originate to A sent (or about to be)
     A_ANSWERED = "a_answered"  # A picked up, hearing the prompts
     DIALING_B = "dialing_b"  # bridge to B started, A hears the dialtone
@@ -107,7 +107,7 @@ class CallStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELED = "canceled"
-    MISSED = "missed"  # its time passed while the daemon could not start it
+    MISSED = "missed"  # its time passed while no dispatcher ran, beyond schedule_grace
 
     @property
     def final(self) -> bool:

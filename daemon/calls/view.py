@@ -92,8 +92,9 @@ RECORDING_SCHEMA: dict[str, Any] = {
 FIELDS: tuple[Field, ...] = (
     _text("callid", pattern=CALLID_PATTERN),
     _text("status", enum=[s.value for s in CallStatus],
-          description="scheduled → queued → dialing_a → a_answered → dialing_b → bridged → completed; "
-                      "or failed, canceled, missed."),
+          description="queued (a call for now) or scheduled (for its call_date; it stays scheduled while "
+                      "held back by the limits once due) → dialing_a → a_answered → dialing_b → bridged → "
+                      "completed; or failed, canceled, missed."),
     _text("phone_a"),
     _text("phone_b"),
     _text("play_url"),

@@ -25,7 +25,8 @@ CONF_DIR=/etc/callbridge
 CONF_FILE=$CONF_DIR/callbridge.toml
 STATE_DIR=/var/lib/callbridge
 UNIT_DIR=/etc/systemd/system
-FS_CONF=/etc/freeswitch/autoload_configs/event_socket.conf.xml
+# FreeSWITCH's Event Socket config, read for its password (FS_CONF=... for a FreeSWITCH installed elsewhere).
+FS_CONF=${FS_CONF:-/etc/freeswitch/autoload_configs/event_socket.conf.xml}
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
@@ -43,6 +44,11 @@ render_config() {
     edits=(-e "s#^state_dir = \"\"\$#state_dir = \"$STATE_DIR\"#")
     if [ -n "$password" ] && [[ "$password" =~ ^[A-Za-z0-9._~+-]+$ ]]; then
         edits+=(-e "s/^password = \"ClueCon\"\$/password = \"$password\"/")
+        case "$password" in
+            ClueCon|CHANGE_ME*)
+                echo "    warning: FreeSWITCH's Event Socket password in $FS_CONF is still '$password';" \
+                    "set a secret one there and as [esl] password in $CONF_FILE" >&2 ;;
+        esac
     else
         echo "    note: set [esl] password in $CONF_FILE to FreeSWITCH's event_socket password" >&2
     fi

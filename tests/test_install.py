@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import tomllib
@@ -73,6 +74,24 @@ def test_the_installed_config_points_operator_commands_at_the_services_store(tmp
     assert settings.database_url == "sqlite:////var/lib/callbridge/callbridge.db"
     under_systemd = load_settings(config, environ={"STATE_DIRECTORY": "/var/lib/callbridge"})
     assert dataclasses.asdict(under_systemd) == dataclasses.asdict(settings)
+
+
+@pytest.mark.parametrize(("fs_password", "warned"), [
+    ("s3cret-9f2c", False), ("ClueCon", True), ("CHANGE_ME_esl_password", True)])
+def test_the_installed_config_takes_freeswitchs_password_and_warns_of_a_default_one(
+        tmp_path: Path, fs_password: str, warned: bool) -> None:
+    """The config install.sh writes carries FreeSWITCH's own Event Socket password; FreeSWITCH's default
+    or our placeholder in freeswitch/conf is copied too (so the daemon connects) but called out."""
+    fs_conf = tmp_path / "event_socket.conf.xml"
+    fs_conf.write_text(f'<configuration><settings><param name="password" value="{fs_password}"/>'
+                       "</settings></configuration>\n")
+    result = subprocess.run(["bash", str(INSTALL), "--print-config"], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "FS_CONF": str(fs_conf)})
+    assert result.returncode == 0, result.stderr
+    config = tmp_path / "callbridge.toml"
+    config.write_text(result.stdout)
+    assert load_settings(config, environ={}).esl_password == fs_password
+    assert ("warning: FreeSWITCH's Event Socket password" in result.stderr) is warned, result.stderr
 
 
 def test_example_config_loads_with_the_defaults() -> None:

@@ -179,6 +179,15 @@ class ConnectionHandler(WSGIHandler):
             self._start_deadline(self.server.limits.header_timeout)
         line: str = super().read_requestline()
         if line in ("\r\n", "\n"):  # RFC 9112 2.2: an empty line before a request line is ignored
+            # It asks nothing: the connection is idle again until the next request's first byte.
+            self.phase = "idle"
+            if self.requests:
+                self._start_deadline(self.server.limits.idle_timeout)
+            if not self.rfile.peek(1):
+                return ""
+            self.phase = "head"
+            if self.requests:
+                self._start_deadline(self.server.limits.header_timeout)
             line = super().read_requestline()
         return line
 

@@ -477,3 +477,20 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
     before, now, hard = json.loads(out.stdout)
     assert before == min(256, hard) and now == hard
     assert connection_cap(1000, 1024) == 512 and connection_cap(1000, 65536) == 1000
+
+
+def test_an_empty_line_between_requests_leaves_the_connection_idle(serve: Callable[..., ApiServer]) -> None:
+    """The empty line a client may send after a request (an extra CRLF after a POST body; RFC 9112 2.2)
+    asks nothing: the kept-alive connection is idle again, closed at the idle deadline without a word.
+    A 408 there would wait in the socket and be read as the answer to the client's next request."""
+    server = serve(header_timeout=0.5, idle_timeout=0.5)
+    sock = socket.create_connection(("127.0.0.1", server.server_port))
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    first = b""
+    while b'"code": 200' not in first and b'"code":200' not in first:
+        first += sock.recv(4096)
+    sock.sendall(b"\r\n")
+    received, waited = read_until_closed(sock)
+    assert received == b"", received
+    assert 0.5 <= waited < 30
+    sock.close()

@@ -289,6 +289,8 @@ def _not_finite(raw: Any) -> bool:
     # later an int() or a timedelta of them overflows at start.
     try:
         return not math.isfinite(float(raw))
+    except OverflowError:
+        return True  # an integer past what a float holds (10**400): no setting means it either
     except (TypeError, ValueError):
         return False  # not a number at all: _coerce says so
 

@@ -60,6 +60,7 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     ("originate_timeout = inf\n", {}, "originate_timeout: expected a finite number, got inf"),
     ("", {"CALLBRIDGE_LEASE_SECONDS": "inf"}, "lease_seconds: expected a finite number, got 'inf'"),
     ("[http]\nheader_timeout = inf\n", {}, "http_header_timeout: expected a finite number, got inf"),
+    ("originate_timeout = 1" + "0" * 400 + "\n", {}, "originate_timeout: expected a finite number, got 1000"),
     # 0 would redial a refusing switch in a busy loop; a negative grace would drop the writes queued at SIGTERM
     ("[esl]\nreconnect_max_delay = 0\n", {}, "esl_reconnect_max_delay: must be greater than 0"),
     ("", {"CALLBRIDGE_ESL_RECONNECT_MAX_DELAY": "-5"}, "esl_reconnect_max_delay: must be greater than 0"),

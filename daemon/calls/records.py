@@ -594,9 +594,10 @@ class CallRecords:
         self.dispatcher_last_ran()  # read before this run's first beat overwrites it
 
         def write() -> None:
+            # The latest note wins, whatever its time: a clock stepped back (or a daemon's clock ahead of the
+            # others') is believed within one note, instead of a future time standing until it is reached.
             (Heartbeat.insert(name=DISPATCHER_HEARTBEAT, seen_at=now)
-             .on_conflict(conflict_target=[Heartbeat.name], update={Heartbeat.seen_at: EXCLUDED.seen_at},
-                          where=Heartbeat.seen_at < EXCLUDED.seen_at)
+             .on_conflict(conflict_target=[Heartbeat.name], update={Heartbeat.seen_at: EXCLUDED.seen_at})
              .execute())
 
         writer().submit(write, durable=False)

@@ -244,6 +244,17 @@ def test_a_dispatcher_of_another_daemon_running_means_nothing_overdue_is_missed(
     assert CallRecords(Metrics()).dispatcher_last_ran() == T0 - dt.timedelta(hours=2)
 
 
+def test_a_claim_proves_a_dispatcher_ran_then(db: Any) -> None:
+    """A call claimed three hours after it was due (held back all that time) whose daemon died before dialing
+    it: taken over seconds later it is dialed, not missed; only a gap longer than the grace since the claim
+    makes it missed (no heartbeat in this store: the claim is the only evidence)."""
+    records = CallRecords(Metrics())
+    due, claimed = T0 - dt.timedelta(hours=3), T0 - dt.timedelta(seconds=40)
+    assert records.past_grace(due, now=T0, grace=300)  # nothing says a dispatcher ran since it was due
+    assert not records.past_grace(due, now=T0, grace=300, claimed_at=claimed)
+    assert records.past_grace(due, now=T0 + dt.timedelta(minutes=10), grace=300, claimed_at=claimed)
+
+
 def test_daily_cap_refuses_beyond_the_cap(dispatcher: Dispatcher, fake_engine: FakeEngine,
                                           make_endpoint: Callable[..., Any]) -> None:
     endpoint, _ = make_endpoint(daily_cap=2, max_in_flight=100, calls_per_second=1000)

@@ -610,11 +610,12 @@ class CallRecords:
             self._heartbeat_before_start, self._heartbeat_read = (row.seen_at if row else None), True
         return self._heartbeat_before_start
 
-    def past_grace(self, due_at: dt.datetime, *, now: dt.datetime, grace: int) -> bool:
-        """A pending call is missed when no dispatcher ran for more than ``grace`` seconds since it was due;
-        held back by the limits while one ran, it is late, not missed."""
-        last_ran = self.dispatcher_last_ran()
-        since = due_at if last_ran is None else max(due_at, last_ran)
+    def past_grace(self, due_at: dt.datetime, *, now: dt.datetime, grace: int,
+                   claimed_at: dt.datetime | None = None) -> bool:
+        """A call not yet dialed is missed when no dispatcher ran for more than ``grace`` seconds since it was
+        due; held back by the limits while one ran, it is late, not missed. ``claimed_at``, when it was
+        claimed, is a time a dispatcher surely ran (the daemon that claimed it may since have died)."""
+        since = max(t for t in (due_at, self.dispatcher_last_ran(), claimed_at) if t is not None)
         return (now - since).total_seconds() > grace
 
     def missed(self, call: Call, *, now: dt.datetime, grace: int) -> None:

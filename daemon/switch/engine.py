@@ -197,7 +197,8 @@ class Engine:
         before sending it again after the switch refused it): nothing reached FreeSWITCH, so it is dialed
         now, like a late start (missed beyond the grace)."""
         now = self.records.clock()
-        if self.records.past_grace(call.due_at, now=now, grace=self.settings.schedule_grace):
+        if self.records.past_grace(call.due_at, now=now, grace=self.settings.schedule_grace,
+                                   claimed_at=call.started_at):
             self.records.missed(call, now=now, grace=self.settings.schedule_grace)
             return
         self.records.step(call, "adopted", note=f"claimed but {unsent}: dialing A now",

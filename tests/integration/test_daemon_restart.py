@@ -212,9 +212,11 @@ def test_at_start_a_claimed_call_never_sent_is_dialed_or_missed_past_the_grace(
     now = utcnow()
 
     def claimed(phone_a: str, phone_b: str, due_ago: float) -> Call:
+        # Claimed when due; the run that claimed it died then (no dispatcher ran since: the store is new).
         call = Call.create(callid=secrets.token_hex(14), endpoint=endpoint, phone_a=phone_a, phone_b=phone_b,
                            due_at=now - dt.timedelta(seconds=due_ago), status=CallStatus.DIALING_A.value,
-                           a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), started_at=now)
+                           a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()),
+                           started_at=now - dt.timedelta(seconds=due_ago))
         harness.finals.setdefault(call.callid, gevent.event.AsyncResult())
         return call
 

@@ -468,6 +468,22 @@ def test_password_change_checks_the_old_one_and_signs_out_other_browsers(app: Fl
     assert browser(app).login(ann.email, "a new passphrase").status_code == 303
 
 
+def test_guessing_the_current_password_on_the_account_page_is_limited_like_signing_in(
+        make_app: Callable[..., Flask], ann: Account) -> None:
+    """A session left open (a shared computer, a stolen cookie) must not become a way to guess the password
+    without limit: wrong current passwords count against the account's sign-in budget."""
+    app = make_app(portal_login_failures_per_account=3, portal_login_failures_per_address=50)
+    here = browser(app).signed_in_as(ann.email)
+    guess = {"current_password": "not it at all", "new_password": "n" * 12, "new_password_again": "n" * 12}
+    for _ in range(3):
+        assert here.submit("/account", "/account", guess).status_code == 400
+    limited = here.submit("/account", "/account", {**guess, "current_password": PASSWORD})
+    assert limited.status_code == 429
+    assert errors_of(limited.get_data(as_text=True))[0].startswith("current_password: too many wrong passwords")
+    assert browser(app).login(ann.email, PASSWORD).status_code == 429  # the same budget as signing in
+    assert browser(app).login(ann.email, "n" * 12).status_code == 429  # and the password was not changed
+
+
 def test_a_disabled_account_is_signed_out_and_cannot_sign_in(app: Flask, ann: Account) -> None:
     b = browser(app).signed_in_as(ann.email)
     users.set_enabled(Account.get_by_id(ann.id), False)

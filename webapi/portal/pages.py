@@ -64,11 +64,10 @@ def login() -> Response:
     address = client_address()
     wait = sec.login_wait(email_key, address)
     if wait is not None:
-        minutes = max(1, round(wait / 60))
         log_event(log, "portal.login_limited", logging.WARNING, address=address)
         return render("login.html", 429, title="Sign in", email=email, next=target,
                       error=f"Too many failed sign-ins for this account or from this address. "
-                            f"Try again in {minutes} minute{'s' if minutes != 1 else ''}.")
+                            f"Try again in {_minutes(wait)}.")
     if not email or not password:
         missing = "email" if not email else "password"
         return render("login.html", 400, title="Sign in", email=email, next=target,
@@ -86,6 +85,12 @@ def login() -> Response:
     sec.start(response, account, address, ctx().clock())
     log_event(log, "portal.login", account=account.email, address=address)
     return response
+
+
+def _minutes(seconds: int) -> str:
+    """A limiter's wait as a person reads it: "1 minute", "5 minutes"."""
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
 @bp.route("/logout", methods=["POST"])
@@ -139,10 +144,23 @@ def account() -> Response:
     account = me()
     current = request.form.get("current_password", "")
     new = request.form.get("new_password", "")
-    error = field = ""
+    # A wrong current password is a guess like a failed sign-in: the same budgets (account and address),
+    # so an open session is no way around them.
+    sec, email_key, address = security(), users.normalise_email(account.email), client_address()
+    wait = sec.login_wait(email_key, address)
+    if wait is not None:
+        log_event(log, "portal.password_check_limited", logging.WARNING, account=account.email, address=address)
+        return render("account.html", 429, title="Your account", bad="current_password",
+                      error=f"current_password: too many wrong passwords for this account or from this "
+                            f"address; try again in {_minutes(wait)}")
+    sec.login_failed(email_key, address)  # counted before the slow check, given back when it matches
     if not users.password_matches(account.password_hash, current):
-        error, field = "current_password: wrong password", "current_password"
-    elif new != request.form.get("new_password_again", ""):
+        log_event(log, "portal.password_check_failed", logging.WARNING, account=account.email, address=address)
+        return render("account.html", 400, title="Your account", error="current_password: wrong password",
+                      bad="current_password")
+    sec.login_succeeded(email_key, address)
+    error = field = ""
+    if new != request.form.get("new_password_again", ""):
         error, field = "new_password_again: the two new passwords differ", "new_password_again"
     else:
         try:
@@ -153,7 +171,7 @@ def account() -> Response:
         return render("account.html", 400, title="Your account", error=error, bad=field)
     # Every session ended with the old password; this browser gets a new one.
     response = go("/account", "password_changed")
-    security().start(response, account, client_address(), ctx().clock())
+    sec.start(response, account, address, ctx().clock())
     log_event(log, "portal.password_changed", account=account.email)
     return response
 

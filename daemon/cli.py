@@ -30,7 +30,7 @@ from daemon.accounts.endpoints import (
 )
 from daemon.calls.records import CallRecords
 from daemon.calls.view import call_view, timeline_view
-from daemon.config import ConfigError, Settings, SwitchAddress, load_settings, mask_url
+from daemon.config import ConfigError, Settings, load_settings, mask_url, switch_sent_to
 from daemon.store import Account, Call, CallStatus, Endpoint, open_database
 
 
@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--calls-per-second", type=float, default=5.0)
     add.add_argument("--max-duration", type=int, default=3600, help="seconds from A's answer")
     add.add_argument("--daily-cap", type=int, default=1000,
-                     help="calls started per UTC day (from 00:00 UTC); a call past it fails 'daily cap of N calls reached'")
+                     help="calls started per UTC day (from 00:00 UTC); "
+                          "a call past it fails 'daily cap of N calls reached'")
     add.add_argument("--allowed-prefixes", default="", help="comma-separated digit prefixes; empty: any")
     add.add_argument("--extension-pattern", default="", help="regex for short internal numbers")
     add.add_argument("--webhook-url", default="")
@@ -194,7 +195,9 @@ def hangup_call(call: Call, settings: Settings) -> dict[str, Any]:
 
     if not CallStatus(call.status).in_flight or not call.a_uuid:
         raise EndpointError(f"callid {call.callid}: not in progress (status {call.status})")
-    switch = _switch_of(call, settings)
+    switch = switch_sent_to(settings.switch_addresses, call.switch)
+    if switch is None:
+        raise EndpointError(f"callid {call.callid}: its switch {call.switch} is not in the settings")
     conn = EslConnection(switch.host, switch.port, switch.password,
                          connect_timeout=settings.esl_command_timeout, command_timeout=settings.esl_command_timeout)
     try:
@@ -205,17 +208,6 @@ def hangup_call(call: Call, settings: Settings) -> dict[str, Any]:
     finally:
         conn.close()
     return {"callid": call.callid, "freeswitch": reply}
-
-
-def _switch_of(call: Call, settings: Settings) -> SwitchAddress:
-    """The switch the call's legs were sent to, as the engine finds it (a call from before the column: the first)."""
-    switches = settings.switch_addresses
-    if not call.switch:
-        return switches[0]
-    for switch in switches:
-        if switch.name == call.switch:
-            return switch
-    raise EndpointError(f"callid {call.callid}: its switch {call.switch} is not in the settings")
 
 
 def _store_unavailable(settings: Settings, exc: Exception) -> int:

@@ -12,10 +12,10 @@ import ipaddress
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -55,6 +55,23 @@ class SwitchAddress:
     @property
     def name(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Named)
+
+
+def switch_sent_to(switches: Sequence[S], name: str | None) -> S | None:
+    """The switch a claimed call was sent to, among ``switches`` (addresses or links): the one its
+    ``switch`` column names or, for a call claimed before the column existed (by a daemon with one
+    switch), the first. None: that switch is no longer in the settings."""
+    if not name:
+        return switches[0]
+    return next((switch for switch in switches if switch.name == name), None)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import gevent
 
 from daemon.calls.records import CallRecords
 from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop, SwitchLost
-from daemon.config import Settings
+from daemon.config import Settings, switch_sent_to
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch.link import SwitchLink
 
@@ -87,7 +87,6 @@ class Engine:
         self.links = [SwitchLink(address, settings, self.metrics, on_connected=self._switch_connected,
                                  on_lost=self._switch_lost, rng=rng)
                       for address in settings.switch_addresses]
-        self.by_name = {link.name: link for link in self.links}
         self.monotonic = time.monotonic  # the capacities' clock
 
     # -- the switches -----------------------------------------------------------------------------
@@ -126,12 +125,8 @@ class Engine:
         sequence.deliver(SwitchLost(link.name, seconds))
 
     def link_of(self, call: Call) -> SwitchLink | None:
-        """The switch a claimed call was sent to: its ``switch`` column, or (a call claimed before the
-        column existed, by a daemon with one switch) the first one. None: that switch is no longer set."""
-        name = call.switch
-        if not name:
-            return self.links[0]
-        return self.by_name.get(str(name))
+        """The switch a claimed call was sent to (:func:`daemon.config.switch_sent_to`)."""
+        return switch_sent_to(self.links, call.switch)
 
     # -- calls ------------------------------------------------------------------------------------
     def new_leg_uuids(self) -> tuple[str, str]:

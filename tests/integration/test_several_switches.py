@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from daemon.config import switch_sent_to
 from daemon.store import Call, CallEvent
 from tests.integration.conftest import Harness, needs_standin, switch_address, wait_for
 from tests.integration.test_daemon_restart import Daemon
@@ -94,7 +95,8 @@ def test_a_switch_that_goes_away_gets_no_new_calls_and_its_calls_are_reconciled_
     away = [c for c in (Call.get_by_id(c.id) for c in first) if c.switch == name_of(switch)]
     assert away, "no call went to the first switch"
     go_away(switch)
-    link = harness.service.engine.by_name[name_of(switch)]
+    link = switch_sent_to(harness.service.engine.links, name_of(switch))
+    assert link is not None
     assert wait_for(lambda: not link.ready, 10)
     status, body = readyz(harness)  # still ready: the other switch takes the calls
     assert status == 200 and body["data"]["switches_not_ready"] == [name_of(switch)]

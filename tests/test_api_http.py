@@ -45,6 +45,13 @@ def read_to_close(sock: socket.socket) -> bytes:
     return answer
 
 
+def exchange(live_server: LiveServer, raw: bytes) -> bytes:
+    """``raw`` sent on a new connection; everything the server answers until it closes it."""
+    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        return read_to_close(sock)
+
+
 def test_keep_alive_session_of_mixed_requests(live_server: LiveServer, make_endpoint: Any) -> None:
     _, token = make_endpoint()
     conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=10)
@@ -195,9 +202,7 @@ def test_requests_the_http_server_refuses_itself_get_the_envelope(live_server: L
     """A request line of 8 KiB or more, a request that is not HTTP, or a malformed header block is refused
     by the server before the app sees it; the answer is still the envelope naming what is wrong (it was an
     empty body)."""
-    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
-        sock.sendall(raw)
-        answer = read_to_close(sock)
+    answer = exchange(live_server, raw)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split(b"\r\n")[0].startswith(f"HTTP/1.1 {status} ".encode()), head
     assert b"Content-Type: application/json" in head, head
@@ -266,9 +271,7 @@ def test_a_body_whose_length_is_ambiguous_is_refused_and_nothing_in_it_is_answer
     both headers at once make the body's end a guess, which a proxy in front may guess differently: a
     request it saw as part of a body must not be answered here. 400, naming the header, and the close."""
     head = b"POST /v1/calls HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n" + framing + b"\r\n"
-    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
-        sock.sendall(head + body)
-        answer = read_to_close(sock)
+    answer = exchange(live_server, head + body)
     assert answer.count(b"HTTP/1.1 ") == 1, answer
     head_back, _, rest = answer.partition(b"\r\n\r\n")
     assert head_back.startswith(b"HTTP/1.1 400 "), answer
@@ -281,9 +284,7 @@ def test_a_body_announced_over_the_limit_is_refused_before_the_client_sends_it(l
     (nor, if slower than the body deadline, gets a 408 that hides the real reason)."""
     head = (b"POST /v1/calls HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000000\r\nExpect: 100-continue\r\n\r\n")
-    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
-        sock.sendall(head)
-        answer = read_to_close(sock)
+    answer = exchange(live_server, head)
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert json.loads(rest.partition(b"\r\n\r\n")[2])["data"]["code_desc"].startswith("body: larger than ")
@@ -296,9 +297,7 @@ def test_a_body_announced_over_the_limit_is_refused_before_the_client_sends_it(l
 def test_an_http_1_1_request_needs_exactly_one_host(live_server: LiveServer, raw: bytes) -> None:
     """RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host or with two (a proxy and
     this server could otherwise take the request for different hosts)."""
-    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
-        sock.sendall(raw)
-        answer = read_to_close(sock)
+    answer = exchange(live_server, raw)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer
     assert json.loads(body)["data"]["code_desc"].startswith("headers: Host: "), body
@@ -313,7 +312,5 @@ def test_an_empty_line_after_a_body_before_the_next_request_is_ignored(live_serv
     first = (f"POST /v1/calls HTTP/1.1\r\nHost: api\r\nContent-Type: application/x-www-form-urlencoded\r\n"
              f"Content-Length: {len(body)}\r\n\r\n").encode() + body + b"\r\n"
     second = b"GET /healthz HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
-    with socket.create_connection((live_server.host, live_server.port), timeout=10) as sock:
-        sock.sendall(first + second)
-        answer = read_to_close(sock)
+    answer = exchange(live_server, first + second)
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"200"], answer[:400]

@@ -125,6 +125,16 @@ def base(server: ApiServer) -> str:
     return f"http://127.0.0.1:{server.server_port}"
 
 
+def kept_alive_after_one_request(server: ApiServer) -> socket.socket:
+    """A connection that has had one request answered (GET /healthz) and is kept alive."""
+    sock = socket.create_connection(("127.0.0.1", server.server_port))
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    first = b""
+    while b'"code": 200' not in first and b'"code":200' not in first:
+        first += sock.recv(4096)
+    return sock
+
+
 def read_until_closed(sock: socket.socket, limit: float = 30.0) -> tuple[bytes, float]:
     """Everything the server sends until it closes, and the seconds that took."""
     started = time.monotonic()
@@ -370,11 +380,7 @@ def test_a_slow_header_sender_is_cut_at_the_header_deadline(serve: Callable[...,
 def test_the_header_deadline_counts_from_the_first_byte_on_a_kept_alive_connection(
         serve: Callable[..., ApiServer]) -> None:
     server = serve(header_timeout=1.0, idle_timeout=60)
-    sock = socket.create_connection(("127.0.0.1", server.server_port))
-    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    first = b""
-    while b'"code": 200' not in first and b'"code":200' not in first:
-        first += sock.recv(4096)
+    sock = kept_alive_after_one_request(server)
     sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request stalls after its first line
     received, waited = read_until_closed(sock)
     assert envelope_of(received)[0] == 408 and 1.0 <= waited < 30
@@ -484,11 +490,7 @@ def test_an_empty_line_between_requests_leaves_the_connection_idle(serve: Callab
     asks nothing: the kept-alive connection is idle again, closed at the idle deadline without a word.
     A 408 there would wait in the socket and be read as the answer to the client's next request."""
     server = serve(header_timeout=0.5, idle_timeout=0.5)
-    sock = socket.create_connection(("127.0.0.1", server.server_port))
-    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    first = b""
-    while b'"code": 200' not in first and b'"code":200' not in first:
-        first += sock.recv(4096)
+    sock = kept_alive_after_one_request(server)
     sock.sendall(b"\r\n")
     received, waited = read_until_closed(sock)
     assert received == b"", received

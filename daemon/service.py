@@ -4,9 +4,10 @@ Order at start: database (migrated) → the API's socket bound (a port in use en
 store's writer (on SQLite a thread of its own: nothing on the event loop waits for the disk) → engine
 (connects to FreeSWITCH in the background, adopts the calls a previous run left in flight) → dispatcher
 (marks missed what was due while no dispatcher ran, then starts due ones) → leases (renewed; calls of
-daemons that died taken over: daemon/calls/leases.py) → HTTP server → ``READY=1`` to systemd. On SIGTERM: stop taking calls, leave calls in progress to FreeSWITCH (they are
-adopted at the next start, or by another daemon sharing the store, their leases ended), stop the server,
-commit what is queued (the ended leases with it), exit.
+daemons that died taken over: daemon/calls/leases.py) → HTTP server → ``READY=1`` to systemd. On
+SIGTERM: stop taking calls, leave calls in progress to FreeSWITCH (they are adopted at the next start, or
+by another daemon sharing the store, their leases ended), stop the server, commit what is queued (the
+ended leases with it), exit.
 """
 
 from __future__ import annotations

@@ -126,9 +126,8 @@ class Dispatcher:
     def recover(self, now: dt.datetime) -> int:
         """Calls whose time passed while no dispatcher ran (this daemon down, and on a shared store every
         other one too) for longer than the grace are missed; the others start late."""
-        limit = now - dt.timedelta(seconds=self.settings.schedule_grace)
-        last_ran = self.records.dispatcher_last_ran()
-        if last_ran is not None and last_ran >= limit:
+        limit = self.records.missed_before(now=now, grace=self.settings.schedule_grace)
+        if limit is None:
             return 0  # a dispatcher ran within the grace: what is overdue was held back (late), not missed
         # A round of its own: on a shared PostgreSQL another daemon may be claiming these calls right now;
         # the rows it holds are skipped, and those marked here are held until the commit.

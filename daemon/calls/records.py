@@ -68,9 +68,9 @@ from daemon.store import (
 from daemon.writer import current as writer
 
 log = logging.getLogger("callbridge.call")
+api_log = logging.getLogger("callbridge.api")
 
 DISPATCHER_HEARTBEAT = "dispatcher"
-api_log = logging.getLogger("callbridge.api")
 
 StatusListener = Callable[[Call, CallStatus, dict[str, Any]], None]
 # Runs inside a status change's transaction (see the module's docstring); may return an action for the loop.
@@ -617,6 +617,13 @@ class CallRecords:
         claimed, is a time a dispatcher surely ran (the daemon that claimed it may since have died)."""
         since = max(t for t in (due_at, self.dispatcher_last_ran(), claimed_at) if t is not None)
         return (now - since).total_seconds() > grace
+
+    def missed_before(self, *, now: dt.datetime, grace: int) -> dt.datetime | None:
+        """The due time before which pending calls are :meth:`past_grace` at ``now``; None when none is
+        (a dispatcher ran within the grace)."""
+        limit = now - dt.timedelta(seconds=grace)
+        last_ran = self.dispatcher_last_ran()
+        return None if last_ran is not None and last_ran >= limit else limit
 
     def missed(self, call: Call, *, now: dt.datetime, grace: int) -> None:
         """A pending call whose time passed, beyond the grace, while the daemon could not start it."""

@@ -165,3 +165,17 @@ def test_a_trailing_line_break_never_passes_a_rule(field: str) -> None:
             check({fs.uuid: A, fs.number: "1555", fs.cause: "USER_BUSY", fs.ring_tone: "%(1,2,3)"}[check] + "\n")
     with pytest.raises(fs.UnsafeValue):
         fs.var_block({"name\n": "x"})
+
+
+@pytest.mark.parametrize("bad", ["CHANNEL_ANSWER\n\napi hupall", "channel answer", "CHANNEL_ANSWER /.*/", ""])
+def test_event_names_that_could_add_a_command_or_a_wider_filter_are_refused(bad: str) -> None:
+    with pytest.raises(fs.UnsafeValue):
+        fs.event_filters(["CHANNEL_CREATE", bad])
+    with pytest.raises(fs.UnsafeValue):
+        fs.event_subscription([bad])
+
+
+@pytest.mark.parametrize("bad", ["park\n\napi hupall", "/.*/", "-park", "Park", ""])
+def test_ignored_app_names_are_plain_app_names(bad: str) -> None:
+    with pytest.raises(fs.UnsafeValue):
+        fs.event_filters(["CHANNEL_EXECUTE"], ignored_apps=[bad])

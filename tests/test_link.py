@@ -7,13 +7,93 @@ from gevent.event import Event
 
 from daemon.config import Settings, SwitchAddress
 from daemon.ops.metrics import Metrics
-from daemon.switch.link import SwitchLink
+from daemon.switch.link import EVENTS, SwitchLink
 from tests.fake_esl_server import FakeEslServer, FakeSession, api_response, reply
 
 pytestmark = pytest.mark.timeout(20)
 
 STATUS = ("1 session(s) - peak 1, last 5min 1 \n0 session(s) per Sec out of max 30, peak 1, last 5min 1 \n"
           "1000 session(s) max\n")
+
+
+def answer_subscription(session: FakeSession, refuse: str = "") -> None:
+    """Read the filters and the event subscription and answer them as FreeSWITCH does (trace 05);
+    a filter whose line contains ``refuse`` gets an error instead."""
+    while True:
+        line = session.read_command().decode().strip()
+        if line.startswith("event "):
+            session.send(reply("+OK event listener enabled plain"))
+            return
+        header, _, value = line.removeprefix("filter ").partition(" ")
+        refused = refuse and refuse in line
+        session.send(reply("-ERR invalid filter" if refused else f"+OK filter added. [{header}]=[{value}]"))
+
+
+def answer_setup_reads(session: FakeSession) -> None:
+    """Answer what the link reads once subscribed: the Core-UUID and the switch's limits."""
+    for answer in (api_response("core-1"), api_response("+OK sessions per second: 30\n"),
+                   api_response("+OK max sessions: 1000\n"), api_response(STATUS)):
+        session.read_command()
+        session.send(answer)
+
+
+def test_the_link_subscribes_to_the_events_it_reads_and_filters_out_the_apps_nobody_reads() -> None:
+    lines: list[str] = []
+    done = Event()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        while not done.is_set():
+            line = session.read_command().decode().strip()
+            lines.append(line)
+            if line.startswith("event "):
+                session.send(reply("+OK event listener enabled plain"))
+                done.set()
+            else:
+                session.send(reply("+OK filter added."))
+        session.wait_client_close()
+
+    server = FakeEslServer(script).start()
+    link = SwitchLink(SwitchAddress("127.0.0.1", server.port, "ClueCon"), Settings(), Metrics(),
+                      on_connected=lambda _link, _restarted: None, on_lost=lambda _link, _away: None)
+    link.start()
+    try:
+        assert done.wait(10)
+        # Every event a call reads has a positive filter (without one, FreeSWITCH would drop it); the
+        # negative ones come after and name only apps whose events nothing reads.
+        assert lines[-1] == "event plain " + " ".join(EVENTS)
+        assert lines[:len(EVENTS)] == [f"filter Event-Name {name}" for name in EVENTS]
+        assert lines[len(EVENTS):-1] == [f"filter Application -{app}" for app in ("park", "multiset", "sched_hangup")]
+    finally:
+        link.stop()
+        server.stop()
+
+
+def test_a_switch_that_refuses_a_filter_is_not_used_and_is_tried_again() -> None:
+    # A positive filter the switch did not take would silently drop every event of its kind (calls
+    # stuck on an answer never heard): such a connection is dropped and made again.
+    tried_again = Event()
+
+    def script(session: FakeSession) -> None:
+        if len(server.sessions) >= 2:
+            tried_again.set()
+        session.handshake()
+        answer_subscription(session, refuse="CHANNEL_ANSWER")
+        answer_setup_reads(session)  # all a connection needs, but for the filter
+        session.wait_client_close()
+
+    server = FakeEslServer(script).start()
+    told: list[bool] = []
+    link = SwitchLink(SwitchAddress("127.0.0.1", server.port, "ClueCon"), Settings(), Metrics(),
+                      on_connected=lambda _link, _restarted: told.append(True), on_lost=lambda _link, _away: None)
+    link.start()
+    try:
+        assert tried_again.wait(15)
+        assert not told
+        assert not link.connected.is_set()
+    finally:
+        link.stop()
+        server.stop()
 
 
 def test_a_switch_gone_right_after_the_connection_reads_is_not_reported_connected() -> None:
@@ -26,12 +106,8 @@ def test_a_switch_gone_right_after_the_connection_reads_is_not_reported_connecte
         if len(server.sessions) >= 2:
             tried_again.set()
         session.handshake()
-        for answer in (reply("+OK event listener enabled plain"), api_response("core-1"),
-                       api_response("+OK sessions per second: 30\n"), api_response("+OK max sessions: 1000\n")):
-            session.read_command()
-            session.send(answer)
-        session.read_command()
-        session.send(api_response(STATUS))
+        answer_subscription(session)
+        answer_setup_reads(session)
         session.close()
 
     server = FakeEslServer(script).start()

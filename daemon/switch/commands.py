@@ -294,8 +294,26 @@ def uuid_record_start(channel: str, path: str, *, recordings_dir: str) -> str:
     return f"uuid_record {uuid(channel)} start {media_path(path, media_root=recordings_dir)}"
 
 
-def event_subscription(names: Iterable[str]) -> str:
+def _event_names(names: Iterable[str]) -> list[str]:
+    names = list(names)
     for name in names:
         if not re.fullmatch(r"^[A-Z_]+$", name):
             raise UnsafeValue(f"event name {name!r} is not allowed")
-    return "event plain " + " ".join(names)
+    return names
+
+
+def event_subscription(names: Iterable[str]) -> str:
+    return "event plain " + " ".join(_event_names(names))
+
+
+def event_filters(names: Iterable[str], *, ignored_apps: Iterable[str] = ()) -> list[str]:
+    """The ``filter`` commands that let through the events ``names`` only, and of those not the app
+    events (CHANNEL_EXECUTE, CHANNEL_EXECUTE_COMPLETE: the only ones with an ``Application`` header) of
+    ``ignored_apps``. mod_event_socket's event_handler (1.10): once a connection has a filter, an event
+    passes only when a positive filter matches it, and a matching negative one (value led by ``-``)
+    drops it whatever matched before; a filter on a header the event lacks does not count."""
+    apps = list(ignored_apps)
+    for app in apps:
+        if not re.fullmatch(r"^[a-z_]+$", app):
+            raise UnsafeValue(f"application name {app!r} is not allowed")
+    return [f"filter Event-Name {name}" for name in _event_names(names)] + [f"filter Application -{app}" for app in apps]

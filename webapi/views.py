@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from flask import Blueprint, Response, current_app, request, send_file
 from peewee import SqliteDatabase
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
@@ -111,14 +112,16 @@ def body_values() -> dict[str, Any]:
         if not data.strip():
             return {}
         try:
-            parsed = json.loads(data)
+            parsed = json.loads(data, object_pairs_hook=_object_without_repeats)
+        except RepeatedField as exc:
+            raise ApiError(400, f"{_field_name(exc.name)}: given more than once; send each field once") from None
         except (ValueError, RecursionError):
             raise ApiError(400, "body: not valid JSON") from None
         if not isinstance(parsed, dict):
             raise ApiError(400, "body: must be a JSON object")
         return parsed
     if mimetype == FORM:
-        return request.form.to_dict(flat=True)
+        return _single_values(request.form)
     raise ApiError(415, f"Content-Type: {mimetype} not supported; use {FORM} or application/json")
 
 
@@ -156,6 +159,36 @@ def require_endpoint(values: Mapping[str, Any]) -> tuple[Endpoint, str]:
 def query_values() -> dict[str, Any]:
     """Query-string parameters (first value of each)."""
     return request.args.to_dict(flat=True)
+
+
+class RepeatedField(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key repeats: which value counts would be a guess (ours the last, a
+    proxy's or a validator's in front of us perhaps the first)."""
+    found: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in found:
+            raise RepeatedField(name)
+        found[name] = value
+    return found
+
+
+def _single_values(values: MultiDict[str, str]) -> dict[str, str]:
+    """A form's values, one per name; a name given twice is a 400 (which one counts would be a guess)."""
+    for name, given in values.lists():
+        if len(given) > 1:
+            raise ApiError(400, f"{_field_name(name)}: given more than once; send each field once")
+    return values.to_dict(flat=True)
+
+
+def _field_name(name: str) -> str:
+    """A client's field name fit to quote in an error: short and plain, else just ``body``."""
+    return name if len(name) <= 64 and name.isidentifier() and name.isascii() else "body"
 
 
 # Shapes ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from daemon.switch.capacity import (
     parse_status,
 )
 from daemon.switch.engine import choose_switch, room_for_new_calls
+from freeswitch.standin.limits import SessionLimits
 
 # `api status` as FreeSWITCH 1.10.12 answered it (shared/esl-traces/17_throttle_sps, trailing spaces kept).
 STATUS = (
@@ -36,6 +37,24 @@ def test_status_and_fsctl_answers_are_read() -> None:
     assert parse_fsctl_max_sessions("+OK max sessions: -1\n") == 0xFFFFFFFF  # a uint32 printed with %d
     assert parse_fsctl_sps("-ERR INVALID COMMAND\n") is None
     assert parse_status("-ERR no reply\n").sps is None
+
+
+def test_a_rate_lowered_under_an_unspent_budget_is_read_from_the_next_status() -> None:
+    """``fsctl sps 2`` sets only the total; at the switch's next tick ``sps_last = sps_total - sps``
+    (switch_time.c) is 2 minus what was left of the old budget, and ``status`` prints it with %d: a negative
+    count for that second. The new limit on the same line must still be read."""
+    now = [0.0]
+    limits = SessionLimits(clock=lambda: now[0])  # the stand-in, as switch_time.c counts
+    limits.set_sps(2)
+    now[0] = 1.0
+    lines = limits.status_lines()
+    assert "-28 session(s) per Sec out of max 2, " in lines
+    capacity = SwitchCapacity(0.1)
+    capacity.learn_status(STATUS)
+    figures = capacity.learn_status(lines)
+    assert (capacity.sps, capacity.rate_cap, figures.sps) == (2, 1, 2)
+    assert figures.rate_last_second is None  # what the old budget's second created is not known from it
+    assert figures.sessions == 0 and figures.max_sessions == 1000
 
 
 @pytest.mark.parametrize(("sps", "margin", "cap"), [(30, 0.1, 26), (30, 0.0, 29), (2, 0.1, 1), (1, 0.1, 0),

@@ -59,13 +59,15 @@ DEFAULT_MAX_SESSIONS = 1000
 _SPS_REPLY = re.compile(r"^\+OK sessions per second: (-?\d+)\s*$")
 _MAX_REPLY = re.compile(r"^\+OK max sessions: (-?\d+)\s*$")
 _STATUS_SESSIONS = re.compile(r"^(\d+) session\(s\) - peak \d+", re.M)
-_STATUS_RATE = re.compile(r"^(\d+) session\(s\) per Sec out of max (\d+)", re.M)
+# The count is signed: after `fsctl sps N` below what was left of the old budget, the next tick's
+# ``sps_last = sps_total - sps`` (switch_time.c) is negative for a second.
+_STATUS_RATE = re.compile(r"^(-?\d+) session\(s\) per Sec out of max (\d+)", re.M)
 _STATUS_MAX = re.compile(r"^(-?\d+) session\(s\) max$", re.M)
 
 
 @dataclass(frozen=True)
 class StatusFigures:
-    """The session lines of ``api status``; a figure its text did not carry is None."""
+    """The session lines of ``api status``; a figure its text did not carry (or a negative count) is None."""
 
     sessions: int | None = None
     rate_last_second: int | None = None
@@ -78,8 +80,9 @@ def parse_status(text: str) -> StatusFigures:
     sessions = _STATUS_SESSIONS.search(text)
     rate = _STATUS_RATE.search(text)
     most = _STATUS_MAX.search(text)
+    last = int(rate.group(1)) if rate else -1
     return StatusFigures(sessions=int(sessions.group(1)) if sessions else None,
-                         rate_last_second=int(rate.group(1)) if rate else None,
+                         rate_last_second=last if last >= 0 else None,
                          sps=int(rate.group(2)) if rate else None,
                          max_sessions=_uint32(int(most.group(1))) if most else None)
 

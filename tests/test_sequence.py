@@ -528,6 +528,7 @@ def test_a_b_that_really_failed_gets_the_notice_and_hangup_at_once(run_call: Cal
     bridge = sequence.apps.bridge
     assert bridge is not None
     sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
+    switch.capacity.created(sequence.b.uuid, switch.now)
     sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
     sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.b.uuid, **{"Hangup-Cause": "USER_BUSY"}))
     sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "USER_BUSY"))
@@ -755,6 +756,40 @@ def test_b_granted_by_the_line_and_at_its_deadline_in_one_turn_is_dialed_once(
     # the others, A and B sent (none created here), each once: the room the line reserved for B, unused,
     # went back
     assert switch.capacity.pending == switch.capacity.rate_cap + 2
+
+
+def test_b_dialed_at_a_reconnect_while_its_retry_waits_in_line_leaves_no_room_taken(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """B's break found no turn (B asks again a second later, in line); the reconnect's look dials B at once.
+    Its place in line must go with it: else the line grants B room again later, and if that grant comes as
+    the call ends, the room is never given back (a switch of 2 sessions a second then admits no call)."""
+    sequence, switch = run_call()
+    sequence.start()
+    gevent.sleep(0)
+    switch.capacity.created(sequence.a.uuid, switch.now)  # as the link counts every CHANNEL_CREATE
+    sequence.deliver(event("CHANNEL_CREATE", sequence.a.uuid))
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    switch.no_turn_for_api = 1  # the break that dials B finds no turn
+    sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 0)))
+    gevent.sleep(0)
+    assert breaks(switch, sequence.a.uuid) == [] and "b" in sequence.wanted
+    a = sequence.a.uuid
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {sequence.b.uuid}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a} app_uuid": wait_uuid(a, 0)}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    assert len(breaks(switch, a)) == 1 and "b" not in sequence.wanted
+    switch.capacity.created(sequence.b.uuid, switch.now)
+    sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.b.uuid, **{"Hangup-Cause": "USER_BUSY"}))
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", a, **{"Hangup-Cause": "NORMAL_CLEARING"}))
+    switch.now += 1.5
+    switch.capacity.serve(switch.now)  # the line, as the call's last events wait to be read
+    sequence.greenlet.join(timeout=5)
+    assert sequence.done
+    assert (switch.capacity.waiting, switch.capacity.pending) == (0, 0)
 
 
 # -- a bridge to B retried after a refusal, then a restart or a reconnection ------------------------------

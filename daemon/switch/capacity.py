@@ -336,10 +336,10 @@ class SwitchCapacity:
         """A leg of a call in progress wants to be sent. True: it may go now (reserved); else it joins
         the line and ``grant()`` is called (from :meth:`serve`) when its turn comes."""
         start = now if not_before is None else not_before
+        self.withdraw(uuid)  # its own place, if any (a retry not yet due): it goes now, or queues anew
         if start <= now and not any(w.not_before <= now for w in self._waiters) and self.delay(now) == 0:
             self.reserve(uuid, now)
             return True
-        self.withdraw(uuid)
         self._waiters.append(_Waiter(uuid, leg, start, grant))
         self._changed()
         return False

@@ -31,6 +31,8 @@ def quick_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(("email", "message"), [
     ("", "email: must be an address"), ("ann", "email: must be an address"), ("ann@example", "email: must be"),
     ("a b@example.com", "email: must be"), ("a@b@example.com", "email: must be"), ("x" * 250 + "@e.com", "email:"),
+    ("a\x00b@example.com", "email: must be"), ("ann@example.com\x7f", "email: must be"),
+    ("ann@exa\x1bmple.com", "email: must be"),
 ])
 def test_email_rule(email: str, message: str) -> None:
     with pytest.raises(users.AccountError, match=message):

@@ -161,6 +161,21 @@ def test_wrong_password_or_unknown_email_answer_the_same_and_set_no_session(app:
     assert answers[0] == answers[1] == ["The email or the password is wrong (or the account is disabled)."]
 
 
+def test_an_email_with_a_control_character_is_a_wrong_sign_in_or_a_named_error_never_a_500(
+        app: Flask, ann: Account, admin: Account) -> None:
+    # PostgreSQL refuses a NUL in any text: looked up as it was, such an email was a 500 before any password.
+    for email in ("ann@example.com\x00", "a\x00nn@example.com", "ann\x7f@example.com"):
+        response = browser(app).login(email, PASSWORD)
+        assert response.status_code == 401, email
+        assert errors_of(response.get_data(as_text=True)) == [
+            "The email or the password is wrong (or the account is disabled)."]
+    a = browser(app).signed_in_as(admin.email)
+    for email in ("cat\x00@example.com", "cat@exam\x1bple.com"):
+        response = a.submit("/admin/accounts", "/admin/accounts", {"email": email, "password": "p" * 12})
+        assert response.status_code == 400, email
+        assert errors_of(response.get_data(as_text=True))[0] == "email: must be an address such as name@example.com"
+    assert Account.select().count() == 2
+
 def test_next_goes_back_to_the_page_asked_for_but_never_to_another_site(app: Flask, ann: Account) -> None:
     client = app.test_client()
     response = client.get("/calls?status=failed")

@@ -680,6 +680,20 @@ def test_the_form_places_a_call_once_even_when_sent_twice(app: Flask, ann: Accou
     assert call.msg_file and dispatcher.wakes == 0  # due tomorrow: the dispatcher's own looks find it
 
 
+@pytest.mark.parametrize("form_id", ["\x00", "a" * 65, "id with spaces", "é"])
+def test_a_form_id_the_page_never_gave_is_refused_by_name_not_a_500(app: Flask, ann: Account, make_endpoint: Any,
+                                                                     form_id: str) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann)
+    b = browser(app).signed_in_as(ann.email)
+    response = b.submit("/calls/new", "/calls/new", {**PLACE, "endpoint": str(endpoint.id), "form_id": form_id})
+    assert response.status_code == 400
+    page = response.get_data(as_text=True)
+    assert errors_of(page)[0].startswith("form_id: ")
+    assert not Call.select().exists()
+    fresh = re.search(r'name="form_id" value="([^"]+)"', page).group(1)  # the form sent again places the call
+    again = b.submit("/calls/new", "/calls/new", {**PLACE, "endpoint": str(endpoint.id), "form_id": fresh})
+    assert again.status_code == 303 and Call.select().count() == 1
+
 def test_only_ones_own_enabled_endpoints_place_calls(app: Flask, ann: Account, bob: Account,
                                                      make_endpoint: Any) -> None:
     theirs, _ = own_endpoint(make_endpoint, bob, name="bobs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from typing import Any
 from urllib.parse import urlencode
@@ -199,6 +200,7 @@ def rotate(endpoint_id: int) -> Response:
 # Calls -------------------------------------------------------------------------------------------
 
 PLACE_FIELDS = ("phone_a", "phone_b", "call_date", "play_url", "msg", "msg_lang", "dialtone_url")
+FORM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what the form is given (token_urlsafe), kept as a key
 
 
 @bp.route("/calls/new", methods=["GET", "POST"])
@@ -213,7 +215,10 @@ def place() -> Response:
     status = 200
     if request.method == "POST":
         endpoint = queries.own_endpoint(me(), values.get("endpoint"))
-        if endpoint is None or not endpoint.enabled:
+        if not FORM_ID_RE.fullmatch(values["form_id"]):
+            error, field = "form_id: not one this page gave; send the form again", "form_id"
+            values["form_id"] = secrets.token_urlsafe(12)
+        elif endpoint is None or not endpoint.enabled:
             error, field = "endpoint: choose one of your enabled endpoints", "endpoint"
         else:
             try:

@@ -78,6 +78,19 @@ def test_wrong_options_are_refused_with_the_rule(capsys: pytest.CaptureFixture[s
     assert Endpoint.select().count() == 0
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--max-in-flight", "99999999999999999999", "max-in-flight: at most 2147483647"),
+    ("--daily-cap", "2147483648", "daily-cap: at most 2147483647"),
+    ("--name", "acme\x1b[2J", "name: no control characters"),
+])
+def test_values_the_store_cannot_hold_are_refused_with_the_rule(capsys: pytest.CaptureFixture[str], option: str,
+                                                               value: str, message: str) -> None:
+    argv = [a for a in ADD if a not in ("--name", "acme")] + ["--name", "acme", option, value]
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "") and err.startswith(f"callbridge: {message}")
+    assert Endpoint.select().count() == 0
+
+
 def test_calls_in_flight_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     run(capsys, *ADD)
     endpoint = Endpoint.get(Endpoint.name == "acme")

@@ -84,6 +84,20 @@ def test_describe_never_shows_the_token_or_its_hash(make_endpoint: Any) -> None:
     # what the switch would be sent must pass the same rule: a stutter tone past its length is refused here
     ({"ring_tone": "tone_stream://" + ";".join(["%(100,100,350,440)"] * 6 + ["%(1000,4000,350,440)"])},
      "ring-tone: a TGML tone"),
+    # what the store cannot hold was a 500 on the admin page and a traceback from the CLI
+    ({"max_in_flight": 10**20}, "max-in-flight: at most 2147483647"),
+    ({"daily_cap": 2**31}, "daily-cap: at most 2147483647"),
+    ({"max_duration": 2**40}, "max-duration: at most 2147483647"),
+    ({"name": "acme\x00"}, "name: no control characters"),
+    ({"name": "acme\ntoken: cb_x"}, "name: no control characters"),
+    ({"extension_pattern": "^1\x00$"}, "extension-pattern: no control characters"),
+    ({"extension_pattern": "^[0-9]{3}$" + "|1" * 100}, "extension-pattern: at most 128 characters"),
+    # a webhook URL no request can be sent to was taken, and every call's webhook then failed
+    ({"webhook_url": "http://"}, "webhook-url: an http or https URL with a host"),
+    ({"webhook_url": "http://hooks.example/a\r\nX-Evil: 1"}, "webhook-url: an http or https URL with a host"),
+    ({"webhook_url": "http://hooks.example/a b"}, "webhook-url: an http or https URL with a host"),
+    ({"webhook_url": "http://hooks.example:99999/"}, "webhook-url: an http or https URL with a host"),
+    ({"webhook_url": "https://hooks.example/" + "a" * 500}, "webhook-url: at most 500 characters"),
 ])
 def test_endpoint_options_are_checked(db: Database, options: dict[str, Any], message: str) -> None:
     base: dict[str, Any] = {"name": "x", "caller_id_number": "15550000000",

@@ -551,6 +551,29 @@ def test_admin_creates_an_endpoint_for_an_account_and_sees_its_token_once(app: F
     assert "clinic" in browser(app).signed_in_as(ann.email).text("/endpoints")
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_in_flight", "99999999999999999999", "max_in_flight: at most 2147483647"),
+    ("daily_cap", "2147483648", "daily_cap: at most 2147483647"),
+    ("name", "acme\x00", "name: no control characters (line breaks, tabs, NUL ...)"),
+    ("extension_pattern", "^1\x00$", "extension_pattern: no control characters (line breaks, tabs, NUL ...)"),
+    ("webhook_url", "https://hooks.example/" + "a" * 500, "webhook_url: at most 500 characters"),
+    ("owner", "ann@example.com\x00", "owner: no account 'ann@example.com\\x00'; create it on the Accounts page first"),
+])
+def test_admin_endpoint_form_names_a_value_the_store_cannot_hold_never_a_500(
+        app: Flask, admin: Account, ann: Account, make_endpoint: Any, field: str, value: str, message: str) -> None:
+    endpoint, token = own_endpoint(make_endpoint, ann, name="acme")
+    a = browser(app).signed_in_as(admin.email)
+    form = {"name": "acme", "caller_id_number": "15551230000", "dial_string": "sofia/gateway/carrier/{number}",
+            "owner": ann.email, field: value}
+    page = f"/admin/endpoints/{endpoint.id}"
+    for action in (page, "/admin/endpoints"):  # edit, and create
+        response = a.submit(page, action, {**form, "name": "other"} if action != page and field != "name" else form)
+        assert response.status_code == 400, action
+        body = response.get_data(as_text=True)
+        assert errors_of(body)[0] == message
+        assert f'<p class="field-error" id="e-{field}">' in body or field == "owner"  # (a select: marked invalid)
+    assert Endpoint.select().count() == 1 and Endpoint.get_by_id(endpoint.id).max_in_flight == 10
+
 def test_admin_edits_limits_reassigns_and_disables(app: Flask, admin: Account, ann: Account, bob: Account,
                                                    make_endpoint: Any) -> None:
     endpoint, token = own_endpoint(make_endpoint, ann, name="acme")

@@ -13,8 +13,10 @@ import hmac
 import math
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from daemon.config import ConfigError, zone
 from daemon.store import Account, Endpoint, precompiled, select_rows, utcnow
@@ -49,7 +51,12 @@ def token_hint(token: str) -> str:
 
 CALLER_ID_NUMBER = re.compile(r"^\+?[0-9]{1,20}$")
 PREFIXES = re.compile(r"^(\+?[0-9]+)(,\+?[0-9]+)*$")
-RING_TONE_MAX = Endpoint.ring_tone.max_length  # the store's column
+# The store's columns (PostgreSQL refuses what does not fit, SQLite an integer past 64 bits).
+RING_TONE_MAX = Endpoint.ring_tone.max_length
+EXTENSION_PATTERN_MAX = Endpoint.extension_pattern.max_length
+WEBHOOK_URL_MAX = Endpoint.webhook_url.max_length
+INTEGER_MAX = 2**31 - 1  # PostgreSQL's INTEGER
+NO_CONTROL = "no control characters (line breaks, tabs, NUL ...)"
 
 
 @dataclass
@@ -72,6 +79,8 @@ class EndpointOptions:
     def check(self) -> None:
         if not self.name or len(self.name) > 100:
             raise EndpointError("name: required, at most 100 characters")
+        if _has_control(self.name):  # shown on pages, in lists and logs, and named on the command line
+            raise EndpointError(f"name: {NO_CONTROL}")
         if not CALLER_ID_NUMBER.fullmatch(self.caller_id_number):
             raise EndpointError("caller-id: digits with an optional leading +, at most 20")
         if not CALLER_NAME_RE.fullmatch(self.caller_id_name):  # the rule the originate line is built with
@@ -87,15 +96,16 @@ class EndpointOptions:
         if self.max_in_flight < 1 or self.daily_cap < 1 or self.max_duration < 10 \
                 or not 0 < self.calls_per_second < math.inf:  # (NaN compares false both ways)
             raise EndpointError("limits: max-in-flight, daily-cap >= 1, max-duration >= 10 s, calls-per-second > 0")
+        for option, value in (("max-in-flight", self.max_in_flight), ("daily-cap", self.daily_cap),
+                              ("max-duration", self.max_duration)):
+            if value > INTEGER_MAX:
+                raise EndpointError(f"{option}: at most {INTEGER_MAX}")
         if self.allowed_prefixes and not PREFIXES.fullmatch(self.allowed_prefixes):
             raise EndpointError("allowed-prefixes: comma-separated digit prefixes, e.g. 1555,1212")
         if self.extension_pattern:
-            try:
-                re.compile(self.extension_pattern)
-            except re.error as exc:
-                raise EndpointError(f"extension-pattern: not a regular expression ({exc})") from None
-        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
-            raise EndpointError("webhook-url: must be an http or https URL")
+            self._check_extension_pattern()
+        if self.webhook_url:
+            check_webhook_url(self.webhook_url)
         try:  # the rule the tone is sent to FreeSWITCH by, so that a tone stored is one a call can play
             ring_tone(self.ring_tone)
         except UnsafeValue:
@@ -103,6 +113,36 @@ class EndpointOptions:
                                 "tone_stream://%(400,200,400,450);%(400,2000,400,450)") from None
         if len(self.ring_tone) > RING_TONE_MAX:
             raise EndpointError(f"ring-tone: at most {RING_TONE_MAX} characters")
+
+    def _check_extension_pattern(self) -> None:
+        if _has_control(self.extension_pattern):
+            raise EndpointError(f"extension-pattern: {NO_CONTROL}")
+        if len(self.extension_pattern) > EXTENSION_PATTERN_MAX:
+            raise EndpointError(f"extension-pattern: at most {EXTENSION_PATTERN_MAX} characters")
+        try:
+            re.compile(self.extension_pattern)
+        except re.error as exc:
+            raise EndpointError(f"extension-pattern: not a regular expression ({exc})") from None
+
+
+def _has_control(value: str) -> bool:
+    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
+
+
+def check_webhook_url(url: str) -> None:
+    """The rule of a URL the webhook sender can POST to (http.client takes the host and port from it)."""
+    if len(url) > WEBHOOK_URL_MAX:
+        raise EndpointError(f"webhook-url: at most {WEBHOOK_URL_MAX} characters")
+    rule = "webhook-url: an http or https URL with a host, of printable ASCII (percent-encode the rest)"
+    if not all("!" <= ch <= "~" for ch in url):
+        raise EndpointError(rule)
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port: ValueError when out of range or not a number
+    except ValueError:
+        raise EndpointError(rule) from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise EndpointError(rule)
 
 
 def create_endpoint(options: EndpointOptions, owner: Account | None = None) -> tuple[Endpoint, str]:

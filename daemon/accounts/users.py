@@ -111,8 +111,9 @@ def find_account(email: str) -> Account:
     try:
         wanted = normalise_email(email)
     except AccountError:
-        wanted = email
-    account = Account.get_or_none(Account.email == wanted)
+        wanted = email  # (an account made before a rule refused its address can still be found)
+    # PostgreSQL refuses a NUL in a query, and no stored address holds one.
+    account = Account.get_or_none(Account.email == wanted) if "\x00" not in wanted else None
     if account is None:
         raise AccountError(f"account {email!r}: no such account")
     return account

@@ -32,6 +32,7 @@ log = logging.getLogger("callbridge.portal")
 # EndpointOptions.check names the CLI's options; the form's fields carry the stored names.
 OPTION_FIELDS = {"name": "name", "caller-id": "caller_id_number", "caller-id-name": "caller_id_name",
                  "dial-string": "dial_string", "timezone": "timezone", "limits": "max_in_flight",
+                 "max-in-flight": "max_in_flight", "daily-cap": "daily_cap", "max-duration": "max_duration",
                  "allowed-prefixes": "allowed_prefixes", "extension-pattern": "extension_pattern",
                  "webhook-url": "webhook_url", "ring-tone": "ring_tone"}
 NUMBERS = {"max_in_flight": int, "calls_per_second": float, "max_duration": int, "daily_cap": int}
@@ -72,7 +73,10 @@ def _owner_from_form(form: Mapping[str, str]) -> Account | None:
     raw = form.get("owner", "").strip()
     if not raw:
         return None
-    account = Account.get_or_none(Account.email == raw.lower())
+    try:
+        account = users.find_account(raw)
+    except users.AccountError:
+        account = None
     if account is None:
         raise EndpointError(f"owner: no account {raw!r}; create it on the Accounts page first")
     return account

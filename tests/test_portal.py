@@ -551,6 +551,25 @@ def test_admin_creates_an_endpoint_for_an_account_and_sees_its_token_once(app: F
     assert "clinic" in browser(app).signed_in_as(ann.email).text("/endpoints")
 
 
+def test_a_webhook_url_set_by_an_edit_shows_its_new_signing_secret_once(app: Flask, admin: Account, ann: Account,
+                                                                        make_endpoint: Any) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann, name="acme")
+    assert endpoint.webhook_secret == ""
+    a = browser(app).signed_in_as(admin.email)
+    page = f"/admin/endpoints/{endpoint.id}"
+    form = {"name": "acme", "caller_id_number": "15551230000", "dial_string": "sofia/gateway/carrier/{number}",
+            "webhook_url": "https://hooks.example/callbridge", "owner": ann.email}
+    response = a.submit(page, page, form)
+    assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+    secret = Endpoint.get_by_id(endpoint.id).webhook_secret
+    shown = re.search(r'id="webhook-secret"[^>]*value="([^"]+)"', response.get_data(as_text=True))
+    assert secret and shown is not None and html.unescape(shown.group(1)) == secret
+    # Shown that once: a later save keeps the secret and does not show it again.
+    again = a.submit(page, page, {**form, "max_in_flight": "3"})
+    assert again.status_code == 303 and Endpoint.get_by_id(endpoint.id).webhook_secret == secret
+    for path in (page, "/admin/endpoints", "/endpoints"):
+        assert secret not in a.text(path)
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("max_in_flight", "99999999999999999999", "max_in_flight: at most 2147483647"),
     ("daily_cap", "2147483648", "daily_cap: at most 2147483647"),

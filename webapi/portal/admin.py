@@ -143,6 +143,7 @@ def admin_endpoint(endpoint_id: int) -> Response:
     form: dict[str, str] = {}
     if request.method == "POST":
         form = request.form.to_dict(flat=True)
+        had_secret = bool(endpoint.webhook_secret)
         try:
             options = _options_from_form(form, options_of(endpoint))
             owner = _owner_from_form(form)
@@ -153,6 +154,9 @@ def admin_endpoint(endpoint_id: int) -> Response:
             endpoint = _endpoint_or_404(endpoint_id)  # show what is stored, with the form's values on top
         else:
             log_event(log, "portal.endpoint_saved", endpoint=endpoint.name, by=me().email)
+            if endpoint.webhook_secret and not had_secret:
+                # Made by this save (the first webhook URL): shown on this answer only, like a token.
+                return render("webhook_secret.html", title="Webhook signing secret", endpoint=endpoint)
             return go(f"/admin/endpoints/{endpoint.id}", "saved")
     owner = Account.get_or_none(Account.id == endpoint.owner_id) if endpoint.owner_id else None
     return render("admin_endpoint.html", 400 if error else 200, title=f"Endpoint {endpoint.name}",

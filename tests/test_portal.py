@@ -453,6 +453,29 @@ def test_call_page_tells_the_story_in_plain_words_and_local_time(app: Flask, ann
     assert 'data-live="0"' in page  # final: the page does not poll
 
 
+def test_the_players_of_what_a_was_played_play_for_the_owner_and_no_one_else(
+        app: Flask, ann: Account, bob: Account, make_endpoint: Any, tmp_path: Path) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann)
+    files = {}
+    for which, digit in (("play", "1"), ("msg", "2"), ("dialtone", "3")):
+        path = tmp_path / f"{digit * 64}.wav"
+        path.write_bytes(b"RIFF" + digit.encode() * 60)
+        files[which] = path
+    call_row(endpoint, "e" * 28, play_url="https://media.example/a.wav", msg="Hello", msg_lang="en-US",
+             dialtone_url="https://media.example/tone.wav", play_file=str(files["play"]),
+             msg_file=str(files["msg"]), dialtone_file=str(files["dialtone"]))
+    b = browser(app).signed_in_as(ann.email)
+    page = b.text(f"/calls/{'e' * 28}")
+    sources = re.findall(r'<audio controls preload="none" src="([^"]+)"', page)
+    assert len(sources) == 3
+    for src, which in zip(sources, ("play", "msg", "dialtone"), strict=True):
+        played = b.get(src)  # the browser's own request, as the page's player makes it
+        assert played.status_code == 200, src
+        assert played.mimetype == "audio/wav" and played.data == files[which].read_bytes()
+        other = browser(app).signed_in_as(bob.email).get(src)
+        assert other.status_code == 404 and files[which].read_bytes() not in other.data
+        assert app.test_client().get(src).status_code == 303  # not signed in: to the sign-in page
+
 def test_calls_in_progress_mark_the_page_live(app: Flask, ann: Account, make_endpoint: Any) -> None:
     endpoint, _ = own_endpoint(make_endpoint, ann)
     call_row(endpoint, "f" * 28, status="bridged", started_at=NOW)

@@ -285,12 +285,19 @@ def _call_or_404(callid: str) -> Any:
     return call
 
 
-def _media_player(path: str) -> str:
-    """The /media URL of one of our normalised files, if it is still in the cache."""
-    name = os.path.basename(path or "")
+def _prompt_file(call: Any, which: str) -> str:
+    """The path of one of our normalised files a call played, if it is still in the cache, else ``""``."""
+    path = getattr(call, f"{which}_file") or ""
+    name = os.path.basename(path)
     if len(name) != MEDIA_NAME_LEN or not name.endswith(".wav") or not os.path.isfile(path):
         return ""
-    return f"/media/{name}"
+    return str(path)
+
+
+def _media_player(call: Any, which: str) -> str:
+    """The URL the page's player fetches the prompt from: behind the call's own ownership check (the API's
+    /media/ route serves FreeSWITCH only)."""
+    return f"/calls/{call.callid}/prompts/{which}" if _prompt_file(call, which) else ""
 
 
 @bp.route("/calls/<callid>", methods=["GET"])
@@ -308,8 +315,8 @@ def call_detail(callid: str) -> Response:
     return render("call.html", title=f"Call {call.callid}", call=call, endpoint=call.endpoint, steps=steps,
                   played=played, outcome=present.outcome(call), step_words=present.step_words,
                   step_details=lambda detail: present.step_details(detail, zone_name, files), recording=recording,
-                  play_player=_media_player(call.play_file), msg_player=_media_player(call.msg_file),
-                  dialtone_player=_media_player(call.dialtone_file),
+                  play_player=_media_player(call, "play"), msg_player=_media_player(call, "msg"),
+                  dialtone_player=_media_player(call, "dialtone"),
                   final=CallStatus(call.status) in FINAL_STATUSES,
                   live=queries.moving([call], ctx().clock()),
                   cancelable=CallStatus(call.status) in (CallStatus.SCHEDULED, CallStatus.QUEUED))
@@ -341,6 +348,16 @@ def recording(callid: str) -> Response:
     download = request.args.get("download") == "1"
     return send_file(path, mimetype="audio/wav", conditional=True, as_attachment=download,
                      download_name=f"call-{call.callid}.wav")
+
+
+@bp.route("/calls/<callid>/prompts/<any(play, msg, dialtone):which>", methods=["GET"])
+@signed_in
+def prompt(callid: str, which: str) -> Response:
+    """What A was played (the file, the spoken message, the dial tone), as normalised for the call."""
+    path = _prompt_file(_call_or_404(callid), which)
+    if not path:
+        raise PageError(404, "This sound is no longer kept on the server.")
+    return send_file(path, mimetype="audio/wav", conditional=True)
 
 
 @bp.route("/scheduled", methods=["GET"])

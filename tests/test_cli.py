@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,6 +77,31 @@ def test_wrong_options_are_refused_with_the_rule(capsys: pytest.CaptureFixture[s
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err
     assert Endpoint.select().count() == 0
+
+
+def test_a_number_that_is_one_endpoints_name_and_anothers_id_is_refused_not_guessed(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def add(name: str) -> dict[str, Any]:
+        added: dict[str, Any] = json.loads(run(capsys, *[name if a == "acme" else a for a in ADD])[1])
+        return added
+
+    acme = add("acme")
+    clash = add(str(acme["id"]))  # customer numbers as names: this one's name is acme's id
+    for action in ("rotate", "disable"):
+        code, out, err = run(capsys, "endpoint", action, str(acme["id"]), "--json")
+        assert (code, out) == (2, "")
+        assert err == (f"callbridge: endpoint {str(acme['id'])!r}: both the endpoint named {str(acme['id'])!r} "
+                       f"(id {clash['id']}) and the endpoint with id {acme['id']} (named 'acme'); "
+                       f"give the other name or id of the one you mean\n")
+    assert authenticate(acme["token"]) is not None and authenticate(clash["token"]) is not None
+    # Unambiguous ways still work: the other name, the other id, and a name that is its own id.
+    assert run(capsys, "endpoint", "disable", "acme")[0] == 0 and authenticate(acme["token"]) is None
+    assert run(capsys, "endpoint", "disable", str(clash["id"]))[0] == 0 and authenticate(clash["token"]) is None
+    same = add(str(clash["id"] + 1))
+    assert same["id"] == clash["id"] + 1
+    assert run(capsys, "endpoint", "disable", same["name"])[0] == 0 and authenticate(same["token"]) is None
+    # A number past any row id is no endpoint, not a traceback.
+    assert run(capsys, "endpoint", "rotate", "9" * 20) == (2, "", f"callbridge: endpoint {'9' * 20!r}: no such endpoint\n")
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

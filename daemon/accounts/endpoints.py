@@ -195,13 +195,20 @@ def visible_endpoints(account: Account) -> Any:
 
 
 def find_endpoint(name_or_id: str) -> Endpoint:
+    """The endpoint named ``name_or_id``, or with that id; EndpointError when none, or when the number is one
+    endpoint's name and another's id (the commands rotate and disable: they must not pick one by chance)."""
     query = Endpoint.select().where(Endpoint.name == name_or_id)
-    if name_or_id.isdigit():
+    if name_or_id.isascii() and name_or_id.isdigit() and int(name_or_id) <= 2**63 - 1:
         query = Endpoint.select().where((Endpoint.name == name_or_id) | (Endpoint.id == int(name_or_id)))
-    endpoint = query.first()
-    if endpoint is None:
+    found = list(query.order_by(Endpoint.id).limit(2))
+    if not found:
         raise EndpointError(f"endpoint {name_or_id!r}: no such endpoint")
-    return endpoint
+    if len(found) > 1:
+        named, numbered = found if found[0].name == name_or_id else found[::-1]
+        raise EndpointError(f"endpoint {name_or_id!r}: both the endpoint named {name_or_id!r} (id {named.id}) and "
+                            f"the endpoint with id {numbered.id} (named {numbered.name!r}); give the other name or "
+                            "id of the one you mean")
+    return found[0]
 
 
 def rotate_token(endpoint: Endpoint) -> str:

@@ -322,6 +322,26 @@ def test_a_csrf_token_of_another_session_or_a_foreign_origin_is_refused(app: Fla
     assert response.status_code == 200 and authenticate(token) is None
 
 
+def test_behind_a_trusted_proxy_the_forms_work_and_cookies_are_secure(make_app: Callable[..., Flask],
+                                                                      ann: Account) -> None:
+    # Apache's mod_proxy by default: the daemon's own address as Host, the one the browser used in
+    # X-Forwarded-Host; the browser's Origin names the latter.
+    app = make_app(trust_proxy=True)
+    proxy = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https",
+             "X-Forwarded-Host": "calls.example.com"}
+    client = app.test_client()
+    page = client.get("/login", headers=proxy, base_url="http://127.0.0.1:8080").get_data(as_text=True)
+    response = client.post("/login", headers={**proxy, "Origin": "https://calls.example.com"},
+                           base_url="http://127.0.0.1:8080",
+                           data={"email": ann.email, "password": PASSWORD, "csrf_token": csrf_of(page)})
+    assert response.status_code == 303, errors_of(response.get_data(as_text=True))
+    cookie = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith("cb_session="))
+    assert "Secure" in cookie and "HttpOnly" in cookie
+    # Another site is still refused.
+    response = client.post("/logout", headers={**proxy, "Origin": "https://evil.example"},
+                           base_url="http://127.0.0.1:8080", data={"csrf_token": "x"})
+    assert response.status_code == 403 and "sent from another site" in response.get_data(as_text=True)
+
 # Tokens and ownership -----------------------------------------------------------------------------
 
 def test_rotate_shows_the_new_token_once_and_never_again(app: Flask, ann: Account, make_endpoint: Any) -> None:

@@ -65,8 +65,9 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False
     if settings.trust_proxy:
-        # The client's address, and whether it came over HTTPS (the pages' cookies are then Secure).
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)  # type: ignore[method-assign]
+        # The client's address, whether it came over HTTPS (the pages' cookies are then Secure), and the host
+        # it asked for (a proxy that sends its own upstream address as Host: the pages' Origin check).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
     metrics = metrics or (records.metrics if records is not None else Metrics())
     app.extensions["callbridge"] = ApiContext(
         settings=settings, media=media, dispatcher=dispatcher, metrics=metrics,

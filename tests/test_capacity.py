@@ -65,6 +65,17 @@ def test_the_rate_cap_is_the_switchs_n_minus_one_less_the_margin(sps: int, margi
     assert capacity.rate_cap == cap
 
 
+@pytest.mark.parametrize(("max_sessions", "margin", "cap"), [(1000, 0.1, 900), (700, 0.3, 490), (1, 0.1, 1),
+                                                             (3, 0.9, 1), (10, 0.0, 10)])
+def test_the_session_cap_is_max_sessions_less_the_margin_and_never_none(max_sessions: int, margin: float,
+                                                                        cap: int) -> None:
+    # A cap of 0 would leave every call `queued` for ever on a small switch, without a word.
+    capacity = SwitchCapacity(margin)
+    capacity.learn_limits(sps=30, max_sessions=max_sessions)
+    assert capacity.session_cap == cap
+    assert capacity.delay(0.0) == 0.0  # an idle switch takes a leg now
+
+
 def send(capacity: SwitchCapacity, uuid: str, now: float) -> None:
     capacity.reserve(uuid, now)
     capacity.sent(uuid, now)

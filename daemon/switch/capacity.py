@@ -222,7 +222,9 @@ class SwitchCapacity:
 
     @property
     def session_cap(self) -> int:
-        return math.floor((self.max_sessions or DEFAULT_MAX_SESSIONS) * (1 - self.margin))
+        """Sessions at once, less the margin; at least one, or a small switch would never get a call."""
+        room = (self.max_sessions or DEFAULT_MAX_SESSIONS) * (1 - self.margin)
+        return max(1, math.floor(room + 1e-9))  # 700 * (1 - 0.3) is 489.99... in floats
 
     @property
     def waiting(self) -> int:

@@ -293,6 +293,7 @@ class CallSequence:
                 self.capacity.withdraw(leg.uuid)
                 if not leg.created:
                     self.capacity.failed(leg.uuid)  # a slot reserved for it is free again
+                self.capacity.unreserve(leg.uuid)  # a grant that came for a leg already gone: room for no one
             if self.on_end:
                 self.on_end(self)
 

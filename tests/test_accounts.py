@@ -45,6 +45,22 @@ def test_email_is_trimmed_and_lower_case(db: Database) -> None:
         users.create_account("ANN@example.com", PASSWORD)
 
 
+def test_two_registrations_of_one_email_at_once_give_one_account_and_a_named_error(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The other registration lands while this one's password is being hashed (argon2: a while), after
+    # the look for an existing account: the unique index refuses the second, which must read like the look.
+    hash_password = users.hash_password
+
+    def slow_hash(password: str) -> str:
+        Account.create(email="ann@example.com", password_hash=hash_password(password))
+        return hash_password(password)
+
+    monkeypatch.setattr(users, "hash_password", slow_hash)
+    with pytest.raises(users.AccountError, match="email: an account for ann@example.com already exists"):
+        users.create_account("ann@example.com", PASSWORD)
+    assert Account.select().where(Account.email == "ann@example.com").count() == 1
+
+
 @pytest.mark.parametrize(("password", "message"), [
     ("short", "password: at least 10 characters"), ("x" * 1025, "password: at most 1024 characters"),
     ("tab\tinside pw", "password: no control characters"), ("ann@example.com", "password: must not be the email"),

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from peewee import Database
 
+from daemon.accounts import endpoints
 from daemon.accounts.endpoints import (
     EndpointError,
     EndpointOptions,
@@ -117,3 +118,31 @@ def test_duplicate_name(make_endpoint: Any) -> None:
     make_endpoint(name="same")
     with pytest.raises(EndpointError, match="already exists"):
         make_endpoint(name="same")
+
+
+def test_a_name_taken_between_the_look_and_the_write_is_a_named_error(
+        make_endpoint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another admin (or the CLI) takes the name after it was looked at: the unique index refuses ours.
+    first, _ = make_endpoint(name="first")
+    new_token = endpoints.new_token
+
+    def token_while_another_takes_the_name() -> str:
+        Endpoint.update(name="same").where(Endpoint.id == first.id).execute()
+        return new_token()
+
+    monkeypatch.setattr(endpoints, "new_token", token_while_another_takes_the_name)
+    with pytest.raises(EndpointError, match="name: an endpoint named 'same' already exists"):
+        make_endpoint(name="same")
+    second, _ = make_endpoint(name="second")
+    options = endpoints.options_of(second)
+    options.name, options.webhook_url = "renamed", "https://hooks.example.com/calls"
+    token_urlsafe = endpoints.secrets.token_urlsafe
+
+    def secret_while_another_takes_the_name(size: int) -> str:  # made after the look, before the write
+        Endpoint.update(name="renamed").where(Endpoint.id == first.id).execute()
+        return token_urlsafe(size)
+
+    monkeypatch.setattr(endpoints.secrets, "token_urlsafe", secret_while_another_takes_the_name)
+    with pytest.raises(EndpointError, match="name: an endpoint named 'renamed' already exists"):
+        endpoints.update_endpoint(second, options)
+    assert Endpoint.get_by_id(second.id).name == "second"

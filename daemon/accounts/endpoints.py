@@ -8,15 +8,19 @@ right. The final comparison uses ``hmac.compare_digest`` all the same.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
 import re
 import secrets
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from peewee import IntegrityError
 
 from daemon.config import ConfigError, zone
 from daemon.store import Account, Endpoint, precompiled, select_rows, utcnow
@@ -152,11 +156,21 @@ def create_endpoint(options: EndpointOptions, owner: Account | None = None) -> t
         raise EndpointError(f"name: an endpoint named {options.name!r} already exists")
     token = new_token()
     fields: dict[str, Any] = vars(options).copy()
-    endpoint = write(lambda: Endpoint.create(
-        token_hash=hash_token(token), token_hint=token_hint(token),
-        webhook_secret=secrets.token_urlsafe(32) if options.webhook_url else "",
-        owner=owner.id if owner is not None else None, **fields))
+    with _name_taken_meanwhile(options.name):
+        endpoint = write(lambda: Endpoint.create(
+            token_hash=hash_token(token), token_hint=token_hint(token),
+            webhook_secret=secrets.token_urlsafe(32) if options.webhook_url else "",
+            owner=owner.id if owner is not None else None, **fields))
     return endpoint, token
+
+
+@contextlib.contextmanager
+def _name_taken_meanwhile(name: str) -> Iterator[None]:
+    """The name was free when looked at, and another admin (or CLI) took it before the write."""
+    try:
+        yield
+    except IntegrityError:
+        raise EndpointError(f"name: an endpoint named {name!r} already exists") from None
 
 
 def options_of(endpoint: Endpoint) -> EndpointOptions:
@@ -177,7 +191,8 @@ def update_endpoint(endpoint: Endpoint, options: EndpointOptions) -> None:
         setattr(endpoint, name, value)
     if options.webhook_url and not endpoint.webhook_secret:
         endpoint.webhook_secret = secrets.token_urlsafe(32)
-    write(endpoint.save)
+    with _name_taken_meanwhile(options.name):
+        write(endpoint.save)
 
 
 def assign_owner(endpoint: Endpoint, owner: Account | None) -> None:

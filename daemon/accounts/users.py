@@ -26,6 +26,7 @@ import gevent
 import gevent.lock
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from peewee import IntegrityError
 
 from daemon.store import Account, WebSession, utcnow
 from daemon.writer import write
@@ -104,7 +105,10 @@ def create_account(email: str, password: str, *, is_admin: bool = False) -> Acco
     if Account.select().where(Account.email == email).exists():
         raise AccountError(f"email: an account for {email} already exists")
     password_hash = hash_password(password)
-    return write(lambda: Account.create(email=email, password_hash=password_hash, is_admin=is_admin))
+    try:
+        return write(lambda: Account.create(email=email, password_hash=password_hash, is_admin=is_admin))
+    except IntegrityError:  # made meanwhile (two registrations at once; the hashing takes a while)
+        raise AccountError(f"email: an account for {email} already exists") from None
 
 
 def find_account(email: str) -> Account:

@@ -552,7 +552,8 @@ def test_a_hanging_up_while_b_waits_to_be_dialed_again_is_not_blamed_on_b(run_ca
         "Hangup-Cause": "NORMAL_CLEARING", "variable_originate_disposition": "DESTINATION_OUT_OF_ORDER"}))
     sequence.greenlet.join(timeout=5)
     call = Call.get_by_id(sequence.call.id)
-    assert (call.status, call.failed_leg, call.reason) == ("failed", "a", "A hung up while B was ringing")
+    assert (call.status, call.failed_leg, call.reason) == ("failed", "a",
+                                                          "A hung up while B waited for room on the switch")
     assert switch.capacity.waiting == 0  # no leg of its left in the line
 
 

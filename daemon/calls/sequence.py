@@ -749,7 +749,9 @@ class CallSequence:
             self._finish(CallStatus.FAILED, failed_leg="b", b_cause=self.b.cause or self.bridge_disposition,
                          reason="B was not reached")
         else:
-            if self.status == CallStatus.DIALING_B:
+            if self.status == CallStatus.DIALING_B and self.after_bridge == "retry" and not self.b.created:
+                when = "while B waited for room on the switch"  # refused over its limits: never rang
+            elif self.status == CallStatus.DIALING_B:
                 when = "while B was ringing"
             elif (self.call.play_file or self.call.msg_file) and not self.wait_acted:
                 when = "during the prompts"  # (once A's wait started, the prompts were over)

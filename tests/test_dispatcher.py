@@ -14,6 +14,7 @@ import pytest
 from peewee import OperationalError
 
 import daemon.calls.records as records_module
+from daemon.accounts.endpoints import disable_endpoint
 from daemon.calls.dispatcher import Dispatcher, TokenBucket
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
@@ -253,6 +254,23 @@ def test_a_claim_proves_a_dispatcher_ran_then(db: Any) -> None:
     assert records.past_grace(due, now=T0, grace=300)  # nothing says a dispatcher ran since it was due
     assert not records.past_grace(due, now=T0, grace=300, claimed_at=claimed)
     assert records.past_grace(due, now=T0 + dt.timedelta(minutes=10), grace=300, claimed_at=claimed)
+
+
+def test_the_calls_of_a_disabled_endpoint_are_not_dialed(dispatcher: Dispatcher, fake_engine: FakeEngine,
+                                                        make_endpoint: Callable[..., Any]) -> None:
+    # Disabling is how an operator stops a leaked token or a runaway client: what it had scheduled or
+    # queued must not ring anyone, and must not wait for ever either.
+    stopped, _ = make_endpoint(name="stopped", max_in_flight=100, calls_per_second=1000)
+    other, _ = make_endpoint(name="other", max_in_flight=100, calls_per_second=1000)
+    held = [add(stopped, T0 - dt.timedelta(seconds=1)), add(stopped, T0 + dt.timedelta(minutes=5))]
+    kept = add(other, T0)
+    disable_endpoint(Endpoint.get_by_id(stopped.id))
+    dispatcher.tick(T0, 0.0)
+    dispatcher.tick(T0 + dt.timedelta(minutes=5), 0.0)
+    assert [call.id for call in fake_engine.launched] == [kept.id]
+    for call in held:
+        ended = Call.get_by_id(call.id)
+        assert (ended.status, ended.reason) == ("failed", "the endpoint was disabled before the call started")
 
 
 def test_daily_cap_refuses_beyond_the_cap(dispatcher: Dispatcher, fake_engine: FakeEngine,

@@ -52,6 +52,7 @@ BATCH = 500
 PAGE_SLACK = 2
 MAX_SLEEP = 1.0
 HEARTBEAT_INTERVAL = 5.0  # seconds between the store's notes that a dispatcher runs (missed vs late)
+DISABLED_REASON = "the endpoint was disabled before the call started"
 
 
 def rate_window(calls_per_second: float) -> dt.timedelta:
@@ -173,6 +174,10 @@ class Dispatcher:
                         return MAX_SLEEP
                     endpoint = call.endpoint
                     if endpoint.id in skip:
+                        continue
+                    if not endpoint.enabled:
+                        # Disabling is the operator's stop: what it had scheduled or queued is not dialed.
+                        self.records.finish(call, CallStatus.FAILED, reason=DISABLED_REASON)
                         continue
                     in_flight = self.engine.in_flight_by_endpoint[endpoint.id]
                     if shared:

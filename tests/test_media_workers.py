@@ -8,6 +8,7 @@ does, with deadlines that only detect a hang.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -121,6 +122,40 @@ def test_a_job_past_its_deadline_is_killed_and_its_worker_replaced() -> None:
         second = pool.run({"op": "ping"}, timeout=HANG)["pid"]
         assert second != first and pool.stats.killed == 1
     finally:
+        pool.close()
+
+
+def test_a_failed_replacement_start_never_closes_descriptors_that_are_no_longer_the_workers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The idle worker was killed from outside; starting its replacement fails. Its pipes were closed when it
+    # was discarded, and their numbers may already be another thread's files (a fetch's socket, the store):
+    # closing them again would cut those.
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG)
+    others: list[int] = []
+    try:
+        pid = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _state(pid) not in ("Z", ""):  # dead: its end of the pipe is closed
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        dead = pool._idle[0]
+        its_numbers = {dead.to_child, dead.from_child}
+
+        def start_fails_after_another_thread_opened_files() -> Any:
+            while not all(map(_open, its_numbers)) and len(others) < 256:  # the numbers freed are reused
+                others.extend(os.pipe())
+            raise OSError("no more processes")
+
+        monkeypatch.setattr(pool, "_start", start_fails_after_another_thread_opened_files)
+        with pytest.raises(OSError, match="no more processes"):
+            pool.run({"op": "ping"}, timeout=HANG)
+        assert all(map(_open, its_numbers)), "files opened after the worker's end were closed"
+        assert all(map(_open, others))
+    finally:
+        for fd in others:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         pool.close()
 
 
@@ -239,6 +274,23 @@ def _wait(condition: Any, timeout: float = HANG) -> bool:
             return False
         gevent.sleep(0.01)
     return True
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (R, S, Z...); "" once reaped (gevent's child watcher may)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
 
 
 def _pid_alive(pid: int) -> bool:

@@ -82,6 +82,7 @@ class _Process:
         os.set_blocking(self.from_child, False)
         self.buffer = b""
         self.closed = False  # the process closed its end: it died
+        self.ended = False  # end() ran: our pipe ends are closed
 
     @property
     def pid(self) -> int:
@@ -114,7 +115,11 @@ class _Process:
         return answer
 
     def end(self, kill: bool) -> int | None:
-        """Stop the process (SIGKILL when ``kill``, else end of stdin) and reap it; its exit status."""
+        """Stop the process (SIGKILL when ``kill``, else end of stdin) and reap it; its exit status. Once
+        only: the pipes' numbers, once closed, may be another thread's files."""
+        if self.ended:
+            return self.proc.returncode
+        self.ended = True
         with contextlib.suppress(OSError):
             os.close(self.to_child)
         if kill:

@@ -31,6 +31,7 @@ from daemon.accounts.endpoints import EndpointError, EndpointOptions, create_end
 from daemon.calls.sequence import FAILURE_NOTICE
 from daemon.store import Call, Endpoint
 from daemon.switch import commands as fs
+from daemon.switch.link import EVENTS, IGNORED_APPS
 from tests.integration.conftest import Harness, needs_standin
 from tests.robustness.helpers import FIGURES, MediaServer, Sent, parse_var_block, request, sent_commands
 
@@ -107,7 +108,7 @@ def rig(make_harness: Callable[..., Harness], media_server: MediaServer) -> Rig:
     return Rig(harness, endpoint, token, f"http://127.0.0.1:{harness.service.http_port}", media_server)
 
 
-SESSION_VERBS = {"auth", "event", "api global_getvar", "api fsctl"}
+SESSION_VERBS = {"auth", "filter", "event", "api global_getvar", "api fsctl"}
 # Sent on the daemon's own initiative (idle probes), never carrying request data.
 PROBES = {"api status", "api uuid_exists"}
 
@@ -286,11 +287,15 @@ def test_a_clean_call_sends_exactly_the_expected_session(rig: Rig) -> None:
                                   "dialtone_url": rig.media.url("/ring.wav")})
     assert status == 200
     session = [s for s in sent_commands(rig.harness.switch)[before:] if s.verb in SESSION_VERBS]
-    assert [s.verb for s in session] == ["auth", "event", "api global_getvar", "api fsctl", "api fsctl"]
+    filters = [f"filter Event-Name {name}" for name in EVENTS] + [
+        f"filter Application -{app}" for app in IGNORED_APPS]
+    assert [s.verb for s in session] == ["auth"] + ["filter"] * len(filters) + [
+        "event", "api global_getvar", "api fsctl", "api fsctl"]
     assert session[0].line == "auth ClueCon"
-    assert session[2].line == "api global_getvar core_uuid"
+    assert [s.line for s in session[1:len(filters) + 1]] == filters
+    assert session[-3].line == "api global_getvar core_uuid"
     # The switch's session limits, read without changing them.
-    assert [s.line for s in session[3:]] == ["api fsctl sps", "api fsctl max_sessions"]
+    assert [s.line for s in session[-2:]] == ["api fsctl sps", "api fsctl max_sessions"]
     verbs = {s.verb for s in sent_commands(rig.harness.switch)}
     assert verbs <= SESSION_VERBS | PROBES | {"bgapi originate", "sendmsg", "api uuid_break"}, verbs
 

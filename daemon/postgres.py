@@ -19,7 +19,16 @@ At most ``max_connections`` (default 10) per process; a greenlet that finds them
 ``timeout`` seconds (default 10) and then gets ``OperationalError`` (the API answers 503, the daemon's
 writes retry). Both limits, and any libpq parameter (``sslmode``, ``connect_timeout``,
 ``application_name``), come from the URL's query string:
-``postgresql://callbridge:secret@db:5432/callbridge?max_connections=20``. A connection the server ended
+``postgresql://callbridge:secret@db:5432/callbridge?max_connections=20``.
+
+The server ends a session left idle inside a transaction for ``idle_in_transaction_timeout`` seconds
+(default 10; 0: never). A daemon whose host vanished (power, network) mid-transaction leaves its session
+open on the server until TCP gives up, hours later, and with it the locks of its claim round: the
+endpoint's row, which every other daemon's round for that endpoint waits on, and the due calls, which
+they skip. A daemon's own transactions never idle that long unless its event loop stalled, and one
+ended that way rolls back whole (a claim round's calls are launched only after its commit).
+
+A connection the server ended
 while it sat in the pool is not lent again (:meth:`GreenPostgresqlDatabase._is_closed`); a read-only
 server (a standby, a failover under way) is ``OperationalError`` too.
 """
@@ -43,7 +52,7 @@ from psycopg.errors import ReadOnlySqlTransaction
 SCHEMES = ("postgresql", "postgres")
 PING_AFTER_IDLE = 60.0  # seconds
 DEFAULTS: dict[str, Any] = {"max_connections": 10, "timeout": 10, "stale_timeout": 600, "connect_timeout": 10,
-                            "application_name": "callbridge"}
+                            "application_name": "callbridge", "idle_in_transaction_timeout": 10}
 
 
 def is_postgres_url(url: str) -> bool:
@@ -88,12 +97,19 @@ class ReadRows:
         pass
 
 
+def _with_idle_timeout(options: str, seconds: float) -> str:
+    """libpq's ``options`` (the session's settings) with the server's idle-in-transaction limit added."""
+    setting = f"-c idle_in_transaction_session_timeout={int(float(seconds) * 1000)}"
+    return f"{options} {setting}".strip()
+
+
 class GreenPostgresqlDatabase(PooledPostgresqlDatabase):
     """peewee's pooled PostgreSQL database, lending connections per statement or transaction (see above)."""
 
     def __init__(self, database: str, **kwargs: Any) -> None:
         for name, value in DEFAULTS.items():
             kwargs.setdefault(name, value)
+        kwargs["options"] = _with_idle_timeout(kwargs.get("options", ""), kwargs.pop("idle_in_transaction_timeout"))
         self._idle_since: dict[int, float] = {}
         super().__init__(database, thread_safe=True, **kwargs)
         self._state = _GreenletState()

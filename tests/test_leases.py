@@ -434,3 +434,33 @@ def test_a_claim_that_fails_gives_back_the_switch_room_reserved_for_it(
     engine.now += 60.0
     dispatcher.tick(T0, engine.now)
     assert Call.get_by_id(call.id).status == "dialing_a", "the due call never starts: the switch's room leaked"
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_gone_mid_claim_round_holds_no_call_or_endpoint_for_good(
+        settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """node-a's host vanishes (power, network) in the middle of a claim round: its session stays open on the
+    server, holding the round's locks on the due calls and on their endpoint, and never sends another byte.
+    node-b must still start every due call (the server ends the dead round), not wait on it for good."""
+    endpoint, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    calls = [pending(endpoint, T0 - dt.timedelta(seconds=n)) for n in range(6)]
+    (_, _), (dispatcher, engine) = two_dispatchers(settings, lambda: T0)
+    vanished, holding = daemon("node-a"), gevent.event.Event()
+
+    def round_then_gone() -> None:
+        with vanished.claim_round():
+            page = vanished.due(T0, limit=2)
+            vanished.lock_endpoints({call.endpoint_id for call in page})
+            holding.set()
+            gevent.sleep(3600)  # no more traffic from this host: its socket stays open on the server
+
+    gone = gevent.spawn(round_then_gone)
+    try:
+        assert holding.wait(30)
+        with gevent.Timeout(60, AssertionError("node-b's dispatcher waited on the dead round's locks")):
+            while len(engine.launched) < len(calls):
+                dispatcher.tick(T0, 0.0)
+                gevent.sleep(0.1)
+        assert sorted(c.id for c in engine.launched) == sorted(c.id for c in calls)
+    finally:
+        gone.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -369,7 +370,8 @@ def test_a_daemon_that_lost_a_call_cannot_rewrite_its_status_after_the_new_owner
 
     # node-a wakes up and its sequence goes on with what it had queued (a bridge it heard before it
     # stalled), before its lease keeper's next renewal tells it the call is no longer its own.
-    stalled.bridged(call, at=T0 + dt.timedelta(seconds=3), ring_seconds=1.0)
+    with pytest.raises(NotOwned):
+        stalled.bridged(call, at=T0 + dt.timedelta(seconds=3), ring_seconds=1.0)
     stored = Call.get_by_id(call.id)
     steps = [e.kind for e in CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)]
     assert (stored.status, stored.owner, steps[-2:]) == ("completed", "node-b", ["bridged", "completed"])
@@ -379,7 +381,8 @@ def test_a_daemon_that_lost_a_call_cannot_rewrite_its_status_after_the_new_owner
 def test_a_daemon_that_lost_a_call_writes_none_of_its_late_steps_while_the_new_owner_follows_it(
         db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
     stalled, other, call, theirs = lost_to_another(make_endpoint()[0])
-    stalled.bridged(call, at=T0 + dt.timedelta(seconds=3), ring_seconds=1.0)  # late, and no longer its call
+    with pytest.raises(NotOwned):  # late, and no longer its call
+        stalled.bridged(call, at=T0 + dt.timedelta(seconds=3), ring_seconds=1.0)
     stored = Call.get_by_id(call.id)
     steps = [e.kind for e in CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)]
     assert (stored.status, stored.owner, "bridged" in steps) == ("dialing_b", "node-b", False)
@@ -395,7 +398,8 @@ def test_a_daemon_that_lost_a_call_cannot_write_a_second_final_status(
     later = T0 + LEASE + dt.timedelta(seconds=1)
     other.finish(theirs, CallStatus.COMPLETED, at=later)
     # node-a, not yet told, ends the call its own way (e.g. it lost track of A while it stalled).
-    stalled.finish(call, CallStatus.FAILED, at=later, reason="interrupted")
+    with pytest.raises(NotOwned):
+        stalled.finish(call, CallStatus.FAILED, at=later, reason="interrupted")
     stored = Call.get_by_id(call.id)
     kinds = [e.kind for e in CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)]
     assert (stored.status, kinds.count("completed") + kinds.count("failed")) == ("completed", 1)
@@ -464,3 +468,46 @@ def test_a_daemon_gone_mid_claim_round_holds_no_call_or_endpoint_for_good(
         assert sorted(c.id for c in engine.launched) == sorted(c.id for c in calls)
     finally:
         gone.kill()
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_that_lost_a_call_queues_nothing_on_a_when_it_hears_the_answer_late(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]], tmp_path: Any) -> None:
+    """node-a dials A, then stalls (a GC pause, a long fsync) past its lease while A rings; node-b takes the
+    call over and follows it: A's answer makes node-b queue the prompts and the bridge to B. node-a wakes
+    with A's answer in its backlog before its lease keeper tells it the call is gone: it must not queue
+    them too (A would hear every prompt twice and B would be dialed twice), nor touch the legs."""
+    from daemon.calls.sequence import CallOptions, CallSequence
+    from tests.test_sequence import ScriptedSwitch, apps_sent, event
+
+    endpoint, _ = make_endpoint()
+    stalled, other = daemon("node-a"), daemon("node-b")
+    call = pending(endpoint)
+    assert stalled.claim(call, a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), now=T0)
+    switch = ScriptedSwitch()
+    options = CallOptions(originate_timeout=30, media_root=str(tmp_path), recordings_dir=str(tmp_path),
+                          idle_check=30)
+    sequence = CallSequence(call, endpoint, switch, stalled, options)  # type: ignore[arg-type]
+    sequence.start()
+    try:
+        assert wait_until(lambda: any(c.startswith("bgapi originate") for c in switch.sent))
+        later = T0 + 2 * LEASE
+        assert other.take_over(Call.get_by_id(call.id), now=later)  # node-a stalled past its lease
+
+        sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))  # node-a's backlog, heard late
+        assert sequence.greenlet is not None
+        sequence.greenlet.join(timeout=10)
+        assert apps_sent(switch) == [], "the stalled daemon queued the call's apps on A beside the new owner"
+        assert not [c for c in switch.sent if "uuid_kill" in c]
+        stored = Call.get_by_id(call.id)
+        assert (stored.owner, stored.status) == ("node-b", "dialing_a")
+    finally:
+        gevent.kill(sequence.greenlet)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    with gevent.Timeout(timeout, False):
+        while not condition():
+            gevent.sleep(0.01)
+        return True
+    return False

@@ -668,7 +668,8 @@ class CallRecords:
         A call read as pending (the dispatcher refusing it, a missed one) moves only if it still is when
         written: a cancel committed since it was read stays, and nothing else of the change happens. A call
         in flight moves only while it is, and on a shared store only while this daemon owns it: a daemon
-        that stalled past its lease, whose call another took over, writes none of its late steps."""
+        that stalled past its lease, whose call another took over, writes none of its late steps and gets
+        :class:`NotOwned`."""
         old = CallStatus(call.status)
         if old.final or old == status:
             return
@@ -706,7 +707,11 @@ class CallRecords:
         # A call ended before it started (missed, refused by the dispatcher) is waited for: the dispatcher
         # reads pending calls next and must not find it pending still.
         if writer().submit(update, durable=pending, wait=pending, committed=committed) is False:
-            call.__data__ = as_read  # no longer pending (canceled meanwhile): left as it is
+            call.__data__ = as_read  # no longer pending (canceled meanwhile), or no longer ours: left as it is
+            if owner is not None:
+                # The caller must not act on a change it did not make (e.g. queue A's apps on an answer the
+                # new owner acts on too): it stops following the call, as the lease keeper would have it.
+                raise NotOwned(f"call {call.callid}: another daemon took it over (or ended it)")
             log_event(log, "move_skipped", callid=call.callid, to=status.value, note="no longer pending")
             return
         log_event(log, status.value, callid=call.callid, **step)

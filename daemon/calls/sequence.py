@@ -61,8 +61,9 @@ import gevent.queue
 from peewee import DatabaseError, OperationalError
 
 from daemon.calls.appqueue import AppQueue, AppStep
-from daemon.calls.records import THROTTLED, CallRecords
+from daemon.calls.records import THROTTLED, CallRecords, NotOwned
 from daemon.loop import Backoff
+from daemon.ops.logs import log_event
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
 from daemon.switch.capacity import SwitchCapacity
@@ -278,6 +279,11 @@ class CallSequence:
                 else:
                     self._on_event(item)
                 del item  # don't keep the last event (kilobytes of headers) alive while waiting
+        except NotOwned:
+            # This daemon stalled past its lease and another took the call over: it follows the call now,
+            # and this sequence sends nothing more (the legs are the new owner's).
+            log_event(log, "lease.lost", logging.WARNING, callid=self.callid,
+                      note="another daemon took the call over; no longer followed here")
         except DatabaseError:
             # The store stayed unwritable past the records' retries: leave the call to FreeSWITCH
             # (hanging up a healthy call would be worse); the next start reconciles it.

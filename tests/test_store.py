@@ -26,6 +26,7 @@ from daemon.store import (
     Call,
     CallEvent,
     Endpoint,
+    Heartbeat,
     SchemaVersion,
     close_database,
     database_file,
@@ -505,3 +506,28 @@ def test_a_connection_the_server_ended_is_not_lent_again(db: GreenPostgresqlData
     postgres_server.admin(f"SELECT pg_terminate_backend({pid}, 30000)")  # returns once it is gone
     assert db.execute_sql("SELECT pg_backend_pid()").fetchone()[0] != pid
     assert Endpoint.select().count() == 0
+
+
+@pytest.mark.stores("postgresql")
+def test_a_write_whose_transaction_the_server_ended_for_idling_goes_again(postgres_url: str) -> None:
+    """The daemon's event loop stalled (a GC pause, a busy CPU) in the middle of a write's transaction for
+    longer than ``idle_in_transaction_timeout``: the server ended the session and rolled the write back. It
+    is a store-level failure like a dropped connection: the write goes again, whole, and lands."""
+    from daemon.writer import DirectWriter
+
+    db = store.connect_postgres(postgres_url + "?idle_in_transaction_timeout=0.2")
+    store.database.initialize(db)
+    attempts = []
+
+    def write() -> None:
+        attempts.append(1)
+        Heartbeat.create(name=f"first-{len(attempts)}", seen_at=dt.datetime(2026, 3, 1))
+        if len(attempts) == 1:
+            gevent.sleep(1.0)  # the loop stalled here, the transaction open
+        Heartbeat.create(name=f"second-{len(attempts)}", seen_at=dt.datetime(2026, 3, 1))
+
+    try:
+        DirectWriter(retry_for=30).submit(write, durable=True, wait=True)
+        assert sorted(h.name for h in Heartbeat.select()) == ["first-2", "second-2"]
+    finally:
+        close_database(db)

@@ -511,3 +511,72 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
             gevent.sleep(0.01)
         return True
     return False
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_that_stalled_past_its_lease_sends_nothing_for_a_call_another_took_over(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]], tmp_path: Any) -> None:
+    """node-a dials A, A answers and its apps are queued, then node-a stalls past its lease; node-b takes the
+    call over. node-a wakes with the start of A's wait in its backlog, which would have it break the wait
+    to dial B (node-b does that): having not renewed its leases in time, it asks whether the call is still
+    its own before it acts on anything, and stops following it."""
+    from daemon.calls.sequence import CallOptions, CallSequence
+    from tests.test_sequence import ScriptedSwitch, breaks, event, executes, wait_uuid
+
+    endpoint, _ = make_endpoint()
+    mono = [1000.0]
+    stalled = CallRecords(Metrics(), clock=lambda: T0, owner="node-a", lease_seconds=LEASE.total_seconds(),
+                          monotonic=lambda: mono[0])
+    other = daemon("node-b")
+    call = pending(endpoint)
+    assert stalled.claim(call, a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), now=T0)
+    switch = ScriptedSwitch()
+    options = CallOptions(originate_timeout=30, media_root=str(tmp_path), recordings_dir=str(tmp_path),
+                          idle_check=30)
+    sequence = CallSequence(call, endpoint, switch, stalled, options)  # type: ignore[arg-type]
+    sequence.start()
+    try:
+        sequence.deliver(event("CHANNEL_CREATE", sequence.a.uuid))
+        sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+        assert wait_until(lambda: sequence.apps_queued and Call.get_by_id(call.id).status == "a_answered")
+
+        mono[0] += 2 * LEASE.total_seconds()  # node-a's loop stalled: no renewal for two leases
+        assert other.take_over(Call.get_by_id(call.id), now=T0 + 2 * LEASE)
+        sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 0)))  # heard late
+        assert sequence.greenlet is not None
+        sequence.greenlet.join(timeout=10)
+        assert breaks(switch, sequence.a.uuid) == [], "the stalled daemon dialed B beside the new owner"
+        assert sequence.greenlet.dead, "the stalled daemon still follows a call another daemon owns"
+        assert Call.get_by_id(call.id).owner == "node-b"
+    finally:
+        gevent.kill(sequence.greenlet)
+
+
+@pytest.mark.stores("postgresql")
+def test_a_daemon_whose_store_does_not_answer_goes_on_with_its_calls(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Renewals stopped because the store is away (a failover): nobody can take a call over meanwhile, so a
+    daemon that cannot confirm a call is still its own goes on with it; a definite no stops it."""
+    endpoint, _ = make_endpoint()
+    mono, now = [1000.0], [T0]
+    records = CallRecords(Metrics(), clock=lambda: now[0], owner="node-a", lease_seconds=LEASE.total_seconds(),
+                          monotonic=lambda: mono[0])
+    call = in_flight(endpoint, owner="node-a", lease_until=T0 + LEASE)
+    assert not records.lease_lapsed()
+    mono[0] += LEASE.total_seconds()
+    now[0] = T0 + LEASE
+    assert records.lease_lapsed()
+
+    class Away:
+        def submit(self, *_: Any, **__: Any) -> Any:
+            raise OperationalError("connection refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(records_module, "writer", lambda: Away())
+        records.hold(call)  # no answer: goes on
+    records.hold(call)
+    assert Call.get_by_id(call.id).lease_until == T0 + 2 * LEASE
+    assert records.renew_leases([call.id], now=T0) == set() and not records.lease_lapsed()
+    Call.update(owner="node-b").where(Call.id == call.id).execute()
+    with pytest.raises(NotOwned):
+        records.hold(call)

@@ -7,7 +7,9 @@ stops renewing; once a lease has run out, any other daemon's next look takes the
 conditional UPDATE on the old owner and the expired lease, so exactly one daemon wins, and the winner
 follows the call as a restart does (``Engine.adopt``: reconciled with the switch by its leg UUIDs, never
 dialed twice; a call claimed but never sent is dialed). A daemon that finds it lost a call (it was stalled
-past its lease and another took it) stops following it.
+past its lease and another took it) stops following it; until its next renewal tells it, a call's sequence
+whose daemon renewed too late asks whether the call is still its own before acting on anything
+(``CallRecords.lease_lapsed``), so the stalled daemon sends nothing the new owner sends too.
 
 At start a daemon adopts only its own calls (a previous run under the same ``instance_id``) and expired
 ones (``CallRecords.left_in_flight``); on SIGTERM it ends its leases at once, so another daemon takes its

@@ -40,6 +40,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -201,13 +202,18 @@ class CallRecords:
     """Writes calls and their timelines; reads them through named queries (static, no state needed)."""
 
     def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow, *,
-                 owner: str = "", lease_seconds: float = 30.0) -> None:
+                 owner: str = "", lease_seconds: float = 30.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.listeners: list[StatusListener] = []
         self.status_writers: list[StatusWriter] = []
         self.owner = owner or None  # this daemon's instance id, written into the calls it claims
         self.lease = dt.timedelta(seconds=lease_seconds)
+        self.monotonic = monotonic
+        # Until when (monotonic) every lease of this daemon surely holds: a call claimed or taken over later
+        # gets a lease of its own from then on. Moved on by each renewal of them all (renew_leases).
+        self._held_until = monotonic() + self._sure_for()
         self._heartbeat_read = False
         self._heartbeat_before_start: dt.datetime | None = None
         # The calls in flight this daemon follows, by the phase calls_in_flight counts each in: claimed here,
@@ -769,17 +775,44 @@ class CallRecords:
         those among them it no longer owns (another daemon took them over while this one had not renewed
         in time)."""
         ids = sorted(call_ids)
+        started = self.monotonic()
         if not ids:
+            self._held_until = started + self._sure_for()
             return set()
         until = now + self.lease
         mine = self._mine()
         renewed = writer().submit(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
                                   durable=False, wait=True)
+        self._held_until = started + self._sure_for()
         if renewed == len(ids):
             return set()
         rows: Any = Call.select(Call.id).where(Call.id.in_(ids) & mine).tuples()
         kept = {int(row_id) for (row_id,) in rows}
         return set(ids) - kept
+
+    def _sure_for(self) -> float:
+        """Seconds after a renewal starts that its leases surely still hold: a third of the lease short of
+        it, for the skew between the daemons' clocks (each judges another's lease by its own)."""
+        return self.lease.total_seconds() * 2 / 3
+
+    def lease_lapsed(self) -> bool:
+        """On a shared store: this daemon did not renew its leases in time (its loop or the store stalled),
+        so another daemon may have taken any of its calls over; ask (:meth:`hold`) before acting on one."""
+        return is_shared() and self.monotonic() >= self._held_until
+
+    def hold(self, call: Call) -> None:
+        """Renew the lease of this one call, which this daemon follows; raises :class:`NotOwned` when another
+        daemon owns it now. A store that does not answer is no answer: the caller goes on as it would have
+        (an outage of the store is what stops renewals most often, and nobody takes a call over without it)."""
+        call_id, until, mine = call.id, self.clock() + self.lease, self._mine()
+        try:
+            held = writer().submit(lambda: Call.update(lease_until=until).where((Call.id == call_id) & mine)
+                                   .execute(), durable=False, fail_fast=True, wait=True)
+        except OperationalError as exc:
+            log_event(log, "lease.unconfirmed", logging.WARNING, error=str(exc), callid=call.callid)
+            return
+        if held != 1:
+            raise NotOwned(f"call {call.callid}: another daemon took it over")
 
     def release_leases(self, call_ids: Collection[int], *, now: dt.datetime) -> int:
         """This daemon stops following these calls (it is shutting down): their leases end ``now``, so

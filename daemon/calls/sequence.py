@@ -255,11 +255,13 @@ class CallSequence:
                 try:
                     item = self.inbox.get(timeout=self.options.idle_check)
                 except gevent.queue.Empty:
+                    self._hold()
                     self._check_alive()
                     continue
                 if isinstance(item, Stop):
                     self.records.step(self.call, item.kind, phase=self.status.value, note=item.note)
                     return
+                self._hold()
                 if isinstance(item, SwitchLost):
                     self._switch_lost(item)
                 elif isinstance(item, Granted):
@@ -302,6 +304,12 @@ class CallSequence:
                 self.capacity.unreserve(leg.uuid)  # a grant that came for a leg already gone: room for no one
             if self.on_end:
                 self.on_end(self)
+
+    def _hold(self) -> None:
+        """Before acting on anything: when this daemon's leases may have run out (it stalled), make sure the
+        call is still its own (raises ``NotOwned`` if another daemon took it over and acts on it now)."""
+        if self.records.lease_lapsed():
+            self.records.hold(self.call)
 
     # -- commands ---------------------------------------------------------------------------------
     def _leg_vars(self, leg_uuid: str) -> dict[str, str | int | bool]:

@@ -867,26 +867,43 @@ def test_a_retry_bridge_that_ended_unheard_is_not_dialed_again_after_a_reconnect
     assert "hangup NORMAL_CLEARING" in apps_sent(switch)
 
 
-def test_an_adopted_call_whose_retry_bridge_was_queued_before_the_restart_queues_it_once(
-        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
-    """Bridge 1 refused; the retry's [bridge, wait] were queued on A (and written on A), but the break found
-    no turn and the daemon was killed. The next start finds A still on wait 1: it breaks it and queues
-    nothing (a second bridge behind the first would dial B again if the first failed)."""
+def adopted_on_wait_1(run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]],
+                      note: str) -> CallSequence:
+    """Bridge 1 refused; the retry's [bridge, wait] were queued on A, but the break found no turn and the
+    daemon was killed. The next start finds A still on wait 1, with ``cb_requeued`` as ``note`` says (the
+    retry noted on A after it was queued: a death in between left no note). The adopted sequence, once B
+    has room; ``switch.sent`` holds what it sent."""
     first, switch = run_call()
     a, b = first.a.uuid, first.b.uuid
     assert len(b_refused_then_retried(first, switch)) == 2  # its break is taken below as never sent
-    assert f"api uuid_setvar {a} cb_requeued 2" in switch.sent
     first.greenlet.kill()  # the process dies; A, as the next start finds it, still plays wait 1
-    breaks_before = len(breaks(switch, a))
+    switch.sent.clear()
     switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
                       f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
-                      f"uuid_getvar {a} app_uuid": wait_uuid(a, 1), f"uuid_getvar {a} cb_requeued": "2",
+                      f"uuid_getvar {a} app_uuid": wait_uuid(a, 1), f"uuid_getvar {a} cb_requeued": note,
                       f"uuid_getvar {a} originate_disposition": "DESTINATION_OUT_OF_ORDER",
                       f"uuid_getvar {a}": "_undef_"}
-    call = Call.get_by_id(first.call.id)
-    sequence = adopted(call, first, switch)
+    sequence = adopted(Call.get_by_id(first.call.id), first, switch)
     switch.now += 5
     switch.capacity.serve(switch.now)
     gevent.sleep(0.05)
-    assert len(breaks(switch, a)) == breaks_before + 1 and not sequence.done  # wait 1 broken: bridge 2 runs
-    assert len(bridges_to(switch, b)) == 2
+    return sequence
+
+
+@pytest.mark.parametrize("note", ["2", "_undef_"])
+def test_an_adopted_call_whose_retry_bridge_may_be_queued_flushes_it_and_queues_it_once(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], note: str) -> None:
+    """Bridge 1 refused; the retry's [bridge, wait] were queued on A (noted on A, or not: the daemon died
+    right after queueing them), the break never sent. The next start finds A still on wait 1 and cannot know
+    what A holds after it: it drops it all with the wait (``uuid_break all``) and queues the bridge and the
+    wait after it once, with no plain break that would leave a second bridge behind the first (B dialed
+    again if the first failed). Without the note, the next start used to queue the retry behind the first."""
+    sequence = adopted_on_wait_1(run_call, note)
+    switch = sequence.switch
+    assert isinstance(switch, ScriptedSwitch)
+    a, b = sequence.a.uuid, sequence.b.uuid
+    assert not sequence.done
+    flush = f"api uuid_break {a} all"
+    assert breaks(switch, a) == [flush], switch.sent
+    assert len(bridges_to(switch, b)) == 1 and switch.sent.index(flush) < next(
+        i for i, m in enumerate(switch.sent) if m.startswith("sendmsg") and b in m)

@@ -31,7 +31,10 @@ hears the dialtone throughout; a real failure costs the notice, the hangup and a
 before this shape (a bridged call sends four commands fewer, a failed B one fewer): the variables of
 the bridge went into A's originate and the others into one ``multiset``. The price:
 a daemon that dies while A waits leaves A on the dialtone until it is back (the next start adopts the
-call and finishes it) or until ``sched_hangup``. The waits are unbounded because the stand-in runs
+call and finishes it) or until ``sched_hangup``. The next start cannot see what A holds queued (the run
+may have died between two ``sendmsg``): at A's wait it drops A's queue with the wait (``uuid_break all``)
+and queues the bridge and the wait after it anew; before A's first wait, a marker queued behind A's steps
+tells whether they end short (it runs first), and then the waits and the bridge are queued. The waits are unbounded because the stand-in runs
 the switch's time fast while its session budget refills in real time.
 
 A refused A (BACKGROUND_JOB ``-ERR DESTINATION_OUT_OF_ORDER`` with no CHANNEL_CREATE for A) is
@@ -228,6 +231,10 @@ class CallSequence:
         # A's originate_disposition still tells the refusal of the bridge before the one being sent now
         # (until that one starts): not a new outcome.
         self.refusal_on_a = False
+        # An adopted call: the bridge attempt whose wait was flushed (_flush_and_requeue), and the marker
+        # queued to learn whether A's steps end before its first wait (_queue_tail).
+        self.wait_flushed: int | None = None
+        self.tail_marker = ""
 
     # -- life -------------------------------------------------------------------------------------
     @property
@@ -464,7 +471,9 @@ class CallSequence:
         """Dial B now: (after a refusal, queue the bridge and the wait again, then) break A's wait."""
         attempt = self.attempts["b"]
         try:
-            if attempt > 0 and self.requeued != attempt:
+            if self.apps.bridge is None:
+                self._flush_and_requeue(attempt)
+            elif attempt > 0 and self.requeued != attempt:
                 self.requeued, self.requeue_noted = attempt, False
                 bridge = self._bridge()
                 self.apps.extend([bridge, self._wait(attempt + 1)], bridge=bridge)
@@ -476,7 +485,8 @@ class CallSequence:
                 self.switch.api(fs.uuid_setvar(self.a.uuid, REQUEUED_VAR, attempt + 1))
                 self.requeue_noted = True
             self.capacity.sent(self.b.uuid, self.switch.monotonic())
-            self.switch.api(fs.uuid_break(self.a.uuid))
+            if self.wait_flushed != attempt:
+                self.switch.api(fs.uuid_break(self.a.uuid))
         except EslNotSent:
             # Nothing (more) left: the room goes back; ask again in a moment.
             self.capacity.cancel(self.b.uuid)
@@ -488,6 +498,22 @@ class CallSequence:
             return
         self.attempts["b"] += 1
         self.after_bridge = ""  # the decision about the bridge before is spent: this one's outcome is to come
+
+    def _flush_and_requeue(self, attempt: int) -> None:
+        """An adopted call at A's wait: a previous run may have died while queueing on A, so what A holds
+        after this wait (the bridge, the wait after it, some of them, none) is unknown. All of it goes, the
+        wait with it (``uuid_break all``), and the bridge and the wait after it are queued anew: the bridge
+        starts as it arrives, and B is dialed once whatever had arrived."""
+        self.switch.api(fs.uuid_break(self.a.uuid, flush=True))
+        self.wait_flushed = self.requeued = attempt
+        bridge = self._bridge()
+        self.apps.extend([bridge, self._wait(attempt + 1)], bridge=bridge)
+
+    def _queue_tail(self) -> None:
+        """The marker an adopted call queued behind A's steps ran before any wait: A's steps ended short (the
+        previous run died while sending them). The wait, the bridge and the wait after it are queued now."""
+        bridge = self._bridge()
+        self.apps.start([self._wait(0), bridge, self._wait(1)], bridge=bridge)
 
     def _refused(self, leg: str, attempt: int) -> float | None:
         """The switch refused ``leg`` (nothing created): seconds until it is tried again, or None when
@@ -631,6 +657,10 @@ class CallSequence:
         step = self.apps.find(app_uuid)
         if step is not None and step is self.apps.marker:
             self._guarded(self.apps.marker_ran, "queuing")
+        elif app_uuid and app_uuid == self.tail_marker:
+            self.tail_marker = ""
+            if not self.wait_acted and not self.done and not self.a.gone:
+                self._guarded(self._queue_tail, "queuing")
         elif (waiting := self._wait_index(app_uuid, upto=MAX_WAITS if self.adopted else None)) is not None:
             self._on_wait(app_uuid, waiting)
         elif step.app == "bridge" if step is not None else event.get("Application") == "bridge":
@@ -880,6 +910,8 @@ class CallSequence:
             elif self.status in (CallStatus.DIALING_B, CallStatus.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
                 self.b.created = self.b.gone = True
+            elif self.apps_queued and self.apps.bridge is None and not self.tail_marker:
+                self._mark_tail()
         except LegGone:
             # A leg ended while we looked (after uuid_exists said it was up): its hangup follows in the
             # inbox, and if it never comes the idle check looks again (_check_alive).
@@ -890,6 +922,15 @@ class CallSequence:
             gevent.spawn_later(1.0, self.deliver, Reconnected(False))
         except EslError:
             self.connection_lost = True
+
+    def _mark_tail(self) -> None:
+        """A's steps were queued by a previous run and A is not at a wait yet: they may end short (that run
+        died while sending them). A marker queued behind them tells: its start before any wait's means
+        they did (_queue_tail); a wait starting first is flushed with what follows it (_flush_and_requeue)."""
+        marker = AppStep("set", fs.set_arg("cb_resume", "tail"))
+        self.switch.send_message(fs.sendmsg_execute(self.a.uuid, marker.app, marker.arg,
+                                                    event_uuid=marker.event_uuid))
+        self.tail_marker = marker.event_uuid
 
     def _resume_wait(self) -> bool:
         """After a gap: if A plays a wait, act on it as if its start had just been heard. True if it does.

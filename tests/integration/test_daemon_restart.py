@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.parse
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ import gevent.event
 import gevent.socket
 import pytest
 
+from daemon.calls.appqueue import AppStep
 from daemon.calls.records import add_event
+from daemon.calls.sequence import CallSequence, wait_uuid
 from daemon.store import Call, CallEvent, CallStatus, utcnow
+from daemon.switch.esl import EslConnection
 from tests.integration.conftest import Harness, needs_standin, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,3 +301,52 @@ def test_sigterm_leaves_bridged_calls_to_freeswitch_and_the_next_start_follows_t
     finally:
         daemon.stop()
         switch.stop()
+
+
+def _steps_before(a_uuid: str, step: AppStep, died_before: str) -> bool:
+    """Whether ``step`` is the one ``died_before`` names, among the steps queued on A after its answer."""
+    if died_before == "bridge":
+        return step.app == "bridge"
+    return step.event_uuid == wait_uuid(a_uuid, 0 if died_before == "wait" else 1)
+
+
+@needs_standin()
+@pytest.mark.parametrize("died_before", ["wait", "bridge", "wait after the bridge"])
+def test_a_run_that_died_while_queueing_a_steps_leaves_them_for_the_next_start_to_finish(
+        make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch, died_before: str) -> None:
+    """The daemon dies while A's steps are sent one by one after A answered: the first ones (A's variables,
+    its prompts...) reached FreeSWITCH, the rest never did. The next start adopts the call: it must finish
+    what A was to hear and do, so that B (busy here) is dialed once and the call ends failed on B. It used
+    to find A's ``cb_stage`` set, take every step as queued and leave A parked in silence, or hung up only
+    by its maximum duration, with the call in flight."""
+    harness = make_harness()
+    endpoint = harness.endpoint()
+    created: Counter[str] = Counter()
+    watcher = EslConnection("127.0.0.1", harness.switch.port, "ClueCon", connect_timeout=5, command_timeout=5,
+                            on_event=lambda e: created.update([e.uuid]) if e.name == "CHANNEL_CREATE" else None)
+    watcher.connect()
+    watcher.command("event plain CHANNEL_CREATE")
+    send_app = CallSequence._send_app
+
+    def dies_before(sequence: CallSequence, step: AppStep) -> None:
+        if not sequence.adopted and _steps_before(sequence.a.uuid, step, died_before):
+            raise gevent.GreenletExit  # the process is gone: nothing more of this run is sent or written
+        send_app(sequence, step)
+
+    monkeypatch.setattr(CallSequence, "_send_app", dies_before)
+    try:
+        call = harness.place(endpoint, "15550000811", "15550003811")
+        assert wait_for(lambda: harness.service.engine.in_flight() == 0
+                        and Call.get_by_id(call.id).status == "a_answered", 10), harness.timeline(call)
+        harness.service.records.flush()
+        assert harness.service.engine.adopt_in_flight() == 1
+        final = harness.wait_final(call)
+        assert (final.status, final.failed_leg, final.b_cause) == ("failed", "b", "USER_BUSY"), \
+            (final.reason, harness.timeline(call))
+        assert created[str(final.b_uuid)] == 1
+        a_leg = harness.switch.channel(str(final.a_uuid))
+        # A was hung up after its busy notice, not left in silence until the person gave up.
+        assert a_leg is not None and a_leg.var("sip_hangup_disposition") != "recv_bye", harness.timeline(call)
+        assert wait_for(lambda: not harness.switch.channels_live(), 10), "A left up"
+    finally:
+        watcher.close()

@@ -870,9 +870,10 @@ def test_a_retry_bridge_that_ended_unheard_is_not_dialed_again_after_a_reconnect
 def adopted_on_wait_1(run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]],
                       note: str) -> CallSequence:
     """Bridge 1 refused; the retry's [bridge, wait] were queued on A, but the break found no turn and the
-    daemon was killed. The next start finds A still on wait 1, with ``cb_requeued`` as ``note`` says (the
-    retry noted on A after it was queued: a death in between left no note). The adopted sequence, once B
-    has room; ``switch.sent`` holds what it sent."""
+    daemon was killed. The next start finds A still on wait 1, with ``cb_requeued`` as ``note`` says (a run
+    before 2026-12 noted the retry on A after queueing it: a death in between left no note; now none is
+    written, and one found is not trusted). The adopted sequence, once B has room; ``switch.sent`` holds
+    what it sent."""
     first, switch = run_call()
     a, b = first.a.uuid, first.b.uuid
     assert len(b_refused_then_retried(first, switch)) == 2  # its break is taken below as never sent

@@ -25,8 +25,7 @@ The shape (run on a real FreeSWITCH 1.10.12, see shared/esl-traces/16*):
 Why the tail after the bridge is the wait and not the notice: ``sendmsg`` can only append to A's queue,
 so whatever FreeSWITCH would do by itself after a failed bridge (a notice and a hangup) would run before
 a second bridge could be queued; flushing it (``uuid_break all``) would leave A in silence until the new
-bridge arrives. With the wait last, a refused B costs two ``sendmsg``, a note on A (``uuid_setvar
-cb_requeued``: a next start finding A on the same wait must not queue them again) and a break, and A
+bridge arrives. With the wait last, a refused B costs two ``sendmsg`` and a break, and A
 hears the dialtone throughout; a real failure costs the notice, the hangup and a break. No call sends more than
 before this shape (a bridged call sends four commands fewer, a failed B one fewer): the variables of
 the bridge went into A's originate and the others into one ``multiset``. The price:
@@ -92,7 +91,6 @@ SHORTEST_LOOP = 1.0
 # which wait A is playing (its ``app_uuid``).
 WAIT_NAMESPACE = uuidlib.UUID("6f1d9c55-2b7e-4f0c-9a51-4e4d1b7c3a20")
 MAX_WAITS = 64  # bridge attempts looked for when adopting a call
-REQUEUED_VAR = "cb_requeued"  # on A: the bridge attempt whose retry steps are queued on it
 
 
 @functools.lru_cache(maxsize=4096)  # looked up at every app event of a call waiting for B
@@ -226,7 +224,6 @@ class CallSequence:
         # attempt whose retry steps are queued; what to do when the wait after a bridge starts.
         self.wait_acted = ""
         self.requeued = 0
-        self.requeue_noted = True  # the retry last queued is written on A (REQUEUED_VAR), for a next start
         self.after_bridge = ""  # for the bridge last sent: "retry" (refused: dial again) or "end" (notice, hang up)
         # A's originate_disposition still tells the refusal of the bridge before the one being sent now
         # (until that one starts): not a new outcome.
@@ -474,16 +471,11 @@ class CallSequence:
             if self.apps.bridge is None:
                 self._flush_and_requeue(attempt)
             elif attempt > 0 and self.requeued != attempt:
-                self.requeued, self.requeue_noted = attempt, False
+                self.requeued = attempt
                 bridge = self._bridge()
                 self.apps.extend([bridge, self._wait(attempt + 1)], bridge=bridge)
             elif self.apps.pending:
                 self.apps.send_unsent()
-            if not self.requeue_noted:
-                # On A itself: a daemon that dies before the break below must not queue this retry again
-                # when the next start finds A on the same wait (_resume_wait reads it back).
-                self.switch.api(fs.uuid_setvar(self.a.uuid, REQUEUED_VAR, attempt + 1))
-                self.requeue_noted = True
             self.capacity.sent(self.b.uuid, self.switch.monotonic())
             if self.wait_flushed != attempt:
                 self.switch.api(fs.uuid_break(self.a.uuid))
@@ -955,8 +947,6 @@ class CallSequence:
             if disposition == REFUSED_CAUSE and never_created and not self.b.created:
                 self.after_bridge = "retry" if self._refused("b", waits) is not None else "end"
                 self.refusal_on_a = self.after_bridge == "retry"
-                if self._getvar(self.a.uuid, REQUEUED_VAR) == str(waits + 1):
-                    self.requeued = waits  # the previous run queued the retry; only its break is left
             else:
                 self.bridge_disposition = disposition or "failure"
                 self.after_bridge = "end"

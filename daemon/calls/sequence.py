@@ -503,7 +503,11 @@ class CallSequence:
 
     def _queue_tail(self) -> None:
         """The marker an adopted call queued behind A's steps ran before any wait: A's steps ended short (the
-        previous run died while sending them). The wait, the bridge and the wait after it are queued now."""
+        previous run died while sending them). After a bridge, the wait that follows it is queued now (its
+        start acts on the bridge's outcome); before any, the wait, the bridge and the wait after it."""
+        if self.after_bridge:
+            self.apps.extend([self._wait(max(1, self.attempts["b"]))])
+            return
         bridge = self._bridge()
         self.apps.start([self._wait(0), bridge, self._wait(1)], bridge=bridge)
 
@@ -651,7 +655,7 @@ class CallSequence:
             self._guarded(self.apps.marker_ran, "queuing")
         elif app_uuid and app_uuid == self.tail_marker:
             self.tail_marker = ""
-            if not self.wait_acted and not self.done and not self.a.gone:
+            if not self.done and not self.a.gone:
                 self._guarded(self._queue_tail, "queuing")
         elif (waiting := self._wait_index(app_uuid, upto=MAX_WAITS if self.adopted else None)) is not None:
             self._on_wait(app_uuid, waiting)
@@ -666,6 +670,7 @@ class CallSequence:
         after a bridge, what its outcome decided."""
         if app_uuid == self.wait_acted or self.done:
             return
+        self.tail_marker = ""  # A's steps did not end short: what follows the wait is seen to at B's turn
         # An adopted call learns from the waits how many bridges the previous run sent.
         self.attempts["b"] = max(self.attempts["b"], bridges_before)
         if bridges_before < self.attempts["b"]:
@@ -698,6 +703,8 @@ class CallSequence:
             if self.apps.pending and disposition != "SUCCESS" and not self.a.gone:
                 with contextlib.suppress(EslError):  # the wait after it may never have been queued
                     self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
+            elif self.apps.bridge is None and disposition != "SUCCESS" and not self.a.gone:
+                self._guarded(self._mark_tail, "queuing")  # a previous run's bridge: is its wait queued?
         elif step is not None and step.app == "playback" and step.arg != FAILURE_NOTICE \
                 and self._wait_index(app_uuid) is None:
             self.records.step(self.call, "prompt_finished", file=os.path.basename(step.arg),
@@ -899,6 +906,9 @@ class CallSequence:
                 self.b.cause = self.b.cause or disposition
                 self.b.created = self.b.gone = True
                 self.records.step(self.call, "bridge_ended", disposition=disposition)
+                if self.apps.bridge is None and not self.tail_marker:
+                    self.after_bridge = self.after_bridge or "end"
+                    self._mark_tail()  # a previous run's bridge: the wait after it may not be queued
             elif self.status in (CallStatus.DIALING_B, CallStatus.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
                 self.b.created = self.b.gone = True

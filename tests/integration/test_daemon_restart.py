@@ -350,3 +350,49 @@ def test_a_run_that_died_while_queueing_a_steps_leaves_them_for_the_next_start_t
         assert wait_for(lambda: not harness.switch.channels_live(), 10), "A left up"
     finally:
         watcher.close()
+
+
+@needs_standin()
+def test_a_start_that_died_while_requeueing_the_bridge_leaves_it_for_the_next_to_finish(
+        make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two deaths: the first run dies before queueing the bridge; the next start, at A's wait, drops A's
+    queue and queues the bridge and the wait after it anew, and dies between the two (the bridge starts as
+    it arrives: B, busy, fails at once). The third start finds A parked after the bridge with nothing
+    queued: it must still give A the busy notice and hang it up, B dialed once in all."""
+    harness = make_harness()
+    endpoint = harness.endpoint()
+    created: Counter[str] = Counter()
+    watcher = EslConnection("127.0.0.1", harness.switch.port, "ClueCon", connect_timeout=5, command_timeout=5,
+                            on_event=lambda e: created.update([e.uuid]) if e.name == "CHANNEL_CREATE" else None)
+    watcher.connect()
+    watcher.command("event plain CHANNEL_CREATE")
+    send_app = CallSequence._send_app
+    deaths = ["bridge", "wait after the bridge"]  # the step each run in turn dies before
+
+    def dies_before(sequence: CallSequence, step: AppStep) -> None:
+        if deaths and _steps_before(sequence.a.uuid, step, deaths[0]):
+            deaths.pop(0)
+            raise gevent.GreenletExit
+        send_app(sequence, step)
+
+    monkeypatch.setattr(CallSequence, "_send_app", dies_before)
+
+    def died(status: str) -> bool:
+        return harness.service.engine.in_flight() == 0 and Call.get_by_id(call.id).status == status
+
+    try:
+        call = harness.place(endpoint, "15550000812", "15550003812")
+        assert wait_for(lambda: died("a_answered"), 10), harness.timeline(call)
+        harness.service.records.flush()
+        assert harness.service.engine.adopt_in_flight() == 1
+        assert wait_for(lambda: not deaths and died("a_answered"), 10), harness.timeline(call)
+        harness.service.records.flush()
+        assert harness.service.engine.adopt_in_flight() == 1
+        final = harness.wait_final(call)
+        assert (final.status, final.failed_leg, final.b_cause) == ("failed", "b", "USER_BUSY"), \
+            (final.reason, harness.timeline(call))
+        assert created[str(final.b_uuid)] == 1
+        a_leg = harness.switch.channel(str(final.a_uuid))
+        assert a_leg is not None and a_leg.var("sip_hangup_disposition") != "recv_bye", harness.timeline(call)
+    finally:
+        watcher.close()

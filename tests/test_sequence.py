@@ -39,6 +39,7 @@ class ScriptedSwitch:
         self.no_turn_for_message_at: int | None = None  # that sendmsg finds no turn (EslNotSent), once
         self.no_turn_for_api = 0  # so many api commands find no turn
         self.now = 1000.0  # the capacity's clock, moved by the tests
+        self.core_uuid: str | None = "5c0e1d2a-0000-4000-8000-000000000001"  # FreeSWITCH's, as last connected
         self.capacity = SwitchCapacity(0.1)
         self.capacity.learn_limits(sps=30, max_sessions=1000)
 

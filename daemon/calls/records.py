@@ -263,6 +263,13 @@ class CallRecords:
         return "never sent to FreeSWITCH"
 
     @staticmethod
+    def dialed_on(call: Call) -> str | None:
+        """The Core-UUID of the switch the call's last originate of A was sent to, when it was noted."""
+        step = (CallEvent.select(CallEvent.detail).where((CallEvent.call == call.id) & (CallEvent.kind == DIAL_MARK))
+                .order_by(CallEvent.id.desc()).first())
+        return json.loads(step.detail or "{}").get("core_uuid") if step is not None else None
+
+    @staticmethod
     def overdue(before: dt.datetime) -> list[Call]:
         """Pending calls due before ``before``, earliest first. Inside a claim round on a shared PostgreSQL
         they are locked like :meth:`due`'s (another daemon's round claiming one of them is skipped)."""
@@ -523,7 +530,7 @@ class CallRecords:
         writer().submit(lambda: append_event(call_id, kind, at=when, **detail), durable=False)
         log_event(log, kind, callid=call.callid, **detail)
 
-    def mark_dialing_a(self, call: Call, *, attempt: int = 1) -> None:
+    def mark_dialing_a(self, call: Call, *, attempt: int = 1, core_uuid: str | None = None) -> None:
         """The originate to A is about to leave (it has its turn on the connection): committed durably, so
         a call claimed but never sent (the daemon died while it waited for its turn), or refused by the
         switch and not sent again, is known at the next start and dialed then, not failed unheard
@@ -536,9 +543,12 @@ class CallRecords:
         On a shared PostgreSQL, only while this daemon owns the call (its lease renewed with the mark, in
         one transaction): a daemon that stalled past its lease and lost the call to another must not send
         what the other (which found no mark) dials; the mark refused, the lease keeper then lets the call
-        go. With SQLite the one daemon owns every call: the mark alone, through the writer thread."""
+        go. With SQLite the one daemon owns every call: the mark alone, through the writer thread.
+
+        ``core_uuid``: the switch's Core-UUID, so that a next start can tell that FreeSWITCH restarted while
+        no daemon was connected to it (:meth:`dialed_on`)."""
         call_id, now = call.id, self.clock()
-        detail: dict[str, Any] = {"phone": call.phone_a, "a_uuid": call.a_uuid}
+        detail: dict[str, Any] = {"phone": call.phone_a, "a_uuid": call.a_uuid, "core_uuid": core_uuid}
         if attempt > 1:
             detail["attempt"] = attempt
         shared = is_shared()

@@ -103,6 +103,7 @@ class Switch(Protocol):
     """What a sequence needs from the engine: the Event Socket connection and the switch's capacity."""
 
     capacity: SwitchCapacity
+    core_uuid: str | None  # FreeSWITCH's, as read on the last connection
 
     def api(self, command: str) -> str: ...  # raises EslNotSent when there is no connection
     def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str: ...
@@ -232,6 +233,7 @@ class CallSequence:
         # queued to learn whether A's steps end before its first wait (_queue_tail).
         self.wait_flushed: int | None = None
         self.tail_marker = ""
+        self.dial_checked = False  # an adopted call: the switch's Core-UUID compared with the dial mark's
 
     # -- life -------------------------------------------------------------------------------------
     @property
@@ -366,7 +368,7 @@ class CallSequence:
         """A's originate has its turn and is about to leave: marked first (each attempt: a refusal marked
         after it tells the next start that nothing was sent since; ``CallRecords.unsent_because``), then
         counted against the switch's budget from this moment (the mark's commit may have taken a while)."""
-        self.records.mark_dialing_a(self.call, attempt=self.attempts["a"] + 1)
+        self.records.mark_dialing_a(self.call, attempt=self.attempts["a"] + 1, core_uuid=self.switch.core_uuid)
         self.capacity.sent(self.a.uuid, self.switch.monotonic())
 
     def _queue_apps(self) -> None:
@@ -855,6 +857,12 @@ class CallSequence:
     def _reconcile(self, restarted: bool) -> None:
         """Find out from FreeSWITCH what became of this call while we could not hear it."""
         self.connection_lost = False
+        if self.adopted and not self.dial_checked:
+            # The engine's first connection has no Core-UUID to compare with: the dial mark has one.
+            self.dial_checked = True
+            dialed_on = self.records.dialed_on(self.call)
+            now_on = self.switch.core_uuid
+            restarted = restarted or (None not in (dialed_on, now_on) and dialed_on != now_on)
         if restarted:
             self.records.step(self.call, "switch_restarted")
             self.a.gone = self.b.gone = True

@@ -396,3 +396,28 @@ def test_a_start_that_died_while_requeueing_the_bridge_leaves_it_for_the_next_to
         assert a_leg is not None and a_leg.var("sip_hangup_disposition") != "recv_bye", harness.timeline(call)
     finally:
         watcher.close()
+
+
+@needs_standin()
+@pytest.mark.time_scale(0.1)  # A and B talk 6 s here: the death, the switch's restart and the next start fit
+def test_a_switch_restarted_while_the_daemon_was_down_is_told_at_the_next_start(
+        make_harness: Callable[..., Harness]) -> None:
+    """The daemon dies with a call bridged; FreeSWITCH restarts (every channel gone, a new Core-UUID) before
+    it is back. The next start cannot tell from the switch alone (its first connection has nothing to compare
+    with): the call used to end 'completed', as if A and B had said goodbye, when the switch cut them off."""
+    harness = make_harness()
+    call = harness.place(harness.endpoint(), "15550000813", "15550001813", prompts=False)
+    harness.wait_status(call, "bridged")
+    engine = harness.service.engine
+    sequence = engine.active[call.id]
+    assert sequence.greenlet is not None
+    sequence.greenlet.kill()  # the process dies: nothing more of this run is sent or written
+    harness.service.records.flush()
+    link = engine.links[0]
+    before = link.core_uuid
+    harness.switch.restart()
+    assert wait_for(lambda: link.ready and link.core_uuid != before, 20), "no reconnect after the restart"
+    assert engine.adopt_in_flight() == 1
+    final = harness.wait_final(call)
+    assert (final.status, final.reason, final.failed_leg) == \
+        ("failed", "FreeSWITCH restarted during the call", ""), harness.timeline(call)

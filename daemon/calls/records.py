@@ -82,6 +82,8 @@ StatusWriter = Callable[[Call, CallStatus, dict[str, Any]], Callable[[], None] |
 # the step written when the switch refused a leg over its limits (nothing created; sent again later).
 DIAL_MARK = "dialing_a"
 THROTTLED = "throttled"
+# The reason of a call ended because its switch stayed unreachable (CallRecords.ended_on_lost_switch reads it).
+SWITCH_LOST_REASON = "the switch {switch} was unreachable for {seconds} s"
 
 
 def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **detail: Any) -> CallEvent:
@@ -268,6 +270,15 @@ class CallRecords:
         step = (CallEvent.select(CallEvent.detail).where((CallEvent.call == call.id) & (CallEvent.kind == DIAL_MARK))
                 .order_by(CallEvent.id.desc()).first())
         return json.loads(step.detail or "{}").get("core_uuid") if step is not None else None
+
+    @staticmethod
+    def ended_on_lost_switch(*, ended_after: dt.datetime, due_after: dt.datetime) -> list[Call]:
+        """Calls ended after ``ended_after`` because their switch stayed unreachable: their legs may still be up
+        in it. Due after ``due_after``, so that the (status, due_at) index bounds the look."""
+        lost = SWITCH_LOST_REASON.format(switch="%", seconds="%")
+        return list(Call.select(Call.id, Call.switch, Call.a_uuid, Call.b_uuid)
+                    .where((Call.status == CallStatus.FAILED.value) & (Call.due_at > due_after)
+                           & (Call.ended_at > ended_after) & (Call.reason ** lost)))
 
     @staticmethod
     def overdue(before: dt.datetime) -> list[Call]:

@@ -63,7 +63,7 @@ import gevent.queue
 from peewee import DatabaseError, OperationalError
 
 from daemon.calls.appqueue import AppQueue, AppStep
-from daemon.calls.records import THROTTLED, CallRecords, NotOwned
+from daemon.calls.records import SWITCH_LOST_REASON, THROTTLED, CallRecords, NotOwned
 from daemon.loop import Backoff
 from daemon.ops.logs import log_event
 from daemon.store import Call, CallStatus, Endpoint
@@ -838,7 +838,7 @@ class CallSequence:
         self.records.step(self.call, "switch_lost", switch=lost.switch, unreachable_seconds=seconds,
                           phase=self.status.value)
         self.a.gone = self.b.gone = True
-        self._finish(CallStatus.FAILED, reason=f"the switch {lost.switch} was unreachable for {seconds} s")
+        self._finish(CallStatus.FAILED, reason=SWITCH_LOST_REASON.format(switch=lost.switch, seconds=seconds))
 
     def _exists(self, leg_uuid: str) -> bool:
         return self.switch.api(fs.uuid_exists(leg_uuid)).strip() == "true"

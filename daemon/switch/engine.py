@@ -12,6 +12,7 @@ connection, supervisor, capacity and pacer) and runs a ``CallSequence`` per call
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import gevent
+from peewee import fn
 
 from daemon.calls.records import CallRecords
 from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop, SwitchLost
@@ -31,6 +33,8 @@ from daemon.switch.link import SwitchLink
 log = logging.getLogger("callbridge.engine")
 
 NO_SWITCH_WAIT = 1.0  # seconds before asking again when no switch is reachable
+# Calls started this long before their due time are not looked for among those a lost switch ended.
+LATE_START_BOUND = dt.timedelta(days=1)
 
 
 def _admitting(links: Sequence[SwitchLink], now: float) -> tuple[list[SwitchLink], float]:
@@ -96,8 +100,21 @@ class Engine:
         return any(link.ready for link in self.links)
 
     def start(self) -> None:
+        self._abandon_legs_of_lost_calls()
         for link in self.links:
             link.start()
+
+    def _abandon_legs_of_lost_calls(self) -> None:
+        """A previous run ended these calls because their switch stayed unreachable, and would have hung their
+        legs up once it was back (``link.abandoned``): it did not live to. They are hung up at the first
+        connection. Legs older than the longest maximum duration are gone by their own ``sched_hangup``."""
+        longest = Endpoint.select(fn.MAX(Endpoint.max_duration)).scalar() or 0
+        ended_after = self.records.clock() - dt.timedelta(seconds=longest + self.settings.originate_timeout)
+        for call in self.records.ended_on_lost_switch(ended_after=ended_after,
+                                                      due_after=ended_after - LATE_START_BOUND):
+            link = self.link_of(call)
+            if link is not None:
+                link.abandoned.update(str(leg) for leg in (call.a_uuid, call.b_uuid) if leg)
 
     def pick_switch(self, now: float) -> tuple[SwitchLink | None, float]:
         return choose_switch(self.links, now)

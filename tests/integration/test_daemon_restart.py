@@ -421,3 +421,28 @@ def test_a_switch_restarted_while_the_daemon_was_down_is_told_at_the_next_start(
     final = harness.wait_final(call)
     assert (final.status, final.reason, final.failed_leg) == \
         ("failed", "FreeSWITCH restarted during the call", ""), harness.timeline(call)
+
+
+@needs_standin()
+@pytest.mark.time_scale(1.0)  # B answers in 1 s and talks 30 s: the outage and the next start fit well inside
+def test_legs_of_calls_ended_while_their_switch_was_unreachable_are_hung_up_after_a_restart(
+        make_harness: Callable[..., Harness]) -> None:
+    """The switch is unreachable past ``switch_lost_after``: its calls end failed, their legs to be hung up
+    when it is back. The daemon restarts before it is: the next start used to forget them, and A and B
+    (or A alone on the dialtone, up to the endpoint's maximum duration) stayed up in FreeSWITCH."""
+    harness = make_harness(switch_lost_after=1.0, esl_reconnect_max_delay=0.5)
+    call = harness.place(harness.endpoint(), "15550000814", "15550002814", prompts=False)
+    harness.wait_status(call, "bridged")
+    harness.switch.refuse_connections(True)
+    harness.switch.drop_connections()
+    lost = harness.wait_final(call)
+    assert lost.reason.startswith("the switch ") and "unreachable" in lost.reason, lost.reason
+    harness.stop()
+    assert len(harness.switch.channels_live()) == 2
+    next_start = Harness(harness.settings, harness.switch)
+    next_start.service.start()
+    try:
+        harness.switch.refuse_connections(False)
+        assert wait_for(lambda: not harness.switch.channels_live(), 10), "legs left up"
+    finally:
+        next_start.stop()

@@ -54,6 +54,7 @@ class Switch:
         # Sessions refused over a limit, by the origination_uuid asked for ("" when none was given):
         # nothing was created for them (for tests that check nothing was dialed twice).
         self.refused: Counter[str] = Counter()
+        self.created: Counter[str] = Counter()  # legs created, by uuid (a uuid dialed twice counts twice)
         self.globals: dict[str, str] = {
             "hostname": self.events.hostname, "local_ip_v4": "127.0.0.1", "switch_serial": "standin",
             "core_uuid": self.core_uuid, "domain": "127.0.0.1", "hold_music": "local_stream://moh",
@@ -105,6 +106,7 @@ class Switch:
         """Register a new leg whose session was admitted (ch.session_id)."""
         self.channels[ch.uuid] = ch
         self.all_channels[ch.uuid] = ch
+        self.created[ch.uuid] += 1
         self.calls_out += 1
 
     def locate(self, uuid: str | None) -> Channel | None:

@@ -62,6 +62,7 @@ class StandIn:
         self._rude = False
         self._history: dict[str, Channel] = {}
         self._refused: Counter[str] = Counter()  # refusals of the switches before a restart
+        self._created: Counter[str] = Counter()  # legs created by the switches before a restart
 
     # ----- lifecycle -------------------------------------------------------------------------
     def _new_switch(self) -> Switch:
@@ -177,6 +178,11 @@ class StandIn:
         limits: nothing was created), across restarts."""
         return self._refused[uuid] + self.switch.refused[uuid]
 
+    def creations(self, uuid: str) -> int:
+        """How many times a leg with that uuid was created (its session admitted, so dialed), across
+        restarts."""
+        return self._created[uuid] + self.switch.created[uuid]
+
     def channels_live(self) -> list[Channel]:
         """Channels that still exist."""
         return list(self.switch.channels.values())
@@ -247,6 +253,7 @@ class StandIn:
         self.drop_connections()
         self._history.update(self.switch.all_channels)
         self._refused.update(self.switch.refused)
+        self._created.update(self.switch.created)
         self.switch.vanish()
         self.switch = self._new_switch()
         self.api = Api(self.switch, self._introspect, self.channel)

@@ -250,9 +250,10 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
     """Check each call row against what the stand-in really did.
 
     * final: every call ends in a final status;
-    * once: each claimed call's A leg was originated exactly once, and its B leg bridged at most once, not
-      counting the times the switch refused the session over its limits (nothing was created: the daemon
-      sends it again, with the same UUID). The exception (counted in ``never_sent``): an originate on its way when the daemon was killed (then
+    * once: each claimed call's A leg was originated exactly once, not counting the times the switch refused
+      the session over its limits (nothing was created: the daemon sends it again, with the same UUID), and
+      its B leg created at most once (a bridge queued on A may be dropped unstarted and queued again by a
+      next start, ``uuid_break all``: what counts is B's leg). The exception (counted in ``never_sent``): an originate on its way when the daemon was killed (then
       failed 'interrupted') or the switch restarted (failed as such) may never have arrived, and no one
       can know; it is not sent again. With ``timeline`` (a call's step kinds), such a call must show a
       ``dialing_a`` mark after its last ``throttled`` (a mark is committed right before each originate
@@ -294,9 +295,10 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
             continue
         if sent != 1:
             audit.problems.append(f"{where}: A originated {sent} times")
-        if bridged[call.b_uuid] - switch.refusals(call.b_uuid) > 1:
-            audit.problems.append(f"{where}: B bridged {bridged[call.b_uuid]} times "
-                                  f"({switch.refusals(call.b_uuid)} refused by the switch)")
+        if switch.creations(call.b_uuid) > 1:
+            audit.problems.append(f"{where}: B dialed {switch.creations(call.b_uuid)} times "
+                                  f"({bridged[call.b_uuid]} bridges queued on A, "
+                                  f"{switch.refusals(call.b_uuid)} refused by the switch)")
         if call.reason.startswith("internal error"):
             audit.untrue.append(f"{where}: ended by an internal error")
         if call.reason == RESTARTED:

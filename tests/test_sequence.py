@@ -169,6 +169,31 @@ def test_the_dial_mark_is_written_when_the_originate_has_its_turn_not_before(run
     assert kinds == ["waiting_for_switch", "dialing_a"]
 
 
+def test_an_originate_marked_whose_connection_went_before_it_left_is_known_unsent(
+        run_call: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection goes while the dial mark commits (the Event Socket finds it unusable after the mark,
+    and sends nothing). A daemon that dies before sending it again must leave the call to be dialed at the
+    next start: the mark alone said 'it may have reached FreeSWITCH', and the call ended 'interrupted'
+    undialed."""
+    sequence, switch = run_call()
+    scripted = switch.bgapi
+
+    def mark_then_connection_gone(command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str:
+        monkeypatch.setattr(switch, "bgapi", scripted)
+        if before_send is not None:
+            before_send()
+        raise EslNotSent("bgapi: not connected")
+
+    monkeypatch.setattr(switch, "bgapi", mark_then_connection_gone)
+    sequence.start()
+    gevent.sleep(0)
+    assert originates(switch) == [] and sequence.dial_pending
+    assert CallRecords.unsent_because(sequence.call) is not None
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    assert len(originates(switch)) == 1 and CallRecords.unsent_because(sequence.call) is None
+
+
 def test_a_store_that_refuses_the_dial_mark_holds_the_originate_back(run_call: Callable[..., Any],
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Unmarked means never sent: when the mark cannot be written, the originate waits and goes later."""

@@ -82,6 +82,8 @@ StatusWriter = Callable[[Call, CallStatus, dict[str, Any]], Callable[[], None] |
 # the step written when the switch refused a leg over its limits (nothing created; sent again later).
 DIAL_MARK = "dialing_a"
 THROTTLED = "throttled"
+# The step written when an originate, marked, was not sent after all (the connection went meanwhile).
+NOT_SENT = "not_sent"
 # The reason of a call ended because its switch stayed unreachable (CallRecords.ended_on_lost_switch reads it).
 SWITCH_LOST_REASON = "the switch {switch} was unreachable for {seconds} s"
 
@@ -253,13 +255,16 @@ class CallRecords:
 
         Each originate is marked (:meth:`mark_dialing_a`) before it leaves. A call without a mark was never
         sent; one whose last mark is followed by the switch's refusal of A (``throttled``, leg a: nothing was
-        created) was not sent again since. The writer commits in order, so a later mark means a later send."""
+        created) was not sent again since; nor one whose last mark is followed by ``not_sent`` (the connection
+        went before it left). The writer commits in order, so a later mark means a later send."""
         steps = (CallEvent.select(CallEvent.kind, CallEvent.detail)
-                 .where((CallEvent.call == call.id) & CallEvent.kind.in_([DIAL_MARK, THROTTLED]))
+                 .where((CallEvent.call == call.id) & CallEvent.kind.in_([DIAL_MARK, THROTTLED, NOT_SENT]))
                  .order_by(CallEvent.id.desc()))
         for step in steps:
             if step.kind == DIAL_MARK:
                 return None
+            if step.kind == NOT_SENT:
+                return "the connection went before its marked originate was sent"
             if json.loads(step.detail or "{}").get("leg") == "a":
                 return "refused by the switch (over its limit) and not sent again"
         return "never sent to FreeSWITCH"

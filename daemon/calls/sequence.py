@@ -63,7 +63,7 @@ import gevent.queue
 from peewee import DatabaseError, OperationalError
 
 from daemon.calls.appqueue import AppQueue, AppStep
-from daemon.calls.records import SWITCH_LOST_REASON, THROTTLED, CallRecords, NotOwned
+from daemon.calls.records import NOT_SENT, SWITCH_LOST_REASON, THROTTLED, CallRecords, NotOwned
 from daemon.loop import Backoff
 from daemon.ops.logs import log_event
 from daemon.store import Call, CallStatus, Endpoint
@@ -234,6 +234,7 @@ class CallSequence:
         self.wait_flushed: int | None = None
         self.tail_marker = ""
         self.dial_checked = False  # an adopted call: the switch's Core-UUID compared with the dial mark's
+        self.a_marked = False  # the originate being sent is marked (CallRecords.mark_dialing_a)
 
     # -- life -------------------------------------------------------------------------------------
     @property
@@ -343,12 +344,15 @@ class CallSequence:
             self.switch.unroute(self.job_uuid)
             self.job_uuid = str(uuidlib.uuid4())
             self.switch.route(self.job_uuid, self)
+        self.a_marked = False
         try:
             reply = self.switch.bgapi(command, self.job_uuid, before_send=self._sending_a)
         except (EslNotSent, OperationalError) as exc:
             # Never reached FreeSWITCH (no connection, no turn, or the store refused the mark): dial when
             # reconnected, or in a moment if the connection or the store was only busy.
             self.capacity.cancel(self.a.uuid)
+            if self.a_marked:  # the connection went while the mark committed: a next start must dial it
+                self.records.step(self.call, NOT_SENT, leg="a", error=str(exc))
             if not retry and isinstance(exc, EslNotSent):
                 self.records.step(self.call, "waiting_for_switch", phase="dialing_a")
             self.dial_pending = True
@@ -369,6 +373,7 @@ class CallSequence:
         after it tells the next start that nothing was sent since; ``CallRecords.unsent_because``), then
         counted against the switch's budget from this moment (the mark's commit may have taken a while)."""
         self.records.mark_dialing_a(self.call, attempt=self.attempts["a"] + 1, core_uuid=self.switch.core_uuid)
+        self.a_marked = True
         self.capacity.sent(self.a.uuid, self.switch.monotonic())
 
     def _queue_apps(self) -> None:

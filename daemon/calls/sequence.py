@@ -383,7 +383,7 @@ class CallSequence:
         steps = [
             AppStep("multiset", fs.multiset_arg({"cb_stage": "queued", "ringback": ringback,
                                                  "transfer_ringback": ringback})),
-            AppStep("sched_hangup", f"+{int(endpoint.max_duration)} {MAX_DURATION_CAUSE}"),
+            self._max_duration(),
         ]
         for prompt in (call.play_file, call.msg_file):
             if prompt:
@@ -511,12 +511,16 @@ class CallSequence:
     def _queue_tail(self) -> None:
         """The marker an adopted call queued behind A's steps ran before any wait: A's steps ended short (the
         previous run died while sending them). After a bridge, the wait that follows it is queued now (its
-        start acts on the bridge's outcome); before any, the wait, the bridge and the wait after it."""
+        start acts on the bridge's outcome); before any, the maximum duration (again: the earlier one, if
+        it arrived, still ends the call first), the wait, the bridge and the wait after it."""
         if self.after_bridge:
             self.apps.extend([self._wait(max(1, self.attempts["b"]))])
             return
         bridge = self._bridge()
-        self.apps.start([self._wait(0), bridge, self._wait(1)], bridge=bridge)
+        self.apps.start([self._max_duration(), self._wait(0), bridge, self._wait(1)], bridge=bridge)
+
+    def _max_duration(self) -> AppStep:
+        return AppStep("sched_hangup", f"+{int(self.endpoint.max_duration)} {MAX_DURATION_CAUSE}")
 
     def _refused(self, leg: str, attempt: int) -> float | None:
         """The switch refused ``leg`` (nothing created): seconds until it is tried again, or None when

@@ -431,3 +431,28 @@ def test_legs_of_calls_ended_while_their_switch_was_unreachable_are_hung_up_afte
         assert wait_for(lambda: not harness.switch.channels_live(), 10), "legs left up"
     finally:
         next_start.stop()
+
+
+@needs_standin()
+def test_a_run_that_died_before_queueing_the_maximum_duration_leaves_it_for_the_next_start(
+        make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon dies right after A's variables were queued, before its ``sched_hangup``: the next start
+    queues the rest of A's steps, the maximum duration among them, so the endpoint's limit still ends the
+    call (A and B would talk 300 s here)."""
+    harness = make_harness()
+    endpoint = harness.endpoint(max_duration=60)
+    send_app = CallSequence._send_app
+
+    def dies_before(sequence: CallSequence, step: AppStep) -> None:
+        if not sequence.adopted and step.app == "sched_hangup":
+            raise gevent.GreenletExit
+        send_app(sequence, step)
+
+    monkeypatch.setattr(CallSequence, "_send_app", dies_before)
+    call = harness.place(endpoint, "15550000815", "15550000816")
+    assert wait_for(lambda: harness.service.engine.in_flight() == 0
+                    and Call.get_by_id(call.id).status == "a_answered", 10), harness.timeline(call)
+    harness.service.records.flush()
+    assert harness.service.engine.adopt_in_flight() == 1
+    final = harness.wait_final(call)
+    assert (final.status, final.a_cause) == ("completed", "ALLOTTED_TIMEOUT"), (final.reason, harness.timeline(call))

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 LANGUAGES = ("en-GB", "en-US", "fr-FR", "de-DE", "it-IT", "pt-BR", "ru-RU", "es-ES", "es-US")
@@ -231,8 +231,30 @@ def database_url_problem(url: str) -> str | None:
             parts.port  # noqa: B018 (raises on a port that is not a number)
         except ValueError:
             return "the port must be a number"
-        return None
+        return _pool_option_problem(parse_qs(parts.query))
     return "must be sqlite:///path/to/file.db or postgresql://user:password@host:port/dbname"
+
+
+# Options of a PostgreSQL URL's query string (daemon.postgres) that must be numbers: whole ones with their
+# least value (libpq reads connect_timeout as an integer), and seconds.
+URL_WHOLE_NUMBERS = {"max_connections": 1, "connect_timeout": 0}
+URL_SECONDS = ("timeout", "stale_timeout", "idle_in_transaction_timeout")
+
+
+def _pool_option_problem(query: dict[str, list[str]]) -> str | None:
+    for name, least in URL_WHOLE_NUMBERS.items():
+        for value in query.get(name, []):
+            if not (value.strip().isdecimal() and value.strip().isascii()) or int(value) < least:
+                return f"{name} must be a whole number of at least {least}"
+    for name in URL_SECONDS:
+        for value in query.get(name, []):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = math.nan
+            if not math.isfinite(seconds) or seconds < 0:
+                return f"{name} must be a number of seconds, 0 or more"
+    return None
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

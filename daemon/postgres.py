@@ -52,7 +52,12 @@ from psycopg.errors import ReadOnlySqlTransaction
 SCHEMES = ("postgresql", "postgres")
 PING_AFTER_IDLE = 60.0  # seconds
 DEFAULTS: dict[str, Any] = {"max_connections": 10, "timeout": 10, "stale_timeout": 600, "connect_timeout": 10,
-                            "application_name": "callbridge", "idle_in_transaction_timeout": 10}
+                            "application_name": "callbridge", "idle_in_transaction_timeout": 10,
+                            # A database host gone silent (power, a failover's old primary) is noticed in
+                            # about a minute, not after the kernel's two hours: until then a query waits on it
+                            # and with it the dispatcher and the lease renewals.
+                            "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+                            "tcp_user_timeout": 60_000}
 
 
 def is_postgres_url(url: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -469,6 +470,23 @@ def test_connections_go_back_after_statements_transactions_and_errors(db: GreenP
     assert Endpoint.select().count() == 25
     assert not db._in_use
     assert 1 <= len(db._connections) <= db._max_connections
+
+
+@pytest.mark.stores("postgresql")
+def test_a_silent_database_host_is_noticed_within_a_minute_or_so(db: GreenPostgresqlDatabase) -> None:
+    # The kernel's defaults would wait two hours and more before a query on a vanished host fails.
+    with db.connection_context():
+        fd = db.connection().fileno()
+        probe = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)  # a dup: closing it leaves the connection
+        try:
+            assert probe.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            idle = probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+            interval = probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+            count = probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+            assert idle + interval * count <= 90
+            assert probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000  # unacknowledged sends
+        finally:
+            probe.close()
 
 
 @pytest.mark.stores("postgresql")

@@ -407,6 +407,31 @@ def answered_and_waiting(sequence: CallSequence, switch: ScriptedSwitch) -> None
     gevent.sleep(0)
 
 
+@pytest.mark.parametrize("bridged", [True, False])
+def test_a_call_that_ended_while_nobody_heard_it_has_no_made_up_talk_or_ring_time(
+        run_call: Callable[..., Any], bridged: bool) -> None:
+    # The connection (or the daemon) was away for minutes or hours; the call ended then, unheard. "Now"
+    # is not its end: counted from the bridge, the whole gap would be billed as talk.
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
+    sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
+    if bridged:
+        sequence.deliver(event("CHANNEL_ANSWER", sequence.b.uuid))
+        sequence.deliver(event("CHANNEL_BRIDGE", sequence.a.uuid))
+    gevent.sleep(0)
+    switch.answers = {"uuid_exists": "false"}
+    sequence.deliver(Reconnected(False))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.reason) == (("completed", "ended while the switch connection was down") if bridged
+                                          else ("failed", "interrupted"))
+    assert call.talk_seconds is None
+    assert (call.ring_seconds is not None) == bridged  # B's ringing ended when it was heard to answer
+
+
 def breaks(switch: ScriptedSwitch, a_uuid: str) -> list[str]:
     return [c for c in switch.sent if c.startswith(f"api uuid_break {a_uuid}")]
 

@@ -229,6 +229,7 @@ class CallSequence:
         # A's originate_disposition still tells the refusal of the bridge before the one being sent now
         # (until that one starts): not a new outcome.
         self.refusal_on_a = False
+        self.end_unseen = False  # the call ended while no daemon heard it: its end time is not known
         # An adopted call: the bridge attempt whose wait was flushed (_flush_and_requeue), and the marker
         # queued to learn whether A's steps end before its first wait (_queue_tail).
         self.wait_flushed: int | None = None
@@ -824,7 +825,9 @@ class CallSequence:
         self.done = True
         now = self.records.clock()
         talk = ring = None
-        if self.call.bridged_at:
+        if self.end_unseen:
+            pass  # it ended while nobody heard it: "now" would count the time we could not hear as talk or ring
+        elif self.call.bridged_at:
             talk = round((now - self.call.bridged_at).total_seconds(), 3)
         elif self.call.b_dialed_at:
             # B rang until its attempt ended, not through the busy notice A hears after it.
@@ -847,6 +850,7 @@ class CallSequence:
         self.records.step(self.call, "switch_lost", switch=lost.switch, unreachable_seconds=seconds,
                           phase=self.status.value)
         self.a.gone = self.b.gone = True
+        self.end_unseen = True
         self._finish(CallStatus.FAILED, reason=SWITCH_LOST_REASON.format(switch=lost.switch, seconds=seconds))
 
     def _exists(self, leg_uuid: str) -> bool:
@@ -875,6 +879,7 @@ class CallSequence:
         if restarted:
             self.records.step(self.call, "switch_restarted")
             self.a.gone = self.b.gone = True
+            self.end_unseen = True
             # No leg failed: the switch did. Both legs vanished with it, causes unknown.
             self._finish(CallStatus.FAILED, reason="FreeSWITCH restarted during the call")
             return
@@ -887,6 +892,7 @@ class CallSequence:
                 self.a.gone = self.b.gone = True
                 self.records.step(self.call, "reconciled", a="gone", b="gone")
                 if self.call.bridged_at:
+                    self.end_unseen = True
                     self._finish(CallStatus.COMPLETED, reason="ended while the switch connection was down")
                 elif self.refused_leg or self.bridge_disposition not in CALLER_GONE | {"SUCCESS", ""}:
                     # B's failure was heard before the connection went: A then heard the notice and was
@@ -894,6 +900,7 @@ class CallSequence:
                     self._conclude()
                 else:
                     # Both legs ended unheard: which one failed, and why, is not known.
+                    self.end_unseen = True
                     self._finish(CallStatus.FAILED, reason="interrupted")
                 return
             self.records.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")

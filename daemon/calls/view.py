@@ -122,8 +122,9 @@ FIELDS: tuple[Field, ...] = (
     _text("b_cause"),
     _text("reason"),
     _number("ring_seconds", "number", "Seconds from dialing B until B answered, or until B's attempt ended "
-                                      "(busy, no answer, A hung up); null when B was never dialed."),
-    _number("talk_seconds", "number", "Seconds from the bridge to the end; null when never bridged."),
+                                      "(busy, no answer, A hung up); null when B was never dialed, or when its end is not known."),
+    _number("talk_seconds", "number", "Seconds from the bridge to the end; null when never bridged, or when the "
+                                      "call ended while no daemon heard it (its end is not known)."),
     Field("recording", _recording, RECORDING_SCHEMA),
     Field("token_hint", lambda _call, endpoint: endpoint.token_hint,
           {"type": "string", "description": "The token's first characters; never all."}),

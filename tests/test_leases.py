@@ -477,18 +477,13 @@ def test_a_daemon_that_lost_a_call_queues_nothing_on_a_when_it_hears_the_answer_
     call over and follows it: A's answer makes node-b queue the prompts and the bridge to B. node-a wakes
     with A's answer in its backlog before its lease keeper tells it the call is gone: it must not queue
     them too (A would hear every prompt twice and B would be dialed twice), nor touch the legs."""
-    from daemon.calls.sequence import CallOptions, CallSequence
-    from tests.test_sequence import ScriptedSwitch, apps_sent, event
+    from tests.test_sequence import apps_sent, event
 
     endpoint, _ = make_endpoint()
     stalled, other = daemon("node-a"), daemon("node-b")
     call = pending(endpoint)
     assert stalled.claim(call, a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), now=T0)
-    switch = ScriptedSwitch()
-    options = CallOptions(originate_timeout=30, media_root=str(tmp_path), recordings_dir=str(tmp_path),
-                          idle_check=30)
-    sequence = CallSequence(call, endpoint, switch, stalled, options)  # type: ignore[arg-type]
-    sequence.start()
+    sequence, switch = followed_by(stalled, call, endpoint, tmp_path)
     try:
         assert wait_until(lambda: any(c.startswith("bgapi originate") for c in switch.sent))
         later = T0 + 2 * LEASE
@@ -503,6 +498,19 @@ def test_a_daemon_that_lost_a_call_queues_nothing_on_a_when_it_hears_the_answer_
         assert (stored.owner, stored.status) == ("node-b", "dialing_a")
     finally:
         gevent.kill(sequence.greenlet)
+
+
+def followed_by(records: CallRecords, call: Call, endpoint: Endpoint, tmp_path: Any) -> tuple[Any, Any]:
+    """The call's sequence, as the daemon ``records`` belongs to runs it, on a scripted switch: started."""
+    from daemon.calls.sequence import CallOptions, CallSequence
+    from tests.test_sequence import ScriptedSwitch
+
+    switch = ScriptedSwitch()
+    options = CallOptions(originate_timeout=30, media_root=str(tmp_path), recordings_dir=str(tmp_path),
+                          idle_check=30)
+    sequence = CallSequence(call, endpoint, switch, records, options)  # type: ignore[arg-type]
+    sequence.start()
+    return sequence, switch
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -520,8 +528,7 @@ def test_a_daemon_that_stalled_past_its_lease_sends_nothing_for_a_call_another_t
     call over. node-a wakes with the start of A's wait in its backlog, which would have it break the wait
     to dial B (node-b does that): having not renewed its leases in time, it asks whether the call is still
     its own before it acts on anything, and stops following it."""
-    from daemon.calls.sequence import CallOptions, CallSequence
-    from tests.test_sequence import ScriptedSwitch, breaks, event, executes, wait_uuid
+    from tests.test_sequence import breaks, event, executes, wait_uuid
 
     endpoint, _ = make_endpoint()
     mono = [1000.0]
@@ -530,11 +537,7 @@ def test_a_daemon_that_stalled_past_its_lease_sends_nothing_for_a_call_another_t
     other = daemon("node-b")
     call = pending(endpoint)
     assert stalled.claim(call, a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), now=T0)
-    switch = ScriptedSwitch()
-    options = CallOptions(originate_timeout=30, media_root=str(tmp_path), recordings_dir=str(tmp_path),
-                          idle_check=30)
-    sequence = CallSequence(call, endpoint, switch, stalled, options)  # type: ignore[arg-type]
-    sequence.start()
+    sequence, switch = followed_by(stalled, call, endpoint, tmp_path)
     try:
         sequence.deliver(event("CHANNEL_CREATE", sequence.a.uuid))
         sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))

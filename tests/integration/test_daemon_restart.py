@@ -302,6 +302,27 @@ def test_sigterm_leaves_bridged_calls_to_freeswitch_and_the_next_start_follows_t
         switch.stop()
 
 
+def dies_before_a_step(monkeypatch: pytest.MonkeyPatch, dies: Callable[[CallSequence, AppStep], bool]) -> None:
+    """From now on a run of the daemon dies right before sending a step of A's that ``dies`` names: the process
+    is gone, nothing more of that run is sent or written."""
+    send_app = CallSequence._send_app
+
+    def send(sequence: CallSequence, step: AppStep) -> None:
+        if dies(sequence, step):
+            raise gevent.GreenletExit
+        send_app(sequence, step)
+
+    monkeypatch.setattr(CallSequence, "_send_app", send)
+
+
+def next_start_after_death(harness: Harness, call: Call) -> None:
+    """Once the run following ``call`` died with A answered: a next start adopts it."""
+    assert wait_for(lambda: harness.service.engine.in_flight() == 0
+                    and Call.get_by_id(call.id).status == "a_answered", 10), harness.timeline(call)
+    harness.service.records.flush()
+    assert harness.service.engine.adopt_in_flight() == 1
+
+
 def _steps_before(a_uuid: str, step: AppStep, died_before: str) -> bool:
     """Whether ``step`` is the one ``died_before`` names, among the steps queued on A after its answer."""
     if died_before == "bridge":
@@ -320,19 +341,10 @@ def test_a_run_that_died_while_queueing_a_steps_leaves_them_for_the_next_start_t
     by its maximum duration, with the call in flight."""
     harness = make_harness()
     endpoint = harness.endpoint()
-    send_app = CallSequence._send_app
-
-    def dies_before(sequence: CallSequence, step: AppStep) -> None:
-        if not sequence.adopted and _steps_before(sequence.a.uuid, step, died_before):
-            raise gevent.GreenletExit  # the process is gone: nothing more of this run is sent or written
-        send_app(sequence, step)
-
-    monkeypatch.setattr(CallSequence, "_send_app", dies_before)
+    dies_before_a_step(monkeypatch, lambda sequence, step: not sequence.adopted
+                       and _steps_before(sequence.a.uuid, step, died_before))
     call = harness.place(endpoint, "15550000811", "15550003811")
-    assert wait_for(lambda: harness.service.engine.in_flight() == 0
-                    and Call.get_by_id(call.id).status == "a_answered", 10), harness.timeline(call)
-    harness.service.records.flush()
-    assert harness.service.engine.adopt_in_flight() == 1
+    next_start_after_death(harness, call)
     final = harness.wait_final(call)
     assert (final.status, final.failed_leg, final.b_cause) == ("failed", "b", "USER_BUSY"), \
         (final.reason, harness.timeline(call))
@@ -354,27 +366,19 @@ def test_a_start_that_died_while_requeueing_the_bridge_leaves_it_for_the_next_to
     queued: it must still give A the busy notice and hang it up, B dialed once in all."""
     harness = make_harness()
     endpoint = harness.endpoint()
-    send_app = CallSequence._send_app
     deaths = ["bridge", "wait after the bridge"]  # the step each run in turn dies before
 
-    def dies_before(sequence: CallSequence, step: AppStep) -> None:
+    def dies(sequence: CallSequence, step: AppStep) -> bool:
         if deaths and _steps_before(sequence.a.uuid, step, deaths[0]):
             deaths.pop(0)
-            raise gevent.GreenletExit
-        send_app(sequence, step)
+            return True
+        return False
 
-    monkeypatch.setattr(CallSequence, "_send_app", dies_before)
-
-    def died(status: str) -> bool:
-        return harness.service.engine.in_flight() == 0 and Call.get_by_id(call.id).status == status
-
+    dies_before_a_step(monkeypatch, dies)
     call = harness.place(endpoint, "15550000812", "15550003812")
-    assert wait_for(lambda: died("a_answered"), 10), harness.timeline(call)
-    harness.service.records.flush()
-    assert harness.service.engine.adopt_in_flight() == 1
-    assert wait_for(lambda: not deaths and died("a_answered"), 10), harness.timeline(call)
-    harness.service.records.flush()
-    assert harness.service.engine.adopt_in_flight() == 1
+    next_start_after_death(harness, call)
+    assert wait_for(lambda: not deaths, 10), harness.timeline(call)
+    next_start_after_death(harness, call)
     final = harness.wait_final(call)
     assert (final.status, final.failed_leg, final.b_cause) == ("failed", "b", "USER_BUSY"), \
         (final.reason, harness.timeline(call))
@@ -441,18 +445,8 @@ def test_a_run_that_died_before_queueing_the_maximum_duration_leaves_it_for_the_
     call (A and B would talk 300 s here)."""
     harness = make_harness()
     endpoint = harness.endpoint(max_duration=60)
-    send_app = CallSequence._send_app
-
-    def dies_before(sequence: CallSequence, step: AppStep) -> None:
-        if not sequence.adopted and step.app == "sched_hangup":
-            raise gevent.GreenletExit
-        send_app(sequence, step)
-
-    monkeypatch.setattr(CallSequence, "_send_app", dies_before)
+    dies_before_a_step(monkeypatch, lambda sequence, step: not sequence.adopted and step.app == "sched_hangup")
     call = harness.place(endpoint, "15550000815", "15550000816")
-    assert wait_for(lambda: harness.service.engine.in_flight() == 0
-                    and Call.get_by_id(call.id).status == "a_answered", 10), harness.timeline(call)
-    harness.service.records.flush()
-    assert harness.service.engine.adopt_in_flight() == 1
+    next_start_after_death(harness, call)
     final = harness.wait_final(call)
     assert (final.status, final.a_cause) == ("completed", "ALLOTTED_TIMEOUT"), (final.reason, harness.timeline(call))

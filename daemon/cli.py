@@ -60,23 +60,27 @@ def _parser() -> argparse.ArgumentParser:
     add = ep.add_parser("add", help="create an endpoint; prints its token once")
     add.add_argument("--name", required=True)
     add.add_argument("--caller-id", required=True, help="caller ID number shown to A and B")
-    add.add_argument("--caller-id-name", default="")
+    add.add_argument("--caller-id-name", default="", help="caller ID name sent with the number")
     add.add_argument("--dial-string", required=True, help="FreeSWITCH dial string with {number}")
     add.add_argument("--record", action="store_true", help="record bridged calls")
-    add.add_argument("--timezone", default="UTC", help="IANA zone of call_date (e.g. America/New_York)")
-    add.add_argument("--max-in-flight", type=int, default=10)
-    add.add_argument("--calls-per-second", type=float, default=5.0)
-    add.add_argument("--max-duration", type=int, default=3600, help="seconds from A's answer")
+    add.add_argument("--timezone", default="UTC", help="IANA zone of call_date (default UTC; e.g. America/New_York)")
+    add.add_argument("--max-in-flight", type=int, default=10, help="calls in progress at once (default 10)")
+    add.add_argument("--calls-per-second", type=float, default=5.0, help="new calls started per second (default 5)")
+    add.add_argument("--max-duration", type=int, default=3600,
+                     help="seconds from A's answer until FreeSWITCH hangs up (default 3600, at least 10)")
     add.add_argument("--daily-cap", type=int, default=1000,
                      help="calls started per UTC day (from 00:00 UTC); "
                           "a call past it fails 'daily cap of N calls reached'")
     add.add_argument("--allowed-prefixes", default="", help="comma-separated digit prefixes; empty: any")
     add.add_argument("--extension-pattern", default="", help="regex for short internal numbers")
-    add.add_argument("--webhook-url", default="")
-    add.add_argument("--ring-tone", default="%(2000,4000,440,480)")
+    add.add_argument("--webhook-url", default="", help="POST each status change here (prints a webhook_secret once)")
+    add.add_argument("--ring-tone", default="%(2000,4000,440,480)",
+                     help="TGML tone A hears while B rings when a call has no dialtone_url")
     add.add_argument("--owner", metavar="EMAIL", help="the web account that sees this endpoint and its calls")
-    for name in ("list", "disable", "enable", "rotate", "assign"):
-        action = ep.add_parser(name)
+    for name, text in (("list", "every endpoint"), ("disable", "refuse its token at once; its pending calls fail when due"),
+                       ("enable", "undo disable"), ("rotate", "a new token, printed once; the old one stops working"),
+                       ("assign", "give the endpoint to a web account")):
+        action = ep.add_parser(name, help=text)
         if name != "list":
             action.add_argument("endpoint", help="name or id")
     owner = ep.choices["assign"].add_mutually_exclusive_group(required=True)

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML settings file (default: $CALLBRIDGE_CONFIG)")
     p.add_argument("--check-config", action="store_true", help="print the effective settings and exit")
     sub = p.add_subparsers(dest="command")
-    for name, text in (("run", "run the service"),
+    for name, text in (("run", "run the service (also what no command does)"),
                        ("check-config", "print the effective settings (secrets masked) and exit")):
         # --config is accepted after the subcommand too: `python -m daemon run --config PATH`.
         sub.add_parser(name, help=text).add_argument("--config", default=argparse.SUPPRESS)
@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         user.add_parser(name, help=text).add_argument("email")
     for name in ("add", "password"):
         user.choices[name].add_argument("--password-stdin", action="store_true",
-                                        help="read the password from standard input (one line)")
+                                        help="read the password from standard input (one line; on a terminal, asked twice); at least 10 characters")
     for action in user.choices.values():
         action.add_argument("--json", action="store_true", help="print JSON")
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from daemon.switch.esl import EslEvent, EslFramer, EslProtocolError, parse_event_headers
 from daemon.switch.protocol import EventHeaders
-from tests.fake_esl_server import TRACES, event_plain, fs_url_encode, trace_chunks
+from tests.fake_esl_server import event_plain, fs_url_encode, trace_chunks, traces
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,7 +74,7 @@ def test_trace_16a_shape() -> None:
 
 
 def test_every_trace_parses_cleanly_in_random_pieces() -> None:
-    for path in sorted(TRACES.glob("*.jsonl")):
+    for path in sorted(traces().glob("*.jsonl")):
         chunks = trace_chunks(path.stem)
         stream = b"".join(chunks)
         whole = EslFramer().feed(stream)

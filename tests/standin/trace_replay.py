@@ -14,13 +14,13 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import gevent
 
+from tests.fake_esl_server import traces
+
 from .esl_client import EslClient, Msg, split_messages
 
-TRACES = Path("/work/shared/esl-traces")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 # Headers whose values differ per run (or per build) and are not compared.
@@ -79,7 +79,7 @@ def load(name: str) -> Trace:
     chunks: list[Chunk] = []
     expected: list[Expected] = []
     closes = False
-    for line in (TRACES / f"{name}.jsonl").read_text().splitlines():
+    for line in (traces() / f"{name}.jsonl").read_text().splitlines():
         o = json.loads(line)
         if o["dir"] == "C->S":
             chunks.append(Chunk(o["t"], o["data"], len(expected)))

@@ -135,8 +135,10 @@ run "$PREFIX/.venv/bin/python" -m pip install --quiet --upgrade pip
 run "$PREFIX/.venv/bin/python" -m pip install --quiet "$PREFIX"
 # The service runs from PREFIX on a read-only file system: compile now, or Python recompiles every start.
 run "$PREFIX/.venv/bin/python" -m compileall -q "$PREFIX/daemon" "$PREFIX/webapi" "$PREFIX/freeswitch"
+# Spoken messages use the libespeak-ng bundled with the package (tts_engine = "bundled", the default); the
+# system's espeak-ng is needed only with tts_engine = "espeak-ng".
 if ! command -v espeak-ng >/dev/null 2>&1; then
-    echo "    note: espeak-ng is not installed; spoken messages (msg) need it: apt-get install espeak-ng"
+    echo "    note: no system espeak-ng; spoken messages use the bundled one (tts_engine = \"espeak-ng\" would need apt-get install espeak-ng)"
 fi
 
 say "3. folders: $STATE_DIR (state), $CONF_DIR (config)"

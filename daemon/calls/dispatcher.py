@@ -18,7 +18,8 @@ Limits: calls in flight (global and per endpoint), a switch's room for one more 
 sessions-per-second and max sessions, read from it: :mod:`daemon.switch.capacity`; the legs of calls
 already in progress go first; with several switches, the one with the most room takes the call), new calls per second (per endpoint, and an optional global cap of the
 operator's, token buckets), and a daily cap per endpoint against toll fraud. Calls held back by a
-limit stay ``queued`` in due order and go as soon as a slot frees.
+limit stay as they are (``queued``, or ``scheduled`` for a scheduled call) in due order and go as soon as a
+slot frees; the calls of a disabled endpoint fail when due.
 
 On a PostgreSQL shared by several daemons an endpoint's limits hold across all of them: each round locks
 the rows of the endpoints its page of calls belongs to (``CallRecords.lock_endpoints``: two daemons'

@@ -99,13 +99,14 @@ class Session:
         ch = self.ch
         ch.stop_broadcast = False
         ch.broadcasting += 1
-        if item.event_uuid:
-            ch.set_var("app_uuid", item.event_uuid)
         try:
             done = 0
             while item.loops < 0 or done < max(1, item.loops):
                 if not ch.is_up:
                     break
+                if item.event_uuid:
+                    # Set for each round; the round's application takes it (execute).
+                    ch.set_var("app_uuid", item.event_uuid)
                 started = ch.plan_now()
                 ch.played = None
                 self.execute(item.name, item.arg, item.event_uuid, item.event_lock)
@@ -133,7 +134,12 @@ class Session:
             # switch_core_session_execute_application: "Invalid Application" hangs the leg up.
             ch.hangup("DESTINATION_OUT_OF_ORDER")
             return
-        app_uuid = app_uuid or self.sw.new_uuid()
+        # switch_core_session_exec: the application takes its UUID from the channel variable app_uuid and
+        # removes it (while it runs, and after, uuid_getvar <uuid> app_uuid is _undef_); else a new one.
+        named = ch.var("app_uuid")
+        if named is not None:
+            ch.set_var("app_uuid", None)
+        app_uuid = app_uuid or named or self.sw.new_uuid()
         if not ch.true_var("app_disable_expand_variables"):
             arg = expand(self.sw, ch, arg)
         prev = (ch.current_app, ch.current_app_data)
@@ -148,6 +154,7 @@ class Session:
             info.append(("Application-Data", arg))
         ch.fire("CHANNEL_EXECUTE", ("switch_core_session.c", "switch_core_session_exec", 2944),
                 post=[*info, ("Application-UUID", app_uuid)])
+        ch.app_uuids.append(app_uuid)
         # switch_core_session_exec clears CF_BREAK before the application runs: a uuid_break that came
         # between two applications is lost.
         ch.broken.clear()
@@ -159,6 +166,7 @@ class Session:
         finally:
             self.depth -= 1
             ch.event_locked -= event_lock
+            ch.app_uuids.pop()
         if response is not None:
             ch.app_response = response
         # A parked leg reports the response its last nested application left behind (FreeSWITCH

@@ -126,6 +126,7 @@ class Channel:
         self.dtmf: deque[str] = deque()
         self.current_app: str | None = None
         self.current_app_data = ""
+        self.app_uuids: list[str] = []  # Application-UUIDs of the applications running now, outermost first
         self.app_response: str | None = None
         self.event_locked = 0  # event-locked applications running (CF_EVENT_LOCK)
         self.broadcasting = 0  # queued (sendmsg/broadcast) applications running (CF_BROADCAST)

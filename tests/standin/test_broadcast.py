@@ -56,7 +56,6 @@ def test_a_looped_playback_repeats_until_uuid_break_then_the_next_app_runs(
     assert sendmsg(client, leg, "set", "after=yes", after_id).h("Reply-Text") == "+OK"
     # Each round is an execution of its own, under the same Application-UUID.
     wait_executes(client, leg, loop_id, 3)
-    assert client.api(f"uuid_getvar {leg} app_uuid") == loop_id
     assert not client.named("CHANNEL_EXECUTE_COMPLETE", leg) or all(
         m.e("Application-UUID") != after_id for m in client.named("CHANNEL_EXECUTE_COMPLETE", leg))
     assert client.api(f"uuid_break {leg}") == "+OK\n"
@@ -65,6 +64,28 @@ def test_a_looped_playback_repeats_until_uuid_break_then_the_next_app_runs(
     stops = [m.e("Playback-Status") for m in client.named("PLAYBACK_STOP", leg)]
     assert stops[-1] == "break" and set(stops[:-1]) == {"done"}
     assert audible(standin.heard(leg))[-1] == ("file", beep)
+
+
+def test_a_queued_applications_event_uuid_is_not_left_in_app_uuid(
+        client: EslClient, standin: StandIn, leg: str, media_dir: Path) -> None:
+    """switch_ivr_parse_event sets app_uuid to the Event-UUID before each round; switch_core_session_exec
+    takes it as the Application-UUID and removes the variable as the application starts. So while the
+    looped playback runs, and after, ``uuid_getvar <uuid> app_uuid`` is ``_undef_``, and no event carries
+    ``variable_app_uuid`` (none in the recordings 13 and 16a-16e, whose apps all came with an Event-UUID)."""
+    beep = str(media_dir / "sounds/beep_1k_1s.wav")
+    loop_id, after_id = new_uuid(), new_uuid()
+    sendmsg(client, leg, "playback", beep, loop_id, loops=-1)
+    wait_executes(client, leg, loop_id, 2)
+    assert client.api(f"uuid_getvar {leg} app_uuid") == "_undef_"
+    assert client.api(f"uuid_break {leg}") == "+OK\n"
+    sendmsg(client, leg, "set", "after=yes", after_id)
+    client.wait_event(lambda m: m.name == "CHANNEL_EXECUTE_COMPLETE" and m.e("Application-UUID") == after_id, 10)
+    assert client.api(f"uuid_getvar {leg} app_uuid") == "_undef_"
+    mine = [m for m in client.events if m.e("Unique-ID") == leg]
+    assert [m.name for m in mine if m.e("variable_app_uuid") is not None] == []
+    # The Application-UUID echo itself is unchanged: every round and its end carry the Event-UUID.
+    assert {m.e("Application-UUID") for m in mine if m.name == "CHANNEL_EXECUTE" and m.e("Application") == "playback"} \
+        == {loop_id}
 
 
 def test_loops_plays_that_many_rounds(client: EslClient, leg: str, media_dir: Path) -> None:

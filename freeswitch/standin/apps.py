@@ -107,6 +107,9 @@ class Session:
                 if item.event_uuid:
                     # Set for each round; the round's application takes it (execute).
                     ch.set_var("app_uuid", item.event_uuid)
+                # Which round this is, and of how many (-1: until stopped), while it runs.
+                ch.set_var("current_loop", str(done + 1))
+                ch.set_var("total_loops", str(item.loops))
                 started = ch.plan_now()
                 ch.played = None
                 self.execute(item.name, item.arg, item.event_uuid, item.event_lock)
@@ -116,6 +119,8 @@ class Session:
                 if not ch.is_up or ch.stop_broadcast or took < MIN_LOOP_SECONDS:
                     break
         finally:
+            ch.set_var("current_loop", None)
+            ch.set_var("total_loops", None)
             ch.broadcasting -= 1
         if ch.stop_broadcast:
             # The broadcast was stopped: FreeSWITCH leaves CF_BREAK set; the next application clears it.

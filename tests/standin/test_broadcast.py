@@ -88,6 +88,30 @@ def test_a_queued_applications_event_uuid_is_not_left_in_app_uuid(
         == {loop_id}
 
 
+def test_a_queued_application_shows_its_round_in_current_loop_and_total_loops(
+        client: EslClient, standin: StandIn, leg: str, media_dir: Path) -> None:
+    """switch_ivr_parse_event sets current_loop (the round, from 1) and total_loops (the loops header, 1 when
+    absent, -1 for until stopped) before each round and removes both after the last. The recordings 16a-16e
+    show variable_current_loop: 1 and variable_total_loops: 1 on every event of A during a queued app
+    (CHANNEL_EXECUTE, PLAYBACK_*, CHANNEL_BRIDGE, CHANNEL_HANGUP, CHANNEL_EXECUTE_COMPLETE) and neither on
+    park's CHANNEL_EXECUTE_COMPLETE or A's CHANNEL_HANGUP_COMPLETE."""
+    beep = str(media_dir / "sounds/beep_1k_1s.wav")
+    loop_id, after_id = new_uuid(), new_uuid()
+    sendmsg(client, leg, "playback", beep, loop_id, loops=-1)
+    wait_executes(client, leg, loop_id, 2)
+    assert client.api(f"uuid_getvar {leg} total_loops") == "-1"
+    rounds = [m.e("variable_current_loop") for m in client.named("CHANNEL_EXECUTE", leg)
+              if m.e("Application-UUID") == loop_id]
+    assert rounds[:2] == ["1", "2"]
+    assert client.api(f"uuid_break {leg}") == "+OK\n"
+    sendmsg(client, leg, "set", "after=yes", after_id)
+    done = client.wait_event(lambda m: m.name == "CHANNEL_EXECUTE_COMPLETE" and m.e("Application-UUID") == after_id, 10)
+    assert (done.e("variable_current_loop"), done.e("variable_total_loops")) == ("1", "1")
+    assert standin.wait_for(lambda: standin.channel(leg).var("total_loops") is None, 5)  # the set's round over
+    assert client.api(f"uuid_getvar {leg} current_loop") == "_undef_"
+    assert client.api(f"uuid_getvar {leg} total_loops") == "_undef_"
+
+
 def test_loops_plays_that_many_rounds(client: EslClient, leg: str, media_dir: Path) -> None:
     beep = str(media_dir / "sounds/beep_1k_1s.wav")
     loop_id, after_id = new_uuid(), new_uuid()

@@ -32,22 +32,28 @@ def file_seconds(path: str) -> float | None:
 
 
 def tone_seconds(spec: str) -> float:
-    """Length of a tone_stream:// spec: the sum of on/off times times loops (infinite by default)."""
+    """Length of a tone_stream:// spec: one pass of its tones (the sum of their on and off times), repeated
+    as ``;loops=N`` says (-1: until broken).
+
+    mod_tone_stream renders the script once into a buffer whose loops count is 0 unless ``;loops=`` sets
+    it, and switch_buffer_read_loop ends the stream when the buffer runs out with loops 0 (a positive
+    count is spent first, a negative one never is). A spec whose length cannot be read plays until broken.
+    """
     body = spec.split("://", 1)[1] if "://" in spec else spec
-    loops_m = re.search(r"loops=(-?\d+)", body)
-    loops = int(loops_m.group(1)) if loops_m else 1
-    if not loops_m:
-        # FreeSWITCH repeats a tone_stream forever unless loops= says otherwise.
-        return INFINITE
+    loops_m = re.search(r";loops=(-?\d+)", body)
+    loops = int(loops_m.group(1)) if loops_m else 0
     if loops < 0:
         return INFINITE
     total_ms = 0.0
-    for group in re.findall(r"%\(([^)]*)\)", body):
+    groups = re.findall(r"%\(([^)]*)\)", body)
+    for group in groups:
         parts = group.split(",")
         for p in parts[:2]:
             with contextlib.suppress(ValueError):
                 total_ms += float(p)
-    return total_ms / 1000.0 * loops
+    if not groups or total_ms <= 0:
+        return INFINITE
+    return total_ms / 1000.0 * max(1, loops)
 
 
 def media_seconds(target: str) -> float | None:

@@ -65,12 +65,25 @@ def test_playback_lasts_as_long_as_the_file(client: EslClient, standin: StandIn,
 
 
 def test_tone_stream_until_break(client: EslClient, standin: StandIn, leg: str) -> None:
-    sendmsg(client, leg, "playback", "tone_stream://%(1000,0,350,440)", "t1")
+    sendmsg(client, leg, "playback", "tone_stream://%(1000,0,350,440);loops=-1", "t1")
     client.wait_event(lambda m: m.name == "PLAYBACK_START")
     assert client.api(f"uuid_break {leg}") == "+OK\n"
     stop = client.wait_event(lambda m: m.name == "PLAYBACK_STOP")
     assert stop.e("Playback-Status") == "break"
     assert [s["kind"] for s in standin.heard(leg)][-2:] == ["tone", "silence"]
+
+
+def test_a_tone_stream_without_loops_plays_its_tones_once(client: EslClient, leg: str) -> None:
+    """mod_tone_stream renders the tones once into a buffer whose loops count stays 0 unless ``;loops=``
+    sets it, and switch_buffer_read_loop ends the stream when it runs out with loops 0: a tone_stream
+    without ``;loops=`` ends after one pass (here 1 s on + 1 s off), ``;loops=N`` after N (the recording 12:
+    ``%(500,500,800);loops=2`` stopped "done" at playback_last_offset_pos 16000, two seconds)."""
+    for app_uuid, spec in (("once", "tone_stream://%(1000,1000,440)"), ("twice", "tone_stream://%(500,500,800);loops=2")):
+        sendmsg(client, leg, "playback", spec, app_uuid)
+        client.wait_event(lambda m, u=app_uuid: m.name == "CHANNEL_EXECUTE_COMPLETE" and m.e("Application-UUID") == u, 10)
+    stops = client.named("PLAYBACK_STOP", leg)
+    assert [(m.e("Playback-Status"), m.e("variable_playback_last_offset_pos")) for m in stops] == [
+        ("done", "16000"), ("done", "16000")]
 
 
 def test_expansion_off_when_disabled(client: EslClient, standin: StandIn, leg: str) -> None:

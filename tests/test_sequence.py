@@ -844,6 +844,31 @@ def test_b_dialed_at_a_reconnect_while_its_retry_waits_in_line_leaves_no_room_ta
     assert (switch.capacity.waiting, switch.capacity.pending) == (0, 0)
 
 
+@pytest.mark.parametrize("bridge_ran", [False, True])
+def test_a_reconnect_finds_a_on_its_first_wait_as_freeswitch_shows_it(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], bridge_ran: bool) -> None:
+    """FreeSWITCH removes app_uuid as each queued app starts: after a gap A's wait is known by what A runs, a
+    looped playback, and by no bridge having run on it yet; B is then dialed at once, not a round later.
+    A looped playback after a bridge ran is not taken for the first wait (B may have been dialed)."""
+    sequence, switch = run_call()
+    sequence.start()
+    gevent.sleep(0)
+    switch.capacity.created(sequence.a.uuid, switch.now)
+    sequence.deliver(event("CHANNEL_CREATE", sequence.a.uuid))
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    a = sequence.a.uuid  # the connection went; A's wait started unheard
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {sequence.b.uuid}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a} app_uuid": "_undef_", f"uuid_getvar {a} current_application": "playback",
+                      f"uuid_getvar {a} total_loops": "-1",
+                      f"uuid_getvar {a} originate_disposition": "USER_BUSY" if bridge_ran else "_undef_"}
+    before = len(breaks(switch, a))
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0.1)
+    assert (len(breaks(switch, a)) > before) == (not bridge_ran), switch.sent
+
+
 # -- a bridge to B retried after a refusal, then a restart or a reconnection ------------------------------
 def test_adopted_call_with_b_ringing_after_an_earlier_refused_bridge_ends_when_b_fails(
         run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:

@@ -965,9 +965,15 @@ class CallSequence:
         from A's UUID, so an adopted call finds them too. A wait after a bridge whose end went unheard is
         retried only when the bridge was refused and B provably never existed (it is in no
         ``originated_legs`` of A's): else the call ends.
+
+        FreeSWITCH 1.10 removes ``app_uuid`` as each queued app starts (switch_core_session_exec; no event
+        of traces 13 and 16 carries it): there, the wait before the first bridge is known by what A runs
+        (:meth:`_on_first_wait`); a later wait is known when its next round starts (its CHANNEL_EXECUTE).
         """
         current = self._getvar(self.a.uuid, "app_uuid")
         waits = self._wait_index(current, upto=MAX_WAITS if self.adopted else None)
+        if waits is None and self._on_first_wait():
+            current, waits = wait_uuid(self.a.uuid, 0), 0
         if waits is None:
             return False
         if waits < self.attempts["b"]:
@@ -987,6 +993,14 @@ class CallSequence:
         self.wait_acted = ""
         self._on_wait(current, waits)
         return True
+
+    def _on_first_wait(self) -> bool:
+        """A plays a looped playback (only the waits loop: ``total_loops`` -1) and no bridge ran on it yet
+        (``originate_disposition``, set on A when a bridge ends, is unset): it is on the wait before the
+        first bridge."""
+        a = self.a.uuid
+        return (self._getvar(a, "current_application") == "playback" and self._getvar(a, "total_loops") == "-1"
+                and not self._getvar(a, "originate_disposition"))
 
     def _check_alive(self) -> None:
         """Nothing heard for a while: make sure A still exists, or end the call with what we know."""

@@ -345,7 +345,9 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(serve: C
     assert conn.sock is not None
     received, waited = read_until_closed(conn.sock)
     assert received == b""  # closed without a word: nothing was asked
-    assert 0.5 <= waited < 30
+    # The server's idle time starts as its answer leaves, a moment before this side has read it (0.499 s
+    # was seen): not closed early is what counts.
+    assert 0.4 <= waited < 30
     FIGURES["idle keep-alive closed after (s, idle_timeout 0.5)"] = round(waited, 2)
     conn.close()
 

@@ -954,8 +954,7 @@ class CallSequence:
         died while sending them). A marker queued behind them tells: its start before any wait's means
         they did (_queue_tail); a wait starting first is flushed with what follows it (_flush_and_requeue)."""
         marker = AppStep("set", fs.set_arg("cb_resume", "tail"))
-        self.switch.send_message(fs.sendmsg_execute(self.a.uuid, marker.app, marker.arg,
-                                                    event_uuid=marker.event_uuid))
+        self._send_app(marker)
         self.tail_marker = marker.event_uuid
 
     def _resume_wait(self) -> bool:

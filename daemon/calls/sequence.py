@@ -479,9 +479,7 @@ class CallSequence:
             if self.apps.bridge is None:
                 self._flush_and_requeue(attempt)
             elif attempt > 0 and self.requeued != attempt:
-                self.requeued = attempt
-                bridge = self._bridge()
-                self.apps.extend([bridge, self._wait(attempt + 1)], bridge=bridge)
+                self._requeue_bridge(attempt)
             elif self.apps.pending:
                 self.apps.send_unsent()
             self.capacity.sent(self.b.uuid, self.switch.monotonic())
@@ -505,7 +503,12 @@ class CallSequence:
         wait with it (``uuid_break all``), and the bridge and the wait after it are queued anew: the bridge
         starts as it arrives, and B is dialed once whatever had arrived."""
         self.switch.api(fs.uuid_break(self.a.uuid, flush=True))
-        self.wait_flushed = self.requeued = attempt
+        self.wait_flushed = attempt
+        self._requeue_bridge(attempt)
+
+    def _requeue_bridge(self, attempt: int) -> None:
+        """Queue on A the bridge for attempt ``attempt + 1`` and the wait after it."""
+        self.requeued = attempt
         bridge = self._bridge()
         self.apps.extend([bridge, self._wait(attempt + 1)], bridge=bridge)
 

@@ -229,7 +229,6 @@ class CallSequence:
         # A's originate_disposition still tells the refusal of the bridge before the one being sent now
         # (until that one starts): not a new outcome.
         self.refusal_on_a = False
-        self.end_unseen = False  # the call ended while no daemon heard it: its end time is not known
         # An adopted call: the bridge attempt whose wait was flushed (_flush_and_requeue), and the marker
         # queued to learn whether A's steps end before its first wait (_queue_tail).
         self.wait_flushed: int | None = None
@@ -799,7 +798,7 @@ class CallSequence:
         elif self.refused_leg:
             leg = self.refused_leg
             self._finish(CallStatus.FAILED, failed_leg=leg, reason=REFUSED,
-                         **({"a_cause": REFUSED_CAUSE} if leg == "a" else {"b_cause": REFUSED_CAUSE}))
+                         a_cause=REFUSED_CAUSE if leg == "a" else None, b_cause=REFUSED_CAUSE if leg == "b" else None)
         elif self.a.answered_at is None:
             self._finish(CallStatus.FAILED, failed_leg="a", reason="A was not reached")
         elif self.bridge_disposition and self.bridge_disposition not in CALLER_GONE | {"SUCCESS"}:
@@ -821,14 +820,15 @@ class CallSequence:
             self._finish(CallStatus.FAILED, failed_leg="a", reason=f"{who} {when}")
 
     def _finish(self, status: CallStatus, *, reason: str = "", failed_leg: str | None = None,
-                a_cause: str | None = None, b_cause: str | None = None) -> None:
-        """End the call; the legs' causes, ring or talk time and the recording's size come from what we saw."""
+                a_cause: str | None = None, b_cause: str | None = None, end_heard: bool = True) -> None:
+        """End the call; the legs' causes, ring or talk time and the recording's size come from what we saw.
+        ``end_heard`` False: it ended while no daemon heard it, so its end time is not known."""
         if self.done:
             return
         self.done = True
         now = self.records.clock()
         talk = ring = None
-        if self.end_unseen:
+        if not end_heard:
             pass  # it ended while nobody heard it: "now" would count the time we could not hear as talk or ring
         elif self.call.bridged_at:
             talk = round((now - self.call.bridged_at).total_seconds(), 3)
@@ -853,8 +853,8 @@ class CallSequence:
         self.records.step(self.call, "switch_lost", switch=lost.switch, unreachable_seconds=seconds,
                           phase=self.status.value)
         self.a.gone = self.b.gone = True
-        self.end_unseen = True
-        self._finish(CallStatus.FAILED, reason=SWITCH_LOST_REASON.format(switch=lost.switch, seconds=seconds))
+        self._finish(CallStatus.FAILED, reason=SWITCH_LOST_REASON.format(switch=lost.switch, seconds=seconds),
+                     end_heard=False)
 
     def _exists(self, leg_uuid: str) -> bool:
         return self.switch.api(fs.uuid_exists(leg_uuid)).strip() == "true"
@@ -882,9 +882,8 @@ class CallSequence:
         if restarted:
             self.records.step(self.call, "switch_restarted")
             self.a.gone = self.b.gone = True
-            self.end_unseen = True
             # No leg failed: the switch did. Both legs vanished with it, causes unknown.
-            self._finish(CallStatus.FAILED, reason="FreeSWITCH restarted during the call")
+            self._finish(CallStatus.FAILED, reason="FreeSWITCH restarted during the call", end_heard=False)
             return
         try:
             a_alive = self._exists(self.a.uuid)
@@ -895,16 +894,15 @@ class CallSequence:
                 self.a.gone = self.b.gone = True
                 self.records.step(self.call, "reconciled", a="gone", b="gone")
                 if self.call.bridged_at:
-                    self.end_unseen = True
-                    self._finish(CallStatus.COMPLETED, reason="ended while the switch connection was down")
+                    self._finish(CallStatus.COMPLETED, reason="ended while the switch connection was down",
+                                 end_heard=False)
                 elif self.refused_leg or self.bridge_disposition not in CALLER_GONE | {"SUCCESS", ""}:
                     # B's failure was heard before the connection went: A then heard the notice and was
                     # hung up, as it was told to.
                     self._conclude()
                 else:
                     # Both legs ended unheard: which one failed, and why, is not known.
-                    self.end_unseen = True
-                    self._finish(CallStatus.FAILED, reason="interrupted")
+                    self._finish(CallStatus.FAILED, reason="interrupted", end_heard=False)
                 return
             self.records.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")
             if self.apps.pending:

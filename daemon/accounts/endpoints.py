@@ -14,7 +14,6 @@ import hmac
 import math
 import re
 import secrets
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit
 
 from peewee import IntegrityError
 
+from daemon.accounts.users import has_control
 from daemon.config import ConfigError, zone
 from daemon.store import Account, Endpoint, precompiled, select_rows, utcnow
 from daemon.switch.commands import (
@@ -83,7 +83,7 @@ class EndpointOptions:
     def check(self) -> None:
         if not self.name or len(self.name) > 100:
             raise EndpointError("name: required, at most 100 characters")
-        if _has_control(self.name):  # shown on pages, in lists and logs, and named on the command line
+        if has_control(self.name):  # shown on pages, in lists and logs, and named on the command line
             raise EndpointError(f"name: {NO_CONTROL}")
         if not CALLER_ID_NUMBER.fullmatch(self.caller_id_number):
             raise EndpointError("caller-id: digits with an optional leading +, at most 20")
@@ -119,7 +119,7 @@ class EndpointOptions:
             raise EndpointError(f"ring-tone: at most {RING_TONE_MAX} characters")
 
     def _check_extension_pattern(self) -> None:
-        if _has_control(self.extension_pattern):
+        if has_control(self.extension_pattern):
             raise EndpointError(f"extension-pattern: {NO_CONTROL}")
         if len(self.extension_pattern) > EXTENSION_PATTERN_MAX:
             raise EndpointError(f"extension-pattern: at most {EXTENSION_PATTERN_MAX} characters")
@@ -127,10 +127,6 @@ class EndpointOptions:
             re.compile(self.extension_pattern)
         except re.error as exc:
             raise EndpointError(f"extension-pattern: not a regular expression ({exc})") from None
-
-
-def _has_control(value: str) -> bool:
-    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
 
 
 def check_webhook_url(url: str) -> None:

@@ -67,9 +67,14 @@ def normalise_email(raw: str) -> str:
     """The email as accounts are keyed: trimmed, lower-case; AccountError when it cannot be an address."""
     email = unicodedata.normalize("NFC", raw.strip()).lower()
     if len(email) > 254 or not EMAIL_RE.fullmatch(email) or "." not in email.rsplit("@", 1)[1] \
-            or any(unicodedata.category(ch) in ("Cc", "Cs") for ch in email):  # (PostgreSQL refuses a NUL)
+            or has_control(email):  # (PostgreSQL refuses a NUL)
         raise AccountError("email: must be an address such as name@example.com")
     return email
+
+
+def has_control(value: str) -> bool:
+    """Control characters (NUL, line breaks, escapes) or lone surrogates: no name or address holds one."""
+    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
 
 
 def check_password(password: str, email: str = "") -> None:

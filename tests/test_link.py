@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import pytest
 from gevent.event import Event
 
@@ -37,6 +40,20 @@ def answer_setup_reads(session: FakeSession) -> None:
         session.send(answer)
 
 
+@contextlib.contextmanager
+def running_link(server: FakeEslServer,
+                 on_connected: Callable[[SwitchLink, bool], None] = lambda _link, _restarted: None) -> Iterator[SwitchLink]:
+    """A link to the fake switch, started; stopped with the server at the end."""
+    link = SwitchLink(SwitchAddress("127.0.0.1", server.port, "ClueCon"), Settings(), Metrics(),
+                      on_connected=on_connected, on_lost=lambda _link, _away: None)
+    link.start()
+    try:
+        yield link
+    finally:
+        link.stop()
+        server.stop()
+
+
 def test_the_link_subscribes_to_the_events_it_reads_and_filters_out_the_apps_nobody_reads() -> None:
     lines: list[str] = []
     done = Event()
@@ -54,19 +71,13 @@ def test_the_link_subscribes_to_the_events_it_reads_and_filters_out_the_apps_nob
         session.wait_client_close()
 
     server = FakeEslServer(script).start()
-    link = SwitchLink(SwitchAddress("127.0.0.1", server.port, "ClueCon"), Settings(), Metrics(),
-                      on_connected=lambda _link, _restarted: None, on_lost=lambda _link, _away: None)
-    link.start()
-    try:
+    with running_link(server):
         assert done.wait(10)
         # Every event a call reads has a positive filter (without one, FreeSWITCH would drop it); the
         # negative ones come after and name only apps whose events nothing reads.
         assert lines[-1] == "event plain " + " ".join(EVENTS)
         assert lines[:len(EVENTS)] == [f"filter Event-Name {name}" for name in EVENTS]
         assert lines[len(EVENTS):-1] == [f"filter Application -{app}" for app in ("park", "multiset", "sched_hangup")]
-    finally:
-        link.stop()
-        server.stop()
 
 
 def test_a_switch_that_refuses_a_filter_is_not_used_and_is_tried_again() -> None:
@@ -84,16 +95,10 @@ def test_a_switch_that_refuses_a_filter_is_not_used_and_is_tried_again() -> None
 
     server = FakeEslServer(script).start()
     told: list[bool] = []
-    link = SwitchLink(SwitchAddress("127.0.0.1", server.port, "ClueCon"), Settings(), Metrics(),
-                      on_connected=lambda _link, _restarted: told.append(True), on_lost=lambda _link, _away: None)
-    link.start()
-    try:
+    with running_link(server, lambda _link, _restarted: told.append(True)) as link:
         assert tried_again.wait(15)
         assert not told
         assert not link.connected.is_set()
-    finally:
-        link.stop()
-        server.stop()
 
 
 def test_a_switch_gone_right_after_the_connection_reads_is_not_reported_connected() -> None:
@@ -116,12 +121,6 @@ def test_a_switch_gone_right_after_the_connection_reads_is_not_reported_connecte
     def on_connected(link: SwitchLink, _restarted: bool) -> None:
         told.append(link.conn is not None and link.conn.connected)
 
-    link = SwitchLink(SwitchAddress("127.0.0.1", server.port, "ClueCon"), Settings(), Metrics(),
-                      on_connected=on_connected, on_lost=lambda _link, _away: None)
-    link.start()
-    try:
+    with running_link(server, on_connected):
         assert tried_again.wait(10)
         assert False not in told
-    finally:
-        link.stop()
-        server.stop()

@@ -23,6 +23,7 @@ from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, Endpoint
 from tests.test_dispatcher import FakeEngine
+from tests.test_sequence import wait_until
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -511,14 +512,6 @@ def followed_by(records: CallRecords, call: Call, endpoint: Endpoint, tmp_path: 
     sequence = CallSequence(call, endpoint, switch, records, options)  # type: ignore[arg-type]
     sequence.start()
     return sequence, switch
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    with gevent.Timeout(timeout, False):
-        while not condition():
-            gevent.sleep(0.01)
-        return True
-    return False
 
 
 @pytest.mark.stores("postgresql")

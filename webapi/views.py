@@ -113,8 +113,6 @@ def body_values() -> dict[str, Any]:
             return {}
         try:
             parsed = json.loads(data, object_pairs_hook=_object_without_repeats)
-        except RepeatedField as exc:
-            raise ApiError(400, f"{_field_name(exc.name)}: given more than once; send each field once") from None
         except (ValueError, RecursionError):
             raise ApiError(400, "body: not valid JSON") from None
         if not isinstance(parsed, dict):
@@ -161,19 +159,13 @@ def query_values() -> dict[str, Any]:
     return request.args.to_dict(flat=True)
 
 
-class RepeatedField(ValueError):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
 def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object, refused when a key repeats: which value counts would be a guess (ours the last, a
     proxy's or a validator's in front of us perhaps the first)."""
     found: dict[str, Any] = {}
     for name, value in pairs:
         if name in found:
-            raise RepeatedField(name)
+            raise _given_twice(name)
         found[name] = value
     return found
 
@@ -182,13 +174,14 @@ def _single_values(values: MultiDict[str, str]) -> dict[str, str]:
     """A form's values, one per name; a name given twice is a 400 (which one counts would be a guess)."""
     for name, given in values.lists():
         if len(given) > 1:
-            raise ApiError(400, f"{_field_name(name)}: given more than once; send each field once")
+            raise _given_twice(name)
     return values.to_dict(flat=True)
 
 
-def _field_name(name: str) -> str:
-    """A client's field name fit to quote in an error: short and plain, else just ``body``."""
-    return name if len(name) <= 64 and name.isidentifier() and name.isascii() else "body"
+def _given_twice(name: str) -> ApiError:
+    """The answer to a field given twice; its name quoted when short and plain, else just ``body``."""
+    shown = name if len(name) <= 64 and name.isidentifier() and name.isascii() else "body"
+    return ApiError(400, f"{shown}: given more than once; send each field once")
 
 
 # Shapes ------------------------------------------------------------------------------------------

@@ -69,7 +69,11 @@ Committed = Callable[[Any], None]
 RETRY_FIRST = 0.05  # seconds before the first retry of a store-level failure
 RETRY_MAX = 0.5  # the writer's pause between retries doubles up to this
 MAX_GROUP = 1000  # writes in one transaction at most
-LINGER = 0.01  # seconds a group nobody waits for stays open for more writes
+# Seconds a group nobody waits for stays open for more writes. Each commit rewrites the WAL pages its
+# rows touch (the calls table and its indexes are in most) and hands a group across threads: 0.05 s cut
+# the daemon's CPU per complete call by about a tenth against 0.01 s (engine run, 3,000 calls, A/B), and
+# more bought nothing. A status change is readable (GET, webhooks) that much later at most.
+LINGER = 0.05
 
 # SQLite's primary result codes that say "the store, not this write": wait it out.
 # BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.

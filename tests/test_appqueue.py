@@ -7,27 +7,35 @@ import contextlib
 import pytest
 
 from daemon.calls.appqueue import AppQueue, AppStep
-from daemon.switch.esl import EslDisconnected, EslError, EslNotSent
+from daemon.switch.esl import EslDisconnected, EslError, EslLostInFlight, EslNotSent
 
 
 class Link:
-    """What FreeSWITCH acknowledged, in order; ``fail_at[n]`` makes the n-th send (from 0) raise."""
+    """What FreeSWITCH acknowledged, in order; ``fail_at[n] = (error, answered)`` makes the n-th write (from
+    0) raise ``error`` with its first ``answered`` steps acknowledged (several steps: EslLostInFlight)."""
 
     def __init__(self) -> None:
         self.acked: list[AppStep] = []
-        self.attempts = 0
-        self.fail_at: dict[int, EslError] = {}
+        self.batches: list[list[AppStep]] = []
+        self.fail_at: dict[int, tuple[EslError, int]] = {}
 
-    def send(self, step: AppStep) -> None:
-        n, self.attempts = self.attempts, self.attempts + 1
+    def send(self, steps: list[AppStep]) -> None:
+        n = len(self.batches)
+        self.batches.append(list(steps))
         if n in self.fail_at:
-            raise self.fail_at.pop(n)
-        self.acked.append(step)
+            error, answered = self.fail_at.pop(n)
+            if isinstance(error, EslNotSent):
+                raise error
+            self.acked.extend(steps[:answered])
+            raise EslLostInFlight(str(error), acknowledged=answered) if len(steps) > 1 else error
+        self.acked.extend(steps)
 
 
 def steps() -> tuple[list[AppStep], AppStep]:
+    """Written in three batches: the set, the prompt and the wait; the bridge; the notice and the hangup."""
     bridge = AppStep("bridge", "sofia/gateway/carrier/15550002002")
-    return [AppStep("set", "cb_stage=queued"), AppStep("playback", "/media/x.wav"), bridge,
+    return [AppStep("set", "cb_stage=queued"), AppStep("playback", "/media/x.wav"),
+            AppStep("playback", "/media/dialtone.wav", loops=-1), bridge,
             AppStep("playback", "tone_stream://%(500,500,480,620);loops=3"), AppStep("hangup", "NORMAL_CLEARING")], bridge
 
 
@@ -43,6 +51,9 @@ def started(link: Link) -> tuple[AppQueue, list[AppStep], AppStep]:
     return queue, all_steps, bridge
 
 
+LOST = EslDisconnected("closed mid-command")
+
+
 def test_steps_go_in_order_and_are_known_by_their_event_uuid() -> None:
     link = Link()
     queue, all_steps, bridge = started(link)
@@ -50,67 +61,118 @@ def test_steps_go_in_order_and_are_known_by_their_event_uuid() -> None:
     assert queue.find(bridge.event_uuid) is bridge and queue.find("unknown") is None
 
 
-def test_a_step_never_sent_stays_first_in_line() -> None:
+def test_each_write_ends_at_a_step_that_must_arrive_once() -> None:
     link = Link()
-    link.fail_at[1] = EslNotSent("not connected")
+    _, all_steps, _ = started(link)
+    assert link.batches == [all_steps[:3], all_steps[3:4], all_steps[4:]]
+
+
+def test_a_write_that_found_no_turn_stays_first_in_line() -> None:
+    link = Link()
+    link.fail_at[1] = (EslNotSent("not connected"), 0)
     queue, all_steps, _ = started(link)
-    assert link.acked == all_steps[:1] and queue.pending and queue.uncertain is None
+    assert link.acked == all_steps[:3] and queue.pending and not queue.uncertain
     queue.resume(b_exists=lambda: pytest.fail("only an uncertain bridge needs to ask"))
     assert link.acked == all_steps
 
 
-def test_a_step_lost_in_flight_is_resent_then_the_rest_follows() -> None:
+def test_harmless_steps_lost_in_flight_are_resent_then_the_rest_follows() -> None:
     link = Link()
-    link.fail_at[1] = EslDisconnected("closed mid-command")
+    link.fail_at[2] = (LOST, 0)  # the notice and the hangup: in doubt, both
     queue, all_steps, _ = started(link)
-    assert queue.uncertain is all_steps[1]
-    queue.resume(b_exists=lambda: False)
-    assert link.acked == all_steps and not queue.pending  # the playback may now be queued twice: harmless
+    assert queue.uncertain == all_steps[4:]
+    queue.resume(b_exists=lambda: pytest.fail("no bridge in doubt"))
+    assert link.acked == all_steps and not queue.pending  # the notice may now be queued twice: harmless
+
+
+def test_steps_answered_before_the_connection_went_are_not_in_doubt() -> None:
+    link = Link()
+    link.fail_at[0] = (LOST, 1)  # the set answered; the prompt and the wait in flight
+    queue, all_steps, _ = started(link)
+    assert link.acked == all_steps[:1] and queue.uncertain == all_steps[1:3] and queue.unsent == all_steps[3:]
+
+
+@pytest.mark.parametrize("shows", ["the marker runs", "the wait starts", "the prompt, then the marker"])
+def test_a_wait_lost_in_flight_is_held_back_behind_a_marker(shows: str) -> None:
+    """A second copy of the wait would hold A once the first is broken: sent again only if the marker says
+    it never arrived."""
+    link = Link()
+    link.fail_at[0] = (LOST, 1)
+    queue, all_steps, bridge = started(link)
+    prompt, wait = all_steps[1], all_steps[2]
+    queue.resume(b_exists=lambda: pytest.fail("the bridge was never sent"))
+    assert names(link.acked)[-1] == "set cb_resume=marker" and wait not in link.acked
+    marker = queue.marker
+    assert marker is not None
+    if shows == "the wait starts":
+        queue.started(wait.event_uuid)
+        assert link.acked.count(wait) == 0 and link.acked[-3:] == all_steps[3:]
+    elif shows == "the marker runs":
+        queue.marker_ran()
+        assert link.acked[-5:] == all_steps[1:]  # the prompt in doubt with it: heard twice at worst
+    else:
+        queue.started(prompt.event_uuid)  # it arrived, and so did everything before it
+        assert queue.marker is marker
+        queue.marker_ran()
+        assert link.acked.count(prompt) == 0 and link.acked[-4:] == all_steps[2:]
+    assert queue.marker is None and not queue.pending and link.acked.count(bridge) == 1
+    queue.started(marker.event_uuid)  # the marker's own start, later: nothing more is sent
+    queue.b_appeared()
+    assert link.acked.count(bridge) == 1 and not queue.pending
 
 
 def test_a_bridge_lost_in_flight_is_held_back_behind_a_marker() -> None:
     link = Link()
-    link.fail_at[2] = EslDisconnected("closed mid-command")
+    link.fail_at[1] = (LOST, 0)
     queue, all_steps, bridge = started(link)
-    assert queue.uncertain is bridge
+    assert queue.uncertain == [bridge]
     queue.resume(b_exists=lambda: False)
     assert names(link.acked)[-1] == "set cb_resume=marker" and bridge not in link.acked
     assert queue.marker is not None and queue.find(queue.marker.event_uuid) is queue.marker
-    assert queue.waiting_for_marker == all_steps[2:]
+    assert queue.waiting_for_marker == all_steps[3:]
 
 
 def test_a_bridge_lost_in_flight_that_had_arrived_is_never_resent() -> None:
     link = Link()
-    link.fail_at[2] = EslDisconnected("closed mid-command")
+    link.fail_at[1] = (LOST, 0)
     queue, all_steps, bridge = started(link)
     queue.resume(b_exists=lambda: False)
     queue.b_appeared()  # B appears before the marker runs: the bridge was queued
-    assert bridge not in link.acked and link.acked[-2:] == all_steps[3:]
+    assert bridge not in link.acked and link.acked[-2:] == all_steps[4:]
     assert queue.marker is None and not queue.pending
 
 
 def test_the_marker_running_first_sends_the_bridge_and_the_rest_once() -> None:
     link = Link()
-    link.fail_at[2] = EslDisconnected("closed mid-command")
+    link.fail_at[1] = (LOST, 0)
     queue, all_steps, bridge = started(link)
     queue.resume(b_exists=lambda: False)
     queue.marker_ran()
-    assert link.acked.count(bridge) == 1 and link.acked[-3:] == all_steps[2:]
+    assert link.acked.count(bridge) == 1 and link.acked[-3:] == all_steps[3:]
     queue.b_appeared()  # B then appears because of that bridge: nothing more is sent
     assert link.acked.count(bridge) == 1 and not queue.pending
 
 
 def test_a_bridge_lost_in_flight_with_b_already_up_sends_only_what_follows() -> None:
     link = Link()
-    link.fail_at[2] = EslDisconnected("closed mid-command")
+    link.fail_at[1] = (LOST, 0)
     queue, all_steps, bridge = started(link)
     queue.resume(b_exists=lambda: True)
-    assert bridge not in link.acked and queue.marker is None and link.acked[-2:] == all_steps[3:]
+    assert bridge not in link.acked and queue.marker is None and link.acked[-2:] == all_steps[4:]
+
+
+def test_b_appearing_says_nothing_about_a_wait_in_doubt() -> None:
+    link = Link()
+    link.fail_at[0] = (LOST, 2)
+    queue, all_steps, _ = started(link)
+    queue.resume(b_exists=lambda: pytest.fail("the bridge was never sent"))
+    queue.b_appeared()
+    assert queue.marker is not None and all_steps[2] not in link.acked
 
 
 def test_a_failed_question_about_b_loses_nothing() -> None:
     link = Link()
-    link.fail_at[2] = EslDisconnected("closed mid-command")
+    link.fail_at[1] = (LOST, 0)
     queue, _, bridge = started(link)
 
     def asking_fails() -> bool:
@@ -118,6 +180,6 @@ def test_a_failed_question_about_b_loses_nothing() -> None:
 
     with pytest.raises(EslDisconnected):
         queue.resume(b_exists=asking_fails)
-    assert queue.uncertain is bridge  # still known to be in doubt: the next reconnection resolves it
+    assert queue.uncertain == [bridge]  # still known to be in doubt: the next reconnection resolves it
     queue.resume(b_exists=lambda: False)
     assert names(link.acked)[-1] == "set cb_resume=marker" and bridge not in link.acked

@@ -22,6 +22,7 @@ from daemon.switch.esl import (
     EslDisconnected,
     EslError,
     EslEvent,
+    EslLostInFlight,
     EslNotSent,
     EslTimeout,
     EslTraffic,
@@ -449,6 +450,46 @@ def test_send_message_sends_body_as_is(serve, make_conn) -> None:
     assert received == [message.encode(), f"sendmsg {UUID_A}\ncall-command: hangup\n\n".encode()]
     with pytest.raises(ValueError, match="content-length"):
         conn.send_message(f"sendmsg {UUID_A}\ncontent-length: 3\n\nplayback x")
+
+
+def test_messages_sent_at_once_get_their_replies_in_order(serve, make_conn) -> None:
+    """Several sendmsg in one write, as FreeSWITCH reads them (a command at a time, each answered in turn)."""
+    received: list[bytes] = []
+    messages = [f"sendmsg {UUID_A}\ncall-command: execute\nexecute-app-name: {app}" for app in ("park", "answer")]
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        for n in range(2):
+            received.append(session.read_command())
+            session.send(reply(f"+OK {n}"))
+        session.read_command()
+        session.send(api_response("up"))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    sent_before = conn.traffic.sent
+    assert [r.get("Reply-Text") for r in conn.send_messages(messages)] == ["+OK 0", "+OK 1"]
+    assert received == [(m + "\n\n").encode() for m in messages] and conn.traffic.sent == sent_before + 2
+    assert conn.api("status") == "up"  # the next command's reply is its own
+
+
+def test_messages_sent_at_once_say_how_many_were_answered_when_the_connection_goes(serve, make_conn) -> None:
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.read_command()
+        session.send(reply("+OK"))
+        session.read_command()
+        session.close()  # the second in flight: it may or may not have run
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    messages = [f"sendmsg {UUID_A}\ncall-command: execute\nexecute-app-name: app{n}" for n in range(3)]
+    with pytest.raises(EslLostInFlight) as lost:
+        conn.send_messages(messages)
+    assert lost.value.acknowledged == 1 and not conn.connected
+    with pytest.raises(EslNotSent):
+        conn.send_messages(messages)
 
 
 def test_line_breaks_in_commands_are_refused(serve, make_conn) -> None:

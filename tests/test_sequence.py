@@ -24,7 +24,7 @@ from daemon.calls.sequence import (
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
 from daemon.switch.capacity import SwitchCapacity
-from daemon.switch.esl import EslDisconnected, EslEvent, EslNotSent
+from daemon.switch.esl import EslDisconnected, EslEvent, EslLostInFlight, EslNotSent
 
 
 class ScriptedSwitch:
@@ -36,6 +36,7 @@ class ScriptedSwitch:
         self.answers: dict[str, str] = {}
         self.routes: dict[str, CallSequence] = {}
         self.fail_message_at: int | None = None
+        self.batches: list[int] = []  # the sizes of the sendmsg batches written
         self.no_turn_for_message_at: int | None = None  # that sendmsg finds no turn (EslNotSent), once
         self.no_turn_for_api = 0  # so many api commands find no turn
         self.now = 1000.0  # the capacity's clock, moved by the tests
@@ -63,17 +64,22 @@ class ScriptedSwitch:
         self.sent.append("api " + command)
         return next((v for k, v in self.answers.items() if command.startswith(k)), "+OK\n")
 
-    def send_message(self, message: str) -> Any:
-        if self.no_turn_for_message_at is not None and \
-                len([m for m in self.sent if m.startswith("sendmsg")]) == self.no_turn_for_message_at:
+    def send_messages(self, messages: list[str]) -> list[Any]:
+        """As one write: a batch holding the no-turn index is not sent at all; at ``fail_message_at`` the
+        connection drops with the messages before it answered (those from it on are not recorded)."""
+        first = len([m for m in self.sent if m.startswith("sendmsg")])
+        self.batches.append(len(messages))
+        if self.no_turn_for_message_at is not None and first <= self.no_turn_for_message_at < first + len(messages):
             self.no_turn_for_message_at = None
             raise EslNotSent("sendmsg: no turn to send within 0.5s (another command is in flight)")
-        if self.fail_message_at is not None and len([m for m in self.sent if m.startswith("sendmsg")]) == \
-                self.fail_message_at:
-            self.fail_message_at = None
-            raise EslDisconnected("closed mid-command")
-        self.sent.append(message)
-        return None
+        for index, message in enumerate(messages):
+            if first + index == self.fail_message_at:
+                self.fail_message_at = None
+                if len(messages) == 1:
+                    raise EslDisconnected("closed mid-command")
+                raise EslLostInFlight("closed mid-command", acknowledged=index)
+            self.sent.append(message)
+        return [None] * len(messages)
 
     def route(self, key: str, sequence: CallSequence) -> None:
         self.routes[key] = sequence
@@ -306,21 +312,53 @@ def apps_sent(switch: ScriptedSwitch) -> list[str]:
             for m in switch.sent if m.startswith("sendmsg")]
 
 
-def test_a_step_lost_in_flight_is_resent_and_the_rest_follows(run_call: Callable[..., Any]) -> None:
+def test_a_steps_go_in_batches_each_ending_at_a_step_that_must_arrive_once(run_call: Callable[..., Any]) -> None:
+    """One write for everything up to the first wait, then the bridge, then the wait after it: a lost
+    connection leaves at most one step that must not be queued twice in doubt."""
     sequence, switch = run_call()
-    switch.fail_message_at = 2  # the third sendmsg (the wait) is in flight when the connection drops
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
-    assert len(apps_sent(switch)) == 2
+    assert [a.split(" ")[0] for a in apps_sent(switch)] == ["multiset", "sched_hangup", "playback", "bridge",
+                                                             "playback"]
+    assert switch.batches == [3, 1, 1]
+
+
+@pytest.mark.parametrize("shows", ["the marker runs", "the wait starts", "A is on the wait at the reconnect"])
+def test_a_wait_lost_in_flight_is_never_queued_twice(run_call: Callable[..., Any], shows: str) -> None:
+    """A second copy of a wait would hold A on the dialtone after the first is broken (it is the same wait:
+    acted on once), so B would never be dialed: a wait in doubt is resolved by a marker, like the bridge."""
+    sequence, switch = run_call()
+    switch.fail_message_at = 2  # the first batch's last step (the wait) is in flight when the connection drops
+    sequence.start()
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    wait = wait_uuid(sequence.a.uuid, 0)
+    assert [step.event_uuid for step in sequence.apps.uncertain] == [wait]
     switch.answers = {f"uuid_exists {sequence.a.uuid}": "true", f"uuid_exists {sequence.b.uuid}": "false",
                       "uuid_getvar": "_undef_"}
+    if shows == "A is on the wait at the reconnect":  # as FreeSWITCH shows it: no app_uuid
+        switch.answers = {f"uuid_getvar {sequence.a.uuid} current_application": "playback",
+                          f"uuid_getvar {sequence.a.uuid} total_loops": "-1",
+                          f"uuid_getvar {sequence.a.uuid} endpoint_disposition": "ANSWER",
+                          f"uuid_getvar {sequence.a.uuid} cb_stage": "queued", **switch.answers}
     sequence.deliver(Reconnected(False))
     gevent.sleep(0)
+    assert "set cb_resume=marker" in apps_sent(switch)
+    marker = sequence.apps.marker
+    if shows == "the marker runs":
+        assert marker is not None
+        sequence.deliver(event("CHANNEL_EXECUTE", sequence.a.uuid, **{"Application-UUID": marker.event_uuid}))
+    elif shows == "the wait starts":
+        sequence.deliver(executes(sequence.a.uuid, wait))
+    gevent.sleep(0)
     apps = apps_sent(switch)
-    assert apps[2].startswith("playback tone_stream://")  # resent: harmless if it had arrived
-    assert sum(a.startswith("bridge ") for a in apps) == 1
-    assert apps[-1].startswith("playback tone_stream://") and len(apps) == 5
+    waits = [m for m in switch.sent if m.startswith("sendmsg") and f"Event-UUID: {wait}" in m]
+    assert len(waits) == (1 if shows == "the marker runs" else 0), apps  # sent again only if it never arrived
+    assert sum(a.startswith("bridge ") for a in apps) == 1 and apps[-1].startswith("playback tone_stream://")
+    assert sequence.apps.marker is None and not sequence.apps.pending
+    if shows != "the marker runs":  # A is on its wait: B is wanted (the switch has room: dialed at once)
+        assert f"api uuid_break {sequence.a.uuid}" in switch.sent
 
 
 def test_a_bridge_lost_in_flight_is_resolved_by_a_marker_never_sent_twice(run_call: Callable[..., Any]) -> None:
@@ -329,7 +367,7 @@ def test_a_bridge_lost_in_flight_is_resolved_by_a_marker_never_sent_twice(run_ca
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
-    assert sequence.apps.uncertain is sequence.apps.bridge
+    assert sequence.apps.uncertain == [sequence.apps.bridge]
     switch.answers = {f"uuid_exists {sequence.a.uuid}": "true", f"uuid_exists {sequence.b.uuid}": "false",
                       "uuid_getvar": "_undef_"}
     sequence.deliver(Reconnected(False))
@@ -616,12 +654,12 @@ def test_apps_that_find_no_turn_on_a_busy_connection_are_queued_a_moment_later(
     command timeout (EslNotSent: nothing sent). The rest of A's steps go a moment later, in order, each
     once; the call was left stuck with A answered and nothing queued, as if the connection had been lost."""
     sequence, switch = run_call()
-    switch.no_turn_for_message_at = 2  # the third sendmsg (the wait) finds no turn
+    switch.no_turn_for_message_at = 3  # the second batch (the bridge) finds no turn
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
-    assert len(apps_sent(switch)) == 2 and not sequence.connection_lost
-    switch.no_turn_for_message_at = 2  # the first retry finds no turn either
+    assert len(apps_sent(switch)) == 3 and not sequence.connection_lost
+    switch.no_turn_for_message_at = 3  # the first retry finds no turn either
     assert wait_until(lambda: len(apps_sent(switch)) == len(sequence.apps.steps))
     gevent.sleep(0.01)
     apps = apps_sent(switch)

@@ -5,7 +5,8 @@ The shape (run on a real FreeSWITCH 1.10.12, see shared/esl-traces/16*):
 1. ``bgapi originate {origination_uuid=<A>,...,hangup_after_bridge=true,continue_on_fail=true,
    instant_ringback=true,app_disable_expand_variables=true}<A> &park()``, sent once the switch has room
    for a session (:mod:`daemon.switch.capacity`).
-2. On A's CHANNEL_ANSWER, queue on A with ``sendmsg`` + ``event-lock`` (arguments in the body):
+2. On A's CHANNEL_ANSWER, queue on A with ``sendmsg`` + ``event-lock`` (arguments in the body; several
+   to one write, see :mod:`daemon.calls.appqueue`):
    ``multiset cb_stage=queued ringback=<dialtone> transfer_ringback=<dialtone>``, ``sched_hangup
    +<max> ALLOTTED_TIMEOUT`` (a dead daemon never leaves a call up forever), the prompts (``playback``),
    then *the wait*: the dialtone looped (``playback`` with ``loops: -1``), ``bridge
@@ -107,7 +108,7 @@ class Switch(Protocol):
 
     def api(self, command: str) -> str: ...  # raises EslNotSent when there is no connection
     def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str: ...
-    def send_message(self, message: str) -> Any: ...
+    def send_messages(self, messages: list[str]) -> list[Any]: ...  # in one write (EslLostInFlight: how many answered)
     def route(self, key: str, sequence: CallSequence) -> None: ...
     def unroute(self, key: str) -> None: ...
     def monotonic(self) -> float: ...  # the capacity's clock
@@ -202,7 +203,7 @@ class CallSequence:
         self.a = LegState(str(call.a_uuid), created=call.a_answered_at is not None, answered_at=call.a_answered_at)
         self.b = LegState(str(call.b_uuid), answered_at=call.bridged_at)
         self.job_uuid = str(uuidlib.uuid4())
-        self.apps = AppQueue(self._send_app)
+        self.apps = AppQueue(self._send_apps)
         self.apps_queued = False  # by this run, or (learned from A's cb_stage) by a previous one
         self.bridge_disposition = ""
         self.b_ended_at: dt.datetime | None = None  # when B's attempt ended unbridged: its ringing stops there
@@ -413,9 +414,13 @@ class CallSequence:
         last = self.attempts["b"] + 1 if upto is None else upto
         return next((n for n in range(last + 1) if app_uuid == wait_uuid(self.a.uuid, n)), None)
 
+    def _send_apps(self, steps: list[AppStep]) -> None:
+        a = self.a.uuid
+        self.switch.send_messages([fs.sendmsg_execute(a, step.app, step.arg, event_uuid=step.event_uuid, loops=step.loops)
+                                   for step in steps])
+
     def _send_app(self, step: AppStep) -> None:
-        self.switch.send_message(fs.sendmsg_execute(self.a.uuid, step.app, step.arg, event_uuid=step.event_uuid,
-                                                    loops=step.loops))
+        self._send_apps([step])
 
     # -- pacing -----------------------------------------------------------------------------------
     def _want(self, leg: str, delay: float = 0.0) -> None:
@@ -664,6 +669,8 @@ class CallSequence:
 
     def _on_execute(self, event: EslEvent) -> None:
         app_uuid = event.get("Application-UUID") or ""
+        if self.apps.waiting_for_marker:  # steps in doubt since a lost connection: this one arrived
+            self._guarded(lambda: self.apps.started(app_uuid), "queuing")
         step = self.apps.find(app_uuid)
         if step is not None and step is self.apps.marker:
             self._guarded(self.apps.marker_ran, "queuing")
@@ -682,6 +689,7 @@ class CallSequence:
     def _on_wait(self, app_uuid: str, bridges_before: int) -> None:
         """A plays a wait (each of its rounds says so: act once): before the first bridge, B is wanted;
         after a bridge, what its outcome decided."""
+        self.apps.started(app_uuid)  # a wait in doubt since a lost connection (the marker's) had arrived
         if app_uuid == self.wait_acted or self.done:
             return
         self.tail_marker = ""  # A's steps did not end short: what follows the wait is seen to at B's turn

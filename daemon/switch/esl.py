@@ -11,9 +11,11 @@ replaced here:
   are each bounded by ``connect_timeout``; every command by ``command_timeout`` (or its own
   ``timeout``). A command that times out, or whose caller is killed or timed out from outside while
   it waits, closes the connection, because a reply that comes later would answer the next command.
-* **One command in flight.** Sends are serialised by a lock; the reply to a command is the next
-  ``command/reply`` or ``api/response``. A reply arriving while nothing waits is logged and dropped,
-  so it can never shift the replies of later commands.
+* **One sender at a time.** Sends are serialised by a lock; the replies come in the order of the
+  commands (``command/reply`` or ``api/response``). A reply arriving while nothing waits is logged and
+  dropped, so it can never shift the replies of later commands. :meth:`EslConnection.send_messages`
+  writes several messages at once and reads their replies in order: FreeSWITCH reads its socket a byte
+  at a time and runs each command before reading the next (mod_event_socket's ``read_packet``).
 * **Disconnects fail fast.** On EOF, a socket error, a ``text/disconnect-notice`` (other than
   ``linger``), a ``text/rude-rejection`` or ``close()``, the reader stops, the pending command and
   every queued one raise :class:`EslDisconnected`, and ``on_disconnect`` is called exactly once.
@@ -29,6 +31,7 @@ goes on.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import time
@@ -95,6 +98,16 @@ class EslNotSent(EslDisconnected):
     flight, it is safe to send again."""
 
 
+class EslLostInFlight(EslDisconnected):
+    """The connection went while several messages sent at once awaited their replies: the first
+    ``acknowledged`` were answered; any of the rest may or may not have reached FreeSWITCH (those that
+    did form an unbroken run right after the acknowledged ones: it runs them in order)."""
+
+    def __init__(self, message: str, acknowledged: int) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+
+
 class EslTimeout(EslError):
     """Connecting or a command took longer than allowed."""
 
@@ -146,7 +159,7 @@ class EslConnection(InboundESL):
         self._sock: socket.socket | None = None
         self._framer = EslFramer()
         self._send_lock = gevent.lock.Semaphore()
-        self._pending: AsyncResult | None = None
+        self._pending: collections.deque[AsyncResult] = collections.deque()  # replies awaited, in order
         self._auth_requested = Event()
         self._reader: gevent.Greenlet | None = None
         self._used = False
@@ -261,6 +274,21 @@ class EslConnection(InboundESL):
         a body must declare it with a matching ``content-length`` header, or FreeSWITCH would read
         the body as further commands; a mismatch raises ValueError before anything is sent.
         """
+        payload, label = self._message_payload(message)
+        return self._transact(payload, timeout, label=label)
+
+    def send_messages(self, messages: list[str], timeout: float | None = None) -> list[EslEvent]:
+        """Send several pre-built messages in one write (each checked as :meth:`send_message` does) and
+        return their replies, in order: one round trip and one wake-up of the switch instead of one per
+        message. The whole batch has ``timeout``. If the connection goes before every reply is read,
+        raises :class:`EslLostInFlight` saying how many were answered (the rest may or may not have
+        arrived); :class:`EslNotSent` means none left."""
+        built = [self._message_payload(message) for message in messages]
+        return self._exchange([payload for payload, _ in built], timeout,
+                              label=f"{len(built)} x {built[0][1]}" if built else "nothing")
+
+    @staticmethod
+    def _message_payload(message: str) -> tuple[bytes, str]:
         if "\n\n" not in message:
             message += "\n" if message.endswith("\n") else "\n\n"
         head, _, body = message.partition("\n\n")
@@ -273,7 +301,7 @@ class EslConnection(InboundESL):
         body_bytes = len(body.encode())
         if body_bytes and (declared is None or not declared.isdigit() or int(declared) != body_bytes):
             raise ValueError(f"message body is {body_bytes} bytes but content-length is {declared!r}")
-        return self._transact(payload, timeout, label=head.split(" ", 1)[0].split("\n", 1)[0])
+        return payload, head.split(" ", 1)[0].split("\n", 1)[0]
 
     def send(self, data: str, timeout: float | None = None) -> EslEvent:
         """greenswitch's name for :meth:`send_message`."""
@@ -334,7 +362,7 @@ class EslConnection(InboundESL):
         """Route one framed message by its Content-Type (called in the reader greenlet)."""
         kind = message.content_type
         if kind in (COMMAND_REPLY, API_RESPONSE):
-            waiter, self._pending = self._pending, None
+            waiter = self._pending.popleft() if self._pending else None
             if waiter is None or waiter.ready():
                 log.warning(
                     "dropped a %s nobody was waiting for: %r",
@@ -394,6 +422,13 @@ class EslConnection(InboundESL):
         before_send: Callable[[], None] | None = None,
     ) -> EslEvent:
         """Send one command and wait for its reply, with the whole exchange under the send lock."""
+        return self._exchange([payload], timeout, label=label, need_auth=need_auth, before_send=before_send)[0]
+
+    def _exchange(
+        self, payloads: list[bytes], timeout: float | None, *, label: str, need_auth: bool = True,
+        before_send: Callable[[], None] | None = None,
+    ) -> list[EslEvent]:
+        """Send the commands in one write and wait for their replies, all under the send lock."""
         limit = self.command_timeout if timeout is None else timeout
         if self._reader is not None and gevent.getcurrent() is self._reader:
             # The reply could only be read by this very greenlet: it would wait out the timeout.
@@ -408,36 +443,49 @@ class EslConnection(InboundESL):
                 before_send()
                 # It may have yielded (a store commit) while the connection went: then nothing left.
                 sock = self._usable_or_not_sent(need_auth)
-            waiter: AsyncResult = AsyncResult()
-            # Registered before sending: the reply may be read before the send returns.
-            self._pending = waiter
+            waiters = [AsyncResult() for _ in payloads]
+            # Registered before sending: a reply may be read before the send returns.
+            self._pending.extend(waiters)
+            replies: list[EslEvent] = []
             timer = gevent.Timeout(limit)
             timer.start()
             try:
-                sent = sock.send(payload)  # a command fits the send buffer: one call, not sendall's three
+                payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+                sent = sock.send(payload)  # commands fit the send buffer: one call, not sendall's three
                 if sent < len(payload):
                     sock.sendall(payload[sent:])
-                self.traffic.sent += 1
-                reply: EslEvent = waiter.get()
-                return reply
+                self.traffic.sent += len(payloads)
+                for waiter in waiters:
+                    replies.append(waiter.get())
+                return replies
             except gevent.Timeout as exc:
                 if exc is not timer:
                     self._abandon(label, exc)
                     raise
-                raise self._fail(
-                    EslTimeout(f"{label}: no reply from {self.address} within {limit}s; connection closed")
-                ) from None
+                error: EslError = EslTimeout(
+                    f"{label}: no reply from {self.address} within {limit}s; connection closed")
+                raise self._lost(self._fail(error), len(payloads), len(replies)) from None
             except OSError as exc:
-                raise self._fail(EslDisconnected(f"{label}: send to {self.address} failed: {exc}")) from exc
+                error = EslDisconnected(f"{label}: send to {self.address} failed: {exc}")
+                raise self._lost(self._fail(error), len(payloads), len(replies)) from exc
+            except EslError as exc:  # the connection went while a reply was awaited
+                raise self._lost(exc, len(payloads), len(replies)) from None
             except BaseException as exc:
                 self._abandon(label, exc)
                 raise
             finally:
                 timer.close()
-                if self._pending is waiter:
-                    self._pending = None
+                # Only ours can be left (we hold the turn), and only when the connection is closing.
+                self._pending.clear()
         finally:
             self._send_lock.release()
+
+    @staticmethod
+    def _lost(error: EslError, sent: int, answered: int) -> EslError:
+        """A single command's own error; for several, how many of them were answered."""
+        if sent == 1:
+            return error
+        return EslLostInFlight(f"{error} ({answered} of {sent} commands answered)", acknowledged=answered)
 
     def _abandon(self, label: str, exc: BaseException) -> None:
         # The caller was killed or timed out from outside while its bytes may be out: the reply that
@@ -482,9 +530,10 @@ class EslConnection(InboundESL):
         if sock is not None:
             # Wakes the reader if it waits in recv() (gevent raises EBADF there).
             sock.close()
-        waiter, self._pending = self._pending, None
-        if waiter is not None and not waiter.ready():
-            waiter.set_exception(self._closed_error())
+        waiters, self._pending = self._pending, collections.deque()
+        for waiter in waiters:
+            if not waiter.ready():
+                waiter.set_exception(self._closed_error())
         self._auth_requested.set()
         if self.on_disconnect is not None:
             try:

@@ -309,6 +309,9 @@ class SwitchLink:
     def send_message(self, message: str) -> Any:
         return self._conn().send_message(message)
 
+    def send_messages(self, messages: list[str]) -> list[Any]:
+        return self._conn().send_messages(messages)
+
     def route(self, key: str, sequence: CallSequence) -> None:
         if key:
             self.routes[key] = sequence

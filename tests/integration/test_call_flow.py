@@ -59,13 +59,14 @@ def test_without_a_dialtone_a_hears_the_endpoints_ring_tone_and_never_b_early_me
 
 
 @needs_standin()
+@pytest.mark.time_scale(1.0)  # A's 3 s of prompts: time to see it answered (a commit later) and hang up during them
 def test_a_hangs_up_during_the_prompts(harness: Harness) -> None:
     call = harness.place(harness.endpoint(), "15550000403", "15550001403")
     harness.wait_status(call, "a_answered")
     fresh = Call.get_by_id(call.id)
     harness.switch.far_end_hangup(fresh.a_uuid)
     done = harness.wait_final(call)
-    assert (done.status, done.failed_leg, done.reason) == ("failed", "a", "A hung up during the prompts")
+    assert (done.status, done.failed_leg, done.reason) == ("failed", "a", "A hung up during the prompts"), harness.timeline(done)
     assert done.a_cause == "NORMAL_CLEARING"
     assert harness.switch.channel(done.b_uuid) is None  # B was never dialed
 

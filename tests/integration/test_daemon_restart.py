@@ -303,16 +303,19 @@ def test_sigterm_leaves_bridged_calls_to_freeswitch_and_the_next_start_follows_t
 
 
 def dies_before_a_step(monkeypatch: pytest.MonkeyPatch, dies: Callable[[CallSequence, AppStep], bool]) -> None:
-    """From now on a run of the daemon dies right before sending a step of A's that ``dies`` names: the process
-    is gone, nothing more of that run is sent or written."""
-    send_app = CallSequence._send_app
+    """From now on a run of the daemon dies right before sending a step of A's that ``dies`` names (the steps
+    before it in the same write are sent): the process is gone, nothing more of that run is sent or written."""
+    send_apps = CallSequence._send_apps
 
-    def send(sequence: CallSequence, step: AppStep) -> None:
-        if dies(sequence, step):
-            raise gevent.GreenletExit
-        send_app(sequence, step)
+    def send(sequence: CallSequence, steps: list[AppStep]) -> None:
+        for index, step in enumerate(steps):
+            if dies(sequence, step):
+                if index:
+                    send_apps(sequence, steps[:index])
+                raise gevent.GreenletExit
+        send_apps(sequence, steps)
 
-    monkeypatch.setattr(CallSequence, "_send_app", send)
+    monkeypatch.setattr(CallSequence, "_send_apps", send)
 
 
 def next_start_after_death(harness: Harness, call: Call) -> None:

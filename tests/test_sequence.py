@@ -474,6 +474,16 @@ def breaks(switch: ScriptedSwitch, a_uuid: str) -> list[str]:
     return [c for c in switch.sent if c.startswith(f"api uuid_break {a_uuid}")]
 
 
+def playing_wait(a_uuid: str, bridges: int, disposition: str = "DESTINATION_OUT_OF_ORDER") -> dict[str, str]:
+    """A's variables as FreeSWITCH shows them while A plays the wait after ``bridges`` bridges: a looped
+    playback, the last bridge's outcome, cb_wait from the second bridge on, and no app_uuid (FreeSWITCH
+    removes it as each queued app starts)."""
+    return {f"uuid_getvar {a_uuid} app_uuid": "_undef_", f"uuid_getvar {a_uuid} current_application": "playback",
+            f"uuid_getvar {a_uuid} total_loops": "-1",
+            f"uuid_getvar {a_uuid} originate_disposition": disposition if bridges else "_undef_",
+            f"uuid_getvar {a_uuid} cb_wait": str(bridges) if bridges >= 2 else "_undef_"}
+
+
 def the_switch_refuses_b(sequence: CallSequence) -> None:
     """The bridge on A starts and ends refused by the switch over its limits (no B channel created)."""
     bridge = sequence.apps.bridge
@@ -867,7 +877,7 @@ def test_b_dialed_at_a_reconnect_while_its_retry_waits_in_line_leaves_no_room_ta
     a = sequence.a.uuid
     switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {sequence.b.uuid}": "false",
                       f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
-                      f"uuid_getvar {a} app_uuid": wait_uuid(a, 0)}
+                      **playing_wait(a, 0)}
     sequence.deliver(Reconnected(False))
     gevent.sleep(0)
     assert len(breaks(switch, a)) == 1 and "b" not in sequence.wanted
@@ -887,7 +897,8 @@ def test_a_reconnect_finds_a_on_its_first_wait_as_freeswitch_shows_it(
         run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], bridge_ran: bool) -> None:
     """FreeSWITCH removes app_uuid as each queued app starts: after a gap A's wait is known by what A runs, a
     looped playback, and by no bridge having run on it yet; B is then dialed at once, not a round later.
-    A looped playback after a bridge ran is not taken for the first wait (B may have been dialed)."""
+    A looped playback after a bridge ran is not taken for the first wait (B may have been dialed): it is the
+    wait after a bridge that failed (busy here), and the call ends at once, B not dialed again."""
     sequence, switch = run_call()
     sequence.start()
     gevent.sleep(0)
@@ -900,11 +911,14 @@ def test_a_reconnect_finds_a_on_its_first_wait_as_freeswitch_shows_it(
                       f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
                       f"uuid_getvar {a} app_uuid": "_undef_", f"uuid_getvar {a} current_application": "playback",
                       f"uuid_getvar {a} total_loops": "-1",
-                      f"uuid_getvar {a} originate_disposition": "USER_BUSY" if bridge_ran else "_undef_"}
-    before = len(breaks(switch, a))
+                      f"uuid_getvar {a} originate_disposition": "USER_BUSY" if bridge_ran else "_undef_",
+                      f"uuid_getvar {a} cb_wait": "_undef_"}
+    before, bridges = len(breaks(switch, a)), len(bridges_to(switch, sequence.b.uuid))
     sequence.deliver(Reconnected(False))
     gevent.sleep(0.1)
-    assert (len(breaks(switch, a)) > before) == (not bridge_ran), switch.sent
+    assert len(breaks(switch, a)) > before, switch.sent
+    assert len(bridges_to(switch, sequence.b.uuid)) == bridges  # the one queued at A's answer, never again
+    assert ("hangup NORMAL_CLEARING" in apps_sent(switch)) == bridge_ran, switch.sent
 
 
 # -- a bridge to B retried after a refusal, then a restart or a reconnection ------------------------------
@@ -968,8 +982,7 @@ def test_a_retry_bridge_that_ended_unheard_is_not_dialed_again_after_a_reconnect
     switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
                       f"uuid_getvar {a} endpoint_disposition": "ANSWER",
                       f"uuid_getvar {a} cb_stage": "queued",
-                      f"uuid_getvar {a} app_uuid": wait_uuid(a, 2),
-                      f"uuid_getvar {a} originate_disposition": "USER_BUSY",
+                      **playing_wait(a, 2, "USER_BUSY"),
                       f"uuid_getvar {a} originated_legs": f"{b};Outbound Call;15550000002",
                       f"uuid_getvar {a}": "_undef_"}
     sequence.deliver(Reconnected(False))
@@ -995,8 +1008,7 @@ def adopted_on_wait_1(run_call: Callable[..., tuple[CallSequence, ScriptedSwitch
     switch.sent.clear()
     switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
                       f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
-                      f"uuid_getvar {a} app_uuid": wait_uuid(a, 1), f"uuid_getvar {a} cb_requeued": note,
-                      f"uuid_getvar {a} originate_disposition": "DESTINATION_OUT_OF_ORDER",
+                      **playing_wait(a, 1), f"uuid_getvar {a} cb_requeued": note,
                       f"uuid_getvar {a}": "_undef_"}
     sequence = adopted(Call.get_by_id(first.call.id), first, switch)
     switch.now += 5
@@ -1022,3 +1034,38 @@ def test_an_adopted_call_whose_retry_bridge_may_be_queued_flushes_it_and_queues_
     assert breaks(switch, a) == [flush], switch.sent
     assert len(bridges_to(switch, b)) == 1 and switch.sent.index(flush) < next(
         i for i, m in enumerate(switch.sent) if m.startswith("sendmsg") and b in m)
+
+
+@pytest.mark.parametrize("refused", [1, 2])
+def test_an_adopted_call_on_the_wait_after_a_refused_bridge_dials_b_again_at_once(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], refused: int) -> None:
+    """Bridges to B refused by the switch over its limits (nothing created), the last one's refusal heard or
+    not; the daemon dies with A on the wait after it. The next start finds A as FreeSWITCH shows it (no
+    app_uuid; which wait, from originate_disposition and cb_wait) and, once B has room, drops A's queue with
+    the wait and queues the bridge and the next wait (its cb_wait first) once. It used to take the refusal
+    for B's failure: A got the busy notice and was hung up, B never tried again."""
+    first, switch = run_call()
+    a, b = first.a.uuid, first.b.uuid
+    if refused == 1:
+        answered_and_waiting(first, switch)
+        the_switch_refuses_b(first)
+    else:
+        assert len(b_refused_then_retried(first, switch)) == 2
+        the_switch_refuses_b(first)  # bridge 2 too
+        assert apps_sent(switch)[-2:] == ["set cb_wait=2", apps_sent(switch)[-1]]  # before wait 2
+    gevent.sleep(0)
+    first.greenlet.kill()  # the process dies with A on the wait after the refused bridge
+    switch.sent.clear()
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+                      **playing_wait(a, refused), f"uuid_getvar {a}": "_undef_"}
+    sequence = adopted(Call.get_by_id(first.call.id), first, switch)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0.05)
+    assert not sequence.done and sequence.after_bridge == ""
+    assert breaks(switch, a) == [f"api uuid_break {a} all"], switch.sent
+    apps = apps_sent(switch)
+    assert len(bridges_to(switch, b)) == 1 and "hangup NORMAL_CLEARING" not in apps, apps
+    assert apps[1:] == [f"set cb_wait={refused + 1}", apps[-1]] and apps[-1].startswith("playback "), apps
+    assert sequence.attempts["b"] == refused + 1

@@ -31,7 +31,12 @@ hears the dialtone throughout; a real failure costs the notice, the hangup and a
 before this shape (a bridged call sends four commands fewer, a failed B one fewer): the variables of
 the bridge went into A's originate and the others into one ``multiset``. The price:
 a daemon that dies while A waits leaves A on the dialtone until it is back (the next start adopts the
-call and finishes it) or until ``sched_hangup``. The next start cannot see what A holds queued (the run
+call and finishes it) or until ``sched_hangup``. The next start, or a reconnection, knows A's wait at once
+from what FreeSWITCH keeps on A (it removes ``app_uuid`` as each app starts): a looped ``playback`` (only
+the waits loop); no bridge ran yet (``originate_disposition`` unset): the first wait; else the wait after
+the last bridge, numbered by the ``set cb_wait=<n>`` queued before it from the second bridge on (unset:
+after the first). A wait after a refused bridge (B in no ``originated_legs``) has B tried again as above,
+never B's failure. The next start cannot see what A holds queued (the run
 may have died between two ``sendmsg``): at A's wait it drops A's queue with the wait (``uuid_break all``)
 and queues the bridge and the wait after it anew; before A's first wait, a marker queued behind A's steps
 tells whether they end short (it runs first), and then the waits and the bridge are queued. The waits are unbounded because the stand-in runs
@@ -89,9 +94,12 @@ RETRY_FIRST, RETRY_CAP = 0.25, 2.0
 # under half a second): the endpoint's ring tone is.
 SHORTEST_LOOP = 1.0
 # The wait's event UUIDs are derived from A's, so a daemon that adopts the call after a restart knows
-# which wait A is playing (its ``app_uuid``).
+# each wait's events (their ``Application-UUID``).
 WAIT_NAMESPACE = uuidlib.UUID("6f1d9c55-2b7e-4f0c-9a51-4e4d1b7c3a20")
 MAX_WAITS = 64  # bridge attempts looked for when adopting a call
+# A's channel variable that says which wait A plays after a bridge sent again (a ``set`` queued right before
+# that wait): FreeSWITCH keeps channel variables, not the Application-UUID of what A runs.
+WAIT_VAR = "cb_wait"
 
 
 @functools.lru_cache(maxsize=4096)  # looked up at every app event of a call waiting for B
@@ -514,7 +522,15 @@ class CallSequence:
         """Queue on A the bridge for attempt ``attempt + 1`` and the wait after it."""
         self.requeued = attempt
         bridge = self._bridge()
-        self.apps.extend([bridge, self._wait(attempt + 1)], bridge=bridge)
+        self.apps.extend([bridge, *self._wait_after(attempt + 1)], bridge=bridge)
+
+    def _wait_after(self, bridges: int) -> list[AppStep]:
+        """The wait after ``bridges`` bridges, as queued after a bridge: from the second bridge on, A's
+        ``cb_wait`` set to its number first, so that a look after a gap knows which wait A plays
+        (:meth:`_wait_playing`). The first two need none (no bridge ran on A yet; one did and ``cb_wait``
+        is unset), so a call whose B is not refused sends nothing more for it."""
+        wait = self._wait(bridges)
+        return [AppStep("set", fs.set_arg(WAIT_VAR, str(bridges))), wait] if bridges >= 2 else [wait]
 
     def _queue_tail(self) -> None:
         """The marker an adopted call queued behind A's steps ran before any wait: A's steps ended short (the
@@ -522,7 +538,7 @@ class CallSequence:
         start acts on the bridge's outcome); before any, the maximum duration (again: the earlier one, if
         it arrived, still ends the call first), the wait, the bridge and the wait after it."""
         if self.after_bridge:
-            self.apps.extend([self._wait(max(1, self.attempts["b"]))])
+            self.apps.extend(self._wait_after(max(1, self.attempts["b"])))
             return
         bridge = self._bridge()
         self.apps.start([self._max_duration(), self._wait(0), bridge, self._wait(1)], bridge=bridge)
@@ -967,23 +983,20 @@ class CallSequence:
         self.tail_marker = marker.event_uuid
 
     def _resume_wait(self) -> bool:
-        """After a gap: if A plays a wait, act on it as if its start had just been heard. True if it does.
+        """After a gap (a reconnection, or a start that adopted the call): if A plays a wait, act on it as if
+        its start had just been heard, at once. True if it does.
 
-        A's ``app_uuid`` names the queued application it runs now (or ran last); the waits' are derived
-        from A's UUID, so an adopted call finds them too. A wait after a bridge whose end went unheard is
-        retried only when the bridge was refused and B provably never existed (it is in no
-        ``originated_legs`` of A's): else the call ends.
-
-        FreeSWITCH 1.10 removes ``app_uuid`` as each queued app starts (switch_core_session_exec; no event
-        of traces 13 and 16 carries it): there, the wait before the first bridge is known by what A runs
-        (:meth:`_on_first_wait`); a later wait is known when its next round starts (its CHANNEL_EXECUTE).
+        Which wait A plays is read from what FreeSWITCH keeps on A (:meth:`_wait_playing`), not from
+        ``app_uuid``: FreeSWITCH 1.10 removes that as each queued app starts (switch_core_session_exec; no
+        event of traces 13 and 16 carries it). A wait after a bridge whose end went unheard is retried when
+        the bridge was refused over the switch's limits and B provably never existed (it is in no
+        ``originated_legs`` of A's): B is wanted again (an adopted call then drops A's queue with the wait
+        and queues the bridge anew, :meth:`_flush_and_requeue`); after any other outcome the call ends.
         """
-        current = self._getvar(self.a.uuid, "app_uuid")
-        waits = self._wait_index(current, upto=MAX_WAITS if self.adopted else None)
-        if waits is None and self._on_first_wait():
-            current, waits = wait_uuid(self.a.uuid, 0), 0
+        waits = self._wait_playing()
         if waits is None:
             return False
+        current = wait_uuid(self.a.uuid, waits)  # its next rounds' CHANNEL_EXECUTE carry it: acted on once
         if waits < self.attempts["b"]:
             return True  # its next bridge is sent already: A is on its way there
         self.attempts["b"] = max(self.attempts["b"], waits)
@@ -1002,13 +1015,20 @@ class CallSequence:
         self._on_wait(current, waits)
         return True
 
-    def _on_first_wait(self) -> bool:
-        """A plays a looped playback (only the waits loop: ``total_loops`` -1) and no bridge ran on it yet
-        (``originate_disposition``, set on A when a bridge ends, is unset): it is on the wait before the
-        first bridge."""
+    def _wait_playing(self) -> int | None:
+        """Which wait A plays now (how many bridges came before it), or None when it plays none.
+
+        Only the waits loop: A runs ``playback`` with ``total_loops`` -1 (set by switch_ivr_parse_event for
+        each round of a queued application). No bridge ran on A yet (``originate_disposition``, set on A
+        when a bridge starts and ends, is unset): the wait before the first bridge. Else the ``cb_wait``
+        set right before it (:meth:`_wait_after`), or, unset, the wait after the first bridge."""
         a = self.a.uuid
-        return (self._getvar(a, "current_application") == "playback" and self._getvar(a, "total_loops") == "-1"
-                and not self._getvar(a, "originate_disposition"))
+        if self._getvar(a, "current_application") != "playback" or self._getvar(a, "total_loops") != "-1":
+            return None
+        if not self._getvar(a, "originate_disposition"):
+            return 0
+        index = self._getvar(a, WAIT_VAR)
+        return int(index) if index.isdigit() else 1
 
     def _check_alive(self) -> None:
         """Nothing heard for a while: make sure A still exists, or end the call with what we know."""

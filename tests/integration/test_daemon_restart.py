@@ -24,9 +24,10 @@ import pytest
 
 from daemon.calls.appqueue import AppStep
 from daemon.calls.records import add_event
-from daemon.calls.sequence import CallSequence, wait_uuid
+from daemon.calls.sequence import FAILURE_NOTICE, CallSequence, wait_uuid
 from daemon.store import Call, CallEvent, CallStatus, utcnow
 from tests.integration.conftest import Harness, needs_standin, wait_for
+from tests.integration.test_switch_limits import set_sps
 from tests.robustness.helpers import audit_calls
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -453,3 +454,37 @@ def test_a_run_that_died_before_queueing_the_maximum_duration_leaves_it_for_the_
     next_start_after_death(harness, call)
     final = harness.wait_final(call)
     assert (final.status, final.a_cause) == ("completed", "ALLOTTED_TIMEOUT"), (final.reason, harness.timeline(call))
+
+
+@needs_standin()  # lowers the switch's limit; the run dies (its greenlet) with A on the wait after a refusal
+@pytest.mark.time_scale(0.5)  # the prompts last 1.5 s: time for the switch to tick to the lowered limit
+def test_a_start_finds_a_on_the_wait_after_a_refused_bridge_and_dials_b_again_once(
+        make_harness: Callable[..., Harness]) -> None:
+    """The switch refused B's session (DESTINATION_OUT_OF_ORDER, nothing created) and A plays the wait queued
+    after that bridge when the daemon dies. The next start, with room on the switch, must know that wait at
+    once from what FreeSWITCH keeps on A (app_uuid is gone) and dial B again: the call completes, B created
+    once. It used to take the refusal for B's failure: A heard the busy notice and was hung up. (A wait after
+    a later bridge, known by A's cb_wait: tests/test_sequence.py.)"""
+    harness = make_harness(switch_status_interval=60.0)  # it learns the lowered limit from the refusal
+    call = harness.place(harness.endpoint(), "15550000821", "15550006821")
+    harness.wait_status(call, "a_answered")
+    set_sps(harness, 1)  # the switch admits nothing now: B is refused
+    fresh = Call.get_by_id(call.id)
+    a_uuid, b_uuid = str(fresh.a_uuid), str(fresh.b_uuid)
+    a_leg = harness.switch.channel(a_uuid)
+    assert a_leg is not None
+    assert wait_for(lambda: harness.switch.refusals(b_uuid) >= 1
+                    and a_leg.var("current_application") == "playback" and a_leg.var("total_loops") == "-1"
+                    and a_leg.var("originate_disposition") == "DESTINATION_OUT_OF_ORDER", 20), harness.timeline(call)
+    engine = harness.service.engine
+    sequence = engine.active[call.id]
+    assert sequence.greenlet is not None
+    sequence.greenlet.kill()  # the process dies: nothing more of this run is sent or written
+    harness.service.records.flush()
+    assert wait_for(lambda: engine.in_flight() == 0, 10)
+    set_sps(harness, 30)  # room again by the next start
+    assert engine.adopt_in_flight() == 1
+    final = harness.wait_final(call, 60)
+    assert (final.status, final.reason) == ("completed", ""), harness.timeline(call)
+    assert harness.switch.creations(b_uuid) == 1
+    assert not [s for s in harness.switch.heard(a_uuid) if s["source"] == FAILURE_NOTICE], harness.switch.heard(a_uuid)

@@ -19,7 +19,7 @@ from typing import Any
 import gevent
 import pytest
 
-from daemon.calls.sequence import REFUSED
+from daemon.calls.sequence import FAILURE_NOTICE, REFUSED
 from daemon.store import Call, CallEvent
 from daemon.switch.esl import EslConnection
 from tests.integration.conftest import Harness, needs_standin, wait_for
@@ -207,3 +207,33 @@ def test_a_hanging_up_while_b_waits_for_room_is_not_said_to_hang_up_during_the_p
     assert "prompt_finished" in harness.timeline(done) and harness.switch.channel(str(done.b_uuid)) is None
     assert (done.status, done.failed_leg, done.a_cause, done.reason) == \
         ("failed", "a", "NORMAL_CLEARING", "A hung up before B was dialed"), harness.timeline(done)
+
+
+@needs_standin()  # lowers the switch's limit and drops the Event Socket connection
+@pytest.mark.time_scale(0.5)  # the prompts last 1.5 s: time for the switch to tick to the lowered limit
+def test_b_refused_then_a_reconnection_while_a_waits_dials_b_again_never_twice(
+        make_harness: Callable[..., Harness]) -> None:
+    """The switch refused B's session and A plays the wait after that bridge when the connection drops. On
+    reconnecting, A's wait must be known at once from what FreeSWITCH keeps on A, and B dialed again once
+    there is room: the call completes, B created once. The refusal used to be taken for B's failure then."""
+    harness = make_harness(switch_status_interval=60.0)  # it learns the lowered limit from the refusal
+    call = harness.place(harness.endpoint(), "15550000427", "15550006427")
+    harness.wait_status(call, "a_answered")
+    set_sps(harness, 1)  # the switch admits nothing now: B is refused
+    assert wait_for(lambda: any(s["leg"] == "b" for s in steps(call, "throttled")), 20), harness.timeline(call)
+    fresh = Call.get_by_id(call.id)
+    a_uuid, b_uuid = str(fresh.a_uuid), str(fresh.b_uuid)
+    a_leg = harness.switch.channel(a_uuid)
+    assert a_leg is not None
+    assert wait_for(lambda: a_leg.var("current_application") == "playback" and a_leg.var("total_loops") == "-1"
+                    and a_leg.var("originate_disposition") == "DESTINATION_OUT_OF_ORDER", 20), harness.timeline(call)
+    link = harness.service.engine.links[0]
+    before = link.conn
+    harness.switch.drop_connections()
+    assert wait_for(lambda: link.ready and link.conn is not before, 20), "the daemon did not reconnect"
+    assert wait_for(lambda: "reconciled" in harness.timeline(call), 20), harness.timeline(call)
+    set_sps(harness, 30)
+    done = harness.wait_final(call, 60)
+    assert (done.status, done.reason) == ("completed", ""), harness.timeline(done)
+    assert harness.switch.creations(b_uuid) == 1
+    assert not [s for s in harness.switch.heard(a_uuid) if s["source"] == FAILURE_NOTICE], harness.switch.heard(a_uuid)

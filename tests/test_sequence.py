@@ -1069,3 +1069,34 @@ def test_an_adopted_call_on_the_wait_after_a_refused_bridge_dials_b_again_at_onc
     assert len(bridges_to(switch, b)) == 1 and "hangup NORMAL_CLEARING" not in apps, apps
     assert apps[1:] == [f"set cb_wait={refused + 1}", apps[-1]] and apps[-1].startswith("playback "), apps
     assert sequence.attempts["b"] == refused + 1
+
+
+def test_an_adopted_call_parked_after_a_refused_bridge_queues_the_wait_and_dials_b_again(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """The switch refused the bridge's B and the run died before the wait after it was queued: the next
+    start finds A on no wait (FreeSWITCH leaves current_application at bridge), the bridge refused, B never
+    created. The marker queued behind A's steps runs, the wait is queued and, at its start, B is dialed
+    again once; the refusal used to be taken for B's failure (busy notice, hangup)."""
+    first, switch = run_call()
+    a, b = first.a.uuid, first.b.uuid
+    answered_and_waiting(first, switch)
+    first.greenlet.kill()  # died as the bridge was refused (unheard), before its wait was queued
+    switch.sent.clear()
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a} current_application": "bridge",
+                      f"uuid_getvar {a} originate_disposition": "DESTINATION_OUT_OF_ORDER",
+                      f"uuid_getvar {a}": "_undef_"}
+    sequence = adopted(Call.get_by_id(first.call.id), first, switch)
+    assert not sequence.done and sequence.after_bridge == "retry" and sequence.tail_marker
+    sequence.deliver(executes(a, sequence.tail_marker, "set"))  # A's queue ended short: the wait is queued
+    gevent.sleep(0)
+    wait = apps_sent(switch)[-1]
+    assert wait.startswith("playback ") and "hangup NORMAL_CLEARING" not in apps_sent(switch), apps_sent(switch)
+    sequence.deliver(executes(a, wait_uuid(a, 1)))
+    gevent.sleep(0)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0.05)
+    assert breaks(switch, a) == [f"api uuid_break {a} all"], switch.sent
+    assert len(bridges_to(switch, b)) == 1 and "hangup NORMAL_CLEARING" not in apps_sent(switch)

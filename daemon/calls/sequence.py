@@ -949,6 +949,15 @@ class CallSequence:
             # FreeSWITCH sets "failure" when a bridge starts and the real outcome when it ends.
             if disposition == "failure" and not self.b.created:
                 self._b_dialing()  # the bridge is dialing B right now
+            elif disposition == REFUSED_CAUSE and not self.b.created and self.status != CallStatus.BRIDGED \
+                    and self.b.uuid not in self._getvar(self.a.uuid, "originated_legs"):
+                # The switch refused the bridge's B (nothing dialed) and A, not on a wait yet, goes to the one
+                # after it (or has none queued: the marker tells): that wait's start dials B again.
+                if not self.after_bridge and not self.refusal_on_a:  # (else known, or the one before's)
+                    self.records.step(self.call, "bridge_ended", disposition=disposition, source="A's variables")
+                    self._refused_unheard(max(1, self.attempts["b"]))
+                if self.apps.bridge is None and not self.tail_marker:
+                    self._mark_tail()  # a previous run's bridge: the wait after it may not be queued
             elif disposition and disposition not in ("SUCCESS", "failure") and self.status != CallStatus.BRIDGED:
                 # The bridge failed unheard; A's queued notice and hangup follow.
                 self.bridge_disposition = disposition
@@ -1004,16 +1013,22 @@ class CallSequence:
             disposition = self._getvar(self.a.uuid, "originate_disposition")
             self.records.step(self.call, "bridge_ended", disposition=disposition, source="A's variables")
             never_created = self.b.uuid not in self._getvar(self.a.uuid, "originated_legs")
-            self.deadline.setdefault("b", self.switch.monotonic() + self.options.originate_timeout)
             if disposition == REFUSED_CAUSE and never_created and not self.b.created:
-                self.after_bridge = "retry" if self._refused("b", waits) is not None else "end"
-                self.refusal_on_a = self.after_bridge == "retry"
+                self._refused_unheard(waits)
             else:
                 self.bridge_disposition = disposition or "failure"
                 self.after_bridge = "end"
         self.wait_acted = ""
         self._on_wait(current, waits)
         return True
+
+    def _refused_unheard(self, attempt: int) -> None:
+        """Bridge ``attempt`` was refused over the switch's limits while we could not hear it (B in no
+        ``originated_legs`` of A's): B is tried again at A's wait, or, past ``originate_timeout``, the call
+        ends for it (:meth:`_refused`). Never B's failure."""
+        self.deadline.setdefault("b", self.switch.monotonic() + self.options.originate_timeout)
+        self.after_bridge = "retry" if self._refused("b", attempt) is not None else "end"
+        self.refusal_on_a = self.after_bridge == "retry"
 
     def _wait_playing(self) -> int | None:
         """Which wait A plays now (how many bridges came before it), or None when it plays none.

@@ -32,6 +32,7 @@ import contextlib
 import datetime as dt
 import enum
 import json
+import logging
 import os
 import re
 import secrets
@@ -39,6 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import peewee
 from gevent import monkey
 from peewee import (
     AutoField,
@@ -471,6 +473,30 @@ def precompiled(key: str, build: Callable[[str], str]) -> str:
     return sql
 
 
+_peewee_log = logging.getLogger("peewee")
+_db_errors = peewee.__exception_wrapper__  # type: ignore[attr-defined]  # sqlite3's errors as peewee's, as execute_sql raises them
+
+
+def execute(sql: str, params: Sequence[Any] = ()) -> Any:
+    """``database.execute_sql(sql, params)`` for the statements every call makes: on SQLite straight on
+    this thread's open connection (the same cursor, and the same peewee errors), skipping peewee's cursor
+    plumbing, which cost about as much again as SQLite takes to run a short write; elsewhere (PostgreSQL's
+    lent connections, a closed connection, peewee's statement log or query hooks on) through peewee."""
+    db = database.obj
+    if isinstance(db, SqliteDatabase) and not db.query_hooks and not _peewee_log.isEnabledFor(logging.DEBUG):
+        conn = db._state.conn  # type: ignore[attr-defined]  # this thread's (ThreadConnections)
+        if conn is not None:
+            with _db_errors:
+                return conn.execute(sql, params)
+    return db.execute_sql(sql, params)
+
+
+def sqlite_time(value: Any) -> Any:
+    """A datetime as SQLite's driver stores it (``isoformat(" ")``, what its default adapter makes), done
+    here in one step; anything else as it is."""
+    return value.isoformat(" ") if type(value) is dt.datetime else value
+
+
 def insert_row(row: BaseModel) -> None:
     """Insert a new model instance as ``row.save()`` would (its fields and their defaults), through one
     precompiled statement per set of columns; sets ``row.id``."""
@@ -486,7 +512,7 @@ def insert_row(row: BaseModel) -> None:
         return sql + (' RETURNING "id"' if returning else "")
 
     sql = precompiled(f"insert:{meta.table_name}:{','.join(names)}", build)
-    cursor = database.execute_sql(sql, [fields[name].db_value(value) for name, value in data.items()])
+    cursor = execute(sql, [fields[name].db_value(value) for name, value in data.items()])
     row.id = cursor.fetchone()[0] if returning else cursor.lastrowid
     row._dirty.clear()  # type: ignore[attr-defined]  # as save() leaves it
 
@@ -498,7 +524,7 @@ def select_rows(model: type[M], sql: str, params: Sequence[Any] = ()) -> list[M]
     """The rows of ``sql`` (a ``SELECT *`` of ``model``'s table) as model instances, built directly from
     each column's field: peewee's row wrappers took longer to build an endpoint than SQLite to find it.
     Columns the model does not know (a newer schema's, after a downgrade) are left out."""
-    cursor = database.execute_sql(sql, params)
+    cursor = execute(sql, params)
     columns = tuple(description[0] for description in cursor.description)
     readers = _row_readers.get((model, columns))
     if readers is None:

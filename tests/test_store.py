@@ -20,12 +20,13 @@ from playhouse.migrate import migrate as run_migration
 
 from daemon import store
 from daemon.accounts.endpoints import authenticate
-from daemon.calls.records import CallRecords, add_event
+from daemon.calls.records import CallRecords, add_event, append_event, update_call
 from daemon.config import Settings
 from daemon.postgres import GreenPostgresqlDatabase, ReadRows
 from daemon.store import (
     Call,
     CallEvent,
+    CallStatus,
     Endpoint,
     Heartbeat,
     SchemaVersion,
@@ -161,6 +162,35 @@ def test_precompiled_insert_and_rows_read_back_as_peewee_writes_and_reads_them(m
     ours.status = "queued"
     ours.save()  # an instance read this way saves its changes like any other
     assert Call.get_by_id(fresh.id).status == "queued"
+
+
+def test_the_hot_writes_store_exactly_what_peewee_stores(db: Database, make_endpoint: Any) -> None:
+    """update_call and append_event (straight on SQLite's connection, through peewee on PostgreSQL) leave
+    the same column values, as stored, as peewee's own update and create; a store error is peewee's."""
+    endpoint, _ = make_endpoint()
+    at = dt.datetime(2026, 12, 31, 23, 59, 59, 123456)
+    ours, theirs = a_call(endpoint, "h" * 28, status="bridged"), a_call(endpoint, "i" * 28, status="bridged")
+    row = {"status": "completed", "ended_at": at, "reason": "", "talk_seconds": 2.5, "recording_bytes": 10,
+           "a_cause": "NORMAL_CLEARING", "lease_until": dt.datetime(2027, 1, 1), "switch": None}
+    assert update_call(ours.id, row, if_status=(CallStatus.BRIDGED,)) == 1
+    assert update_call(ours.id, row, if_status=(CallStatus.BRIDGED,)) == 0  # no longer bridged
+    Call.update(**row).where(Call.id == theirs.id).execute()
+    append_event(ours.id, "ended", at=at, cause="NORMAL_CLEARING", leg="", none=None)
+    append_event(ours.id, "noted", at=at)
+    add_event(theirs.id, "ended", at=at, cause="NORMAL_CLEARING")
+    add_event(theirs.id, "noted", at=at)
+    stored = [tuple(r) for r in db.execute_sql(
+        f'SELECT CAST("ended_at" AS TEXT), CAST("lease_until" AS TEXT), "status", "reason", "talk_seconds", '
+        f'"recording_bytes", "a_cause", "switch" FROM "call" WHERE "id" IN ({db.param}, {db.param}) ORDER BY "id"',
+        (ours.id, theirs.id)).fetchall()]
+    assert stored[0] == stored[1]
+    events = [tuple(r) for r in db.execute_sql(
+        f'SELECT "call_id" = {db.param}, CAST("at" AS TEXT), "kind", "detail" FROM "callevent" ORDER BY "id"',
+        (ours.id,)).fetchall()]
+    assert [e[1:] for e in events if e[0]] == [e[1:] for e in events if not e[0]]
+    assert events[0][3] == '{"cause": "NORMAL_CLEARING"}' and events[1][3] == ""
+    with pytest.raises(IntegrityError):  # the call's row must exist (foreign key): peewee's error, as before
+        append_event(10**9, "noted", at=at)
 
 
 def test_rows_read_directly_leave_out_a_newer_schemas_columns(db: Database, make_endpoint: Any) -> None:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from peewee import EXCLUDED, Expression, IntegrityError, OperationalError, Tuple, fn
+from peewee import EXCLUDED, DateTimeField, Expression, IntegrityError, OperationalError, Tuple, fn
 
 from daemon.calls.view import iso
 from daemon.ops.logs import log_event
@@ -59,11 +59,13 @@ from daemon.store import (
     Endpoint,
     Heartbeat,
     database,
+    execute,
     insert_row,
     is_shared,
     new_callid,
     precompiled,
     select_rows,
+    sqlite_time,
     utcnow,
 )
 from daemon.writer import current as writer
@@ -95,14 +97,54 @@ def add_event(call: Call | int, kind: str, at: dt.datetime | None = None, **deta
 
 def _clean_detail(detail: dict[str, Any]) -> str:
     """A step's details as stored: JSON with sorted keys, empty ones left out; "" when none is left."""
-    clean = {k: v for k, v in detail.items() if v not in (None, "")}
+    if not detail:
+        return ""
+    clean = {k: v for k, v in detail.items() if v is not None and v != ""}
     return json.dumps(clean, sort_keys=True) if clean else ""
 
 
 def append_event(call_id: int, kind: str, at: dt.datetime, **detail: Any) -> None:
     """:func:`add_event` as the daemon writes its steps: one precompiled insert, no model built."""
-    sql = precompiled("event", lambda p: f'INSERT INTO "callevent" ("call_id", "at", "kind", "detail") VALUES ({p}, {p}, {p}, {p})')
-    database.execute_sql(sql, (call_id, at, kind, _clean_detail(detail)))
+    param = database.param
+    sql = _EVENT_SQL.get(param)
+    if sql is None:
+        sql = _EVENT_SQL[param] = f'INSERT INTO "callevent" ("call_id", "at", "kind", "detail") VALUES ({param}, {param}, {param}, {param})'
+    execute(sql, (call_id, sqlite_time(at) if param == "?" else at, kind, _clean_detail(detail) if detail else ""))
+
+
+_EVENT_SQL: dict[str, str] = {}
+
+
+class _Update(NamedTuple):
+    """A precompiled ``update_call``: its statement and how each of its values is stored."""
+
+    sql: str
+    convert: tuple[Callable[[Any], Any], ...]  # per column of the row, in order
+    statuses: tuple[str, ...]  # the values of ``if_status``
+
+
+# (columns, if_status, owned, placeholder) -> its plan: built once, as precompiled() does for statements.
+_updates: dict[tuple[tuple[str, ...], tuple[CallStatus, ...], bool, str], _Update] = {}
+
+
+def _update_plan(names: tuple[str, ...], if_status: tuple[CallStatus, ...], owned: bool, param: str) -> _Update:
+    fields = Call._meta.fields  # type: ignore[attr-defined]  # peewee's model metadata
+
+    def build(p: str) -> str:
+        columns = ", ".join(f'"{fields[name].column_name}" = {p}' for name in names)
+        condition = f' AND "status" IN ({", ".join([p] * len(if_status))})' if if_status else ""
+        condition += f' AND "owner" = {p}' if owned else ""
+        return f'UPDATE "call" SET {columns} WHERE "id" = {p}{condition}'
+
+    def converter(field: Any) -> Callable[[Any], Any]:
+        # SQLite: a datetime stored as its driver's adapter would, in one step (db_value leaves it as it is).
+        db_value: Callable[[Any], Any] = field.db_value
+        if param == "?" and isinstance(field, DateTimeField):
+            return lambda value: value.isoformat(" ") if type(value) is dt.datetime else db_value(value)
+        return db_value
+
+    sql = precompiled(f"update:{','.join(names)}:{len(if_status)}:{owned}", build)
+    return _Update(sql, tuple(converter(fields[name]) for name in names), tuple(s.value for s in if_status))
 
 
 def update_call(call_id: int, row: dict[str, Any], *, if_status: tuple[CallStatus, ...] = (),
@@ -111,18 +153,16 @@ def update_call(call_id: int, row: dict[str, Any], *, if_status: tuple[CallStatu
     ``if_status`` when given (a claim) and only while ``owned_by`` owns it when given; returns the rows
     changed."""
     names = tuple(row)
-    fields = Call._meta.fields  # type: ignore[attr-defined]  # peewee's model metadata
-
-    def build(p: str) -> str:
-        columns = ", ".join(f'"{fields[name].column_name}" = {p}' for name in names)
-        condition = f' AND "status" IN ({", ".join([p] * len(if_status))})' if if_status else ""
-        condition += f' AND "owner" = {p}' if owned_by is not None else ""
-        return f'UPDATE "call" SET {columns} WHERE "id" = {p}{condition}'
-
-    sql = precompiled(f"update:{','.join(names)}:{len(if_status)}:{owned_by is not None}", build)
-    params = [fields[name].db_value(value) for name, value in row.items()]
-    owner = () if owned_by is None else (owned_by,)
-    return int(database.execute_sql(sql, (*params, call_id, *(s.value for s in if_status), *owner)).rowcount)
+    key = (names, if_status, owned_by is not None, database.param)
+    plan = _updates.get(key)
+    if plan is None:
+        plan = _updates[key] = _update_plan(*key)
+    params = [convert(value) for convert, value in zip(plan.convert, row.values(), strict=True)]
+    params.append(call_id)
+    params += plan.statuses
+    if owned_by is not None:
+        params.append(owned_by)
+    return int(execute(plan.sql, params).rowcount)
 
 
 def _status_in(statuses: Iterable[CallStatus]) -> Expression:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -39,6 +40,8 @@ API_RESPONSE = "api/response"
 AUTH_REQUEST = "auth/request"
 DISCONNECT_NOTICE = "text/disconnect-notice"
 RUDE_REJECTION = "text/rude-rejection"
+
+_BLANK_LINE = re.compile(b"\n\n")
 
 #: Content types delivered to event handlers.
 EVENT_CONTENT_TYPES = frozenset({EVENT_PLAIN, EVENT_JSON, EVENT_XML, LOG_DATA})
@@ -63,10 +66,16 @@ def _text(raw: bytes) -> str:
 
 
 def _parse_header_block(block: bytes, *, url_decoded: bool) -> dict[str, str]:
+    return _parse_header_text(block.decode("utf-8", errors="replace"), url_decoded=url_decoded)
+
+
+def _parse_header_text(text: str, *, url_decoded: bool) -> dict[str, str]:
     # One pass over str lines: this runs for every header of every event (a channel event carries
-    # ~150), so it avoids a call per line. Values are split off at the first ": " BEFORE any decoding.
+    # ~150), so it avoids a call per line. Values are split off at the first ": " BEFORE any
+    # URL-decoding. (A line break is never part of a UTF-8 sequence: decoding the block as a whole
+    # gives what decoding each line would.)
     headers: dict[str, str] = {}
-    for line in block.decode("utf-8", errors="replace").split("\n"):
+    for line in text.split("\n"):
         name, sep, value = line.partition(": ")
         if not sep:
             # FreeSWITCH writes bare LF; a raw CR inside a value would have been encoded as %0D.
@@ -100,11 +109,13 @@ class EventHeaders(Mapping[str, str]):
     :func:`parse_event_headers` does, and a lookup finds what that parse would: the value after the
     first ``": "`` of the last line named so (a line without ``": "`` but ending in ``:`` is empty)."""
 
-    __slots__ = ("_all", "_block", "_found", "_raw")
+    __slots__ = ("_all", "_block", "_found")
 
-    def __init__(self, block: bytes) -> None:
-        self._raw = block
-        self._block = "\n" + block.decode("utf-8", errors="replace")  # every line starts after a "\n"
+    def __init__(self, block: bytes | str) -> None:
+        """``block``: the raw header block, or its text already decoded (UTF-8, invalid bytes replaced)."""
+        if not isinstance(block, str):
+            block = block.decode("utf-8", errors="replace")
+        self._block = "\n" + block  # every line starts after a "\n"
         self._found: dict[str, str | None] = {}
         self._all: dict[str, str] | None = None
 
@@ -136,7 +147,7 @@ class EventHeaders(Mapping[str, str]):
 
     def _parsed(self) -> dict[str, str]:
         if self._all is None:
-            self._all = _parse_header_block(self._raw, url_decoded=True)
+            self._all = _parse_header_text(self._block[1:], url_decoded=True)
         return self._all
 
     def __getitem__(self, key: str) -> str:
@@ -225,18 +236,23 @@ def _content_length(headers: dict[str, str], limit: int) -> int:
     return length
 
 
-def _parse_plain_event_body(body: bytes) -> tuple[Mapping[str, str], str]:
-    block, sep, rest = body.partition(b"\n\n")
-    headers = EventHeaders(block)
-    if not sep:
+def _parse_plain_event_body(data: bytes, start: int, stop: int) -> tuple[Mapping[str, str], str]:
+    # The inner header block ends at the first blank line (no header line is empty: values are
+    # URL-encoded). sre's search for it is several times faster than bytes.find/partition of a 2-byte
+    # needle, which CPython scans for byte by byte (15 us in a 7 kB channel event).
+    found = _BLANK_LINE.search(data, start, stop)
+    end = stop if found is None else found.start()
+    headers = EventHeaders(str(memoryview(data)[start:end], "utf-8", "replace"))
+    if found is None:
         return headers, ""
+    rest_at = end + 2
     inner = headers.get("Content-Length")
     if inner is not None:
         try:
-            rest = rest[: max(0, int(inner))]
+            stop = min(stop, rest_at + max(0, int(inner)))
         except ValueError:
             log.warning("event %s has a bad inner Content-Length %r", headers.get("Event-Name"), inner)
-    return headers, _text(rest)
+    return headers, str(memoryview(data)[rest_at:stop], "utf-8", "replace") if rest_at < stop else ""
 
 
 def _json_value(value: Any) -> str:
@@ -256,12 +272,15 @@ def _parse_json_event_body(body: bytes) -> tuple[dict[str, str], str]:
     return {str(k): _json_value(v) for k, v in data.items()}, _json_value(inner)
 
 
-def build_message(envelope: dict[str, str], body: bytes) -> EslEvent:
-    """Turn one framed message (outer headers + raw body) into an :class:`EslEvent`."""
+def build_message(envelope: dict[str, str], data: bytes, start: int = 0, stop: int | None = None) -> EslEvent:
+    """Turn one framed message (outer headers + the raw body ``data[start:stop]``) into an :class:`EslEvent`."""
+    if stop is None:
+        stop = len(data)
     content_type = envelope.get("Content-Type", "")
     if content_type == EVENT_PLAIN:
-        headers, text = _parse_plain_event_body(body)
+        headers, text = _parse_plain_event_body(data, start, stop)
         return EslEvent(headers, text, content_type, envelope)
+    body = data[start:stop] if start or stop != len(data) else data
     if content_type == EVENT_JSON:
         headers, text = _parse_json_event_body(body)
         return EslEvent(headers, text, content_type, envelope)
@@ -281,6 +300,8 @@ class EslFramer:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
+        # Only the bytes of an unfinished message are kept here; whole messages are cut straight out of
+        # what ``feed`` was given, by offsets, without copying the stream into a buffer first.
         self._buf = bytearray()
         self._scan_from = 0
         self._envelope: dict[str, str] | None = None
@@ -295,31 +316,43 @@ class EslFramer:
 
     def feed(self, data: bytes) -> list[EslEvent]:
         """Add ``data`` to the stream; return the messages it completed, in order."""
-        self._buf += data
         messages: list[EslEvent] = []
+        scan_from = 0
+        if self._buf:
+            self._buf += data
+            if self._envelope is not None and len(self._buf) < self._body_length:
+                return messages  # a long body on its way: no copy until it is whole
+            data = bytes(self._buf)
+            scan_from = self._scan_from if self._envelope is None else 0
+            self._buf = bytearray()
+        elif not isinstance(data, bytes):
+            data = bytes(data)
+        envelope, length, pos, size = self._envelope, self._body_length, 0, len(data)
         while True:
-            if self._envelope is None:
-                end = self._buf.find(b"\n\n", self._scan_from)
+            if envelope is None:
+                end = data.find(b"\n\n", max(pos, scan_from))
                 if end < 0:
-                    if len(self._buf) > self._max_header_bytes:
+                    if size - pos > self._max_header_bytes:
                         raise EslProtocolError(f"header block longer than {self._max_header_bytes} bytes")
                     # The terminator may straddle the next chunk: rescan the last byte only.
-                    self._scan_from = max(0, len(self._buf) - 1)
-                    return messages
-                if end > self._max_header_bytes:
+                    self._scan_from = max(0, size - pos - 1)
+                    break
+                if end - pos > self._max_header_bytes:
                     raise EslProtocolError(f"header block longer than {self._max_header_bytes} bytes")
-                block = bytes(self._buf[:end])
-                del self._buf[: end + 2]
-                self._scan_from = 0
-                envelope = parse_envelope_headers(block)
+                envelope = parse_envelope_headers(data[pos:end])
+                pos = end + 2
                 if not envelope:
+                    envelope = None
                     continue  # stray blank lines between messages
-                self._body_length = _content_length(envelope, self._max_body_bytes)
-                self._envelope = envelope
-            if len(self._buf) < self._body_length:
-                return messages
-            body = bytes(self._buf[: self._body_length])
-            del self._buf[: self._body_length]
-            messages.append(build_message(self._envelope, body))
-            self._envelope = None
-            self._body_length = 0
+                length = _content_length(envelope, self._max_body_bytes)
+            if size - pos < length:
+                break
+            messages.append(build_message(envelope, data, pos, pos + length))
+            pos += length
+            envelope, length = None, 0
+        self._envelope, self._body_length = envelope, length
+        if envelope is not None:
+            self._scan_from = 0
+        if pos < size:
+            self._buf = bytearray(memoryview(data)[pos:])
+        return messages

@@ -42,6 +42,7 @@ DISCONNECT_NOTICE = "text/disconnect-notice"
 RUDE_REJECTION = "text/rude-rejection"
 
 _BLANK_LINE = re.compile(b"\n\n")
+_UNSEEN: Any = object()
 
 #: Content types delivered to event handlers.
 EVENT_CONTENT_TYPES = frozenset({EVENT_PLAIN, EVENT_JSON, EVENT_XML, LOG_DATA})
@@ -113,18 +114,15 @@ class EventHeaders(Mapping[str, str]):
 
     def __init__(self, block: bytes | str) -> None:
         """``block``: the raw header block, or its text already decoded (UTF-8, invalid bytes replaced)."""
-        if not isinstance(block, str):
-            block = block.decode("utf-8", errors="replace")
-        self._block = "\n" + block  # every line starts after a "\n"
+        self._block = block if isinstance(block, str) else block.decode("utf-8", errors="replace")
         self._found: dict[str, str | None] = {}
         self._all: dict[str, str] | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         if self._all is not None:
             return self._all.get(key, default)
-        try:
-            value = self._found[key]
-        except KeyError:
+        value = self._found.get(key, _UNSEEN)  # not try/except: a first lookup would raise (~0.5 us)
+        if value is _UNSEEN:
             value = self._found[key] = self._find(key)
         return default if value is None else value
 
@@ -133,8 +131,14 @@ class EventHeaders(Mapping[str, str]):
             return None  # a name ends at its line's first ": "
         block, needle = self._block, "\n" + key + ":"
         end = len(block)
-        while (at := block.rfind(needle, 0, end)) >= 0:
-            start = at + len(needle)
+        while True:
+            at = block.rfind(needle, 0, end)
+            if at >= 0:
+                start = at + len(needle)
+            elif block.startswith(needle[1:]):  # the first line (Event-Name's in every event)
+                at, start = 0, len(needle) - 1
+            else:
+                return None
             stop = block.find("\n", start)
             rest = block[start:] if stop < 0 else block[start:stop]
             if rest.startswith(" "):
@@ -142,12 +146,13 @@ class EventHeaders(Mapping[str, str]):
                 return unquote(value) if "%" in value else value
             if rest in ("", "\r"):
                 return ""
+            if at == 0:
+                return None
             end = at  # another header's line ("Key:x", "Key:y: z"): look further up
-        return None
 
     def _parsed(self) -> dict[str, str]:
         if self._all is None:
-            self._all = _parse_header_text(self._block[1:], url_decoded=True)
+            self._all = _parse_header_text(self._block, url_decoded=True)
         return self._all
 
     def __getitem__(self, key: str) -> str:
@@ -183,7 +188,7 @@ class EslEvent:
     are the same outer headers and ``body`` is the message body (e.g. an api/response's result).
     """
 
-    __slots__ = ("body", "content_type", "envelope", "headers")
+    __slots__ = ("body", "content_type", "envelope", "headers", "name")
 
     def __init__(
         self,
@@ -196,11 +201,8 @@ class EslEvent:
         self.body = body
         self.content_type = content_type
         self.envelope = headers if envelope is None else envelope
-
-    @property
-    def name(self) -> str | None:
-        """The ``Event-Name`` header, or None for non-events."""
-        return self.headers.get("Event-Name")
+        #: The ``Event-Name`` header, or None for non-events (read once: every handler asks for it).
+        self.name: str | None = headers.get("Event-Name")
 
     @property
     def uuid(self) -> str | None:
@@ -238,21 +240,21 @@ def _content_length(headers: dict[str, str], limit: int) -> int:
 
 def _parse_plain_event_body(data: bytes, start: int, stop: int) -> tuple[Mapping[str, str], str]:
     # The inner header block ends at the first blank line (no header line is empty: values are
-    # URL-encoded). sre's search for it is several times faster than bytes.find/partition of a 2-byte
-    # needle, which CPython scans for byte by byte (15 us in a 7 kB channel event).
+    # URL-encoded). sre's search for it is over twice as fast as bytes.find/partition of a 2-byte
+    # needle, which CPython's default_find scans for step by step (2.3 us vs 6 us in a 7 kB channel event).
     found = _BLANK_LINE.search(data, start, stop)
     end = stop if found is None else found.start()
     headers = EventHeaders(str(memoryview(data)[start:end], "utf-8", "replace"))
-    if found is None:
-        return headers, ""
     rest_at = end + 2
+    if rest_at >= stop:
+        return headers, ""  # nothing after the blank line (most events): no inner Content-Length to look for
     inner = headers.get("Content-Length")
     if inner is not None:
         try:
             stop = min(stop, rest_at + max(0, int(inner)))
         except ValueError:
             log.warning("event %s has a bad inner Content-Length %r", headers.get("Event-Name"), inner)
-    return headers, str(memoryview(data)[rest_at:stop], "utf-8", "replace") if rest_at < stop else ""
+    return headers, str(memoryview(data)[rest_at:stop], "utf-8", "replace")
 
 
 def _json_value(value: Any) -> str:

@@ -391,7 +391,10 @@ class EslConnection(InboundESL):
 
     def _dispatch(self, event: EslEvent) -> None:
         if self.on_event is not None:
-            self._run_handler((self.on_event,), event)
+            try:  # called directly: this runs for every event
+                self.on_event(event)
+            except Exception:
+                log.exception("ESL event handler %r failed on %r", self.on_event, event)
         if not self.event_handlers:  # the daemon's own connections route through on_event alone
             return
         if event.content_type == LOG_DATA:

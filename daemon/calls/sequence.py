@@ -233,6 +233,7 @@ class CallSequence:
         # B: the wait A plays is known by its event UUID (wait_uuid); the last one acted on; the bridge
         # attempt whose retry steps are queued; what to do when the wait after a bridge starts.
         self.wait_acted = ""
+        self._waits: dict[str, int] = {}  # wait_uuid(A, n) -> n, for n up to the last asked about
         self.requeued = 0
         self.after_bridge = ""  # for the bridge last sent: "retry" (refused: dial again) or "end" (notice, hang up)
         # A's originate_disposition still tells the refusal of the bridge before the one being sent now
@@ -278,7 +279,9 @@ class CallSequence:
                     self.records.step(self.call, item.kind, phase=self.status.value, note=item.note)
                     return
                 self._hold()
-                if isinstance(item, SwitchLost):
+                if isinstance(item, EslEvent):  # nearly every item: tested first
+                    self._on_event(item)
+                elif isinstance(item, SwitchLost):
                     self._switch_lost(item)
                 elif isinstance(item, Granted):
                     self._granted(item.leg, forced=item.forced)
@@ -294,8 +297,6 @@ class CallSequence:
                     pass  # a refused A waits in line for room: nothing of it exists to reconcile
                 elif isinstance(item, Reconnected):
                     self._reconcile(item.restarted)
-                else:
-                    self._on_event(item)
                 del item  # don't keep the last event (kilobytes of headers) alive while waiting
         except NotOwned:
             # This daemon stalled past its lease and another took the call over: it follows the call now,
@@ -420,7 +421,11 @@ class CallSequence:
     def _wait_index(self, app_uuid: str, upto: int | None = None) -> int | None:
         """Which wait ``app_uuid`` is (how many bridges came before it), or None."""
         last = self.attempts["b"] + 1 if upto is None else upto
-        return next((n for n in range(last + 1) if app_uuid == wait_uuid(self.a.uuid, n)), None)
+        waits = self._waits  # asked at each app event of A: each UUID derived once, then one dict lookup
+        while len(waits) <= last:
+            waits[wait_uuid(self.a.uuid, len(waits))] = len(waits)
+        index = waits.get(app_uuid)
+        return index if index is not None and index <= last else None
 
     def _send_apps(self, steps: list[AppStep]) -> None:
         a = self.a.uuid

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.switch.esl import EslEvent, EslFramer, EslProtocolError, parse_event_headers
-from daemon.switch.protocol import EventHeaders
+from daemon.switch.protocol import EventHeaders, _parse_header_block, parse_envelope_headers
 from tests.fake_esl_server import event_plain, fs_url_encode, trace_chunks, traces
 
 pytestmark = pytest.mark.timeout(60)
@@ -116,6 +116,32 @@ def test_every_trace_frames_as_the_reference_parse_does() -> None:
                 assert event.get(name) == headers[name], (path.name, name)
         assert snapshot(events) == expected, path.name
         assert snapshot(feed_in_pieces(stream, list(range(0, len(stream), 1499)))) == expected, path.name
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"Content-Length: 6817\nContent-Type: text/event-plain",
+        b"Content-Length: 0\nContent-Type: text/event-plain",
+        b"Content-Length: \nContent-Type: text/event-plain",
+        b"Content-Length: 12\r\nContent-Type: text/event-plain",
+        b"Content-Length: 1\nX: y\nContent-Type: text/event-plain",
+        b"Content-Length: 1 \nContent-Type: text/event-plain",
+        b"Content-Length: -1\nContent-Type: text/event-plain",
+        b"Content-Length: 7\nContent-Type: text/event-plainx",
+        b"Content-Length: 7\nContent-Type: text/event-json",
+        b"Content-Length: \xd9\xa1\nContent-Type: text/event-plain",
+    ],
+)
+def test_plain_event_envelopes_read_as_the_general_parse_does(block: bytes) -> None:
+    assert parse_envelope_headers(block) == _parse_header_block(block, url_decoded=False)
+
+
+def test_every_trace_envelope_reads_as_the_general_parse_does() -> None:
+    for path in sorted(traces().glob("*.jsonl")):
+        for event in EslFramer().feed(b"".join(trace_chunks(path.stem))):
+            block = "".join(f"{k}: {v}\n" for k, v in event.envelope.items()).encode()[:-1]
+            assert parse_envelope_headers(block) == _parse_header_block(block, url_decoded=False) == event.envelope
 
 
 def test_json_events_match_plain_events() -> None:

@@ -174,8 +174,17 @@ class EventHeaders(Mapping[str, str]):
         return repr(self._parsed())
 
 
+_PLAIN_EVENT_ENVELOPE_HEAD = b"Content-Length: "
+_PLAIN_EVENT_ENVELOPE_TAIL = b"\nContent-Type: " + EVENT_PLAIN.encode()
+
+
 def parse_envelope_headers(block: bytes) -> dict[str, str]:
     """Parse an outer (envelope) header block, which FreeSWITCH writes verbatim (no URL-encoding)."""
+    # Nearly every message is an event, whose envelope is these two lines: read without splitting.
+    if block.startswith(_PLAIN_EVENT_ENVELOPE_HEAD) and block.endswith(_PLAIN_EVENT_ENVELOPE_TAIL):
+        length = block[len(_PLAIN_EVENT_ENVELOPE_HEAD) : -len(_PLAIN_EVENT_ENVELOPE_TAIL)]
+        if length.isdigit():  # ASCII digits only: no other line, nothing the general parse reads otherwise
+            return {"Content-Length": length.decode(), "Content-Type": EVENT_PLAIN}
     return _parse_header_block(block, url_decoded=False)
 
 

@@ -401,6 +401,22 @@ def test_a_bridge_lost_in_flight_that_did_arrive_is_not_resent(run_call: Callabl
     assert Call.get_by_id(sequence.call.id).status == "dialing_b"
 
 
+def test_the_idle_check_counts_from_the_last_item_heard(run_call: Callable[..., Any]) -> None:
+    """Items closer together than idle_check keep it away; each silence of idle_check brings one (a stopped
+    libev timer restarted would count only what was left of it)."""
+    sequence, switch = run_call()
+    sequence.options.idle_check = 0.3
+    switch.answers = {"uuid_exists": "true"}
+    sequence.start()
+    assert wait_until(lambda: len(originates(switch)) == 1)
+    checks = lambda: sum(c.startswith("api uuid_exists") for c in switch.sent)  # noqa: E731
+    for _ in range(8):  # 0.4 s of news every 0.05 s: nothing to check
+        gevent.sleep(0.05)
+        sequence.deliver(event("CHANNEL_PROGRESS", str(uuid.uuid4())))
+    assert checks() == 0
+    assert wait_until(lambda: checks() >= 2, timeout=3.0)  # then each idle period brings one
+
+
 def test_an_idle_check_while_the_dial_is_pending_dials_instead_of_giving_up(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     sequence.options.idle_check = 0.01  # the idle check comes before the 1 s retry

@@ -268,9 +268,21 @@ class CallSequence:
         try:
             if not self.adopted:
                 self._dial_a()
+            loop, me = gevent.get_hub().loop, gevent.getcurrent()
             while not self.done:
                 try:
-                    item = self.inbox.get(timeout=self.options.idle_check)
+                    if self.inbox.qsize():
+                        item = self.inbox.get()
+                    else:
+                        # What inbox.get(timeout=idle_check) does, without its Timeout object around the loop's
+                        # timer: 5.2 -> 3.5 us per item woken for (nearly every event). A new timer each time:
+                        # libev restarts a stopped one with what was left of it.
+                        timer = loop.timer(self.options.idle_check, ref=True, priority=-1)
+                        timer.start(me.throw, gevent.queue.Empty, update=True)
+                        try:
+                            item = self.inbox.get()
+                        finally:
+                            timer.close()
                 except gevent.queue.Empty:
                     self._hold()
                     self._check_alive()

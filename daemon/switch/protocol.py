@@ -341,7 +341,7 @@ class EslFramer:
         envelope, length, pos, size = self._envelope, self._body_length, 0, len(data)
         while True:
             if envelope is None:
-                end = data.find(b"\n\n", max(pos, scan_from))
+                end = data.find(b"\n\n", pos if pos > scan_from else scan_from)  # not max(): 0.16 us a call
                 if end < 0:
                     if size - pos > self._max_header_bytes:
                         raise EslProtocolError(f"header block longer than {self._max_header_bytes} bytes")

@@ -184,19 +184,20 @@ def test_the_connection_drops_while_a_waits_for_b(make_harness: Callable[..., Ha
     Then B is dialed once, refused (busy, rejected, unallocated), and the call fails with B's cause."""
     harness = make_harness(**{**FAST, "esl_reconnect_max_delay": 0.05})
     # The four calls must be in their prompts at the same moment, and a loaded machine spreads their answers
-    # over more than the 3 plan seconds (0.3 s) of the usual prompts: a 15-second prompt here.
-    prompt = tone_wav(harness.settings.media_dir, 15.0, 523.0)
+    # over more than the 3 plan seconds (0.3 s) of the usual prompts: a 30-second prompt here (3 s; 1.5 s was
+    # seen to end, and its wait start, before a heavily loaded machine had the fourth call answered).
+    prompt = tone_wav(harness.settings.media_dir, 30.0, 523.0)
     calls = place(harness, harness.endpoint(), [("0", b)] * 4, play_file=prompt)
     assert wait_for(lambda: all(fresh(c).status == "a_answered" and _apps_queued(harness, fresh(c))
                                 for c in calls), 30), [(fresh(c).status, fresh(c).reason, harness.timeline(c))
                                                        for c in calls]
     # Still in the prompts: the switch goes silent for longer than they last, so the daemon never hears the
     # waits start, then the connection drops for good.
-    hang = 2.5
+    hang = 5.0  # longer than the prompts: 3.1 s here (the 30-second prompt and the 1-second message)
     hung_at = time.monotonic()
     harness.switch.hang(hang)
     assert wait_for(lambda: all(a_playing(harness, fresh(c), wait_uuid(str(fresh(c).a_uuid), 0)) for c in calls),
-                    10), "A never started its wait"
+                    10), ("A never started its wait", [harness.timeline(c) for c in calls])
     harness.switch.refuse_connections(True)
     harness.switch.drop_connections()
     fault("ESL down while A waits for B")

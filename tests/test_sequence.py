@@ -1116,3 +1116,54 @@ def test_an_adopted_call_parked_after_a_refused_bridge_queues_the_wait_and_dials
     gevent.sleep(0.05)
     assert breaks(switch, a) == [f"api uuid_break {a} all"], switch.sent
     assert len(bridges_to(switch, b)) == 1 and "hangup NORMAL_CLEARING" not in apps_sent(switch)
+
+
+@pytest.mark.parametrize("where", ["on wait 2", "between bridge 2 and wait 2"])
+def test_a_retry_whose_break_was_lost_in_flight_acts_on_the_retry_bridge_s_own_outcome(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], monkeypatch: pytest.MonkeyPatch,
+        where: str) -> None:
+    """Bridge 1 is refused; the retry (bridge 2 and wait 2) is queued and the break that starts it is lost in
+    flight: it reached FreeSWITCH, bridge 2 dialed B and B was busy, all unheard. The decision "retry" was
+    bridge 1's: taken for bridge 2's, B was dialed a third time (A on wait 2 at the reconnect) or A was
+    left on wait 2 for ever (A between bridge 2 and wait 2: B "created" was never dialed, nothing broke it)."""
+    sequence, switch = run_call()
+    a, b = sequence.a.uuid, sequence.b.uuid
+    answered_and_waiting(sequence, switch)
+    the_switch_refuses_b(sequence)
+    sequence.deliver(executes(a, wait_uuid(a, 1)))
+    gevent.sleep(0)
+    scripted = switch.api
+
+    def break_lost(command: str) -> str:
+        reply = scripted(command)
+        if command.startswith(f"uuid_break {a}"):
+            monkeypatch.setattr(switch, "api", scripted)
+            raise EslDisconnected("closed mid-command")  # sent, reply lost
+        return reply
+
+    monkeypatch.setattr(switch, "api", break_lost)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0)
+    assert len(bridges_to(switch, b)) == 2 and len(breaks(switch, a)) == 2 and sequence.connection_lost
+    # -- unheard: bridge 2 dials B, B is busy, A goes on to wait 2 (or is between the two) --
+    a_now = (playing_wait(a, 2, "USER_BUSY") if where == "on wait 2" else
+             {f"uuid_getvar {a} current_application": "bridge", f"uuid_getvar {a} originate_disposition": "USER_BUSY"})
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+                      **a_now, f"uuid_getvar {a} originated_legs": f"{b};Outbound Call;15550000002",
+                      f"uuid_getvar {a}": "_undef_"}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    if where != "on wait 2":
+        sequence.deliver(executes(a, wait_uuid(a, 2)))
+        gevent.sleep(0)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0.05)
+    assert len(bridges_to(switch, b)) == 2, apps_sent(switch)  # B, busy, is not dialed a third time
+    assert apps_sent(switch)[-1] == "hangup NORMAL_CLEARING" and len(breaks(switch, a)) == 3, switch.sent  # ended
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", a, **{"Hangup-Cause": "NORMAL_CLEARING"}))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.failed_leg, call.b_cause) == ("failed", "b", "USER_BUSY")

@@ -981,8 +981,10 @@ class CallSequence:
                 self.b.cause = self.b.cause or disposition
                 self.b.created = self.b.gone = True
                 self.records.step(self.call, "bridge_ended", disposition=disposition)
+                # The wait after it ends the call. (Only a refusal is retried, so this is the last bridge's
+                # outcome: a "retry" still here was an earlier bridge's, whose retry's break was lost in flight.)
+                self.after_bridge = "end"
                 if self.apps.bridge is None and not self.tail_marker:
-                    self.after_bridge = self.after_bridge or "end"
                     self._mark_tail()  # a previous run's bridge: the wait after it may not be queued
             elif self.status in (CallStatus.DIALING_B, CallStatus.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
@@ -1025,7 +1027,11 @@ class CallSequence:
         current = wait_uuid(self.a.uuid, waits)  # its next rounds' CHANNEL_EXECUTE carry it: acted on once
         if waits < self.attempts["b"]:
             return True  # its next bridge is sent already: A is on its way there
-        self.attempts["b"] = max(self.attempts["b"], waits)
+        if waits > self.attempts["b"]:
+            # The bridge before this wait ran unheard (the break that started it was lost in flight, or the
+            # call was adopted): what was decided was about an earlier bridge, not this one's outcome.
+            self.attempts["b"] = waits
+            self.after_bridge, self.refusal_on_a = "", False
         if waits > 0 and not self.after_bridge:
             disposition = self._getvar(self.a.uuid, "originate_disposition")
             self.records.step(self.call, "bridge_ended", disposition=disposition, source="A's variables")

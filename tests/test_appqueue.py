@@ -183,3 +183,19 @@ def test_a_failed_question_about_b_loses_nothing() -> None:
     assert queue.uncertain == [bridge]  # still known to be in doubt: the next reconnection resolves it
     queue.resume(b_exists=lambda: False)
     assert names(link.acked)[-1] == "set cb_resume=marker" and bridge not in link.acked
+
+
+def test_a_step_seen_to_start_before_the_resume_settles_it_and_nothing_passes_those_in_doubt() -> None:
+    """The look after a reconnect can come late (its questions found no turn): meanwhile nothing is sent past
+    the steps in doubt, and one heard to start (the wait) is known to have arrived: it is never sent again."""
+    link = Link()
+    link.fail_at[0] = (LOST, 1)  # the set answered; the prompt and the wait in flight
+    queue, all_steps, _ = started(link)
+    more = AppStep("set", "more=1")
+    queue.extend([more])
+    assert link.acked == all_steps[:1] and queue.uncertain == all_steps[1:3]  # nothing went past them
+    assert queue.in_doubt
+    queue.started(all_steps[2].event_uuid)  # the wait starts: it, and the prompt before it, arrived
+    assert not queue.uncertain and not queue.in_doubt
+    queue.resume(b_exists=lambda: pytest.fail("no bridge in doubt"))
+    assert queue.marker is None and link.acked == [all_steps[0], *all_steps[3:], more] and not queue.pending

@@ -1167,3 +1167,47 @@ def test_a_retry_whose_break_was_lost_in_flight_acts_on_the_retry_bridge_s_own_o
     sequence.greenlet.join(timeout=5)
     call = Call.get_by_id(sequence.call.id)
     assert (call.status, call.failed_leg, call.b_cause) == ("failed", "b", "USER_BUSY")
+
+
+@pytest.mark.parametrize("in_doubt", ["the wait", "the bridge"])
+def test_steps_in_doubt_are_settled_before_b_is_dialed_when_the_reconcile_is_delayed(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], in_doubt: str) -> None:
+    """The write holding the wait (or the bridge) is lost in flight; after the reconnect the look at the legs
+    finds no turn (every call asks at once) and is taken again a moment later, while A's wait is heard to
+    start on the new connection. The wait heard is proof it arrived: it is never sent again (a second copy
+    held A on the dialtone once the first was broken); a bridge in doubt is settled before B's turn breaks
+    the wait (sending the wait after it first, then breaking, ran that wait with no bridge before it: the
+    call ended "B was not reached", B never dialed)."""
+    sequence, switch = run_call()
+    a, b = sequence.a.uuid, sequence.b.uuid
+    switch.fail_message_at = 2 if in_doubt == "the wait" else 3
+    sequence.start()
+    sequence.deliver(event("CHANNEL_CREATE", a))
+    sequence.deliver(event("CHANNEL_ANSWER", a))
+    gevent.sleep(0)
+    assert len(sequence.apps.uncertain) == 1 and sequence.connection_lost
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a}": "_undef_"}
+    switch.no_turn_for_api = 1
+    sequence.deliver(Reconnected(False))  # its first question finds no turn: looked at again in a moment
+    sequence.deliver(executes(a, wait_uuid(a, 0)))  # heard on the new connection meanwhile: B has room
+    gevent.sleep(0)
+    looked = lambda: sum(c.startswith(f"api uuid_exists {a}") for c in switch.sent)  # noqa: E731
+    assert wait_until(lambda: looked() == 1, timeout=3)  # the look, taken again
+    gevent.sleep(0.01)
+    if in_doubt == "the bridge":  # a marker settles it before B's turn breaks the wait: it runs first
+        assert sequence.apps.marker is not None and not breaks(switch, a) and not bridges_to(switch, b)
+        sequence.deliver(executes(a, sequence.apps.marker.event_uuid, "set"))
+        gevent.sleep(0)
+    else:  # the wait heard is settled: no marker
+        assert sequence.apps.marker is None
+    switch.now += 5  # B's turn, if it was put off
+    switch.capacity.serve(switch.now)
+    assert wait_until(lambda: bool(breaks(switch, a)), timeout=3)
+    apps = apps_sent(switch)
+    copies = sum(f"Event-UUID: {wait_uuid(a, 0)}" in m for m in switch.sent)  # besides the one lost in flight
+    assert copies == (0 if in_doubt == "the wait" else 1), apps  # one on A, never two
+    assert [x.split(" ")[0] for x in apps[-2:]] == ["bridge", "playback"], apps  # the bridge, then its wait
+    assert switch.sent.index(breaks(switch, a)[0]) > max(i for i, m in enumerate(switch.sent) if "bridge" in m)
+    assert len(bridges_to(switch, b)) == 1 and not sequence.apps.pending and sequence.apps.marker is None

@@ -10,7 +10,8 @@ can end three ways:
 * never sent (:class:`~daemon.switch.esl.EslNotSent`): its steps stay first in line;
 * lost in flight (any other :class:`~daemon.switch.esl.EslError`): the steps FreeSWITCH answered are
   queued; the others may or may not be (those that arrived are a run right after the answered ones),
-  so they are kept apart as *uncertain*.
+  so they are kept apart as *uncertain*. Nothing is sent past them until they are settled; one seen to
+  start meanwhile (:meth:`AppQueue.started`) had arrived, with those before it.
 
 Once reconnected, :meth:`AppQueue.resume` finishes the queue without ever dialing B twice or leaving A
 on a second copy of a wait. Sending a ``set`` or a prompt twice is harmless, so uncertain steps that
@@ -90,9 +91,16 @@ class AppQueue:
         self.unsent.extend(steps)
         self.send_unsent()
 
+    @property
+    def in_doubt(self) -> bool:
+        """Some steps may or may not be queued on A: a step of A's seen to start settles some (:meth:`started`)."""
+        return bool(self.uncertain or self.waiting_for_marker)
+
     def send_unsent(self) -> None:
-        """Send the steps not yet acknowledged, in order, a batch at a time; raises what the send raised."""
-        while self.unsent:
+        """Send the steps not yet acknowledged, in order, a batch at a time; raises what the send raised.
+        Nothing goes past uncertain steps (A would run it before them, or without them): :meth:`resume`
+        settles them first."""
+        while self.unsent and not self.uncertain:
             batch = self._next_batch()
             try:
                 self.send(batch)
@@ -140,7 +148,13 @@ class AppQueue:
 
     def started(self, event_uuid: str) -> None:
         """A step of A's began: it, and every step before it, had arrived. If it is the doubtful step (a
-        wait), what follows it is sent; if it comes before, it is not sent again should the marker run."""
+        wait), what follows it is sent; if it comes before, it is not sent again should the marker run.
+        Heard before :meth:`resume` (the look after a reconnect was delayed), it settles uncertain steps."""
+        uncertain = self.uncertain
+        index = next((n for n, step in enumerate(uncertain) if step.event_uuid == event_uuid), None)
+        if index is not None:
+            del uncertain[:index + 1]
+            return
         waiting = self.waiting_for_marker
         if not waiting:
             return

@@ -504,6 +504,12 @@ class CallSequence:
     def _send_b(self) -> None:
         """Dial B now: (after a refusal, queue the bridge and the wait again, then) break A's wait."""
         attempt = self.attempts["b"]
+        if self.apps.uncertain:
+            # Steps in doubt since a lost connection, not settled yet (the look after the reconnect found no
+            # turn and is taken again): the break would run whatever of them arrived, or none. B waits for it.
+            self.capacity.cancel(self.b.uuid)
+            self._want("b", delay=1.0)
+            return
         try:
             if self.apps.bridge is None:
                 self._flush_and_requeue(attempt)
@@ -702,7 +708,7 @@ class CallSequence:
 
     def _on_execute(self, event: EslEvent) -> None:
         app_uuid = event.get("Application-UUID") or ""
-        if self.apps.waiting_for_marker:  # steps in doubt since a lost connection: this one arrived
+        if self.apps.in_doubt:  # steps in doubt since a lost connection: this one arrived
             self._guarded(lambda: self.apps.started(app_uuid), "queuing")
         step = self.apps.find(app_uuid)
         if step is not None and step is self.apps.marker:

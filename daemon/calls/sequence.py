@@ -76,6 +76,7 @@ from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
 from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.esl import EslError, EslEvent, EslNotSent
+from daemon.uuids import new_uuid
 
 log = logging.getLogger("callbridge.call")
 
@@ -106,6 +107,11 @@ WAIT_VAR = "cb_wait"
 def wait_uuid(a_uuid: str, attempt: int) -> str:
     """The event UUID of the wait A plays before bridge attempt ``attempt + 1`` (0: before the first)."""
     return str(uuidlib.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))
+
+
+def _step(app: str, arg: str) -> AppStep:
+    """An app for A under a fresh event UUID (AppStep's own default would take an ``os.urandom`` each)."""
+    return AppStep(app, arg, event_uuid=new_uuid())
 
 
 class Switch(Protocol):
@@ -210,7 +216,7 @@ class CallSequence:
         # An adopted call resumes from what the store says happened before the restart.
         self.a = LegState(str(call.a_uuid), created=call.a_answered_at is not None, answered_at=call.a_answered_at)
         self.b = LegState(str(call.b_uuid), answered_at=call.bridged_at)
-        self.job_uuid = str(uuidlib.uuid4())
+        self.job_uuid = new_uuid()
         self.apps = AppQueue(self._send_apps)
         self.apps_queued = False  # by this run, or (learned from A's cb_stage) by a previous one
         self.bridge_disposition = ""
@@ -364,7 +370,7 @@ class CallSequence:
         if self.attempts["a"]:
             # Again after a refusal: same A (never created), a new job to hear the answer by.
             self.switch.unroute(self.job_uuid)
-            self.job_uuid = str(uuidlib.uuid4())
+            self.job_uuid = new_uuid()
             self.switch.route(self.job_uuid, self)
         self.a_marked = False
         try:
@@ -403,13 +409,13 @@ class CallSequence:
         call, endpoint = self.call, self.endpoint
         ringback = self._playable(call.dialtone_file) if call.dialtone_file else fs.ring_tone(endpoint.ring_tone)
         steps = [
-            AppStep("multiset", fs.multiset_arg({"cb_stage": "queued", "ringback": ringback,
-                                                 "transfer_ringback": ringback})),
+            _step("multiset", fs.multiset_arg({"cb_stage": "queued", "ringback": ringback,
+                                               "transfer_ringback": ringback})),
             self._max_duration(),
         ]
         for prompt in (call.play_file, call.msg_file):
             if prompt:
-                steps.append(AppStep("playback", self._playable(prompt)))
+                steps.append(_step("playback", self._playable(prompt)))
         self.wait_step = self._wait(0)
         bridge = self._bridge()
         steps += [self.wait_step, bridge, self._wait(1)]
@@ -417,8 +423,8 @@ class CallSequence:
         self.apps.start(steps, bridge=bridge)
 
     def _bridge(self) -> AppStep:
-        return AppStep("bridge", fs.bridge_target(template=self.endpoint.dial_string, phone=self.call.phone_b,
-                                                  variables=self._leg_vars(self.b.uuid)))
+        return _step("bridge", fs.bridge_target(template=self.endpoint.dial_string, phone=self.call.phone_b,
+                                                variables=self._leg_vars(self.b.uuid)))
 
     def _wait(self, attempt: int) -> AppStep:
         """A's dialtone looped until we break it: after ``attempt`` bridges (0: before the first)."""
@@ -553,7 +559,7 @@ class CallSequence:
         (:meth:`_wait_playing`). The first two need none (no bridge ran on A yet; one did and ``cb_wait``
         is unset), so a call whose B is not refused sends nothing more for it."""
         wait = self._wait(bridges)
-        return [AppStep("set", fs.set_arg(WAIT_VAR, str(bridges))), wait] if bridges >= 2 else [wait]
+        return [_step("set", fs.set_arg(WAIT_VAR, str(bridges))), wait] if bridges >= 2 else [wait]
 
     def _queue_tail(self) -> None:
         """The marker an adopted call queued behind A's steps ran before any wait: A's steps ended short (the
@@ -567,7 +573,7 @@ class CallSequence:
         self.apps.start([self._max_duration(), self._wait(0), bridge, self._wait(1)], bridge=bridge)
 
     def _max_duration(self) -> AppStep:
-        return AppStep("sched_hangup", f"+{int(self.endpoint.max_duration)} {MAX_DURATION_CAUSE}")
+        return _step("sched_hangup", f"+{int(self.endpoint.max_duration)} {MAX_DURATION_CAUSE}")
 
     def _refused(self, leg: str, attempt: int) -> float | None:
         """The switch refused ``leg`` (nothing created): seconds until it is tried again, or None when
@@ -591,7 +597,7 @@ class CallSequence:
         """B will not be bridged: A hears the busy notice, then is hung up (its wait broken)."""
         self.wait_acted = "ending"
         try:
-            self.apps.extend([AppStep("playback", FAILURE_NOTICE), AppStep("hangup", "NORMAL_CLEARING")])
+            self.apps.extend([_step("playback", FAILURE_NOTICE), _step("hangup", "NORMAL_CLEARING")])
             self.switch.api(fs.uuid_break(self.a.uuid))
         except EslError:
             with contextlib.suppress(EslError):

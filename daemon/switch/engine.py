@@ -16,7 +16,6 @@ import datetime as dt
 import logging
 import random
 import time
-import uuid as uuidlib
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop, 
 from daemon.config import Settings, switch_sent_to
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch.link import SwitchLink
+from daemon.uuids import new_uuid
 
 log = logging.getLogger("callbridge.engine")
 
@@ -147,7 +147,7 @@ class Engine:
 
     # -- calls ------------------------------------------------------------------------------------
     def new_leg_uuids(self) -> tuple[str, str]:
-        return str(uuidlib.uuid4()), str(uuidlib.uuid4())
+        return new_uuid(), new_uuid()
 
     def launch(self, call: Call, endpoint: Endpoint, *, adopted: bool = False,
                switch: SwitchLink | None = None) -> CallSequence:

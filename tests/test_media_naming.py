@@ -85,3 +85,24 @@ def test_a_migration_cut_short_is_finished_at_the_next_start(tmp_path: Path) -> 
     assert names.current(first.stem) == done
     assert (media / f"{names.current(second.stem)}.wav").exists()
     assert len((media / LEGACY_FILE).read_text().splitlines()) == 2
+
+
+def test_playable_looks_on_disk_only_for_a_name_that_was_renamed(tmp_path: Path, monkeypatch: Any) -> None:
+    state = tmp_path / "state"
+    prompt = tone_file(440)
+    old_prompt = old_style(state / "media", prompt)
+    lib = library(state)
+    media = state / "media"
+    new_name = LegacyNames(media).current(old_prompt.stem)
+    looked: list[str] = []
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda path: looked.append(str(path)) or real_exists(path))
+    # A current name (every call's prompts): its path, whether or not its file is there, without a stat.
+    assert lib.playable(f"{new_name}.wav") == str(media / f"{new_name}.wav")
+    assert lib.playable("b" * 64) == str(media / f"{'b' * 64}.wav")
+    assert looked == []
+    # An old name leads to the renamed file, unless a file under the old name is there (as before).
+    assert lib.playable(str(old_prompt)) == str(media / f"{new_name}.wav")
+    assert looked == [str(old_prompt)]
+    old_prompt.write_bytes(prompt)
+    assert lib.playable(str(old_prompt)) == str(old_prompt)

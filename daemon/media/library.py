@@ -160,6 +160,7 @@ class MediaLibrary:
                  pool: WorkerPool | None = None) -> None:
         self._settings = settings
         self._dir = Path(settings.media_dir).absolute()  # the workers get absolute paths
+        self._dir_text = str(self._dir)
         self._tts_dir = self._dir / "tts"
         self._tts_dir.mkdir(parents=True, exist_ok=True)
         self._key, made = load_or_create_key(settings.state_path)
@@ -231,7 +232,7 @@ class MediaLibrary:
             raise ValueError(f"{media!r} is not a media file of this library")
         name = self._current(name)
         if self._settings.media_mode == "local":
-            return str(self._dir / f"{name}.wav")
+            return os.path.join(self._dir_text, f"{name}.wav")
         return f"{self._settings.media_base_url.rstrip('/')}/media/{name}.wav"
 
     def path_for_name(self, name: str) -> str | None:
@@ -281,8 +282,12 @@ class MediaLibrary:
     # Work ---------------------------------------------------------------------------------------------
 
     def _current(self, name: str) -> str:
-        """``name``, or the name its file got when the media key was introduced."""
-        return name if (self._dir / f"{name}.wav").exists() else self._legacy.current(name)
+        """``name``, or the name its file got when the media key was introduced. Only a name that was renamed
+        is looked for on disk (every call's prompts pass here: no stat for the others, which are theirs)."""
+        renamed = self._legacy.current(name)
+        if renamed == name:
+            return name
+        return name if os.path.exists(os.path.join(self._dir_text, f"{name}.wav")) else renamed
 
     def _job(self, op: str, max_seconds: float, **fields: Any) -> dict[str, Any]:
         return {"op": op, "rate": self._settings.sample_rate, "max_seconds": max_seconds,

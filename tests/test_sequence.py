@@ -763,7 +763,9 @@ def refused_a_waiting_for_room(sequence: CallSequence, switch: ScriptedSwitch) -
 def deadline_passes(sequence: CallSequence, switch: ScriptedSwitch, leg: str) -> None:
     """The leg's originate_timeout passes: its timer fires (here at once: the switch's clock is scripted)."""
     switch.now = max(switch.now, sequence.deadline[leg])
-    sequence.forcing[leg].kill()
+    timer = sequence.forcing[leg]
+    if isinstance(timer, gevent.Greenlet):  # (a leg that never waited in line has none armed)
+        timer.kill()
     sequence.deliver(Granted(leg, forced=True))
     gevent.sleep(0)
 
@@ -772,7 +774,9 @@ def time_passes_with_no_room(sequence: CallSequence, switch: ScriptedSwitch, leg
     """``seconds`` go by and the line finds no room; then the leg's own timer fires (in real time)."""
     switch.now += seconds
     switch.capacity.serve(switch.now)
-    sequence.forcing[leg].join(timeout=10)
+    timer = sequence.forcing[leg]
+    assert isinstance(timer, gevent.Greenlet)  # the leg waits in line: its timer is armed
+    timer.join(timeout=10)
     gevent.sleep(0)
 
 
@@ -854,6 +858,43 @@ def test_b_refused_just_before_its_deadline_is_tried_once_more_then_the_call_end
     assert len(breaks(switch, sequence.a.uuid)) == 2
 
 
+def test_a_b_sent_at_once_arms_no_deadline_timer_and_one_that_waits_later_gets_the_first_deadline(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline's timer is armed only for a leg waiting in line: nearly every B goes at once and would
+    leave a greenlet holding its sequence until originate_timeout. A B that waits later (a refusal's retry
+    with no room) is forced at the deadline counted from when it was first wanted, as before."""
+    sequence, switch = run_call()
+    forced_in: list[float] = []
+    spawn_later = gevent.spawn_later
+
+    def spawn_later_noted(seconds: float, function: Any, *args: Any) -> gevent.Greenlet:
+        if args and isinstance(args[0], Granted) and args[0].forced:
+            forced_in.append(seconds)
+        return spawn_later(seconds, function, *args)
+
+    monkeypatch.setattr(gevent, "spawn_later", spawn_later_noted)
+    answered_and_waiting(sequence, switch)
+    assert len(breaks(switch, sequence.a.uuid)) == 1  # B went at once
+    assert forced_in == []
+    assert sequence.forcing["b"] == sequence.deadline["b"]  # when it would have been forced: nothing armed
+    first_deadline = sequence.deadline["b"]
+    switch.now += 3
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    sequence.deliver(executes(sequence.a.uuid, bridge.event_uuid, "bridge"))
+    switch.capacity.learn_limits(sps=1)  # the switch admits nothing any more: the retry waits in line
+    sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "DESTINATION_OUT_OF_ORDER"))
+    sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 1)))
+    gevent.sleep(0)
+    assert "b" in sequence.wanted
+    timer = sequence.forcing["b"]
+    assert isinstance(timer, gevent.Greenlet) and not timer.dead
+    assert sequence.deadline["b"] == first_deadline
+    # armed for what was left until the first deadline, not a whole originate_timeout from now
+    assert forced_in == [pytest.approx(first_deadline - switch.now)]
+    timer.kill()
+
+
 def test_b_granted_by_the_line_and_at_its_deadline_in_one_turn_is_dialed_once(
         run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
     sequence, switch = run_call()
@@ -863,7 +904,9 @@ def test_b_granted_by_the_line_and_at_its_deadline_in_one_turn_is_dialed_once(
     answered_and_waiting(sequence, switch)
     assert breaks(switch, sequence.a.uuid) == [] and "b" in sequence.wanted
     switch.now += 1.01
-    sequence.forcing["b"].kill()
+    timer = sequence.forcing["b"]
+    assert isinstance(timer, gevent.Greenlet)
+    timer.kill()
     sequence.deliver(Granted("b", forced=True))  # the deadline's timer...
     switch.capacity.serve(switch.now)  # ...and the line, before the call's greenlet runs
     gevent.sleep(0)

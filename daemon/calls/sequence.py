@@ -234,7 +234,9 @@ class CallSequence:
         self.retry_in = {"a": 0.0, "b": 0.0}  # the backoff after the last refusal
         self.attempts = {"a": 0, "b": 0}  # originates of A and bridges to B sent
         self.wanted: set[str] = set()  # legs waiting in the capacity's line
-        self.forcing: dict[str, gevent.Greenlet] = {}  # per leg: the timer that sends it at its deadline
+        # Per leg: the timer that sends it at its deadline, or (not armed yet: the leg never waited in line)
+        # the monotonic time it would fire at.
+        self.forcing: dict[str, gevent.Greenlet | float] = {}
         self.refused_leg = ""  # the leg the switch kept refusing: the call fails for that
         # B: the wait A plays is known by its event UUID (wait_uuid); the last one acted on; the bridge
         # attempt whose retry steps are queued; what to do when the wait after a bridge starts.
@@ -460,20 +462,24 @@ class CallSequence:
         uuid = self.a.uuid if leg == "a" else self.b.uuid
         if leg == "b":
             self.deadline.setdefault("b", now + self.options.originate_timeout)
-        timer = self.forcing.get(leg)
-        if leg in self.deadline and (timer is None or timer.dead):
+        force = self.forcing.get(leg)
+        if leg in self.deadline and (force is None or (force <= now if isinstance(force, float) else force.dead)):
             # A leg waits for room until originate_timeout has passed since it was first wanted; then it
             # goes anyway and the switch decides (a refusal then fails the call). Wanted again after that
             # (its forced send found no connection, or a refusal's retry came due past it), it goes at once
-            # or after its delay: never into a line it could wait in for ever.
-            self.forcing[leg] = gevent.spawn_later(max(0.0, self.deadline[leg] - now, delay), self.deliver,
-                                                   Granted(leg, forced=True))
+            # or after its delay: never into a line it could wait in for ever. The timer is armed only once
+            # the leg waits in line (below): a leg sent at once (nearly every B) needs none, and one armed
+            # for it would outlive the call (a greenlet holding the sequence until originate_timeout).
+            self.forcing[leg] = now + max(0.0, self.deadline[leg] - now, delay)
         granted = self.capacity.request(uuid, leg, now, lambda: self.deliver(Granted(leg)),
                                         not_before=now + delay)
         if granted:
             self.wanted.discard(leg)
             self._send_leg(leg)
             return
+        due = self.forcing.get(leg)
+        if isinstance(due, float):  # the forced send this leg was given, not armed while nothing waited for it
+            self.forcing[leg] = gevent.spawn_later(max(0.0, due - now), self.deliver, Granted(leg, forced=True))
         if delay <= 0 and leg not in self.wanted:
             self.records.step(self.call, "paced", leg=leg, note="waiting for room on the switch",
                               sessions=self.capacity.sessions, rate=self.capacity.rate(now))

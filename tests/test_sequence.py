@@ -1254,3 +1254,13 @@ def test_steps_in_doubt_are_settled_before_b_is_dialed_when_the_reconcile_is_del
     assert [x.split(" ")[0] for x in apps[-2:]] == ["bridge", "playback"], apps  # the bridge, then its wait
     assert switch.sent.index(breaks(switch, a)[0]) > max(i for i, m in enumerate(switch.sent) if "bridge" in m)
     assert len(bridges_to(switch, b)) == 1 and not sequence.apps.pending and sequence.apps.marker is None
+
+
+def test_wait_uuid_is_the_uuid5_of_the_a_leg_and_the_attempt() -> None:
+    """What a previous version derived (an adopted call must know its waits' events after an upgrade)."""
+    from daemon.calls.sequence import WAIT_NAMESPACE
+    for _ in range(300):
+        a_uuid = str(uuid.uuid4())
+        for attempt in (0, 1, 2, 17, 63):
+            assert wait_uuid(a_uuid, attempt) == str(uuid.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))
+    assert wait_uuid("6f1d9c55-2b7e-4f0c-9a51-4e4d1b7c3a21", 0) == "c36b3da9-465a-5384-908d-7bbb1b91e529"

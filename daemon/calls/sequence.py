@@ -478,7 +478,7 @@ class CallSequence:
             # or after its delay: never into a line it could wait in for ever. The timer is armed only once
             # the leg waits in line (below): a leg sent at once (nearly every B) needs none, and one armed
             # for it would outlive the call (a greenlet holding the sequence until originate_timeout).
-            self.forcing[leg] = now + max(0.0, self.deadline[leg] - now, delay)
+            self.forcing[leg] = float(now + max(0.0, self.deadline[leg] - now, delay))  # (never a Greenlet)
         granted = self.capacity.request(uuid, leg, now, lambda: self.deliver(Granted(leg)),
                                         not_before=now + delay)
         if granted:

@@ -596,6 +596,22 @@ def test_b_waits_for_room_while_a_hears_the_dialtone(run_call: Callable[..., Any
     assert len(breaks(switch, sequence.a.uuid)) == 1
 
 
+def test_a_call_that_ends_while_b_waits_in_line_leaves_no_deadline_timer_behind(run_call: Callable[..., Any]) -> None:
+    """A busy switch makes nearly every B wait in line, each with a timer that forces it at its deadline: a
+    call ending first must not leave it running (up to originate_timeout, holding the whole sequence)."""
+    sequence, switch = run_call()
+    for n in range(switch.capacity.rate_cap):  # other legs took this second's room
+        switch.capacity.reserve(f"other-{n}", switch.now)
+        switch.capacity.sent(f"other-{n}", switch.now)
+    answered_and_waiting(sequence, switch)
+    timer = sequence.forcing["b"]
+    assert isinstance(timer, gevent.Greenlet) and not timer.dead
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.a.uuid, **{"Hangup-Cause": "NORMAL_CLEARING"}))
+    sequence.greenlet.join(timeout=5)
+    assert Call.get_by_id(sequence.call.id).status == "failed"
+    assert timer.dead
+
+
 def test_b_refused_is_dialed_again_with_the_same_uuid_after_the_wait_starts(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     answered_and_waiting(sequence, switch)

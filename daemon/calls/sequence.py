@@ -342,6 +342,9 @@ class CallSequence:
         finally:
             for key in (self.a.uuid, self.b.uuid, self.job_uuid):
                 self.switch.unroute(key)
+            for timer in self.forcing.values():  # a leg's deadline, armed while it waited in line
+                if isinstance(timer, gevent.Greenlet):
+                    timer.kill(block=False)
             for leg in (self.a, self.b):
                 self.capacity.withdraw(leg.uuid)
                 if not leg.created:

@@ -41,7 +41,6 @@ import http.client
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -57,7 +56,8 @@ from daemon.config import Settings
 from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, database, utcnow
+from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, database, execute, utcnow
+from daemon.uuids import new_uuid
 from daemon.writer import current as writer
 
 log = logging.getLogger("callbridge.webhooks")
@@ -134,13 +134,12 @@ def enqueue_status(call: Call, status: CallStatus, detail: Mapping[str, Any] | N
         return None
     endpoint_id = call.endpoint_id  # type: ignore[attr-defined]  # peewee's FK column attribute
     # Read at every status change of every call: a plain statement, not a query object built each time.
-    row = database.execute_sql(f'SELECT "webhook_url" FROM "endpoint" WHERE "id" = {database.param}',
-                               (endpoint_id,)).fetchone()
+    row = execute(f'SELECT "webhook_url" FROM "endpoint" WHERE "id" = {database.param}', (endpoint_id,)).fetchone()
     url = row[0] if row else None
     if not url:
         return None
     created = now or utcnow()
-    event_id = str(uuid.uuid4())
+    event_id = new_uuid()
     body = json.dumps(event_payload(call, status, event_id, created, detail), separators=(",", ":"),
                       sort_keys=True)
     return WebhookDelivery.create(event_id=event_id, endpoint=endpoint_id, callid=call.callid,

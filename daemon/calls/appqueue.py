@@ -26,12 +26,12 @@ are only such are simply resent. A step that must arrive once is not resent blin
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon.switch import commands as fs
 from daemon.switch.esl import EslError, EslLostInFlight, EslNotSent
+from daemon.uuids import new_uuid
 
 
 @dataclass
@@ -40,7 +40,7 @@ class AppStep:
 
     app: str
     arg: str
-    event_uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    event_uuid: str = field(default_factory=new_uuid)
     loops: int | None = None  # run it that many times; -1: until uuid_break
 
     @property

@@ -117,11 +117,6 @@ def wait_uuid(a_uuid: str, attempt: int) -> str:
 _WAIT_NAMESPACE_BYTES = WAIT_NAMESPACE.bytes
 
 
-def _step(app: str, arg: str) -> AppStep:
-    """An app for A under a fresh event UUID (AppStep's own default would take an ``os.urandom`` each)."""
-    return AppStep(app, arg, event_uuid=new_uuid())
-
-
 class Switch(Protocol):
     """What a sequence needs from the engine: the Event Socket connection and the switch's capacity."""
 
@@ -422,13 +417,13 @@ class CallSequence:
         call, endpoint = self.call, self.endpoint
         ringback = self._playable(call.dialtone_file) if call.dialtone_file else fs.ring_tone(endpoint.ring_tone)
         steps = [
-            _step("multiset", fs.multiset_arg({"cb_stage": "queued", "ringback": ringback,
-                                               "transfer_ringback": ringback})),
+            AppStep("multiset", fs.multiset_arg({"cb_stage": "queued", "ringback": ringback,
+                                                 "transfer_ringback": ringback})),
             self._max_duration(),
         ]
         for prompt in (call.play_file, call.msg_file):
             if prompt:
-                steps.append(_step("playback", self._playable(prompt)))
+                steps.append(AppStep("playback", self._playable(prompt)))
         self.wait_step = self._wait(0)
         bridge = self._bridge()
         steps += [self.wait_step, bridge, self._wait(1)]
@@ -436,8 +431,8 @@ class CallSequence:
         self.apps.start(steps, bridge=bridge)
 
     def _bridge(self) -> AppStep:
-        return _step("bridge", fs.bridge_target(template=self.endpoint.dial_string, phone=self.call.phone_b,
-                                                variables=self._leg_vars(self.b.uuid)))
+        return AppStep("bridge", fs.bridge_target(template=self.endpoint.dial_string, phone=self.call.phone_b,
+                                                  variables=self._leg_vars(self.b.uuid)))
 
     def _wait(self, attempt: int) -> AppStep:
         """A's dialtone looped until we break it: after ``attempt`` bridges (0: before the first)."""
@@ -576,7 +571,7 @@ class CallSequence:
         (:meth:`_wait_playing`). The first two need none (no bridge ran on A yet; one did and ``cb_wait``
         is unset), so a call whose B is not refused sends nothing more for it."""
         wait = self._wait(bridges)
-        return [_step("set", fs.set_arg(WAIT_VAR, str(bridges))), wait] if bridges >= 2 else [wait]
+        return [AppStep("set", fs.set_arg(WAIT_VAR, str(bridges))), wait] if bridges >= 2 else [wait]
 
     def _queue_tail(self) -> None:
         """The marker an adopted call queued behind A's steps ran before any wait: A's steps ended short (the
@@ -590,7 +585,7 @@ class CallSequence:
         self.apps.start([self._max_duration(), self._wait(0), bridge, self._wait(1)], bridge=bridge)
 
     def _max_duration(self) -> AppStep:
-        return _step("sched_hangup", f"+{int(self.endpoint.max_duration)} {MAX_DURATION_CAUSE}")
+        return AppStep("sched_hangup", f"+{int(self.endpoint.max_duration)} {MAX_DURATION_CAUSE}")
 
     def _refused(self, leg: str, attempt: int) -> float | None:
         """The switch refused ``leg`` (nothing created): seconds until it is tried again, or None when
@@ -614,7 +609,7 @@ class CallSequence:
         """B will not be bridged: A hears the busy notice, then is hung up (its wait broken)."""
         self.wait_acted = "ending"
         try:
-            self.apps.extend([_step("playback", FAILURE_NOTICE), _step("hangup", "NORMAL_CLEARING")])
+            self.apps.extend([AppStep("playback", FAILURE_NOTICE), AppStep("hangup", "NORMAL_CLEARING")])
             self.switch.api(fs.uuid_break(self.a.uuid))
         except EslError:
             with contextlib.suppress(EslError):

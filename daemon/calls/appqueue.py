@@ -150,15 +150,12 @@ class AppQueue:
         """A step of A's began: it, and every step before it, had arrived. If it is the doubtful step (a
         wait), what follows it is sent; if it comes before, it is not sent again should the marker run.
         Heard before :meth:`resume` (the look after a reconnect was delayed), it settles uncertain steps."""
-        uncertain = self.uncertain
-        index = next((n for n, step in enumerate(uncertain) if step.event_uuid == event_uuid), None)
+        index = _position(self.uncertain, event_uuid)
         if index is not None:
-            del uncertain[:index + 1]
+            del self.uncertain[:index + 1]
             return
         waiting = self.waiting_for_marker
-        if not waiting:
-            return
-        index = next((n for n, step in enumerate(waiting[:self.doubtful + 1]) if step.event_uuid == event_uuid), None)
+        index = _position(waiting[:self.doubtful + 1], event_uuid)
         if index is None:
             return
         if index == self.doubtful:
@@ -177,3 +174,8 @@ class AppQueue:
         uncertain steps not seen to start); send them and the rest."""
         self.marker, self.unsent, self.waiting_for_marker, self.doubtful = None, self.waiting_for_marker, [], -1
         self.send_unsent()
+
+
+def _position(steps: list[AppStep], event_uuid: str) -> int | None:
+    """Where the step known by ``event_uuid`` is in ``steps``, or None."""
+    return next((n for n, step in enumerate(steps) if step.event_uuid == event_uuid), None)

@@ -105,14 +105,12 @@ def _clean_detail(detail: dict[str, Any]) -> str:
 
 def append_event(call_id: int, kind: str, at: dt.datetime, **detail: Any) -> None:
     """:func:`add_event` as the daemon writes its steps: one precompiled insert, no model built."""
-    param = database.param
-    sql = _EVENT_SQL.get(param)
-    if sql is None:
-        sql = _EVENT_SQL[param] = f'INSERT INTO "callevent" ("call_id", "at", "kind", "detail") VALUES ({param}, {param}, {param}, {param})'
-    execute(sql, (call_id, sqlite_time(at) if param == "?" else at, kind, _clean_detail(detail) if detail else ""))
+    sql = precompiled("event", _event_sql)
+    execute(sql, (call_id, sqlite_time(at) if database.param == "?" else at, kind, _clean_detail(detail)))
 
 
-_EVENT_SQL: dict[str, str] = {}
+def _event_sql(p: str) -> str:
+    return f'INSERT INTO "callevent" ("call_id", "at", "kind", "detail") VALUES ({p}, {p}, {p}, {p})'
 
 
 class _Update(NamedTuple):
@@ -137,10 +135,10 @@ def _update_plan(names: tuple[str, ...], if_status: tuple[CallStatus, ...], owne
         return f'UPDATE "call" SET {columns} WHERE "id" = {p}{condition}'
 
     def converter(field: Any) -> Callable[[Any], Any]:
-        # SQLite: a datetime stored as its driver's adapter would, in one step (db_value leaves it as it is).
+        # SQLite: a datetime as its driver would store it (sqlite_time), converted here in one step.
         db_value: Callable[[Any], Any] = field.db_value
         if param == "?" and isinstance(field, DateTimeField):
-            return lambda value: value.isoformat(" ") if type(value) is dt.datetime else db_value(value)
+            return lambda value: sqlite_time(db_value(value))
         return db_value
 
     sql = precompiled(f"update:{','.join(names)}:{len(if_status)}:{owned}", build)

@@ -306,9 +306,6 @@ class SwitchLink:
     def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str:
         return self._conn().bgapi(command, job_uuid, before_send=before_send)
 
-    def send_message(self, message: str) -> Any:
-        return self._conn().send_message(message)
-
     def send_messages(self, messages: list[str]) -> list[Any]:
         return self._conn().send_messages(messages)
 

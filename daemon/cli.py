@@ -11,6 +11,7 @@ import argparse
 import getpass
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -191,9 +192,20 @@ def _calls_command(args: argparse.Namespace, settings: Settings) -> Any:
     return hangup_call(call, settings)
 
 
-def hangup_call(call: Call, settings: Settings) -> dict[str, Any]:
+# How long a hangup goes on trying to kill an A whose originate may be on its way to the switch.
+HANGUP_CHASE = 3.0  # seconds
+
+
+def hangup_call(call: Call, settings: Settings, *, by: str = "the operator") -> dict[str, Any]:
     """Hang up a call in progress: ``uuid_kill`` of A over a connection of its own (the daemon's engine
-    sees the hangup events and ends the call as usual). The operator command and the admin page use it."""
+    sees the hangup events and ends the call as usual). The operator command and the admin page use it.
+
+    The request is committed first (``CallRecords.request_hangup``): from then on the daemon sends no
+    originate of A, so a call whose A is not up yet (waiting for the switch's room, or between refused
+    attempts) ends ``canceled`` instead of ringing later. An originate that may already be on its way is
+    chased: the kill is tried again for a few seconds until A's channel exists or the call has ended."""
+    import gevent
+
     from daemon.switch import commands as fs
     from daemon.switch.esl import EslConnection, EslError
 
@@ -202,16 +214,31 @@ def hangup_call(call: Call, settings: Settings) -> dict[str, Any]:
     switch = switch_sent_to(settings.switch_addresses, call.switch)
     if switch is None:
         raise EndpointError(f"callid {call.callid}: its switch {call.switch} is not in the settings")
+    try:
+        a_may_be_dialed = CallRecords.request_hangup(call, by=by)
+    except OperationalError as exc:
+        raise EndpointError(f"callid {call.callid}: the store did not take the hangup: {exc}") from None
     conn = EslConnection(switch.host, switch.port, switch.password,
                          connect_timeout=settings.esl_command_timeout, command_timeout=settings.esl_command_timeout)
+    deadline = time.monotonic() + HANGUP_CHASE
     try:
         conn.connect()
-        reply = conn.api(fs.uuid_kill(call.a_uuid, "NORMAL_CLEARING")).strip()
+        while True:
+            reply = conn.api(fs.uuid_kill(call.a_uuid, "NORMAL_CLEARING")).strip()
+            if reply.startswith("+OK") or not a_may_be_dialed or time.monotonic() >= deadline:
+                break
+            if CallStatus(Call.get_by_id(call.id).status).final:
+                break
+            gevent.sleep(0.1)
     except EslError as exc:
         raise EndpointError(f"FreeSWITCH at {switch.name}: {exc}") from None
     finally:
         conn.close()
-    return {"callid": call.callid, "freeswitch": reply}
+    result: dict[str, Any] = {"callid": call.callid, "freeswitch": reply}
+    if not reply.startswith("+OK"):
+        result["note"] = ("A's channel was not found: the daemon sends no originate of A from now on; a call "
+                          "whose A was not dialed yet ends canceled")
+    return result
 
 
 def _store_unavailable(settings: Settings, exc: Exception) -> int:

@@ -12,7 +12,7 @@ import gevent
 import gevent.event
 import pytest
 
-from daemon.calls.records import CallRecords, NewCall, NotCancelable
+from daemon.calls.records import CallRecords, HangupRequested, NewCall, NotCancelable
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, database
 
@@ -257,3 +257,59 @@ def test_a_status_change_and_its_timeline_step_commit_together(
         records.a_answered(call, at=NOW)
     monkeypatch.undo()
     assert Call.get_by_id(call.id).status == "dialing_a" and kinds(call) == ["requested", "claimed"]
+
+
+def test_a_hangup_committed_before_an_originate_of_a_stops_it_and_one_after_a_mark_is_chased(
+        records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """An operator's hangup of a call whose A is not dialed yet: every later mark (the first originate, or
+    one after a refusal) refuses, so nothing of A leaves; after a mark, the hangup says A may be up."""
+    endpoint, _ = make_endpoint()
+    early = records.create(endpoint, request(), now=NOW).call
+    assert records.claim(early, a_uuid="a1", b_uuid="b1", now=NOW)
+    assert CallRecords.request_hangup(early, by="ops@example.com") is False
+    with pytest.raises(HangupRequested, match="hung up by ops@example.com before A was dialed"):
+        records.mark_dialing_a(early)
+    assert kinds(early) == ["requested", "claimed", "hangup_requested"]
+
+    late = records.create(endpoint, request(), now=NOW).call
+    assert records.claim(late, a_uuid="a2", b_uuid="b2", now=NOW)
+    records.mark_dialing_a(late)
+    assert CallRecords.request_hangup(late, by="ops@example.com") is True
+    with pytest.raises(HangupRequested):
+        records.mark_dialing_a(late, attempt=2)  # its next attempt, after a refusal by the switch
+    assert kinds(late) == ["requested", "claimed", "dialing_a", "hangup_requested"]
+
+
+@pytest.mark.stores("postgresql")
+@pytest.mark.parametrize("mark_first", [True, False])
+def test_a_hangup_racing_a_mark_on_postgresql_is_seen_by_it_or_sees_it(
+        records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]], mark_first: bool) -> None:
+    """Another daemon's mark and an operator's hangup (``calls hangup`` elsewhere) at the same moment: the
+    call's row lock orders them, so the one committed second sees the first. Without it, both would read
+    before the other's commit: the originate would leave and the hangup would say nothing had."""
+    endpoint, _ = make_endpoint()
+    call = records.create(endpoint, request(), now=NOW).call
+    assert records.claim(call, a_uuid="a", b_uuid="b", now=NOW)
+    holding = gevent.event.Event()
+
+    def mark() -> str:
+        try:
+            records.mark_dialing_a(Call.get_by_id(call.id))
+            return "marked"
+        except HangupRequested:
+            return "refused"
+
+    def first() -> Any:
+        with database.atomic():
+            result = mark() if mark_first else CallRecords.request_hangup(call, by="ops")
+            holding.set()
+            wait_until_blocked_on_a_lock()
+            return result
+
+    def second() -> Any:
+        holding.wait(30)
+        return CallRecords.request_hangup(call, by="ops") if mark_first else mark()
+
+    one, two = gevent.spawn(first), gevent.spawn(second)
+    results = (one.get(timeout=60), two.get(timeout=60))
+    assert results == (("marked", True) if mark_first else (False, "refused"))

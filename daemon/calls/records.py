@@ -86,6 +86,8 @@ DIAL_MARK = "dialing_a"
 THROTTLED = "throttled"
 # The step written when an originate, marked, was not sent after all (the connection went meanwhile).
 NOT_SENT = "not_sent"
+# An operator's hangup (``calls hangup``, the admin page): no originate of A leaves after it is committed.
+HANGUP_REQUESTED = "hangup_requested"
 # The reason of a call ended because its switch stayed unreachable (CallRecords.ended_on_lost_switch reads it).
 SWITCH_LOST_REASON = "the switch {switch} was unreachable for {seconds} s"
 
@@ -111,6 +113,14 @@ def append_event(call_id: int, kind: str, at: dt.datetime, **detail: Any) -> Non
 
 def _event_sql(p: str) -> str:
     return f'INSERT INTO "callevent" ("call_id", "at", "kind", "detail") VALUES ({p}, {p}, {p}, {p})'
+
+
+def _hangup_requested_by(call_id: int) -> str | None:
+    """Who asked to hang the call up (:meth:`CallRecords.request_hangup`), or None if nobody did."""
+    sql = precompiled("hangup_requested", lambda p: (
+        f'SELECT "detail" FROM "callevent" WHERE "call_id" = {p} AND "kind" = {p} LIMIT 1'))
+    row = execute(sql, (call_id, HANGUP_REQUESTED)).fetchone()
+    return None if row is None else str(json.loads(row[0] or "{}").get("by") or "an operator")
 
 
 class _Update(NamedTuple):
@@ -228,6 +238,14 @@ class NotCancelable:
 
 class NotOwned(OperationalError):
     """The call belongs to another daemon now (its lease here ran out and the other took it over)."""
+
+
+class HangupRequested(Exception):
+    """An operator hung the call up before this originate of A left: it is not sent."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__(f"hung up by {by} before A was dialed")
+        self.by = by
 
 
 @dataclass(frozen=True)
@@ -608,19 +626,43 @@ class CallRecords:
         shared = is_shared()
         until, mine = now + self.lease, self._mine()
 
-        def mark() -> None:
-            if shared:
+        def mark() -> str | None:
+            if shared:  # the row's lock also orders this with request_hangup's
                 held = Call.update(lease_until=until).where((Call.id == call_id) & mine).execute()
                 if held != 1:
                     raise NotOwned("another daemon took the call over")
-            append_event(call_id, DIAL_MARK, at=now, **detail)
+            by = _hangup_requested_by(call_id)
+            if by is None:
+                append_event(call_id, DIAL_MARK, at=now, **detail)
+            return by
 
         try:
-            writer().submit(mark, durable=True, fail_fast=True, wait=True)
+            refused_by = writer().submit(mark, durable=True, fail_fast=True, wait=True)
         except OperationalError as exc:
             log_event(log, "store.retry", logging.WARNING, error=str(exc), step=DIAL_MARK, callid=call.callid)
             raise
+        if refused_by is not None:
+            raise HangupRequested(refused_by)
         log_event(log, DIAL_MARK, callid=call.callid, **detail)
+
+    @staticmethod
+    def request_hangup(call: Call, *, by: str) -> bool:
+        """An operator's hangup, noted durably in the call's timeline before anything goes to the switch:
+        from its commit on no originate of A leaves (:meth:`mark_dialing_a` refuses, and the call ends
+        canceled). Returns whether an originate of A may have left already (then A's channel is the one
+        to kill). Both run in one transaction with the call's row locked on PostgreSQL (one writer on
+        SQLite), so the one committed second sees the other."""
+        call_id, now = call.id, utcnow()
+
+        def note() -> bool:
+            if is_shared():
+                list(Call.select(Call.id).where(Call.id == call_id).for_update())
+            append_event(call_id, HANGUP_REQUESTED, at=now, by=by)
+            return CallRecords.unsent_because(call) is None
+
+        sent: bool = writer().submit(note, durable=True, fail_fast=True, wait=True)
+        log_event(log, HANGUP_REQUESTED, callid=call.callid, by=by, a_may_be_dialed=sent)
+        return sent
 
     def a_answered(self, call: Call, *, at: dt.datetime) -> None:
         """A picked up: it hears the prompts next."""
@@ -646,15 +688,19 @@ class CallRecords:
     def finish(self, call: Call, status: CallStatus, *, at: dt.datetime | None = None, reason: str = "",
                failed_leg: str | None = None, a_cause: str | None = None, b_cause: str | None = None,
                ring_seconds: float | None = None, talk_seconds: float | None = None,
-               recording_bytes: int | None = None, recording_seconds: float | None = None) -> None:
-        """End the call with a final status at ``at`` (now by default); fields left None stay as they are."""
+               recording_bytes: int | None = None, recording_seconds: float | None = None,
+               canceled_by: str | None = None) -> None:
+        """End the call with a final status at ``at`` (now by default); fields left None stay as they are.
+        ``canceled_by``: who canceled it (its ``canceled_at`` is then ``at``)."""
         if not status.final:
             raise ValueError(f"{status.value} is not a final status")
         when = at or self.clock()
         row: dict[str, Any] = {"ended_at": when, "reason": reason}
+        if canceled_by is not None:
+            row["canceled_at"] = when
         optional = {"failed_leg": failed_leg, "a_cause": a_cause, "b_cause": b_cause, "ring_seconds": ring_seconds,
                     "talk_seconds": talk_seconds, "recording_bytes": recording_bytes,
-                    "recording_seconds": recording_seconds}
+                    "recording_seconds": recording_seconds, "canceled_by": canceled_by}
         row.update({name: value for name, value in optional.items() if value is not None})
         self._move(call, status, when, row)
 

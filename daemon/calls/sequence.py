@@ -70,7 +70,14 @@ import gevent.queue
 from peewee import DatabaseError, OperationalError
 
 from daemon.calls.appqueue import AppQueue, AppStep
-from daemon.calls.records import NOT_SENT, SWITCH_LOST_REASON, THROTTLED, CallRecords, NotOwned
+from daemon.calls.records import (
+    NOT_SENT,
+    SWITCH_LOST_REASON,
+    THROTTLED,
+    CallRecords,
+    HangupRequested,
+    NotOwned,
+)
 from daemon.loop import Backoff
 from daemon.ops.logs import log_event
 from daemon.store import Call, CallStatus, Endpoint
@@ -383,6 +390,10 @@ class CallSequence:
         self.a_marked = False
         try:
             reply = self.switch.bgapi(command, self.job_uuid, before_send=self._sending_a)
+        except HangupRequested as exc:  # an operator's hangup came first: A is never dialed (again)
+            self.capacity.cancel(self.a.uuid)
+            self._finish(CallStatus.CANCELED, reason=str(exc), canceled_by=exc.by[:100])
+            return
         except (EslNotSent, OperationalError) as exc:
             # Never reached FreeSWITCH (no connection, no turn, or the store refused the mark): dial when
             # reconnected, or in a moment if the connection or the store was only busy.
@@ -885,7 +896,8 @@ class CallSequence:
             self._finish(CallStatus.FAILED, failed_leg="a", reason=f"{who} {when}")
 
     def _finish(self, status: CallStatus, *, reason: str = "", failed_leg: str | None = None,
-                a_cause: str | None = None, b_cause: str | None = None, end_heard: bool = True) -> None:
+                a_cause: str | None = None, b_cause: str | None = None, end_heard: bool = True,
+                canceled_by: str | None = None) -> None:
         """End the call; the legs' causes, ring or talk time and the recording's size come from what we saw.
         ``end_heard`` False: it ended while no daemon heard it, so its end time is not known."""
         if self.done:
@@ -907,7 +919,8 @@ class CallSequence:
         self.records.finish(self.call, status, at=now, reason=reason, failed_leg=failed_leg,
                             a_cause=self.a.cause if a_cause is None else a_cause,
                             b_cause=self.b.cause if b_cause is None else b_cause,
-                            ring_seconds=ring, talk_seconds=talk, recording_bytes=size, recording_seconds=seconds)
+                            ring_seconds=ring, talk_seconds=talk, recording_bytes=size, recording_seconds=seconds,
+                            canceled_by=canceled_by)
 
     # -- when the connection was lost or nothing is heard -----------------------------------------
     def _switch_lost(self, lost: SwitchLost) -> None:

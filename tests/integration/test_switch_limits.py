@@ -20,6 +20,7 @@ import gevent
 import pytest
 
 from daemon.calls.sequence import FAILURE_NOTICE, REFUSED
+from daemon.cli import hangup_call
 from daemon.store import Call, CallEvent
 from daemon.switch.esl import EslConnection
 from tests.integration.conftest import Harness, needs_standin, wait_for
@@ -161,6 +162,27 @@ def test_a_refused_until_the_originate_timeout_fails_with_the_reason(make_harnes
     assert len(throttled) >= 2 and throttled[-1]["note"].startswith("still refused after 2 s")
     a_uuid = str(call.a_uuid)
     assert harness.switch.channel(a_uuid) is None  # nothing was ever dialed
+    assert commands_for(harness, "bgapi originate", a_uuid) == harness.switch.refusals(a_uuid)
+
+
+@needs_standin()  # holds A back with the stand-in's limit
+def test_a_hangup_while_a_waits_for_room_cancels_the_call_and_a_is_never_dialed(
+        make_harness: Callable[..., Harness]) -> None:
+    """``calls hangup`` (or the admin page) of a call whose A the switch refused and that waits for room:
+    there is no channel to kill, but the request is committed first and no originate of A leaves after it,
+    so the call ends canceled when room comes instead of ringing A then."""
+    harness = make_harness(originate_timeout=60)
+    set_sps(harness, 1)  # an operator's fs_cli: the switch admits nothing for now
+    call = harness.place(harness.endpoint(), "15550000426", "15550006426", prompts=False)
+    assert wait_for(lambda: bool(steps(call, "throttled")), 10), harness.timeline(call)
+    result = hangup_call(Call.get_by_id(call.id), harness.settings, by="ops@example.com")
+    assert result["freeswitch"] == "-ERR No such channel!" and "note" in result, result
+    set_sps(harness, 30)
+    done = harness.wait_final(call, 30)
+    assert (done.status, done.canceled_by, done.reason) == (
+        "canceled", "ops@example.com", "hung up by ops@example.com before A was dialed"), harness.timeline(done)
+    a_uuid = str(done.a_uuid)
+    assert harness.switch.channel(a_uuid) is None  # nothing of A was ever dialed
     assert commands_for(harness, "bgapi originate", a_uuid) == harness.switch.refusals(a_uuid)
 
 

@@ -189,7 +189,7 @@ def admin_hangup(callid: str) -> Response:
     if call is None:
         raise PageError(404, "No such call.")
     try:
-        hangup_call(Call.get_by_id(call.id), ctx().settings)
+        hangup_call(Call.get_by_id(call.id), ctx().settings, by=me().email)
     except EndpointError as exc:
         raise PageError(409, f"{exc}. Reload the list: the call may have ended already.") from None
     log_event(log, "portal.hangup", callid=call.callid, by=me().email)

@@ -85,6 +85,8 @@ STEP_WORDS = {
     "switch_restarted": "FreeSWITCH restarted",
     "reconciled": "Checked with FreeSWITCH after a restart",
     "lost_track": "Lost track of the call",
+    "hangup_requested": "Hung up by an operator",
+    "throttled": "FreeSWITCH was at its limit; tried again",
     "adopted": "Taken over after a daemon restart",
 }
 

@@ -299,8 +299,26 @@ class Heartbeat(BaseModel):
     seen_at = DateTimeField()
 
 
+class DaemonInstance(BaseModel):
+    """A daemon running under an ``instance_id`` on a shared PostgreSQL, renewing ``seen_at`` (the server's
+    clock) while it runs, so that a second live daemon under the same id refuses to start
+    (daemon/ops/instance.py). Made on SQLite too, where one daemon per file is held by a file lock instead
+    and the table stays empty."""
+
+    instance_id = CharField(max_length=100, primary_key=True)
+    run_id = CharField(max_length=32)  # random, this run's
+    host = CharField(max_length=255)
+    boot_id = CharField(max_length=36, default="")  # the host's /proc/sys/kernel/random/boot_id
+    pid = IntegerField()
+    started_at = DateTimeField()
+    seen_at = DateTimeField()
+
+    class Meta:
+        table_name = "instances"
+
+
 MODELS: list[type[Model]] = [SchemaVersion, Endpoint, Call, CallEvent, WebhookDelivery, Account, WebSession,
-                             Heartbeat]
+                             Heartbeat, DaemonInstance]
 
 
 def _v1_initial(db: Database) -> None:
@@ -372,10 +390,15 @@ def _v9_heartbeat(db: Database) -> None:
     db.create_tables([Heartbeat], safe=True)
 
 
+def _v10_instances(db: Database) -> None:
+    db.create_tables([DaemonInstance], safe=True)
+
+
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
 MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
                                                 _v4_request_fingerprint, _v5_web_accounts, _v6_call_leases,
-                                                _v7_call_switch, _v8_lean_indexes, _v9_heartbeat]
+                                                _v7_call_switch, _v8_lean_indexes, _v9_heartbeat,
+                                                _v10_instances]
 
 
 def schema_version(db: Database) -> int:

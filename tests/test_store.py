@@ -355,8 +355,10 @@ def describe(db: Database) -> dict[str, Any]:
     for table in db.get_tables():
         columns = {c.name: (c.data_type.split("(")[0].upper() if isinstance(db, store.SqliteDatabase)
                             else c.data_type, c.null) for c in db.get_columns(table)}
+        # The primary key's own index: PostgreSQL's <table>_pkey, SQLite's sqlite_autoindex_<table>_N (a key
+        # that is not the rowid: instances.instance_id).
         indexes = {(tuple(i.columns), bool(i.unique)) for i in db.get_indexes(table)
-                   if not i.name.endswith("_pkey")}
+                   if not i.name.endswith("_pkey") and not i.name.startswith("sqlite_autoindex_")}
         out[table] = (columns, indexes)
     return out
 

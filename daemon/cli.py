@@ -259,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print(settings.masked(), as_json=False)
         return 0
     if args.command in (None, "run"):
+        from daemon.ops.instance import AlreadyRunning
         from daemon.ops.logs import configure
         from daemon.service import ListenError, Service
 
@@ -272,10 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         try:
             service.run_forever()
-        except ListenError as exc:
+        except (ListenError, AlreadyRunning) as exc:
             print(f"callbridge: {exc}", file=sys.stderr)
             return 2
-        return 0
+        except ConfigError as exc:  # the store's lock file cannot be made
+            print(f"callbridge: configuration error: {exc}", file=sys.stderr)
+            return 2
+        return service.exit_code
     try:
         open_database(settings.database_url)
     except (OperationalError, OSError) as exc:  # OSError: the SQLite file's folder cannot be made

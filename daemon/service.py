@@ -1,13 +1,14 @@
 """The daemon process: wires the store, media, engine, dispatcher and HTTP API together and runs them.
 
-Order at start: database (migrated) → the API's socket bound (a port in use ends the start here) → the
-store's writer (on SQLite a thread of its own: nothing on the event loop waits for the disk) → engine
-(connects to FreeSWITCH in the background, adopts the calls a previous run left in flight) → dispatcher
-(marks missed what was due while no dispatcher ran, then starts due ones) → leases (renewed; calls of
-daemons that died taken over: daemon/calls/leases.py) → HTTP server → ``READY=1`` to systemd. On
+Order at start: database (migrated) → this daemon's hold on its store or its instance_id (another daemon
+holding it refuses the start: daemon/ops/instance.py) → the API's socket bound (a port in use ends the
+start here) → the store's writer (on SQLite a thread of its own: nothing on the event loop waits for the
+disk) → engine (connects to FreeSWITCH in the background, adopts the calls a previous run left in flight)
+→ dispatcher (marks missed what was due while no dispatcher ran, then starts due ones) → leases (renewed;
+calls of daemons that died taken over: daemon/calls/leases.py) → HTTP server → ``READY=1`` to systemd. On
 SIGTERM: stop taking calls, leave calls in progress to FreeSWITCH (they are adopted at the next start, or
 by another daemon sharing the store, their leases ended), stop the server, commit what is queued (the
-ended leases with it), exit.
+ended leases with it), let go of the store or the instance_id, exit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from daemon.config import ConfigError, Settings
 from daemon.loop import Loop
 from daemon.media.library import MediaLibrary
 from daemon.ops.heap import FREEZE_INTERVAL, Heap
+from daemon.ops.instance import Instance
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.ops.retention import Retention
@@ -81,7 +83,9 @@ class Service:
         self.engine = Engine(settings, self.records, playable=self._playable,
                              on_call_end=lambda _sequence: self._call_ended())
         self.dispatcher = Dispatcher(settings, self.engine, self.records, clock)
-        self.leases = Leases(settings, self.engine, self.records, clock)
+        self.instance = Instance(settings, self.instance_id)
+        self.leases = Leases(settings, self.engine, self.records, clock, instance=self.instance,
+                             on_instance_lost=self._instance_lost)
         self.app = create_app(settings, media=self.media, dispatcher=self.dispatcher, metrics=self.metrics,
                               readiness=self.readiness, clock=clock, records=self.records,
                               switch_status=self.engine.switch_status)
@@ -91,6 +95,7 @@ class Service:
         self.media_eviction = Loop("media eviction", self._evict_media, clock, log=log,
                                    first_delay=MEDIA_EVICTION_INTERVAL, error_delay=MEDIA_EVICTION_INTERVAL)
         self.writer: ThreadWriter | None = None
+        self.exit_code = 0  # the process's, once run_forever returns
         self._wake_pending = False
         self._previous_writer: Writer | None = None
 
@@ -125,7 +130,22 @@ class Service:
             raise ListenError(f"http_host/http_port {self.settings.http_host}:{self.settings.http_port}: "
                               f"cannot listen: {exc.strerror or exc}") from None
 
+    def _instance_lost(self) -> None:
+        """Another daemon runs under this instance_id now: stop, and say so with the exit code."""
+        self.exit_code = 1
+        self.stopping.set()
+
     def start(self) -> None:
+        # Before anything else: a daemon that already runs on this store, or under this instance_id on a
+        # shared one, refuses this start (AlreadyRunning) with nothing of its own touched.
+        self.instance.acquire()
+        try:
+            self._start()
+        except BaseException:
+            self.instance.release()
+            raise
+
+    def _start(self) -> None:
         self.listen()
         if database_file(self.settings.database_url) is not None and not self.settings.database_url.endswith(
                 ":memory:"):
@@ -156,7 +176,8 @@ class Service:
         leaving = list(self.engine.active)
         self.engine.stop()
         try:  # another daemon sharing the store takes these calls over at its next look
-            self.leases.release(leaving, self.clock())
+            if not self.instance.lost:  # else they are the daemon's that took this instance_id over
+                self.leases.release(leaving, self.clock())
         except Exception:
             log.exception("could not end the leases of the calls left to FreeSWITCH")
         self.media_eviction.stop()
@@ -168,6 +189,7 @@ class Service:
             if self._previous_writer is not None:
                 install(self._previous_writer)
             self.writer = None
+        self.instance.release()
         close_database(self.database)
         log_event(log, "service.stopped")
 

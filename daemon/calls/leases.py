@@ -11,8 +11,9 @@ past its lease and another took it) stops following it; until its next renewal t
 whose daemon renewed too late asks whether the call is still its own before acting on anything
 (``CallRecords.lease_lapsed``), so the stalled daemon sends nothing the new owner sends too.
 
-At start a daemon adopts only its own calls (a previous run under the same ``instance_id``) and expired
-ones (``CallRecords.left_in_flight``); on SIGTERM it ends its leases at once, so another daemon takes its
+At start a daemon adopts only its own calls (a previous run under the same ``instance_id``, which no live
+daemon holds: daemon/ops/instance.py, whose row each tick renews first) and expired ones
+(``CallRecords.left_in_flight``); on SIGTERM it ends its leases at once, so another daemon takes its
 calls over at its next look. With SQLite there is one daemon: it adopts every call in flight at start,
 and the lease only lets it pick up a call its own sequence gave up on (a store outage) without a restart.
 
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.loop import Loop
+from daemon.ops.instance import Instance
 from daemon.ops.logs import log_event
 from daemon.store import utcnow
 from daemon.switch.engine import Engine
@@ -51,9 +53,12 @@ class Leases:
     ticking every third of the lease."""
 
     def __init__(self, settings: Settings, engine: Engine, records: CallRecords,
-                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+                 clock: Callable[[], dt.datetime] = utcnow, *, instance: Instance | None = None,
+                 on_instance_lost: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
         self.records = records
+        self.instance = instance
+        self.on_instance_lost = on_instance_lost
         self.period = settings.lease_seconds / 3
         self.loop = Loop("call leases", self.tick, clock, log=log, first_delay=self.period,
                          error_delay=min(self.period, 1.0))
@@ -65,9 +70,28 @@ class Leases:
         self.loop.stop()
 
     def tick(self, now: dt.datetime) -> float:
-        self.renew(now)
-        self.take_over(now)
+        if self.hold_instance():
+            self.renew(now)
+            self.take_over(now)
         return self.period
+
+    def hold_instance(self) -> bool:
+        """Renew this daemon's hold on its instance_id (daemon/ops/instance.py). False once another daemon
+        took the instance_id over: the call leases under that name are the other daemon's now, so every call
+        is let go (once) and the service is told to stop."""
+        if self.instance is None:
+            return True
+        if self.instance.lost:
+            return False
+        if self.instance.renew():
+            return True
+        log_event(log, "instance.lost", logging.ERROR, instance=self.instance.instance_id,
+                  calls=len(self.engine.active),
+                  note="another daemon took this instance_id over (this one stalled past lease_seconds): "
+                       "stopping, its calls left to that daemon")
+        self.engine.let_go(list(self.engine.active), note="another daemon took this daemon's instance_id over")
+        self.on_instance_lost()
+        return False
 
     def renew(self, now: dt.datetime) -> int:
         """Renew the leases of the calls this daemon follows; let go of any another daemon took over.

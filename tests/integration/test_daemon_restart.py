@@ -44,6 +44,7 @@ class Daemon:
             self.env["CALLBRIDGE_DATABASE_URL"] = database_url
         self.env["CALLBRIDGE_HTTP_PORT"] = str(_free_port())
         self.base = f"http://127.0.0.1:{self.env['CALLBRIDGE_HTTP_PORT']}"
+        self.log = state.with_name(f"{state.name}.log")  # what its runs wrote to stderr, one after another
         self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str) -> Any:
@@ -52,9 +53,16 @@ class Daemon:
         return json.loads(out.stdout)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=self.env,
+                                         stdout=subprocess.DEVNULL, stderr=log)
         assert wait_for(lambda: self.get("/readyz")[0] == 200, 60), "daemon did not become ready"
+
+    def run_refused(self, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        """``daemon run`` that is to refuse to start: its exit code and what it printed (a start that is not
+        refused runs on, and ends here in TimeoutExpired)."""
+        return subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=timeout, check=False)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -147,6 +155,57 @@ def test_sigkill_mid_call_then_restart_reconciles_every_call(tmp_path: Path, sto
         assert wait_for(lambda: not switch.channels_live(), 10), "channels left open"
     finally:
         daemon.stop()
+        switch.stop()
+
+
+@needs_standin()
+@pytest.mark.slow
+def test_a_second_daemon_on_one_sqlite_store_refuses_and_a_restart_after_sigkill_is_not_held_up(
+        tmp_path: Path) -> None:
+    """An operator's ``daemon run`` beside the service on its store (or two units on one state_dir): the
+    second used to adopt every call the first was following, and both bridged, hung up, ended them. Now it
+    exits 2 naming the first, with nothing of the first's touched; the lock dies with the first, even by
+    SIGKILL, so the next start is not held up."""
+    from freeswitch.standin import StandIn
+
+    switch = StandIn(host="127.0.0.1", port=0, password="ClueCon", time_scale=0.1)
+    switch.start()
+    first = Daemon(tmp_path / "state", switch.port)
+    try:
+        token = first.cli("endpoint", "add", "--name", "k", "--caller-id", "15551230000", "--dial-string",
+                          "sofia/gateway/carrier/{number}")["token"]
+        first.start()
+        callids = []
+        for i in range(3):  # A and B answer and stay up (300 s; 30 s here)
+            status, answer = first.request("POST", "/v1/calls", {"token": token, "phone_a": f"15550000{i:03d}",
+                                                                 "phone_b": f"15550000{i + 500:03d}"})
+            assert status == 200, answer
+            callids.append(answer["data"]["callid"])
+
+        def timelines() -> dict[str, list[str]]:
+            calls = (first.get(f"/v1/calls/{c}?token={urllib.parse.quote(token)}")[1]["data"] for c in callids)
+            return {c["callid"]: [step["kind"] for step in c["timeline"]] for c in calls}
+
+        assert wait_for(lambda: all("bridged" in kinds for kinds in timelines().values()), 30), timelines()
+        before = timelines()
+        # The operator commands run beside the daemon: they do not take its lock.
+        assert {c["callid"] for c in first.cli("calls", "in-flight")} == set(callids)
+        second = Daemon(tmp_path / "state", switch.port)
+        assert first.proc is not None
+        refused = second.run_refused()
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        line = refused.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"callbridge: another daemon \(pid {first.proc.pid}, instance \S+, since \S+Z\) runs on "
+                            rf"this store \({re.escape(str(tmp_path / 'state' / 'callbridge.db'))}\): stop it first, "
+                            r"or give this one its own state_dir", line), line
+        assert second.get("/healthz")[0] == 0  # it never served
+        assert first.get("/readyz")[0] == 200 and timelines() == before
+        assert len({command.conn_id for command in switch.commands}) == 1  # no second ESL connection
+        first.kill()
+        first.start()  # the kernel dropped the lock with the killed process
+        assert wait_for(lambda: all("adopted" in kinds for kinds in timelines().values()), 30), timelines()
+    finally:
+        first.stop()
         switch.stop()
 
 

@@ -8,16 +8,22 @@ not sent to); both switches carried calls; the calls the dead daemon
 had in flight were taken over by the other once their lease ran out (a short lease here) and reconciled;
 and the endpoint's limit on calls in flight, sampled from the store all along, was never exceeded by the
 two daemons together.
+
+Then one live daemon per instance_id: a second daemon under a running one's id refuses to start; a
+restart after SIGTERM or SIGKILL (same machine) is not held up; a daemon whose id another took over stops.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
+import socket
 import time
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -283,3 +289,113 @@ def test_the_endpoints_in_flight_limit_held_across_both_daemons(outcome: Outcome
 
 def test_every_status_is_true(outcome: Outcome) -> None:
     assert not outcome.audit.untrue, f"seed {outcome.seed}:\n" + "\n".join(outcome.audit.untrue)
+
+
+# -- one live daemon per instance_id ------------------------------------------------------------------------
+
+def node_x(folder: Path, switch: Any, url: str, lease_seconds: float) -> Daemon:
+    """A daemon under the fixed instance_id 'node-x' (a configuration copied to several nodes)."""
+    daemon = Daemon(folder, switch.port, url)
+    daemon.env.update(CALLBRIDGE_INSTANCE_ID="node-x", CALLBRIDGE_LEASE_SECONDS=str(lease_seconds))
+    return daemon
+
+
+def refused_for_node_x(daemon: Daemon, holder: Daemon) -> None:
+    """``daemon`` refuses to start (exit 2, one line naming the instance_id and who holds it)."""
+    assert holder.proc is not None
+    refused = daemon.run_refused()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"callbridge: instance_id 'node-x' is in use by a running daemon \(host "
+                        rf"{re.escape(socket.gethostname())}, pid {holder.proc.pid}, seen \d+ s ago\): give each "
+                        r"daemon its own instance_id", line), line
+
+
+def place_calls_that_stay_up(daemon: Daemon, store: Store, count: int) -> list[str]:
+    """Calls whose A and B answer and stay up (300 s of the plan), once all are bridged; their callids."""
+    token = daemon.cli("endpoint", "add", "--name", "k", "--caller-id", "15551230000", "--dial-string",
+                       "sofia/gateway/carrier/{number}")["token"]
+    callids = []
+    for i in range(count):
+        status, answer = daemon.request("POST", "/v1/calls", {"token": token, "phone_a": f"15550000{i:03d}",
+                                                              "phone_b": f"15550000{i + 500:03d}"})
+        assert status == 200, answer
+        callids.append(answer["data"]["callid"])
+    assert wait_for(lambda: store.count("SELECT count(*) FROM call WHERE status = 'bridged'") == count, 30)
+    return callids
+
+
+def steps_of(store: Store, kind: str) -> int:
+    return store.count("SELECT count(*) FROM callevent WHERE kind = %s", kind)
+
+
+@pytest.mark.time_scale(0.1)
+def test_a_second_daemon_under_a_live_ones_instance_id_refuses_and_starts_at_once_when_it_stopped(
+        tmp_path: Path, switch: Any, postgres_url: str) -> None:
+    store = Store(postgres_url)
+    first = node_x(tmp_path / "first", switch, postgres_url, lease_seconds=6)
+    second = node_x(tmp_path / "second", switch, postgres_url, lease_seconds=6)
+    try:
+        first.start()
+        refused_for_node_x(second, holder=first)
+        assert first.get("/readyz")[0] == 200
+        first.stop()  # SIGTERM: its row goes with it
+        assert first.proc is not None and first.proc.returncode == 0
+        assert store.count("SELECT count(*) FROM instances") == 0
+        second.start()
+        assert second.proc is not None
+        assert store.count("SELECT pid FROM instances WHERE instance_id = 'node-x'") == second.proc.pid
+        assert "instance.waiting" not in second.log.read_text()  # started at once
+    finally:
+        first.stop()
+        second.stop()
+        store.conn.close()
+
+
+@pytest.mark.time_scale(0.1)  # the calls stay up 30 s
+def test_a_daemon_killed_under_its_instance_id_restarts_at_once_and_its_calls_are_never_shared(
+        tmp_path: Path, switch: Any, postgres_url: str) -> None:
+    """A second live daemon under the same instance_id used to adopt the first's calls at its start (they
+    are "its own"): both followed them. Now it refuses; the first's own restart after SIGKILL on this machine
+    (its pid gone) takes the id over at once, not a lease later, and follows its calls."""
+    store = Store(postgres_url)
+    first = node_x(tmp_path / "first", switch, postgres_url, lease_seconds=20)
+    try:
+        first.start()
+        callids = place_calls_that_stay_up(first, store, 3)
+        refused_for_node_x(node_x(tmp_path / "second", switch, postgres_url, lease_seconds=20), holder=first)
+        assert steps_of(store, "adopted") == 0
+        assert len({command.conn_id for command in switch.commands}) == 1  # no second ESL connection
+        first.kill()
+        first.start()
+        assert "instance.waiting" not in first.log.read_text()
+        assert wait_for(lambda: steps_of(store, "adopted") == len(callids), 30), store.rows("SELECT * FROM callevent")
+        assert store.count("SELECT count(*) FROM call WHERE status = 'bridged' AND owner = 'node-x'") == len(callids)
+    finally:
+        first.stop()
+        store.conn.close()
+
+
+@pytest.mark.time_scale(0.1)  # the calls stay up 30 s
+def test_a_daemon_whose_instance_id_was_taken_over_stops_with_1_and_leaves_its_calls_leases(
+        tmp_path: Path, switch: Any, postgres_url: str) -> None:
+    """It stalled past lease_seconds and another daemon started under its instance_id: the leases under that
+    name are the other's now. It stops (exit 1, an error in its log) without ending them."""
+    store = Store(postgres_url)
+    daemon = node_x(tmp_path / "node", switch, postgres_url, lease_seconds=30)
+    try:
+        daemon.start()
+        place_calls_that_stay_up(daemon, store, 2)
+        store.conn.execute("UPDATE instances SET run_id = 'another-run' WHERE instance_id = 'node-x'")
+        assert daemon.proc is not None
+        assert daemon.proc.wait(timeout=60) == 1
+        exited = utcnow()
+        assert re.search(r"level=error .*event=instance.lost", daemon.log.read_text()), daemon.log.read_text()
+        calls = store.rows("SELECT status, owner, lease_until FROM call")
+        assert [(c.status, c.owner) for c in calls] == [("bridged", "node-x")] * 2
+        assert all(c.lease_until > exited for c in calls), (exited, calls)  # not ended at its stop
+        assert steps_of(store, "daemon_stopped") == 0
+        assert len(switch.channels_live()) == 4  # the calls go on in FreeSWITCH
+    finally:
+        daemon.stop()
+        store.conn.close()

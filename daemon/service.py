@@ -35,7 +35,7 @@ from daemon.ops.metrics import Metrics
 from daemon.ops.retention import Retention
 from daemon.ops.systemd import notify, watchdog_interval
 from daemon.ops.webhooks import Webhooks
-from daemon.store import close_database, database_file, open_database, utcnow
+from daemon.store import close_database, database_file, is_shared, open_database, utcnow
 from daemon.switch.commands import http_cache_url
 from daemon.switch.engine import Engine
 from daemon.writer import ThreadWriter, Writer, install
@@ -139,6 +139,7 @@ class Service:
         # Before anything else: a daemon that already runs on this store, or under this instance_id on a
         # shared one, refuses this start (AlreadyRunning) with nothing of its own touched.
         self.instance.acquire()
+        self.records.run_id = self.instance.run_id if is_shared() else None
         try:
             self._start()
         except BaseException:

@@ -12,9 +12,9 @@ import gevent
 import gevent.event
 import pytest
 
-from daemon.calls.records import CallRecords, HangupRequested, NewCall, NotCancelable
+from daemon.calls.records import CallRecords, HangupRequested, NewCall, NotCancelable, NotOwned
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallEvent, CallStatus, Endpoint, database
+from daemon.store import Call, CallEvent, CallStatus, DaemonInstance, Endpoint, database
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -313,3 +313,24 @@ def test_a_hangup_racing_a_mark_on_postgresql_is_seen_by_it_or_sees_it(
     one, two = gevent.spawn(first), gevent.spawn(second)
     results = (one.get(timeout=60), two.get(timeout=60))
     assert results == (("marked", True) if mark_first else (False, "refused"))
+
+
+@pytest.mark.stores("postgresql")
+def test_a_stalled_daemon_whose_instance_id_a_new_run_took_acts_on_none_of_its_calls(
+        make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """Same instance id, so the calls' owner is the same name: only this run's hold on the id (its row in
+    ``instances``) tells the stalled daemon that the calls are the new run's now."""
+    records = CallRecords(Metrics(), clock=lambda: NOW, owner="node1")
+    records.run_id = "run-1"
+    DaemonInstance.create(instance_id="node1", run_id="run-1", host="h", pid=1, started_at=NOW, seen_at=NOW)
+    endpoint, _ = make_endpoint()
+    call = records.create(endpoint, request(), now=NOW).call
+    assert records.claim(call, a_uuid="a", b_uuid="b", now=NOW)
+    records.hold(call)  # still this run's
+    DaemonInstance.update(run_id="run-2").where(DaemonInstance.instance_id == "node1").execute()  # a new run
+    with pytest.raises(NotOwned):
+        records.hold(call)
+    with pytest.raises(NotOwned):
+        records.mark_dialing_a(call)
+    assert records.renew_leases([call.id], now=NOW) == {call.id}
+    assert kinds(call) == ["requested", "claimed"]  # no mark: no originate would have left

@@ -56,6 +56,7 @@ from daemon.store import (
     Call,
     CallEvent,
     CallStatus,
+    DaemonInstance,
     Endpoint,
     Heartbeat,
     database,
@@ -269,6 +270,9 @@ class CallRecords:
         self.listeners: list[StatusListener] = []
         self.status_writers: list[StatusWriter] = []
         self.owner = owner or None  # this daemon's instance id, written into the calls it claims
+        # On a shared store, this run's hold on that id (daemon/ops/instance.py), once it has it: a call is
+        # this daemon's only while the id is still this run's (another run may have taken it over).
+        self.run_id: str | None = None
         self.lease = dt.timedelta(seconds=lease_seconds)
         self.monotonic = monotonic
         # Until when (monotonic) every lease of this daemon surely holds: a call claimed or taken over later
@@ -954,8 +958,18 @@ class CallRecords:
             gauge.labels(status.value).inc()
 
     def _mine(self) -> Expression:
-        """Calls this daemon owns."""
-        return Call.owner == self.owner if self.owner is not None else Call.owner.is_null()
+        """Calls this daemon owns: under its instance id, and on a shared store only while this run still
+        holds that id. A daemon that stalled past ``lease_seconds`` may find both its leases and its id
+        taken over by a new run under the same name: every lease check (:meth:`hold`, the mark) then
+        fails here, as it would have for another daemon's name, and it acts on nothing more."""
+        if self.owner is None:
+            return Call.owner.is_null()
+        mine = Call.owner == self.owner
+        if self.run_id is not None:
+            held = DaemonInstance.select(DaemonInstance.instance_id).where(
+                (DaemonInstance.instance_id == self.owner) & (DaemonInstance.run_id == self.run_id))
+            mine &= fn.EXISTS(held)
+        return mine
 
     def left_in_flight(self, *, now: dt.datetime) -> list[Call]:
         """At start: the calls in flight this daemon is to follow, taken (:meth:`take_over`). With SQLite

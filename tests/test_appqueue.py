@@ -32,7 +32,7 @@ class Link:
 
 
 def steps() -> tuple[list[AppStep], AppStep]:
-    """Written in three batches: the set, the prompt and the wait; the bridge; the notice and the hangup."""
+    """Written in one write: the set, the prompt, the wait, the bridge, the notice and the hangup."""
     bridge = AppStep("bridge", "sofia/gateway/carrier/15550002002")
     return [AppStep("set", "cb_stage=queued"), AppStep("playback", "/media/x.wav"),
             AppStep("playback", "/media/dialtone.wav", loops=-1), bridge,
@@ -61,24 +61,27 @@ def test_steps_go_in_order_and_are_known_by_their_event_uuid() -> None:
     assert queue.find(bridge.event_uuid) is bridge and queue.find("unknown") is None
 
 
-def test_each_write_ends_at_a_step_that_must_arrive_once() -> None:
+def test_all_the_steps_go_in_one_write() -> None:
+    """One write (one send, one wake of the switch's side) for every step, those that must arrive once included."""
     link = Link()
-    _, all_steps, _ = started(link)
-    assert link.batches == [all_steps[:3], all_steps[3:4], all_steps[4:]]
+    queue, all_steps, _ = started(link)
+    more = [AppStep("set", "more=1"), AppStep("playback", "/media/dialtone.wav", loops=-1)]
+    queue.extend(more)
+    assert link.batches == [all_steps, more]
 
 
 def test_a_write_that_found_no_turn_stays_first_in_line() -> None:
     link = Link()
-    link.fail_at[1] = (EslNotSent("not connected"), 0)
+    link.fail_at[0] = (EslNotSent("not connected"), 0)
     queue, all_steps, _ = started(link)
-    assert link.acked == all_steps[:3] and queue.pending and not queue.uncertain
+    assert link.acked == [] and queue.unsent == all_steps and not queue.uncertain
     queue.resume(b_exists=lambda: pytest.fail("only an uncertain bridge needs to ask"))
     assert link.acked == all_steps
 
 
 def test_harmless_steps_lost_in_flight_are_resent_then_the_rest_follows() -> None:
     link = Link()
-    link.fail_at[2] = (LOST, 0)  # the notice and the hangup: in doubt, both
+    link.fail_at[0] = (LOST, 4)  # up to the bridge answered; the notice and the hangup: in doubt, both
     queue, all_steps, _ = started(link)
     assert queue.uncertain == all_steps[4:]
     queue.resume(b_exists=lambda: pytest.fail("no bridge in doubt"))
@@ -87,25 +90,27 @@ def test_harmless_steps_lost_in_flight_are_resent_then_the_rest_follows() -> Non
 
 def test_steps_answered_before_the_connection_went_are_not_in_doubt() -> None:
     link = Link()
-    link.fail_at[0] = (LOST, 1)  # the set answered; the prompt and the wait in flight
+    link.fail_at[0] = (LOST, 1)  # the set answered; the rest in flight
     queue, all_steps, _ = started(link)
-    assert link.acked == all_steps[:1] and queue.uncertain == all_steps[1:3] and queue.unsent == all_steps[3:]
+    assert link.acked == all_steps[:1] and queue.uncertain == all_steps[1:] and queue.unsent == []
 
 
 @pytest.mark.parametrize("shows", ["the marker runs", "the wait starts", "the prompt, then the marker"])
 def test_a_wait_lost_in_flight_is_held_back_behind_a_marker(shows: str) -> None:
     """A second copy of the wait would hold A once the first is broken: sent again only if the marker says
-    it never arrived."""
+    it never arrived. (The bridge after it, in doubt with it, is held back too.)"""
     link = Link()
     link.fail_at[0] = (LOST, 1)
     queue, all_steps, bridge = started(link)
     prompt, wait = all_steps[1], all_steps[2]
-    queue.resume(b_exists=lambda: pytest.fail("the bridge was never sent"))
-    assert names(link.acked)[-1] == "set cb_resume=marker" and wait not in link.acked
+    queue.resume(b_exists=lambda: False)
+    assert names(link.acked)[-1] == "set cb_resume=marker" and wait not in link.acked and bridge not in link.acked
     marker = queue.marker
     assert marker is not None
     if shows == "the wait starts":
-        queue.started(wait.event_uuid)
+        queue.started(wait.event_uuid)  # it arrived; the bridge after it may not have: still held back
+        assert queue.marker is marker and link.acked[-1] is marker
+        queue.marker_ran()
         assert link.acked.count(wait) == 0 and link.acked[-3:] == all_steps[3:]
     elif shows == "the marker runs":
         queue.marker_ran()
@@ -123,9 +128,9 @@ def test_a_wait_lost_in_flight_is_held_back_behind_a_marker(shows: str) -> None:
 
 def test_a_bridge_lost_in_flight_is_held_back_behind_a_marker() -> None:
     link = Link()
-    link.fail_at[1] = (LOST, 0)
+    link.fail_at[0] = (LOST, 3)  # the set, the prompt and the wait answered
     queue, all_steps, bridge = started(link)
-    assert queue.uncertain == [bridge]
+    assert queue.uncertain == all_steps[3:]
     queue.resume(b_exists=lambda: False)
     assert names(link.acked)[-1] == "set cb_resume=marker" and bridge not in link.acked
     assert queue.marker is not None and queue.find(queue.marker.event_uuid) is queue.marker
@@ -134,7 +139,7 @@ def test_a_bridge_lost_in_flight_is_held_back_behind_a_marker() -> None:
 
 def test_a_bridge_lost_in_flight_that_had_arrived_is_never_resent() -> None:
     link = Link()
-    link.fail_at[1] = (LOST, 0)
+    link.fail_at[0] = (LOST, 3)
     queue, all_steps, bridge = started(link)
     queue.resume(b_exists=lambda: False)
     queue.b_appeared()  # B appears before the marker runs: the bridge was queued
@@ -144,7 +149,7 @@ def test_a_bridge_lost_in_flight_that_had_arrived_is_never_resent() -> None:
 
 def test_the_marker_running_first_sends_the_bridge_and_the_rest_once() -> None:
     link = Link()
-    link.fail_at[1] = (LOST, 0)
+    link.fail_at[0] = (LOST, 3)
     queue, all_steps, bridge = started(link)
     queue.resume(b_exists=lambda: False)
     queue.marker_ran()
@@ -155,32 +160,38 @@ def test_the_marker_running_first_sends_the_bridge_and_the_rest_once() -> None:
 
 def test_a_bridge_lost_in_flight_with_b_already_up_sends_only_what_follows() -> None:
     link = Link()
-    link.fail_at[1] = (LOST, 0)
+    link.fail_at[0] = (LOST, 3)
     queue, all_steps, bridge = started(link)
     queue.resume(b_exists=lambda: True)
     assert bridge not in link.acked and queue.marker is None and link.acked[-2:] == all_steps[4:]
 
 
-def test_b_appearing_says_nothing_about_a_wait_in_doubt() -> None:
+def test_b_appearing_says_nothing_about_the_wait_after_the_bridge() -> None:
+    """B proves the bridge arrived, and what came before it, never what follows it: the wait after the
+    bridge, in doubt with it, is not sent again (a second copy would hold A after the first is broken)."""
     link = Link()
-    link.fail_at[0] = (LOST, 2)
-    queue, all_steps, _ = started(link)
-    queue.resume(b_exists=lambda: pytest.fail("the bridge was never sent"))
+    link.fail_at[0] = (LOST, 2)  # the set, the maximum duration answered; the prompt, the waits, the bridge: in doubt
+    queue = AppQueue(link.send)
+    all_steps, bridge = chain()
+    with contextlib.suppress(EslError):
+        queue.start(all_steps, bridge=bridge)
+    queue.resume(b_exists=lambda: False)
     queue.b_appeared()
-    assert queue.marker is not None and all_steps[2] not in link.acked
+    assert queue.marker is not None and queue.waiting_for_marker == all_steps[5:] and queue.doubtful == 0
+    assert not any(step in link.acked for step in all_steps[2:])
 
 
 def test_a_failed_question_about_b_loses_nothing() -> None:
     link = Link()
-    link.fail_at[1] = (LOST, 0)
-    queue, _, bridge = started(link)
+    link.fail_at[0] = (LOST, 3)
+    queue, all_steps, bridge = started(link)
 
     def asking_fails() -> bool:
         raise EslDisconnected("dropped again")
 
     with pytest.raises(EslDisconnected):
         queue.resume(b_exists=asking_fails)
-    assert queue.uncertain == [bridge]  # still known to be in doubt: the next reconnection resolves it
+    assert queue.uncertain == all_steps[3:]  # still known to be in doubt: the next reconnection resolves it
     queue.resume(b_exists=lambda: False)
     assert names(link.acked)[-1] == "set cb_resume=marker" and bridge not in link.acked
 
@@ -189,13 +200,222 @@ def test_a_step_seen_to_start_before_the_resume_settles_it_and_nothing_passes_th
     """The look after a reconnect can come late (its questions found no turn): meanwhile nothing is sent past
     the steps in doubt, and one heard to start (the wait) is known to have arrived: it is never sent again."""
     link = Link()
-    link.fail_at[0] = (LOST, 1)  # the set answered; the prompt and the wait in flight
-    queue, all_steps, _ = started(link)
+    link.fail_at[0] = (LOST, 1)  # the set answered; the rest in flight
+    queue, all_steps, bridge = started(link)
     more = AppStep("set", "more=1")
     queue.extend([more])
-    assert link.acked == all_steps[:1] and queue.uncertain == all_steps[1:3]  # nothing went past them
+    assert link.acked == all_steps[:1] and queue.uncertain == all_steps[1:]  # nothing went past them
     assert queue.in_doubt
     queue.started(all_steps[2].event_uuid)  # the wait starts: it, and the prompt before it, arrived
-    assert not queue.uncertain and not queue.in_doubt
+    assert queue.uncertain == all_steps[3:] and queue.in_doubt  # the bridge after it: still in doubt
+    queue.started(bridge.event_uuid)  # the bridge starts: nothing that must arrive once is left in doubt
+    assert queue.uncertain == all_steps[4:]
     queue.resume(b_exists=lambda: pytest.fail("no bridge in doubt"))
-    assert queue.marker is None and link.acked == [all_steps[0], *all_steps[3:], more] and not queue.pending
+    assert queue.marker is None and link.acked == [all_steps[0], *all_steps[4:], more] and not queue.pending
+
+
+def chain() -> tuple[list[AppStep], AppStep]:
+    """A's steps as the sequence queues them: the set, the maximum duration, a prompt, the wait, the bridge,
+    the wait after it: three that must arrive once, in one write."""
+    bridge = AppStep("bridge", "sofia/gateway/carrier/15550002002")
+    return [AppStep("multiset", "cb_stage=queued"), AppStep("sched_hangup", "+3600 ALLOTTED_TIMEOUT"),
+            AppStep("playback", "/media/x.wav"), AppStep("playback", "/media/dialtone.wav", loops=-1), bridge,
+            AppStep("playback", "/media/dialtone.wav", loops=-1)], bridge
+
+
+class ChannelA:
+    """A's channel as FreeSWITCH keeps it: the steps that arrived, in order (of a write lost in flight, a
+    prefix of it: ``lose = (answered, arrived)`` for the next write), run one after the other, a wait until
+    it is broken. It tells the queue what the sequence hears: a step starting (CHANNEL_EXECUTE), B created
+    by a bridge (CHANNEL_CREATE), the marker running."""
+
+    def __init__(self, refused: tuple[AppStep, ...] = ()) -> None:
+        self.on_a: list[AppStep] = []
+        self.lose: tuple[int, int] | None = None
+        self.refused = refused  # bridges the switch refuses: no B
+        self.ran = self.heard = 0
+        self.b_created = False
+
+    def send(self, steps: list[AppStep]) -> None:
+        if self.lose is not None:
+            (answered, arrived), self.lose = self.lose, None
+            self.on_a += steps[:arrived]
+            if len(steps) == 1:
+                raise LOST
+            raise EslLostInFlight("closed mid-command", acknowledged=answered)
+        self.on_a += steps
+
+    def run(self, queue: AppQueue, *, break_waits: bool) -> None:
+        """Run what A has; a wait holds A unless ``break_waits`` (the sequence breaks it once nothing is
+        uncertain: B's turn, or the end of the call). A bridge fails, B (if created) gone."""
+        while self.ran < len(self.on_a):
+            step = self.on_a[self.ran]
+            if self.heard <= self.ran:
+                self.heard = self.ran + 1
+                if queue.in_doubt:  # as CallSequence._on_execute
+                    queue.started(step.event_uuid)
+                if step is queue.marker:
+                    queue.marker_ran()
+                if step.app == "bridge" and step not in self.refused:
+                    self.b_created = True
+                    queue.b_appeared()
+            if step.loops == -1 and not break_waits:
+                return
+            self.ran += 1
+
+
+def assert_each_once_in_order(a: ChannelA, expected: list[AppStep], queue: AppQueue) -> None:
+    """Every step reached A and ran, in order; those that must arrive once, once (B dialed once, no wait
+    twice); nothing left in doubt."""
+    for step in expected:
+        if step.once:
+            assert a.on_a.count(step) == 1, (step, names(a.on_a))
+        assert step in a.on_a, (step, names(a.on_a))
+    firsts = [a.on_a.index(step) for step in expected]
+    assert firsts == sorted(firsts), names(a.on_a)
+    assert a.ran == len(a.on_a) and not queue.pending and not queue.in_doubt and queue.marker is None
+
+
+LOSSES = [(answered, arrived) for answered in range(6) for arrived in range(answered, 7)]
+
+
+@pytest.mark.parametrize("heard_before_resume", [False, True], ids=["heard after", "heard before"])
+@pytest.mark.parametrize(("answered", "arrived"), LOSSES)
+def test_the_one_write_lost_at_any_point_reaches_a_once_whatever_arrived(
+        answered: int, arrived: int, heard_before_resume: bool) -> None:
+    """The one write of A's steps lost after each number of answers, each prefix of the rest having arrived;
+    A runs what it has (up to its wait: nothing breaks it before the resume) before or after the look
+    that follows the reconnect. B is dialed once, no wait is queued twice, and nothing is lost."""
+    a = ChannelA()
+    a.lose = (answered, arrived)
+    queue = AppQueue(a.send)
+    all_steps, bridge = chain()
+    with contextlib.suppress(EslError):
+        queue.start(all_steps, bridge=bridge)
+    assert queue.uncertain == all_steps[answered:]
+    if heard_before_resume:
+        a.run(queue, break_waits=False)
+    queue.resume(b_exists=lambda: a.b_created)
+    a.run(queue, break_waits=True)
+    assert_each_once_in_order(a, all_steps, queue)
+
+
+@pytest.mark.parametrize(("answered", "arrived"), [(k, j) for k in range(3) for j in range(k, 4)])
+def test_a_bridge_sent_again_lost_at_any_point_reaches_a_once(answered: int, arrived: int) -> None:
+    """The switch refused the first bridge; A waits on the wait after it while the bridge, ``cb_wait`` and
+    the next wait are queued again in one write, which is lost: the break that would dial B waits for the
+    resume, then whatever arrived runs once, and the rest is sent once."""
+    all_steps, first = chain()
+    a = ChannelA(refused=(first,))
+    queue = AppQueue(a.send)
+    queue.start(all_steps, bridge=first)
+    a.run(queue, break_waits=False)
+    a.ran += 1  # B's turn broke the first wait; the bridge was refused; A is on the wait after it
+    a.run(queue, break_waits=False)
+    assert a.on_a[a.ran] is all_steps[5]
+    again = AppStep("bridge", "sofia/gateway/carrier/15550002002")
+    retry = [again, AppStep("set", "cb_wait=2"), AppStep("playback", "/media/dialtone.wav", loops=-1)]
+    a.lose = (answered, arrived)
+    with pytest.raises(EslError):
+        queue.extend(retry, bridge=again)
+    a.run(queue, break_waits=False)  # nothing moves: A holds its wait
+    queue.resume(b_exists=lambda: a.b_created)
+    a.run(queue, break_waits=True)
+    assert_each_once_in_order(a, all_steps + retry, queue)
+    assert a.b_created
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["B created", "B refused"])
+@pytest.mark.parametrize(("answered", "arrived"), [(k, j) for k in range(2) for j in range(k, 3)])
+def test_a_bridge_queued_on_a_flushed_a_lost_at_any_point_runs_once(answered: int, arrived: int,
+                                                                   refused: bool) -> None:
+    """An adopted call flushed A's queue (nothing holds A) and queued the bridge and the wait after it, lost
+    in flight: the bridge runs as it arrives, before the resume; B found at the resume proves it arrived."""
+    bridge = AppStep("bridge", "sofia/gateway/carrier/15550002002")
+    steps = [bridge, AppStep("playback", "/media/dialtone.wav", loops=-1)]
+    a = ChannelA(refused=(bridge,) if refused else ())
+    a.lose = (answered, arrived)
+    queue = AppQueue(a.send)
+    with pytest.raises(EslError):
+        queue.start(steps, bridge=bridge)
+    a.run(queue, break_waits=False)
+    queue.resume(b_exists=lambda: a.b_created)
+    a.run(queue, break_waits=True)
+    assert_each_once_in_order(a, steps, queue)
+
+
+def lost_chain(answered: int) -> tuple[AppQueue, Link, list[AppStep], AppStep]:
+    link = Link()
+    link.fail_at[0] = (LOST, answered)
+    queue = AppQueue(link.send)
+    all_steps, bridge = chain()
+    with contextlib.suppress(EslError):
+        queue.start(all_steps, bridge=bridge)
+    return queue, link, all_steps, bridge
+
+
+def test_a_chain_in_doubt_is_held_behind_one_marker_up_to_its_last_step_that_must_arrive_once() -> None:
+    queue, link, all_steps, bridge = lost_chain(2)  # the prompt, the wait, the bridge, the wait after it
+    asked = []
+    queue.resume(b_exists=lambda: asked.append(1) or False)
+    assert asked == [1]  # a bridge in doubt: is B there?
+    assert link.acked[-1] is queue.marker and link.acked[:-1] == all_steps[:2]
+    assert queue.waiting_for_marker == all_steps[2:] and queue.doubtful == 3  # the wait after the bridge
+
+
+def test_the_wait_seen_to_start_then_the_marker_sends_the_bridge_and_the_wait_after_once() -> None:
+    """A reached the wait (it arrived) but B's turn, breaking it, ran the marker: the bridge never arrived."""
+    queue, link, all_steps, bridge = lost_chain(3)
+    queue.resume(b_exists=lambda: False)
+    queue.started(all_steps[3].event_uuid)
+    assert queue.waiting_for_marker == all_steps[4:] and queue.doubtful == 1
+    assert queue.marker is not None and link.acked[-1] is queue.marker  # the bridge may have arrived: held
+    queue.marker_ran()
+    assert link.acked[-2:] == all_steps[4:] and link.acked.count(all_steps[3]) == 0 and not queue.in_doubt
+
+
+def test_b_appearing_settles_the_wait_before_the_bridge() -> None:
+    """The bridge arrived (B exists), so did the wait before it: never sent again, even if the marker runs."""
+    queue, link, all_steps, bridge = lost_chain(3)
+    queue.resume(b_exists=lambda: False)
+    queue.b_appeared()
+    assert queue.waiting_for_marker == all_steps[5:] and queue.doubtful == 0
+    queue.marker_ran()  # the bridge failed; A had no wait after it
+    assert link.acked[-1] is all_steps[5] and link.acked.count(all_steps[3]) == 0 and link.acked.count(bridge) == 0
+
+
+def test_b_appearing_before_the_resume_settles_the_bridge_and_what_came_before() -> None:
+    queue, link, all_steps, bridge = lost_chain(1)
+    queue.b_appeared()
+    assert queue.uncertain == all_steps[5:]
+    queue.resume(b_exists=lambda: pytest.fail("no bridge in doubt"))
+    assert queue.waiting_for_marker == all_steps[5:]
+
+
+def test_b_up_at_the_resume_leaves_only_the_wait_after_the_bridge_in_doubt() -> None:
+    queue, link, all_steps, bridge = lost_chain(0)
+    queue.resume(b_exists=lambda: True)
+    assert queue.waiting_for_marker == all_steps[5:] and queue.doubtful == 0
+    queue.started(all_steps[5].event_uuid)  # the bridge failed and A plays the wait after it: it arrived
+    assert link.acked[-1] is not all_steps[5] and not queue.in_doubt and not queue.pending
+
+
+def test_the_doubtful_step_seen_to_start_sends_what_follows_it() -> None:
+    queue, link, all_steps, bridge = lost_chain(3)
+    more = AppStep("set", "more=1")
+    queue.extend([more])
+    assert queue.unsent == [more]  # nothing passes the steps in doubt
+    queue.resume(b_exists=lambda: False)
+    queue.started(all_steps[5].event_uuid)  # the wait after the bridge: everything before it arrived
+    assert link.acked[-1] is more and link.acked.count(bridge) == 0 and not queue.in_doubt
+
+
+def test_steps_queued_while_the_marker_is_awaited_go_after_those_waiting_for_it() -> None:
+    """A runs its queue in order: a step queued now must not run before the steps waiting for the marker."""
+    queue, link, all_steps, bridge = lost_chain(3)
+    queue.resume(b_exists=lambda: False)
+    notice = AppStep("playback", "tone_stream://%(500,500,480,620);loops=3")
+    queue.extend([notice])
+    assert notice not in link.acked and queue.waiting_for_marker[-1] is notice
+    queue.marker_ran()
+    assert link.acked[-4:] == [*all_steps[3:], notice]

@@ -312,29 +312,31 @@ def apps_sent(switch: ScriptedSwitch) -> list[str]:
             for m in switch.sent if m.startswith("sendmsg")]
 
 
-def test_a_steps_go_in_batches_each_ending_at_a_step_that_must_arrive_once(run_call: Callable[..., Any]) -> None:
-    """One write for everything up to the first wait, then the bridge, then the wait after it: a lost
-    connection leaves at most one step that must not be queued twice in doubt."""
+def test_a_steps_go_in_one_write(run_call: Callable[..., Any]) -> None:
+    """One write for all of A's steps (one send: less CPU per call); a lost connection leaves a chain of
+    steps that must not be queued twice in doubt, settled in order (daemon.calls.appqueue)."""
     sequence, switch = run_call()
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
     assert [a.split(" ")[0] for a in apps_sent(switch)] == ["multiset", "sched_hangup", "playback", "bridge",
                                                              "playback"]
-    assert switch.batches == [3, 1, 1]
+    assert switch.batches == [5]
 
 
 @pytest.mark.parametrize("shows", ["the marker runs", "the wait starts", "A is on the wait at the reconnect"])
 def test_a_wait_lost_in_flight_is_never_queued_twice(run_call: Callable[..., Any], shows: str) -> None:
     """A second copy of a wait would hold A on the dialtone after the first is broken (it is the same wait:
-    acted on once), so B would never be dialed: a wait in doubt is resolved by a marker, like the bridge."""
+    acted on once), so B would never be dialed: a wait in doubt is resolved by a marker, like the bridge.
+    (The bridge and the wait after it, in the same write, are in doubt with it.)"""
     sequence, switch = run_call()
-    switch.fail_message_at = 2  # the first batch's last step (the wait) is in flight when the connection drops
+    switch.fail_message_at = 2  # the wait (and the bridge, the wait after it) in flight when the connection drops
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
     wait = wait_uuid(sequence.a.uuid, 0)
-    assert [step.event_uuid for step in sequence.apps.uncertain] == [wait]
+    assert [step.event_uuid for step in sequence.apps.uncertain] == [wait, sequence.apps.bridge.event_uuid,
+                                                                    wait_uuid(sequence.a.uuid, 1)]
     switch.answers = {f"uuid_exists {sequence.a.uuid}": "true", f"uuid_exists {sequence.b.uuid}": "false",
                       "uuid_getvar": "_undef_"}
     if shows == "A is on the wait at the reconnect":  # as FreeSWITCH shows it: no app_uuid
@@ -352,22 +354,29 @@ def test_a_wait_lost_in_flight_is_never_queued_twice(run_call: Callable[..., Any
     elif shows == "the wait starts":
         sequence.deliver(executes(sequence.a.uuid, wait))
     gevent.sleep(0)
+    if shows != "the marker runs":
+        # The wait arrived; the bridge after it may have: B's turn breaks the wait (the switch has room), and
+        # A runs the bridge if it arrived, else the marker queued behind it, which it does here.
+        assert f"api uuid_break {sequence.a.uuid}" in switch.sent and sequence.apps.marker is marker
+        assert not any(a.startswith("bridge ") for a in apps_sent(switch))
+        assert marker is not None
+        sequence.deliver(executes(sequence.a.uuid, marker.event_uuid, "set"))
+        gevent.sleep(0)
     apps = apps_sent(switch)
     waits = [m for m in switch.sent if m.startswith("sendmsg") and f"Event-UUID: {wait}" in m]
     assert len(waits) == (1 if shows == "the marker runs" else 0), apps  # sent again only if it never arrived
     assert sum(a.startswith("bridge ") for a in apps) == 1 and apps[-1].startswith("playback tone_stream://")
     assert sequence.apps.marker is None and not sequence.apps.pending
-    if shows != "the marker runs":  # A is on its wait: B is wanted (the switch has room: dialed at once)
-        assert f"api uuid_break {sequence.a.uuid}" in switch.sent
 
 
 def test_a_bridge_lost_in_flight_is_resolved_by_a_marker_never_sent_twice(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
-    switch.fail_message_at = 3  # multiset, sched_hangup, the wait, then the bridge
+    switch.fail_message_at = 3  # multiset, sched_hangup, the wait answered; the bridge and the wait after it not
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
-    assert sequence.apps.uncertain == [sequence.apps.bridge]
+    assert [step.app for step in sequence.apps.uncertain] == ["bridge", "playback"]
+    assert sequence.apps.uncertain[0] is sequence.apps.bridge
     switch.answers = {f"uuid_exists {sequence.a.uuid}": "true", f"uuid_exists {sequence.b.uuid}": "false",
                       "uuid_getvar": "_undef_"}
     sequence.deliver(Reconnected(False))
@@ -397,8 +406,15 @@ def test_a_bridge_lost_in_flight_that_did_arrive_is_not_resent(run_call: Callabl
     gevent.sleep(0)
     apps = apps_sent(switch)
     assert not any(a.startswith("bridge ") for a in apps)
-    assert apps[-1].startswith("playback tone_stream://")  # the wait after the bridge followed
+    # The wait after the bridge, in the same write, may have arrived too: B says nothing about it.
+    assert apps[-1] == "set cb_resume=marker" and sequence.apps.marker is not None
     assert Call.get_by_id(sequence.call.id).status == "dialing_b"
+    # B fails and A runs the marker: the wait after the bridge never arrived; it is sent now, the bridge not.
+    sequence.deliver(executes(sequence.a.uuid, sequence.apps.marker.event_uuid, "set"))
+    gevent.sleep(0)
+    apps = apps_sent(switch)
+    assert not any(a.startswith("bridge ") for a in apps)
+    assert apps[-1].startswith("playback tone_stream://") and not sequence.apps.in_doubt
 
 
 def test_the_idle_check_counts_from_the_last_item_heard(run_call: Callable[..., Any]) -> None:
@@ -696,12 +712,12 @@ def test_apps_that_find_no_turn_on_a_busy_connection_are_queued_a_moment_later(
     command timeout (EslNotSent: nothing sent). The rest of A's steps go a moment later, in order, each
     once; the call was left stuck with A answered and nothing queued, as if the connection had been lost."""
     sequence, switch = run_call()
-    switch.no_turn_for_message_at = 3  # the second batch (the bridge) finds no turn
+    switch.no_turn_for_message_at = 0  # the write of A's steps finds no turn
     sequence.start()
     sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
     gevent.sleep(0)
-    assert len(apps_sent(switch)) == 3 and not sequence.connection_lost
-    switch.no_turn_for_message_at = 3  # the first retry finds no turn either
+    assert len(apps_sent(switch)) == 0 and not sequence.connection_lost
+    switch.no_turn_for_message_at = 0  # the first retry finds no turn either
     assert wait_until(lambda: len(apps_sent(switch)) == len(sequence.apps.steps))
     gevent.sleep(0.01)
     apps = apps_sent(switch)
@@ -1231,12 +1247,13 @@ def test_a_retry_whose_break_was_lost_in_flight_acts_on_the_retry_bridge_s_own_o
 @pytest.mark.parametrize("in_doubt", ["the wait", "the bridge"])
 def test_steps_in_doubt_are_settled_before_b_is_dialed_when_the_reconcile_is_delayed(
         run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], in_doubt: str) -> None:
-    """The write holding the wait (or the bridge) is lost in flight; after the reconnect the look at the legs
-    finds no turn (every call asks at once) and is taken again a moment later, while A's wait is heard to
-    start on the new connection. The wait heard is proof it arrived: it is never sent again (a second copy
-    held A on the dialtone once the first was broken); a bridge in doubt is settled before B's turn breaks
-    the wait (sending the wait after it first, then breaking, ran that wait with no bridge before it: the
-    call ended "B was not reached", B never dialed)."""
+    """The write holding the wait (or, from the bridge on) is lost in flight; after the reconnect the look at
+    the legs finds no turn (every call asks at once) and is taken again a moment later, while A's wait is heard
+    to start on the new connection. The wait heard is proof it arrived: it is never sent again (a second copy
+    held A on the dialtone once the first was broken); the bridge in doubt is settled before B's turn breaks
+    the wait: a marker is queued behind A's steps first, so the break runs the bridge if it arrived, else the
+    marker, which sends it (breaking with nothing settled, or sending the wait after the bridge first, ran that
+    wait with no bridge before it: the call ended "B was not reached", B never dialed)."""
     sequence, switch = run_call()
     a, b = sequence.a.uuid, sequence.b.uuid
     switch.fail_message_at = 2 if in_doubt == "the wait" else 3
@@ -1244,7 +1261,8 @@ def test_steps_in_doubt_are_settled_before_b_is_dialed_when_the_reconcile_is_del
     sequence.deliver(event("CHANNEL_CREATE", a))
     sequence.deliver(event("CHANNEL_ANSWER", a))
     gevent.sleep(0)
-    assert len(sequence.apps.uncertain) == 1 and sequence.connection_lost
+    # The wait, the bridge and the wait after it; or the bridge and the wait after it.
+    assert len(sequence.apps.uncertain) == (3 if in_doubt == "the wait" else 2) and sequence.connection_lost
     switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
                       f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
                       f"uuid_getvar {a}": "_undef_"}
@@ -1252,23 +1270,24 @@ def test_steps_in_doubt_are_settled_before_b_is_dialed_when_the_reconcile_is_del
     sequence.deliver(Reconnected(False))  # its first question finds no turn: looked at again in a moment
     sequence.deliver(executes(a, wait_uuid(a, 0)))  # heard on the new connection meanwhile: B has room
     gevent.sleep(0)
+    assert [step.app for step in sequence.apps.uncertain] == ["bridge", "playback"]  # B put off meanwhile
     looked = lambda: sum(c.startswith(f"api uuid_exists {a}") for c in switch.sent)  # noqa: E731
     assert wait_until(lambda: looked() == 1, timeout=3)  # the look, taken again
     gevent.sleep(0.01)
-    if in_doubt == "the bridge":  # a marker settles it before B's turn breaks the wait: it runs first
-        assert sequence.apps.marker is not None and not breaks(switch, a) and not bridges_to(switch, b)
-        sequence.deliver(executes(a, sequence.apps.marker.event_uuid, "set"))
-        gevent.sleep(0)
-    else:  # the wait heard is settled: no marker
-        assert sequence.apps.marker is None
-    switch.now += 5  # B's turn, if it was put off
+    marker = sequence.apps.marker  # queued behind A's steps, before B's turn breaks the wait
+    assert marker is not None and not breaks(switch, a) and not bridges_to(switch, b)
+    switch.now += 5  # B's turn, put off until the look settled what was in doubt
     switch.capacity.serve(switch.now)
     assert wait_until(lambda: bool(breaks(switch, a)), timeout=3)
+    queued_marker = max(i for i, m in enumerate(switch.sent) if f"Event-UUID: {marker.event_uuid}" in m)
+    assert queued_marker < switch.sent.index(breaks(switch, a)[0])
+    assert not bridges_to(switch, b)  # it may have arrived: not sent again blindly
+    sequence.deliver(executes(a, marker.event_uuid, "set"))  # the break ran the marker: the bridge never arrived
+    gevent.sleep(0)
     apps = apps_sent(switch)
     copies = sum(f"Event-UUID: {wait_uuid(a, 0)}" in m for m in switch.sent)  # besides the one lost in flight
     assert copies == (0 if in_doubt == "the wait" else 1), apps  # one on A, never two
     assert [x.split(" ")[0] for x in apps[-2:]] == ["bridge", "playback"], apps  # the bridge, then its wait
-    assert switch.sent.index(breaks(switch, a)[0]) > max(i for i, m in enumerate(switch.sent) if "bridge" in m)
     assert len(bridges_to(switch, b)) == 1 and not sequence.apps.pending and sequence.apps.marker is None
 
 

@@ -1,27 +1,45 @@
 """The apps queued on A once it answers, sent in order, and finished safely after a lost connection.
 
 Each step is one ``sendmsg`` (``execute``, ``event-lock``); FreeSWITCH runs them one after the other.
-Steps go several to a write (:meth:`~daemon.switch.esl.EslConnection.send_messages`: one round trip
-instead of one per step), each batch ending at the first step that must reach A exactly once (see
-:attr:`AppStep.once`): so that, whatever happens to a batch, at most its last step is in doubt. A batch
-can end three ways:
+All the steps not yet sent go in ONE write (:meth:`~daemon.switch.esl.EslConnection.send_messages`):
+each write is a ``send`` that wakes the switch's side of the socket in our context, so one write for
+A's six steps instead of one per step that must reach A exactly once (:attr:`AppStep.once`: a wait, the
+bridge) costs less CPU per call. A write can end three ways:
 
-* acknowledged: its steps are queued on A, the next batch goes;
+* acknowledged: its steps are queued on A;
 * never sent (:class:`~daemon.switch.esl.EslNotSent`): its steps stay first in line;
 * lost in flight (any other :class:`~daemon.switch.esl.EslError`): the steps FreeSWITCH answered are
-  queued; the others may or may not be (those that arrived are a run right after the answered ones),
-  so they are kept apart as *uncertain*. Nothing is sent past them until they are settled; one seen to
-  start meanwhile (:meth:`AppQueue.started`) had arrived, with those before it.
+  queued; the others may or may not be, so they are kept apart as *uncertain*: a CHAIN of steps that
+  may hold several once-steps (wait, bridge, wait). Nothing is sent past them until they are settled.
 
-Once reconnected, :meth:`AppQueue.resume` finishes the queue without ever dialing B twice or leaving A
-on a second copy of a wait. Sending a ``set`` or a prompt twice is harmless, so uncertain steps that
-are only such are simply resent. A step that must arrive once is not resent blindly:
+What settles them rests on one fact: FreeSWITCH reads its socket in order and runs A's queued apps in
+order, so the uncertain steps that arrived are a prefix of them (none, some, all), and anything sent
+later (the marker below) is queued behind that prefix. Also, A never passes a wait by itself (it loops
+until we break it), so nothing after a wait runs until we say so. The rules:
 
-* the bridge: if B exists, the bridge arrived, and only what follows it is sent;
-* otherwise a *marker* app (``set cb_resume=marker``) is queued behind whatever A already has. If the
-  doubtful step shows first (B appears: :meth:`AppQueue.b_appeared`; the wait starts:
-  :meth:`AppQueue.started`), it had arrived and the rest follows; if the marker runs first
-  (:meth:`AppQueue.marker_ran`), it had not: it is sent then, with the uncertain steps before it.
+* a step of A's seen to start (its CHANNEL_EXECUTE, or A found on a wait: :meth:`AppQueue.started`)
+  had arrived, and so had every step before it: that prefix is settled (dropped from the steps in
+  doubt, never sent again);
+* B exists (:meth:`AppQueue.b_appeared`, or asked in :meth:`AppQueue.resume`): the bridge arrived,
+  and every step before it: the same as the bridge seen to start;
+* once reconnected (:meth:`AppQueue.resume`), uncertain steps none of which must arrive once (sets,
+  prompts, the notice, the hangup: harmless twice) are simply sent again. If a once-step remains, a
+  *marker* app (``set cb_resume=marker``) is queued behind whatever A has, and the uncertain steps and
+  those after them wait for it; the *doubtful* step is the last once-step among them (the sets and
+  prompts after it are harmless to send again). Then either:
+
+  - the doubtful step, or a step after it, is seen to start (the bridge: B appears): everything up to
+    it arrived; only what follows it is sent;
+  - a step before the doubtful one is seen to start: the prefix through it is settled, the rest still
+    waits (wait0 starts with the bridge and wait1 in doubt: B's turn breaks wait0, and A runs the
+    bridge if it arrived, or else the marker);
+  - the marker runs (:meth:`AppQueue.marker_ran`): A reached it before the doubtful step, so none of
+    the steps still waiting up to it arrived (the arrived prefix ran before the marker, and each was
+    seen to start and settled): they are sent, with the rest, in one write.
+
+So B is never dialed twice, a wait is never queued twice on A (a second copy would hold A on the
+dialtone after we broke the first), and nothing is lost. Steps queued while the marker is awaited go
+after the steps waiting for it.
 """
 
 from __future__ import annotations
@@ -60,10 +78,10 @@ class AppQueue:
         self.steps: dict[str, AppStep] = {}  # by event UUID, the marker included
         self.bridge: AppStep | None = None
         self.unsent: list[AppStep] = []  # built but not yet acknowledged by FreeSWITCH
-        self.uncertain: list[AppStep] = []  # in flight when the connection was lost; at most the last is `once`
+        self.uncertain: list[AppStep] = []  # in flight when the connection was lost: a prefix of them arrived
         self.marker: AppStep | None = None
         # The uncertain steps and those after them, until the marker or the doubtful step shows: the
-        # doubtful step (the last uncertain one) is waiting_for_marker[doubtful].
+        # doubtful step (the last uncertain one that must arrive once) is waiting_for_marker[doubtful].
         self.waiting_for_marker: list[AppStep] = []
         self.doubtful = -1
 
@@ -88,7 +106,8 @@ class AppQueue:
         self.steps.update((step.event_uuid, step) for step in steps)
         if bridge is not None:
             self.bridge = bridge
-        self.unsent.extend(steps)
+        # Nothing goes past steps in doubt: while the marker is awaited, they follow the steps waiting for it.
+        (self.waiting_for_marker or self.unsent).extend(steps)
         self.send_unsent()
 
     @property
@@ -97,7 +116,7 @@ class AppQueue:
         return bool(self.uncertain or self.waiting_for_marker)
 
     def send_unsent(self) -> None:
-        """Send the steps not yet acknowledged, in order, a batch at a time; raises what the send raised.
+        """Send the steps not yet acknowledged, in order, in one write; raises what the send raised.
         Nothing goes past uncertain steps (A would run it before them, or without them): :meth:`resume`
         settles them first."""
         while self.unsent and not self.uncertain:
@@ -115,64 +134,64 @@ class AppQueue:
             del self.unsent[:len(batch)]
 
     def _next_batch(self) -> list[AppStep]:
-        """The unsent steps up to the first that must arrive once, that one included."""
-        for index, step in enumerate(self.unsent):
-            if step.once:
-                return self.unsent[:index + 1]
+        """All the unsent steps: one write (a lost one leaves a chain in doubt, settled as above)."""
         return list(self.unsent)
 
     def resume(self, b_exists: Callable[[], bool]) -> None:
-        """Reconnected with steps not surely queued: finish queueing without ever dialing B twice."""
+        """Reconnected with steps not surely queued: finish queueing without ever dialing B twice or
+        queueing a wait twice. B existing proves the first uncertain bridge arrived, with the steps before
+        it; if a once-step is still uncertain, a marker settles the chain (see the module's docstring)."""
         uncertain = self.uncertain
-        if uncertain and uncertain[-1].once:
-            doubtful = uncertain[-1]
-            if doubtful.app == "bridge" and b_exists():  # asked before anything changes: if it fails, nothing is lost
-                self.uncertain = []  # the bridge arrived, and so did every step before it
-                self.send_unsent()
-                return
-            self.uncertain = []
+        bridge = next((n for n, step in enumerate(uncertain) if step.app == "bridge"), None)
+        if bridge is not None and b_exists():  # asked before anything changes: if it fails, nothing is lost
+            uncertain = uncertain[bridge + 1:]
+        doubtful = max((n for n, step in enumerate(uncertain) if step.once), default=-1)
+        self.uncertain = []
+        if doubtful >= 0:
             self.marker = AppStep("set", fs.set_arg("cb_resume", "marker"))
             self.steps[self.marker.event_uuid] = self.marker
             self.waiting_for_marker = [*uncertain, *self.unsent]
-            self.doubtful = len(uncertain) - 1
+            self.doubtful = doubtful
             self.unsent = [self.marker]
-        elif uncertain:
-            self.uncertain = []
+        else:
             self.unsent[:0] = uncertain  # a set or a prompt queued twice is harmless
         self.send_unsent()
 
     def b_appeared(self) -> None:
-        """B exists: a bridge waiting on the marker had arrived; send what follows it."""
-        if self.waiting_for_marker and self.waiting_for_marker[self.doubtful].app == "bridge":
-            self._arrived()
+        """B exists: the bridge in doubt (the first, were there several) had arrived, and every step before
+        it: as if it was seen to start."""
+        in_doubt = self.uncertain or self.waiting_for_marker[:self.doubtful + 1]
+        bridge = next((step for step in in_doubt if step.app == "bridge"), None)
+        if bridge is not None:
+            self.started(bridge.event_uuid)
 
     def started(self, event_uuid: str) -> None:
-        """A step of A's began: it, and every step before it, had arrived. If it is the doubtful step (a
-        wait), what follows it is sent; if it comes before, it is not sent again should the marker run.
-        Heard before :meth:`resume` (the look after a reconnect was delayed), it settles uncertain steps."""
+        """A step of A's began: it, and every step before it, had arrived. Heard before :meth:`resume`
+        (the look after a reconnect was delayed), it settles uncertain steps; after, steps waiting for
+        the marker: if it is the doubtful step or one after it, what follows it is sent; if it comes
+        before, it and those before it are not sent again should the marker run."""
         index = _position(self.uncertain, event_uuid)
         if index is not None:
             del self.uncertain[:index + 1]
             return
         waiting = self.waiting_for_marker
-        index = _position(waiting[:self.doubtful + 1], event_uuid)
+        index = _position(waiting, event_uuid)  # (the steps after the uncertain ones were never sent: never start)
         if index is None:
             return
-        if index == self.doubtful:
-            self._arrived()
+        if index >= self.doubtful:
+            self.marker, self.unsent = None, [*waiting[index + 1:], *self.unsent]
+            self.waiting_for_marker, self.doubtful = [], -1
+            self.send_unsent()
             return
         del waiting[:index + 1]
         self.doubtful -= index + 1
 
-    def _arrived(self) -> None:
-        self.marker, self.unsent = None, self.waiting_for_marker[self.doubtful + 1:]
-        self.waiting_for_marker, self.doubtful = [], -1
-        self.send_unsent()
-
     def marker_ran(self) -> None:
         """The marker started on A before the doubtful step showed: it never arrived (nor did any of the
-        uncertain steps not seen to start); send them and the rest."""
-        self.marker, self.unsent, self.waiting_for_marker, self.doubtful = None, self.waiting_for_marker, [], -1
+        uncertain steps not seen to start: they ran before the marker, had they arrived); send them and
+        the rest."""
+        self.marker, self.unsent = None, [*self.waiting_for_marker, *self.unsent]
+        self.waiting_for_marker, self.doubtful = [], -1
         self.send_unsent()
 
 

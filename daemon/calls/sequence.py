@@ -5,8 +5,8 @@ The shape (run on a real FreeSWITCH 1.10.12, see shared/esl-traces/16*):
 1. ``bgapi originate {origination_uuid=<A>,...,hangup_after_bridge=true,continue_on_fail=true,
    instant_ringback=true,app_disable_expand_variables=true}<A> &park()``, sent once the switch has room
    for a session (:mod:`daemon.switch.capacity`).
-2. On A's CHANNEL_ANSWER, queue on A with ``sendmsg`` + ``event-lock`` (arguments in the body; several
-   to one write, see :mod:`daemon.calls.appqueue`):
+2. On A's CHANNEL_ANSWER, queue on A with ``sendmsg`` + ``event-lock`` (arguments in the body; all in
+   one write, see :mod:`daemon.calls.appqueue`):
    ``multiset cb_stage=queued ringback=<dialtone> transfer_ringback=<dialtone>``, ``sched_hangup
    +<max> ALLOTTED_TIMEOUT`` (a dead daemon never leaves a call up forever), the prompts (``playback``),
    then *the wait*: the dialtone looped (``playback`` with ``loops: -1``), ``bridge
@@ -536,6 +536,8 @@ class CallSequence:
         if self.apps.uncertain:
             # Steps in doubt since a lost connection, not settled yet (the look after the reconnect found no
             # turn and is taken again): the break would run whatever of them arrived, or none. B waits for it.
+            # (Once the look has queued the marker behind them, the break is safe: A runs the bridge if it
+            # arrived, else the marker, which has it sent then.)
             self.capacity.cancel(self.b.uuid)
             self._want("b", delay=1.0)
             return

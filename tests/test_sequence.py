@@ -1299,3 +1299,80 @@ def test_wait_uuid_is_the_uuid5_of_the_a_leg_and_the_attempt() -> None:
         for attempt in (0, 1, 2, 17, 63):
             assert wait_uuid(a_uuid, attempt) == str(uuid.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))
     assert wait_uuid("6f1d9c55-2b7e-4f0c-9a51-4e4d1b7c3a21", 0) == "c36b3da9-465a-5384-908d-7bbb1b91e529"
+
+
+def sendmsgs_of(switch: ScriptedSwitch, event_uuid: str) -> int:
+    return sum(f"Event-UUID: {event_uuid}" in m for m in switch.sent if m.startswith("sendmsg"))
+
+
+def reconnect_with_b_absent(sequence: CallSequence, switch: ScriptedSwitch) -> None:
+    a, b = sequence.a.uuid, sequence.b.uuid
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a}": "_undef_"}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+
+
+@pytest.mark.parametrize("shows", ["the wait after it starts", "the marker runs"])
+def test_the_wait_after_the_bridge_in_doubt_is_settled_by_what_a_runs_after_a_failed_bridge(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], shows: str) -> None:
+    """The write is lost with only the wait after the bridge unanswered. B is dialed as usual (nothing
+    uncertain once the marker is queued); B appearing says nothing about that wait. B fails: A runs that wait
+    if it arrived (never sent again: a second copy would hold A after the notice's break), else the marker,
+    which has it sent once. Either way A hears the notice and is hung up."""
+    sequence, switch = run_call()
+    a, b = sequence.a.uuid, sequence.b.uuid
+    switch.fail_message_at = 4
+    sequence.start()
+    sequence.deliver(event("CHANNEL_CREATE", a))
+    sequence.deliver(event("CHANNEL_ANSWER", a))
+    gevent.sleep(0)
+    wait_after = wait_uuid(a, 1)
+    assert [step.event_uuid for step in sequence.apps.uncertain] == [wait_after]
+    reconnect_with_b_absent(sequence, switch)
+    marker = sequence.apps.marker
+    assert marker is not None and apps_sent(switch)[-1] == "set cb_resume=marker"
+    sequence.deliver(executes(a, wait_uuid(a, 0)))  # the wait before the bridge: B has room, the wait is broken
+    gevent.sleep(0)
+    assert len(breaks(switch, a)) == 1
+    sequence.deliver(executes(a, sequence.apps.bridge.event_uuid, "bridge"))
+    sequence.deliver(event("CHANNEL_CREATE", b))
+    sequence.deliver(bridge_done(a, sequence.apps.bridge.event_uuid, "USER_BUSY"))
+    gevent.sleep(0)
+    assert sequence.apps.marker is marker and sendmsgs_of(switch, wait_after) == 0
+    if shows == "the marker runs":
+        sequence.deliver(executes(a, marker.event_uuid, "set"))
+        gevent.sleep(0)
+        assert sendmsgs_of(switch, wait_after) == 1
+    sequence.deliver(executes(a, wait_after))
+    gevent.sleep(0)
+    apps = apps_sent(switch)
+    assert sendmsgs_of(switch, wait_after) == (1 if shows == "the marker runs" else 0), apps
+    assert len(bridges_to(switch, b)) == 1 and apps[-1] == "hangup NORMAL_CLEARING" and len(breaks(switch, a)) == 2
+    assert sequence.apps.marker is None and not sequence.apps.in_doubt
+
+
+def test_the_whole_write_lost_unanswered_is_sent_once_when_the_marker_runs(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """No step answered: any prefix may be on A. The marker queued behind them runs first here (nothing had
+    arrived): all five are sent once, and B is dialed once at the wait."""
+    sequence, switch = run_call()
+    a, b = sequence.a.uuid, sequence.b.uuid
+    switch.fail_message_at = 0
+    sequence.start()
+    sequence.deliver(event("CHANNEL_CREATE", a))
+    sequence.deliver(event("CHANNEL_ANSWER", a))
+    gevent.sleep(0)
+    assert len(sequence.apps.uncertain) == 5 and apps_sent(switch) == []
+    reconnect_with_b_absent(sequence, switch)
+    assert apps_sent(switch) == ["set cb_resume=marker"] and not breaks(switch, a)
+    sequence.deliver(executes(a, sequence.apps.marker.event_uuid, "set"))
+    gevent.sleep(0)
+    apps = apps_sent(switch)
+    assert [x.split(" ")[0] for x in apps] == ["set", "multiset", "sched_hangup", "playback", "bridge", "playback"]
+    sequence.deliver(executes(a, wait_uuid(a, 0)))
+    gevent.sleep(0)
+    assert len(breaks(switch, a)) == 1 and len(bridges_to(switch, b)) == 1
+    assert sendmsgs_of(switch, wait_uuid(a, 0)) == sendmsgs_of(switch, wait_uuid(a, 1)) == 1
+    assert not sequence.apps.pending and not sequence.apps.in_doubt

@@ -1314,6 +1314,18 @@ def reconnect_with_b_absent(sequence: CallSequence, switch: ScriptedSwitch) -> N
     gevent.sleep(0)
 
 
+def answered_with_the_write_lost_after(run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]],
+                                       answered: int) -> tuple[CallSequence, ScriptedSwitch]:
+    """A call whose A answered and whose one write of A's steps was lost after ``answered`` replies."""
+    sequence, switch = run_call()
+    switch.fail_message_at = answered
+    sequence.start()
+    sequence.deliver(event("CHANNEL_CREATE", sequence.a.uuid))
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    gevent.sleep(0)
+    return sequence, switch
+
+
 @pytest.mark.parametrize("shows", ["the wait after it starts", "the marker runs"])
 def test_the_wait_after_the_bridge_in_doubt_is_settled_by_what_a_runs_after_a_failed_bridge(
         run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], shows: str) -> None:
@@ -1321,13 +1333,8 @@ def test_the_wait_after_the_bridge_in_doubt_is_settled_by_what_a_runs_after_a_fa
     uncertain once the marker is queued); B appearing says nothing about that wait. B fails: A runs that wait
     if it arrived (never sent again: a second copy would hold A after the notice's break), else the marker,
     which has it sent once. Either way A hears the notice and is hung up."""
-    sequence, switch = run_call()
+    sequence, switch = answered_with_the_write_lost_after(run_call, 4)
     a, b = sequence.a.uuid, sequence.b.uuid
-    switch.fail_message_at = 4
-    sequence.start()
-    sequence.deliver(event("CHANNEL_CREATE", a))
-    sequence.deliver(event("CHANNEL_ANSWER", a))
-    gevent.sleep(0)
     wait_after = wait_uuid(a, 1)
     assert [step.event_uuid for step in sequence.apps.uncertain] == [wait_after]
     reconnect_with_b_absent(sequence, switch)
@@ -1357,13 +1364,8 @@ def test_the_whole_write_lost_unanswered_is_sent_once_when_the_marker_runs(
         run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
     """No step answered: any prefix may be on A. The marker queued behind them runs first here (nothing had
     arrived): all five are sent once, and B is dialed once at the wait."""
-    sequence, switch = run_call()
+    sequence, switch = answered_with_the_write_lost_after(run_call, 0)
     a, b = sequence.a.uuid, sequence.b.uuid
-    switch.fail_message_at = 0
-    sequence.start()
-    sequence.deliver(event("CHANNEL_CREATE", a))
-    sequence.deliver(event("CHANNEL_ANSWER", a))
-    gevent.sleep(0)
     assert len(sequence.apps.uncertain) == 5 and apps_sent(switch) == []
     reconnect_with_b_absent(sequence, switch)
     assert apps_sent(switch) == ["set cb_resume=marker"] and not breaks(switch, a)

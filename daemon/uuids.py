@@ -20,14 +20,16 @@ BATCH = 64
 _ready: collections.deque[str] = collections.deque()
 
 
+def uuid_text(h: str, version: int) -> str:
+    """The UUID of the 32 hex digits ``h`` as ``str(uuid.UUID(...))`` writes it once ``uuid.UUID`` has set
+    ``version`` (4: uuid4, 5: uuid5): the version nibble becomes ``version``, the variant's top two bits 10
+    (the nibble's low two bits stay). Without building UUID objects."""
+    return f"{h[:8]}-{h[8:12]}-{version}{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
+
+
 def _refill() -> None:
     raw = os.urandom(16 * BATCH).hex()
-    batch = []
-    for i in range(0, len(raw), 32):
-        h = raw[i:i + 32]
-        # uuid4: the version nibble becomes 4, the variant's top two bits 10 (the nibble's low two bits stay).
-        batch.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}")
-    _ready.extend(batch)
+    _ready.extend(uuid_text(raw[i:i + 32], 4) for i in range(0, len(raw), 32))
 
 
 def new_uuid() -> str:

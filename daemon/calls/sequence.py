@@ -84,7 +84,7 @@ from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
 from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.esl import EslError, EslEvent, EslNotSent
-from daemon.uuids import new_uuid
+from daemon.uuids import new_uuid, uuid_text
 
 log = logging.getLogger("callbridge.call")
 
@@ -116,9 +116,7 @@ def wait_uuid(a_uuid: str, attempt: int) -> str:
     """The event UUID of the wait A plays before bridge attempt ``attempt + 1`` (0: before the first):
     ``str(uuid.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))``, without its two UUID objects (each call
     asks for new ones: 3.6 -> 1.2 us)."""
-    h = hashlib.sha1(_WAIT_NAMESPACE_BYTES + f"{a_uuid}:wait:{attempt}".encode()).hexdigest()
-    # uuid5: the version nibble becomes 5, the variant's top two bits 10 (the nibble's low two bits stay).
-    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
+    return uuid_text(hashlib.sha1(_WAIT_NAMESPACE_BYTES + f"{a_uuid}:wait:{attempt}".encode()).hexdigest(), 5)
 
 
 _WAIT_NAMESPACE_BYTES = WAIT_NAMESPACE.bytes

@@ -391,10 +391,7 @@ class EslConnection(InboundESL):
 
     def _dispatch(self, event: EslEvent) -> None:
         if self.on_event is not None:
-            try:  # called directly: this runs for every event
-                self.on_event(event)
-            except Exception:
-                log.exception("ESL event handler %r failed on %r", self.on_event, event)
+            self._call_handler(self.on_event, event)  # not through _run_handler's copied list: every event
         if not self.event_handlers:  # the daemon's own connections route through on_event alone
             return
         if event.content_type == LOG_DATA:
@@ -409,10 +406,15 @@ class EslConnection(InboundESL):
     @staticmethod
     def _run_handler(handlers: tuple[EventHandler, ...] | list[EventHandler], event: EslEvent) -> None:
         for handler in list(handlers):
-            try:
-                handler(event)
-            except Exception:
-                log.exception("ESL event handler %r failed on %r", handler, event)
+            EslConnection._call_handler(handler, event)
+
+    @staticmethod
+    def _call_handler(handler: EventHandler, event: EslEvent) -> None:
+        """A handler's failure is logged, never raised into the reader (the next events still arrive)."""
+        try:
+            handler(event)
+        except Exception:
+            log.exception("ESL event handler %r failed on %r", handler, event)
 
     @staticmethod
     def _text_of(reply: EslEvent) -> str:

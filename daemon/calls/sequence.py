@@ -111,7 +111,6 @@ MAX_WAITS = 64  # bridge attempts looked for when adopting a call
 WAIT_VAR = "cb_wait"
 
 
-@functools.lru_cache(maxsize=4096)  # looked up at every app event of a call waiting for B
 def wait_uuid(a_uuid: str, attempt: int) -> str:
     """The event UUID of the wait A plays before bridge attempt ``attempt + 1`` (0: before the first):
     ``str(uuid.uuid5(WAIT_NAMESPACE, f"{a_uuid}:wait:{attempt}"))``, without its two UUID objects (each call

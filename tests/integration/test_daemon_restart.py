@@ -58,11 +58,19 @@ class Daemon:
                                          stdout=subprocess.DEVNULL, stderr=log)
         assert wait_for(lambda: self.get("/readyz")[0] == 200, 60), "daemon did not become ready"
 
-    def run_refused(self, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-        """``daemon run`` that is to refuse to start: its exit code and what it printed (a start that is not
-        refused runs on, and ends here in TimeoutExpired)."""
-        return subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=timeout, check=False)
+    def add_endpoint(self, name: str, *options: str) -> str:
+        """``endpoint add`` with the test number plan's caller ID and dial string; the endpoint's token."""
+        token: str = self.cli("endpoint", "add", "--name", name, "--caller-id", "15551230000", "--dial-string",
+                              "sofia/gateway/carrier/{number}", *options)["token"]
+        return token
+
+    def refusal(self, timeout: float = 90) -> str:
+        """``daemon run`` that is to refuse to start: it exits 2 with no traceback; the line it ends with (a
+        start that is not refused runs on, and ends here in TimeoutExpired)."""
+        refused = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=self.env,
+                                 capture_output=True, text=True, timeout=timeout, check=False)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        return refused.stderr.strip().splitlines()[-1]
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -114,8 +122,7 @@ def test_sigkill_mid_call_then_restart_reconciles_every_call(tmp_path: Path, sto
     url = request.getfixturevalue("postgres_url") if store_kind == "postgresql" else ""
     daemon = Daemon(tmp_path / "state", switch.port, url)
     try:
-        token = daemon.cli("endpoint", "add", "--name", "k", "--caller-id", "15551230000", "--dial-string",
-                           "sofia/gateway/carrier/{number}", "--max-in-flight", "50")["token"]
+        token = daemon.add_endpoint("k", "--max-in-flight", "50")
         daemon.start()
         callids = []
         # B talks 60 s (3 s here): the kill lands while calls are bridged or still being set up.
@@ -172,8 +179,7 @@ def test_a_second_daemon_on_one_sqlite_store_refuses_and_a_restart_after_sigkill
     switch.start()
     first = Daemon(tmp_path / "state", switch.port)
     try:
-        token = first.cli("endpoint", "add", "--name", "k", "--caller-id", "15551230000", "--dial-string",
-                          "sofia/gateway/carrier/{number}")["token"]
+        token = first.add_endpoint("k")
         first.start()
         callids = []
         for i in range(3):  # A and B answer and stay up (300 s; 30 s here)
@@ -192,9 +198,7 @@ def test_a_second_daemon_on_one_sqlite_store_refuses_and_a_restart_after_sigkill
         assert {c["callid"] for c in first.cli("calls", "in-flight")} == set(callids)
         second = Daemon(tmp_path / "state", switch.port)
         assert first.proc is not None
-        refused = second.run_refused()
-        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
-        line = refused.stderr.strip().splitlines()[-1]
+        line = second.refusal()
         assert re.fullmatch(rf"callbridge: another daemon \(pid {first.proc.pid}, instance \S+, since \S+Z\) runs on "
                             rf"this store \({re.escape(str(tmp_path / 'state' / 'callbridge.db'))}\): stop it first, "
                             r"or give this one its own state_dir", line), line
@@ -223,8 +227,7 @@ def test_calls_killed_while_waiting_for_their_turn_to_be_sent_are_dialed_at_the_
     daemon = Daemon(tmp_path / "state", switch.port)
     daemon.env["CALLBRIDGE_ESL_COMMAND_TIMEOUT"] = "60"  # the waiting ones keep waiting for their turn
     try:
-        token = daemon.cli("endpoint", "add", "--name", "w", "--caller-id", "15551230000", "--dial-string",
-                           "sofia/gateway/carrier/{number}")["token"]
+        token = daemon.add_endpoint("w")
         daemon.start()
         switch.slow_replies(5.0)  # the first originate's reply (and so its job) comes 5 s after it is sent
 
@@ -338,8 +341,7 @@ def test_sigterm_leaves_bridged_calls_to_freeswitch_and_the_next_start_follows_t
     switch.start()
     daemon = Daemon(tmp_path / "state", switch.port)
     try:
-        token = daemon.cli("endpoint", "add", "--name", "t", "--caller-id", "15551230000", "--dial-string",
-                           "sofia/gateway/carrier/{number}")["token"]
+        token = daemon.add_endpoint("t")
         daemon.start()
         status, answer = daemon.request("POST", "/v1/calls", {"token": token, "phone_a": "15550000601",
                                                               "phone_b": "15550001601"})

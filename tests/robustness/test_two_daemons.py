@@ -303,9 +303,7 @@ def node_x(folder: Path, switch: Any, url: str, lease_seconds: float) -> Daemon:
 def refused_for_node_x(daemon: Daemon, holder: Daemon) -> None:
     """``daemon`` refuses to start (exit 2, one line naming the instance_id and who holds it)."""
     assert holder.proc is not None
-    refused = daemon.run_refused()
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
-    line = refused.stderr.strip().splitlines()[-1]
+    line = daemon.refusal()
     assert re.fullmatch(rf"callbridge: instance_id 'node-x' is in use by a running daemon \(host "
                         rf"{re.escape(socket.gethostname())}, pid {holder.proc.pid}, seen \d+ s ago\): give each "
                         r"daemon its own instance_id", line), line
@@ -313,8 +311,7 @@ def refused_for_node_x(daemon: Daemon, holder: Daemon) -> None:
 
 def place_calls_that_stay_up(daemon: Daemon, store: Store, count: int) -> list[str]:
     """Calls whose A and B answer and stay up (300 s of the plan), once all are bridged; their callids."""
-    token = daemon.cli("endpoint", "add", "--name", "k", "--caller-id", "15551230000", "--dial-string",
-                       "sofia/gateway/carrier/{number}")["token"]
+    token = daemon.add_endpoint("k")
     callids = []
     for i in range(count):
         status, answer = daemon.request("POST", "/v1/calls", {"token": token, "phone_a": f"15550000{i:03d}",

@@ -120,7 +120,7 @@ class AppQueue:
         Nothing goes past uncertain steps (A would run it before them, or without them): :meth:`resume`
         settles them first."""
         while self.unsent and not self.uncertain:
-            batch = self._next_batch()
+            batch = list(self.unsent)  # all of them: one write (a lost one leaves a chain in doubt)
             try:
                 self.send(batch)
             except EslNotSent:
@@ -132,10 +132,6 @@ class AppQueue:
                 del self.unsent[:answered + in_doubt]
                 raise
             del self.unsent[:len(batch)]
-
-    def _next_batch(self) -> list[AppStep]:
-        """All the unsent steps: one write (a lost one leaves a chain in doubt, settled as above)."""
-        return list(self.unsent)
 
     def resume(self, b_exists: Callable[[], bool]) -> None:
         """Reconnected with steps not surely queued: finish queueing without ever dialing B twice or
@@ -179,9 +175,7 @@ class AppQueue:
         if index is None:
             return
         if index >= self.doubtful:
-            self.marker, self.unsent = None, [*waiting[index + 1:], *self.unsent]
-            self.waiting_for_marker, self.doubtful = [], -1
-            self.send_unsent()
+            self._settled(waiting[index + 1:])
             return
         del waiting[:index + 1]
         self.doubtful -= index + 1
@@ -190,7 +184,11 @@ class AppQueue:
         """The marker started on A before the doubtful step showed: it never arrived (nor did any of the
         uncertain steps not seen to start: they ran before the marker, had they arrived); send them and
         the rest."""
-        self.marker, self.unsent = None, [*self.waiting_for_marker, *self.unsent]
+        self._settled(self.waiting_for_marker)
+
+    def _settled(self, not_arrived: list[AppStep]) -> None:
+        """The marker is no longer awaited: the steps that did not arrive go first, then the rest."""
+        self.marker, self.unsent = None, [*not_arrived, *self.unsent]
         self.waiting_for_marker, self.doubtful = [], -1
         self.send_unsent()
 

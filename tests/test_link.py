@@ -11,7 +11,7 @@ from gevent.event import Event
 from daemon.config import Settings, SwitchAddress
 from daemon.ops.metrics import Metrics
 from daemon.switch.link import EVENTS, SwitchLink
-from tests.fake_esl_server import FakeEslServer, FakeSession, api_response, reply
+from tests.fake_esl_server import FakeEslServer, FakeSession, api_response, event_plain, reply
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -124,3 +124,29 @@ def test_a_switch_gone_right_after_the_connection_reads_is_not_reported_connecte
     with running_link(server, on_connected):
         assert tried_again.wait(10)
         assert False not in told
+
+
+def test_sessions_created_and_ended_right_after_a_status_reply_count_on_top_of_it() -> None:
+    # FreeSWITCH writes the events queued meanwhile right behind a reply, often in the same segment: the
+    # reader handles them before the greenlet that asked for `status` runs again. Had that greenlet taken
+    # the count in then, it would have dropped them: two legs created right after "1 session(s)" read as
+    # 1 session, not 3, letting legs through into a switch with less room than that.
+    created = [event_plain({"Event-Name": "CHANNEL_CREATE", "Unique-ID": f"leg-{n}"}) for n in range(3)]
+    ended = event_plain({"Event-Name": "CHANNEL_HANGUP_COMPLETE", "Unique-ID": "leg-0"})
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        answer_subscription(session)
+        for answer in (api_response("core-1"), api_response("+OK sessions per second: 30\n"),
+                       api_response("+OK max sessions: 1000\n")):
+            session.read_command()
+            session.send(answer)
+        session.read_command()
+        session.send(api_response(STATUS) + b"".join(created) + ended)  # one write: 1 session, +3, -1
+        session.wait_client_close()
+
+    server = FakeEslServer(script).start()
+    connected = Event()
+    with running_link(server, lambda _link, _restarted: connected.set()) as link:
+        assert connected.wait(10)
+        assert link.capacity.sessions == 1 + 3 - 1

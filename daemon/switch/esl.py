@@ -160,6 +160,8 @@ class EslConnection(InboundESL):
         self._framer = EslFramer()
         self._send_lock = gevent.lock.Semaphore()
         self._pending: collections.deque[AsyncResult] = collections.deque()  # replies awaited, in order
+        # A reply's reader: run by the reader on that reply, before the events framed after it (api's on_reply).
+        self._reply_reader: tuple[AsyncResult, Callable[[str], None]] | None = None
         self._auth_requested = Event()
         self._reader: gevent.Greenlet | None = None
         self._used = False
@@ -238,15 +240,19 @@ class EslConnection(InboundESL):
 
     # -- commands ------------------------------------------------------------------------------
 
-    def api(self, command: str, timeout: float | None = None) -> str:
+    def api(self, command: str, timeout: float | None = None, *,
+            on_reply: Callable[[str], None] | None = None) -> str:
         """Run ``api <command>`` and return the api/response body (e.g. ``"+OK <uuid>\\n"``).
 
         If FreeSWITCH answers with a command/reply instead (it does so for ``-ERR command not
         found``), its Reply-Text is returned. A synchronous api that runs long (``originate``)
         needs a ``timeout`` longer than its own run time, or the connection is closed.
+        ``on_reply`` gets the same text in the reader greenlet, before any event read after the reply
+        is handled: a figure of the switch's (``status``'s sessions) that the events after it adjust.
         """
         _check_line("api command", command)
-        return self._text_of(self._transact(f"api {command}\n\n".encode(), timeout, label="api"))
+        return self._text_of(self._transact(f"api {command}\n\n".encode(), timeout, label="api",
+                                            on_reply=on_reply))
 
     def bgapi(self, command: str, job_uuid: str, timeout: float | None = None,
               before_send: Callable[[], None] | None = None) -> str:
@@ -370,6 +376,9 @@ class EslConnection(InboundESL):
                     (message.get("Reply-Text") or message.body)[:200],
                 )
                 return
+            reader = self._reply_reader
+            if reader is not None and reader[0] is waiter:
+                self._call_handler(lambda reply: reader[1](self._text_of(reply)), message)
             waiter.set(message)
         elif message.is_event:
             self._dispatch(message)
@@ -424,16 +433,18 @@ class EslConnection(InboundESL):
 
     def _transact(
         self, payload: bytes, timeout: float | None, *, label: str, need_auth: bool = True,
-        before_send: Callable[[], None] | None = None,
+        before_send: Callable[[], None] | None = None, on_reply: Callable[[str], None] | None = None,
     ) -> EslEvent:
         """Send one command and wait for its reply, with the whole exchange under the send lock."""
-        return self._exchange([payload], timeout, label=label, need_auth=need_auth, before_send=before_send)[0]
+        return self._exchange([payload], timeout, label=label, need_auth=need_auth, before_send=before_send,
+                              on_reply=on_reply)[0]
 
     def _exchange(
         self, payloads: list[bytes], timeout: float | None, *, label: str, need_auth: bool = True,
-        before_send: Callable[[], None] | None = None,
+        before_send: Callable[[], None] | None = None, on_reply: Callable[[str], None] | None = None,
     ) -> list[EslEvent]:
-        """Send the commands in one write and wait for their replies, all under the send lock."""
+        """Send the commands in one write and wait for their replies, all under the send lock; ``on_reply``
+        reads the last one's text in the reader (see :meth:`api`)."""
         limit = self.command_timeout if timeout is None else timeout
         if self._reader is not None and gevent.getcurrent() is self._reader:
             # The reply could only be read by this very greenlet: it would wait out the timeout.
@@ -451,6 +462,8 @@ class EslConnection(InboundESL):
             waiters = [AsyncResult() for _ in payloads]
             # Registered before sending: a reply may be read before the send returns.
             self._pending.extend(waiters)
+            if on_reply is not None:
+                self._reply_reader = (waiters[-1], on_reply)
             replies: list[EslEvent] = []
             timer = gevent.Timeout(limit)
             timer.start()
@@ -482,6 +495,7 @@ class EslConnection(InboundESL):
                 timer.close()
                 # Only ours can be left (we hold the turn), and only when the connection is closing.
                 self._pending.clear()
+                self._reply_reader = None
         finally:
             self._send_lock.release()
 

@@ -38,7 +38,7 @@ from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.switch import commands as fs
-from daemon.switch.capacity import SwitchCapacity, parse_fsctl_max_sessions, parse_fsctl_sps
+from daemon.switch.capacity import StatusFigures, SwitchCapacity, parse_fsctl_max_sessions, parse_fsctl_sps
 from daemon.switch.esl import EslConnection, EslDisconnected, EslError, EslEvent, EslNotSent, EslTraffic
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ class SwitchLink:
         if conn is not None and conn.connected:
             if now - conn.last_received > quiet:
                 try:
-                    self.capacity.learn_status(conn.api(fs.core_status()))
+                    self._read_status(conn)
                 except EslError:
                     conn.close()  # a hung switch: drop it and reconnect
             return min(1.0, quiet / 4)
@@ -245,12 +245,20 @@ class SwitchLink:
         sps = parse_fsctl_sps(conn.api(fs.fsctl_read("sps")))
         most = parse_fsctl_max_sessions(conn.api(fs.fsctl_read("max_sessions")))
         self.capacity.learn_limits(sps=sps, max_sessions=most)
-        figures = self.capacity.learn_status(conn.api(fs.core_status()))
+        figures = self._read_status(conn)
         self.capacity.assume_created(figures.rate_last_second or 0, time.monotonic())
         if sps is None or most is None or figures.sessions is None:
             log_event(log, "switch.limits_unknown", logging.WARNING, switch=self.name, sps=sps, max_sessions=most,
                       note="FreeSWITCH's defaults (30 per second, 1000) are assumed until it says")
         self._status_read_at = time.monotonic()
+
+    def _read_status(self, conn: EslConnection) -> StatusFigures:
+        """Read ``status``: its sessions are taken in by the reader as the reply is read, so that the
+        CHANNEL_CREATE and HANGUP events framed after it adjust that count (taken in by this greenlet, after
+        the reader went on, it would drop theirs until the next read: legs let through into a full switch)."""
+        read: list[StatusFigures] = []
+        conn.api(fs.core_status(), on_reply=lambda text: read.append(self.capacity.learn_status(text)))
+        return read[0] if read else StatusFigures()
 
     def _status_due(self) -> float:
         """When `status` is next read: every switch_status_interval, and at least every second while legs
@@ -269,7 +277,7 @@ class SwitchLink:
             capacity.refresh_wanted = False
             self._status_read_at = now
             with contextlib.suppress(EslError):  # the supervisor deals with the connection
-                capacity.learn_status(conn.api(fs.core_status()))
+                self._read_status(conn)
         if not self.ready:
             return max(0.0, self._status_due() - now) if conn is not None else 1.0
         return min(capacity.serve(now), max(0.0, self._status_due() - now))

@@ -142,6 +142,13 @@ def run_call(db: Any, make_endpoint: Callable[..., Any], tmp_path: Any) -> Calla
     return run
 
 
+def marker_app(sequence: CallSequence) -> str:
+    """The marker awaited, as sent: it sets cb_resume to its own event UUID."""
+    marker = sequence.apps.marker
+    assert marker is not None
+    return f"set cb_resume={marker.event_uuid}"
+
+
 def originates(switch: ScriptedSwitch) -> list[str]:
     return [c for c in switch.sent if c.startswith("bgapi originate")]
 
@@ -346,7 +353,7 @@ def test_a_wait_lost_in_flight_is_never_queued_twice(run_call: Callable[..., Any
                           f"uuid_getvar {sequence.a.uuid} cb_stage": "queued", **switch.answers}
     sequence.deliver(Reconnected(False))
     gevent.sleep(0)
-    assert "set cb_resume=marker" in apps_sent(switch)
+    assert marker_app(sequence) in apps_sent(switch)
     marker = sequence.apps.marker
     if shows == "the marker runs":
         assert marker is not None
@@ -381,7 +388,7 @@ def test_a_bridge_lost_in_flight_is_resolved_by_a_marker_never_sent_twice(run_ca
                       "uuid_getvar": "_undef_"}
     sequence.deliver(Reconnected(False))
     gevent.sleep(0)
-    assert apps_sent(switch)[-1] == "set cb_resume=marker"
+    assert apps_sent(switch)[-1] == marker_app(sequence)
     assert not any(a.startswith("bridge ") for a in apps_sent(switch))
     # The marker runs before any B appears: the bridge never arrived, so it is sent now, once.
     marker = sequence.apps.marker
@@ -407,7 +414,7 @@ def test_a_bridge_lost_in_flight_that_did_arrive_is_not_resent(run_call: Callabl
     apps = apps_sent(switch)
     assert not any(a.startswith("bridge ") for a in apps)
     # The wait after the bridge, in the same write, may have arrived too: B says nothing about it.
-    assert apps[-1] == "set cb_resume=marker" and sequence.apps.marker is not None
+    assert apps[-1] == marker_app(sequence) and sequence.apps.marker is not None
     assert Call.get_by_id(sequence.call.id).status == "dialing_b"
     # B fails and A runs the marker: the wait after the bridge never arrived; it is sent now, the bridge not.
     sequence.deliver(executes(sequence.a.uuid, sequence.apps.marker.event_uuid, "set"))
@@ -1339,7 +1346,7 @@ def test_the_wait_after_the_bridge_in_doubt_is_settled_by_what_a_runs_after_a_fa
     assert [step.event_uuid for step in sequence.apps.uncertain] == [wait_after]
     reconnect_with_b_absent(sequence, switch)
     marker = sequence.apps.marker
-    assert marker is not None and apps_sent(switch)[-1] == "set cb_resume=marker"
+    assert marker is not None and apps_sent(switch)[-1] == marker_app(sequence)
     sequence.deliver(executes(a, wait_uuid(a, 0)))  # the wait before the bridge: B has room, the wait is broken
     gevent.sleep(0)
     assert len(breaks(switch, a)) == 1
@@ -1368,7 +1375,7 @@ def test_the_whole_write_lost_unanswered_is_sent_once_when_the_marker_runs(
     a, b = sequence.a.uuid, sequence.b.uuid
     assert len(sequence.apps.uncertain) == 5 and apps_sent(switch) == []
     reconnect_with_b_absent(sequence, switch)
-    assert apps_sent(switch) == ["set cb_resume=marker"] and not breaks(switch, a)
+    assert apps_sent(switch) == [marker_app(sequence)] and not breaks(switch, a)
     sequence.deliver(executes(a, sequence.apps.marker.event_uuid, "set"))
     gevent.sleep(0)
     apps = apps_sent(switch)
@@ -1378,3 +1385,59 @@ def test_the_whole_write_lost_unanswered_is_sent_once_when_the_marker_runs(
     assert len(breaks(switch, a)) == 1 and len(bridges_to(switch, b)) == 1
     assert sendmsgs_of(switch, wait_uuid(a, 0)) == sendmsgs_of(switch, wait_uuid(a, 1)) == 1
     assert not sequence.apps.pending and not sequence.apps.in_doubt
+
+
+@pytest.mark.parametrize("b_created", [False, True], ids=["the bridge never arrived", "the bridge ran, B busy"])
+def test_a_marker_that_ran_while_the_connection_was_down_again_is_read_from_a_at_the_next_reconnect(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], b_created: bool) -> None:
+    """The write is lost with the bridge and the wait after it in doubt; the reconnect queues the marker, A's
+    wait is heard and B's turn breaks it; then the connection drops again: A runs the bridge (if it arrived)
+    and the marker unheard, and parks. Nothing was sent at the next reconnect (nothing unsent; the marker's
+    start never heard): A sat parked until its sched_hangup. Now A's cb_resume names the marker: the bridge
+    is sent unless B was created (A's originated_legs), then the wait after it, each once."""
+    sequence, switch = answered_with_the_write_lost_after(run_call, 3)
+    a, b = sequence.a.uuid, sequence.b.uuid
+    reconnect_with_b_absent(sequence, switch)
+    marker = sequence.apps.marker
+    assert marker is not None and [step.app for step in sequence.apps.waiting_for_marker] == ["bridge", "playback"]
+    sequence.deliver(executes(a, wait_uuid(a, 0)))  # B has room: the wait is broken
+    gevent.sleep(0)
+    assert len(breaks(switch, a)) == 1 and not bridges_to(switch, b)
+    # -- dropped again: A ran the bridge if it arrived (B busy), then the marker, all unheard --
+    ran = {f"uuid_getvar {a} originated_legs": f"{b};sofia/gateway/carrier/15550000002;15550000002",
+           f"uuid_getvar {a} originate_disposition": "USER_BUSY"} if b_created else {}
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a} cb_resume": marker.event_uuid, **ran, f"uuid_getvar {a}": "_undef_"}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    assert sequence.apps.marker is None and not sequence.apps.in_doubt and not sequence.apps.pending
+    assert len(bridges_to(switch, b)) == (0 if b_created else 1), apps_sent(switch)
+    assert sendmsgs_of(switch, wait_uuid(a, 1)) == 1 and apps_sent(switch)[-1].startswith("playback ")
+    if b_created:  # the wait after the failed bridge: the notice and the hangup
+        sequence.deliver(executes(a, wait_uuid(a, 1)))
+        gevent.sleep(0)
+        assert apps_sent(switch)[-1] == "hangup NORMAL_CLEARING" and len(breaks(switch, a)) == 2
+        sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", a, **{"Hangup-Cause": "NORMAL_CLEARING"}))
+        sequence.greenlet.join(timeout=5)
+        call = Call.get_by_id(sequence.call.id)
+        assert (call.status, call.failed_leg, call.b_cause) == ("failed", "b", "USER_BUSY")
+
+
+def test_a_marker_not_yet_run_at_the_next_reconnect_is_still_waited_for(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]) -> None:
+    """cb_resume does not name the marker (A has not reached it): nothing is sent; its start, heard on the new
+    connection, settles the steps waiting for it."""
+    sequence, switch = answered_with_the_write_lost_after(run_call, 3)
+    a, b = sequence.a.uuid, sequence.b.uuid
+    reconnect_with_b_absent(sequence, switch)
+    marker = sequence.apps.marker
+    assert marker is not None
+    sent = apps_sent(switch)
+    reconnect_with_b_absent(sequence, switch)  # cb_resume unset
+    assert sequence.apps.marker is marker and apps_sent(switch) == sent
+    assert f"api uuid_getvar {a} cb_resume" in switch.sent
+    sequence.deliver(executes(a, marker.event_uuid, "set"))
+    gevent.sleep(0)
+    assert len(bridges_to(switch, b)) == 1 and sendmsgs_of(switch, wait_uuid(a, 1)) == 1
+

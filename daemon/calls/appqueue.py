@@ -20,13 +20,14 @@ until we break it), so nothing after a wait runs until we say so. The rules:
 * a step of A's seen to start (its CHANNEL_EXECUTE, or A found on a wait: :meth:`AppQueue.started`)
   had arrived, and so had every step before it: that prefix is settled (dropped from the steps in
   doubt, never sent again);
-* B exists (:meth:`AppQueue.b_appeared`, or asked in :meth:`AppQueue.resume`): the bridge arrived,
-  and every step before it: the same as the bridge seen to start;
+* B was created (:meth:`AppQueue.b_appeared`, or asked in :meth:`AppQueue.resume`: it exists, or A's
+  ``originated_legs`` names it): the bridge arrived, and every step before it: the same as the bridge
+  seen to start;
 * once reconnected (:meth:`AppQueue.resume`), uncertain steps none of which must arrive once (sets,
   prompts, the notice, the hangup: harmless twice) are simply sent again. If a once-step remains, a
-  *marker* app (``set cb_resume=marker``) is queued behind whatever A has, and the uncertain steps and
-  those after them wait for it; the *doubtful* step is the last once-step among them (the sets and
-  prompts after it are harmless to send again). Then either:
+  *marker* app (``set cb_resume=<its own event UUID>``) is queued behind whatever A has, and the uncertain
+  steps and those after them wait for it; the *doubtful* step is the last once-step among them (the sets
+  and prompts after it are harmless to send again). Then either:
 
   - the doubtful step, or a step after it, is seen to start (the bridge: B appears): everything up to
     it arrived; only what follows it is sent;
@@ -35,7 +36,16 @@ until we break it), so nothing after a wait runs until we say so. The rules:
     bridge if it arrived, or else the marker);
   - the marker runs (:meth:`AppQueue.marker_ran`): A reached it before the doubtful step, so none of
     the steps still waiting up to it arrived (the arrived prefix ran before the marker, and each was
-    seen to start and settled): they are sent, with the rest, in one write.
+    seen to start and settled): they are sent, with the rest, in one write;
+  - the connection drops again and the marker runs unheard: at the next reconnect
+    (:meth:`AppQueue.resume` again) A's ``cb_resume`` holding the marker's UUID says it ran. It is read
+    before anything else: a marker that runs after that read is heard, as the events are subscribed to
+    by then. What ran before it unheard is known from two facts. A wait never ends by itself and we
+    break only a wait we heard start (which settled it), so no wait still waiting had arrived: A would
+    still be on it. A bridge still waiting ran if it arrived; B created (it exists, or A's
+    ``originated_legs`` names it: B came and went) proves it did, as if B had appeared. Then the rest
+    is sent as when the marker is heard. A bridge that arrived and that the switch refused (no B) is sent
+    again: B is still dialed once at most.
 
 So B is never dialed twice, a wait is never queued twice on A (a second copy would hold A on the
 dialtone after we broke the first), and nothing is lost. Steps queued while the marker is awaited go
@@ -50,6 +60,9 @@ from dataclasses import dataclass, field
 from daemon.switch import commands as fs
 from daemon.switch.esl import EslError, EslLostInFlight, EslNotSent
 from daemon.uuids import new_uuid
+
+# A's channel variable the marker sets to its own event UUID: read after a gap, it tells the marker ran unheard.
+MARKER_VAR = "cb_resume"
 
 
 @dataclass
@@ -89,6 +102,12 @@ class AppQueue:
     def pending(self) -> bool:
         """Some steps are not surely queued on A yet."""
         return bool(self.unsent or self.uncertain)
+
+    @property
+    def to_resume(self) -> bool:
+        """A reconnect must look (:meth:`resume`): steps not surely queued, or a marker whose start may have
+        gone unheard."""
+        return self.pending or self.marker is not None
 
     def find(self, event_uuid: str) -> AppStep | None:
         return self.steps.get(event_uuid)
@@ -133,18 +152,23 @@ class AppQueue:
                 raise
             del self.unsent[:len(batch)]
 
-    def resume(self, b_exists: Callable[[], bool]) -> None:
-        """Reconnected with steps not surely queued: finish queueing without ever dialing B twice or
-        queueing a wait twice. B existing proves the first uncertain bridge arrived, with the steps before
-        it; if a once-step is still uncertain, a marker settles the chain (see the module's docstring)."""
+    def resume(self, b_created: Callable[[], bool], a_var: Callable[[str], str]) -> None:
+        """Reconnected (:attr:`to_resume`): finish queueing without ever dialing B twice or queueing a wait
+        twice. A marker awaited that ran unheard (``a_var``, A's channel variables, tells) settles what
+        waited for it. B created proves the first uncertain bridge arrived, with the steps before it; if a
+        once-step is still uncertain, a marker settles the chain (see the module's docstring). Every
+        question is asked before anything changes: if one fails, nothing is lost."""
+        if self.marker is not None and self.marker not in self.unsent:  # (one never sent never ran)
+            self._marker_maybe_ran(self.marker, b_created, a_var)
         uncertain = self.uncertain
         bridge = next((n for n, step in enumerate(uncertain) if step.app == "bridge"), None)
-        if bridge is not None and b_exists():  # asked before anything changes: if it fails, nothing is lost
+        if bridge is not None and b_created():
             uncertain = uncertain[bridge + 1:]
         doubtful = max((n for n, step in enumerate(uncertain) if step.once), default=-1)
         self.uncertain = []
         if doubtful >= 0:
-            self.marker = AppStep("set", fs.set_arg("cb_resume", "marker"))
+            marker_uuid = new_uuid()
+            self.marker = AppStep("set", fs.set_arg(MARKER_VAR, marker_uuid), event_uuid=marker_uuid)
             self.steps[self.marker.event_uuid] = self.marker
             self.waiting_for_marker = [*uncertain, *self.unsent]
             self.doubtful = doubtful
@@ -153,9 +177,22 @@ class AppQueue:
             self.unsent[:0] = uncertain  # a set or a prompt queued twice is harmless
         self.send_unsent()
 
+    def _marker_maybe_ran(self, marker: AppStep, b_created: Callable[[], bool], a_var: Callable[[str], str]) -> None:
+        """The marker is awaited after a gap: if A's variable says it ran, settle as if it had been heard,
+        B created first telling that a bridge waiting for it had arrived (and ran, unheard, before it). The
+        variable first: once the marker has run, what ran before it is final."""
+        if a_var(MARKER_VAR) != marker.event_uuid:
+            return  # not yet: its start is heard on this connection
+        in_doubt = self.waiting_for_marker[:self.doubtful + 1]
+        arrived = any(step.app == "bridge" for step in in_doubt) and b_created()
+        self.uncertain = [step for step in self.uncertain if step is not marker]  # its own write, lost, arrived
+        if arrived:
+            self.b_appeared()
+        self.marker_ran()
+
     def b_appeared(self) -> None:
-        """B exists: the bridge in doubt (the first, were there several) had arrived, and every step before
-        it: as if it was seen to start."""
+        """B was created: the bridge in doubt (the first, were there several) had arrived, and every step
+        before it: as if it was seen to start."""
         in_doubt = self.uncertain or self.waiting_for_marker[:self.doubtful + 1]
         bridge = next((step for step in in_doubt if step.app == "bridge"), None)
         if bridge is not None:

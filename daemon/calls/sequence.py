@@ -943,6 +943,10 @@ class CallSequence:
             raise LegGone(leg_uuid)
         return "" if value in ("_undef_", "") or value.startswith("-ERR") else value
 
+    def _b_created(self) -> bool:
+        """B was created: it exists, or came and went (A's ``originated_legs`` names it: a bridge dialed it)."""
+        return self._exists(self.b.uuid) or self.b.uuid in self._getvar(self.a.uuid, "originated_legs")
+
     def _answered(self, leg_uuid: str) -> bool:
         # FreeSWITCH sets endpoint_disposition=ANSWER when a leg answers (answer_epoch only at hangup).
         return self._getvar(leg_uuid, "endpoint_disposition") == "ANSWER"
@@ -982,8 +986,8 @@ class CallSequence:
                     self._finish(CallStatus.FAILED, reason="interrupted", end_heard=False)
                 return
             self.records.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")
-            if self.apps.pending:
-                self.apps.resume(lambda: self._exists(self.b.uuid))
+            if self.apps.to_resume:
+                self.apps.resume(self._b_created, lambda name: self._getvar(self.a.uuid, name))
             if self._answered(self.a.uuid):
                 self.apps_queued = self.apps_queued or bool(self._getvar(self.a.uuid, "cb_stage"))
                 if self.a.answered_at is None:

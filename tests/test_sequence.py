@@ -1441,3 +1441,43 @@ def test_a_marker_not_yet_run_at_the_next_reconnect_is_still_waited_for(
     gevent.sleep(0)
     assert len(bridges_to(switch, b)) == 1 and sendmsgs_of(switch, wait_uuid(a, 1)) == 1
 
+
+@pytest.mark.parametrize("ran", [True, False], ids=["the tail marker ran unheard", "not yet"])
+def test_a_tail_marker_that_ran_while_the_connection_was_down_is_read_from_a_at_the_next_reconnect(
+        run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]], ran: bool) -> None:
+    """An adopted call parked after a refused bridge queues the tail marker to learn whether the wait after
+    the bridge is on A; the connection drops and the marker runs unheard: A's steps ended short and A sat
+    parked (the next reconnect saw a tail marker queued and queued no other). Now A's cb_tail names it: the
+    wait is queued, and at its start B is dialed again once. Not yet run: its start is still waited for."""
+    first, switch = run_call()
+    a, b = first.a.uuid, first.b.uuid
+    answered_and_waiting(first, switch)
+    first.greenlet.kill()  # died as the bridge was refused (unheard), before its wait was queued
+    switch.sent.clear()
+    parked = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "false",
+              f"uuid_getvar {a} endpoint_disposition": "ANSWER", f"uuid_getvar {a} cb_stage": "queued",
+              f"uuid_getvar {a} current_application": "bridge",
+              f"uuid_getvar {a} originate_disposition": "DESTINATION_OUT_OF_ORDER"}
+    switch.answers = {**parked, f"uuid_getvar {a}": "_undef_"}
+    sequence = adopted(Call.get_by_id(first.call.id), first, switch)
+    tail = sequence.tail_marker
+    assert tail and len(apps_sent(switch)) == 1  # the tail marker
+    # -- dropped: the tail marker runs unheard (or not yet) --
+    switch.answers = {**parked, **({f"uuid_getvar {a} cb_tail": tail} if ran else {}), f"uuid_getvar {a}": "_undef_"}
+    sequence.deliver(Reconnected(False))
+    gevent.sleep(0)
+    apps = apps_sent(switch)
+    assert len(apps) == (2 if ran else 1), apps  # ran: the wait is queued at once
+    assert apps[0] == f"set cb_tail={tail}"  # (the tail marker sets cb_tail to its own event UUID)
+    if not ran:
+        assert sequence.tail_marker == tail
+        sequence.deliver(executes(a, tail, "set"))
+        gevent.sleep(0)
+    wait = apps_sent(switch)[-1]
+    assert wait.startswith("playback ") and sequence.tail_marker == "", apps_sent(switch)
+    sequence.deliver(executes(a, wait_uuid(a, 1)))
+    gevent.sleep(0)
+    switch.now += 5
+    switch.capacity.serve(switch.now)
+    gevent.sleep(0.05)
+    assert len(bridges_to(switch, b)) == 1 and "hangup NORMAL_CLEARING" not in apps_sent(switch)

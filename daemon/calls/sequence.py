@@ -109,6 +109,9 @@ MAX_WAITS = 64  # bridge attempts looked for when adopting a call
 # A's channel variable that says which wait A plays after a bridge sent again (a ``set`` queued right before
 # that wait): FreeSWITCH keeps channel variables, not the Application-UUID of what A runs.
 WAIT_VAR = "cb_wait"
+# A's channel variable the tail marker (_mark_tail) sets to its own event UUID: read after a gap, it tells the
+# marker ran unheard. (Not the AppQueue's marker's: both may be queued, and each must tell its own run.)
+TAIL_VAR = "cb_tail"
 
 
 def wait_uuid(a_uuid: str, attempt: int) -> str:
@@ -1013,8 +1016,8 @@ class CallSequence:
                 if not self.after_bridge and not self.refusal_on_a:  # (else known, or the one before's)
                     self.records.step(self.call, "bridge_ended", disposition=disposition, source="A's variables")
                     self._refused_unheard(max(1, self.attempts["b"]))
-                if self.apps.bridge is None and not self.tail_marker:
-                    self._mark_tail()  # a previous run's bridge: the wait after it may not be queued
+                if self.apps.bridge is None:
+                    self._see_to_tail()  # a previous run's bridge: the wait after it may not be queued
             elif disposition and disposition not in ("SUCCESS", "failure") and self.status != CallStatus.BRIDGED:
                 # The bridge failed unheard; A's queued notice and hangup follow.
                 self.bridge_disposition = disposition
@@ -1024,13 +1027,13 @@ class CallSequence:
                 # The wait after it ends the call. (Only a refusal is retried, so this is the last bridge's
                 # outcome: a "retry" still here was an earlier bridge's, whose retry's break was lost in flight.)
                 self.after_bridge = "end"
-                if self.apps.bridge is None and not self.tail_marker:
-                    self._mark_tail()  # a previous run's bridge: the wait after it may not be queued
+                if self.apps.bridge is None:
+                    self._see_to_tail()  # a previous run's bridge: the wait after it may not be queued
             elif self.status in (CallStatus.DIALING_B, CallStatus.BRIDGED) or self.b.created:
                 # B came and went while we were away: its cause is lost.
                 self.b.created = self.b.gone = True
-            elif self.apps_queued and self.apps.bridge is None and not self.tail_marker:
-                self._mark_tail()
+            elif self.apps_queued and self.apps.bridge is None:
+                self._see_to_tail()
         except LegGone:
             # A leg ended while we looked (after uuid_exists said it was up): its hangup follows in the
             # inbox, and if it never comes the idle check looks again (_check_alive).
@@ -1042,13 +1045,25 @@ class CallSequence:
         except EslError:
             self.connection_lost = True
 
+    def _see_to_tail(self) -> None:
+        """A reconnect finds A on no wait, its steps queued by a previous run: queue the tail marker, or, one
+        queued already, see whether it ran while the connection was down (A's TAIL_VAR names it): its start,
+        unheard, meant A's steps ended short (_queue_tail); not yet run, its start is heard on this
+        connection. (A wait would have held A before it: we break only a wait heard to start, and that one
+        clears the marker.)"""
+        if not self.tail_marker:
+            self._mark_tail()
+        elif self._getvar(self.a.uuid, TAIL_VAR) == self.tail_marker:
+            self.tail_marker = ""
+            self._queue_tail()
+
     def _mark_tail(self) -> None:
         """A's steps were queued by a previous run and A is not at a wait yet: they may end short (that run
         died while sending them). A marker queued behind them tells: its start before any wait's means
         they did (_queue_tail); a wait starting first is flushed with what follows it (_flush_and_requeue)."""
-        marker = AppStep("set", fs.set_arg("cb_resume", "tail"))
-        self._send_app(marker)
-        self.tail_marker = marker.event_uuid
+        marker_uuid = new_uuid()
+        self._send_app(AppStep("set", fs.set_arg(TAIL_VAR, marker_uuid), event_uuid=marker_uuid))
+        self.tail_marker = marker_uuid
 
     def _resume_wait(self) -> bool:
         """After a gap (a reconnection, or a start that adopted the call): if A plays a wait, act on it as if

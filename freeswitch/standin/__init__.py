@@ -12,7 +12,7 @@ Embedded (tests)::
     sw.port, sw.core_uuid, sw.commands, sw.channel(uuid), sw.channels_live(), sw.heard(uuid)
     sw.wait_for(predicate, timeout), sw.far_end_hangup(uuid), sw.send_dtmf(uuid, "12#")
     sw.drop_connections(); sw.hang(seconds); sw.restart(); sw.refuse_connections(True)
-    sw.slow_replies(seconds); sw.stop()
+    sw.slow_replies(seconds); sw.fault_after(matches, fault); sw.stop()
 
 Standalone: ``python -m freeswitch.standin --host 127.0.0.1 --port 8021 --password ClueCon
 --time-scale 1.0 [--sps 30] [--max-sessions 1000] [--far-end-sessions]`` prints ``freeswitch

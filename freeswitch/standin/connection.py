@@ -87,6 +87,7 @@ class Connection:
                         break
                     self.standin.record_command(self.conn_id, msg.raw)
                     self.handle(msg)
+                    self.standin.handled(msg.raw)
         finally:
             self.close(flush=False)
 

@@ -63,6 +63,8 @@ class StandIn:
         self._history: dict[str, Channel] = {}
         self._refused: Counter[str] = Counter()  # refusals of the switches before a restart
         self._created: Counter[str] = Counter()  # legs created by the switches before a restart
+        # Tests' faults aimed at one received message (fault_after): (matches its text, the fault), each once.
+        self._after_message: list[tuple[Callable[[str], bool], Callable[[], None]]] = []
 
     # ----- lifecycle -------------------------------------------------------------------------
     def _new_switch(self) -> Switch:
@@ -168,6 +170,15 @@ class StandIn:
         """Log one received message (StandIn.commands)."""
         self.commands.append(ReceivedCommand(conn_id, time.monotonic(), text))
 
+    def handled(self, text: str) -> None:
+        """A received message was handled: inject the fault aimed at it, if any (:meth:`fault_after`)."""
+        for aimed in self._after_message:
+            matches, fault = aimed
+            if matches(text):
+                self._after_message.remove(aimed)
+                fault()
+                return
+
     # ----- introspection ---------------------------------------------------------------------
     def channel(self, uuid: str) -> Channel | None:
         """The channel with that uuid, live or ended (across restarts), or None."""
@@ -231,6 +242,14 @@ class StandIn:
         for conn in list(self.connections):
             conn.abort()
         self.connections.clear()
+
+    def fault_after(self, matches: Callable[[str], bool], fault: Callable[[], None]) -> None:
+        """Stand-in only, for tests (FreeSWITCH has no such control): once, right after the first received
+        message whose text ``matches`` has been handled, call ``fault``, before anything else is read or
+        written, its reply included (for the commands answered at once, such as ``sendmsg`` and ``api
+        uuid_break``). With :meth:`drop_connections` it loses a write in flight at a chosen message: that
+        one and those before it took effect, the rest of the write never arrives, and no reply leaves."""
+        self._after_message.append((matches, fault))
 
     def hang(self, seconds: float) -> None:
         """Stop reading and writing for that many real seconds (sockets stay open)."""

@@ -103,3 +103,25 @@ def test_slow_replies(client: EslClient, standin: StandIn) -> None:
     t0 = time.monotonic()
     client.api("version")
     assert time.monotonic() - t0 < 0.2
+
+
+def test_a_fault_aimed_after_one_message_loses_the_rest_of_the_write(client: EslClient, standin: StandIn) -> None:
+    """fault_after (stand-in only): the connection drops right after the message aimed at is handled, before
+    its reply leaves: the messages before it and it take effect, those after it in the same write never arrive."""
+    uuid, job = bg_originate(client, "15550000404")
+    assert job_result(client, job).startswith("+OK")
+    standin.fault_after(lambda text: "Event-UUID: 00000000-0000-4000-8000-000000000002" in text,
+                        standin.drop_connections)
+    write = b""
+    for n in (1, 2, 3):
+        arg = f"cb_test{n}=yes".encode()
+        write += (f"sendmsg {uuid}\ncall-command: execute\nexecute-app-name: set\nevent-lock: true\n"
+                  f"Event-UUID: 00000000-0000-4000-8000-00000000000{n}\ncontent-type: text/plain\n"
+                  f"content-length: {len(arg)}\n\n").encode() + arg
+    client.send(write)  # one write, as the daemon sends A's steps
+    client.pump(0.2)
+    assert client.closed
+    again = connect(standin)
+    assert standin.wait_for(lambda: again.api(f"uuid_getvar {uuid} cb_test2") == "yes", 5)
+    assert [again.api(f"uuid_getvar {uuid} cb_test{n}") for n in (1, 3)] == ["yes", "_undef_"]
+    again.close()

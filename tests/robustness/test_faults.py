@@ -292,6 +292,46 @@ def test_connection_dropped_while_the_apps_are_being_queued_on_a(make_harness: C
     assert audit.statuses == {"completed": 3}
 
 
+def test_the_marker_runs_while_the_connection_is_down_again(make_harness: Callable[..., Harness]) -> None:
+    """A's steps go in one write and the connection drops right after A's wait arrived (the bridge and the
+    wait after it never did). The reconnect queues the marker behind A's wait, and B's turn breaks the wait;
+    the connection drops again right after that break and stays down, so A runs the marker while no daemon
+    hears it, and parks. It used to sit there in silence until A gave up (here, the plan's 300 s: "A hung up
+    before B was dialed") or its sched_hangup: nothing was left unsent and the marker's start was never heard.
+    Now the next reconnect reads A's cb_resume, sends the bridge once, and A talks to B."""
+    harness = make_harness(**QUICK_RECONNECT)
+    sw = harness.switch
+
+    def drop_and_refuse() -> None:
+        sw.drop_connections()
+        sw.refuse_connections(True, rude=True)  # (no yield: the daemon cannot be back before the marker runs)
+
+    # Stand-in only: each drop lands right after the message aimed at, before its reply leaves.
+    sw.fault_after(lambda text: "\nloops: -1" in text, sw.drop_connections)  # the first wait: A's first write
+    sw.fault_after(lambda text: text.startswith("api uuid_break "), drop_and_refuse)
+    [call] = place(harness, harness.endpoint(), [("0", "2")], prompts=False)
+
+    def marker_ran() -> bool:
+        a = sw.channel(str(fresh(call).a_uuid))
+        return a is not None and bool(a.var("cb_resume"))
+
+    assert wait_for(marker_ran, 30), harness.timeline(call)
+    fault("ESL dropped twice, the marker run unheard")
+    call = fresh(call)
+    assert sw.creations(str(call.b_uuid)) == 0 and sw.channel(str(call.a_uuid)).hangup_cause is None  # parked
+    sw.refuse_connections(False)
+    assert wait_for(lambda: fresh(call).status in ("bridged", "completed"), 30), \
+        (fresh(call).status, fresh(call).reason, harness.timeline(call))
+    audit = settle(harness, [call])
+    assert audit.statuses == {"completed": 1}
+    assert [s["source"] for s in sw.heard(str(call.a_uuid)) if s["kind"] == "bridge"] == [str(call.b_uuid)]
+    assert timeline_count(harness, call, "reconciled") == 2
+
+
+def timeline_count(harness: Harness, call: Call, kind: str) -> int:
+    return harness.timeline(call).count(kind)
+
+
 # ----- FreeSWITCH hung or restarted --------------------------------------------------------------------
 
 

@@ -333,6 +333,18 @@ def assert_each_once_in_order(a: ChannelA, expected: list[AppStep], queue: AppQu
 LOSSES = [(answered, arrived) for answered in range(6) for arrived in range(answered, 7)]
 
 
+def start_lost(answered: int, arrived: int) -> tuple[ChannelA, AppQueue, list[AppStep]]:
+    """A's one write of its steps lost after ``answered`` answers, ``arrived`` of them arrived. Returns A,
+    its queue and the steps."""
+    a = ChannelA()
+    a.lose = (answered, arrived)
+    queue = AppQueue(a.send)
+    all_steps, bridge = chain()
+    with contextlib.suppress(EslError):
+        queue.start(all_steps, bridge=bridge)
+    return a, queue, all_steps
+
+
 @pytest.mark.parametrize("heard_before_resume", [False, True], ids=["heard after", "heard before"])
 @pytest.mark.parametrize(("answered", "arrived"), LOSSES)
 def test_the_one_write_lost_at_any_point_reaches_a_once_whatever_arrived(
@@ -340,12 +352,7 @@ def test_the_one_write_lost_at_any_point_reaches_a_once_whatever_arrived(
     """The one write of A's steps lost after each number of answers, each prefix of the rest having arrived;
     A runs what it has (up to its wait: nothing breaks it before the resume) before or after the look
     that follows the reconnect. B is dialed once, no wait is queued twice, and nothing is lost."""
-    a = ChannelA()
-    a.lose = (answered, arrived)
-    queue = AppQueue(a.send)
-    all_steps, bridge = chain()
-    with contextlib.suppress(EslError):
-        queue.start(all_steps, bridge=bridge)
+    a, queue, all_steps = start_lost(answered, arrived)
     assert queue.uncertain == all_steps[answered:]
     if heard_before_resume:
         a.run(queue, break_waits=False)
@@ -359,6 +366,18 @@ def test_a_bridge_sent_again_lost_at_any_point_reaches_a_once(answered: int, arr
     """The switch refused the first bridge; A waits on the wait after it while the bridge, ``cb_wait`` and
     the next wait are queued again in one write, which is lost: the break that would dial B waits for the
     resume, then whatever arrived runs once, and the rest is sent once."""
+    a, queue, all_steps = retry_lost_after_a_refused_bridge(answered, arrived)
+    a.run(queue, break_waits=False)  # nothing moves: A holds its wait
+    queue.resume(b_created=lambda: a.b_created, a_var=a.var)
+    a.run(queue, break_waits=True)
+    assert_each_once_in_order(a, all_steps, queue)
+    assert a.b_created
+
+
+def retry_lost_after_a_refused_bridge(answered: int, arrived: int) -> tuple[ChannelA, AppQueue, list[AppStep]]:
+    """The switch refused the first bridge (B's turn broke the first wait); A holds the wait after it while
+    the bridge, ``cb_wait`` and the next wait are queued again in one write, lost after ``answered``
+    answers with ``arrived`` of them arrived. Returns A, its queue and every step sent, the retry last."""
     all_steps, first = chain()
     a = ChannelA(refused=(first,))
     queue = AppQueue(a.send)
@@ -372,11 +391,7 @@ def test_a_bridge_sent_again_lost_at_any_point_reaches_a_once(answered: int, arr
     a.lose = (answered, arrived)
     with pytest.raises(EslError):
         queue.extend(retry, bridge=again)
-    a.run(queue, break_waits=False)  # nothing moves: A holds its wait
-    queue.resume(b_created=lambda: a.b_created, a_var=a.var)
-    a.run(queue, break_waits=True)
-    assert_each_once_in_order(a, all_steps + retry, queue)
-    assert a.b_created
+    return a, queue, all_steps + retry
 
 
 @pytest.mark.parametrize("refused", [False, True], ids=["B created", "B refused"])
@@ -421,12 +436,7 @@ def test_a_marker_that_ran_while_the_connection_was_down_again_is_found_at_the_n
     cb_resume, set to the marker's own UUID, tells it ran, and the steps that waited for it are sent. No wait
     in doubt had arrived (A would still hold it: only a wait heard to start is broken); a bridge in doubt had
     if B was created. B is dialed once, no wait is queued twice, nothing is lost."""
-    a = ChannelA()
-    a.lose = (answered, arrived)
-    queue = AppQueue(a.send)
-    all_steps, bridge = chain()
-    with contextlib.suppress(EslError):
-        queue.start(all_steps, bridge=bridge)
+    a, queue, all_steps = start_lost(answered, arrived)
     lost_then_dropped_again(a, queue, heard)
     assert_each_once_in_order(a, all_steps, queue)
 
@@ -437,20 +447,9 @@ def test_a_bridge_sent_again_whose_marker_ran_while_the_connection_was_down_agai
         answered: int, arrived: int, heard: int) -> None:
     """As above, for the retry after a refused bridge (the bridge, cb_wait and the next wait, lost in flight
     while A holds the wait after the refused bridge)."""
-    all_steps, first = chain()
-    a = ChannelA(refused=(first,))
-    queue = AppQueue(a.send)
-    queue.start(all_steps, bridge=first)
-    a.run(queue, break_waits=False)
-    a.ran += 1  # B's turn broke the first wait; the bridge was refused; A is on the wait after it
-    a.run(queue, break_waits=False)
-    again = AppStep("bridge", "sofia/gateway/carrier/15550002002")
-    retry = [again, AppStep("set", "cb_wait=2"), AppStep("playback", "/media/dialtone.wav", loops=-1)]
-    a.lose = (answered, arrived)
-    with pytest.raises(EslError):
-        queue.extend(retry, bridge=again)
+    a, queue, all_steps = retry_lost_after_a_refused_bridge(answered, arrived)
     lost_then_dropped_again(a, queue, heard)
-    assert_each_once_in_order(a, all_steps + retry, queue)
+    assert_each_once_in_order(a, all_steps, queue)
     assert a.b_created
 
 

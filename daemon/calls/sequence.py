@@ -213,14 +213,17 @@ class CallSequence:
     """Drives one call on FreeSWITCH and writes down what happens to it."""
 
     def __init__(self, call: Call, endpoint: Endpoint, switch: Switch, records: CallRecords,
-                 options: CallOptions, *, adopted: bool = False,
+                 options: CallOptions, *, adopted: bool = False, wait_for_room: bool = False,
                  on_end: Callable[[CallSequence], None] | None = None) -> None:
+        """``wait_for_room``: A's room on the switch is not reserved yet (a call a previous run claimed and
+        never sent): its originate waits in the switch's line like a refused A's retry."""
         self.call = call
         self.endpoint = endpoint
         self.switch = switch
         self.records = records
         self.options = options
         self.adopted = adopted
+        self.wait_for_room = wait_for_room
         self.on_end = on_end
         self.inbox: gevent.queue.Queue = gevent.queue.Queue()
         # An adopted call resumes from what the store says happened before the restart.
@@ -284,7 +287,9 @@ class CallSequence:
 
     def _run(self) -> None:
         try:
-            if not self.adopted:
+            if self.wait_for_room:
+                self._want("a")
+            elif not self.adopted:
                 self._dial_a()
             loop, me = gevent.get_hub().loop, gevent.getcurrent()
             while not self.done:

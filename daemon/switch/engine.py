@@ -149,15 +149,15 @@ class Engine:
     def new_leg_uuids(self) -> tuple[str, str]:
         return new_uuid(), new_uuid()
 
-    def launch(self, call: Call, endpoint: Endpoint, *, adopted: bool = False,
+    def launch(self, call: Call, endpoint: Endpoint, *, adopted: bool = False, wait_for_room: bool = False,
                switch: SwitchLink | None = None) -> CallSequence:
         """Run a claimed call (its leg UUIDs and its switch are already committed) on ``switch``, or on
-        the one named by the call."""
+        the one named by the call; ``wait_for_room``: A's room was not reserved (see CallSequence)."""
         link = switch or self.link_of(call)
         if link is None:
             raise ValueError(f"call {call.callid}: switch {call.switch!r} is not configured")
         sequence = CallSequence(call, endpoint, link, self.records, self.options, adopted=adopted,
-                                on_end=self._ended)
+                                wait_for_room=wait_for_room, on_end=self._ended)
         self.active[call.id] = sequence
         link.sequences[call.id] = sequence
         self.in_flight_by_endpoint[endpoint.id] += 1
@@ -215,10 +215,10 @@ class Engine:
             return
         self.records.step(call, "adopted", note=f"claimed but {unsent}: dialing A now",
                           switch=link.name)
-        # Its room is taken like a new call's; a few such calls at start may exceed the second's budget,
-        # and a refusal is retried like any other (within originate_timeout).
-        link.capacity.reserve_new_call(str(call.a_uuid), self.monotonic())
-        self.launch(call, call.endpoint, switch=link)
+        # It waits for room in the switch's line, ahead of new calls, like a refused A's retry: a previous
+        # run stopped under a busy switch may leave hundreds, and sent at once they would take the switch's
+        # budget from everyone else on it (refused, and sent again).
+        self.launch(call, call.endpoint, switch=link, wait_for_room=True)
 
     def _ended(self, sequence: CallSequence) -> None:
         self.active.pop(sequence.call.id, None)

@@ -25,7 +25,7 @@ import pytest
 from daemon.calls.appqueue import AppStep
 from daemon.calls.records import add_event
 from daemon.calls.sequence import FAILURE_NOTICE, CallSequence, wait_uuid
-from daemon.store import Call, CallEvent, CallStatus, utcnow
+from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
 from tests.integration.conftest import Harness, needs_standin, wait_for
 from tests.integration.test_switch_limits import set_sps
 from tests.robustness.helpers import audit_calls
@@ -298,6 +298,23 @@ def test_at_start_a_claimed_call_never_sent_is_dialed_or_missed_past_the_grace(
     assert "adopted" in harness.timeline(done) and "dialing_a" in harness.timeline(done)
 
 
+def left_refused(harness: Harness, endpoint: Endpoint, phone_a: str, phone_b: str, *, sent_again: bool,
+                 prompts: bool = True) -> Call:
+    """A call's row as a run killed under a busy switch leaves it: A's originate marked, then refused over
+    the switch's limits (``throttled``: nothing created); ``sent_again``: the retry was marked too."""
+    now = utcnow()
+    call = Call.create(callid=secrets.token_hex(14), endpoint=endpoint, phone_a=phone_a, phone_b=phone_b,
+                       due_at=now - dt.timedelta(seconds=5), status=CallStatus.DIALING_A.value,
+                       a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), started_at=now,
+                       msg_file=harness.message if prompts else "")
+    add_event(call, "dialing_a", phone=phone_a, a_uuid=call.a_uuid)
+    add_event(call, "throttled", leg="a", cause="DESTINATION_OUT_OF_ORDER", attempt=1, retry_in=0.2)
+    if sent_again:
+        add_event(call, "dialing_a", phone=phone_a, a_uuid=call.a_uuid, attempt=2)
+    harness.finals.setdefault(call.callid, gevent.event.AsyncResult())
+    return call
+
+
 @needs_standin()
 def test_at_start_a_call_the_switch_refused_and_not_sent_again_is_dialed_one_sent_again_is_not(
         make_harness: Callable[..., Harness]) -> None:
@@ -307,21 +324,8 @@ def test_at_start_a_call_the_switch_refused_and_not_sent_again_is_dialed_one_sen
     marked, so it may have reached the switch: reconciled (its A is not there), never sent again."""
     harness = make_harness()
     endpoint = harness.endpoint()
-    now = utcnow()
-
-    def refused(phone_a: str, phone_b: str, *, sent_again: bool) -> Call:
-        call = Call.create(callid=secrets.token_hex(14), endpoint=endpoint, phone_a=phone_a, phone_b=phone_b,
-                           due_at=now - dt.timedelta(seconds=5), status=CallStatus.DIALING_A.value,
-                           a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), started_at=now)
-        add_event(call, "dialing_a", phone=phone_a, a_uuid=call.a_uuid)
-        add_event(call, "throttled", leg="a", cause="DESTINATION_OUT_OF_ORDER", attempt=1, retry_in=0.2)
-        if sent_again:
-            add_event(call, "dialing_a", phone=phone_a, a_uuid=call.a_uuid, attempt=2)
-        harness.finals.setdefault(call.callid, gevent.event.AsyncResult())
-        return call
-
-    waiting = refused("15550000703", "15550006703", sent_again=False)
-    in_the_air = refused("15550000704", "15550006704", sent_again=True)
+    waiting = left_refused(harness, endpoint, "15550000703", "15550006703", sent_again=False)
+    in_the_air = left_refused(harness, endpoint, "15550000704", "15550006704", sent_again=True)
     assert harness.service.engine.adopt_in_flight() == 2
     done, lost = harness.wait_final(waiting), harness.wait_final(in_the_air)
     assert done.status == "completed", harness.timeline(done)
@@ -330,6 +334,32 @@ def test_at_start_a_call_the_switch_refused_and_not_sent_again_is_dialed_one_sen
     assert (lost.status, lost.reason) == ("failed", "interrupted"), harness.timeline(lost)
     originates = [c.text for c in harness.switch.commands if c.text.startswith("bgapi originate")]
     assert [waiting.a_uuid in text for text in originates] == [True], originates
+
+
+@needs_standin()
+@pytest.mark.time_scale(0.1)  # A stays up 30 s: room for every B at 3 sessions a second
+def test_at_start_calls_left_unsent_wait_for_room_on_the_switch_not_sent_all_at_once(
+        make_harness: Callable[..., Harness]) -> None:
+    """A run killed under a busy switch may leave many calls whose A was refused and not sent again. The
+    next start dials each of them once, and paced to the switch's budget like any leg: sent all at once,
+    they would take the switch's whole second from everyone else on it, and most would be refused again."""
+    harness = make_harness(switch_status_interval=0.2)
+    set_sps(harness, 5)  # 3 legs a second for the daemon (4, less its margin)
+    capacity = harness.service.engine.links[0].capacity
+    assert wait_for(lambda: capacity.sps == 5, 10), "the daemon never read the switch's new limit"
+    endpoint = harness.endpoint()
+    calls = [left_refused(harness, endpoint, f"155500007{n:02d}", f"155500067{n:02d}", sent_again=False,
+                          prompts=False) for n in range(6)]
+    assert harness.service.engine.adopt_in_flight() == 6
+    done = [harness.wait_final(call, 60) for call in calls]
+    assert [call.status for call in done] == ["completed"] * 6, [harness.timeline(call) for call in done]
+    paced = [call for call in done if '"leg": "a"' in " ".join(
+        e.detail for e in CallEvent.select().where((CallEvent.call == call.id) & (CallEvent.kind == "paced")))]
+    assert len(paced) >= 3, [harness.timeline(call) for call in done]  # 3 went at once, the rest waited
+    for call in done:  # each A created once, its originates only those the switch refused and one more
+        a_uuid = str(call.a_uuid)
+        originates = sum(1 for c in harness.switch.commands if c.text.startswith("bgapi originate") and a_uuid in c.text)
+        assert originates == 1 + harness.switch.refusals(a_uuid)
 
 
 @needs_standin()

@@ -132,6 +132,7 @@ class Settings:
     media_queue_timeout: float = 10.0  # seconds a request waits for a free worker, then 503
     media_decode_timeout: float = 30.0  # wall seconds for one file's decoding, then the worker is killed
     media_cpu_seconds: int = 10  # CPU seconds one job may use (RLIMIT_CPU in the worker)
+    media_memory_mb: int = 1024  # address space one worker may use, MB (RLIMIT_AS); 0 = no limit
     media_max_channels: int = 8
     media_max_sample_rate: int = 192_000
     media_max_decoded_samples: int = 60_000_000  # frames x channels; ~10 minutes of 48 kHz stereo
@@ -446,6 +447,8 @@ def _validate(s: Settings) -> None:
     need(0 < s.portal_session_hours <= 24 * 366, "portal_session_hours: must be more than 0 and at most 8784 (a year)")
     need(not any(c in s.portal_invite_code for c in "\r\n"), "portal_invite_code: one line, no line breaks")
     need(s.tts_engine in TTS_ENGINES, f"tts_engine: must be one of {', '.join(TTS_ENGINES)}, got {s.tts_engine!r}")
+    need(s.media_memory_mb == 0 or s.media_memory_mb >= 128,
+         "media_memory_mb: must be 0 (no limit) or at least 128 (an idle worker already takes about 110 MB)")
     need(s.media_max_decoded_samples >= s.media_max_play_seconds * 8000,
          "media_max_decoded_samples: must allow at least media_max_play_seconds of 8 kHz mono")
     for entry in s.media_route_allow:

@@ -23,6 +23,12 @@ def test_defaults_are_loopback_and_sqlite_in_the_state_folder(tmp_path: Path) ->
     assert s.media_dir == tmp_path / "media"
 
 
+def test_a_media_worker_is_bounded_in_memory_unless_told_not_to_be(tmp_path: Path) -> None:
+    assert load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path)}).media_memory_mb == 1024
+    s = load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path), "CALLBRIDGE_MEDIA_MEMORY_MB": "0"})
+    assert s.media_memory_mb == 0  # no limit
+
+
 def test_systemd_state_directory_is_the_default_state_dir(tmp_path: Path) -> None:
     s = load_settings(environ={"STATE_DIRECTORY": str(tmp_path)})
     assert s.state_dir == str(tmp_path)
@@ -68,6 +74,9 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     # a negative cache would evict every file at each sweep; a negative retry time, give up at once
     ("", {"CALLBRIDGE_MEDIA_CACHE_BYTES": "-1"}, "media_cache_bytes: must be 0 or more"),
     ("", {"CALLBRIDGE_WEBHOOK_RETRY_FOR": "-60"}, "webhook_retry_for: must be 0 or more"),
+    # a worker cannot even start in less (the interpreter, numpy and the codecs): every job would fail
+    ("[media]\nmemory_mb = 64\n", {}, "media_memory_mb: must be 0 (no limit) or at least 128"),
+    ("", {"CALLBRIDGE_MEDIA_MEMORY_MB": "-1"}, "media_memory_mb: must be 0 (no limit) or at least 128"),
     # a whole number is wanted: 45.5 is not silently cut to 45 (the environment's "45.5" is refused too)
     ("originate_timeout = 45.5\n", {}, "originate_timeout: expected int, got 45.5"),
     # an empty host binds every address of the machine: an empty variable must not open the API to all

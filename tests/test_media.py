@@ -130,7 +130,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 # One pool of worker processes for the whole module: each library would otherwise start its own.
-POOL = WorkerPool(2, queue_timeout=60.0, cpu_seconds=10)
+POOL = WorkerPool(2, queue_timeout=60.0, cpu_seconds=10, memory_mb=Settings.media_memory_mb)
 
 
 def library(tmp_path: Path, resolver: Callable[[str, int], list[str]] | None = None, **overrides: Any

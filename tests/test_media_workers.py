@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.flac_bomb import silent_flac
 from tests.test_media import MediaServer, tone_file
 
 HANG = 120.0  # seconds: only a hang detector, never a speed target
+MEMORY_MB = Settings.media_memory_mb  # the default
 
 
 @pytest.fixture
@@ -113,7 +115,7 @@ def test_busy_workers_answer_503_with_retry_after(tmp_path: Path, make_endpoint:
 
 
 def test_a_job_past_its_deadline_is_killed_and_its_worker_replaced() -> None:
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG)
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
     try:
         first = pool.run({"op": "ping"}, timeout=HANG)["pid"]
         with pytest.raises(WorkerFailed, match="^took longer than 1 seconds$"):
@@ -130,7 +132,7 @@ def test_a_failed_replacement_start_never_closes_descriptors_that_are_no_longer_
     # The idle worker was killed from outside; starting its replacement fails. Its pipes were closed when it
     # was discarded, and their numbers may already be another thread's files (a fetch's socket, the store):
     # closing them again would cut those.
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG)
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
     others: list[int] = []
     try:
         pid = pool.run({"op": "ping"}, timeout=HANG)["pid"]
@@ -165,7 +167,7 @@ def test_the_pools_counts_reach_metrics() -> None:
 
     from daemon.ops.metrics import Metrics
 
-    pool = WorkerPool(2, queue_timeout=HANG, cpu_seconds=HANG)
+    pool = WorkerPool(2, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
     metrics = Metrics()
     metrics.watch_media_pool(pool)
     try:
@@ -186,7 +188,7 @@ def test_the_pools_counts_reach_metrics() -> None:
 
 
 def test_a_job_past_its_cpu_limit_dies_and_says_so() -> None:
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=1)
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=1, memory_mb=MEMORY_MB)
     try:
         with pytest.raises(WorkerFailed, match="^used more than 1 seconds of CPU$"):
             pool.run({"op": "spin"}, timeout=HANG)
@@ -196,7 +198,7 @@ def test_a_job_past_its_cpu_limit_dies_and_says_so() -> None:
 
 
 def test_a_worker_that_crashes_mid_job_or_while_idle_is_replaced() -> None:
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG)
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
     try:
         idle = pool.run({"op": "ping"}, timeout=HANG)["pid"]
         os.kill(idle, signal.SIGKILL)  # e.g. the kernel's OOM killer
@@ -216,7 +218,7 @@ def test_a_worker_that_crashes_mid_job_or_while_idle_is_replaced() -> None:
 
 
 def test_waiting_is_bounded_then_media_busy() -> None:
-    pool = WorkerPool(2, queue_timeout=0.3, cpu_seconds=HANG)
+    pool = WorkerPool(2, queue_timeout=0.3, cpu_seconds=HANG, memory_mb=MEMORY_MB)
     try:
         holds = [gevent.spawn(outcome, pool.run, {"op": "spin"}, timeout=HANG) for _ in range(2)]
         assert _wait(lambda: pool.stats.started == 2)
@@ -311,5 +313,65 @@ def test_a_file_past_the_decode_deadline_is_refused_with_a_reason(tmp_path: Path
         lib._settings.media_decode_timeout = HANG
         assert lib.from_url(server.url("/b.wav"), kind="play").seconds == pytest.approx(1.0, abs=0.1)
         assert lib.pool.stats.killed == 1 and lib.pool.stats.started == 2
+    finally:
+        lib.close()
+
+
+def test_a_job_that_runs_out_of_memory_is_refused_and_the_next_runs_on_a_fresh_worker() -> None:
+    # hog allocates 16 MB at a time up to twice the limit; without the limit it would hold it all and answer ok
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=300)
+    try:
+        first = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+        answer = pool.run({"op": "hog", "max_mb": 600}, timeout=HANG)
+        assert not answer["ok"], f"the worker held {answer['held_mb']} MB and never ran out"
+        assert (answer["kind"], answer["message"]) == ("memory", "needed more than 300 MB of memory")
+        assert answer["retire"] and not _pid_alive(first) and not pool.stats.pids  # never back in the idle list
+        second = pool.run({"op": "ping"}, timeout=HANG)
+        assert second["ok"] and second["pid"] != first
+        assert (pool.stats.retired, pool.stats.died, pool.stats.killed, pool.stats.started) == (1, 0, 0, 2)
+    finally:
+        pool.close()
+
+
+def test_a_worker_is_bounded_in_address_space_and_offered_first_to_the_oom_killer() -> None:
+    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
+    try:
+        pid = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+        assert resource.prlimit(pid, resource.RLIMIT_AS) == (MEMORY_MB << 20, MEMORY_MB << 20)
+        with open(f"/proc/{pid}/oom_score_adj") as fh:
+            assert fh.read().strip() == "1000"
+        with open(f"/proc/{pid}/environ", "rb") as fh:  # glibc's per-thread arenas would count against it
+            assert b"MALLOC_ARENA_MAX=2" in fh.read().split(b"\0")
+    finally:
+        pool.close()
+    unbounded = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=0)  # media_memory_mb = 0
+    try:
+        pid = unbounded.run({"op": "ping"}, timeout=HANG)["pid"]
+        assert resource.prlimit(pid, resource.RLIMIT_AS) == resource.getrlimit(resource.RLIMIT_AS)
+    finally:
+        unbounded.close()
+
+
+def test_the_largest_file_allowed_fits_the_default_limit_and_a_smaller_limit_is_a_400_naming_it(
+        tmp_path: Path, server: MediaServer, make_endpoint: Any, db: Any) -> None:
+    """590 s of 48 kHz stereo, as large as the default limits allow (about 190 MB of address space at peak)."""
+    from webapi.app import create_app
+
+    server.body("/long.flac", silent_flac(590, 48000, 2), content_type="audio/flac")
+    lib = MediaLibrary(settings_for(tmp_path))
+    try:
+        assert lib.pool.memory_mb == 1024
+        assert lib.from_url(server.url("/long.flac"), kind="play").seconds == pytest.approx(590, abs=0.1)
+    finally:
+        lib.close()
+    settings = settings_for(tmp_path, media_memory_mb=128)  # the least the setting allows
+    lib = MediaLibrary(settings)
+    try:
+        client = create_app(settings, media=lib).test_client()
+        _, token = make_endpoint()
+        response = create(client, token, play_url=server.url("/long.flac"))
+        assert response.status_code == 400
+        assert data_of(response)["code_desc"] == "play_url: could not be decoded: needed more than 128 MB of memory"
+        assert lib.pool.stats.retired == 1 and not lib.pool.stats.pids
     finally:
         lib.close()

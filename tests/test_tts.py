@@ -47,7 +47,7 @@ class CountingPool(WorkerPool):
     """The real worker pool, recording the speech jobs it runs."""
 
     def __init__(self) -> None:
-        super().__init__(1, queue_timeout=60.0, cpu_seconds=10)
+        super().__init__(1, queue_timeout=60.0, cpu_seconds=10, memory_mb=Settings.media_memory_mb)
         self.renders: list[tuple[str, str]] = []
 
     def run(self, job: dict[str, Any], *, timeout: float) -> dict[str, Any]:

@@ -175,7 +175,8 @@ class MediaLibrary:
         self._resolver = resolver
         self._owns_pool = pool is None
         self.pool = pool or WorkerPool(settings.media_workers, queue_timeout=settings.media_queue_timeout,
-                                       cpu_seconds=settings.media_cpu_seconds)
+                                       cpu_seconds=settings.media_cpu_seconds,
+                                       memory_mb=settings.media_memory_mb)
         self._flights: SingleFlight[MediaFile] = SingleFlight()
 
     def warm_up(self) -> None:
@@ -322,15 +323,19 @@ class MediaLibrary:
         return media
 
     def _run(self, job: dict[str, Any], timeout: float, done: str) -> dict[str, Any]:
-        """The pool's answer to ``job``; a worker killed or dead is the request's MediaError."""
+        """The pool's answer to ``job``; a worker killed, dead or out of memory is the request's MediaError."""
         try:
-            return self.pool.run(job, timeout=timeout)
+            answer = self.pool.run(job, timeout=timeout)
         except WorkerFailed as exc:
             log_event(log, "media.worker_failed", logging.WARNING, op=job["op"], reason=str(exc))
             raise MediaError(f"could not be {done}: {exc}") from None
         except MediaBusy:
             log_event(log, "media.busy", logging.WARNING, op=job["op"], workers=self.pool.size)
             raise
+        if not answer["ok"] and answer["kind"] == "memory":  # like the CPU limit: "could not be decoded: ..."
+            log_event(log, "media.worker_failed", logging.WARNING, op=job["op"], reason=answer["message"])
+            raise MediaError(f"could not be {done}: {answer['message']}")
+        return answer
 
     def _adopt(self, answer: dict[str, Any]) -> MediaFile:
         """The stored file for a worker's answer (its temporary file renamed, or dropped as a duplicate)."""

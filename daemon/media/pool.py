@@ -12,7 +12,9 @@ process at a time.
 ``select`` on the pipe, which under gevent's monkey-patching yields to other greenlets and otherwise
 blocks only the calling thread. A worker that does not answer by the deadline is killed (SIGKILL); one
 that dies (a crash, or SIGXCPU from its CPU limit) is reaped. Either way the next job gets a new process,
-and the caller gets ``WorkerFailed`` saying what happened. Workers start on first use and end when the
+and the caller gets ``WorkerFailed`` saying what happened. A worker that ran out of memory (its address
+space is bounded by ``memory_mb``) answers so with ``retire``: the caller gets that answer, and the
+process is ended rather than returned to the idle list. Workers start on first use and end when the
 pool is closed or the daemon dies (their stdin reaches end of file).
 """
 
@@ -56,6 +58,7 @@ class PoolStats:
     started: int = 0
     killed: int = 0  # deadline passed
     died: int = 0  # crashed or hit the CPU limit
+    retired: int = 0  # answered, then ended at its own request (it ran out of memory)
     busy: int = 0  # MediaBusy raised
     pids: set[int] = field(default_factory=set)
 
@@ -63,13 +66,17 @@ class PoolStats:
 class _Process:
     """One worker: the process and our ends of its pipes."""
 
-    def __init__(self, python: str) -> None:
+    def __init__(self, python: str, memory_mb: int) -> None:
         to_child_r, self.to_child = os.pipe()
         self.from_child, from_child_w = os.pipe()
+        # MALLOC_ARENA_MAX: glibc reserves 64 MiB of address space per arena, up to one per thread, and under
+        # the worker's RLIMIT_AS that reservation counts as if it were used.
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   MALLOC_ARENA_MAX="2",
                    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        argv = [python, "-m", "daemon.media.worker", "--memory-mb", str(memory_mb)]
         try:
-            self.proc = subprocess.Popen([python, "-m", "daemon.media.worker"], stdin=to_child_r,
+            self.proc = subprocess.Popen(argv, stdin=to_child_r,
                                          stdout=from_child_w, env=env, close_fds=True,
                                          start_new_session=True)  # a terminal's Ctrl-C is the daemon's to handle
         except BaseException:
@@ -153,10 +160,12 @@ def _close_all(idle: list[_Process]) -> None:
 class WorkerPool:
     """At most ``size`` worker processes, each running one job at a time."""
 
-    def __init__(self, size: int, *, queue_timeout: float, cpu_seconds: float, python: str = sys.executable) -> None:
+    def __init__(self, size: int, *, queue_timeout: float, cpu_seconds: float, memory_mb: int,
+                 python: str = sys.executable) -> None:
         self.size = size
         self.queue_timeout = queue_timeout
         self.cpu_seconds = cpu_seconds
+        self.memory_mb = memory_mb  # each worker's address space (RLIMIT_AS), 0 = no limit
         self.stats = PoolStats()
         self._python = python
         self._slots = threading.BoundedSemaphore(size)
@@ -195,7 +204,10 @@ class WorkerPool:
             self._discard(process)
             raise
         if answer is not None:
-            if self._closed:
+            if answer.get("retire"):  # it ran out of memory: whatever state that left it in, no more jobs
+                self.stats.retired += 1
+                self._discard(process)
+            elif self._closed:
                 process.end(kill=False)
             else:
                 self._idle.append(process)
@@ -212,7 +224,7 @@ class WorkerPool:
         return process.end(kill=True)
 
     def _start(self) -> _Process:
-        process = _Process(self._python)
+        process = _Process(self._python, self.memory_mb)
         self.stats.started += 1
         self.stats.pids.add(process.pid)
         return process

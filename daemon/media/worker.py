@@ -17,14 +17,25 @@ Jobs:
 * ``{"op": "speak", "text": ..., "voice": ..., "engine": "bundled" | "espeak-ng", ...}``: speak the text
   (daemon.media.tts), then normalise and write it the same way; the answer also names the voice used.
 * ``{"op": "ping"}`` answers the worker's pid (the pool's warm-up); ``{"op": "spin"}`` burns CPU until
-  killed, so that tests can prove the deadline and the CPU limit.
+  killed, so that tests can prove the deadline and the CPU limit; ``{"op": "hog", "max_mb": n}``
+  allocates memory in 16 MB steps until that fails (or ``n`` MB are held: then it answers ok), so that
+  tests can prove the memory limit.
 
 Every job runs under a CPU-time limit (``cpu_seconds``, RLIMIT_CPU): a file that costs more kills this
 process with SIGXCPU, and the pool tells the request so. Answers carry the CPU seconds the job used.
+
+The whole process runs under an address-space limit (``--memory-mb``, RLIMIT_AS, set once at start; 0 =
+none), so a library bug or a hostile file cannot grow it until the host's OOM killer picks FreeSWITCH or
+the daemon. A job that runs out (MemoryError, numpy's included) answers ``kind: "memory"`` with
+``retire: true``: the pool ends this process rather than trust it with another job. A C library that
+aborts on a failed allocation kills the process instead, which the pool reports as a death. And should
+the host run short anyway, this process offers itself first to the OOM killer (oom_score_adj 1000).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import hmac
 import json
@@ -54,6 +65,33 @@ def _limit_cpu(seconds: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
+def _limit_memory(megabytes: int) -> None:
+    """Bound this process's address space to ``megabytes`` (0: leave it as it is), for good: the hard
+    limit too, so that nothing running in here can raise it again."""
+    if megabytes <= 0:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = megabytes * 1024 * 1024
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _offer_to_oom_killer() -> None:
+    """Be the kernel's first choice when the host runs out of memory: a lost decode is retried, a lost
+    FreeSWITCH or daemon drops calls. Raising one's own score is always allowed, but /proc may not be."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as fh:
+        fh.write("1000")
+
+
+def _hog(max_mb: int) -> dict[str, Any]:
+    """Allocate 16 MB at a time until that fails (MemoryError, answered as such) or ``max_mb`` are held."""
+    held: list[bytearray] = []
+    while len(held) * 16 < max_mb:
+        held.append(bytearray(16 * 1024 * 1024))
+    return {"held_mb": len(held) * 16}
+
+
 def _store(result: Normalised, job: dict[str, Any]) -> dict[str, Any]:
     """Write the normalised WAV as a temporary file in the job's folder; answer its content name."""
     name = hmac.new(bytes.fromhex(job["key"]), result.wav, hashlib.sha256).hexdigest()
@@ -73,7 +111,8 @@ def _store(result: Normalised, job: dict[str, Any]) -> dict[str, Any]:
 class Worker:
     """Runs jobs; keeps the speech library loaded between them."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_mb: int = 0) -> None:
+        self.memory_mb = memory_mb  # this process's address-space limit (0: none), for the answers
         self._bundled: BundledEngine | None = None
 
     def run(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +140,8 @@ class Worker:
         if job["op"] == "spin":  # for tests of the CPU limit and the deadline
             while True:
                 pass
+        if job["op"] == "hog":  # for tests of the memory limit
+            return _hog(int(job["max_mb"]))
         raise ValueError(f"unknown job {job['op']!r}")
 
 
@@ -116,6 +157,10 @@ def answer_for(worker: Worker, job: dict[str, Any]) -> dict[str, Any]:
         answer = {"ok": False, "kind": "audio", "message": str(exc)}
     except SpeechError as exc:
         answer = {"ok": False, "kind": "speech", "message": str(exc)}
+    except MemoryError:  # numpy's _ArrayMemoryError too. This process may be in a bad state: retire it.
+        limit = f"{worker.memory_mb} MB" if worker.memory_mb else "the memory available"
+        answer = {"ok": False, "kind": "memory", "message": f"needed more than {limit} of memory",
+                  "retire": True}
     except Exception as exc:  # a bug or an OS error: the daemon logs it and answers 503
         traceback.print_exc(file=sys.stderr)
         answer = {"ok": False, "kind": "internal", "message": f"{type(exc).__name__}: {exc}"}
@@ -123,11 +168,16 @@ def answer_for(worker: Worker, job: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemon.media.worker")
+    parser.add_argument("--memory-mb", type=int, default=0, help="address-space limit in MB (0: none)")
+    args = parser.parse_args(argv)
+    _limit_memory(args.memory_mb)
+    _offer_to_oom_killer()
     answers = os.dup(1)
     os.dup2(2, 1)  # whatever a C library prints goes to stderr, not into an answer
     sys.stdout = sys.stderr
-    worker = Worker()
+    worker = Worker(args.memory_mb)
     for line in sys.stdin.buffer:
         job = json.loads(line)
         data = (json.dumps(answer_for(worker, job)) + "\n").encode()

@@ -167,7 +167,7 @@ def test_the_pools_counts_reach_metrics() -> None:
 
     from daemon.ops.metrics import Metrics
 
-    pool = WorkerPool(2, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
+    pool = WorkerPool(2, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=300)  # a hog runs out early
     metrics = Metrics()
     metrics.watch_media_pool(pool)
     try:
@@ -175,10 +175,12 @@ def test_the_pools_counts_reach_metrics() -> None:
         with pytest.raises(WorkerFailed):
             pool.run({"op": "spin"}, timeout=1.0)
         pool.run({"op": "ping"}, timeout=HANG)  # on a new worker: the killed one is gone
+        assert pool.run({"op": "hog", "max_mb": 600}, timeout=HANG)["kind"] == "memory"
         samples = {(s.name, tuple(s.labels.values())): s.value
                    for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
         assert samples[("callbridge_media_jobs_total", ("done",))] == 2
         assert samples[("callbridge_media_jobs_total", ("killed",))] == 1
+        assert samples[("callbridge_media_jobs_total", ("out_of_memory",))] == 1
         assert samples[("callbridge_media_jobs_total", ("busy",))] == 0
         assert samples[("callbridge_media_workers_max", ())] == 2
         assert samples[("callbridge_media_workers", ())] == len(pool.stats.pids)

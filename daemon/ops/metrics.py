@@ -98,7 +98,8 @@ class _MediaPoolCollector:
                                 value=self.pool.size)
         jobs = CounterMetricFamily("callbridge_media_jobs", "Media jobs (decode or speech) by how they ended",
                                    labels=["outcome"])
-        jobs.add_metric(["done"], stats.jobs)
+        jobs.add_metric(["done"], stats.jobs - stats.retired)
+        jobs.add_metric(["out_of_memory"], stats.retired)  # answered, over media_memory_mb: its worker ended
         jobs.add_metric(["busy"], stats.busy)  # refused: every worker busy past media_queue_timeout (503)
         jobs.add_metric(["killed"], stats.killed)  # past its wall-clock deadline
         jobs.add_metric(["died"], stats.died)  # crashed or over media_cpu_seconds

@@ -14,6 +14,8 @@ with the models, and how it must be committed:
   its error; otherwise it goes on at once.
 * ``committed``: runs on the loop once the write is committed, with the function's result (status
   listeners, metrics), in the order the writes were submitted.
+* ``failed``: for a write nobody waits for, runs with the error that undid it for good (its own error, or
+  the writer stopped with it unwritten) instead of the error being only logged; never with ``committed``.
 
 :class:`ThreadWriter` (SQLite, the daemon): the writes queue on the loop and one real OS thread (a
 ``gevent.threadpool.ThreadPool`` of one, whose sqlite3 connection is its own: see
@@ -28,7 +30,8 @@ group runs again with a savepoint per write, a cost only such a group pays); a s
 (locked, full, I/O) undoes the group: its fail-fast writes fail, the others go again, first in the
 queue, after a pause that doubles up to half a second (cut short when a write somebody waits for
 arrives, so that a request is answered at once). A group nobody waits for (steps of calls in
-progress) stays open for up to ``LINGER`` so that more join it.
+progress) stays open for up to ``LINGER`` so that more join it; one with a durable write (a claim, whose
+call is launched once it is committed) does not.
 
 What a crash costs: nothing acknowledged. An API create answers only after its group's commit with
 ``synchronous=FULL``; a claim and the mark before an originate are committed durably before anything
@@ -65,6 +68,7 @@ log = logging.getLogger("callbridge.store")
 T = TypeVar("T")
 Work = Callable[[], Any]
 Committed = Callable[[Any], None]
+Failed = Callable[[BaseException], None]
 
 RETRY_FIRST = 0.05  # seconds before the first retry of a store-level failure
 RETRY_MAX = 0.5  # the writer's pause between retries doubles up to this
@@ -90,7 +94,7 @@ def is_transient(exc: BaseException) -> bool:
 
 class Writer(Protocol):
     def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
-               committed: Committed | None = None) -> Any: ...
+               committed: Committed | None = None, failed: Failed | None = None) -> Any: ...
 
     def flush(self) -> None: ...
 
@@ -106,7 +110,17 @@ class DirectWriter:
         self.retry_for = retry_for
 
     def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
-               committed: Committed | None = None) -> Any:
+               committed: Committed | None = None, failed: Failed | None = None) -> Any:
+        try:
+            return self._submit(work, durable=durable, fail_fast=fail_fast, committed=committed)
+        except Exception as exc:
+            if wait or failed is None:
+                raise
+            log_event(log, "store.write_dropped", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            failed(exc)
+            return None
+
+    def _submit(self, work: Work, *, durable: bool, fail_fast: bool, committed: Committed | None) -> Any:
         if database.in_transaction():  # the caller's transaction (a claim round) commits it, or not
             result = work()
             if committed is not None:
@@ -149,16 +163,18 @@ class DirectWriter:
 
 
 class _Write:
-    __slots__ = ("committed", "deadline", "durable", "error", "fail_fast", "result", "value", "work")
+    __slots__ = ("committed", "deadline", "durable", "error", "fail_fast", "failed", "result", "value", "work")
 
     def __init__(self, work: Work, durable: bool, fail_fast: bool, deadline: float | None,
-                 result: gevent.event.AsyncResult | None, committed: Committed | None) -> None:
+                 result: gevent.event.AsyncResult | None, committed: Committed | None,
+                 failed: Failed | None = None) -> None:
         self.work = work
         self.durable = durable
         self.fail_fast = fail_fast
         self.deadline = deadline
         self.result = result
         self.committed = committed
+        self.failed = failed
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -193,14 +209,14 @@ class ThreadWriter:
 
     # -- the loop's side ---------------------------------------------------------------------------
     def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
-               committed: Committed | None = None) -> Any:
+               committed: Committed | None = None, failed: Failed | None = None) -> Any:
         if self._pump.dead:
             raise OperationalError("database: the store's writer is stopped")
         result = gevent.event.AsyncResult() if wait else None
         deadline = time.monotonic() + self.retry_for if wait and not fail_fast else None
-        self._queue.append(_Write(work, durable, fail_fast, deadline, result, committed))
+        self._queue.append(_Write(work, durable, fail_fast, deadline, result, committed, failed))
         self._ready.set()
-        if wait or fail_fast:
+        if wait or fail_fast or durable:  # (a durable write holds something back until it is on disk: a claim)
             self._urgent.set()
         return result.get() if result is not None else None
 
@@ -227,8 +243,8 @@ class ThreadWriter:
             log_event(log, "store.writes_lost", logging.ERROR, count=len(self._queue),
                       note="the store stayed unwritable; the next start reconciles the calls in flight")
             for write in self._queue:
-                if write.result is not None:
-                    write.result.set_exception(OperationalError("database: the store's writer stopped"))
+                if write.result is not None or write.failed is not None:
+                    self._fail(write, OperationalError("database: the store's writer stopped"))
             self._queue.clear()
         try:
             self._pool.apply(self._close)
@@ -311,8 +327,13 @@ class ThreadWriter:
     def _fail(write: _Write, error: BaseException) -> None:
         if write.result is not None:
             write.result.set_exception(error)
-        else:
-            log_event(log, "store.write_dropped", logging.ERROR, error=f"{type(error).__name__}: {error}")
+            return
+        log_event(log, "store.write_dropped", logging.ERROR, error=f"{type(error).__name__}: {error}")
+        if write.failed is not None:
+            try:
+                write.failed(error)
+            except Exception:
+                log.exception("a failed write's action failed")
 
     # -- the writer thread's side (no gevent, no logging) ------------------------------------------
     def _commit(self, group: list[_Write]) -> BaseException | None:

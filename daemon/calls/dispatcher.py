@@ -9,9 +9,11 @@ queries: the due calls in order, and the next due time.
 Claiming is one conditional UPDATE committed before any command goes to FreeSWITCH (see
 ``CallRecords.claim``): a cancel racing a start leaves exactly one outcome, and a crash after the claim
 leaves a call that the engine reconciles at the next start instead of dialing it again. Each page of due
-calls is a claim round (``CallRecords.claim_round``): on SQLite each claim commits and launches at once;
-on a PostgreSQL shared with other daemons the page's rows are locked for this round (others skip them),
-the claims commit together and launch after that commit, and the calls claimed but not yet launched
+calls is a claim round (``CallRecords.claim_round``): on SQLite the claims go to the store's writer
+without waiting (``CallRecords.claim_soon``), so a tick's claims share one commit, and each call is
+launched once its claim is committed (a call canceled meanwhile is not: its room goes back); on a
+PostgreSQL shared with other daemons the page's rows are locked for this round (others skip them), the
+claims commit together and launch after that commit. Either way the calls claimed but not yet launched
 count against the limits like calls in flight.
 
 Limits: calls in flight (global and per endpoint), a switch's room for one more session (its
@@ -108,6 +110,9 @@ class Dispatcher:
         self._day: dt.date | None = None
         self._day_start = dt.datetime.min
         self._claimed: Counter[int] = Counter()  # per endpoint: claimed in this round, not launched yet
+        # SQLite: claims submitted, not committed yet (per endpoint, and which calls: a tick skips them).
+        self._claiming: Counter[int] = Counter()
+        self._claiming_calls: set[int] = set()
         # A legs of calls claimed in this round, not launched yet, and the capacity their room was taken from.
         self._unlaunched: dict[str, SwitchCapacity] = {}
         self._next_beat: float | None = None
@@ -169,6 +174,8 @@ class Dispatcher:
                 if shared:
                     self.records.lock_endpoints({call.endpoint_id for call in page})  # type: ignore[attr-defined]
                 for call in page:
+                    if call.id in self._claiming_calls:
+                        continue  # its claim is on its way to the disk
                     if not self.engine.ready:
                         return MAX_SLEEP
                     if self._in_flight() >= self.settings.max_in_flight:
@@ -184,7 +191,7 @@ class Dispatcher:
                     if shared:
                         load = loads.get(endpoint.id) or self._load(endpoint, now, loads)
                         in_flight = max(in_flight, load.in_flight)
-                    if in_flight + self._claimed[endpoint.id] >= endpoint.max_in_flight:
+                    if in_flight + self._claimed[endpoint.id] + self._claiming[endpoint.id] >= endpoint.max_in_flight:
                         skip.add(endpoint.id)
                         continue
                     if self.started_today.get(endpoint.id, 0) >= endpoint.daily_cap:
@@ -241,7 +248,7 @@ class Dispatcher:
         return max(0.01, (load.oldest_recent + window - now).total_seconds())
 
     def _in_flight(self) -> int:
-        return self.engine.in_flight() + sum(self._claimed.values())
+        return self.engine.in_flight() + sum(self._claimed.values()) + sum(self._claiming.values())
 
     @contextlib.contextmanager
     def _claim_round(self) -> Iterator[None]:
@@ -262,6 +269,9 @@ class Dispatcher:
         capacity = switch.capacity
         # A's session is reserved before the claim's commit lets other greenlets run (and take the room).
         capacity.reserve_new_call(a_uuid, self.engine.monotonic())
+        if not is_shared():
+            self._claim_soon(call, endpoint, switch, a_uuid, b_uuid)
+            return
         self._unlaunched[a_uuid] = capacity  # until launched: a claim that raises gives the room back too
         # Lateness is stamped at this call's own claim, not at the start of the tick; the switch is
         # committed with the claim, so a restart knows where to find the call.
@@ -281,6 +291,37 @@ class Dispatcher:
                 log.exception("launch failed", extra={"callid": call.callid})
 
         self.records.after_claims(launch)
+
+    def _claim_soon(self, call: Call, endpoint: Endpoint, switch: SwitchLink, a_uuid: str, b_uuid: str) -> None:
+        """SQLite: submit the claim and go on; the call is launched once it is committed (see the module's
+        docstring). Meanwhile it counts as in flight, against its endpoint's limits and with its A's room
+        reserved, and the next ticks leave it be."""
+        self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) + 1
+        self._claiming[endpoint.id] += 1
+        self._claiming_calls.add(call.id)
+
+        def done(claimed: bool) -> None:  # on the loop, once the claim is committed (or not)
+            self._claiming[endpoint.id] -= 1
+            if not self._claiming[endpoint.id]:
+                del self._claiming[endpoint.id]
+            self._claiming_calls.discard(call.id)
+            if not claimed:  # canceled in the meantime: never started
+                self.started_today[endpoint.id] = self.started_today.get(endpoint.id, 0) - 1
+                switch.capacity.cancel(a_uuid)
+                self.wake()  # its place may go to another call
+                return
+            try:
+                self.engine.launch(call, endpoint, switch=switch)
+            except Exception:
+                log.exception("launch failed", extra={"callid": call.callid})
+
+        try:
+            self.records.claim_soon(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock(), switch=switch.name,
+                                    done=done)
+        except Exception:
+            if call.id in self._claiming_calls:  # not even queued (the writer stopped): nothing was claimed
+                done(False)
+            raise
 
     def _roll_day(self, now: dt.datetime) -> None:
         if self._day == now.date():

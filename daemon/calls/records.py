@@ -562,6 +562,30 @@ class CallRecords:
         is sent to FreeSWITCH: after a crash the call is found by them on that switch and reconciled,
         never redialed.
         """
+        update, claimed = self._claim_write(call, a_uuid=a_uuid, b_uuid=b_uuid, now=now, switch=switch)
+        if not writer().submit(update, durable=True, wait=True):
+            return False
+        claimed()
+        return True
+
+    def claim_soon(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime, switch: str | None,
+                   done: Callable[[bool], None]) -> None:
+        """:meth:`claim` without waiting for its commit (the dispatcher on SQLite: the claims of a tick then
+        share one commit). ``done(True)`` runs on the loop once the claim is committed, ``done(False)`` if
+        the call was no longer pending by then (canceled, or claimed meanwhile) or the write failed; nothing
+        may be sent for the call before ``done(True)``."""
+        update, claimed = self._claim_write(call, a_uuid=a_uuid, b_uuid=b_uuid, now=now, switch=switch)
+
+        def committed(taken: bool) -> None:
+            if taken:
+                claimed()
+            done(taken)
+
+        writer().submit(update, durable=True, committed=committed, failed=lambda _error: done(False))
+
+    def _claim_write(self, call: Call, *, a_uuid: str, b_uuid: str, now: dt.datetime,
+                     switch: str | None) -> tuple[Callable[[], bool], Callable[[], None]]:
+        """A claim's conditional update (for the writer), and what follows once it is committed (on the loop)."""
         lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
         lease_until = now + self.lease
         claimed = _snapshot(call)
@@ -583,21 +607,21 @@ class CallRecords:
             after.extend(self._write_status(claimed, CallStatus.DIALING_A, {}))
             return True
 
-        if not writer().submit(update, durable=True, wait=True):
-            return False
-        call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
-        call.started_at, call.lateness_ms, call.switch = now, lateness, switch
-        call.owner, call.lease_until = self.owner, lease_until
-        log_event(log, "claimed", callid=call.callid, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid,
-                  switch=switch)
+        def taken() -> None:
+            call.status, call.a_uuid, call.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
+            call.started_at, call.lateness_ms, call.switch = now, lateness, switch
+            call.owner, call.lease_until = self.owner, lease_until
+            log_event(log, "claimed", callid=call.callid, lateness_ms=lateness, a_uuid=a_uuid, b_uuid=b_uuid,
+                      switch=switch)
 
-        def committed() -> None:
-            self.metrics.scheduler_lateness.observe(lateness / 1000)
-            self._count_phase(claimed.id, CallStatus.DIALING_A)
-            self._committed(claimed, CallStatus.DIALING_A, {}, after)
+            def committed() -> None:
+                self.metrics.scheduler_lateness.observe(lateness / 1000)
+                self._count_phase(claimed.id, CallStatus.DIALING_A)
+                self._committed(claimed, CallStatus.DIALING_A, {}, after)
 
-        self.after_claims(committed)
-        return True
+            self.after_claims(committed)
+
+        return update, taken
 
     def step(self, call: Call, kind: str, at: dt.datetime | None = None, **detail: Any) -> None:
         """Add one step to the call's timeline (no status change)."""

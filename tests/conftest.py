@@ -26,6 +26,7 @@ from peewee import Database
 from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.config import Settings, load_settings
 from daemon.store import Endpoint, close_database, open_database
+from daemon.writer import ThreadWriter, install
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
 from tests.shards import SHARD_VARIABLE
 
@@ -127,6 +128,16 @@ def db(settings: Settings) -> Iterator[Database]:
     database = open_database(settings.database_url)
     yield database
     close_database(database)
+
+
+@pytest.fixture
+def writer(db: Database) -> Iterator[ThreadWriter]:
+    """The daemon's store writer on SQLite, installed: a real thread committing what queued meanwhile in one group."""
+    thread_writer = ThreadWriter(db, retry_for=30.0)
+    previous = install(thread_writer)
+    yield thread_writer
+    thread_writer.stop()
+    install(previous)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import datetime as dt
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -23,7 +23,7 @@ from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.engine import choose_switch, room_for_new_calls
-from daemon.writer import ThreadWriter, install
+from daemon.writer import ThreadWriter
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
@@ -541,45 +541,35 @@ def test_the_wait_after_a_tick_counts_from_its_end_not_its_start(
     assert dispatcher.tick(T0, 0.0) == pytest.approx(0.5)
 
 
-@pytest.fixture
-def thread_writer(db: Any) -> Iterator[ThreadWriter]:
-    """The daemon's writer on SQLite: a real thread committing what queued meanwhile in one group."""
-    writer = ThreadWriter(db, retry_for=30.0)
-    previous = install(writer)
-    yield writer
-    writer.stop()
-    install(previous)
-
-
 @pytest.mark.stores("sqlite")
 def test_a_ticks_claims_share_a_commit_and_each_call_starts_once_its_claim_is_on_disk(
         dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any],
-        thread_writer: ThreadWriter) -> None:
+        writer: ThreadWriter) -> None:
     """One waited commit per claim held the tick (and a burst of due calls) to the disk's pace: the claims
     now go to the writer together. No call is launched before its claim is committed, and until then the
     calls count as in flight (a second tick claims nothing twice)."""
     endpoint, _ = make_endpoint(calls_per_second=1000, max_in_flight=100)
     calls = [add(endpoint, T0 - dt.timedelta(seconds=1)) for _ in range(10)]  # the switch takes 13 a second
-    groups = thread_writer.groups
+    groups = writer.groups
     dispatcher.tick(T0, 0.0)
     dispatcher.tick(T0, 0.0)  # before any commit: the same calls are not claimed again
     assert fake_engine.launched == [] and dispatcher._in_flight() == 10
     assert wait_for(lambda: len(fake_engine.launched) == 10, 10)
     assert sorted(c.id for c in fake_engine.launched) == sorted(c.id for c in calls)
     assert {c.status for c in Call.select()} == {CallStatus.DIALING_A.value}
-    assert thread_writer.groups - groups <= 3  # not one per claim
+    assert writer.groups - groups <= 3  # not one per claim
     assert dispatcher._in_flight() == 10 and not dispatcher._claiming
 
 
 @pytest.mark.stores("sqlite")
 def test_a_call_canceled_before_its_claim_is_committed_is_never_started_and_gives_its_place_back(
         dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any],
-        thread_writer: ThreadWriter) -> None:
+        writer: ThreadWriter) -> None:
     endpoint, _ = make_endpoint(calls_per_second=1000, max_in_flight=100)
     call = add(endpoint, T0 - dt.timedelta(seconds=1))
     gate = real_lock()
     gate.acquire()
-    thread_writer.submit(lambda: gate.acquire(), durable=False)  # the writer thread waits at the gate
+    writer.submit(lambda: gate.acquire(), durable=False)  # the writer thread waits at the gate
     records = CallRecords(Metrics(), clock=lambda: T0)
     cancel = gevent.spawn(records.cancel, call, endpoint, now=T0)
     gevent.sleep(0)  # the cancel is queued (not committed: the tick still reads the call as due)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -24,15 +24,6 @@ from tests.integration.conftest import wait_for
 NOW = dt.datetime(2026, 6, 15, 12, 0, 0)
 real_lock = monkey.get_original("_thread", "allocate_lock")
 real_ident = monkey.get_original("_thread", "get_ident")
-
-
-@pytest.fixture
-def writer(db: Database) -> Iterator[ThreadWriter]:
-    thread_writer = ThreadWriter(db, retry_for=30.0)
-    previous = install(thread_writer)
-    yield thread_writer
-    thread_writer.stop()
-    install(previous)
 
 
 @pytest.fixture

@@ -285,12 +285,16 @@ class Dispatcher:
         def launch() -> None:  # once the claim is committed
             self._claimed[endpoint.id] -= 1
             self._unlaunched.pop(a_uuid, None)
-            try:
-                self.engine.launch(call, endpoint, switch=switch)
-            except Exception:
-                log.exception("launch failed", extra={"callid": call.callid})
+            self._launch(call, endpoint, switch)
 
         self.records.after_claims(launch)
+
+    def _launch(self, call: Call, endpoint: Endpoint, switch: SwitchLink) -> None:
+        """Hand a committed claim to the engine (called from a commit's callback: never raises)."""
+        try:
+            self.engine.launch(call, endpoint, switch=switch)
+        except Exception:
+            log.exception("launch failed", extra={"callid": call.callid})
 
     def _claim_soon(self, call: Call, endpoint: Endpoint, switch: SwitchLink, a_uuid: str, b_uuid: str) -> None:
         """SQLite: submit the claim and go on; the call is launched once it is committed (see the module's
@@ -310,10 +314,7 @@ class Dispatcher:
                 switch.capacity.cancel(a_uuid)
                 self.wake()  # its place may go to another call
                 return
-            try:
-                self.engine.launch(call, endpoint, switch=switch)
-            except Exception:
-                log.exception("launch failed", extra={"callid": call.callid})
+            self._launch(call, endpoint, switch)
 
         try:
             self.records.claim_soon(call, a_uuid=a_uuid, b_uuid=b_uuid, now=self.clock(), switch=switch.name,

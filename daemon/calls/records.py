@@ -283,6 +283,9 @@ class CallRecords:
         # The calls in flight this daemon follows, by the phase calls_in_flight counts each in: claimed here,
         # or taken over (adopted at start, or from a daemon that died), until they end or are let go.
         self._phases: dict[int, CallStatus] = {}
+        # calls_in_flight's child per phase, looked up once: labels() takes a lock at each of a call's moves.
+        self._in_phase = {status: self.metrics.calls_in_flight.labels(status.value)
+                          for status in CallStatus if status.in_flight}
 
     # -- reads ------------------------------------------------------------------------------------
     @staticmethod
@@ -973,13 +976,12 @@ class CallRecords:
         """Count the call in calls_in_flight under ``status`` instead of its phase so far (None or a final
         status: no longer). Kept per call, so a call adopted or taken over is counted once, in its own phase,
         and its end never takes the gauge below zero."""
-        gauge = self.metrics.calls_in_flight
         before = self._phases.pop(call_id, None)
         if before is not None:
-            gauge.labels(before.value).dec()
+            self._in_phase[before].dec()
         if status is not None and status.in_flight:
             self._phases[call_id] = status
-            gauge.labels(status.value).inc()
+            self._in_phase[status].inc()
 
     def _mine(self) -> Expression:
         """Calls this daemon owns: under its instance id, and on a shared store only while this run still

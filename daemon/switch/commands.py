@@ -55,9 +55,9 @@ FORBIDDEN = ("\r", "\n", "\0")
 def _plain(value: str, what: str) -> str:
     if not isinstance(value, str):
         raise UnsafeValue(f"{what}: not text")
-    if any(ch in value for ch in FORBIDDEN):
+    if "\r" in value or "\n" in value or "\0" in value:  # FORBIDDEN, spelled out: read for every value sent
         raise UnsafeValue(f"{what}: contains a line break or NUL")
-    if "${" in value or "$${" in value:
+    if "${" in value:  # (also "$${")
         raise UnsafeValue(f"{what}: contains a variable expansion")
     return value
 

@@ -129,6 +129,21 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of a process so far, by thread id (the main thread's is
+    the process id)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        seconds[int(task)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far."""
     return sum(cpu_times(pid))

@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,23 @@ def server() -> Any:
     srv = MediaServer()
     yield srv
     srv.close()
+
+
+@pytest.fixture
+def make_pool() -> Iterator[Callable[..., WorkerPool]]:
+    """``make_pool(size=1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)``: a worker pool, closed
+    after the test."""
+    pools: list[WorkerPool] = []
+
+    def make(size: int = 1, *, queue_timeout: float = HANG, cpu_seconds: float = HANG,
+             memory_mb: int = MEMORY_MB) -> WorkerPool:
+        pool = WorkerPool(size, queue_timeout=queue_timeout, cpu_seconds=cpu_seconds, memory_mb=memory_mb)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
@@ -114,25 +132,22 @@ def test_busy_workers_answer_503_with_retry_after(tmp_path: Path, make_endpoint:
         lib.close()
 
 
-def test_a_job_past_its_deadline_is_killed_and_its_worker_replaced() -> None:
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
-    try:
-        first = pool.run({"op": "ping"}, timeout=HANG)["pid"]
-        with pytest.raises(WorkerFailed, match="^took longer than 1 seconds$"):
-            pool.run({"op": "spin"}, timeout=1.0)
-        assert not _pid_alive(first)
-        second = pool.run({"op": "ping"}, timeout=HANG)["pid"]
-        assert second != first and pool.stats.killed == 1
-    finally:
-        pool.close()
+def test_a_job_past_its_deadline_is_killed_and_its_worker_replaced(make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    first = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+    with pytest.raises(WorkerFailed, match="^took longer than 1 seconds$"):
+        pool.run({"op": "spin"}, timeout=1.0)
+    assert not _pid_alive(first)
+    second = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+    assert second != first and pool.stats.killed == 1
 
 
 def test_a_failed_replacement_start_never_closes_descriptors_that_are_no_longer_the_workers(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, make_pool: Callable[..., WorkerPool]) -> None:
     # The idle worker was killed from outside; starting its replacement fails. Its pipes were closed when it
     # was discarded, and their numbers may already be another thread's files (a fetch's socket, the store):
     # closing them again would cut those.
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
+    pool = make_pool()
     others: list[int] = []
     try:
         pid = pool.run({"op": "ping"}, timeout=HANG)["pid"]
@@ -158,80 +173,67 @@ def test_a_failed_replacement_start_never_closes_descriptors_that_are_no_longer_
         for fd in others:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        pool.close()
 
 
-def test_the_pools_counts_reach_metrics() -> None:
+def test_the_pools_counts_reach_metrics(make_pool: Callable[..., WorkerPool]) -> None:
     """/metrics reads the pool at each scrape: jobs by outcome, workers running and at most."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from daemon.ops.metrics import Metrics
 
-    pool = WorkerPool(2, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=300)  # a hog runs out early
+    pool = make_pool(2, memory_mb=300)  # a hog runs out early
     metrics = Metrics()
     metrics.watch_media_pool(pool)
-    try:
+    pool.run({"op": "ping"}, timeout=HANG)
+    with pytest.raises(WorkerFailed):
+        pool.run({"op": "spin"}, timeout=1.0)
+    pool.run({"op": "ping"}, timeout=HANG)  # on a new worker: the killed one is gone
+    assert pool.run({"op": "hog", "max_mb": 600}, timeout=HANG)["kind"] == "memory"
+    samples = {(s.name, tuple(s.labels.values())): s.value
+               for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    assert samples[("callbridge_media_jobs_total", ("done",))] == 2
+    assert samples[("callbridge_media_jobs_total", ("killed",))] == 1
+    assert samples[("callbridge_media_jobs_total", ("out_of_memory",))] == 1
+    assert samples[("callbridge_media_jobs_total", ("busy",))] == 0
+    assert samples[("callbridge_media_workers_max", ())] == 2
+    assert samples[("callbridge_media_workers", ())] == len(pool.stats.pids)
+    assert samples[("callbridge_media_workers_started_total", ())] == 2  # the killed one was replaced
+
+
+def test_a_job_past_its_cpu_limit_dies_and_says_so(make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(cpu_seconds=1)
+    with pytest.raises(WorkerFailed, match="^used more than 1 seconds of CPU$"):
+        pool.run({"op": "spin"}, timeout=HANG)
+    assert pool.run({"op": "ping"}, timeout=HANG)["pid"] and pool.stats.died == 1
+
+
+def test_a_worker_that_crashes_mid_job_or_while_idle_is_replaced(make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    idle = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+    os.kill(idle, signal.SIGKILL)  # e.g. the kernel's OOM killer
+    _wait(lambda: not _pid_alive(idle))
+    again = pool.run({"op": "ping"}, timeout=HANG)["pid"]  # not this job's fault: it runs on a new worker
+    assert again != idle
+    idle_cpu = cpu_seconds(again)
+    spinning = gevent.spawn(outcome, pool.run, {"op": "spin"}, timeout=HANG)
+    assert _wait(lambda: cpu_seconds(again) > idle_cpu + 0.02), "the job never reached the worker"
+    os.kill(again, signal.SIGSEGV)
+    spinning.join(HANG)
+    assert isinstance(spinning.value, WorkerFailed)
+    assert str(spinning.value) == "the worker died (SIGSEGV)"
+    assert pool.run({"op": "ping"}, timeout=HANG)["pid"] not in (idle, again)
+
+
+def test_waiting_is_bounded_then_media_busy(make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool(2, queue_timeout=0.3)
+    holds = [gevent.spawn(outcome, pool.run, {"op": "spin"}, timeout=HANG) for _ in range(2)]
+    assert _wait(lambda: pool.stats.started == 2)
+    started = time.monotonic()
+    with pytest.raises(MediaBusy) as caught:
         pool.run({"op": "ping"}, timeout=HANG)
-        with pytest.raises(WorkerFailed):
-            pool.run({"op": "spin"}, timeout=1.0)
-        pool.run({"op": "ping"}, timeout=HANG)  # on a new worker: the killed one is gone
-        assert pool.run({"op": "hog", "max_mb": 600}, timeout=HANG)["kind"] == "memory"
-        samples = {(s.name, tuple(s.labels.values())): s.value
-                   for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
-        assert samples[("callbridge_media_jobs_total", ("done",))] == 2
-        assert samples[("callbridge_media_jobs_total", ("killed",))] == 1
-        assert samples[("callbridge_media_jobs_total", ("out_of_memory",))] == 1
-        assert samples[("callbridge_media_jobs_total", ("busy",))] == 0
-        assert samples[("callbridge_media_workers_max", ())] == 2
-        assert samples[("callbridge_media_workers", ())] == len(pool.stats.pids)
-        assert samples[("callbridge_media_workers_started_total", ())] == 2  # the killed one was replaced
-    finally:
-        pool.close()
-
-
-def test_a_job_past_its_cpu_limit_dies_and_says_so() -> None:
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=1, memory_mb=MEMORY_MB)
-    try:
-        with pytest.raises(WorkerFailed, match="^used more than 1 seconds of CPU$"):
-            pool.run({"op": "spin"}, timeout=HANG)
-        assert pool.run({"op": "ping"}, timeout=HANG)["pid"] and pool.stats.died == 1
-    finally:
-        pool.close()
-
-
-def test_a_worker_that_crashes_mid_job_or_while_idle_is_replaced() -> None:
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
-    try:
-        idle = pool.run({"op": "ping"}, timeout=HANG)["pid"]
-        os.kill(idle, signal.SIGKILL)  # e.g. the kernel's OOM killer
-        _wait(lambda: not _pid_alive(idle))
-        again = pool.run({"op": "ping"}, timeout=HANG)["pid"]  # not this job's fault: it runs on a new worker
-        assert again != idle
-        idle_cpu = cpu_seconds(again)
-        spinning = gevent.spawn(outcome, pool.run, {"op": "spin"}, timeout=HANG)
-        assert _wait(lambda: cpu_seconds(again) > idle_cpu + 0.02), "the job never reached the worker"
-        os.kill(again, signal.SIGSEGV)
-        spinning.join(HANG)
-        assert isinstance(spinning.value, WorkerFailed)
-        assert str(spinning.value) == "the worker died (SIGSEGV)"
-        assert pool.run({"op": "ping"}, timeout=HANG)["pid"] not in (idle, again)
-    finally:
-        pool.close()
-
-
-def test_waiting_is_bounded_then_media_busy() -> None:
-    pool = WorkerPool(2, queue_timeout=0.3, cpu_seconds=HANG, memory_mb=MEMORY_MB)
-    try:
-        holds = [gevent.spawn(outcome, pool.run, {"op": "spin"}, timeout=HANG) for _ in range(2)]
-        assert _wait(lambda: pool.stats.started == 2)
-        started = time.monotonic()
-        with pytest.raises(MediaBusy) as caught:
-            pool.run({"op": "ping"}, timeout=HANG)
-        assert time.monotonic() - started >= 0.3 and caught.value.retry_after == 1
-        gevent.killall(holds)
-        assert pool.run({"op": "ping"}, timeout=HANG)["ok"]
-    finally:
-        pool.close()
+    assert time.monotonic() - started >= 0.3 and caught.value.retry_after == 1
+    gevent.killall(holds)
+    assert pool.run({"op": "ping"}, timeout=HANG)["ok"]
 
 
 def test_the_flac_bomb_costs_the_daemon_nothing(tmp_path: Path, server: MediaServer) -> None:
@@ -319,39 +321,32 @@ def test_a_file_past_the_decode_deadline_is_refused_with_a_reason(tmp_path: Path
         lib.close()
 
 
-def test_a_job_that_runs_out_of_memory_is_refused_and_the_next_runs_on_a_fresh_worker() -> None:
+def test_a_job_that_runs_out_of_memory_is_refused_and_the_next_runs_on_a_fresh_worker(
+        make_pool: Callable[..., WorkerPool]) -> None:
     # hog allocates 16 MB at a time up to twice the limit; without the limit it would hold it all and answer ok
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=300)
-    try:
-        first = pool.run({"op": "ping"}, timeout=HANG)["pid"]
-        answer = pool.run({"op": "hog", "max_mb": 600}, timeout=HANG)
-        assert not answer["ok"], f"the worker held {answer['held_mb']} MB and never ran out"
-        assert (answer["kind"], answer["message"]) == ("memory", "needed more than 300 MB of memory")
-        assert answer["retire"] and not _pid_alive(first) and not pool.stats.pids  # never back in the idle list
-        second = pool.run({"op": "ping"}, timeout=HANG)
-        assert second["ok"] and second["pid"] != first
-        assert (pool.stats.retired, pool.stats.died, pool.stats.killed, pool.stats.started) == (1, 0, 0, 2)
-    finally:
-        pool.close()
+    pool = make_pool(memory_mb=300)
+    first = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+    answer = pool.run({"op": "hog", "max_mb": 600}, timeout=HANG)
+    assert not answer["ok"], f"the worker held {answer['held_mb']} MB and never ran out"
+    assert (answer["kind"], answer["message"]) == ("memory", "needed more than 300 MB of memory")
+    assert answer["retire"] and not _pid_alive(first) and not pool.stats.pids  # never back in the idle list
+    second = pool.run({"op": "ping"}, timeout=HANG)
+    assert second["ok"] and second["pid"] != first
+    assert (pool.stats.retired, pool.stats.died, pool.stats.killed, pool.stats.started) == (1, 0, 0, 2)
 
 
-def test_a_worker_is_bounded_in_address_space_and_offered_first_to_the_oom_killer() -> None:
-    pool = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=MEMORY_MB)
-    try:
-        pid = pool.run({"op": "ping"}, timeout=HANG)["pid"]
-        assert resource.prlimit(pid, resource.RLIMIT_AS) == (MEMORY_MB << 20, MEMORY_MB << 20)
-        with open(f"/proc/{pid}/oom_score_adj") as fh:
-            assert fh.read().strip() == "1000"
-        with open(f"/proc/{pid}/environ", "rb") as fh:  # glibc's per-thread arenas would count against it
-            assert b"MALLOC_ARENA_MAX=2" in fh.read().split(b"\0")
-    finally:
-        pool.close()
-    unbounded = WorkerPool(1, queue_timeout=HANG, cpu_seconds=HANG, memory_mb=0)  # media_memory_mb = 0
-    try:
-        pid = unbounded.run({"op": "ping"}, timeout=HANG)["pid"]
-        assert resource.prlimit(pid, resource.RLIMIT_AS) == resource.getrlimit(resource.RLIMIT_AS)
-    finally:
-        unbounded.close()
+def test_a_worker_is_bounded_in_address_space_and_offered_first_to_the_oom_killer(
+        make_pool: Callable[..., WorkerPool]) -> None:
+    pool = make_pool()
+    pid = pool.run({"op": "ping"}, timeout=HANG)["pid"]
+    assert resource.prlimit(pid, resource.RLIMIT_AS) == (MEMORY_MB << 20, MEMORY_MB << 20)
+    with open(f"/proc/{pid}/oom_score_adj") as fh:
+        assert fh.read().strip() == "1000"
+    with open(f"/proc/{pid}/environ", "rb") as fh:  # glibc's per-thread arenas would count against it
+        assert b"MALLOC_ARENA_MAX=2" in fh.read().split(b"\0")
+    unbounded = make_pool(memory_mb=0)  # media_memory_mb = 0
+    pid = unbounded.run({"op": "ping"}, timeout=HANG)["pid"]
+    assert resource.prlimit(pid, resource.RLIMIT_AS) == resource.getrlimit(resource.RLIMIT_AS)
 
 
 def test_the_largest_file_allowed_fits_the_default_limit_and_a_smaller_limit_is_a_400_naming_it(

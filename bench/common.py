@@ -121,27 +121,13 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds a process has used so far."""
-    with open(f"/proc/{pid}/stat") as fh:
+def cpu_times(pid: int, thread: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds a process (or one of its threads: the main one's id is ``pid``) has
+    used so far."""
+    with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """User + system CPU seconds of each thread of a process so far, by thread id (the main thread's is
-    the process id)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    seconds = {}
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # ended meanwhile
-            continue
-        seconds[int(task)] = (int(fields[11]) + int(fields[12])) / tick
-    return seconds
 
 
 def cpu_seconds(pid: int) -> float:

@@ -44,7 +44,6 @@ from bench.common import (
     Switch,
     cpu_times,
     insert_calls,
-    thread_cpu_seconds,
     tone_file,
     wait_until,
     workdir,
@@ -253,7 +252,7 @@ def engine_throughput(
     marks: list[tuple[float, float]] = []
     daemon.start()
     (user0, system0), wall0 = cpu_times(daemon.pid), time.perf_counter()
-    loop0 = thread_cpu_seconds(daemon.pid).get(daemon.pid, 0.0)
+    loop0 = sum(cpu_times(daemon.pid, thread=daemon.pid))
     try:
 
         def finished() -> bool:
@@ -266,7 +265,7 @@ def engine_throughput(
         wait_until(finished, timeout=max(120.0, n / 5), interval=0.5)
         final = daemon.metrics()
         user, system = cpu_times(daemon.pid)
-        loop = thread_cpu_seconds(daemon.pid).get(daemon.pid, 0.0) - loop0
+        loop = sum(cpu_times(daemon.pid, thread=daemon.pid)) - loop0
         user, system = user - user0, system - system0
         # Per complete call, as the row says: a failed call (no B, no bridge) costs less and must not
         # thin the figure out; the finished count is in the row's size column.

@@ -280,6 +280,8 @@ def engine_throughput(
         for direction in ("received", "sent"):
             prefix = f'callbridge_esl_messages_total{{direction="{direction}"'
             final[f"bench_esl_{direction}_per_call"] = sum(v for k, v in final.items() if k.startswith(prefix)) / calls
+        final["bench_esl_writes_per_call"] = sum(
+            v for k, v in final.items() if k.startswith("callbridge_esl_writes_total{")) / calls
     finally:
         daemon.stop()
     return _rate_between(marks, 0.1 * n, 0.9 * n), final
@@ -378,7 +380,8 @@ def run(report: Report, full: bool) -> None:
                 "Event Socket messages per complete call",
                 received + sent,
                 "messages",
-                size=f"{received:.1f} received (events, replies), {sent:.1f} sent (commands)",
+                size=f"{received:.1f} received (events, replies), {sent:.1f} sent (commands) in "
+                f"{final['bench_esl_writes_per_call']:.1f} writes",
             )
             report.add(
                 "engine",

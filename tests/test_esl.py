@@ -332,25 +332,170 @@ def test_stray_replies_do_not_shift_later_replies(serve, make_conn, recorder) ->
     assert conn.command("noevents") == "+OK no longer listening for events"
 
 
-def test_concurrent_commands_are_serialised(serve, make_conn) -> None:
-    overlapped: list[bytes] = []
+def read_write(session: FakeSession) -> list[bytes]:
+    """The commands of one write: read until nothing more is buffered (on loopback a write arrives whole,
+    and the client writes again only once this one is answered)."""
+    commands = [session.read_command()]
+    while session.has_unread():
+        commands.append(session.read_command())
+    return commands
+
+
+def wait_queued(conn: EslConnection, count: int) -> None:
+    """Until ``count`` commands wait for the connection's next write."""
+    with gevent.Timeout(5):
+        while len(conn._queue) < count:
+            gevent.sleep(0.001)
+
+
+def test_commands_queued_behind_a_write_go_in_the_next_one_each_with_its_own_reply(serve, make_conn) -> None:
+    """Nothing is written while a write awaits its replies: the commands queued meanwhile go together in the
+    next write, in order, and each caller gets its own reply (FreeSWITCH answers them one by one)."""
+    writes: list[list[bytes]] = []
+    first_read, release = Event(), Event()
+    written_early: list[bool] = []
 
     def script(session: FakeSession) -> None:
         session.handshake()
-        for _ in range(5):
-            command = session.read_command()
-            gevent.sleep(0.01)  # give an unserialised client the chance to send its next command early
-            if session.has_unread():
-                overlapped.append(command)
+        writes.append(read_write(session))
+        first_read.set()
+        assert release.wait(5)
+        written_early.append(session.has_unread())
+        session.send(api_response("first"))
+        writes.append(read_write(session))
+        for command in writes[-1]:
             session.send(api_response(command.decode().strip()))
         hold_open(session)
 
     conn = make_conn(serve(script).port)
     conn.connect()
-    jobs = [gevent.spawn(conn.api, f"echo {i}") for i in range(5)]
-    gevent.joinall(jobs, timeout=5, raise_error=True)
-    assert [job.value for job in jobs] == [f"api echo {i}" for i in range(5)]
-    assert overlapped == []
+    first = gevent.spawn(conn.api, "first")
+    assert first_read.wait(5)
+    jobs = [gevent.spawn(conn.api, f"echo {i}") for i in range(4)]
+    wait_queued(conn, 4)
+    release.set()
+    gevent.joinall([first, *jobs], timeout=5, raise_error=True)
+    assert first.value == "first" and [job.value for job in jobs] == [f"api echo {i}" for i in range(4)]
+    assert written_early == [False]
+    assert writes == [[b"api first\n\n"], [f"api echo {i}\n\n".encode() for i in range(4)]]
+    assert (conn.traffic.sent, conn.traffic.writes) == (1 + 5, 1 + 2)  # auth, then each command once
+
+
+def test_one_originate_a_write_and_the_other_commands_go_with_it(serve, make_conn) -> None:
+    """A command with a before_send hook (an originate, marked right before it leaves) goes one a write, so
+    that a drop leaves at most one originate's outcome unknown; its hook runs when its write is next. The
+    commands without a hook queued meanwhile go in the same write; the other originates in later ones,
+    in their order."""
+    writes: list[list[bytes]] = []
+    marks_at_write: list[list[str]] = []
+    marks: list[str] = []
+    first_read, release = Event(), Event()
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        writes.append(read_write(session))
+        first_read.set()
+        assert release.wait(5)
+        session.send(api_response("first"))
+        while len(writes) < 4:
+            writes.append(read_write(session))
+            marks_at_write.append(list(marks))
+            for command in writes[-1]:
+                if command.startswith(b"bgapi"):
+                    job = command.split(b"Job-UUID: ")[1].split(b"\n")[0].decode()
+                    session.send(reply(f"+OK Job-UUID: {job}", Job_UUID=job))
+                else:
+                    session.send(api_response(command.decode().strip()))
+        hold_open(session)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    first = gevent.spawn(conn.api, "first")
+    assert first_read.wait(5)
+    jobs = []
+    for name in ("one", "two", "three"):
+        jobs.append(gevent.spawn(conn.bgapi, f"originate {name} &park()", f"j-{name}",
+                                 before_send=lambda name=name: marks.append(name)))
+        jobs.append(gevent.spawn(conn.api, f"status {name}"))
+    wait_queued(conn, 6)
+    assert marks == []  # queued behind the first write: no hook runs before its write is next
+    release.set()
+    gevent.joinall([first, *jobs], timeout=5, raise_error=True)
+    assert [job.value for job in jobs] == ["+OK Job-UUID: j-one", "api status one", "+OK Job-UUID: j-two",
+                                           "api status two", "+OK Job-UUID: j-three", "api status three"]
+    originate = "bgapi originate {0} &park()\nJob-UUID: j-{0}\n\n".format
+    assert writes[1:] == [
+        [originate("one").encode(), b"api status one\n\n", b"api status two\n\n", b"api status three\n\n"],
+        [originate("two").encode()],
+        [originate("three").encode()],
+    ]
+    assert marks_at_write == [["one"], ["one", "two"], ["one", "two", "three"]]
+
+
+def test_a_drop_during_a_write_leaves_its_commands_unknown_and_the_queued_ones_unsent(
+        serve, make_conn, recorder) -> None:
+    """The connection goes after the first reply of a write: the commands written after it may or may not
+    have run (EslDisconnected, never EslNotSent); those still queued were not sent (EslNotSent: safe to send
+    again), and the hook of a queued originate never ran."""
+    first_read, release = Event(), Event()
+    marks: list[str] = []
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        session.read_command()
+        first_read.set()
+        assert release.wait(5)
+        session.send(api_response("first"))
+        written = read_write(session)
+        assert len(written) == 3
+        session.send(reply("+OK Job-UUID: j-one", Job_UUID="j-one"))
+        session.close()
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    first = gevent.spawn(conn.api, "first")
+    assert first_read.wait(5)
+    one = gevent.spawn(conn.bgapi, "originate one &park()", "j-one", before_send=lambda: marks.append("one"))
+    two = gevent.spawn(conn.bgapi, "originate two &park()", "j-two", before_send=lambda: marks.append("two"))
+    others = [gevent.spawn(conn.api, f"status {n}") for n in range(2)]
+    wait_queued(conn, 4)
+    release.set()
+    gevent.joinall([first, one, two, *others], timeout=5)
+    assert first.value == "first" and one.value == "+OK Job-UUID: j-one"
+    for job in others:
+        assert isinstance(job.exception, EslDisconnected) and not isinstance(job.exception, EslNotSent)
+    assert isinstance(two.exception, EslNotSent)
+    assert marks == ["one"]
+    assert recorder.disconnected.wait(5)
+
+
+def test_an_originate_whose_caller_left_while_its_hook_ran_is_not_sent(serve, make_conn) -> None:
+    """Killed (an outer timeout, a stopping engine) while its mark commits: nothing of it is written; the
+    commands that were to go with it still go."""
+    hook_started, finish_hook = Event(), Event()
+    writes: list[list[bytes]] = []
+
+    def script(session: FakeSession) -> None:
+        session.handshake()
+        writes.append(read_write(session))
+        session.send(api_response("after"))
+        hold_open(session)
+
+    def slow_mark() -> None:
+        hook_started.set()
+        assert finish_hook.wait(5)
+
+    conn = make_conn(serve(script).port)
+    conn.connect()
+    originate = gevent.spawn(conn.bgapi, "originate one &park()", "j-one", before_send=slow_mark)
+    assert hook_started.wait(5)
+    after = gevent.spawn(conn.api, "after")
+    wait_queued(conn, 1)
+    originate.kill(block=True, timeout=5)
+    finish_hook.set()
+    assert after.get(timeout=5) == "after"
+    assert writes == [[b"api after\n\n"]]
+    assert conn.connected
 
 
 def test_bgapi_sends_job_uuid_header(serve, make_conn) -> None:
@@ -682,13 +827,13 @@ def test_traffic_counts_whole_messages_across_connections(serve, make_conn, reco
     first.connect()
     assert first.api("status") == "UP\n"
     assert recorder.next_event().uuid == UUID_A
-    assert (traffic.received, traffic.sent) == (4, 2)
+    assert (traffic.received, traffic.sent, traffic.writes) == (4, 2, 2)
     first.close()
     second = make_conn(server.port, traffic=traffic)
     second.connect()
     assert second.api("status") == "UP\n"
     assert recorder.next_event().uuid == UUID_A
-    assert (traffic.received, traffic.sent) == (8, 4)
+    assert (traffic.received, traffic.sent, traffic.writes) == (8, 4, 4)
     assert first.traffic is second.traffic is traffic
 
 

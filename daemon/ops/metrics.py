@@ -131,7 +131,8 @@ class _HttpServerCollector:
 
 
 class _EslTrafficCollector:
-    """Whole Event Socket messages per switch: received (events, replies) and sent (commands). Counted as
+    """Whole Event Socket messages per switch: received (events, replies) and sent (commands), and the writes
+    the commands went in. Counted as
     plain integers by the connection, so the reader's hot path pays no lock per message."""
 
     def __init__(self) -> None:
@@ -144,3 +145,9 @@ class _EslTrafficCollector:
             family.add_metric([switch, "received"], traffic.received)
             family.add_metric([switch, "sent"], traffic.sent)
         yield family
+        writes = CounterMetricFamily("callbridge_esl_writes", "Writes of commands to the Event Socket by switch "
+                                     "(commands queued together go in one write: sent messages / writes)",
+                                     labels=["switch"])
+        for switch, traffic in self.switches.items():
+            writes.add_metric([switch], traffic.writes)
+        yield writes

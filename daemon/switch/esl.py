@@ -9,13 +9,21 @@ replaced here:
   ``connect()`` on a used object raises :class:`EslError` (greenswitch hangs when reused).
 * **Everything is bounded.** The TCP connect, the wait for ``auth/request`` and the ``auth`` reply
   are each bounded by ``connect_timeout``; every command by ``command_timeout`` (or its own
-  ``timeout``). A command that times out, or whose caller is killed or timed out from outside while
-  it waits, closes the connection, because a reply that comes later would answer the next command.
-* **One sender at a time.** Sends are serialised by a lock; the replies come in the order of the
-  commands (``command/reply`` or ``api/response``). A reply arriving while nothing waits is logged and
-  dropped, so it can never shift the replies of later commands. :meth:`EslConnection.send_messages`
-  writes several messages at once and reads their replies in order: FreeSWITCH reads its socket a byte
-  at a time and runs each command before reading the next (mod_event_socket's ``read_packet``).
+  ``timeout``): that long to be written (else it is dropped unsent, :class:`EslNotSent`), and that long
+  from its write to its reply. A command whose reply is late, or whose caller is killed or timed out
+  from outside after it was written, closes the connection, because a reply that comes later would
+  answer the next command.
+* **One write in flight, commands coalesced.** Commands queue for the connection's sender greenlet,
+  which writes all that are queued in one write, waits for their replies (they come in the order of
+  the commands: ``command/reply`` or ``api/response``), then writes the next group. Under load a group
+  carries many commands for one round trip instead of one each; idle, a command goes at once. At most
+  one command with a ``before_send`` hook (an originate, marked durably right before it leaves) goes
+  in a write: if the connection drops, at most one originate's outcome is unknown, as when commands
+  went one at a time; the rest stayed queued and are known not sent. FreeSWITCH reads its socket a
+  byte at a time and runs each command before reading the next (mod_event_socket's ``read_packet``),
+  so commands written together are run and answered one by one. A reply arriving while nothing waits
+  is logged and dropped, so it can never shift the replies of later commands.
+  :meth:`EslConnection.send_messages` sends several messages of one caller together.
 * **Disconnects fail fast.** On EOF, a socket error, a ``text/disconnect-notice`` (other than
   ``linger``), a ``text/rude-rejection`` or ``close()``, the reader stops, the pending command and
   every queued one raise :class:`EslDisconnected`, and ``on_disconnect`` is called exactly once.
@@ -32,6 +40,7 @@ goes on.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import socket
 import time
@@ -39,7 +48,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
-import gevent.lock
 import gevent.socket
 from gevent.event import AsyncResult, Event
 from greenswitch.esl import InboundESL
@@ -75,6 +83,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
+MAX_WRITE = 100  # commands in one write at most
+
+# Where a queued command is (_Command.state).
+QUEUED, TAKEN, SENT, DROPPED = range(4)
 
 EventHandler = Callable[[EslEvent], None]
 DisconnectHandler = Callable[[BaseException | None], None]
@@ -87,6 +99,7 @@ class EslTraffic:
 
     received: int = 0
     sent: int = 0
+    writes: int = 0  # the sent commands went in this many writes (one round trip each)
 
 
 class EslDisconnected(EslError):
@@ -116,6 +129,25 @@ class EslAuthError(EslError):
     """FreeSWITCH refused us: wrong password (``-ERR invalid``) or an ACL (``text/rude-rejection``)."""
 
 
+class _Command:
+    """One caller's command(s) on their way: queued for the sender, taken (its hook running), sent."""
+
+    __slots__ = ("payloads", "label", "need_auth", "before_send", "on_reply", "done", "replies", "state",
+                 "sent_at")
+
+    def __init__(self, payloads: list[bytes], label: str, need_auth: bool,
+                 before_send: Callable[[], None] | None, on_reply: Callable[[str], None] | None) -> None:
+        self.payloads = payloads
+        self.label = label
+        self.need_auth = need_auth
+        self.before_send = before_send
+        self.on_reply = on_reply
+        self.done: AsyncResult = AsyncResult()  # every reply, or why there will be none
+        self.replies: list[EslEvent] = []
+        self.state = QUEUED
+        self.sent_at = 0.0
+
+
 def _check_line(what: str, value: str) -> None:
     # A line break would end the command and start another one on the socket (ESL injection).
     if "\n" in value or "\r" in value:
@@ -126,7 +158,8 @@ class EslConnection(InboundESL):
     """An inbound Event Socket connection to FreeSWITCH; use a new object for each connection.
 
     ``on_event(event)`` and ``on_disconnect(reason)`` run in the reader greenlet (``on_disconnect``
-    may instead run in the greenlet that called :meth:`close` or whose command timed out) and must
+    may instead run in the greenlet that called :meth:`close` or whose command timed out, or in the
+    sender's when a write failed) and must
     not block. ``reason`` is None after :meth:`close`, else the exception that ended the connection.
     """
 
@@ -158,12 +191,14 @@ class EslConnection(InboundESL):
         self.lingering = False
         self._sock: socket.socket | None = None
         self._framer = EslFramer()
-        self._send_lock = gevent.lock.Semaphore()
-        self._pending: collections.deque[AsyncResult] = collections.deque()  # replies awaited, in order
-        # A reply's reader: run by the reader on that reply, before the events framed after it (api's on_reply).
-        self._reply_reader: tuple[AsyncResult, Callable[[str], None]] | None = None
+        self._queue: collections.deque[_Command] = collections.deque()  # waiting for the sender
+        self._queued = Event()  # wakes the sender
+        # Replies awaited, in order: whose, and its reader (run by the reader greenlet on that reply, before
+        # the events framed after it: api's on_reply).
+        self._pending: collections.deque[tuple[_Command, Callable[[str], None] | None]] = collections.deque()
         self._auth_requested = Event()
         self._reader: gevent.Greenlet | None = None
+        self._sender: gevent.Greenlet | None = None
         self._used = False
         self._authenticated = False
         self._closed = False
@@ -215,6 +250,8 @@ class EslConnection(InboundESL):
         self.last_received = time.monotonic()
         self._reader = gevent.spawn(self.receive_events)
         self._reader.name = f"esl-reader-{self.address}"
+        self._sender = gevent.spawn(self._send_queued)
+        self._sender.name = f"esl-sender-{self.address}"
 
         try:
             if not self._auth_requested.wait(limit):
@@ -368,18 +405,19 @@ class EslConnection(InboundESL):
         """Route one framed message by its Content-Type (called in the reader greenlet)."""
         kind = message.content_type
         if kind in (COMMAND_REPLY, API_RESPONSE):
-            waiter = self._pending.popleft() if self._pending else None
-            if waiter is None or waiter.ready():
+            command, reader = self._pending.popleft() if self._pending else (None, None)
+            if command is None or command.done.ready():
                 log.warning(
                     "dropped a %s nobody was waiting for: %r",
                     kind,
                     (message.get("Reply-Text") or message.body)[:200],
                 )
                 return
-            reader = self._reply_reader
-            if reader is not None and reader[0] is waiter:
-                self._call_handler(lambda reply: reader[1](self._text_of(reply)), message)
-            waiter.set(message)
+            if reader is not None:
+                self._call_handler(lambda reply: reader(self._text_of(reply)), message)
+            command.replies.append(message)
+            if len(command.replies) == len(command.payloads):
+                command.done.set(command.replies)
         elif message.is_event:
             self._dispatch(message)
         elif kind == AUTH_REQUEST:
@@ -435,7 +473,7 @@ class EslConnection(InboundESL):
         self, payload: bytes, timeout: float | None, *, label: str, need_auth: bool = True,
         before_send: Callable[[], None] | None = None, on_reply: Callable[[str], None] | None = None,
     ) -> EslEvent:
-        """Send one command and wait for its reply, with the whole exchange under the send lock."""
+        """Send one command and wait for its reply."""
         return self._exchange([payload], timeout, label=label, need_auth=need_auth, before_send=before_send,
                               on_reply=on_reply)[0]
 
@@ -443,61 +481,134 @@ class EslConnection(InboundESL):
         self, payloads: list[bytes], timeout: float | None, *, label: str, need_auth: bool = True,
         before_send: Callable[[], None] | None = None, on_reply: Callable[[str], None] | None = None,
     ) -> list[EslEvent]:
-        """Send the commands in one write and wait for their replies, all under the send lock; ``on_reply``
+        """Queue the commands for the sender (they go in one write) and wait for their replies; ``on_reply``
         reads the last one's text in the reader (see :meth:`api`)."""
         limit = self.command_timeout if timeout is None else timeout
-        if self._reader is not None and gevent.getcurrent() is self._reader:
-            # The reply could only be read by this very greenlet: it would wait out the timeout.
-            raise EslError(f"{label}: commands cannot be sent from an event handler (reader greenlet)")
+        current = gevent.getcurrent()
+        if current is self._reader or current is self._sender:
+            # The reply could only be read (or the command written) by this very greenlet.
+            raise EslError(f"{label}: commands cannot be sent from an event handler or a before_send hook")
         self._usable_or_not_sent(need_auth)
-        # Waiting for our turn sends nothing, so running out of time here leaves the stream intact.
-        if not self._send_lock.acquire(timeout=limit):
-            raise EslNotSent(f"{label}: no turn to send within {limit}s (another command is in flight)")
+        command = _Command(payloads, label, need_auth, before_send, on_reply)
+        self._queue.append(command)
+        self._queued.set()
+        done = command.done
         try:
-            sock = self._usable_or_not_sent(need_auth)
-            if before_send is not None:
-                before_send()
-                # It may have yielded (a store commit) while the connection went: then nothing left.
-                sock = self._usable_or_not_sent(need_auth)
-            waiters = [AsyncResult() for _ in payloads]
-            # Registered before sending: a reply may be read before the send returns.
-            self._pending.extend(waiters)
-            if on_reply is not None:
-                self._reply_reader = (waiters[-1], on_reply)
-            replies: list[EslEvent] = []
-            timer = gevent.Timeout(limit)
-            timer.start()
-            try:
-                payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
-                sent = sock.send(payload)  # commands fit the send buffer: one call, not sendall's three
-                if sent < len(payload):
-                    sock.sendall(payload[sent:])
-                self.traffic.sent += len(payloads)
-                for waiter in waiters:
-                    replies.append(waiter.get())
-                return replies
-            except gevent.Timeout as exc:
-                if exc is not timer:
-                    self._abandon(label, exc)
-                    raise
-                error: EslError = EslTimeout(
-                    f"{label}: no reply from {self.address} within {limit}s; connection closed")
-                raise self._lost(self._fail(error), len(payloads), len(replies)) from None
-            except OSError as exc:
-                error = EslDisconnected(f"{label}: send to {self.address} failed: {exc}")
-                raise self._lost(self._fail(error), len(payloads), len(replies)) from exc
-            except EslError as exc:  # the connection went while a reply was awaited
-                raise self._lost(exc, len(payloads), len(replies)) from None
-            except BaseException as exc:
+            done.wait(limit)
+            while not done.ready():
+                if command.state == QUEUED:
+                    # Waiting for a write sends nothing, so running out of time here leaves the stream intact.
+                    self._unqueue(command)
+                    raise EslNotSent(f"{label}: no turn to send within {limit}s (other commands in flight)")
+                if command.state == SENT:
+                    left = command.sent_at + limit - time.monotonic()
+                    if left <= 0:
+                        error: EslError = EslTimeout(
+                            f"{label}: no reply from {self.address} within {limit}s; connection closed")
+                        raise self._lost(self._fail(error), len(payloads), len(command.replies))
+                    done.wait(left)
+                else:  # TAKEN: its hook runs (a store commit, bounded by the store's own wait)
+                    done.wait(limit)
+        except EslError:
+            raise
+        except BaseException as exc:
+            # Killed, or an outer gevent.Timeout: never sent is safe; written, its reply can no longer be read.
+            if command.state == QUEUED:
+                self._unqueue(command)
+            elif command.state == TAKEN:
+                command.state = DROPPED
+            elif command.state == SENT and not done.ready():
                 self._abandon(label, exc)
-                raise
-            finally:
-                timer.close()
-                # Only ours can be left (we hold the turn), and only when the connection is closing.
-                self._pending.clear()
-                self._reply_reader = None
-        finally:
-            self._send_lock.release()
+            raise
+        if done.successful():
+            return command.replies
+        error = done.exception
+        if isinstance(error, EslError) and not isinstance(error, EslNotSent) and command.state == SENT:
+            raise self._lost(error, len(payloads), len(command.replies))  # the connection went meanwhile
+        raise error
+
+    def _unqueue(self, command: _Command) -> None:
+        with contextlib.suppress(ValueError):  # (gone already if the connection closed)
+            self._queue.remove(command)
+
+    def _send_queued(self) -> None:
+        """The sender greenlet: writes what is queued, a write at a time, until the connection closes."""
+        try:
+            while not self._closed:
+                if not self._queue:
+                    self._queued.clear()
+                    self._queued.wait()
+                    continue
+                hooked = self._run_first_hook()
+                self._write(hooked + self._take_unhooked())
+        except BaseException as exc:  # a bug, or killed: never leave callers waiting on a sender that is gone
+            if not isinstance(exc, gevent.GreenletExit):
+                log.exception("ESL sender for %s failed", self.address)
+            self._shutdown(EslDisconnected(f"ESL sender for {self.address} stopped: {exc!r}"))
+            raise
+
+    def _run_first_hook(self) -> list[_Command]:
+        """Take the first queued command with a ``before_send`` hook (an originate) and run its hook: it goes
+        in the next write unless the hook raised (its caller gets the error; nothing of it is sent) or its
+        caller left meanwhile. One such command a write: the rest wait for the writes after, in order."""
+        command = next((c for c in self._queue if c.before_send is not None), None)
+        if command is None:
+            return []
+        self._queue.remove(command)
+        command.state = TAKEN
+        assert command.before_send is not None
+        try:
+            command.before_send()
+        except Exception as exc:
+            command.done.set_exception(exc)
+            return []
+        return [command] if command.state == TAKEN else []
+
+    def _take_unhooked(self) -> list[_Command]:
+        """Every queued command without a hook (up to MAX_WRITE), in order; the hooked ones stay queued."""
+        queue = self._queue
+        taken: list[_Command] = []
+        later: list[_Command] = []
+        while queue and len(taken) < MAX_WRITE:
+            command = queue.popleft()
+            if command.before_send is not None:
+                later.append(command)
+                continue
+            command.state = TAKEN
+            taken.append(command)
+        queue.extendleft(reversed(later))
+        return taken
+
+    def _write(self, commands: list[_Command]) -> None:
+        """Write the commands in one write, then wait until they are all answered or the connection went
+        (their callers time the replies out)."""
+        if not commands:
+            return
+        try:
+            sock = self._check_usable(any(command.need_auth for command in commands))
+        except EslDisconnected as exc:  # it may have gone while a hook waited: then nothing left
+            for command in commands:
+                command.done.set_exception(EslNotSent(str(exc)))
+            return
+        now = time.monotonic()
+        for command in commands:
+            command.state, command.sent_at = SENT, now
+            last = len(command.payloads) - 1
+            # Registered before sending: a reply may be read before the send returns.
+            self._pending.extend((command, command.on_reply if i == last else None) for i in range(last + 1))
+        payloads = [payload for command in commands for payload in command.payloads]
+        payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+        try:
+            sent = sock.send(payload)  # commands fit the send buffer: one call, not sendall's three
+            if sent < len(payload):
+                sock.sendall(payload[sent:])
+        except OSError as exc:
+            self._fail(EslDisconnected(f"{commands[-1].label}: send to {self.address} failed: {exc}"))
+            return
+        self.traffic.sent += len(payloads)
+        self.traffic.writes += 1
+        # The last command's replies come after all the others' (or the connection goes, failing them all).
+        commands[-1].done.wait()
 
     @staticmethod
     def _lost(error: EslError, sent: int, answered: int) -> EslError:
@@ -549,10 +660,14 @@ class EslConnection(InboundESL):
         if sock is not None:
             # Wakes the reader if it waits in recv() (gevent raises EBADF there).
             sock.close()
-        waiters, self._pending = self._pending, collections.deque()
-        for waiter in waiters:
-            if not waiter.ready():
-                waiter.set_exception(self._closed_error())
+        pending, self._pending = self._pending, collections.deque()
+        for command, _ in pending:
+            if not command.done.ready():
+                command.done.set_exception(self._closed_error())
+        queued, self._queue = self._queue, collections.deque()
+        for command in queued:  # never written: safe to send again
+            command.done.set_exception(EslNotSent(str(self._closed_error())))
+        self._queued.set()  # the sender sees the connection closed and ends
         self._auth_requested.set()
         if self.on_disconnect is not None:
             try:

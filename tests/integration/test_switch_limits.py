@@ -211,6 +211,8 @@ def test_readyz_and_metrics_show_the_switchs_capacity(harness: Harness) -> None:
     # Connecting sent auth, the subscription, the Core-UUID query, both fsctl reads and status; every
     # command has its reply, and auth/request came first.
     assert counts["sent"] >= 6 and counts["received"] > counts["sent"], counts
+    writes = re.search(rf'callbridge_esl_writes_total{{switch="{switch["switch"]}"}} (\S+)', metrics)
+    assert writes and 1 <= float(writes.group(1)) <= counts["sent"], metrics
 
 
 @needs_standin()

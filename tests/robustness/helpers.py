@@ -258,7 +258,7 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
       can know; it is not sent again. With ``timeline`` (a call's step kinds), such a call must show a
       ``dialing_a`` mark after its last ``throttled`` (a mark is committed right before each originate
       leaves; an unmarked one, or one refused and not sent again, was never sent and must be dialed).
-      Commands go one at a time, so a test can bound ``never_sent`` by its faults;
+      One originate a write and one write in flight, so a test can bound ``never_sent`` by its faults;
     * true: the status agrees with the stand-in's channels (completed ⇒ B answered; failed ⇒ B never
       answered; A's cause is A's) and, with ``expect_plan``, with the number plan.
     """

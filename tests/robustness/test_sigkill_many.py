@@ -170,7 +170,7 @@ def test_sigkill_during_200_calls_loses_none_and_dials_none_twice(outcome: Outco
         problems + ["timelines:"] + outcome.timelines_of(problems))
     assert sum(outcome.audit.statuses.values()) == CALLS
     # Claimed calls still waiting for their turn to be sent are dialed after the restart; only the one
-    # originate a kill catches in the act of being sent (commands go one at a time) can stay undialed.
+    # originate a kill catches in the act of being sent (one originate a write) can stay undialed.
     assert outcome.audit.never_sent <= KILLS, f"seed {outcome.seed}: {outcome.audit.never_sent} never dialed"
 
 

@@ -344,7 +344,7 @@ def read_write(session: FakeSession) -> list[bytes]:
 def wait_queued(conn: EslConnection, count: int) -> None:
     """Until ``count`` commands wait for the connection's next write."""
     with gevent.Timeout(5):
-        while len(conn._queue) < count:
+        while len(conn._queue) + len(conn._hooked) < count:
             gevent.sleep(0.001)
 
 

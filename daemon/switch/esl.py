@@ -191,7 +191,9 @@ class EslConnection(InboundESL):
         self.lingering = False
         self._sock: socket.socket | None = None
         self._framer = EslFramer()
-        self._queue: collections.deque[_Command] = collections.deque()  # waiting for the sender
+        # Waiting for the sender: commands with a before_send hook (originates, one a write) apart.
+        self._queue: collections.deque[_Command] = collections.deque()
+        self._hooked: collections.deque[_Command] = collections.deque()
         self._queued = Event()  # wakes the sender
         # Replies awaited, in order: whose, and its reader (run by the reader greenlet on that reply, before
         # the events framed after it: api's on_reply).
@@ -490,7 +492,7 @@ class EslConnection(InboundESL):
             raise EslError(f"{label}: commands cannot be sent from an event handler or a before_send hook")
         self._usable_or_not_sent(need_auth)
         command = _Command(payloads, label, need_auth, before_send, on_reply)
-        self._queue.append(command)
+        (self._queue if before_send is None else self._hooked).append(command)
         self._queued.set()
         done = command.done
         try:
@@ -529,13 +531,13 @@ class EslConnection(InboundESL):
 
     def _unqueue(self, command: _Command) -> None:
         with contextlib.suppress(ValueError):  # (gone already if the connection closed)
-            self._queue.remove(command)
+            (self._queue if command.before_send is None else self._hooked).remove(command)
 
     def _send_queued(self) -> None:
         """The sender greenlet: writes what is queued, a write at a time, until the connection closes."""
         try:
             while not self._closed:
-                if not self._queue:
+                if not self._queue and not self._hooked:
                     self._queued.clear()
                     self._queued.wait()
                     continue
@@ -551,10 +553,9 @@ class EslConnection(InboundESL):
         """Take the first queued command with a ``before_send`` hook (an originate) and run its hook: it goes
         in the next write unless the hook raised (its caller gets the error; nothing of it is sent) or its
         caller left meanwhile. One such command a write: the rest wait for the writes after, in order."""
-        command = next((c for c in self._queue if c.before_send is not None), None)
-        if command is None:
+        if not self._hooked:
             return []
-        self._queue.remove(command)
+        command = self._hooked.popleft()
         command.state = TAKEN
         assert command.before_send is not None
         try:
@@ -565,18 +566,13 @@ class EslConnection(InboundESL):
         return [command] if command.state == TAKEN else []
 
     def _take_unhooked(self) -> list[_Command]:
-        """Every queued command without a hook (up to MAX_WRITE), in order; the hooked ones stay queued."""
+        """Every queued command without a hook (up to MAX_WRITE), in order."""
         queue = self._queue
         taken: list[_Command] = []
-        later: list[_Command] = []
         while queue and len(taken) < MAX_WRITE:
             command = queue.popleft()
-            if command.before_send is not None:
-                later.append(command)
-                continue
             command.state = TAKEN
             taken.append(command)
-        queue.extendleft(reversed(later))
         return taken
 
     def _write(self, commands: list[_Command]) -> None:
@@ -664,7 +660,8 @@ class EslConnection(InboundESL):
         for command, _ in pending:
             if not command.done.ready():
                 command.done.set_exception(self._closed_error())
-        queued, self._queue = self._queue, collections.deque()
+        queued = [*self._hooked, *self._queue]
+        self._hooked, self._queue = collections.deque(), collections.deque()
         for command in queued:  # never written: safe to send again
             command.done.set_exception(EslNotSent(str(self._closed_error())))
         self._queued.set()  # the sender sees the connection closed and ends

@@ -281,10 +281,7 @@ def test_waiting_for_a_turn_times_out_without_closing(serve, make_conn) -> None:
         session.send(api_response("third\n"))
         hold_open(session)
 
-    conn = make_conn(serve(script).port)
-    conn.connect()
-    first = gevent.spawn(conn.api, "first")
-    assert first_read.wait(5)
+    conn, first = send_first(make_conn, serve(script).port, first_read)
     with pytest.raises(EslNotSent, match="no turn"):  # never sent: safe to send again
         conn.api("second", timeout=0.05)
     assert conn.connected
@@ -341,6 +338,27 @@ def read_write(session: FakeSession) -> list[bytes]:
     return commands
 
 
+def hold_first_write(session: FakeSession, first_read: Event, release: Event) -> list[bytes]:
+    """Handshake, read the first write and hold its reply until ``release`` (the script sends it): the
+    commands sent meanwhile queue behind it."""
+    session.handshake()
+    first = read_write(session)
+    first_read.set()
+    assert release.wait(5)
+    return first
+
+
+def send_first(make_conn: Callable[..., EslConnection], port: int,
+               first_read: Event) -> tuple[EslConnection, gevent.Greenlet]:
+    """Connect and send ``api first``: once the switch read it (and holds its reply), what is sent next
+    queues behind it."""
+    conn = make_conn(port)
+    conn.connect()
+    first = gevent.spawn(conn.api, "first")
+    assert first_read.wait(5)
+    return conn, first
+
+
 def wait_queued(conn: EslConnection, count: int) -> None:
     """Until ``count`` commands wait for the connection's next write."""
     with gevent.Timeout(5):
@@ -356,10 +374,7 @@ def test_commands_queued_behind_a_write_go_in_the_next_one_each_with_its_own_rep
     written_early: list[bool] = []
 
     def script(session: FakeSession) -> None:
-        session.handshake()
-        writes.append(read_write(session))
-        first_read.set()
-        assert release.wait(5)
+        writes.append(hold_first_write(session, first_read, release))
         written_early.append(session.has_unread())
         session.send(api_response("first"))
         writes.append(read_write(session))
@@ -367,10 +382,7 @@ def test_commands_queued_behind_a_write_go_in_the_next_one_each_with_its_own_rep
             session.send(api_response(command.decode().strip()))
         hold_open(session)
 
-    conn = make_conn(serve(script).port)
-    conn.connect()
-    first = gevent.spawn(conn.api, "first")
-    assert first_read.wait(5)
+    conn, first = send_first(make_conn, serve(script).port, first_read)
     jobs = [gevent.spawn(conn.api, f"echo {i}") for i in range(4)]
     wait_queued(conn, 4)
     release.set()
@@ -392,10 +404,7 @@ def test_one_originate_a_write_and_the_other_commands_go_with_it(serve, make_con
     first_read, release = Event(), Event()
 
     def script(session: FakeSession) -> None:
-        session.handshake()
-        writes.append(read_write(session))
-        first_read.set()
-        assert release.wait(5)
+        writes.append(hold_first_write(session, first_read, release))
         session.send(api_response("first"))
         while len(writes) < 4:
             writes.append(read_write(session))
@@ -408,10 +417,7 @@ def test_one_originate_a_write_and_the_other_commands_go_with_it(serve, make_con
                     session.send(api_response(command.decode().strip()))
         hold_open(session)
 
-    conn = make_conn(serve(script).port)
-    conn.connect()
-    first = gevent.spawn(conn.api, "first")
-    assert first_read.wait(5)
+    conn, first = send_first(make_conn, serve(script).port, first_read)
     jobs = []
     for name in ("one", "two", "three"):
         jobs.append(gevent.spawn(conn.bgapi, f"originate {name} &park()", f"j-{name}",
@@ -441,20 +447,14 @@ def test_a_drop_during_a_write_leaves_its_commands_unknown_and_the_queued_ones_u
     marks: list[str] = []
 
     def script(session: FakeSession) -> None:
-        session.handshake()
-        session.read_command()
-        first_read.set()
-        assert release.wait(5)
+        hold_first_write(session, first_read, release)
         session.send(api_response("first"))
         written = read_write(session)
         assert len(written) == 3
         session.send(reply("+OK Job-UUID: j-one", Job_UUID="j-one"))
         session.close()
 
-    conn = make_conn(serve(script).port)
-    conn.connect()
-    first = gevent.spawn(conn.api, "first")
-    assert first_read.wait(5)
+    conn, first = send_first(make_conn, serve(script).port, first_read)
     one = gevent.spawn(conn.bgapi, "originate one &park()", "j-one", before_send=lambda: marks.append("one"))
     two = gevent.spawn(conn.bgapi, "originate two &park()", "j-two", before_send=lambda: marks.append("two"))
     others = [gevent.spawn(conn.api, f"status {n}") for n in range(2)]

@@ -159,8 +159,8 @@ class EslConnection(InboundESL):
 
     ``on_event(event)`` and ``on_disconnect(reason)`` run in the reader greenlet (``on_disconnect``
     may instead run in the greenlet that called :meth:`close` or whose command timed out, or in the
-    sender's when a write failed) and must
-    not block. ``reason`` is None after :meth:`close`, else the exception that ended the connection.
+    sender's when a write failed) and must not block. ``reason`` is None after :meth:`close`, else the
+    exception that ended the connection.
     """
 
     def __init__(
@@ -492,7 +492,7 @@ class EslConnection(InboundESL):
             raise EslError(f"{label}: commands cannot be sent from an event handler or a before_send hook")
         self._usable_or_not_sent(need_auth)
         command = _Command(payloads, label, need_auth, before_send, on_reply)
-        (self._queue if before_send is None else self._hooked).append(command)
+        self._line_of(command).append(command)
         self._queued.set()
         done = command.done
         try:
@@ -529,9 +529,13 @@ class EslConnection(InboundESL):
             raise self._lost(error, len(payloads), len(command.replies))  # the connection went meanwhile
         raise error
 
+    def _line_of(self, command: _Command) -> collections.deque[_Command]:
+        """Where it waits: originates (a hook) apart, one a write; the other commands all go in the next."""
+        return self._queue if command.before_send is None else self._hooked
+
     def _unqueue(self, command: _Command) -> None:
         with contextlib.suppress(ValueError):  # (gone already if the connection closed)
-            (self._queue if command.before_send is None else self._hooked).remove(command)
+            self._line_of(command).remove(command)
 
     def _send_queued(self) -> None:
         """The sender greenlet: writes what is queued, a write at a time, until the connection closes."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -265,6 +266,38 @@ def test_an_adopted_call_whose_a_hangs_up_during_the_look_sends_nothing_to_a(run
     sequence.greenlet.join(timeout=5)
     assert Call.get_by_id(call.id).status == "failed"
     assert not [c for c in switch.sent if "bridge" in c], switch.sent
+
+
+def died_while_dialing_a(first: CallSequence) -> tuple[Call, str]:
+    """The daemon died right after marking ``first``'s originate: the call as the next start reads it."""
+    call = Call.get_by_id(first.call.id)
+    return call, str(call.a_uuid)
+
+
+@pytest.mark.parametrize("answered", [True, False])
+def test_an_a_that_hung_up_while_no_daemon_heard_it_is_told_apart_from_one_never_reached(
+        run_call: Callable[..., Any], answered: bool) -> None:
+    """The daemon died as A rang. A answered and hung up while no daemon heard it: at the next start the
+    look finds A up, then gone (LegGone), and its hangup follows. That hangup says whether A answered: one
+    that did was reached and hung up; one that did not was not reached."""
+    first, switch = run_call()
+    call, a = died_while_dialing_a(first)
+    switch.answers = {f"uuid_exists {a}": "true\n", f"uuid_getvar {a}": "-ERR No such channel!\n"}
+    sequence = adopted(call, first, switch)
+    answered_at = call.started_at + (utcnow() - call.started_at) / 2  # by the switch's clock, in microseconds
+    answered_us = (answered_at - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1) if answered else 0
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", a, **{"Hangup-Cause": "NORMAL_CLEARING",
+                                                            "Caller-Channel-Answered-Time": str(answered_us)}))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(call.id)
+    assert (call.status, call.failed_leg, call.a_cause) == ("failed", "a", "NORMAL_CLEARING")
+    if answered:
+        assert call.reason == "A hung up before B was dialed"
+        assert call.a_answered_at == answered_at
+    else:
+        assert call.reason == "A was not reached"
+        assert call.a_answered_at is None
+    assert originates(switch) == [] and not [c for c in switch.sent if c.startswith("sendmsg")], switch.sent
 
 
 def test_an_originate_lost_in_flight_is_reconciled_never_resent(run_call: Callable[..., Any]) -> None:

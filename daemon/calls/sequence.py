@@ -90,6 +90,7 @@ log = logging.getLogger("callbridge.call")
 
 # The cause A's sched_hangup ends it with once the endpoint's maximum duration is up.
 MAX_DURATION_CAUSE = "ALLOTTED_TIMEOUT"
+EPOCH = dt.datetime(1970, 1, 1)  # FreeSWITCH's times are microseconds since then, UTC; ours are naive UTC
 # A short busy tone A hears when B could not be reached, before we hang up.
 FAILURE_NOTICE = "tone_stream://%(500,500,480,620);loops=3"
 # Dispositions of the bridge that mean "B was never connected because of B".
@@ -706,6 +707,7 @@ class CallSequence:
             self._on_bridged()
         elif name == "CHANNEL_HANGUP_COMPLETE":
             if leg is self.a:
+                self._learn_answer(event)
                 self._learn_bridge_outcome(event)
             self._on_leg_gone(leg, tag, event.get("Hangup-Cause") or "")
 
@@ -842,6 +844,19 @@ class CallSequence:
         self.records.bridged(self.call, at=now, ring_seconds=ring)
         if self.endpoint.record and not late:
             self._start_recording()
+
+    def _learn_answer(self, hangup: EslEvent) -> None:
+        """A answered while no daemon heard it (a restart, a lost connection) and is gone now: its hangup
+        says when it answered, so the call ends as "A hung up ...", not "A was not reached"."""
+        answered_us = hangup.get("Caller-Channel-Answered-Time") or "0"
+        if self.a.answered_at is not None or not answered_us.isdigit() or int(answered_us) == 0:
+            return
+        now = self.records.clock()
+        at = EPOCH + dt.timedelta(microseconds=int(answered_us))
+        if not self.call.started_at or not self.call.started_at <= at <= now:
+            at = now  # the switch's clock disagrees with ours: when we learned it is what we know
+        self.a.answered_at = at
+        self.records.a_answered(self.call, at=at)
 
     def _learn_bridge_outcome(self, hangup: EslEvent) -> None:
         """A's last event carries all its variables: a bridge that ended while we could not hear it (a

@@ -54,7 +54,7 @@ def test_calls_found_at_start_are_followed_on_the_switch_stored_with_them(
     assert set(second.sequences) == {on_second.id} and set(first.sequences) == {from_before.id}
     assert engine.active[on_second.id].switch is second
     ended = Call.get_by_id(gone.id)
-    assert (ended.status, ended.reason) == ("failed", "the switch 10.9.9.9:8021 is no longer in the settings")
+    assert (ended.status, ended.reason) == ("failed", "the switch 10.9.9.9:8021 is not in this daemon's settings")
     adopted = CallEvent.get((CallEvent.call == on_second.id) & (CallEvent.kind == "adopted"))
     assert adopted.detail_dict["switch"] == second.name
 

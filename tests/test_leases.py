@@ -19,10 +19,10 @@ import daemon.calls.records as records_module
 from daemon.calls.dispatcher import Dispatcher
 from daemon.calls.leases import Leases, new_instance_id
 from daemon.calls.records import CallRecords, NotOwned
-from daemon.config import Settings
+from daemon.config import Settings, switch_sent_to
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, Endpoint
-from tests.test_dispatcher import FakeEngine
+from tests.test_dispatcher import FakeEngine, FakeSwitch
 from tests.test_sequence import wait_until
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
@@ -187,6 +187,9 @@ class AdoptingEngine(FakeEngine):
         self.adopted: list[tuple[int, str]] = []
         self.let_go_of: list[int] = []
 
+    def link_of(self, call: Call) -> Any:
+        return switch_sent_to(self.switches, call.switch)
+
     def adopt(self, call: Call, *, note: str) -> None:
         self.adopted.append((call.id, note))
         self.active[call.id] = call
@@ -221,6 +224,54 @@ def test_the_lease_keeper_renews_takes_over_and_lets_go(
     assert Call.get_by_id(orphan.id).owner == "node-a"
     keeper.tick(T0)
     assert len(engine.adopted) == 1 and Call.get_by_id(stolen.id).owner == "node-b"
+
+
+def test_a_call_on_a_switch_this_daemon_lacks_or_cannot_reach_is_left_to_another_until_it_outlived_any_call(
+        settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """Daemons whose settings differ: a dead daemon's call on a switch this one does not have is left for
+    a daemon that has it (failing it would leave a live call unfollowed), and one on a switch this daemon
+    cannot reach now waits as the whole engine's calls do. Once the call has outlived any call (both rings
+    and the endpoint's maximum duration since its lease ran out), no daemon with that switch is running:
+    it is taken over, and the engine ends it."""
+    endpoint, _ = make_endpoint(max_duration=600)
+    engine = AdoptingEngine()
+    engine.switches.append(FakeSwitch("10.0.0.12:8021"))
+    engine.switches[1].ready = False
+    keeper = Leases(settings, engine, daemon("node-a"))  # type: ignore[arg-type]
+    expired = T0 - dt.timedelta(seconds=1)
+    elsewhere = in_flight(endpoint, owner="node-dead", lease_until=expired)
+    Call.update(switch="10.9.9.9:8021").where(Call.id == elsewhere.id).execute()
+    unreachable = in_flight(endpoint, owner="node-dead", lease_until=expired)
+    Call.update(switch="10.0.0.12:8021").where(Call.id == unreachable.id).execute()
+    ours = in_flight(endpoint, owner="node-dead", lease_until=expired)
+
+    keeper.take_over(T0)
+    assert [call_id for call_id, _ in engine.adopted] == [ours.id]
+    assert Call.get_by_id(elsewhere.id).owner == Call.get_by_id(unreachable.id).owner == "node-dead"
+
+    life = 2 * settings.originate_timeout + 600
+    keeper.take_over(T0 + dt.timedelta(seconds=life - 1))
+    assert [call_id for call_id, _ in engine.adopted] == [ours.id]
+
+    keeper.take_over(T0 + dt.timedelta(seconds=life + 1))
+    assert sorted(call_id for call_id, _ in engine.adopted[1:]) == sorted([elsewhere.id, unreachable.id])
+    assert Call.get_by_id(elsewhere.id).owner == Call.get_by_id(unreachable.id).owner == "node-a"
+
+
+def test_a_call_on_a_switch_this_daemon_cannot_reach_now_is_taken_over_once_it_can(
+        settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint, _ = make_endpoint()
+    engine = AdoptingEngine()
+    engine.switches.append(FakeSwitch("10.0.0.12:8021"))
+    engine.switches[1].ready = False
+    keeper = Leases(settings, engine, daemon("node-a"))  # type: ignore[arg-type]
+    call = in_flight(endpoint, owner="node-dead", lease_until=T0 - dt.timedelta(seconds=1))
+    Call.update(switch="10.0.0.12:8021").where(Call.id == call.id).execute()
+    keeper.take_over(T0)
+    assert engine.adopted == []
+    engine.switches[1].ready = True
+    keeper.take_over(T0)
+    assert [call_id for call_id, _ in engine.adopted] == [call.id]
 
 
 # -- an endpoint's limits across two daemons on one PostgreSQL ---------------------------------------

@@ -36,7 +36,7 @@ from daemon.config import Settings
 from daemon.loop import Loop
 from daemon.ops.instance import Instance
 from daemon.ops.logs import log_event
-from daemon.store import utcnow
+from daemon.store import Call, utcnow
 from daemon.switch.engine import Engine
 
 log = logging.getLogger("callbridge.leases")
@@ -60,6 +60,8 @@ class Leases:
         self.instance = instance
         self.on_instance_lost = on_instance_lost
         self.period = settings.lease_seconds / 3
+        self.originate_timeout = settings.originate_timeout
+        self._left_to_another: set[int] = set()  # calls logged as left to a daemon that has their switch
         self.loop = Loop("call leases", self.tick, clock, log=log, first_delay=self.period,
                          error_delay=min(self.period, 1.0))
 
@@ -105,11 +107,23 @@ class Leases:
 
     def take_over(self, now: dt.datetime) -> int:
         """Take over the calls whose lease expired (their daemon died) and follow them; returns how many.
-        Nothing while the switch is unreachable: a daemon that can reconcile them should have them."""
+        Only a call whose switch this daemon has and reaches now: a daemon that can reconcile it should
+        have it. A call on a switch this daemon does not have (the daemons' settings differ) is left to one
+        that has it, one on a switch this daemon cannot reach now to one that can. Once the call has
+        outlived any call, no such daemon is running: it is taken over all the same, instead of staying in
+        flight for ever (the engine ends it: its switch is not in the settings, or was unreachable)."""
         if not self.engine.ready:
             return 0
         taken = 0
         for call in self.records.expired_leases(now=now, exclude=set(self.engine.active)):
+            link = self.engine.link_of(call)
+            if not self._outlived(call, now):
+                if link is None:
+                    self._leave_to_another(call)
+                    continue
+                if not link.ready:
+                    continue
+            self._left_to_another.discard(call.id)
             previous, expired_at = call.owner, call.lease_until
             if not self.records.take_over(call, now=now):
                 continue  # another daemon was quicker
@@ -120,6 +134,21 @@ class Leases:
         if taken:
             log_event(log, "lease.taken_over", calls=taken)
         return taken
+
+    def _outlived(self, call: Call, now: dt.datetime) -> bool:
+        """No leg of the call can be up any more: both legs' rings and the endpoint's maximum duration
+        (A's own hangup, set on A when it answers) have passed since its lease ran out."""
+        expired_at = call.lease_until or call.started_at or now
+        life = 2 * self.originate_timeout + call.endpoint.max_duration
+        return now > expired_at + dt.timedelta(seconds=life)
+
+    def _leave_to_another(self, call: Call) -> None:
+        if call.id in self._left_to_another:
+            return
+        self._left_to_another.add(call.id)
+        log_event(log, "lease.left_to_another", logging.WARNING, callid=call.callid, switch=call.switch,
+                  note="the call's switch is not in this daemon's settings: a daemon that has it should take "
+                       "the call over (give every daemon the same switches)")
 
     def release(self, call_ids: list[int], now: dt.datetime) -> None:
         """This daemon is stopping: end its leases on the calls it leaves to FreeSWITCH."""

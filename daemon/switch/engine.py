@@ -188,7 +188,7 @@ class Engine:
         if link is None:
             self.records.step(call, "adopted", note=note, switch=call.switch)
             self.records.finish(call, CallStatus.FAILED,
-                                reason=f"the switch {call.switch} is no longer in the settings")
+                                reason=f"the switch {call.switch} is not in this daemon's settings")
             return
         unsent = self.records.unsent_because(call) if call.status == CallStatus.DIALING_A.value else None
         if unsent is not None:

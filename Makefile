@@ -22,8 +22,8 @@ demo: venv
 
 ## The whole suite (lint, types, unit, integration, fault tests).
 test: venv
-	$(PY) -m ruff check daemon webapi freeswitch scripts tests
-	$(PY) -m mypy daemon webapi freeswitch
+	$(PY) -m ruff check daemon webapi freeswitch scripts bench tests
+	$(PY) -m mypy daemon webapi freeswitch scripts bench
 	$(PY) -m tests.shards $(TEST_PARTS) -q -p no:cacheprovider
 
 ## Run the service (config file: make run CONFIG=/etc/callbridge/callbridge.toml, or $CALLBRIDGE_CONFIG; neither: defaults, ./state).
@@ -38,7 +38,7 @@ bench: venv
 	$(PY) -m bench
 
 lint: venv
-	$(PY) -m ruff check daemon webapi freeswitch scripts tests bench
+	$(PY) -m ruff check daemon webapi freeswitch scripts bench tests bench
 
 clean:
 	rm -rf $(VENV) .state build *.egg-info

@@ -83,8 +83,11 @@ def measure(report: Report, kind: str, url: str, calls: int) -> None:
         busy: dict[str, list[float]] = {name: [] for name in laps}
         each = max(1, calls // CONCURRENCY)
         started = time.perf_counter()
-        workers = [gevent.spawn(lambda: [one_call(records, endpoint, busy) for _ in range(each)])
-                   for _ in range(CONCURRENCY)]
+        def calls_in_a_row() -> None:
+            for _ in range(each):
+                one_call(records, endpoint, busy)
+
+        workers = [gevent.spawn(calls_in_a_row) for _ in range(CONCURRENCY)]
         gevent.joinall(workers, raise_error=True)
         concurrent = each * CONCURRENCY / (time.perf_counter() - started)
         report.add("records", f"{kind}: calls through the store, {CONCURRENCY} at once", concurrent, "calls/s",

@@ -71,6 +71,9 @@ def test_pcm16_at_target_rate_is_bit_exact() -> None:
     result = normalise(encode(pcm, 8000), rate=8000, max_seconds=10)
     back, _ = sf.read(io.BytesIO(result.wav), dtype="int16")
     assert np.array_equal(back, pcm)
+    # The WAV (its header made by hand, its PCM block by block) is byte for byte the one libsndfile writes.
+    assert result.wav == encode(pcm, 8000, "WAV", "PCM_16")
+    assert result.size == len(result.wav) and result.seconds == len(pcm) / 8000
 
 
 def test_stereo_channels_are_averaged() -> None:

@@ -94,18 +94,21 @@ def _hog(max_mb: int) -> dict[str, Any]:
 
 def _store(result: Normalised, job: dict[str, Any]) -> dict[str, Any]:
     """Write the normalised WAV as a temporary file in the job's folder; answer its content name."""
-    name = hmac.new(bytes.fromhex(job["key"]), result.wav, hashlib.sha256).hexdigest()
+    mac = hmac.new(bytes.fromhex(job["key"]), digestmod=hashlib.sha256)
+    for piece in result.pieces:
+        mac.update(piece)
+    name = mac.hexdigest()
     fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".wav", dir=job["folder"])
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(result.wav)
+            fh.writelines(result.pieces)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(temp, 0o644)  # FreeSWITCH runs as another user and must read it
     except BaseException:
         os.unlink(temp)
         raise
-    return {"temp": temp, "name": name, "seconds": result.seconds, "bytes": len(result.wav)}
+    return {"temp": temp, "name": name, "seconds": result.seconds, "bytes": result.size}
 
 
 class Worker:

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,9 +82,13 @@ SQLITE_PRAGMAS = {
 }
 
 
+EPOCH = dt.datetime(1970, 1, 1)  # times in the store are naive UTC; FreeSWITCH counts microseconds from this
+
+
 def utcnow() -> dt.datetime:
-    """Now, as the store keeps times: naive UTC."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    """Now, as the store keeps times: naive UTC. (From ``time.time()``: ``datetime.now(UTC)`` with its zone
+    dropped took seven times as long, and a call reads the clock at nearly every step.)"""
+    return EPOCH + dt.timedelta(seconds=time.time())
 
 
 # What a callid may be (ours are 28 random hex digits): the API's paths, the OpenAPI document and the

@@ -80,7 +80,7 @@ from daemon.calls.records import (
 )
 from daemon.loop import Backoff
 from daemon.ops.logs import log_event
-from daemon.store import Call, CallStatus, Endpoint
+from daemon.store import EPOCH, Call, CallStatus, Endpoint
 from daemon.switch import commands as fs
 from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.esl import EslError, EslEvent, EslNotSent
@@ -90,7 +90,6 @@ log = logging.getLogger("callbridge.call")
 
 # The cause A's sched_hangup ends it with once the endpoint's maximum duration is up.
 MAX_DURATION_CAUSE = "ALLOTTED_TIMEOUT"
-EPOCH = dt.datetime(1970, 1, 1)  # FreeSWITCH's times are microseconds since then, UTC; ours are naive UTC
 # A short busy tone A hears when B could not be reached, before we hang up.
 FAILURE_NOTICE = "tone_stream://%(500,500,480,620);loops=3"
 # Dispositions of the bridge that mean "B was never connected because of B".

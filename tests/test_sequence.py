@@ -731,6 +731,45 @@ def test_a_b_that_really_failed_gets_the_notice_and_hangup_at_once(run_call: Cal
     assert not steps_of(sequence, "throttled")
 
 
+@pytest.mark.parametrize("stalled", ["the notice", "the break"])
+def test_ending_a_that_finds_no_turn_is_sent_a_moment_later_and_never_left_on_its_dialtone(
+        run_call: Callable[..., Any], stalled: str) -> None:
+    """B failed for real, and ending A finds no turn on a backlogged connection (EslNotSent: nothing
+    sent). The notice, the hangup and the break that lets them run are sent a moment later, in that
+    order. Before, the fallback (uuid_kill) found no turn either and nothing tried again: A heard its
+    looped dialtone until its maximum duration."""
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    a = sequence.a.uuid
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    sequence.deliver(executes(a, bridge.event_uuid, "bridge"))
+    switch.capacity.created(sequence.b.uuid, switch.now)
+    sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.b.uuid, **{"Hangup-Cause": "USER_BUSY"}))
+    sequence.deliver(bridge_done(a, bridge.event_uuid, "USER_BUSY"))
+    gevent.sleep(0)
+    breaks_before = len(breaks(switch, a))
+    if stalled == "the notice":
+        switch.no_turn_for_message_at = len([m for m in switch.sent if m.startswith("sendmsg")])
+    switch.no_turn_for_api = 1  # the break, or the kill the notice's failure once fell back to
+    sequence.deliver(executes(a, wait_uuid(a, 1)))
+    gevent.sleep(0)
+    assert len(breaks(switch, a)) == breaks_before
+    notice = ["playback tone_stream://%(500,500,480,620);loops=3", "hangup NORMAL_CLEARING"]
+    assert wait_until(lambda: len(breaks(switch, a)) == breaks_before + 1, timeout=10), switch.sent
+    assert apps_sent(switch)[-2:] == notice
+    last_notice = max(i for i, c in enumerate(switch.sent) if c.startswith("sendmsg"))
+    last_break = max(i for i, c in enumerate(switch.sent) if c.startswith(f"api uuid_break {a}"))
+    assert last_break > last_notice
+    assert not [c for c in switch.sent if "uuid_kill" in c]
+    assert steps_of(sequence, "waiting_for_switch")
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", a, **{"Hangup-Cause": "NORMAL_CLEARING"}))
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.failed_leg, call.b_cause) == ("failed", "b", "USER_BUSY")
+
+
 def test_a_hanging_up_while_b_waits_to_be_dialed_again_is_not_blamed_on_b(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     answered_and_waiting(sequence, switch)

@@ -238,6 +238,7 @@ class CallSequence:
         self.connection_lost = False
         self.dial_pending = False
         self.send_stalled = False  # A's steps found no turn to be sent; retried (RetrySend)
+        self.end_break_pending = False  # the break that lets A's notice and hangup run is still to be sent
         self.done = False
         self.greenlet: gevent.Greenlet | None = None
         # Pacing: legs sent only when the switch has room; a leg it refused is sent again until then.
@@ -326,6 +327,8 @@ class CallSequence:
                 elif isinstance(item, RetrySend):
                     if self.apps.unsent and not self.connection_lost:
                         self._guarded(self.apps.send_unsent, "queuing")
+                    if self.end_break_pending and not self.apps.unsent and not self.connection_lost:
+                        self._guarded(self._break_to_end, "ending")
                 elif isinstance(item, Reconnected) and self.dial_pending:
                     self._want("a")
                 elif isinstance(item, Reconnected) and "a" in self.wanted:
@@ -624,14 +627,34 @@ class CallSequence:
         return None
 
     def _end_a(self) -> None:
-        """B will not be bridged: A hears the busy notice, then is hung up (its wait broken)."""
+        """B will not be bridged: A hears the busy notice, then is hung up (its wait broken). What finds no
+        turn to be sent (a backlogged connection) is sent a moment later (RetrySend): the notice and the
+        hangup, then the break. Left unsent, A would hear its looped dialtone until its maximum duration."""
         self.wait_acted = "ending"
+        self.end_break_pending = True
         try:
             self.apps.extend([AppStep("playback", FAILURE_NOTICE), AppStep("hangup", "NORMAL_CLEARING")])
-            self.switch.api(fs.uuid_break(self.a.uuid))
+        except EslNotSent:
+            raise  # kept unsent: RetrySend sends them, then the break
         except EslError:
-            with contextlib.suppress(EslError):
-                self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
+            self._kill_a()
+            return
+        self._break_to_end()
+
+    def _break_to_end(self) -> None:
+        """Break A's wait: the notice and hangup queued after it run."""
+        try:
+            self.switch.api(fs.uuid_break(self.a.uuid))
+        except EslNotSent:
+            raise  # still pending: RetrySend sends it
+        except EslError:
+            self._kill_a()
+        self.end_break_pending = False
+
+    def _kill_a(self) -> None:
+        self.end_break_pending = False
+        with contextlib.suppress(EslError):
+            self.switch.api(fs.uuid_kill(self.a.uuid, "NORMAL_CLEARING"))
 
     def _guarded(self, action: Callable[[], None], phase: str) -> None:
         """Run a sending action; a lost connection is noted and handled once reconnected. A step that found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -10,6 +11,7 @@ from gevent.event import Event
 
 from daemon.config import Settings, SwitchAddress
 from daemon.ops.metrics import Metrics
+from daemon.switch.esl import EslNotSent
 from daemon.switch.link import EVENTS, SwitchLink
 from tests.fake_esl_server import FakeEslServer, FakeSession, api_response, event_plain, reply
 
@@ -150,3 +152,39 @@ def test_sessions_created_and_ended_right_after_a_status_reply_count_on_top_of_i
     with running_link(server, lambda _link, _restarted: connected.set()) as link:
         assert connected.wait(10)
         assert link.capacity.sessions == 1 + 3 - 1
+
+
+class BusyConnection:
+    """A connected EslConnection as the link sees it, whose first commands find no turn (EslNotSent: never
+    sent; a write held back by a stalled store commit does this while the connection stays up)."""
+
+    def __init__(self, no_turn: int) -> None:
+        self.connected = True
+        self.last_received = time.monotonic()
+        self.no_turn = no_turn
+        self.sent: list[str] = []
+
+    def api(self, command: str) -> str:
+        if self.no_turn:
+            self.no_turn -= 1
+            raise EslNotSent("api: no turn to send within 5s (other commands in flight)")
+        self.sent.append(command)
+        return "+OK\n"
+
+
+def test_legs_left_to_the_link_whose_kill_found_no_turn_are_killed_at_its_next_look_not_its_next_connection(
+) -> None:
+    """Legs nobody follows (a call ended while its switch was away, or a sequence that gave up on it) are
+    killed by the link. A kill that found no turn on a connection that stays up is tried again at the next
+    look, about a second later: a healthy connection may never be made anew."""
+    link = SwitchLink(SwitchAddress("127.0.0.1", 1, "ClueCon"), Settings(), Metrics(),
+                      on_connected=lambda _link, _restarted: None, on_lost=lambda _link, _away: None)
+    legs = ["0b3e7a1c-0000-4000-8000-00000000000a", "0b3e7a1c-0000-4000-8000-00000000000b"]
+    link.hang_up_later(legs)
+    conn = BusyConnection(no_turn=1)
+    link.conn = conn  # type: ignore[assignment]
+    assert link._supervise(time.monotonic()) <= 1.0
+    assert link.abandoned == set(legs) and conn.sent == []
+    link._supervise(time.monotonic())
+    assert conn.sent == [f"uuid_kill {leg} NORMAL_CLEARING" for leg in legs]
+    assert link.abandoned == set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import gevent
@@ -44,9 +44,13 @@ class ScriptedSwitch:
         self.core_uuid: str | None = "5c0e1d2a-0000-4000-8000-000000000001"  # FreeSWITCH's, as last connected
         self.capacity = SwitchCapacity(0.1)
         self.capacity.learn_limits(sps=30, max_sessions=1000)
+        self.left_to_kill: list[str] = []  # legs handed to the link to hang up later
 
     def monotonic(self) -> float:
         return self.now
+
+    def hang_up_later(self, legs: Iterable[str]) -> None:
+        self.left_to_kill.extend(legs)
 
     def bgapi(self, command: str, job_uuid: str, before_send: Callable[[], None] | None = None) -> str:
         if self.fail_next and isinstance(self.fail_next[0], EslNotSent):
@@ -298,6 +302,47 @@ def test_an_a_that_hung_up_while_no_daemon_heard_it_is_told_apart_from_one_never
         assert call.reason == "A was not reached"
         assert call.a_answered_at is None
     assert originates(switch) == [] and not [c for c in switch.sent if c.startswith("sendmsg")], switch.sent
+
+
+def test_a_tail_marker_that_found_no_turn_is_sent_a_moment_later(run_call: Callable[..., Any]) -> None:
+    """Adopted while B rang (the previous run's bridge), B fails: the marker queued behind A's steps tells
+    whether the wait after the bridge is queued (that run may have died first, leaving A parked in
+    silence). On a backlogged connection it found no turn, and nothing sent it again."""
+    first, switch = run_call()
+    call, a, b = died_while_dialing_b(first)
+    switch.answers = {f"uuid_exists {a}": "true\n", f"uuid_exists {b}": "true\n",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER\n",
+                      f"uuid_getvar {a} cb_stage": "queued\n",
+                      f"uuid_getvar {b} endpoint_disposition": "_undef_\n",
+                      f"uuid_getvar {a}": "_undef_"}
+    sequence = adopted(call, first, switch)
+    assert not sequence.done and sequence.apps.bridge is None
+    switch.no_turn_for_message_at = len([m for m in switch.sent if m.startswith("sendmsg")])
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", b, **{"Hangup-Cause": "USER_BUSY"}))
+    sequence.deliver(bridge_done(a, str(uuid.uuid4()), "USER_BUSY"))
+    gevent.sleep(0)
+    assert not [m for m in switch.sent if "cb_tail=" in m]
+    assert wait_until(lambda: bool(sequence.tail_marker), timeout=10)
+    assert len([m for m in switch.sent if f"cb_tail={sequence.tail_marker}" in m]) == 1
+
+
+def test_a_sequence_that_fails_hands_the_legs_it_could_not_kill_to_the_link(run_call: Callable[..., Any]) -> None:
+    """A bug ends the sequence (the call fails, 'internal error'): its legs are killed, and a kill that
+    found no turn is left to the link, which tries again, instead of being dropped (A would stay up with no
+    one following it)."""
+    sequence, switch = run_call()
+
+    def broken_bridge() -> None:
+        raise RuntimeError("a bug")
+
+    sequence._bridge = broken_bridge  # type: ignore[method-assign]
+    switch.no_turn_for_api = 5
+    sequence.start()
+    sequence.deliver(event("CHANNEL_CREATE", sequence.a.uuid))
+    sequence.deliver(event("CHANNEL_ANSWER", sequence.a.uuid))
+    sequence.greenlet.join(timeout=5)
+    assert Call.get_by_id(sequence.call.id).status == "failed"
+    assert switch.left_to_kill == [sequence.a.uuid, sequence.b.uuid]
 
 
 def test_an_originate_lost_in_flight_is_reconciled_never_resent(run_call: Callable[..., Any]) -> None:

@@ -61,7 +61,7 @@ import hashlib
 import logging
 import os
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -136,6 +136,7 @@ class Switch(Protocol):
     def route(self, key: str, sequence: CallSequence) -> None: ...
     def unroute(self, key: str) -> None: ...
     def monotonic(self) -> float: ...  # the capacity's clock
+    def hang_up_later(self, legs: Iterable[str]) -> None: ...  # legs no one follows: killed when a command gets through
 
 
 class Reconnected:
@@ -239,6 +240,7 @@ class CallSequence:
         self.dial_pending = False
         self.send_stalled = False  # A's steps found no turn to be sent; retried (RetrySend)
         self.end_break_pending = False  # the break that lets A's notice and hangup run is still to be sent
+        self.tail_unsent = False  # the tail marker (_mark_tail) found no turn: still to be sent
         self.done = False
         self.greenlet: gevent.Greenlet | None = None
         # Pacing: legs sent only when the switch has room; a leg it refused is sent again until then.
@@ -329,6 +331,8 @@ class CallSequence:
                         self._guarded(self.apps.send_unsent, "queuing")
                     if self.end_break_pending and not self.apps.unsent and not self.connection_lost:
                         self._guarded(self._break_to_end, "ending")
+                    if self.tail_unsent and not self.tail_marker and not self.connection_lost:
+                        self._guarded(self._mark_tail, "queuing")
                 elif isinstance(item, Reconnected) and self.dial_pending:
                     self._want("a")
                 elif isinstance(item, Reconnected) and "a" in self.wanted:
@@ -693,11 +697,15 @@ class CallSequence:
             self.records.step(self.call, "recording_failed", error=reply.strip())
 
     def _kill_legs(self) -> None:
+        """Hang up the legs still up (this sequence gives up on the call); one whose kill did not get
+        through is left to the switch's link, which hangs it up as soon as a command does."""
         for leg in (self.a, self.b):
             if leg.gone:
                 continue
-            with contextlib.suppress(EslError):
+            try:
                 self.switch.api(fs.uuid_kill(leg.uuid, "NORMAL_CLEARING"))
+            except EslError:
+                self.switch.hang_up_later([leg.uuid])
 
     # -- events -----------------------------------------------------------------------------------
     def _on_event(self, event: EslEvent) -> None:
@@ -1104,7 +1112,9 @@ class CallSequence:
         died while sending them). A marker queued behind them tells: its start before any wait's means
         they did (_queue_tail); a wait starting first is flushed with what follows it (_flush_and_requeue)."""
         marker_uuid = new_uuid()
+        self.tail_unsent = True  # until sent: one that finds no turn is sent again (RetrySend)
         self._send_app(AppStep("set", fs.set_arg(TAIL_VAR, marker_uuid), event_uuid=marker_uuid))
+        self.tail_unsent = False
         self.tail_marker = marker_uuid
 
     def _resume_wait(self) -> bool:

@@ -106,7 +106,7 @@ class Engine:
 
     def _abandon_legs_of_lost_calls(self) -> None:
         """A previous run ended these calls because their switch stayed unreachable, and would have hung their
-        legs up once it was back (``link.abandoned``): it did not live to. They are hung up at the first
+        legs up once it was back (``link.hang_up_later``): it did not live to. They are hung up at the first
         connection. Legs older than the longest maximum duration are gone by their own ``sched_hangup``."""
         longest = Endpoint.select(fn.MAX(Endpoint.max_duration)).scalar() or 0
         ended_after = self.records.clock() - dt.timedelta(seconds=longest + self.settings.originate_timeout)
@@ -114,7 +114,7 @@ class Engine:
                                                       due_after=ended_after - LATE_START_BOUND):
             link = self.link_of(call)
             if link is not None:
-                link.abandoned.update(str(leg) for leg in (call.a_uuid, call.b_uuid) if leg)
+                link.hang_up_later(str(leg) for leg in (call.a_uuid, call.b_uuid) if leg)
 
     def pick_switch(self, now: float) -> tuple[SwitchLink | None, float]:
         return choose_switch(self.links, now)
@@ -138,7 +138,7 @@ class Engine:
 
     @staticmethod
     def _tell_lost(link: SwitchLink, sequence: CallSequence, seconds: float) -> None:
-        link.abandoned.update((sequence.a.uuid, sequence.b.uuid))
+        link.hang_up_later((sequence.a.uuid, sequence.b.uuid))
         sequence.deliver(SwitchLost(link.name, seconds))
 
     def link_of(self, call: Call) -> SwitchLink | None:

@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import gevent.event
@@ -155,13 +155,21 @@ class SwitchLink:
         self.on_connected(self, restarted)
         return conn
 
+    def hang_up_later(self, legs: Iterable[str]) -> None:
+        """Legs nobody follows any more (their calls ended while this switch was unreachable, or their
+        sequence gave up on them and its kill did not get through): hung up as soon as a command does."""
+        self.abandoned.update(legs)
+        if self.ready:  # (else at the next connection: a wake now would cut the reconnect's backoff short)
+            self.supervisor.wake()
+
     def _hang_up_abandoned(self, conn: EslConnection) -> None:
-        """Legs of calls that ended (failed) while this switch was unreachable: nobody follows them now."""
+        """Kill the abandoned legs; those whose kill does not get through (the connection went, or it is
+        so busy the kill found no turn) are tried again at the next look (_supervise) or connection."""
         for uuid in sorted(self.abandoned):
             try:
                 reply = conn.api(fs.uuid_kill(uuid, "NORMAL_CLEARING"))
             except EslError:
-                return  # the connection went again: the rest wait for the next one
+                return
             self.abandoned.discard(uuid)
             if reply.startswith("+OK"):
                 log_event(log, "switch.abandoned_leg_hung_up", logging.WARNING, switch=self.name, uuid=uuid)
@@ -177,6 +185,8 @@ class SwitchLink:
                     self._read_status(conn)
                 except EslError:
                     conn.close()  # a hung switch: drop it and reconnect
+            if self.abandoned and conn.connected:
+                self._hang_up_abandoned(conn)
             return min(1.0, quiet / 4)
         if conn is not None:
             self.conn = None

@@ -582,3 +582,33 @@ def test_a_call_canceled_before_its_claim_is_committed_is_never_started_and_give
     assert fake_engine.launched == [] and dispatcher._in_flight() == 0
     assert fake_engine.capacity.pending == 0 and dispatcher.started_today.get(endpoint.id, 0) == 0
     assert Call.get_by_id(call.id).status == CallStatus.CANCELED.value
+
+
+@pytest.mark.stores("sqlite")
+def test_a_claim_whose_after_commit_work_raises_does_not_hold_its_endpoint_s_place_for_good(
+        settings: Settings, db: Any, make_endpoint: Callable[..., Any], writer: ThreadWriter,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault in what runs once a claim is committed (its log line, its metrics) must still tell the
+    dispatcher how the claim ended: the call is launched, and no longer counted as being claimed. Before, it
+    stayed counted for good, held its endpoint's place (here its one call in flight) and was never
+    launched."""
+    settings.calls_per_second = settings.max_in_flight = 1000
+    engine = FakeEngine()
+    dispatcher = Dispatcher(settings, engine, CallRecords(Metrics(), clock=lambda: T0), clock=lambda: T0)  # type: ignore[arg-type]
+    endpoint, _ = make_endpoint(calls_per_second=1000, max_in_flight=1)
+    first = add(endpoint, T0 - dt.timedelta(seconds=2))
+    log_event = records_module.log_event
+
+    def failing_once(logger: Any, name: str, *args: Any, **fields: Any) -> None:
+        if name == "claimed" and not failed:
+            failed.append(name)
+            raise ValueError("a fault after the claim's commit")
+        log_event(logger, name, *args, **fields)
+
+    failed: list[str] = []
+    monkeypatch.setattr(records_module, "log_event", failing_once)
+    dispatcher.tick(T0, 0.0)
+    writer.flush()
+    assert failed and Call.get_by_id(first.id).status == "dialing_a"
+    assert wait_for(lambda: [c.id for c in engine.launched] == [first.id], timeout=10)  # the claim was committed
+    assert not dispatcher._claiming and not dispatcher._claiming_calls

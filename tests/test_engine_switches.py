@@ -131,3 +131,16 @@ def test_connection_attempts_are_logged_by_switch_never_with_its_password(
     assert failed() == names
     everything = " ".join(repr(r.__dict__) for r in caplog.records)
     assert "pw-first-9f3a" not in everything and "pw-second-7c1e" not in everything
+
+
+def test_a_call_already_followed_is_never_launched_a_second_time(
+        engine: Engine, make_endpoint: Callable[..., Any]) -> None:
+    """Two sequences for one call would each dial A. On PostgreSQL a claim round that stalled past the
+    lease can find its call adopted by this daemon's own lease keeper before the round's launch."""
+    endpoint, _ = make_endpoint()
+    link = engine.links[0]
+    call = in_flight(endpoint, link.name, status=CallStatus.DIALING_A)
+    first = engine.launch(call, endpoint, switch=link)
+    assert engine.launch(call, endpoint, switch=link) is first
+    assert engine.active == {call.id: first} and link.sequences == {call.id: first}
+    assert engine.in_flight_by_endpoint[endpoint.id] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -334,3 +335,17 @@ def test_a_stalled_daemon_whose_instance_id_a_new_run_took_acts_on_none_of_its_c
         records.mark_dialing_a(call)
     assert records.renew_leases([call.id], now=NOW) == {call.id}
     assert kinds(call) == ["requested", "claimed"]  # no mark: no originate would have left
+
+
+def test_a_reason_longer_than_its_column_is_cut_not_refused(
+        records: CallRecords, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """PostgreSQL refuses a value longer than the column (SQLite does not): a final status that cannot be
+    written leaves the call unfinished. A reason names an operator's e-mail or a switch's address."""
+    endpoint, _ = make_endpoint()
+    call = records.create(endpoint, request(), now=NOW).call
+    assert records.claim(call, a_uuid=str(uuid.uuid4()), b_uuid=str(uuid.uuid4()), now=NOW)
+    by = "o" * 230 + "@example.com"
+    records.finish(call, CallStatus.CANCELED, reason=f"hung up by {by} before A was dialed", canceled_by="cli")
+    stored = Call.get_by_id(call.id)
+    assert stored.status == "canceled"
+    assert len(stored.reason) == 200 and stored.reason.startswith("hung up by ooo") and stored.reason.endswith("…")

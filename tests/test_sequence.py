@@ -345,6 +345,31 @@ def test_a_sequence_that_fails_hands_the_legs_it_could_not_kill_to_the_link(run_
     assert switch.left_to_kill == [sequence.a.uuid, sequence.b.uuid]
 
 
+def test_a_fault_inside_the_final_write_still_ends_the_call_as_an_internal_error(
+        run_call: Callable[..., Any]) -> None:
+    """The safety net (a fault ends the call 'internal error') must hold when the fault is in the final
+    write itself (a driver's InterfaceError is no DatabaseError): ``done`` was set first, the net's own
+    finish returned at once, and the call stayed in flight with nobody following it."""
+    sequence, switch = run_call()
+    finish = sequence.records.finish
+    tries: list[str] = []
+
+    def faulty_once(*args: Any, **fields: Any) -> None:
+        tries.append(fields["reason"])
+        if len(tries) == 1:
+            raise RuntimeError("a fault in the final write")
+        finish(*args, **fields)
+
+    sequence.records.finish = faulty_once  # type: ignore[method-assign]
+    sequence.start()
+    assert wait_until(lambda: bool(originates(switch)))
+    sequence.deliver(job_done(sequence.job_uuid, "-ERR USER_BUSY\n"))
+    sequence.greenlet.join(timeout=5)
+    assert tries == ["A was not reached", "internal error: RuntimeError"]
+    call = Call.get_by_id(sequence.call.id)
+    assert (call.status, call.reason) == ("failed", "internal error: RuntimeError")
+
+
 def test_an_originate_lost_in_flight_is_reconciled_never_resent(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     switch.fail_next.append(EslDisconnected("closed mid-command"))

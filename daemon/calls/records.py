@@ -187,6 +187,14 @@ def _snapshot(call: Call) -> Call:
     return copy
 
 
+def _fits(text: str, field: Any) -> str:
+    """``text`` cut to the column's length: PostgreSQL refuses a longer value (SQLite does not), and a
+    final status that cannot be written leaves the call unfinished. (A reason names an operator's e-mail
+    or a switch's address: either can be long.)"""
+    limit = field.max_length
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         return value.isoformat() + "Z"
@@ -580,9 +588,11 @@ class CallRecords:
         update, claimed = self._claim_write(call, a_uuid=a_uuid, b_uuid=b_uuid, now=now, switch=switch)
 
         def committed(taken: bool) -> None:
-            if taken:
-                claimed()
-            done(taken)
+            try:
+                if taken:
+                    claimed()
+            finally:  # the dispatcher counts the claim as under way until told: a raise must not leak it
+                done(taken)
 
         writer().submit(update, durable=True, committed=committed, failed=lambda _error: done(False))
 
@@ -726,7 +736,7 @@ class CallRecords:
         if not status.final:
             raise ValueError(f"{status.value} is not a final status")
         when = at or self.clock()
-        row: dict[str, Any] = {"ended_at": when, "reason": reason}
+        row: dict[str, Any] = {"ended_at": when, "reason": _fits(reason, Call.reason)}
         if canceled_by is not None:
             row["canceled_at"] = when
         optional = {"failed_leg": failed_leg, "a_cause": a_cause, "b_cause": b_cause, "ring_seconds": ring_seconds,

@@ -347,11 +347,13 @@ class CallSequence:
                       note="another daemon took the call over; no longer followed here")
         except DatabaseError:
             # The store stayed unwritable past the records' retries: leave the call to FreeSWITCH
-            # (hanging up a healthy call would be worse); the next start reconciles it.
+            # (hanging up a healthy call would be worse). No longer renewed, its lease runs out and the lease
+            # keeper adopts and reconciles it (daemon/calls/leases.py), or the next start does.
             log.exception("store unavailable; call left to FreeSWITCH", extra={"callid": self.callid})
         except Exception as exc:  # never leave a call without a final status
             log.exception("call sequence crashed", extra={"callid": self.callid})
             self._kill_legs()
+            self.done = False  # (the crash may have come from inside _finish, after it set this)
             self._finish(CallStatus.FAILED, reason=f"internal error: {type(exc).__name__}")
         finally:
             for key in (self.a.uuid, self.b.uuid, self.job_uuid):

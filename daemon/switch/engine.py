@@ -26,6 +26,7 @@ from peewee import fn
 from daemon.calls.records import CallRecords
 from daemon.calls.sequence import CallOptions, CallSequence, Reconnected, Stop, SwitchLost
 from daemon.config import Settings, switch_sent_to
+from daemon.ops.logs import log_event
 from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch.link import SwitchLink
 from daemon.uuids import new_uuid
@@ -153,6 +154,12 @@ class Engine:
                switch: SwitchLink | None = None) -> CallSequence:
         """Run a claimed call (its leg UUIDs and its switch are already committed) on ``switch``, or on
         the one named by the call; ``wait_for_room``: A's room was not reserved (see CallSequence)."""
+        running = self.active.get(call.id)
+        if running is not None:
+            # Never two sequences for one call (each would dial A): a claim round that stalled past the
+            # lease on PostgreSQL can find its call adopted by this daemon's own lease keeper meanwhile.
+            log_event(log, "call.already_followed", logging.WARNING, callid=call.callid)
+            return running
         link = switch or self.link_of(call)
         if link is None:
             raise ValueError(f"call {call.callid}: switch {call.switch!r} is not configured")

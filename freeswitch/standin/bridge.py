@@ -47,7 +47,7 @@ def run_bridge(s: Session, dial: str) -> None:
 
     b, cause = originate(sw, dial, originator=a, on_ring=on_ring, on_early=on_early, on_created=on_created)
     if b is not None:
-        a.set_var("originated_legs", f"{b.uuid};{b.name};{b.number}")
+        a.set_var("originated_legs", f"{b.uuid};Outbound Call;{b.number}")  # B's callee name as it starts (16c-e)
     if cause or b is None or not a.is_up:
         if b is not None and b.is_up and not cause:
             b.hangup("ORIGINATOR_CANCEL")
@@ -98,9 +98,10 @@ def _bridged(s: Session, a: Channel, b: Channel) -> None:
     a_first = not a.is_up
     if a_first:
         b.set_var("last_bridge_hangup_cause", a.hangup_cause or "NORMAL_CLEARING")
-        b.hangup("NORMAL_CLEARING")
         a.set_var("bridge_hangup_cause", a.hangup_cause or "NORMAL_CLEARING")
         b.set_var("bridge_hangup_cause", a.hangup_cause or "NORMAL_CLEARING")
+        b.hangup("NORMAL_CLEARING")
+        b.reported.wait(timeout=1.0)  # B's HANGUP_COMPLETE comes before A's UNBRIDGE (trace 16a)
     else:
         a.set_var("bridge_hangup_cause", b.hangup_cause or "NORMAL_CLEARING")
         a.set_var("last_bridge_hangup_cause", b.hangup_cause or "NORMAL_CLEARING")

@@ -325,6 +325,7 @@ def _wait_for_answer(sw: Switch, ch: Channel, originator: Channel | None, timeou
         if originator is not None and not originator.is_up:
             ch.set_var("last_bridge_hangup_cause", originator.hangup_cause or "NORMAL_CLEARING")
             ch.hangup("ORIGINATOR_CANCEL", disposition="send_cancel")
+            ch.reported.wait(timeout=1.0)  # B's HANGUP_COMPLETE comes before A's bridge ends (trace 16c)
             return "ORIGINATOR_CANCEL"
         if ch.ring_ready.is_set() and not rang:
             rang = True
@@ -346,8 +347,9 @@ def _wait_for_answer(sw: Switch, ch: Channel, originator: Channel | None, timeou
             gevent.sleep(SETTLE)
             continue
         if left <= 0:
+            # Our own timeout (trace 07, #28-#31): CHANNEL_HANGUP, the result (BACKGROUND_JOB), then
+            # HANGUP_COMPLETE and DESTROY as the leg's session unwinds; a far end's refusal is reported first.
             ch.hangup("NO_ANSWER", disposition="send_cancel")
-            ch.reported.wait(timeout=1.0)
             return "NO_ANSWER"
         waits = [ch.answered, ch.hungup]
         if not rang:

@@ -39,6 +39,12 @@ def complete_of(c: EslClient, a: str, app: str) -> object:
                         and m.e("Application") == app)
 
 
+def ending_of(client: EslClient, a: str, b: str) -> list[tuple[str, str]]:
+    """The two legs' hangup, unbridge and hangup-complete events, in the order they came."""
+    names = ("CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_UNBRIDGE")
+    return [(m.e("Unique-ID"), m.name) for m in client.events if m.name in names and m.e("Unique-ID") in (a, b)]
+
+
 def test_16a_ringback_then_bridge(client: EslClient, standin: StandIn, media_dir: Path) -> None:
     a, b = call_a(client), new_uuid()
     ids = queue_bridge(client, a, b, "15550001301", media_dir)
@@ -50,6 +56,9 @@ def test_16a_ringback_then_bridge(client: EslClient, standin: StandIn, media_dir
     assert client.api(f"uuid_kill {a}") == "+OK\n"
     wait_gone(standin, a)
     wait_gone(standin, b)
+    client.wait_event(lambda m: m.name == "CHANNEL_HANGUP_COMPLETE" and m.e("Unique-ID") == a)
+    assert ending_of(client, a, b) == [(a, "CHANNEL_HANGUP"), (b, "CHANNEL_HANGUP"), (b, "CHANNEL_HANGUP_COMPLETE"),
+                                       (a, "CHANNEL_UNBRIDGE"), (a, "CHANNEL_HANGUP_COMPLETE")]  # as in 16a
     done = complete_of(client, a, "bridge")
     assert done.e("Application-Response") == "_none_"  # type: ignore[attr-defined]
     assert done.e("variable_originate_disposition") == "SUCCESS"  # type: ignore[attr-defined]
@@ -103,6 +112,9 @@ def test_16c_a_hangs_up_while_b_rings(client: EslClient, standin: StandIn, media
     hup_b = client.wait_event(lambda m: m.name == "CHANNEL_HANGUP_COMPLETE" and m.e("Unique-ID") == b)
     assert hup_b.e("Hangup-Cause") == "ORIGINATOR_CANCEL"
     assert hup_b.e("variable_sip_hangup_disposition") == "send_cancel"
+    client.wait_event(lambda m: m.name == "CHANNEL_HANGUP_COMPLETE" and m.e("Unique-ID") == a)
+    assert ending_of(client, a, b)[-3:] == [(b, "CHANNEL_HANGUP"), (b, "CHANNEL_HANGUP_COMPLETE"),
+                                            (a, "CHANNEL_HANGUP_COMPLETE")]  # as in 16c
     done = complete_of(client, a, "bridge")
     assert done.e("variable_originate_disposition") == "ORIGINATOR_CANCEL"  # type: ignore[attr-defined]
     assert done.e("variable_DIALSTATUS") == "CANCEL"  # type: ignore[attr-defined]
@@ -132,6 +144,7 @@ def test_16e_continue_on_fail_keeps_a_parked(client: EslClient, standin: StandIn
     assert client.api(f"uuid_exists {a}") == "true"
     assert client.api(f"uuid_getvar {a} DIALSTATUS") == "BUSY"
     assert client.api(f"uuid_getvar {a} last_bridge_hangup_cause") == "USER_BUSY"
+    assert client.api(f"uuid_getvar {a} originated_legs") == f"{b};Outbound Call;15550003305"  # as in 16c-16e
     assert client.api(f"uuid_kill {a}") == "+OK\n"
     wait_gone(standin, a)
 

@@ -89,6 +89,10 @@ def test_ring_no_answer_times_out(client: EslClient, standin: StandIn) -> None:
     assert hup.e("Hangup-Cause") == "NO_ANSWER"
     assert hup.e("variable_sip_hangup_disposition") == "send_cancel"
     assert "CHANNEL_PROGRESS" in names_for(client, uuid)
+    client.wait_event(lambda m: m.name == "CHANNEL_DESTROY" and m.e("Unique-ID") == uuid)
+    # Trace 07, #28-#31: the switch's own timeout reports the result before the leg's HANGUP_COMPLETE.
+    ending = [m.name for m in client.events if m.e("Unique-ID") == uuid or m.e("Job-UUID") == job]
+    assert ending[-4:] == ["CHANNEL_HANGUP", "BACKGROUND_JOB", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY"]
 
 
 def test_ring_no_answer_default_timeout_is_60s(client: EslClient, standin: StandIn) -> None:

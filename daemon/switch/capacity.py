@@ -5,7 +5,10 @@ one only while two limits hold (``switch_core_session_request_uuid``): a per-sec
 (``sessions-per-second``, 30 by default, refilled once a second on its own tick; the budget is spent
 before it is checked, so a limit of N admits N - 1 a tick, and a refused request spends it too) and
 ``max-sessions`` at once (1000). Past either, the leg is refused before anything is dialed:
-``-ERR DESTINATION_OUT_OF_ORDER`` and no CHANNEL_CREATE for its UUID (shared/esl-traces/17*).
+``-ERR DESTINATION_OUT_OF_ORDER`` and no CHANNEL_CREATE for its UUID (shared/esl-traces/17 shows it
+for the rate; for max-sessions it follows from the same refusal in ``switch_core_session_request_uuid``
+and ``sofia_outgoing_channel``: trace 17b shows only a far end over the limit, the gateway's leg created
+and ended NORMAL_TEMPORARY_FAILURE, a carrier-like failure).
 
 What the daemon knows, and from where:
 

@@ -206,6 +206,8 @@ def main() -> int:
         if a_uuid:
             print("==> what A's phone heard (from the stand-in: api standin heard <A>)")
             for seg in json.loads(esl_api(esl_port, f"standin heard {a_uuid}")):
+                if seg.get("end") is not None and seg["end"] - seg["start"] < 0.05:
+                    continue  # a moment between two sounds (the ring before the answer, a wait B cut short)
                 end = f"{seg['end']:.1f}" if seg.get("end") is not None else "…"
                 source = os.path.basename(str(seg["source"]))
                 if seg["kind"] == "ringback":

@@ -524,5 +524,5 @@ def zone(name: str) -> ZoneInfo:
     """The named IANA zone, or ConfigError naming it."""
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # (OSError: a folder of zones, a name too long)
         raise ConfigError(f"timezone: unknown zone {name!r}") from None

@@ -75,6 +75,16 @@ def test_describe_never_shows_the_token_or_its_hash(make_endpoint: Any) -> None:
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"timezone": "Mars/Olympus"}, "timezone: unknown zone"),
+    # ZoneInfo raises OSError for a folder of zones or a name too long for a file: it was a 500
+    ({"timezone": "Europe"}, "timezone: unknown zone"),
+    ({"timezone": "a" * 300}, "timezone: unknown zone"),
+    ({"extension_pattern": "a{99999999999}"}, "extension-pattern: not a regular expression"),
+    # Python's re backtracks: these took minutes on a 20-digit number, on the loop that runs every call
+    ({"extension_pattern": "((1+)+)+2"}, "extension-pattern: a group may not be repeated"),
+    ({"extension_pattern": "^(12)*$"}, "extension-pattern: a group may not be repeated"),
+    ({"extension_pattern": "^(?:[0-9]{2}){1,3}$"}, "extension-pattern: a group may not be repeated"),
+    ({"extension_pattern": r"^(1)\1$"}, "extension-pattern: no back-references"),
+    ({"extension_pattern": "^(?P<d>1)(?P=d)$"}, "extension-pattern: no back-references"),
     ({"allowed_prefixes": "1555,abc"}, "allowed-prefixes:"),
     ({"extension_pattern": "("}, "extension-pattern:"),
     ({"caller_id_number": "call me"}, "caller-id:"),
@@ -146,3 +156,12 @@ def test_a_name_taken_between_the_look_and_the_write_is_a_named_error(
     with pytest.raises(EndpointError, match="name: an endpoint named 'renamed' already exists"):
         endpoints.update_endpoint(second, options)
     assert Endpoint.get_by_id(second.id).name == "second"
+
+
+@pytest.mark.parametrize("pattern", [r"^[0-9]{3,4}$", r"^(100|200|3[0-9]{2})$", r"^9(00)?[0-9]{2}$", r"^[)(]+\d$",
+                                     r"^\)+$"])
+def test_extension_patterns_that_match_in_linear_time_are_taken(db: Database, pattern: str) -> None:
+    endpoint, _ = create_endpoint(EndpointOptions(name="x", caller_id_number="15550000000",
+                                                  dial_string="sofia/gateway/carrier/{number}",
+                                                  extension_pattern=pattern))
+    assert endpoint.extension_pattern == pattern

@@ -316,6 +316,10 @@ def test_a_csrf_token_of_another_session_or_a_foreign_origin_is_refused(app: Fla
     response = mine.client.post(f"/endpoints/{endpoint.id}/rotate", data={"csrf_token": own_token},
                                 headers={"Origin": "https://evil.example"})
     assert response.status_code == 403 and "sent from another site" in response.get_data(as_text=True)
+    for garbled in ("http://[", "http://a]b"):  # not URLs at all: a 500 before
+        response = mine.client.post(f"/endpoints/{endpoint.id}/rotate", data={"csrf_token": own_token},
+                                    headers={"Origin": garbled})
+        assert response.status_code == 403 and "sent from another site" in response.get_data(as_text=True)
     assert authenticate(token) is not None
     response = mine.client.post(f"/endpoints/{endpoint.id}/rotate", data={"csrf_token": own_token},
                                 headers={"Origin": "http://localhost"})

@@ -104,6 +104,9 @@ def test_phone_extension_and_prefixes() -> None:
     assert parse_phone("42", "phone_b", extension_pattern=r"[0-9]{2}") == "42"
     assert rule(parse_phone, "4\n", "phone_b", extension_pattern=r"4.").startswith("phone_b: 7 to 15")
     assert rule(parse_phone, "42", "phone_b", extension_pattern="(").startswith("phone_b: 7 to 15")
+    # A pattern stored before repeated groups were refused admits nothing: its match could take minutes
+    # (this one: 20 ones and no 2) on the loop that runs every call.
+    assert rule(parse_phone, "1" * 20, "phone_b", extension_pattern="((1+)+)+2").startswith("phone_b: 7 to 15")
     assert parse_phone("+15550001234", "phone_a", allowed_prefixes="1555") == "+15550001234"
     assert rule(parse_phone, "12125550100", "phone_a", allowed_prefixes="1555, 44").startswith(
         "phone_a: not allowed for this endpoint (allowed prefixes: 1555, 44)")

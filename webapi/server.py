@@ -110,6 +110,7 @@ class ConnectionHandler(WSGIHandler):
         self.evicted = False
         self.requests = 0
         self.phase = "idle"  # idle (nothing of the next request yet), head, body, serving
+        self.bad_query = False  # the request line's query string is not UTF-8
         self._deadline: gevent.Timeout | None = None
 
     def evict(self) -> None:
@@ -160,15 +161,22 @@ class ConnectionHandler(WSGIHandler):
 
     def _head_refusal(self, status: str, pywsgi_answer: bytes) -> bytes:
         problem = self.headers.status if isinstance(self.headers, RequestHeaders) else ""
+        if status == "400" and self.bad_query:
+            return answer_bytes(400, "query string: not UTF-8 (percent-encode other bytes, e.g. %C3%A9 for é)")
         if status == "400" and problem:  # the header block was the problem: say what was wrong with it
             return answer_bytes(400, f"headers: {problem}")
         return PYWSGI_REFUSALS.get(status) or pywsgi_answer
 
     def read_request(self, raw_requestline: str) -> bool:
+        self.bad_query = False
         ok: bool = super().read_request(raw_requestline)
         if ok and self.request_version == "HTTP/1.1" and self.headers.get("host") is None:
             self.headers.status = "Host: required in HTTP/1.1 (RFC 9112 3.2)"
             return False  # pywsgi's 400, which _head_refusal words from the status
+        if ok and not _utf8(self.path.partition("?")[2]):
+            # Werkzeug decodes the query as UTF-8 wherever a page or route reads it, and fails there: 500.
+            self.bad_query = True
+            return False
         return ok
 
     def read_requestline(self) -> str:
@@ -370,3 +378,12 @@ def connection_cap(wanted: int, open_files: int) -> int:
     if open_files == resource.RLIM_INFINITY:
         return wanted
     return max(1, min(wanted, open_files // 2))
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` (the bytes of the request line, as pywsgi decodes them: latin-1) is UTF-8."""
+    try:
+        text.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return False
+    return True

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
+from daemon.accounts.endpoints import slow_to_match
 from daemon.config import LANGUAGES, Settings
 from daemon.store import CALLID_RE, CallStatus
 
@@ -70,6 +72,13 @@ def text(values: Mapping[str, Any], name: str, *, numbers: bool = False) -> str:
     return raw
 
 
+@functools.lru_cache(maxsize=256)
+def _safe_pattern(pattern: str) -> bool:
+    """A pattern stored before the rule existed that could take exponential time admits nothing: matching
+    runs on the event loop (see daemon.accounts.endpoints.slow_to_match)."""
+    return slow_to_match(pattern) is None
+
+
 def parse_phone(value: str, field: str, *, extension_pattern: str = "", allowed_prefixes: str = "") -> str:
     """A number to dial: 7–15 digits with an optional ``+``, or a full match of the extension pattern.
 
@@ -78,11 +87,11 @@ def parse_phone(value: str, field: str, *, extension_pattern: str = "", allowed_
     """
     if not value:
         raise ValidationError(field, "required")
-    if extension_pattern and EXTENSION_CHARS_RE.fullmatch(value):
+    if extension_pattern and EXTENSION_CHARS_RE.fullmatch(value) and _safe_pattern(extension_pattern):
         try:
             if re.fullmatch(extension_pattern, value):
                 return value
-        except re.error:
+        except (re.error, OverflowError):
             pass  # an operator's broken pattern admits nothing
     if not PHONE_RE.fullmatch(value):
         rule = "7 to 15 digits with an optional leading +"

@@ -125,8 +125,39 @@ class EndpointOptions:
             raise EndpointError(f"extension-pattern: at most {EXTENSION_PATTERN_MAX} characters")
         try:
             re.compile(self.extension_pattern)
-        except re.error as exc:
+        except (re.error, OverflowError) as exc:  # (OverflowError: a repeat count past what re can count)
             raise EndpointError(f"extension-pattern: not a regular expression ({exc})") from None
+        if (problem := slow_to_match(self.extension_pattern)) is not None:
+            raise EndpointError(f"extension-pattern: {problem}")
+
+
+def slow_to_match(pattern: str) -> str | None:
+    """Why ``pattern`` could take exponential time to match a number, or None. Python's ``re`` backtracks:
+    a repeated group (``(1+)+2``) or a back-reference can take minutes on a 20-digit number, and a create
+    request's number is matched on the event loop that runs every call. So a group may be optional
+    (``(...)?``) but not repeated, and there are no back-references; write ``[0-9]{3,4}``, not ``([0-9])+``."""
+    in_class = escaped = False
+    after_group = False  # the last thing read closed a group
+    for char in pattern:
+        if escaped:
+            escaped = False
+            if not in_class and char.isdigit() and char != "0":
+                return "no back-references (\\1 ...): they can take exponential time to match"
+            after_group = False
+            continue
+        if char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif after_group and char in "*+{":
+            return ("a group may not be repeated (*, + or {m,n} after a group): such a pattern can take "
+                    "exponential time to match; repeat a character or a class instead, e.g. [0-9]{3,4}")
+        after_group = char == ")" and not in_class
+    if "(?P=" in pattern:
+        return "no back-references ((?P=name)): they can take exponential time to match"
+    return None
 
 
 def check_webhook_url(url: str) -> None:

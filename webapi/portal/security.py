@@ -149,7 +149,7 @@ class PortalSecurity:
     def check_post(self, req: Request, signed: Signed) -> None:
         """Refuse a form post that does not come from one of our own pages."""
         origin = req.headers.get("Origin")
-        if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != req.host.lower()):
+        if origin is not None and (origin == "null" or _netloc(origin) != req.host.lower()):
             raise Forbidden("This form was sent from another site. Open the page on this server and send it "
                             "from there.")
         sent = req.form.get(CSRF_FIELD, "")
@@ -208,3 +208,10 @@ class PortalSecurity:
         self.account_limiter.forget(email_key)
         self.address_limiter.refund(address)
 
+
+def _netloc(origin: str) -> str | None:
+    """The host[:port] of an Origin header; None when it is not a URL (then it is no origin of ours)."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return None

@@ -304,19 +304,28 @@ def test_an_a_that_hung_up_while_no_daemon_heard_it_is_told_apart_from_one_never
     assert originates(switch) == [] and not [c for c in switch.sent if c.startswith("sendmsg")], switch.sent
 
 
+def adopted_with_b_ringing(run_call: Callable[..., tuple[CallSequence, ScriptedSwitch]]
+                           ) -> tuple[CallSequence, ScriptedSwitch]:
+    """The daemon died with B ringing; the next start adopts the call and finds A (its steps queued) and B up."""
+    first, switch = run_call()
+    call, a, b = died_while_dialing_b(first)
+    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "true",
+                      f"uuid_getvar {a} endpoint_disposition": "ANSWER",
+                      f"uuid_getvar {b} endpoint_disposition": "_undef_",
+                      f"uuid_getvar {a} cb_stage": "queued",
+                      f"uuid_getvar {a}": "_undef_"}
+    sequence = adopted(call, first, switch)
+    assert not sequence.done
+    return sequence, switch
+
+
 def test_a_tail_marker_that_found_no_turn_is_sent_a_moment_later(run_call: Callable[..., Any]) -> None:
     """Adopted while B rang (the previous run's bridge), B fails: the marker queued behind A's steps tells
     whether the wait after the bridge is queued (that run may have died first, leaving A parked in
     silence). On a backlogged connection it found no turn, and nothing sent it again."""
-    first, switch = run_call()
-    call, a, b = died_while_dialing_b(first)
-    switch.answers = {f"uuid_exists {a}": "true\n", f"uuid_exists {b}": "true\n",
-                      f"uuid_getvar {a} endpoint_disposition": "ANSWER\n",
-                      f"uuid_getvar {a} cb_stage": "queued\n",
-                      f"uuid_getvar {b} endpoint_disposition": "_undef_\n",
-                      f"uuid_getvar {a}": "_undef_"}
-    sequence = adopted(call, first, switch)
-    assert not sequence.done and sequence.apps.bridge is None
+    sequence, switch = adopted_with_b_ringing(run_call)
+    a, b = sequence.a.uuid, sequence.b.uuid
+    assert sequence.apps.bridge is None
     switch.no_turn_for_message_at = len([m for m in switch.sent if m.startswith("sendmsg")])
     sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", b, **{"Hangup-Cause": "USER_BUSY"}))
     sequence.deliver(bridge_done(a, str(uuid.uuid4()), "USER_BUSY"))
@@ -1169,15 +1178,8 @@ def test_adopted_call_with_b_ringing_after_an_earlier_refused_bridge_ends_when_b
     both up. B is then busy: FreeSWITCH ends the bridge (continue_on_fail) and A starts the wait queued
     after the second bridge, wait_uuid(A, 2). The adopted sequence must end A (notice + hangup, break).
     """
-    first, switch = run_call()
-    call, a, b = died_while_dialing_b(first)
-    switch.answers = {f"uuid_exists {a}": "true", f"uuid_exists {b}": "true",
-                      f"uuid_getvar {a} endpoint_disposition": "ANSWER",
-                      f"uuid_getvar {b} endpoint_disposition": "_undef_",
-                      f"uuid_getvar {a} cb_stage": "queued",
-                      f"uuid_getvar {a}": "_undef_"}
-    sequence = adopted(call, first, switch)
-    assert not sequence.done
+    sequence, switch = adopted_with_b_ringing(run_call)
+    a, b = sequence.a.uuid, sequence.b.uuid
     # B is busy: B's hangup, the bridge's end on A, then A starts the wait after the 2nd bridge.
     sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", b, **{"Hangup-Cause": "USER_BUSY"}))
     sequence.deliver(event("CHANNEL_EXECUTE_COMPLETE", a, **{

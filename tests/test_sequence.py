@@ -849,6 +849,27 @@ def test_ending_a_that_finds_no_turn_is_sent_a_moment_later_and_never_left_on_it
     assert (call.status, call.failed_leg, call.b_cause) == ("failed", "b", "USER_BUSY")
 
 
+def test_ending_a_on_a_connection_that_drops_is_noted_for_the_reconnect(run_call: Callable[..., Any]) -> None:
+    """B failed for real and the connection drops as A's notice and hangup go out: the call notes the
+    connection lost (as any step lost in flight), so that its reconnect's look settles it, and sends
+    nothing more to A meanwhile."""
+    sequence, switch = run_call()
+    answered_and_waiting(sequence, switch)
+    a = sequence.a.uuid
+    bridge = sequence.apps.bridge
+    assert bridge is not None
+    sequence.deliver(executes(a, bridge.event_uuid, "bridge"))
+    sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
+    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.b.uuid, **{"Hangup-Cause": "USER_BUSY"}))
+    sequence.deliver(bridge_done(a, bridge.event_uuid, "USER_BUSY"))
+    gevent.sleep(0)
+    switch.fail_message_at = len([m for m in switch.sent if m.startswith("sendmsg")])
+    sequence.deliver(executes(a, wait_uuid(a, 1)))
+    gevent.sleep(0)
+    assert sequence.connection_lost and steps_of(sequence, "connection_lost")
+    assert not sequence.end_break_pending
+
+
 def test_a_hanging_up_while_b_waits_to_be_dialed_again_is_not_blamed_on_b(run_call: Callable[..., Any]) -> None:
     sequence, switch = run_call()
     answered_and_waiting(sequence, switch)

@@ -644,7 +644,7 @@ class CallSequence:
             raise  # kept unsent: RetrySend sends them, then the break
         except EslError:
             self._kill_a()
-            return
+            raise  # the connection went: noted (_guarded), and the reconnect's look settles the call
         self._break_to_end()
 
     def _break_to_end(self) -> None:
@@ -655,6 +655,7 @@ class CallSequence:
             raise  # still pending: RetrySend sends it
         except EslError:
             self._kill_a()
+            raise  # the connection went: noted (_guarded), and the reconnect's look settles the call
         self.end_break_pending = False
 
     def _kill_a(self) -> None:

@@ -259,6 +259,25 @@ def test_a_taken_row_falls_due_again_when_its_senders_lease_ends(db: Database, h
     assert alive.take(row.id, now + lease)
 
 
+def test_an_attempt_that_fails_after_another_sender_delivered_the_row_leaves_it_delivered(
+        db: Database, hook_settings: Settings) -> None:
+    """This sender's attempt outlived its lease (a receiver slow to refuse, daemons' clocks apart): another
+    daemon's sender took the row and delivered it meanwhile. The late failure must not undo 'delivered'."""
+    endpoint = endpoint_with_hook("http://127.0.0.1:9/hook")
+    enqueue_status(new_call(endpoint), CallStatus.COMPLETED)
+    row = deliveries()[0]
+
+    def delivered_elsewhere_then_refused(*_args: Any) -> int:
+        WebhookDelivery.update(state="delivered", attempts=1, finished_at=utcnow()).where(
+            WebhookDelivery.id == row.id).execute()
+        return 503
+
+    late = Webhooks(hook_settings, Metrics(), transport=delivered_elsewhere_then_refused)
+    assert late.deliver(row.id) == "delivered"
+    after = deliveries()[0]
+    assert (after.state, after.attempts, after.last_status_code) == ("delivered", 1, None)
+
+
 def test_a_2xx_whose_body_stalls_counts_as_delivered() -> None:
     """README: any 2xx answer counts as delivered. A receiver that answers 200 and then dribbles (or never
     ends) its body must not get the event again at every backoff for a day."""

@@ -334,9 +334,17 @@ class Webhooks:
             retry_at = min(now + dt.timedelta(seconds=self.backoff(attempts)), deadline)
             fields.update(next_attempt_at=retry_at)
             result = "retry"
-        # Waited for: the row is picked again only once its new state is committed.
-        writer().submit(lambda: WebhookDelivery.update(**fields).where(WebhookDelivery.id == row_id).execute(),
-                        durable=False, wait=True)
+        # Waited for: the row is picked again only once its new state is committed. Only a row still pending:
+        # one another daemon's sender finished meanwhile (it took the row once this attempt's lease ran out)
+        # keeps that outcome; a late failure here must not turn its 'delivered' into a retry or 'failed'.
+        still_pending = (WebhookDelivery.id == row_id) & (WebhookDelivery.state == PENDING)
+        written = writer().submit(lambda: WebhookDelivery.update(**fields).where(still_pending).execute(),
+                                  durable=False, wait=True)
+        if written != 1:
+            log_event(log, "webhook.finished_elsewhere", logging.WARNING, callid=row.callid, event_id=row.event_id,
+                      note="another sender finished this event while this attempt ran; its outcome stands")
+            finished = WebhookDelivery.get_or_none(WebhookDelivery.id == row_id)
+            return str(finished.state) if finished is not None else FAILED
         self.metrics.webhooks.labels(result=result).inc()
         log_event(log, f"webhook.{result}", logging.INFO if result == DELIVERED else logging.WARNING,
                   callid=row.callid, event_id=row.event_id, status=row.status, attempts=attempts,

@@ -788,8 +788,8 @@ def test_b_refused_past_the_originate_timeout_ends_the_call_with_the_reason(run_
                                                                           REFUSED)
 
 
-def test_a_b_that_really_failed_gets_the_notice_and_hangup_at_once(run_call: Callable[..., Any]) -> None:
-    sequence, switch = run_call()
+def b_busy_before_a_s_next_wait(sequence: CallSequence, switch: ScriptedSwitch) -> None:
+    """A answered and waits; the bridge dials B, which is busy: the bridge ends, A's next wait is still to start."""
     answered_and_waiting(sequence, switch)
     bridge = sequence.apps.bridge
     assert bridge is not None
@@ -798,6 +798,11 @@ def test_a_b_that_really_failed_gets_the_notice_and_hangup_at_once(run_call: Cal
     sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
     sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.b.uuid, **{"Hangup-Cause": "USER_BUSY"}))
     sequence.deliver(bridge_done(sequence.a.uuid, bridge.event_uuid, "USER_BUSY"))
+
+
+def test_a_b_that_really_failed_gets_the_notice_and_hangup_at_once(run_call: Callable[..., Any]) -> None:
+    sequence, switch = run_call()
+    b_busy_before_a_s_next_wait(sequence, switch)
     sequence.deliver(executes(sequence.a.uuid, wait_uuid(sequence.a.uuid, 1)))
     gevent.sleep(0)
     assert apps_sent(switch)[-2:] == ["playback tone_stream://%(500,500,480,620);loops=3", "hangup NORMAL_CLEARING"]
@@ -818,15 +823,8 @@ def test_ending_a_that_finds_no_turn_is_sent_a_moment_later_and_never_left_on_it
     order. Before, the fallback (uuid_kill) found no turn either and nothing tried again: A heard its
     looped dialtone until its maximum duration."""
     sequence, switch = run_call()
-    answered_and_waiting(sequence, switch)
+    b_busy_before_a_s_next_wait(sequence, switch)
     a = sequence.a.uuid
-    bridge = sequence.apps.bridge
-    assert bridge is not None
-    sequence.deliver(executes(a, bridge.event_uuid, "bridge"))
-    switch.capacity.created(sequence.b.uuid, switch.now)
-    sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
-    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.b.uuid, **{"Hangup-Cause": "USER_BUSY"}))
-    sequence.deliver(bridge_done(a, bridge.event_uuid, "USER_BUSY"))
     gevent.sleep(0)
     breaks_before = len(breaks(switch, a))
     if stalled == "the notice":
@@ -854,14 +852,8 @@ def test_ending_a_on_a_connection_that_drops_is_noted_for_the_reconnect(run_call
     connection lost (as any step lost in flight), so that its reconnect's look settles it, and sends
     nothing more to A meanwhile."""
     sequence, switch = run_call()
-    answered_and_waiting(sequence, switch)
+    b_busy_before_a_s_next_wait(sequence, switch)
     a = sequence.a.uuid
-    bridge = sequence.apps.bridge
-    assert bridge is not None
-    sequence.deliver(executes(a, bridge.event_uuid, "bridge"))
-    sequence.deliver(event("CHANNEL_CREATE", sequence.b.uuid))
-    sequence.deliver(event("CHANNEL_HANGUP_COMPLETE", sequence.b.uuid, **{"Hangup-Cause": "USER_BUSY"}))
-    sequence.deliver(bridge_done(a, bridge.event_uuid, "USER_BUSY"))
     gevent.sleep(0)
     switch.fail_message_at = len([m for m in switch.sent if m.startswith("sendmsg")])
     sequence.deliver(executes(a, wait_uuid(a, 1)))

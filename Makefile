@@ -38,7 +38,7 @@ bench: venv
 	$(PY) -m bench
 
 lint: venv
-	$(PY) -m ruff check daemon webapi freeswitch scripts bench tests bench
+	$(PY) -m ruff check daemon webapi freeswitch scripts tests bench
 
 clean:
 	rm -rf $(VENV) .state build *.egg-info

@@ -881,8 +881,10 @@ class CallSequence:
     def _learn_answer(self, hangup: EslEvent) -> None:
         """A answered while no daemon heard it (a restart, a lost connection) and is gone now: its hangup
         says when it answered, so the call ends as "A hung up ...", not "A was not reached"."""
+        if self.a.answered_at is not None:  # (nearly every call: its answer was heard)
+            return
         answered_us = hangup.get("Caller-Channel-Answered-Time") or "0"
-        if self.a.answered_at is not None or not answered_us.isdigit() or int(answered_us) == 0:
+        if not answered_us.isdigit() or int(answered_us) == 0:
             return
         now = self.records.clock()
         at = EPOCH + dt.timedelta(microseconds=int(answered_us))

@@ -120,6 +120,7 @@ class Channel:
         self.reported = GEvent()  # CHANNEL_HANGUP_COMPLETE was fired
         self.has_session = False  # True once an executor greenlet drives this channel
         self.far_end_session = False  # its far end holds a session of this switch (far_end_sessions)
+        self.far_end_settles_at: float | None = None  # monotonic time its far end answers or refuses
         self.sent: list[Segment] = []  # what this leg's far-end person sends: silence, tone, early_media
         self.greenlets: list[gevent.Greenlet] = []
         self.transfer_apps: list[tuple[str, str]] | None = None

@@ -248,7 +248,10 @@ def _new_channel(sw: Switch, leg: Leg, gvars: dict[str, str], originator: Channe
     ch.enter("CS_ROUTING")
     ch.enter("CS_CONSUME_MEDIA")  # originate holds new legs there until they answer
     far = far_end_for(leg.number)
-    g = gevent.spawn(run_far_end, sw, ch, far)
+    invited = time.monotonic()
+    if far.settles_after is not None:
+        ch.far_end_settles_at = invited + sw.real(far.settles_after)
+    g = gevent.spawn(run_far_end, sw, ch, far, invited)
     ch.greenlets.append(g)
     return ch
 
@@ -299,7 +302,7 @@ def originate(
     return last, cause
 
 
-SETTLE = 0.002  # real seconds a timed-out originate lets due timers run before it gives up
+STALL_GRACE = 30.0  # real seconds a stalled originate waits for what its far end did before the timeout
 
 
 def _wait_for_answer(sw: Switch, ch: Channel, originator: Channel | None, timeout: float | None,
@@ -315,7 +318,7 @@ def _wait_for_answer(sw: Switch, ch: Channel, originator: Channel | None, timeou
         early_ok = ch.true_var("bridge_early_media") or originator.true_var("bridge_early_media")
     ring_ok = ch.true_var("return_ring_ready")
     deadline = time.monotonic() + sw.real(limit)
-    rang = early = settled = False
+    rang = early = stalled = False
     while True:
         if ch.answered.is_set():
             return ""
@@ -340,11 +343,13 @@ def _wait_for_answer(sw: Switch, ch: Channel, originator: Channel | None, timeou
             if early_ok:
                 return ""
         left = deadline - time.monotonic()
-        if left <= 0 and not settled:
-            # This process may have stalled (a loaded machine) past both the timeout and the far end's
-            # own timers: let what is due run first, as a switch that is not stalled would have.
-            settled = True
-            gevent.sleep(SETTLE)
+        settles_at = ch.far_end_settles_at
+        if left <= 0 and not stalled and settles_at is not None and settles_at <= deadline:
+            # This process stalled (a loaded machine) past the timeout, but the far end (another machine,
+            # whose clock did not stall) answered or refused before it: wait to see which, as a switch
+            # that had not stalled would have seen it.
+            stalled = True
+            deadline = time.monotonic() + STALL_GRACE
             continue
         if left <= 0:
             # Our own timeout (trace 07, #28-#31): CHANNEL_HANGUP, the result (BACKGROUND_JOB), then

@@ -34,6 +34,11 @@ class FarEnd:
     dtmf: str = ""
     dtmf_after: float = 0.0
 
+    @property
+    def settles_after(self) -> float | None:
+        """Plan seconds after the INVITE at which this far end answers or refuses (None: it never does)."""
+        return SIP_DELAY if self.refuse else self.answer_after
+
 
 PLAN: dict[str, FarEnd] = {
     "0": FarEnd(up_for=300.0),
@@ -56,10 +61,13 @@ def far_end_for(number: str) -> FarEnd:
     return PLAN.get(m.group(1), UNKNOWN) if m else UNKNOWN
 
 
-def run_far_end(switch: Switch, ch: Channel, far: FarEnd) -> None:
-    """Play the far end's part of the call (runs in its own greenlet, killed when the leg ends)."""
-    invited = time.monotonic()
-    switch.sleep(SIP_DELAY)
+def run_far_end(switch: Switch, ch: Channel, far: FarEnd, invited: float) -> None:
+    """Play the far end's part of the call (runs in its own greenlet, killed when the leg ends).
+
+    Its times count from ``invited`` (monotonic), as a far end's own clock runs: a stall of this
+    process (a loaded machine) must not push its answer back behind the originate's timeout.
+    """
+    gevent.sleep(max(0.0, invited + switch.real(SIP_DELAY) - time.monotonic()))
     if switch.far_end_sessions and ch.is_up:
         # The INVITE reached a far end living on this same switch: its inbound session needs admission.
         if switch.limits.admit() is None:
@@ -76,8 +84,6 @@ def run_far_end(switch: Switch, ch: Channel, far: FarEnd) -> None:
         ch.mark_pre_answered()
     if far.answer_after is None:
         return
-    # Counted from the INVITE, as a far end's own clock runs: a stall of this process (a loaded machine)
-    # past the ring must not push the answer back behind the originate's timeout.
     gevent.sleep(max(0.0, invited + switch.real(far.answer_after) - time.monotonic()))
     if not ch.is_up:
         return

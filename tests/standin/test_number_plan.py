@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import gevent
 import pytest
 
 from freeswitch.standin import StandIn
+from freeswitch.standin.originate import originate
 
 from .esl_client import EslClient
 from .helpers import bg_originate, job_result, names_for, plan_duration_ok, wait_gone
@@ -100,6 +102,26 @@ def test_ring_no_answer_default_timeout_is_60s(client: EslClient, standin: Stand
     _, job = bg_originate(client, "15550004102")
     assert job_result(client, job) == "-ERR NO_ANSWER\n"
     assert plan_duration_ok((time.monotonic() - started) / standin.time_scale, 60.0, slack=10.0)
+
+
+@pytest.mark.parametrize("number", ["15550007103", "15550003103"])
+def test_a_stall_of_the_switch_does_not_outlast_a_far_end_that_already_acted(standin: StandIn, number: str) -> None:
+    """A loaded machine stalls the stand-in's process after a leg was invited and before its far end ran,
+    past the originate's timeout. The far end is another machine whose clock did not stall: it answered
+    (or refused) in time, so the originate reports that, not NO_ANSWER (the soak's CI flake)."""
+    dial = f"{{ignore_early_media=true,originate_timeout=10}}sofia/gateway/carrier/{number}"
+    result = gevent.spawn(originate, standin.switch, dial)
+
+    def stall() -> None:  # runs after the originate invited the leg, before its far end's greenlet
+        until = time.monotonic() + standin.switch.real(15)
+        while time.monotonic() < until:
+            pass
+
+    gevent.spawn(stall)
+    ch, cause = result.get(timeout=30)
+    assert ch is not None
+    assert cause == ("" if number[7] == "7" else "USER_BUSY")
+    ch.hangup("NORMAL_CLEARING")
 
 
 def test_early_media_without_ignore_returns_at_once(client: EslClient) -> None:

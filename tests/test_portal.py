@@ -574,6 +574,22 @@ def test_registration_with_an_invite_code(make_app: Callable[..., Flask]) -> Non
     assert not account.is_admin and account.password_hash.startswith("$argon2id$")
 
 
+def test_wrong_invite_codes_spend_the_addresss_budget_so_a_short_code_cannot_be_guessed(
+        make_app: Callable[..., Flask]) -> None:
+    app = make_app(portal_registration=True, portal_invite_code="4821", portal_login_failures_per_address=3)
+    b = browser(app)
+    form = {"email": "new@example.com", "password": "long enough pw", "password_again": "long enough pw"}
+    for guess in ("0000", "0001", "0002"):
+        assert b.submit("/register", "/register", {**form, "invite_code": guess}).status_code == 400
+    limited = b.submit("/register", "/register", {**form, "invite_code": "4821"})
+    assert limited.status_code == 429
+    assert errors_of(limited.get_data(as_text=True))[0].startswith("Too many wrong invite codes")
+    assert not Account.select().exists()
+    # Signing in from that address is held back too (one budget per address), and nothing else is.
+    assert browser(make_app(portal_registration=True, portal_invite_code="4821")).submit(
+        "/register", "/register", {**form, "invite_code": "4821"}).status_code == 303
+
+
 # Admin --------------------------------------------------------------------------------------------
 
 def test_admin_creates_an_endpoint_for_an_account_and_sees_its_token_once(app: Flask, admin: Account,
@@ -659,6 +675,54 @@ def test_admin_edits_limits_reassigns_and_disables(app: Flask, admin: Account, a
     assert fresh.token_hash == hash_token(token)  # editing keeps the token
     assert a.submit("/admin/endpoints", f"/admin/endpoints/{endpoint.id}/disable").status_code == 303
     assert authenticate(token) is None
+
+
+def test_admin_endpoint_forms_lacking_fields_name_them_or_keep_what_is_stored(app: Flask, admin: Account,
+                                                                              ann: Account, make_endpoint: Any) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann, name="acme", record=True)
+    a = browser(app).signed_in_as(admin.email)
+    # A new endpoint's form without a required field: the field named, not a 500.
+    for missing in ("name", "caller_id_number", "dial_string"):
+        form = {"name": "clinic", "caller_id_number": "15551230000", "dial_string": "sofia/gateway/carrier/{number}"}
+        del form[missing]
+        response = a.submit("/admin/endpoints", "/admin/endpoints", form)
+        assert response.status_code == 400, missing
+        assert errors_of(response.get_data(as_text=True))[0].startswith(f"{missing}: "), missing
+    assert Endpoint.select().count() == 1
+    # An edit that sends only one field changes that field: the owner and the recording stay.
+    page = f"/admin/endpoints/{endpoint.id}"
+    assert a.submit(page, page, {"max_in_flight": "20"}).status_code == 303
+    fresh = Endpoint.get_by_id(endpoint.id)
+    assert (fresh.max_in_flight, fresh.owner_id, fresh.record, fresh.name) == (20, ann.id, True, "acme")
+    # The page's own form (its checkbox unticked is not sent at all) still turns recording off.
+    form_page = a.text(page)
+    assert 'name="record_shown"' in form_page
+    assert a.submit(page, page, {"record_shown": "1", "owner": ann.email}).status_code == 303
+    assert Endpoint.get_by_id(endpoint.id).record is False
+
+
+def test_an_admin_who_sets_their_own_password_stays_signed_in_here_only(app: Flask, admin: Account) -> None:
+    here = browser(app).signed_in_as(admin.email)
+    elsewhere = browser(app).signed_in_as(admin.email)
+    done = here.submit("/admin/accounts", f"/admin/accounts/{admin.id}/password", {"password": "a new passphrase"})
+    assert done.status_code == 303 and done.headers["Location"] == "/admin/accounts?notice=saved"
+    assert here.get("/admin/accounts").status_code == 200
+    assert elsewhere.get("/admin/accounts").status_code == 303  # signed out, like every other session
+    assert browser(app).login(admin.email, "a new passphrase").status_code == 303
+
+
+def test_a_method_a_page_does_not_take_answers_with_a_page_and_the_api_with_its_envelope(
+        app: Flask, ann: Account) -> None:
+    b = browser(app).signed_in_as(ann.email)
+    for method, path, allowed in (("GET", "/logout", {"POST"}), ("PUT", "/calls/new", {"GET", "POST"})):
+        response = b.client.open(path, method=method)
+        assert response.status_code == 405 and response.mimetype == "text/html", path
+        assert f"This page does not take {method} requests." in response.get_data(as_text=True)
+        assert allowed <= set(response.headers["Allow"].split(", ")) and method not in response.headers["Allow"]
+        assert response.headers["Content-Security-Policy"] == CSP
+        assert 'href="/calls"' in response.get_data(as_text=True)  # the signed-in header
+    api = b.client.put("/v1/calls")
+    assert api.status_code == 405 and api.get_json()["data"]["code"] == 405
 
 
 def test_admin_accounts_page_creates_and_disables_accounts(app: Flask, admin: Account) -> None:
@@ -767,6 +831,26 @@ def test_the_form_places_a_call_once_even_when_sent_twice(app: Flask, ann: Accou
     assert (call.status, call.scheduled, call.msg_lang) == ("scheduled", True, "en-GB")
     assert call.due_at == dt.datetime(2026, 6, 16, 7, 30)  # 09:30 in Berlin (summer time) is 07:30 UTC
     assert call.msg_file and dispatcher.wakes == 0  # due tomorrow: the dispatcher's own looks find it
+
+
+def test_a_form_brought_back_changed_after_it_placed_a_call_gets_a_new_form_id(app: Flask, ann: Account,
+                                                                               make_endpoint: Any) -> None:
+    endpoint, _ = own_endpoint(make_endpoint, ann)
+    b = browser(app).signed_in_as(ann.email)
+    page = b.text("/calls/new")
+    form = {**PLACE, "endpoint": str(endpoint.id), "csrf_token": csrf_of(page),
+            "form_id": re.search(r'name="form_id" value="([^"]+)"', page).group(1)}
+    assert b.client.post("/calls/new", data=form).status_code == 303
+    # The browser's Back button restores the form, its form_id too; B is changed and the form sent.
+    changed = b.client.post("/calls/new", data={**form, "phone_b": "15550002999"})
+    assert changed.status_code == 422
+    body = changed.get_data(as_text=True)
+    assert errors_of(body)[0].startswith("form_id: this form already placed a call")
+    fresh = re.search(r'name="form_id" value="([^"]+)"', body).group(1)
+    assert fresh != form["form_id"] and 'value="15550002999"' in body  # what was typed stays
+    again = b.client.post("/calls/new", data={**form, "phone_b": "15550002999", "form_id": fresh})
+    assert again.status_code == 303
+    assert sorted(c.phone_b for c in Call.select()) == ["15550002002", "15550002999"]
 
 
 @pytest.mark.parametrize("form_id", ["\x00", "a" * 65, "id with spaces", "é"])

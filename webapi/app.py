@@ -24,6 +24,7 @@ from daemon.ops.metrics import Metrics
 from daemon.store import utcnow
 from webapi.envelope import ApiError, envelope, error_response
 from webapi.portal import register as register_portal
+from webapi.portal.base import wrong_method_on_a_page
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.routing import RowIdConverter, keep_static_matches
 from webapi.validation import ValidationError
@@ -105,6 +106,9 @@ def create_app(settings: Settings, *, media: MediaLike, dispatcher: DispatcherLi
         status = error.code or 500
         headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
         if status == 405:
+            page = wrong_method_on_a_page(error)
+            if page is not None:
+                return page
             allowed = headers.get("Allow", "")
             desc = f"method: {request.method} not allowed here; use {allowed}"
         else:

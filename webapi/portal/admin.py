@@ -24,7 +24,7 @@ from daemon.cli import hangup_call
 from daemon.ops.logs import log_event
 from daemon.store import Account, Call, Endpoint
 from webapi.portal import queries
-from webapi.portal.base import PageError, admin_only, bp, go, me, render
+from webapi.portal.base import PageError, admin_only, bp, client_address, go, me, render, security
 from webapi.views import ctx
 
 log = logging.getLogger("callbridge.portal")
@@ -36,11 +36,17 @@ OPTION_FIELDS = {"name": "name", "caller-id": "caller_id_number", "caller-id-nam
                  "allowed-prefixes": "allowed_prefixes", "extension-pattern": "extension_pattern",
                  "webhook-url": "webhook_url", "ring-tone": "ring_tone"}
 NUMBERS = {"max_in_flight": int, "calls_per_second": float, "max_duration": int, "daily_cap": int}
+REQUIRED_BLANK = {"name": "", "caller_id_number": "", "dial_string": ""}  # a new endpoint's form lacking them
+RECORD_SHOWN = "record_shown"  # sent by every endpoint form, beside the record checkbox
 
 
 def _options_from_form(form: Mapping[str, str], base: EndpointOptions | None = None) -> EndpointOptions:
-    """The endpoint form as options; EndpointError (naming the form field) for a number that is not one."""
-    values: dict[str, Any] = vars(base).copy() if base is not None else {}
+    """The endpoint form as options; EndpointError (naming the form field) for a number that is not one.
+
+    A field the form does not hold keeps ``base``'s value (an edit), or the default (a new endpoint,
+    whose required fields then fail their check by name). An unticked checkbox is not sent at all:
+    ``record`` is read only from a form that showed it (its ``record_shown`` marker)."""
+    values: dict[str, Any] = vars(base).copy() if base is not None else dict(REQUIRED_BLANK)
     for name in ("name", "caller_id_number", "caller_id_name", "dial_string", "timezone", "allowed_prefixes",
                  "extension_pattern", "webhook_url", "ring_tone"):
         if name in form:
@@ -52,7 +58,8 @@ def _options_from_form(form: Mapping[str, str], base: EndpointOptions | None = N
             except ValueError:
                 rule = "a whole number" if kind is int else "a number"
                 raise EndpointError(f"{name}: must be {rule}") from None
-    values["record"] = form.get("record") == "on"
+    if RECORD_SHOWN in form or base is None:
+        values["record"] = form.get("record") == "on"
     values.setdefault("timezone", "UTC")
     return EndpointOptions(**values)
 
@@ -69,8 +76,11 @@ def _form_message(message: str) -> str:
     return f"{field}:{rule}" if field and rule else message
 
 
-def _owner_from_form(form: Mapping[str, str]) -> Account | None:
-    raw = form.get("owner", "").strip()
+def _owner_from_form(form: Mapping[str, str], current: Account | None = None) -> Account | None:
+    """The owner the form names (none when it names none); ``current`` when the form has no owner field."""
+    if "owner" not in form:
+        return current
+    raw = form["owner"].strip()
     if not raw:
         return None
     try:
@@ -146,7 +156,7 @@ def admin_endpoint(endpoint_id: int) -> Response:
         had_secret = bool(endpoint.webhook_secret)
         try:
             options = _options_from_form(form, options_of(endpoint))
-            owner = _owner_from_form(form)
+            owner = _owner_from_form(form, endpoint.owner)
             update_endpoint(endpoint, options)
             assign_owner(endpoint, owner)
         except EndpointError as exc:
@@ -238,5 +248,10 @@ def admin_account_action(account_id: int, action: str) -> Response:
     else:
         users.set_admin(account, action == "grant")
     log_event(log, f"portal.account_{action}", account=account.email, by=me().email)
-    return go("/admin/accounts", "saved")
+    response = go("/admin/accounts", "saved")
+    if action == "password" and account.id == me().id:
+        # A new password ends every session of the account, this one too: as on /account, this
+        # browser stays signed in with a new one (the others are signed out).
+        security().start(response, account, client_address(), ctx().clock())
+    return response
 

@@ -173,11 +173,37 @@ def page_error(error: PageError) -> Response:
 @bp.errorhandler(HTTPException)
 def http_error(error: HTTPException) -> Response:
     status = error.code or 500
-    messages = {405: f"This page does not take {request.method} requests.",
+    messages = {405: WRONG_METHOD.format(method=request.method),
                 413: "The form is too large. Shorten what you typed and send it again.",
                 400: "The request was malformed. Reload the page and try again."}
     return render("error.html", status, title=error.name,
                   message=messages.get(status, "This page could not be shown."))
+
+
+WRONG_METHOD = "This page does not take {method} requests."
+
+
+def wrong_method_on_a_page(error: HTTPException) -> Response | None:
+    """A 405 at a page's address as the pages answer it (with the visitor's header and the pages' security
+    headers), or None for any other address. Routing refuses the method before the request reaches the
+    pages' blueprint, so the app's own handler asks here first."""
+    allowed = sorted(getattr(error, "valid_methods", None) or [], key=lambda m: m in ("HEAD", "OPTIONS"))
+    if not allowed:
+        return None
+    try:
+        endpoint, _ = current_app.url_map.bind_to_environ(request.environ).match(method=allowed[0])
+    except HTTPException:
+        return None
+    if not str(endpoint).startswith(f"{bp.name}."):
+        return None
+    visitor = security().load(request, ctx().clock())
+    g.portal_signed = visitor
+    # Rendered outside the blueprint's request: its context (the visitor, the header's forms) is given here.
+    response = render("error.html", 405, title=error.name, message=WRONG_METHOD.format(method=request.method),
+                      **common())
+    response.headers.extend(error.get_headers())  # Allow (its Content-Type is the page's own)
+    response.headers["Content-Type"] = "text/html; charset=utf-8"
+    return security().finish(response, visitor)
 
 
 @bp.errorhandler(OperationalError)

@@ -113,7 +113,16 @@ def register() -> Response:
     email = request.form.get("email", "")
     password = request.form.get("password", "")
     error = field = ""
+    sec, address = security(), client_address()
+    # Wrong invite codes spend the address's sign-in budget: a short code is not guessed by brute force.
+    wait = sec.address_limiter.retry_after(address) if needs_code else None
+    if wait is not None:
+        log_event(log, "portal.register_limited", logging.WARNING, address=address)
+        return render("register.html", 429, title="Create an account", email=email, needs_code=needs_code,
+                      error=f"Too many wrong invite codes or sign-ins from this address. Try again in {_minutes(wait)}.")
     if needs_code and not _same(request.form.get("invite_code", "").strip(), settings.portal_invite_code):
+        sec.address_limiter.fail(address)
+        log_event(log, "portal.register_wrong_code", logging.WARNING, address=address)
         error, field = "invite_code: wrong code; ask whoever invited you for it", "invite_code"
     elif password != request.form.get("password_again", ""):
         error, field = "password_again: the two passwords differ", "password_again"
@@ -126,8 +135,8 @@ def register() -> Response:
         return render("register.html", 400, title="Create an account", email=email, needs_code=needs_code,
                       error=error, bad=field)
     response = go("/endpoints", "registered")
-    security().start(response, account, client_address(), ctx().clock())
-    log_event(log, "portal.registered", account=account.email, address=client_address())
+    sec.start(response, account, address, ctx().clock())
+    log_event(log, "portal.registered", account=account.email, address=address)
     return response
 
 
@@ -201,6 +210,8 @@ def rotate(endpoint_id: int) -> Response:
 
 PLACE_FIELDS = ("phone_a", "phone_b", "call_date", "play_url", "msg", "msg_lang", "dialtone_url")
 FORM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what the form is given (token_urlsafe), kept as a key
+REUSED_FORM = ("form_id: this form already placed a call (your browser's Back button brought it back); "
+               "check the numbers and send it again to place a new call")
 
 
 @bp.route("/calls/new", methods=["GET", "POST"])
@@ -229,6 +240,11 @@ def place() -> Response:
             except ApiError as exc:
                 error, field = exc.desc, exc.desc.split(":", 1)[0]
                 status = exc.status
+                if field == "Idempotency-Key":
+                    # This form already placed a call and came back changed (the browser's Back button
+                    # restores its form_id): a new one, so that sending it again places the new call.
+                    error, field = REUSED_FORM, "form_id"
+                    values["form_id"] = secrets.token_urlsafe(12)
             else:
                 log_event(log, "portal.call_placed", callid=call.callid, endpoint=endpoint.name, by=me().email)
                 return go(f"/calls/{call.callid}")

@@ -170,6 +170,9 @@ def page_error(error: PageError) -> Response:
                   message=error.message)
 
 
+WRONG_METHOD = "This page does not take {method} requests."
+
+
 @bp.errorhandler(HTTPException)
 def http_error(error: HTTPException) -> Response:
     status = error.code or 500
@@ -178,9 +181,6 @@ def http_error(error: HTTPException) -> Response:
                 400: "The request was malformed. Reload the page and try again."}
     return render("error.html", status, title=error.name,
                   message=messages.get(status, "This page could not be shown."))
-
-
-WRONG_METHOD = "This page does not take {method} requests."
 
 
 def wrong_method_on_a_page(error: HTTPException) -> Response | None:

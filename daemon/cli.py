@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return service.exit_code
     try:
         open_database(settings.database_url)
-    except (OperationalError, OSError) as exc:  # OSError: the SQLite file's folder cannot be made
+    except OperationalError as exc:
         return _store_unavailable(settings, exc)
     try:
         if args.command == "endpoint":

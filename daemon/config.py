@@ -223,7 +223,8 @@ def database_url_problem(url: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         if not url.startswith("sqlite:///") or url == "sqlite:///":
-            return "a SQLite store is sqlite:///path/to/file.db (three slashes, then the path)"
+            return ("a SQLite store is sqlite:////absolute/path/file.db (four slashes), or sqlite:///relative/file.db "
+                    "from the working directory")
         return None
     if parts.scheme in ("postgresql", "postgres"):
         if not parts.path.strip("/"):
@@ -509,7 +510,20 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     if not settings.database_url:
         settings.database_url = f"sqlite:///{settings.state_path / 'callbridge.db'}"
     _validate(settings)
+    settings.database_url = _absolute_sqlite(settings.database_url)
     return settings
+
+
+def _absolute_sqlite(url: str) -> str:
+    """A SQLite URL with a relative path (``sqlite:///var/lib/x.db`` is ``./var/lib/x.db``: an absolute
+    path takes four slashes) made absolute from the working directory, as ``state_dir`` is: every
+    command, log line and ``check-config`` then names the one file they all open."""
+    if not url.startswith("sqlite:///"):
+        return url
+    path, mark, query = url[len("sqlite:///"):].partition("?")
+    if not path or path == ":memory:" or path.startswith("/"):
+        return url
+    return f"sqlite:///{Path(path).absolute()}{mark}{query}"
 
 
 def _is_address(text: str) -> bool:

@@ -458,7 +458,11 @@ def open_database(url: str) -> Database:
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(path.partition("?")[0]).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise peewee.OperationalError(f"cannot make the folder {folder}: {exc.strerror or exc}") from exc
         db = connect(url, pragmas=SQLITE_PRAGMAS, thread_safe=False, check_same_thread=False)
         db._state = ThreadConnections()  # type: ignore[attr-defined]
         db.connect(reuse_if_open=True)

@@ -225,13 +225,30 @@ def test_check_config_masks_the_database_password(capsys: pytest.CaptureFixture[
     ("mysql://cb:pw@db/cb", "database_url: must be sqlite:///path/to/file.db or postgresql://"),
     ("postgresql://cb:pw@db.example/", "database_url: a PostgreSQL store is postgresql://user:password@host:port/dbname"
                                        " (the database name is missing) (got 'postgresql://cb:****@db.example/')"),
-    ("sqlite://callbridge.db", "database_url: a SQLite store is sqlite:///path/to/file.db"),
+    ("sqlite://callbridge.db", "database_url: a SQLite store is sqlite:////absolute/path/file.db (four slashes)"),
 ])
 def test_a_malformed_database_url_is_named_and_its_password_kept_out(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, url: str, message: str) -> None:
     monkeypatch.setenv("CALLBRIDGE_DATABASE_URL", url)
     code, _, err = run(capsys, "check-config")
     assert code == 2 and message in err and ":pw@" not in err
+
+
+@pytest.mark.stores("sqlite")
+def test_a_sqlite_path_is_shown_as_the_file_every_command_opens_and_an_unmakeable_folder_is_one_line(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Three slashes: a path from the working directory (what an operator writing sqlite:///var/lib/... gets).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CALLBRIDGE_DATABASE_URL", "sqlite:///var/lib/cb.db")
+    code, out, _ = run(capsys, "check-config")
+    assert code == 0 and f"database_url: sqlite:///{tmp_path}/var/lib/cb.db" in out
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("CALLBRIDGE_DATABASE_URL", f"sqlite:///{tmp_path}/file/cb.db")
+    for command in (("endpoint", "list"), ("run",)):
+        code, _, err = run(capsys, *command)
+        assert code == 2, command
+        assert err.strip() == (f"callbridge: database_url sqlite:///{tmp_path}/file/cb.db: cannot open the store: "
+                               f"cannot make the folder {tmp_path}/file: File exists"), command
 
 
 @pytest.mark.stores("sqlite")

@@ -97,13 +97,15 @@ class EndpointOptions:
             zone(self.timezone)
         except ConfigError as exc:
             raise EndpointError(str(exc)) from None
-        if self.max_in_flight < 1 or self.daily_cap < 1 or self.max_duration < 10 \
-                or not 0 < self.calls_per_second < math.inf:  # (NaN compares false both ways)
-            raise EndpointError("limits: max-in-flight, daily-cap >= 1, max-duration >= 10 s, calls-per-second > 0")
-        for option, value in (("max-in-flight", self.max_in_flight), ("daily-cap", self.daily_cap),
-                              ("max-duration", self.max_duration)):
+        for option, value, least in (("max-in-flight", self.max_in_flight, 1), ("daily-cap", self.daily_cap, 1),
+                                     ("max-duration", self.max_duration, 10)):
+            if value < least:
+                unit = " seconds" if option == "max-duration" else ""
+                raise EndpointError(f"{option}: at least {least}{unit}, got {value}")
             if value > INTEGER_MAX:
                 raise EndpointError(f"{option}: at most {INTEGER_MAX}")
+        if not 0 < self.calls_per_second < math.inf:  # (NaN compares false both ways)
+            raise EndpointError(f"calls-per-second: a number above 0, got {self.calls_per_second:g}")
         if self.allowed_prefixes and not PREFIXES.fullmatch(self.allowed_prefixes):
             raise EndpointError("allowed-prefixes: comma-separated digit prefixes, e.g. 1555,1212")
         if self.extension_pattern:

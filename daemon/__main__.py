@@ -8,6 +8,15 @@ from gevent import monkey
 gevent.config.track_greenlet_tree = False
 monkey.patch_all()
 
+import os  # noqa: E402
+import sys  # noqa: E402
+
 from daemon.cli import main  # noqa: E402
 
-raise SystemExit(main())
+try:
+    code = main()
+    sys.stdout.flush()
+except BrokenPipeError:  # `python -m daemon check-config | head`: the reader left, nothing is wrong
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit would raise again)
+    code = 0
+raise SystemExit(code)

@@ -147,7 +147,8 @@ def main() -> int:
                                cwd=ROOT, env=env, check=True, capture_output=True, text=True)
         endpoint = json.loads(added.stdout)
         token = endpoint["token"]
-        print(f"    endpoint {endpoint['name']!r}, token {endpoint['token_hint']} (shown once)")
+        # Shown in full: the CLI shows a token once, and this one is the demo's own (try the API with it).
+        print(f"    endpoint {endpoint['name']!r}, token {token} (shown once: the store keeps only its hash)")
 
         print(f"==> daemon: python -m daemon run (HTTP 127.0.0.1:{http_port}, state {STATE})")
         log = open(STATE / "daemon.log", "wb")  # noqa: SIM115

@@ -126,12 +126,18 @@ if [ "$SRC" != "$PREFIX" ]; then
             | tar -C "$PREFIX" --no-same-owner -xf -
     fi
 fi
-if [ -x "$PREFIX/.venv/bin/python" ]; then
+VERSION='import sys; print("%d.%d" % sys.version_info[:2])'
+if [ -x "$PREFIX/.venv/bin/python" ] \
+        && [ "$("$PREFIX/.venv/bin/python" -c "$VERSION")" = "$("$PYTHON" -c "$VERSION")" ]; then
     echo "    venv exists"
 else
+    # None yet, or one made with another Python than --python names: made (again) with that one.
+    run rm -rf "${PREFIX:?}/.venv"
     run "$PYTHON" -m venv "$PREFIX/.venv"
 fi
 run "$PREFIX/.venv/bin/python" -m pip install --quiet --upgrade pip
+# pip builds in PREFIX/build: left from the last install, it would carry modules deleted upstream along.
+run rm -rf "${PREFIX:?}/build"
 run "$PREFIX/.venv/bin/python" -m pip install --quiet "$PREFIX"
 # The service runs from PREFIX on a read-only file system: compile now, or Python recompiles every start.
 run "$PREFIX/.venv/bin/python" -m compileall -q "$PREFIX/daemon" "$PREFIX/webapi" "$PREFIX/freeswitch"
@@ -194,5 +200,10 @@ else
     echo "    systemctl not found: run 'systemctl daemon-reload && systemctl enable $NAME' on the target"
 fi
 
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$NAME" 2>/dev/null; then
+    # Not restarted here: the operator picks the moment (calls in FreeSWITCH go on, and the new start
+    # takes them over; only new requests wait for the few seconds of the restart).
+    echo "    $NAME is running the previous version: restart it to run this one (systemctl restart $NAME)"
+fi
 say "done. Next: edit $CONF_FILE, then: systemctl start $NAME; journalctl -u $NAME -f"
 echo "    add an endpoint: sudo -u $NAME $PREFIX/.venv/bin/python -m daemon --config $CONF_FILE endpoint add ..."

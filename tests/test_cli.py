@@ -262,3 +262,18 @@ def test_a_postgresql_store_that_cannot_be_reached_is_a_one_line_error(
     assert code == 2 and out == ""
     assert err.startswith(f"callbridge: database_url postgresql://cb:****@127.0.0.1:{port}/cb: cannot open the store: ")
     assert "hunter2" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.stores("sqlite")
+def test_output_into_a_pipe_whose_reader_left_ends_quietly(tmp_path: Path) -> None:
+    """``python -m daemon check-config | head``: head leaves before the output ends; no traceback, exit 0."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBRIDGE_")}
+    env.update(CALLBRIDGE_STATE_DIR=str(tmp_path / "state"))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "daemon", "check-config"], cwd=ROOT, env=env, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == ""

@@ -30,7 +30,7 @@ from daemon.accounts.endpoints import (
     rotate_token,
 )
 from daemon.calls.records import CallRecords
-from daemon.calls.view import call_view, timeline_view
+from daemon.calls.view import call_view, iso, timeline_view
 from daemon.config import ConfigError, Settings, load_settings, mask_url, switch_sent_to
 from daemon.store import Account, Call, CallStatus, Endpoint, open_database
 
@@ -39,6 +39,8 @@ def _print(obj: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(obj, default=str, ensure_ascii=False))
     elif isinstance(obj, list):
+        if not obj:
+            print("(none)")
         for row in obj:
             print("  ".join(f"{k}={v}" for k, v in row.items()))
     else:
@@ -46,15 +48,17 @@ def _print(obj: Any, as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
+CONFIG_HELP = "TOML settings file (default: $CALLBRIDGE_CONFIG)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m daemon", description="callbridge: phone call bridge daemon")
-    p.add_argument("--config", help="TOML settings file (default: $CALLBRIDGE_CONFIG)")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--check-config", action="store_true", help="print the effective settings and exit")
     sub = p.add_subparsers(dest="command")
     for name, text in (("run", "run the service (also what no command does)"),
                        ("check-config", "print the effective settings (secrets masked) and exit")):
-        # --config is accepted after the subcommand too: `python -m daemon run --config PATH`.
-        sub.add_parser(name, help=text).add_argument("--config", default=argparse.SUPPRESS)
+        sub.add_parser(name, help=text).add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
 
     ep = sub.add_parser("endpoint", help="manage endpoints and their tokens").add_subparsers(dest="action",
                                                                                              required=True)
@@ -114,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     hang = calls.add_parser("hangup", help="hang up a call in progress")
     hang.add_argument("callid")
     hang.add_argument("--json", action="store_true")
+    # --config is accepted after any command too (`endpoint list --config PATH`), as after run.
+    for group in (ep, user, calls):
+        for action in group.choices.values():
+            action.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     return p
 
 
@@ -183,7 +191,7 @@ def _calls_command(args: argparse.Namespace, settings: Settings) -> Any:
     if args.action == "in-flight":
         rows = CallRecords.in_flight()
         return [{"callid": c.callid, "phase": c.status, "phone_a": c.phone_a, "phone_b": c.phone_b,
-                 "started_at": c.started_at} for c in rows]
+                 "started_at": iso(c.started_at)} for c in rows]
     call = CallRecords.find(args.callid)
     if call is None:
         raise EndpointError(f"callid {args.callid!r}: no such call")

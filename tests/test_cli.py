@@ -119,12 +119,14 @@ def test_values_the_store_cannot_hold_are_refused_with_the_rule(capsys: pytest.C
 
 def test_calls_in_flight_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     run(capsys, *ADD)
+    assert run(capsys, "calls", "in-flight")[1] == "(none)\n"  # said, not an empty answer
     endpoint = Endpoint.get(Endpoint.name == "acme")
     call = Call.create(callid="abc123abc123", endpoint=endpoint, phone_a="15550000001", phone_b="15550000002",
                        due_at=utcnow(), status="dialing_b", started_at=utcnow())
     add_event(call.id, "claimed", a_uuid="x")
     rows = json.loads(run(capsys, "calls", "in-flight", "--json")[1])
     assert [(r["callid"], r["phase"]) for r in rows] == [("abc123abc123", "dialing_b")]
+    assert rows[0]["started_at"].endswith("Z")  # ISO 8601 UTC, as every other answer
     shown = json.loads(run(capsys, "calls", "show", "abc123abc123", "--json")[1])
     assert shown["status"] == "dialing_b" and [t["kind"] for t in shown["timeline"]] == ["claimed"]
     code, _, err = run(capsys, "calls", "show", "nope", "--json")
@@ -277,3 +279,16 @@ def test_output_into_a_pipe_whose_reader_left_ends_quietly(tmp_path: Path) -> No
     finally:
         os.close(write)
     assert proc.returncode == 0 and proc.stderr == ""
+
+
+@pytest.mark.stores("sqlite")
+def test_config_is_taken_before_or_after_any_command(tmp_path: Path) -> None:
+    config = tmp_path / "callbridge.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\ndatabase_url = "sqlite:///{tmp_path}/from-file.db"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBRIDGE_")}
+    for args in (["--config", str(config), "endpoint", "list"], ["endpoint", "list", "--config", str(config)],
+                 ["user", "list", "--config", str(config)], ["calls", "in-flight", "--config", str(config)]):
+        proc = subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, (args, proc.stderr)
+    assert (tmp_path / "from-file.db").exists()

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import shutil
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -448,6 +449,9 @@ def _validate(s: Settings) -> None:
     need(0 < s.portal_session_hours <= 24 * 366, "portal_session_hours: must be more than 0 and at most 8784 (a year)")
     need(not any(c in s.portal_invite_code for c in "\r\n"), "portal_invite_code: one line, no line breaks")
     need(s.tts_engine in TTS_ENGINES, f"tts_engine: must be one of {', '.join(TTS_ENGINES)}, got {s.tts_engine!r}")
+    need(s.tts_engine != "espeak-ng" or shutil.which("espeak-ng") is not None,
+         "tts_engine: espeak-ng: the espeak-ng command is not installed (apt-get install espeak-ng), "
+         "or use the default, bundled")
     need(s.media_memory_mb == 0 or s.media_memory_mb >= 128,
          "media_memory_mb: must be 0 (no limit) or at least 128 (an idle worker already takes about 110 MB)")
     need(s.media_max_decoded_samples >= s.media_max_play_seconds * 8000,

@@ -147,6 +147,7 @@ class Service:
             raise
 
     def _start(self) -> None:
+        self.media.check_voices()  # a voice the operator set that the engine lacks: a ConfigError, nothing started
         self.listen()
         if database_file(self.settings.database_url) is not None and not self.settings.database_url.endswith(
                 ":memory:"):

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from daemon.media.library import SpeechUnavailable
 from daemon.store import Call, CallEvent
 from tests.conftest import NOW, create, data_of
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
@@ -258,6 +259,21 @@ def test_media_store_oserror_is_503(client: FlaskClient, make_endpoint: Any, med
     response = create(client, token, play_url="https://example.com/a.wav")
     assert response.status_code == 503
     assert data_of(response)["code_desc"].startswith("play_url: the media store is unavailable")
+
+
+def test_a_voice_the_servers_engine_lacks_is_503_not_the_clients_400(client: FlaskClient, make_endpoint: Any,
+                                                                      media: FakeMedia) -> None:
+    _, token = make_endpoint()
+
+    def no_such_voice(seed: str) -> None:  # what MediaLibrary raises for a worker's speech_setup answer
+        raise SpeechUnavailable("could not be spoken with voice xx-nowhere: no such voice in the bundled speech engine")
+
+    media.before_fetch = no_such_voice
+    response = create(client, token, msg="Hello", msg_lang="de-DE")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "60"
+    assert data_of(response)["code_desc"] == ("msg: could not be spoken with voice xx-nowhere: no such voice in the "
+                                              "bundled speech engine; the server's speech settings need the operator")
+    assert Call.select().count() == 0
 
 
 # Auth ---------------------------------------------------------------------------------------------

@@ -237,6 +237,21 @@ def test_a_malformed_database_url_is_named_and_its_password_kept_out(
 
 
 @pytest.mark.stores("sqlite")
+def test_run_with_a_voice_the_engine_lacks_stops_before_serving(tmp_path: Path) -> None:
+    """A voice the operator set is spoken once at start: one the engine lacks is named, exit 2, rather than
+    every message in that language failing later."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBRIDGE_")}
+    env.update(CALLBRIDGE_STATE_DIR=str(tmp_path / "state"), CALLBRIDGE_HTTP_PORT="0",
+               CALLBRIDGE_ESL_PORT=str(_closed_port()), CALLBRIDGE_TTS_VOICES="de-DE=xx-nowhere")
+    proc = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (
+        "callbridge: configuration error: tts_voices: de-DE = 'xx-nowhere': could not be spoken with voice "
+        "xx-nowhere: no such voice in the bundled speech engine")
+
+
+@pytest.mark.stores("sqlite")
 def test_a_sqlite_path_is_shown_as_the_file_every_command_opens_and_an_unmakeable_folder_is_one_line(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Three slashes: a path from the working directory (what an operator writing sqlite:///var/lib/... gets).

@@ -235,3 +235,10 @@ def test_wrong_switches_name_the_entry_and_the_rule_never_the_password(
         load_settings(path, environ={"CALLBRIDGE_STATE_DIR": str(tmp_path), **env})
     assert message in str(caught.value)
     assert "pw" not in str(caught.value).replace("password", "")
+
+
+def test_the_espeak_ng_engine_needs_its_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH where no espeak-ng lives
+    with pytest.raises(ConfigError, match="^tts_engine: espeak-ng: the espeak-ng command is not installed"):
+        load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path), "CALLBRIDGE_TTS_ENGINE": "espeak-ng"})
+    assert load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path)}).tts_engine == "bundled"  # needs none

@@ -18,8 +18,8 @@ import soundfile as sf
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.config import DEFAULT_VOICES, LANGUAGES, Settings
-from daemon.media.library import MediaError, MediaLibrary
+from daemon.config import DEFAULT_VOICES, LANGUAGES, ConfigError, Settings
+from daemon.media.library import MediaError, MediaLibrary, SpeechUnavailable
 from daemon.media.pool import WorkerPool
 from daemon.media.tts import CommandEngine, SpeechError, clean_text
 
@@ -177,10 +177,20 @@ def test_refusals(tmp_path: Path) -> None:
 def test_an_unknown_voice_is_a_reason_not_the_previous_voice(tmp_path: Path) -> None:
     make_library(tmp_path).speak("Hallo", "de-DE")  # the worker's current voice is now German
     voices = dict(Settings().tts_voices, **{"de-DE": "xx-nowhere"})
-    with pytest.raises(MediaError, match="^could not be spoken with voice xx-nowhere: no such voice"):
+    # The server's setting, not the message: SpeechUnavailable (the API's 503), not a MediaError (400).
+    with pytest.raises(SpeechUnavailable, match="^could not be spoken with voice xx-nowhere: no such voice"):
         make_library(tmp_path, tts_voices=voices).speak("Hallo zusammen", "de-DE")
-    with pytest.raises(MediaError, match="is not a voice name"):
+    with pytest.raises(SpeechUnavailable, match="is not a voice name"):
         make_library(tmp_path, tts_voices=dict(voices, **{"de-DE": "de;rm -rf"})).speak("Hallo", "de-DE")
+
+
+def test_the_voices_an_operator_set_are_spoken_once_at_start(tmp_path: Path) -> None:
+    good = dict(Settings().tts_voices, **{"fr-FR": "fr+f3", "de-DE": "gmw/de"})
+    make_library(tmp_path, tts_voices=good).check_voices()
+    assert not [p for p in (tmp_path / "media").rglob("*") if p.is_file() and p.suffix == ".wav"]  # nothing kept
+    with pytest.raises(ConfigError, match="^tts_voices: de-DE = 'xx-nowhere': could not be spoken with voice "
+                                          "xx-nowhere: no such voice in the bundled speech engine$"):
+        make_library(tmp_path, tts_voices=dict(good, **{"de-DE": "xx-nowhere"})).check_voices()
 
 
 def test_long_message_renders(tmp_path: Path) -> None:
@@ -204,7 +214,7 @@ def test_the_system_command_engine_speaks_every_language(tmp_path: Path) -> None
         samples, rate = sf.read(media.path, dtype="float64")
         assert rate == 8000 and 2.0 < media.seconds < 10.0 and np.sqrt(np.mean(samples ** 2)) > 0.01
     voices = dict(Settings().tts_voices, **{"de-DE": "xx-nowhere"})
-    with pytest.raises(MediaError, match="^could not be spoken with voice xx-nowhere"):
+    with pytest.raises(SpeechUnavailable, match="^could not be spoken with voice xx-nowhere"):
         make_library(tmp_path, tts_engine="espeak-ng", tts_voices=voices).speak("Hallo", "de-DE")
 
 

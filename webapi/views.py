@@ -27,7 +27,7 @@ from daemon.accounts.endpoints import authenticate
 from daemon.calls.records import CallRecords, NewCall, NotCancelable
 from daemon.calls.view import call_view, endpoint_zone, timeline_view
 from daemon.config import Settings
-from daemon.media.library import MediaBusy, route_allows
+from daemon.media.library import MediaBusy, SpeechUnavailable, route_allows
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint, database
@@ -213,6 +213,9 @@ def _media(field: str, fetch: Callable[[], Any]) -> Any:
         return fetch()
     except ValueError as exc:  # daemon.media.MediaError is a ValueError; its text is for the client
         raise ApiError(400, f"{field}: {exc}") from None
+    except SpeechUnavailable as exc:  # the server's speech settings, not the message: logged for the operator
+        raise ApiError(503, f"{field}: {exc}; the server's speech settings need the operator",
+                       {"Retry-After": "60"}) from None
     except MediaBusy as exc:
         raise ApiError(503, f"{field}: {exc}", {"Retry-After": str(exc.retry_after)}) from None
     except OSError:

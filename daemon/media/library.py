@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from daemon.config import DEFAULT_VOICES, LANGUAGES, Settings
+from daemon.config import DEFAULT_VOICES, LANGUAGES, ConfigError, Settings
 from daemon.media.audio import SLACK_SECONDS, Limits
 from daemon.media.fetch import FetchError, FetchPolicy, Resolver, fetch
 from daemon.media.naming import NAME, LegacyNames, load_or_create_key, migrate_legacy
@@ -59,6 +59,11 @@ STALE_TEMP_SECONDS = 3600.0
 
 class MediaError(ValueError):
     """Media that cannot be used; ``str()`` is the reason, for the user (it follows the field name)."""
+
+
+class SpeechUnavailable(Exception):
+    """The server's speech engine or a configured voice failed (not the message): the request may not be
+    to blame, so it is answered 503; ``str()`` is the reason."""
 
 
 class _TooLong(MediaError):
@@ -226,6 +231,24 @@ class MediaLibrary:
         key = hashlib.sha256(f"{engine}\n{lang}\n{voice}\n{rate}\n{words}".encode()).hexdigest()
         return self._flights.run(("tts", key), lambda: self._render(key, words, voice))
 
+    def check_voices(self) -> None:
+        """Speak a word with each voice the operator set (tts_voices that differ from the defaults), as a
+        request would: one the engine lacks stops the start (ConfigError naming it) rather than failing
+        clients' messages later. The defaults are known to the bundled engine; none is spoken then."""
+        for lang, voice in sorted(self._settings.tts_voices.items()):
+            if voice == DEFAULT_VOICES.get(lang):
+                continue
+            job = self._job("speak", self._settings.media_max_play_seconds, text="test", voice=voice,
+                            engine=self._settings.tts_engine, timeout=self._settings.tts_timeout)
+            try:
+                answer = self._run(job, self._settings.tts_timeout, "spoken")
+            except (MediaError, MediaBusy) as exc:
+                raise ConfigError(f"tts_voices: {lang} = {voice!r}: {exc}") from None
+            if not answer["ok"]:
+                raise ConfigError(f"tts_voices: {lang} = {voice!r}: {answer['message']}")
+            with contextlib.suppress(OSError):
+                os.unlink(answer["temp"])
+
     def playable(self, media: MediaFile | str) -> str:
         """What FreeSWITCH should play: the local path, or the daemon's media URL in ``http`` mode."""
         name = media.name if isinstance(media, MediaFile) else _name_of(media)
@@ -342,6 +365,10 @@ class MediaLibrary:
         if not answer["ok"]:
             if answer["kind"] == "too_long":
                 raise _TooLong(answer["message"])
+            if answer["kind"] == "speech_setup":
+                log_event(log, "media.speech_unavailable", logging.ERROR, error=answer["message"],
+                          note="check tts_engine and tts_voices")
+                raise SpeechUnavailable(answer["message"])
             if answer["kind"] == "internal":
                 log_event(log, "media.worker_error", logging.ERROR, error=answer["message"])
                 raise OSError(answer["message"])

@@ -58,6 +58,11 @@ class SpeechError(ValueError):
     """The message cannot be spoken; ``str()`` is the reason, for the user."""
 
 
+class SpeechSetupError(SpeechError):
+    """The server's speech engine or a configured voice failed, whatever the message: the operator's
+    settings (tts_engine, tts_voices) to mend, not the client's request."""
+
+
 def clean_text(text: str) -> str:
     """``text`` as plain words: control and format characters, tags and bracket markup become spaces."""
     text = unicodedata.normalize("NFC", text)
@@ -79,7 +84,7 @@ class Speech:
 
 def check_voice(voice: str) -> None:
     if not _VOICE.fullmatch(voice):
-        raise SpeechError(f"could not be spoken: {voice!r} is not a voice name")
+        raise SpeechSetupError(f"could not be spoken: {voice!r} is not a voice name")
 
 
 class _Voice(ctypes.Structure):
@@ -99,7 +104,7 @@ class BundledEngine:
 
             lib = ctypes.CDLL(espeakng_loader.get_library_path())
         except (ImportError, OSError) as exc:
-            raise SpeechError(f"could not be spoken: the bundled speech engine did not load ({exc})") from None
+            raise SpeechSetupError(f"could not be spoken: the bundled speech engine did not load ({exc})") from None
         self._max_samples = max_samples
         self._lib = lib
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -119,7 +124,7 @@ class BundledEngine:
         home = str(Path(espeakng_loader.get_data_path()).parent).encode()
         self.rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, home, INITIALIZE_DONT_EXIT)
         if self.rate <= 0:
-            raise SpeechError("could not be spoken: the bundled speech engine did not start")
+            raise SpeechSetupError("could not be spoken: the bundled speech engine did not start")
         self._pieces: list[bytes] = []
         self._samples = 0
         self._callback = _CALLBACK(self._collect)  # kept referenced: the library holds the pointer
@@ -136,7 +141,7 @@ class BundledEngine:
         if self._lib.espeak_SetVoiceByName(voice.encode()) != EE_OK:
             wanted = _Voice(languages=voice.encode())
             if "+" in voice or self._lib.espeak_SetVoiceByProperties(ctypes.byref(wanted)) != EE_OK:
-                raise SpeechError(f"could not be spoken with voice {voice}: no such voice in the bundled "
+                raise SpeechSetupError(f"could not be spoken with voice {voice}: no such voice in the bundled "
                                   "speech engine")
         current = self._lib.espeak_GetCurrentVoice()
         identifier = current.contents.identifier if current else None
@@ -149,7 +154,7 @@ class BundledEngine:
         data = text.encode("utf-8")
         status = self._lib.espeak_Synth(data, len(data) + 1, 0, POS_CHARACTER, 0, CHARS_UTF8 | ENDPAUSE, None, None)
         if status != EE_OK:
-            raise SpeechError(f"could not be spoken with voice {voice}: the speech engine failed ({status})")
+            raise SpeechSetupError(f"could not be spoken with voice {voice}: the speech engine failed ({status})")
         if self._samples > self._max_samples:
             raise SpeechError("could not be spoken: the speech is too long")
         return Speech(b"".join(self._pieces), self.rate, chosen)
@@ -173,15 +178,15 @@ class CommandEngine:
                 done = subprocess.run(argv, input=text.encode("utf-8"), capture_output=True,
                                       timeout=self.timeout, check=False)
             except FileNotFoundError:
-                raise SpeechError(f"could not be spoken: the speech engine {self.command} is not installed"
+                raise SpeechSetupError(f"could not be spoken: the speech engine {self.command} is not installed"
                                   ) from None
             except subprocess.TimeoutExpired:
-                raise SpeechError(f"could not be spoken: the speech engine took longer than "
+                raise SpeechSetupError(f"could not be spoken: the speech engine took longer than "
                                   f"{self.timeout:g} seconds") from None
             if done.returncode != 0 or not os.path.exists(out):
                 detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
                 why = detail[-1] if detail else f"exit status {done.returncode}"
-                raise SpeechError(f"could not be spoken with voice {voice}: {why}")
+                raise SpeechSetupError(f"could not be spoken with voice {voice}: {why}")
             import soundfile as sf
 
             samples, rate = sf.read(out, dtype="int16")

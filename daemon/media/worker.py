@@ -48,7 +48,7 @@ import traceback
 from typing import Any
 
 from daemon.media.audio import AudioError, Limits, Normalised, TooLong, normalise, pcm16_wav
-from daemon.media.tts import BundledEngine, CommandEngine, SpeechError
+from daemon.media.tts import BundledEngine, CommandEngine, SpeechError, SpeechSetupError
 
 
 def _cpu() -> float:
@@ -133,7 +133,7 @@ class Worker:
                 engine = CommandEngine(job["engine"], timeout=job.get("timeout", 30.0))
             speech = engine.speak(job["text"], job["voice"])
             if not speech.pcm:
-                raise SpeechError(f"could not be spoken with voice {job['voice']}: the engine made no sound")
+                raise SpeechSetupError(f"could not be spoken with voice {job['voice']}: the engine made no sound")
             wav = pcm16_wav(speech.pcm, speech.rate)
             answer = _store(normalise(wav, rate=job["rate"], max_seconds=job["max_seconds"], limits=limits), job)
             answer["voice"] = speech.voice
@@ -158,6 +158,8 @@ def answer_for(worker: Worker, job: dict[str, Any]) -> dict[str, Any]:
         answer = {"ok": False, "kind": "too_long", "limit": exc.limit, "message": str(exc)}
     except AudioError as exc:
         answer = {"ok": False, "kind": "audio", "message": str(exc)}
+    except SpeechSetupError as exc:
+        answer = {"ok": False, "kind": "speech_setup", "message": str(exc)}
     except SpeechError as exc:
         answer = {"ok": False, "kind": "speech", "message": str(exc)}
     except MemoryError:  # numpy's _ArrayMemoryError too. This process may be in a bad state: retire it.

@@ -31,7 +31,7 @@ from daemon.accounts.endpoints import (
 )
 from daemon.calls.records import CallRecords
 from daemon.calls.view import call_view, iso, timeline_view
-from daemon.config import ConfigError, Settings, load_settings, mask_url, switch_sent_to
+from daemon.config import ConfigError, Settings, load_settings, mask_url, switch_sent_to, unknown_variables
 from daemon.store import Account, Call, CallStatus, Endpoint, open_database
 
 
@@ -263,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"callbridge: configuration error: {exc}", file=sys.stderr)
         return 2
+    for warning in unknown_variables():
+        print(f"callbridge: warning: {warning}", file=sys.stderr)
     if args.check_config or args.command == "check-config":
         _print(settings.masked(), as_json=False)
         return 0

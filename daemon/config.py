@@ -485,6 +485,28 @@ def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {exc}") from None
 
 
+# CALLBRIDGE_* variables that are not settings: the config file's path, and the test suite's own.
+NOT_SETTINGS = ("CALLBRIDGE_CONFIG", "CALLBRIDGE_ESL_TRACES")
+NOT_SETTINGS_PREFIXES = ("CALLBRIDGE_TEST_", "CALLBRIDGE_REQUIRE_")
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``CALLBRIDGE_*`` variable that names no setting (a misspelling is otherwise
+    silently ignored), with the variable it most resembles when one is close."""
+    import difflib
+
+    env = os.environ if environ is None else environ
+    known = ["CALLBRIDGE_" + name.upper() for name in FIELDS]
+    out = []
+    for key in sorted(env):
+        if not key.startswith("CALLBRIDGE_") or key in known or key in NOT_SETTINGS \
+                or key.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        out.append(f"{key} is not a setting, and is ignored" + (f" (did you mean {close[0]}?)" if close else ""))
+    return out
+
+
 def load_settings(path: str | os.PathLike[str] | None = None,
                   environ: Mapping[str, str] | None = None,
                   **overrides: Any) -> Settings:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, load_settings, mask_url
+from daemon.config import ConfigError, load_settings, mask_url, unknown_variables
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -242,3 +242,14 @@ def test_the_espeak_ng_engine_needs_its_command(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(ConfigError, match="^tts_engine: espeak-ng: the espeak-ng command is not installed"):
         load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path), "CALLBRIDGE_TTS_ENGINE": "espeak-ng"})
     assert load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path)}).tts_engine == "bundled"  # needs none
+
+
+def test_a_misspelled_variable_is_named_with_the_setting_it_resembles() -> None:
+    environ = {"CALLBRIDGE_ESL_PASS": "secret", "CALLBRIDGE_HTTP_PROT": "1", "CALLBRIDGE_ZZZ": "1",
+               "CALLBRIDGE_ESL_PASSWORD": "ok", "CALLBRIDGE_CONFIG": "/etc/cb.toml", "CALLBRIDGE_TEST_SHARD": "0/3",
+               "PATH": "/usr/bin"}
+    assert unknown_variables(environ) == [
+        "CALLBRIDGE_ESL_PASS is not a setting, and is ignored (did you mean CALLBRIDGE_ESL_PASSWORD?)",
+        "CALLBRIDGE_HTTP_PROT is not a setting, and is ignored (did you mean CALLBRIDGE_HTTP_PORT?)",
+        "CALLBRIDGE_ZZZ is not a setting, and is ignored",
+    ]

@@ -270,7 +270,7 @@ SECTION_PREFIX = {"esl": "esl_", "http": "http_", "media": "media_", "webhook": 
 def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key not in FIELDS:  # a section; a table-valued setting stays whole
             prefix = SECTION_PREFIX.get(key, key + "_")
             for sub, subvalue in value.items():
                 name = sub if sub in FIELDS else prefix + sub
@@ -278,6 +278,12 @@ def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+# How a value of each kind is written, for the error that names it (where Python's type name says it badly).
+KIND_WORDS = {"list[str]": "a list of text (in a variable: comma-separated)",
+              "dict[str, str]": "lang = voice pairs (in a variable: comma-separated lang=voice)",
+              "bool": "true or false"}
 
 
 def _coerce(name: str, raw: Any) -> Any:
@@ -313,6 +319,8 @@ def _coerce(name: str, raw: Any) -> Any:
         if kind == "dict[str, str]":
             if isinstance(raw, str):
                 pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
+                if any(len(pair) != 2 for pair in pairs):
+                    raise ValueError
                 raw = {k.strip(): v.strip() for k, v in pairs}
             if isinstance(raw, dict):
                 merged = dict(DEFAULT_VOICES)
@@ -323,7 +331,7 @@ def _coerce(name: str, raw: Any) -> Any:
             raise ValueError
         return str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+        raise ConfigError(f"{name}: expected {KIND_WORDS.get(kind, kind)}, got {raw!r}") from None
 
 
 def _not_finite(raw: Any) -> bool:

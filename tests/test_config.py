@@ -253,3 +253,18 @@ def test_a_misspelled_variable_is_named_with_the_setting_it_resembles() -> None:
         "CALLBRIDGE_HTTP_PROT is not a setting, and is ignored (did you mean CALLBRIDGE_HTTP_PORT?)",
         "CALLBRIDGE_ZZZ is not a setting, and is ignored",
     ]
+
+
+@pytest.mark.parametrize("text", ['tts_voices = {"fr-FR" = "fr+f3"}\n', '[tts_voices]\n"fr-FR" = "fr+f3"\n',
+                                  '[tts.voices]\n"fr-FR" = "fr+f3"\n', '[tts]\nvoices = {"fr-FR" = "fr+f3"}\n'])
+def test_tts_voices_is_written_under_its_own_name_or_in_its_section(tmp_path: Path, text: str) -> None:
+    voices = load_settings(write(tmp_path, text), environ={"CALLBRIDGE_STATE_DIR": str(tmp_path)}).tts_voices
+    assert voices["fr-FR"] == "fr+f3" and voices["en-US"] == "en-us"  # merged over the defaults
+
+
+def test_a_wrong_table_or_list_says_how_it_is_written(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^tts_voices: expected lang = voice pairs \(in a variable: "
+                                          r"comma-separated lang=voice\), got 'fr-FR'$"):
+        load_settings(environ={"CALLBRIDGE_STATE_DIR": str(tmp_path), "CALLBRIDGE_TTS_VOICES": "fr-FR"})
+    with pytest.raises(ConfigError, match=r"^media_allow_private: expected a list of text"):
+        load_settings(write(tmp_path, "[media]\nallow_private = 5\n"), environ={"CALLBRIDGE_STATE_DIR": str(tmp_path)})

@@ -461,7 +461,7 @@ def _validate(s: Settings) -> None:
          "tts_engine: espeak-ng: the espeak-ng command is not installed (apt-get install espeak-ng), "
          "or use the default, bundled")
     need(s.media_memory_mb == 0 or s.media_memory_mb >= 128,
-         "media_memory_mb: must be 0 (no limit) or at least 128 (an idle worker already takes about 110 MB)")
+         "media_memory_mb: must be 0 (no limit) or at least 128 (an idle worker already takes about 115 MB)")
     need(s.media_max_decoded_samples >= s.media_max_play_seconds * 8000,
          "media_max_decoded_samples: must allow at least media_max_play_seconds of 8 kHz mono")
     for entry in s.media_route_allow:

@@ -331,7 +331,7 @@ def _coerce(name: str, raw: Any) -> Any:
             raise ValueError
         return str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {KIND_WORDS.get(kind, kind)}, got {raw!r}") from None
+        raise ConfigError(f"{name}: expected {KIND_WORDS.get(str(kind), kind)}, got {raw!r}") from None
 
 
 def _not_finite(raw: Any) -> bool:

@@ -274,8 +274,10 @@ def test_media_route_serves_prompts_only_to_freeswitch_in_http_mode(client: Flas
         assert data_of(response)["code_desc"] in ("media: no such file", "path: no such route")
 
 
-def test_no_route_ever_answers_html(client: FlaskClient) -> None:
-    for method, path in (("GET", "/x"), ("POST", "/v1/calls"), ("DELETE", "/v1/scheduled/x"), ("TRACE", "/")):
+def test_no_api_route_ever_answers_html(client: FlaskClient) -> None:
+    # (A page's address answers a wrong method with a page: tests/test_portal.py.)
+    for method, path in (("GET", "/x"), ("POST", "/v1/calls"), ("DELETE", "/v1/scheduled/x"), ("TRACE", "/healthz"),
+                         ("TRACE", "/v1/calls")):
         response = client.open(path, method=method)
         assert response.mimetype == "application/json"
         assert "<html" not in response.get_data(as_text=True).lower()

@@ -31,8 +31,8 @@ log = logging.getLogger("callbridge.portal")
 
 # EndpointOptions.check names the CLI's options; the form's fields carry the stored names.
 OPTION_FIELDS = {"name": "name", "caller-id": "caller_id_number", "caller-id-name": "caller_id_name",
-                 "dial-string": "dial_string", "timezone": "timezone",
-                 "calls-per-second": "calls_per_second", "max-in-flight": "max_in_flight", "daily-cap": "daily_cap", "max-duration": "max_duration",
+                 "dial-string": "dial_string", "timezone": "timezone", "calls-per-second": "calls_per_second",
+                 "max-in-flight": "max_in_flight", "daily-cap": "daily_cap", "max-duration": "max_duration",
                  "allowed-prefixes": "allowed_prefixes", "extension-pattern": "extension_pattern",
                  "webhook-url": "webhook_url", "ring-tone": "ring_tone"}
 NUMBERS = {"max_in_flight": int, "calls_per_second": float, "max_duration": int, "daily_cap": int}

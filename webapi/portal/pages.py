@@ -119,7 +119,8 @@ def register() -> Response:
     if wait is not None:
         log_event(log, "portal.register_limited", logging.WARNING, address=address)
         return render("register.html", 429, title="Create an account", email=email, needs_code=needs_code,
-                      error=f"Too many wrong invite codes or sign-ins from this address. Try again in {_minutes(wait)}.")
+                      error=f"Too many wrong invite codes or sign-ins from this address. "
+                            f"Try again in {_minutes(wait)}.")
     if needs_code and not _same(request.form.get("invite_code", "").strip(), settings.portal_invite_code):
         sec.address_limiter.fail(address)
         log_event(log, "portal.register_wrong_code", logging.WARNING, address=address)

@@ -51,6 +51,25 @@ def _print(obj: Any, as_json: bool) -> None:
 CONFIG_HELP = "TOML settings file (default: $CALLBRIDGE_CONFIG)"
 
 
+def _as_configured(settings: Settings) -> dict[str, str]:
+    """The effective settings (secrets masked) as they are written in the file: true/false, lists and
+    lang=voice pairs comma-separated, and the paths a default stands for."""
+    def text(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, dict):
+            return ", ".join(f"{k}={v}" for k, v in value.items())
+        if isinstance(value, list):
+            return ", ".join(text(v) for v in value) or "(none)"
+        return str(value)
+
+    shown = settings.masked()
+    shown["switches"] = [f"{sw['host']}:{sw['port']}:{sw['password']}" for sw in shown["switches"]] or [
+        "(the one at esl_host:esl_port)"]
+    shown["portal_secret_key_file"] = str(settings.portal_secret_key_path)
+    return {name: text(value) for name, value in shown.items()}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m daemon", description="callbridge: phone call bridge daemon")
     p.add_argument("--config", help=CONFIG_HELP)
@@ -266,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in unknown_variables():
         print(f"callbridge: warning: {warning}", file=sys.stderr)
     if args.check_config or args.command == "check-config":
-        _print(settings.masked(), as_json=False)
+        for name, value in _as_configured(settings).items():
+            print(f"{name}: {value}")
         return 0
     if args.command in (None, "run"):
         from daemon.ops.instance import AlreadyRunning

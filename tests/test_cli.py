@@ -202,6 +202,19 @@ def test_run_with_a_path_that_cannot_be_made_is_a_one_line_error(tmp_path: Path,
     assert proc.stderr.splitlines()[-1] == expected, proc.stderr[-2000:]
 
 
+def test_check_config_shows_values_as_they_are_written(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CALLBRIDGE_SWITCHES", "fs1:8021:pw1,fs2:8022:pw2")
+    monkeypatch.setenv("CALLBRIDGE_TTS_VOICES", "fr-FR=fr+f3")
+    code, out, _ = run(capsys, "check-config")
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert code == 0 and lines["trust_proxy"] == "false" and lines["media_allow_private"] == "(none)"
+    assert lines["switches"] == "fs1:8021:****, fs2:8022:****" and "pw1" not in out
+    assert "fr-FR=fr+f3" in lines["tts_voices"].split(", ")
+    # A default path is shown as the file it stands for.
+    assert lines["portal_secret_key_file"] == str(Path(lines["state_dir"]) / "portal-secret.key")
+
+
 def test_check_config_masks_the_password(capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CALLBRIDGE_ESL_PASSWORD", "s3cretpw")

@@ -304,6 +304,15 @@ def test_every_form_without_its_csrf_field_is_refused_and_changes_nothing(app: F
     assert not Account.select().where(Account.email == "new@example.com").exists()
 
 
+def test_a_form_that_is_not_utf8_is_named_as_such_not_as_a_missing_token(app: Flask, ann: Account) -> None:
+    b = browser(app)
+    token = csrf_of(b.text("/login"))
+    response = b.client.post("/login", data=f"csrf_token={token}&email=ann%40example.com&password=\xff".encode("latin-1"),
+                             content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 400 and response.mimetype == "text/html"
+    assert "not UTF-8 text" in response.get_data(as_text=True)
+
+
 def test_a_csrf_token_of_another_session_or_a_foreign_origin_is_refused(app: Flask, ann: Account,
                                                                         make_endpoint: Any) -> None:
     endpoint, token = own_endpoint(make_endpoint, ann)

@@ -122,6 +122,10 @@ def load_visitor() -> Response | None:
     g.portal_signed = sec.load(request, ctx().clock())
     if request.endpoint == "portal.static":
         return None
+    if request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded" \
+            and (request.content_length or 0) > 0 and not request.form:
+        # Werkzeug drops every field of a body that is not UTF-8: said so, not "no security token".
+        raise PageError(400, "The form arrived unreadable (not UTF-8 text). Reload the page and send it again.")
     if request.method == "POST" and not (request.endpoint == "portal.logout" and g.portal_signed.account is None):
         sec.check_post(request, g.portal_signed)
     return None

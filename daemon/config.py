@@ -319,9 +319,7 @@ def _coerce(name: str, raw: Any) -> Any:
         if kind == "dict[str, str]":
             if isinstance(raw, str):
                 pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
-                if any(len(pair) != 2 for pair in pairs):
-                    raise ValueError
-                raw = {k.strip(): v.strip() for k, v in pairs}
+                raw = {k.strip(): v.strip() for k, v in pairs}  # (a pair without "=" raises ValueError)
             if isinstance(raw, dict):
                 merged = dict(DEFAULT_VOICES)
                 merged.update({str(k): str(v) for k, v in raw.items()})

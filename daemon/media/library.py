@@ -238,10 +238,8 @@ class MediaLibrary:
         for lang, voice in sorted(self._settings.tts_voices.items()):
             if voice == DEFAULT_VOICES.get(lang):
                 continue
-            job = self._job("speak", self._settings.media_max_play_seconds, text="test", voice=voice,
-                            engine=self._settings.tts_engine, timeout=self._settings.tts_timeout)
             try:
-                answer = self._run(job, self._settings.tts_timeout, "spoken")
+                answer = self._spoken("test", voice)
             except (MediaError, MediaBusy) as exc:
                 raise ConfigError(f"tts_voices: {lang} = {voice!r}: {exc}") from None
             if not answer["ok"]:
@@ -338,12 +336,15 @@ class MediaLibrary:
         cached = self._cached(index)
         if cached is not None:
             return cached
-        job = self._job("speak", self._settings.media_max_play_seconds, text=words, voice=voice,
-                        engine=self._settings.tts_engine, timeout=self._settings.tts_timeout)
-        answer = self._run(job, self._settings.tts_timeout, "spoken")
-        media = self._adopt(answer)
+        media = self._adopt(self._spoken(words, voice))
         self._write_index(index, media.name)
         return media
+
+    def _spoken(self, words: str, voice: str) -> dict[str, Any]:
+        """A worker's answer to speaking ``words`` with ``voice``: the one job a request and check_voices run."""
+        job = self._job("speak", self._settings.media_max_play_seconds, text=words, voice=voice,
+                        engine=self._settings.tts_engine, timeout=self._settings.tts_timeout)
+        return self._run(job, self._settings.tts_timeout, "spoken")
 
     def _run(self, job: dict[str, Any], timeout: float, done: str) -> dict[str, Any]:
         """The pool's answer to ``job``; a worker killed, dead or out of memory is the request's MediaError."""

@@ -247,6 +247,59 @@ def test_sign_ins_arriving_together_share_the_accounts_budget(make_app: Callable
     assert statuses == [401] * 3 + [429] * 17 and len(tried) == 3
 
 
+def _from(app: Flask, address: str) -> Browser:
+    b = browser(app)
+    b.client.environ_base["REMOTE_ADDR"] = address
+    return b
+
+
+def test_guesses_from_elsewhere_do_not_lock_out_a_browser_that_signed_in_before(make_app: Callable[..., Flask],
+                                                                                 ann: Account) -> None:
+    """The account's budget stops strangers; the owner's browser (its device cookie, from an earlier
+    sign-in) has a budget of its own, so spending the account's cannot keep the owner out."""
+    app = make_app(portal_login_failures_per_account=3, portal_login_failures_per_address=1000)
+    owner = _from(app, "10.0.0.1").signed_in_as(ann.email)
+    device = owner.client.get_cookie("cb_device")
+    assert device is not None and device.http_only and device.same_site == "Lax"
+    owner.submit("/account", "/logout")
+    for n in range(3):
+        assert _from(app, f"10.0.1.{n}").login(ann.email, "a guess").status_code == 401
+    assert _from(app, "10.0.2.1").login(ann.email, PASSWORD).status_code == 429  # a stranger: locked out
+    assert owner.login(ann.email, PASSWORD).status_code == 303
+    # The cookie is signed: the same value edited, or another account's, is a stranger's.
+    stranger = _from(app, "10.0.2.2")
+    value = device.value
+    stranger.client.set_cookie("cb_device", value[:-2] + ("AA" if not value.endswith("AA") else "BB"))
+    assert stranger.login(ann.email, PASSWORD).status_code == 429
+    bobs = _from(app, "10.0.2.3").signed_in_as(make_account("bob@example.com").email)
+    bobs.submit("/account", "/logout")
+    assert bobs.login(ann.email, PASSWORD).status_code == 429
+
+
+def test_a_known_browsers_own_budget_is_bounded_then_it_spends_the_accounts(make_app: Callable[..., Flask],
+                                                                            ann: Account) -> None:
+    app = make_app(portal_login_failures_per_account=3, portal_login_failures_per_address=1000)
+    owner = _from(app, "10.0.0.1").signed_in_as(ann.email)
+    owner.submit("/account", "/logout")
+    for _ in range(3):  # its own budget: the account's stays whole
+        assert owner.login(ann.email, "a wrong password").status_code == 401
+    strangers = [_from(app, f"10.0.1.{n}") for n in range(4)]
+    assert [b.login(ann.email, "a guess").status_code for b in strangers] == [401, 401, 401, 429]
+    # Its own spent, the browser counts against the account like anyone, which is spent too.
+    assert owner.login(ann.email, PASSWORD).status_code == 429
+
+
+def test_a_wrong_current_password_on_the_account_page_spends_the_browsers_own_budget(
+        make_app: Callable[..., Flask], ann: Account) -> None:
+    app = make_app(portal_login_failures_per_account=2, portal_login_failures_per_address=1000)
+    owner = _from(app, "10.0.0.1").signed_in_as(ann.email)
+    for n in range(2):
+        assert _from(app, f"10.0.1.{n}").login(ann.email, "a guess").status_code == 401
+    change = {"current_password": PASSWORD, "new_password": "another good password",
+              "new_password_again": "another good password"}
+    assert owner.submit("/account", "/account", change).status_code == 303
+
+
 def test_the_accounts_budget_is_the_same_however_its_email_is_spelled(make_app: Callable[..., Flask],
                                                                       db: Database) -> None:
     email = "jos\u00e9@example.com"
@@ -542,11 +595,12 @@ def test_password_change_checks_the_old_one_and_signs_out_other_browsers(app: Fl
 def test_guessing_the_current_password_on_the_account_page_is_limited_like_signing_in(
         make_app: Callable[..., Flask], ann: Account) -> None:
     """A session left open (a shared computer, a stolen cookie) must not become a way to guess the password
-    without limit: wrong current passwords count against the account's sign-in budget."""
+    without limit: wrong current passwords spend this browser's budget (it signed in: its device cookie),
+    then the account's sign-in budget, like failed sign-ins."""
     app = make_app(portal_login_failures_per_account=3, portal_login_failures_per_address=50)
     here = browser(app).signed_in_as(ann.email)
     guess = {"current_password": "not it at all", "new_password": "n" * 12, "new_password_again": "n" * 12}
-    for _ in range(3):
+    for _ in range(3 + 3):
         assert here.submit("/account", "/account", guess).status_code == 400
     limited = here.submit("/account", "/account", {**guess, "current_password": PASSWORD})
     assert limited.status_code == 429

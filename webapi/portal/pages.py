@@ -62,8 +62,8 @@ def login() -> Response:
         email_key = users.normalise_email(email)
     except users.AccountError:
         email_key = email.lower()
-    address = client_address()
-    wait = sec.login_wait(email_key, address)
+    address, budget = client_address(), sec.login_budget(request, email_key)
+    wait = sec.login_wait(budget, address)
     if wait is not None:
         log_event(log, "portal.login_limited", logging.WARNING, address=address)
         return render("login.html", 429, title="Sign in", email=email, next=target,
@@ -75,13 +75,13 @@ def login() -> Response:
                       error=f"{missing}: required", bad=missing)
     # Counted before the (slow, off-loop) check and given back on success: attempts arriving together
     # share the budget instead of all passing the check above before any failure is recorded.
-    sec.login_failed(email_key, address)
+    sec.login_failed(budget, address)
     account = users.authenticate(email, password)
     if account is None:
         log_event(log, "portal.login_failed", logging.WARNING, address=address)
         return render("login.html", 401, title="Sign in", email=email, next=target,
                       error="The email or the password is wrong (or the account is disabled).")
-    sec.login_succeeded(email_key, address)
+    sec.login_succeeded(budget, address)
     response = go(target)
     sec.start(response, account, address, ctx().clock())
     log_event(log, "portal.login", account=account.email, address=address)
@@ -155,21 +155,23 @@ def account() -> Response:
     account = me()
     current = request.form.get("current_password", "")
     new = request.form.get("new_password", "")
-    # A wrong current password is a guess like a failed sign-in: the same budgets (account and address),
+    # A wrong current password is a guess like a failed sign-in: the same budgets (this browser's or the
+    # account's, and the address's),
     # so an open session is no way around them.
-    sec, email_key, address = security(), users.normalise_email(account.email), client_address()
-    wait = sec.login_wait(email_key, address)
+    sec, address = security(), client_address()
+    budget = sec.login_budget(request, users.normalise_email(account.email))
+    wait = sec.login_wait(budget, address)
     if wait is not None:
         log_event(log, "portal.password_check_limited", logging.WARNING, account=account.email, address=address)
         return render("account.html", 429, title="Your account", bad="current_password",
                       error=f"current_password: too many wrong passwords for this account or from this "
                             f"address; try again in {_minutes(wait)}")
-    sec.login_failed(email_key, address)  # counted before the slow check, given back when it matches
+    sec.login_failed(budget, address)  # counted before the slow check, given back when it matches
     if not users.password_matches(account.password_hash, current):
         log_event(log, "portal.password_check_failed", logging.WARNING, account=account.email, address=address)
         return render("account.html", 400, title="Your account", error="current_password: wrong password",
                       bad="current_password")
-    sec.login_succeeded(email_key, address)
+    sec.login_succeeded(budget, address)
     error = field = ""
     if new != request.form.get("new_password_again", ""):
         error, field = "new_password_again: the two new passwords differ", "new_password_again"

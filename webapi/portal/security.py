@@ -8,7 +8,11 @@
   ``cb_anon`` cookie (the sign-in and registration forms). A POST without the right token, or whose
   ``Origin`` header names another site, is refused (403) before anything happens.
 * Failed sign-ins are counted per account (the email tried, existing or not) and per client address in
-  a 15-minute window; at the limit, sign-ins are refused without checking the password.
+  a 15-minute window; at the limit, sign-ins are refused without checking the password. A browser that
+  signed in to an account before holds a device cookie (``cb_device``, signed, naming the account by an
+  HMAC of its email): its attempts on that account spend a budget of its own instead of the account's,
+  so somebody guessing from elsewhere cannot lock the account's owner out (OWASP's "device cookies").
+  Once that browser's own budget is spent, its attempts count against the account like anyone's.
 * Every page answers with a strict Content-Security-Policy (scripts, styles and media from this server
   only; no inline script, no framing), ``nosniff``, ``Referrer-Policy`` and ``Cache-Control: no-store``.
 """
@@ -35,6 +39,8 @@ from webapi.ratelimit import AuthFailureLimiter
 
 SESSION_COOKIE = "cb_session"
 ANON_COOKIE = "cb_anon"
+DEVICE_COOKIE = "cb_device"
+DEVICE_DAYS = 180  # a browser that has not signed in for this long is a stranger again
 CSRF_FIELD = "csrf_token"
 LOGIN_WINDOW = 15 * 60.0  # seconds over which failed sign-ins are counted
 
@@ -106,6 +112,8 @@ class PortalSecurity:
         self.anon_signer = URLSafeTimedSerializer(self.secret, salt="callbridge.portal.anon")
         self.account_limiter = AuthFailureLimiter(settings.portal_login_failures_per_account, LOGIN_WINDOW)
         self.address_limiter = AuthFailureLimiter(settings.portal_login_failures_per_address, LOGIN_WINDOW)
+        self.device_signer = URLSafeTimedSerializer(self.secret, salt="callbridge.portal.device")
+        self.device_limiter = AuthFailureLimiter(settings.portal_login_failures_per_account, LOGIN_WINDOW)
 
     # Who is asking ------------------------------------------------------------------------------
 
@@ -167,11 +175,15 @@ class PortalSecurity:
     # Sessions -----------------------------------------------------------------------------------
 
     def start(self, response: Response, account: Account, address: str, now: dt.datetime) -> str:
+        """A new session for ``account``, and a device cookie: this browser has proved the password."""
         key = users.start_session(account, self.lifetime, address, now)
         response.set_cookie(SESSION_COOKIE, self.session_signer.dumps(key),
                             max_age=int(self.lifetime.total_seconds()), path="/", httponly=True, samesite="Lax",
                             secure=self._secure())
         response.delete_cookie(ANON_COOKIE, path="/")
+        device = [self._account_mark(users.normalise_email(account.email)), secrets.token_urlsafe(16)]
+        response.set_cookie(DEVICE_COOKIE, self.device_signer.dumps(device), max_age=DEVICE_DAYS * 86400,
+                            path="/", httponly=True, samesite="Lax", secure=self._secure())
         return key
 
     def end(self, response: Response, signed: Signed) -> None:
@@ -193,20 +205,48 @@ class PortalSecurity:
 
     # Sign-in limits -----------------------------------------------------------------------------
 
-    def login_wait(self, email_key: str, address: str) -> int | None:
-        """Seconds before this account or address may try again, or None."""
-        waits = [w for w in (self.account_limiter.retry_after(email_key), self.address_limiter.retry_after(address))
+    def login_budget(self, req: Request, email_key: str) -> Budget:
+        """Whose failures an attempt on the account ``email_key`` spends: this browser's own when its device
+        cookie names that account and it has budget left, else the account's."""
+        raw = req.cookies.get(DEVICE_COOKIE)
+        if raw:
+            try:
+                mark, device = self.device_signer.loads(raw, max_age=DEVICE_DAYS * 86400)
+            except (BadSignature, TypeError, ValueError):
+                mark = device = None
+            if (isinstance(mark, str) and isinstance(device, str)
+                    and hmac.compare_digest(mark, self._account_mark(email_key))
+                    and self.device_limiter.retry_after(device) is None):
+                return Budget(self.device_limiter, device)
+        return Budget(self.account_limiter, email_key)
+
+    def login_wait(self, budget: Budget, address: str) -> int | None:
+        """Seconds before this budget or address may try again, or None."""
+        waits = [w for w in (budget.limiter.retry_after(budget.key), self.address_limiter.retry_after(address))
                  if w is not None]
         return max(waits) if waits else None
 
-    def login_failed(self, email_key: str, address: str) -> None:
-        self.account_limiter.fail(email_key)
+    def login_failed(self, budget: Budget, address: str) -> None:
+        budget.limiter.fail(budget.key)
         self.address_limiter.fail(address)
 
-    def login_succeeded(self, email_key: str, address: str) -> None:
-        """The account's failures are forgotten; the attempt counted in advance from the address goes back."""
-        self.account_limiter.forget(email_key)
+    def login_succeeded(self, budget: Budget, address: str) -> None:
+        """The budget's failures are forgotten (a device's alone: what others spent of the account's stays
+        spent); the attempt counted in advance from the address goes back."""
+        budget.limiter.forget(budget.key)
         self.address_limiter.refund(address)
+
+    def _account_mark(self, email_key: str) -> str:
+        """An account as a device cookie names it: not its email, which the cookie would show in clear."""
+        return hmac.new(self.secret, b"device|" + email_key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The failed sign-ins an attempt spends: a limiter and its key (an account's email, or a device)."""
+
+    limiter: AuthFailureLimiter
+    key: str
 
 
 def _netloc(origin: str) -> str | None:

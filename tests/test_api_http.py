@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import http.client
 import json
+import logging
 import re
 import socket
 import threading
@@ -16,6 +17,7 @@ import pytest
 from daemon.store import Call
 from tests.conftest import LiveServer
 from tests.fakes import FakeMedia
+from tests.integration.conftest import wait_for
 
 
 def request(conn: http.client.HTTPConnection, method: str, path: str, body: Any = None,
@@ -212,6 +214,25 @@ def test_requests_the_http_server_refuses_itself_get_the_envelope(live_server: L
     assert b"Content-Type: application/json" in head, head
     data = json.loads(body)["data"]
     assert data["code"] == status and data["code_desc"].startswith(desc), data
+
+
+def test_a_refused_request_line_or_header_is_logged_without_its_text(live_server: LiveServer,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """pywsgi's notes on what it refused quote the raw line: a token in a query string (an unencoded space
+    breaks the request line) or in a folded Authorization header would land whole in the log."""
+    token = "cb_" + "S3cr3tT0kenValue" * 2
+    caplog.set_level(logging.DEBUG)
+    for raw in (f"GET /v1/calls?token={token}&from=2026-12-02 10:00 HTTP/1.1\r\nHost: api\r\n\r\n",
+                f"GET /v1/calls?token={token} HTTP/9.9\r\nHost: api\r\n\r\n",
+                f"GET /v1/calls HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer\r\n {token}\r\n\r\n"):
+        answer = exchange(live_server, raw.encode())
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert wait_for(lambda: sum("http.malformed_request" in r.getMessage() for r in caplog.records) >= 3, 10)
+    assert token not in caplog.text and "S3cr3t" not in caplog.text
+    notes = [r for r in caplog.records if "http.malformed_request" in r.getMessage()]
+    assert all(r.levelno == logging.INFO and r.address == "127.0.0.1" for r in notes)  # type: ignore[attr-defined]
+    assert [r.problem for r in notes] == ["Invalid HTTP method", "Invalid http version",  # type: ignore[attr-defined]
+                                          "Invalid headers status"], [r.problem for r in notes]  # type: ignore[attr-defined]
 
 
 def test_creating_calls_leaves_no_garbage_for_the_cycle_collector(live_server: LiveServer,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import resource
 import socket
 import time
@@ -77,6 +78,10 @@ def answer_bytes(status: int, desc: str, headers: dict[str, str] | None = None) 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+# pywsgi's refusal notes: "(from ('127.0.0.1', 5000)) Invalid HTTP method: 'GET /?token=... HTTP/1.1'".
+FROM_PREFIX = re.compile(r"^\(from .*?\)\)?\s*")
+QUOTED_TAIL = re.compile(r"[:'\"]")
+
 BUSY = answer_bytes(503, "server: too many connections in progress; retry later", {"Retry-After": "1"})
 # pywsgi's own refusals (it answers them with an empty body), in the envelope and naming what is wrong.
 PYWSGI_REFUSALS = {
@@ -112,6 +117,18 @@ class ConnectionHandler(WSGIHandler):
         self.phase = "idle"  # idle (nothing of the next request yet), head, body, serving
         self.bad_query = False  # the request line's query string is not UTF-8
         self._deadline: gevent.Timeout | None = None
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        """pywsgi's note on a request it refused: its words only, one line at INFO. Its text quotes the raw
+        request line or header line, which may carry a token (a query string, a folded Authorization)."""
+        try:
+            message = msg % args if args else msg
+        except (TypeError, ValueError):
+            message = msg
+        message = FROM_PREFIX.sub("", message)
+        words = QUOTED_TAIL.split(message, maxsplit=1)[0].strip(" :") or "malformed request"
+        host = self.client_address[0] if isinstance(self.client_address, tuple) else str(self.client_address)
+        log_event(log, "http.malformed_request", logging.INFO, address=host, problem=words[:80])
 
     def evict(self) -> None:
         """Close this receiving connection; it never reaches the app (checked again before it would)."""

@@ -303,6 +303,17 @@ def test_openapi_served_and_covers_every_route(app: Flask, client: FlaskClient, 
         assert methods == {m.upper() for m in doc["paths"][path]}, path
 
 
+def test_openapi_document_is_valid_for_the_version_it_declares(settings: Settings) -> None:
+    """Code generators and Swagger UI read the document by its ``openapi`` version: a 3.1 construct (a
+    list of types) in a 3.0.3 document makes them refuse it."""
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.validation import OpenAPIV30SpecValidator
+
+    doc = openapi_document(settings)
+    assert doc["openapi"] == "3.0.3"
+    validate(doc, cls=OpenAPIV30SpecValidator)
+
+
 def test_openapi_references_resolve_and_statuses_are_documented(settings: Settings) -> None:
     doc = openapi_document(settings)
     schemas = doc["components"]["schemas"]

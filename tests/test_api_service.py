@@ -93,6 +93,27 @@ def test_a_field_given_twice_is_400_and_nothing_is_stored(client: FlaskClient, m
     assert data_of(client.get("/v1/calls", query_string={"token": token}))["calls"] == []
 
 
+def test_a_form_body_is_read_as_utf8_or_its_declared_charset_and_anything_else_is_400(
+        client: FlaskClient, make_endpoint: Any) -> None:
+    """The seed's client is PHP's http_build_query: a site in Latin-1 sends ``caf%E9``. It must not be
+    spoken as "caf%E9", and a raw byte that is not text must not lose the whole form (a 401 for a token
+    that was there)."""
+    _, token = make_endpoint()
+    form = "application/x-www-form-urlencoded"
+    fields = f"token={token}&phone_a=15550001001&phone_b=15550002002&msg_lang=fr-FR&msg="
+    for body, ctype in ((fields + "caf%E9", form), ((fields + "caf\xe9").encode("latin-1"), form)):
+        response = client.post("/v1/calls", data=body, content_type=ctype)
+        assert response.status_code == 400, response.get_json()
+        assert data_of(response)["code_desc"].startswith("body: not utf-8 text; percent-encode each field as UTF-8")
+    response = client.post("/v1/calls", data=fields + "caf%E9", content_type=form + "; charset=ISO-8859-1")
+    assert response.status_code == 200 and data_of(response)["msg"] == "caf\xe9"
+    response = client.post("/v1/calls", data=fields + "caf%C3%A9+au+lait", content_type=form)
+    assert response.status_code == 200 and data_of(response)["msg"] == "caf\xe9 au lait"
+    response = client.post("/v1/calls", data=fields + "x", content_type=form + "; charset=klingon")
+    assert response.status_code == 415 and "charset 'klingon' unknown" in data_of(response)["code_desc"]
+    assert len(data_of(client.get("/v1/calls", query_string={"token": token}))["calls"]) == 2
+
+
 def test_large_body_is_413(client: FlaskClient, make_endpoint: Any) -> None:
     _, token = make_endpoint()
     response = client.post("/v1/calls", data={"token": token, "phone_a": "1" * 70_000})

@@ -9,18 +9,19 @@ opens. Every answer goes through :func:`webapi.envelope.envelope`.
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import json
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flask import Blueprint, Response, current_app, request, send_file
 from peewee import SqliteDatabase
-from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
@@ -119,7 +120,7 @@ def body_values() -> dict[str, Any]:
             raise ApiError(400, "body: must be a JSON object")
         return parsed
     if mimetype == FORM:
-        return _single_values(request.form)
+        return _form_values(data, request.mimetype_params.get("charset"))
     raise ApiError(415, f"Content-Type: {mimetype} not supported; use {FORM} or application/json")
 
 
@@ -170,12 +171,31 @@ def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def _single_values(values: MultiDict[str, str]) -> dict[str, str]:
-    """A form's values, one per name; a name given twice is a 400 (which one counts would be a guess)."""
-    for name, given in values.lists():
-        if len(given) > 1:
+def _form_values(data: bytes, charset: str | None) -> dict[str, str]:
+    """A form body's values, one per name (a name given twice is a 400: which one counts would be a guess).
+
+    Percent-escapes are read as UTF-8, or as the charset the Content-Type declares (a PHP site in Latin-1
+    sending ``caf%E9``). Werkzeug's form parser left an escape that is not UTF-8 as it stood (``caf%E9``
+    spoken as written) and dropped every field of a body holding a raw non-ASCII byte (a 401 for a token
+    that was there): both are a 400 that says so here."""
+    codec = "utf-8"
+    if charset is not None:
+        try:
+            codec = codecs.lookup(charset).name
+        except LookupError:
+            raise ApiError(415, f"Content-Type: charset {charset[:40]!r} unknown; send UTF-8") from None
+    try:
+        pairs = urllib.parse.parse_qsl(data.decode(codec), keep_blank_values=True, encoding=codec,
+                                       errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(400, f"body: not {codec} text; percent-encode each field as UTF-8 (e.g. caf%C3%A9), "
+                            "or declare the charset in Content-Type") from None
+    found: dict[str, str] = {}
+    for name, value in pairs:
+        if name in found:
             raise _given_twice(name)
-    return values.to_dict(flat=True)
+        found[name] = value
+    return found
 
 
 def _given_twice(name: str) -> ApiError:

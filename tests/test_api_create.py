@@ -232,6 +232,24 @@ def test_media_is_fetched_before_insert_and_paths_stored(client: FlaskClient, ma
     assert len({call.play_file, call.msg_file, call.dialtone_file}) == 3
 
 
+def test_a_password_in_a_media_url_is_used_for_the_fetch_and_never_shown(client: FlaskClient,
+                                                                          make_endpoint: Any,
+                                                                          media: FakeMedia) -> None:
+    """The answer, the lists and every webhook show the call's URLs: a media server's password in one is
+    fetched with (Basic auth) but shown as ****."""
+    _, token = make_endpoint()
+    play, tone = "https://u:s3cret@media.example/p.wav", "http://t:0ther@media.example/t.wav?x=1"
+    data = data_of(create(client, token, play_url=play, dialtone_url=tone))
+    assert media.requests == [("play", play), ("dialtone", tone)]
+    assert (data["play_url"], data["dialtone_url"]) == ("https://u:****@media.example/p.wav",
+                                                        "http://t:****@media.example/t.wav?x=1")
+    listed = client.get("/v1/calls", query_string={"token": token}).get_data(as_text=True)
+    one = client.get(f"/v1/calls/{data['callid']}", query_string={"token": token}).get_data(as_text=True)
+    assert "u:****@" in listed and "u:****@" in one
+    assert not any(secret in text for secret in ("s3cret", "0ther") for text in (listed, one))
+    assert Call.get(Call.callid == data["callid"]).play_url == play  # stored as given: the fetch needs it
+
+
 @pytest.mark.parametrize(("field", "value", "extra"), [
     ("play_url", "https://example.com/missing.wav", {}),
     ("dialtone_url", "https://example.com/missing.wav", {}),

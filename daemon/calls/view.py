@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from daemon.config import ConfigError, zone
+from daemon.config import ConfigError, mask_url, zone
 from daemon.store import CALLID_PATTERN, Call, CallEvent, CallStatus, Endpoint
 
 
@@ -54,6 +54,13 @@ def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
 
 def _text(name: str, **schema: Any) -> Field:
     return Field(name, lambda call, _endpoint: getattr(call, name), {"type": "string", **schema})
+
+
+def _media_url(name: str) -> Field:
+    """A media URL as given, but a password in it (``user:password@``, fetched as Basic auth) as ****: the
+    answer, the lists, the pages and every webhook carry this field."""
+    return Field(name, lambda call, _endpoint: mask_url(getattr(call, name)),
+                 {"type": "string", "description": "As given, a password in it shown as ****."})
 
 
 def _time(name: str) -> Field:
@@ -97,10 +104,10 @@ FIELDS: tuple[Field, ...] = (
                       "completed; or failed, canceled, missed."),
     _text("phone_a"),
     _text("phone_b"),
-    _text("play_url"),
+    _media_url("play_url"),
     _text("msg"),
     _text("msg_lang"),
-    _text("dialtone_url"),
+    _media_url("dialtone_url"),
     Field("scheduled", lambda call, _endpoint: bool(call.scheduled),
           {"type": "boolean", "description": "True when `call_date` was given."}),
     Field("call_date", _call_date, _nullable("string", description="Due time as `YYYY-MM-DD HH:MM` in the "

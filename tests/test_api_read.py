@@ -94,8 +94,9 @@ def test_empty_list(client: FlaskClient, make_endpoint: Any) -> None:
     ({"cursor": "czE"}, "cursor: not a cursor this API gave out"),
     ({"status": "done"}, "status: unknown status"),
     ({"status": "completed,nope"}, "status: unknown status"),
-    ({"from": "yesterday"}, "from: must be 'YYYY-MM-DD HH:MM'"),
-    ({"to": "2026-13-01"}, "to: must be 'YYYY-MM-DD HH:MM'"),
+    ({"from": "yesterday"}, "from: must be 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM'"),
+    ({"to": "2026-13-01"}, "to: must be 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM'"),
+    ({"to": "9999-12-31"}, "to: out of range"),  # a real date: its end is past the calendar's
 ])
 def test_list_query_rules(client: FlaskClient, make_endpoint: Any, params: dict[str, str], desc: str) -> None:
     _, token = make_endpoint()
@@ -247,6 +248,16 @@ def test_scheduled_list_soonest_first_pending_only(client: FlaskClient, make_end
         Call.endpoint == mine, Call.scheduled == True,  # noqa: E712
         Call.status.in_(["scheduled", "queued"])).order_by(Call.due_at, Call.id)]
     assert [c["callid"] for c in seen] == expected
+
+
+@pytest.mark.parametrize("name, value", [("status", "failed"), ("from", "2027-04-15"), ("to", "2027-01-01")])
+def test_the_calls_lists_filters_are_refused_by_the_scheduled_list_not_ignored(
+        client: FlaskClient, make_endpoint: Any, name: str, value: str) -> None:
+    """A client filtering the scheduled list would otherwise get every pending call and think it filtered."""
+    _, token = make_endpoint()
+    response = client.get("/v1/scheduled", query_string={"token": token, name: value})
+    assert response.status_code == 400
+    assert data_of(response)["code_desc"].startswith(f"{name}: not a filter of GET /v1/scheduled")
 
 
 def test_every_status_value_filters(client: FlaskClient, make_endpoint: Any) -> None:

@@ -121,6 +121,7 @@ def parse_instant(value: str, field: str, tz: ZoneInfo, *, days: bool = False,
                   day_end: bool = False) -> dt.datetime:
     """``YYYY-MM-DD HH:MM`` (local) or ISO 8601 with an offset, as naive UTC; with ``days`` also a bare
     ``YYYY-MM-DD`` (local midnight; with ``day_end`` the following midnight)."""
+    forms = "'YYYY-MM-DD', " if days else ""
     try:
         m = LOCAL_DATE_RE.fullmatch(value)
         if m:
@@ -136,8 +137,10 @@ def parse_instant(value: str, field: str, tz: ZoneInfo, *, days: bool = False,
         if len(value) > 40 or len(value) < 16 or not value[:4].isdigit():
             raise ValueError
         parsed = dt.datetime.fromisoformat(value)
-    except (ValueError, OverflowError):
-        raise ValidationError(field, "must be 'YYYY-MM-DD HH:MM' (endpoint's time zone) "
+    except OverflowError:  # a real date at the edge of the calendar (9999-12-31 as the end of a range)
+        raise ValidationError(field, "out of range") from None
+    except ValueError:
+        raise ValidationError(field, f"must be {forms}'YYYY-MM-DD HH:MM' (endpoint's time zone) "
                                      "or ISO 8601 with an offset, and a real date") from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValidationError(field, "ISO 8601 needs an offset such as +02:00 or Z "

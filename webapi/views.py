@@ -352,6 +352,10 @@ def list_scheduled() -> Response:
     """The token's scheduled calls that have not started yet, soonest first."""
     args = query_values()
     endpoint, _ = require_endpoint(args)
+    for name in ("status", "from", "to"):  # GET /v1/calls's filters: taken here, they would be ignored
+        if args.get(name):
+            raise ApiError(400, f"{name}: not a filter of GET /v1/scheduled, which lists every pending scheduled "
+                                f"call soonest first; filter with GET /v1/calls?{name}=...")
     q = parse_list_query(args, endpoint_zone(endpoint.timezone))
     after = decode_due_cursor(q.cursor) if q.cursor is not None else None
     rows = CallRecords.scheduled_page(endpoint.id, limit=q.limit + 1, after=after)

@@ -4,7 +4,9 @@ A :class:`Loop` runs its tick in a greenlet, sleeping in between on an Event tha
 woken early (``wake()``: a call was committed, a webhook row added) and how it is stopped (``stop()``
 sets a flag, then the Event). The clock is injected and ``now`` is passed to the tick, so tests drive
 a tick with any time they like and never patch a clock. A tick that raises is logged and tried again
-after ``error_delay``; one that hangs in I/O past ``stop()``'s timeout is killed, so a stopped loop
+after ``error_delay`` (a store that cannot be reached, an expected outage, in one line when it starts,
+every ``STORE_DOWN_LOG_INTERVAL`` while it lasts and when it ends; anything else with its traceback);
+one that hangs in I/O past ``stop()``'s timeout is killed, so a stopped loop
 never outlives its owner.
 
 :class:`Backoff` is the doubling-with-jitter delay for retrying something that keeps failing (the
@@ -16,14 +18,20 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import gevent
 import gevent.event
+from peewee import OperationalError
+
+from daemon.ops.logs import log_event
 
 T = TypeVar("T")
+
+STORE_DOWN_LOG_INTERVAL = 60.0  # seconds between a loop's "store unavailable" lines during one outage
 
 
 @dataclass(eq=False)
@@ -44,6 +52,8 @@ class Loop(Generic[T]):
     _wake: gevent.event.Event = field(default_factory=gevent.event.Event, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
     _greenlet: gevent.Greenlet | None = field(default=None, init=False, repr=False)
+    _store_down_since: float | None = field(default=None, init=False, repr=False)  # monotonic
+    _store_down_logged: float = field(default=0.0, init=False, repr=False)
 
     @property
     def running(self) -> bool:
@@ -79,11 +89,32 @@ class Loop(Generic[T]):
             self._wake.clear()
             try:
                 delay = self.tick(self.clock())
+            except OperationalError as exc:
+                self._store_unavailable(exc)
+                delay = self.error_delay
             except Exception:
                 self.log.exception("%s failed", self.name)
                 delay = self.error_delay
+            else:
+                if self._store_down_since is not None:
+                    log_event(self.log, "store.available_again", loop=self.name,
+                              down_seconds=round(time.monotonic() - self._store_down_since, 1))
+                    self._store_down_since = None
             if self._sleep(min(delay, self.max_sleep)):
                 return
+
+    def _store_unavailable(self, exc: OperationalError) -> None:
+        """A tick the store refused (down, locked, full): one line, not a traceback each second."""
+        now = time.monotonic()
+        if self._store_down_since is None:
+            self._store_down_since = now
+        elif now - self._store_down_logged < STORE_DOWN_LOG_INTERVAL:
+            return
+        self._store_down_logged = now
+        error = " ".join(str(exc).split())[:300]  # PostgreSQL's messages run over several lines
+        log_event(self.log, "store.unavailable", logging.ERROR, loop=self.name,
+                  down_seconds=round(now - self._store_down_since, 1), error=error,
+                  note="retried; its work waits until the store answers")
 
     def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds`` or until woken; True when the loop is to stop."""

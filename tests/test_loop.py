@@ -10,8 +10,10 @@ import gevent
 import gevent.event
 import gevent.queue
 import pytest
+from peewee import OperationalError
 
 from daemon.loop import Backoff, Loop
+from tests.integration.conftest import wait_for
 
 log = logging.getLogger("test.loop")
 LONG = 3600.0  # a sleep no test may ever wait out
@@ -110,6 +112,36 @@ def test_a_failing_tick_is_logged_and_tried_again_after_the_error_delay(caplog: 
         finally:
             loop.stop()
     assert "test tick failed" in caplog.text
+
+
+def test_a_store_outage_is_one_line_when_it_starts_and_one_when_it_ends(caplog: pytest.LogCaptureFixture) -> None:
+    """A database restart or a network cut fails every tick of every loop: a 7 KB traceback each second
+    buried the one line that said what was wrong."""
+    failures = [OperationalError("connection failed: connection to server at \"127.0.0.1\", port 5432 "
+                                 "failed:\n\tConnection refused")] * 5
+    seen: gevent.queue.Queue = gevent.queue.Queue()
+
+    def tick(now: int) -> float:
+        seen.put(now)
+        if failures:
+            raise failures.pop()
+        return LONG
+
+    loop = Loop("test tick", tick, Clock(), log=log, error_delay=0.001)
+    with caplog.at_level(logging.INFO, logger="test.loop"):
+        loop.start()
+        try:
+            for expected in range(1, 7):
+                assert seen.get(timeout=10) == expected
+            assert wait_for(lambda: any(r.getMessage() == "store.available_again" for r in caplog.records), 10)
+        finally:
+            loop.stop()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [("ERROR", "store.unavailable"), ("INFO", "store.available_again")], lines
+    down = caplog.records[0]
+    assert down.exc_info is None and down.loop == "test tick"  # type: ignore[attr-defined]
+    assert down.error == 'connection failed: connection to server at "127.0.0.1", port 5432 failed: ' \
+        "Connection refused"  # type: ignore[attr-defined]
 
 
 def test_a_tick_stuck_past_the_stop_timeout_is_killed() -> None:

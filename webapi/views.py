@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flask import Blueprint, Response, current_app, request, send_file
-from peewee import SqliteDatabase
+from peewee import OperationalError, SqliteDatabase
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
@@ -420,6 +420,9 @@ def database_ready() -> bool:
                 log.warning("readiness: the database is read-only (a standby, or read-only by setting)")
             return bool(writable)
         return True
+    except OperationalError as exc:  # down, locked, full: what the probe is for, in one line
+        log_event(log, "readiness.database_unavailable", logging.WARNING, error=" ".join(str(exc).split())[:300])
+        return False
     except Exception:
         log.warning("readiness: database check failed", exc_info=True)
         return False

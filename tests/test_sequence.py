@@ -15,6 +15,8 @@ from peewee import OperationalError
 from daemon.calls.records import CallRecords
 from daemon.calls.sequence import (
     REFUSED,
+    UNFOLLOWED_END,
+    UNFOLLOWED_INTERRUPTED,
     CallOptions,
     CallSequence,
     Granted,
@@ -301,6 +303,25 @@ def test_an_a_that_hung_up_while_no_daemon_heard_it_is_told_apart_from_one_never
     else:
         assert call.reason == "A was not reached"
         assert call.a_answered_at is None
+    assert originates(switch) == [] and not [c for c in switch.sent if c.startswith("sendmsg")], switch.sent
+
+
+@pytest.mark.parametrize("bridged", [True, False])
+def test_an_adopted_call_found_ended_says_no_daemon_followed_it_not_that_a_connection_was_down(
+        run_call: Callable[..., Any], bridged: bool) -> None:
+    """Its daemon died (or was stopped) and both legs ended before a start or another daemon took it over:
+    the switch kept no trace of how. The reason says what happened; the switch's connection was never down."""
+    first, switch = run_call()
+    call, a, b = died_while_dialing_b(first)
+    if bridged:
+        Call.update(status=CallStatus.BRIDGED.value, bridged_at=utcnow()).where(Call.id == call.id).execute()
+        call = Call.get_by_id(call.id)
+    switch.answers = {f"uuid_exists {a}": "false\n", f"uuid_exists {b}": "false\n"}
+    sequence = adopted(call, first, switch)
+    sequence.greenlet.join(timeout=5)
+    call = Call.get_by_id(call.id)
+    expected = ("completed", UNFOLLOWED_END) if bridged else ("failed", UNFOLLOWED_INTERRUPTED)
+    assert (call.status, call.reason, call.failed_leg, call.talk_seconds) == (*expected, "", None)
     assert originates(switch) == [] and not [c for c in switch.sent if c.startswith("sendmsg")], switch.sent
 
 

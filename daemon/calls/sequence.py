@@ -94,6 +94,13 @@ MAX_DURATION_CAUSE = "ALLOTTED_TIMEOUT"
 FAILURE_NOTICE = "tone_stream://%(500,500,480,620);loops=3"
 # Dispositions of the bridge that mean "B was never connected because of B".
 CALLER_GONE = {"ORIGINATOR_CANCEL", "LOSE_RACE", "PICKED_OFF"}
+# A call whose legs were gone when it was found again, its end unheard: while the connection to the switch
+# was down, or while no daemon followed it (its daemon stopped or died; found at a start or a takeover).
+UNHEARD_END = "ended while the switch connection was down"
+UNFOLLOWED_END = "ended while no daemon followed it (its end was not heard)"
+INTERRUPTED = "interrupted"
+UNFOLLOWED_INTERRUPTED = ("interrupted: it ended while no daemon followed it; which leg ended it, and why, "
+                          "is not known")
 # What the switch answers for a leg it refused over its session limits (nothing was created).
 REFUSED_CAUSE = "DESTINATION_OUT_OF_ORDER"
 REFUSED = "the switch refused the session (over its limit)"
@@ -1012,6 +1019,8 @@ class CallSequence:
     def _reconcile(self, restarted: bool) -> None:
         """Find out from FreeSWITCH what became of this call while we could not hear it."""
         self.connection_lost = False
+        # Adopted (a restart, or another daemon's call taken over): what happened since was heard by no one.
+        unfollowed = self.adopted and not self.dial_checked
         if self.adopted and not self.dial_checked:
             # The engine's first connection has no Core-UUID to compare with: the dial mark has one.
             self.dial_checked = True
@@ -1033,7 +1042,7 @@ class CallSequence:
                 self.a.gone = self.b.gone = True
                 self.records.step(self.call, "reconciled", a="gone", b="gone")
                 if self.call.bridged_at:
-                    self._finish(CallStatus.COMPLETED, reason="ended while the switch connection was down",
+                    self._finish(CallStatus.COMPLETED, reason=UNFOLLOWED_END if unfollowed else UNHEARD_END,
                                  end_heard=False)
                 elif self.refused_leg or self.bridge_disposition not in CALLER_GONE | {"SUCCESS", ""}:
                     # B's failure was heard before the connection went: A then heard the notice and was
@@ -1041,7 +1050,8 @@ class CallSequence:
                     self._conclude()
                 else:
                     # Both legs ended unheard: which one failed, and why, is not known.
-                    self._finish(CallStatus.FAILED, reason="interrupted", end_heard=False)
+                    self._finish(CallStatus.FAILED, reason=UNFOLLOWED_INTERRUPTED if unfollowed else INTERRUPTED,
+                                 end_heard=False)
                 return
             self.records.step(self.call, "reconciled", a="up", b="up" if b_alive else "absent")
             if self.apps.to_resume:

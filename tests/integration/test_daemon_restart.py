@@ -24,7 +24,7 @@ import pytest
 
 from daemon.calls.appqueue import AppStep
 from daemon.calls.records import add_event
-from daemon.calls.sequence import FAILURE_NOTICE, CallSequence, wait_uuid
+from daemon.calls.sequence import FAILURE_NOTICE, UNFOLLOWED_INTERRUPTED, CallSequence, wait_uuid
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
 from tests.integration.conftest import Harness, needs_standin, wait_for
 from tests.integration.test_switch_limits import set_sps
@@ -157,7 +157,7 @@ def test_sigkill_mid_call_then_restart_reconciles_every_call(tmp_path: Path, sto
         assert len(undialed) <= 1, [(c["callid"], c["reason"]) for c in undialed]
         for call in undialed:
             kinds = [step["kind"] for step in call["timeline"]]
-            assert (call["status"], call["reason"], call["failed_leg"]) == ("failed", "interrupted", ""), call
+            assert (call["status"], call["reason"], call["failed_leg"]) == ("failed", UNFOLLOWED_INTERRUPTED, ""), call
             assert "dialing_a" in kinds and "adopted" in kinds, kinds
         assert wait_for(lambda: not switch.channels_live(), 10), "channels left open"
     finally:
@@ -331,7 +331,7 @@ def test_at_start_a_call_the_switch_refused_and_not_sent_again_is_dialed_one_sen
     assert done.status == "completed", harness.timeline(done)
     notes = [e.detail for e in CallEvent.select().where((CallEvent.call == done.id) & (CallEvent.kind == "adopted"))]
     assert "refused by the switch (over its limit) and not sent again: dialing A now" in notes[0], notes
-    assert (lost.status, lost.reason) == ("failed", "interrupted"), harness.timeline(lost)
+    assert (lost.status, lost.reason) == ("failed", UNFOLLOWED_INTERRUPTED), harness.timeline(lost)
     originates = [c.text for c in harness.switch.commands if c.text.startswith("bgapi originate")]
     assert [waiting.a_uuid in text for text in originates] == [True], originates
 

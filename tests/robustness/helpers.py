@@ -282,7 +282,7 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
                 audit.problems.append(f"{where}: final without ever being claimed")
             continue
         sent = originated[call.a_uuid] - switch.refusals(call.a_uuid)
-        caught = (crashed and call.reason == "interrupted") or (restarted and call.reason == RESTARTED)
+        caught = (crashed and call.reason.startswith("interrupted")) or (restarted and call.reason == RESTARTED)
         if sent == 0 and caught:
             if timeline is not None:
                 # Each originate is marked before it leaves; a refusal of A (nothing created: with sent == 0
@@ -306,7 +306,7 @@ def audit_calls(switch: Any, calls: Iterable[Any], *, prompts: bool = True, rest
                 audit.untrue.append(f"{where}: says FreeSWITCH restarted; it did not")
             continue
         a_ch, b_ch = switch.channel(call.a_uuid), switch.channel(call.b_uuid)
-        if call.reason == "interrupted":
+        if call.reason.startswith("interrupted"):
             # Both legs ended while the switch could not be heard: the daemon cannot know which leg
             # failed or why, so it must not name one; and it must not claim a bridge it never saw.
             if call.failed_leg != "":

@@ -226,6 +226,30 @@ def test_the_lease_keeper_renews_takes_over_and_lets_go(
     assert len(engine.adopted) == 1 and Call.get_by_id(stolen.id).owner == "node-b"
 
 
+def test_after_renewals_missed_to_a_store_outage_nothing_is_taken_over_for_a_lease(
+        settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """The store was unreachable longer than a lease: every daemon's leases ran out, its own and the live
+    ones'. The first to reach the store again took the others' calls (and what they had heard of them
+    meanwhile was lost). Now it renews, gives the others a lease to renew theirs, and takes only what is
+    still expired then: the calls of a daemon that really died."""
+    endpoint, _ = make_endpoint()
+    engine = AdoptingEngine()
+    keeper = Leases(settings, engine, daemon("node-a"))  # type: ignore[arg-type]
+    keeper.tick(T0)  # a renewal the store took
+    back = T0 + 2 * LEASE  # the store answers again after an outage of two leases
+    live = in_flight(endpoint, owner="node-b", lease_until=T0 + LEASE)  # node-b is alive, could not renew
+    dead = in_flight(endpoint, owner="node-dead", lease_until=T0 + LEASE)
+    keeper.tick(back)
+    assert engine.adopted == []
+    Call.update(lease_until=back + LEASE / 3 + LEASE).where(Call.id == live.id).execute()  # node-b renews
+    for third in (1, 2):  # the keeper's cadence: a third of a lease
+        keeper.tick(back + LEASE * third / 3)
+        assert engine.adopted == []
+    keeper.tick(back + LEASE + dt.timedelta(seconds=1))
+    assert [call_id for call_id, _ in engine.adopted] == [dead.id]
+    assert Call.get_by_id(live.id).owner == "node-b"
+
+
 def test_a_call_on_a_switch_this_daemon_lacks_or_cannot_reach_is_left_to_another_until_it_outlived_any_call(
         settings: Settings, db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
     """Daemons whose settings differ: a dead daemon's call on a switch this one does not have is left for

@@ -62,6 +62,9 @@ class Leases:
         self.period = settings.lease_seconds / 3
         self.originate_timeout = settings.originate_timeout
         self._left_to_another: set[int] = set()  # calls logged as left to a daemon that has their switch
+        self.lease = dt.timedelta(seconds=settings.lease_seconds)
+        self._renewed_at: dt.datetime | None = None  # this daemon's last renewal that the store took
+        self._no_takeover_until: dt.datetime | None = None
         self.loop = Loop("call leases", self.tick, clock, log=log, first_delay=self.period,
                          error_delay=min(self.period, 1.0))
 
@@ -74,8 +77,24 @@ class Leases:
     def tick(self, now: dt.datetime) -> float:
         if self.hold_instance():
             self.renew(now)
-            self.take_over(now)
+            self._after_a_gap(now)
+            if self._no_takeover_until is None or now >= self._no_takeover_until:
+                self.take_over(now)
         return self.period
+
+    def _after_a_gap(self, now: dt.datetime) -> None:
+        """After renewals this daemon missed (the store unreachable, or this daemon stalled), the other
+        daemons missed theirs too, most likely: a lease expired now says nothing about its daemon. Take
+        nothing over for one lease, while they renew; the leases of a daemon that really died are still
+        expired then. (Else whichever daemon reached the store first after an outage took the live ones'
+        calls, and what those had heard of them meanwhile was lost.)"""
+        previous, self._renewed_at = self._renewed_at, now
+        if previous is not None and now - previous > self.lease * 2 / 3:
+            self._no_takeover_until = now + self.lease
+            log_event(log, "lease.takeovers_held", logging.WARNING, gap_seconds=round((now - previous).total_seconds()),
+                      until=self._no_takeover_until.isoformat() + "Z",
+                      note="renewals were missed (store unreachable or this daemon stalled): the other daemons get "
+                           "a lease's time to renew before any call of theirs is taken over")
 
     def hold_instance(self) -> bool:
         """Renew this daemon's hold on its instance_id (daemon/ops/instance.py). False once another daemon

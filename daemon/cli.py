@@ -240,7 +240,8 @@ def hangup_call(call: Call, settings: Settings, *, by: str = "the operator") -> 
         raise EndpointError(f"callid {call.callid}: not in progress (status {call.status})")
     switch = switch_sent_to(settings.switch_addresses, call.switch)
     if switch is None:
-        raise EndpointError(f"callid {call.callid}: its switch {call.switch} is not in the settings")
+        raise EndpointError(f"callid {call.callid}: its switch {call.switch} is not in the settings; give this "
+                            "command the daemons' switches (--config, or CALLBRIDGE_SWITCHES)")
     try:
         a_may_be_dialed = CallRecords.request_hangup(call, by=by)
     except OperationalError as exc:

@@ -17,14 +17,13 @@ with the models, and how it must be committed:
 * ``failed``: for a write nobody waits for, runs with the error that undid it for good (its own error, or
   the writer stopped with it unwritten) instead of the error being only logged; never with ``committed``.
 
-:class:`ThreadWriter` (SQLite, the daemon): the writes queue on the loop and one real OS thread (whose
-sqlite3 connection is its own: see ``daemon.store.ThreadConnections``) takes them in order, all that
-queued meanwhile in one transaction (``BEGIN IMMEDIATE``), committed with one fsync when any write in it
-is durable. The thread takes its next group as soon as it is done with the last and hands each outcome
-to the loop through the hub's thread-safe wake-up, where one greenlet delivers results and runs the
-callbacks; ESL reading, routing and call sequences only queue, and a busy loop never leaves the thread
-waiting for its next group. Nothing of gevent is touched in the thread (its waits are OS locks, its log
-lines are the loop's). Writes keep their order (one queue, one thread), so a call's steps land in the order
+:class:`ThreadWriter` (SQLite, the daemon): the writes queue on the loop and one real OS thread (a
+``gevent.threadpool.ThreadPool`` of one, whose sqlite3 connection is its own: see
+``daemon.store.ThreadConnections``) runs them in order, all that queued meanwhile in one transaction
+(``BEGIN IMMEDIATE``), committed with one fsync when any write in it is durable. The greenlet that feeds
+the thread waits for each group cooperatively (the pool hands the result back through the hub's
+thread-safe wake-up); ESL reading, routing and call sequences only queue. Nothing of gevent is touched
+in the thread. Writes keep their order (one queue, one thread), so a call's steps land in the order
 they happened and a conditional update (a claim racing a cancel) sees every write queued before it.
 A write's own error (an idempotency key taken by a concurrent request) undoes that write alone (the
 group runs again with a savepoint per write, a cost only such a group pays); a store-level error
@@ -58,15 +57,13 @@ from typing import Any, Protocol, TypeVar
 
 import gevent
 import gevent.event
-from gevent import monkey
+import gevent.threadpool
 from peewee import Database, OperationalError
 
 from daemon.ops.logs import log_event
 from daemon.store import database, relaxed_durability
 
 log = logging.getLogger("callbridge.store")
-_real_lock = monkey.get_original("_thread", "allocate_lock")
-_start_thread = monkey.get_original("_thread", "start_new_thread")
 
 T = TypeVar("T")
 Work = Callable[[], Any]
@@ -186,41 +183,8 @@ class _OwnError(Exception):
     """A write of the group failed by itself (not the store): the group is run again with savepoints."""
 
 
-class _Signal:
-    """Wakes the writer thread from the loop: an OS-level event (gevent's would block the loop's hub). A
-    ``set`` stays until the thread's next ``wait`` takes it."""
-
-    def __init__(self) -> None:
-        self._mutex = _real_lock()
-        self._waiter = _real_lock()
-        self._waiter.acquire()
-        self._flag = False
-
-    def set(self) -> None:
-        with self._mutex:
-            if not self._flag:
-                self._flag = True
-                self._waiter.release()
-
-    def wait(self, timeout: float | None) -> bool:
-        """Until set (True, and taken) or ``timeout`` seconds (False); None: no timeout."""
-        got = self._waiter.acquire(timeout=-1 if timeout is None else timeout)
-        with self._mutex:
-            if not self._flag:
-                return False
-            if not got:  # set between the timeout and here: take it
-                self._waiter.acquire()
-            self._flag = False
-            return True
-
-
 class ThreadWriter:
-    """SQLite's writes in one real thread, committed in groups (see the module's docstring).
-
-    The thread takes its next group from the queue itself as soon as it is done with the last one, and
-    hands each outcome back to the loop without waiting for the loop to take it: while the loop is busy
-    (requests, events), the thread is never idle waiting for its next group.
-    """
+    """SQLite's writes in one real thread, committed in groups (see the module's docstring)."""
 
     def __init__(self, db: Database, *, retry_for: float = 60.0, max_group: int = MAX_GROUP) -> None:
         self.db = db
@@ -228,42 +192,32 @@ class ThreadWriter:
         self.max_group = max_group
         self.groups = 0  # committed so far (tests, logs)
         self.retries = 0  # groups undone by the store and tried again
-        # Shared with the thread: the loop appends, the thread takes (a deque's ends are thread-safe).
         self._queue: collections.deque[_Write] = collections.deque()
-        self._signal = _Signal()  # something queued into an idle thread, a write somebody waits for, stop
-        self._urgent = False  # a write somebody waits for queued: commit (or retry) now
-        self._stopping = False
-        self._abandon = False  # stop()'s timeout passed: the thread gives up its retries
+        self._ready = gevent.event.Event()  # something queued
+        self._urgent = gevent.event.Event()  # a write somebody waits for queued: commit (or retry) now
+        self._pool = gevent.threadpool.ThreadPool(1)
         self._full: bool | None = None  # the thread connection's synchronous setting (None: unknown)
         self._refusal: BaseException | None = None  # the store's error that undid the group being written
-        # What the thread did, for the loop: (what, writes, error, pause), in order.
-        self._done: collections.deque[tuple[str, list[_Write], BaseException | None, float]] = collections.deque()
-        self._arrived = gevent.event.Event()
-        self._exited = gevent.event.Event()
-        # The thread's wake-up for the loop (thread-safe). Active while the writer runs: the loop must not
-        # take "no watcher left" for "nothing will ever happen" while a caller waits for the thread.
-        self._wakeup = gevent.get_hub().loop.async_()
-        self._wakeup.start(self._arrived.set)
+        self._writing: list[_Write] | None = None  # the group with the thread now
+        self._outcome: tuple[list[_Write], BaseException | None] | None = None  # the thread's last group, how it ended
+        self._stopping = False
         # peewee logs each statement at DEBUG: its level, looked up here, is cached, so that the thread
         # does not take the logging module's lock (a gevent lock in a patched process) to find it.
         logging.getLogger("peewee").isEnabledFor(logging.DEBUG)
-        self._outcomes = gevent.spawn(self._hear)
-        self._outcomes.name = "store writer"
-        _start_thread(self._thread_main, ())
+        self._pump = gevent.spawn(self._run)
+        self._pump.name = "store writer"
 
     # -- the loop's side ---------------------------------------------------------------------------
     def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
                committed: Committed | None = None, failed: Failed | None = None) -> Any:
-        if self._exited.is_set():
+        if self._pump.dead:
             raise OperationalError("database: the store's writer is stopped")
         result = gevent.event.AsyncResult() if wait else None
         deadline = time.monotonic() + self.retry_for if wait and not fail_fast else None
         self._queue.append(_Write(work, durable, fail_fast, deadline, result, committed, failed))
+        self._ready.set()
         if wait or fail_fast or durable:  # (a durable write holds something back until it is on disk: a claim)
-            self._urgent = True
-            self._signal.set()
-        elif len(self._queue) == 1:  # (counted after the append: the thread may have emptied it meanwhile)
-            self._signal.set()  # the thread may be idle: it lingers for more from now
+            self._urgent.set()
         return result.get() if result is not None else None
 
     def flush(self) -> None:
@@ -275,52 +229,86 @@ class ThreadWriter:
         self.submit(lambda: None, durable=False, fail_fast=True, wait=True)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Commit what is queued (trying for up to ``timeout`` seconds), then close the thread's connection.
-        A group the thread is writing then is finished first, and its callers hear how it ended."""
-        if self._exited.is_set():
-            return
+        """Commit what is queued (trying for up to ``timeout`` seconds), then close the thread's connection."""
         self._stopping = True
-        self._signal.set()
-        if not self._exited.wait(timeout):
-            self._abandon = True
-            self._signal.set()
-            self._exited.wait()
-        if self._queue:  # submitted after the thread's last look
-            stranded = list(self._queue)
-            self._queue.clear()
-            log_event(log, "store.writes_lost", logging.ERROR, count=len(stranded),
-                      note="submitted as the writer stopped; the next start reconciles the calls in flight")
-            for write in stranded:
+        self._ready.set()
+        self._urgent.set()
+        self._pump.join(timeout)
+        if not self._pump.dead:
+            self._pump.kill(block=True, timeout=timeout)
+        # A group the thread was still writing when the pump was stopped: its callers hear how it ended
+        # once the thread is done with it (the close below runs after it).
+        stranded, self._writing = self._writing, None
+        if self._queue:
+            log_event(log, "store.writes_lost", logging.ERROR, count=len(self._queue),
+                      note="the store stayed unwritable; the next start reconciles the calls in flight")
+            for write in self._queue:
                 if write.result is not None or write.failed is not None:
                     self._fail(write, OperationalError("database: the store's writer stopped"))
+            self._queue.clear()
+        try:
+            self._pool.apply(self._close)
+        finally:
+            self._pool.kill()
+            if stranded is not None:
+                self._settle(stranded)
 
-    def _hear(self) -> None:
-        """The loop's greenlet that delivers what the thread did: results, callbacks, failures, log lines."""
+    def _settle(self, group: list[_Write]) -> None:
+        """Tell the callers of a group left with the thread at stop() how it ended: committed, or lost."""
+        outcome = self._outcome
+        if outcome is not None and outcome[0] is group and outcome[1] is None:
+            self._finish(group)
+            return
+        failure = outcome[1] if outcome is not None and outcome[0] is group else None
+        log_event(log, "store.writes_lost", logging.ERROR, count=len(group),
+                  note="the store refused them as the writer stopped; the next start reconciles the calls in flight")
+        for write in group:
+            self._fail(write, failure or OperationalError("database: the store's writer stopped"))
+
+    def _run(self) -> None:
+        delay = RETRY_FIRST
+        give_up_at: float | None = None
         while True:
-            self._arrived.wait()
-            self._arrived.clear()
-            while self._done:
-                what, writes, error, pause = self._done.popleft()
-                if what == "committed":
-                    self.groups += 1
-                    self._finish(writes)
-                elif what == "failed":
-                    for write in writes:
-                        self._fail(write, error or OperationalError("database: the store's writer stopped"))
-                elif what == "retry":
-                    self.retries += 1
-                    log_event(log, "store.retry", logging.WARNING, error=str(error), retry_in=pause,
-                              waiting=len(writes) + len(self._queue))
-                elif what == "lost":
-                    log_event(log, "store.writes_lost", logging.ERROR, count=len(writes),
-                              note="the store stayed unwritable; the next start reconciles the calls in flight")
-                    for write in writes:
-                        if write.result is not None or write.failed is not None:
-                            self._fail(write, OperationalError("database: the store's writer stopped"))
-                else:  # "exited"
-                    self._wakeup.stop()
-                    self._exited.set()
+            if not self._queue:
+                if self._stopping:
                     return
+                self._ready.clear()
+                self._ready.wait()
+                continue
+            if not self._urgent.is_set() and not self._stopping and len(self._queue) < self.max_group:
+                # Nobody waits for these (steps of calls in progress): let more join this group, unless a
+                # write somebody waits for arrives meanwhile. Fewer, larger groups: less CPU per write.
+                self._urgent.wait(timeout=LINGER)
+            group = [self._queue.popleft() for _ in range(min(self.max_group, len(self._queue)))]
+            self._urgent.clear()
+            self._writing = group
+            failure = self._pool.apply(self._commit, (group,))
+            self._writing = None
+            if failure is None:
+                self.groups += 1
+                delay = RETRY_FIRST
+                self._finish(group)
+                continue
+            # Undone whole: the fail-fast writes fail now (503); the others go again, first, after a pause.
+            now = time.monotonic()
+            again = []
+            for write in group:
+                if write.fail_fast or (write.deadline is not None and now >= write.deadline):
+                    self._fail(write, failure)
+                else:
+                    again.append(write)
+            self._queue.extendleft(reversed(again))
+            if not again:
+                continue
+            self.retries += 1
+            if self._stopping:  # stop() bounds this with its own timeout
+                give_up_at = give_up_at or now + self.retry_for
+                if now >= give_up_at:
+                    return
+            log_event(log, "store.retry", logging.WARNING, error=str(failure), retry_in=delay,
+                      waiting=len(self._queue))
+            self._urgent.wait(timeout=delay)
+            delay = min(delay * 2, RETRY_MAX)
 
     def _finish(self, group: list[_Write]) -> None:
         for write in group:
@@ -348,59 +336,6 @@ class ThreadWriter:
                 log.exception("a failed write's action failed")
 
     # -- the writer thread's side (no gevent, no logging) ------------------------------------------
-    def _thread_main(self) -> None:
-        try:
-            self._write_until_stopped()
-        finally:
-            try:
-                self._close()
-            finally:
-                self._tell("exited", [], None)
-
-    def _write_until_stopped(self) -> None:
-        again: list[_Write] = []  # a group the store refused, less its fail-fast writes: first, after a pause
-        delay = RETRY_FIRST
-        give_up_at: float | None = None
-        while True:
-            if not again and not self._queue:
-                if self._stopping:
-                    return
-                self._signal.wait(None)
-                continue
-            if not again and not self._urgent and not self._stopping and len(self._queue) < self.max_group:
-                # Nobody waits for these (steps of calls in progress): let more join this group, unless a
-                # write somebody waits for arrives meanwhile. Fewer, larger groups: less CPU per write.
-                self._signal.wait(LINGER)
-            self._urgent = False
-            group = again + [self._queue.popleft() for _ in range(min(self.max_group - len(again), len(self._queue)))]
-            failure = self._commit(group)
-            if failure is None:
-                again, delay, give_up_at = [], RETRY_FIRST, None
-                self._tell("committed", group, None)
-                continue
-            # Undone whole: the fail-fast writes fail now (503); the others go again, first, after a pause.
-            now = time.monotonic()
-            gone = [w for w in group if w.fail_fast or (w.deadline is not None and now >= w.deadline)]
-            again = [w for w in group if not (w.fail_fast or (w.deadline is not None and now >= w.deadline))]
-            if gone:
-                self._tell("failed", gone, failure)
-            if not again:
-                continue
-            if self._stopping:
-                give_up_at = give_up_at or now + self.retry_for
-                if self._abandon or now >= give_up_at:
-                    lost = again + [self._queue.popleft() for _ in range(len(self._queue))]
-                    self._tell("lost", lost, failure)
-                    return
-            self._tell("retry", again, failure, delay)
-            self._signal.wait(delay)  # cut short by a write somebody waits for, or by stop()
-            delay = min(delay * 2, RETRY_MAX)
-
-    def _tell(self, what: str, writes: list[_Write], error: BaseException | None, pause: float = 0.0) -> None:
-        """Hand an outcome to the loop (its greenlet ``_hear``), without waiting for it."""
-        self._done.append((what, writes, error, pause))
-        self._wakeup.send()
-
     def _commit(self, group: list[_Write]) -> BaseException | None:
         """Run the group's writes in order in one transaction; None once committed, else the error that undid
         the whole group (each write's own error is kept on the write)."""
@@ -416,7 +351,10 @@ class ThreadWriter:
             except _OwnError:  # rare (a key taken by a concurrent request): again, each write on its own
                 self._write_group(group, isolated=True)
         except Exception as exc:
-            return self._refusal or exc  # the store's own error, should the rollback after it raise another
+            # the store's own error, should the rollback after it raise another
+            self._outcome = (group, self._refusal or exc)
+            return self._outcome[1]
+        self._outcome = (group, None)
         return None
 
     def _write_group(self, group: list[_Write], *, isolated: bool) -> None:

@@ -260,6 +260,21 @@ def test_the_calls_lists_filters_are_refused_by_the_scheduled_list_not_ignored(
     assert data_of(response)["code_desc"].startswith(f"{name}: not a filter of GET /v1/scheduled")
 
 
+def test_a_query_parameter_given_twice_is_400_not_its_first_value(client: FlaskClient, make_endpoint: Any) -> None:
+    """status=failed&status=completed read as "failed" alone would hide the completed calls the client asked
+    for, and say nothing; the list form is status=failed,completed."""
+    _, token = make_endpoint()
+    for path, query in (("/v1/calls", "status=failed&status=completed"), ("/v1/calls", "limit=1&limit=200"),
+                        ("/v1/scheduled", "cursor=a&cursor=b")):
+        response = client.get(f"{path}?token={token}&{query}")
+        assert response.status_code == 400
+        name = query.split("=", 1)[0]
+        assert data_of(response)["code_desc"] == f"{name}: given more than once; send each field once"
+    response = client.get(f"/v1/calls?token={token}&token={token}")
+    assert response.status_code == 400 and data_of(response)["code_desc"].startswith("token: given more than once")
+    assert client.get(f"/v1/calls?token={token}&status=failed,completed").status_code == 200
+
+
 def test_every_status_value_filters(client: FlaskClient, make_endpoint: Any) -> None:
     mine, token = make_endpoint()
     for i, status in enumerate(CallStatus):

@@ -156,7 +156,11 @@ def require_endpoint(values: Mapping[str, Any]) -> tuple[Endpoint, str]:
 
 
 def query_values() -> dict[str, Any]:
-    """Query-string parameters (first value of each)."""
+    """Query-string parameters, one per name: a name given twice is a 400, as in a body (``status=a&status=b``
+    read as ``a`` alone would silently drop a filter the client meant; ``status=a,b`` is the list form)."""
+    for name, given in request.args.lists():
+        if len(given) > 1:
+            raise _given_twice(name, "query string")
     return request.args.to_dict(flat=True)
 
 
@@ -198,9 +202,9 @@ def _form_values(data: bytes, charset: str | None) -> dict[str, str]:
     return found
 
 
-def _given_twice(name: str) -> ApiError:
-    """The answer to a field given twice; its name quoted when short and plain, else just ``body``."""
-    shown = name if len(name) <= 64 and name.isidentifier() and name.isascii() else "body"
+def _given_twice(name: str, where: str = "body") -> ApiError:
+    """The answer to a field given twice; its name quoted when short and plain, else just where it was."""
+    shown = name if len(name) <= 64 and name.isidentifier() and name.isascii() else where
     return ApiError(400, f"{shown}: given more than once; send each field once")
 
 

@@ -155,13 +155,20 @@ def require_endpoint(values: Mapping[str, Any]) -> tuple[Endpoint, str]:
     raise ApiError(401, "token: invalid or disabled", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
 
 
+LIST_PARAMETERS = ("limit", "cursor", "status", "from", "to")
+
+
 def query_values() -> dict[str, Any]:
-    """Query-string parameters, one per name: a name given twice is a 400, as in a body (``status=a&status=b``
-    read as ``a`` alone would silently drop a filter the client meant; ``status=a,b`` is the list form)."""
-    for name, given in request.args.lists():
-        if len(given) > 1:
-            raise _given_twice(name, "query string")
+    """Query-string parameters (first value of each)."""
     return request.args.to_dict(flat=True)
+
+
+def check_list_parameters_given_once() -> None:
+    """A list's parameters given twice are a 400, as a body's fields: ``status=a&status=b`` read as ``a``
+    alone would silently drop a filter (``status=a,b`` is the list form)."""
+    for name in LIST_PARAMETERS:
+        if len(request.args.getlist(name)) > 1:
+            raise _given_twice(name, "query string")
 
 
 def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -320,6 +327,7 @@ def list_calls() -> Response:
     """The token's calls, newest first, keyset-paginated and filterable by status and request date."""
     args = query_values()
     endpoint, _ = require_endpoint(args)
+    check_list_parameters_given_once()
     q = parse_list_query(args, endpoint_zone(endpoint.timezone))
     rows = list(calls_page_query(endpoint.id, q))
     more = len(rows) > q.limit
@@ -356,6 +364,7 @@ def list_scheduled() -> Response:
     """The token's scheduled calls that have not started yet, soonest first."""
     args = query_values()
     endpoint, _ = require_endpoint(args)
+    check_list_parameters_given_once()
     for name in ("status", "from", "to"):  # GET /v1/calls's filters: taken here, they would be ignored
         if args.get(name):
             raise ApiError(400, f"{name}: not a filter of GET /v1/scheduled, which lists every pending scheduled "

@@ -35,6 +35,12 @@ def daemon(name: str, now: Callable[[], dt.datetime] = lambda: T0) -> CallRecord
     return CallRecords(Metrics(), clock=now, owner=name, lease_seconds=LEASE.total_seconds())
 
 
+def lease_events(records: CallRecords) -> dict[str, int]:
+    """``callbridge_lease_events_total`` by event, as /metrics shows it."""
+    return {event: int(records.metrics.registry.get_sample_value("callbridge_lease_events_total", {"event": event})
+                       or 0) for event in ("taken_over", "lost", "released", "held")}
+
+
 def in_flight(endpoint: Endpoint, *, owner: str | None, lease_until: dt.datetime | None,
               status: CallStatus = CallStatus.BRIDGED) -> Call:
     """A call as a daemon leaves it running: claimed, legs known, owned, its lease until ``lease_until``."""
@@ -224,6 +230,7 @@ def test_the_lease_keeper_renews_takes_over_and_lets_go(
     assert Call.get_by_id(orphan.id).owner == "node-a"
     keeper.tick(T0)
     assert len(engine.adopted) == 1 and Call.get_by_id(stolen.id).owner == "node-b"
+    assert lease_events(records) == {"taken_over": 1, "lost": 1, "released": 0, "held": 0}
 
 
 def test_after_renewals_missed_to_a_store_outage_nothing_is_taken_over_for_a_lease(
@@ -234,7 +241,8 @@ def test_after_renewals_missed_to_a_store_outage_nothing_is_taken_over_for_a_lea
     still expired then: the calls of a daemon that really died."""
     endpoint, _ = make_endpoint()
     engine = AdoptingEngine()
-    keeper = Leases(settings, engine, daemon("node-a"))  # type: ignore[arg-type]
+    records = daemon("node-a")
+    keeper = Leases(settings, engine, records)  # type: ignore[arg-type]
     keeper.tick(T0)  # a renewal the store took
     back = T0 + 2 * LEASE  # the store answers again after an outage of two leases
     live = in_flight(endpoint, owner="node-b", lease_until=T0 + LEASE)  # node-b is alive, could not renew
@@ -248,6 +256,7 @@ def test_after_renewals_missed_to_a_store_outage_nothing_is_taken_over_for_a_lea
     keeper.tick(back + LEASE + dt.timedelta(seconds=1))
     assert [call_id for call_id, _ in engine.adopted] == [dead.id]
     assert Call.get_by_id(live.id).owner == "node-b"
+    assert lease_events(records) == {"taken_over": 1, "lost": 0, "released": 0, "held": 1}
 
 
 def test_a_call_on_a_switch_this_daemon_lacks_or_cannot_reach_is_left_to_another_until_it_outlived_any_call(

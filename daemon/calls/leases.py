@@ -91,6 +91,7 @@ class Leases:
         previous, self._renewed_at = self._renewed_at, now
         if previous is not None and now - previous > self.lease * 2 / 3:
             self._no_takeover_until = now + self.lease
+            self.records.metrics.leases.labels("held").inc()
             log_event(log, "lease.takeovers_held", logging.WARNING, gap_seconds=round((now - previous).total_seconds()),
                       until=self._no_takeover_until.isoformat() + "Z",
                       note="renewals were missed (store unreachable or this daemon stalled): the other daemons get "
@@ -119,6 +120,7 @@ class Leases:
         Returns how many were let go."""
         lost = self.records.renew_leases(list(self.engine.active), now=now)
         if lost:
+            self.records.metrics.leases.labels("lost").inc(len(lost))
             log_event(log, "lease.lost", logging.WARNING, calls=len(lost),
                       note="another daemon took these calls over: this one stalled past their lease")
             self.engine.let_go(lost, note="another daemon took the call over (this one had not renewed its lease)")
@@ -151,6 +153,7 @@ class Leases:
                     if previous and expired_at else "taken over: no daemon held it")
             self.engine.adopt(call, note=note)
         if taken:
+            self.records.metrics.leases.labels("taken_over").inc(taken)
             log_event(log, "lease.taken_over", calls=taken)
         return taken
 
@@ -173,4 +176,5 @@ class Leases:
         """This daemon is stopping: end its leases on the calls it leaves to FreeSWITCH."""
         released = self.records.release_leases(call_ids, now=now)
         if released:
+            self.records.metrics.leases.labels("released").inc(released)
             log_event(log, "lease.released", calls=released)

@@ -65,6 +65,13 @@ class Metrics:
                                         ["leg"], registry=r)
         for leg in ("a", "b"):
             self.switch_throttled.labels(leg)
+        # Several daemons on one PostgreSQL (daemon/calls/leases.py): calls changing hands.
+        self.leases = Counter("callbridge_lease_events_total",
+                              "Calls changing hands: taken_over (another daemon's lease ran out), lost (another "
+                              "daemon took it), released (at this daemon's stop), held (takeovers held after "
+                              "missed renewals)", ["event"], registry=r)
+        for event in ("taken_over", "lost", "released", "held"):
+            self.leases.labels(event)
         self._esl_traffic = _EslTrafficCollector()
         r.register(self._esl_traffic)
 

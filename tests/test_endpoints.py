@@ -169,3 +169,10 @@ def test_extension_patterns_that_match_in_linear_time_are_taken(db: Database, pa
                                                   dial_string="sofia/gateway/carrier/{number}",
                                                   extension_pattern=pattern))
     assert endpoint.extension_pattern == pattern
+
+
+def test_the_cli_shows_a_webhook_urls_password_as_stars(make_endpoint: Any) -> None:
+    """Basic auth for the receiver goes in the URL; what `endpoint list` prints lands in tickets and logs."""
+    endpoint = make_endpoint(webhook_url="https://hooks:s3cret@hooks.example/cb?x=1")[0]
+    assert describe(endpoint)["webhook_url"] == "https://hooks:****@hooks.example/cb?x=1"
+    assert endpoint.webhook_url == "https://hooks:s3cret@hooks.example/cb?x=1"  # sent as it is

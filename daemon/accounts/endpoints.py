@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from peewee import IntegrityError
 
 from daemon.accounts.users import has_control
-from daemon.config import ConfigError, zone
+from daemon.config import ConfigError, mask_url, zone
 from daemon.store import Account, Endpoint, precompiled, select_rows, utcnow
 from daemon.switch.commands import (
     CALLER_NAME_RE,
@@ -307,7 +307,7 @@ def describe(endpoint: Endpoint) -> dict[str, Any]:
         "daily_cap": endpoint.daily_cap,
         "allowed_prefixes": endpoint.allowed_prefixes,
         "extension_pattern": endpoint.extension_pattern,
-        "webhook_url": endpoint.webhook_url,
+        "webhook_url": mask_url(endpoint.webhook_url),  # a password in it: sent, never printed
         "enabled": endpoint.enabled,
         "owner": owner_email(endpoint),
         "created_at": endpoint.created_at.isoformat() + "Z",

@@ -42,10 +42,26 @@ def _print(obj: Any, as_json: bool) -> None:
         if not obj:
             print("(none)")
         for row in obj:
-            print("  ".join(f"{k}={v}" for k, v in row.items()))
+            print(_row(row))
     else:
         for key, value in obj.items():
-            print(f"{key}: {value}")
+            if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+                print(f"{key}:")  # a call's timeline: a step a line
+                for item in value:
+                    print("  " + _row(item))
+            else:
+                print(f"{key}: {_shown(value)}")
+
+
+def _row(row: dict[str, Any]) -> str:
+    return "  ".join(f"{k}={_shown(v)}" for k, v in row.items())
+
+
+def _shown(value: Any) -> str:
+    """A value as a person reads it: nested objects as JSON, not Python's repr."""
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    return "" if value is None else str(value)
 
 
 CONFIG_HELP = "TOML settings file (default: $CALLBRIDGE_CONFIG)"

@@ -129,6 +129,9 @@ def test_calls_in_flight_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows[0]["started_at"].endswith("Z")  # ISO 8601 UTC, as every other answer
     shown = json.loads(run(capsys, "calls", "show", "abc123abc123", "--json")[1])
     assert shown["status"] == "dialing_b" and [t["kind"] for t in shown["timeline"]] == ["claimed"]
+    text = run(capsys, "calls", "show", "abc123abc123")[1]
+    assert "\ntimeline:\n  at=" in text and '  kind=claimed  detail={"a_uuid": "x"}' in text, text
+    assert "None" not in text and "{'" not in text  # no Python reprs
     code, _, err = run(capsys, "calls", "show", "nope", "--json")
     assert code == 2 and "no such call" in err
 

@@ -28,6 +28,7 @@ import gevent.event
 from peewee import OperationalError
 
 from daemon.ops.logs import log_event
+from daemon.writer import is_transient
 
 T = TypeVar("T")
 
@@ -89,11 +90,11 @@ class Loop(Generic[T]):
             self._wake.clear()
             try:
                 delay = self.tick(self.clock())
-            except OperationalError as exc:
-                self._store_unavailable(exc)
-                delay = self.error_delay
-            except Exception:
-                self.log.exception("%s failed", self.name)
+            except Exception as exc:
+                if isinstance(exc, OperationalError) and is_transient(exc):  # the store down, locked, full
+                    self._store_unavailable(exc)
+                else:  # a statement's own error (no such column) is a bug like any other: with its stack
+                    self.log.exception("%s failed", self.name)
                 delay = self.error_delay
             else:
                 if self._store_down_since is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 
 import gevent
 import gevent.event
@@ -142,6 +143,37 @@ def test_a_store_outage_is_one_line_when_it_starts_and_one_when_it_ends(caplog: 
     assert down.exc_info is None and down.loop == "test tick"  # type: ignore[attr-defined]
     assert down.error == 'connection failed: connection to server at "127.0.0.1", port 5432 failed: ' \
         "Connection refused"  # type: ignore[attr-defined]
+
+
+def test_a_statements_own_error_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Not every OperationalError is an outage: SQLite's "no such column" is a bug, and needs its stack."""
+    failures = [sqlite_error("no such column: nope", 1)]  # SQLITE_ERROR
+    seen: gevent.queue.Queue = gevent.queue.Queue()
+
+    def tick(now: int) -> float:
+        seen.put(now)
+        if failures:
+            raise failures.pop()
+        return LONG
+
+    loop = Loop("test tick", tick, Clock(), log=log, error_delay=0.001)
+    with caplog.at_level(logging.INFO, logger="test.loop"):
+        loop.start()
+        try:
+            assert [seen.get(timeout=10) for _ in range(2)] == [1, 2]  # logged, and the loop goes on
+        finally:
+            loop.stop()
+    assert [r.getMessage() for r in caplog.records] == ["test tick failed"]
+    assert caplog.records[0].exc_info is not None
+
+
+def sqlite_error(message: str, code: int) -> OperationalError:
+    """peewee's OperationalError around sqlite3's, with SQLite's result code, as the store raises it."""
+    orig = sqlite3.OperationalError(message)
+    orig.sqlite_errorcode = code  # type: ignore[attr-defined]
+    error = OperationalError(message)
+    error.orig = orig  # type: ignore[attr-defined]
+    return error
 
 
 def test_a_tick_stuck_past_the_stop_timeout_is_killed() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import sqlite3
+from collections.abc import Sequence
 
 import gevent
 import gevent.event
@@ -21,18 +22,22 @@ LONG = 3600.0  # a sleep no test may ever wait out
 
 
 class Ticks:
-    """A tick that reports each ``now`` it is given and returns ``delay``."""
+    """A tick that reports each ``now`` it is given and returns ``delay``; it raises each of ``errors`` in
+    turn first, and once more when ``fail_next`` is set."""
 
-    def __init__(self, delay: float = LONG) -> None:
+    def __init__(self, delay: float = LONG, errors: Sequence[Exception] = ()) -> None:
         self.delay = delay
         self.seen: gevent.queue.Queue = gevent.queue.Queue()
         self.fail_next = False
+        self.errors = list(errors)
 
     def __call__(self, now: int) -> float:
         self.seen.put(now)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("boom")
+        if self.errors:
+            raise self.errors.pop(0)
         return self.delay
 
 
@@ -118,22 +123,14 @@ def test_a_failing_tick_is_logged_and_tried_again_after_the_error_delay(caplog: 
 def test_a_store_outage_is_one_line_when_it_starts_and_one_when_it_ends(caplog: pytest.LogCaptureFixture) -> None:
     """A database restart or a network cut fails every tick of every loop: a 7 KB traceback each second
     buried the one line that said what was wrong."""
-    failures = [OperationalError("connection failed: connection to server at \"127.0.0.1\", port 5432 "
-                                 "failed:\n\tConnection refused")] * 5
-    seen: gevent.queue.Queue = gevent.queue.Queue()
-
-    def tick(now: int) -> float:
-        seen.put(now)
-        if failures:
-            raise failures.pop()
-        return LONG
-
-    loop = Loop("test tick", tick, Clock(), log=log, error_delay=0.001)
+    ticks = Ticks(LONG, errors=[OperationalError("connection failed: connection to server at \"127.0.0.1\", "
+                                                 "port 5432 failed:\n\tConnection refused")] * 5)
+    loop = Loop("test tick", ticks, Clock(), log=log, error_delay=0.001)
     with caplog.at_level(logging.INFO, logger="test.loop"):
         loop.start()
         try:
             for expected in range(1, 7):
-                assert seen.get(timeout=10) == expected
+                assert ticks.seen.get(timeout=10) == expected
             assert wait_for(lambda: any(r.getMessage() == "store.available_again" for r in caplog.records), 10)
         finally:
             loop.stop()
@@ -147,20 +144,12 @@ def test_a_store_outage_is_one_line_when_it_starts_and_one_when_it_ends(caplog: 
 
 def test_a_statements_own_error_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
     """Not every OperationalError is an outage: SQLite's "no such column" is a bug, and needs its stack."""
-    failures = [sqlite_error("no such column: nope", 1)]  # SQLITE_ERROR
-    seen: gevent.queue.Queue = gevent.queue.Queue()
-
-    def tick(now: int) -> float:
-        seen.put(now)
-        if failures:
-            raise failures.pop()
-        return LONG
-
-    loop = Loop("test tick", tick, Clock(), log=log, error_delay=0.001)
+    ticks = Ticks(LONG, errors=[sqlite_error("no such column: nope", 1)])  # SQLITE_ERROR
+    loop = Loop("test tick", ticks, Clock(), log=log, error_delay=0.001)
     with caplog.at_level(logging.INFO, logger="test.loop"):
         loop.start()
         try:
-            assert [seen.get(timeout=10) for _ in range(2)] == [1, 2]  # logged, and the loop goes on
+            assert [ticks.seen.get(timeout=10) for _ in range(2)] == [1, 2]  # logged, and the loop goes on
         finally:
             loop.stop()
     assert [r.getMessage() for r in caplog.records] == ["test tick failed"]

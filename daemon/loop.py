@@ -27,7 +27,7 @@ import gevent
 import gevent.event
 from peewee import OperationalError
 
-from daemon.ops.logs import log_event
+from daemon.ops.logs import log_event, one_line
 from daemon.writer import is_transient
 
 T = TypeVar("T")
@@ -112,9 +112,8 @@ class Loop(Generic[T]):
         elif now - self._store_down_logged < STORE_DOWN_LOG_INTERVAL:
             return
         self._store_down_logged = now
-        error = " ".join(str(exc).split())[:300]  # PostgreSQL's messages run over several lines
         log_event(self.log, "store.unavailable", logging.ERROR, loop=self.name,
-                  down_seconds=round(now - self._store_down_since, 1), error=error,
+                  down_seconds=round(now - self._store_down_since, 1), error=one_line(exc),
                   note="retried; its work waits until the store answers")
 
     def _sleep(self, seconds: float) -> bool:

@@ -29,7 +29,7 @@ from daemon.calls.records import CallRecords, NewCall, NotCancelable
 from daemon.calls.view import call_view, endpoint_zone, timeline_view
 from daemon.config import Settings
 from daemon.media.library import MediaBusy, SpeechUnavailable, route_allows
-from daemon.ops.logs import log_event
+from daemon.ops.logs import log_event, one_line
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallStatus, Endpoint, database
 from daemon.writer import current as writer
@@ -172,8 +172,8 @@ def check_list_parameters_given_once() -> None:
 
 
 def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refused when a key repeats: which value counts would be a guess (ours the last, a
-    proxy's or a validator's in front of us perhaps the first)."""
+    """A JSON object's or a form's values, refused when a name repeats: which value counts would be a guess
+    (ours the last, a proxy's or a validator's in front of us perhaps the first)."""
     found: dict[str, Any] = {}
     for name, value in pairs:
         if name in found:
@@ -201,12 +201,7 @@ def _form_values(data: bytes, charset: str | None) -> dict[str, str]:
     except UnicodeDecodeError:
         raise ApiError(400, f"body: not {codec} text; percent-encode each field as UTF-8 (e.g. caf%C3%A9), "
                             "or declare the charset in Content-Type") from None
-    found: dict[str, str] = {}
-    for name, value in pairs:
-        if name in found:
-            raise _given_twice(name)
-        found[name] = value
-    return found
+    return _object_without_repeats(pairs)
 
 
 def _given_twice(name: str, where: str = "body") -> ApiError:
@@ -434,7 +429,7 @@ def database_ready() -> bool:
             return bool(writable)
         return True
     except OperationalError as exc:  # down, locked, full: what the probe is for, in one line
-        log_event(log, "readiness.database_unavailable", logging.WARNING, error=" ".join(str(exc).split())[:300])
+        log_event(log, "readiness.database_unavailable", logging.WARNING, error=one_line(exc))
         return False
     except Exception:
         log.warning("readiness: database check failed", exc_info=True)

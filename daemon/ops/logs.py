@@ -63,6 +63,11 @@ def configure(fmt: str = "kv", level: str = "INFO") -> None:
     root.setLevel(level)
 
 
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An error's text as one log field: its lines joined (PostgreSQL's messages run over several), cut."""
+    return " ".join(str(error).split())[:limit]
+
+
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event with its fields (never pass a whole token)."""
     logger.log(level, event, extra=fields)

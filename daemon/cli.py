@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     for name, text in (("run", "run the service (also what no command does)"),
                        ("check-config", "print the effective settings (secrets masked) and exit")):
-        sub.add_parser(name, help=text).add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        sub.add_parser(name, help=text)
 
     ep = sub.add_parser("endpoint", help="manage endpoints and their tokens").add_subparsers(dest="action",
                                                                                              required=True)
@@ -153,10 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     hang = calls.add_parser("hangup", help="hang up a call in progress")
     hang.add_argument("callid")
     hang.add_argument("--json", action="store_true")
-    # --config is accepted after any command too (`endpoint list --config PATH`), as after run.
-    for group in (ep, user, calls):
-        for action in group.choices.values():
-            action.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    # --config is accepted after any command too: `run --config PATH`, `endpoint list --config PATH`.
+    for command in (sub.choices["run"], sub.choices["check-config"], *ep.choices.values(), *user.choices.values(),
+                    *calls.choices.values()):
+        command.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     return p
 
 

@@ -1021,7 +1021,7 @@ class CallSequence:
         self.connection_lost = False
         # Adopted (a restart, or another daemon's call taken over): what happened since was heard by no one.
         unfollowed = self.adopted and not self.dial_checked
-        if self.adopted and not self.dial_checked:
+        if unfollowed:
             # The engine's first connection has no Core-UUID to compare with: the dial mark has one.
             self.dial_checked = True
             dialed_on = self.records.dialed_on(self.call)

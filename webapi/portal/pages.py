@@ -156,8 +156,7 @@ def account() -> Response:
     current = request.form.get("current_password", "")
     new = request.form.get("new_password", "")
     # A wrong current password is a guess like a failed sign-in: the same budgets (this browser's or the
-    # account's, and the address's),
-    # so an open session is no way around them.
+    # account's, and the address's), so an open session is no way around them.
     sec, address = security(), client_address()
     budget = sec.login_budget(request, users.normalise_email(account.email))
     wait = sec.login_wait(budget, address)

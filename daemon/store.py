@@ -458,11 +458,7 @@ def open_database(url: str) -> Database:
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path and path != ":memory:":
-            folder = Path(path.partition("?")[0]).parent
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise peewee.OperationalError(f"cannot make the folder {folder}: {exc.strerror or exc}") from exc
+            _make_private_file(Path(path.partition("?")[0]))
         db = connect(url, pragmas=SQLITE_PRAGMAS, thread_safe=False, check_same_thread=False)
         db._state = ThreadConnections()  # type: ignore[attr-defined]
         db.connect(reuse_if_open=True)
@@ -474,6 +470,24 @@ def open_database(url: str) -> Database:
     database.initialize(db)
     migrate(db)
     return db
+
+
+def _make_private_file(path: Path) -> None:
+    """Create the database file (and its folder) if missing, readable by its owner only: it holds phone
+    numbers, messages, webhook secrets and password hashes, and SQLite gives its ``-wal`` and ``-shm`` the
+    file's own mode. (Made by SQLite, it would be world-readable under a umask of 022, as in a shell.)
+    An existing file keeps the mode its operator gave it."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise peewee.OperationalError(f"cannot make the folder {folder}: {exc.strerror or exc}") from exc
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise peewee.OperationalError(f"cannot create {path}: {exc.strerror or exc}") from exc
 
 
 def close_database(db: Database) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,29 @@ def test_relaxed_durability_is_scoped_to_its_own_write(db: Database, store_kind:
 def test_database_file(settings: Settings) -> None:
     assert database_file(settings.database_url) == str(Path(settings.state_dir) / "callbridge.db")
     assert database_file("postgresql://u:p@h/db") is None
+
+
+@pytest.mark.stores("sqlite")
+def test_a_new_database_file_and_its_wal_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "callbridge.db"
+    previous = os.umask(0o022)  # a shell's: SQLite alone would make the file world-readable
+    try:
+        db = open_database(f"sqlite:///{path}")
+        try:
+            an_endpoint("private")  # a write: the WAL file is made
+            modes = {file.name: file.stat().st_mode & 0o777 for file in path.parent.iterdir()}
+        finally:
+            close_database(db)
+    finally:
+        os.umask(previous)
+    assert modes["callbridge.db"] == 0o600
+    assert modes["callbridge.db-wal"] == 0o600, modes
+    # A file the operator made keeps its mode.
+    other = tmp_path / "theirs.db"
+    other.touch(mode=0o640)
+    other.chmod(0o640)
+    close_database(open_database(f"sqlite:///{other}"))
+    assert other.stat().st_mode & 0o777 == 0o640
 
 
 @pytest.mark.stores("sqlite")

@@ -1,11 +1,13 @@
-"""The store's writer thread (daemon/writer.py) on SQLite: writes committed in groups by one real thread, in
-the order submitted; a write's own error undoes that write alone; a locked store is waited out by the
-daemon's writes and answered at once (503) for a request's; durable groups commit with synchronous=FULL."""
+"""The store's writer (daemon/writer.py) on SQLite: writes committed in groups on one real thread's connection,
+in the order submitted, the loop running a group's first short writes itself; a write's own error undoes that
+write alone; a locked store is waited out by the daemon's writes (never by the loop) and answered at once (503)
+for a request's; durable groups commit with synchronous=FULL."""
 
 from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +19,14 @@ from peewee import Database, IntegrityError, OperationalError
 
 from daemon.calls.records import CallRecords, NewCall
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallEvent, CallStatus, Endpoint, database, database_file
+from daemon.store import SQLITE_PRAGMAS, Call, CallEvent, CallStatus, Endpoint, database, database_file
 from daemon.writer import ThreadWriter, current, install
 from tests.integration.conftest import wait_for
 
 NOW = dt.datetime(2026, 6, 15, 12, 0, 0)
 real_lock = monkey.get_original("_thread", "allocate_lock")
 real_ident = monkey.get_original("_thread", "get_ident")
+real_sleep = monkey.get_original("time", "sleep")
 
 
 @pytest.fixture
@@ -51,7 +54,7 @@ class Gate:
             with self.lock:
                 pass
 
-        writer.submit(hold, durable=False)
+        writer.submit(hold, durable=False, bulk=True)  # long: the thread runs it
         assert wait_for(lambda: bool(self.entered), 30), "the writer thread never ran the holding write"
 
     def open(self) -> None:
@@ -62,14 +65,66 @@ def kinds(call: Call) -> list[str]:
     return [e.kind for e in CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)]
 
 
-def test_writes_run_in_a_thread_of_their_own_on_a_connection_of_their_own(writer: ThreadWriter,
-                                                                           call: Call) -> None:
+def test_writes_run_on_a_connection_of_their_own_short_ones_on_the_loop_and_bulk_ones_in_the_thread(
+        writer: ThreadWriter, call: Call) -> None:
     def where() -> tuple[int, int]:
         return real_ident(), id(database.connection())
 
-    thread, connection = writer.submit(where, durable=False, wait=True)
-    assert thread != real_ident()
-    assert connection != id(database.connection())
+    gate = Gate(writer)
+    short = gevent.spawn(writer.submit, where, durable=False, wait=True)
+    bulk = gevent.spawn(writer.submit, where, durable=False, wait=True, bulk=True)
+    after = gevent.spawn(writer.submit, where, durable=False, wait=True)
+    gevent.sleep(0)  # all three queued: one group
+    gate.open()
+    (short_thread, short_conn), (bulk_thread, bulk_conn), (after_thread, after_conn) = (
+        short.get(timeout=30), bulk.get(timeout=30), after.get(timeout=30))
+    assert short_thread == real_ident() and bulk_thread != real_ident()
+    assert after_thread == bulk_thread  # what follows a bulk write in its group stays in the thread
+    assert short_conn == bulk_conn == after_conn != id(database.connection())  # the loop's own connection: never
+
+
+def test_a_group_longer_than_the_loops_share_goes_on_in_the_thread(writer: ThreadWriter, call: Call) -> None:
+    gate = Gate(writer)
+    ran_in: list[int] = []
+
+    def step(n: int) -> None:
+        ran_in.append(real_ident())
+        real_sleep(0.0002)  # (a write never yields)
+        CallEvent.create(call=call.id, kind=f"step{n}")
+
+    for n in range(50):  # 10 ms of writes against the loop's 1 ms
+        writer.submit(lambda n=n: step(n), durable=False)
+    gevent.sleep(0)
+    gate.open()
+    writer.flush()
+    on_loop = ran_in.count(real_ident())
+    assert 1 <= on_loop < 50 and set(ran_in[on_loop:]) == {ran_in[-1]} != {real_ident()}
+    assert kinds(call) == [f"step{n}" for n in range(50)]
+
+
+def test_the_loop_never_waits_for_another_processs_lock(writer: ThreadWriter, call: Call, settings: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(SQLITE_PRAGMAS, "busy_timeout", 3000)  # each wait for the lock: 3 s (the thread's)
+    writer.submit(lambda: None, durable=False, wait=True)  # (the writer's connection takes it)
+    other = sqlite3.connect(database_file(settings.database_url), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        writer.submit(lambda: CallEvent.create(call=call.id, kind="waited"), durable=False)
+        # While the thread waits out the lock, the loop keeps running greenlets: a wait on it would stall
+        # them 3 s at a time.
+        started = time.monotonic()
+        stalls = []
+        while time.monotonic() - started < 4.0:
+            before = time.monotonic()
+            gevent.sleep(0.01)
+            stalls.append(time.monotonic() - before)
+        assert max(stalls) < 1.5, f"the loop stalled {max(stalls):.3f} s"
+        assert kinds(call) == []
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    writer.flush()
+    assert kinds(call) == ["waited"]
 
 
 def test_what_queues_meanwhile_commits_in_one_group_in_the_order_submitted(writer: ThreadWriter,
@@ -103,6 +158,28 @@ def test_a_writes_own_error_undoes_that_write_alone(writer: ThreadWriter, call: 
         failing.get(timeout=30)
     writer.flush()
     assert kinds(call) == ["before", "after"]
+
+
+def test_a_writes_own_error_in_the_threads_part_of_a_group_undoes_that_write_alone(
+        writer: ThreadWriter, call: Call, endpoint: Endpoint) -> None:
+    gate = Gate(writer)
+
+    def duplicate() -> None:
+        Endpoint.create(name=endpoint.name, token_hash="x" * 64, token_hint="x", caller_id_number="1",
+                        dial_string="d")
+
+    writer.submit(lambda: CallEvent.create(call=call.id, kind="on the loop"), durable=False)
+    writer.submit(lambda: CallEvent.create(call=call.id, kind="bulk"), durable=False, bulk=True)
+    failing = gevent.spawn(writer.submit, duplicate, durable=True, wait=True)  # after the bulk one: the thread's
+    writer.submit(lambda: CallEvent.create(call=call.id, kind="after"), durable=False)
+    gevent.sleep(0)
+    gate.open()
+    with pytest.raises(IntegrityError):
+        failing.get(timeout=30)
+    writer.flush()
+    assert kinds(call) == ["on the loop", "bulk", "after"]
+    assert writer.submit(lambda: CallEvent.create(call=call.id, kind="next"), durable=True, wait=True)
+    assert kinds(call)[-1] == "next"
 
 
 def test_a_locked_store_is_waited_out_by_the_daemons_writes_and_refused_at_once_to_a_requests(
@@ -215,7 +292,7 @@ def test_stop_tells_the_callers_of_the_group_still_being_written_how_it_ended(db
             return int(CallEvent.create(call=call.id, kind="slow").id)
 
     try:
-        waiting = gevent.spawn(writer.submit, slow, durable=True, wait=True)
+        waiting = gevent.spawn(writer.submit, slow, durable=True, wait=True, bulk=True)
         assert wait_for(lambda: bool(entered), 30), "the writer thread never ran the write"
         gevent.spawn_later(1.0, disk.release)
         writer.stop(timeout=0.2)

@@ -933,7 +933,7 @@ class CallRecords:
         until = now + self.lease
         mine = self._mine()
         renewed = writer().submit(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
-                                  durable=False, wait=True)
+                                  durable=False, wait=True, bulk=True)
         self._held_until = started + self._sure_for()
         if renewed == len(ids):
             return set()
@@ -975,7 +975,7 @@ class CallRecords:
         # One attempt: a store that refuses it must not hold up the stop (the leases then run out by themselves).
         return int(writer().submit(lambda: Call.update(lease_until=now)
                                    .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute(),
-                                   durable=True, fail_fast=True, wait=True))
+                                   durable=True, fail_fast=True, wait=True, bulk=True))
 
     def stopped_following(self, call: Call) -> None:
         """This daemon no longer follows the call (its sequence ended, gave up, or let it go to another

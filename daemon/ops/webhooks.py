@@ -279,7 +279,7 @@ class Webhooks:
         self._pruned_at = now
         done = (WebhookDelivery.state != PENDING) & (WebhookDelivery.finished_at < now - KEEP_FINISHED)
         return int(writer().submit(lambda: WebhookDelivery.delete().where(done).execute(), durable=False,
-                                   wait=True))
+                                   wait=True, bulk=True))
 
     def backoff(self, attempts: int) -> float:
         """Seconds before retry number ``attempts`` + 1: doubling from ``backoff_base``, capped, jittered."""

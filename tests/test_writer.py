@@ -5,10 +5,11 @@ for a request's; durable groups commit with synchronous=FULL."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -61,6 +62,18 @@ class Gate:
         self.lock.release()
 
 
+@contextlib.contextmanager
+def another_process_holds_the_lock(settings: Any) -> Iterator[None]:
+    """The store's write lock held by another connection (a CLI command's, say) until the block ends."""
+    other = sqlite3.connect(database_file(settings.database_url), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 def kinds(call: Call) -> list[str]:
     return [e.kind for e in CallEvent.select().where(CallEvent.call == call.id).order_by(CallEvent.id)]
 
@@ -106,9 +119,7 @@ def test_the_loop_never_waits_for_another_processs_lock(writer: ThreadWriter, ca
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(SQLITE_PRAGMAS, "busy_timeout", 3000)  # each wait for the lock: 3 s (the thread's)
     writer.submit(lambda: None, durable=False, wait=True)  # (the writer's connection takes it)
-    other = sqlite3.connect(database_file(settings.database_url), isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
+    with another_process_holds_the_lock(settings):
         writer.submit(lambda: CallEvent.create(call=call.id, kind="waited"), durable=False)
         # While the thread waits out the lock, the loop keeps running greenlets: a wait on it would stall
         # them 3 s at a time.
@@ -120,9 +131,6 @@ def test_the_loop_never_waits_for_another_processs_lock(writer: ThreadWriter, ca
             stalls.append(time.monotonic() - before)
         assert max(stalls) < 1.5, f"the loop stalled {max(stalls):.3f} s"
         assert kinds(call) == []
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
     writer.flush()
     assert kinds(call) == ["waited"]
 
@@ -184,18 +192,13 @@ def test_a_writes_own_error_in_the_threads_part_of_a_group_undoes_that_write_alo
 
 def test_a_locked_store_is_waited_out_by_the_daemons_writes_and_refused_at_once_to_a_requests(
         writer: ThreadWriter, call: Call, settings: Any) -> None:
-    other = sqlite3.connect(database_file(settings.database_url), isolation_level=None)  # another process's hold
-    other.execute("BEGIN IMMEDIATE")
-    try:
+    with another_process_holds_the_lock(settings):
         writer.submit(lambda: CallEvent.create(call=call.id, kind="waited"), durable=False)
         with pytest.raises(OperationalError, match="locked"):
             writer.submit(lambda: CallEvent.create(call=call.id, kind="refused"), durable=True, fail_fast=True,
                           wait=True)
         assert wait_for(lambda: writer.retries >= 2, 30), "the daemon's write was not retried"
         assert kinds(call) == []
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
     writer.flush()
     assert kinds(call) == ["waited"]
 
@@ -260,18 +263,13 @@ def test_the_api_answers_503_when_the_store_refuses_a_create(writer: ThreadWrite
                                                             make_endpoint: Callable[..., tuple[Endpoint, str]],
                                                             settings: Any) -> None:
     _, token = make_endpoint()
-    other = sqlite3.connect(database_file(settings.database_url), isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
+    with another_process_holds_the_lock(settings):
         response = client.post("/v1/calls", json={"phone_a": "15550001001", "phone_b": "15550002002"},
                                headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 503 and response.headers["Retry-After"] == "1"
         assert "database" in response.get_json()["data"]["code_desc"]
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.get_json()["data"]["checks"]["database"] is False
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
     response = client.post("/v1/calls", json={"phone_a": "15550001001", "phone_b": "15550002002"},
                            headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200

@@ -333,11 +333,9 @@ class ThreadWriter:
         ``LOOP_SHARE``), the rest and the commit in the thread; all of it in the thread when the loop cannot
         take the store's lock at once or a write fails there (the thread's path then decides, as before)."""
         if self._connection is None:
-            try:
+            with contextlib.suppress(Exception):  # (then the thread's path meets the error, and reports it)
                 self._connection = self._pool.apply(self.db.connection)
-            except Exception:
-                return self._pool.apply(self._commit, (group,))  # type: ignore[no-any-return]  # (its error)
-        begun = self._begin_on_loop(group)
+        begun = self._begin_on_loop(group) if self._connection is not None else None
         if begun is None:
             return self._pool.apply(self._commit, (group,))  # type: ignore[no-any-return]
         return self._pool.apply(self._finish_in_thread, (group, begun))  # type: ignore[no-any-return]
@@ -352,29 +350,25 @@ class ThreadWriter:
         saved = (state.conn, state.closed, state.ctx, state.transactions, state.commit_callbacks)
         state.set_connection(conn)
         try:
+            self._set_synchronous(any(write.durable for write in group))
+            conn.execute("PRAGMA busy_timeout=0")  # the loop never waits for another process's lock
             try:
-                self._set_synchronous(any(write.durable for write in group))
-                conn.execute("PRAGMA busy_timeout=0")  # the loop never waits for another process's lock
-                try:
-                    self.db.transaction("IMMEDIATE").__enter__()
-                finally:
-                    conn.execute(f"PRAGMA busy_timeout={SQLITE_PRAGMAS['busy_timeout']}")  # the thread's wait
-            except Exception:
-                return None
+                self.db.transaction("IMMEDIATE").__enter__()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={SQLITE_PRAGMAS['busy_timeout']}")  # the thread's wait
             deadline = time.perf_counter() + LOOP_SHARE
             ran = 0
-            try:
-                for write in group:
-                    if write.bulk or time.perf_counter() >= deadline:
-                        break
-                    write.value, write.error = None, None
-                    write.value = write.work()
-                    ran += 1
-            except Exception:
-                with contextlib.suppress(Exception):
-                    conn.execute("ROLLBACK")
-                return None
+            for write in group:
+                if write.bulk or time.perf_counter() >= deadline:
+                    break
+                write.value, write.error = None, None
+                write.value = write.work()
+                ran += 1
             return ran
+        except Exception:
+            with contextlib.suppress(Exception):  # (none open if the begin failed: nothing to undo)
+                conn.execute("ROLLBACK")
+            return None
         finally:
             state.conn, state.closed, state.ctx, state.transactions, state.commit_callbacks = saved
 

@@ -350,7 +350,7 @@ def test_a_new_database_file_and_its_wal_are_readable_by_their_owner_only(tmp_pa
     assert modes["callbridge.db-wal"] == 0o600, modes
     # A file the operator made keeps its mode.
     other = tmp_path / "theirs.db"
-    other.touch(mode=0o640)
+    other.touch()
     other.chmod(0o640)
     close_database(open_database(f"sqlite:///{other}"))
     assert other.stat().st_mode & 0o777 == 0o640

@@ -61,7 +61,8 @@ def _with_code(*schemas: dict[str, Any]) -> dict[str, Any]:
 
 
 ERR = {
-    400: "Invalid request: `code_desc` is `<field>: <rule>`.",
+    400: "Invalid request: `code_desc` is `<field>: <rule>`; for any operation also a malformed request head "
+         "(`headers: <rule>`, e.g. a Transfer-Encoding other than chunked, or `query string: not UTF-8 ...`).",
     401: "`token: missing` or `token: invalid or disabled`.",
     404: "No such call for this token (another token's call answers the same), or no such route.",
     405: "Method not allowed on this path (`Allow` header lists the allowed ones).",
@@ -80,9 +81,10 @@ ERR = {
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    """The error answers of one operation, plus 414, which the server itself gives any of them."""
+    """The error answers of one operation, plus 400 and 414, which the server itself gives any of them (a
+    malformed request head, a request line too long) before the operation runs."""
     out: dict[str, Any] = {}
-    for code in sorted({*codes, 414}):
+    for code in sorted({*codes, 400, 414}):
         answer = _answer(ERR[code])
         if code == 429:
             answer["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1},

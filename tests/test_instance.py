@@ -5,6 +5,7 @@ tests/robustness/test_two_daemons.py (PostgreSQL)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -19,11 +20,15 @@ import gevent
 import pytest
 from peewee import Database
 
+from daemon.calls.leases import Leases
+from daemon.calls.records import CallRecords
 from daemon.config import Settings, load_settings
 from daemon.ops.instance import AlreadyRunning, Instance, read_boot_id
+from daemon.ops.metrics import Metrics
 from daemon.service import ListenError, Service
-from daemon.store import database, database_file
+from daemon.store import database, database_file, utcnow
 from tests.test_cli import _closed_port
+from tests.test_leases import AdoptingEngine
 
 LEASE = 3.0  # seconds
 
@@ -84,7 +89,7 @@ def test_a_start_that_fails_lets_go_of_the_store(tmp_path: Path, services: list[
 
 def instance_x(database_url: str, lease_seconds: float = LEASE) -> Instance:
     """This daemon's hold on instance_id 'node-x' of the shared store."""
-    return Instance(load_settings(environ={}, database_url=database_url, lease_seconds=lease_seconds), "node-x")
+    return Instance(in_step_settings(database_url, lease_seconds), "node-x")
 
 
 def leave_row(*, boot_id: str = "a-boot-of-another-machine", host: str = "elsewhere", pid: int = 4242,
@@ -197,3 +202,56 @@ def test_a_renewal_tells_a_run_whose_row_was_taken_over_and_its_release_leaves_t
     instance.release()
     current = row()
     assert current is not None and current[0] == "another-run"
+
+
+@pytest.mark.stores("postgresql")
+def test_a_renewal_measures_this_hosts_clock_against_the_database_servers(db: Database, database_url: str) -> None:
+    in_step = instance_x(database_url)
+    in_step.acquire()
+    assert in_step.clock_offset is None  # known from the first renewal on
+    assert in_step.renew()
+    assert in_step.clock_offset is not None and abs(in_step.clock_offset) < 1.0  # the server runs on this host
+    in_step.release()
+    behind = Instance(in_step_settings(database_url), "node-x", wall=lambda: time.time() - 42)
+    behind.acquire()
+    assert behind.renew()
+    assert behind.clock_offset is not None and 41.0 < behind.clock_offset < 43.0
+    behind.release()
+
+
+@pytest.mark.stores("postgresql")
+def test_the_lease_keeper_says_once_when_this_host_drifts_from_the_servers_clock_and_once_when_it_is_back(
+        db: Database, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Leases are judged by each host's clock: past a sixth of a lease off the server (5 s of 30), two
+    daemons may be more than the third of a lease apart that the renewals allow for."""
+    host_behind = [6.0]
+    settings = in_step_settings(database_url, lease_seconds=30.0)
+    instance = Instance(settings, "node-x", wall=lambda: time.time() - host_behind[0])
+    instance.acquire()
+    records = CallRecords(Metrics(), owner="node-x", lease_seconds=30.0)
+    keeper = Leases(settings, AdoptingEngine(), records, instance=instance)  # type: ignore[arg-type]
+
+    def offset() -> float:
+        return float(records.metrics.registry.get_sample_value("callbridge_clock_offset_seconds") or 0.0)
+
+    def logged(event: str) -> list[logging.LogRecord]:
+        return [record for record in caplog.records if record.getMessage() == event]
+
+    try:
+        with caplog.at_level(logging.INFO, logger="callbridge.leases"):
+            keeper.tick(utcnow())
+            keeper.tick(utcnow())
+            assert 5.0 < offset() < 7.0
+            [skew] = logged("clock.skew")  # once while it lasts, not at every renewal
+            assert skew.levelno == logging.WARNING and skew.tolerance_seconds == 5.0  # type: ignore[attr-defined]
+            host_behind[0] = 4.0
+            keeper.tick(utcnow())
+            keeper.tick(utcnow())
+            assert 3.0 < offset() < 5.0
+            assert len(logged("clock.in_step")) == 1 and len(logged("clock.skew")) == 1
+    finally:
+        instance.release()
+
+
+def in_step_settings(database_url: str, lease_seconds: float = LEASE) -> Settings:
+    return load_settings(environ={}, database_url=database_url, lease_seconds=lease_seconds)

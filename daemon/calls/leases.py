@@ -17,8 +17,14 @@ daemon holds: daemon/ops/instance.py, whose row each tick renews first) and expi
 calls over at its next look. With SQLite there is one daemon: it adopts every call in flight at start,
 and the lease only lets it pick up a call its own sequence gave up on (a store outage) without a restart.
 
-Times are each daemon's clock: keep the nodes' clocks in step (NTP); a lease of 30 s tolerates seconds
-of skew.
+Times are each daemon's clock: keep the nodes' clocks in step (NTP). A daemon renews every third of a
+lease and treats its leases as lapsed a third of a lease early, so two clocks up to a third of a lease
+apart (10 s of the default 30) are harmless; further apart, a daemon whose clock runs ahead takes live
+calls over, and their daemon lets them go at its next renewal (nothing is dialed twice, but the calls
+change hands for nothing). So each renewal also measures this host's clock against the database
+server's (``Instance.clock_offset``, on ``/metrics`` as ``callbridge_clock_offset_seconds``), and a daemon
+more than a sixth of a lease off the server logs ``clock.skew`` (once, until it is back in step: then
+``clock.in_step``): when no daemon does, no two are more than a third of a lease apart.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class Leases:
         self.lease = dt.timedelta(seconds=settings.lease_seconds)
         self._renewed_at: dt.datetime | None = None  # this daemon's last renewal that the store took
         self._no_takeover_until: dt.datetime | None = None
+        self._clock_skewed = False  # clock.skew logged, clock.in_step not yet
         self.loop = Loop("call leases", self.tick, clock, log=log, first_delay=self.period,
                          error_delay=min(self.period, 1.0))
 
@@ -76,6 +83,7 @@ class Leases:
 
     def tick(self, now: dt.datetime) -> float:
         if self.hold_instance():
+            self._check_clock()
             self.renew(now)
             self._after_a_gap(now)
             if self._no_takeover_until is None or now >= self._no_takeover_until:
@@ -96,6 +104,24 @@ class Leases:
                       until=self._no_takeover_until.isoformat() + "Z",
                       note="renewals were missed (store unreachable or this daemon stalled): the other daemons get "
                            "a lease's time to renew before any call of theirs is taken over")
+
+    def _check_clock(self) -> None:
+        """This host's clock against the database server's, as the instance's renewal just measured it."""
+        offset = self.instance.clock_offset if self.instance is not None else None
+        if offset is None:
+            return
+        self.records.metrics.clock_offset.set(offset)
+        tolerance = self.lease.total_seconds() / 6
+        skewed = abs(offset) > tolerance
+        if skewed and not self._clock_skewed:
+            log_event(log, "clock.skew", logging.WARNING, offset_seconds=round(offset, 1),
+                      tolerance_seconds=round(tolerance, 1),
+                      note="the database server's clock minus this host's: the daemons judge each other's leases by "
+                           "their own clocks, and one running ahead takes live calls over; keep every node and the "
+                           "database server in step (NTP)")
+        elif self._clock_skewed and not skewed:
+            log_event(log, "clock.in_step", offset_seconds=round(offset, 1))
+        self._clock_skewed = skewed
 
     def hold_instance(self) -> bool:
         """Renew this daemon's hold on its instance_id (daemon/ops/instance.py). False once another daemon

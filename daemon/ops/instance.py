@@ -13,6 +13,8 @@ Two daemons following the same calls would both act on them (both bridge B, both
   Each take-over is one conditional UPDATE on the row as read, so of two daemons starting together under
   one id, one wins. Times are the database server's (``now()``), never the hosts'. A renewal that finds
   the row taken over means this daemon stalled past ``lease_seconds`` and another runs under its id now.
+  Each renewal also reads the server's clock against this host's (``clock_offset``): the call leases are
+  judged by the hosts' clocks, and the lease keeper says when they drift apart (daemon/calls/leases.py).
 
 The operator commands (``endpoint``, ``user``, ``calls``) take neither: they run beside the daemon.
 """
@@ -26,6 +28,8 @@ import logging
 import os
 import secrets
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +38,7 @@ from peewee import DatabaseError
 
 from daemon.config import ConfigError, Settings
 from daemon.ops.logs import log_event
-from daemon.store import database, database_file, is_shared, utcnow
+from daemon.store import EPOCH, database, database_file, is_shared, utcnow
 
 log = logging.getLogger("callbridge.instance")
 
@@ -128,8 +132,12 @@ class Instance:
     """This daemon's hold on its store (SQLite) or its instance_id (shared PostgreSQL), from
     :meth:`acquire` to :meth:`release`."""
 
-    def __init__(self, settings: Settings, instance_id: str) -> None:
+    def __init__(self, settings: Settings, instance_id: str, *, wall: Callable[[], float] = time.time) -> None:
         self.instance_id = instance_id
+        self.wall = wall  # this host's clock, seconds since the epoch (the tests set it apart from the server's)
+        # The database server's clock minus this host's, seconds, as measured by the last renewal (shared
+        # store); None before the first one.
+        self.clock_offset: float | None = None
         self.lease_seconds = settings.lease_seconds
         self.lock_file = lock_file(settings.database_url)
         self.run_id = secrets.token_hex(16)
@@ -155,11 +163,19 @@ class Instance:
             return False
         if not self._registered:
             return True
+        before = self.wall()
         cursor = database.execute_sql(f"UPDATE instances SET seen_at = {SERVER_NOW} "
-                                      "WHERE instance_id = %s AND run_id = %s", (self.instance_id, self.run_id))
-        if cursor.rowcount == 0:
+                                      "WHERE instance_id = %s AND run_id = %s RETURNING seen_at",
+                                      (self.instance_id, self.run_id))
+        after = self.wall()
+        renewed = cursor.fetchone()
+        if renewed is None:
             self.lost = True
-        return not self.lost
+            return False
+        # The server's now() was read between before and after: against their middle, off by half the
+        # round trip at most.
+        self.clock_offset = (renewed[0] - EPOCH).total_seconds() - (before + after) / 2
+        return True
 
     def release(self) -> None:
         """Let go, at stop or after a failed start: this run's row deleted (a restart anywhere starts at once),

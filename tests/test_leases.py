@@ -100,6 +100,30 @@ def test_an_expired_lease_is_taken_over_once_and_a_live_one_never(
 
 
 @pytest.mark.stores("postgresql")
+def test_daemons_whose_clocks_differ_judge_leases_by_the_stores_clock(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """node-b's host clock runs a minute ahead of the database server's (node-a's is right): by its own clock
+    node-a's live call looked expired, and it was taken over (then let go by node-a: changing hands for
+    nothing). Moved into the server's time by the offset its renewals measure, it waits for the real end."""
+    endpoint, _ = make_endpoint()
+    ahead = dt.timedelta(seconds=60)
+    a, b = daemon("node-a"), daemon("node-b")
+    b.clock_offset = -ahead  # the server's clock minus node-b's
+    live = in_flight(endpoint, owner="node-a", lease_until=T0 + LEASE)  # renewed by node-a at T0
+    assert b.expired_leases(now=T0 + ahead) == []
+    assert not b.take_over(Call.get_by_id(live.id), now=T0 + ahead)
+    a.renew_leases([live.id], now=T0 + LEASE / 3)  # node-a's next renewal, on time
+    assert Call.get_by_id(live.id).lease_until == T0 + LEASE / 3 + LEASE
+    # node-a dies; a lease after its last renewal, node-b takes the call over, its lease in the server's time.
+    dead_for = T0 + LEASE / 3 + LEASE + dt.timedelta(seconds=1)
+    assert b.expired_leases(now=dead_for) == []  # node-b's clock reads that a minute before the server does
+    [expired] = b.expired_leases(now=dead_for + ahead)
+    assert b.take_over(expired, now=dead_for + ahead)
+    stored = Call.get_by_id(live.id)
+    assert (stored.owner, stored.lease_until) == ("node-b", dead_for + LEASE)
+
+
+@pytest.mark.stores("postgresql")
 def test_daemons_racing_for_expired_calls_each_take_different_ones_and_none_twice(
         db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
     endpoint, _ = make_endpoint()

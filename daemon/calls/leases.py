@@ -17,14 +17,16 @@ daemon holds: daemon/ops/instance.py, whose row each tick renews first) and expi
 calls over at its next look. With SQLite there is one daemon: it adopts every call in flight at start,
 and the lease only lets it pick up a call its own sequence gave up on (a store outage) without a restart.
 
-Times are each daemon's clock: keep the nodes' clocks in step (NTP). A daemon renews every third of a
-lease and treats its leases as lapsed a third of a lease early, so two clocks up to a third of a lease
-apart (10 s of the default 30) are harmless; further apart, a daemon whose clock runs ahead takes live
-calls over, and their daemon lets them go at its next renewal (nothing is dialed twice, but the calls
-change hands for nothing). So each renewal also measures this host's clock against the database
-server's (``Instance.clock_offset``, on ``/metrics`` as ``callbridge_clock_offset_seconds``), and a daemon
-more than a sixth of a lease off the server logs ``clock.skew`` (once, until it is back in step: then
-``clock.in_step``): when no daemon does, no two are more than a third of a lease apart.
+Leases are kept in the database server's time, not the hosts': each renewal of this daemon's instance
+row also measures this host's clock against the server's (``Instance.clock_offset``, to half a round trip;
+at start too), and every lease this daemon writes or judges is its own clock's time moved by that offset
+(``CallRecords.store_time``). Two daemons whose clocks differ by a minute still agree on when a lease ran
+out; judged by their own clocks, the one running ahead took the other's live calls over (and the other let
+them go at its next renewal: nothing dialed twice, but calls changing hands for nothing). What is left
+between two daemons, the clocks' drift within one renewal, is what the early lapse of a third of a lease
+allows for. The rest of a daemon still runs by its own clock (a scheduled call starts when this host says
+it is due), so a host more than ``CLOCK_TOLERANCE`` off the server logs ``clock.skew`` (once, until it is
+back in step: then ``clock.in_step``), and ``/metrics`` shows the offset (``callbridge_clock_offset_seconds``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from daemon.store import Call, utcnow
 from daemon.switch.engine import Engine
 
 log = logging.getLogger("callbridge.leases")
+
+CLOCK_TOLERANCE = 2.0  # seconds off the database server's clock before a host's clock is said to be wrong
 
 
 def new_instance_id() -> str:
@@ -106,19 +110,20 @@ class Leases:
                            "a lease's time to renew before any call of theirs is taken over")
 
     def _check_clock(self) -> None:
-        """This host's clock against the database server's, as the instance's renewal just measured it."""
+        """Keep the leases in the database server's time, as the instance's renewal just measured it against
+        this host's clock, and say when this host's clock is wrong."""
         offset = self.instance.clock_offset if self.instance is not None else None
         if offset is None:
             return
+        self.records.clock_offset = dt.timedelta(seconds=offset)
         self.records.metrics.clock_offset.set(offset)
-        tolerance = self.lease.total_seconds() / 6
-        skewed = abs(offset) > tolerance
+        skewed = abs(offset) > CLOCK_TOLERANCE
         if skewed and not self._clock_skewed:
             log_event(log, "clock.skew", logging.WARNING, offset_seconds=round(offset, 1),
-                      tolerance_seconds=round(tolerance, 1),
-                      note="the database server's clock minus this host's: the daemons judge each other's leases by "
-                           "their own clocks, and one running ahead takes live calls over; keep every node and the "
-                           "database server in step (NTP)")
+                      tolerance_seconds=CLOCK_TOLERANCE,
+                      note="the database server's clock minus this host's: the leases allow for it, but this daemon "
+                           "starts scheduled calls and stamps their timelines by its own clock; keep every node and "
+                           "the database server in step (NTP)")
         elif self._clock_skewed and not skewed:
             log_event(log, "clock.in_step", offset_seconds=round(offset, 1))
         self._clock_skewed = skewed
@@ -186,6 +191,7 @@ class Leases:
     def _outlived(self, call: Call, now: dt.datetime) -> bool:
         """No leg of the call can be up any more: both legs' rings and the endpoint's maximum duration
         (A's own hangup, set on A when it answers) have passed since its lease ran out."""
+        now = self.records.store_time(now)  # (a lease is in the store's time; a start, close enough)
         expired_at = call.lease_until or call.started_at or now
         life = 2 * self.originate_timeout + call.endpoint.max_duration
         return now > expired_at + dt.timedelta(seconds=life)

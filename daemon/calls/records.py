@@ -282,6 +282,10 @@ class CallRecords:
         # this daemon's only while the id is still this run's (another run may have taken it over).
         self.run_id: str | None = None
         self.lease = dt.timedelta(seconds=lease_seconds)
+        # The shared store's clock minus this host's (measured at each lease renewal: daemon/calls/leases.py).
+        # Leases are written and judged in the store's time, so that daemons whose clocks differ agree on
+        # when one ran out; 0 with SQLite (one daemon, one host).
+        self.clock_offset = dt.timedelta(0)
         self.monotonic = monotonic
         # Until when (monotonic) every lease of this daemon surely holds: a call claimed or taken over later
         # gets a lease of its own from then on. Moved on by each renewal of them all (renew_leases).
@@ -600,7 +604,7 @@ class CallRecords:
                      switch: str | None) -> tuple[Callable[[], bool], Callable[[], None]]:
         """A claim's conditional update (for the writer), and what follows once it is committed (on the loop)."""
         lateness = max(0, int((now - call.due_at).total_seconds() * 1000))
-        lease_until = now + self.lease
+        lease_until = self.store_time(now) + self.lease
         claimed = _snapshot(call)
         claimed.status, claimed.a_uuid, claimed.b_uuid = CallStatus.DIALING_A.value, a_uuid, b_uuid
         claimed.started_at, claimed.lateness_ms, claimed.switch = now, lateness, switch
@@ -665,7 +669,7 @@ class CallRecords:
         if attempt > 1:
             detail["attempt"] = attempt
         shared = is_shared()
-        until, mine = now + self.lease, self._mine()
+        until, mine = self.store_time(now) + self.lease, self._mine()
 
         def mark() -> str | None:
             if shared:  # the row's lock also orders this with request_hangup's
@@ -930,7 +934,7 @@ class CallRecords:
         if not ids:
             self._held_until = started + self._sure_for()
             return set()
-        until = now + self.lease
+        until = self.store_time(now) + self.lease
         mine = self._mine()
         renewed = writer().submit(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
                                   durable=False, wait=True, bulk=True)
@@ -941,9 +945,13 @@ class CallRecords:
         kept = {int(row_id) for (row_id,) in rows}
         return set(ids) - kept
 
+    def store_time(self, now: dt.datetime) -> dt.datetime:
+        """``now`` of this host's clock as the shared store's clock reads it: the time leases are kept in."""
+        return now + self.clock_offset
+
     def _sure_for(self) -> float:
         """Seconds after a renewal starts that its leases surely still hold: a third of the lease short of
-        it, for the skew between the daemons' clocks (each judges another's lease by its own)."""
+        it, for what the daemons' clocks drift apart between two measurements of their offsets."""
         return self.lease.total_seconds() * 2 / 3
 
     def lease_lapsed(self) -> bool:
@@ -955,7 +963,7 @@ class CallRecords:
         """Renew the lease of this one call, which this daemon follows; raises :class:`NotOwned` when another
         daemon owns it now. A store that does not answer is no answer: the caller goes on as it would have
         (an outage of the store is what stops renewals most often, and nobody takes a call over without it)."""
-        call_id, until, mine = call.id, self.clock() + self.lease, self._mine()
+        call_id, until, mine = call.id, self.store_time(self.clock()) + self.lease, self._mine()
         try:
             held = writer().submit(lambda: Call.update(lease_until=until).where((Call.id == call_id) & mine)
                                    .execute(), durable=False, fail_fast=True, wait=True)
@@ -971,9 +979,9 @@ class CallRecords:
         ids = sorted(call_ids)
         if not ids:
             return 0
-        mine = self._mine()
+        mine, ended = self._mine(), self.store_time(now)
         # One attempt: a store that refuses it must not hold up the stop (the leases then run out by themselves).
-        return int(writer().submit(lambda: Call.update(lease_until=now)
+        return int(writer().submit(lambda: Call.update(lease_until=ended)
                                    .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute(),
                                    durable=True, fail_fast=True, wait=True, bulk=True))
 
@@ -1013,15 +1021,17 @@ class CallRecords:
         those no one owns, and those whose owner's lease expired, never another live daemon's."""
         calls = self.in_flight()
         if is_shared():
+            expired = self.store_time(now)
             calls = [call for call in calls if call.owner is None or call.owner == self.owner
-                     or call.lease_until is None or call.lease_until < now]
+                     or call.lease_until is None or call.lease_until < expired]
         return [call for call in calls if self.take_over(call, now=now)]
 
     def expired_leases(self, *, now: dt.datetime, exclude: Collection[int] = (), limit: int = 500) -> list[Call]:
         """Calls in flight, with their endpoints, whose lease ended before ``now`` (their daemon stopped
         renewing it) or that no one holds, oldest start first, leaving out ``exclude``."""
+        expired = self.store_time(now)
         query = (Call.select(Call, Endpoint).join(Endpoint)
-                 .where(_status_in(IN_FLIGHT_STATUSES) & (Call.lease_until.is_null() | (Call.lease_until < now))))
+                 .where(_status_in(IN_FLIGHT_STATUSES) & (Call.lease_until.is_null() | (Call.lease_until < expired))))
         if exclude:
             query = query.where(Call.id.not_in(sorted(exclude)))
         return list(query.order_by(Call.started_at).limit(limit))
@@ -1033,9 +1043,10 @@ class CallRecords:
         previous = call.owner
         condition = (Call.id == call.id) & _status_in(IN_FLIGHT_STATUSES)
         condition &= Call.owner.is_null() if previous is None else (Call.owner == previous)
+        store_now = self.store_time(now)
         if is_shared() and (previous is None or previous != self.owner):
-            condition &= Call.lease_until.is_null() | (Call.lease_until < now)
-        until = now + self.lease
+            condition &= Call.lease_until.is_null() | (Call.lease_until < store_now)
+        until = store_now + self.lease
         owner = self.owner
         # Waited for: the caller follows the call only if this daemon won it (the row count says).
         taken = writer().submit(lambda: Call.update(owner=owner, lease_until=until).where(condition).execute(),

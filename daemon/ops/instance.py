@@ -13,8 +13,8 @@ Two daemons following the same calls would both act on them (both bridge B, both
   Each take-over is one conditional UPDATE on the row as read, so of two daemons starting together under
   one id, one wins. Times are the database server's (``now()``), never the hosts'. A renewal that finds
   the row taken over means this daemon stalled past ``lease_seconds`` and another runs under its id now.
-  Each renewal also reads the server's clock against this host's (``clock_offset``): the call leases are
-  judged by the hosts' clocks, and the lease keeper says when they drift apart (daemon/calls/leases.py).
+  Each renewal (and the start) also reads the server's clock against this host's (``clock_offset``): the
+  call leases are kept in the server's time (daemon/calls/leases.py).
 
 The operator commands (``endpoint``, ``user``, ``calls``) take neither: they run beside the daemon.
 """
@@ -153,6 +153,7 @@ class Instance:
         if is_shared():
             self._register()
             self._registered = True
+            self.renew()  # this host's clock against the server's, before the calls left in flight are judged
         elif self.lock_file is not None and self._fd is None:
             self._fd = lock_store(self.lock_file, self.instance_id)
 

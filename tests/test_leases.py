@@ -99,6 +99,17 @@ def test_an_expired_lease_is_taken_over_once_and_a_live_one_never(
         assert Call.get_by_id(live.id).owner == "node-live"
 
 
+def test_expired_leases_leave_out_the_calls_this_daemon_follows_and_still_fill_a_page(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint, _ = make_endpoint()
+    expired = [in_flight(endpoint, owner="node-a", lease_until=T0 - dt.timedelta(seconds=1)) for _ in range(5)]
+    followed = {call.id for call in expired[:3]}  # node-a's own, its renewal not through yet
+    a = daemon("node-a")
+    assert [call.id for call in a.expired_leases(now=T0, exclude=followed, limit=2)] == [c.id for c in expired[3:]]
+    assert [call.id for call in a.expired_leases(now=T0, exclude=followed, limit=1)] == [expired[3].id]
+    assert a.expired_leases(now=T0, exclude={c.id for c in expired}, limit=2) == []
+
+
 @pytest.mark.stores("postgresql")
 def test_daemons_whose_clocks_differ_judge_leases_by_the_stores_clock(
         db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:

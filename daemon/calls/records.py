@@ -1028,13 +1028,25 @@ class CallRecords:
 
     def expired_leases(self, *, now: dt.datetime, exclude: Collection[int] = (), limit: int = 500) -> list[Call]:
         """Calls in flight, with their endpoints, whose lease ended before ``now`` (their daemon stopped
-        renewing it) or that no one holds, oldest start first, leaving out ``exclude``."""
+        renewing it) or that no one holds, oldest start first, leaving out ``exclude``.
+
+        ``exclude`` (the calls this daemon follows: thousands) is left out here, not in the SQL: a ``NOT IN``
+        of 2,000 ids took peewee over 4 ms to build, on the event loop, at every lease keeper's tick
+        (scale bench). This daemon's own calls are rarely expired (their renewal comes first), so a page
+        seldom holds one."""
         expired = self.store_time(now)
         query = (Call.select(Call, Endpoint).join(Endpoint)
-                 .where(_status_in(IN_FLIGHT_STATUSES) & (Call.lease_until.is_null() | (Call.lease_until < expired))))
-        if exclude:
-            query = query.where(Call.id.not_in(sorted(exclude)))
-        return list(query.order_by(Call.started_at).limit(limit))
+                 .where(_status_in(IN_FLIGHT_STATUSES) & (Call.lease_until.is_null() | (Call.lease_until < expired)))
+                 .order_by(Call.started_at, Call.id))
+        found: list[Call] = []
+        offset = 0
+        while len(found) < limit:
+            page = list(query.limit(limit).offset(offset))
+            found += [call for call in page if call.id not in exclude]
+            if len(page) < limit:
+                break
+            offset += limit
+        return found[:limit]
 
     def take_over(self, call: Call, *, now: dt.datetime) -> bool:
         """Make this daemon the call's owner, with a fresh lease: one conditional UPDATE on the owner the

@@ -115,6 +115,8 @@ class Settings:
     schedule_max_days: int = 366  # how far ahead call_date may be
     past_grace: int = 120  # seconds call_date may lie in the past and still be taken as "now"
     shutdown_grace: float = 10.0
+    # Seconds a greenlet may hold the event loop before it is logged (loop.blocked) and counted; 0: not watched.
+    loop_block_warning: float = 0.1
     # Media
     media_mode: str = "local"  # local: FreeSWITCH reads our files; http: it fetches from media_base_url
     media_base_url: str = ""
@@ -426,6 +428,8 @@ def _validate(s: Settings) -> None:
     need(s.switch_lost_after >= 0, "switch_lost_after: must be 0 (wait for ever) or more seconds")
     need(s.calls_per_second >= 0, "calls_per_second: must be 0 (no cap) or more")
     need(s.lease_seconds >= 3, "lease_seconds: must be at least 3 (the lease is renewed every third of it)")
+    need(s.loop_block_warning == 0 or 0.01 <= s.loop_block_warning <= 60,
+         "loop_block_warning: must be 0 (not watched) or 0.01 to 60 seconds")
     need(len(s.instance_id) <= 100 and all(c.isalnum() or c in "._:-" for c in s.instance_id),
          "instance_id: at most 100 letters, digits and . _ : - (\"\" = made at start)")
     need(0 <= s.switch_session_margin < 1, "switch_session_margin: must be at least 0 and less than 1")

@@ -31,6 +31,7 @@ from daemon.media.library import MediaLibrary
 from daemon.ops.heap import FREEZE_INTERVAL, Heap
 from daemon.ops.instance import Instance
 from daemon.ops.logs import log_event
+from daemon.ops.loopwatch import LoopWatch
 from daemon.ops.metrics import Metrics
 from daemon.ops.retention import Retention
 from daemon.ops.systemd import notify, watchdog_interval
@@ -214,11 +215,15 @@ class Service:
         # own entry: services started inside the tests keep the interpreter's collector as it is.
         heap = Loop("heap", Heap().tick, self.clock, log=log, error_delay=FREEZE_INTERVAL)
         heap.start()
+        # Likewise: what holds the loop is logged (daemon/ops/loopwatch.py), by a thread of the process's own.
+        watch = LoopWatch(self.settings.loop_block_warning, self.metrics)
+        watch.start()
         gevent.spawn(self.media.warm_up)  # the first request need not wait for a worker to start
         interval = watchdog_interval()
         while not self.stopping.wait(timeout=interval or 60):
             if interval:
                 notify("WATCHDOG=1")
+        watch.stop()
         heap.stop()
         self.stop()
 

@@ -72,6 +72,9 @@ class Metrics:
                               "missed renewals)", ["event"], registry=r)
         for event in ("taken_over", "lost", "released", "held"):
             self.leases.labels(event)
+        self.loop_blocked = Counter("callbridge_loop_blocked_total",
+                                    "Times a greenlet held the event loop longer than loop_block_warning "
+                                    "(daemon/ops/loopwatch.py)", registry=r)
         self.clock_offset = Gauge("callbridge_clock_offset_seconds",
                                   "The shared database server's clock minus this host's, at the last lease renewal "
                                   "(0 on SQLite)", registry=r)

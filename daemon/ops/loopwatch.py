@@ -6,9 +6,10 @@ since its last look; when it did not, the greenlet that held it is reported. Eac
 the loop (``loop.blocked``, where the greenlet was: its innermost frames of this project's code) and
 counted (``callbridge_loop_blocked_total``). A block is noticed once it lasted between one and two
 periods; one C call that keeps the interpreter throughout (a pass of the garbage collector) is not, since
-the monitor thread needs the interpreter to look (daemon/ops/heap.py keeps those short). The monitor thread itself touches neither logging nor gevent (their locks are the loop's): it
-queues the report and wakes the loop through a thread-safe watcher. This is how a tick of the lease keeper
-that held the loop for milliseconds with 2,000 calls bridged was found (the scale bench).
+the monitor thread needs the interpreter to look (daemon/ops/heap.py keeps those short). The monitor
+thread itself touches neither logging nor gevent (their locks are the loop's): it queues the report and
+wakes the loop through a thread-safe watcher. This is how a tick of the lease keeper that held the loop
+for milliseconds with 2,000 calls bridged was found (the scale bench).
 """
 
 from __future__ import annotations

@@ -87,6 +87,11 @@ def test_a_start_that_fails_lets_go_of_the_store(tmp_path: Path, services: list[
 
 # -- the instance rows (a shared PostgreSQL) ---------------------------------------------------------------
 
+def in_step_settings(database_url: str, lease_seconds: float = LEASE) -> Settings:
+    """Settings of a daemon on the shared store (whose host clock the tests may set apart: Instance's wall)."""
+    return load_settings(environ={}, database_url=database_url, lease_seconds=lease_seconds)
+
+
 def instance_x(database_url: str, lease_seconds: float = LEASE) -> Instance:
     """This daemon's hold on instance_id 'node-x' of the shared store."""
     return Instance(in_step_settings(database_url, lease_seconds), "node-x")
@@ -255,6 +260,3 @@ def test_the_lease_keeper_follows_the_servers_clock_and_says_once_when_the_host_
     finally:
         instance.release()
 
-
-def in_step_settings(database_url: str, lease_seconds: float = LEASE) -> Settings:
-    return load_settings(environ={}, database_url=database_url, lease_seconds=lease_seconds)

@@ -21,6 +21,7 @@ The operator commands (``endpoint``, ``user``, ``calls``) take neither: they run
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -153,7 +154,10 @@ class Instance:
         if is_shared():
             self._register()
             self._registered = True
-            self.renew()  # this host's clock against the server's, before the calls left in flight are judged
+            # This host's clock against the server's, before the calls left in flight are judged (a store that
+            # fails just now leaves it to the first renewal: the leases go by this host's clock until then).
+            with contextlib.suppress(DatabaseError):
+                self.renew()
         elif self.lock_file is not None and self._fd is None:
             self._fd = lock_store(self.lock_file, self.instance_id)
 

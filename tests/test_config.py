@@ -60,6 +60,8 @@ def test_file_sections_then_environment_override(tmp_path: Path) -> None:
     ("[tts.voices]\n\"xx-XX\" = \"en\"\n", {}, "tts_voices: unknown language"),
     ("[esl\n", {}, "config file"),
     ("lease_seconds = 2\n", {}, "lease_seconds: must be at least 3"),
+    # the monitor thread would wake every millisecond, and a block that short is no news
+    ("", {"CALLBRIDGE_LOOP_BLOCK_WARNING": "0.001"}, "loop_block_warning: must be 0 (not watched) or 0.01 to 60"),
     ("", {"CALLBRIDGE_INSTANCE_ID": "node 1"}, "instance_id: at most 100 letters, digits and . _ : -"),
     ("", {"CALLBRIDGE_INSTANCE_ID": "n" * 101}, "instance_id: at most 100"),
     # inf would overflow at start (an int(), a timedelta of the lease): refused here instead

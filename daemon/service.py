@@ -141,8 +141,7 @@ class Service:
         # shared one, refuses this start (AlreadyRunning) with nothing of its own touched.
         self.instance.acquire()
         self.records.run_id = self.instance.run_id if is_shared() else None
-        if self.instance.clock_offset is not None:  # leases in the store's time from the first adoption on
-            self.records.clock_offset = dt.timedelta(seconds=self.instance.clock_offset)
+        self.leases.follow_clock()  # leases in the store's time from the first adoption on
         try:
             self._start()
         except BaseException:

@@ -259,4 +259,3 @@ def test_the_lease_keeper_follows_the_servers_clock_and_says_once_when_the_host_
             assert len(logged("clock.in_step")) == 1 and len(logged("clock.skew")) == 1
     finally:
         instance.release()
-

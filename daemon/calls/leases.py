@@ -87,7 +87,7 @@ class Leases:
 
     def tick(self, now: dt.datetime) -> float:
         if self.hold_instance():
-            self._check_clock()
+            self.follow_clock()
             self.renew(now)
             self._after_a_gap(now)
             if self._no_takeover_until is None or now >= self._no_takeover_until:
@@ -109,9 +109,9 @@ class Leases:
                       note="renewals were missed (store unreachable or this daemon stalled): the other daemons get "
                            "a lease's time to renew before any call of theirs is taken over")
 
-    def _check_clock(self) -> None:
-        """Keep the leases in the database server's time, as the instance's renewal just measured it against
-        this host's clock, and say when this host's clock is wrong."""
+    def follow_clock(self) -> None:
+        """Keep the leases in the database server's time, as the instance's last renewal (or the start)
+        measured it against this host's clock, and say when this host's clock is wrong."""
         offset = self.instance.clock_offset if self.instance is not None else None
         if offset is None:
             return

@@ -219,6 +219,30 @@ def test_stopping_ends_the_leases_so_another_daemon_takes_over_at_once(
     assert {c.id for c in daemon("node-c").expired_leases(now=later)} == {c.id for c in mine}
 
 
+def test_renewal_and_release_take_more_calls_than_a_statement_takes_parameters(
+        db: Any, make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """A daemon following more calls than PostgreSQL takes parameters in one statement (65,535: the ids used
+    to be one each) renews and ends all their leases, and still tells which another daemon took over."""
+    endpoint, _ = make_endpoint()
+    n = 66_000
+    first = in_flight(endpoint, owner="node-a", lease_until=T0 + LEASE)
+    columns = [field.column_name for field in Call._meta.sorted_fields if field.name not in ("id", "callid")]
+    listed = ", ".join(f'"{column}"' for column in columns)
+    Call._meta.database.execute_sql(  # its copies, made by the store itself: inserting 66,000 rows from Python is slow
+        f'WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n - 1}) '
+        f'INSERT INTO "call" ("callid", {listed}) SELECT \'bulk\' || n.i, {listed} FROM "call", n '
+        f'WHERE "call"."id" = {first.id}')
+    ids = [row_id for (row_id,) in Call.select(Call.id).where(Call.owner == "node-a").tuples()]
+    taken = ids[-1]
+    Call.update(owner="node-b").where(Call.id == taken).execute()
+    later = T0 + dt.timedelta(seconds=10)
+    assert daemon("node-a").renew_leases(ids, now=later) == {taken}
+    renewed = Call.select().where((Call.owner == "node-a") & (Call.lease_until == later + LEASE)).count()
+    assert renewed == n - 1
+    assert daemon("node-a").release_leases(ids, now=later) == n - 1
+    assert Call.select().where(Call.lease_until == later).count() == n - 1
+
+
 class AdoptingEngine(FakeEngine):
     """The engine's side of leases: the calls it follows, adopts and lets go of."""
 

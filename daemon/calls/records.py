@@ -59,6 +59,7 @@ from daemon.store import (
     DaemonInstance,
     Endpoint,
     Heartbeat,
+    among,
     database,
     execute,
     insert_row,
@@ -936,12 +937,12 @@ class CallRecords:
             return set()
         until = self.store_time(now) + self.lease
         mine = self._mine()
-        renewed = writer().submit(lambda: Call.update(lease_until=until).where(Call.id.in_(ids) & mine).execute(),
+        renewed = writer().submit(lambda: Call.update(lease_until=until).where(among(Call.id, ids) & mine).execute(),
                                   durable=False, wait=True, bulk=True)
         self._held_until = started + self._sure_for()
         if renewed == len(ids):
             return set()
-        rows: Any = Call.select(Call.id).where(Call.id.in_(ids) & mine).tuples()
+        rows: Any = Call.select(Call.id).where(among(Call.id, ids) & mine).tuples()
         kept = {int(row_id) for (row_id,) in rows}
         return set(ids) - kept
 
@@ -982,7 +983,7 @@ class CallRecords:
         mine, ended = self._mine(), self.store_time(now)
         # One attempt: a store that refuses it must not hold up the stop (the leases then run out by themselves).
         return int(writer().submit(lambda: Call.update(lease_until=ended)
-                                   .where(Call.id.in_(ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute(),
+                                   .where(among(Call.id, ids) & mine & _status_in(IN_FLIGHT_STATUSES)).execute(),
                                    durable=True, fail_fast=True, wait=True, bulk=True))
 
     def stopped_following(self, call: Call) -> None:

@@ -516,13 +516,14 @@ class Daemon:
 # Calls written straight into the store (before the daemon starts), as the API would have
 
 
-def insert_calls(database: Path, endpoint_id: int, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert pending call rows with the daemon's own models (defaults filled in by peewee)."""
+def insert_calls(database: Path | str, endpoint_id: int, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert pending call rows with the daemon's own models (defaults filled in by peewee), into a SQLite
+    file or the store at a URL."""
     import secrets
 
     from daemon.store import Call, open_database, utcnow
 
-    db = open_database(f"sqlite:///{database}")
+    db = open_database(database if isinstance(database, str) else f"sqlite:///{database}")
     try:
         now = utcnow()
         full = []

@@ -11,6 +11,8 @@ section), so its idle RSS is read first. Then:
   Figures for probe calls placed through the API (10 a second) while the N calls are bridged, the same
   again while 10 keep-alive clients create scheduled calls back to back, and, for information, over the
   ramp in which the N calls were set up.
+
+With ``--full`` the same again on a PostgreSQL started for the run (the store several daemons share).
 """
 
 from __future__ import annotations
@@ -42,16 +44,27 @@ RAMP_PER_SECOND = 30.0
 
 
 def run(report: Report, full: bool) -> None:
+    _run(report, "scale", database_url="")
+    if full:
+        from bench.switches import postgres
+
+        with postgres() as url:
+            _run(report, "scale (PostgreSQL)", database_url=url)
+
+
+def _run(report: Report, section: str, *, database_url: str) -> None:
+    """The section on the daemon's own SQLite, or on the PostgreSQL at ``database_url``."""
     n = 2000
     probes = 300  # a p99 of 300 is the 297th: of 100 (nearest rank) it would be the largest, one outlier
     with workdir("scale") as folder:
         switch = Switch(SCALE, folder / "standin.log")
-        daemon = Daemon(folder, switch.port, max_in_flight=n + 2 * probes + 100)
+        store = {"database_url": database_url} if database_url else {}
+        daemon = Daemon(folder, switch.port, max_in_flight=n + 2 * probes + 100, **store)
         try:
             endpoint = daemon.add_endpoint()
             due = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=8)
             insert_calls(
-                daemon.database,
+                database_url or daemon.database,
                 endpoint["id"],
                 [
                     {
@@ -147,10 +160,10 @@ def run(report: Report, full: bool) -> None:
         f"{held} bridged, {in_flight} in flight of {n}, {failed} failed; due {RAMP_PER_SECOND:g}/s, "
         f"set up in {ramp_seconds:.0f} s, daemon CPU {100 * ramp_cpu / ramp_seconds:.0f}% of a core"
     )
-    report.add("scale", "calls bridged at once", held, "calls", target=f">= {n}", ok=held >= n, size=size)
-    report.add("scale", "daemon RSS idle", idle_rss / 1024, "MiB")
+    report.add(section, "calls bridged at once", held, "calls", target=f">= {n}", ok=held >= n, size=size)
+    report.add(section, "daemon RSS idle", idle_rss / 1024, "MiB")
     report.add(
-        "scale",
+        section,
         f"daemon RSS with {in_flight} in flight",
         rss / 1024,
         "MiB",
@@ -158,7 +171,7 @@ def run(report: Report, full: bool) -> None:
     )
     per_call = (rss - idle_rss) / max(1, in_flight)
     report.add(
-        "scale",
+        section,
         "RSS per call in flight",
         per_call,
         "KiB",
@@ -181,14 +194,14 @@ def run(report: Report, full: bool) -> None:
     probe = reactions(tap, probe_start)
     ramp = reactions(ramp_tap, None)
     report.add(
-        "scale",
+        section,
         f"event reaction p50, probes while {held} bridged",
         percentile(probe, 50),
         "ms",
         size=f"{len(probe)} probe calls at 10/s",
     )
     report.add(
-        "scale",
+        section,
         f"event reaction p99, probes while {held} bridged",
         percentile(probe, 99),
         "ms",
@@ -198,7 +211,7 @@ def run(report: Report, full: bool) -> None:
     )
     busy = reactions(busy_tap, busy_start)
     report.add(
-        "scale",
+        section,
         f"event reaction p99, probes while {held} bridged and 10 clients create calls",
         percentile(busy, 99),
         "ms",
@@ -208,7 +221,7 @@ def run(report: Report, full: bool) -> None:
         f"creates meanwhile {created.rate:.0f}/s, p99 {created.p99:.1f} ms, {created.errors} errors",
     )
     report.add(
-        "scale",
+        section,
         f"event reaction p50 / p99 over the ramp ({RAMP_PER_SECOND:g} new calls/s)",
         percentile(ramp, 50),
         "ms",

@@ -513,6 +513,18 @@ class Daemon:
 
 
 # ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def postgres() -> Iterator[str]:
+    """A fresh database on a PostgreSQL started for the bench (durable, as in production)."""
+    from tests.postgres_server import start_server, stop_server
+
+    server = start_server(durable=True)
+    try:
+        yield server.url(server.new_database())
+    finally:
+        stop_server(server)
+
+
 # Calls written straight into the store (before the daemon starts), as the API would have
 
 

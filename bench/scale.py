@@ -32,6 +32,7 @@ from bench.common import (
     insert_calls,
     load,
     percentile,
+    postgres,
     request_bytes,
     rss_kib,
     wait_until,
@@ -46,8 +47,6 @@ RAMP_PER_SECOND = 30.0
 def run(report: Report, full: bool) -> None:
     _run(report, "scale", database_url="")
     if full:
-        from bench.switches import postgres
-
         with postgres() as url:
             _run(report, "scale (PostgreSQL)", database_url=url)
 

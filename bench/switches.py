@@ -27,10 +27,9 @@ import datetime as dt
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import Daemon, Switch, cpu_seconds, tone_file, wait_until, workdir
+from bench.common import Daemon, Switch, cpu_seconds, postgres, tone_file, wait_until, workdir
 from bench.engine import _rate_between
 from bench.report import Report
 
@@ -39,18 +38,6 @@ DEFAULT_SPS, DEFAULT_MAX_SESSIONS = 30, 1000  # FreeSWITCH's switch.conf.xml def
 MAX_IN_FLIGHT = 200  # per daemon, as the engine section
 COMPLETED = 'callbridge_calls_finished_total{cause="NORMAL_CLEARING",status="completed"}'
 LEAD = 2.0  # seconds between writing the calls and their due time
-
-
-@contextlib.contextmanager
-def postgres() -> Iterator[str]:
-    """A fresh database on a PostgreSQL started for the bench (durable, as in production)."""
-    from tests.postgres_server import start_server, stop_server
-
-    server = start_server(durable=True)
-    try:
-        yield server.url(server.new_database())
-    finally:
-        stop_server(server)
 
 
 def write_calls(url: str, endpoint_id: int, prompt: str, dialtone: str, n: int) -> None:

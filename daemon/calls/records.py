@@ -268,12 +268,23 @@ class EndpointLoad:
     oldest_recent: dt.datetime | None  # the earliest start in that window
 
 
+BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)  # Linux only
+
+
+def lease_clock() -> float:
+    """Seconds for judging this daemon's own leases: a clock that never goes back and, unlike
+    ``time.monotonic`` on Linux, goes on while the machine sleeps (``CLOCK_BOOTTIME``). A host suspended past
+    its leases, whose calls another daemon took over meanwhile, then finds them lapsed as it wakes and asks
+    before acting on one, instead of acting until its next renewal tells it."""
+    return time.clock_gettime(BOOTTIME) if BOOTTIME is not None else time.monotonic()
+
+
 class CallRecords:
     """Writes calls and their timelines; reads them through named queries (static, no state needed)."""
 
     def __init__(self, metrics: Metrics | None = None, clock: Callable[[], dt.datetime] = utcnow, *,
                  owner: str = "", lease_seconds: float = 30.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] | None = None) -> None:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.listeners: list[StatusListener] = []
@@ -287,10 +298,10 @@ class CallRecords:
         # Leases are written and judged in the store's time, so that daemons whose clocks differ agree on
         # when one ran out; 0 with SQLite (one daemon, one host).
         self.clock_offset = dt.timedelta(0)
-        self.monotonic = monotonic
+        self.monotonic = monotonic or lease_clock
         # Until when (monotonic) every lease of this daemon surely holds: a call claimed or taken over later
         # gets a lease of its own from then on. Moved on by each renewal of them all (renew_leases).
-        self._held_until = monotonic() + self._sure_for()
+        self._held_until = self.monotonic() + self._sure_for()
         self._heartbeat_read = False
         self._heartbeat_before_start: dt.datetime | None = None
         # The calls in flight this daemon follows, by the phase calls_in_flight counts each in: claimed here,

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import secrets
 import time
 from collections import Counter
 from pathlib import Path
 
-from bench.common import Daemon, Switch, cpu_seconds, postgres, tone_file, wait_until, workdir
+from bench.common import Daemon, Switch, cpu_seconds, insert_calls, postgres, tone_file, wait_until, workdir
 from bench.engine import _rate_between
 from bench.report import Report
 
@@ -41,19 +40,10 @@ LEAD = 2.0  # seconds between writing the calls and their due time
 
 
 def write_calls(url: str, endpoint_id: int, prompt: str, dialtone: str, n: int) -> None:
-    from daemon.store import Call, close_database, open_database, utcnow
-
-    db = open_database(url)
-    try:
-        due = utcnow() + dt.timedelta(seconds=LEAD)
-        rows = [{"callid": secrets.token_hex(14), "endpoint": endpoint_id, "phone_a": f"15550000{i % 1000:03d}",
-                 "phone_b": f"15550006{i % 1000:03d}", "play_file": prompt, "dialtone_file": dialtone,
-                 "status": "scheduled", "scheduled": True, "due_at": due} for i in range(n)]
-        with db.atomic():
-            for start in range(0, n, 500):
-                Call.insert_many(rows[start:start + 500]).execute()
-    finally:
-        close_database(db)
+    due = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=LEAD)
+    insert_calls(url, endpoint_id, [{"phone_a": f"15550000{i % 1000:03d}", "phone_b": f"15550006{i % 1000:03d}",
+                                     "play_file": prompt, "dialtone_file": dialtone, "status": "scheduled",
+                                     "scheduled": True, "due_at": due} for i in range(n)])
 
 
 def outcome(url: str) -> tuple[Counter[str], int]:

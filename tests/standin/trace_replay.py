@@ -22,6 +22,9 @@ from tests.fake_esl_server import traces
 from .esl_client import EslClient, Msg, split_messages
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# UUIDs the client itself chooses (a bgapi's Job-UUID, a leg's origination_uuid): the same in the recording
+# and in the replay, whatever order the server's answers about them arrive in.
+CHOSEN_RE = re.compile(r"(?:^Job-UUID: *|origination_uuid=)(" + UUID_RE.pattern + ")", re.MULTILINE)
 
 # Headers whose values differ per run (or per build) and are not compared.
 VOLATILE = {
@@ -142,6 +145,8 @@ class Replay:
                     self.before_chunk[i]()
                 due = start + chunk.t * self.time_scale
                 gevent.sleep(max(0.0, due - time.monotonic()))
+                for chosen in CHOSEN_RE.findall(chunk.data):
+                    self.uuids.setdefault(chosen, chosen)
                 data = fix_paths(self._to_ours(chunk.data), self.media_dir, self.rewrite)
                 client.send(data.encode("latin-1", "replace"))
                 if i in self.after_send:

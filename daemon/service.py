@@ -39,7 +39,7 @@ from daemon.ops.webhooks import Webhooks
 from daemon.store import close_database, database_file, is_shared, open_database, utcnow
 from daemon.switch.commands import http_cache_url
 from daemon.switch.engine import Engine
-from daemon.writer import ThreadWriter, Writer, install
+from daemon.writer import GroupWriter, ThreadWriter, Writer, install
 from webapi.app import MAX_BODY, create_app
 from webapi.server import ApiServer
 
@@ -95,7 +95,7 @@ class Service:
         self.stopping = gevent.event.Event()
         self.media_eviction = Loop("media eviction", self._evict_media, clock, log=log,
                                    first_delay=MEDIA_EVICTION_INTERVAL, error_delay=MEDIA_EVICTION_INTERVAL)
-        self.writer: ThreadWriter | None = None
+        self.writer: ThreadWriter | GroupWriter | None = None
         self.exit_code = 0  # the process's, once run_forever returns
         self._wake_pending = False
         self._previous_writer: Writer | None = None
@@ -158,6 +158,9 @@ class Service:
             # The writer thread runs Python (peewee) between its SQLite calls; when the event loop wants the
             # interpreter back it gets it within this, not CPython's default 5 ms: an ESL event waits less.
             sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        elif is_shared():
+            self.writer = GroupWriter()
+            self._previous_writer = install(self.writer)
         self.engine.start()
         adopted = self.engine.adopt_in_flight()
         self.leases.start()

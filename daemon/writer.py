@@ -17,6 +17,8 @@ with the models, and how it must be committed:
 * ``failed``: for a write nobody waits for, runs with the error that undid it for good (its own error, or
   the writer stopped with it unwritten) instead of the error being only logged; never with ``committed``.
 * ``bulk``: the write may take long (many rows): the thread runs it, never the loop.
+* ``independent``: the write touches no row a write submitted before it may touch (a new call): it need
+  not land after them (on PostgreSQL it then does not wait for the queued ones; see GroupWriter).
 
 :class:`ThreadWriter` (SQLite, the daemon): the writes queue on the loop; all that queued meanwhile make
 one group, one transaction (``BEGIN IMMEDIATE``) on the connection of one real OS thread (a
@@ -50,9 +52,21 @@ in flight and reconciles each with FreeSWITCH, which writes what became of them.
 Reads stay on the loop's own connection (WAL lets them run beside the writer) and see what is
 committed. A reader that must see a write waits for it (``wait=True`` or :meth:`flush`).
 
-:class:`DirectWriter` (PostgreSQL, whose waits already yield to other greenlets; the CLI; tests) runs
-each write at once in the calling greenlet, in a transaction of its own or inside the caller's (a
-PostgreSQL claim round, whose ``committed`` callbacks run after the round commits).
+:class:`GroupWriter` (PostgreSQL, the daemon), whose waits for the server already yield to other
+greenlets: the writes that need not be durable and are not ``bulk`` (the timeline and status steps of
+calls in progress, the webhook outbox) queue as above and one greenlet commits them in groups, one
+relaxed transaction (``synchronous_commit`` off) each. On its own such a step was three round trips to
+the server, its sequence waiting for them (``BEGIN`` with the setting, the insert, ``COMMIT``); in a
+group it is one, and the sequence waits only when it asked to (a status change on a shared store is also the
+check that this daemon still owns the call: its caller must hear the answer). The other writes (durable,
+fail-fast, bulk, or inside the caller's transaction) run at once in the caller as below, once the
+writes queued before them are committed (unless ``independent``): a write lands after those that came
+before it, whichever path each took. A fail-fast write gets one attempt at those too (the store's
+refusal of them is its own).
+
+:class:`DirectWriter` (the CLI, the API's tests) runs each write at once in the calling greenlet, in a
+transaction of its own or inside the caller's (a PostgreSQL claim round, whose ``committed`` callbacks
+run after the round commits).
 """
 
 from __future__ import annotations
@@ -67,7 +81,7 @@ from typing import Any, Protocol, TypeVar
 import gevent
 import gevent.event
 import gevent.threadpool
-from peewee import Database, OperationalError
+from peewee import Database, InterfaceError, OperationalError
 
 from daemon.ops.logs import log_event
 from daemon.store import SQLITE_PRAGMAS, database, relaxed_durability
@@ -109,7 +123,8 @@ def is_transient(exc: BaseException) -> bool:
 
 class Writer(Protocol):
     def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
-               committed: Committed | None = None, failed: Failed | None = None, bulk: bool = False) -> Any: ...
+               committed: Committed | None = None, failed: Failed | None = None, bulk: bool = False,
+               independent: bool = False) -> Any: ...
 
     def flush(self) -> None: ...
 
@@ -125,7 +140,8 @@ class DirectWriter:
         self.retry_for = retry_for
 
     def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
-               committed: Committed | None = None, failed: Failed | None = None, bulk: bool = False) -> Any:
+               committed: Committed | None = None, failed: Failed | None = None, bulk: bool = False,
+               independent: bool = False) -> Any:
         try:
             return self._submit(work, durable=durable, fail_fast=fail_fast, committed=committed)
         except Exception as exc:
@@ -200,11 +216,11 @@ class _OwnError(Exception):
     """A write of the group failed by itself (not the store): the group is run again with savepoints."""
 
 
-class ThreadWriter:
-    """SQLite's writes in one real thread, committed in groups (see the module's docstring)."""
+class _GroupCommitter:
+    """A queue of writes that one greenlet commits in groups, in the order submitted (see the module's
+    docstring); how a group is written and committed is the subclass's :meth:`_write_and_commit`."""
 
-    def __init__(self, db: Database, *, retry_for: float = 60.0, max_group: int = MAX_GROUP) -> None:
-        self.db = db
+    def __init__(self, *, retry_for: float, max_group: int) -> None:
         self.retry_for = retry_for
         self.max_group = max_group
         self.groups = 0  # committed so far (tests, logs)
@@ -212,22 +228,14 @@ class ThreadWriter:
         self._queue: collections.deque[_Write] = collections.deque()
         self._ready = gevent.event.Event()  # something queued
         self._urgent = gevent.event.Event()  # a write somebody waits for queued: commit (or retry) now
-        self._pool = gevent.threadpool.ThreadPool(1)
-        self._full: bool | None = None  # the thread connection's synchronous setting (None: unknown)
-        self._refusal: BaseException | None = None  # the store's error that undid the group being written
-        self._writing: list[_Write] | None = None  # the group with the thread now
-        self._outcome: tuple[list[_Write], BaseException | None] | None = None  # the thread's last group, how it ended
+        self._writing: list[_Write] | None = None  # the group being written now
         self._stopping = False
-        self._connection: Any = None  # the thread's sqlite3 connection, which the loop begins groups on
-        # peewee logs each statement at DEBUG: its level, looked up here, is cached, so that the thread
-        # does not take the logging module's lock (a gevent lock in a patched process) to find it.
-        logging.getLogger("peewee").isEnabledFor(logging.DEBUG)
         self._pump = gevent.spawn(self._run)
         self._pump.name = "store writer"
 
-    # -- the loop's side ---------------------------------------------------------------------------
     def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
-               committed: Committed | None = None, failed: Failed | None = None, bulk: bool = False) -> Any:
+               committed: Committed | None = None, failed: Failed | None = None, bulk: bool = False,
+               independent: bool = False) -> Any:
         if self._pump.dead:
             raise OperationalError("database: the store's writer is stopped")
         result = gevent.event.AsyncResult() if wait else None
@@ -245,43 +253,6 @@ class ThreadWriter:
     def probe(self) -> None:
         """Raise unless the store takes a write now (one attempt: the readiness check)."""
         self.submit(lambda: None, durable=False, fail_fast=True, wait=True)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Commit what is queued (trying for up to ``timeout`` seconds), then close the thread's connection."""
-        self._stopping = True
-        self._ready.set()
-        self._urgent.set()
-        self._pump.join(timeout)
-        if not self._pump.dead:
-            self._pump.kill(block=True, timeout=timeout)
-        # A group the thread was still writing when the pump was stopped: its callers hear how it ended
-        # once the thread is done with it (the close below runs after it).
-        stranded, self._writing = self._writing, None
-        if self._queue:
-            log_event(log, "store.writes_lost", logging.ERROR, count=len(self._queue),
-                      note="the store stayed unwritable; the next start reconciles the calls in flight")
-            for write in self._queue:
-                if write.result is not None or write.failed is not None:
-                    self._fail(write, OperationalError("database: the store's writer stopped"))
-            self._queue.clear()
-        try:
-            self._pool.apply(self._close)
-        finally:
-            self._pool.kill()
-            if stranded is not None:
-                self._settle(stranded)
-
-    def _settle(self, group: list[_Write]) -> None:
-        """Tell the callers of a group left with the thread at stop() how it ended: committed, or lost."""
-        outcome = self._outcome
-        if outcome is not None and outcome[0] is group and outcome[1] is None:
-            self._finish(group)
-            return
-        failure = outcome[1] if outcome is not None and outcome[0] is group else None
-        log_event(log, "store.writes_lost", logging.ERROR, count=len(group),
-                  note="the store refused them as the writer stopped; the next start reconciles the calls in flight")
-        for write in group:
-            self._fail(write, failure or OperationalError("database: the store's writer stopped"))
 
     def _run(self) -> None:
         delay = RETRY_FIRST
@@ -329,6 +300,90 @@ class ThreadWriter:
             delay = min(delay * 2, RETRY_MAX)
 
     def _write_and_commit(self, group: list[_Write]) -> BaseException | None:
+        """The group in one transaction: None once committed, else the store's error that undid it whole
+        (a write's own error is kept on that write, the others committed)."""
+        raise NotImplementedError
+
+    def _finish(self, group: list[_Write]) -> None:
+        for write in group:
+            if write.error is not None:
+                self._fail(write, write.error)
+                continue
+            if write.result is not None:
+                write.result.set(write.value)
+            if write.committed is not None:
+                try:
+                    write.committed(write.value)
+                except Exception:
+                    log.exception("after-commit action failed")
+
+    @staticmethod
+    def _fail(write: _Write, error: BaseException) -> None:
+        if write.result is not None:
+            write.result.set_exception(error)
+            return
+        log_event(log, "store.write_dropped", logging.ERROR, error=f"{type(error).__name__}: {error}")
+        if write.failed is not None:
+            try:
+                write.failed(error)
+            except Exception:
+                log.exception("a failed write's action failed")
+
+
+class ThreadWriter(_GroupCommitter):
+    """SQLite's writes in one real thread, committed in groups (see the module's docstring)."""
+
+    def __init__(self, db: Database, *, retry_for: float = 60.0, max_group: int = MAX_GROUP) -> None:
+        self.db = db
+        self._pool = gevent.threadpool.ThreadPool(1)
+        self._full: bool | None = None  # the thread connection's synchronous setting (None: unknown)
+        self._refusal: BaseException | None = None  # the store's error that undid the group being written
+        self._outcome: tuple[list[_Write], BaseException | None] | None = None  # the thread's last group, how it ended
+        self._connection: Any = None  # the thread's sqlite3 connection, which the loop begins groups on
+        # peewee logs each statement at DEBUG: its level, looked up here, is cached, so that the thread
+        # does not take the logging module's lock (a gevent lock in a patched process) to find it.
+        logging.getLogger("peewee").isEnabledFor(logging.DEBUG)
+        super().__init__(retry_for=retry_for, max_group=max_group)
+
+    # -- the loop's side ---------------------------------------------------------------------------
+    def stop(self, timeout: float = 10.0) -> None:
+        """Commit what is queued (trying for up to ``timeout`` seconds), then close the thread's connection."""
+        self._stopping = True
+        self._ready.set()
+        self._urgent.set()
+        self._pump.join(timeout)
+        if not self._pump.dead:
+            self._pump.kill(block=True, timeout=timeout)
+        # A group the thread was still writing when the pump was stopped: its callers hear how it ended
+        # once the thread is done with it (the close below runs after it).
+        stranded, self._writing = self._writing, None
+        if self._queue:
+            log_event(log, "store.writes_lost", logging.ERROR, count=len(self._queue),
+                      note="the store stayed unwritable; the next start reconciles the calls in flight")
+            for write in self._queue:
+                if write.result is not None or write.failed is not None:
+                    self._fail(write, OperationalError("database: the store's writer stopped"))
+            self._queue.clear()
+        try:
+            self._pool.apply(self._close)
+        finally:
+            self._pool.kill()
+            if stranded is not None:
+                self._settle(stranded)
+
+    def _settle(self, group: list[_Write]) -> None:
+        """Tell the callers of a group left with the thread at stop() how it ended: committed, or lost."""
+        outcome = self._outcome
+        if outcome is not None and outcome[0] is group and outcome[1] is None:
+            self._finish(group)
+            return
+        failure = outcome[1] if outcome is not None and outcome[0] is group else None
+        log_event(log, "store.writes_lost", logging.ERROR, count=len(group),
+                  note="the store refused them as the writer stopped; the next start reconciles the calls in flight")
+        for write in group:
+            self._fail(write, failure or OperationalError("database: the store's writer stopped"))
+
+    def _write_and_commit(self, group: list[_Write]) -> BaseException | None:
         """The group in one transaction on the writer's connection: its first writes on the loop (up to
         ``LOOP_SHARE``), the rest and the commit in the thread; all of it in the thread when the loop cannot
         take the store's lock at once or a write fails there (the thread's path then decides, as before)."""
@@ -371,31 +426,6 @@ class ThreadWriter:
             return None
         finally:
             state.conn, state.closed, state.ctx, state.transactions, state.commit_callbacks = saved
-
-    def _finish(self, group: list[_Write]) -> None:
-        for write in group:
-            if write.error is not None:
-                self._fail(write, write.error)
-                continue
-            if write.result is not None:
-                write.result.set(write.value)
-            if write.committed is not None:
-                try:
-                    write.committed(write.value)
-                except Exception:
-                    log.exception("after-commit action failed")
-
-    @staticmethod
-    def _fail(write: _Write, error: BaseException) -> None:
-        if write.result is not None:
-            write.result.set_exception(error)
-            return
-        log_event(log, "store.write_dropped", logging.ERROR, error=f"{type(error).__name__}: {error}")
-        if write.failed is not None:
-            try:
-                write.failed(error)
-            except Exception:
-                log.exception("a failed write's action failed")
 
     def _set_synchronous(self, durable: bool) -> None:
         """The writer's connection commits with ``synchronous=FULL`` for a durable group, else NORMAL."""
@@ -473,6 +503,87 @@ class ThreadWriter:
             self.db.close()
 
 
+class GroupWriter(_GroupCommitter):
+    """PostgreSQL's writes in a daemon: those nobody needs on disk at once queue and commit in groups from
+    one greenlet, the others run at once in the caller, after what queued before them (see the module's
+    docstring)."""
+
+    def __init__(self, *, retry_for: float = 60.0, max_group: int = MAX_GROUP) -> None:
+        self._direct = DirectWriter(retry_for)
+        super().__init__(retry_for=retry_for, max_group=max_group)
+
+    def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
+               committed: Committed | None = None, failed: Failed | None = None, bulk: bool = False,
+               independent: bool = False) -> Any:
+        if not (durable or fail_fast or bulk or database.in_transaction()):
+            return super().submit(work, durable=False, wait=wait, committed=committed, failed=failed)
+        if self._pump.dead:
+            raise OperationalError("database: the store's writer is stopped")
+        if not (independent or database.in_transaction()) and gevent.getcurrent() is not self._pump:
+            self._after_queued(fail_fast)
+        return self._direct.submit(work, durable=durable, fail_fast=fail_fast, wait=wait, committed=committed,
+                                   failed=failed)
+
+    def _after_queued(self, fail_fast: bool) -> None:
+        """Wait for the writes queued so far: a write made at once lands after them, as it came after them
+        (a call's refusal by the switch before its next originate's mark: ``unsent_because`` reads that
+        order). ``fail_fast``: one attempt at them, whose refusal is this write's."""
+        if self._queue or self._writing is not None:
+            super().submit(lambda: None, durable=False, fail_fast=fail_fast, wait=True)
+
+    def flush(self) -> None:
+        self._after_queued(fail_fast=False)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Commit what is queued (trying for up to ``timeout`` seconds)."""
+        self._stopping = True
+        self._ready.set()
+        self._urgent.set()
+        self._pump.join(timeout)
+        if not self._pump.dead:
+            self._pump.kill(block=True, timeout=timeout)
+        lost = [*(self._writing or ()), *self._queue]
+        self._writing = None
+        self._queue.clear()
+        if lost:
+            log_event(log, "store.writes_lost", logging.ERROR, count=len(lost),
+                      note="the store stayed unwritable; the next start reconciles the calls in flight")
+        for write in lost:
+            if write.result is not None or write.failed is not None:
+                self._fail(write, OperationalError("database: the store's writer stopped"))
+
+    def _write_and_commit(self, group: list[_Write]) -> BaseException | None:
+        try:
+            try:
+                self._write_group(group, isolated=False)
+            except _OwnError:  # rare (a row changed by another daemon meanwhile): again, each write on its own
+                self._write_group(group, isolated=True)
+        except Exception as exc:
+            return exc
+        return None
+
+    @staticmethod
+    def _write_group(group: list[_Write], *, isolated: bool) -> None:
+        """The group in one relaxed transaction (``synchronous_commit`` off: nothing in it is durable).
+        Not ``isolated``: a write's own error undoes the group (_OwnError); ``isolated``: each write in a
+        savepoint, so that its error undoes it alone."""
+        with relaxed_durability():
+            for write in group:
+                write.value, write.error = None, None
+                try:
+                    if isolated:
+                        with database.atomic():
+                            write.value = write.work()
+                    else:
+                        write.value = write.work()
+                except Exception as exc:
+                    if is_transient(exc) or isinstance(exc, InterfaceError):  # the store's, not this write's
+                        raise
+                    if not isolated:
+                        raise _OwnError from exc
+                    write.error = exc
+
+
 class _Begun:
     """Marks a transaction the loop began, on the writer thread's peewee transaction stack."""
 
@@ -481,7 +592,8 @@ _current: Writer = DirectWriter()
 
 
 def current() -> Writer:
-    """The process's writer: a ThreadWriter while a daemon runs on SQLite, else a DirectWriter."""
+    """The process's writer: a ThreadWriter while a daemon runs on SQLite, a GroupWriter on PostgreSQL,
+    else (the CLI, the API's own tests) a DirectWriter."""
     return _current
 
 

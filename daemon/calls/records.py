@@ -522,7 +522,7 @@ class CallRecords:
             return call
 
         try:
-            call: Call = writer().submit(insert, durable=True, fail_fast=True, wait=True)
+            call: Call = writer().submit(insert, durable=True, fail_fast=True, wait=True, independent=True)
         except IntegrityError:
             # The same key committed by a concurrent request between the caller's look-up and this insert.
             earlier = self.by_idempotency_key(endpoint.id, key) if key is not None else None
@@ -878,8 +878,9 @@ class CallRecords:
             self._committed(moved, status, extra, after)
 
         # A call ended before it started (missed, refused by the dispatcher) is waited for: the dispatcher
-        # reads pending calls next and must not find it pending still.
-        if writer().submit(update, durable=pending, wait=pending, committed=committed) is False:
+        # reads pending calls next and must not find it pending still. A change on a shared store too: the
+        # caller acts on it only if this daemon still owned the call.
+        if writer().submit(update, durable=pending, wait=pending or owner is not None, committed=committed) is False:
             call.__data__ = as_read  # no longer pending (canceled meanwhile), or no longer ours: left as it is
             if owner is not None:
                 # The caller must not act on a change it did not make (e.g. queue A's apps on an answer the

@@ -299,6 +299,25 @@ class _GroupCommitter:
             self._urgent.wait(timeout=delay)
             delay = min(delay * 2, RETRY_MAX)
 
+    def _stop_pump(self, timeout: float) -> None:
+        """Let the pump commit what is queued for up to ``timeout`` seconds, then stop it."""
+        self._stopping = True
+        self._ready.set()
+        self._urgent.set()
+        self._pump.join(timeout)
+        if not self._pump.dead:
+            self._pump.kill(block=True, timeout=timeout)
+
+    def _lose(self, writes: list[_Write]) -> None:
+        """Writes left unwritten at stop: logged, and those somebody waits for or hears of fail."""
+        if not writes:
+            return
+        log_event(log, "store.writes_lost", logging.ERROR, count=len(writes),
+                  note="the store stayed unwritable; the next start reconciles the calls in flight")
+        for write in writes:
+            if write.result is not None or write.failed is not None:
+                self._fail(write, OperationalError("database: the store's writer stopped"))
+
     def _write_and_commit(self, group: list[_Write]) -> BaseException | None:
         """The group in one transaction: None once committed, else the store's error that undid it whole
         (a write's own error is kept on that write, the others committed)."""
@@ -348,22 +367,12 @@ class ThreadWriter(_GroupCommitter):
     # -- the loop's side ---------------------------------------------------------------------------
     def stop(self, timeout: float = 10.0) -> None:
         """Commit what is queued (trying for up to ``timeout`` seconds), then close the thread's connection."""
-        self._stopping = True
-        self._ready.set()
-        self._urgent.set()
-        self._pump.join(timeout)
-        if not self._pump.dead:
-            self._pump.kill(block=True, timeout=timeout)
+        self._stop_pump(timeout)
         # A group the thread was still writing when the pump was stopped: its callers hear how it ended
         # once the thread is done with it (the close below runs after it).
         stranded, self._writing = self._writing, None
-        if self._queue:
-            log_event(log, "store.writes_lost", logging.ERROR, count=len(self._queue),
-                      note="the store stayed unwritable; the next start reconciles the calls in flight")
-            for write in self._queue:
-                if write.result is not None or write.failed is not None:
-                    self._fail(write, OperationalError("database: the store's writer stopped"))
-            self._queue.clear()
+        self._lose([*self._queue])
+        self._queue.clear()
         try:
             self._pool.apply(self._close)
         finally:
@@ -536,21 +545,11 @@ class GroupWriter(_GroupCommitter):
 
     def stop(self, timeout: float = 10.0) -> None:
         """Commit what is queued (trying for up to ``timeout`` seconds)."""
-        self._stopping = True
-        self._ready.set()
-        self._urgent.set()
-        self._pump.join(timeout)
-        if not self._pump.dead:
-            self._pump.kill(block=True, timeout=timeout)
-        lost = [*(self._writing or ()), *self._queue]
+        self._stop_pump(timeout)
+        lost = [*(self._writing or ()), *self._queue]  # (a group being written when stopped is rolled back)
         self._writing = None
         self._queue.clear()
-        if lost:
-            log_event(log, "store.writes_lost", logging.ERROR, count=len(lost),
-                      note="the store stayed unwritable; the next start reconciles the calls in flight")
-        for write in lost:
-            if write.result is not None or write.failed is not None:
-                self._fail(write, OperationalError("database: the store's writer stopped"))
+        self._lose(lost)
 
     def _write_and_commit(self, group: list[_Write]) -> BaseException | None:
         try:

@@ -1,8 +1,8 @@
 """The store's writer on PostgreSQL (daemon/writer.py, GroupWriter): the steps of calls in progress queue and
 commit in groups from one greenlet, in the order submitted, their callers going on at once; a write made at
 once (durable, fail-fast) lands after what queued before it; a write's own error undoes that write alone; a
-broken connection is waited out; stop commits what is queued. (The lost-lease tests of test_leases.py run
-with it too.)"""
+broken connection is waited out. (Its stop: test_writer.py; the lost-lease tests of test_leases.py run with
+it too.)"""
 
 from __future__ import annotations
 
@@ -136,17 +136,3 @@ def test_a_fail_fast_write_gets_one_attempt_at_the_steps_before_it(writer: Group
     assert kinds(call) == []
     store_away.clear()
     writer.flush()  # back: the step waited out the refusal
-
-
-def test_stop_commits_what_is_queued(db: Any, call: Call) -> None:
-    writer = GroupWriter()
-    previous = install(writer)
-    try:
-        for n in range(20):
-            writer.submit(step(call, f"step{n}"), durable=False)
-        writer.stop()
-    finally:
-        install(previous)
-    assert len(kinds(call)) == 20
-    with pytest.raises(OperationalError):
-        writer.submit(lambda: None, durable=False)

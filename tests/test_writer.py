@@ -1,7 +1,8 @@
 """The store's writer (daemon/writer.py) on SQLite: writes committed in groups on one real thread's connection,
 in the order submitted, the loop running a group's first short writes itself; a write's own error undoes that
 write alone; a locked store is waited out by the daemon's writes (never by the loop) and answered at once (503)
-for a request's; durable groups commit with synchronous=FULL."""
+for a request's; durable groups commit with synchronous=FULL; stop commits what is queued (PostgreSQL's GroupWriter
+too, whose other tests are in test_group_writer.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from peewee import Database, IntegrityError, OperationalError
 from daemon.calls.records import CallRecords, NewCall
 from daemon.ops.metrics import Metrics
 from daemon.store import SQLITE_PRAGMAS, Call, CallEvent, CallStatus, Endpoint, database, database_file
-from daemon.writer import ThreadWriter, current, install
+from daemon.writer import GroupWriter, ThreadWriter, current, install
 from tests.integration.conftest import wait_for
 
 NOW = dt.datetime(2026, 6, 15, 12, 0, 0)
@@ -300,8 +301,9 @@ def test_stop_tells_the_callers_of_the_group_still_being_written_how_it_ended(db
     assert kinds(call) == ["slow"] and waiting.get() == CallEvent.get(CallEvent.kind == "slow").id
 
 
-def test_stop_commits_what_is_queued(db: Database, call: Call) -> None:
-    writer = ThreadWriter(db)
+@pytest.mark.stores("sqlite", "postgresql")
+def test_stop_commits_what_is_queued(db: Database, call: Call, store_kind: str) -> None:
+    writer: ThreadWriter | GroupWriter = ThreadWriter(db) if store_kind == "sqlite" else GroupWriter()
     previous = install(writer)
     try:
         for n in range(20):

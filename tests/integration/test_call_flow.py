@@ -246,3 +246,35 @@ def test_the_operator_hangs_up_a_call_from_the_command_line(harness: Harness) ->
     again = gevent.subprocess.run([sys.executable, "-m", "daemon", "calls", "hangup", call.callid],
                                   env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "not in progress (status completed)" in again.stderr
+
+
+@pytest.mark.stores("postgresql")
+@pytest.mark.time_scale(0.1)  # as above: A stays up 30 s, a call lasts about a second
+def test_the_databases_sessions_cut_under_load_lose_no_step_and_dial_nothing_twice(
+        harness: Harness, postgres_server: Any) -> None:
+    """PostgreSQL restarted, or a failover cutting every session, twice while 40 calls run: the writes in
+    flight are undone and written again on new connections (a group of steps whole, a refused mark before its
+    originate is sent). Every call completes, its timeline holds each status once, nothing is dialed twice."""
+    endpoint = harness.endpoint(max_in_flight=50)
+    calls = [harness.place(endpoint, "15550000413", "15550006413", prompts=False) for _ in range(40)]
+    database_name = harness.settings.database_url.rsplit("/", 1)[-1].split("?")[0]
+
+    def reached(count: int) -> bool:
+        return sum("bridged" in harness.statuses.get(c.callid, []) for c in calls) >= count
+
+    for count in (8, 24):
+        assert wait_for(lambda count=count: reached(count), 60), f"fewer than {count} calls bridged"
+        # (each gone when this returns, its socket closed: as after a restart, a pooled connection is seen dead)
+        postgres_server.admin("SELECT pg_terminate_backend(pid, 30000) FROM pg_stat_activity "
+                              f"WHERE datname = '{database_name}' AND pid <> pg_backend_pid()")
+    gevent.joinall([gevent.spawn(harness.wait_final, c, 90) for c in calls], raise_error=True)
+    harness.service.writer.flush()  # the last steps, before the timelines are read
+    finals = {c.callid: Call.get_by_id(c.id).status for c in calls}
+    assert set(finals.values()) == {"completed"}, [harness.timeline(c) for c in calls if finals[c.callid] != "completed"]
+    for call in calls:
+        timeline = Counter(harness.timeline(call))
+        assert all(timeline[status] == 1 for status in ("a_answered", "dialing_b", "bridged", "completed")), timeline
+    if hasattr(harness.switch, "commands"):
+        originates = [c.text for c in harness.switch.commands if c.text.startswith("bgapi originate")]
+        a_uuids = [Call.get_by_id(c.id).a_uuid for c in calls]
+        assert all(sum(u in text for text in originates) == 1 + harness.switch.refusals(u) for u in a_uuids)

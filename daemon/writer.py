@@ -524,11 +524,12 @@ class GroupWriter(_GroupCommitter):
     def submit(self, work: Work, *, durable: bool, fail_fast: bool = False, wait: bool = False,
                committed: Committed | None = None, failed: Failed | None = None, bulk: bool = False,
                independent: bool = False) -> Any:
-        if not (durable or fail_fast or bulk or database.in_transaction()):
+        in_transaction = database.in_transaction()
+        if not (durable or fail_fast or bulk or in_transaction):
             return super().submit(work, durable=False, wait=wait, committed=committed, failed=failed)
         if self._pump.dead:
             raise OperationalError("database: the store's writer is stopped")
-        if not (independent or database.in_transaction()) and gevent.getcurrent() is not self._pump:
+        if not (independent or in_transaction) and gevent.getcurrent() is not self._pump:
             self._after_queued(fail_fast)
         return self._direct.submit(work, durable=durable, fail_fast=fail_fast, wait=wait, committed=committed,
                                    failed=failed)

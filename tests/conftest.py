@@ -26,7 +26,7 @@ from peewee import Database
 from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.config import Settings, load_settings
 from daemon.store import Endpoint, close_database, open_database
-from daemon.writer import ThreadWriter, install
+from daemon.writer import GroupWriter, ThreadWriter, install
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
 from tests.shards import SHARD_VARIABLE
 
@@ -137,6 +137,16 @@ def writer(db: Database) -> Iterator[ThreadWriter]:
     previous = install(thread_writer)
     yield thread_writer
     thread_writer.stop()
+    install(previous)
+
+
+@pytest.fixture
+def group_writer(db: Database) -> Iterator[GroupWriter]:
+    """The daemon's store writer on PostgreSQL, installed: steps queued and committed in groups by one greenlet."""
+    writer = GroupWriter(retry_for=30.0)
+    previous = install(writer)
+    yield writer
+    writer.stop()
     install(previous)
 
 

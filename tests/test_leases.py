@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -22,7 +22,6 @@ from daemon.calls.records import CallRecords, NotOwned
 from daemon.config import Settings, switch_sent_to
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, Endpoint
-from daemon.writer import GroupWriter, install
 from tests.test_dispatcher import FakeEngine, FakeSwitch
 from tests.test_sequence import wait_until
 
@@ -32,17 +31,11 @@ T0 = dt.datetime(2026, 3, 1, 9, 0, 0)
 
 
 @pytest.fixture(autouse=True)
-def daemons_writer(store_kind: str) -> Iterator[None]:
+def daemons_writer(store_kind: str, request: pytest.FixtureRequest) -> None:
     """On PostgreSQL the writer a daemon runs with (its steps queued and committed in groups): the lost-lease
     tests below are its guard. (SQLite's daemon writer has its own tests; one daemon owns every call there.)"""
-    if store_kind != "postgresql":
-        yield
-        return
-    group_writer = GroupWriter(retry_for=30.0)
-    previous = install(group_writer)
-    yield
-    group_writer.stop()
-    install(previous)
+    if store_kind == "postgresql":
+        request.getfixturevalue("group_writer")
 LEASE = dt.timedelta(seconds=30)
 
 

@@ -446,6 +446,7 @@ class Daemon:
         self.proc = spawn(self.command, env=self.env, log=self.log)
         profile_dir = os.environ.get("BENCH_PYSPY")
         if profile_dir:  # sample the daemon for the whole of its life: collapsed stacks for py-spy's users
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
             out = Path(profile_dir) / f"daemon-{self.folder.name}-{self.proc.pid}.txt"
             spawn(
                 [

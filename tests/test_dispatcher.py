@@ -359,6 +359,70 @@ def test_a_tick_reads_no_more_due_calls_than_the_switch_has_room_for(
     assert len(fake_engine.launched) == 4 and max(pages) <= 2 + 2
 
 
+def _queue(endpoint: Endpoint, count: int) -> None:
+    Call.insert_many([{"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550000001",
+                       "phone_b": "15550000002", "due_at": T0 - dt.timedelta(seconds=60), "scheduled": True,
+                       "status": "scheduled"} for _ in range(count)]).execute()
+
+
+def _count_rows_read(dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    pages: list[int] = []
+    due = dispatcher.records.due
+
+    def counted(now: dt.datetime, **options: Any) -> list[Call]:
+        page = due(now, **options)
+        pages.append(len(page))
+        return page
+
+    monkeypatch.setattr(dispatcher.records, "due", counted)
+    return pages
+
+
+def test_a_backlog_held_back_by_the_operators_cap_is_not_read_at_every_tick(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thousand calls queued behind the daemon's own calls per second, on a big switch: a tick reads
+    what the cap lets start (and a few to spare), and nothing while the cap has no call left this second.
+    Reading the backlog at every tick (a create, a call's end) made a burst of creates cost the daemon
+    the whole backlog's rows each time, and the API waited behind it."""
+    fake_engine.capacity.learn_limits(sps=2000, max_sessions=5000)
+    dispatcher.global_rate = TokenBucket(rate=3)
+    endpoint, _ = make_endpoint(max_in_flight=5000, calls_per_second=1000)
+    _queue(endpoint, 1000)
+    pages = _count_rows_read(dispatcher, monkeypatch)
+    wait = dispatcher.tick(T0, 0.0)
+    assert len(fake_engine.launched) == 3 and sum(pages) <= 3 + 2
+    assert wait == pytest.approx(1 / 3)
+    pages.clear()
+    assert dispatcher.tick(T0, 0.1) > 0 and pages == []  # the cap's calls of this second are used up
+    dispatcher.tick(T0, 0.4)
+    assert len(fake_engine.launched) == 4 and sum(pages) <= 1 + 2
+    assert [c.id for c in fake_engine.launched] == sorted(c.id for c in fake_engine.launched)  # in due order
+
+
+@pytest.mark.parametrize("limit", ["calls_per_second", "max_in_flight"])
+def test_an_endpoint_at_its_limit_with_a_long_queue_costs_a_tick_a_few_rows_not_its_queue(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch, limit: str) -> None:
+    """An endpoint's own limits (5 calls a second and 10 at once by default) hold most of a burst back
+    while the switch has room: a tick then reads a few of its rows, skips it, and goes on to the others."""
+    fake_engine.capacity.learn_limits(sps=2000, max_sessions=5000)
+    options = {"calls_per_second": 2, "max_in_flight": 1000} if limit == "calls_per_second" \
+        else {"calls_per_second": 1000, "max_in_flight": 2}
+    busy, _ = make_endpoint(**options)
+    _queue(busy, 1000)
+    other, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    theirs = add(other, T0)
+    pages = _count_rows_read(dispatcher, monkeypatch)
+    dispatcher.tick(T0, 0.0)
+    assert [c.endpoint_id for c in fake_engine.launched] == [busy.id, busy.id, other.id]
+    assert fake_engine.launched[-1].id == theirs.id
+    assert sum(pages) <= 32, pages
+    pages.clear()
+    dispatcher.tick(T0, 0.1)  # at its limit from the start of the tick
+    assert len(fake_engine.launched) == 3 and sum(pages) <= 16, pages
+
+
 def test_legs_of_calls_in_progress_go_before_new_calls(
         dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
     fake_engine.capacity.learn_limits(sps=2, max_sessions=1000)  # one a second

@@ -51,7 +51,8 @@ from daemon.switch.link import SwitchLink
 
 log = logging.getLogger("callbridge.dispatcher")
 
-BATCH = 500
+BATCH = 500  # the largest page of due calls a tick reads at once
+FIRST_PAGE = 8  # its first page: pages double from there
 PAGE_SLACK = 2
 MAX_SLEEP = 1.0
 HEARTBEAT_INTERVAL = 5.0  # seconds between the store's notes that a dispatcher runs (missed vs late)
@@ -72,14 +73,18 @@ class TokenBucket:
     tokens: float = 0.0
     updated: float | None = None
 
-    def take(self, now: float) -> bool:
+    def available(self, now: float) -> int:
+        """How many starts the bucket would allow at ``now``, none taken."""
         burst = max(1.0, self.rate)
         if self.updated is None:
             self.tokens = burst
         else:
             self.tokens = min(burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1.0:
+        return int(self.tokens)
+
+    def take(self, now: float) -> bool:
+        if self.available(now) >= 1:
             self.tokens -= 1.0
             return True
         return False
@@ -157,6 +162,7 @@ class Dispatcher:
         held_back: float | None = None
         skip: set[int] = set()  # endpoints at their limit this tick: their calls wait, others go
         after: tuple[dt.datetime, int] | None = None
+        page_size = FIRST_PAGE
         while True:
             free = self.settings.max_in_flight - self._in_flight()
             if free <= 0:
@@ -164,10 +170,16 @@ class Dispatcher:
             startable, room_wait = self.engine.room_for_new_calls(self.engine.monotonic())
             if startable <= 0:
                 return room_wait  # no switch has room for another session yet: every call waits
-            # A page is read as model rows (tens of microseconds each, and a tick follows every call's end):
-            # no more than could start now, and two to spare for calls skipped (their endpoint at its
-            # limit, which the next page leaves out); the next page follows when this one was used up.
-            limit = min(BATCH, min(free, startable) + PAGE_SLACK)
+            if self.global_rate is not None:
+                startable = min(startable, self.global_rate.available(mono))
+                if startable <= 0:
+                    return self.global_rate.wait_time()  # the operator's cap: nothing starts before then
+            # A page is read as model rows (tens of microseconds each, and a tick follows every create and
+            # every call's end): no more than could start now, and two to spare for calls skipped (their
+            # endpoint at its limit, which the next page leaves out). Pages start small and double: a long
+            # queue of one endpoint at its own limit costs a tick a few of its rows, not all of them.
+            limit = min(page_size, min(free, startable) + PAGE_SLACK)
+            page_size = min(BATCH, page_size * 2)
             loads: dict[int, EndpointLoad] = {}  # shared store: the endpoints' load, read under this round's lock
             with self._claim_round():
                 page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)

@@ -303,13 +303,30 @@ def test_token_bucket_refills_at_its_rate() -> None:
     assert bucket.take(0.1)
 
 
+def _queue(endpoint: Endpoint, count: int) -> None:
+    Call.insert_many([{"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550000001",
+                       "phone_b": "15550000002", "due_at": T0 - dt.timedelta(seconds=60), "scheduled": True,
+                       "status": "scheduled"} for _ in range(count)]).execute()
+
+
+def _count_rows_read(dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    pages: list[int] = []
+    due = dispatcher.records.due
+
+    def counted(now: dt.datetime, **options: Any) -> list[Call]:
+        page = due(now, **options)
+        pages.append(len(page))
+        return page
+
+    monkeypatch.setattr(dispatcher.records, "due", counted)
+    return pages
+
+
 def test_a_saturated_endpoint_with_a_long_queue_neither_starves_others_nor_spins(
         dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
     busy, _ = make_endpoint(max_in_flight=2, calls_per_second=1000)
     other, _ = make_endpoint(max_in_flight=5, calls_per_second=1000)
-    Call.insert_many([{"callid": secrets.token_hex(14), "endpoint": busy.id, "phone_a": "15550000001",
-                       "phone_b": "15550000002", "due_at": T0 - dt.timedelta(seconds=60), "scheduled": True,
-                       "status": "scheduled"} for _ in range(700)]).execute()
+    _queue(busy, 700)
     theirs = add(other, T0)
     wait = dispatcher.tick(T0, 0.0)
     assert [c.endpoint_id for c in fake_engine.launched].count(busy.id) == 2
@@ -338,18 +355,8 @@ def test_a_tick_reads_no_more_due_calls_than_the_switch_has_room_for(
     of the room (and a few to spare), not hundreds of rows it cannot start; none at all while it is full."""
     fake_engine.capacity.learn_limits(sps=6, max_sessions=1000)  # room for 2 new calls a second
     endpoint, _ = make_endpoint(max_in_flight=5000, calls_per_second=1000)
-    Call.insert_many([{"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550000001",
-                       "phone_b": "15550000002", "due_at": T0 - dt.timedelta(seconds=60), "scheduled": True,
-                       "status": "scheduled"} for _ in range(1000)]).execute()
-    pages: list[int] = []
-    due = dispatcher.records.due
-
-    def counted(now: dt.datetime, **options: Any) -> list[Call]:
-        page = due(now, **options)
-        pages.append(len(page))
-        return page
-
-    monkeypatch.setattr(dispatcher.records, "due", counted)
+    _queue(endpoint, 1000)
+    pages = _count_rows_read(dispatcher, monkeypatch)
     assert dispatcher.tick(T0, 0.0) == pytest.approx(1.0)
     assert len(fake_engine.launched) == 2 and pages and max(pages) <= 2 + 2
     pages.clear()
@@ -357,25 +364,6 @@ def test_a_tick_reads_no_more_due_calls_than_the_switch_has_room_for(
     fake_engine.now += 1.0
     dispatcher.tick(T0, 1.0)
     assert len(fake_engine.launched) == 4 and max(pages) <= 2 + 2
-
-
-def _queue(endpoint: Endpoint, count: int) -> None:
-    Call.insert_many([{"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550000001",
-                       "phone_b": "15550000002", "due_at": T0 - dt.timedelta(seconds=60), "scheduled": True,
-                       "status": "scheduled"} for _ in range(count)]).execute()
-
-
-def _count_rows_read(dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    pages: list[int] = []
-    due = dispatcher.records.due
-
-    def counted(now: dt.datetime, **options: Any) -> list[Call]:
-        page = due(now, **options)
-        pages.append(len(page))
-        return page
-
-    monkeypatch.setattr(dispatcher.records, "due", counted)
-    return pages
 
 
 def test_a_backlog_held_back_by_the_operators_cap_is_not_read_at_every_tick(

@@ -31,6 +31,7 @@ from daemon.store import (
     Endpoint,
     Heartbeat,
     SchemaVersion,
+    WebhookDelivery,
     close_database,
     database_file,
     migrate,
@@ -202,6 +203,23 @@ def test_rows_read_directly_leave_out_a_newer_schemas_columns(db: Database, make
     found = authenticate(token)
     assert found is not None and found.id == endpoint.id and found.name == endpoint.name
     assert "from_a_later_version" not in found.__data__
+
+
+def test_v11_gives_the_webhook_outbox_its_index_by_endpoint(settings: Settings, make_endpoint: Any) -> None:
+    """A store from before v11 (its outbox indexed by state and due time only) gains the index the sender
+    reads each endpoint's due rows through; its pending rows stay."""
+    endpoint, _ = make_endpoint()
+    WebhookDelivery.create(event_id="e" * 32, endpoint=endpoint, callid="c", status="queued", payload="{}")
+    db = store.database.obj
+    with db.atomic():
+        db.execute_sql('DROP INDEX "webhookdelivery_state_endpoint_id_next_attempt_at_id"')
+        SchemaVersion.delete().where(SchemaVersion.version >= 11).execute()
+    assert ("state", "endpoint_id", "next_attempt_at", "id") not in index_columns(db, "webhookdelivery")
+    close_database(db)
+    db = open_database(settings.database_url)
+    assert schema_version(db) == len(store.MIGRATIONS) >= 11
+    assert ("state", "endpoint_id", "next_attempt_at", "id") in index_columns(db, "webhookdelivery")
+    assert WebhookDelivery.get(WebhookDelivery.event_id == "e" * 32).state == "pending"
 
 
 def test_migration_on_an_existing_store_keeps_its_rows(settings: Settings, make_endpoint: Any) -> None:

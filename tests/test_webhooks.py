@@ -374,6 +374,48 @@ def test_a_receiver_that_never_answers_does_not_block_a_good_one(db: Database, h
     assert list(states.values()).count("pending") == 6  # the stuck ones are kept for later, not lost
 
 
+@pytest.mark.stores("sqlite")  # SQLite counts the work of a statement (its progress handler)
+def test_a_slow_receivers_backlog_costs_a_tick_nothing_while_its_places_are_taken(
+        db: Database, hook_settings: Settings, receivers: Any) -> None:
+    """A receiver that answers slowly holds its places while every call's status changes add rows for it:
+    the sender's tick must not read that backlog (it read every due row, at every tick, and a daemon with
+    tens of thousands of them spent its event loop there, its calls waiting)."""
+    stuck = receivers(hang=True)
+    slow = endpoint_with_hook(stuck.url)
+    webhooks = Webhooks(dataclasses.replace(hook_settings, webhook_timeout=60.0), Metrics(), per_endpoint=2)
+    webhooks.start()
+    try:
+        for _ in range(3):
+            webhooks.on_status(new_call(slow), CallStatus.COMPLETED, {})
+        assert stuck.wait_for(lambda: len(stuck.requests) == 2)  # both its places taken
+
+        def work_of_a_tick(backlog: int) -> int:
+            due = utcnow() - dt.timedelta(seconds=1)
+            WebhookDelivery.insert_many([
+                {"event_id": secrets.token_hex(16), "endpoint": slow.id, "callid": "c", "status": "queued",
+                 "payload": "{}", "created_at": due, "next_attempt_at": due} for _ in range(backlog)]).execute()
+            steps = [0]
+
+            def count() -> int:
+                steps[0] += 1
+                return 0
+
+            connection = db.connection()
+            connection.set_progress_handler(count, 100)  # every 100 virtual machine instructions
+            try:
+                webhooks.tick(utcnow())
+            finally:
+                connection.set_progress_handler(None, 100)
+            return steps[0]
+
+        small = work_of_a_tick(200)
+        large = work_of_a_tick(20_000)
+        assert large <= 2 * small + 10, (small, large)  # about the same, not a hundred times more
+        assert len(stuck.requests) == 2
+    finally:
+        webhooks.stop(grace=0)
+
+
 def test_event_ids_are_unique_across_many_events(db: Database, hook_settings: Settings) -> None:
     endpoint = endpoint_with_hook("http://127.0.0.1:9/hook")
     webhooks = Webhooks(hook_settings, Metrics())

@@ -411,6 +411,47 @@ def test_an_endpoint_at_its_limit_with_a_long_queue_costs_a_tick_a_few_rows_not_
     assert len(fake_engine.launched) == 3 and sum(pages) <= 16, pages
 
 
+@pytest.mark.stores("sqlite")  # SQLite counts the work of a statement (its progress handler)
+@pytest.mark.parametrize("limit", ["calls_per_second", "max_in_flight"])
+def test_a_campaign_queued_behind_its_endpoints_limit_costs_a_tick_the_same_at_any_length(
+        dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any], db: Any,
+        limit: str) -> None:
+    """Its calls come first in due order, and the tick that skips them must still find the next endpoint's
+    call: not by walking past every one of them (20,000 cost a tick a hundred times the work of 200)."""
+    fake_engine.capacity.learn_limits(sps=2000, max_sessions=5000)
+    options = {"calls_per_second": 2, "max_in_flight": 1000} if limit == "calls_per_second" \
+        else {"calls_per_second": 1000, "max_in_flight": 1}
+    campaign, _ = make_endpoint(**options)
+    other, _ = make_endpoint(max_in_flight=100, calls_per_second=1000)
+    queued = 0
+
+    def work_of_a_tick(backlog: int, mono: float) -> int:
+        nonlocal queued
+        while queued < backlog:
+            _queue(campaign, 500)
+            queued += 500
+        theirs = add(other, T0 - dt.timedelta(seconds=1))
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        connection = db.connection()
+        connection.set_progress_handler(count, 100)  # every 100 virtual machine instructions
+        try:
+            dispatcher.tick(T0, mono)
+        finally:
+            connection.set_progress_handler(None, 100)
+        assert fake_engine.launched[-1].id == theirs.id  # the other endpoint's call started, the campaign's waited
+        return steps[0]
+
+    work_of_a_tick(500, 0.0)  # the campaign's first calls start: it is at its limit from now on
+    small = work_of_a_tick(500, 0.1)
+    large = work_of_a_tick(20_000, 0.2)
+    assert large <= 2 * small + 10, (small, large)
+
+
 def test_legs_of_calls_in_progress_go_before_new_calls(
         dispatcher: Dispatcher, fake_engine: FakeEngine, make_endpoint: Callable[..., Any]) -> None:
     fake_engine.capacity.learn_limits(sps=2, max_sessions=1000)  # one a second

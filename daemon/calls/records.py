@@ -125,6 +125,25 @@ def _hangup_requested_by(call_id: int) -> str | None:
     return None if row is None else str(json.loads(row[0] or "{}").get("by") or "an operator")
 
 
+def _due_sql(p: str, endpoint: str, after: tuple[dt.datetime, int] | None, lock: bool) -> str:
+    """The due calls of one pending status, in (due_at, id) order (see :meth:`CallRecords.due`)."""
+    sql = f'SELECT * FROM "call" WHERE "status" = {p} AND "due_at" <= {p}{endpoint}'
+    if after is not None:
+        sql += f' AND ("due_at" > {p} OR ("due_at" = {p} AND "id" > {p}))'
+    return sql + f' ORDER BY "due_at", "id" LIMIT {p}' + (" FOR UPDATE SKIP LOCKED" if lock else "")
+
+
+def _endpoints_with_due_calls(now: Any, skip: list[int]) -> list[int]:
+    """The endpoints not in ``skip`` that have a pending call due at ``now`` (as stored): one index probe
+    per endpoint and pending status, however many calls the endpoints in ``skip`` have queued."""
+    statuses = [status.value for status in PENDING_STATUSES]
+    sql = precompiled(f"endpoints_due:{len(skip)}", lambda p: (
+        f'SELECT "id" FROM "endpoint" AS e WHERE "id" NOT IN ({", ".join([p] * len(skip))}) AND EXISTS '
+        f'(SELECT 1 FROM "call" AS c WHERE c."endpoint_id" = e."id" AND c."status" IN '
+        f'({", ".join([p] * len(statuses))}) AND c."due_at" <= {p}) ORDER BY "id"'))
+    return [int(endpoint_id) for (endpoint_id,) in execute(sql, (*skip, *statuses, now)).fetchall()]
+
+
 class _Update(NamedTuple):
     """A precompiled ``update_call``: its statement and how each of its values is stored."""
 
@@ -390,26 +409,27 @@ class CallRecords:
         The dispatcher asks after every call's end, so this is hand-written SQL: peewee spends a
         millisecond or two compiling a select of a call's ~50 columns, ten times what SQLite takes to
         answer it. One query per pending status, each walking the (status, due_at) index in order and
-        stopping at ``limit`` (one query for both would sort every pending call), merged here."""
+        stopping at ``limit`` (one query for both would sort every pending call), merged here.
+
+        With endpoints left out (at their limits, their calls first in due order: a campaign queued
+        behind its endpoint's calls per second), that walk would pass every one of their calls before
+        finding another's, at every tick: instead, the endpoints that have calls due are found by index
+        probes (``endpoint_id, status, due_at``), and each one's calls read through that index."""
         skip = sorted(skip_endpoints)
         lock = is_shared() and database.in_transaction()  # a claim round: these calls are ours until it commits
-
-        def build(p: str) -> str:
-            sql = f'SELECT * FROM "call" WHERE "status" = {p} AND "due_at" <= {p}'
-            if skip:
-                sql += f' AND "endpoint_id" NOT IN ({", ".join([p] * len(skip))})'
-            if after is not None:
-                sql += f' AND ("due_at" > {p} OR ("due_at" = {p} AND "id" > {p}))'
-            return sql + f' ORDER BY "due_at", "id" LIMIT {p}' + (" FOR UPDATE SKIP LOCKED" if lock else "")
-
-        sql = precompiled(f"due:{len(skip)}:{after is not None}:{lock}", build)
         due_at = Call.due_at.db_value
+        cursor: list[Any] = [] if after is None else [due_at(after[0]), due_at(after[0]), after[1]]
         calls: list[Call] = []
-        for status in PENDING_STATUSES:
-            params: list[Any] = [status.value, due_at(now), *skip]
-            if after is not None:
-                params += [due_at(after[0]), due_at(after[0]), after[1]]
-            calls += select_rows(Call, sql, (*params, limit))
+        if not skip:
+            sql = precompiled(f"due:{after is not None}:{lock}", lambda p: _due_sql(p, "", after, lock))
+            for status in PENDING_STATUSES:
+                calls += select_rows(Call, sql, (status.value, due_at(now), *cursor, limit))
+        else:
+            sql = precompiled(f"due_of:{after is not None}:{lock}",
+                              lambda p: _due_sql(p, f' AND "endpoint_id" = {p}', after, lock))
+            for endpoint_id in _endpoints_with_due_calls(due_at(now), skip):
+                for status in PENDING_STATUSES:
+                    calls += select_rows(Call, sql, (status.value, due_at(now), endpoint_id, *cursor, limit))
         calls = sorted(calls, key=lambda call: (call.due_at, call.id))[:limit]
         if calls:
             endpoint_of = {call.id: call.__data__["endpoint"] for call in calls}  # the foreign key's value

@@ -414,11 +414,20 @@ def _v11_webhook_endpoint_index(db: Database) -> None:
                    'ON "webhookdelivery" ("state", "endpoint_id", "next_attempt_at", "id")')
 
 
+def _v12_recorded_calls_index(db: Database) -> None:
+    # Recording retention reads, hourly and on the event loop, the calls whose recording expired: through
+    # this index of the calls that have one (a partial index: a call without a recording costs it no
+    # write), not by walking every call of the store.
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "call_recorded_requested_at" ON "call" ("requested_at") '
+                   "WHERE \"recording_path\" != ''")
+
+
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
 MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
                                                 _v4_request_fingerprint, _v5_web_accounts, _v6_call_leases,
                                                 _v7_call_switch, _v8_lean_indexes, _v9_heartbeat,
-                                                _v10_instances, _v11_webhook_endpoint_index]
+                                                _v10_instances, _v11_webhook_endpoint_index,
+                                                _v12_recorded_calls_index]
 
 
 def schema_version(db: Database) -> int:

@@ -222,6 +222,25 @@ def test_v11_gives_the_webhook_outbox_its_index_by_endpoint(settings: Settings, 
     assert WebhookDelivery.get(WebhookDelivery.event_id == "e" * 32).state == "pending"
 
 
+def test_v12_indexes_the_recorded_calls_only(settings: Settings, make_endpoint: Any) -> None:
+    """A store from before v12 gains the index recording retention reads through: partial, so a call
+    without a recording is not in it (and costs it no write)."""
+    endpoint, _ = make_endpoint()
+    a_call(endpoint, "r" * 28, recording_path="/var/lib/callbridge/recordings/r.wav")
+    a_call(endpoint, "n" * 28)
+    db = store.database.obj
+    with db.atomic():
+        db.execute_sql('DROP INDEX "call_recorded_requested_at"')
+        SchemaVersion.delete().where(SchemaVersion.version >= 12).execute()
+    close_database(db)
+    db = open_database(settings.database_url)
+    assert schema_version(db) == len(store.MIGRATIONS) >= 12
+    recorded = [index for index in db.get_indexes("call") if index.name == "call_recorded_requested_at"]
+    assert len(recorded) == 1 and recorded[0].columns == ["requested_at"]
+    assert "recording_path" in recorded[0].sql  # its condition: the calls that have a recording
+    assert Call.select().count() == 2
+
+
 def test_migration_on_an_existing_store_keeps_its_rows(settings: Settings, make_endpoint: Any) -> None:
     endpoint, _ = make_endpoint(name="keep-me")
     call = a_call(endpoint, "f" * 28)

@@ -506,10 +506,16 @@ class CallRecords:
 
     @staticmethod
     def recordings_older_than(cutoff: dt.datetime, limit: int) -> list[Call]:
-        """Calls still pointing at a recording and ended (else started, else requested) before ``cutoff``."""
-        age = fn.COALESCE(Call.ended_at, Call.started_at, Call.requested_at)
-        return list(Call.select(Call.id, Call.callid, Call.recording_path)
-                    .where((Call.recording_path != "") & (age < cutoff)).order_by(Call.id).limit(limit))
+        """Calls still pointing at a recording and ended (else started, else requested) before ``cutoff``.
+
+        Read on the event loop, hourly: through the index of the calls that have a recording, by request
+        time (none ended before it was requested), so the read visits the expired ones and not the
+        store's million calls (a walk by id took 0.24 s at 300,000 calls, with every call waiting)."""
+        sql = precompiled("recordings_older_than", lambda p: (
+            f'SELECT * FROM "call" WHERE "recording_path" != \'\' AND "requested_at" < {p} '
+            f'AND COALESCE("ended_at", "started_at", "requested_at") < {p} ORDER BY "requested_at", "id" LIMIT {p}'))
+        when = Call.requested_at.db_value(cutoff)
+        return select_rows(Call, sql, (when, when, limit))
 
     @staticmethod
     def recording_in_use(path: str) -> bool:

@@ -68,6 +68,7 @@ PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 MAX_SLEEP = 1.0  # look at the outbox at least this often (rows written by the API or another process)
 KEEP_FINISHED = dt.timedelta(days=7)  # delivered and failed rows are kept this long, for inspection
 PRUNE_EVERY = dt.timedelta(hours=1)
+PRUNE_BATCH = 2000  # finished rows deleted a write
 USER_AGENT = "callbridge-webhooks/1"
 # Seconds beyond an attempt's own bound (twice webhook_timeout) that a taken row stays taken.
 ATTEMPT_MARGIN = 10.0
@@ -289,11 +290,23 @@ class Webhooks:
         return bool(taken == 1)
 
     def prune(self, now: dt.datetime) -> int:
-        """Delete delivered and failed rows finished more than KEEP_FINISHED ago; pending rows stay."""
+        """Delete delivered and failed rows finished more than KEEP_FINISHED ago; pending rows stay.
+
+        Through the index of the finished rows by finish time, PRUNE_BATCH rows a write: the store's one
+        writer (SQLite's write lock) is never held for the walk of a week's rows, nor for an hour's
+        deletes at once, while calls wait to write their steps."""
         self._pruned_at = now
-        done = (WebhookDelivery.state != PENDING) & (WebhookDelivery.finished_at < now - KEEP_FINISHED)
-        return int(writer().submit(lambda: WebhookDelivery.delete().where(done).execute(), durable=False,
-                                   wait=True, bulk=True))
+        cutoff = WebhookDelivery.finished_at.db_value(now - KEEP_FINISHED)
+        sql = precompiled("webhook_prune", lambda p: (
+            f'DELETE FROM "webhookdelivery" WHERE "id" IN (SELECT "id" FROM "webhookdelivery" '
+            f'WHERE "state" != \'{PENDING}\' AND "finished_at" < {p} ORDER BY "finished_at" LIMIT {p})'))
+        pruned = 0
+        while True:
+            deleted = int(writer().submit(lambda: execute(sql, (cutoff, PRUNE_BATCH)).rowcount, durable=False,
+                                          wait=True, bulk=True))
+            pruned += deleted
+            if deleted < PRUNE_BATCH:
+                return pruned
 
     def backoff(self, attempts: int) -> float:
         """Seconds before retry number ``attempts`` + 1: doubling from ``backoff_base``, capped, jittered."""

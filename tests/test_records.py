@@ -349,3 +349,50 @@ def test_a_reason_longer_than_its_column_is_cut_not_refused(
     stored = Call.get_by_id(call.id)
     assert stored.status == "canceled"
     assert len(stored.reason) == 200 and stored.reason.startswith("hung up by ooo") and stored.reason.endswith("…")
+
+
+def _started(endpoint: Endpoint, count: int, at: dt.datetime) -> None:
+    for _ in range(0, count, 1000):  # (in chunks: SQLite bounds a statement's parameters)
+        Call.insert_many([{"callid": uuid.uuid4().hex[:28], "endpoint": endpoint.id, "phone_a": "15550001001",
+                           "phone_b": "15550002002", "due_at": at, "started_at": at, "status": "completed"}
+                          for _ in range(min(1000, count))]).execute()
+
+
+def test_the_calls_each_endpoint_started_since_a_time(make_endpoint: Callable[..., Any]) -> None:
+    """The dispatcher's count at each day's start (the endpoints' daily caps count from it)."""
+    busy, _ = make_endpoint()
+    quiet, _ = make_endpoint()
+    idle, _ = make_endpoint()
+    _started(busy, 3, NOW - dt.timedelta(hours=1))
+    _started(busy, 2, NOW - dt.timedelta(days=1))
+    _started(quiet, 1, NOW - dt.timedelta(days=2))
+    _started(idle, 0, NOW)
+    assert CallRecords.started_per_endpoint(NOW - dt.timedelta(hours=12)) == {busy.id: 3}
+    assert CallRecords.started_per_endpoint(NOW - dt.timedelta(days=3)) == {busy.id: 5, quiet.id: 1}
+
+
+@pytest.mark.stores("sqlite")  # SQLite counts the work of a statement (its progress handler)
+def test_the_days_count_reads_the_days_calls_not_the_stores(make_endpoint: Callable[..., Any]) -> None:
+    """Read on the event loop at each day's start: the calls of days gone by must not be walked."""
+    endpoint, _ = make_endpoint()
+
+    def work_of_a_count(old: int) -> int:
+        _started(endpoint, old, NOW - dt.timedelta(days=30))
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        connection = database.connection()
+        connection.set_progress_handler(count, 100)  # every 100 virtual machine instructions
+        try:
+            CallRecords.started_per_endpoint(NOW - dt.timedelta(hours=12))
+        finally:
+            connection.set_progress_handler(None, 100)
+        return steps[0]
+
+    _started(endpoint, 50, NOW - dt.timedelta(hours=1))
+    small = work_of_a_count(1000)
+    large = work_of_a_count(20_000)
+    assert large <= 2 * small + 10, (small, large)

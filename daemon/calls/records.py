@@ -454,10 +454,16 @@ class CallRecords:
 
     @staticmethod
     def started_per_endpoint(since: dt.datetime) -> dict[int, int]:
-        """How many calls each endpoint started since ``since``."""
-        counts: Any = (Call.select(Call.endpoint, fn.COUNT(Call.id)).where(Call.started_at >= since)
-                       .group_by(Call.endpoint).tuples())
-        return {int(endpoint_id): int(n) for endpoint_id, n in counts}
+        """How many calls each endpoint started since ``since`` (those that started any).
+
+        Read on the event loop at each day's start: endpoint by endpoint through the (endpoint_id,
+        started_at) index, so it counts the day's calls, not every call the store holds (a GROUP BY
+        walked that whole index: 30-44 ms at 300,000 calls)."""
+        sql = precompiled("started_per_endpoint", lambda p: (
+            'SELECT "id", (SELECT COUNT(*) FROM "call" AS c WHERE c."endpoint_id" = e."id" AND '
+            f'c."started_at" >= {p}) FROM "endpoint" AS e'))
+        counts = execute(sql, (Call.started_at.db_value(since),)).fetchall()
+        return {int(endpoint_id): int(n) for endpoint_id, n in counts if n}
 
     @staticmethod
     def media_in_use() -> set[str]:

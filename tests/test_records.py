@@ -396,3 +396,27 @@ def test_the_days_count_reads_the_days_calls_not_the_stores(make_endpoint: Calla
     small = work_of_a_count(1000)
     large = work_of_a_count(20_000)
     assert large <= 2 * small + 10, (small, large)
+
+
+def test_the_media_of_calls_not_yet_ended_is_in_use_and_only_that(make_endpoint: Callable[..., Any]) -> None:
+    """What the media cache's eviction keeps: every file a pending or running call will play."""
+    endpoint, _ = make_endpoint()
+    files = iter(range(1000))
+
+    def call(status: CallStatus, *, msg: bool = True) -> tuple[str, ...]:
+        n = next(files)
+        named = (f"/media/play-{n}.wav", f"/media/msg-{n}.wav" if msg else "", f"/media/tone-{n}.wav")
+        Call.create(callid=uuid.uuid4().hex[:28], endpoint=endpoint, phone_a="15550001001", phone_b="15550002002",
+                    due_at=NOW, status=status.value, play_file=named[0], msg_file=named[1], dialtone_file=named[2])
+        return tuple(path for path in named if path)
+
+    kept = set()
+    for status in (CallStatus.SCHEDULED, CallStatus.QUEUED, CallStatus.DIALING_A, CallStatus.BRIDGED):
+        kept.update(call(status))
+    kept.update(call(CallStatus.A_ANSWERED, msg=False))
+    for status in (CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.CANCELED):
+        call(status)
+    for _ in range(3):  # a campaign: many calls, the same files
+        Call.create(callid=uuid.uuid4().hex[:28], endpoint=endpoint, phone_a="15550001001", phone_b="15550002002",
+                    due_at=NOW, status="scheduled", play_file="/media/campaign.wav")
+    assert CallRecords.media_in_use() == kept | {"/media/campaign.wav"}

@@ -241,6 +241,23 @@ def test_v12_indexes_the_recorded_calls_only(settings: Settings, make_endpoint: 
     assert Call.select().count() == 2
 
 
+def test_v13_indexes_the_finished_webhook_rows_by_finish_time(settings: Settings, make_endpoint: Any) -> None:
+    """A store from before v13 gains the index the outbox's prune reads through: partial, of the finished
+    rows only."""
+    endpoint, _ = make_endpoint()
+    WebhookDelivery.create(event_id="f" * 32, endpoint=endpoint, callid="c", status="queued", payload="{}")
+    db = store.database.obj
+    with db.atomic():
+        db.execute_sql('DROP INDEX "webhookdelivery_finished_at"')
+        SchemaVersion.delete().where(SchemaVersion.version >= 13).execute()
+    close_database(db)
+    db = open_database(settings.database_url)
+    assert schema_version(db) == len(store.MIGRATIONS) >= 13
+    finished = [index for index in db.get_indexes("webhookdelivery") if index.name == "webhookdelivery_finished_at"]
+    assert len(finished) == 1 and finished[0].columns == ["finished_at"] and "pending" in finished[0].sql
+    assert WebhookDelivery.select().count() == 1
+
+
 def test_migration_on_an_existing_store_keeps_its_rows(settings: Settings, make_endpoint: Any) -> None:
     endpoint, _ = make_endpoint(name="keep-me")
     call = a_call(endpoint, "f" * 28)

@@ -505,20 +505,6 @@ def test_the_hourly_prune_reads_the_expired_rows_not_the_weeks_kept(db: Database
     assert large <= 2 * small + 10, (small, large)
 
 
-def test_v13_gives_the_outbox_its_index_of_finished_rows(settings: Settings) -> None:
-    from daemon import store
-
-    db = store.database.obj
-    with db.atomic():
-        db.execute_sql('DROP INDEX "webhookdelivery_finished_at"')
-        store.SchemaVersion.delete().where(store.SchemaVersion.version >= 13).execute()
-    store.close_database(db)
-    db = store.open_database(settings.database_url)
-    assert store.schema_version(db) == len(store.MIGRATIONS) >= 13
-    finished = [index for index in db.get_indexes("webhookdelivery") if index.name == "webhookdelivery_finished_at"]
-    assert len(finished) == 1 and finished[0].columns == ["finished_at"] and "pending" in finished[0].sql
-
-
 def test_a_v1_database_gains_the_outbox(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from daemon import store
 

@@ -150,11 +150,10 @@ def enqueue_status(call: Call, status: CallStatus, detail: Mapping[str, Any] | N
 def endpoints_with_pending() -> list[int]:
     """The endpoints that have pending rows, one index probe each (a loose index scan of ``state,
     endpoint_id``): a GROUP BY would read every pending row, and the sender asks at every tick."""
-    table = f'"{WebhookDelivery._meta.table_name}"'  # type: ignore[attr-defined]
     sql = precompiled("webhook_endpoints", lambda p: (
-        f'WITH RECURSIVE e(id) AS (SELECT MIN("endpoint_id") FROM {table} WHERE "state" = {p} '
-        f'UNION ALL SELECT (SELECT MIN("endpoint_id") FROM {table} WHERE "state" = {p} AND "endpoint_id" > e.id) '
-        f'FROM e WHERE e.id IS NOT NULL) SELECT id FROM e WHERE id IS NOT NULL'))
+        f'WITH RECURSIVE e(id) AS (SELECT MIN("endpoint_id") FROM "webhookdelivery" WHERE "state" = {p} '
+        f'UNION ALL SELECT (SELECT MIN("endpoint_id") FROM "webhookdelivery" WHERE "state" = {p} '
+        f'AND "endpoint_id" > e.id) FROM e WHERE e.id IS NOT NULL) SELECT id FROM e WHERE id IS NOT NULL'))
     return [int(endpoint_id) for (endpoint_id,) in execute(sql, (PENDING, PENDING)).fetchall()]
 
 

@@ -150,6 +150,28 @@ def group_writer(db: Database) -> Iterator[GroupWriter]:
     install(previous)
 
 
+def sqlite_work(run: Callable[[], Any]) -> int:
+    """The work SQLite did on this thread's connection while ``run`` ran, in hundreds of its virtual
+    machine's instructions: what a read or write costs as the store grows, counted, not timed (a test
+    on a busy machine can rely on it)."""
+    from daemon.store import database
+
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    connection = database.connection()
+    connection.set_progress_handler(count, 100)
+    try:
+        run()
+    finally:
+        connection.set_progress_handler(None, 100)
+    return steps
+
+
 @pytest.fixture
 def make_endpoint(db: Database) -> Callable[..., tuple[Endpoint, str]]:
     """Factory: ``make_endpoint(name=..., **options)`` → (endpoint, token)."""

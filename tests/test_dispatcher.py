@@ -24,6 +24,7 @@ from daemon.store import Call, CallStatus, Endpoint
 from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.engine import choose_switch, room_for_new_calls
 from daemon.writer import ThreadWriter
+from tests.conftest import sqlite_work
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
@@ -431,20 +432,9 @@ def test_a_campaign_queued_behind_its_endpoints_limit_costs_a_tick_the_same_at_a
             _queue(campaign, 500)
             queued += 500
         theirs = add(other, T0 - dt.timedelta(seconds=1))
-        steps = [0]
-
-        def count() -> int:
-            steps[0] += 1
-            return 0
-
-        connection = db.connection()
-        connection.set_progress_handler(count, 100)  # every 100 virtual machine instructions
-        try:
-            dispatcher.tick(T0, mono)
-        finally:
-            connection.set_progress_handler(None, 100)
+        work = sqlite_work(lambda: dispatcher.tick(T0, mono))
         assert fake_engine.launched[-1].id == theirs.id  # the other endpoint's call started, the campaign's waited
-        return steps[0]
+        return work
 
     work_of_a_tick(500, 0.0)  # the campaign's first calls start: it is at its limit from now on
     small = work_of_a_tick(500, 0.1)

@@ -16,6 +16,7 @@ import pytest
 from daemon.calls.records import CallRecords, HangupRequested, NewCall, NotCancelable, NotOwned
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, DaemonInstance, Endpoint, database
+from tests.conftest import sqlite_work
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -378,19 +379,7 @@ def test_the_days_count_reads_the_days_calls_not_the_stores(make_endpoint: Calla
 
     def work_of_a_count(old: int) -> int:
         _started(endpoint, old, NOW - dt.timedelta(days=30))
-        steps = [0]
-
-        def count() -> int:
-            steps[0] += 1
-            return 0
-
-        connection = database.connection()
-        connection.set_progress_handler(count, 100)  # every 100 virtual machine instructions
-        try:
-            CallRecords.started_per_endpoint(NOW - dt.timedelta(hours=12))
-        finally:
-            connection.set_progress_handler(None, 100)
-        return steps[0]
+        return sqlite_work(lambda: CallRecords.started_per_endpoint(NOW - dt.timedelta(hours=12)))
 
     _started(endpoint, 50, NOW - dt.timedelta(hours=1))
     small = work_of_a_count(1000)

@@ -17,6 +17,7 @@ from peewee import Database
 from daemon.config import Settings
 from daemon.ops.retention import Retention
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
+from tests.conftest import sqlite_work
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -164,20 +165,10 @@ def test_the_hourly_read_of_expired_recordings_does_not_walk_the_calls_without_o
                                "phone_b": "15550002002", "requested_at": long_ago, "due_at": long_ago,
                                "ended_at": long_ago, "status": "completed"} for _ in range(1000)]).execute()
         expired = recorded_call(endpoint, settings, NOW - dt.timedelta(days=200))
-        steps = [0]
-
-        def count() -> int:
-            steps[0] += 1
-            return 0
-
-        connection = db.connection()
-        connection.set_progress_handler(count, 100)  # every 100 virtual machine instructions
-        try:
-            assert Retention(settings).sweep(NOW) == 1
-        finally:
-            connection.set_progress_handler(None, 100)
-        assert Call.get_by_id(expired.id).recording_path == ""
-        return steps[0]
+        swept: list[int] = []
+        work = sqlite_work(lambda: swept.append(Retention(settings).sweep(NOW)))
+        assert swept == [1] and Call.get_by_id(expired.id).recording_path == ""
+        return work
 
     small = work_of_a_sweep(1000)
     large = work_of_a_sweep(10_000)

@@ -205,57 +205,33 @@ def test_rows_read_directly_leave_out_a_newer_schemas_columns(db: Database, make
     assert "from_a_later_version" not in found.__data__
 
 
-def test_v11_gives_the_webhook_outbox_its_index_by_endpoint(settings: Settings, make_endpoint: Any) -> None:
-    """A store from before v11 (its outbox indexed by state and due time only) gains the index the sender
-    reads each endpoint's due rows through; its pending rows stay."""
+@pytest.mark.parametrize(("version", "table", "index", "columns", "only"), [
+    # the webhook sender: which endpoints have pending rows, and each one's due rows
+    (11, "webhookdelivery", "webhookdelivery_state_endpoint_id_next_attempt_at_id",
+     ["state", "endpoint_id", "next_attempt_at", "id"], None),
+    # recording retention: the calls that have a recording (partial: the others cost it no write)
+    (12, "call", "call_recorded_requested_at", ["requested_at"], "recording_path"),
+    # the outbox's prune: the finished rows by finish time (partial: not the pending ones)
+    (13, "webhookdelivery", "webhookdelivery_finished_at", ["finished_at"], "pending"),
+])
+def test_a_store_from_before_an_index_gains_it_and_keeps_its_rows(
+        settings: Settings, make_endpoint: Any, version: int, table: str, index: str, columns: list[str],
+        only: str | None) -> None:
     endpoint, _ = make_endpoint()
+    a_call(endpoint, "r" * 28, recording_path="/var/lib/callbridge/recordings/r.wav")
     WebhookDelivery.create(event_id="e" * 32, endpoint=endpoint, callid="c", status="queued", payload="{}")
     db = store.database.obj
     with db.atomic():
-        db.execute_sql('DROP INDEX "webhookdelivery_state_endpoint_id_next_attempt_at_id"')
-        SchemaVersion.delete().where(SchemaVersion.version >= 11).execute()
-    assert ("state", "endpoint_id", "next_attempt_at", "id") not in index_columns(db, "webhookdelivery")
+        db.execute_sql(f'DROP INDEX "{index}"')
+        SchemaVersion.delete().where(SchemaVersion.version >= version).execute()
+    assert index not in {found.name for found in db.get_indexes(table)}
     close_database(db)
     db = open_database(settings.database_url)
-    assert schema_version(db) == len(store.MIGRATIONS) >= 11
-    assert ("state", "endpoint_id", "next_attempt_at", "id") in index_columns(db, "webhookdelivery")
-    assert WebhookDelivery.get(WebhookDelivery.event_id == "e" * 32).state == "pending"
-
-
-def test_v12_indexes_the_recorded_calls_only(settings: Settings, make_endpoint: Any) -> None:
-    """A store from before v12 gains the index recording retention reads through: partial, so a call
-    without a recording is not in it (and costs it no write)."""
-    endpoint, _ = make_endpoint()
-    a_call(endpoint, "r" * 28, recording_path="/var/lib/callbridge/recordings/r.wav")
-    a_call(endpoint, "n" * 28)
-    db = store.database.obj
-    with db.atomic():
-        db.execute_sql('DROP INDEX "call_recorded_requested_at"')
-        SchemaVersion.delete().where(SchemaVersion.version >= 12).execute()
-    close_database(db)
-    db = open_database(settings.database_url)
-    assert schema_version(db) == len(store.MIGRATIONS) >= 12
-    recorded = [index for index in db.get_indexes("call") if index.name == "call_recorded_requested_at"]
-    assert len(recorded) == 1 and recorded[0].columns == ["requested_at"]
-    assert "recording_path" in recorded[0].sql  # its condition: the calls that have a recording
-    assert Call.select().count() == 2
-
-
-def test_v13_indexes_the_finished_webhook_rows_by_finish_time(settings: Settings, make_endpoint: Any) -> None:
-    """A store from before v13 gains the index the outbox's prune reads through: partial, of the finished
-    rows only."""
-    endpoint, _ = make_endpoint()
-    WebhookDelivery.create(event_id="f" * 32, endpoint=endpoint, callid="c", status="queued", payload="{}")
-    db = store.database.obj
-    with db.atomic():
-        db.execute_sql('DROP INDEX "webhookdelivery_finished_at"')
-        SchemaVersion.delete().where(SchemaVersion.version >= 13).execute()
-    close_database(db)
-    db = open_database(settings.database_url)
-    assert schema_version(db) == len(store.MIGRATIONS) >= 13
-    finished = [index for index in db.get_indexes("webhookdelivery") if index.name == "webhookdelivery_finished_at"]
-    assert len(finished) == 1 and finished[0].columns == ["finished_at"] and "pending" in finished[0].sql
-    assert WebhookDelivery.select().count() == 1
+    assert schema_version(db) == len(store.MIGRATIONS) >= version
+    made = [found for found in db.get_indexes(table) if found.name == index]
+    assert len(made) == 1 and made[0].columns == columns
+    assert only is None or only in made[0].sql  # a partial index's condition
+    assert Call.select().count() == 1 and WebhookDelivery.get().state == "pending"
 
 
 def test_migration_on_an_existing_store_keeps_its_rows(settings: Settings, make_endpoint: Any) -> None:

@@ -26,6 +26,7 @@ from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.ops.webhooks import WEBHOOK_STATUSES, Webhooks, enqueue_status, http_post, sign, verify_signature
 from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, open_database, utcnow
+from tests.conftest import sqlite_work
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -395,19 +396,7 @@ def test_a_slow_receivers_backlog_costs_a_tick_nothing_while_its_places_are_take
             WebhookDelivery.insert_many([
                 {"event_id": secrets.token_hex(16), "endpoint": slow.id, "callid": "c", "status": "queued",
                  "payload": "{}", "created_at": due, "next_attempt_at": due} for _ in range(backlog)]).execute()
-            steps = [0]
-
-            def count() -> int:
-                steps[0] += 1
-                return 0
-
-            connection = db.connection()
-            connection.set_progress_handler(count, 100)  # every 100 virtual machine instructions
-            try:
-                webhooks.tick(utcnow())
-            finally:
-                connection.set_progress_handler(None, 100)
-            return steps[0]
+            return sqlite_work(lambda: webhooks.tick(utcnow()))
 
         small = work_of_a_tick(200)
         large = work_of_a_tick(20_000)
@@ -486,19 +475,10 @@ def test_the_hourly_prune_reads_the_expired_rows_not_the_weeks_kept(db: Database
     def work_of_a_prune(kept: int) -> int:
         _finished_rows(endpoint, kept, now - dt.timedelta(days=1))
         _finished_rows(endpoint, 3, now - dt.timedelta(days=8))
-        steps = [0]
-
-        def count() -> int:
-            steps[0] += 1
-            return 0
-
-        connection = db.connection()
-        connection.set_progress_handler(count, 100)  # every 100 virtual machine instructions
-        try:
-            assert webhooks.prune(now) == 3
-        finally:
-            connection.set_progress_handler(None, 100)
-        return steps[0]
+        pruned: list[int] = []
+        work = sqlite_work(lambda: pruned.append(webhooks.prune(now)))
+        assert pruned == [3]
+        return work
 
     small = work_of_a_prune(1000)
     large = work_of_a_prune(20_000)

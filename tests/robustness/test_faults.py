@@ -67,10 +67,11 @@ def number(digit: str, n: int) -> str:
 
 
 def place(harness: Harness, endpoint: Endpoint, pairs: list[tuple[str, str]], *,
-          prompts: bool = True, first: int = 0, play_file: str | None = None) -> list[Call]:
-    """One call per (A digit, B digit), all due now (numbered from ``first``)."""
-    return [harness.place(endpoint, number(a, i), number(b, i), prompts=prompts, play_file=play_file)
-            for i, (a, b) in enumerate(pairs, start=first)]
+          prompts: bool = True, first: int = 0, play_file: str | None = None, due_in: float = 0.0) -> list[Call]:
+    """One call per (A digit, B digit), all due now or all ``due_in`` seconds from now (numbered from
+    ``first``)."""
+    return [harness.place(endpoint, number(a, i), number(b, i), prompts=prompts, play_file=play_file,
+                          due_in=due_in) for i, (a, b) in enumerate(pairs, start=first)]
 
 
 def fresh(call: Call) -> Call:
@@ -158,7 +159,9 @@ def test_connection_dropped_at_each_phase_of_a_call(make_harness: Callable[..., 
     """Down (refused) until the next step of every call has happened inside FreeSWITCH, then back."""
     harness = make_harness(**QUICK_RECONNECT)
     a, b, in_phase, next_step = PHASES[phase]
-    calls = place(harness, harness.endpoint(), [(a, b)] * 6)
+    # Due together a second from now: one tick claims the six, and their originates leave together (due
+    # now, each would start from its own tick, and a loaded machine spread them over more than A's 2 s ring).
+    calls = place(harness, harness.endpoint(), [(a, b)] * 6, due_in=1.0)
     assert wait_for(lambda: all(in_phase(harness, c) for c in calls), 30), f"never saw every call in {phase}"
     harness.switch.refuse_connections(True)
     harness.switch.drop_connections()

@@ -13,7 +13,7 @@ import datetime as dt
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from peewee import Database
+from peewee import Database, Model, chunked
 
 from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.config import Settings, load_settings
@@ -148,6 +148,12 @@ def group_writer(db: Database) -> Iterator[GroupWriter]:
     yield writer
     writer.stop()
     install(previous)
+
+
+def insert_rows(model: type[Model], rows: Iterable[dict[str, Any]]) -> None:
+    """Insert many rows, a thousand a statement (SQLite bounds a statement's parameters)."""
+    for batch in chunked(rows, 1000):
+        model.insert_many(batch).execute()
 
 
 def sqlite_work(run: Callable[[], Any]) -> int:

@@ -28,6 +28,7 @@ from tests.test_sequence import wait_until
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 T0 = dt.datetime(2026, 3, 1, 9, 0, 0)
+LEASE = dt.timedelta(seconds=30)
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,6 @@ def daemons_writer(store_kind: str, request: pytest.FixtureRequest) -> None:
     tests below are its guard. (SQLite's daemon writer has its own tests; one daemon owns every call there.)"""
     if store_kind == "postgresql":
         request.getfixturevalue("group_writer")
-LEASE = dt.timedelta(seconds=30)
 
 
 def daemon(name: str, now: Callable[[], dt.datetime] = lambda: T0) -> CallRecords:

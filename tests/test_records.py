@@ -16,7 +16,7 @@ import pytest
 from daemon.calls.records import CallRecords, HangupRequested, NewCall, NotCancelable, NotOwned
 from daemon.ops.metrics import Metrics
 from daemon.store import Call, CallEvent, CallStatus, DaemonInstance, Endpoint, database
-from tests.conftest import sqlite_work
+from tests.conftest import insert_rows, sqlite_work
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -353,10 +353,9 @@ def test_a_reason_longer_than_its_column_is_cut_not_refused(
 
 
 def _started(endpoint: Endpoint, count: int, at: dt.datetime) -> None:
-    for _ in range(0, count, 1000):  # (in chunks: SQLite bounds a statement's parameters)
-        Call.insert_many([{"callid": uuid.uuid4().hex[:28], "endpoint": endpoint.id, "phone_a": "15550001001",
-                           "phone_b": "15550002002", "due_at": at, "started_at": at, "status": "completed"}
-                          for _ in range(min(1000, count))]).execute()
+    insert_rows(Call, ({"callid": uuid.uuid4().hex[:28], "endpoint": endpoint.id, "phone_a": "15550001001",
+                        "phone_b": "15550002002", "due_at": at, "started_at": at, "status": "completed"}
+                       for _ in range(count)))
 
 
 def test_the_calls_each_endpoint_started_since_a_time(make_endpoint: Callable[..., Any]) -> None:

@@ -17,7 +17,7 @@ from peewee import Database
 from daemon.config import Settings
 from daemon.ops.retention import Retention
 from daemon.store import Call, CallEvent, CallStatus, Endpoint, utcnow
-from tests.conftest import sqlite_work
+from tests.conftest import insert_rows, sqlite_work
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -160,10 +160,9 @@ def test_the_hourly_read_of_expired_recordings_does_not_walk_the_calls_without_o
     long_ago = NOW - dt.timedelta(days=400)
 
     def work_of_a_sweep(unrecorded: int) -> int:
-        for _ in range(0, unrecorded, 1000):  # (in chunks: SQLite bounds a statement's parameters)
-            Call.insert_many([{"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550001001",
-                               "phone_b": "15550002002", "requested_at": long_ago, "due_at": long_ago,
-                               "ended_at": long_ago, "status": "completed"} for _ in range(1000)]).execute()
+        insert_rows(Call, ({"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550001001",
+                            "phone_b": "15550002002", "requested_at": long_ago, "due_at": long_ago,
+                            "ended_at": long_ago, "status": "completed"} for _ in range(unrecorded)))
         expired = recorded_call(endpoint, settings, NOW - dt.timedelta(days=200))
         swept: list[int] = []
         work = sqlite_work(lambda: swept.append(Retention(settings).sweep(NOW)))

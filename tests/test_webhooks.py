@@ -26,7 +26,7 @@ from daemon.config import Settings
 from daemon.ops.metrics import Metrics
 from daemon.ops.webhooks import WEBHOOK_STATUSES, Webhooks, enqueue_status, http_post, sign, verify_signature
 from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, open_database, utcnow
-from tests.conftest import sqlite_work
+from tests.conftest import insert_rows, sqlite_work
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -393,9 +393,9 @@ def test_a_slow_receivers_backlog_costs_a_tick_nothing_while_its_places_are_take
 
         def work_of_a_tick(backlog: int) -> int:
             due = utcnow() - dt.timedelta(seconds=1)
-            WebhookDelivery.insert_many([
+            insert_rows(WebhookDelivery, (
                 {"event_id": secrets.token_hex(16), "endpoint": slow.id, "callid": "c", "status": "queued",
-                 "payload": "{}", "created_at": due, "next_attempt_at": due} for _ in range(backlog)]).execute()
+                 "payload": "{}", "created_at": due, "next_attempt_at": due} for _ in range(backlog)))
             return sqlite_work(lambda: webhooks.tick(utcnow()))
 
         small = work_of_a_tick(200)
@@ -446,11 +446,10 @@ def test_finished_rows_are_pruned_after_a_week_pending_ones_never(db: Database, 
 
 
 def _finished_rows(endpoint: Endpoint, count: int, finished: dt.datetime) -> None:
-    for _ in range(0, count, 1000):  # (in chunks: SQLite bounds a statement's parameters)
-        WebhookDelivery.insert_many([
-            {"event_id": secrets.token_hex(16), "endpoint": endpoint.id, "callid": "c", "status": "completed",
-             "payload": "{}", "created_at": finished, "next_attempt_at": finished, "state": "delivered",
-             "finished_at": finished} for _ in range(min(1000, count))]).execute()
+    insert_rows(WebhookDelivery, (
+        {"event_id": secrets.token_hex(16), "endpoint": endpoint.id, "callid": "c", "status": "completed",
+         "payload": "{}", "created_at": finished, "next_attempt_at": finished, "state": "delivered",
+         "finished_at": finished} for _ in range(count)))
 
 
 def test_the_prune_deletes_what_expired_a_batch_at_a_time_until_none_is_left(

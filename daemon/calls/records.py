@@ -418,18 +418,19 @@ class CallRecords:
         skip = sorted(skip_endpoints)
         lock = is_shared() and database.in_transaction()  # a claim round: these calls are ours until it commits
         due_at = Call.due_at.db_value
+        until = due_at(now)
         cursor: list[Any] = [] if after is None else [due_at(after[0]), due_at(after[0]), after[1]]
         calls: list[Call] = []
         if not skip:
             sql = precompiled(f"due:{after is not None}:{lock}", lambda p: _due_sql(p, "", after, lock))
             for status in PENDING_STATUSES:
-                calls += select_rows(Call, sql, (status.value, due_at(now), *cursor, limit))
+                calls += select_rows(Call, sql, (status.value, until, *cursor, limit))
         else:
             sql = precompiled(f"due_of:{after is not None}:{lock}",
                               lambda p: _due_sql(p, f' AND "endpoint_id" = {p}', after, lock))
-            for endpoint_id in _endpoints_with_due_calls(due_at(now), skip):
+            for endpoint_id in _endpoints_with_due_calls(until, skip):
                 for status in PENDING_STATUSES:
-                    calls += select_rows(Call, sql, (status.value, due_at(now), endpoint_id, *cursor, limit))
+                    calls += select_rows(Call, sql, (status.value, until, endpoint_id, *cursor, limit))
         calls = sorted(calls, key=lambda call: (call.due_at, call.id))[:limit]
         if calls:
             endpoint_of = {call.id: call.__data__["endpoint"] for call in calls}  # the foreign key's value

@@ -180,6 +180,7 @@ class Call(BaseModel):
     callid = CharField(max_length=40, unique=True)
     # No index of its own: (endpoint_id, id) and the others that start with it serve it (v8).
     endpoint = ForeignKeyField(Endpoint, backref="calls", on_delete="RESTRICT", index=False)
+    endpoint_id: int
     phone_a = CharField(max_length=20)
     phone_b = CharField(max_length=20)
     play_url = TextField(default="")

@@ -23,6 +23,7 @@ from peewee import Database
 
 from daemon.accounts import users
 from daemon.accounts.endpoints import authenticate, hash_token
+from daemon.calls import search
 from daemon.calls.records import add_event
 from daemon.config import Settings
 from daemon.store import Account, Call, Endpoint, WebSession
@@ -518,6 +519,28 @@ def test_calls_filters_by_status_number_and_dates_with_the_apis_messages(app: Fl
         response = b.get(f"/calls?{query}")
         assert response.status_code == 400, query
         assert errors_of(response.get_data(as_text=True))[0].startswith(message), query
+
+
+def test_a_number_search_says_where_it_stopped_and_goes_on_from_there(
+        app: Flask, ann: Account, make_endpoint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page examines a share of the calls (the event loop moves calls meanwhile): one that found too
+    little says so and links to the older calls; following it finds the match."""
+    monkeypatch.setattr(search, "EXAMINED_PER_PAGE", 64)
+    endpoint, _ = own_endpoint(make_endpoint, ann)
+    call_row(endpoint, "1" * 28, phone_b="15550003777", requested_at=NOW - dt.timedelta(days=2))
+    bulk_calls(endpoint, 150)
+    b = browser(app).signed_in_as(ann.email)
+    path, notes = "/calls?number=3777", []
+    for _ in range(5):
+        page = b.text(path)
+        if "1" * 28 in page:
+            break
+        notes.append("None of the calls searched so far match these filters" in page)
+        older = re.search(r'href="([^"]+)">search older calls', page)
+        assert older is not None, page
+        path = html.unescape(older.group(1))
+    assert "1" * 28 in page and notes == [True, True]
+    assert "search older calls" not in page and 'rel="next"' not in page  # nothing older left
 
 
 def test_call_page_tells_the_story_in_plain_words_and_local_time(app: Flask, ann: Account,

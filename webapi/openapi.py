@@ -229,8 +229,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "required": ["calls", "next_cursor"],
             "properties": {
                 "calls": {"type": "array", "items": _ref("CallSummary")},
-                "next_cursor": _nullable("string", description="Pass as `cursor` for the next page; "
-                                                               "null on the last page."),
+                "next_cursor": _nullable("string", description=(
+                    "Pass as `cursor` for the next page; null on the last page. A page filtered by "
+                    "request time (`from`, `to`) examines a bounded share of the calls, so it may hold "
+                    "fewer than `limit` calls, even none, and still give a cursor: follow it until null.")),
             },
         }),
         "CreateForm": _create_request(settings, numbers=False),

@@ -26,6 +26,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
 from daemon.calls.records import CallRecords, NewCall, NotCancelable
+from daemon.calls.search import CallFilter, find_calls
 from daemon.calls.view import call_view, endpoint_zone, timeline_view
 from daemon.config import Settings
 from daemon.media.library import MediaBusy, SpeechUnavailable, route_allows
@@ -38,7 +39,6 @@ from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.turns import take_turn
 from webapi.validation import (
-    ListQuery,
     decode_due_cursor,
     decode_id_cursor,
     encode_due_cursor,
@@ -310,13 +310,6 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
     return created.call
 
 
-def calls_page_query(endpoint_id: int, q: ListQuery) -> Any:
-    """The query behind one page of ``GET /v1/calls`` (``limit + 1`` rows, to tell whether more follow)."""
-    before_id = decode_id_cursor(q.cursor) if q.cursor is not None else None
-    return CallRecords.page(endpoint_id, limit=q.limit + 1, before_id=before_id, statuses=q.statuses,
-                            since=q.since, until=q.until)
-
-
 @bp.route("/v1/calls", methods=["GET"], provide_automatic_options=False)
 def list_calls() -> Response:
     """The token's calls, newest first, keyset-paginated and filterable by status and request date."""
@@ -324,11 +317,10 @@ def list_calls() -> Response:
     endpoint, _ = require_endpoint(args)
     check_list_parameters_given_once()
     q = parse_list_query(args, endpoint_zone(endpoint.timezone))
-    rows = list(calls_page_query(endpoint.id, q))
-    more = len(rows) > q.limit
-    rows = rows[: q.limit]
-    return envelope({"calls": [call_view(r, endpoint) for r in rows],
-                     "next_cursor": encode_id_cursor(rows[-1].id) if more else None})
+    found = find_calls([endpoint.id], CallFilter(statuses=q.statuses or (), since=q.since, until=q.until),
+                       limit=q.limit, before_id=decode_id_cursor(q.cursor) if q.cursor is not None else None)
+    return envelope({"calls": [call_view(r, endpoint) for r in found.calls],
+                     "next_cursor": encode_id_cursor(found.before_id) if found.before_id is not None else None})
 
 
 @bp.route("/v1/calls/<callid>", methods=["GET"], provide_automatic_options=False)

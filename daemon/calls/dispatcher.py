@@ -184,7 +184,7 @@ class Dispatcher:
             with self._claim_round():
                 page = self.records.due(now, limit=limit, skip_endpoints=skip, after=after)
                 if shared:
-                    self.records.lock_endpoints({call.endpoint_id for call in page})  # type: ignore[attr-defined]
+                    self.records.lock_endpoints({call.endpoint_id for call in page})
                 for call in page:
                     if call.id in self._claiming_calls:
                         continue  # its claim is on its way to the disk

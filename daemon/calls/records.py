@@ -480,25 +480,6 @@ class CallRecords:
         return {path for files in execute(sql, statuses).fetchall() for path in files if path}
 
     @staticmethod
-    def page(endpoint_id: int, *, limit: int, before_id: int | None = None, statuses: list[str] | None = None,
-             since: dt.datetime | None = None, until: dt.datetime | None = None) -> Any:
-        """One page of an endpoint's calls, newest first: an (endpoint, id) index walk.
-
-        Keyset pagination (``id < before_id``) with no OFFSET and no COUNT, so a page costs the same at a
-        million calls as at ten. Returns the (unexecuted) query.
-        """
-        query = Call.select().where(Call.endpoint == endpoint_id)
-        if before_id is not None:
-            query = query.where(Call.id < before_id)
-        if statuses:
-            query = query.where(Call.status.in_(statuses))
-        if since is not None:
-            query = query.where(Call.requested_at >= since)
-        if until is not None:
-            query = query.where(Call.requested_at < until)
-        return query.order_by(Call.id.desc()).limit(limit)
-
-    @staticmethod
     def scheduled_page(endpoint_id: int, *, limit: int, after: tuple[dt.datetime, int] | None = None) -> list[Call]:
         """Up to ``limit`` of the endpoint's pending scheduled calls after ``after``, by (due_at, id).
 

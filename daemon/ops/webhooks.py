@@ -132,7 +132,7 @@ def enqueue_status(call: Call, status: CallStatus, detail: Mapping[str, Any] | N
     status = CallStatus(status)
     if status not in WEBHOOK_STATUSES:
         return None
-    endpoint_id = call.endpoint_id  # type: ignore[attr-defined]  # peewee's FK column attribute
+    endpoint_id = call.endpoint_id
     # Read at every status change of every call: a plain statement, not a query object built each time.
     row = execute(f'SELECT "webhook_url" FROM "endpoint" WHERE "id" = {database.param}', (endpoint_id,)).fetchone()
     url = row[0] if row else None

@@ -284,7 +284,10 @@ def calls() -> Response:
                   zone_name=f.zone_name, live=queries.moving(rows, ctx().clock()),
                   statuses=[s.value for s in CallStatus],
                   newest_url=_calls_url(args, None) if f.query.cursor is not None else "",
-                  older_url=_calls_url(args, next_cursor) if next_cursor else "")
+                  older_url=_calls_url(args, next_cursor) if next_cursor else "",
+                  # a search (part of a number, a status, dates) ends its page where it has examined its
+                  # share of the calls (daemon.calls.search): the page says so, and where to go on
+                  searched_part=bool(next_cursor) and len(rows) < f.query.limit)
 
 
 def _calls_url(args: dict[str, str], cursor: str | None) -> str:

@@ -17,6 +17,7 @@ from peewee import Tuple
 
 from daemon.accounts.endpoints import visible_endpoints
 from daemon.calls.records import CallRecords
+from daemon.calls.search import CallFilter, find_calls
 from daemon.calls.view import endpoint_zone
 from daemon.store import IN_FLIGHT_STATUSES, PENDING_STATUSES, Account, Call, CallEvent, CallStatus, Endpoint
 from webapi.validation import (
@@ -37,7 +38,7 @@ PAGE_SIZE = "50"
 
 
 @dataclass
-class CallFilter:
+class CallsPageQuery:
     """A checked calls-page query: the API's ``limit``/``cursor``/``status``/``from``/``to`` plus the
     page's own ``endpoint`` and ``number`` (part of A's or B's number)."""
 
@@ -84,7 +85,7 @@ def shared_zone(account: Account) -> str:
     return zones.pop() if len(zones) == 1 else "UTC"
 
 
-def parse_filter(account: Account, args: Mapping[str, Any]) -> CallFilter:
+def parse_filter(account: Account, args: Mapping[str, Any]) -> CallsPageQuery:
     """The calls page's query string, checked by the API's rules (ValidationError names the field)."""
     endpoint = None
     raw_endpoint = text(args, "endpoint")
@@ -99,37 +100,28 @@ def parse_filter(account: Account, args: Mapping[str, Any]) -> CallFilter:
     number = text(args, "number").strip()
     if number and not NUMBER_FILTER_RE.fullmatch(number):
         raise ValidationError("number", "digits (all or part of A's or B's number), with an optional leading +")
-    return CallFilter(query=query, endpoint=endpoint, number=number, zone_name=zone_name)
+    return CallsPageQuery(query=query, endpoint=endpoint, number=number, zone_name=zone_name)
 
 
-def calls_page(account: Account, f: CallFilter) -> tuple[list[Call], str | None]:
-    """One page of calls newest first, and the cursor of the next page (None on the last).
-
-    The same keyset walk as ``GET /v1/calls``: ``id < cursor``, ``LIMIT n+1``, no OFFSET and no COUNT.
-    """
+def calls_page(account: Account, f: CallsPageQuery) -> tuple[list[Call], str | None]:
+    """One page of calls newest first, and the cursor of the next page (None on the last): the search of
+    ``GET /v1/calls`` (:mod:`daemon.calls.search`), so a page may end short of its size with a cursor when
+    a number search has examined its share of the calls."""
     q = f.query
-    query = Call.select(Call, Endpoint).join(Endpoint)
-    if f.endpoint is not None:
-        query = query.where(Call.endpoint == f.endpoint.id)
-    else:
-        ids = endpoint_ids(account)
-        if ids is not None:
-            query = query.where(Call.endpoint.in_(ids))
-    if q.cursor is not None:
-        query = query.where(Call.id < decode_id_cursor(q.cursor))
-    if q.statuses:
-        query = query.where(Call.status.in_(q.statuses))
-    if q.since is not None:
-        query = query.where(Call.requested_at >= q.since)
-    if q.until is not None:
-        query = query.where(Call.requested_at < q.until)
-    if f.number:
-        digits = f.number.lstrip("+")
-        query = query.where(Call.phone_a.contains(digits) | Call.phone_b.contains(digits))
-    rows = list(query.order_by(Call.id.desc()).limit(q.limit + 1))
-    more = len(rows) > q.limit
-    rows = rows[: q.limit]
-    return rows, encode_id_cursor(rows[-1].id) if more else None
+    scope = [f.endpoint.id] if f.endpoint is not None else endpoint_ids(account)
+    found = find_calls(scope, CallFilter(statuses=q.statuses or (), since=q.since, until=q.until,
+                                         digits=f.number.lstrip("+")),
+                       limit=q.limit, before_id=decode_id_cursor(q.cursor) if q.cursor is not None else None)
+    with_endpoints(found.calls)
+    return found.calls, encode_id_cursor(found.before_id) if found.before_id is not None else None
+
+
+def with_endpoints(calls: list[Call]) -> None:
+    """Give each call its endpoint, read once for the whole list (a page shows each call's zone)."""
+    wanted = {call.endpoint_id for call in calls}
+    endpoints = {e.id: e for e in Endpoint.select().where(Endpoint.id.in_(list(wanted)))} if wanted else {}
+    for call in calls:
+        call.endpoint = endpoints[call.endpoint_id]
 
 
 def scheduled_page(account: Account, args: Mapping[str, Any]) -> tuple[list[Call], str | None]:

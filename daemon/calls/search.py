@@ -1,0 +1,170 @@
+"""Finding calls for a list: ``GET /v1/calls`` and the web pages' Calls page.
+
+Newest first, paged by the call's id (``id < cursor``: no OFFSET, no COUNT). Both run on the event loop
+that moves the calls in progress, so no request may walk the store: a page costs about the same at a
+million calls as at a hundred, whatever its filters.
+
+* An endpoint's calls come through its (endpoint, id) index, filtered by status through (endpoint,
+  status, id): a page is an index walk that stops at ``limit + 1`` rows. An account's endpoints are
+  walked one by one and merged (one walk of them all would sort every call they have).
+* What no index serves (part of a phone number; a status across every endpoint) is looked for among the
+  calls one request may examine (:data:`EXAMINED_PER_PAGE`), in windows of growing size. A page that has
+  examined its share ends there, short, with a cursor to go on from: "none of the calls searched so far;
+  search older ones". ``next_cursor`` is null only when nothing older matches.
+* ``from``/``to`` (the request time) become id bounds first: calls are numbered as they are stored, and a
+  call is stored within moments of its request time, so the ids of a time range are found by bisecting
+  the ids (a few dozen primary-key probes), with :data:`CLOCK_SLACK` of margin either side for the order
+  of concurrent inserts and the clocks of daemons sharing a store. The exact comparison still decides.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from peewee import fn
+
+from daemon.store import Call, execute, precompiled
+
+EXAMINED_PER_PAGE = 2000  # calls one page may look at beyond what an index finds for it
+FIRST_WINDOW = 64  # calls examined first; each window after doubles, while the page is not full
+CLOCK_SLACK = dt.timedelta(hours=1)  # how far out of request-time order a call may be stored
+
+
+@dataclass(frozen=True)
+class CallFilter:
+    """What a list asks for beyond its scope: statuses (any when empty), request times (``since`` included,
+    ``until`` not; naive UTC) and digits in A's or B's number."""
+
+    statuses: Sequence[str] = ()
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    digits: str = ""
+
+
+@dataclass(frozen=True)
+class Found:
+    """A page of calls, newest first, and the id to pass as ``before_id`` for the next one (None: no more)."""
+
+    calls: list[Call]
+    before_id: int | None
+
+
+def find_calls(endpoint_ids: Sequence[int] | None, wanted: CallFilter, *, limit: int,
+               before_id: int | None = None) -> Found:
+    """Up to ``limit`` of the calls of ``endpoint_ids`` (None: every endpoint) that match ``wanted``, with
+    ids below ``before_id``."""
+    scopes: Sequence[int | None] = [None] if endpoint_ids is None else sorted(set(endpoint_ids))
+    if not scopes:
+        return Found([], None)
+    low, high = _id_range(wanted, before_id)
+    if high is not None and high <= low:
+        return Found([], None)
+    share = max(FIRST_WINDOW, EXAMINED_PER_PAGE // len(scopes))
+    walks = [_walk(scope, wanted, limit + 1, low, high, share) for scope in scopes]
+    # Every walk knows all its matches down to its floor (None: down to ``low``): the merged page is
+    # complete down to the highest floor, no further.
+    floors = [floor for _, floor in walks if floor is not None]
+    floor = max(floors) if floors else None
+    calls = sorted((call for found, _ in walks for call in found if floor is None or call.id >= floor),
+                   key=lambda call: call.id, reverse=True)
+    if len(calls) > limit:
+        return Found(calls[:limit], calls[limit - 1].id)
+    return Found(calls, floor)
+
+
+def _walk(scope: int | None, wanted: CallFilter, want: int, low: int, high: int | None,
+          share: int) -> tuple[list[Call], int | None]:
+    """Up to ``want`` matches in one scope (an endpoint, or None: all calls) with ``low <= id < high``,
+    newest first, and the floor: every match with an id at or above it is in the list (None: every one)."""
+    if not _needs_windows(scope, wanted):
+        found = list(_matching(scope, wanted, low, high).limit(want))
+        return found, (found[-1].id if len(found) == want else None)
+    calls: list[Call] = []
+    window, examined = FIRST_WINDOW, 0
+    while True:
+        window = min(window, share - examined)
+        # The window's lowest id: one walk of ``window`` index entries (None: fewer are left).
+        edge = _ids(scope, low, high).offset(window - 1).limit(1).scalar()
+        calls.extend(_matching(scope, wanted, low if edge is None else edge, high).limit(want - len(calls)))
+        examined += window
+        if len(calls) >= want:
+            return calls, calls[-1].id
+        if edge is None:
+            return calls, None
+        if examined >= share:
+            return calls, edge
+        high, window = edge, window * 2
+
+
+def _needs_windows(scope: int | None, wanted: CallFilter) -> bool:
+    """Whether a filter is one no index walks in id order (then the calls examined are bounded)."""
+    return bool(wanted.digits or wanted.since or wanted.until or (scope is None and wanted.statuses))
+
+
+def _in_scope(query: Any, scope: int | None, low: int, high: int | None) -> Any:
+    if scope is not None:
+        query = query.where(Call.endpoint == scope)
+    if low > 0:
+        query = query.where(Call.id >= low)
+    if high is not None:
+        query = query.where(Call.id < high)
+    return query.order_by(Call.id.desc())
+
+
+def _ids(scope: int | None, low: int, high: int | None) -> Any:
+    return _in_scope(Call.select(Call.id), scope, low, high)
+
+
+def _matching(scope: int | None, wanted: CallFilter, low: int, high: int | None) -> Any:
+    query = _in_scope(Call.select(), scope, low, high)
+    if wanted.statuses:
+        query = query.where(Call.status.in_(list(wanted.statuses)))
+    if wanted.since is not None:
+        query = query.where(Call.requested_at >= wanted.since)
+    if wanted.until is not None:
+        query = query.where(Call.requested_at < wanted.until)
+    if wanted.digits:
+        query = query.where(Call.phone_a.contains(wanted.digits) | Call.phone_b.contains(wanted.digits))
+    return query
+
+
+def _id_range(wanted: CallFilter, before_id: int | None) -> tuple[int, int | None]:
+    """The ids the filter's request times can be among: ``low`` included, ``high`` excluded (None: no end)."""
+    low, high = 0, before_id
+    if wanted.since is not None:
+        earlier, _ = _crossing(wanted.since - CLOCK_SLACK)
+        if earlier is not None:  # it, and every call stored before it, was requested before ``since``
+            low = earlier + 1
+    if wanted.until is not None:
+        _, later = _crossing(wanted.until + CLOCK_SLACK)
+        if later is not None:  # it, and every call stored after it, was requested at ``until`` or later
+            high = later if high is None else min(high, later)
+    return low, high
+
+
+def _crossing(when: dt.datetime) -> tuple[int | None, int | None]:
+    """Where the calls' request times cross ``when``, by bisecting their ids: a call requested before it,
+    as late as found, and one requested at or after it, as early as found (None: none such probed).
+
+    Each is a real call's id and time, so either is a sound bound with :data:`CLOCK_SLACK` applied by the
+    caller, however out of order the calls near ``when`` were stored."""
+    lowest = Call.select(fn.MIN(Call.id)).scalar()  # (two queries: SQLite reads both ends of the primary key
+    highest = Call.select(fn.MAX(Call.id)).scalar()  # for one each, but scans every row for the two together)
+    sql = precompiled("crossing", lambda p: (
+        f'SELECT "id", "requested_at" < {p} FROM "call" WHERE "id" >= {p} ORDER BY "id" LIMIT 1'))
+    stored = Call.requested_at.db_value(when)
+    earlier = later = None
+    while lowest is not None and highest is not None and lowest <= highest:
+        middle = (lowest + highest) // 2
+        probe = execute(sql, (stored, middle)).fetchone()
+        if probe is None:  # (deleted meanwhile)
+            break
+        found, before = probe
+        if before:
+            earlier, lowest = found, found + 1
+        else:
+            later, highest = found, middle - 1
+    return earlier, later

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from daemon.calls import search
+from daemon.calls.records import CallRecords
 from daemon.calls.search import CallFilter, find_calls
 from daemon.store import Call, Endpoint
 from tests.conftest import insert_rows, sqlite_work
@@ -122,3 +123,53 @@ def test_a_page_costs_the_same_at_thirty_thousand_calls_as_at_two_thousand(
     small, large = work(2_000), work(30_000)
     for (scope, wanted), few, many in zip(searches(), small, large, strict=True):
         assert many <= 2 * few + 50, (scope, wanted, few, many)
+
+
+def scheduled(endpoints: list[Endpoint], count: int, *, seed: int = 3) -> None:
+    """Pending calls, scheduled and immediate (a queued backlog), due at random times."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        due = START + dt.timedelta(minutes=rng.randrange(200))  # ties in due time: the id orders them
+        is_scheduled = rng.random() < 0.5
+        rows.append({"callid": secrets.token_hex(14), "endpoint": rng.choice(endpoints).id, "phone_a": "15550001001",
+                     "phone_b": "15550002002", "requested_at": START, "due_at": due, "scheduled": is_scheduled,
+                     "status": rng.choice(["scheduled", "queued", "completed"] if is_scheduled else ["queued"])})
+    insert_rows(Call, rows)
+
+
+def test_the_scheduled_lists_hold_every_pending_scheduled_call_once_soonest_first(
+        make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoints = [make_endpoint()[0] for _ in range(3)]
+    make_endpoint()  # one with none
+    scheduled(endpoints, 300)
+    ids = [e.id for e in endpoints]
+    stored = sorted(Call.select(), key=lambda c: (c.due_at, c.id))
+    for scope in (None, ids[:1], ids[1:], []):
+        expected = [c.id for c in stored if c.scheduled and c.status in ("scheduled", "queued")
+                    and (scope is None or c.endpoint_id in scope)]
+        seen: list[int] = []
+        after = None
+        while True:
+            page = CallRecords.scheduled_page(scope, limit=7, after=after)
+            seen += [c.id for c in page]
+            if len(page) < 7:
+                break
+            after = (page[-1].due_at, page[-1].id)
+        assert seen == expected, scope
+
+
+@pytest.mark.stores("sqlite")  # SQLite counts the work of a statement (its progress handler)
+def test_a_scheduled_page_does_not_read_a_backlog_of_immediate_calls(
+        make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """A campaign queued behind its endpoint's limits: its calls are pending, not scheduled."""
+    endpoint = make_endpoint()[0]
+    scheduled([endpoint], 200)
+
+    def work(backlog: int) -> list[int]:
+        insert_rows(Call, ({"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550001001",
+                            "phone_b": "15550002002", "due_at": START, "status": "queued"} for _ in range(backlog)))
+        return [sqlite_work(lambda s=scope: CallRecords.scheduled_page(s, limit=51)) for scope in ([endpoint.id], None)]
+
+    small, large = work(500), work(20_000)
+    assert all(many <= 2 * few + 20 for few, many in zip(small, large, strict=True)), (small, large)

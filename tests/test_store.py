@@ -213,6 +213,8 @@ def test_rows_read_directly_leave_out_a_newer_schemas_columns(db: Database, make
     (12, "call", "call_recorded_requested_at", ["requested_at"], "recording_path"),
     # the outbox's prune: the finished rows by finish time (partial: not the pending ones)
     (13, "webhookdelivery", "webhookdelivery_finished_at", ["finished_at"], "pending"),
+    # the lists of scheduled calls: each endpoint's in due order (partial: not the immediate calls)
+    (14, "call", "call_scheduled_pending", ["endpoint_id", "due_at"], "scheduled"),
 ])
 def test_a_store_from_before_an_index_gains_it_and_keeps_its_rows(
         settings: Settings, make_endpoint: Any, version: int, table: str, index: str, columns: list[str],

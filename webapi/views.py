@@ -358,7 +358,7 @@ def list_scheduled() -> Response:
                                 f"call soonest first; filter with GET /v1/calls?{name}=...")
     q = parse_list_query(args, endpoint_zone(endpoint.timezone))
     after = decode_due_cursor(q.cursor) if q.cursor is not None else None
-    rows = CallRecords.scheduled_page(endpoint.id, limit=q.limit + 1, after=after)
+    rows = CallRecords.scheduled_page([endpoint.id], limit=q.limit + 1, after=after)
     more = len(rows) > q.limit
     rows = rows[: q.limit]
     return envelope({"calls": [call_view(r, endpoint) for r in rows],

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from peewee import Tuple
-
 from daemon.accounts.endpoints import visible_endpoints
 from daemon.calls.records import CallRecords
 from daemon.calls.search import CallFilter, find_calls
 from daemon.calls.view import endpoint_zone
-from daemon.store import IN_FLIGHT_STATUSES, PENDING_STATUSES, Account, Call, CallEvent, CallStatus, Endpoint
+from daemon.store import IN_FLIGHT_STATUSES, Account, Call, CallEvent, CallStatus, Endpoint
 from webapi.validation import (
     MAX_ROW_ID,
     ListQuery,
@@ -130,16 +128,10 @@ def scheduled_page(account: Account, args: Mapping[str, Any]) -> tuple[list[Call
     values.setdefault("limit", PAGE_SIZE)
     q = parse_list_query(values, ZoneInfo("UTC"))
     after = decode_due_cursor(q.cursor) if q.cursor is not None else None
-    query = (Call.select(Call, Endpoint).join(Endpoint)
-             .where(Call.status.in_([s.value for s in PENDING_STATUSES]) & (Call.scheduled == True)))  # noqa: E712
-    ids = endpoint_ids(account)
-    if ids is not None:
-        query = query.where(Call.endpoint.in_(ids))
-    if after is not None:
-        query = query.where(Tuple(Call.due_at, Call.id) > Tuple(*after))
-    rows = list(query.order_by(Call.due_at, Call.id).limit(q.limit + 1))
+    rows = CallRecords.scheduled_page(endpoint_ids(account), limit=q.limit + 1, after=after)
     more = len(rows) > q.limit
     rows = rows[: q.limit]
+    with_endpoints(rows)
     return rows, encode_due_cursor(rows[-1].due_at, rows[-1].id) if more else None
 
 

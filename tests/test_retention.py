@@ -105,6 +105,49 @@ def test_orphan_files_go_but_files_outside_the_folder_never(db: Database, settin
     assert Call.get_by_id(call.id).recording_path == ""
 
 
+def test_a_daemon_removes_its_files_another_daemons_sweep_expired_and_keeps_those_still_used(
+        db: Database, settings: Settings, tmp_path: Path, make_endpoint: Any) -> None:
+    """Several daemons on one store, each recording into its own folder: the first sweep clears the
+    references to every expired recording but deletes only its own files; each other daemon's sweep then
+    finds its files orphaned and deletes them. A file a kept call points at stays, however old."""
+    endpoint, _ = make_endpoint()
+    other = dataclasses.replace(settings, state_dir=str(tmp_path / "other-daemon"))
+    theirs = [recorded_call(endpoint, other, NOW - dt.timedelta(days=200)) for _ in range(3)]
+    still_used = recorded_call(endpoint, other, NOW - dt.timedelta(days=1))
+    long_ago = (NOW - dt.timedelta(days=200)).replace(tzinfo=dt.UTC).timestamp()
+    os.utime(still_used.recording_path, (long_ago, long_ago))  # (a file older than its call's row)
+    assert Retention(settings).sweep(NOW) == 3  # their references
+    assert all(Path(call.recording_path).exists() for call in theirs)
+    assert Retention(other).sweep(NOW) == 3  # their files
+    assert not any(Path(call.recording_path).exists() for call in theirs)
+    assert Path(still_used.recording_path).exists()
+
+
+@pytest.mark.stores("sqlite")  # SQLite counts the work of a statement (its progress handler)
+def test_orphaned_files_cost_one_read_of_the_store_per_batch_not_per_file(
+        db: Database, settings: Settings, make_endpoint: Any) -> None:
+    """No index has the recordings' paths: a read per file walked every call, hundreds of times an hour
+    on a daemon whose files another daemon's sweep had expired."""
+    endpoint, _ = make_endpoint()
+    insert_rows(Call, ({"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550001001",
+                        "phone_b": "15550002002", "due_at": NOW, "status": "completed"} for _ in range(3000)))
+    settings.recordings_dir.mkdir(parents=True, exist_ok=True)
+    long_ago = (NOW - dt.timedelta(days=200)).replace(tzinfo=dt.UTC).timestamp()
+
+    def work_of_a_sweep(orphans: int) -> int:
+        for n in range(orphans):
+            path = settings.recordings_dir / f"orphan-{n}.wav"
+            path.write_bytes(b"x")
+            os.utime(path, (long_ago, long_ago))
+        swept: list[int] = []
+        work = sqlite_work(lambda: swept.append(Retention(settings).sweep(NOW)))
+        assert swept == [orphans]
+        return work
+
+    one, many = work_of_a_sweep(1), work_of_a_sweep(200)
+    assert many <= 2 * one + 10, (one, many)
+
+
 def test_zero_days_keeps_everything(db: Database, settings: Settings, make_endpoint: Any) -> None:
     endpoint, _ = make_endpoint()
     call = recorded_call(endpoint, settings, NOW - dt.timedelta(days=3650))

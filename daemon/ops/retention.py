@@ -112,28 +112,45 @@ class Retention:
             return 0
         limit = cutoff.replace(tzinfo=dt.UTC).timestamp()
         removed = 0
+        old: list[Path] = []
         for seen, path in enumerate(_files(root), start=1):
             if seen % YIELD_EVERY == 0:
                 gevent.sleep(0)  # a stat per file, on the event loop the calls in progress run on
-            if self._remove_orphan(path, limit):
-                removed += 1
+            if _written_before(path, limit):
+                old.append(path)
+            if len(old) == BATCH:
+                removed += self._remove_unused(old)
+                old = []
+        return removed + self._remove_unused(old)
+
+    def _remove_unused(self, paths: list[Path]) -> int:
+        """Delete those of ``paths`` (files written before the cutoff) no kept call points at. With several
+        daemons, one's sweep clears the references to every expired recording, and each other's finds its
+        own files orphaned: asked of the store in one read per batch, not one read of every call per file."""
+        if not paths:
+            return 0
+        kept = self.records.recordings_in_use([str(path) for path in paths])
+        removed = 0
+        for path in paths:
+            if str(path) in kept:
+                continue  # a kept call still points at it (its row is newer than the file)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log_event(log, "recording.delete_failed", logging.WARNING, path=str(path), error=str(exc))
+                continue
+            removed += 1
         return removed
 
-    def _remove_orphan(self, path: Path, limit: float) -> bool:
-        """Delete ``path`` if last written before ``limit`` (a timestamp) and no kept call points at it."""
-        try:
-            if path.is_symlink() or path.stat().st_mtime >= limit:
-                return False
-        except OSError:
-            return False
-        if self.records.recording_in_use(str(path)):
-            return False  # a kept call still points at it (its row is newer than the file)
-        try:
-            path.unlink()
-        except OSError as exc:
-            log_event(log, "recording.delete_failed", logging.WARNING, path=str(path), error=str(exc))
-            return False
-        return True
+
+def _written_before(path: Path, limit: float) -> bool:
+    """A file (not a link) last written before ``limit`` (a timestamp)."""
+    try:
+        return not path.is_symlink() and path.stat().st_mtime < limit
+    except OSError:
+        return False
 
 
 def _files(root: Path) -> Iterator[Path]:

@@ -30,7 +30,7 @@ from daemon.store import Call, execute, precompiled
 
 EXAMINED_PER_PAGE = 2000  # calls one page may look at beyond what an index finds for it
 FIRST_WINDOW = 64  # calls examined first; each window after doubles, while the page is not full
-CLOCK_SLACK = dt.timedelta(hours=1)  # how far out of request-time order a call may be stored
+CLOCK_SLACK = dt.timedelta(minutes=5)  # how far out of request-time order a call may be stored (clock.skew: 2 s)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from peewee import fn
 
 from daemon.accounts.endpoints import disable_endpoint, rotate_token
+from daemon.calls import search
 from daemon.calls.records import add_event
 from daemon.store import Call, CallStatus, Endpoint
 from tests.conftest import NOW, create, data_of
@@ -94,11 +96,14 @@ def test_empty_list(client: FlaskClient, make_endpoint: Any) -> None:
     ({"from": "yesterday"}, "from: must be 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM'"),
     ({"to": "2026-13-01"}, "to: must be 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM'"),
     ({"to": "9999-12-31"}, "to: out of range"),  # a real date: its end is past the calendar's
+    ({"number": "555-0100"}, "number: digits (all or part of A's or B's number), with an optional leading +"),
+    ({"number": "1" * 21}, "number: digits"),
+    ({"number": "١٢٣"}, "number: digits"),  # Arabic-Indic digits
 ])
 def test_list_query_rules(client: FlaskClient, make_endpoint: Any, params: dict[str, str], desc: str) -> None:
     _, token = make_endpoint()
     for path in ("/v1/calls", "/v1/scheduled"):
-        if path == "/v1/scheduled" and set(params) & {"status", "from", "to"}:
+        if path == "/v1/scheduled" and set(params) & {"status", "from", "to", "number"}:
             continue
         response = client.get(path, query_string=dict(params, token=token))
         assert response.status_code == 400
@@ -122,6 +127,30 @@ def test_status_filter(client: FlaskClient, make_endpoint: Any) -> None:
     assert len(failed) == 20 and {c["status"] for c in failed} == {"failed"}
     both = walk(client, "/v1/calls", token, status="failed, canceled", limit=7)
     assert len(both) == 30 and {c["status"] for c in both} == {"failed", "canceled"}
+
+
+def test_number_filter_finds_digits_in_either_number(client: FlaskClient, make_endpoint: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CRM looks up the calls of one customer: all of the number, or part of it, in A or in B. A page
+    that examined its share of calls without filling up gives a cursor all the same (walk follows it)."""
+    monkeypatch.setattr(search, "EXAMINED_PER_PAGE", 64)
+    mine, token = make_endpoint()
+    other, _ = make_endpoint()
+    bulk_calls(mine, 100)
+    Call.update(phone_b="+493012345678").where(Call.id == Call.select(fn.MIN(Call.id))).execute()
+    bulk_calls(mine, 100)
+    Call.update(phone_a="4930123456").where(Call.id == Call.select(fn.MAX(Call.id))).execute()
+    bulk_calls(other, 1)
+    Call.update(phone_b="493012345678").where(Call.endpoint == other.id).execute()  # not this token's
+    found = walk(client, "/v1/calls", token, number="+4930123", limit=10)
+    assert [(c["phone_a"], c["phone_b"]) for c in found] == [("4930123456", "15550002002"),
+                                                             ("15550001001", "+493012345678")]
+    assert walk(client, "/v1/calls", token, number="12345678") == found[1:]
+    first = data_of(client.get("/v1/calls", query_string={"token": token, "number": "77777", "limit": 10}))
+    assert first["calls"] == [] and first["next_cursor"] is not None
+    assert walk(client, "/v1/calls", token, number="77777") == []
+    response = client.get("/v1/scheduled", query_string={"token": token, "number": "4930"})
+    assert response.status_code == 400 and data_of(response)["code_desc"].startswith("number: not a filter of")
 
 
 def test_date_filters_in_endpoint_zone(client: FlaskClient, make_endpoint: Any) -> None:

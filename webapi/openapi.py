@@ -231,8 +231,9 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "calls": {"type": "array", "items": _ref("CallSummary")},
                 "next_cursor": _nullable("string", description=(
                     "Pass as `cursor` for the next page; null on the last page. A page filtered by "
-                    "request time (`from`, `to`) examines a bounded share of the calls, so it may hold "
-                    "fewer than `limit` calls, even none, and still give a cursor: follow it until null.")),
+                    "`number` or request time (`from`, `to`) examines a bounded share of the calls, so it "
+                    "may hold fewer than `limit` calls, even none, and still give a cursor: follow it "
+                    "until null.")),
             },
         }),
         "CreateForm": _create_request(settings, numbers=False),
@@ -265,6 +266,10 @@ def _list_params(scheduled: bool) -> list[dict[str, Any]]:
             {"name": "to", "in": "query", "required": False, "schema": {"type": "string"},
              "description": "Requested before (exclusive); a bare `YYYY-MM-DD` means the end of that day. "
                             "Same formats as `from`."},
+            {"name": "number", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": "^\\+?[0-9]{1,20}$"},
+             "description": "Digits found anywhere in `phone_a` or `phone_b` (all of a number or part of "
+                            "it; a leading `+` is ignored)."},
         ]
     return params
 

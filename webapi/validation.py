@@ -34,11 +34,13 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from daemon.accounts.endpoints import slow_to_match
+from daemon.calls.search import CallFilter
 from daemon.config import LANGUAGES, Settings
 from daemon.store import CALLID_RE, CallStatus
 
 PHONE_RE = re.compile(r"^\+?[0-9]{7,15}$")
 EXTENSION_CHARS_RE = re.compile(r"^\+?[0-9]{1,20}$")  # what the engine can dial at all
+NUMBER_FILTER_RE = re.compile(r"^\+?[0-9]{1,20}$")  # a list's ``number``: part of one
 LOCAL_DATE_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2}) ([0-9]{2}):([0-9]{2})$")
 DAY_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})$")
 URL_MAX = 2000
@@ -315,6 +317,12 @@ class ListQuery:
     statuses: list[str] | None
     since: dt.datetime | None  # requested_at >= since (naive UTC)
     until: dt.datetime | None  # requested_at < until (naive UTC)
+    digits: str = ""  # all or part of A's or B's number ("": any)
+
+
+def list_filter(q: ListQuery) -> CallFilter:
+    """What a calls list's query asks the search for (:mod:`daemon.calls.search`)."""
+    return CallFilter(statuses=q.statuses or (), since=q.since, until=q.until, digits=q.digits)
 
 
 def parse_limit(value: str) -> int:
@@ -338,13 +346,22 @@ def parse_statuses(value: str) -> list[str] | None:
     return wanted or None
 
 
+def parse_number_filter(value: str) -> str:
+    """``number``: digits of A's or B's number, all or part, with an optional leading + (dropped)."""
+    value = value.strip()
+    if value and not NUMBER_FILTER_RE.fullmatch(value):
+        raise ValidationError("number", "digits (all or part of A's or B's number), with an optional leading +")
+    return value.lstrip("+")
+
+
 def parse_list_query(args: Mapping[str, Any], tz: ZoneInfo) -> ListQuery:
-    """``limit``, ``cursor``, ``status``, ``from`` (inclusive) and ``to`` (exclusive; a bare date means
-    the end of that day), dates in the endpoint's time zone unless they carry an offset."""
+    """``limit``, ``cursor``, ``status``, ``from`` (inclusive), ``to`` (exclusive; a bare date means the
+    end of that day), dates in the endpoint's time zone unless they carry an offset, and ``number``."""
     limit = parse_limit(text(args, "limit"))
     cursor = text(args, "cursor") or None
     statuses = parse_statuses(text(args, "status"))
     raw_from, raw_to = text(args, "from"), text(args, "to")
     since = parse_instant(raw_from, "from", tz, days=True) if raw_from else None
     until = parse_instant(raw_to, "to", tz, days=True, day_end=True) if raw_to else None
-    return ListQuery(limit=limit, cursor=cursor, statuses=statuses, since=since, until=until)
+    return ListQuery(limit=limit, cursor=cursor, statuses=statuses, since=since, until=until,
+                     digits=parse_number_filter(text(args, "number")))

@@ -26,7 +26,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
 from daemon.calls.records import CallRecords, NewCall, NotCancelable
-from daemon.calls.search import CallFilter, find_calls
+from daemon.calls.search import find_calls
 from daemon.calls.view import call_view, endpoint_zone, timeline_view
 from daemon.config import Settings
 from daemon.media.library import MediaBusy, SpeechUnavailable, route_allows
@@ -43,6 +43,7 @@ from webapi.validation import (
     decode_id_cursor,
     encode_due_cursor,
     encode_id_cursor,
+    list_filter,
     parse_callid,
     parse_create,
     parse_idempotency_key,
@@ -155,7 +156,7 @@ def require_endpoint(values: Mapping[str, Any]) -> tuple[Endpoint, str]:
     raise ApiError(401, "token: invalid or disabled", {"WWW-Authenticate": 'Bearer realm="callbridge"'})
 
 
-LIST_PARAMETERS = ("limit", "cursor", "status", "from", "to")
+LIST_PARAMETERS = ("limit", "cursor", "status", "from", "to", "number")
 
 
 def query_values() -> dict[str, Any]:
@@ -317,8 +318,8 @@ def list_calls() -> Response:
     endpoint, _ = require_endpoint(args)
     check_list_parameters_given_once()
     q = parse_list_query(args, endpoint_zone(endpoint.timezone))
-    found = find_calls([endpoint.id], CallFilter(statuses=q.statuses or (), since=q.since, until=q.until),
-                       limit=q.limit, before_id=decode_id_cursor(q.cursor) if q.cursor is not None else None)
+    found = find_calls([endpoint.id], list_filter(q), limit=q.limit,
+                       before_id=decode_id_cursor(q.cursor) if q.cursor is not None else None)
     return envelope({"calls": [call_view(r, endpoint) for r in found.calls],
                      "next_cursor": encode_id_cursor(found.before_id) if found.before_id is not None else None})
 
@@ -352,7 +353,7 @@ def list_scheduled() -> Response:
     args = query_values()
     endpoint, _ = require_endpoint(args)
     check_list_parameters_given_once()
-    for name in ("status", "from", "to"):  # GET /v1/calls's filters: taken here, they would be ignored
+    for name in ("status", "from", "to", "number"):  # GET /v1/calls's filters: taken here, they would be ignored
         if args.get(name):
             raise ApiError(400, f"{name}: not a filter of GET /v1/scheduled, which lists every pending scheduled "
                                 f"call soonest first; filter with GET /v1/calls?{name}=...")

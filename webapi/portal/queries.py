@@ -7,7 +7,6 @@ endpoint is answered exactly like a call that does not exist.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from daemon.accounts.endpoints import visible_endpoints
 from daemon.calls.records import CallRecords
-from daemon.calls.search import CallFilter, find_calls
+from daemon.calls.search import find_calls
 from daemon.calls.view import endpoint_zone
 from daemon.store import IN_FLIGHT_STATUSES, Account, Call, CallEvent, CallStatus, Endpoint
 from webapi.validation import (
@@ -26,23 +25,22 @@ from webapi.validation import (
     decode_id_cursor,
     encode_due_cursor,
     encode_id_cursor,
+    list_filter,
     parse_callid,
     parse_list_query,
     text,
 )
 
-NUMBER_FILTER_RE = re.compile(r"^\+?[0-9]{1,20}$")
 PAGE_SIZE = "50"
 
 
 @dataclass
 class CallsPageQuery:
-    """A checked calls-page query: the API's ``limit``/``cursor``/``status``/``from``/``to`` plus the
-    page's own ``endpoint`` and ``number`` (part of A's or B's number)."""
+    """A checked calls-page query: the API's ``limit``/``cursor``/``status``/``from``/``to``/``number`` plus
+    the page's own ``endpoint``."""
 
     query: ListQuery
     endpoint: Endpoint | None
-    number: str
     zone_name: str  # the zone the from/to dates are read in
 
 
@@ -92,13 +90,10 @@ def parse_filter(account: Account, args: Mapping[str, Any]) -> CallsPageQuery:
         if endpoint is None:
             raise ValidationError("endpoint", "not one of your endpoints")
     zone_name = endpoint.timezone if endpoint is not None else shared_zone(account)
-    values = {k: v for k, v in args.items() if k in ("limit", "cursor", "status", "from", "to")}
+    values = {k: v for k, v in args.items() if k in ("limit", "cursor", "status", "from", "to", "number")}
     values.setdefault("limit", PAGE_SIZE)
     query = parse_list_query(values, endpoint_zone(zone_name))
-    number = text(args, "number").strip()
-    if number and not NUMBER_FILTER_RE.fullmatch(number):
-        raise ValidationError("number", "digits (all or part of A's or B's number), with an optional leading +")
-    return CallsPageQuery(query=query, endpoint=endpoint, number=number, zone_name=zone_name)
+    return CallsPageQuery(query=query, endpoint=endpoint, zone_name=zone_name)
 
 
 def calls_page(account: Account, f: CallsPageQuery) -> tuple[list[Call], str | None]:
@@ -107,9 +102,8 @@ def calls_page(account: Account, f: CallsPageQuery) -> tuple[list[Call], str | N
     a number search has examined its share of the calls."""
     q = f.query
     scope = [f.endpoint.id] if f.endpoint is not None else endpoint_ids(account)
-    found = find_calls(scope, CallFilter(statuses=q.statuses or (), since=q.since, until=q.until,
-                                         digits=f.number.lstrip("+")),
-                       limit=q.limit, before_id=decode_id_cursor(q.cursor) if q.cursor is not None else None)
+    found = find_calls(scope, list_filter(q), limit=q.limit,
+                       before_id=decode_id_cursor(q.cursor) if q.cursor is not None else None)
     with_endpoints(found.calls)
     return found.calls, encode_id_cursor(found.before_id) if found.before_id is not None else None
 

@@ -24,9 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from peewee import fn
-
-from daemon.store import Call, execute, precompiled
+from daemon.store import Call, execute, precompiled, select_rows
 
 EXAMINED_PER_PAGE = 2000  # calls one page may look at beyond what an index finds for it
 FIRST_WINDOW = 64  # calls examined first; each window after doubles, while the page is not full
@@ -68,34 +66,39 @@ def find_calls(endpoint_ids: Sequence[int] | None, wanted: CallFilter, *, limit:
     # complete down to the highest floor, no further.
     floors = [floor for _, floor in walks if floor is not None]
     floor = max(floors) if floors else None
-    calls = sorted((call for found, _ in walks for call in found if floor is None or call.id >= floor),
-                   key=lambda call: call.id, reverse=True)
-    if len(calls) > limit:
-        return Found(calls[:limit], calls[limit - 1].id)
+    ids = sorted((found for matches, _ in walks for found in matches if floor is None or found >= floor),
+                 reverse=True)
+    page = ids[:limit]
+    calls = select_rows(Call, precompiled(f"search_rows:{len(page)}", lambda p: (
+        f'SELECT * FROM "call" WHERE "id" IN ({", ".join([p] * len(page))}) ORDER BY "id" DESC')), page) if page else []
+    if len(ids) > limit:
+        return Found(calls, page[-1])
     return Found(calls, floor)
 
 
 def _walk(scope: int | None, wanted: CallFilter, want: int, low: int, high: int | None,
-          share: int) -> tuple[list[Call], int | None]:
-    """Up to ``want`` matches in one scope (an endpoint, or None: all calls) with ``low <= id < high``,
-    newest first, and the floor: every match with an id at or above it is in the list (None: every one)."""
+          share: int) -> tuple[list[int], int | None]:
+    """The ids of up to ``want`` matches in one scope (an endpoint, or None: all calls) with ``low <= id <
+    high``, newest first, and the floor: every match with an id at or above it is in the list (None: every
+    one). Ids only: the rows of the merged page are read once, at the end."""
     if not _needs_windows(scope, wanted):
-        found = list(_matching(scope, wanted, low, high).limit(want))
-        return found, (found[-1].id if len(found) == want else None)
-    calls: list[Call] = []
+        found = _ids(scope, wanted, low, high, limit=want)
+        return found, (found[-1] if len(found) == want else None)
+    matches: list[int] = []
     window, examined = FIRST_WINDOW, 0
     while True:
         window = min(window, share - examined)
         # The window's lowest id: one walk of ``window`` index entries (None: fewer are left).
-        edge = _ids(scope, low, high).offset(window - 1).limit(1).scalar()
-        calls.extend(_matching(scope, wanted, low if edge is None else edge, high).limit(want - len(calls)))
+        edges = _ids(scope, CallFilter(), low, high, limit=1, offset=window - 1)
+        edge = edges[0] if edges else None
+        matches += _ids(scope, wanted, low if edge is None else edge, high, limit=want - len(matches))
         examined += window
-        if len(calls) >= want:
-            return calls, calls[-1].id
+        if len(matches) >= want:
+            return matches, matches[-1]
         if edge is None:
-            return calls, None
+            return matches, None
         if examined >= share:
-            return calls, edge
+            return matches, edge
         high, window = edge, window * 2
 
 
@@ -104,31 +107,37 @@ def _needs_windows(scope: int | None, wanted: CallFilter) -> bool:
     return bool(wanted.digits or wanted.since or wanted.until or (scope is None and wanted.statuses))
 
 
-def _in_scope(query: Any, scope: int | None, low: int, high: int | None) -> Any:
-    if scope is not None:
-        query = query.where(Call.endpoint == scope)
-    if low > 0:
-        query = query.where(Call.id >= low)
-    if high is not None:
-        query = query.where(Call.id < high)
-    return query.order_by(Call.id.desc())
-
-
-def _ids(scope: int | None, low: int, high: int | None) -> Any:
-    return _in_scope(Call.select(Call.id), scope, low, high)
-
-
-def _matching(scope: int | None, wanted: CallFilter, low: int, high: int | None) -> Any:
-    query = _in_scope(Call.select(), scope, low, high)
-    if wanted.statuses:
-        query = query.where(Call.status.in_(list(wanted.statuses)))
-    if wanted.since is not None:
-        query = query.where(Call.requested_at >= wanted.since)
-    if wanted.until is not None:
-        query = query.where(Call.requested_at < wanted.until)
+def _ids(scope: int | None, wanted: CallFilter, low: int, high: int | None, *, limit: int,
+         offset: int = 0) -> list[int]:
+    """The ids of the scope's calls in ``[low, high)`` that match, newest first. A statement built once per
+    shape of filter: a walk of an account's endpoints runs a few for each, and peewee's query objects
+    cost ten times what SQLite takes to run them."""
+    shape = (scope is not None, low > 0, high is not None, len(wanted.statuses), wanted.since is not None,
+             wanted.until is not None, bool(wanted.digits), offset > 0)
+    sql = precompiled(f"search:{shape}", lambda p: _ids_sql(p, *shape))
+    params: list[Any] = [value for value, given in ((scope, scope is not None), (low, low > 0), (high, high is not None))
+                         if given]
+    params += wanted.statuses
+    params += [Call.requested_at.db_value(when) for when in (wanted.since, wanted.until) if when is not None]
     if wanted.digits:
-        query = query.where(Call.phone_a.contains(wanted.digits) | Call.phone_b.contains(wanted.digits))
-    return query
+        params += [f"%{wanted.digits}%"] * 2
+    params.append(limit)
+    if offset > 0:
+        params.append(offset)
+    return [found for (found,) in execute(sql, params).fetchall()]
+
+
+def _ids_sql(p: str, scoped: bool, low: bool, high: bool, statuses: int, since: bool, until: bool, digits: bool,
+             offset: bool) -> str:
+    terms = ['"endpoint_id" = {p}'] if scoped else []
+    terms += ['"id" >= {p}'] if low else []
+    terms += ['"id" < {p}'] if high else []
+    terms += [f'"status" IN ({", ".join(["{p}"] * statuses)})'] if statuses else []
+    terms += ['"requested_at" >= {p}'] if since else []
+    terms += ['"requested_at" < {p}'] if until else []
+    terms += ['("phone_a" LIKE {p} OR "phone_b" LIKE {p})'] if digits else []  # (digits: nothing to escape)
+    where = f' WHERE {" AND ".join(terms)}' if terms else ""
+    return (f'SELECT "id" FROM "call"{where} ORDER BY "id" DESC LIMIT {{p}}' + (" OFFSET {p}" if offset else "")).format(p=p)
 
 
 def _id_range(wanted: CallFilter, before_id: int | None) -> tuple[int, int | None]:
@@ -151,8 +160,9 @@ def _crossing(when: dt.datetime) -> tuple[int | None, int | None]:
 
     Each is a real call's id and time, so either is a sound bound with :data:`CLOCK_SLACK` applied by the
     caller, however out of order the calls near ``when`` were stored."""
-    lowest = Call.select(fn.MIN(Call.id)).scalar()  # (two queries: SQLite reads both ends of the primary key
-    highest = Call.select(fn.MAX(Call.id)).scalar()  # for one each, but scans every row for the two together)
+    # (Two queries: SQLite reads one end of the primary key for each, but scans every row for the two together.)
+    lowest = execute('SELECT MIN("id") FROM "call"').fetchone()[0]
+    highest = execute('SELECT MAX("id") FROM "call"').fetchone()[0]
     sql = precompiled("crossing", lambda p: (
         f'SELECT "id", "requested_at" < {p} FROM "call" WHERE "id" >= {p} ORDER BY "id" LIMIT 1'))
     stored = Call.requested_at.db_value(when)

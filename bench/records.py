@@ -1,4 +1,5 @@
-"""Records: a call's writes in the store, on SQLite and on PostgreSQL, in this process.
+"""Records: a call's writes in the store, on SQLite and on PostgreSQL, in this process; and the lists'
+pages (``GET /v1/calls``, the web pages' Calls and Scheduled) on a large SQLite store.
 
 One call's life as the store sees it: the API's create (durable), the dispatcher's claim round (the
 due read and the claim, durable; on PostgreSQL one transaction with ``FOR UPDATE SKIP LOCKED``), then
@@ -13,16 +14,18 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import gevent
+from peewee import chunked
 
 from bench.common import percentile, workdir
 from bench.report import Report
 from daemon.accounts.endpoints import EndpointOptions, create_endpoint
 from daemon.calls.records import CallRecords, NewCall
+from daemon.calls.search import CallFilter, find_calls
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallStatus, Endpoint, close_database, open_database, utcnow
+from daemon.store import Account, Call, CallStatus, Endpoint, close_database, open_database, utcnow
 
 CONCURRENCY = 20
 
@@ -96,10 +99,70 @@ def measure(report: Report, kind: str, url: str, calls: int) -> None:
         close_database(db)
 
 
+LIST_TARGET_MS = 10.0  # a page is read on the event loop: the calls in progress wait that long
+LIST_READS = 30
+
+
+def lists(report: Report, url: str, stored: int) -> None:
+    """The pages of the lists on a store of ``stored`` calls of two endpoints of one account, half of them
+    a day apart: each read ``LIST_READS`` times, p99 (the worst a page held the event loop)."""
+    db = open_database(url)
+    try:
+        owner = Account.create(email="bench@example.com", password_hash="-")
+        endpoints = [create_endpoint(EndpointOptions(name=f"bench-{n}", caller_id_number="15550000000",
+                                                     dial_string="sofia/gateway/carrier/{number}"), owner)[0]
+                     for n in range(2)]
+        start = utcnow() - dt.timedelta(days=30)
+        step = dt.timedelta(days=30) / stored
+
+        def rows(count: int, status: str, scheduled: bool, first: dt.datetime) -> Iterator[dict[str, object]]:
+            for n in range(count):
+                at = first + n * step
+                yield {"callid": uuid.uuid4().hex[:28], "endpoint": endpoints[n % 2].id, "phone_a": "15550001001",
+                       "phone_b": f"1555{n % 10_000_000:07d}", "requested_at": at, "due_at": at,
+                       "status": status, "scheduled": scheduled}
+
+        with db.atomic():
+            for batch in chunked(rows(stored, "completed", False, start), 1000):
+                Call.insert_many(batch).execute()
+            # a campaign queued behind its endpoints' limits, and a few calls scheduled after it
+            for batch in chunked(rows(stored // 10, "queued", False, utcnow()), 1000):
+                Call.insert_many(batch).execute()
+            Call.insert_many(list(rows(100, "scheduled", True, utcnow() + dt.timedelta(days=1)))).execute()
+        one = [endpoints[0].id]
+        day = utcnow() - dt.timedelta(days=10)
+        pages: list[tuple[str, Callable[[], object]]] = [
+            ("an endpoint's newest calls", lambda: find_calls(one, CallFilter(), limit=50)),
+            ("an endpoint's failed calls (none)", lambda: find_calls(one, CallFilter(statuses=["failed"]), limit=50)),
+            ("an endpoint's calls of one day", lambda: find_calls(
+                one, CallFilter(since=day, until=day + dt.timedelta(days=1)), limit=50)),
+            ("a number no call has", lambda: find_calls(one, CallFilter(digits="99999999"), limit=50)),
+            ("an account's two endpoints merged", lambda: find_calls([e.id for e in endpoints], CallFilter(),
+                                                                      limit=50)),
+            ("every endpoint's missed calls (admin)", lambda: find_calls(None, CallFilter(statuses=["missed"]),
+                                                                          limit=50)),
+            ("scheduled calls behind a queued backlog", lambda: CallRecords.scheduled_page([endpoints[0].id],
+                                                                                           limit=51)),
+        ]
+        size = f"{stored:,} calls + {stored // 10:,} queued, {LIST_READS} reads, SQLite"
+        for name, read in pages:
+            laps = []
+            for _ in range(LIST_READS):
+                t0 = time.perf_counter()
+                read()
+                laps.append((time.perf_counter() - t0) * 1000)
+            worst = percentile(laps, 99)
+            report.add("records", f"list page: {name} p99", worst, "ms", size=size,
+                       target=f"<= {LIST_TARGET_MS:g} ms", ok=worst <= LIST_TARGET_MS)
+    finally:
+        close_database(db)
+
+
 def run(report: Report, full: bool) -> None:
     calls = 2000 if full else 400
     with workdir("records") as folder:
         measure(report, "SQLite", f"sqlite:///{folder / 'callbridge.db'}", calls)
+        lists(report, f"sqlite:///{folder / 'lists.db'}", 1_000_000 if full else 200_000)
         try:
             from tests.postgres_server import PostgresMissing, start_server, stop_server
         except ImportError as exc:  # pragma: no cover (the bench runs from the repository)

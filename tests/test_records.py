@@ -386,6 +386,30 @@ def test_the_days_count_reads_the_days_calls_not_the_stores(make_endpoint: Calla
     assert large <= 2 * small + 10, (small, large)
 
 
+@pytest.mark.stores("sqlite")  # SQLite counts the work of a statement (its progress handler)
+def test_a_page_of_due_calls_after_a_cursor_starts_its_walk_at_the_cursor(
+        records: CallRecords, make_endpoint: Callable[..., Any]) -> None:
+    """A tick reads a backlog page after page: a page deep in it must not walk the pages before it again
+    (the cursor a bound of the index walk, not a filter of it)."""
+    endpoint, _ = make_endpoint()
+    first = NOW - dt.timedelta(days=1)
+    insert_rows(Call, ({"callid": uuid.uuid4().hex[:28], "endpoint": endpoint.id, "phone_a": "15550001001",
+                        "phone_b": "15550002002", "due_at": first + dt.timedelta(seconds=n), "status": "queued"}
+                       for n in range(20_000)))
+    backlog = list(Call.select(Call.id, Call.due_at).order_by(Call.due_at, Call.id).tuples())
+
+    def work_of_a_page(position: int, **options: Any) -> int:
+        call_id, due_at = backlog[position]
+        pages: list[list[Call]] = []
+        work = sqlite_work(lambda: pages.append(records.due(NOW, limit=8, after=(due_at, call_id), **options)))
+        assert [c.id for c in pages[0]] == [i for i, _ in backlog[position + 1:position + 9]]
+        return work
+
+    for options in ({}, {"skip_endpoints": {10**6}}):
+        shallow, deep = work_of_a_page(10, **options), work_of_a_page(19_900, **options)
+        assert deep <= 2 * shallow + 10, (options, shallow, deep)
+
+
 def test_the_media_of_calls_not_yet_ended_is_in_use_and_only_that(make_endpoint: Callable[..., Any]) -> None:
     """What the media cache's eviction keeps: every file a pending or running call will play."""
     endpoint, _ = make_endpoint()

@@ -173,3 +173,16 @@ def test_a_scheduled_page_does_not_read_a_backlog_of_immediate_calls(
 
     small, large = work(500), work(20_000)
     assert all(many <= 2 * few + 20 for few, many in zip(small, large, strict=True)), (small, large)
+
+
+@pytest.mark.stores("sqlite")  # SQLite counts the work of a statement (its progress handler)
+def test_a_scheduled_page_deep_in_the_list_starts_its_walk_at_the_cursor(
+        make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    endpoint = make_endpoint()[0]
+    insert_rows(Call, ({"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550001001",
+                        "phone_b": "15550002002", "due_at": START + dt.timedelta(minutes=n), "scheduled": True,
+                        "status": "scheduled"} for n in range(20_000)))
+    listed = list(Call.select(Call.due_at, Call.id).order_by(Call.due_at, Call.id).tuples())
+    shallow, deep = (sqlite_work(lambda at=at: CallRecords.scheduled_page([endpoint.id], limit=51, after=at))
+                     for at in (listed[10], listed[19_900]))
+    assert deep <= 2 * shallow + 10, (shallow, deep)

@@ -45,7 +45,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from peewee import EXCLUDED, SQL, DateTimeField, Expression, IntegrityError, OperationalError, Tuple, fn
+from peewee import EXCLUDED, DateTimeField, Expression, IntegrityError, OperationalError, fn
 
 from daemon.calls.view import iso
 from daemon.ops.logs import log_event
@@ -129,8 +129,8 @@ def _hangup_requested_by(call_id: int) -> str | None:
 def _due_sql(p: str, endpoint: str, after: tuple[dt.datetime, int] | None, lock: bool) -> str:
     """The due calls of one pending status, in (due_at, id) order (see :meth:`CallRecords.due`)."""
     sql = f'SELECT * FROM "call" WHERE "status" = {p} AND "due_at" <= {p}{endpoint}'
-    if after is not None:
-        sql += f' AND ("due_at" > {p} OR ("due_at" = {p} AND "id" > {p}))'
+    if after is not None:  # (a row value: the index walk starts at the cursor, not at the first due call)
+        sql += f' AND ("due_at", "id") > ({p}, {p})'
     return sql + f' ORDER BY "due_at", "id" LIMIT {p}' + (" FOR UPDATE SKIP LOCKED" if lock else "")
 
 
@@ -431,7 +431,7 @@ class CallRecords:
         lock = is_shared() and database.in_transaction()  # a claim round: these calls are ours until it commits
         due_at = Call.due_at.db_value
         until = due_at(now)
-        cursor: list[Any] = [] if after is None else [due_at(after[0]), due_at(after[0]), after[1]]
+        cursor: list[Any] = [] if after is None else [due_at(after[0]), after[1]]
         calls: list[Call] = []
         if not skip:
             sql = precompiled(f"due:{after is not None}:{lock}", lambda p: _due_sql(p, "", after, lock))
@@ -499,12 +499,14 @@ class CallRecords:
         here; every endpoint's are those of the endpoints found in that index (a loose index scan)."""
         if endpoint_ids is None:
             endpoint_ids = _endpoints_with_scheduled_calls()
+        sql = precompiled(f"scheduled_page:{after is not None}", lambda p: (
+            f'SELECT * FROM "call" WHERE "endpoint_id" = {p} AND {SCHEDULED_PENDING}'
+            + (f' AND ("due_at", "id") > ({p}, {p})' if after is not None else "")
+            + f' ORDER BY "due_at", "id" LIMIT {p}'))
+        since = () if after is None else (Call.due_at.db_value(after[0]), after[1])
         rows: list[Call] = []
         for endpoint_id in sorted(set(endpoint_ids)):
-            query = Call.select().where((Call.endpoint == endpoint_id) & SQL(SCHEDULED_PENDING))
-            if after is not None:
-                query = query.where(Tuple(Call.due_at, Call.id) > Tuple(*after))
-            rows.extend(query.order_by(Call.due_at, Call.id).limit(limit))
+            rows += select_rows(Call, sql, (endpoint_id, *since, limit))
         rows.sort(key=lambda r: (r.due_at, r.id))
         return rows[:limit]
 

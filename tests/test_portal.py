@@ -830,6 +830,29 @@ def test_admin_pages_are_for_admins_only(app: Flask, ann: Account) -> None:
         assert response.status_code == 403 and "for administrators" in response.get_data(as_text=True), path
 
 
+def test_admin_live_page_shows_the_oldest_calls_in_progress_a_page_at_a_time(
+        app: Flask, admin: Account, make_endpoint: Any) -> None:
+    """It reads itself again every second while open: with thousands of calls in progress it shows the
+    phases' counts and a page of them, oldest first (those most likely stuck), not every one."""
+    endpoint, _ = make_endpoint()
+    phases = ["bridged"] * 110 + ["dialing_b"] * 10 + ["completed"] * 5
+    for n, status in enumerate(phases):
+        call_row(endpoint, f"{n:028x}", status=status, started_at=NOW + dt.timedelta(seconds=n % 60, minutes=n // 60))
+    a = browser(app).signed_in_as(admin.email)
+    first = a.text("/admin/live")
+    assert "120 in progress" in first and "Oldest first, 100 on this page" in first
+    assert 'data-status="bridged">A and B are talking</span>&nbsp;110' in first
+    assert 'data-status="dialing_b">Calling B (A hears the dial tone)</span>&nbsp;10' in first
+    assert 'data-status="dialing_a"' not in first  # (no call in that phase)
+    shown = re.findall(r'<tr data-callid="([0-9a-f]+)">', first)
+    later = re.search(r'href="([^"]+)" rel="next">Later-started calls', first)
+    assert later is not None
+    rest = a.text(html.unescape(later.group(1)))
+    shown += re.findall(r'<tr data-callid="([0-9a-f]+)">', rest)
+    assert shown == [f"{n:028x}" for n in range(120)] and 'rel="next"' not in rest
+    assert a.get("/admin/live?cursor=zzz").status_code == 400
+
+
 def test_admin_hang_up_of_a_call_not_in_progress_says_so(app: Flask, admin: Account, make_endpoint: Any) -> None:
     endpoint, _ = make_endpoint()
     call_row(endpoint, "7" * 28, status="completed")

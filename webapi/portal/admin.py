@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Response, request
 
@@ -25,6 +26,7 @@ from daemon.ops.logs import log_event
 from daemon.store import Account, Call, Endpoint
 from webapi.portal import queries
 from webapi.portal.base import PageError, admin_only, bp, client_address, go, me, render, security
+from webapi.validation import ValidationError
 from webapi.views import ctx
 
 log = logging.getLogger("callbridge.portal")
@@ -188,8 +190,13 @@ def admin_endpoint_toggle(endpoint_id: int, action: str) -> Response:
 @bp.route("/admin/live", methods=["GET"])
 @admin_only
 def admin_live() -> Response:
-    rows = queries.live_calls()
-    return render("admin_live.html", title="Calls in progress", rows=rows, live=True)
+    try:
+        rows, phases, next_cursor = queries.live_page(request.args.to_dict(flat=True))
+    except ValidationError as exc:
+        raise PageError(400, f"{exc}. Start again from the first page of calls in progress.") from None
+    return render("admin_live.html", title="Calls in progress", rows=rows, phases=phases, live=True,
+                  first_url="/admin/live" if request.args.get("cursor") else "",
+                  next_url=f"/admin/live?{urlencode({'cursor': next_cursor})}" if next_cursor else "")
 
 
 @bp.route("/admin/calls/<callid>/hangup", methods=["POST"])

@@ -16,7 +16,17 @@ from daemon.accounts.endpoints import visible_endpoints
 from daemon.calls.records import CallRecords
 from daemon.calls.search import find_calls
 from daemon.calls.view import endpoint_zone
-from daemon.store import IN_FLIGHT_STATUSES, Account, Call, CallEvent, CallStatus, Endpoint
+from daemon.store import (
+    IN_FLIGHT_STATUSES,
+    Account,
+    Call,
+    CallEvent,
+    CallStatus,
+    Endpoint,
+    execute,
+    precompiled,
+    select_rows,
+)
 from webapi.validation import (
     MAX_ROW_ID,
     ListQuery,
@@ -129,10 +139,33 @@ def scheduled_page(account: Account, args: Mapping[str, Any]) -> tuple[list[Call
     return rows, encode_due_cursor(rows[-1].due_at, rows[-1].id) if more else None
 
 
-def live_calls() -> list[Call]:
-    """Every call in progress (admin), oldest first."""
-    return list(Call.select(Call, Endpoint).join(Endpoint)
-                .where(Call.status.in_([s.value for s in IN_FLIGHT_STATUSES])).order_by(Call.started_at, Call.id))
+LIVE_PAGE = 100  # calls in progress a page shows (it is read again every second while it is open)
+
+
+def live_page(args: Mapping[str, Any]) -> tuple[list[Call], dict[str, int], str | None]:
+    """Calls in progress (admin), oldest start first, a page of them with a (started_at, id) cursor; how
+    many are in each phase; the cursor of the next page. The store sorts every call in progress (as many
+    as the daemons' ``max_in_flight``, in C); only the page becomes rows here: the page reads itself again
+    every second, and 2,000 calls built through peewee's joined query took about a second of the event loop."""
+    raw = text(args, "cursor")
+    after = decode_due_cursor(raw) if raw else None
+    statuses = [status.value for status in IN_FLIGHT_STATUSES]
+    marks = ", ".join(["{p}"] * len(statuses))
+    sql = precompiled(f"live_page:{after is not None}", lambda p: (
+        f'SELECT * FROM "call" WHERE "status" IN ({marks})'
+        + (' AND ("started_at", "id") > ({p}, {p})' if after is not None else "")
+        + ' ORDER BY "started_at", "id" LIMIT {p}').format(p=p))
+    since = () if after is None else (Call.started_at.db_value(after[0]), after[1])
+    rows = select_rows(Call, sql, (*statuses, *since, LIVE_PAGE + 1))
+    more = len(rows) > LIVE_PAGE
+    rows = rows[:LIVE_PAGE]
+    with_endpoints(rows)
+    counts = precompiled("live_counts", lambda p: (
+        f'SELECT "status", COUNT(*) FROM "call" WHERE "status" IN ({marks}) GROUP BY "status"').format(p=p))
+    phases = {status: 0 for status in statuses} | {status: int(n) for status, n in execute(counts, statuses).fetchall()}
+    last = rows[-1] if more else None
+    started = last.started_at if last is not None else None  # (a claim sets it with the status)
+    return rows, phases, encode_due_cursor(started, last.id) if last is not None and started is not None else None
 
 
 def timeline(call: Call) -> list[CallEvent]:

@@ -129,6 +129,22 @@ def test_status_filter(client: FlaskClient, make_endpoint: Any) -> None:
     assert len(both) == 30 and {c["status"] for c in both} == {"failed", "canceled"}
 
 
+@pytest.mark.parametrize("params", [
+    {"from": "0001-01-01"}, {"to": "0001-01-01"}, {"from": "0001-01-01T00:00:00+00:00"},
+    {"from": "9999-12-31 23:58"}, {"to": "9999-12-31 23:58"}, {"to": "9999-12-31T23:59:00+00:00"},
+])
+def test_dates_at_the_ends_of_the_calendar_answer_and_never_fail(
+        client: FlaskClient, make_endpoint: Any, params: dict[str, str]) -> None:
+    """The search widens a date by a margin before it looks (daemon.calls.search): not past the calendar."""
+    mine, token = make_endpoint()
+    bulk_calls(mine, 3)
+    response = client.get("/v1/calls", query_string=dict(params, token=token))
+    assert response.status_code == 200, data_of(response)
+    calls = data_of(response)["calls"]
+    everything = params.get("from", "").startswith("0001") or params.get("to", "").startswith("9999")
+    assert len(calls) == (3 if everything else 0)
+
+
 def test_number_filter_finds_digits_in_either_number(client: FlaskClient, make_endpoint: Any,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A CRM looks up the calls of one customer: all of the number, or part of it, in A or in B. A page

@@ -143,11 +143,11 @@ def _ids_sql(p: str, scoped: bool, low: bool, high: bool, statuses: int, since: 
 def _id_range(wanted: CallFilter, before_id: int | None) -> tuple[int, int | None]:
     """The ids the filter's request times can be among: ``low`` included, ``high`` excluded (None: no end)."""
     low, high = 0, before_id
-    if wanted.since is not None:
+    if wanted.since is not None and wanted.since > dt.datetime.min + CLOCK_SLACK:
         earlier, _ = _crossing(wanted.since - CLOCK_SLACK)
         if earlier is not None:  # it, and every call stored before it, was requested before ``since``
             low = earlier + 1
-    if wanted.until is not None:
+    if wanted.until is not None and wanted.until < dt.datetime.max - CLOCK_SLACK:
         _, later = _crossing(wanted.until + CLOCK_SLACK)
         if later is not None:  # it, and every call stored after it, was requested at ``until`` or later
             high = later if high is None else min(high, later)

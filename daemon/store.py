@@ -574,6 +574,21 @@ def precompiled(key: str, build: Callable[[str], str]) -> str:
     return sql
 
 
+def endpoints_in_index(table: str, where: str, params: Sequence[Any] = (), *, index: str = "") -> list[int]:
+    """The distinct ``endpoint_id`` of the rows of ``table`` matching ``where``, one index probe each (a
+    loose index scan): a GROUP BY or DISTINCT would read every matching row. ``where`` must be served by an
+    index that starts with ``endpoint_id`` after its equality terms; ``index`` names it to SQLite, whose
+    planner, without statistics, may walk another index instead (PostgreSQL's has them). ``params`` are
+    ``where``'s, given once."""
+    shared = isinstance(database.obj, PostgresqlDatabase)
+    source = f'"{table}"' if shared or not index else f'"{table}" INDEXED BY "{index}"'
+    sql = precompiled(f"endpoints_in:{table}:{where}:{source}", lambda p: (
+        f'WITH RECURSIVE e(id) AS (SELECT MIN("endpoint_id") FROM {source} WHERE {where} UNION ALL SELECT '
+        f'(SELECT MIN("endpoint_id") FROM {source} WHERE {where} AND "endpoint_id" > e.id) FROM e '
+        'WHERE e.id IS NOT NULL) SELECT id FROM e WHERE id IS NOT NULL').replace("{p}", p))
+    return [int(endpoint_id) for (endpoint_id,) in execute(sql, (*params, *params)).fetchall()]
+
+
 _peewee_log = logging.getLogger("peewee")
 _db_errors = peewee.__exception_wrapper__  # type: ignore[attr-defined]  # sqlite3's errors as peewee's, as execute_sql raises them
 

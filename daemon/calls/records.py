@@ -62,6 +62,7 @@ from daemon.store import (
     Heartbeat,
     among,
     database,
+    endpoints_in_index,
     execute,
     insert_row,
     is_shared,
@@ -143,17 +144,6 @@ def _endpoints_with_due_calls(now: Any, skip: list[int]) -> list[int]:
         f'(SELECT 1 FROM "call" AS c WHERE c."endpoint_id" = e."id" AND c."status" IN '
         f'({", ".join([p] * len(statuses))}) AND c."due_at" <= {p}) ORDER BY "id"'))
     return [int(endpoint_id) for (endpoint_id,) in execute(sql, (*skip, *statuses, now)).fetchall()]
-
-
-def _endpoints_with_scheduled_calls() -> list[int]:
-    """The endpoints that have pending scheduled calls: one probe of the v14 index each (a loose index scan).
-    SQLite is told the index: without statistics it would walk every pending call by status instead."""
-    sql = precompiled(f"scheduled_endpoints:{is_shared()}", lambda p: (
-        'WITH RECURSIVE e(id) AS (SELECT MIN("endpoint_id") FROM {call} WHERE {pending} UNION ALL SELECT '
-        '(SELECT MIN("endpoint_id") FROM {call} WHERE {pending} AND "endpoint_id" > e.id) FROM e '
-        'WHERE e.id IS NOT NULL) SELECT id FROM e WHERE id IS NOT NULL').format(
-        call='"call"' if is_shared() else '"call" INDEXED BY "call_scheduled_pending"', pending=SCHEDULED_PENDING))
-    return [int(endpoint_id) for (endpoint_id,) in execute(sql).fetchall()]
 
 
 class _Update(NamedTuple):
@@ -498,7 +488,7 @@ class CallRecords:
         by (due_at, id): per endpoint an ordered walk of the index of pending scheduled calls (v14), merged
         here; every endpoint's are those of the endpoints found in that index (a loose index scan)."""
         if endpoint_ids is None:
-            endpoint_ids = _endpoints_with_scheduled_calls()
+            endpoint_ids = endpoints_in_index("call", SCHEDULED_PENDING, index="call_scheduled_pending")
         sql = precompiled(f"scheduled_page:{after is not None}", lambda p: (
             f'SELECT * FROM "call" WHERE "endpoint_id" = {p} AND {SCHEDULED_PENDING}'
             + (f' AND ("due_at", "id") > ({p}, {p})' if after is not None else "")

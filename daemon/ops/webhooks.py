@@ -55,7 +55,17 @@ from daemon.config import Settings
 from daemon.loop import Backoff, Loop
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallStatus, Endpoint, WebhookDelivery, database, execute, precompiled, utcnow
+from daemon.store import (
+    Call,
+    CallStatus,
+    Endpoint,
+    WebhookDelivery,
+    database,
+    endpoints_in_index,
+    execute,
+    precompiled,
+    utcnow,
+)
 from daemon.uuids import new_uuid
 from daemon.writer import current as writer
 
@@ -148,13 +158,9 @@ def enqueue_status(call: Call, status: CallStatus, detail: Mapping[str, Any] | N
 
 
 def endpoints_with_pending() -> list[int]:
-    """The endpoints that have pending rows, one index probe each (a loose index scan of ``state,
-    endpoint_id``): a GROUP BY would read every pending row, and the sender asks at every tick."""
-    sql = precompiled("webhook_endpoints", lambda p: (
-        f'WITH RECURSIVE e(id) AS (SELECT MIN("endpoint_id") FROM "webhookdelivery" WHERE "state" = {p} '
-        f'UNION ALL SELECT (SELECT MIN("endpoint_id") FROM "webhookdelivery" WHERE "state" = {p} '
-        f'AND "endpoint_id" > e.id) FROM e WHERE e.id IS NOT NULL) SELECT id FROM e WHERE id IS NOT NULL'))
-    return [int(endpoint_id) for (endpoint_id,) in execute(sql, (PENDING, PENDING)).fetchall()]
+    """The endpoints that have pending rows, one index probe each (``state, endpoint_id``): the sender asks
+    at every tick, and a GROUP BY would read every pending row."""
+    return endpoints_in_index("webhookdelivery", '"state" = {p}', (PENDING,))
 
 
 def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:

@@ -34,13 +34,11 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from daemon.accounts.endpoints import slow_to_match
-from daemon.calls.search import CallFilter
 from daemon.config import LANGUAGES, Settings
 from daemon.store import CALLID_RE, CallStatus
 
 PHONE_RE = re.compile(r"^\+?[0-9]{7,15}$")
 EXTENSION_CHARS_RE = re.compile(r"^\+?[0-9]{1,20}$")  # what the engine can dial at all
-NUMBER_FILTER_RE = re.compile(r"^\+?[0-9]{1,20}$")  # a list's ``number``: part of one
 LOCAL_DATE_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2}) ([0-9]{2}):([0-9]{2})$")
 DAY_RE = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})$")
 URL_MAX = 2000
@@ -320,11 +318,6 @@ class ListQuery:
     digits: str = ""  # all or part of A's or B's number ("": any)
 
 
-def list_filter(q: ListQuery) -> CallFilter:
-    """What a calls list's query asks the search for (:mod:`daemon.calls.search`)."""
-    return CallFilter(statuses=q.statuses or (), since=q.since, until=q.until, digits=q.digits)
-
-
 def parse_limit(value: str) -> int:
     """``limit``: a whole number from 1 to 200, 50 when absent."""
     if not value:
@@ -349,7 +342,7 @@ def parse_statuses(value: str) -> list[str] | None:
 def parse_number_filter(value: str) -> str:
     """``number``: digits of A's or B's number, all or part, with an optional leading + (dropped)."""
     value = value.strip()
-    if value and not NUMBER_FILTER_RE.fullmatch(value):
+    if value and not EXTENSION_CHARS_RE.fullmatch(value):  # (part of any number the engine can dial)
         raise ValidationError("number", "digits (all or part of A's or B's number), with an optional leading +")
     return value.lstrip("+")
 

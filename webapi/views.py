@@ -26,7 +26,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from daemon.accounts.endpoints import authenticate
 from daemon.calls.records import CallRecords, NewCall, NotCancelable
-from daemon.calls.search import find_calls
+from daemon.calls.search import CallFilter, find_calls
 from daemon.calls.view import call_view, endpoint_zone, timeline_view
 from daemon.config import Settings
 from daemon.media.library import MediaBusy, SpeechUnavailable, route_allows
@@ -39,11 +39,11 @@ from webapi.idempotency import check_same_request, request_fingerprint
 from webapi.ratelimit import AuthFailureLimiter
 from webapi.turns import take_turn
 from webapi.validation import (
+    ListQuery,
     decode_due_cursor,
     decode_id_cursor,
     encode_due_cursor,
     encode_id_cursor,
-    list_filter,
     parse_callid,
     parse_create,
     parse_idempotency_key,
@@ -311,6 +311,15 @@ def place_call(endpoint: Endpoint, values: Mapping[str, Any], key: str | None = 
     return created.call
 
 
+def calls_page(endpoint_ids: list[int] | None, q: ListQuery) -> tuple[list[Call], str | None]:
+    """One page of calls of ``endpoint_ids`` (None: every endpoint), newest first, and the cursor of the
+    next (None: no more): the search of ``GET /v1/calls`` and the Calls page (:mod:`daemon.calls.search`)."""
+    found = find_calls(endpoint_ids, CallFilter(statuses=q.statuses or (), since=q.since, until=q.until,
+                                                digits=q.digits),
+                       limit=q.limit, before_id=decode_id_cursor(q.cursor) if q.cursor is not None else None)
+    return found.calls, encode_id_cursor(found.before_id) if found.before_id is not None else None
+
+
 @bp.route("/v1/calls", methods=["GET"], provide_automatic_options=False)
 def list_calls() -> Response:
     """The token's calls, newest first, keyset-paginated and filterable by status and request date."""
@@ -318,10 +327,8 @@ def list_calls() -> Response:
     endpoint, _ = require_endpoint(args)
     check_list_parameters_given_once()
     q = parse_list_query(args, endpoint_zone(endpoint.timezone))
-    found = find_calls([endpoint.id], list_filter(q), limit=q.limit,
-                       before_id=decode_id_cursor(q.cursor) if q.cursor is not None else None)
-    return envelope({"calls": [call_view(r, endpoint) for r in found.calls],
-                     "next_cursor": encode_id_cursor(found.before_id) if found.before_id is not None else None})
+    calls, next_cursor = calls_page([endpoint.id], q)
+    return envelope({"calls": [call_view(r, endpoint) for r in calls], "next_cursor": next_cursor})
 
 
 @bp.route("/v1/calls/<callid>", methods=["GET"], provide_automatic_options=False)

@@ -14,7 +14,6 @@ from zoneinfo import ZoneInfo
 
 from daemon.accounts.endpoints import visible_endpoints
 from daemon.calls.records import CallRecords
-from daemon.calls.search import find_calls
 from daemon.calls.view import endpoint_zone
 from daemon.store import (
     IN_FLIGHT_STATUSES,
@@ -27,15 +26,13 @@ from daemon.store import (
     precompiled,
     select_rows,
 )
+from webapi import views
 from webapi.validation import (
     MAX_ROW_ID,
     ListQuery,
     ValidationError,
     decode_due_cursor,
-    decode_id_cursor,
     encode_due_cursor,
-    encode_id_cursor,
-    list_filter,
     parse_callid,
     parse_list_query,
     text,
@@ -110,12 +107,10 @@ def calls_page(account: Account, f: CallsPageQuery) -> tuple[list[Call], str | N
     """One page of calls newest first, and the cursor of the next page (None on the last): the search of
     ``GET /v1/calls`` (:mod:`daemon.calls.search`), so a page may end short of its size with a cursor when
     a number search has examined its share of the calls."""
-    q = f.query
-    scope = [f.endpoint.id] if f.endpoint is not None else endpoint_ids(account)
-    found = find_calls(scope, list_filter(q), limit=q.limit,
-                       before_id=decode_id_cursor(q.cursor) if q.cursor is not None else None)
-    with_endpoints(found.calls)
-    return found.calls, encode_id_cursor(found.before_id) if found.before_id is not None else None
+    calls, next_cursor = views.calls_page([f.endpoint.id] if f.endpoint is not None else endpoint_ids(account),
+                                          f.query)
+    with_endpoints(calls)
+    return calls, next_cursor
 
 
 def with_endpoints(calls: list[Call]) -> None:

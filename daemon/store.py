@@ -49,6 +49,7 @@ from peewee import (
     BigIntegerField,
     BooleanField,
     CharField,
+    CompositeKey,
     Database,
     DatabaseProxy,
     DateTimeField,
@@ -94,6 +95,11 @@ def utcnow() -> dt.datetime:
     """Now, as the store keeps times: naive UTC. (From ``time.time()``: ``datetime.now(UTC)`` with its zone
     dropped took seven times as long, and a call reads the clock at nearly every step.)"""
     return EPOCH + dt.timedelta(seconds=time.time())
+
+
+def day_of(at: dt.datetime) -> dt.datetime:
+    """The start (midnight, UTC) of the day ``at`` falls on: the day an endpoint's daily cap counts in."""
+    return dt.datetime.combine(at.date(), dt.time())
 
 
 # What a callid may be (ours are 28 random hex digits): the API's paths, the OpenAPI document and the
@@ -334,8 +340,23 @@ class DaemonInstance(BaseModel):
         table_name = "instances"
 
 
+class EndpointDay(BaseModel):
+    """How many calls an endpoint started on one UTC day (``day``: its midnight), counted by each claim in
+    the claim's own transaction. The endpoint's daily cap reads it: on a shared PostgreSQL at every claim
+    round, where counting the day's calls instead read up to the cap's number of index entries with the
+    endpoint locked against the other daemons."""
+
+    endpoint = ForeignKeyField(Endpoint, on_delete="CASCADE", index=False)  # the key serves it
+    endpoint_id: int
+    day = DateTimeField()
+    started = IntegerField(default=0)
+
+    class Meta:
+        primary_key = CompositeKey("endpoint", "day")
+
+
 MODELS: list[type[Model]] = [SchemaVersion, Endpoint, Call, CallEvent, WebhookDelivery, Account, WebSession,
-                             Heartbeat, DaemonInstance]
+                             Heartbeat, DaemonInstance, EndpointDay]
 
 
 def _v1_initial(db: Database) -> None:
@@ -443,13 +464,23 @@ def _v14_scheduled_pending_index(db: Database) -> None:
                    f"WHERE {SCHEDULED_PENDING}")
 
 
+def _v15_endpoint_days(db: Database) -> None:
+    # The daily caps count from this table; it starts with today's calls so far (UTC).
+    db.create_tables([EndpointDay], safe=True)
+    today = day_of(utcnow())
+    param = db.param
+    db.execute_sql(f'INSERT INTO "endpointday" ("endpoint_id", "day", "started") SELECT "endpoint_id", {param}, '
+                   f'COUNT(*) FROM "call" WHERE "started_at" >= {param} GROUP BY "endpoint_id"',
+                   (EndpointDay.day.db_value(today), Call.started_at.db_value(today)))
+
+
 # Append new steps; never edit an applied one. Each runs once, in order, inside a transaction.
 MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_webhook_outbox, _v3_status_index,
                                                 _v4_request_fingerprint, _v5_web_accounts, _v6_call_leases,
                                                 _v7_call_switch, _v8_lean_indexes, _v9_heartbeat,
                                                 _v10_instances, _v11_webhook_endpoint_index,
                                                 _v12_recorded_calls_index, _v13_finished_webhooks_index,
-                                                _v14_scheduled_pending_index]
+                                                _v14_scheduled_pending_index, _v15_endpoint_days]
 
 
 def schema_version(db: Database) -> int:

@@ -236,6 +236,26 @@ def test_a_store_from_before_an_index_gains_it_and_keeps_its_rows(
     assert Call.select().count() == 1 and WebhookDelivery.get().state == "pending"
 
 
+def test_v15_starts_each_endpoints_day_count_with_the_calls_it_started_today(
+        settings: Settings, make_endpoint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade during the day keeps the daily caps: the counter starts where the day's calls are."""
+    busy, quiet = make_endpoint()[0], make_endpoint()[0]
+    today = store.day_of(NOW)
+    for n, (endpoint, started) in enumerate([(busy, today), (busy, NOW), (quiet, NOW),
+                                             (quiet, today - dt.timedelta(microseconds=1)), (busy, None)]):
+        a_call(endpoint, f"{n:028d}", started_at=started, status="queued" if started is None else "completed")
+    db = store.database.obj
+    with db.atomic():
+        db.drop_tables([store.EndpointDay])
+        SchemaVersion.delete().where(SchemaVersion.version >= 15).execute()
+    close_database(db)
+    monkeypatch.setattr(store, "utcnow", lambda: NOW)
+    db = open_database(settings.database_url)
+    assert schema_version(db) == len(store.MIGRATIONS) >= 15
+    assert CallRecords.started_on(today) == {busy.id: 2, quiet.id: 1}
+    assert Call.select().count() == 5
+
+
 def test_migration_on_an_existing_store_keeps_its_rows(settings: Settings, make_endpoint: Any) -> None:
     endpoint, _ = make_endpoint(name="keep-me")
     call = a_call(endpoint, "f" * 28)

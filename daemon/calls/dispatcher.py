@@ -25,8 +25,9 @@ slot frees; the calls of a disabled endpoint fail when due.
 
 On a PostgreSQL shared by several daemons an endpoint's limits hold across all of them: each round locks
 the rows of the endpoints its page of calls belongs to (``CallRecords.lock_endpoints``: two daemons'
-rounds for one endpoint take turns) and counts, from the calls table, the endpoint's calls in flight,
-started today and started in its rate window (``CallRecords.endpoint_load``), whichever daemon runs them.
+rounds for one endpoint take turns) and reads the endpoint's calls in flight and started in its rate window
+from the calls table, and its calls started today from the day's counter that each claim adds to
+(``CallRecords.endpoint_load``), whichever daemon runs them.
 ``max_in_flight`` and ``calls_per_second`` of the settings stay this daemon's own.
 """
 
@@ -44,7 +45,7 @@ from daemon.calls.records import CallRecords, EndpointLoad
 from daemon.config import Settings
 from daemon.loop import Loop
 from daemon.ops.logs import log_event
-from daemon.store import Call, CallStatus, Endpoint, is_shared, utcnow
+from daemon.store import Call, CallStatus, Endpoint, day_of, is_shared, utcnow
 from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.engine import Engine
 from daemon.switch.link import SwitchLink
@@ -241,7 +242,7 @@ class Dispatcher:
     def _load(self, endpoint: Endpoint, now: dt.datetime, loads: dict[int, EndpointLoad]) -> EndpointLoad:
         """The endpoint's load across every daemon, read once per round under the round's lock on the
         endpoint's row (``CallRecords.lock_endpoints``): its daily count replaces this daemon's own."""
-        load = self.records.endpoint_load(endpoint.id, day_start=self._day_start,
+        load = self.records.endpoint_load(endpoint.id, day=self._day_start,
                                           window_start=now - rate_window(endpoint.calls_per_second))
         loads[endpoint.id] = load
         self.started_today[endpoint.id] = load.started_today
@@ -340,6 +341,7 @@ class Dispatcher:
         if self._day == now.date():
             return
         self._day = now.date()
-        start = self._day_start = dt.datetime.combine(self._day, dt.time())
-        self.started_today = self.records.started_per_endpoint(start)
+        start = self._day_start = day_of(now)
+        self.started_today = self.records.started_on(start)
+        self.records.forget_days_before(start - dt.timedelta(days=1))  # yesterday's still counts a late clock's
         log_event(log, "dispatcher.day", day=str(self._day), endpoints=len(self.started_today))

@@ -202,9 +202,8 @@ class Service:
 
     def _evict_media(self, now: dt.datetime) -> float:
         """Keep the media cache under its bound, never evicting what a call not yet ended will play."""
-        keep = self.records.media_in_use()
-        freed = self.media.evict(keep)
-        log_event(log, "media.evicted", bytes=freed, kept=len(keep))
+        freed = self.media.evict(self.records.media_in_use)
+        log_event(log, "media.evicted", bytes=freed)
         return MEDIA_EVICTION_INTERVAL
 
     def run_forever(self) -> None:

@@ -526,13 +526,93 @@ def test_eviction_is_lru_and_keeps_pinned_and_fresh_files(tmp_path: Path, server
     for age, media in ((4000, oldest), (3000, old), (2000, newer)):
         os.utime(media.path, (now - age, now - age))
     lib = library(tmp_path, media_cache_bytes=3 * oldest.bytes + 10)
-    freed = lib.evict([oldest.path], now=now)
+    freed = lib.evict(lambda: [oldest.path], now=now)
     assert freed == old.bytes  # `oldest` is pinned; dropping `old` brings the total under the cap
     assert [lib.path_for_name(m.name) is not None for m in (oldest, old, newer, fresh)] == [True, False, True, True]
     lib = library(tmp_path, media_cache_bytes=0)
-    lib.evict([oldest.name], now=now)
+    lib.evict(lambda: [oldest.name], now=now)
     # `fresh` was used seconds ago (a call may be being created with it); the pinned file stays.
     assert [lib.path_for_name(m.name) is not None for m in (oldest, newer, fresh)] == [True, False, True]
+
+
+def cached_files(lib: MediaLibrary, count: int, *, age: float, size: int = 1000) -> list[Path]:
+    """``count`` files in the media folder as the library names them, last used ``age`` seconds ago."""
+    folder = Path(lib.playable("0" * 64)).parent
+    made = []
+    for n in range(count):
+        path = folder / f"{hashlib.sha256(str((n, age)).encode()).hexdigest()}.wav"
+        path.write_bytes(b"\0" * size)
+        os.utime(path, (time.time() - age, time.time() - age))
+        made.append(path)
+    return made
+
+
+def test_eviction_asks_what_calls_will_play_only_when_the_folder_is_over_its_bound(tmp_path: Path) -> None:
+    """The question reads the store (every call not yet ended): not asked hourly for nothing."""
+    lib = library(tmp_path, media_cache_bytes=10_000)
+    cached_files(lib, 5, age=7200)
+    asked: list[int] = []
+
+    def in_use() -> list[str]:
+        asked.append(1)
+        return []
+
+    assert lib.evict(in_use) == 0 and asked == []
+    cached_files(lib, 10, age=3600)
+    assert lib.evict(in_use) == 5_000 and asked == [1]  # the five oldest went
+
+
+def test_eviction_reads_the_folder_while_the_event_loop_goes_on(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tens of thousands of cached messages took seconds to list: calls in progress must not wait for it.
+    The folder's listing here waits for a greenlet of the loop to run: it can only end if the listing
+    does not hold the loop."""
+    lib = library(tmp_path, media_cache_bytes=0)
+    old = cached_files(lib, 2, age=7200)
+    ran_meanwhile = gevent.monkey.get_original("_thread", "allocate_lock")()
+    ran_meanwhile.acquire()
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:
+        assert ran_meanwhile.acquire(timeout=10), "the loop did not run while the folder was read"
+        ran_meanwhile.release()
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    gevent.spawn(ran_meanwhile.release)
+    assert lib.evict(list) == 2000
+    assert not any(path.exists() for path in old)
+
+
+def test_a_file_used_while_the_folder_was_read_is_not_deleted(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = library(tmp_path, media_cache_bytes=0)
+    used, unused = cached_files(lib, 2, age=7200)
+    listing = lib._listing
+
+    def listing_then_a_call_plays_one(now: float) -> Any:
+        found = listing(now)
+        os.utime(used)  # a call created meanwhile plays it (as from_url and speak touch a file they reuse)
+        return found
+
+    monkeypatch.setattr(lib, "_listing", listing_then_a_call_plays_one)
+    assert lib.evict(list) == 1000
+    assert used.exists() and not unused.exists()
+
+
+def test_eviction_drops_spoken_entries_without_audio_and_stale_temporary_files(tmp_path: Path) -> None:
+    lib = library(tmp_path, media_cache_bytes=1000)
+    evicted, kept = cached_files(lib, 1, age=7200) + cached_files(lib, 1, age=60)
+    folder = kept.parent
+    for target in (evicted, kept):
+        (folder / "tts" / hashlib.sha256(target.name.encode()).hexdigest()).write_text(target.stem)
+    stale, young = folder / ".tmp-download-stale", folder / ".tmp-download-young"
+    for path, age in ((stale, 7200), (young, 60)):
+        path.write_bytes(b"\0" * 10)
+        os.utime(path, (time.time() - age, time.time() - age))
+    assert lib.evict(list) == 1010
+    assert [path.exists() for path in (evicted, kept, stale, young)] == [False, True, False, True]
+    assert [entry.read_text() for entry in (folder / "tts").iterdir()] == [kept.stem]
 
 
 def test_a_used_file_moves_to_the_back_of_the_eviction_queue(tmp_path: Path, server: MediaServer) -> None:
@@ -545,4 +625,4 @@ def test_a_used_file_moves_to_the_back_of_the_eviction_queue(tmp_path: Path, ser
     os.utime(b.path, (now - 4000, now - 4000))
     lib.from_url(server.url("/a.wav"), kind="play")  # a use: a is now the most recent
     os.utime(a.path, (now - 3000, now - 3000))  # still old enough to be evictable, but newer than b
-    assert library(tmp_path, media_cache_bytes=a.bytes).evict([], now=now) == b.bytes
+    assert library(tmp_path, media_cache_bytes=a.bytes).evict(list, now=now) == b.bytes

@@ -61,7 +61,7 @@ def test_files_from_before_the_key_are_renamed_and_old_references_still_lead_to_
     now = time.time()
     for path in (state / "media").glob("*.wav"):
         os.utime(path, (now - 7200, now - 7200))
-    library(state, media_cache_bytes=0).evict([str(old_prompt)], now=now)
+    library(state, media_cache_bytes=0).evict(lambda: [str(old_prompt)], now=now)
     assert new_prompt.exists() and len(list((state / "media").glob("*.wav"))) == 1
     # Later starts leave files alone (the tests and tools may put files there by content hash).
     later = old_style(state / "media", tone_file(880))

@@ -1,10 +1,12 @@
 """PostgreSQL under gevent: a small pool whose connections are lent to one greenlet for one statement or
 one transaction, then given back.
 
-The driver is psycopg 3: when gevent has patched ``select`` before psycopg is imported (``python -m
-daemon`` patches first thing), its waits go through the patched ``select.poll``, so a query waiting on
-the server lets every other greenlet run. :func:`check_green` refuses to start a patched process whose
-psycopg would block instead.
+The driver is psycopg 3. Its connections here (:class:`GreenConnection`) wait for their socket through one
+gevent watcher per wait, so a query waiting on the server lets every other greenlet run. (psycopg's own
+wait, once gevent has patched ``select`` before psycopg is imported, goes through the patched
+``select.poll``: a poll object, its watchers and a timeout built at every wait, about a tenth of a
+daemon's CPU on PostgreSQL; it still serves the connection's first handshake.) :func:`check_green`
+refuses to start a patched process whose psycopg would block instead.
 
 Why lend per statement: two greenlets must never interleave the statements of two transactions on one
 connection (the second would run inside the first's transaction), and a connection per greenlet would
@@ -42,8 +44,11 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
+import gevent
 import gevent.local
-from peewee import InternalError, OperationalError, _ConnectionState
+import psycopg
+from gevent.hub import Waiter
+from peewee import InternalError, OperationalError, Psycopg3Adapter, _ConnectionState
 from peewee import __exception_wrapper__ as driver_errors  # type: ignore[attr-defined]  # peewee's own mapping
 from playhouse.db_url import parse
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
@@ -51,6 +56,7 @@ from psycopg.errors import ReadOnlySqlTransaction
 
 SCHEMES = ("postgresql", "postgres")
 PING_AFTER_IDLE = 60.0  # seconds
+READ_WRITE = 3  # libev's READ | WRITE: the bits of a watcher's events psycopg is told
 DEFAULTS: dict[str, Any] = {"max_connections": 10, "timeout": 10, "stale_timeout": 600, "connect_timeout": 10,
                             "application_name": "callbridge", "idle_in_transaction_timeout": 10,
                             # A database host gone silent (power, a failover's old primary) is noticed in
@@ -108,8 +114,50 @@ def _with_idle_timeout(options: str, seconds: float) -> str:
     return f"{options} {setting}".strip()
 
 
+class GreenConnection(psycopg.Connection):  # type: ignore[type-arg]  # rows as peewee reads them: tuples
+    """A psycopg connection whose statements wait for the server through the gevent hub (see above)."""
+
+    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        if timeout is not None:  # only LISTEN's notifies and a cancel after Ctrl-C wait with one: never here
+            return super().wait(gen, interval=interval, timeout=timeout)
+        return wait_green(gen, self.pgconn.socket)
+
+
+def wait_green(gen: Any, fileno: int) -> Any:
+    """Drive one of psycopg's generators to its end: each step names what it waits for on the socket
+    (read, write, or either: selectors' bits, as libev's), and is told what became ready."""
+    hub = gevent.get_hub()
+    try:
+        wanted = next(gen)
+        while True:
+            watcher = hub.loop.io(fileno, int(wanted))
+            waiter = Waiter(hub)
+            watcher.start(waiter.switch, pass_events=True)
+            try:
+                ready = waiter.get() & READ_WRITE
+            finally:
+                watcher.close()
+            if not ready:  # libev's error event: the socket went bad under the watcher
+                raise psycopg.OperationalError("the connection's socket closed")
+            wanted = gen.send(ready)
+    except StopIteration as done:
+        return done.value
+
+
+class _GreenAdapter(Psycopg3Adapter):
+    """peewee's psycopg 3 adapter, making :class:`GreenConnection` connections."""
+
+    def connect(self, db: Any, **params: Any) -> GreenConnection:
+        if db._encoding:
+            params.setdefault("client_encoding", db._encoding)
+        params.setdefault("dbname", db.database)
+        return GreenConnection.connect(**params)
+
+
 class GreenPostgresqlDatabase(PooledPostgresqlDatabase):
     """peewee's pooled PostgreSQL database, lending connections per statement or transaction (see above)."""
+
+    psycopg3_adapter = _GreenAdapter
 
     def __init__(self, database: str, **kwargs: Any) -> None:
         for name, value in DEFAULTS.items():

@@ -23,7 +23,7 @@ from daemon import store
 from daemon.accounts.endpoints import authenticate
 from daemon.calls.records import CallRecords, add_event, append_event, update_call
 from daemon.config import Settings
-from daemon.postgres import GreenPostgresqlDatabase, ReadRows
+from daemon.postgres import GreenConnection, GreenPostgresqlDatabase, ReadRows
 from daemon.store import (
     Call,
     CallEvent,
@@ -524,6 +524,25 @@ def test_a_query_waiting_on_the_server_lets_other_greenlets_run(db: GreenPostgre
     release.set()
     assert second.get(timeout=30) == "got it"
     first.get(timeout=30)
+
+
+@pytest.mark.stores("postgresql")
+def test_statements_wait_on_the_socket_both_ways_and_a_dead_session_is_an_error(db: GreenPostgresqlDatabase) -> None:
+    """The connections' own wait (GreenConnection): a statement larger than the socket's buffers waits to
+    write, a large result to read, and a session the server ends while it waits raises instead of hanging."""
+    big = "x" * 8_000_000
+    assert db.execute_sql("SELECT length(%s), md5(%s)", (big, big)).fetchone() == (
+        len(big), hashlib.md5(big.encode()).hexdigest())
+    rows = db.execute_sql("SELECT repeat('y', 1000) FROM generate_series(1, 20000)").fetchall()
+    assert len(rows) == 20_000 and rows[-1][0] == "y" * 1000
+    with db.connection_context():
+        assert isinstance(db.connection(), GreenConnection)
+        pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        killer = gevent.spawn_later(0.2, lambda: db.execute_sql("SELECT pg_terminate_backend(%s)", (pid,)))
+        with pytest.raises(OperationalError):
+            db.execute_sql("SELECT pg_sleep(30)")
+        killer.get(timeout=30)
+    assert db.execute_sql("SELECT 1").fetchone() == (1,)  # a new connection, not the dead one
 
 
 @pytest.mark.stores("postgresql")

@@ -14,13 +14,14 @@ import pytest
 from gevent import monkey
 from peewee import OperationalError
 
+import daemon.calls.dispatcher as dispatcher_module
 import daemon.calls.records as records_module
 from daemon.accounts.endpoints import disable_endpoint
 from daemon.calls.dispatcher import Dispatcher, TokenBucket
 from daemon.calls.records import CallRecords
 from daemon.config import Settings
 from daemon.ops.metrics import Metrics
-from daemon.store import Call, CallStatus, Endpoint
+from daemon.store import Call, CallStatus, Endpoint, database
 from daemon.switch.capacity import SwitchCapacity
 from daemon.switch.engine import choose_switch, room_for_new_calls
 from daemon.writer import ThreadWriter
@@ -199,6 +200,69 @@ def test_recovery_marks_calls_missed_beyond_the_grace_and_keeps_the_rest(
     assert missed.status == "missed" and "grace 300 s" in missed.reason and missed.ended_at == T0
     dispatcher.tick(T0, 0.0)
     assert [c.id for c in fake_engine.launched] == [recent.id]
+
+
+def test_a_start_after_a_long_outage_marks_the_backlog_missed_a_page_per_tick_before_dialing(
+        settings: Settings, db: Any, make_endpoint: Callable[..., Any]) -> None:
+    """A weekend's scheduled calls found overdue at a start: marked missed by the first ticks, a page each
+    (neither the loop nor systemd's start timeout waits for the whole backlog), and with no heartbeat
+    written meanwhile, so a restart in the middle still finds the rest missed, not late: nothing of them
+    is dialed. The late call within the grace is dialed once the backlog is done."""
+    settings.schedule_grace, settings.max_in_flight, settings.calls_per_second = 300, 1000, 1000
+    endpoint, _ = make_endpoint(max_in_flight=1000, calls_per_second=1000)
+    CallRecords(Metrics()).beat(T0 - dt.timedelta(days=3))
+    backlog = 2 * dispatcher_module.RECOVERY_PAGE + 7
+    insert_rows(Call, ({"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550001001",
+                        "phone_b": "15550002002", "requested_at": T0 - dt.timedelta(days=3),
+                        "due_at": T0 - dt.timedelta(days=2, seconds=n), "status": "scheduled", "scheduled": True}
+                       for n in range(backlog)))
+    late = add(endpoint, T0 - dt.timedelta(seconds=60))
+
+    def pending() -> int:
+        return Call.select().where(Call.status == "scheduled").count()
+
+    engine = FakeEngine()
+    first = Dispatcher(settings, engine, CallRecords(Metrics()), clock=lambda: T0)  # type: ignore[arg-type]
+    first.start()
+    first.stop()  # its first tick ran: one page
+    assert pending() == backlog + 1 - dispatcher_module.RECOVERY_PAGE
+    assert CallRecords(Metrics()).dispatcher_last_ran() == T0 - dt.timedelta(days=3)  # no heartbeat yet
+
+    restarted = Dispatcher(settings, engine, CallRecords(Metrics()), clock=lambda: T0)  # type: ignore[arg-type]
+    restarted.start()
+    restarted.stop()
+    assert pending() == backlog + 1 - 2 * dispatcher_module.RECOVERY_PAGE  # still missed after a restart
+    ticks = 0
+    while not engine.launched:
+        ticks += 1
+        assert ticks < 10
+        restarted.tick(T0, 0.0)
+    assert ticks == 2  # the last page, then the calls due
+    assert [c.id for c in engine.launched] == [late.id] and pending() == 0
+    assert Call.select().where(Call.status == "missed").count() == backlog
+    assert CallRecords(Metrics()).dispatcher_last_ran() == T0
+
+
+@pytest.mark.stores("postgresql")  # SQLite's planner stops each status's walk at the page by itself
+def test_a_page_of_overdue_calls_reads_that_page_not_the_backlog(make_endpoint: Callable[..., Any]) -> None:
+    """PostgreSQL sorted every pending call of both statuses to find a page's first 50 (its index is by
+    status, then due time): a start after an outage read the whole backlog at each of its pages."""
+    endpoint, _ = make_endpoint()
+
+    def rows_read_by_a_page(backlog: int) -> int:
+        insert_rows(Call, ({"callid": secrets.token_hex(14), "endpoint": endpoint.id, "phone_a": "15550001001",
+                            "phone_b": "15550002002", "due_at": T0 - dt.timedelta(days=2, seconds=n),
+                            "status": ("scheduled", "queued")[n % 2]} for n in range(backlog)))
+        database.execute_sql("ANALYZE call")  # as autovacuum has, on a store in use
+        count = "SELECT idx_tup_fetch + seq_tup_read FROM pg_stat_xact_user_tables WHERE relname = 'call'"
+        with database.atomic():  # the transaction's own counts
+            before = database.execute_sql(count).fetchone()[0]
+            assert len(CallRecords.overdue(T0 - dt.timedelta(days=1), limit=50)) == 50
+            return int(database.execute_sql(count).fetchone()[0] - before)
+
+    small = rows_read_by_a_page(200)
+    large = rows_read_by_a_page(20_000)
+    assert large <= 2 * small + 10, (small, large)
 
 
 def test_calls_held_back_longer_than_the_grace_start_late_after_a_restart_not_missed(

@@ -56,6 +56,7 @@ BATCH = 500  # the largest page of due calls a tick reads at once
 FIRST_PAGE = 8  # its first page: pages double from there
 PAGE_SLACK = 2
 MAX_SLEEP = 1.0
+RECOVERY_PAGE = 50  # overdue calls marked missed per look at a start (one read, one commit)
 HEARTBEAT_INTERVAL = 5.0  # seconds between the store's notes that a dispatcher runs (missed vs late)
 DISABLED_REASON = "the endpoint was disabled before the call started"
 
@@ -122,6 +123,7 @@ class Dispatcher:
         # A legs of calls claimed in this round, not launched yet, and the capacity their room was taken from.
         self._unlaunched: dict[str, SwitchCapacity] = {}
         self._next_beat: float | None = None
+        self._missed_before: dt.datetime | None = None  # recovering: calls due before it are missed
 
     # -- control ----------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -129,7 +131,11 @@ class Dispatcher:
         self.loop.wake()
 
     def start(self) -> None:
-        self.recover(self.clock())
+        # Whether the calls overdue now were missed is decided before this run's first heartbeat, and they
+        # are marked a page at a time by the first ticks, which write no heartbeat until done: after a long
+        # outage a backlog of scheduled calls holds neither the event loop nor the start (systemd's
+        # TimeoutStartSec) for long, and a restart in the middle still finds them missed, not late.
+        self._missed_before = self.records.missed_before(now=self.clock(), grace=self.settings.schedule_grace)
         self.loop.start()
 
     def stop(self) -> None:
@@ -137,22 +143,36 @@ class Dispatcher:
 
     # -- start-up ---------------------------------------------------------------------------------
     def recover(self, now: dt.datetime) -> int:
-        """Calls whose time passed while no dispatcher ran (this daemon down, and on a shared store every
-        other one too) for longer than the grace are missed; the others start late."""
-        limit = self.records.missed_before(now=now, grace=self.settings.schedule_grace)
-        if limit is None:
-            return 0  # a dispatcher ran within the grace: what is overdue was held back (late), not missed
+        """Mark missed, at once, the calls whose time passed while no dispatcher ran (this daemon down, and
+        on a shared store every other one too) for longer than the grace; the others start late. (A
+        started dispatcher does it a page at a time: :meth:`start`.) Returns how many were missed."""
+        self._missed_before = self.records.missed_before(now=now, grace=self.settings.schedule_grace)
+        missed = 0
+        while self._missed_before is not None:
+            missed += self._recover_page(now)
+        return missed
+
+    def _recover_page(self, now: dt.datetime) -> int:
+        """Mark missed the next page of calls due before ``_missed_before``; the last page ends recovery."""
+        limit = self._missed_before
+        assert limit is not None
         # A round of its own: on a shared PostgreSQL another daemon may be claiming these calls right now;
         # the rows it holds are skipped, and those marked here are held until the commit.
         with self.records.claim_round():
-            overdue = self.records.overdue(limit)
-            for call in overdue:
-                self.records.missed(call, now=now, grace=self.settings.schedule_grace)
-        return len(overdue)
+            page = self.records.overdue(limit, limit=RECOVERY_PAGE)
+            for call in page:
+                self.records.missed(call, now=now, grace=self.settings.schedule_grace, wait=False)
+        self.records.flush()  # one commit for the page; the next page is read from what is committed
+        if len(page) < RECOVERY_PAGE:
+            self._missed_before = None
+        return len(page)
 
     # -- each tick --------------------------------------------------------------------------------
     def tick(self, now: dt.datetime, mono: float) -> float:
         """Start what is due at ``now`` within the limits; return seconds until worth looking again."""
+        if self._missed_before is not None:
+            self._recover_page(now)
+            return 0.0
         if self._next_beat is None or mono >= self._next_beat:
             self.records.beat(now)
             self._next_beat = mono + HEARTBEAT_INTERVAL

@@ -405,13 +405,12 @@ class CallRecords:
                            & (Call.ended_at > ended_after) & (Call.reason ** lost)))
 
     @staticmethod
-    def overdue(before: dt.datetime) -> list[Call]:
-        """Pending calls due before ``before``, earliest first. Inside a claim round on a shared PostgreSQL
-        they are locked like :meth:`due`'s (another daemon's round claiming one of them is skipped)."""
-        query = Call.select().where(_status_in(PENDING_STATUSES) & (Call.due_at < before)).order_by(Call.due_at)
-        if is_shared() and database.in_transaction():
-            query = query.for_update(of=Call, skip_locked=True)
-        return list(query)
+    def overdue(before: dt.datetime, *, limit: int) -> list[Call]:
+        """Up to ``limit`` pending calls due before ``before``, earliest first: :meth:`due`'s walk (locked
+        like its calls inside a claim round on a shared PostgreSQL), up to the microsecond before, the
+        store's times being to the microsecond. (One query for both pending statuses sorted every one of
+        them at each page: a start after a long outage read the whole backlog a page at a time.)"""
+        return CallRecords.due(before - dt.timedelta(microseconds=1), limit=limit)
 
     @staticmethod
     def due(now: dt.datetime, *, limit: int, skip_endpoints: Iterable[int] = (),
@@ -842,11 +841,13 @@ class CallRecords:
         last_ran = self.dispatcher_last_ran()
         return None if last_ran is not None and last_ran >= limit else limit
 
-    def missed(self, call: Call, *, now: dt.datetime, grace: int) -> None:
-        """A pending call whose time passed, beyond the grace, while the daemon could not start it."""
+    def missed(self, call: Call, *, now: dt.datetime, grace: int, wait: bool = True) -> None:
+        """A pending call whose time passed, beyond the grace, while the daemon could not start it. Not
+        ``wait``: the change is only queued (the caller flushes a page of them: one commit, not one each)."""
         late = int((now - call.due_at).total_seconds())
-        self.finish(call, CallStatus.MISSED, reason=f"due at {call.due_at.isoformat()}Z, "
-                    f"{late} s before the daemon could start it (grace {grace} s)")
+        reason = f"due at {call.due_at.isoformat()}Z, {late} s before the daemon could start it (grace {grace} s)"
+        self._move(call, CallStatus.MISSED, now, {"ended_at": now, "reason": _fits(reason, Call.reason)},
+                   wait=wait)
 
     def recording_started(self, call: Call, path: str) -> None:
         """The bridged call is being recorded to ``path``."""
@@ -879,7 +880,7 @@ class CallRecords:
         writer().flush()
 
     def _move(self, call: Call, status: CallStatus, at: dt.datetime, row: dict[str, Any],
-              detail: dict[str, Any] | None = None) -> None:
+              detail: dict[str, Any] | None = None, *, wait: bool = True) -> None:
         """Change an unfinished call's status with ``row``'s columns, a timeline step and the listeners.
 
         A call read as pending (the dispatcher refusing it, a missed one) moves only if it still is when
@@ -922,9 +923,11 @@ class CallRecords:
             self._committed(moved, status, extra, after)
 
         # A call ended before it started (missed, refused by the dispatcher) is waited for: the dispatcher
-        # reads pending calls next and must not find it pending still. A change on a shared store too: the
-        # caller acts on it only if this daemon still owned the call.
-        if writer().submit(update, durable=pending, wait=pending or owner is not None, committed=committed) is False:
+        # reads pending calls next and must not find it pending still (unless the caller flushes a page of
+        # them instead). A change on a shared store too: the caller acts on it only if this daemon still
+        # owned the call.
+        waited = (pending and wait) or owner is not None
+        if writer().submit(update, durable=pending, wait=waited, committed=committed) is False:
             call.__data__ = as_read  # no longer pending (canceled meanwhile), or no longer ours: left as it is
             if owner is not None:
                 # The caller must not act on a change it did not make (e.g. queue A's apps on an answer the

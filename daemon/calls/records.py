@@ -1091,7 +1091,19 @@ class CallRecords:
             expired = self.store_time(now)
             calls = [call for call in calls if call.owner is None or call.owner == self.owner
                      or call.lease_until is None or call.lease_until < expired]
-        return [call for call in calls if self.take_over(call, now=now)]
+        # Taken in one commit, not one each (2,000 calls in flight took a start 3 s of commits here).
+        taken: list[Call] = []
+        for call in calls:
+            update, took = self._take_over_write(call, now=now)
+
+            def committed(count: int, call: Call = call, took: Callable[[], None] = took) -> None:
+                if count == 1:
+                    took()
+                    taken.append(call)
+
+            writer().submit(update, durable=True, committed=committed)
+        writer().flush()
+        return taken
 
     def expired_leases(self, *, now: dt.datetime, exclude: Collection[int] = (), limit: int = 500) -> list[Call]:
         """Calls in flight, with their endpoints, whose lease ended before ``now`` (their daemon stopped
@@ -1119,6 +1131,15 @@ class CallRecords:
         """Make this daemon the call's owner, with a fresh lease: one conditional UPDATE on the owner the
         call had when read (and, on a shared store, its lease having expired unless that owner is this
         daemon), so when several daemons try at once exactly one wins. ``call`` is updated on success."""
+        update, took = self._take_over_write(call, now=now)
+        # Waited for: the caller follows the call only if this daemon won it (the row count says).
+        if writer().submit(update, durable=True, wait=True) != 1:
+            return False
+        took()
+        return True
+
+    def _take_over_write(self, call: Call, *, now: dt.datetime) -> tuple[Callable[[], int], Callable[[], None]]:
+        """A take-over's conditional update (its row count: 1 when won), and what follows a win."""
         previous = call.owner
         condition = (Call.id == call.id) & _status_in(IN_FLIGHT_STATUSES)
         condition &= Call.owner.is_null() if previous is None else (Call.owner == previous)
@@ -1127,13 +1148,14 @@ class CallRecords:
             condition &= Call.lease_until.is_null() | (Call.lease_until < store_now)
         until = store_now + self.lease
         owner = self.owner
-        # Waited for: the caller follows the call only if this daemon won it (the row count says).
-        taken = writer().submit(lambda: Call.update(owner=owner, lease_until=until).where(condition).execute(),
-                                durable=True, wait=True)
-        if taken != 1:
-            return False
-        call.owner, call.lease_until = self.owner, until
-        self._count_phase(call.id, CallStatus(call.status))
-        if previous is not None and previous != self.owner:
-            log_event(log, "call.taken_over", callid=call.callid, previous_owner=previous)
-        return True
+
+        def update() -> int:
+            return int(Call.update(owner=owner, lease_until=until).where(condition).execute())
+
+        def took() -> None:
+            call.owner, call.lease_until = owner, until
+            self._count_phase(call.id, CallStatus(call.status))
+            if previous is not None and previous != owner:
+                log_event(log, "call.taken_over", callid=call.callid, previous_owner=previous)
+
+        return update, took

@@ -789,9 +789,10 @@ class CallRecords:
                failed_leg: str | None = None, a_cause: str | None = None, b_cause: str | None = None,
                ring_seconds: float | None = None, talk_seconds: float | None = None,
                recording_bytes: int | None = None, recording_seconds: float | None = None,
-               canceled_by: str | None = None) -> None:
+               canceled_by: str | None = None, wait: bool = True) -> None:
         """End the call with a final status at ``at`` (now by default); fields left None stay as they are.
-        ``canceled_by``: who canceled it (its ``canceled_at`` is then ``at``)."""
+        ``canceled_by``: who canceled it (its ``canceled_at`` is then ``at``). Not ``wait``: a pending call's
+        end is only queued (the caller flushes a page of them: one commit, not one each)."""
         if not status.final:
             raise ValueError(f"{status.value} is not a final status")
         when = at or self.clock()
@@ -802,7 +803,7 @@ class CallRecords:
                     "talk_seconds": talk_seconds, "recording_bytes": recording_bytes,
                     "recording_seconds": recording_seconds, "canceled_by": canceled_by}
         row.update({name: value for name, value in optional.items() if value is not None})
-        self._move(call, status, when, row)
+        self._move(call, status, when, row, wait=wait)
 
     # -- missed or late ---------------------------------------------------------------------------
     def beat(self, now: dt.datetime) -> None:
@@ -842,12 +843,11 @@ class CallRecords:
         return None if last_ran is not None and last_ran >= limit else limit
 
     def missed(self, call: Call, *, now: dt.datetime, grace: int, wait: bool = True) -> None:
-        """A pending call whose time passed, beyond the grace, while the daemon could not start it. Not
-        ``wait``: the change is only queued (the caller flushes a page of them: one commit, not one each)."""
+        """A pending call whose time passed, beyond the grace, while the daemon could not start it (``wait``:
+        as :meth:`finish`'s)."""
         late = int((now - call.due_at).total_seconds())
-        reason = f"due at {call.due_at.isoformat()}Z, {late} s before the daemon could start it (grace {grace} s)"
-        self._move(call, CallStatus.MISSED, now, {"ended_at": now, "reason": _fits(reason, Call.reason)},
-                   wait=wait)
+        self.finish(call, CallStatus.MISSED, at=now, wait=wait, reason=f"due at {call.due_at.isoformat()}Z, "
+                    f"{late} s before the daemon could start it (grace {grace} s)")
 
     def recording_started(self, call: Call, path: str) -> None:
         """The bridged call is being recorded to ``path``."""

@@ -76,7 +76,7 @@ class Connection:
         try:
             while not self.closed:
                 try:
-                    data = self.sock.recv(65536)
+                    data = self.standin.receive(self.conn_id, self.sock)
                 except OSError:
                     break
                 if not data:
@@ -101,6 +101,7 @@ class Connection:
                 self.sock.sendall(data)
             except OSError:
                 break
+            self.standin.sent(self.conn_id, data)
         self._shutdown_socket()
 
     def _shutdown_socket(self) -> None:

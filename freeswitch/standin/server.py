@@ -166,6 +166,13 @@ class StandIn:
         self.connections.discard(conn)
         self.switch.sinks.discard(conn)
 
+    def receive(self, conn_id: int, sock: socket.socket) -> bytes:
+        """Read what a connection's client sent next (b"" at its end). A seam for the bench's timing tap."""
+        return sock.recv(65536)
+
+    def sent(self, conn_id: int, data: bytes) -> None:
+        """``data`` was handed to a connection's socket. A seam for the bench's timing tap."""
+
     def record_command(self, conn_id: int, text: str) -> None:
         """Log one received message (StandIn.commands)."""
         self.commands.append(ReceivedCommand(conn_id, time.monotonic(), text))

@@ -100,12 +100,14 @@ def measure(report: Report, kind: str, url: str, calls: int) -> None:
 
 
 LIST_TARGET_MS = 10.0  # a page is read on the event loop: the calls in progress wait that long
+MANY_ENDPOINTS = 2000  # a reseller's account: an endpoint per customer
 LIST_READS = 30
 
 
 def lists(report: Report, url: str, stored: int) -> None:
     """The pages of the lists on a store of ``stored`` calls of two endpoints of one account, half of them
-    a day apart: each read ``LIST_READS`` times, p99 (the worst a page held the event loop)."""
+    a day apart (and of that account once it has :data:`MANY_ENDPOINTS`): each read ``LIST_READS`` times,
+    p99 (the worst a page held the event loop)."""
     db = open_database(url)
     try:
         owner = Account.create(email="bench@example.com", password_hash="-")
@@ -129,6 +131,12 @@ def lists(report: Report, url: str, stored: int) -> None:
             for batch in chunked(rows(stored // 10, "queued", False, utcnow()), 1000):
                 Call.insert_many(batch).execute()
             Call.insert_many(list(rows(100, "scheduled", True, utcnow() + dt.timedelta(days=1)))).execute()
+        # The same account with a reseller's endpoint per customer: the pages of all of them.
+        with db.atomic():
+            reseller = [e.id for e in endpoints] + [
+                create_endpoint(EndpointOptions(name=f"bench-more-{n}", caller_id_number="15550000000",
+                                                dial_string="sofia/gateway/carrier/{number}"), owner)[0].id
+                for n in range(MANY_ENDPOINTS - len(endpoints))]
         one = [endpoints[0].id]
         day = utcnow() - dt.timedelta(days=10)
         pages: list[tuple[str, Callable[[], object]]] = [
@@ -143,6 +151,10 @@ def lists(report: Report, url: str, stored: int) -> None:
                                                                           limit=50)),
             ("scheduled calls behind a queued backlog", lambda: CallRecords.scheduled_page([endpoints[0].id],
                                                                                            limit=51)),
+            (f"an account's {MANY_ENDPOINTS:,} endpoints' newest calls",
+             lambda: find_calls(reseller, CallFilter(), limit=50)),
+            (f"an account's {MANY_ENDPOINTS:,} endpoints' scheduled calls",
+             lambda: CallRecords.scheduled_page(reseller, limit=51)),
         ]
         size = f"{stored:,} calls + {stored // 10:,} queued, {LIST_READS} reads, SQLite"
         for name, read in pages:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from daemon.calls import search
+from daemon.calls import records, search
 from daemon.calls.records import CallRecords
 from daemon.calls.search import CallFilter, find_calls
 from daemon.store import Call, Endpoint
@@ -68,6 +68,7 @@ def test_pages_hold_every_match_once_newest_first_whatever_the_filters(
     monkeypatch.setattr(search, "EXAMINED_PER_PAGE", 60)
     monkeypatch.setattr(search, "FIRST_WINDOW", 4)
     monkeypatch.setattr(search, "CLOCK_SLACK", dt.timedelta(minutes=10))
+    monkeypatch.setattr(search, "MERGED_AT_MOST", 2)  # all three: looked for among all calls
     endpoints = [make_endpoint()[0] for _ in range(3)]
     store_calls(endpoints, 300, jitter=9 * 60)  # within the slack
     ids = [e.id for e in endpoints]
@@ -125,6 +126,46 @@ def test_a_page_costs_the_same_at_thirty_thousand_calls_as_at_two_thousand(
         assert many <= 2 * few + 50, (scope, wanted, few, many)
 
 
+def statements(run: Callable[[], object]) -> int:
+    """How many statements ``run`` sent to SQLite on this thread's connection."""
+    from daemon.store import database
+
+    sent: list[str] = []
+    connection = database.connection()
+    connection.set_trace_callback(sent.append)
+    try:
+        run()
+    finally:
+        connection.set_trace_callback(None)
+    return len(sent)
+
+
+@pytest.mark.stores("sqlite")  # SQLite says what it runs (its trace callback)
+def test_a_page_of_an_account_of_many_endpoints_runs_a_few_statements_not_one_per_endpoint(
+        make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+    """A reseller's endpoint per customer: a walk and a statement per endpoint held the loop 80-100 ms a page
+    of the Calls page at 2,000 endpoints, and the Scheduled page's walks (each read a page of rows) 1 s."""
+    endpoints = [make_endpoint()[0] for _ in range(2 * search.MERGED_AT_MOST)]
+    store_calls(endpoints, 3000)
+    scheduled(endpoints, 600)
+    many = [e.id for e in endpoints]
+
+    def pages(ids: list[int]) -> list[int]:
+        return [statements(lambda: find_calls(ids, CallFilter(), limit=50)),
+                statements(lambda: find_calls(ids, CallFilter(statuses=("failed",)), limit=50)),
+                statements(lambda: find_calls(ids, CallFilter(digits="99999"), limit=50)),
+                statements(lambda: CallRecords.scheduled_page(ids, limit=51))]
+
+    counted = pages(many)  # a page's rows; a window's edge and matches, windows doubling up to the share
+    assert all(n <= bound for n, bound in zip(counted, [5, 16, 16, 2], strict=True)), counted
+    stored = sorted(Call.select(), key=lambda c: (c.due_at, c.id))
+    pending = [c.id for c in stored if c.scheduled and c.status in ("scheduled", "queued")]
+    assert [c.id for c in CallRecords.scheduled_page(many, limit=51)] == pending[:51]
+    after = (stored[len(stored) // 2].due_at, stored[len(stored) // 2].id)
+    later = [c.id for c in stored[len(stored) // 2 + 1:] if c.id in pending]
+    assert [c.id for c in CallRecords.scheduled_page(many, limit=20, after=after)] == later[:20]
+
+
 def scheduled(endpoints: list[Endpoint], count: int, *, seed: int = 3) -> None:
     """Pending calls, scheduled and immediate (a queued backlog), due at random times."""
     rng = random.Random(seed)
@@ -139,13 +180,14 @@ def scheduled(endpoints: list[Endpoint], count: int, *, seed: int = 3) -> None:
 
 
 def test_the_scheduled_lists_hold_every_pending_scheduled_call_once_soonest_first(
-        make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
+        make_endpoint: Callable[..., tuple[Endpoint, str]], monkeypatch: pytest.MonkeyPatch) -> None:
     endpoints = [make_endpoint()[0] for _ in range(3)]
     make_endpoint()  # one with none
     scheduled(endpoints, 300)
     ids = [e.id for e in endpoints]
     stored = sorted(Call.select(), key=lambda c: (c.due_at, c.id))
-    for scope in (None, ids[:1], ids[1:], []):
+    monkeypatch.setattr(records, "MERGED_AT_MOST", 2)  # all three (and every endpoint's): in one statement
+    for scope in (None, ids[:1], ids[1:], ids, []):
         expected = [c.id for c in stored if c.scheduled and c.status in ("scheduled", "queued")
                     and (scope is None or c.endpoint_id in scope)]
         seen: list[int] = []

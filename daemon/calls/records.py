@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 from peewee import EXCLUDED, DateTimeField, Expression, IntegrityError, OperationalError, fn
 
+from daemon.calls.search import MERGED_AT_MOST
 from daemon.calls.view import iso
 from daemon.ops.logs import log_event
 from daemon.ops.metrics import Metrics
@@ -62,6 +63,8 @@ from daemon.store import (
     EndpointDay,
     Heartbeat,
     among,
+    among_sql,
+    among_value,
     database,
     day_of,
     endpoints_in_index,
@@ -495,20 +498,44 @@ class CallRecords:
     def scheduled_page(endpoint_ids: Collection[int] | None, *, limit: int,
                        after: tuple[dt.datetime, int] | None = None) -> list[Call]:
         """Up to ``limit`` pending scheduled calls of the endpoints (None: every endpoint) after ``after``,
-        by (due_at, id): per endpoint an ordered walk of the index of pending scheduled calls (v14), merged
-        here; every endpoint's are those of the endpoints found in that index (a loose index scan)."""
+        by (due_at, id), through the index of pending scheduled calls (v14); every endpoint's are those of
+        the endpoints found in that index (a loose index scan). One endpoint's: one ordered walk. Several:
+        their keys only, merged here, then the page's rows once; up to ``MERGED_AT_MOST`` endpoints, a walk
+        each, more in one statement that reads all their pending scheduled calls' keys from the index and
+        sorts them there (40,000 of 2,000 endpoints: 2-3 ms; their walks, rows and all, held the loop 1 s)."""
         if endpoint_ids is None:
             endpoint_ids = endpoints_in_index("call", SCHEDULED_PENDING, index="call_scheduled_pending")
-        sql = precompiled(f"scheduled_page:{after is not None}", lambda p: (
-            f'SELECT * FROM "call" WHERE "endpoint_id" = {p} AND {SCHEDULED_PENDING}'
-            + (f' AND ("due_at", "id") > ({p}, {p})' if after is not None else "")
-            + f' ORDER BY "due_at", "id" LIMIT {p}'))
+        ids = sorted(set(endpoint_ids))
         since = () if after is None else (Call.due_at.db_value(after[0]), after[1])
-        rows: list[Call] = []
-        for endpoint_id in sorted(set(endpoint_ids)):
-            rows += select_rows(Call, sql, (endpoint_id, *since, limit))
-        rows.sort(key=lambda r: (r.due_at, r.id))
-        return rows[:limit]
+        later = ' AND ("due_at", "id") > ({p}, {p})' if after is not None else ""
+        if len(ids) == 1:
+            sql = precompiled(f"scheduled_page:{after is not None}", lambda p: (
+                f'SELECT * FROM "call" WHERE "endpoint_id" = {p} AND {SCHEDULED_PENDING}{later.format(p=p)} '
+                f'ORDER BY "due_at", "id" LIMIT {p}'))
+            return select_rows(Call, sql, (ids[0], *since, limit))
+        keys: list[tuple[Any, int]] = []
+        if len(ids) <= MERGED_AT_MOST:
+            sql = precompiled(f"scheduled_keys:{after is not None}", lambda p: (
+                f'SELECT "due_at", "id" FROM "call" WHERE "endpoint_id" = {p} AND {SCHEDULED_PENDING}'
+                f'{later.format(p=p)} ORDER BY "due_at", "id" LIMIT {p}'))
+            for endpoint_id in ids:
+                keys += execute(sql, (endpoint_id, *since, limit)).fetchall()
+        else:
+            # SQLite is told the index: left alone, it walks each endpoint's calls by status instead.
+            def among_sql_of(p: str) -> str:
+                indexed = " INDEXED BY call_scheduled_pending" if p == "?" else ""
+                return (f'SELECT "due_at", "id" FROM "call"{indexed} WHERE {among_sql(endpoint, p)} '
+                        f'AND {SCHEDULED_PENDING}{later.format(p=p)} ORDER BY "due_at", "id" LIMIT {p}')
+
+            endpoint = '"endpoint_id"'
+            sql = precompiled(f"scheduled_keys_among:{after is not None}", among_sql_of)
+            keys = execute(sql, (among_value(ids), *since, limit)).fetchall()
+        page = [call_id for _, call_id in sorted(keys)[:limit]]
+        if not page:
+            return []
+        sql = precompiled(f"scheduled_rows:{len(page)}", lambda p: (
+            f'SELECT * FROM "call" WHERE "id" IN ({", ".join([p] * len(page))}) ORDER BY "due_at", "id"'))
+        return select_rows(Call, sql, page)
 
     @staticmethod
     def recordings_older_than(cutoff: dt.datetime, limit: int) -> list[Call]:

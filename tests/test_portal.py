@@ -26,7 +26,7 @@ from daemon.accounts.endpoints import authenticate, hash_token
 from daemon.calls import search
 from daemon.calls.records import add_event
 from daemon.config import Settings
-from daemon.store import Account, Call, Endpoint, WebSession
+from daemon.store import Account, Call, CallStatus, Endpoint, WebSession
 from tests.conftest import NOW
 from tests.fakes import FakeDispatcher, FakeMedia, FixedClock
 from tests.portal_helpers import PASSWORD, Browser, csrf_of, errors_of, make_account
@@ -541,6 +541,31 @@ def test_a_number_search_says_where_it_stopped_and_goes_on_from_there(
         path = html.unescape(older.group(1))
     assert "1" * 28 in page and notes == [True, True]
     assert "search older calls" not in page and 'rel="next"' not in page  # nothing older left
+
+
+def test_an_account_of_many_endpoints_sees_its_calls_page_by_page_and_only_its_own(
+        app: Flask, ann: Account, bob: Account, make_endpoint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reseller's account (an endpoint per customer): past ``MERGED_AT_MOST`` endpoints its calls are looked
+    for among everyone's, a share a page; a page that found too few says so and goes on from there."""
+    monkeypatch.setattr(search, "EXAMINED_PER_PAGE", 64)
+    mine = [own_endpoint(make_endpoint, ann, timezone="Europe/Berlin")[0] for _ in range(search.MERGED_AT_MOST + 1)]
+    theirs, _ = own_endpoint(make_endpoint, bob)
+    ours = [call_row(mine[n % len(mine)], f"a{n:027d}", requested_at=NOW - dt.timedelta(minutes=300 - n))
+            for n in range(3)]
+    bulk_calls(theirs, 150)  # newer than ann's
+    b = browser(app).signed_in_as(ann.email)
+    path, notes, seen = "/calls", [], []
+    for _ in range(10):
+        page = b.text(path)
+        seen += [callid for callid in re.findall(r"/calls/(a\d{27})", page) if callid not in seen]
+        older = re.search(r'href="([^"]+)">search older calls', page)
+        if older is None:
+            break
+        notes.append("None of the calls searched so far are your endpoints'" in page)
+        path = html.unescape(older.group(1))
+    assert seen == [call.callid for call in reversed(ours)] and notes == [True, True]
+    assert page.count("<option value=") == len(mine) + 2 + len(CallStatus)  # ann's endpoints, statuses, "any"s
+    assert "Europe/Berlin" in page  # all of ann's endpoints share a zone: the page's dates are in it
 
 
 def test_call_page_tells_the_story_in_plain_words_and_local_time(app: Flask, ann: Account,

@@ -272,7 +272,7 @@ def cancel(callid: str) -> Response:
 def calls() -> Response:
     account = me()
     args = request.args.to_dict(flat=True)
-    mine = list(visible_endpoints(account))
+    mine = queries.endpoint_choices(account)
     try:
         f = queries.parse_filter(account, args)
         rows, next_cursor = queries.calls_page(account, f)

@@ -178,6 +178,20 @@ def sqlite_work(run: Callable[[], Any]) -> int:
     return steps
 
 
+def sqlite_statements(run: Callable[[], Any]) -> int:
+    """How many statements ``run`` sent to SQLite on this thread's connection (its trace callback)."""
+    from daemon.store import database
+
+    sent: list[str] = []
+    connection = database.connection()
+    connection.set_trace_callback(sent.append)
+    try:
+        run()
+    finally:
+        connection.set_trace_callback(None)
+    return len(sent)
+
+
 @pytest.fixture
 def make_endpoint(db: Database) -> Callable[..., tuple[Endpoint, str]]:
     """Factory: ``make_endpoint(name=..., **options)`` → (endpoint, token)."""

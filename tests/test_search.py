@@ -14,7 +14,7 @@ from daemon.calls import records, search
 from daemon.calls.records import CallRecords
 from daemon.calls.search import CallFilter, find_calls
 from daemon.store import Call, Endpoint
-from tests.conftest import insert_rows, sqlite_work
+from tests.conftest import insert_rows, sqlite_statements, sqlite_work
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -126,20 +126,6 @@ def test_a_page_costs_the_same_at_thirty_thousand_calls_as_at_two_thousand(
         assert many <= 2 * few + 50, (scope, wanted, few, many)
 
 
-def statements(run: Callable[[], object]) -> int:
-    """How many statements ``run`` sent to SQLite on this thread's connection."""
-    from daemon.store import database
-
-    sent: list[str] = []
-    connection = database.connection()
-    connection.set_trace_callback(sent.append)
-    try:
-        run()
-    finally:
-        connection.set_trace_callback(None)
-    return len(sent)
-
-
 @pytest.mark.stores("sqlite")  # SQLite says what it runs (its trace callback)
 def test_a_page_of_an_account_of_many_endpoints_runs_a_few_statements_not_one_per_endpoint(
         make_endpoint: Callable[..., tuple[Endpoint, str]]) -> None:
@@ -151,10 +137,10 @@ def test_a_page_of_an_account_of_many_endpoints_runs_a_few_statements_not_one_pe
     many = [e.id for e in endpoints]
 
     def pages(ids: list[int]) -> list[int]:
-        return [statements(lambda: find_calls(ids, CallFilter(), limit=50)),
-                statements(lambda: find_calls(ids, CallFilter(statuses=("failed",)), limit=50)),
-                statements(lambda: find_calls(ids, CallFilter(digits="99999"), limit=50)),
-                statements(lambda: CallRecords.scheduled_page(ids, limit=51))]
+        return [sqlite_statements(lambda: find_calls(ids, CallFilter(), limit=50)),
+                sqlite_statements(lambda: find_calls(ids, CallFilter(statuses=("failed",)), limit=50)),
+                sqlite_statements(lambda: find_calls(ids, CallFilter(digits="99999"), limit=50)),
+                sqlite_statements(lambda: CallRecords.scheduled_page(ids, limit=51))]
 
     counted = pages(many)  # a page's rows; a window's edge and matches, windows doubling up to the share
     assert all(n <= bound for n, bound in zip(counted, [5, 16, 16, 2], strict=True)), counted

@@ -432,7 +432,7 @@ class CallRecords:
         finding another's, at every tick: instead, each other endpoint's first due calls are read through
         the (``endpoint_id, status, due_at``) index, all in one statement per status, and sorted there. (A
         statement per endpoint, its rows built here, took 0.5-1.3 s a tick with 2,000 endpoints' calls
-        due; this, 20-45 ms, and a few endpoints' well under a millisecond.)"""
+        due; this, 30-55 ms, and a few endpoints' well under a millisecond.)"""
         skip = sorted(skip_endpoints)
         lock = is_shared() and database.in_transaction()  # a claim round: these calls are ours until it commits
         due_at = Call.due_at.db_value
@@ -522,14 +522,14 @@ class CallRecords:
             for endpoint_id in ids:
                 keys += execute(sql, (endpoint_id, *since, limit)).fetchall()
         else:
-            # SQLite is told the index: left alone, it walks each endpoint's calls by status instead.
-            def among_sql_of(p: str) -> str:
+            def among_endpoints(p: str) -> str:
+                # SQLite is told the index: left alone, it walks each endpoint's calls by status instead.
                 indexed = " INDEXED BY call_scheduled_pending" if p == "?" else ""
-                return (f'SELECT "due_at", "id" FROM "call"{indexed} WHERE {among_sql(endpoint, p)} '
-                        f'AND {SCHEDULED_PENDING}{later.format(p=p)} ORDER BY "due_at", "id" LIMIT {p}')
+                chosen = among_sql('"endpoint_id"', p)
+                return (f'SELECT "due_at", "id" FROM "call"{indexed} WHERE {chosen} AND {SCHEDULED_PENDING}'
+                        f'{later.format(p=p)} ORDER BY "due_at", "id" LIMIT {p}')
 
-            endpoint = '"endpoint_id"'
-            sql = precompiled(f"scheduled_keys_among:{after is not None}", among_sql_of)
+            sql = precompiled(f"scheduled_keys_among:{after is not None}", among_endpoints)
             keys = execute(sql, (among_value(ids), *since, limit)).fetchall()
         page = [call_id for _, call_id in sorted(keys)[:limit]]
         if not page:

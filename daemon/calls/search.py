@@ -33,10 +33,10 @@ from daemon.store import Call, among_sql, among_value, execute, precompiled, sel
 EXAMINED_PER_PAGE = 2000  # calls one page may look at beyond what an index finds for it
 FIRST_WINDOW = 64  # calls examined first; each window after doubles, while the page is not full
 MERGED_AT_MOST = 32  # endpoints walked one by one and merged; more are looked for among all calls
+CLOCK_SLACK = dt.timedelta(minutes=5)  # how far out of request-time order a call may be stored (clock.skew: 2 s)
 
 # Where a walk looks: one endpoint's calls (its id), those of several among all calls (their ids), or all.
 Scope = int | tuple[int, ...] | None
-CLOCK_SLACK = dt.timedelta(minutes=5)  # how far out of request-time order a call may be stored (clock.skew: 2 s)
 
 
 @dataclass(frozen=True)

@@ -62,11 +62,11 @@ def find_calls(endpoint_ids: Sequence[int] | None, wanted: CallFilter, *, limit:
                before_id: int | None = None) -> Found:
     """Up to ``limit`` of the calls of ``endpoint_ids`` (None: every endpoint) that match ``wanted``, with
     ids below ``before_id``."""
-    scopes: Sequence[Scope] = [None] if endpoint_ids is None else sorted(set(endpoint_ids))
-    if not scopes:
+    chosen = None if endpoint_ids is None else sorted(set(endpoint_ids))
+    if chosen == []:
         return Found([], None)
-    if len(scopes) > MERGED_AT_MOST:
-        scopes = [tuple(scopes)]
+    scopes: Sequence[Scope] = ([None] if chosen is None else [tuple(chosen)] if len(chosen) > MERGED_AT_MOST
+                               else chosen)
     low, high = _id_range(wanted, before_id)
     if high is not None and high <= low:
         return Found([], None)

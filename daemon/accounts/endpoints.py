@@ -230,14 +230,6 @@ def assign_owner(endpoint: Endpoint, owner: Account | None) -> None:
     write(endpoint.save)
 
 
-def visible_endpoints(account: Account) -> Any:
-    """The endpoints an account sees: its own, or every one for an admin; by name."""
-    query = Endpoint.select()
-    if not account.is_admin:
-        query = query.where(Endpoint.owner == account.id)
-    return query.order_by(Endpoint.name)
-
-
 def find_endpoint(name_or_id: str) -> Endpoint:
     """The endpoint named ``name_or_id``, or with that id; EndpointError when none, or when the number is one
     endpoint's name and another's id (the commands rotate and disable: they must not pick one by chance)."""

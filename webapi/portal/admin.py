@@ -139,11 +139,14 @@ def admin_endpoints() -> Response:
             log_event(log, "portal.endpoint_created", endpoint=endpoint.name, by=me().email,
                       token=endpoint.token_hint)
             return render("token.html", title="Endpoint created", endpoint=endpoint, token=token, rotated=False)
-    endpoints = list(Endpoint.select().order_by(Endpoint.name))
+    try:
+        endpoints, next_after = queries.endpoints_page(me(), request.args.to_dict(flat=True), everyone=True)
+    except ValidationError as exc:
+        raise PageError(400, str(exc)) from exc
     owners = {a.id: a.email for a in _accounts()}
     defaults = EndpointOptions(name="", caller_id_number="", dial_string="sofia/gateway/carrier/{number}")
     return render("admin_endpoints.html", 400 if error else 200, title="All endpoints", endpoints=endpoints,
-                  owners=owners, accounts=_accounts(), error=error, bad=field,
+                  next_after=next_after, owners=owners, accounts=_accounts(), error=error, bad=field,
                   values=_form_values(defaults, "", form))
 
 

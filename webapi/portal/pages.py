@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from flask import Response, request, send_file
 
 from daemon.accounts import users
-from daemon.accounts.endpoints import rotate_token, visible_endpoints
+from daemon.accounts.endpoints import rotate_token
 from daemon.config import LANGUAGES
 from daemon.ops.logs import log_event
 from daemon.store import FINAL_STATUSES, CallStatus
@@ -193,7 +193,11 @@ def account() -> Response:
 @bp.route("/endpoints", methods=["GET"])
 @signed_in
 def endpoints() -> Response:
-    return render("endpoints.html", title="Endpoints", endpoints=list(visible_endpoints(me())))
+    try:
+        rows, next_after = queries.endpoints_page(me(), request.args.to_dict(flat=True))
+    except ValidationError as exc:
+        raise PageError(400, str(exc)) from exc
+    return render("endpoints.html", title="Endpoints", endpoints=rows, next_after=next_after)
 
 
 @bp.route("/endpoints/<rowid:endpoint_id>/rotate", methods=["POST"])
@@ -221,7 +225,7 @@ REUSED_FORM = ("form_id: this form already placed a call (your browser's Back bu
 def place() -> Response:
     """Place or schedule a call with one of the account's endpoints: the API's own create path, so the same
     rules and the same messages; a form sent twice (a double click, a reload) makes one call."""
-    usable = [e for e in visible_endpoints(me()) if e.enabled]
+    usable = queries.place_choices(me())
     values = request.form.to_dict(flat=True) if request.method == "POST" else {}
     values.setdefault("form_id", secrets.token_urlsafe(12))
     error = field = ""

@@ -67,11 +67,47 @@ def _own_endpoints_sql(columns: str, account: Account, tail: str = "") -> tuple[
     return sql, (account.id,) if mine else ()
 
 
+ENDPOINTS_PAGE = 100  # rows of a table of endpoints (a reseller's account has thousands)
+
+
+def endpoints_page(account: Account, args: Mapping[str, Any], *,
+                   everyone: bool = False) -> tuple[list[Endpoint], str | None]:
+    """A page of the endpoints the account sees (``everyone``: every endpoint, the admin's table) by name,
+    after the query string's ``after``; and the name the next page starts after (None: the last page)."""
+    after = text(args, "after")
+    if len(after) > 200 or any(ord(ch) < 32 for ch in after):
+        raise ValidationError("after", "not a name this page gave")
+    query = Endpoint.select()
+    if not everyone and not account.is_admin:
+        query = query.where(Endpoint.owner == account.id)
+    if after:
+        query = query.where(Endpoint.name > after)
+    rows = list(query.order_by(Endpoint.name).limit(ENDPOINTS_PAGE + 1))
+    return rows[:ENDPOINTS_PAGE], rows[ENDPOINTS_PAGE - 1].name if len(rows) > ENDPOINTS_PAGE else None
+
+
 def endpoint_ids(account: Account) -> list[int] | None:
     """The ids of the account's endpoints; None for an admin (every endpoint)."""
     if account.is_admin:
         return None
     return [endpoint_id for (endpoint_id,) in execute(*_own_endpoints_sql('"id"', account)).fetchall()]
+
+
+class PlaceChoice(NamedTuple):
+    """An endpoint as the place-a-call form offers it."""
+
+    id: int
+    name: str
+    caller_id_number: str
+    timezone: str
+    record: bool
+
+
+def place_choices(account: Account) -> list[PlaceChoice]:
+    """The enabled endpoints the account sees, by name."""
+    rows = execute(*_own_endpoints_sql('"id", "name", "caller_id_number", "timezone", "record", "enabled"', account,
+                                       ' ORDER BY "name"')).fetchall()
+    return [PlaceChoice(row[0], row[1], row[2], row[3], bool(row[4])) for row in rows if row[5]]
 
 
 def endpoint_choices(account: Account) -> list[EndpointChoice]:

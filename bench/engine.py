@@ -247,9 +247,9 @@ def store_floor(database: Path, scratch: Path) -> tuple[float, int, float]:
     docstring), the calls replayed, and the statements per call."""
     with contextlib.closing(sqlite3.connect(database)) as source, contextlib.closing(sqlite3.connect(scratch)) as db:
         source.backup(db)
-    columns = {row[1] for row in sqlite3.connect(scratch).execute('PRAGMA table_info("call")')}
     steps: dict[int, list[tuple[str, str, str]]] = collections.defaultdict(list)
     with contextlib.closing(sqlite3.connect(scratch)) as db:
+        columns = {row[1] for row in db.execute('PRAGMA table_info("call")')}
         done = [row[0] for row in db.execute("SELECT id FROM call WHERE status = 'completed' ORDER BY id")]
         for call_id, kind, at, detail in db.execute(
                 "SELECT call_id, kind, at, detail FROM callevent ORDER BY id"):

@@ -141,9 +141,9 @@ def _hangup_requested_by(call_id: int) -> str | None:
     return None if row is None else str(json.loads(row[0] or "{}").get("by") or "an operator")
 
 
-def _due_sql(p: str, endpoint: str, after: tuple[dt.datetime, int] | None, lock: bool) -> str:
+def _due_sql(p: str, after: tuple[dt.datetime, int] | None, lock: bool) -> str:
     """The due calls of one pending status, in (due_at, id) order (see :meth:`CallRecords.due`)."""
-    sql = f'SELECT * FROM "call" WHERE "status" = {p} AND "due_at" <= {p}{endpoint}'
+    sql = f'SELECT * FROM "call" WHERE "status" = {p} AND "due_at" <= {p}'
     if after is not None:  # (a row value: the index walk starts at the cursor, not at the first due call)
         sql += f' AND ("due_at", "id") > ({p}, {p})'
     return sql + f' ORDER BY "due_at", "id" LIMIT {p}' + (" FOR UPDATE SKIP LOCKED" if lock else "")
@@ -440,7 +440,7 @@ class CallRecords:
         cursor: list[Any] = [] if after is None else [due_at(after[0]), after[1]]
         calls: list[Call] = []
         if not skip:
-            sql = precompiled(f"due:{after is not None}:{lock}", lambda p: _due_sql(p, "", after, lock))
+            sql = precompiled(f"due:{after is not None}:{lock}", lambda p: _due_sql(p, after, lock))
             for status in PENDING_STATUSES:
                 calls += select_rows(Call, sql, (status.value, until, *cursor, limit))
         else:

@@ -140,7 +140,7 @@ def admin_endpoints() -> Response:
                       token=endpoint.token_hint)
             return render("token.html", title="Endpoint created", endpoint=endpoint, token=token, rotated=False)
     try:
-        endpoints, next_after = queries.endpoints_page(me(), request.args.to_dict(flat=True), everyone=True)
+        endpoints, next_after = queries.endpoints_page(me(), request.args.to_dict(flat=True))  # (an admin's: all of them)
     except ValidationError as exc:
         raise PageError(400, str(exc)) from exc
     owners = {a.id: a.email for a in _accounts()}

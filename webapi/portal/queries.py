@@ -60,25 +60,29 @@ class EndpointChoice(NamedTuple):
 # The lists of the account's endpoints that the Calls and Scheduled pages read at each view (the Calls page
 # every second while it updates itself) are plain rows: a reseller's account has an endpoint per customer,
 # and 2,000 of them as models, twice a view, held the event loop 80-100 ms.
-def _own_endpoints_sql(columns: str, account: Account, tail: str = "") -> tuple[str, tuple[int, ...]]:
+def _own_endpoints_sql(columns: str, account: Account, tail: str = "", *,
+                       enabled: bool = False) -> tuple[str, tuple[int, ...]]:
     mine = not account.is_admin
-    sql = precompiled(f"own_endpoints:{columns}:{mine}:{tail}", lambda p: (
-        f'SELECT {columns} FROM "endpoint"' + (f' WHERE "owner_id" = {p}' if mine else "") + tail))
-    return sql, (account.id,) if mine else ()
+
+    def build(p: str) -> str:
+        conditions = ([f'"owner_id" = {p}'] if mine else []) + (['"enabled"'] if enabled else [])
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        return f'SELECT {columns} FROM "endpoint"{where}{tail}'
+
+    return precompiled(f"own_endpoints:{columns}:{mine}:{enabled}:{tail}", build), (account.id,) if mine else ()
 
 
 ENDPOINTS_PAGE = 100  # rows of a table of endpoints (a reseller's account has thousands)
 
 
-def endpoints_page(account: Account, args: Mapping[str, Any], *,
-                   everyone: bool = False) -> tuple[list[Endpoint], str | None]:
-    """A page of the endpoints the account sees (``everyone``: every endpoint, the admin's table) by name,
-    after the query string's ``after``; and the name the next page starts after (None: the last page)."""
+def endpoints_page(account: Account, args: Mapping[str, Any]) -> tuple[list[Endpoint], str | None]:
+    """A page of the endpoints the account sees (its own, or every one for an admin) by name, after the
+    query string's ``after``; and the name the next page starts after (None: the last page)."""
     after = text(args, "after")
     if len(after) > 200 or any(ord(ch) < 32 for ch in after):
         raise ValidationError("after", "not a name this page gave")
     query = Endpoint.select()
-    if not everyone and not account.is_admin:
+    if not account.is_admin:
         query = query.where(Endpoint.owner == account.id)
     if after:
         query = query.where(Endpoint.name > after)
@@ -105,9 +109,9 @@ class PlaceChoice(NamedTuple):
 
 def place_choices(account: Account) -> list[PlaceChoice]:
     """The enabled endpoints the account sees, by name."""
-    rows = execute(*_own_endpoints_sql('"id", "name", "caller_id_number", "timezone", "record", "enabled"', account,
-                                       ' ORDER BY "name"')).fetchall()
-    return [PlaceChoice(row[0], row[1], row[2], row[3], bool(row[4])) for row in rows if row[5]]
+    rows = execute(*_own_endpoints_sql('"id", "name", "caller_id_number", "timezone", "record"', account,
+                                       ' ORDER BY "name"', enabled=True)).fetchall()
+    return [PlaceChoice(row[0], row[1], row[2], row[3], bool(row[4])) for row in rows]
 
 
 def endpoint_choices(account: Account) -> list[EndpointChoice]:
